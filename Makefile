@@ -1,0 +1,42 @@
+# sfjax — the two commands of the README, plus helpers. Every target is idempotent.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+RUN_DIR ?= runs/demo
+
+.PHONY: test demo lint install bench clean help
+
+help:
+	@echo "make demo   - set up .venv and run the self-finetuning smoke experiment"
+	@echo "make test   - set up .venv (with test extras) and run the test suite"
+	@echo "make lint   - ruff over the code"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(STAMP): $(PY) pyproject.toml
+	$(PIP) install -q -e '.[test,ns3,baselines]'
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m ruff check sfjax tests experiments benchmarks
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check sfjax tests experiments benchmarks
+
+demo: $(STAMP)
+	@if [ -f experiments/sf_ranslicing.py ]; then \
+		$(PY) experiments/sf_ranslicing.py smoke --run-dir $(RUN_DIR); \
+	else \
+		echo "The self-finetuning experiment (experiments/sf_ranslicing.py) is not available yet."; \
+	fi
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,314 @@
+"""Tiny Qwen3-architecture checkpoints built locally, for tests, benchmarks and the smoke demo.
+
+Nothing here touches the network or torch. :func:`write_tiny_checkpoint` writes a directory in
+Hugging Face layout that ``transformers.Qwen3ForCausalLM.from_pretrained`` and
+``transformers.AutoTokenizer.from_pretrained`` load:
+
+* ``config.json`` (``model_type: qwen3``) and ``generation_config.json``;
+* ``model.safetensors`` (or sharded files plus ``model.safetensors.index.json``) holding seeded
+  random weights under Hugging Face's tensor names;
+* ``tokenizer.json`` / ``tokenizer_config.json``: a byte-level BPE trained with the ``tokenizers``
+  library on a fixed in-memory corpus, with Qwen3's pre-tokenizer regex (so every digit is its
+  own token, as in Qwen3), Qwen3's special tokens and a Qwen3-style chat template with the
+  ``enable_thinking`` switch.
+
+The weights are random, so the model's text is gibberish; what matters is that shapes, names,
+special tokens and the chat template behave like the real Qwen3-4B checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# Qwen2/Qwen3 pre-tokenizer split: letters grouped, every numeric character alone.
+QWEN_SPLIT_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# Qwen3's special tokens in Qwen3's order; ``<think>``/``</think>`` are plain added tokens there.
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+THINK_TOKENS = ("<think>", "</think>")
+
+# A Qwen3-style chat template: ChatML turns, reasoning stripped from earlier assistant turns,
+# and an empty think block after the generation prompt when ``enable_thinking`` is false.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- set content = message['content'] %}"
+    "{%- if message['role'] == 'assistant' and '</think>' in content and not loop.last %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}"
+    "{%- endif %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
+)
+
+# Default tiny architecture: GQA ratio 2, head_dim decoupled from hidden/heads as in Qwen3.
+TINY_CONFIG: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "vocab_size": 1024,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1_000_000.0,
+    "tie_word_embeddings": True,
+}
+
+_BPE_VOCAB_SIZE = 900  # byte alphabet + merges; specials are appended after this.
+
+_CORPUS_WORDS = """
+the a an of to and in on for with by is are was be as at from that this it its or not no
+you your we our they their which when what how why than then there these those each every
+slice slices network radio access base station cell user users equipment UE UEs GBR non
+PRB PRBs RBG RBGs resource block blocks allocation allocate allocated reallocate keep
+increase decrease raise lower more fewer same previous current next step steps time
+spectral efficiency SE throughput arrival rate queue buffer bytes packets dropped drop
+delay budget violation violations QoS quality service reconfiguration reconfigurations
+action Action reflection Reflection analysis Analysis state State feedback Feedback
+effective suboptimal label improved reason summary trajectory window history objective
+maximise maximize avoid minimise minimize control controller decision decisions agent
+Mb s ms bit Hz kHz MHz dBm dB traffic load high low stable bursty on off idle active
+because so therefore however while since should would could must will can may might
+assistant system user thinking answer output format integer value between range
+""".split()
+
+
+def _tokenizer_corpus() -> list[str]:
+    """A fixed, deterministic training corpus: domain words in sentence-like lines."""
+    rng = np.random.default_rng(1234)
+    lines = []
+    for _ in range(400):
+        n = int(rng.integers(6, 16))
+        words = [_CORPUS_WORDS[int(i)] for i in rng.integers(0, len(_CORPUS_WORDS), size=n)]
+        number = int(rng.integers(0, 100000))
+        lines.append(" ".join(words) + f": {number}.\n")
+    lines.append("Action: 12\nReflection: the previous step was effective.\nAnalysis: ok.\n")
+    return lines
+
+
+def build_tokenizer():
+    """Train the tiny byte-level BPE tokenizer (a ``tokenizers.Tokenizer``)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN_SPLIT_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=_BPE_VOCAB_SIZE,
+        min_frequency=2,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
+    )
+    tok.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    tok.add_tokens(list(THINK_TOKENS))
+    return tok
+
+
+def _tokenizer_files(out: Path) -> dict[str, int]:
+    tok = build_tokenizer()
+    tok.save(str(out / "tokenizer.json"))
+    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS + THINK_TOKENS}
+    added = {
+        str(ids[t]): {
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": t in SPECIAL_TOKENS,
+        }
+        for t in SPECIAL_TOKENS + THINK_TOKENS
+    }
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "added_tokens_decoder": added,
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": None,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 131072,
+        "split_special_tokens": False,
+        "chat_template": CHAT_TEMPLATE,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    (out / "special_tokens_map.json").write_text(
+        json.dumps(
+            {
+                "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|endoftext|>",
+            },
+            indent=2,
+        )
+    )
+    return ids
+
+
+def hf_config(overrides: Mapping[str, Any] | None = None, **special_ids: int) -> dict[str, Any]:
+    """A Qwen3 ``config.json`` dict: :data:`TINY_CONFIG` updated with ``overrides``."""
+    cfg = dict(TINY_CONFIG)
+    cfg.update(overrides or {})
+    num_layers = cfg["num_hidden_layers"]
+    return {
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "max_window_layers": num_layers,
+        "sliding_window": None,
+        "use_sliding_window": False,
+        "use_cache": True,
+        "rope_scaling": None,
+        "torch_dtype": "float32",
+        "bos_token_id": special_ids.get("bos_token_id", 0),
+        "eos_token_id": special_ids.get("eos_token_id", 0),
+        "pad_token_id": special_ids.get("pad_token_id", 0),
+        **cfg,
+    }
+
+
+def random_hf_weights(config: Mapping[str, Any], seed: int = 0, randomize_norms: bool = True):
+    """Seeded random weights under Hugging Face's Qwen3 tensor names, as float32 numpy arrays.
+
+    Projections are ``[out, in]`` like ``torch.nn.Linear``. Norm weights are drawn around 1
+    when ``randomize_norms`` so that parity tests exercise them.
+    """
+    rng = np.random.default_rng(seed)
+    d, f = config["hidden_size"], config["intermediate_size"]
+    h, nq, nkv = config["head_dim"], config["num_attention_heads"], config["num_key_value_heads"]
+    v = config["vocab_size"]
+    std = config.get("initializer_range", 0.02)
+
+    def dense(*shape):
+        return (rng.standard_normal(shape) * std).astype(np.float32)
+
+    def norm(n):
+        if randomize_norms:
+            return (1.0 + 0.2 * rng.standard_normal(n)).astype(np.float32)
+        return np.ones(n, np.float32)
+
+    w = {"model.embed_tokens.weight": dense(v, d)}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        w[p + "self_attn.q_proj.weight"] = dense(nq * h, d)
+        w[p + "self_attn.k_proj.weight"] = dense(nkv * h, d)
+        w[p + "self_attn.v_proj.weight"] = dense(nkv * h, d)
+        w[p + "self_attn.o_proj.weight"] = dense(d, nq * h)
+        w[p + "self_attn.q_norm.weight"] = norm(h)
+        w[p + "self_attn.k_norm.weight"] = norm(h)
+        w[p + "mlp.gate_proj.weight"] = dense(f, d)
+        w[p + "mlp.up_proj.weight"] = dense(f, d)
+        w[p + "mlp.down_proj.weight"] = dense(d, f)
+        w[p + "input_layernorm.weight"] = norm(d)
+        w[p + "post_attention_layernorm.weight"] = norm(d)
+    w["model.norm.weight"] = norm(d)
+    if not config.get("tie_word_embeddings", True):
+        w["lm_head.weight"] = dense(v, d)
+    return w
+
+
+def _save_weights(out: Path, weights: dict[str, np.ndarray], dtype: str, max_shard_bytes: int | None):
+    from safetensors.numpy import save_file
+
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        weights = {k: a.astype(ml_dtypes.bfloat16) for k, a in weights.items()}
+    elif dtype != "float32":
+        weights = {k: a.astype(np.dtype(dtype)) for k, a in weights.items()}
+    meta = {"format": "pt"}
+    if max_shard_bytes is None:
+        save_file(weights, str(out / "model.safetensors"), metadata=meta)
+        return
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, arr in weights.items():
+        if shards[-1] and size + arr.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = arr
+        size += arr.nbytes
+    n = len(shards)
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        fname = f"model-{i:05d}-of-{n:05d}.safetensors"
+        save_file(shard, str(out / fname), metadata=meta)
+        weight_map.update({name: fname for name in shard})
+    total = sum(a.nbytes for a in weights.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def write_tiny_checkpoint(
+    path: str | os.PathLike,
+    config: Mapping[str, Any] | None = None,
+    *,
+    seed: int = 0,
+    dtype: str = "float32",
+    randomize_norms: bool = True,
+    max_shard_bytes: int | None = None,
+) -> Path:
+    """Write a tiny random Qwen3 checkpoint plus tokenizer to ``path`` and return it.
+
+    Args:
+      path: output directory (created if missing).
+      config: overrides of :data:`TINY_CONFIG` (any Qwen3 ``config.json`` field). ``vocab_size``
+        must cover the tokenizer (about 905 ids); larger values add unused rows as in Qwen3.
+      seed: seed of the random weights.
+      dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` storage dtype.
+      randomize_norms: draw RMSNorm weights around 1 instead of exactly 1.
+      max_shard_bytes: if given, split weights into ``model-0000k-of-0000n.safetensors`` files
+        of at most this many bytes each plus ``model.safetensors.index.json``.
+    """
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    ids = _tokenizer_files(out)
+    cfg = hf_config(
+        config,
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+    cfg["torch_dtype"] = dtype
+    if cfg["vocab_size"] <= max(ids.values()):
+        raise ValueError(
+            f"vocab_size={cfg['vocab_size']} is smaller than the tokenizer "
+            f"({max(ids.values()) + 1} ids); use vocab_size >= {max(ids.values()) + 1}"
+        )
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    generation = {
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
+        "pad_token_id": ids["<|endoftext|>"],
+    }
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    weights = random_hf_weights(cfg, seed=seed, randomize_norms=randomize_norms)
+    _save_weights(out, weights, dtype, max_shard_bytes)
+    return out
