@@ -1,0 +1,272 @@
+"""The Actor's prompt (paper IV-A/IV-B, R-MDP) and a robust parser for its output.
+
+The Actor sees, in words, the task and its three objectives (maximise the controlled slice's
+spectral efficiency, avoid packet QoS violations, avoid needless reconfigurations) — never a
+scalar reward — followed by the current state of eq. 14,
+
+    s_t = (a_{t-1}, SE_t, arrival throughput_t, queue increment_t, dropped bytes_t),
+
+and a window of the last ``k`` R-MDP steps (state, reflection, action, analysis, feedback). It
+answers with three fields: a reflection ``rho_t`` on the previous step, ``Action: <int>`` and a
+short analysis ``eta_t``. Two field orders are supported: ``reflection_first`` (the paper's
+order: rho, a, eta) and ``action_first`` (a, rho, eta — the action is decided after a few
+tokens, which cuts decision latency; the reflection then explains it).
+
+The parser never guesses: it finds exactly one ``Action`` field holding an integer in range, or
+it reports why not (the Actor then keeps the previous allocation and counts the failure).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+FieldOrder = Literal["reflection_first", "action_first"]
+
+ACTION_FIELD = "Action:"
+"""The literal that opens the action line; the sampler's action constraint keys on it."""
+
+# Keys of the eq. 14 state and of the feedback vector, as the env's ``info`` dict names them.
+STATE_KEYS = ("prev_action", "se", "arrival_rate_bps", "queue_delta_bytes", "dropped_bytes")
+FEEDBACK_KEYS = (
+    "se",
+    "violation",
+    "reconfiguration",
+    "arrival_rate_bps",
+    "queue_delta_bytes",
+    "dropped_bytes",
+)
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """How the Actor's prompt is written and its output read."""
+
+    action_lo: int = 1
+    """Smallest allowed action (resource units for the controlled slice)."""
+    action_hi: int = 13
+    """Largest allowed action."""
+    action_unit: str = "RBG"
+    """Name of the action's unit, as shown to the model."""
+    prbs_per_unit: int = 2
+    """PRBs per action unit (shown to the model so it can reason in PRBs too)."""
+    history_window: int = 5
+    """k: how many past steps the prompt shows (the Actor's short-term memory, paper IV-B3)."""
+    field_order: FieldOrder = "reflection_first"
+    """``reflection_first`` (paper: rho, a, eta) or ``action_first`` (a, rho, eta; lower latency)."""
+    max_field_chars: int = 240
+    """Reflections/analyses from history are cut to this many characters in the prompt."""
+    slice_description: str = (
+        "Slice 0 serves 20 GBR users (0.5 Mb/s each while active, 10 ms delay budget); "
+        "slice 1 serves 4 non-GBR users (2 Mb/s each while active, 50 ms delay budget). "
+        "Users switch on and off at random (mean 15 s on, 15 s off)."
+    )
+    """Words describing the slices and their traffic."""
+    enable_thinking: bool = False
+    """Passed to the Qwen3 chat template; thinking off keeps decisions short."""
+
+    def __post_init__(self):
+        if not 0 <= self.action_lo <= self.action_hi:
+            raise ValueError(
+                f"PromptConfig: need 0 <= action_lo <= action_hi, got "
+                f"[{self.action_lo}, {self.action_hi}]"
+            )
+        if self.history_window < 0:
+            raise ValueError("PromptConfig.history_window must be >= 0")
+        if self.field_order not in ("reflection_first", "action_first"):
+            raise ValueError(
+                f"PromptConfig.field_order must be 'reflection_first' or 'action_first', "
+                f"got {self.field_order!r}"
+            )
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """One past R-MDP step as the prompt shows it."""
+
+    state: Mapping[str, float]
+    reflection: str
+    action: int
+    analysis: str
+    feedback: Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class ParsedOutput:
+    """The Actor's three fields; ``action`` is None when the output is unusable (see ``error``)."""
+
+    reflection: str
+    action: int | None
+    analysis: str
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.action is not None
+
+
+class _FMT:
+    """Number formats used in the prompt (kept short: every character is a token)."""
+
+    mbps = "{:.2f} Mb/s"
+    kbytes = "{:.1f} kB"
+    se = "{:.2f} bit/s/Hz"
+
+
+def system_prompt(cfg: PromptConfig) -> str:
+    """The task and objectives in words (no reward), and the output format."""
+    lo, hi, unit = cfg.action_lo, cfg.action_hi, cfg.action_unit
+    fields = _field_lines(cfg)
+    return (
+        "You are a RAN slicing controller for one LTE base station. Every 100 ms you decide how "
+        f"many resource block groups ({unit}s, {cfg.prbs_per_unit} PRBs each) the controlled "
+        "slice (slice 0) gets; the remaining ones go to slice 1.\n"
+        f"{cfg.slice_description}\n"
+        "Your objectives, all at once:\n"
+        "1. Maximise the spectral efficiency (SE) of slice 0: do not give it more resources "
+        "than its traffic needs.\n"
+        "2. Avoid packet QoS violations: a packet of slice 0 that waits longer than its delay "
+        "budget, or is dropped, is a violation. Queue growth and dropped bytes are early "
+        "warnings.\n"
+        "3. Avoid needless reconfigurations: every change of the allocation costs signalling; "
+        "keep it unless a change is worth it.\n"
+        "Learn from the recent steps shown to you.\n"
+        f"Answer with exactly three lines, in this order:\n{fields}\n"
+        f"The action is an integer from {lo} to {hi}."
+    )
+
+
+def _field_lines(cfg: PromptConfig) -> str:
+    refl = "Reflection: <one sentence on how your previous decision worked out>"
+    act = f"{ACTION_FIELD} <integer number of {cfg.action_unit}s for slice 0>"
+    ana = "Analysis: <one sentence on why this action fits the current state>"
+    order = (refl, act, ana) if cfg.field_order == "reflection_first" else (act, refl, ana)
+    return "\n".join(order)
+
+
+def format_state(state: Mapping[str, float], cfg: PromptConfig) -> str:
+    """The eq. 14 state in words: previous allocation, SE, arrival rate, queue delta, drops."""
+    missing = [k for k in STATE_KEYS if k not in state]
+    if missing:
+        raise KeyError(f"state is missing {missing}; expected keys {STATE_KEYS}")
+    return (
+        f"allocation {int(state['prev_action'])} {cfg.action_unit}s, "
+        f"SE {_FMT.se.format(float(state['se']))}, "
+        f"arrivals {_FMT.mbps.format(float(state['arrival_rate_bps']) / 1e6)}, "
+        f"queue change {_FMT.kbytes.format(float(state['queue_delta_bytes']) / 1e3)}, "
+        f"dropped {_FMT.kbytes.format(float(state['dropped_bytes']) / 1e3)}"
+    )
+
+
+def format_feedback(feedback: Mapping[str, float]) -> str:
+    """The feedback vector f_t of one step, in words."""
+    parts = [f"SE {_FMT.se.format(float(feedback.get('se', 0.0)))}"]
+    parts.append("QoS violation" if feedback.get("violation", 0) else "no QoS violation")
+    parts.append("reconfigured" if feedback.get("reconfiguration", 0) else "not reconfigured")
+    parts.append(f"dropped {_FMT.kbytes.format(float(feedback.get('dropped_bytes', 0.0)) / 1e3)}")
+    return ", ".join(parts)
+
+
+def _clip(text: str, n: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: max(n - 3, 0)] + "..."
+
+
+def user_prompt(
+    state: Mapping[str, float], history: Sequence[HistoryEntry], cfg: PromptConfig, *, step: int
+) -> str:
+    """The user turn: last-k window (oldest first) then the current state."""
+    window = list(history)[-cfg.history_window :] if cfg.history_window else []
+    lines = []
+    if window:
+        lines.append(f"Recent steps (oldest first, last {len(window)}):")
+        first = step - len(window)
+        for i, h in enumerate(window):
+            lines.append(
+                f"[t={first + i}] state: {format_state(h.state, cfg)}\n"
+                f"  reflection: {_clip(h.reflection, cfg.max_field_chars) or '-'}\n"
+                f"  action: {int(h.action)}\n"
+                f"  analysis: {_clip(h.analysis, cfg.max_field_chars) or '-'}\n"
+                f"  feedback: {format_feedback(h.feedback)}"
+            )
+    else:
+        lines.append("No previous steps yet.")
+    lines.append(f"Current state [t={step}]: {format_state(state, cfg)}")
+    lines.append("Decide the allocation for the next 100 ms.")
+    return "\n".join(lines)
+
+
+def build_messages(
+    state: Mapping[str, float], history: Sequence[HistoryEntry], cfg: PromptConfig, *, step: int
+) -> list[dict[str, str]]:
+    """Chat messages (system + user) for the Actor at step ``step``."""
+    return [
+        {"role": "system", "content": system_prompt(cfg)},
+        {"role": "user", "content": user_prompt(state, history, cfg, step=step)},
+    ]
+
+
+def format_output(reflection: str, action: int, analysis: str, cfg: PromptConfig) -> str:
+    """The canonical completion text for the three fields (inverse of :func:`parse_output`)."""
+    refl = f"Reflection: {' '.join(reflection.split())}"
+    act = f"{ACTION_FIELD} {int(action)}"
+    ana = f"Analysis: {' '.join(analysis.split())}"
+    order = (refl, act, ana) if cfg.field_order == "reflection_first" else (act, refl, ana)
+    return "\n".join(order)
+
+
+# A field header at the start of a line, tolerant of markdown decoration ("**Action**:", "- ").
+_HEADER = r"^[ \t>*_#\-]*(?:\d+[.)][ \t]*)?[*_]*{name}[*_]*[ \t]*(?:[:：=]|\bis\b)[*_ \t]*"
+_FIELD_RE = {
+    name: re.compile(_HEADER.format(name=name), re.IGNORECASE | re.MULTILINE)
+    for name in ("reflection", "action", "analysis")
+}
+_THINK_RE = re.compile(r"<think>.*?(?:</think>|\Z)", re.DOTALL)
+# An integer (optionally signed, optionally with a zero fraction) as the action field's value.
+_INT_RE = re.compile(r"^[*_`\[\( \t]*([+-]?\d{1,6})(?:\.0+)?(?!\d|[.,\-]\d)")
+
+
+def parse_output(text: str, cfg: PromptConfig) -> ParsedOutput:
+    """Extract (reflection, action, analysis) from an Actor output, in either field order.
+
+    Rules: ``<think>`` blocks are ignored; field headers are case-insensitive and may carry
+    markdown decoration; the action must be exactly one integer in ``[action_lo, action_hi]``
+    right after its header (``Action: 7``, ``**Action:** 7 RBGs``); two different action values
+    or a non-integer value are errors, never guessed. Missing reflection/analysis fields are
+    tolerated (empty strings) — they carry no control decision.
+    """
+    body = _THINK_RE.sub("", text)
+    spans = []
+    for name, rx in _FIELD_RE.items():
+        for m in rx.finditer(body):
+            spans.append((m.start(), m.end(), name))
+    spans.sort()
+    values: dict[str, list[str]] = {"reflection": [], "action": [], "analysis": []}
+    for i, (_, end, name) in enumerate(spans):
+        stop = spans[i + 1][0] if i + 1 < len(spans) else len(body)
+        values[name].append(body[end:stop].strip())
+    reflection = " ".join(values["reflection"][:1]).strip()
+    analysis = " ".join(values["analysis"][:1]).strip()
+    if not values["action"]:
+        return ParsedOutput(reflection, None, analysis, "no 'Action:' field")
+    actions = []
+    for raw in values["action"]:
+        m = _INT_RE.match(raw)
+        if m is None:
+            return ParsedOutput(
+                reflection, None, analysis, f"action value is not an integer: {raw[:40]!r}"
+            )
+        actions.append(int(m.group(1)))
+    if len(set(actions)) > 1:
+        return ParsedOutput(reflection, None, analysis, f"conflicting actions {actions}")
+    action = actions[0]
+    if not cfg.action_lo <= action <= cfg.action_hi:
+        return ParsedOutput(
+            reflection,
+            None,
+            analysis,
+            f"action {action} outside [{cfg.action_lo}, {cfg.action_hi}]",
+        )
+    return ParsedOutput(reflection, action, analysis, None)
