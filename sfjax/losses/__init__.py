@@ -1,0 +1,1 @@
+"""Pure, jit-able training losses."""
