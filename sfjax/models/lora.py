@@ -1,0 +1,359 @@
+"""LoRA adapters on Qwen3 projections: apply, switch off, merge, PEFT export / import.
+
+The Actor is fine-tuned with KTO on LoRA weights only (paper §IV-C); the KTO reference policy
+is the same base model with the adapters switched off, so no second copy of the base weights
+exists. A wrapped projection computes (Hu et al. 2021, PEFT ``lora.Linear``)::
+
+    y = x @ W + s · dropout(x) @ A @ B,   s = alpha / r   (alpha / sqrt(r) with rsLoRA)
+
+with ``W`` the frozen base kernel ``[in, out]`` (:class:`sfjax.models.qwen3.Linear`),
+``A`` ``[in, r]`` drawn like PEFT (``kaiming_uniform_(a=sqrt(5))``, i.e. U(±1/sqrt(in))) and
+``B`` ``[r, out]`` zero, so a fresh adapter leaves the model unchanged. ``A`` and ``B`` are
+:class:`flax.nnx.LoRAParam` variables: ``nnx.state(model, nnx.LoRAParam)`` is exactly the
+trainable set.
+
+PEFT layout: ``adapter_model.safetensors`` holds, per wrapped module,
+``base_model.model.<hf module name>.lora_A.weight`` ``[r, in]`` (= ``A.T``) and
+``...lora_B.weight`` ``[out, r]`` (= ``B.T``); ``adapter_config.json`` holds ``r``,
+``lora_alpha``, ``target_modules`` etc. ``peft.PeftModel.from_pretrained`` loads it on top of
+``transformers.Qwen3ForCausalLM``.
+
+Shape legend: ``I`` input features, ``O`` output features, ``R`` LoRA rank, ``...`` leading
+batch / time axes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sfjax.models.qwen3 import Linear
+
+DEFAULT_TARGETS: tuple[str, ...] = (
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+)  # fmt: skip
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Which projections get adapters and how they are shaped."""
+
+    rank: int = 16
+    """LoRA rank r."""
+    alpha: float = 32.0
+    """LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with ``use_rslora``)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input during training (PEFT ``lora_dropout``)."""
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    """Attribute names of the projections to wrap (any of q/k/v/o_proj, gate/up/down_proj,
+    lm_head)."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r) (PEFT ``use_rslora``)."""
+    param_dtype: str = "float32"
+    """dtype of A and B (PEFT keeps adapters in float32 over a bf16 base)."""
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ValueError("LoRAConfig.target_modules is empty: name at least one projection")
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+
+    @property
+    def scaling(self) -> float:
+        """s = alpha / r, or alpha / sqrt(r) with rsLoRA."""
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+
+class LoRALinear(nnx.Module):
+    """A :class:`Linear` plus a low-rank update; ``enabled=False`` gives exactly the base output."""
+
+    def __init__(self, base: Linear, config: LoRAConfig, *, rngs: nnx.Rngs):
+        self.base = base
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.rank = config.rank
+        self.scaling = config.scaling
+        self.enabled = True
+        dtype = jnp.dtype(config.param_dtype)
+        bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_(a=sqrt(5)) on [r, in]
+        a_IR = jax.random.uniform(rngs.params(), (self.in_features, config.rank), dtype, -bound, bound)
+        self.lora_a = nnx.LoRAParam(a_IR)
+        self.lora_b = nnx.LoRAParam(jnp.zeros((config.rank, self.out_features), dtype))
+        self.dropout = nnx.Dropout(config.dropout, rngs=rngs) if config.dropout > 0 else None
+
+    def delta(self, x_I):
+        """The adapter's contribution ``s · dropout(x) @ A @ B`` in the adapter dtype."""
+        a_IR, b_RO = self.lora_a[...], self.lora_b[...]
+        h = x_I.astype(a_IR.dtype)
+        if self.dropout is not None:
+            h = self.dropout(h)
+        return (h @ a_IR) @ b_RO * self.scaling
+
+    def __call__(self, x_I):
+        y_O = self.base(x_I)
+        if not self.enabled:
+            return y_O
+        return y_O + self.delta(x_I).astype(y_O.dtype)
+
+
+# ------------------------------------------------------------------------------ naming
+def _hf_module_name(path: tuple) -> str:
+    """sfjax module path (``('layers', 0, 'self_attn', 'q_proj')``) -> HF dotted module name."""
+    name = ".".join(str(p) for p in path)
+    return name if name == "lm_head" else "model." + name
+
+
+def lora_modules(model: nnx.Module) -> Iterator[tuple[str, LoRALinear]]:
+    """``(hf_module_name, LoRALinear)`` for every adapter in ``model``, in graph order."""
+    for path, module in nnx.iter_modules(model):
+        if isinstance(module, LoRALinear):
+            yield _hf_module_name(path), module
+
+
+def _targets(model: nnx.Module, targets) -> list[tuple[nnx.Module, str, tuple]]:
+    """(parent, attribute, path) for each plain :class:`Linear` whose attribute is targeted."""
+    if isinstance(targets, str):
+        pattern = re.compile(targets)
+        wanted = lambda path, attr: pattern.fullmatch(_hf_module_name(path + (attr,))) is not None  # noqa: E731
+    else:
+        names = set(targets)
+        wanted = lambda path, attr: attr in names  # noqa: E731
+    found = []
+    for path, module in list(nnx.iter_modules(model)):
+        if isinstance(module, LoRALinear):
+            continue
+        for attr, child in list(vars(module).items()):
+            if isinstance(child, Linear) and wanted(tuple(path), attr):
+                found.append((module, attr, tuple(path) + (attr,)))
+    return found
+
+
+# ------------------------------------------------------------------------------ apply / switch
+def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs | None = None):
+    """Wrap the targeted projections of ``model`` in :class:`LoRALinear`, in place.
+
+    Returns ``model`` (same object). Base kernels are shared, not copied. Raises if the model
+    already has adapters or if no projection matches ``config.target_modules``.
+    """
+    if any(True for _ in lora_modules(model)):
+        raise ValueError("model already has LoRA adapters; merge_lora() or load into them instead")
+    rngs = rngs if rngs is not None else nnx.Rngs(0)
+    found = _targets(model, config.target_modules)
+    if not found:
+        raise ValueError(
+            f"no Linear projection matches target_modules={config.target_modules}; "
+            f"valid names are {DEFAULT_TARGETS + ('lm_head',)}"
+        )
+    for parent, attr, _ in found:
+        setattr(parent, attr, LoRALinear(getattr(parent, attr), config, rngs=rngs))
+    return model
+
+
+def set_adapters_enabled(model: nnx.Module, enabled: bool) -> None:
+    """Switch every adapter of ``model`` on or off (off = the base model, bit for bit)."""
+    for _, module in lora_modules(model):
+        module.enabled = bool(enabled)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nnx.Module):
+    """``with adapters_disabled(model): ref_logits = model(ids)`` -- the KTO reference policy.
+
+    Works eagerly and while tracing (the switch is a static Python attribute, so a jitted
+    function that uses it traces both branches).
+    """
+    previous = [(m, m.enabled) for _, m in lora_modules(model)]
+    try:
+        set_adapters_enabled(model, False)
+        yield model
+    finally:
+        for module, enabled in previous:
+            module.enabled = enabled
+
+
+def lora_state(model: nnx.Module) -> nnx.State:
+    """The trainable adapter parameters (``nnx.LoRAParam``) of ``model``."""
+    return nnx.state(model, nnx.LoRAParam)
+
+
+# ------------------------------------------------------------------------------ merge
+def merge_lora(model: nnx.Module):
+    """Fold every adapter into its base kernel (``W += s·A@B``) and unwrap it, in place.
+
+    Returns ``model``, now a plain model whose forward equals the adapted forward (up to the
+    rounding of the kernel dtype). Dropout is not part of the merged function (eval mode).
+    """
+    for _path, module in list(nnx.iter_modules(model)):
+        for attr, child in list(vars(module).items()):
+            if isinstance(child, LoRALinear):
+                kernel = child.base.kernel[...]
+                update_IO = (child.lora_a[...] @ child.lora_b[...]) * child.scaling
+                merged = kernel.astype(jnp.float32) + update_IO.astype(jnp.float32)
+                child.base.kernel[...] = merged.astype(kernel.dtype)
+                setattr(module, attr, child.base)
+    return model
+
+
+# ------------------------------------------------------------------------------ PEFT export
+def save_adapter(
+    model: nnx.Module,
+    out_dir: str | os.PathLike,
+    config: LoRAConfig,
+    *,
+    base_model_name_or_path: str | None = None,
+) -> Path:
+    """Write a PEFT LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    ``peft.PeftModel.from_pretrained(transformers_model, out_dir)`` loads it. ``config`` must
+    be the one the adapters were built with (its rank / scaling are checked against them).
+    """
+    from safetensors.numpy import save_file
+
+    modules = list(lora_modules(model))
+    if not modules:
+        raise ValueError("model has no LoRA adapters to save; call apply_lora() first")
+    tensors = {}
+    for name, module in modules:
+        if module.rank != config.rank or not math.isclose(module.scaling, config.scaling):
+            raise ValueError(
+                f"{name}: adapter rank/scaling ({module.rank}, {module.scaling}) do not match "
+                f"the LoRAConfig ({config.rank}, {config.scaling})"
+            )
+        a_IR = np.asarray(jax.device_get(module.lora_a[...]))
+        b_RO = np.asarray(jax.device_get(module.lora_b[...]))
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a_IR.T)
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b_RO.T)
+    if any(t.dtype.name == "bfloat16" for t in tensors.values()):
+        from safetensors.flax import save_file as save_jax  # numpy has no bf16 dtype name
+
+        save = lambda t, p, metadata: save_jax({k: jnp.asarray(v) for k, v in t.items()}, p, metadata)  # noqa: E731
+    else:
+        save = save_file
+    targets = sorted({name.rsplit(".", 1)[-1] for name, _ in modules})
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": config.rank,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": targets,
+        "use_rslora": config.use_rslora,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_dora": False,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": None,
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2))
+    save(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    return out
+
+
+def read_adapter_config(adapter_dir: str | os.PathLike) -> LoRAConfig:
+    """A :class:`LoRAConfig` from a PEFT ``adapter_config.json``; unsupported features raise."""
+    path = Path(adapter_dir) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {adapter_dir} a PEFT LoRA adapter directory?")
+    cfg = json.loads(path.read_text())
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{path}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    unsupported = {
+        "use_dora": bool(cfg.get("use_dora")),
+        "rank_pattern": bool(cfg.get("rank_pattern")),
+        "alpha_pattern": bool(cfg.get("alpha_pattern")),
+        "layers_to_transform": cfg.get("layers_to_transform") is not None,
+        "modules_to_save": bool(cfg.get("modules_to_save")),
+        "bias": cfg.get("bias", "none") != "none",
+        "fan_in_fan_out": bool(cfg.get("fan_in_fan_out")),
+    }
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        raise ValueError(f"{path}: LoRA features not supported by sfjax: {bad}")
+    targets = cfg.get("target_modules") or DEFAULT_TARGETS
+    return LoRAConfig(
+        rank=int(cfg["r"]),
+        alpha=float(cfg.get("lora_alpha", 8)),
+        dropout=float(cfg.get("lora_dropout", 0.0)),
+        target_modules=targets if isinstance(targets, str) else tuple(targets),
+        use_rslora=bool(cfg.get("use_rslora", False)),
+    )
+
+
+def load_adapter(model: nnx.Module, adapter_dir: str | os.PathLike) -> LoRAConfig:
+    """Load a PEFT LoRA adapter into ``model`` (applying adapters first if it has none).
+
+    Every adapter of the model must be present in the file and vice versa; shapes are checked.
+    Returns the adapter's :class:`LoRAConfig`.
+    """
+    from safetensors.numpy import load_file
+
+    config = read_adapter_config(adapter_dir)
+    if not any(True for _ in lora_modules(model)):
+        apply_lora(model, config)
+    tensors = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))
+    expected = set()
+    for name, module in lora_modules(model):
+        key_a = f"{PEFT_PREFIX}{name}.lora_A.weight"
+        key_b = f"{PEFT_PREFIX}{name}.lora_B.weight"
+        expected |= {key_a, key_b}
+        if key_a not in tensors or key_b not in tensors:
+            raise ValueError(f"adapter in {adapter_dir} has no weights for {name}")
+        a_RI, b_OR = tensors[key_a], tensors[key_b]
+        if a_RI.shape != (module.rank, module.in_features) or b_OR.shape != (
+            module.out_features,
+            module.rank,
+        ):
+            raise ValueError(
+                f"{name}: adapter shapes {a_RI.shape}, {b_OR.shape} do not fit the model "
+                f"(expected {(module.rank, module.in_features)}, {(module.out_features, module.rank)})"
+            )
+        if not math.isclose(module.scaling, config.scaling):
+            raise ValueError(f"{name}: model adapter scaling {module.scaling} != {config.scaling}")
+        dtype = module.lora_a[...].dtype
+        module.lora_a[...] = jnp.asarray(a_RI.T, dtype)
+        module.lora_b[...] = jnp.asarray(b_OR.T, dtype)
+    extra = sorted(set(tensors) - expected)
+    if extra:
+        raise ValueError(f"adapter in {adapter_dir} has weights for modules the model lacks: {extra[:4]}")
+    return config
+
+
+__all__ = [
+    "DEFAULT_TARGETS",
+    "LoRAConfig",
+    "LoRALinear",
+    "adapters_disabled",
+    "apply_lora",
+    "load_adapter",
+    "lora_modules",
+    "lora_state",
+    "merge_lora",
+    "read_adapter_config",
+    "save_adapter",
+    "set_adapters_enabled",
+]

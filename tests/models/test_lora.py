@@ -1,0 +1,169 @@
+"""LoRA adapters: init like PEFT, switch-off is the base model bit for bit, merge, PEFT parity."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sfjax.models import lora, qwen3
+
+IDS = np.array([[5, 17, 300, 42, 9, 811, 77, 3], [820, 820, 12, 64, 128, 256, 600, 1]])
+MASK = np.array([[1] * 8, [0, 0, 1, 1, 1, 1, 1, 1]])  # second row left-padded
+
+
+def _randomize_b(model, key, scale=0.05):
+    """Non-zero B everywhere, so adapter tests can fail."""
+    for _, module in lora.lora_modules(model):
+        key, sub = jax.random.split(key)
+        module.lora_b[...] = scale * jax.random.normal(sub, module.lora_b[...].shape)
+
+
+@pytest.fixture(scope="module")
+def base(tiny_checkpoint):
+    return qwen3.from_pretrained(tiny_checkpoint, dtype=jnp.float32)
+
+
+def test_init_like_peft_and_only_lora_is_trainable(tiny_checkpoint):
+    model = qwen3.from_pretrained(tiny_checkpoint, dtype=jnp.float32)
+    ref = model(IDS, attention_mask=MASK)
+    cfg = lora.LoRAConfig(rank=8, alpha=16)
+    lora.apply_lora(model, cfg, rngs=nnx.Rngs(3))
+    names = [n for n, _ in lora.lora_modules(model)]
+    assert len(names) == 7 * model.config.num_layers
+    assert "model.layers.1.mlp.down_proj" in names and "model.layers.0.self_attn.q_proj" in names
+    for _, m in lora.lora_modules(model):
+        a = np.asarray(m.lora_a[...])
+        bound = 1 / math.sqrt(m.in_features)
+        assert a.shape == (m.in_features, 8) and np.abs(a).max() <= bound
+        assert np.abs(a).max() > 0.8 * bound  # actually uniform over the range, not tiny
+        np.testing.assert_array_equal(np.asarray(m.lora_b[...]), 0.0)
+        assert m.scaling == 2.0
+    # B = 0: the adapted model is the base model.
+    np.testing.assert_array_equal(np.asarray(model(IDS, attention_mask=MASK)), np.asarray(ref))
+    trainable = lora.lora_state(model)
+    n_lora = sum(x.size for x in jax.tree.leaves(trainable))
+    c = model.config
+    d, f, h = c.hidden_size, c.intermediate_size, c.head_dim
+    per_layer = 8 * (
+        (d + c.num_heads * h) * 2 + (d + c.num_kv_heads * h) * 2 + (d + f) * 3
+    )
+    assert n_lora == per_layer * c.num_layers
+    # Base kernels are shared with the wrapped modules, not copied.
+    assert isinstance(model.layers[0].self_attn.q_proj.base, qwen3.Linear)
+
+
+def test_target_subset_and_errors(tiny_checkpoint):
+    model = qwen3.from_pretrained(tiny_checkpoint, dtype=jnp.float32)
+    lora.apply_lora(model, lora.LoRAConfig(rank=2, target_modules=("q_proj", "v_proj")))
+    names = {n.rsplit(".", 1)[-1] for n, _ in lora.lora_modules(model)}
+    assert names == {"q_proj", "v_proj"}
+    with pytest.raises(ValueError, match="already has LoRA"):
+        lora.apply_lora(model, lora.LoRAConfig())
+    fresh = qwen3.from_pretrained(tiny_checkpoint, dtype=jnp.float32)
+    with pytest.raises(ValueError, match="no Linear projection"):
+        lora.apply_lora(fresh, lora.LoRAConfig(target_modules=("qproj",)))
+    with pytest.raises(ValueError, match="rank"):
+        lora.LoRAConfig(rank=0)
+
+
+def test_adapter_off_is_bit_identical_to_base(tiny_checkpoint, base):
+    model = qwen3.from_pretrained(tiny_checkpoint, dtype=jnp.float32)
+    lora.apply_lora(model, lora.LoRAConfig(rank=4))
+    _randomize_b(model, jax.random.key(0))
+    base_logits = np.asarray(base(IDS, attention_mask=MASK))
+    on = np.asarray(model(IDS, attention_mask=MASK))
+    assert np.abs(on - base_logits).max() > 1e-3  # the adapter does something
+    with lora.adapters_disabled(model):
+        off = np.asarray(model(IDS, attention_mask=MASK))
+    np.testing.assert_array_equal(off, base_logits)
+    # Under jit too: the switched-off graph is the base graph (weights passed as arguments).
+    def forward(graphdef, disabled):
+        @jax.jit
+        def f(state, ids, mask):
+            m = nnx.merge(graphdef, state)
+            with lora.adapters_disabled(m) if disabled else contextlib.nullcontext():
+                return m(ids, attention_mask=mask)
+
+        return f
+
+    off_j = forward(nnx.graphdef(model), True)(nnx.state(model), IDS, MASK)
+    base_j = forward(nnx.graphdef(base), False)(nnx.state(base), IDS, MASK)
+    np.testing.assert_array_equal(np.asarray(off_j), np.asarray(base_j))
+    on_j = forward(nnx.graphdef(model), False)(nnx.state(model), IDS, MASK)
+    np.testing.assert_allclose(np.asarray(on_j), on, atol=1e-5)
+    assert all(m.enabled for _, m in lora.lora_modules(model))
+
+
+def test_merge_equals_adapter_forward(tiny_checkpoint):
+    model = qwen3.from_pretrained(tiny_checkpoint, dtype=jnp.float32)
+    lora.apply_lora(model, lora.LoRAConfig(rank=4, alpha=12, target_modules=lora.DEFAULT_TARGETS))
+    _randomize_b(model, jax.random.key(1))
+    adapted = np.asarray(model(IDS, attention_mask=MASK))
+    lora.merge_lora(model)
+    assert not list(lora.lora_modules(model))
+    assert isinstance(model.layers[0].mlp.up_proj, qwen3.Linear)
+    merged = np.asarray(model(IDS, attention_mask=MASK))
+    np.testing.assert_allclose(merged, adapted, rtol=0, atol=2e-5)
+
+
+def test_export_import_roundtrip(tiny_checkpoint, tmp_path):
+    cfg = lora.LoRAConfig(rank=4, alpha=8, target_modules=("q_proj", "o_proj", "up_proj"))
+    model = qwen3.from_pretrained(tiny_checkpoint, dtype=jnp.float32)
+    lora.apply_lora(model, cfg, rngs=nnx.Rngs(5))
+    _randomize_b(model, jax.random.key(2))
+    lora.save_adapter(model, tmp_path / "adapter", cfg, base_model_name_or_path="tiny")
+    written = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert written["r"] == 4 and written["lora_alpha"] == 8 and written["peft_type"] == "LORA"
+
+    other = qwen3.from_pretrained(tiny_checkpoint, dtype=jnp.float32)
+    loaded_cfg = lora.load_adapter(other, tmp_path / "adapter")
+    assert loaded_cfg.rank == 4 and loaded_cfg.scaling == cfg.scaling
+    want = jax.tree.leaves(lora.lora_state(model))
+    got = jax.tree.leaves(lora.lora_state(other))
+    assert len(want) == len(got) == 6 * model.config.num_layers
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(np.asarray(w), np.asarray(g))
+    np.testing.assert_array_equal(
+        np.asarray(model(IDS, attention_mask=MASK)), np.asarray(other(IDS, attention_mask=MASK))
+    )
+    # mismatched rank is refused with a clear message
+    wrong = qwen3.from_pretrained(tiny_checkpoint, dtype=jnp.float32)
+    lora.apply_lora(wrong, lora.LoRAConfig(rank=2, alpha=4, target_modules=cfg.target_modules))
+    with pytest.raises(ValueError, match="shapes"):
+        lora.load_adapter(wrong, tmp_path / "adapter")
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_peft_loads_export_with_same_logits(tiny_checkpoint_untied, tmp_path, rslora):
+    """sfjax adapter -> peft.PeftModel over transformers Qwen3 -> same logits (atol 1e-4)."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+
+    targets = lora.DEFAULT_TARGETS + (("lm_head",) if rslora else ())
+    cfg = lora.LoRAConfig(rank=4, alpha=16, target_modules=targets, use_rslora=rslora)
+    model = qwen3.from_pretrained(tiny_checkpoint_untied, dtype=jnp.float32)
+    lora.apply_lora(model, cfg, rngs=nnx.Rngs(7))
+    _randomize_b(model, jax.random.key(3), scale=0.1)
+    ours = np.asarray(model(IDS, attention_mask=MASK))
+    with lora.adapters_disabled(model):
+        ours_base = np.asarray(model(IDS, attention_mask=MASK))
+    lora.save_adapter(model, tmp_path / "adapter", cfg)
+
+    hf = transformers.Qwen3ForCausalLM.from_pretrained(tiny_checkpoint_untied, dtype=torch.float32)
+    peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        theirs = peft_model(
+            input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)
+        ).logits.numpy()
+    real = MASK.astype(bool)
+    # The adapter moves the logits far more than the tolerance, so the comparison can fail.
+    assert np.abs(ours - ours_base)[real].max() > 50 * 1e-4
+    np.testing.assert_allclose(ours[real], theirs[real], rtol=0, atol=1e-4)
