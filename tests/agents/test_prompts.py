@@ -44,8 +44,12 @@ def test_round_trip_both_orders(order):
     rng = random.Random(0)
     for _ in range(200):
         a = rng.randint(1, 13)
-        refl = " ".join(rng.choice(["queue", "grew", "SE", "was", "fine", "3", "Action"]) for _ in range(6))
-        ana = " ".join(rng.choice(["keep", "raise", "lower", "traffic", "7", "drops"]) for _ in range(5))
+        refl = " ".join(
+            rng.choice(["queue", "grew", "SE", "was", "fine", "3", "Action"]) for _ in range(6)
+        )
+        ana = " ".join(
+            rng.choice(["keep", "raise", "lower", "traffic", "7", "drops"]) for _ in range(5)
+        )
         out = P.format_output(refl, a, ana, cfg)
         parsed = P.parse_output(out, cfg)
         assert parsed.ok, (out, parsed.error)
@@ -80,14 +84,18 @@ def test_user_prompt_window_and_state():
     assert "queue change -1.0 kB" in cur and "dropped 0.0 kB" in cur
     assert "QoS violation" in text and "dropped 0.5 kB" in text
     assert "No previous steps" in P.user_prompt(STATE, [], cfg, step=0)
-    assert "Recent steps" not in P.user_prompt(STATE, _history(4), P.PromptConfig(history_window=0), step=4)
+    assert "Recent steps" not in P.user_prompt(
+        STATE, _history(4), P.PromptConfig(history_window=0), step=4
+    )
     msgs = P.build_messages(STATE, _history(2), cfg, step=2)
     assert [m["role"] for m in msgs] == ["system", "user"]
 
 
 def test_state_missing_key_is_clear():
     with pytest.raises(KeyError, match="queue_delta_bytes"):
-        P.format_state({k: v for k, v in STATE.items() if k != "queue_delta_bytes"}, P.PromptConfig())
+        P.format_state(
+            {k: v for k, v in STATE.items() if k != "queue_delta_bytes"}, P.PromptConfig()
+        )
 
 
 def test_config_validation():

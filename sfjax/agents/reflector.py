@@ -1,0 +1,73 @@
+"""Reflector configuration and construction: one interface, three backends (paper IV-B2).
+
+* ``api``   — any OpenAI-compatible chat endpoint (DeepSeek-R1 by default), see
+  :mod:`sfjax.agents.reflectors.api`;
+* ``local`` — a Flax Qwen3 checkpoint run by sfjax's sampler, see
+  :mod:`sfjax.agents.reflectors.local`;
+* ``rule``  — the offline rule-based hindsight labeller (no LLM; tests, CI, smoke runs), see
+  :mod:`sfjax.agents.reflectors.rule`.
+
+All return :class:`sfjax.agents.trajectory.Reflection` objects whose ``backend`` field names the
+backend that produced them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+from sfjax.agents.prompts import PromptConfig
+from sfjax.agents.reflectors.api import ApiReflector, ApiReflectorConfig
+from sfjax.agents.reflectors.base import Reflector, ReflectorError, ReplyError, validate_reply
+from sfjax.agents.reflectors.local import LocalReflector, LocalReflectorConfig
+from sfjax.agents.reflectors.rule import RULE_BACKEND_NAME, RuleReflector, RuleReflectorConfig
+
+__all__ = [
+    "ApiReflector",
+    "ApiReflectorConfig",
+    "LocalReflector",
+    "LocalReflectorConfig",
+    "RULE_BACKEND_NAME",
+    "Reflector",
+    "ReflectorConfig",
+    "ReflectorError",
+    "ReplyError",
+    "RuleReflector",
+    "RuleReflectorConfig",
+    "make_reflector",
+    "validate_reply",
+]
+
+
+@dataclass(frozen=True)
+class ReflectorConfig:
+    """Which Reflector labels the trajectories, and its settings."""
+
+    backend: Literal["api", "local", "rule"] = "rule"
+    """api (OpenAI-compatible endpoint), local (Flax checkpoint), or rule (offline hindsight
+    labeller, no LLM)."""
+    api: ApiReflectorConfig = field(default_factory=ApiReflectorConfig)
+    """Settings of the api backend."""
+    local: LocalReflectorConfig = field(default_factory=LocalReflectorConfig)
+    """Settings of the local backend."""
+    rule: RuleReflectorConfig = field(default_factory=RuleReflectorConfig)
+    """Settings of the rule backend."""
+
+
+def make_reflector(
+    cfg: ReflectorConfig, prompt_cfg: PromptConfig, cache_dir: str | os.PathLike | None = None
+) -> Reflector:
+    """Build the configured backend; fails early (missing key, missing checkpoint)."""
+    if cfg.backend == "rule":
+        return RuleReflector(cfg.rule, prompt_cfg)
+    if cfg.backend == "api":
+        return ApiReflector(cfg.api, prompt_cfg, cache_dir)
+    if cfg.backend == "local":
+        if not cfg.local.checkpoint:
+            raise ValueError("the local Reflector needs --reflector.local.checkpoint PATH")
+        from sfjax.agents.reflectors.local_model import sampler_generate_fn
+
+        generate = sampler_generate_fn(cfg.local)
+        return LocalReflector(cfg.local, prompt_cfg, generate, cfg.local.checkpoint)
+    raise ValueError(f"unknown reflector backend {cfg.backend!r}; use api, local or rule")

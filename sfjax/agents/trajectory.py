@@ -1,0 +1,148 @@
+"""R-MDP trajectories (paper IV-A) and the Reflector's per-step labels, with JSON persistence.
+
+A trajectory ``H = [(s_t, x_t, y_t, rho_t, a_t, eta_t, f_t)]_{t=0..T-1}`` holds, per step, the
+eq. 14 state, the exact prompt string the Actor saw, its raw output, the parsed fields, the
+action actually applied (the previous allocation when the output was unusable) and the
+feedback vector the environment returned. Trajectories are written to disk before they are
+reflected on, so a crash never loses collected experience.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+Label = Literal["effective", "suboptimal"]
+LABELS: tuple[str, ...] = ("effective", "suboptimal")
+
+
+@dataclass
+class Step:
+    """One R-MDP step of one environment."""
+
+    t: int
+    state: dict[str, float]
+    prompt: str
+    output: str
+    reflection: str
+    action: int
+    analysis: str
+    parsed_ok: bool
+    feedback: dict[str, float]
+    parse_error: str | None = None
+
+
+@dataclass
+class Trajectory:
+    """The steps of one environment's episode, plus where it came from."""
+
+    env_index: int
+    seed: int
+    steps: list[Step] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, float]:
+        """Trajectory metrics (paper Table III columns) from the feedback vectors."""
+        return trajectory_metrics(self)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(d: dict) -> Trajectory:
+        return Trajectory(d["env_index"], d["seed"], [Step(**s) for s in d["steps"]])
+
+
+@dataclass(frozen=True)
+class StepLabel:
+    """The Reflector's verdict on one step: label, improved action a*_t and a short reason."""
+
+    step: int
+    label: str
+    improved_action: int
+    reason: str
+
+
+@dataclass
+class Reflection:
+    """All step labels of one trajectory, the trajectory summary and the backend that made them."""
+
+    env_index: int
+    labels: list[StepLabel]
+    summary: str
+    backend: str
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(d: dict) -> Reflection:
+        return Reflection(
+            d["env_index"], [StepLabel(**x) for x in d["labels"]], d["summary"], d["backend"]
+        )
+
+
+@dataclass(frozen=True)
+class UtilityWeights:
+    """Eq. 15 weights (DESIGN.md): U = sum_t alpha*(SE_t + offset) - beta*c_t - gamma*v_t.
+
+    Used only to *report* results; the agent never sees it.
+    """
+
+    alpha: float = 15.0
+    """Weight of spectral efficiency."""
+    se_offset: float = 1.0
+    """Per-step offset added to SE (DESIGN.md's +15 per step with alpha = 15)."""
+    beta: float = 15.0
+    """Penalty per reconfiguration."""
+    gamma: float = 300.0
+    """Penalty per packet QoS violation."""
+
+
+def trajectory_metrics(traj: Trajectory, weights: UtilityWeights = UtilityWeights()) -> dict:
+    """Avg. SE, reconfigurations, PQoS violations, eq. 15 utility and parse failures."""
+    n = len(traj.steps)
+    if n == 0:
+        raise ValueError("trajectory has no steps")
+    se = [float(s.feedback["se"]) for s in traj.steps]
+    rec = [float(s.feedback["reconfiguration"]) for s in traj.steps]
+    vio = [float(s.feedback["violation"]) for s in traj.steps]
+    utility = (
+        weights.alpha * sum(x + weights.se_offset for x in se)
+        - weights.beta * sum(rec)
+        - weights.gamma * sum(vio)
+    )
+    return {
+        "avg_se": sum(se) / n,
+        "reconfigurations": sum(rec),
+        "violations": sum(vio),
+        "utility": utility,
+        "parse_failures": sum(0 if s.parsed_ok else 1 for s in traj.steps),
+        "steps": n,
+    }
+
+
+def save_json(path: str | os.PathLike, obj) -> None:
+    """Write JSON atomically (temp file + rename), so a kill never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+def load_json(path: str | os.PathLike):
+    with open(path) as f:
+        return json.load(f)
+
+
+def save_trajectories(path: str | os.PathLike, trajs: Sequence[Trajectory]) -> None:
+    save_json(path, [t.to_json() for t in trajs])
+
+
+def load_trajectories(path: str | os.PathLike) -> list[Trajectory]:
+    return [Trajectory.from_json(d) for d in load_json(path)]

@@ -1,0 +1,399 @@
+"""Reflector backends: rule labeller semantics, reply validation, and the api backend against a
+fake OpenAI-compatible server on loopback that injects 429s, 500s, timeouts and malformed JSON."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import jax
+import pytest
+
+from sfjax.agents.prompts import PromptConfig
+from sfjax.agents.reflector import (
+    RULE_BACKEND_NAME,
+    ApiReflectorConfig,
+    LocalReflector,
+    LocalReflectorConfig,
+    ReflectorConfig,
+    ReflectorError,
+    ReplyError,
+    RuleReflectorConfig,
+    make_reflector,
+    validate_reply,
+)
+from sfjax.agents.reflectors.base import windows
+from sfjax.agents.trajectory import Step, Trajectory
+
+PCFG = PromptConfig(action_lo=1, action_hi=13)
+
+
+def _step(t, action, prev, *, violation=0, dropped=0.0, arrival=4e6, se=5.0):
+    fb = {
+        "se": se,
+        "violation": float(violation),
+        "reconfiguration": float(action != prev),
+        "arrival_rate_bps": arrival,
+        "queue_delta_bytes": 0.0,
+        "dropped_bytes": dropped,
+    }
+    state = {
+        "prev_action": prev,
+        "se": 5.0,
+        "arrival_rate_bps": arrival,
+        "queue_delta_bytes": 0.0,
+        "dropped_bytes": 0.0,
+    }
+    return Step(t, state, f"prompt {t}", f"Action: {action}", "r", action, "a", True, fb)
+
+
+def _random_traj(n, seed, env_index=0):
+    rng = random.Random(seed)
+    steps, prev = [], 7
+    for t in range(n):
+        a = rng.randint(1, 13)
+        steps.append(_step(t, a, prev, violation=rng.random() < 0.2, arrival=rng.uniform(2e6, 8e6)))
+        prev = a
+    return Trajectory(env_index, seed, steps)
+
+
+# -- rule backend ----------------------------------------------------------------------------
+
+
+def test_rule_labeller_constructed_cases():
+    steps = [
+        _step(0, 5, 5, arrival=4e6),  # clean; step 3 ran 4 cleanly at higher demand -> over
+        _step(1, 5, 5, violation=1, arrival=6e6),  # violation -> +1
+        _step(2, 6, 5, arrival=6e6),  # increase after a violation -> not needless; over? no
+        _step(3, 4, 6, arrival=5e6),  # decrease, clean -> effective (nothing smaller & safe)
+        _step(4, 6, 4, arrival=5e6),  # increase, previous clean, demand flat -> keep 4
+        _step(5, 13, 6, dropped=100.0, arrival=9e6),  # drops at max -> suboptimal, stays 13
+    ]
+    traj = Trajectory(0, 0, steps)
+    refl = make_reflector(ReflectorConfig(backend="rule"), PCFG).reflect([traj])[0]
+    got = [(x.label, x.improved_action) for x in refl.labels]
+    assert got == [
+        ("suboptimal", 4),
+        ("suboptimal", 6),
+        ("effective", 6),
+        ("effective", 4),
+        ("suboptimal", 4),
+        ("suboptimal", 13),
+    ]
+    # named as such everywhere
+    assert refl.backend == RULE_BACKEND_NAME
+    assert RULE_BACKEND_NAME in refl.summary
+    assert all("rule-based hindsight labeller" in x.reason for x in refl.labels)
+
+
+def test_rule_labeller_up_step_and_bounds():
+    traj = Trajectory(0, 0, [_step(0, 12, 12, violation=1)])
+    r = make_reflector(ReflectorConfig(backend="rule", rule=RuleReflectorConfig(up_step=3)), PCFG)
+    assert r.reflect([traj])[0].labels[0].improved_action == 13
+
+
+# -- validation -------------------------------------------------------------------------------
+
+
+def _reply(steps, actions):
+    return json.dumps(
+        [
+            {"step": s, "label": "effective", "improved_action": a, "reason": "ok"}
+            for s, a in zip(steps, actions)
+        ]
+    )
+
+
+def test_validate_reply_accepts_variants():
+    steps, acts = [3, 4], [5, 6]
+    good = _reply(steps, acts)
+    for text in (
+        good,
+        f"<think>hmm [1,2]</think>\n```json\n{good}\n```",
+        "Here you go: " + good + " done",
+        json.dumps({"labels": json.loads(good)}),
+        good.replace('"step": 3', '"step": "3"').replace('"effective"', '" Effective"', 1),
+    ):
+        labels = validate_reply(text, steps, acts, PCFG)
+        assert [x.step for x in labels] == steps
+        assert [x.improved_action for x in labels] == acts
+
+
+@pytest.mark.parametrize(
+    "mutate,msg",
+    [
+        (lambda d: d[:1], "missing"),
+        (lambda d: d + d[:1], "more than once"),
+        (lambda d: [{**d[0], "step": 9}, d[1]], "not one of the steps"),
+        (lambda d: [{**d[0], "label": "good"}, d[1]], "label must be"),
+        (lambda d: [{**d[0], "improved_action": 99}, d[1]], "outside"),
+        (lambda d: [{**d[0], "improved_action": 2.5}, d[1]], "integer"),
+        (lambda d: [{**d[0], "improved_action": True}, d[1]], "integer"),
+        (lambda d: [{k: v for k, v in d[0].items() if k != "label"}, d[1]], "lacks"),
+        (lambda d: [1, 2], "not an object"),
+        (lambda d: {"x": 1}, "JSON list"),
+    ],
+)
+def test_validate_reply_rejects(mutate, msg):
+    data = json.loads(_reply([3, 4], [5, 6]))
+    with pytest.raises(ReplyError, match=msg):
+        validate_reply(json.dumps(mutate(data)), [3, 4], [5, 6], PCFG)
+
+
+@pytest.mark.parametrize("text", ["", "[{]", "no json here", '{"step": 3'])
+def test_validate_reply_rejects_non_json(text):
+    with pytest.raises(ReplyError):
+        validate_reply(text, [3], [5], PCFG)
+
+
+def test_windows_cover_exactly():
+    for n in (1, 9, 10, 11, 300):
+        w = windows(n, 10)
+        assert [i for r in w for i in r] == list(range(n))
+        assert all(len(r) <= 10 for r in w)
+
+
+# -- api backend against a hostile fake server -----------------------------------------------
+
+SECRET = "sk-test-DO-NOT-LEAK-8c1f2e"
+
+
+def _truth(step, action):
+    """The fake Reflector's deterministic verdict."""
+    return ("suboptimal", min(action + 1, 13)) if action % 3 == 0 else ("effective", action)
+
+
+class _FakeServer:
+    def __init__(self, fail_rate=0.7, seed=1, timeout_sleep=0.6):
+        self.rng = random.Random(seed)
+        self.lock = threading.Lock()
+        self.fail_rate = fail_rate
+        self.timeout_sleep = timeout_sleep
+        self.counts = {"429": 0, "500": 0, "timeout": 0, "malformed": 0, "wrong": 0, "ok": 0}
+        self.auth = set()
+        self.refuse_all = False
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.lock:
+                    server.auth.add(self.headers.get("Authorization"))
+                    roll = server.rng.random()
+                if server.refuse_all:
+                    return self._send(500, {"error": {"message": "down"}})
+                f = server.fail_rate
+                if roll < f * 0.35:
+                    server._count("429")
+                    return self._send(
+                        429, {"error": {"message": "slow down"}}, {"Retry-After": "0"}
+                    )
+                if roll < f * 0.6:
+                    server._count("500")
+                    return self._send(500, {"error": {"message": "boom"}})
+                if roll < f * 0.75:
+                    server._count("timeout")
+                    time.sleep(server.timeout_sleep)
+                    return self._send(200, server._completion("[]"))
+                user = body["messages"][1]["content"]
+                pairs = [
+                    (int(s), int(a))
+                    for s, a in re.findall(r"^step (\d+): .*?\| action (\d+)", user, re.M)
+                ]
+                items = [
+                    {
+                        "step": s,
+                        "label": _truth(s, a)[0],
+                        "improved_action": _truth(s, a)[1],
+                        "reason": "fake",
+                    }
+                    for s, a in pairs
+                ]
+                if roll < f * 0.9:
+                    server._count("malformed")
+                    return self._send(200, server._completion(json.dumps(items)[:-7]))
+                if roll < f:
+                    server._count("wrong")
+                    return self._send(200, server._completion(json.dumps(items[1:])))
+                server._count("ok")
+                text = "<think>let me see</think>\n```json\n" + json.dumps(items) + "\n```"
+                return self._send(200, server._completion(text))
+
+            def _send(self, code, obj, headers=None):
+                data = json.dumps(obj).encode()
+                try:
+                    self.send_response(code)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    for k, v in (headers or {}).items():
+                        self.send_header(k, v)
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def _count(self, k):
+        with self.lock:
+            self.counts[k] += 1
+
+    @staticmethod
+    def _completion(content):
+        return {
+            "id": "x",
+            "object": "chat.completion",
+            "created": 0,
+            "model": "fake-r1",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content},
+                    "finish_reason": "stop",
+                }
+            ],
+        }
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *a):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _api_cfg(url, **kw):
+    base = dict(
+        base_url=url,
+        model="fake-r1",
+        api_key_env="SFJAX_TEST_REFLECTOR_KEY",
+        max_concurrency=4,
+        timeout_s=0.3,
+        max_retries=40,
+        backoff_base_s=0.005,
+        backoff_max_s=0.02,
+        max_format_retries=40,
+        window_steps=10,
+    )
+    base.update(kw)
+    return ReflectorConfig(backend="api", api=ApiReflectorConfig(**base))
+
+
+def test_api_backend_survives_hostile_server(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("SFJAX_TEST_REFLECTOR_KEY", SECRET)
+    caplog.set_level(logging.DEBUG)
+    trajs = [_random_traj(35, seed=s, env_index=s) for s in range(3)]
+    cache = tmp_path / "cache"
+    with _FakeServer(fail_rate=0.7) as server:
+        reflector = make_reflector(_api_cfg(server.url), PCFG, cache)
+        out = reflector.reflect(trajs)
+        # every fault kind was actually injected, and retried through
+        for k in ("429", "500", "timeout", "malformed", "wrong", "ok"):
+            assert server.counts[k] > 0, server.counts
+        assert reflector.stats["transport_retries"] > 0 and reflector.stats["format_retries"] > 0
+        assert server.auth == {f"Bearer {SECRET}"}  # the key did reach the server
+        # every step reflected, nothing lost or mixed up between windows/trajectories
+        for traj, refl in zip(trajs, out):
+            assert refl.env_index == traj.env_index
+            assert [x.step for x in refl.labels] == [s.t for s in traj.steps]
+            for s, x in zip(traj.steps, refl.labels):
+                assert (x.label, x.improved_action) == _truth(s.t, s.action)
+            assert "fake-r1" in refl.backend
+        n_windows = sum(len(windows(35, 10)) for _ in trajs)
+        assert len(list(cache.glob("*.json"))) == n_windows
+
+        # a rerun is served from the on-disk cache: no request reaches the (now dead) server
+        server.refuse_all = True
+        again = make_reflector(_api_cfg(server.url, max_retries=0), PCFG, cache)
+        out2 = again.reflect(trajs)
+        assert again.stats["cache_hits"] == n_windows and again.stats["requests"] == 0
+        assert [r.to_json() for r in out2] == [r.to_json() for r in out]
+
+    # the key never appears in logs, outputs, caches or reprs
+    blob = caplog.text + json.dumps([r.to_json() for r in out]) + repr(reflector)
+    blob += "".join(p.read_text() for p in cache.glob("*"))
+    assert SECRET not in blob
+    assert all(SECRET not in json.dumps(vars(c)) for c in (reflector.cfg,))
+
+
+def test_api_backend_gives_up_clearly(tmp_path, monkeypatch):
+    monkeypatch.setenv("SFJAX_TEST_REFLECTOR_KEY", SECRET)
+    with _FakeServer() as server:
+        server.refuse_all = True
+        r = make_reflector(_api_cfg(server.url, max_retries=2), PCFG, tmp_path)
+        with pytest.raises(ReflectorError, match="failed 3 times") as e:
+            r.reflect([_random_traj(5, 0)])
+        assert SECRET not in str(e.value)
+
+
+def test_api_backend_needs_key(monkeypatch):
+    monkeypatch.delenv("SFJAX_TEST_REFLECTOR_KEY", raising=False)
+    with pytest.raises(ReflectorError, match="SFJAX_TEST_REFLECTOR_KEY"):
+        make_reflector(_api_cfg("http://127.0.0.1:9/v1"), PCFG)
+
+
+def test_api_backend_never_accepts_malformed(tmp_path, monkeypatch):
+    monkeypatch.setenv("SFJAX_TEST_REFLECTOR_KEY", SECRET)
+    with _FakeServer(fail_rate=1.0, seed=3) as server:
+        server.fail_rate = 1.0
+        # only malformed/wrong replies are ever valid HTTP: force that branch
+        server.rng = random.Random(0)
+        server.rng.random = lambda: 0.8  # -> "malformed" for fail_rate=1
+        r = make_reflector(_api_cfg(server.url, max_format_retries=2), PCFG, tmp_path)
+        with pytest.raises(ReflectorError, match="still invalid after 3 attempts"):
+            r.reflect([_random_traj(5, 0)])
+    assert not list(tmp_path.glob("*.json"))  # nothing invalid was cached
+
+
+# -- local backend (generation function injected) ---------------------------------------------
+
+
+def test_local_backend_retries_invalid_windows():
+    trajs = [_random_traj(12, seed=1, env_index=5)]
+    calls = []
+
+    def generate(convos, key):
+        calls.append(len(convos))
+        replies = []
+        for c in convos:
+            user = c[1]["content"]
+            pairs = [
+                (int(s), int(a))
+                for s, a in re.findall(r"^step (\d+): .*?\| action (\d+)", user, re.M)
+            ]
+            if len(c) == 2 and pairs[0][0] == 0:  # first window's first try: malformed
+                replies.append("[{'step': 0}")
+            else:
+                replies.append(
+                    json.dumps(
+                        [
+                            {
+                                "step": s,
+                                "label": _truth(s, a)[0],
+                                "improved_action": _truth(s, a)[1],
+                            }
+                            for s, a in pairs
+                        ]
+                    )
+                )
+        return replies
+
+    r = LocalReflector(LocalReflectorConfig(window_steps=5), PCFG, generate, "fake")
+    out = r.reflect(trajs, jax.random.key(0))
+    assert calls == [3, 1]  # 3 windows, then only the broken one again
+    assert [(x.label, x.improved_action) for x in out[0].labels] == [
+        _truth(s.t, s.action) for s in trajs[0].steps
+    ]
+    assert out[0].backend == "local (fake)" and out[0].env_index == 5
