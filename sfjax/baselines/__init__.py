@@ -1,0 +1,1 @@
+"""Baselines of Table III: RL agents trained with rejax, and the shared evaluation protocol."""

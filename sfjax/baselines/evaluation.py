@@ -1,0 +1,209 @@
+"""The evaluation protocol shared by every method of Table III.
+
+Every method — RL policies (jitted), the Reflexion and self-finetuning LLM agents (Python
+loop around a jitted env step) — is scored on the same environment seeds with the same
+per-step environment keys, over ``num_steps``-decision trajectories (300 in the paper,
+section V-C). Given the same actions, two methods therefore see the same traffic and
+channel realisations; differences in the table come from the policies alone.
+
+Per trajectory (paper eq. 1-3, 15), for the controlled slice:
+    Avg. SE        = (1/T) Σ_t SE_t
+    Reconf. times  = Σ_t c_t
+    PQoS vio.      = Σ_t v_t
+    Utility        = Σ_t U_t   (the env reward is the eq. 15 per-step utility)
+Table entries are mean ± std over the evaluated trajectories.
+
+Shape legend: S = evaluation seeds, T = decisions per trajectory, N = training seeds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sfjax.baselines.wrappers import (
+    INFO_RECONFIGURATION,
+    INFO_SE,
+    INFO_VIOLATION,
+    EnvWrapper,
+    RejaxEnv,
+)
+
+METRICS = ("mean_se", "reconfigurations", "violations", "utility")
+"""Table III columns, in order."""
+METRIC_LABELS = {
+    "mean_se": "Avg. SE",
+    "reconfigurations": "Reconf. times",
+    "violations": "PQoS vio.",
+    "utility": "Utility",
+}
+
+
+@dataclass(frozen=True)
+class EvalProtocol:
+    """Which trajectories every method is scored on."""
+
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    """Environment seeds; one trajectory per seed, identical for every method."""
+    num_steps: int = 300
+    """Decisions per evaluation trajectory (paper: 300)."""
+    key_offset: int = 1_000_003
+    """Mixed into every seed so evaluation keys never coincide with training keys."""
+
+    def __post_init__(self):
+        if not self.seeds:
+            raise ValueError("EvalProtocol.seeds is empty; give at least one environment seed.")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"EvalProtocol.seeds has duplicates: {self.seeds}.")
+        if self.num_steps < 1:
+            raise ValueError(f"EvalProtocol.num_steps must be >= 1, got {self.num_steps}.")
+
+    def episode_keys(self, seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(reset key, per-step env keys [T], policy key) of the trajectory for ``seed``."""
+        root = jax.random.fold_in(jax.random.key(self.key_offset), seed)
+        reset_key, steps_key, policy_key = jax.random.split(root, 3)
+        return reset_key, jax.random.split(steps_key, self.num_steps), policy_key
+
+    def all_keys(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Stacked :meth:`episode_keys` over seeds: ([S], [S, T], [S])."""
+        keys = [self.episode_keys(s) for s in self.seeds]
+        return tuple(jnp.stack(k) for k in zip(*keys))
+
+
+@dataclass(frozen=True)
+class Rollouts:
+    """Per-step records of the evaluated trajectories (numpy, shapes [..., S, T])."""
+
+    actions: np.ndarray
+    rewards: np.ndarray
+    se: np.ndarray
+    reconfiguration: np.ndarray
+    violation: np.ndarray
+
+    def per_episode(self) -> dict[str, np.ndarray]:
+        """Table III metrics per trajectory, each of shape [..., S]."""
+        return {
+            "mean_se": self.se.mean(-1),
+            "reconfigurations": self.reconfiguration.sum(-1),
+            "violations": self.violation.sum(-1),
+            "utility": self.rewards.sum(-1),
+        }
+
+    def summary(self) -> dict[str, tuple[float, float]]:
+        """metric -> (mean, std) over all trajectories (population std, ddof=0)."""
+        return {
+            k: (float(np.mean(v)), float(np.std(v))) for k, v in self.per_episode().items()
+        }
+
+    @property
+    def num_samples(self) -> int:
+        """Environment steps spent on this evaluation."""
+        return int(self.rewards.size)
+
+    def save(self, path) -> None:
+        np.savez(path, **dataclasses.asdict(self))
+
+    @classmethod
+    def load(cls, path) -> Rollouts:
+        with np.load(path) as data:
+            return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+
+
+def _as_rejax(env):
+    return env if isinstance(env, EnvWrapper) else RejaxEnv(env)
+
+
+def _record(info: dict, reward) -> tuple[jax.Array, ...]:
+    def get(name):
+        value = info.get(name)
+        return jnp.zeros((), jnp.float32) if value is None else jnp.asarray(value, jnp.float32)
+
+    return (
+        jnp.asarray(reward, jnp.float32).reshape(()),
+        get(INFO_SE).reshape(()),
+        get(INFO_RECONFIGURATION).reshape(()),
+        get(INFO_VIOLATION).reshape(()),
+    )
+
+
+def rollout(
+    policy: Callable[[jax.Array, jax.Array], jax.Array],
+    env,
+    env_params: Any,
+    reset_key: jax.Array,
+    step_keys_T: jax.Array,
+    policy_key: jax.Array,
+) -> tuple[jax.Array, ...]:
+    """One trajectory of ``policy(obs, key) -> action``; pure and jit-able.
+
+    Returns per-step (actions_T, rewards_T, se_T, reconfiguration_T, violation_T).
+    """
+    env = _as_rejax(env)
+    obs, state = env.reset(reset_key, env_params)
+
+    def step(carry, step_key):
+        obs, state, key = carry
+        key, act_key = jax.random.split(key)
+        action = policy(obs, act_key)
+        obs, state, reward, _, info = env.step(step_key, state, action, env_params)
+        return (obs, state, key), (jnp.asarray(action, jnp.int32), *_record(info, reward))
+
+    _, out = jax.lax.scan(step, (obs, state, policy_key), step_keys_T)
+    return out
+
+
+def evaluate_policy(policy, env, env_params, protocol: EvalProtocol) -> Rollouts:
+    """Jitted evaluation of a JAX policy on every protocol seed (vmapped over seeds)."""
+    reset_S, steps_ST, policy_S = protocol.all_keys()
+    run = jax.jit(
+        jax.vmap(lambda r, s, p: rollout(policy, env, env_params, r, s, p))
+    )
+    return Rollouts(*(np.asarray(x) for x in run(reset_S, steps_ST, policy_S)))
+
+
+class Agent(Protocol):
+    """A step-by-step controller evaluated in Python (the LLM agents)."""
+
+    def reset(self, seed: int) -> None:
+        """Start a new trajectory (clear the history window / episode memory)."""
+
+    def act(self, obs: np.ndarray, info: dict[str, np.ndarray] | None) -> int:
+        """Action for the current observation; ``info`` is the feedback of the previous step
+        (None at the first decision)."""
+
+
+def evaluate_agent(agent: Agent, env, env_params, protocol: EvalProtocol) -> Rollouts:
+    """Evaluate a Python agent on the protocol seeds with exactly the keys of
+    :func:`evaluate_policy` (the env step is jitted; the agent runs eagerly)."""
+    env = _as_rejax(env)
+    reset = jax.jit(env.reset)
+    step = jax.jit(env.step)
+    records = []
+    for seed in protocol.seeds:
+        reset_key, step_keys_T, _ = protocol.episode_keys(seed)
+        agent.reset(seed)
+        obs, state = reset(reset_key, env_params)
+        info = None
+        per_step = []
+        for t in range(protocol.num_steps):
+            action = int(agent.act(np.asarray(obs), info))
+            obs, state, reward, _, info_j = step(
+                step_keys_T[t], state, jnp.asarray(action, jnp.int32), env_params
+            )
+            info = {k: np.asarray(v) for k, v in info_j.items()}
+            per_step.append((action, *(float(x) for x in _record(info_j, reward))))
+        records.append(np.asarray(per_step, np.float64))
+    arr = np.stack(records)
+    return Rollouts(
+        actions=arr[..., 0].astype(np.int32),
+        rewards=arr[..., 1].astype(np.float32),
+        se=arr[..., 2].astype(np.float32),
+        reconfiguration=arr[..., 3].astype(np.float32),
+        violation=arr[..., 4].astype(np.float32),
+    )
