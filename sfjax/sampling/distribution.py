@@ -1,0 +1,120 @@
+"""The next-token distribution of the sampler: temperature, top-k, top-p, greedy; pure functions.
+
+Every parameter is a per-row traced array, so a batch can mix greedy rows with sampled rows and
+changing a value never recompiles. With logits ``z``, temperature ``τ``, the filtered
+distribution is
+
+    p_τ(v) ∝ exp(z_v / τ)                                       (temperature)
+    keep_k = {v : rank(v) < k}            (k = 0: keep all)      (top-k, rank by z descending)
+    q(v)   = p_τ(v) / Σ_{u∈keep_k} p_τ(u) on keep_k              (renormalised)
+    keep_p = {v ∈ keep_k : Σ_{u ranked before v} q(u) < p}       (top-p / nucleus; top-1 always)
+    π(v)   ∝ p_τ(v) on keep_p, 0 elsewhere
+
+(the order of Hugging Face's warpers and vLLM: temperature, then top-k, then top-p on the
+top-k-renormalised distribution). ``τ = 0`` is greedy: ``argmax z`` with log-probability 0.
+
+top-k is applied through a rank mask over a full sort, so ``k`` is a traced value (``lax.top_k``
+would need a static ``k``). Both filters become one threshold on the sorted logits; tokens tied
+with the threshold logit are all kept (as in Hugging Face).
+
+Shape legend: B = batch rows, V = vocabulary.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -1e30
+"""Logit of a banned token; finite so that a fully banned row still gives finite maths."""
+
+
+def scaled_logits(logits_BV: jax.Array, temperature_B: jax.Array) -> jax.Array:
+    """``z / τ`` per row; greedy rows (``τ = 0``) are left unscaled (their scale is irrelevant)."""
+    # Clamped so that banned logits (NEG_INF) stay finite at tiny temperatures.
+    t_B = jnp.where(temperature_B > 0, jnp.maximum(temperature_B, 1e-6), 1.0).astype(jnp.float32)
+    return logits_BV.astype(jnp.float32) / t_B[:, None]
+
+
+def filter_logits(
+    logits_BV: jax.Array, top_k_B: jax.Array, top_p_B: jax.Array
+) -> jax.Array:
+    """Temperature-scaled logits with tokens outside top-k ∩ top-p set to :data:`NEG_INF`.
+
+    Args:
+      logits_BV: float logits, already temperature-scaled (banned tokens may be ``NEG_INF``).
+      top_k_B: int, number of highest tokens kept; ``<= 0`` keeps all.
+      top_p_B: float in (0, 1]; nucleus mass; ``>= 1`` keeps all.
+    """
+    V = logits_BV.shape[-1]
+    sorted_BV = -jnp.sort(-logits_BV, axis=-1)  # descending
+    rank_V = jnp.arange(V)
+    k_B = jnp.where(top_k_B > 0, jnp.minimum(top_k_B, V), V)
+    in_k_BV = rank_V[None, :] < k_B[:, None]
+    masked_sorted_BV = jnp.where(in_k_BV, sorted_BV, NEG_INF)
+    probs_BV = jax.nn.softmax(masked_sorted_BV, axis=-1)
+    mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+    in_p_BV = (mass_before_BV < top_p_B[:, None]) | (top_p_B[:, None] >= 1.0)
+    keep_BV = in_k_BV & in_p_BV
+    keep_BV = keep_BV.at[:, 0].set(True)
+    n_keep_B = keep_BV.sum(axis=-1)
+    threshold_B = jnp.take_along_axis(sorted_BV, (n_keep_B - 1)[:, None], axis=-1)
+    return jnp.where(logits_BV >= threshold_B, logits_BV, NEG_INF)
+
+
+def sampling_distribution(
+    logits_BV: jax.Array,
+    temperature_B: jax.Array,
+    top_k_B: jax.Array,
+    top_p_B: jax.Array,
+) -> jax.Array:
+    """Log-probabilities ``log π`` of the filtered sampling distribution (greedy rows: one-hot)."""
+    z_BV = scaled_logits(logits_BV, temperature_B)
+    logp_BV = jax.nn.log_softmax(filter_logits(z_BV, top_k_B, top_p_B), axis=-1)
+    greedy_BV = jnp.where(
+        jnp.arange(z_BV.shape[-1])[None, :] == jnp.argmax(z_BV, axis=-1)[:, None], 0.0, NEG_INF
+    )
+    return jnp.where((temperature_B > 0)[:, None], logp_BV, greedy_BV)
+
+
+def sample(
+    key: jax.Array,
+    logits_BV: jax.Array,
+    temperature_B: jax.Array,
+    top_k_B: jax.Array,
+    top_p_B: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """Draw one token per row from π; returns ``(token_B, log π(token)_B)``.
+
+    Greedy rows take ``argmax`` (first index on ties, like ``torch.argmax``) with log-prob 0.
+    The sort behind top-k/top-p runs only when some row asks for it (``lax.cond``), and the
+    whole categorical draw is skipped when every row is greedy, so plain greedy decoding costs
+    one argmax per step.
+    """
+    z_BV = scaled_logits(logits_BV, temperature_B)
+    greedy_B = jnp.argmax(z_BV, axis=-1).astype(jnp.int32)
+    needs_filter = jnp.any(((top_k_B > 0) | (top_p_B < 1.0)) & (temperature_B > 0))
+
+    def draw(_):
+        filtered_BV = jax.lax.cond(
+            needs_filter,
+            lambda z: filter_logits(z, top_k_B, top_p_B),
+            lambda z: z,
+            z_BV,
+        )
+        logp_BV = jax.nn.log_softmax(filtered_BV, axis=-1)
+        tok_B = jax.random.categorical(key, filtered_BV, axis=-1).astype(jnp.int32)
+        tok_B = jnp.where(temperature_B > 0, tok_B, greedy_B)
+        lp_B = jnp.take_along_axis(logp_BV, tok_B[:, None], axis=-1)[:, 0]
+        return tok_B, jnp.where(temperature_B > 0, lp_B, 0.0)
+
+    def argmax(_):
+        return greedy_B, jnp.zeros(greedy_B.shape, jnp.float32)
+
+    return jax.lax.cond(jnp.any(temperature_B > 0), draw, argmax, None)
+
+
+def token_logprob(logits_BV: jax.Array, token_B: jax.Array) -> jax.Array:
+    """``log softmax(z)[token]`` of the raw model at temperature 1 (what KTO/RfR score)."""
+    logp_BV = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp_BV, token_B[:, None], axis=-1)[:, 0]
