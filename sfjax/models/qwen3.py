@@ -1,0 +1,525 @@
+"""Qwen3 decoder in Flax NNX, with a KV cache for prefill/decode.
+
+The Actor of the paper (section IV) is Qwen3-4B; this module is its decoder, built to match
+``transformers.Qwen3ForCausalLM`` numerically: RMSNorm, grouped-query attention with per-head
+RMSNorm on q and k applied *before* rotary embeddings (HF ``rotate_half`` convention), a
+SiLU-gated MLP and a tied or untied LM head. Parameters live in a chosen dtype (bf16 for real
+runs); norms, RoPE and the attention softmax are computed in float32, logits are float32.
+
+Left padding is supported everywhere: a token's RoPE position is the number of real tokens
+before it in its row (``cumsum(mask) - 1``), and pads are never attended to.
+
+Shape legend:
+  B batch, T query tokens of this call, S key slots (T without cache, cache length with it),
+  D hidden size, F MLP width, N query heads, K key/value heads, G = N // K query heads per kv head,
+  H head dim, V vocab, L layers.
+
+Loading and saving Hugging Face checkpoints lives in :mod:`sfjax.models.weights`;
+``from_pretrained`` and ``save_pretrained`` are re-exported here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+_MASK_VALUE = -1e30  # finite, so a query row with no visible key gives a uniform softmax, not NaN
+
+
+@dataclass(frozen=True)
+class Qwen3Config:
+    """Architecture of a Qwen3 dense decoder (the fields of HF ``config.json`` that matter)."""
+
+    vocab_size: int = 151936
+    """Rows of the embedding table (and columns of the LM head)."""
+    hidden_size: int = 2560
+    """Residual stream width D."""
+    intermediate_size: int = 9728
+    """SiLU-gated MLP width F."""
+    num_layers: int = 36
+    """Number of decoder layers L (HF ``num_hidden_layers``)."""
+    num_heads: int = 32
+    """Query heads N (HF ``num_attention_heads``)."""
+    num_kv_heads: int = 8
+    """Key/value heads K (HF ``num_key_value_heads``); must divide ``num_heads``."""
+    head_dim: int = 128
+    """Per-head width H; in Qwen3 independent of ``hidden_size / num_heads``."""
+    rms_norm_eps: float = 1e-6
+    """Epsilon of every RMSNorm."""
+    rope_theta: float = 1_000_000.0
+    """RoPE base frequency."""
+    tie_word_embeddings: bool = True
+    """Whether the LM head reuses the embedding table (no ``lm_head.weight`` in the checkpoint)."""
+    max_position_embeddings: int = 40960
+    """Longest context the checkpoint was trained for (informational; not enforced in forward)."""
+    bos_token_id: int | None = None
+    """Beginning-of-sequence id from ``config.json`` (Qwen3 does not prepend it)."""
+    eos_token_id: int | tuple[int, ...] | None = None
+    """End-of-sequence id(s) from ``config.json``."""
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"Qwen3Config.{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def num_groups(self) -> int:
+        """Query heads per key/value head (the GQA ratio G)."""
+        return self.num_heads // self.num_kv_heads
+
+    # ----------------------------------------------------------------------------- presets
+    @classmethod
+    def qwen3_4b(cls) -> Qwen3Config:
+        """Qwen/Qwen3-4B (the paper's Actor): 36 layers, 32/8 heads, tied embeddings, ≈4.02 B."""
+        return cls(bos_token_id=151643, eos_token_id=151645)
+
+    @classmethod
+    def qwen3_1_7b(cls) -> Qwen3Config:
+        """Qwen/Qwen3-1.7B: 28 layers, hidden 2048, 16/8 heads, tied embeddings."""
+        return cls(
+            hidden_size=2048, intermediate_size=6144, num_layers=28, num_heads=16,
+            num_kv_heads=8, bos_token_id=151643, eos_token_id=151645,
+        )  # fmt: skip
+
+    @classmethod
+    def qwen3_0_6b(cls) -> Qwen3Config:
+        """Qwen/Qwen3-0.6B: 28 layers, hidden 1024, 16/8 heads, tied embeddings."""
+        return cls(
+            hidden_size=1024, intermediate_size=3072, num_layers=28, num_heads=16,
+            num_kv_heads=8, bos_token_id=151643, eos_token_id=151645,
+        )  # fmt: skip
+
+    @classmethod
+    def tiny(cls, **overrides: Any) -> Qwen3Config:
+        """The tiny test architecture of :func:`sfjax.testing.write_tiny_checkpoint` (GQA 2).
+
+        Keyword overrides replace fields, e.g. ``Qwen3Config.tiny(tie_word_embeddings=False)``.
+        """
+        base = cls(
+            vocab_size=1024, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+            num_kv_heads=2, head_dim=16, max_position_embeddings=4096, bos_token_id=820,
+            eos_token_id=822,
+        )  # fmt: skip
+        return dataclasses.replace(base, **overrides)
+
+    # ------------------------------------------------------------------------ HF conversion
+    @classmethod
+    def from_hf(cls, config: Mapping[str, Any] | str | os.PathLike) -> Qwen3Config:
+        """Build from an HF ``config.json`` (a dict, the file, or the checkpoint directory).
+
+        Raises ``ValueError`` for anything this implementation does not compute faithfully
+        (another ``model_type``, biases, sliding windows, RoPE scaling, a non-SiLU MLP).
+        """
+        if not isinstance(config, Mapping):
+            path = os.fspath(config)
+            if os.path.isdir(path):
+                path = os.path.join(path, "config.json")
+            if not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f"no config.json at {path!r}; pass a Hugging Face Qwen3 checkpoint directory"
+                )
+            with open(path) as f:
+                config = json.load(f)
+        c = dict(config)
+        model_type = c.get("model_type")
+        if model_type != "qwen3":
+            raise ValueError(
+                f"unsupported model_type {model_type!r}: sfjax implements only 'qwen3' (dense "
+                "Qwen3, e.g. Qwen/Qwen3-4B); Qwen3-MoE, Qwen2 and others are not supported"
+            )
+        if c.get("attention_bias", False):
+            raise ValueError(
+                "attention_bias=true is not supported by sfjax's Qwen3 (Qwen3 has none)"
+            )
+        if c.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {c['hidden_act']!r} is not supported; Qwen3 uses 'silu'")
+        if c.get("use_sliding_window", False):
+            raise ValueError("use_sliding_window=true is not supported by sfjax's Qwen3")
+        rope_theta = c.get("rope_theta")
+        rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+        if rope:
+            rope_type = rope.get("rope_type", rope.get("type", "default"))
+            if rope_type != "default":
+                raise ValueError(
+                    f"rope type {rope_type!r} is not supported (only the default RoPE); remove "
+                    "rope_scaling from config.json to run without context extension"
+                )
+            rope_theta = rope.get("rope_theta", rope_theta)
+        eos = c.get("eos_token_id")
+        if isinstance(eos, list):
+            eos = tuple(eos)
+        num_heads = c["num_attention_heads"]
+        return cls(
+            vocab_size=c["vocab_size"],
+            hidden_size=c["hidden_size"],
+            intermediate_size=c["intermediate_size"],
+            num_layers=c["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=c.get("num_key_value_heads") or num_heads,
+            head_dim=c.get("head_dim") or c["hidden_size"] // num_heads,
+            rms_norm_eps=c.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta if rope_theta is not None else 10_000.0),
+            tie_word_embeddings=c.get("tie_word_embeddings", True),
+            max_position_embeddings=c.get("max_position_embeddings", 40960),
+            bos_token_id=c.get("bos_token_id"),
+            eos_token_id=eos,
+        )
+
+    def to_hf(self, dtype: str = "bfloat16") -> dict[str, Any]:
+        """An HF ``config.json`` dict that ``transformers.Qwen3Config`` reads back to this."""
+        eos = self.eos_token_id
+        return {
+            "architectures": ["Qwen3ForCausalLM"],
+            "model_type": "qwen3",
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "hidden_act": "silu",
+            "initializer_range": 0.02,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": None,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.max_position_embeddings,
+            "max_window_layers": self.num_layers,
+            "use_sliding_window": False,
+            "sliding_window": None,
+            "use_cache": True,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(eos) if isinstance(eos, tuple) else eos,
+            "torch_dtype": dtype,
+        }
+
+
+# ---------------------------------------------------------------------------------- KV cache
+@struct.dataclass
+class KVCache:
+    """Per-layer keys/values of a batch decoding in lockstep (see the module contract).
+
+    ``k``/``v`` are ``[L, B, S, K, H]``; ``slot_mask`` ``[B, S]`` marks slots holding real tokens;
+    ``positions`` ``[B]`` is the RoPE position of each row's next real token; ``index`` is the
+    next slot to write, shared by all rows.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    slot_mask: jax.Array
+    positions: jax.Array
+    index: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        """Number of slots S."""
+        return self.k.shape[2]
+
+    def repeat(self, n: int) -> KVCache:
+        """Each row repeated ``n`` times consecutively (row b -> rows b*n .. b*n+n-1)."""
+        return KVCache(
+            k=jnp.repeat(self.k, n, axis=1),
+            v=jnp.repeat(self.v, n, axis=1),
+            slot_mask=jnp.repeat(self.slot_mask, n, axis=0),
+            positions=jnp.repeat(self.positions, n, axis=0),
+            index=self.index,
+        )
+
+
+def init_cache(config: Qwen3Config, batch_size: int, max_len: int, dtype=jnp.bfloat16) -> KVCache:
+    """An empty cache of ``max_len`` slots per row (prompt bucket + new tokens)."""
+    shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.head_dim)
+    return KVCache(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        slot_mask=jnp.zeros((batch_size, max_len), bool),
+        positions=jnp.zeros((batch_size,), jnp.int32),
+        index=jnp.zeros((), jnp.int32),
+    )
+
+
+# ------------------------------------------------------------------------------ pure maths
+def rms_norm(x, weight, eps: float):
+    """``weight * x / sqrt(mean(x^2) + eps)``, normalised in float32 then cast back (as HF)."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * y.astype(x.dtype)
+
+
+def rope_cos_sin(positions_BT, head_dim: int, theta: float):
+    """Float32 ``cos``/``sin`` tables ``[B, T, H]`` of rotary embeddings (HF layout)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs_BTh = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+    emb_BTH = jnp.concatenate([freqs_BTh, freqs_BTh], axis=-1)
+    return jnp.cos(emb_BTH), jnp.sin(emb_BTH)
+
+
+def apply_rope(x_BTNH, cos_BTH, sin_BTH):
+    """Rotate ``x`` by its position, ``x cos + rotate_half(x) sin``, in float32."""
+    x = x_BTNH.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    out = x * cos_BTH[:, :, None, :] + rotated * sin_BTH[:, :, None, :]
+    return out.astype(x_BTNH.dtype)
+
+
+def positions_from_mask(mask_BT, start_B=None):
+    """RoPE positions: real tokens before this one (+ ``start``); pads clipped to >= 0."""
+    pos_BT = jnp.cumsum(mask_BT.astype(jnp.int32), axis=1) - 1
+    if start_B is not None:
+        pos_BT = pos_BT + start_B[:, None]
+    return jnp.maximum(pos_BT, 0)
+
+
+def attention(q_BTNH, k_BSKH, v_BSKH, visible_BTS):
+    """Grouped-query softmax attention; ``visible`` marks the keys each query may see."""
+    B, T, N, H = q_BTNH.shape
+    K = k_BSKH.shape[2]
+    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+    logits_BKGTS = jnp.einsum(
+        "BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH.astype(q_BTNH.dtype),
+        preferred_element_type=jnp.float32,
+    ) * (H**-0.5)  # fmt: skip
+    logits_BKGTS = jnp.where(visible_BTS[:, None, None], logits_BKGTS, _MASK_VALUE)
+    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(q_BTNH.dtype)
+    out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH.astype(q_BTNH.dtype))
+    return out_BTKGH.reshape(B, T, N, H)
+
+
+# --------------------------------------------------------------------------------- modules
+class Linear(nnx.Module):
+    """Bias-free projection ``x @ kernel`` with ``kernel`` ``[in_features, out_features]``.
+
+    Deliberately plain: LoRA replaces or wraps these modules by attribute assignment.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.in_features = in_features
+        self.out_features = out_features
+        init = nnx.initializers.normal(0.02)
+        self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), dtype))
+
+    def __call__(self, x):
+        kernel = self.kernel[...]
+        return jnp.dot(x.astype(kernel.dtype), kernel)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm with a learned per-channel ``weight`` (HF ``Qwen3RMSNorm``)."""
+
+    def __init__(self, dim: int, eps: float, *, dtype=jnp.float32):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+
+    def __call__(self, x):
+        return rms_norm(x, self.weight[...], self.eps)
+
+
+class Embedding(nnx.Module):
+    """Token embedding table ``embedding`` ``[V, D]``; ``attend`` is the tied LM head."""
+
+    def __init__(self, vocab_size: int, dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(0.02)
+        self.embedding = nnx.Param(init(rngs.params(), (vocab_size, dim), dtype))
+
+    def __call__(self, ids_BT):
+        return jnp.take(self.embedding[...], ids_BT, axis=0)
+
+    def attend(self, x_BTD):
+        """Float32 logits ``x @ embedding.T``."""
+        table_VD = self.embedding[...]
+        return jnp.einsum(
+            "BTD,VD->BTV", x_BTD.astype(table_VD.dtype), table_VD,
+            preferred_element_type=jnp.float32,
+        )  # fmt: skip
+
+
+class Attention(nnx.Module):
+    """GQA self-attention with q/k RMSNorm before RoPE (HF ``Qwen3Attention``)."""
+
+    def __init__(self, config: Qwen3Config, *, dtype, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        self.q_proj = Linear(c.hidden_size, c.num_heads * c.head_dim, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(c.num_heads * c.head_dim, c.hidden_size, dtype=dtype, rngs=rngs)
+        self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype=dtype)
+        self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype=dtype)
+
+    def project_qkv(self, x_BTD, cos_BTH, sin_BTH):
+        """Rotated queries ``[B, T, N, H]`` and keys / values ``[B, T, K, H]``."""
+        c = self.config
+        B, T, _ = x_BTD.shape
+        q_BTNH = self.q_norm(self.q_proj(x_BTD).reshape(B, T, c.num_heads, c.head_dim))
+        k_BTKH = self.k_norm(self.k_proj(x_BTD).reshape(B, T, c.num_kv_heads, c.head_dim))
+        v_BTKH = self.v_proj(x_BTD).reshape(B, T, c.num_kv_heads, c.head_dim)
+        return apply_rope(q_BTNH, cos_BTH, sin_BTH), apply_rope(k_BTKH, cos_BTH, sin_BTH), v_BTKH
+
+    def __call__(self, x_BTD, cos_BTH, sin_BTH, visible_BTS):
+        q_BTNH, k_BTKH, v_BTKH = self.project_qkv(x_BTD, cos_BTH, sin_BTH)
+        out_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, visible_BTS)
+        return self.o_proj(out_BTNH.reshape(*x_BTD.shape[:2], -1))
+
+
+class MLP(nnx.Module):
+    """SiLU-gated MLP ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, config: Qwen3Config, *, dtype, rngs: nnx.Rngs):
+        d, f = config.hidden_size, config.intermediate_size
+        self.gate_proj = Linear(d, f, dtype=dtype, rngs=rngs)
+        self.up_proj = Linear(d, f, dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(f, d, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x_BTD):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD))
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm residual block: attention then MLP."""
+
+    def __init__(self, config: Qwen3Config, *, dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        self.self_attn = Attention(config, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(
+            config.hidden_size, config.rms_norm_eps, dtype=dtype
+        )
+        self.mlp = MLP(config, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x_BTD, cos_BTH, sin_BTH, visible_BTS):
+        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos_BTH, sin_BTH, visible_BTS)
+        return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
+
+    def cached(self, x_BTD, cos_BTH, sin_BTH, visible_BTS, k_BSKH, v_BSKH, index):
+        """Like ``__call__`` but writes this call's k/v at slot ``index`` and attends the cache."""
+        attn = self.self_attn
+        q_BTNH, k_BTKH, v_BTKH = attn.project_qkv(self.input_layernorm(x_BTD), cos_BTH, sin_BTH)
+        k_BSKH = jax.lax.dynamic_update_slice(k_BSKH, k_BTKH.astype(k_BSKH.dtype), (0, index, 0, 0))
+        v_BSKH = jax.lax.dynamic_update_slice(v_BSKH, v_BTKH.astype(v_BSKH.dtype), (0, index, 0, 0))
+        out_BTNH = attention(q_BTNH, k_BSKH, v_BSKH, visible_BTS)
+        x_BTD = x_BTD + attn.o_proj(out_BTNH.reshape(*x_BTD.shape[:2], -1))
+        return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD)), k_BSKH, v_BSKH
+
+
+class Qwen3(nnx.Module):
+    """Qwen3 causal LM. ``model(ids, attention_mask=mask[, cache=cache])`` -> float32 logits.
+
+    Attributes mirror HF names: ``embed_tokens``, ``layers[i]`` (``input_layernorm``,
+    ``self_attn.{q,k,v,o}_proj``, ``self_attn.{q,k}_norm``, ``post_attention_layernorm``,
+    ``mlp.{gate,up,down}_proj``), ``norm``, ``lm_head`` (``None`` when embeddings are tied).
+    """
+
+    def __init__(self, config: Qwen3Config, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs)
+        self.layers = nnx.List(
+            [DecoderLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_layers)]
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else Linear(config.hidden_size, config.vocab_size, dtype=dtype, rngs=rngs)
+        )
+
+    def logits(self, x_BTD):
+        """Final norm + LM head, float32 ``[B, T, V]``."""
+        x_BTD = self.norm(x_BTD)
+        if self.lm_head is None:
+            return self.embed_tokens.attend(x_BTD)
+        return self.lm_head(x_BTD).astype(jnp.float32)
+
+    def __call__(self, input_ids_BT, attention_mask=None, cache: KVCache | None = None):
+        """Logits ``[B, T, V]``; with ``cache`` also returns the updated cache.
+
+        Without cache a query at position t sees real tokens at positions <= t of its row. With
+        cache, this call's tokens fill slots ``[index, index + T)`` and a query in slot
+        ``index + t`` sees real slots ``<= index + t``.
+        """
+        input_ids_BT = jnp.asarray(input_ids_BT)
+        if input_ids_BT.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, time], got shape {input_ids_BT.shape}")
+        B, T = input_ids_BT.shape
+        if attention_mask is None:
+            mask_BT = jnp.ones((B, T), bool)
+        else:
+            mask_BT = jnp.asarray(attention_mask).astype(bool)
+            if mask_BT.shape != (B, T):
+                raise ValueError(
+                    f"attention_mask shape {mask_BT.shape} != input_ids shape {(B, T)}"
+                )
+        x_BTD = self.embed_tokens(input_ids_BT)
+        if cache is None:
+            pos_BT = positions_from_mask(mask_BT)
+            cos_BTH, sin_BTH = rope_cos_sin(pos_BT, self.config.head_dim, self.config.rope_theta)
+            causal_TS = jnp.tril(jnp.ones((T, T), bool))
+            visible_BTS = causal_TS[None] & mask_BT[:, None, :]
+            for layer in self.layers:
+                x_BTD = layer(x_BTD, cos_BTH, sin_BTH, visible_BTS)
+            return self.logits(x_BTD)
+        return self._cached_forward(x_BTD, mask_BT, cache)
+
+    def _cached_forward(self, x_BTD, mask_BT, cache: KVCache):
+        B, T = mask_BT.shape
+        if cache.k.shape[1] != B:
+            raise ValueError(f"cache batch {cache.k.shape[1]} != input batch {B}")
+        S = cache.max_len
+        index = cache.index
+        pos_BT = positions_from_mask(mask_BT, cache.positions)
+        cos_BTH, sin_BTH = rope_cos_sin(pos_BT, self.config.head_dim, self.config.rope_theta)
+        slot_mask_BS = jax.lax.dynamic_update_slice(cache.slot_mask, mask_BT, (0, index))
+        query_slot_T = index + jnp.arange(T)
+        causal_TS = jnp.arange(S)[None, :] <= query_slot_T[:, None]
+        visible_BTS = causal_TS[None] & slot_mask_BS[:, None, :]
+        k_LBSKH, v_LBSKH = cache.k, cache.v
+        for i, layer in enumerate(self.layers):
+            x_BTD, k_BSKH, v_BSKH = layer.cached(
+                x_BTD, cos_BTH, sin_BTH, visible_BTS, k_LBSKH[i], v_LBSKH[i], index
+            )
+            k_LBSKH = k_LBSKH.at[i].set(k_BSKH)
+            v_LBSKH = v_LBSKH.at[i].set(v_BSKH)
+        new_cache = KVCache(
+            k=k_LBSKH,
+            v=v_LBSKH,
+            slot_mask=slot_mask_BS,
+            positions=cache.positions + mask_BT.sum(axis=1, dtype=jnp.int32),
+            index=index + T,
+        )
+        return self.logits(x_BTD), new_cache
+
+
+def count_params(model_or_state) -> int:
+    """Number of parameters (works on an abstract model from ``nnx.eval_shape``)."""
+    state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state)
+    return sum(int(x.size) for x in jax.tree.leaves(state))
+
+
+from sfjax.models.weights import from_pretrained, save_pretrained  # noqa: E402
+
+__all__ = [
+    "KVCache",
+    "Linear",
+    "Qwen3",
+    "Qwen3Config",
+    "count_params",
+    "from_pretrained",
+    "init_cache",
+    "save_pretrained",
+]

@@ -1,0 +1,457 @@
+"""Hugging Face safetensors <-> Flax NNX Qwen3, one tensor at a time.
+
+Loading (:func:`from_pretrained`) first reads every safetensors *header* (a few KB), checks the
+checkpoint against the parameters the config implies through an explicit name table
+(:func:`hf_param_table`), and only then reads, converts and places tensors one by one, so peak
+host memory is about one tensor and every user error (missing/unexpected tensors, wrong shape or
+dtype, truncated file) is raised before any compute. The model itself is built with
+``nnx.eval_shape`` and filled in, so loading 4B never materialises a random 4B model.
+
+The safetensors format is read and written directly (8-byte little-endian header length, JSON
+header, raw little-endian bytes) because numpy has no bfloat16; ``ml_dtypes`` provides it.
+
+Shape legend: D hidden, F MLP width, N/K query/kv heads, H head dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+if TYPE_CHECKING:
+    from sfjax.models.qwen3 import Qwen3, Qwen3Config
+
+SAFETENSORS_DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+_FLOAT_CODES = ("F64", "F32", "F16", "BF16")
+_NP_TO_CODE = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3  # HF's "5GB"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model (missing/unexpected/mis-shaped tensors)."""
+
+
+# ------------------------------------------------------------------------------ name table
+@dataclass(frozen=True)
+class ParamSpec:
+    """Where one HF tensor lives in the NNX model."""
+
+    hf_name: str
+    """Tensor name in the safetensors files, e.g. ``model.layers.0.mlp.up_proj.weight``."""
+    path: tuple[str | int, ...]
+    """Path of the ``nnx.Param`` in the model state, e.g. ``("layers", 0, "mlp", "up_proj", "kernel")``."""
+    shape: tuple[int, ...]
+    """Shape of the Flax parameter (projections are ``[in, out]``)."""
+    transpose: bool
+    """Whether the HF tensor is the transpose (torch ``Linear`` stores ``[out, in]``)."""
+
+    @property
+    def hf_shape(self) -> tuple[int, ...]:
+        return tuple(reversed(self.shape)) if self.transpose else self.shape
+
+
+def hf_param_table(config: Qwen3Config) -> list[ParamSpec]:
+    """The explicit HF-name -> NNX-path mapping for a Qwen3 config, in checkpoint order."""
+    c = config
+    d, f, h = c.hidden_size, c.intermediate_size, c.head_dim
+    proj = {
+        "self_attn.q_proj": (d, c.num_heads * h),
+        "self_attn.k_proj": (d, c.num_kv_heads * h),
+        "self_attn.v_proj": (d, c.num_kv_heads * h),
+        "self_attn.o_proj": (c.num_heads * h, d),
+        "mlp.gate_proj": (d, f),
+        "mlp.up_proj": (d, f),
+        "mlp.down_proj": (f, d),
+    }
+    norms = {
+        "input_layernorm": d,
+        "post_attention_layernorm": d,
+        "self_attn.q_norm": h,
+        "self_attn.k_norm": h,
+    }
+    table = [
+        ParamSpec(
+            "model.embed_tokens.weight", ("embed_tokens", "embedding"), (c.vocab_size, d), False
+        )
+    ]
+    for i in range(c.num_layers):
+        pre = f"model.layers.{i}."
+        for name, shape in proj.items():
+            path = ("layers", i, *name.split("."), "kernel")
+            table.append(ParamSpec(f"{pre}{name}.weight", path, shape, True))
+        for name, dim in norms.items():
+            path = ("layers", i, *name.split("."), "weight")
+            table.append(ParamSpec(f"{pre}{name}.weight", path, (dim,), False))
+    table.append(ParamSpec("model.norm.weight", ("norm", "weight"), (d,), False))
+    if not c.tie_word_embeddings:
+        table.append(ParamSpec("lm_head.weight", ("lm_head", "kernel"), (d, c.vocab_size), True))
+    return table
+
+
+# ------------------------------------------------------------------------- safetensors I/O
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor's header entry: file, dtype code, shape and absolute byte range."""
+
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+def read_safetensors_header(file: str | os.PathLike) -> dict[str, TensorInfo]:
+    """Parse and validate one ``.safetensors`` header; raises naming the file if corrupt."""
+    file = Path(file)
+    size = file.stat().st_size
+    hint = "the file is corrupt or truncated (re-download or re-save the checkpoint)"
+    with open(file, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{file}: only {size} bytes, no safetensors header; {hint}")
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(_MAX_HEADER_BYTES, size - 8):
+            raise CheckpointError(f"{file}: header length {n} exceeds the file size {size}; {hint}")
+        try:
+            header = json.loads(fh.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{file}: unreadable safetensors header ({e}); {hint}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: safetensors header is not a JSON object; {hint}")
+    header.pop("__metadata__", None)
+    out = {}
+    data_start = 8 + n
+    max_end = 0
+    for name, entry in header.items():
+        try:
+            dtype, shape, (b, e) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{file}: malformed header entry for {name!r}; {hint}") from None
+        if dtype not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {dtype}")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * SAFETENSORS_DTYPES[dtype].itemsize
+        if e - b != nbytes or b < 0:
+            raise CheckpointError(
+                f"{file}: tensor {name!r} byte range {b}..{e} does not match shape {list(shape)} "
+                f"{dtype}; {hint}"
+            )
+        out[name] = TensorInfo(file, dtype, shape, data_start + b, data_start + e)
+        max_end = max(max_end, e)
+    if data_start + max_end > size:
+        raise CheckpointError(
+            f"{file}: truncated: header needs {data_start + max_end} bytes, file has {size}; {hint}"
+        )
+    return out
+
+
+def read_tensor(info: TensorInfo) -> np.ndarray:
+    """Read one tensor's bytes into a numpy array (bfloat16 via ``ml_dtypes``)."""
+    with open(info.file, "rb") as fh:
+        fh.seek(info.start)
+        buf = fh.read(info.end - info.start)
+    if len(buf) != info.end - info.start:
+        raise CheckpointError(f"{info.file}: truncated while reading a tensor; re-download it")
+    return np.frombuffer(buf, dtype=SAFETENSORS_DTYPES[info.dtype]).reshape(info.shape)
+
+
+def write_safetensors(
+    file: str | os.PathLike,
+    tensors: Iterable[tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Stream tensors into one ``.safetensors`` file; each is materialised only while written.
+
+    ``tensors`` yields ``(name, shape, dtype, get_array)``; the header is written first from
+    shapes and dtypes, then ``get_array()`` is called once per tensor.
+    """
+    tensors = list(tensors)
+    header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for name, shape, dtype, _ in tensors:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        header[name] = {
+            "dtype": _NP_TO_CODE[np.dtype(dtype)],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(file, "wb") as fh:
+        fh.write(struct.pack("<Q", len(blob)))
+        fh.write(blob)
+        for name, shape, dtype, get in tensors:
+            arr = np.ascontiguousarray(get(), dtype=dtype)
+            if arr.shape != tuple(shape):
+                raise ValueError(f"tensor {name!r}: shape {arr.shape} != declared {shape}")
+            fh.write(arr.tobytes())
+
+
+# ------------------------------------------------------------------------------- sharding
+def param_sharding(name_path: tuple[str | int, ...], shape: tuple[int, ...], mesh):
+    """Default placement of one parameter on ``mesh`` (a simple tensor-parallel rule table).
+
+    Column-parallel q/k/v/gate/up kernels (``[in, out]``, ``out`` over ``"tp"``), row-parallel
+    o/down kernels (``in`` over ``"tp"``), the embedding's vocab rows and the LM head's vocab
+    columns over ``"tp"``; norms replicated. A dimension is sharded only if the mesh has a
+    ``"tp"`` axis that divides it. ``sfjax.parallel`` may supply a finer rule.
+    """
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    names = [p for p in name_path if isinstance(p, str)]
+    leaf = names[-2] if len(names) >= 2 else ""
+    dims: list[str | None] = [None] * len(shape)
+    if leaf in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head"):
+        dims[-1] = "tp"
+    elif leaf in ("o_proj", "down_proj"):
+        dims[0] = "tp"
+    elif leaf == "embed_tokens":
+        dims[0] = "tp"
+    tp = dict(zip(mesh.axis_names, mesh.devices.shape)).get("tp")
+    dims = [a if (a is not None and tp and n % tp == 0) else None for a, n in zip(dims, shape)]
+    return NamedSharding(mesh, PartitionSpec(*dims))
+
+
+# --------------------------------------------------------------------------------- loading
+def _resolve_checkpoint_dir(path_or_hub_id: str | os.PathLike) -> Path:
+    path = Path(os.path.expanduser(os.fspath(path_or_hub_id)))
+    if path.exists():
+        if not path.is_dir():
+            raise NotADirectoryError(
+                f"{path} is a file; pass the checkpoint directory holding config.json"
+            )
+        return path
+    repo_id = os.fspath(path_or_hub_id)
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
+        raise FileNotFoundError(
+            f"checkpoint directory {repo_id!r} does not exist (and it is not a Hugging Face hub id "
+            "like 'Qwen/Qwen3-4B')"
+        )
+    download_hint = (
+        f"download it where there is internet (`huggingface-cli download {repo_id} --local-dir "
+        f"/path/to/{repo_id.split('/')[-1]}`) and pass the local directory instead: "
+        f"qwen3.from_pretrained('/path/to/{repo_id.split('/')[-1]}')"
+    )
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(
+            repo_id,
+            allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"],
+            local_files_only=offline,
+        )
+    except Exception as e:  # noqa: BLE001 - hub errors are many; all mean "not available here"
+        why = (
+            "the Hugging Face Hub is offline (HF_HUB_OFFLINE=1)"
+            if offline
+            else f"{type(e).__name__}: {e}"
+        )
+        raise FileNotFoundError(
+            f"could not get {repo_id!r} from the Hugging Face Hub: {why}, and it is not in the "
+            f"local cache. {download_hint}"
+        ) from e
+    return Path(local)
+
+
+def checkpoint_index(ckpt_dir: Path) -> dict[str, TensorInfo]:
+    """All tensors of a single-file or sharded checkpoint, by name (headers only)."""
+    index_file = ckpt_dir / "model.safetensors.index.json"
+    if index_file.is_file():
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index_file}: not a valid safetensors index ({e})") from None
+        files = sorted(set(weight_map.values()))
+    elif (ckpt_dir / "model.safetensors").is_file():
+        weight_map, files = None, ["model.safetensors"]
+    else:
+        found = sorted(p.name for p in ckpt_dir.glob("*.safetensors"))
+        raise FileNotFoundError(
+            f"{ckpt_dir}: no model.safetensors or model.safetensors.index.json"
+            + (f" (found {found})" if found else "")
+            + "; sfjax reads safetensors checkpoints only (convert .bin files with transformers)"
+        )
+    tensors: dict[str, TensorInfo] = {}
+    for fname in files:
+        file = ckpt_dir / fname
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: shard listed in the index is missing")
+        for name, info in read_safetensors_header(file).items():
+            if weight_map is not None and weight_map.get(name) != fname:
+                continue
+            tensors[name] = info
+    if weight_map is not None:
+        lost = sorted(set(weight_map) - set(tensors))
+        if lost:
+            raise CheckpointError(
+                f"{index_file}: tensors listed but absent from their shard: {lost[:10]}"
+            )
+    return tensors
+
+
+def validate_checkpoint(table: list[ParamSpec], tensors: dict[str, TensorInfo], tied: bool) -> None:
+    """Raise :class:`CheckpointError` listing every mismatch between checkpoint and model."""
+    expected = {s.hf_name for s in table}
+    have = set(tensors)
+    if tied:
+        have.discard("lm_head.weight")  # some tied checkpoints store the copy; HF ignores it too
+    missing, unexpected = sorted(expected - have), sorted(have - expected)
+    problems = []
+    if missing:
+        problems.append(f"missing tensors ({len(missing)}): {missing}")
+    if unexpected:
+        problems.append(f"unexpected tensors ({len(unexpected)}): {unexpected}")
+    for spec in table:
+        info = tensors.get(spec.hf_name)
+        if info is None:
+            continue
+        if info.dtype not in _FLOAT_CODES:
+            problems.append(f"{spec.hf_name}: dtype {info.dtype}, expected a float dtype")
+        if info.shape != spec.hf_shape:
+            problems.append(
+                f"{spec.hf_name}: shape {list(info.shape)} in {info.file.name}, expected "
+                f"{list(spec.hf_shape)} from config.json"
+            )
+    if problems:
+        raise CheckpointError(
+            "checkpoint does not match its config.json:\n  " + "\n  ".join(problems)
+        )
+
+
+def abstract_model(config: Qwen3Config, dtype=jnp.bfloat16) -> Qwen3:
+    """A Qwen3 whose params are ``ShapeDtypeStruct`` placeholders (no memory)."""
+    from sfjax.models.qwen3 import Qwen3
+
+    return nnx.eval_shape(lambda: Qwen3(config, dtype=dtype, rngs=nnx.Rngs(0)))
+
+
+def from_pretrained(
+    path_or_hub_id: str | os.PathLike,
+    dtype=jnp.bfloat16,
+    mesh=None,
+    *,
+    sharding_rule: Callable[..., Any] | None = None,
+) -> Qwen3:
+    """Load an HF Qwen3 checkpoint (single-file or sharded safetensors) into a :class:`Qwen3`.
+
+    Args:
+      path_or_hub_id: checkpoint directory, or a hub id such as ``"Qwen/Qwen3-4B"`` (downloaded
+        through ``huggingface_hub``; offline it must already be in the local cache).
+      dtype: parameter / compute dtype (bf16 for real runs; norms, RoPE, softmax stay float32).
+      mesh: optional ``jax.sharding.Mesh``; each tensor is placed with
+        ``sharding_rule(path, shape, mesh)`` (default :func:`param_sharding`).
+    """
+    from sfjax.models.qwen3 import Qwen3Config
+
+    ckpt_dir = _resolve_checkpoint_dir(path_or_hub_id)
+    config = Qwen3Config.from_hf(ckpt_dir)
+    table = hf_param_table(config)
+    tensors = checkpoint_index(ckpt_dir)
+    validate_checkpoint(table, tensors, config.tie_word_embeddings)
+
+    model = abstract_model(config, dtype)
+    graphdef, state = nnx.split(model)
+    flat = dict(nnx.to_flat_state(state))
+    if set(flat) != {s.path for s in table}:  # the table and the module must agree exactly
+        raise AssertionError(
+            f"name table out of sync with Qwen3: {set(flat) ^ {s.path for s in table}}"
+        )
+    rule = sharding_rule or param_sharding
+    target = np.dtype(jnp.dtype(dtype))
+    for spec in table:
+        arr = read_tensor(tensors[spec.hf_name])
+        arr = arr.T if spec.transpose else arr
+        arr = np.ascontiguousarray(arr.astype(target, copy=False))
+        device = rule(spec.path, spec.shape, mesh) if mesh is not None else None
+        flat[spec.path].set_value(jax.device_put(arr, device))
+        del arr
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+# ---------------------------------------------------------------------------------- saving
+def save_pretrained(
+    model: Qwen3,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    tokenizer=None,
+) -> Path:
+    """Write ``model`` in HF layout: ``config.json`` + safetensors (sharded above 5 GB).
+
+    Tensors are fetched from device and converted one at a time. ``dtype`` (``"bfloat16"``,
+    ``"float32"``, ``"float16"``) defaults to the model's parameter dtype. A ``tokenizer`` (HF)
+    is saved alongside when given. ``transformers.Qwen3ForCausalLM.from_pretrained`` loads it.
+    """
+    config = model.config
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = dtype or jnp.dtype(model.dtype).name
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    if np_dtype.name not in ("bfloat16", "float32", "float16"):
+        raise ValueError(f"save dtype must be bfloat16, float32 or float16, got {dtype!r}")
+    table = hf_param_table(config)
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    for spec in table:
+        if spec.path not in flat:
+            raise CheckpointError(f"model has no parameter {spec.path} for {spec.hf_name}")
+
+    def getter(spec: ParamSpec):
+        def get():
+            arr = np.asarray(jax.device_get(flat[spec.path].get_value())).astype(np_dtype)
+            return arr.T if spec.transpose else arr
+
+        return get
+
+    shards: list[list[ParamSpec]] = [[]]
+    size = 0
+    for spec in table:
+        nbytes = int(np.prod(spec.shape)) * np_dtype.itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += nbytes
+    for stale in list(out.glob("model*.safetensors")) + [out / "model.safetensors.index.json"]:
+        stale.unlink(missing_ok=True)
+    n = len(shards)
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        fname = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+        write_safetensors(
+            out / fname, [(s.hf_name, s.hf_shape, np_dtype, getter(s)) for s in shard]
+        )
+        weight_map.update({s.hf_name: fname for s in shard})
+    if n > 1:
+        total = sum(int(np.prod(s.shape)) * np_dtype.itemsize for s in table)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (out / "config.json").write_text(json.dumps(config.to_hf(np_dtype.name), indent=2))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    return out

@@ -1,0 +1,237 @@
+"""Qwen3 forward and KV cache against transformers' torch Qwen3 (the independent reference).
+
+Error metric everywhere: relative max error ``max|a - b| / max|b|`` over unmasked positions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from sfjax import testing
+from sfjax.models import qwen3
+from sfjax.models.qwen3 import KVCache, Qwen3, Qwen3Config, init_cache
+
+F32_TOL = 1e-4
+BF16_TOL = 2e-2  # bf16 params/activations vs the float32 reference on the same (bf16) weights
+
+
+def rel_err(a, b, mask=None):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if mask is not None:
+        a, b = a[np.asarray(mask, bool)], b[np.asarray(mask, bool)]
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def hf_model(path, dtype=torch.float32):
+    return transformers.Qwen3ForCausalLM.from_pretrained(
+        str(path), dtype=dtype, attn_implementation="eager"
+    ).eval()
+
+
+def hf_logits(model, ids, mask, offset=0):
+    """HF logits with positions from the mask (HF does not derive them itself)."""
+    mask = np.asarray(mask, bool)
+    pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None) + offset
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.tensor(np.asarray(ids), dtype=torch.long),
+            attention_mask=torch.tensor(mask.astype(np.int64)),
+            position_ids=torch.tensor(pos, dtype=torch.long),
+        )
+    return out.logits.float().numpy()
+
+
+def left_padded(batch, length, pads, seed=0, vocab=1000):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, (batch, length))
+    mask = np.ones((batch, length), bool)
+    for b, p in enumerate(pads):
+        mask[b, :p] = False
+        ids[b, :p] = 820  # <|endoftext|>, the pad id
+    return ids, mask
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        None,  # tied head, GQA 2 (session fixture)
+        {"tie_word_embeddings": False, "num_key_value_heads": 4},  # untied, GQA 1 (MHA)
+        {"num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 8},  # GQA 4
+    ],
+    ids=["tied-gqa2", "untied-gqa1", "tied-gqa4"],
+)
+def test_logits_match_transformers_left_padded(overrides, tiny_checkpoint, tmp_path):
+    path = (
+        tiny_checkpoint
+        if overrides is None
+        else testing.write_tiny_checkpoint(tmp_path / "ckpt", overrides, seed=3)
+    )
+    model = qwen3.from_pretrained(path, dtype=jnp.float32)
+    ids, mask = left_padded(4, 12, pads=[0, 3, 7, 11])
+    logits = model(ids, attention_mask=mask)
+    assert logits.shape == (4, 12, model.config.vocab_size) and logits.dtype == jnp.float32
+    ref = hf_logits(hf_model(path), ids, mask)
+    assert rel_err(logits, ref, mask) <= F32_TOL
+    # The norm weights really are random (the test exercises them).
+    assert float(jnp.std(model.layers[0].self_attn.q_norm.weight[...])) > 0.05
+
+
+def test_positions_beyond_2048(tiny_checkpoint):
+    """RoPE with theta 1e6 at positions up to ~2200, with left padding in the row."""
+    model = qwen3.from_pretrained(tiny_checkpoint, dtype=jnp.float32)
+    assert model.config.rope_theta == 1e6
+    ids, mask = left_padded(1, 2200, pads=[5], seed=1)
+    ref = hf_logits(hf_model(tiny_checkpoint), ids, mask)
+    assert rel_err(model(ids, attention_mask=mask), ref, mask) <= F32_TOL
+
+
+def test_cache_positions_offset_matches_transformers(tiny_checkpoint):
+    """A cache whose rows start at position 3000 equals HF with shifted position_ids."""
+    model = qwen3.from_pretrained(tiny_checkpoint, dtype=jnp.float32)
+    ids, mask = left_padded(2, 8, pads=[0, 2], seed=2)
+    cache = init_cache(model.config, 2, 8, jnp.float32)
+    cache = cache.replace(positions=jnp.full((2,), 3000, jnp.int32))
+    logits, _ = model(ids, attention_mask=mask, cache=cache)
+    ref = hf_logits(hf_model(tiny_checkpoint), ids, mask, offset=3000)
+    assert rel_err(logits, ref, mask) <= F32_TOL
+
+
+def test_bfloat16_within_tolerance(tmp_path):
+    path = testing.write_tiny_checkpoint(tmp_path / "bf16", seed=4, dtype="bfloat16")
+    model = qwen3.from_pretrained(path, dtype=jnp.bfloat16)
+    assert model.layers[0].mlp.up_proj.kernel[...].dtype == jnp.bfloat16
+    ids, mask = left_padded(3, 10, pads=[0, 4, 8], seed=5)
+    logits = model(ids, attention_mask=mask)
+    assert logits.dtype == jnp.float32
+    ref32 = hf_logits(hf_model(path, torch.float32), ids, mask)
+    ref16 = hf_logits(hf_model(path, torch.bfloat16), ids, mask)
+    assert rel_err(logits, ref32, mask) <= BF16_TOL
+    assert rel_err(logits, ref16, mask) <= BF16_TOL
+    # ... and clearly not float32 exact (the params really are bf16).
+    assert rel_err(logits, ref32, mask) > 1e-5
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_checkpoint):
+    return qwen3.from_pretrained(tiny_checkpoint, dtype=jnp.float32)
+
+
+def test_prefill_then_decode_equals_full_forward(tiny_model):
+    """Left-padded prefill + T=1 decode steps (one with a padded row) == un-cached forward."""
+    prompt_len, steps = 7, 5
+    ids, mask = left_padded(3, prompt_len + steps, pads=[0, 2, 6], seed=6)
+    mask[1, prompt_len + 2] = False  # a row that skips a decode step (e.g. finished)
+    full = np.asarray(tiny_model(ids, attention_mask=mask))
+
+    traces = []
+
+    @nnx.jit
+    def step(model, ids_BT, mask_BT, cache):
+        traces.append(1)
+        return model(ids_BT, attention_mask=mask_BT, cache=cache)
+
+    cache = init_cache(tiny_model.config, 3, prompt_len + steps + 3, jnp.float32)
+    logits, cache = tiny_model(
+        ids[:, :prompt_len], attention_mask=mask[:, :prompt_len], cache=cache
+    )
+    assert rel_err(logits, full[:, :prompt_len], mask[:, :prompt_len]) <= F32_TOL
+    for t in range(prompt_len, prompt_len + steps):
+        logits, cache = step(tiny_model, ids[:, t : t + 1], mask[:, t : t + 1], cache)
+        assert rel_err(logits[:, 0], full[:, t], mask[:, t]) <= F32_TOL
+    assert len(traces) == 1  # decode steps do not recompile
+    assert int(cache.index) == prompt_len + steps
+    np.testing.assert_array_equal(cache.positions, mask.sum(1))
+    np.testing.assert_array_equal(cache.slot_mask[:, : prompt_len + steps], mask)
+    assert not cache.slot_mask[:, prompt_len + steps :].any()
+
+
+def test_fully_padded_row_has_no_nan(tiny_model):
+    ids, mask = left_padded(2, 5, pads=[0, 5], seed=7)
+    assert np.isfinite(np.asarray(tiny_model(ids, attention_mask=mask))).all()
+    cache = init_cache(tiny_model.config, 2, 8, jnp.float32)
+    logits, cache = tiny_model(ids, attention_mask=mask, cache=cache)
+    assert np.isfinite(np.asarray(logits)).all()
+    logits, cache = tiny_model(ids[:, :1], attention_mask=np.ones((2, 1), bool), cache=cache)
+    assert np.isfinite(np.asarray(logits)).all()
+    np.testing.assert_array_equal(cache.positions, [6, 1])
+
+
+def test_cache_repeat_matches_repeated_prefill(tiny_model):
+    ids, mask = left_padded(2, 6, pads=[0, 3], seed=8)
+    cache = init_cache(tiny_model.config, 2, 8, jnp.float32)
+    _, cache = tiny_model(ids, attention_mask=mask, cache=cache)
+    rep = cache.repeat(3)
+    assert isinstance(rep, KVCache) and rep.k.shape[1] == 6 and rep.slot_mask.shape == (6, 8)
+    ref_cache = init_cache(tiny_model.config, 6, 8, jnp.float32)
+    _, ref_cache = tiny_model(
+        np.repeat(ids, 3, 0), attention_mask=np.repeat(mask, 3, 0), cache=ref_cache
+    )
+    nxt = np.arange(6)[:, None] + 100
+    one = np.ones((6, 1), bool)
+    a, _ = tiny_model(nxt, attention_mask=one, cache=rep)
+    b, _ = tiny_model(nxt, attention_mask=one, cache=ref_cache)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(rep.positions, np.repeat(cache.positions, 3))
+
+
+def test_qwen3_4b_preset_shapes_without_memory():
+    cfg = Qwen3Config.qwen3_4b()
+    model = nnx.eval_shape(lambda: Qwen3(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    state = nnx.state(model)
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state))
+    n = qwen3.count_params(model)
+    per_layer = 2560 * 4096 * 2 + 2560 * 1024 * 2 + 3 * 2560 * 9728 + 2 * 2560 + 2 * 128
+    assert n == 151936 * 2560 + 36 * per_layer + 2560
+    assert abs(n / 1e9 - 4.02) < 0.01
+    layer = model.layers[35]
+    assert layer.self_attn.q_proj.kernel.shape == (2560, 4096)
+    assert layer.self_attn.o_proj.kernel.shape == (4096, 2560)
+    assert layer.self_attn.k_proj.kernel.shape == (2560, 1024)
+    assert layer.mlp.down_proj.kernel.shape == (9728, 2560)
+    assert layer.self_attn.q_norm.weight.shape == (128,)
+    assert model.embed_tokens.embedding.shape == (151936, 2560)
+    assert model.lm_head is None and len(model.layers) == 36
+    # KV cache per token in bf16: 2 (k, v) * 36 layers * 8 heads * 128 * 2 bytes = 144 KiB.
+    cache = jax.eval_shape(lambda: init_cache(cfg, 1, 1, jnp.bfloat16))
+    assert cache.k.size * 2 * 2 == 144 * 1024
+
+
+def test_config_round_trips_through_transformers():
+    cfg = Qwen3Config.tiny(tie_word_embeddings=False, rope_theta=5e6)
+    hf = transformers.Qwen3Config(**cfg.to_hf())
+    assert Qwen3Config.from_hf(hf.to_dict()) == cfg
+    assert Qwen3Config.from_hf(cfg.to_hf()) == cfg
+    assert Qwen3Config.qwen3_4b().num_groups == 4
+    assert Qwen3Config.from_hf(Qwen3Config.qwen3_4b().to_hf()) == Qwen3Config.qwen3_4b()
+
+
+def test_config_errors(tmp_path):
+    base = Qwen3Config.tiny().to_hf()
+    with pytest.raises(ValueError, match="unsupported model_type 'llama'"):
+        Qwen3Config.from_hf({**base, "model_type": "llama"})
+    with pytest.raises(ValueError, match="rope type 'yarn'"):
+        Qwen3Config.from_hf({**base, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        dataclasses.replace(Qwen3Config.tiny(), num_kv_heads=3)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        Qwen3Config.from_hf(tmp_path)
+
+
+def test_linear_modules_are_plain_and_replaceable():
+    model = Qwen3(Qwen3Config.tiny(num_layers=1), rngs=nnx.Rngs(1))
+    attn = model.layers[0].self_attn
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        assert type(getattr(attn, name)) is qwen3.Linear
+    ids = np.arange(6)[None]
+    before = model(ids)
+    # Replacing a projection by attribute assignment changes the forward (LoRA relies on it).
+    attn.o_proj = qwen3.Linear(attn.o_proj.in_features, attn.o_proj.out_features, rngs=nnx.Rngs(9))
+    assert not np.allclose(before, model(ids))
