@@ -1,0 +1,6 @@
+"""Training: KTO on LoRA adapters (:mod:`sfjax.train.kto`), its data pipeline (:mod:`.data`)."""
+
+from sfjax.train.data import KTOExample
+from sfjax.train.kto import KTOConfig, KTOTrainer
+
+__all__ = ["KTOConfig", "KTOExample", "KTOTrainer"]
