@@ -102,8 +102,9 @@ class UtilityWeights:
     """Penalty per packet QoS violation."""
 
 
-def trajectory_metrics(traj: Trajectory, weights: UtilityWeights = UtilityWeights()) -> dict:
+def trajectory_metrics(traj: Trajectory, weights: UtilityWeights | None = None) -> dict:
     """Avg. SE, reconfigurations, PQoS violations, eq. 15 utility and parse failures."""
+    weights = weights or UtilityWeights()
     n = len(traj.steps)
     if n == 0:
         raise ValueError("trajectory has no steps")

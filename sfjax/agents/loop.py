@@ -1,0 +1,438 @@
+"""Algorithm 1 (paper IV-B): the self-finetuning loop, with a checkpoint after every phase.
+
+For SF iteration ``i = 0, 1, ..., I``:
+
+1. **collect** — the Actor (LoRA weights after ``i`` SF iterations) runs ``num_envs`` parallel
+   trajectories of ``trajectory_steps`` R-MDP steps (prompt from s_t and the last-k history ->
+   (rho_t, a_t, eta_t) -> env feedback f_t); the trajectories are written to
+   ``run_dir/trajectories/iter_<i>.json`` before anything else happens. Their metrics are the
+   evaluation of the Actor after ``i`` SF iterations (iteration 0 = before any fine-tuning).
+2. **reflect** (``i < I``) — the Reflector labels every step (effective / suboptimal) and
+   proposes improved actions; written to ``run_dir/reflections/iter_<i>.json``.
+3. **finetune** (``i < I``) — Refine-from-Reflection (Algorithm 2): ``N`` KTO iterations, each on
+   the base set plus fresh rollouts of the current Actor.
+
+The run is a fixed sequence of phases (collect, reflect, kto_0..kto_{N-1}, collect, ...). After
+each phase the loop writes an orbax checkpoint (LoRA params, optimizer state, RNG key, loop
+position, trajectories, reflections, RfR state and datasets, the summary so far); every phase's
+randomness is ``fold_in(root_key, phase_index)``, so ``resume`` after a kill replays nothing
+and reaches the same result as an uninterrupted run.
+
+The loop talks to its components through small protocols (:class:`EnvRunner`,
+:class:`FineTuner`), so tests can drive it with fakes and other envs (ns-3) can plug in.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+
+from sfjax.agents.checkpoint import LoopCheckpointer
+from sfjax.agents.prompts import HistoryEntry, PromptConfig
+from sfjax.agents.reflectors.base import Reflector
+from sfjax.agents.rfr import (
+    KTOExample,
+    RfRConfig,
+    RfRState,
+    RolloutTarget,
+    base_dataset,
+    build_dataset,
+    examples_from_json,
+    examples_to_json,
+)
+from sfjax.agents.trajectory import (
+    Reflection,
+    Step,
+    Trajectory,
+    UtilityWeights,
+    save_json,
+    trajectory_metrics,
+)
+
+log = logging.getLogger(__name__)
+
+SUMMARY_METRICS = ("avg_se", "reconfigurations", "violations", "utility", "parse_failures")
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Algorithm 1: how many SF iterations, how much experience per iteration."""
+
+    sf_iterations: int = 3
+    """Self-finetuning iterations I (collect -> reflect -> RfR/KTO); plus a final collect."""
+    num_envs: int = 1
+    """Parallel environments (trajectories) collected per iteration."""
+    trajectory_steps: int = 300
+    """R-MDP steps per trajectory (paper: 300 decisions of 100 ms)."""
+    env_seed: int = 0
+    """Seed of the environments' keys."""
+    same_env_seeds: bool = True
+    """Collect every iteration on the same env seeds (iterations differ only by the Actor)."""
+    seed: int = 0
+    """Seed of the Actor's sampling, rollouts and KTO (root key)."""
+    keep_checkpoints: int = 3
+    """How many phase checkpoints to keep."""
+
+
+class EnvRunner(Protocol):
+    """Parallel environments seen as eq. 14 states and feedback dicts (see ``sfjax.agents.env``)."""
+
+    action_lo: int
+    action_hi: int
+
+    def reset(self, key: jax.Array, num_envs: int) -> list[dict[str, float]]:
+        """Reset ``num_envs`` envs; return the initial eq. 14 state of each."""
+        ...
+
+    def step(self, actions: Sequence[int], key: jax.Array):
+        """Apply one action per env; return (next states, feedback dicts)."""
+        ...
+
+
+class ActorLike(Protocol):
+    def act(self, states, histories, step: int, key: jax.Array): ...
+
+    def sample(self, prompts: Sequence[str], n: int, key: jax.Array) -> list[list[str]]: ...
+
+
+class FineTuner(Protocol):
+    """KTO on the Actor's LoRA params; its arrays are checkpointed by the loop."""
+
+    def train(
+        self, examples: Sequence[KTOExample], key: jax.Array, step_offset: int
+    ) -> dict[str, float]:
+        """One KTO iteration on ``examples``; returns mean metrics (TRL tag names)."""
+        ...
+
+    def arrays(self) -> Any:
+        """Pytree of everything trainable/stateful (LoRA params, optimizer state, counters)."""
+        ...
+
+    def load_arrays(self, arrays: Any) -> None: ...
+
+
+@dataclass(frozen=True)
+class Phase:
+    index: int
+    iteration: int
+    kind: str  # collect | reflect | kto
+    kto_iteration: int = -1
+
+    @property
+    def name(self) -> str:
+        k = f"_{self.kto_iteration}" if self.kind == "kto" else ""
+        return f"iter{self.iteration}/{self.kind}{k}"
+
+
+def phase_plan(sf_iterations: int, kto_iterations: int) -> list[Phase]:
+    """The run's fixed phase sequence (checkpoint step = phase index)."""
+    phases, i = [], 0
+    for it in range(sf_iterations + 1):
+        phases.append(Phase(i, it, "collect"))
+        i += 1
+        if it == sf_iterations:
+            break
+        phases.append(Phase(i, it, "reflect"))
+        i += 1
+        for k in range(kto_iterations):
+            phases.append(Phase(i, it, "kto", k))
+            i += 1
+    return phases
+
+
+def collect(
+    actor: ActorLike,
+    env: EnvRunner,
+    prompt_cfg: PromptConfig,
+    num_envs: int,
+    steps: int,
+    env_key: jax.Array,
+    actor_key: jax.Array,
+    *,
+    env_seed: int = 0,
+    progress: bool = True,
+) -> list[Trajectory]:
+    """Run the R-MDP for ``steps`` steps in ``num_envs`` parallel envs (Algorithm 1, l. 3-10)."""
+    reset_key, env_key = jax.random.split(env_key)
+    states = env.reset(reset_key, num_envs)
+    trajs = [Trajectory(e, env_seed, []) for e in range(num_envs)]
+    histories: list[list[HistoryEntry]] = [[] for _ in range(num_envs)]
+    bar = _progress(steps, "collect", progress)
+    for t in range(steps):
+        actor_key, ak = jax.random.split(actor_key)
+        env_key, ek = jax.random.split(env_key)
+        window = [
+            h[-prompt_cfg.history_window :] if prompt_cfg.history_window else [] for h in histories
+        ]
+        decisions = actor.act(states, window, t, ak)
+        next_states, feedbacks = env.step([d.action for d in decisions], ek)
+        for e, (d, s, f) in enumerate(zip(decisions, states, feedbacks)):
+            f = {k: float(v) for k, v in f.items()}
+            s = {k: float(v) for k, v in s.items()}
+            trajs[e].steps.append(
+                Step(t, s, d.prompt, d.output, d.reflection, int(d.action), d.analysis,
+                     bool(d.parsed_ok), f, d.parse_error)
+            )  # fmt: skip
+            histories[e].append(HistoryEntry(s, d.reflection, int(d.action), d.analysis, f))
+        states = next_states
+        bar.update(1)
+    bar.close()
+    return trajs
+
+
+def mean_metrics(trajs: Sequence[Trajectory], weights: UtilityWeights) -> dict[str, float]:
+    """Per-trajectory metrics averaged over the parallel trajectories (and their std)."""
+    per = [trajectory_metrics(t, weights) for t in trajs]
+    out = {}
+    for k in SUMMARY_METRICS:
+        v = np.array([p[k] for p in per], dtype=np.float64)
+        out[k] = float(v.mean())
+        out[f"{k}_std"] = float(v.std())
+    out["num_trajectories"] = len(per)
+    return out
+
+
+class SelfFinetuningLoop:
+    """Algorithm 1 with per-phase checkpoints; see the module docstring."""
+
+    def __init__(
+        self,
+        cfg: LoopConfig,
+        rfr_cfg: RfRConfig,
+        prompt_cfg: PromptConfig,
+        actor: ActorLike,
+        env: EnvRunner,
+        reflector: Reflector,
+        finetuner: FineTuner,
+        run_dir: str | Path,
+        *,
+        writer=None,
+        weights: UtilityWeights | None = None,
+        progress: bool = True,
+        on_phase_end: Callable[[Phase], None] | None = None,
+        run_info: Mapping[str, Any] | None = None,
+    ):
+        self.cfg, self.rfr_cfg, self.prompt_cfg = cfg, rfr_cfg, prompt_cfg
+        self.actor, self.env, self.reflector, self.finetuner = actor, env, reflector, finetuner
+        self.run_dir = Path(run_dir)
+        self.writer = writer
+        self.weights = weights or UtilityWeights()
+        self.progress = progress
+        self.on_phase_end = on_phase_end
+        self.run_info = dict(run_info or {})
+        self.phases = phase_plan(cfg.sf_iterations, rfr_cfg.kto_iterations)
+        self.ckpt = LoopCheckpointer(self.run_dir / "checkpoints", cfg.keep_checkpoints)
+        self.root_key = jax.random.key(cfg.seed)
+        self._fresh_state()
+
+    def _fresh_state(self):
+        self.trajectories: list[Trajectory] = []
+        self.reflections: list[Reflection] = []
+        self.base: list[KTOExample] = []
+        self.targets: list[RolloutTarget] = []
+        self.rfr_state = RfRState()
+        self.dataset: list[KTOExample] = []
+        self.iterations: list[dict] = []
+        self.kto_history: list[dict] = []
+        self.timings: dict[str, float] = {}
+        self.kto_steps = 0
+
+    # -- checkpoint state ------------------------------------------------------------------
+
+    def _meta(self, phase: Phase) -> dict:
+        return {
+            "phase_index": phase.index,
+            "phase": phase.name,
+            "root_key_seed": self.cfg.seed,
+            "trajectories": [t.to_json() for t in self.trajectories],
+            "reflections": [r.to_json() for r in self.reflections],
+            "base": examples_to_json(self.base),
+            "targets": [asdict(t) for t in self.targets],
+            "rfr_solved": list(self.rfr_state.solved),
+            "dataset": examples_to_json(self.dataset),
+            "iterations": self.iterations,
+            "kto_history": self.kto_history,
+            "timings": self.timings,
+            "kto_steps": self.kto_steps,
+        }
+
+    def _load_meta(self, meta: dict) -> None:
+        self.trajectories = [Trajectory.from_json(d) for d in meta["trajectories"]]
+        self.reflections = [Reflection.from_json(d) for d in meta["reflections"]]
+        self.base = examples_from_json(meta["base"])
+        self.targets = [RolloutTarget(**d) for d in meta["targets"]]
+        self.rfr_state = RfRState(list(meta["rfr_solved"]))
+        self.dataset = examples_from_json(meta["dataset"])
+        self.iterations = list(meta["iterations"])
+        self.kto_history = list(meta["kto_history"])
+        self.timings = dict(meta["timings"])
+        self.kto_steps = int(meta["kto_steps"])
+
+    def _arrays(self) -> dict:
+        return {
+            "finetuner": self.finetuner.arrays(),
+            "root_key": jax.random.key_data(self.root_key),
+        }
+
+    def restore(self) -> int:
+        """Load the latest checkpoint, if any; returns the next phase index to run."""
+        step = self.ckpt.latest_step()
+        if step is None:
+            return 0
+        arrays, meta = self.ckpt.restore(step, self._arrays())
+        self.finetuner.load_arrays(arrays["finetuner"])
+        self.root_key = jax.random.wrap_key_data(np.asarray(arrays["root_key"]))
+        self._load_meta(meta)
+        log.info("resumed after phase %s", meta["phase"])
+        return step + 1
+
+    # -- phases ----------------------------------------------------------------------------
+
+    def _key(self, phase: Phase) -> jax.Array:
+        return jax.random.fold_in(self.root_key, phase.index)
+
+    def _collect(self, phase: Phase) -> None:
+        env_iter = 0 if self.cfg.same_env_seeds else phase.iteration
+        env_key = jax.random.fold_in(jax.random.key(self.cfg.env_seed), env_iter)
+        self.trajectories = collect(
+            self.actor, self.env, self.prompt_cfg, self.cfg.num_envs, self.cfg.trajectory_steps,
+            env_key, self._key(phase), env_seed=self.cfg.env_seed, progress=self.progress,
+        )  # fmt: skip
+        save_json(
+            self.run_dir / "trajectories" / f"iter_{phase.iteration}.json",
+            [t.to_json() for t in self.trajectories],
+        )
+        m = mean_metrics(self.trajectories, self.weights)
+        self.iterations.append({"iteration": phase.iteration, **m})
+        self._scalars("env", m, phase.iteration)
+        log.info(
+            "iteration %d: utility %.1f, avg SE %.3f, reconf %.1f, violations %.1f",
+            phase.iteration, m["utility"], m["avg_se"], m["reconfigurations"], m["violations"],
+        )  # fmt: skip
+
+    def _reflect(self, phase: Phase) -> None:
+        self.reflections = self.reflector.reflect(self.trajectories, self._key(phase))
+        save_json(
+            self.run_dir / "reflections" / f"iter_{phase.iteration}.json",
+            [r.to_json() for r in self.reflections],
+        )
+        self.base, self.targets = base_dataset(self.trajectories, self.reflections)
+        self.rfr_state = RfRState()
+        n_sub = sum(x.label == "suboptimal" for r in self.reflections for x in r.labels)
+        n = sum(len(r.labels) for r in self.reflections)
+        rec = self.iterations[-1]
+        rec["reflector"] = self.reflector.name
+        rec["suboptimal_fraction"] = n_sub / max(n, 1)
+        self._scalars("reflector", {"suboptimal_fraction": n_sub / max(n, 1)}, phase.iteration)
+
+    def _kto(self, phase: Phase) -> None:
+        key = self._key(phase)
+        roll_key, train_key = jax.random.split(key)
+        dataset, stats, self.rfr_state = build_dataset(
+            self.base, self.targets, self.rfr_state, self.actor.sample, self.rfr_cfg,
+            self.prompt_cfg, roll_key,
+        )  # fmt: skip
+        self.dataset = dataset
+        save_json(
+            self.run_dir / "datasets" / f"iter_{phase.iteration}_kto_{phase.kto_iteration}.json",
+            examples_to_json(dataset),
+        )
+        metrics = self.finetuner.train(dataset, train_key, self.kto_steps)
+        self.kto_steps += int(metrics.get("num_steps", 0))
+        global_kto = phase.iteration * self.rfr_cfg.kto_iterations + phase.kto_iteration
+        self._scalars("kto_iter", metrics, global_kto)
+        self._scalars("rfr", stats.to_json(), global_kto)
+        entry = {
+            "iteration": phase.iteration,
+            "kto_iteration": phase.kto_iteration,
+            **stats.to_json(),
+            **{f"kto/{k}": float(v) for k, v in metrics.items()},
+        }
+        self.kto_history.append(entry)
+        rec = self.iterations[-1]
+        if phase.kto_iteration == 0:
+            rec["n_desirable"] = 0
+            rec["n_undesirable"] = 0
+            rec["kto_iterations"] = []
+        rec["n_desirable"] += stats.n_desirable
+        rec["n_undesirable"] += stats.n_undesirable
+        rec["kto_iterations"].append(entry)
+
+    # -- driver ----------------------------------------------------------------------------
+
+    def run(self, *, resume: bool = False) -> dict:
+        """Run (or resume) the whole loop; returns the summary written to summary.json."""
+        start = self.restore() if resume else 0
+        if not resume and self.ckpt.latest_step() is not None:
+            raise FileExistsError(
+                f"{self.run_dir} already holds checkpoints; pass --resume to continue that run "
+                f"or choose a new --run-dir"
+            )
+        for phase in self.phases[start:]:
+            t0 = time.perf_counter()
+            {"collect": self._collect, "reflect": self._reflect, "kto": self._kto}[phase.kind](
+                phase
+            )
+            dt = time.perf_counter() - t0
+            kind = phase.kind
+            self.timings[kind] = self.timings.get(kind, 0.0) + dt
+            self.timings[f"{kind}_count"] = self.timings.get(f"{kind}_count", 0) + 1
+            wall = self.iterations[-1].setdefault("wall_s", {})
+            wall[kind] = wall.get(kind, 0.0) + dt
+            self.ckpt.save(phase.index, self._arrays(), self._meta(phase))
+            self.write_summary()
+            if self.writer is not None:
+                self.writer.flush()
+            if self.on_phase_end is not None:
+                self.on_phase_end(phase)
+        self.ckpt.close()
+        return self.write_summary()
+
+    def summary(self) -> dict:
+        return {
+            **self.run_info,
+            "reflector": self.reflector.name,
+            "iterations": self.iterations,
+            "timings_s": self.timings,
+        }
+
+    def write_summary(self) -> dict:
+        s = self.summary()
+        save_json(self.run_dir / "summary.json", s)
+        return s
+
+    def _scalars(self, prefix: str, values: Mapping[str, Any], step: int) -> None:
+        if self.writer is None:
+            return
+        for k, v in values.items():
+            if isinstance(v, bool | int | float | np.floating | np.integer):
+                self.writer.add_scalar(f"{prefix}/{k}", float(v), step)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, disable=None if enabled else True)
+
+
+def format_table(summary: Mapping[str, Any]) -> str:
+    """The final table: one row per SF iteration (iteration 0 = before fine-tuning)."""
+    head = (
+        f"{'iter':>4} {'avg SE':>8} {'reconf':>7} {'PQoS vio':>9} {'utility':>10} "
+        f"{'parse fail':>10} {'n_D':>6} {'n_U':>6}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in summary["iterations"]:
+        lines.append(
+            f"{r['iteration']:>4} {r['avg_se']:>8.3f} {r['reconfigurations']:>7.1f} "
+            f"{r['violations']:>9.1f} {r['utility']:>10.1f} {r['parse_failures']:>10.1f} "
+            f"{r.get('n_desirable', '-'):>6} {r.get('n_undesirable', '-'):>6}"
+        )
+    return "\n".join(lines)

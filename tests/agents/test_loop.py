@@ -1,0 +1,181 @@
+"""Algorithm 1 driver with light fakes: phase plan, persistence, summary, kill-and-resume."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sfjax.agents.actor import ActorDecision
+from sfjax.agents.loop import LoopConfig, SelfFinetuningLoop, format_table, phase_plan
+from sfjax.agents.prompts import PromptConfig, format_output, parse_output
+from sfjax.agents.reflector import ReflectorConfig, make_reflector
+from sfjax.agents.rfr import RfRConfig
+
+PCFG = PromptConfig(action_lo=1, action_hi=8, history_window=2)
+
+
+class FakeFineTuner:
+    """'KTO' that moves per-action preferences w towards desirable actions."""
+
+    def __init__(self):
+        self.w = jnp.zeros(8)
+        self.opt_count = jnp.zeros((), jnp.int32)
+
+    def train(self, examples, key, step_offset):
+        delta = np.zeros(8)
+        for e in examples:
+            p = parse_output(e.completion, PCFG)
+            if p.ok:
+                delta[p.action - 1] += 1.0 if e.desirable else -1.0
+        noise = 0.01 * jax.random.normal(key, (8,))
+        self.w = self.w + 0.5 * jnp.asarray(delta) / max(len(examples), 1) + noise
+        self.opt_count = self.opt_count + 1
+        return {"loss": float(-delta.sum()), "num_steps": 2}
+
+    def arrays(self):
+        return {"w": self.w, "opt_count": self.opt_count}
+
+    def load_arrays(self, a):
+        self.w = jnp.asarray(a["w"])
+        self.opt_count = jnp.asarray(a["opt_count"])
+
+
+class FakeActor:
+    """Samples actions from softmax(w); its output text follows the real format."""
+
+    def __init__(self, ft):
+        self.ft = ft
+
+    def _draw(self, key, n):
+        return [int(a) + 1 for a in jax.random.categorical(key, self.ft.w * 3, shape=(n,))]
+
+    def act(self, states, histories, step, key):
+        acts = self._draw(key, len(states))
+        out = []
+        for s, h, a in zip(states, histories, acts):
+            prompt = f"t={step} prev={s['prev_action']} hist={len(h)}"
+            text = format_output("ok", a, "fine", PCFG)
+            out.append(ActorDecision(prompt, text, "ok", a, "fine", True, None))
+        return out
+
+    def sample(self, prompts, n, key):
+        acts = self._draw(key, len(prompts) * n)
+        return [
+            [format_output("r", a, "a", PCFG) for a in acts[i * n : (i + 1) * n]]
+            for i in range(len(prompts))
+        ]
+
+
+class FakeEnv:
+    """Demand drifts; fewer resources than demand -> violation; SE = load / allocation."""
+
+    action_lo, action_hi = 1, 8
+
+    def reset(self, key, num_envs):
+        self.demand = np.asarray(jax.random.uniform(key, (num_envs,), minval=2, maxval=6))
+        self.prev = np.full(num_envs, 4)
+        return [self._state(e, 0.0) for e in range(num_envs)]
+
+    def _state(self, e, se):
+        return {
+            "prev_action": int(self.prev[e]),
+            "se": se,
+            "arrival_rate_bps": float(self.demand[e] * 1e6),
+            "queue_delta_bytes": 0.0,
+            "dropped_bytes": 0.0,
+        }
+
+    def step(self, actions, key):
+        noise = np.asarray(jax.random.normal(key, self.demand.shape)) * 0.3
+        states, fbs = [], []
+        for e, a in enumerate(actions):
+            se = min(self.demand[e], a) / a * 6.0
+            fbs.append({
+                "se": se,
+                "violation": float(a < self.demand[e]),
+                "reconfiguration": float(a != self.prev[e]),
+                "arrival_rate_bps": float(self.demand[e] * 1e6),
+                "queue_delta_bytes": 0.0,
+                "dropped_bytes": 0.0,
+            })  # fmt: skip
+            self.prev[e] = a
+            states.append(self._state(e, se))
+        self.demand = np.clip(self.demand + noise, 1, 7)
+        return states, fbs
+
+
+def _loop(run_dir, on_phase_end=None, **kw):
+    ft = FakeFineTuner()
+    cfg = LoopConfig(sf_iterations=2, num_envs=3, trajectory_steps=12, seed=1, **kw)
+    rfr_cfg = RfRConfig(kto_iterations=2, num_rollouts=3, tau=0.5)
+    return SelfFinetuningLoop(
+        cfg, rfr_cfg, PCFG, FakeActor(ft), FakeEnv(),
+        make_reflector(ReflectorConfig(backend="rule"), PCFG), ft, run_dir,
+        progress=False, on_phase_end=on_phase_end,
+    )  # fmt: skip
+
+
+def test_phase_plan():
+    names = [p.name for p in phase_plan(2, 2)]
+    assert names == [
+        "iter0/collect", "iter0/reflect", "iter0/kto_0", "iter0/kto_1",
+        "iter1/collect", "iter1/reflect", "iter1/kto_0", "iter1/kto_1",
+        "iter2/collect",
+    ]  # fmt: skip
+    assert [p.index for p in phase_plan(2, 2)] == list(range(9))
+
+
+def _strip(summary):
+    s = json.loads(json.dumps(summary))
+    s.pop("timings_s")
+    for r in s["iterations"]:
+        r.pop("wall_s", None)
+    return s
+
+
+def test_loop_runs_persists_and_resumes_exactly(tmp_path):
+    full = _loop(tmp_path / "full")
+    summary = full.run()
+    its = summary["iterations"]
+    assert [r["iteration"] for r in its] == [0, 1, 2]
+    for r in its[:2]:
+        assert r["n_desirable"] + r["n_undesirable"] > 0
+        assert len(r["kto_iterations"]) == 2
+        assert "rule" in r["reflector"]
+    assert "n_desirable" not in its[2]  # the last collect is evaluation only
+    for k in ("avg_se", "reconfigurations", "violations", "utility", "parse_failures"):
+        assert all(k in r for r in its)
+    # persisted artefacts
+    assert len(list((tmp_path / "full" / "trajectories").glob("iter_*.json"))) == 3
+    assert len(list((tmp_path / "full" / "reflections").glob("iter_*.json"))) == 2
+    assert json.loads((tmp_path / "full" / "summary.json").read_text())["iterations"] == its
+    assert "iter" in format_table(summary)
+
+    # kill after phase 5 (iteration 1's reflect), then resume in a fresh process-like object
+    class Killed(Exception):
+        pass
+
+    def kill_after(phase):
+        if phase.index == 5:
+            raise Killed
+
+    first = _loop(tmp_path / "resumed", on_phase_end=kill_after)
+    with pytest.raises(Killed):
+        first.run()
+    with pytest.raises(FileExistsError, match="--resume"):
+        _loop(tmp_path / "resumed").run()
+    second = _loop(tmp_path / "resumed")
+    resumed = second.run(resume=True)
+    assert _strip(resumed) == _strip(summary)
+    np.testing.assert_array_equal(np.asarray(second.finetuner.w), np.asarray(full.finetuner.w))
+    assert int(second.finetuner.opt_count) == int(full.finetuner.opt_count) == 4
+
+
+def test_different_seed_differs(tmp_path):
+    a = _loop(tmp_path / "a").run()
+    b = _loop(tmp_path / "b", env_seed=5).run()
+    assert _strip(a) != _strip(b)
