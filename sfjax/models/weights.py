@@ -231,7 +231,7 @@ def param_sharding(name_path: tuple[str | int, ...], shape: tuple[int, ...], mes
         dims[0] = "tp"
     elif leaf == "embed_tokens":
         dims[0] = "tp"
-    tp = dict(zip(mesh.axis_names, mesh.devices.shape)).get("tp")
+    tp = dict(mesh.shape).get("tp")
     dims = [a if (a is not None and tp and n % tp == 0) else None for a, n in zip(dims, shape)]
     return NamedSharding(mesh, PartitionSpec(*dims))
 

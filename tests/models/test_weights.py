@@ -1,0 +1,283 @@
+"""HF checkpoint loading/saving: sharded files, bf16, round trips through transformers, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
+from safetensors.numpy import load_file, save_file
+
+from sfjax import testing
+from sfjax.models import qwen3
+from sfjax.models.weights import (
+    CheckpointError,
+    hf_param_table,
+    param_sharding,
+    read_safetensors_header,
+    read_tensor,
+)
+
+
+def params(model):
+    return {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(model))}
+
+
+def assert_same_params(a, b):
+    pa, pb = params(a), params(b)
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        assert pa[k].dtype == pb[k].dtype, k
+        np.testing.assert_array_equal(pa[k], pb[k], err_msg=str(k))
+
+
+def hf_logits(path, ids, dtype=torch.float32):
+    hf = transformers.Qwen3ForCausalLM.from_pretrained(
+        str(path), dtype=dtype, attn_implementation="eager"
+    )
+    with torch.no_grad():
+        return hf(input_ids=torch.tensor(ids)).logits.float().numpy()
+
+
+IDS = np.arange(2 * 9).reshape(2, 9) * 37 % 900
+
+
+def test_param_table_matches_transformers_names(tiny_checkpoint_untied):
+    cfg = qwen3.Qwen3Config.from_hf(tiny_checkpoint_untied)
+    hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**cfg.to_hf("float32")))
+    hf_shapes = {k: tuple(v.shape) for k, v in hf.state_dict().items()}
+    table = hf_param_table(cfg)
+    assert {s.hf_name: s.hf_shape for s in table} == hf_shapes
+
+
+def test_sharded_checkpoint_equals_single_file(tiny_checkpoint, tmp_path):
+    sharded = testing.write_tiny_checkpoint(tmp_path / "sharded", seed=0, max_shard_bytes=60_000)
+    assert len(list(sharded.glob("model-*-of-*.safetensors"))) > 3
+    assert_same_params(
+        qwen3.from_pretrained(sharded, dtype=jnp.float32),
+        qwen3.from_pretrained(tiny_checkpoint, dtype=jnp.float32),
+    )
+
+
+def test_bfloat16_checkpoint_loads_exactly(tmp_path):
+    path = testing.write_tiny_checkpoint(tmp_path / "bf16", seed=2, dtype="bfloat16")
+    ref = load_file(
+        str(testing.write_tiny_checkpoint(tmp_path / "f32", seed=2) / "model.safetensors")
+    )
+    model = qwen3.from_pretrained(path, dtype=jnp.bfloat16)
+    got = np.asarray(model.layers[1].mlp.down_proj.kernel[...])
+    want = ref["model.layers.1.mlp.down_proj.weight"].astype(ml_dtypes.bfloat16).T
+    assert got.dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(got, want)
+    # bf16 storage upcast to a float32 model is exact too.
+    m32 = qwen3.from_pretrained(path, dtype=jnp.float32)
+    np.testing.assert_array_equal(
+        np.asarray(m32.layers[1].mlp.down_proj.kernel[...]), want.astype(np.float32)
+    )
+
+
+def test_save_then_transformers_load_gives_same_logits(tiny_checkpoint_untied, tmp_path):
+    model = qwen3.from_pretrained(tiny_checkpoint_untied, dtype=jnp.float32)
+    out = qwen3.save_pretrained(model, tmp_path / "saved", max_shard_bytes=100_000)
+    assert (out / "model.safetensors.index.json").is_file()
+    ours = np.asarray(model(IDS))
+    theirs = hf_logits(out, IDS)
+    assert np.abs(ours - theirs).max() / np.abs(theirs).max() <= 1e-4
+    # The saved tensors are the original ones, bit for bit.
+    orig = load_file(str(tiny_checkpoint_untied / "model.safetensors"))
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert set(index) == set(orig)
+    name = "model.layers.1.self_attn.o_proj.weight"
+    np.testing.assert_array_equal(load_file(str(out / index[name]))[name], orig[name])
+
+
+def test_load_save_load_is_lossless(tiny_checkpoint, tmp_path):
+    for dtype in (jnp.float32, jnp.bfloat16):
+        a = qwen3.from_pretrained(tiny_checkpoint, dtype=dtype)
+        out = qwen3.save_pretrained(a, tmp_path / jnp.dtype(dtype).name)
+        assert json.loads((out / "config.json").read_text())["torch_dtype"] == jnp.dtype(dtype).name
+        assert read_safetensors_header(out / "model.safetensors")["model.norm.weight"].dtype == (
+            "F32" if dtype == jnp.float32 else "BF16"
+        )
+        assert_same_params(a, qwen3.from_pretrained(out, dtype=dtype))
+
+
+def test_bfloat16_save_loads_in_transformers(tiny_checkpoint, tmp_path):
+    model = qwen3.from_pretrained(tiny_checkpoint, dtype=jnp.bfloat16)
+    out = qwen3.save_pretrained(model, tmp_path / "bf16")
+    hf = transformers.Qwen3ForCausalLM.from_pretrained(str(out), dtype=torch.bfloat16)
+    w = hf.model.layers[0].mlp.up_proj.weight.detach().float().numpy()
+    np.testing.assert_array_equal(
+        w, np.asarray(model.layers[0].mlp.up_proj.kernel[...], np.float32).T
+    )
+
+
+def test_tokenizer_saved_alongside(tiny_checkpoint, tmp_path):
+    from sfjax.tokenizer import load_tokenizer
+
+    model = qwen3.from_pretrained(tiny_checkpoint, dtype=jnp.float32)
+    out = qwen3.save_pretrained(model, tmp_path / "s", tokenizer=load_tokenizer(tiny_checkpoint))
+    assert load_tokenizer(out).encode("Action: 12") == load_tokenizer(tiny_checkpoint).encode(
+        "Action: 12"
+    )
+
+
+def test_mesh_places_params_by_rule(tiny_checkpoint):
+    mesh = Mesh(np.array(jax.devices()[:1]), ("tp",))
+    model = qwen3.from_pretrained(tiny_checkpoint, dtype=jnp.float32, mesh=mesh)
+    q = model.layers[0].self_attn.q_proj.kernel[...]
+    o = model.layers[0].self_attn.o_proj.kernel[...]
+    assert isinstance(q.sharding, NamedSharding)
+    assert q.sharding.spec == PartitionSpec(None, "tp")
+    assert o.sharding.spec == PartitionSpec("tp", None)
+    assert model.norm.weight[...].sharding.spec == PartitionSpec(None)
+    assert np.isfinite(np.asarray(model(IDS))).all()
+
+
+def test_param_sharding_rules():
+    mesh = AbstractMesh((4,), ("tp",))
+    spec = lambda path, shape: param_sharding(path, shape, mesh).spec  # noqa: E731
+    assert spec(("layers", 0, "mlp", "up_proj", "kernel"), (64, 128)) == PartitionSpec(None, "tp")
+    assert spec(("layers", 0, "mlp", "down_proj", "kernel"), (128, 64)) == PartitionSpec("tp", None)
+    assert spec(("embed_tokens", "embedding"), (1024, 64)) == PartitionSpec("tp", None)
+    assert spec(("lm_head", "kernel"), (64, 1024)) == PartitionSpec(None, "tp")
+    assert spec(("layers", 0, "self_attn", "q_norm", "weight"), (16,)) == PartitionSpec(None)
+    assert spec(("layers", 0, "self_attn", "k_proj", "kernel"), (64, 6)) == PartitionSpec(
+        None, None
+    )
+    other = AbstractMesh((2,), ("data",))
+    assert param_sharding(("lm_head", "kernel"), (64, 1024), other).spec == PartitionSpec(
+        None, None
+    )
+
+
+# ------------------------------------------------------------------------------ error cases
+@pytest.fixture
+def ckpt_copy(tiny_checkpoint, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(tiny_checkpoint, dst)
+    return dst
+
+
+def _rewrite(ckpt, edit):
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+
+
+def test_missing_tensors_are_listed(ckpt_copy):
+    _rewrite(
+        ckpt_copy,
+        lambda t: [t.pop("model.layers.1.mlp.up_proj.weight"), t.pop("model.norm.weight")],
+    )
+    with pytest.raises(
+        CheckpointError, match=r"missing tensors \(2\).*model\.layers\.1\.mlp\.up_proj"
+    ):
+        qwen3.from_pretrained(ckpt_copy)
+
+
+def test_unexpected_tensors_are_listed(ckpt_copy):
+    def add(t):
+        t["model.layers.0.self_attn.q_proj.bias"] = np.zeros(64, np.float32)
+
+    _rewrite(ckpt_copy, add)
+    with pytest.raises(CheckpointError, match=r"unexpected tensors \(1\).*q_proj\.bias"):
+        qwen3.from_pretrained(ckpt_copy)
+
+
+def test_untied_config_without_lm_head_is_missing(ckpt_copy):
+    cfg = json.loads((ckpt_copy / "config.json").read_text())
+    cfg["tie_word_embeddings"] = False
+    (ckpt_copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"missing tensors \(1\): \['lm_head.weight'\]"):
+        qwen3.from_pretrained(ckpt_copy)
+
+
+def test_shape_mismatch_names_tensor(ckpt_copy):
+    cfg = json.loads((ckpt_copy / "config.json").read_text())
+    cfg["intermediate_size"] = 96
+    (ckpt_copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(
+        CheckpointError, match=r"model\.layers\.0\.mlp\.gate_proj\.weight: shape \[128, 64\]"
+    ):
+        qwen3.from_pretrained(ckpt_copy)
+
+
+def test_dtype_mismatch_names_tensor(ckpt_copy):
+    def to_int(t):
+        t["model.layers.0.input_layernorm.weight"] = t[
+            "model.layers.0.input_layernorm.weight"
+        ].astype(np.int32)
+
+    _rewrite(ckpt_copy, to_int)
+    with pytest.raises(CheckpointError, match=r"input_layernorm\.weight: dtype I32"):
+        qwen3.from_pretrained(ckpt_copy)
+
+
+def test_truncated_file_is_named(ckpt_copy):
+    f = ckpt_copy / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: truncated"):
+        qwen3.from_pretrained(ckpt_copy)
+    f.write_bytes(b"\x07" * 6)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: only 6 bytes"):
+        qwen3.from_pretrained(ckpt_copy)
+
+
+def test_corrupt_header_is_named(ckpt_copy):
+    f = ckpt_copy / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[8:20] = b"not json!!!!"
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: unreadable safetensors header"):
+        qwen3.from_pretrained(ckpt_copy)
+
+
+def test_missing_shard_is_named(tmp_path):
+    ckpt = testing.write_tiny_checkpoint(tmp_path / "sh", seed=0, max_shard_bytes=200_000)
+    victim = sorted(ckpt.glob("model-*.safetensors"))[-1]
+    victim.unlink()
+    with pytest.raises(FileNotFoundError, match=victim.name):
+        qwen3.from_pretrained(ckpt)
+
+
+def test_unsupported_model_type(ckpt_copy):
+    cfg = json.loads((ckpt_copy / "config.json").read_text())
+    cfg["model_type"] = "qwen3_moe"
+    (ckpt_copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="unsupported model_type 'qwen3_moe'"):
+        qwen3.from_pretrained(ckpt_copy)
+
+
+def test_no_weights_and_bad_paths(ckpt_copy, tmp_path):
+    (ckpt_copy / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        qwen3.from_pretrained(ckpt_copy)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        qwen3.from_pretrained(tmp_path / "nowhere" / "deeper" / "x")
+
+
+def test_offline_hub_id_names_local_path_alternative(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError) as e:
+        qwen3.from_pretrained("Qwen/Qwen3-4B")
+    msg = str(e.value)
+    assert "offline" in msg and "local directory" in msg and "huggingface-cli download" in msg
+
+
+def test_read_tensor_round_trip(tmp_path):
+    arr = np.linspace(-3, 3, 24, dtype=np.float32).reshape(2, 3, 4).astype(ml_dtypes.bfloat16)
+    save_file({"x": arr, "y": np.arange(5, dtype=np.int64)}, str(tmp_path / "t.safetensors"))
+    header = read_safetensors_header(tmp_path / "t.safetensors")
+    assert header["x"].dtype == "BF16" and header["x"].shape == (2, 3, 4)
+    np.testing.assert_array_equal(read_tensor(header["x"]), arr)
+    np.testing.assert_array_equal(read_tensor(header["y"]), np.arange(5))
