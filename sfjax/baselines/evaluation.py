@@ -19,7 +19,7 @@ Shape legend: S = evaluation seeds, T = decisions per trajectory, N = training s
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -168,42 +168,46 @@ def evaluate_policy(policy, env, env_params, protocol: EvalProtocol) -> Rollouts
 
 
 class Agent(Protocol):
-    """A step-by-step controller evaluated in Python (the LLM agents)."""
+    """A controller evaluated in Python (the LLM agents), acting for all seeds as a batch."""
 
-    def reset(self, seed: int) -> None:
-        """Start a new trajectory (clear the history window / episode memory)."""
+    def reset(self, seeds: Sequence[int]) -> None:
+        """Start one new trajectory per seed (clear history windows / episode memory)."""
 
-    def act(self, obs: np.ndarray, info: dict[str, np.ndarray] | None) -> int:
-        """Action for the current observation; ``info`` is the feedback of the previous step
-        (None at the first decision)."""
+    def act(self, obs_S: np.ndarray, infos: list[dict[str, float]] | None) -> Sequence[int]:
+        """One action per seed; ``infos`` are the feedback dicts of the previous step (None at
+        the first decision)."""
 
 
 def evaluate_agent(agent: Agent, env, env_params, protocol: EvalProtocol) -> Rollouts:
     """Evaluate a Python agent on the protocol seeds with exactly the keys of
-    :func:`evaluate_policy` (the env step is jitted; the agent runs eagerly)."""
+    :func:`evaluate_policy`; the seeds form one batch (one agent call per decision), the env
+    step is jitted and vmapped over seeds."""
     env = _as_rejax(env)
-    reset = jax.jit(env.reset)
-    step = jax.jit(env.step)
-    records = []
-    for seed in protocol.seeds:
-        reset_key, step_keys_T, _ = protocol.episode_keys(seed)
-        agent.reset(seed)
-        obs, state = reset(reset_key, env_params)
-        info = None
-        per_step = []
-        for t in range(protocol.num_steps):
-            action = int(agent.act(np.asarray(obs), info))
-            obs, state, reward, _, info_j = step(
-                step_keys_T[t], state, jnp.asarray(action, jnp.int32), env_params
+    reset_S, steps_ST, _ = protocol.all_keys()
+    reset = jax.jit(jax.vmap(env.reset, in_axes=(0, None)))
+
+    def step_record(keys, state, actions):
+        obs, state, reward, _, info = jax.vmap(env.step, in_axes=(0, 0, 0, None))(
+            keys, state, actions, env_params
+        )
+        record = jax.vmap(_record)(info, reward)
+        return obs, state, info, record
+
+    step = jax.jit(step_record)
+    agent.reset(list(protocol.seeds))
+    obs, state = reset(reset_S, env_params)
+    infos = None
+    actions_T, records_T = [], []
+    for t in range(protocol.num_steps):
+        actions = np.asarray([int(a) for a in agent.act(np.asarray(obs), infos)], np.int32)
+        if actions.shape != (len(protocol.seeds),):
+            raise ValueError(
+                f"agent.act returned {actions.shape[0]} actions for {len(protocol.seeds)} seeds"
             )
-            info = {k: np.asarray(v) for k, v in info_j.items()}
-            per_step.append((action, *(float(x) for x in _record(info_j, reward))))
-        records.append(np.asarray(per_step, np.float64))
-    arr = np.stack(records)
-    return Rollouts(
-        actions=arr[..., 0].astype(np.int32),
-        rewards=arr[..., 1].astype(np.float32),
-        se=arr[..., 2].astype(np.float32),
-        reconfiguration=arr[..., 3].astype(np.float32),
-        violation=arr[..., 4].astype(np.float32),
-    )
+        obs, state, info, record = step(steps_ST[:, t], state, jnp.asarray(actions))
+        info_np = {k: np.asarray(v) for k, v in info.items() if np.ndim(v) == 1}
+        infos = [{k: float(v[i]) for k, v in info_np.items()} for i in range(len(actions))]
+        actions_T.append(actions)
+        records_T.append([np.asarray(x) for x in record])
+    per = [np.stack([r[j] for r in records_T], axis=-1) for j in range(4)]
+    return Rollouts(np.stack(actions_T, axis=-1), *per)

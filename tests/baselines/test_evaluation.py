@@ -16,16 +16,19 @@ class ConstantAgent:
     def __init__(self, action: int):
         self.action = action
         self.seen: dict[int, list[np.ndarray]] = {}
-        self._seed = None
+        self._seeds = []
 
-    def reset(self, seed: int) -> None:
-        self._seed = seed
-        self.seen[seed] = []
+    def reset(self, seeds) -> None:
+        self._seeds = list(seeds)
+        self.seen = {s: [] for s in seeds}
 
-    def act(self, obs, info):
-        assert (info is None) == (len(self.seen[self._seed]) == 0)
-        self.seen[self._seed].append(np.asarray(obs))
-        return self.action
+    def act(self, obs_S, infos):
+        assert (infos is None) == (len(self.seen[self._seeds[0]]) == 0)
+        if infos is not None:
+            assert len(infos) == len(self._seeds) and "se" in infos[0]
+        for s, o in zip(self._seeds, obs_S):
+            self.seen[s].append(np.asarray(o))
+        return [self.action] * len(self._seeds)
 
 
 PROTOCOL = EvalProtocol(seeds=(3, 11, 12), num_steps=25)
