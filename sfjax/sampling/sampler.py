@@ -144,10 +144,15 @@ def _decode_loop(graphdef, n, state, cache, ids_BT, mask_BT, rows, tables, key, 
     V = logits_NV.shape[-1]
     Z = stop_accept_Z.shape[0]
     pad_id = tables["pad_id"]
-    stop_cols_NK = jnp.where(stop_ids_NK < 0, V, stop_ids_NK)
-    is_stop_NV = (
-        jnp.zeros((N, V + 1), bool).at[jnp.arange(N)[:, None], stop_cols_NK].set(True)[:, :V]
-    )
+
+    def id_mask(ids_NK):  # -1 padded id lists -> [N, V] membership
+        cols_NK = jnp.where(ids_NK < 0, V, ids_NK)
+        return jnp.zeros((N, V + 1), bool).at[jnp.arange(N)[:, None], cols_NK].set(True)[:, :V]
+
+    is_stop_NV = id_mask(stop_ids_NK)
+    # Before the action exists a row may neither stop nor open a <think> block (which the
+    # Actor's parser strips, action included).
+    free_ban_NV = id_mask(rows["free_ban_NK"])
 
     carry = dict(
         step=jnp.int32(0),
@@ -170,7 +175,7 @@ def _decode_loop(graphdef, n, state, cache, ids_BT, mask_BT, rows, tables, key, 
     def body(c):
         step, cstate, done_N = c["step"], c["cstate"], c["done_N"]
         allowed_NV = cons.allowed_tokens(cstate, ctab, V)
-        allowed_NV &= ~(is_stop_NV & (cstate.phase_B == cons.FREE)[:, None])
+        allowed_NV &= ~(free_ban_NV & (cstate.phase_B == cons.FREE)[:, None])
         masked_NV = jnp.where(allowed_NV, c["logits_NV"], dist.NEG_INF)
         key, sub = jax.random.split(c["key"])
         tok_N, sample_lp_N = dist.sample(sub, masked_NV, temperature_N, top_k_N, top_p_N)
@@ -248,6 +253,7 @@ class Sampler:
             raise TypeError("Sampler needs a model with a `.config` (e.g. sfjax.models.qwen3.Qwen3)")
         self.model = model
         self.tokenizer = tokenizer
+        self._special_vocab: dict[str, int] | None = None
         self.config = config
         self.vocab_size = int(config.vocab_size)
         self.cache_dtype = jnp.dtype(cache_dtype or getattr(model, "dtype", jnp.float32))
@@ -258,7 +264,7 @@ class Sampler:
             cfg_eos = getattr(config, "eos_token_id", None)
             if cfg_eos is not None:
                 eos.update(int(i) for i in np.atleast_1d(cfg_eos))
-            vocab = tokenizer.get_vocab()
+            vocab = self._vocab()
             eos.update(vocab[t] for t in ("<|im_end|>", "<|endoftext|>") if t in vocab)
             eos_token_ids = sorted(eos)
         self.eos_token_ids = tuple(int(i) for i in eos_token_ids)
@@ -374,6 +380,13 @@ class Sampler:
             out.append(list(ids))
         return out
 
+    def _vocab(self) -> dict[str, int]:
+        """Added/special tokens by content (cheap: not the whole vocabulary)."""
+        if self._special_vocab is None:
+            added = getattr(self.tokenizer, "added_tokens_decoder", {})
+            self._special_vocab = {t.content: int(i) for i, t in added.items()}
+        return self._special_vocab
+
     def _bytes(self) -> TokenBytes:
         if self._vocab_bytes is None:
             self._vocab_bytes = TokenBytes(token_bytes(self.tokenizer, self.vocab_size))
@@ -457,6 +470,11 @@ class Sampler:
         stop_ids_NK = np.full((N, K), -1, np.int32)
         for r, s in enumerate(stop_sets):
             stop_ids_NK[r, : len(s)] = s
+        think = [v for t, v in self._vocab().items() if t in ("<think>", "</think>")]
+        ban_sets = [sorted(set(s) | set(think if c is not None else ())) for s in stop_sets]
+        free_ban_NK = np.full((N, _bucket(max(len(s) for s in ban_sets), 4)), -1, np.int32)
+        for r, s in enumerate(ban_sets):
+            free_ban_NK[r, : len(s)] = s
         stops = tuple(sorted({s for p in plist for s in p.stop}))
         stop_ZQV, stop_accept_Z = self._stop_string_tables(stops)
         stop_on_NZ = np.zeros((N, stop_ZQV.shape[0]), bool)
@@ -486,6 +504,7 @@ class Sampler:
             top_p_N=jnp.asarray([p.top_p for p in rp], jnp.float32),
             max_new_N=jnp.asarray(max_new_N),
             stop_ids_NK=jnp.asarray(stop_ids_NK),
+            free_ban_NK=jnp.asarray(free_ban_NK),
             stop_on_NZ=jnp.asarray(stop_on_NZ),
             active_N=jnp.asarray(active_N),
             tokens_init_NM=jnp.full((N, M), self.pad_token_id, jnp.int32),

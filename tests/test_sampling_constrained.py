@@ -1,0 +1,134 @@
+"""The action-field state machine and the byte automata, against brute force references."""
+
+from __future__ import annotations
+
+import re
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sfjax.agents.prompts import _FIELD_RE
+from sfjax.sampling import ActionConstraint
+from sfjax.sampling.automata import (
+    LINE_START,
+    TokenBytes,
+    header_dfa,
+    run_dfa,
+    string_dfa,
+    token_bytes,
+)
+from sfjax.sampling.constrained import digit_mask
+
+RANGES = [(0, 25), (3, 13), (1, 100), (7, 7), (0, 0), (10, 999), (95, 105), (0, 9), (19, 21)]
+
+
+def brute_force(prefix: str, lo: int, hi: int):
+    """Digits d such that prefix+d starts some str(x), x in [lo, hi]; and whether prefix ends."""
+    strings = [str(x) for x in range(lo, hi + 1)]
+    allowed = [any(s.startswith(prefix + str(d)) for s in strings) for d in range(10)]
+    can_end = prefix != "" and prefix in strings
+    return allowed, can_end
+
+
+@pytest.mark.parametrize("lo,hi", RANGES)
+def test_digit_mask_matches_brute_force(lo, hi):
+    prefixes = {""}
+    for x in range(lo, hi + 1):
+        s = str(x)
+        prefixes.update(s[:i] for i in range(1, len(s) + 1))
+    prefixes.update({"0", "00", "1", "9", "99", "1000"})  # some unreachable ones too
+    prefixes = sorted(prefixes)
+    num = jnp.asarray([int(p) if p else 0 for p in prefixes], jnp.int32)
+    nd = jnp.asarray([len(p) for p in prefixes], jnp.int32)
+    B = len(prefixes)
+    allowed, can_end = digit_mask(num, nd, jnp.full((B,), lo), jnp.full((B,), hi))
+    for i, p in enumerate(prefixes):
+        ref_allowed, ref_end = brute_force(p, lo, hi)
+        if p.startswith("0") and len(p) > 1:  # unreachable (leading zeros): must stay closed
+            assert not np.asarray(allowed[i]).any(), (p, lo, hi)
+            continue
+        assert np.asarray(allowed[i]).tolist() == ref_allowed, (p, lo, hi)
+        assert bool(can_end[i]) == ref_end, (p, lo, hi)
+
+
+def test_digit_mask_large_bounds_do_not_overflow():
+    hi = 999_999_999
+    num = jnp.asarray([99_999_999, 999_999_999, 123], jnp.int32)
+    nd = jnp.asarray([8, 9, 3], jnp.int32)
+    allowed, can_end = digit_mask(num, nd, jnp.zeros(3, jnp.int32), jnp.full(3, hi))
+    assert np.asarray(allowed[0]).all() and not np.asarray(allowed[1]).any()
+    assert np.asarray(allowed[2]).all() and np.asarray(can_end).all()
+
+
+def parser_sees_action_header(text: str) -> bool:
+    return _FIELD_RE["action"].search(text) is not None
+
+
+@pytest.mark.parametrize(
+    "text,accepted",
+    [
+        ("Action", True),
+        ("foo\n**action", True),
+        ("x Action", False),
+        ("1. Action", True),
+        ("- ACTION", True),
+        ("reaction", False),
+        ("> # __Action", True),
+        ("12) *action", True),
+        ("\n\n  \tactions", True),  # conservative: the parser would not read "actions:"
+        ("an action", False),
+        ("12action", False),
+        ("Act\nion", False),
+    ],
+)
+def test_header_dfa_covers_actor_parser(text, accepted):
+    """Every header the Actor's parser reads reaches accept (so the sampler can ban it)."""
+    dfa, accept = header_dfa("Action")
+    got = run_dfa(dfa, LINE_START, text.encode()) == accept
+    assert got == accepted, text
+    if parser_sees_action_header(text + ": 5"):
+        assert got, text
+
+
+def test_string_dfa_finds_pattern_like_str_find():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        pattern = "".join(rng.choice(list("ab\n"), size=int(rng.integers(1, 5))))
+        text = "".join(rng.choice(list("ab\n"), size=int(rng.integers(0, 12))))
+        dfa = string_dfa(pattern.encode())
+        assert (run_dfa(dfa, 0, text.encode()) == len(pattern)) == (pattern in text)
+
+
+def test_token_transitions_match_byte_runs(tiny_checkpoint):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    pieces = token_bytes(tok, 1024)
+    assert pieces[tok.convert_tokens_to_ids("Ċ")] == b"\n"
+    for v in (0, 100, 500, 800):
+        assert pieces[v].decode("utf-8", "replace") == tok.decode([v]) or v < 256
+    assert pieces[1000] == b""
+    tb = TokenBytes(pieces)
+    for dfa, accept in (header_dfa("Action"), (string_dfa(b"on\n"), 3)):
+        table = tb.transitions(dfa, accept)
+        for v in range(0, 1024, 7):
+            for q in range(accept + 1):
+                s, over = q, False
+                for b in pieces[v]:
+                    if s == accept:
+                        over = True
+                        break
+                    s = int(dfa[s, b])
+                ref = accept + 1 if over else s
+                assert table[q, v] == ref, (q, v, pieces[v])
+
+
+def test_constraint_validation():
+    with pytest.raises(ValueError, match="lo <= hi"):
+        ActionConstraint(5, 3)
+    with pytest.raises(ValueError, match="letters"):
+        ActionConstraint(0, 3, field=": x")
+    assert ActionConstraint(0, 100).word == "Action"
+    assert ActionConstraint(0, 100).max_digits == 3
+    assert re.fullmatch(r"[A-Za-z]+", ActionConstraint(0, 1, field="PRBs =").word)
