@@ -213,27 +213,14 @@ def write_safetensors(
 
 # ------------------------------------------------------------------------------- sharding
 def param_sharding(name_path: tuple[str | int, ...], shape: tuple[int, ...], mesh):
-    """Default placement of one parameter on ``mesh`` (a simple tensor-parallel rule table).
-
-    Column-parallel q/k/v/gate/up kernels (``[in, out]``, ``out`` over ``"tp"``), row-parallel
-    o/down kernels (``in`` over ``"tp"``), the embedding's vocab rows and the LM head's vocab
-    columns over ``"tp"``; norms replicated. A dimension is sharded only if the mesh has a
-    ``"tp"`` axis that divides it. ``sfjax.parallel`` may supply a finer rule.
+    """Default placement of one parameter on ``mesh``: the logical rules of
+    :mod:`sfjax.parallel` (q/k/v/gate/up kernels ``[in, out]`` as (fsdp, tp), o/down as
+    (tp, fsdp), embedding (tp, fsdp), LM head (fsdp, tp), norms replicated; a dimension a mesh
+    axis does not divide is not split over it).
     """
-    from jax.sharding import NamedSharding, PartitionSpec
+    from sfjax import parallel
 
-    names = [p for p in name_path if isinstance(p, str)]
-    leaf = names[-2] if len(names) >= 2 else ""
-    dims: list[str | None] = [None] * len(shape)
-    if leaf in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head"):
-        dims[-1] = "tp"
-    elif leaf in ("o_proj", "down_proj"):
-        dims[0] = "tp"
-    elif leaf == "embed_tokens":
-        dims[0] = "tp"
-    tp = dict(mesh.shape).get("tp")
-    dims = [a if (a is not None and tp and n % tp == 0) else None for a, n in zip(dims, shape)]
-    return NamedSharding(mesh, PartitionSpec(*dims))
+    return parallel.param_sharding(name_path, shape, mesh)
 
 
 # --------------------------------------------------------------------------------- loading
@@ -387,8 +374,13 @@ def from_pretrained(
         arr = read_tensor(tensors[spec.hf_name])
         arr = arr.T if spec.transpose else arr
         arr = np.ascontiguousarray(arr.astype(target, copy=False))
-        device = rule(spec.path, spec.shape, mesh) if mesh is not None else None
-        flat[spec.path].set_value(jax.device_put(arr, device))
+        if mesh is None:
+            value = jax.device_put(arr)
+        else:  # each process transfers only its own shards (multi-host safe)
+            from sfjax.parallel import put
+
+            value = put(arr, rule(spec.path, spec.shape, mesh))
+        flat[spec.path].set_value(value)
         del arr
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
@@ -417,6 +409,18 @@ def save_pretrained(
         raise ValueError(f"save dtype must be bfloat16, float32 or float16, got {dtype!r}")
     table = hf_param_table(config)
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    wrapped = sorted(
+        spec.hf_name.removesuffix(".weight")
+        for spec in table
+        if spec.path not in flat and (*spec.path[:-1], "base", spec.path[-1]) in flat
+    )
+    if wrapped:
+        raise ValueError(
+            f"the model has LoRA adapters on {len(wrapped)} projections (e.g. {wrapped[0]}); "
+            "save_pretrained writes plain Qwen3 weights: merge them first with "
+            "sfjax.models.lora.merge_lora(model), or save only the adapter with "
+            "sfjax.models.lora.save_adapter"
+        )
     for spec in table:
         if spec.path not in flat:
             raise CheckpointError(f"model has no parameter {spec.path} for {spec.hf_name}")
