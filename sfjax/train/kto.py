@@ -31,6 +31,7 @@ Shape legend: ``A`` micro-batches per step, ``B`` micro-batch size, ``T`` bucket
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Sequence
@@ -182,38 +183,53 @@ def lr_schedule(config: KTOConfig, total_steps: int, xp=jnp) -> optax.Schedule:
     return schedule
 
 
-def make_optimizer(config: KTOConfig, total_steps: int) -> optax.GradientTransformation:
-    """Global-norm clipping + AdamW on the schedule of :func:`lr_schedule`."""
-    adamw = optax.adamw(
-        lr_schedule(config, total_steps),
-        b1=config.adam_b1,
-        b2=config.adam_b2,
-        eps=config.adam_eps,
-        weight_decay=config.weight_decay,
-    )
-    if config.max_grad_norm is None:
-        return adamw
-    return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw)
+def make_optimizer(config: KTOConfig) -> optax.GradientTransformation:
+    """Global-norm clipping + AdamW direction (Adam moments + decoupled weight decay).
+
+    The learning rate is applied by the train step (``params -= lr · update``), with ``lr``
+    from :func:`lr_schedule` passed in per step, so one compiled step serves every train()
+    call whatever its length. Equivalent to ``optax.adamw(schedule, ...)`` after clipping.
+    """
+    parts = [] if config.max_grad_norm is None else [optax.clip_by_global_norm(config.max_grad_norm)]
+    parts += [
+        optax.scale_by_adam(b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps),
+        optax.add_decayed_weights(config.weight_decay),
+    ]
+    return optax.chain(*parts)
 
 
 def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, config: KTOConfig, counter=None):
-    """The jitted step ``(lora, opt_state, frozen, rng_state, batch, key, weights) -> ...``.
+def _step_spec(config: KTOConfig) -> KTOConfig:
+    """The config with only the fields the compiled step depends on (a cache key)."""
+    return KTOConfig(
+        beta=config.beta, loss_type=config.loss_type, weight_decay=config.weight_decay,
+        adam_b1=config.adam_b1, adam_b2=config.adam_b2, adam_eps=config.adam_eps,
+        max_grad_norm=config.max_grad_norm, micro_batch_size=2, progress=False,
+    )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=8)
+def make_train_step(graphdef, config: KTOConfig):
+    """The jitted step ``(lora, opt_state, frozen, rng_state, batch, key, weights, lr)``.
 
     ``lora`` and ``opt_state`` are donated. ``batch`` holds the ``[A, B, T]`` arrays of
-    :class:`sfjax.train.data.Batch`; ``weights`` is ``(λD, λU)``. Returns
-    ``(lora, opt_state, finite, metrics)`` with per-micro-batch metrics ``[A]``.
+    :class:`sfjax.train.data.Batch`; ``weights`` is ``(λD, λU)``; ``lr`` the step's learning
+    rate. Returns ``(lora, opt_state, finite, metrics)`` with per-micro-batch metrics ``[A]``
+    and the pre-clipping ``grad_norm``. Cached per (model structure, step hyper-parameters);
+    ``fn.trace_count`` lists one entry per compilation.
     """
+    config = _step_spec(config)
+    tx = make_optimizer(config)
+    trace_count: list[int] = []
 
     def logps_of(model, ids, mask, comp):
         return completion_logps(model(ids, attention_mask=mask), ids, comp)
 
-    def step(lora, opt_state, frozen, rng_state, batch, key, weights):
-        if counter is not None:
-            counter.append(1)  # runs at trace time only: counts compilations
+    def step(lora, opt_state, frozen, rng_state, batch, key, weights, lr):
+        trace_count.append(1)  # runs at trace time only: counts compilations
         A = batch["input_ids_ABT"].shape[0]
         n_live = jnp.maximum(jnp.sum(jnp.any(batch["valid_AB"], axis=1)), 1)
 
@@ -264,7 +280,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, config: KTOConfi
         grads, metrics = jax.lax.scan(micro, zeros, (batch, keys))
         grad_norm = optax.global_norm(grads)
         updates, new_opt_state = tx.update(grads, opt_state, lora)
-        new_lora = optax.apply_updates(lora, updates)
+        new_lora = jax.tree.map(lambda p, u: (p - lr * u).astype(p.dtype), lora, updates)
         finite = jnp.isfinite(grad_norm) & jnp.all(
             jnp.where(metrics["live"] > 0, jnp.isfinite(metrics["loss"]), True)
         )
@@ -273,7 +289,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, config: KTOConfi
         metrics["grad_norm"] = grad_norm
         return keep(new_lora, lora), keep(new_opt_state, opt_state), finite, metrics
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    fn = jax.jit(step, donate_argnums=(0, 1))
+    fn.trace_count = trace_count
+    return fn
 
 
 class KTOTrainer:
@@ -306,10 +324,13 @@ class KTOTrainer:
         self.opt_state = None
         self.step = 0
         self.skipped_steps = 0
-        self.trace_count: list[int] = []
-        self._tx = None
         self._step_fn = None
         self._logps_fn = None
+
+    @property
+    def trace_count(self) -> int:
+        """Compilations of the current train step (one per sequence bucket used)."""
+        return 0 if self._step_fn is None else len(self._step_fn.trace_count)
 
     # ------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -398,12 +419,11 @@ class KTOTrainer:
             self.model, nnx.LoRAParam, nnx.RngState, ...
         )
         lora = jax.tree.map(jnp.copy, lora)  # donated below; the model keeps valid buffers
-        self._tx = make_optimizer(c, total)
+        self._step_fn = make_train_step(graphdef, _step_spec(c))
         if not resume or self.opt_state is None:
-            self.opt_state = self._tx.init(lora)
+            self.opt_state = make_optimizer(c).init(lora)
             self.step = 0
             self.skipped_steps = 0
-        self._step_fn = make_train_step(graphdef, self._tx, c, self.trace_count)
         host_lr = lr_schedule(c, total, xp=np)
 
         writer, own_writer = _open_writer(writer)
@@ -425,10 +445,11 @@ class KTOTrainer:
                         pad_token_id=self.pad_token_id, with_kl=c.with_kl,
                     )  # fmt: skip
                     skey = jax.random.fold_in(step_key, global_step)
+                    lr = float(host_lr(global_step - 1))  # as HF: the schedule advances every step
                     lora, opt_state, finite, metrics = self._step_fn(
-                        lora, opt_state, frozen, rng_state, batch.arrays(), skey, weights
+                        lora, opt_state, frozen, rng_state, batch.arrays(), skey, weights,
+                        np.float32(lr),
                     )
-                    lr = float(host_lr(global_step - 1 - self.skipped_steps))
                     # Metrics one step late: read step k after step k+1 is dispatched.
                     if pending is not None:
                         self._absorb(pending, window, history, writer, bar)

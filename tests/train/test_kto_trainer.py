@@ -1,0 +1,228 @@
+"""KTO data pipeline (KL pairing, bucketing) and the jitted KTO trainer on a tiny Qwen3."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sfjax.models import lora, qwen3
+from sfjax.tokenizer import load_tokenizer
+from sfjax.train import KTOConfig, KTOExample, KTOTrainer
+from sfjax.train.data import (
+    TokenizedExample,
+    collate_step,
+    default_buckets,
+    kl_pairing,
+    plan_steps,
+    tokenize_examples,
+)
+from sfjax.train.kto import make_train_step
+
+IDS = np.array([[5, 17, 300, 42, 9, 811, 77, 3], [820, 820, 12, 64, 128, 256, 600, 1]])
+MASK = np.array([[1] * 8, [0, 0, 1, 1, 1, 1, 1, 1]])
+
+
+# ------------------------------------------------------------------------------ KL pairing
+@pytest.mark.parametrize("n", range(2, 17))
+def test_kl_pairing_is_a_true_mismatch_for_every_batch_size(n):
+    prompts = [(i, i + 1) for i in range(n)]
+    src = kl_pairing(prompts)
+    assert sorted(src.tolist()) == list(range(n))  # every completion used exactly once
+    assert all(src[i] != i for i in range(n))  # nobody gets its own completion
+    np.testing.assert_array_equal(src, np.roll(np.arange(n), 1))  # TRL's roll by one
+
+    # RfR-style data: rollouts of the same prompt sit next to each other.
+    if n >= 4:
+        dup = [(i // 2,) for i in range(n)]
+        src = kl_pairing(dup)
+        assert all(dup[i] != dup[src[i]] for i in range(n))
+        assert sorted(src.tolist()) == list(range(n))
+
+
+def test_kl_pairing_errors_and_degenerate_batches():
+    with pytest.raises(ValueError, match="at least 2 examples"):
+        kl_pairing([(1, 2)])
+    with pytest.warns(UserWarning, match="identical"):
+        src = kl_pairing([(7,)] * 3)
+    assert all(src[i] != i for i in range(3))
+    with pytest.raises(ValueError, match="micro_batch_size >= 2"):
+        KTOConfig(micro_batch_size=1)
+    KTOConfig(micro_batch_size=1, loss_type="apo_zero_unpaired")  # no KL term: fine
+
+
+def test_plan_and_collate_layout():
+    exs = [
+        TokenizedExample(tuple(range(10, 10 + p)), tuple(range(100, 100 + c)), d)
+        for p, c, d in [(3, 2, True), (5, 1, False), (2, 4, True), (4, 3, False), (6, 2, True)]
+    ]
+    order = np.arange(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        steps = plan_steps(order, 3, 2, need_pairs=True)  # 3 + 2
+    assert [[len(m) for m in s] for s in steps] == [[3, 2]]
+    with pytest.warns(UserWarning, match="dropping one example"):
+        steps = plan_steps(order, 2, 2, need_pairs=True)  # 2 + 2 + 1: the single one has no pair
+    assert [[len(m) for m in s] for s in steps] == [[2, 2]]
+    steps = plan_steps(order, 2, 2, need_pairs=False)  # no KL term: keep it
+    assert [[len(m) for m in s] for s in steps] == [[2, 2], [1]]
+
+    steps = plan_steps(np.arange(4), 2, 3, need_pairs=True)
+    batch = collate_step(exs, steps[0], micro_batch_size=2, grad_accum_steps=3,
+                         buckets=(8, 16), pad_token_id=0, with_kl=True)  # fmt: skip
+    assert batch.input_ids_ABT.shape == (3, 2, 8)  # longest row 7 -> bucket 8
+    assert batch.valid_AB.tolist() == [[True, True], [True, True], [False, False]]
+    assert batch.desirable_AB[:2].tolist() == [[True, False], [True, False]]
+    # row (0, 0): prompt 0 + completion 0, right padded; KL row: prompt 0 + completion 1
+    np.testing.assert_array_equal(batch.input_ids_ABT[0, 0, :5], [10, 11, 12, 100, 101])
+    assert batch.completion_mask_ABT[0, 0].tolist() == [0, 0, 0, 1, 1, 0, 0, 0]
+    assert batch.attention_mask_ABT[0, 0].tolist() == [1] * 5 + [0] * 3
+    np.testing.assert_array_equal(batch.kl_input_ids_ABT[0, 0, :4], [10, 11, 12, 100])
+    assert batch.kl_completion_mask_ABT[0, 0].tolist() == [0, 0, 0, 1, 0, 0, 0, 0]
+    assert not batch.attention_mask_ABT[2].any()
+    assert default_buckets(300) == (32, 64, 128, 256, 300)
+
+
+def test_tokenize_truncates_and_appends_eos(tiny_checkpoint):
+    tok = load_tokenizer(tiny_checkpoint)
+    exs = [KTOExample("Action:", " 1", True), KTOExample(list(range(50)), [5, 6, 7, 8], False)]
+    out = tokenize_examples(exs, tok, max_prompt_length=10, max_completion_length=3)
+    assert out[0].completion_ids[-1] == tok.eos_token_id
+    assert tok.decode(list(out[0].prompt_ids) + list(out[0].completion_ids[:-1])) == "Action: 1"
+    assert out[1].prompt_ids == tuple(range(40, 50))  # keeps the end of the prompt
+    assert out[1].completion_ids == (5, 6, 7)  # keeps the start of the completion
+    assert out[1].desirable is False
+    with pytest.raises(TypeError, match="both"):
+        tokenize_examples([KTOExample("a", [1], True)], tok, max_prompt_length=4,
+                          max_completion_length=4)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ trainer
+def _dataset():
+    exs = []
+    for i in range(24):
+        good = i % 3 != 0
+        completion = " 12 PRBs" if good else " 3 PRBs"
+        exs.append(KTOExample(f"state {i}: queue {7 * i % 50} Action:", completion, good))
+    return exs
+
+
+class RecordingWriter:
+    def __init__(self):
+        self.scalars = []
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, float(value), int(step)))
+
+
+def _trainer(tiny_checkpoint, **overrides):
+    model = qwen3.from_pretrained(tiny_checkpoint, dtype=jnp.float32)
+    cfg = dict(beta=0.5, epochs=4, micro_batch_size=4, learning_rate=1e-2, warmup_ratio=0.0,
+               max_prompt_length=32, max_completion_length=8, progress=False)  # fmt: skip
+    cfg.update(overrides)
+    trainer = KTOTrainer(model, load_tokenizer(tiny_checkpoint), KTOConfig(**cfg),
+                         lora_config=lora.LoRAConfig(rank=8, alpha=16))  # fmt: skip
+    return model, trainer
+
+
+def test_kto_training_moves_margins_and_keeps_reference(tiny_checkpoint, tmp_path):
+    base = qwen3.from_pretrained(tiny_checkpoint, dtype=jnp.float32)
+    base_logits = np.asarray(base(IDS, attention_mask=MASK))
+    make_train_step.cache_clear()  # count this test's compilations only
+    model, trainer = _trainer(tiny_checkpoint)
+    exs = _dataset()
+    desirable = np.array([e.desirable for e in exs])
+    policy0, ref0 = trainer.completion_logps(exs)
+    np.testing.assert_array_equal(policy0, ref0)  # B = 0 at start
+
+    writer = RecordingWriter()
+    history = trainer.train(exs, jax.random.key(0), writer=writer)
+    assert len(history) == 4 * 6 and history[-1]["step"] == 24
+    assert trainer.trace_count == 1  # one bucket -> one compilation for 24 steps
+    assert trainer.skipped_steps == 0
+
+    policy1, ref1 = trainer.completion_logps(exs)
+    np.testing.assert_array_equal(ref1, ref0)  # reference untouched
+    margin = policy1 - ref1
+    # Measured on this setup: desirable ≈ +6, undesirable ≈ -1.7 nats.
+    assert margin[desirable].mean() > 2.0 and margin[desirable].min() > 0.5
+    assert margin[~desirable].mean() < -0.5 and margin[~desirable].max() < 0.0
+
+    # Adapter-off logits stay bit-identical to the untouched base model.
+    with lora.adapters_disabled(model):
+        off = np.asarray(model(IDS, attention_mask=MASK))
+    np.testing.assert_array_equal(off, base_logits)
+    assert np.abs(np.asarray(model(IDS, attention_mask=MASK)) - base_logits).max() > 1e-3
+
+    tags = {t for t, _, _ in writer.scalars}
+    for name in ("loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins",
+                 "logps/chosen", "logps/rejected", "learning_rate", "grad_norm"):  # fmt: skip
+        assert f"train/{name}" in tags, name
+    margins = [e.get("rewards/margins", np.nan) for e in history]  # absent: one-class batch
+    assert np.nanmean(margins[-6:]) > np.nanmean(margins[:6]) + 0.5
+    assert history[-1]["loss"] < history[0]["loss"]
+    lrs = [e["learning_rate"] for e in history]
+    assert lrs[0] == pytest.approx(1e-2) and lrs[-1] < lrs[0] / 10  # linear decay
+
+    # PEFT export of the trained adapter round-trips into a fresh model.
+    trainer.save_adapter(tmp_path / "adapter")
+    fresh = qwen3.from_pretrained(tiny_checkpoint, dtype=jnp.float32)
+    lora.load_adapter(fresh, tmp_path / "adapter")
+    np.testing.assert_array_equal(
+        np.asarray(fresh(IDS, attention_mask=MASK)), np.asarray(model(IDS, attention_mask=MASK))
+    )
+
+
+def test_training_is_deterministic_and_state_roundtrips(tiny_checkpoint):
+    exs = _dataset()[:12]
+    kw = dict(epochs=1, grad_accum_steps=2, micro_batch_size=3, lr_schedule="cosine")
+    m1, t1 = _trainer(tiny_checkpoint, **kw)
+    m2, t2 = _trainer(tiny_checkpoint, **kw)
+    h1 = t1.train(exs, jax.random.key(3))
+    h2 = t2.train(exs, jax.random.key(3))
+    assert h1 == h2 and len(h1) == 2
+    for a, b in zip(jax.tree.leaves(lora.lora_state(m1)), jax.tree.leaves(lora.lora_state(m2))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    sd = t1.state_dict()
+    m3, t3 = _trainer(tiny_checkpoint, **kw)
+    t3.load_state_dict(jax.tree.map(np.asarray, sd))
+    assert t3.step == 2
+    for a, b in zip(jax.tree.leaves(lora.lora_state(m1)), jax.tree.leaves(lora.lora_state(m3))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(jax.tree.leaves(sd["opt_state"]), jax.tree.leaves(t3.opt_state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert t3.train(exs, jax.random.key(3), resume=True) == []  # nothing left to do
+
+
+def test_non_finite_updates_are_skipped_and_counted(tiny_checkpoint):
+    nan = float("nan")
+    model, trainer = _trainer(tiny_checkpoint, epochs=1, desirable_weight=nan,
+                              undesirable_weight=nan)  # fmt: skip
+    before = [np.asarray(x) for x in jax.tree.leaves(lora.lora_state(model))]
+    history = trainer.train(_dataset()[:8], jax.random.key(0))
+    assert trainer.skipped_steps == 2 and history[-1]["skipped_steps"] == 2
+    after = [np.asarray(x) for x in jax.tree.leaves(lora.lora_state(model))]
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_apo_zero_unpaired_trains_without_kl_rows(tiny_checkpoint, tmp_path):
+    model, trainer = _trainer(tiny_checkpoint, loss_type="apo_zero_unpaired", epochs=2,
+                              micro_batch_size=1, grad_accum_steps=4)  # fmt: skip
+    exs = _dataset()[:8]
+    history = trainer.train(exs, jax.random.key(1), writer=tmp_path / "tb")
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))  # a real TensorBoard file
+    assert all(e["kl"] == 0.0 for e in history)
+    policy, ref = trainer.completion_logps(exs)
+    desirable = np.array([e.desirable for e in exs])
+    assert (policy - ref)[desirable].mean() > (policy - ref)[~desirable].mean() + 0.5
+
+
+def test_too_few_examples_is_a_clear_error(tiny_checkpoint):
+    _, trainer = _trainer(tiny_checkpoint)
+    with pytest.raises(ValueError, match="at least"):
+        trainer.train(_dataset()[:1], jax.random.key(0))
