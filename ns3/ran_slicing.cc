@@ -32,7 +32,9 @@
 #include <ns3/propagation-module.h>
 #include <ns3/three-gpp-antenna-model.h>
 
+#include <array>
 #include <cmath>
+#include <fstream>
 #include <cstdio>
 #include <iomanip>
 #include <limits>
@@ -190,6 +192,79 @@ class SlicingBsAntenna : public ThreeGppAntennaModel
 NS_OBJECT_ENSURE_REGISTERED(SlicingBsAntenna);
 
 // ---------------------------------------------------------------------------------------------
+// A fixed drop read from a file (--dropFile): the LOS state and shadowing of each UE are given
+// instead of drawn, so ns-3 and the JAX simulator see the same large-scale channel.
+// ---------------------------------------------------------------------------------------------
+struct UeDrop
+{
+    bool los{true};
+    double shadowingDb{0.0};
+};
+
+static std::map<const MobilityModel*, UeDrop> g_dropOfMobility;
+
+static const UeDrop*
+FindDrop(const MobilityModel* a, const MobilityModel* b)
+{
+    auto it = g_dropOfMobility.find(a);
+    if (it == g_dropOfMobility.end())
+    {
+        it = g_dropOfMobility.find(b);
+    }
+    return it == g_dropOfMobility.end() ? nullptr : &it->second;
+}
+
+class FixedDropConditionModel : public ChannelConditionModel
+{
+  public:
+    static TypeId GetTypeId()
+    {
+        static TypeId tid = TypeId("ns3::FixedDropConditionModel")
+                                .SetParent<ChannelConditionModel>()
+                                .AddConstructor<FixedDropConditionModel>();
+        return tid;
+    }
+
+    Ptr<ChannelCondition> GetChannelCondition(Ptr<const MobilityModel> a,
+                                              Ptr<const MobilityModel> b) const override
+    {
+        const UeDrop* d = FindDrop(PeekPointer(a), PeekPointer(b));
+        bool los = d == nullptr || d->los;
+        return CreateObject<ChannelCondition>(los ? ChannelCondition::LOS
+                                                  : ChannelCondition::NLOS);
+    }
+
+    int64_t AssignStreams(int64_t) override { return 0; }
+};
+
+NS_OBJECT_ENSURE_REGISTERED(FixedDropConditionModel);
+
+class FixedShadowingLossModel : public PropagationLossModel
+{
+  public:
+    static TypeId GetTypeId()
+    {
+        static TypeId tid = TypeId("ns3::FixedShadowingLossModel")
+                                .SetParent<PropagationLossModel>()
+                                .AddConstructor<FixedShadowingLossModel>();
+        return tid;
+    }
+
+  private:
+    double DoCalcRxPower(double txPowerDbm,
+                         Ptr<MobilityModel> a,
+                         Ptr<MobilityModel> b) const override
+    {
+        const UeDrop* d = FindDrop(PeekPointer(a), PeekPointer(b));
+        return txPowerDbm - (d == nullptr ? 0.0 : d->shadowingDb);
+    }
+
+    int64_t DoAssignStreams(int64_t) override { return 0; }
+};
+
+NS_OBJECT_ENSURE_REGISTERED(FixedShadowingLossModel);
+
+// ---------------------------------------------------------------------------------------------
 // Off-time stream for a stationary on-off start: the first draw is given (0 = start "on"),
 // later draws are Exp(mean). OnOffApplication begins with an off period, so without this every
 // UE would start silent.
@@ -205,18 +280,20 @@ class FirstThenExponential : public RandomVariableStream
         return tid;
     }
 
-    void Setup(double first, Ptr<ExponentialRandomVariable> rest)
+    /// `first` is returned for every draw made up to `firstUntil` (OnOffApplication may
+    /// schedule its start twice at start-up: from StartApplication and from the UDP connect
+    /// callback); later draws are Exp(mean).
+    void Setup(double first, Time firstUntil, Ptr<ExponentialRandomVariable> rest)
     {
         m_first = first;
+        m_firstUntil = firstUntil;
         m_rest = rest;
-        m_used = false;
     }
 
     double GetValue() override
     {
-        if (!m_used)
+        if (Simulator::Now() <= m_firstUntil)
         {
-            m_used = true;
             return m_first;
         }
         return m_rest->GetValue();
@@ -226,7 +303,7 @@ class FirstThenExponential : public RandomVariableStream
 
   private:
     double m_first{0.0};
-    bool m_used{false};
+    Time m_firstUntil;
     Ptr<ExponentialRandomVariable> m_rest;
 };
 
@@ -272,7 +349,7 @@ struct Scenario
     uint32_t step{0};
     zmq::context_t* ctx{nullptr};
     zmq::socket_t* sock{nullptr};
-    std::vector<uint32_t> activeUes; // UEs with an "on" application right now, per slice
+    double initialOnBps[2]{0.0, 0.0}; // offered load of the UEs that start "on"
 };
 
 static Scenario g;
@@ -477,7 +554,9 @@ FeedbackOf(int slice, int rbg, bool reconfigured)
     f.se = bandwidthHz > 0 ? c.deliveredBytes * 8.0 / (seconds * bandwidthHz) : 0.0;
     f.violation = (c.latePackets > 0 || c.droppedPackets > 0) ? 1.0 : 0.0;
     f.reconfiguration = reconfigured ? 1.0 : 0.0;
-    f.arrivalRateBps = c.arrivedBytes * 8.0 / seconds;
+    // Before the first decision report the offered load of the UEs that are on (as the JAX
+    // env does on reset); afterwards what arrived during the interval.
+    f.arrivalRateBps = g.step == 0 ? g.initialOnBps[slice] : c.arrivedBytes * 8.0 / seconds;
     f.queueDeltaBytes = static_cast<double>(c.arrivedBytes) - static_cast<double>(c.deliveredBytes) -
                         static_cast<double>(c.droppedBytes);
     f.droppedBytes = static_cast<double>(c.droppedBytes);
@@ -591,6 +670,7 @@ main(int argc, char* argv[])
     double fadingTraceLengthS = 10.0;
     uint32_t fadingSamples = 10000;
     bool dieWithParent = true;
+    std::string dropFile = "";
 
     CommandLine cmd(__FILE__);
     cmd.AddValue("openGymPort", "ns3-gym agent port on localhost", openGymPort);
@@ -631,6 +711,8 @@ main(int argc, char* argv[])
     cmd.AddValue("offset", "eq. 15 per-step SE offset", g.offset);
     cmd.AddValue("agentTimeout", "exit if the agent does not answer within this, s",
                  g.agentTimeoutS);
+    cmd.AddValue("dropFile", "fixed drop, one UE per line: x_m y_m los(0/1) shadowing_dB; "
+                             "empty: drawn here", dropFile);
     cmd.AddValue("dieWithParent", "exit when the parent process dies (Linux)", dieWithParent);
     cmd.Parse(argc, argv);
 
@@ -666,10 +748,32 @@ main(int argc, char* argv[])
     lte->SetSchedulerType("ns3::PfFfMacScheduler");
     lte->SetFfrAlgorithmType("ns3::SlicingFfrAlgorithm");
     lte->SetAttribute("PathlossModel", StringValue("ns3::ThreeGppUmaPropagationLossModel"));
-    lte->SetPathlossModelAttribute("ShadowingEnabled", BooleanValue(true));
-    lte->SetPathlossModelAttribute(
-        "ChannelConditionModel",
-        PointerValue(CreateObject<ThreeGppUmaChannelConditionModel>()));
+    std::vector<std::array<double, 4>> drop;
+    if (!dropFile.empty())
+    {
+        std::ifstream in(dropFile);
+        std::array<double, 4> row;
+        while (in >> row[0] >> row[1] >> row[2] >> row[3])
+        {
+            drop.push_back(row);
+        }
+        if (drop.size() != g.nGbr + g.nNonGbr)
+        {
+            std::cerr << "error: --dropFile " << dropFile << " has " << drop.size()
+                      << " UEs, expected " << g.nGbr + g.nNonGbr << std::endl;
+            return 2;
+        }
+        lte->SetPathlossModelAttribute("ShadowingEnabled", BooleanValue(false));
+        lte->SetPathlossModelAttribute("ChannelConditionModel",
+                                       PointerValue(CreateObject<FixedDropConditionModel>()));
+    }
+    else
+    {
+        lte->SetPathlossModelAttribute("ShadowingEnabled", BooleanValue(true));
+        lte->SetPathlossModelAttribute(
+            "ChannelConditionModel",
+            PointerValue(CreateObject<ThreeGppUmaChannelConditionModel>()));
+    }
     lte->SetEnbAntennaModelType("ns3::SlicingBsAntenna");
     lte->SetEnbAntennaModelAttribute("PeakGainDb", DoubleValue(antennaPeakGainDb));
     lte->SetEnbDeviceAttribute("DlBandwidth", UintegerValue(g.nPrb));
@@ -726,12 +830,31 @@ main(int argc, char* argv[])
                     uni->GetValue() * (cellRadius * cellRadius - minDistance * minDistance);
         double r = std::sqrt(r2);
         double phi = (uni->GetValue() - 0.5) * sectorDeg * M_PI / 180.0;
-        ueNodes.Get(i)->GetObject<MobilityModel>()->SetPosition(
-            Vector(r * std::cos(phi), r * std::sin(phi), utHeight));
+        Ptr<MobilityModel> mm = ueNodes.Get(i)->GetObject<MobilityModel>();
+        if (drop.empty())
+        {
+            mm->SetPosition(Vector(r * std::cos(phi), r * std::sin(phi), utHeight));
+        }
+        else
+        {
+            mm->SetPosition(Vector(drop[i][0], drop[i][1], utHeight));
+            g_dropOfMobility[PeekPointer(mm)] = UeDrop{drop[i][2] > 0.5, drop[i][3]};
+        }
         g.sliceOfUe.push_back(i < g.nGbr ? 0 : 1);
     }
 
     NetDeviceContainer enbDevs = lte->InstallEnbDevice(enbNodes);
+    if (!drop.empty())
+    {
+        // Chain the given shadowing after the UMa path loss on both links.
+        for (Ptr<SpectrumChannel> ch :
+             {lte->GetDownlinkSpectrumChannel(), lte->GetUplinkSpectrumChannel()})
+        {
+            Ptr<PropagationLossModel> pl = ch->GetPropagationLossModel();
+            NS_ABORT_MSG_IF(!pl, "no path loss model on the LTE channel");
+            pl->SetNext(CreateObject<FixedShadowingLossModel>());
+        }
+    }
     NetDeviceContainer ueDevs = lte->InstallUeDevice(ueNodes); // IMSI i+1 for UE i
     int64_t stream = 2000;
     stream += lte->AssignStreams(enbDevs, stream);
@@ -783,7 +906,11 @@ main(int argc, char* argv[])
         offRest->SetStream(stream++);
         Ptr<FirstThenExponential> offTime = CreateObject<FirstThenExponential>();
         double firstOff = startOn->GetValue() < onFraction ? 0.0 : onOffDraws->GetValue();
-        offTime->Setup(firstOff, offRest);
+        offTime->Setup(firstOff, MilliSeconds(g.warmupMs), offRest);
+        if (firstOff == 0.0)
+        {
+            g.initialOnBps[slice] += slice == 0 ? gbrRateBps : nonGbrRateBps;
+        }
 
         OnOffHelper onoff("ns3::UdpSocketFactory", InetSocketAddress(ueIps.GetAddress(i), port));
         onoff.SetAttribute("DataRate",
