@@ -1,0 +1,178 @@
+"""KTO train-step time: sfjax ``KTOTrainer`` (jitted, LoRA) vs TRL ``KTOTrainer`` + PEFT LoRA.
+
+Both train LoRA r=16 (alpha 32, q/k/v/o/gate/up/down, no dropout) on the same random
+Qwen3-architecture checkpoint (written by :func:`sfjax.testing.write_tiny_checkpoint`), float32,
+on the same CPU in one process, with the same data: ``--batch`` examples per step (KL pairs
+rolled within the batch, loss "kto", reference = adapters off), every sequence exactly
+``--prompt-len`` prompt tokens + ``--completion-len`` completion tokens (digits, one token each,
+plus EOS), so neither side pays for padding the other does not. Per optimizer step both run
+the same work: policy forward+backward on the batch, policy forward on the KL rows, reference
+forward on both, AdamW.
+
+Timing: rounds alternate sfjax and TRL so load drift hits both alike. sfjax: wall time of a
+``train()`` call over ``--steps`` steps divided by the steps (includes host batching and
+dispatch; the step is already compiled — compile time is measured separately on the first
+call). TRL: per-step time from ``on_step_begin`` to ``on_step_end`` (the forward/backward and
+optimizer step only), first step of each call dropped. Reported: medians and the ratio.
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_kto.py                       # small config
+    .venv/bin/python benchmarks/bench_kto.py --rounds 3 --steps 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+CONFIGS = {
+    "small": dict(
+        hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+        head_dim=32, intermediate_size=768, vocab_size=8192,
+    ),
+}  # fmt: skip
+
+
+def make_examples(n: int, prompt_len: int, completion_len: int, seed: int = 0):
+    """Digit strings: the tiny tokenizer splits every digit into its own token."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        prompt = "".join(map(str, rng.integers(0, 10, prompt_len)))
+        completion = "".join(map(str, rng.integers(0, 10, completion_len - 1)))  # + EOS
+        out.append((prompt, completion, bool(i % 3)))
+    return out
+
+
+def bench_sfjax(ckpt, data, args):
+    import jax
+    import jax.numpy as jnp
+
+    from sfjax.models import lora, qwen3
+    from sfjax.tokenizer import load_tokenizer
+    from sfjax.train import KTOConfig, KTOExample, KTOTrainer
+
+    model = qwen3.from_pretrained(ckpt, dtype=jnp.float32)
+    tok = load_tokenizer(ckpt)
+    cfg = KTOConfig(
+        beta=0.1, micro_batch_size=args.batch, learning_rate=1e-4, warmup_ratio=0.0,
+        max_prompt_length=args.prompt_len, max_completion_length=args.completion_len,
+        buckets=(args.prompt_len + args.completion_len,), shuffle=False, progress=False,
+        desirable_weight=1.0, undesirable_weight=1.0,
+    )  # fmt: skip
+    trainer = KTOTrainer(model, tok, cfg, lora_config=lora.LoRAConfig(rank=16, alpha=32))
+    examples = [KTOExample(p, c, d) for p, c, d in data[: args.batch * args.steps]]
+    lengths = {len(e.prompt_ids) + len(e.completion_ids) for e in trainer.tokenize(examples)}
+    assert lengths == {args.prompt_len + args.completion_len}, lengths
+
+    def run(n_steps):
+        t0 = time.perf_counter()
+        trainer.train(examples[: args.batch * n_steps], jax.random.key(0))
+        jax.block_until_ready(jax.tree.leaves(lora.lora_state(model)))
+        return time.perf_counter() - t0
+
+    first = run(1)  # compile + one step
+    return trainer, run, first
+
+
+def bench_trl(ckpt, data, args):
+    import torch
+    import transformers
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import KTOConfig, KTOTrainer
+
+    torch.manual_seed(0)
+    model = transformers.Qwen3ForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(ckpt)
+    n = args.batch * args.steps
+    ds = Dataset.from_dict(
+        {
+            "prompt": [p for p, _, _ in data[:n]],
+            "completion": [c for _, c, _ in data[:n]],
+            "label": [d for _, _, d in data[:n]],
+        }
+    )
+    step_times: list[float] = []
+
+    class Timer(transformers.TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            step_times.append(time.perf_counter() - self.t0)
+
+    out = tempfile.mkdtemp(prefix="trl_kto_")
+    targs = KTOConfig(
+        output_dir=out, per_device_train_batch_size=args.batch, max_steps=args.steps,
+        learning_rate=1e-4, beta=0.1, report_to="none", save_strategy="no", logging_steps=10**6,
+        use_cpu=True, max_length=None, dataloader_drop_last=True, disable_tqdm=True,
+        warmup_steps=0, gradient_checkpointing=False, dataset_num_proc=None,
+    )  # fmt: skip
+    peft_cfg = LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )  # fmt: skip
+    trainer = KTOTrainer(model=model, args=targs, train_dataset=ds, processing_class=tok,
+                         peft_config=peft_cfg, callbacks=[Timer()])  # fmt: skip
+    lengths = {len(p) + len(c) for p, c in zip(trainer.train_dataset["prompt_ids"],
+                                              trainer.train_dataset["completion_ids"])}  # fmt: skip
+    assert lengths == {args.prompt_len + args.completion_len}, lengths
+
+    def run():
+        step_times.clear()
+        trainer.train()
+        return statistics.median(step_times[1:])
+
+    return run
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="small", choices=sorted(CONFIGS))
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--prompt-len", type=int, default=96)
+    parser.add_argument("--completion-len", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+
+    import torch
+
+    from sfjax.testing import write_tiny_checkpoint
+
+    ckpt = write_tiny_checkpoint(tempfile.mkdtemp(prefix="kto_bench_"), CONFIGS[args.config])
+    data = make_examples(args.batch * args.steps, args.prompt_len, args.completion_len)
+
+    t0 = time.perf_counter()
+    _, sf_run, sf_first = bench_sfjax(ckpt, data, args)
+    sf_setup = time.perf_counter() - t0
+    trl_run = bench_trl(ckpt, data, args)
+
+    sf_steps, trl_steps = [], []
+    for _ in range(args.rounds):
+        sf_steps.append(sf_run(args.steps) / args.steps)
+        trl_steps.append(trl_run())
+    sf, trl = statistics.median(sf_steps), statistics.median(trl_steps)
+    print(
+        f"config={args.config} batch={args.batch} seq={args.prompt_len}+{args.completion_len} "
+        f"lora_r=16 steps={args.steps} rounds={args.rounds} torch_threads={torch.get_num_threads()}"
+    )
+    print(f"sfjax step (median): {sf * 1e3:8.1f} ms   runs: {[round(x * 1e3, 1) for x in sf_steps]}")
+    print(f"TRL   step (median): {trl * 1e3:8.1f} ms   runs: {[round(x * 1e3, 1) for x in trl_steps]}")
+    print(f"speed-up sfjax / TRL: {trl / sf:.2f}x")
+    print(f"sfjax first train() call (compile + 1 step): {sf_first:.2f} s (setup total {sf_setup:.2f} s)")
+
+
+if __name__ == "__main__":
+    main()
