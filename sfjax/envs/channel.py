@@ -74,7 +74,7 @@ class CellConfig:
     """Electrical downtilt of the BS element, degrees below the horizon."""
     min_distance_m: float = 35.0
     """Smallest 2-D BS-UE distance of the drop (TR 38.901 Table 7.2-1 UMa minimum: 35 m)."""
-    max_distance_m: float = 120.0
+    max_distance_m: float = 60.0
     """Largest 2-D BS-UE distance of the drop: the calibration knob of the default scenario
     (see :mod:`sfjax.envs.calibration`)."""
     sector_half_width_deg: float = 60.0

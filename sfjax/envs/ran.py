@@ -24,6 +24,12 @@ Per-step feedback (eq. 1-3, for the controlled slice, ``other_``-prefixed for th
 dropped (a lost packet never meets its budget); ``reconfiguration`` = the allocation differs
 from the previous step's; ``arrival_rate_bps`` = bits that arrived in the step / 0.1 s;
 ``queue_delta_bytes`` = bytes queued at the end minus at the start; ``dropped_bytes``.
+Also: ``prbs``, ``delivered_bits``, ``queued_bytes``, ``late_packets``, ``dropped_packets``,
+``delivered_packets``, ``max_delay_ms``, ``mean_delay_ms``, ``utilization`` (share of the slice's
+PRB-TTIs that carried a transport block), ``link_se`` (transport-block bits per used PRB-TTI
+per Hz: the link-level efficiency the scheduler achieved) and ``utility`` (= reward).
+Eq. 1's SE is goodput over the *allocated* bandwidth, so ``se = link_se x utilization`` up to
+padding; it cannot exceed the offered load over the allocated bandwidth.
 ``reward`` is the eq. 15 utility ``w_se (SE + offset) - w_c c - w_v v`` (15, 1, 15, 300).
 
 Observation (eq. 14), for RL agents: ``[prbs / n_prb, SE / 5.5547, arrival rate / peak rate,
@@ -90,6 +96,9 @@ class RanSlicingConfig:
     """RBGs each slice keeps whatever the action (0 allows starving a slice)."""
     initial_prbs: int | None = None
     """Allocation in force before the first decision (nearest valid); None: middle action."""
+    scheduler: str = "pf_buffer_aware"
+    """Intra-slice scheduler: "pf_buffer_aware" (PF that stops giving RBGs to a UE whose queue
+    is covered) or "pf_ns3" (ns-3 PfFfMacScheduler verbatim; see :mod:`sfjax.envs.scheduler`)."""
     pf_window_tti: float = 99.0
     """Window of the PF average-throughput filter (ns-3 PfFfMacScheduler: 99)."""
     randomize_drop: bool = False
@@ -101,6 +110,10 @@ class RanSlicingConfig:
     """Append the other slice's SE, arrival rate, queue delta and drops to the observation."""
 
     def __post_init__(self):
+        if self.scheduler not in ("pf_buffer_aware", "pf_ns3"):
+            raise ValueError(
+                f"scheduler must be 'pf_buffer_aware' or 'pf_ns3', got {self.scheduler!r}"
+            )
         if len(self.slices) != 2:
             raise ValueError(f"exactly two slices are supported, got {len(self.slices)}")
         if self.controlled_slice not in (0, 1):
@@ -345,8 +358,13 @@ class RanSlicingEnv(environment.Environment):
             jnp.asarray(self._slice_U)[:, None] == owner_R[None, :]
         )
         rbg_prbs_R = jnp.asarray(self._rbg_prbs_R)
-        winner_R = scheduler.pf_assign(eff_UR, state.avg_thr_bps_U, eligible_UR, rbg_prbs_R)
-        tb_bits_U, _ = scheduler.transport_blocks(winner_R, eff_UR, rbg_prbs_R)
+        if self.config.scheduler == "pf_ns3":
+            winner_R = scheduler.pf_assign(eff_UR, state.avg_thr_bps_U, eligible_UR, rbg_prbs_R)
+        else:
+            winner_R = scheduler.pf_assign_buffer_aware(
+                eff_UR, state.avg_thr_bps_U, eligible_UR, rbg_prbs_R, 8 * queued_U
+            )
+        tb_bits_U, used_prbs_U = scheduler.transport_blocks(winner_R, eff_UR, rbg_prbs_R)
         served_U = jnp.minimum(tb_bits_U // 8, queued_U)
         now_ms = (t + 1).astype(jnp.float32)
         buf, done_U, late_U, max_delay_U, sum_delay_U = fifo.serve(
@@ -370,6 +388,8 @@ class RanSlicingEnv(environment.Environment):
         acc = {
             "arrived": acc["arrived"] + n_arr_U * self._packet_bytes_U,
             "served": acc["served"] + served_U,
+            "tb_bits": acc["tb_bits"] + tb_bits_U,
+            "used_prbs": acc["used_prbs"] + used_prbs_U,
             "dropped": acc["dropped"] + dropped_U * self._packet_bytes_U,
             "dropped_pkts": acc["dropped_pkts"] + dropped_U,
             "delivered_pkts": acc["delivered_pkts"] + done_U,
@@ -390,7 +410,7 @@ class RanSlicingEnv(environment.Environment):
 
         zeros_i, zeros_f = jnp.zeros((n,), jnp.int32), jnp.zeros((n,), jnp.float32)
         acc0 = {
-            "arrived": zeros_i, "served": zeros_i, "dropped": zeros_i, "dropped_pkts": zeros_i,
+            "arrived": zeros_i, "served": zeros_i, "tb_bits": zeros_i, "used_prbs": zeros_i, "dropped": zeros_i, "dropped_pkts": zeros_i,
             "delivered_pkts": zeros_i, "late_pkts": zeros_i, "max_delay": zeros_f,
             "sum_delay": zeros_f,
         }
@@ -411,6 +431,11 @@ class RanSlicingEnv(environment.Environment):
         se_S = jnp.where(
             bandwidth_S > 0, delivered_bits_S / (cfg.step_s * jnp.maximum(bandwidth_S, 1.0)), 0.0
         )
+        used_prb_tti_S = per_slice(acc["used_prbs"])
+        link_se_S = per_slice(acc["tb_bits"]) / jnp.maximum(
+            used_prb_tti_S * PRB_BANDWIDTH_HZ * TTI_S, 1.0
+        )
+        utilization_S = used_prb_tti_S / jnp.maximum(prbs_S * cfg.ttis_per_step, 1.0)
         late_S = per_slice(acc["late_pkts"])
         dropped_pkts_S = per_slice(acc["dropped_pkts"])
         violation_S = (late_S > 0) | (dropped_pkts_S > 0)
@@ -448,6 +473,8 @@ class RanSlicingEnv(environment.Environment):
                 f"{prefix}prbs": prbs_S[s].astype(jnp.int32),
                 f"{prefix}delivered_bits": delivered_bits_S[s],
                 f"{prefix}queued_bytes": per_slice(queued1_U)[s],
+                f"{prefix}link_se": link_se_S[s],
+                f"{prefix}utilization": utilization_S[s],
                 f"{prefix}late_packets": late_S[s].astype(jnp.int32),
                 f"{prefix}dropped_packets": dropped_pkts_S[s].astype(jnp.int32),
                 f"{prefix}delivered_packets": delivered_pkts_S[s].astype(jnp.int32),

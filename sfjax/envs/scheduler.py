@@ -11,6 +11,13 @@ then sized, as in ns-3, at the worst CQI among its allocated RBGs over all its P
 average throughput is an exponential moving average with a window of ``W`` TTIs (ns-3: 99)
 updated every TTI with the transport block each UE got (0 when not scheduled).
 
+``pf_assign_buffer_aware`` is the variant real schedulers (and ns-3's newer ones) use and the
+default of the environment: RBGs are visited in order and a UE stops competing once the RBGs it
+already holds carry its whole queue, so a UE with one packet does not take the whole band while
+others wait. ``pf_assign`` (ns-3 ``PfFfMacScheduler`` verbatim) wastes the rest of the band on
+padding, which at this load (many UEs with one 512-byte packet each) makes most packets wait
+several TTIs.
+
 Shape legend: U = UEs, R = RBGs.
 """
 
@@ -35,6 +42,26 @@ def pf_assign(eff_UR, avg_thr_bps_U, eligible_UR, rbg_prbs_R, tti_s: float = 1e-
     metric_UR = jnp.where(usable_UR, metric_UR, -1.0)
     winner_R = jnp.argmax(metric_UR, axis=0).astype(jnp.int32)
     return jnp.where(jnp.any(usable_UR, axis=0), winner_R, NO_UE)
+
+
+def pf_assign_buffer_aware(eff_UR, avg_thr_bps_U, eligible_UR, rbg_prbs_R, queued_bits_U,
+                           tti_s: float = 1e-3):
+    """Like :func:`pf_assign`, but RBGs are given in index order and a UE leaves the race once
+    the sum of its RBGs' achievable bits covers ``queued_bits_U``. Unrolled over R (static)."""
+    rate_bps_UR = eff_UR * PRB_BANDWIDTH_HZ * rbg_prbs_R[None, :]
+    metric_UR = rate_bps_UR / jnp.maximum(avg_thr_bps_U, 1e-9)[:, None]
+    usable_UR = eligible_UR & (eff_UR > 0)
+    bits_UR = rate_bps_UR * tti_s
+    need_U = queued_bits_U.astype(jnp.float32)
+    ue_U = jnp.arange(eff_UR.shape[0], dtype=jnp.int32)
+    winners = []
+    for r in range(eff_UR.shape[1]):
+        ok_U = usable_UR[:, r] & (need_U > 0)
+        w = jnp.argmax(jnp.where(ok_U, metric_UR[:, r], -1.0)).astype(jnp.int32)
+        any_ok = jnp.any(ok_U)
+        need_U = need_U - jnp.where((ue_U == w) & any_ok, bits_UR[:, r], 0.0)
+        winners.append(jnp.where(any_ok, w, NO_UE))
+    return jnp.stack(winners)
 
 
 def transport_blocks(winner_R, eff_UR, rbg_prbs_R, tti_s: float = 1e-3):
