@@ -236,6 +236,10 @@ class Sampler:
       pad_token_id: id written after a row ends; default: the tokenizer's pad (else first EOS).
       cache_dtype: KV-cache dtype; default: the model's compute dtype.
       min_prompt_bucket: smallest prompt-length bucket (a power of two).
+      mesh: optional ``(data, fsdp, tp)`` :class:`jax.sharding.Mesh` (:mod:`sfjax.parallel`):
+        the model is placed on it by the sharding rules (in place), prompts / rows / KV cache
+        are split over the batch axes, and the program runs with explicit in/out shardings.
+        With several processes every process must call ``generate`` with the same arguments.
     """
 
     def __init__(
@@ -247,6 +251,7 @@ class Sampler:
         pad_token_id: int | None = None,
         cache_dtype=None,
         min_prompt_bucket: int = 32,
+        mesh=None,
     ):
         config = getattr(model, "config", None)
         if config is None or not hasattr(config, "vocab_size"):
@@ -279,6 +284,12 @@ class Sampler:
             _with_counter(self._counter), static_argnums=(0, 1), donate_argnums=(3,)
         )
         self._caches: dict[tuple[int, int], object] = {}
+        self.mesh = mesh
+        self._sharded_programs: dict[tuple, object] = {}
+        if mesh is not None:
+            from sfjax import parallel
+
+            parallel.shard_model(model, mesh)
         self._vocab_bytes: TokenBytes | None = None
         self._stop_tables: dict[tuple[str, ...], tuple[jax.Array, jax.Array]] = {}
         self._constraint_tables: dict[tuple[str, str], dict] = {}
@@ -348,17 +359,57 @@ class Sampler:
         cache_key = (N, T + M)
         cache = self._caches.pop(cache_key, None)
         if cache is None:
-            from sfjax.models.qwen3 import init_cache
-
-            cache = init_cache(self.config, N, T + M, self.cache_dtype)
+            cache = self._new_cache(N, T + M)
         graphdef, state = nnx.split(self.model)
-        out, cache = self._program(
-            graphdef, n, state, cache, jnp.asarray(ids_BT), jnp.asarray(mask_BT), rows, tables,
-            key,
-        )
+        args = (state, cache, ids_BT, mask_BT, rows, tables, key)
+        if self.mesh is None:
+            args = (state, cache, jnp.asarray(ids_BT), jnp.asarray(mask_BT), rows, tables, key)
+            out, cache = self._program(graphdef, n, *args)
+        else:
+            program, in_shardings = self._sharded_program(graphdef, state, B, N)
+            from sfjax.parallel import put
+
+            out, cache = program(graphdef, n, *put(args, in_shardings))
         self._caches[cache_key] = cache
         out = jax.device_get(out)
         return self._finish(out, prompt_ids, plist, n, row_meta)
+
+    # ------------------------------------------------------------------------------ sharding
+    def _new_cache(self, N: int, S: int):
+        from sfjax.models.qwen3 import init_cache
+
+        make = lambda: init_cache(self.config, N, S, self.cache_dtype)  # noqa: E731
+        if self.mesh is None:
+            return make()
+        from sfjax.parallel import cache_shardings
+
+        # Created directly on its shards: a 4B model's cache never sits on one device.
+        return jax.jit(make, out_shardings=cache_shardings(jax.eval_shape(make), self.mesh))()
+
+    def _sharded_program(self, graphdef, state, B: int, N: int):
+        """The decode program with explicit in/out shardings for batch ``B`` / rows ``N``."""
+        from sfjax import parallel
+
+        key = (graphdef, jax.tree.structure(state), B, N)
+        if key not in self._sharded_programs:
+            mesh = self.mesh
+            from sfjax.models.qwen3 import init_cache
+
+            abstract = jax.eval_shape(lambda: init_cache(self.config, N, 1, self.cache_dtype))
+            cache_sh = parallel.cache_shardings(abstract, mesh)
+            prompts_sh = parallel.batch_sharding(mesh, (B,))  # a prefix: splits dim 0 only
+            rows_sh = parallel.batch_sharding(mesh, (N,))
+            rep = parallel.replicated(mesh)
+            state_sh = parallel.state_shardings(state, mesh)
+            in_shardings = (state_sh, cache_sh, prompts_sh, prompts_sh, rows_sh, rep, rep)
+            program = jax.jit(
+                _with_counter(self._counter), static_argnums=(0, 1), donate_argnums=(3,),
+                in_shardings=in_shardings, out_shardings=(rep, cache_sh),
+            )  # fmt: skip
+            if len(self._sharded_programs) > 16:
+                self._sharded_programs.pop(next(iter(self._sharded_programs)))
+            self._sharded_programs[key] = (program, in_shardings)
+        return self._sharded_programs[key]
 
     # ------------------------------------------------------------------------------ host side
     def _encode(self, prompts) -> list[list[int]]:
@@ -403,8 +454,9 @@ class Sampler:
     def _stop_string_tables(self, stops: tuple[str, ...]):
         if stops not in self._stop_tables:
             V = self.vocab_size
-            Z = _bucket(len(stops))
-            Q = _bucket(max((len(s.encode()) + 2 for s in stops), default=1), 8)
+            # Up to 4 stop strings of up to 14 bytes share one shape (no recompiles).
+            Z = _bucket(len(stops), 4)
+            Q = _bucket(max((len(s.encode()) + 2 for s in stops), default=1), 16)
             table_ZQV = np.zeros((Z, Q, V), np.int16)
             accept_Z = np.full((Z,), np.iinfo(np.int16).max, np.int32)
             for z, s in enumerate(stops):
