@@ -1,0 +1,169 @@
+"""Sharded runs on 8 fake CPU devices equal single-device runs (issue 10).
+
+This module needs ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` set before JAX is
+imported, so ``tests/test_parallel.py`` runs it in a subprocess; collected in an ordinary
+(one-device) pytest process it skips itself.
+
+Tolerances (float32 on CPU): sharding only reorders the partial sums of matmuls and
+reductions, so logits agree to 2e-5 absolute (values are O(1)), greedy tokens agree exactly,
+their log-probs to 1e-4, and one KTO step's updated LoRA weights to 1e-6 absolute (updates are
+O(lr) = 1e-3) with losses / metrics to 1e-5.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+if jax.device_count() < 8:
+    pytest.skip(
+        "needs 8 devices (run through tests/test_parallel.py, which sets XLA_FLAGS)",
+        allow_module_level=True,
+    )
+
+from sfjax import parallel  # noqa: E402
+from sfjax.models import lora as lora_lib  # noqa: E402
+from sfjax.models import qwen3  # noqa: E402
+from sfjax.tokenizer import load_tokenizer  # noqa: E402
+
+MESHES = {"8x1x1": (8, 1, 1), "1x4x2": (1, 4, 2), "2x2x2": (2, 2, 2)}
+
+
+def mesh_of(name: str):
+    d, f, t = MESHES[name]
+    return parallel.make_mesh(parallel.MeshConfig(data=d, fsdp=f, tp=t))
+
+
+@pytest.fixture(scope="module")
+def single(tiny_checkpoint_untied):
+    return qwen3.from_pretrained(tiny_checkpoint_untied, dtype=jnp.float32)
+
+
+def left_padded_batch(B=8, T=12, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, 800, (B, T)).astype(np.int32)
+    lengths = rng.integers(1, T + 1, B)
+    lengths[0] = T
+    mask = np.arange(T)[None, :] >= (T - lengths)[:, None]
+    return np.where(mask, ids, 0), mask
+
+
+# ---------------------------------------------------------------------------- rules in place
+def test_from_pretrained_places_every_param_by_rule(tiny_checkpoint_untied):
+    mesh = mesh_of("2x2x2")
+    model = qwen3.from_pretrained(tiny_checkpoint_untied, dtype=jnp.float32, mesh=mesh)
+    lora_lib.apply_lora(model, lora_lib.LoRAConfig(rank=4))
+    parallel.shard_model(model, mesh)
+    expected = {
+        ("embed_tokens", "embedding"): P("tp", "fsdp"),
+        ("lm_head", "kernel"): P("fsdp", "tp"),
+        ("norm", "weight"): P(None),
+    }
+    for proj in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+        expected[proj, "base", "kernel"] = P("fsdp", "tp")
+        expected[proj, "lora_a"] = P("fsdp", None)
+        expected[proj, "lora_b"] = P(None, "tp")
+    for proj in ("o_proj", "down_proj"):
+        expected[proj, "base", "kernel"] = P("tp", "fsdp")
+        expected[proj, "lora_a"] = P("tp", None)
+        expected[proj, "lora_b"] = P(None, "fsdp")
+    seen = 0
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        names = tuple(p for p in path if isinstance(p, str) and p not in ("layers",))
+        names = names[-3:] if names[-2] == "base" else names[-2:]
+        arr = var.get_value()
+        want = expected.get(names, P(None) if arr.ndim == 1 else None)
+        assert want is not None, f"no expectation for {path}"
+        assert arr.sharding.spec == want, (path, arr.sharding.spec, want)
+        # The shards really are split: each device holds shape / (ways per dim).
+        ways = [np.prod([mesh.shape[a] for a in ((e,) if isinstance(e, str) else e)])
+                if e is not None else 1 for e in want]  # fmt: skip
+        local = arr.addressable_shards[0].data.shape
+        assert local == tuple(n // w for n, w in zip(arr.shape, ways)), path
+        seen += 1
+    assert seen == 3 + 2 * (7 * 3 + 4)  # embed, lm_head, norm; per layer 7 x (W, A, B) + 4 norms
+
+
+def test_kv_cache_and_batch_fall_back_when_not_divisible():
+    cfg = qwen3.Qwen3Config.tiny()  # 2 kv heads
+    cache = jax.eval_shape(lambda: qwen3.init_cache(cfg, 4, 16, jnp.float32))
+    sh = parallel.cache_shardings(cache, mesh_of("2x2x2"))
+    assert sh.k.spec == P(None, ("data", "fsdp"), None, "tp", None)
+    assert sh.slot_mask.spec == P(("data", "fsdp"), None)
+    assert sh.positions.spec == P(("data", "fsdp"))
+    assert sh.index.spec == P()
+    tp8 = parallel.make_mesh(parallel.MeshConfig(data=1, fsdp=1, tp=8))
+    assert parallel.cache_shardings(cache, tp8).k.spec == P(None, ("data", "fsdp"), None, None, None)
+    # batch 4 on data=8: not divisible -> replicated; batch 2 on 2x2x2 -> data only
+    assert parallel.batch_sharding(mesh_of("8x1x1"), (4, 7)).spec == P("fsdp", None)
+    assert parallel.batch_sharding(mesh_of("2x2x2"), (2, 7)).spec == P("data", None)
+
+
+# -------------------------------------------------------------------------------- forward
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+def test_sharded_forward_matches_single_device(single, tiny_checkpoint_untied, mesh_name):
+    mesh = mesh_of(mesh_name)
+    model = qwen3.from_pretrained(tiny_checkpoint_untied, dtype=jnp.float32, mesh=mesh)
+    ids, mask = left_padded_batch()
+    graphdef, state = nnx.split(model)
+    data_sh = parallel.batch_sharding(mesh, ids.shape)
+    out_sh = parallel.batch_sharding(mesh, (*ids.shape, model.config.vocab_size))
+
+    @jax.jit
+    def reference(ids, mask):
+        return single(ids, attention_mask=mask)
+
+    forward = jax.jit(
+        lambda state, ids, mask: nnx.merge(graphdef, state)(ids, attention_mask=mask),
+        in_shardings=(parallel.state_shardings(state, mesh), data_sh, data_sh),
+        out_shardings=out_sh,
+    )
+    got = forward(state, *parallel.put((ids, mask), data_sh))
+    assert got.sharding.spec == out_sh.spec
+    want = reference(ids, mask)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
+
+
+# -------------------------------------------------------------------------------- sampler
+PROMPTS = ["Action: 12 and", "the slice", "PRB 7", "queue grows by 3 packets"]
+
+
+def greedy_params():
+    from sfjax.sampling import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_new_tokens=10, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def greedy_reference(single, tiny_checkpoint_untied):
+    from sfjax.sampling import Sampler
+
+    tok = load_tokenizer(tiny_checkpoint_untied)
+    return Sampler(single, tok).generate(PROMPTS, greedy_params(), n=2)
+
+
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+def test_greedy_sampler_matches_single_device(greedy_reference, tiny_checkpoint_untied, mesh_name):
+    from sfjax.sampling import Sampler
+
+    tok = load_tokenizer(tiny_checkpoint_untied)
+    mesh = mesh_of(mesh_name)
+    sharded = qwen3.from_pretrained(tiny_checkpoint_untied, dtype=jnp.float32)
+    sampler = Sampler(sharded, tok, mesh=mesh)  # places the model by the rules
+    embed = sharded.embed_tokens.embedding[...]
+    assert embed.sharding == parallel.param_sharding(("embed_tokens", "embedding"), embed.shape, mesh)
+    got = sampler.generate(PROMPTS, greedy_params(), n=2)
+    want = greedy_reference
+    assert got.tokens == want.tokens
+    np.testing.assert_allclose(
+        np.concatenate(got.logprobs), np.concatenate(want.logprobs), atol=1e-4
+    )
+    cache = next(iter(sampler._caches.values()))  # the donated cache stays on its shards
+    assert cache.k.sharding == parallel.cache_shardings(cache, mesh).k
+    assert cache.k.sharding.spec[1] is not None  # rows (B·n = 8) are split over the batch axes
+    got2 = sampler.generate(PROMPTS, greedy_params(), n=2)
+    assert got2.tokens == want.tokens and sampler.num_traces == 1
