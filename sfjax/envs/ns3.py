@@ -31,6 +31,7 @@ itself exits when its parent dies (``PR_SET_PDEATHSIG``) or when the agent stays
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -193,6 +194,22 @@ def _stop_process(proc: subprocess.Popen | None, bridge: Ns3GymBridge | None, wo
             workdir.cleanup()
 
 
+def _process_error(holder: dict) -> str | None:
+    """Bridge watchdog: the exit code and log tail of a dead scenario, else None.
+
+    Holds no reference to the env, so the env can still be garbage-collected.
+    """
+    proc = holder.get("proc")
+    if proc is None or proc.poll() is None:
+        return None
+    try:
+        text = Path(holder["log"]).read_text(errors="replace")
+        log = "\n".join(text.strip().splitlines()[-20:])
+    except OSError:
+        log = ""
+    return f"The ns-3 scenario exited with code {proc.returncode}:\n{log}"
+
+
 _SIGTERM_INSTALLED = False
 
 
@@ -255,19 +272,6 @@ class Ns3RanSlicingEnv:
             return path
         return build.ensure_built()
 
-    def _watchdog(self) -> str | None:
-        proc = self._proc
-        if proc is None or proc.poll() is None:
-            return None
-        log = ""
-        if self._workdir is not None:
-            try:
-                text = (Path(self._workdir.name) / "ns3.log").read_text(errors="replace")
-                log = "\n".join(text.strip().splitlines()[-20:])
-            except OSError:
-                pass
-        return f"The ns-3 scenario exited with code {proc.returncode}:\n{log}"
-
     def _launch(self, seed: int) -> None:
         self._shutdown()
         binary = self._binary()
@@ -286,7 +290,8 @@ class Ns3RanSlicingEnv:
                 args += [f"--fadingTrace={path}", f"--fadingTraceLength={length_ms / 1000}",
                          f"--fadingSamples={length_ms}"]
         args += list(self.config.extra_args)
-        self._bridge = Ns3GymBridge(watchdog=self._watchdog)
+        holder: dict = {"proc": None, "log": work / "ns3.log"}
+        self._bridge = Ns3GymBridge(watchdog=functools.partial(_process_error, holder))
         args.append(f"--openGymPort={self._bridge.port}")
         log = open(work / "ns3.log", "wb")
         try:
@@ -295,6 +300,7 @@ class Ns3RanSlicingEnv:
             )
         finally:
             log.close()
+        holder["proc"] = self._proc
         self._finalizer = weakref.finalize(
             self, _stop_process, self._proc, self._bridge, self._workdir
         )
