@@ -19,6 +19,7 @@ Shape legend: S = evaluation seeds, T = decisions per trajectory, N = training s
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -115,6 +116,7 @@ class Rollouts:
             return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
 
 
+@functools.lru_cache(maxsize=16)
 def _as_rejax(env):
     return env if isinstance(env, EnvWrapper) else RejaxEnv(env)
 
@@ -167,6 +169,20 @@ def evaluate_policy(policy, env, env_params, protocol: EvalProtocol) -> Rollouts
     return Rollouts(*(np.asarray(x) for x in run(reset_S, steps_ST, policy_S)))
 
 
+@functools.lru_cache(maxsize=16)
+def _batched_env_fns(env):
+    """Jitted, seed-vmapped reset and step+record of ``env`` (cached: no recompiles across
+    repeated evaluations, e.g. Reflexion trials)."""
+
+    def step_record(keys, state, actions, env_params):
+        obs, state, reward, _, info = jax.vmap(env.step, in_axes=(0, 0, 0, None))(
+            keys, state, actions, env_params
+        )
+        return obs, state, info, jax.vmap(_record)(info, reward)
+
+    return jax.jit(jax.vmap(env.reset, in_axes=(0, None))), jax.jit(step_record)
+
+
 class Agent(Protocol):
     """A controller evaluated in Python (the LLM agents), acting for all seeds as a batch."""
 
@@ -175,25 +191,16 @@ class Agent(Protocol):
 
     def act(self, obs_S: np.ndarray, infos: list[dict[str, float]] | None) -> Sequence[int]:
         """One action per seed; ``infos`` are the feedback dicts of the previous step (None at
-        the first decision)."""
+        the first decision). An agent may also define ``finish(infos)``, called with the
+        feedback of the last step."""
 
 
 def evaluate_agent(agent: Agent, env, env_params, protocol: EvalProtocol) -> Rollouts:
     """Evaluate a Python agent on the protocol seeds with exactly the keys of
     :func:`evaluate_policy`; the seeds form one batch (one agent call per decision), the env
     step is jitted and vmapped over seeds."""
-    env = _as_rejax(env)
+    reset, step = _batched_env_fns(_as_rejax(env))
     reset_S, steps_ST, _ = protocol.all_keys()
-    reset = jax.jit(jax.vmap(env.reset, in_axes=(0, None)))
-
-    def step_record(keys, state, actions):
-        obs, state, reward, _, info = jax.vmap(env.step, in_axes=(0, 0, 0, None))(
-            keys, state, actions, env_params
-        )
-        record = jax.vmap(_record)(info, reward)
-        return obs, state, info, record
-
-    step = jax.jit(step_record)
     agent.reset(list(protocol.seeds))
     obs, state = reset(reset_S, env_params)
     infos = None
@@ -204,10 +211,13 @@ def evaluate_agent(agent: Agent, env, env_params, protocol: EvalProtocol) -> Rol
             raise ValueError(
                 f"agent.act returned {actions.shape[0]} actions for {len(protocol.seeds)} seeds"
             )
-        obs, state, info, record = step(steps_ST[:, t], state, jnp.asarray(actions))
+        obs, state, info, record = step(steps_ST[:, t], state, jnp.asarray(actions), env_params)
         info_np = {k: np.asarray(v) for k, v in info.items() if np.ndim(v) == 1}
         infos = [{k: float(v[i]) for k, v in info_np.items()} for i in range(len(actions))]
         actions_T.append(actions)
         records_T.append([np.asarray(x) for x in record])
+    finish = getattr(agent, "finish", None)
+    if finish is not None:
+        finish(infos)
     per = [np.stack([r[j] for r in records_T], axis=-1) for j in range(4)]
     return Rollouts(np.stack(actions_T, axis=-1), *per)
