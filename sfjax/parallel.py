@@ -531,10 +531,13 @@ def host_local_to_global(local_batch, mesh: Mesh, batch_dim: int = 0,
 
 
 def to_host(tree):
-    """Numpy copies of every array (gathering shards that live on other processes)."""
+    """Numpy copies of every array (gathering shards that live on other processes); typed PRNG
+    keys become their ``key_data``."""
     from jax.experimental import multihost_utils
 
     def one(x):
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x = jax.random.key_data(x)
         if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
             return np.asarray(multihost_utils.process_allgather(x, tiled=True))
         return np.asarray(jax.device_get(x))
