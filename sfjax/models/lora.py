@@ -96,7 +96,12 @@ class LoRALinear(nnx.Module):
         a_IR = jax.random.uniform(rngs.params(), (self.in_features, config.rank), dtype, -bound, bound)
         self.lora_a = nnx.LoRAParam(a_IR)
         self.lora_b = nnx.LoRAParam(jnp.zeros((config.rank, self.out_features), dtype))
-        self.dropout = nnx.Dropout(config.dropout, rngs=rngs) if config.dropout > 0 else None
+        # Off unless the module is in train mode (``model.train()``; the KTO step does that).
+        self.dropout = (
+            nnx.Dropout(config.dropout, deterministic=True, rngs=rngs.fork())
+            if config.dropout > 0
+            else None
+        )
 
     def delta(self, x_I):
         """The adapter's contribution ``s · dropout(x) @ A @ B`` in the adapter dtype."""

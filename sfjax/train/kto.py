@@ -202,6 +202,18 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+def _rekey(rng_state, key):
+    """Fresh, distinct dropout keys for every RNG stream (counts reset): one per micro-batch."""
+    leaves, treedef = jax.tree.flatten(rng_state)
+    new = []
+    for i, leaf in enumerate(leaves):
+        if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            new.append(jax.random.fold_in(key, i))
+        else:
+            new.append(jnp.zeros_like(leaf))
+    return jax.tree.unflatten(treedef, new)
+
+
 def _step_spec(config: KTOConfig) -> KTOConfig:
     """The config with only the fields the compiled step depends on (a cache key)."""
     return KTOConfig(
@@ -236,9 +248,8 @@ def make_train_step(graphdef, config: KTOConfig):
         def micro(grads, xs):
             mb, mkey = xs
             live = jnp.any(mb["valid_AB"])
+            # Reference and KL rows: no gradient, adapters' dropout off (eval mode, as TRL).
             model = nnx.merge(graphdef, jax.lax.stop_gradient(lora), rng_state, frozen)
-            if rng_state:
-                nnx.reseed(model, dropout=jax.random.fold_in(mkey, 1))
             ids, mask, comp = mb["input_ids_ABT"], mb["attention_mask_ABT"], mb["completion_mask_ABT"]
             with lora_lib.adapters_disabled(model):
                 if config.with_kl:
@@ -258,9 +269,9 @@ def make_train_step(graphdef, config: KTOConfig):
                 policy_kl_logps = jnp.zeros_like(ref_logps)
 
             def loss_fn(lora_params):
-                policy = nnx.merge(graphdef, lora_params, rng_state, frozen)
+                policy = nnx.merge(graphdef, lora_params, _rekey(rng_state, mkey), frozen)
                 if rng_state:
-                    nnx.reseed(policy, dropout=mkey)
+                    policy.train()  # LoRA dropout on for the differentiated forward only
                 policy_logps = logps_of(policy, ids, mask, comp)
                 losses, metrics = kto_loss(
                     policy_logps, ref_logps, policy_kl_logps, ref_kl_logps, mb["desirable_AB"],

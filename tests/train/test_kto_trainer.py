@@ -118,13 +118,13 @@ class RecordingWriter:
         self.scalars.append((tag, float(value), int(step)))
 
 
-def _trainer(tiny_checkpoint, **overrides):
+def _trainer(tiny_checkpoint, lora_dropout=0.0, **overrides):
     model = qwen3.from_pretrained(tiny_checkpoint, dtype=jnp.float32)
     cfg = dict(beta=0.5, epochs=4, micro_batch_size=4, learning_rate=1e-2, warmup_ratio=0.0,
                max_prompt_length=32, max_completion_length=8, progress=False)  # fmt: skip
     cfg.update(overrides)
     trainer = KTOTrainer(model, load_tokenizer(tiny_checkpoint), KTOConfig(**cfg),
-                         lora_config=lora.LoRAConfig(rank=8, alpha=16))  # fmt: skip
+                         lora_config=lora.LoRAConfig(rank=8, alpha=16, dropout=lora_dropout))  # fmt: skip
     return model, trainer
 
 
@@ -177,15 +177,25 @@ def test_kto_training_moves_margins_and_keeps_reference(tiny_checkpoint, tmp_pat
 
 
 def test_training_is_deterministic_and_state_roundtrips(tiny_checkpoint):
+    """Same key -> same run, LoRA dropout included; another key -> other dropout masks."""
     exs = _dataset()[:12]
-    kw = dict(epochs=1, grad_accum_steps=2, micro_batch_size=3, lr_schedule="cosine")
+    kw = dict(epochs=1, grad_accum_steps=2, micro_batch_size=3, lr_schedule="cosine",
+              lora_dropout=0.3, shuffle=False)  # fmt: skip
     m1, t1 = _trainer(tiny_checkpoint, **kw)
     m2, t2 = _trainer(tiny_checkpoint, **kw)
+    m4, t4 = _trainer(tiny_checkpoint, **kw)
     h1 = t1.train(exs, jax.random.key(3))
     h2 = t2.train(exs, jax.random.key(3))
+    t4.train(exs, jax.random.key(4))
     assert h1 == h2 and len(h1) == 2
     for a, b in zip(jax.tree.leaves(lora.lora_state(m1)), jax.tree.leaves(lora.lora_state(m2))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    leaves1, leaves4 = jax.tree.leaves(lora.lora_state(m1)), jax.tree.leaves(lora.lora_state(m4))
+    assert any(not np.array_equal(a, b) for a, b in zip(leaves1, leaves4))
+    # dropout is off outside training: evaluation is deterministic
+    p_a, _ = t1.completion_logps(exs)
+    p_b, _ = t1.completion_logps(exs)
+    np.testing.assert_array_equal(p_a, p_b)
 
     sd = t1.state_dict()
     m3, t3 = _trainer(tiny_checkpoint, **kw)
