@@ -518,13 +518,13 @@ class Sampler:
             sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_token_ids)))
             for p in rp
         ]
-        K = _bucket(max(len(s) for s in stop_sets), 4)
+        K = _bucket(max(len(s) for s in stop_sets), 8)
         stop_ids_NK = np.full((N, K), -1, np.int32)
         for r, s in enumerate(stop_sets):
             stop_ids_NK[r, : len(s)] = s
         think = [v for t, v in self._vocab().items() if t in ("<think>", "</think>")]
         ban_sets = [sorted(set(s) | set(think if c is not None else ())) for s in stop_sets]
-        free_ban_NK = np.full((N, _bucket(max(len(s) for s in ban_sets), 4)), -1, np.int32)
+        free_ban_NK = np.full((N, _bucket(max(len(s) for s in ban_sets), 8)), -1, np.int32)
         for r, s in enumerate(ban_sets):
             free_ban_NK[r, : len(s)] = s
         stops = tuple(sorted({s for p in plist for s in p.stop}))
