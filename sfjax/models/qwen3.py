@@ -405,15 +405,17 @@ class DecoderLayer(nnx.Module):
         x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos_BTH, sin_BTH, visible_BTS)
         return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
 
-    def cached(self, x_BTD, cos_BTH, sin_BTH, visible_BTS, k_BSKH, v_BSKH, index):
-        """Like ``__call__`` but writes this call's k/v at slot ``index`` and attends the cache."""
+    def cached(self, x_BTD, cos_BTH, sin_BTH, visible_BTS, k_LBSKH, v_LBSKH, layer: int, index):
+        """Like ``__call__``, but writes this call's k/v into layer ``layer`` of the cache at slot
+        ``index`` (in place under jit with a donated cache) and attends to the cached slots."""
         attn = self.self_attn
         q_BTNH, k_BTKH, v_BTKH = attn.project_qkv(self.input_layernorm(x_BTD), cos_BTH, sin_BTH)
-        k_BSKH = jax.lax.dynamic_update_slice(k_BSKH, k_BTKH.astype(k_BSKH.dtype), (0, index, 0, 0))
-        v_BSKH = jax.lax.dynamic_update_slice(v_BSKH, v_BTKH.astype(v_BSKH.dtype), (0, index, 0, 0))
-        out_BTNH = attention(q_BTNH, k_BSKH, v_BSKH, visible_BTS)
+        at = (layer, 0, index, 0, 0)
+        k_LBSKH = jax.lax.dynamic_update_slice(k_LBSKH, k_BTKH[None].astype(k_LBSKH.dtype), at)
+        v_LBSKH = jax.lax.dynamic_update_slice(v_LBSKH, v_BTKH[None].astype(v_LBSKH.dtype), at)
+        out_BTNH = attention(q_BTNH, k_LBSKH[layer], v_LBSKH[layer], visible_BTS)
         x_BTD = x_BTD + attn.o_proj(out_BTNH.reshape(*x_BTD.shape[:2], -1))
-        return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD)), k_BSKH, v_BSKH
+        return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD)), k_LBSKH, v_LBSKH
 
 
 class Qwen3(nnx.Module):
@@ -490,11 +492,9 @@ class Qwen3(nnx.Module):
         visible_BTS = causal_TS[None] & slot_mask_BS[:, None, :]
         k_LBSKH, v_LBSKH = cache.k, cache.v
         for i, layer in enumerate(self.layers):
-            x_BTD, k_BSKH, v_BSKH = layer.cached(
-                x_BTD, cos_BTH, sin_BTH, visible_BTS, k_LBSKH[i], v_LBSKH[i], index
+            x_BTD, k_LBSKH, v_LBSKH = layer.cached(
+                x_BTD, cos_BTH, sin_BTH, visible_BTS, k_LBSKH, v_LBSKH, i, index
             )
-            k_LBSKH = k_LBSKH.at[i].set(k_BSKH)
-            v_LBSKH = v_LBSKH.at[i].set(v_BSKH)
         new_cache = KVCache(
             k=k_LBSKH,
             v=v_LBSKH,

@@ -23,6 +23,17 @@ F32_TOL = 1e-4
 BF16_TOL = 2e-2  # bf16 params/activations vs the float32 reference on the same (bf16) weights
 
 
+@nnx.jit
+def forward(model, ids_BT, mask_BT):
+    """Un-cached forward, jitted (one compile per shape beats op-by-op dispatch on CPU)."""
+    return model(ids_BT, attention_mask=mask_BT)
+
+
+@nnx.jit
+def forward_cached(model, ids_BT, mask_BT, cache):
+    return model(ids_BT, attention_mask=mask_BT, cache=cache)
+
+
 def rel_err(a, b, mask=None):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if mask is not None:
@@ -76,7 +87,7 @@ def test_logits_match_transformers_left_padded(overrides, tiny_checkpoint, tmp_p
     )
     model = qwen3.from_pretrained(path, dtype=jnp.float32)
     ids, mask = left_padded(4, 12, pads=[0, 3, 7, 11])
-    logits = model(ids, attention_mask=mask)
+    logits = forward(model, ids, mask)
     assert logits.shape == (4, 12, model.config.vocab_size) and logits.dtype == jnp.float32
     ref = hf_logits(hf_model(path), ids, mask)
     assert rel_err(logits, ref, mask) <= F32_TOL
@@ -90,7 +101,7 @@ def test_positions_beyond_2048(tiny_checkpoint):
     assert model.config.rope_theta == 1e6
     ids, mask = left_padded(1, 2200, pads=[5], seed=1)
     ref = hf_logits(hf_model(tiny_checkpoint), ids, mask)
-    assert rel_err(model(ids, attention_mask=mask), ref, mask) <= F32_TOL
+    assert rel_err(forward(model, ids, mask), ref, mask) <= F32_TOL
 
 
 def test_cache_positions_offset_matches_transformers(tiny_checkpoint):
@@ -99,7 +110,7 @@ def test_cache_positions_offset_matches_transformers(tiny_checkpoint):
     ids, mask = left_padded(2, 8, pads=[0, 2], seed=2)
     cache = init_cache(model.config, 2, 8, jnp.float32)
     cache = cache.replace(positions=jnp.full((2,), 3000, jnp.int32))
-    logits, _ = model(ids, attention_mask=mask, cache=cache)
+    logits, _ = forward_cached(model, ids, mask, cache)
     ref = hf_logits(hf_model(tiny_checkpoint), ids, mask, offset=3000)
     assert rel_err(logits, ref, mask) <= F32_TOL
 
@@ -109,7 +120,7 @@ def test_bfloat16_within_tolerance(tmp_path):
     model = qwen3.from_pretrained(path, dtype=jnp.bfloat16)
     assert model.layers[0].mlp.up_proj.kernel[...].dtype == jnp.bfloat16
     ids, mask = left_padded(3, 10, pads=[0, 4, 8], seed=5)
-    logits = model(ids, attention_mask=mask)
+    logits = forward(model, ids, mask)
     assert logits.dtype == jnp.float32
     ref32 = hf_logits(hf_model(path, torch.float32), ids, mask)
     ref16 = hf_logits(hf_model(path, torch.bfloat16), ids, mask)
@@ -129,7 +140,7 @@ def test_prefill_then_decode_equals_full_forward(tiny_model):
     prompt_len, steps = 7, 5
     ids, mask = left_padded(3, prompt_len + steps, pads=[0, 2, 6], seed=6)
     mask[1, prompt_len + 2] = False  # a row that skips a decode step (e.g. finished)
-    full = np.asarray(tiny_model(ids, attention_mask=mask))
+    full = np.asarray(forward(tiny_model, ids, mask))
 
     traces = []
 
@@ -139,9 +150,7 @@ def test_prefill_then_decode_equals_full_forward(tiny_model):
         return model(ids_BT, attention_mask=mask_BT, cache=cache)
 
     cache = init_cache(tiny_model.config, 3, prompt_len + steps + 3, jnp.float32)
-    logits, cache = tiny_model(
-        ids[:, :prompt_len], attention_mask=mask[:, :prompt_len], cache=cache
-    )
+    logits, cache = forward_cached(tiny_model, ids[:, :prompt_len], mask[:, :prompt_len], cache)
     assert rel_err(logits, full[:, :prompt_len], mask[:, :prompt_len]) <= F32_TOL
     for t in range(prompt_len, prompt_len + steps):
         logits, cache = step(tiny_model, ids[:, t : t + 1], mask[:, t : t + 1], cache)
@@ -155,11 +164,11 @@ def test_prefill_then_decode_equals_full_forward(tiny_model):
 
 def test_fully_padded_row_has_no_nan(tiny_model):
     ids, mask = left_padded(2, 5, pads=[0, 5], seed=7)
-    assert np.isfinite(np.asarray(tiny_model(ids, attention_mask=mask))).all()
+    assert np.isfinite(np.asarray(forward(tiny_model, ids, mask))).all()
     cache = init_cache(tiny_model.config, 2, 8, jnp.float32)
-    logits, cache = tiny_model(ids, attention_mask=mask, cache=cache)
+    logits, cache = forward_cached(tiny_model, ids, mask, cache)
     assert np.isfinite(np.asarray(logits)).all()
-    logits, cache = tiny_model(ids[:, :1], attention_mask=np.ones((2, 1), bool), cache=cache)
+    logits, cache = forward_cached(tiny_model, ids[:, :1], np.ones((2, 1), bool), cache)
     assert np.isfinite(np.asarray(logits)).all()
     np.testing.assert_array_equal(cache.positions, [6, 1])
 
@@ -167,17 +176,17 @@ def test_fully_padded_row_has_no_nan(tiny_model):
 def test_cache_repeat_matches_repeated_prefill(tiny_model):
     ids, mask = left_padded(2, 6, pads=[0, 3], seed=8)
     cache = init_cache(tiny_model.config, 2, 8, jnp.float32)
-    _, cache = tiny_model(ids, attention_mask=mask, cache=cache)
+    _, cache = forward_cached(tiny_model, ids, mask, cache)
     rep = cache.repeat(3)
     assert isinstance(rep, KVCache) and rep.k.shape[1] == 6 and rep.slot_mask.shape == (6, 8)
     ref_cache = init_cache(tiny_model.config, 6, 8, jnp.float32)
-    _, ref_cache = tiny_model(
-        np.repeat(ids, 3, 0), attention_mask=np.repeat(mask, 3, 0), cache=ref_cache
+    _, ref_cache = forward_cached(
+        tiny_model, np.repeat(ids, 3, 0), np.repeat(mask, 3, 0), ref_cache
     )
     nxt = np.arange(6)[:, None] + 100
     one = np.ones((6, 1), bool)
-    a, _ = tiny_model(nxt, attention_mask=one, cache=rep)
-    b, _ = tiny_model(nxt, attention_mask=one, cache=ref_cache)
+    a, _ = forward_cached(tiny_model, nxt, one, rep)
+    b, _ = forward_cached(tiny_model, nxt, one, ref_cache)
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(rep.positions, np.repeat(cache.positions, 3))
 
@@ -231,7 +240,8 @@ def test_linear_modules_are_plain_and_replaceable():
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
         assert type(getattr(attn, name)) is qwen3.Linear
     ids = np.arange(6)[None]
-    before = model(ids)
+    one = np.ones_like(ids, bool)
+    before = forward(model, ids, one)
     # Replacing a projection by attribute assignment changes the forward (LoRA relies on it).
     attn.o_proj = qwen3.Linear(attn.o_proj.in_features, attn.o_proj.out_features, rngs=nnx.Rngs(9))
-    assert not np.allclose(before, model(ids))
+    assert not np.allclose(before, forward(model, ids, one))
