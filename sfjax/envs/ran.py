@@ -56,6 +56,7 @@ import numpy as np
 from flax import struct
 from gymnax.environments import environment, spaces
 
+from sfjax import metrics
 from sfjax.envs import buffers as fifo
 from sfjax.envs import channel, scheduler, traffic
 from sfjax.envs.channel import CQI_EFFICIENCY_K, PRB_BANDWIDTH_HZ, CellConfig
@@ -428,9 +429,7 @@ class RanSlicingEnv(environment.Environment):
         prbs_S = jnp.stack([prbs, cfg.cell.n_prb - prbs]).astype(jnp.float32)
         delivered_bits_S = 8.0 * per_slice(acc["served"])
         bandwidth_S = prbs_S * PRB_BANDWIDTH_HZ
-        se_S = jnp.where(
-            bandwidth_S > 0, delivered_bits_S / (cfg.step_s * jnp.maximum(bandwidth_S, 1.0)), 0.0
-        )
+        se_S = metrics.spectral_efficiency(delivered_bits_S, bandwidth_S, cfg.step_s)
         used_prb_tti_S = per_slice(acc["used_prbs"])
         link_se_S = per_slice(acc["tb_bits"]) / jnp.maximum(
             used_prb_tti_S * PRB_BANDWIDTH_HZ * TTI_S, 1.0
@@ -449,11 +448,8 @@ class RanSlicingEnv(environment.Environment):
         )
         mean_delay_S = per_slice(acc["sum_delay"]) / jnp.maximum(delivered_pkts_S, 1.0)
 
-        reward = (
-            params.se_weight * (se_S[0] + params.se_offset)
-            - params.reconfig_penalty * reconfiguration.astype(jnp.float32)
-            - params.violation_penalty * violation_S[0].astype(jnp.float32)
-        )
+        # EnvParams carries the eq. 15 weights under UtilityWeights' names.
+        reward = metrics.step_utility(se_S[0], reconfiguration, violation_S[0], params)
         new = new.replace(
             time=state.time + 1,
             prbs=prbs,
