@@ -224,14 +224,16 @@ def _step_spec(config: KTOConfig) -> KTOConfig:
 
 
 @functools.lru_cache(maxsize=8)
-def make_train_step(graphdef, config: KTOConfig):
+def make_train_step(graphdef, config: KTOConfig, mesh=None):
     """The jitted step ``(lora, opt_state, frozen, rng_state, batch, key, weights, lr)``.
 
     ``lora`` and ``opt_state`` are donated. ``batch`` holds the ``[A, B, T]`` arrays of
     :class:`sfjax.train.data.Batch`; ``weights`` is ``(λD, λU)``; ``lr`` the step's learning
     rate. Returns ``(lora, opt_state, finite, metrics)`` with per-micro-batch metrics ``[A]``
     and the pre-clipping ``grad_norm``. Cached per (model structure, step hyper-parameters);
-    ``fn.trace_count`` lists one entry per compilation.
+    ``fn.trace_count`` lists one entry per compilation. With a ``mesh``
+    (:mod:`sfjax.parallel`) the step runs with explicit in/out shardings: LoRA params, optimizer
+    state and frozen weights by the sharding rules, micro-batch rows over (data, fsdp).
     """
     config = _step_spec(config)
     tx = make_optimizer(config)
@@ -300,7 +302,17 @@ def make_train_step(graphdef, config: KTOConfig):
         metrics["grad_norm"] = grad_norm
         return keep(new_lora, lora), keep(new_opt_state, opt_state), finite, metrics
 
-    fn = jax.jit(step, donate_argnums=(0, 1))
+    if mesh is None:
+        fn = jax.jit(step, donate_argnums=(0, 1))
+    else:
+        from sfjax import parallel as par
+
+        fn = par.jit_sharded(
+            step, mesh,
+            (par.PARAMS, par.PARAMS, par.PARAMS, par.PARAMS, par.batch_split(1), par.REPLICATED,
+             par.REPLICATED, par.REPLICATED),
+            (par.like(0), par.like(1), par.REPLICATED, par.REPLICATED), donate_argnums=(0, 1),
+        )  # fmt: skip
     fn.trace_count = trace_count
     return fn
 
@@ -316,9 +328,12 @@ class KTOTrainer:
         is given as token ids; then pad id 0 and no EOS is appended.
       config: :class:`KTOConfig`.
       lora_config: adapter shape when the model has none; also what :meth:`save_adapter` writes.
+      mesh: optional ``(data, fsdp, tp)`` mesh (:mod:`sfjax.parallel`): the model (adapters
+        included) is placed on it by the sharding rules, in place, and the step runs sharded.
     """
 
-    def __init__(self, model, tokenizer, config: KTOConfig | None = None, *, lora_config=None):
+    def __init__(self, model, tokenizer, config: KTOConfig | None = None, *, lora_config=None,
+                 mesh=None):  # fmt: skip
         self.model = model
         self.tokenizer = tokenizer
         self.config = config if config is not None else KTOConfig()
@@ -328,6 +343,11 @@ class KTOTrainer:
             lora_lib.apply_lora(model, self.lora_config)
         else:
             self.lora_config = lora_config
+        self.mesh = mesh
+        if mesh is not None:
+            from sfjax import parallel
+
+            parallel.shard_model(model, mesh)
         pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
         if pad is None and tokenizer is not None:
             pad = getattr(tokenizer, "eos_token_id", None)
@@ -430,7 +450,7 @@ class KTOTrainer:
             self.model, nnx.LoRAParam, nnx.RngState, ...
         )
         lora = jax.tree.map(jnp.copy, lora)  # donated below; the model keeps valid buffers
-        self._step_fn = make_train_step(graphdef, _step_spec(c))
+        self._step_fn = make_train_step(graphdef, _step_spec(c), self.mesh)
         if not resume or self.opt_state is None:
             self.opt_state = make_optimizer(c).init(lora)
             self.step = 0
