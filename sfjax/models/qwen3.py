@@ -206,6 +206,7 @@ class Qwen3Config:
             "bos_token_id": self.bos_token_id,
             "eos_token_id": list(eos) if isinstance(eos, tuple) else eos,
             "torch_dtype": dtype,
+            "dtype": dtype,  # transformers >= 5 name of torch_dtype
         }
 
 
