@@ -40,3 +40,12 @@ demo: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# ns-3 scenario (ns3/ran_slicing.cc) against the system ns-3: `make ns3-deps` installs the
+# Debian/Ubuntu packages, `make ns3` builds ns3/build/ran_slicing (the env also builds on use).
+.PHONY: ns3 ns3-deps
+ns3-deps:
+	bash ns3/install_deps.sh
+
+ns3:
+	bash ns3/build.sh
