@@ -223,16 +223,6 @@ def param_sharding(name_path: tuple[str | int, ...], shape: tuple[int, ...], mes
     return parallel.param_sharding(name_path, shape, mesh)
 
 
-def default_sharding_rule() -> Callable[..., Any]:
-    """``sfjax.parallel.param_sharding`` (the project's logical-axis rules) when available,
-    else this module's :func:`param_sharding` table."""
-    try:
-        from sfjax.parallel import param_sharding as rule
-    except ImportError:
-        rule = param_sharding
-    return rule
-
-
 # --------------------------------------------------------------------------------- loading
 def _resolve_checkpoint_dir(path_or_hub_id: str | os.PathLike) -> Path:
     path = Path(os.path.expanduser(os.fspath(path_or_hub_id)))
@@ -361,7 +351,7 @@ def from_pretrained(
         through ``huggingface_hub``; offline it must already be in the local cache).
       dtype: parameter / compute dtype (bf16 for real runs; norms, RoPE, softmax stay float32).
       mesh: optional ``jax.sharding.Mesh``; each tensor is placed with
-        ``sharding_rule(path, shape, mesh)`` (default :func:`default_sharding_rule`), straight
+        ``sharding_rule(path, shape, mesh)`` (default :func:`param_sharding`), straight
         from host memory to its shards.
     """
     from sfjax.models.qwen3 import Qwen3Config
@@ -379,7 +369,7 @@ def from_pretrained(
         raise AssertionError(
             f"name table out of sync with Qwen3: {set(flat) ^ {s.path for s in table}}"
         )
-    rule = sharding_rule or default_sharding_rule()
+    rule = sharding_rule or param_sharding
     target = np.dtype(jnp.dtype(dtype))
     for spec in table:
         arr = read_tensor(tensors[spec.hf_name])

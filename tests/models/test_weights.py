@@ -20,7 +20,6 @@ from sfjax import testing
 from sfjax.models import qwen3
 from sfjax.models.weights import (
     CheckpointError,
-    default_sharding_rule,
     hf_param_table,
     param_sharding,
     read_safetensors_header,
@@ -137,7 +136,7 @@ def test_tokenizer_saved_alongside(tiny_checkpoint, tmp_path):
 
 
 def test_mesh_places_params_by_rule(tiny_checkpoint):
-    """Placement follows the default rule (sfjax.parallel's when present) on a 1-device mesh."""
+    """Placement follows the default rule (sfjax.parallel's) on a 1-device mesh."""
     mesh = Mesh(np.array(jax.devices()[:1]), ("tp",))
     model = qwen3.from_pretrained(tiny_checkpoint, dtype=jnp.float32, mesh=mesh)
     q = model.layers[0].self_attn.q_proj.kernel[...]
@@ -146,14 +145,13 @@ def test_mesh_places_params_by_rule(tiny_checkpoint):
     assert q.sharding.spec == PartitionSpec(None, "tp")
     assert o.sharding.spec == PartitionSpec("tp", None)
     assert model.norm.weight[...].sharding.spec == PartitionSpec(None)
-    rule = default_sharding_rule()
     for path, var in nnx.to_flat_state(nnx.state(model)):
         arr = var.get_value()
-        assert arr.sharding == rule(path, arr.shape, mesh), path
+        assert arr.sharding == param_sharding(path, arr.shape, mesh), path
     assert np.isfinite(np.asarray(forward(model, IDS))).all()
 
 
-def test_fallback_param_sharding_rules():
+def test_param_sharding_rules():
     mesh = AbstractMesh((4,), ("tp",))
     spec = lambda path, shape: param_sharding(path, shape, mesh).spec  # noqa: E731
     assert spec(("layers", 0, "mlp", "up_proj", "kernel"), (64, 128)) == PartitionSpec(None, "tp")
