@@ -6,10 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from sfjax import testing
 from sfjax.agents.prompts import PromptConfig, parse_output
-from sfjax.models import qwen3
+from sfjax.models import lora, qwen3
 from sfjax.sampling import ActionConstraint, Sampler, SamplingParams
 from sfjax.tokenizer import load_tokenizer
 
@@ -190,11 +191,18 @@ def test_constrained_action_always_valid(sampler, tokenizer, action_first):
 
 
 def test_no_retrace_within_bucket(checkpoint, tokenizer):
+    """Varying prompts, batch, params, stops, constraint and weights within a bucket: 1 trace.
+
+    The model carries LoRA adapters whose weights change between calls, as during KTO.
+    """
     model = qwen3.from_pretrained(checkpoint, dtype=jnp.float32)
+    lora.apply_lora(model, lora.LoRAConfig(rank=4, dropout=0.1), rngs=nnx.Rngs(1))
+    model.train()  # the caller's mode must not leak dropout into sampling
     s = Sampler(model, tokenizer)
     key = jax.random.key(0)
     short = PROMPTS[:2] + ["a"]  # one prompt-length bucket (32)
-    out1 = s.generate(short, SamplingParams(temperature=0.0, max_new_tokens=20))
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=20)
+    out1 = s.generate(short, greedy)
     s.generate(
         ["a", "b c", "the queue", PROMPTS[1]],
         SamplingParams(temperature=0.8, top_k=10, top_p=0.9, max_new_tokens=32, stop=("ab",)),
@@ -206,14 +214,17 @@ def test_no_retrace_within_bucket(checkpoint, tokenizer):
         key,
         action_constraint=ActionConstraint(2, 40),
     )
-    # A weight update (as between KTO steps) changes the output without recompiling.
-    kernel = model.layers[0].mlp.down_proj.kernel
-    kernel[...] = kernel[...] * 3.0 + 0.05
-    out2 = s.generate(short, SamplingParams(temperature=0.0, max_new_tokens=20))
+    # A LoRA update (as between KTO steps) changes the output without recompiling.
+    for _, module in lora.lora_modules(model):
+        module.lora_b[...] = jnp.full(module.lora_b.shape, 0.5)
+    out2 = s.generate(short, greedy)
     assert out2.tokens != out1.tokens
     assert s.num_traces == 1
-    s.generate(short * 2, SamplingParams(temperature=0.0, max_new_tokens=20))  # batch 6 -> 8
-    assert s.num_traces == 2
+    with lora.adapters_disabled(model):  # the KTO reference policy: the base model again
+        assert s.generate(short, greedy).tokens == out1.tokens
+    assert s.num_traces == 2  # the adapter switch is static structure
+    s.generate(short * 2, greedy)  # batch 6 -> bucket 8
+    assert s.num_traces == 3
 
 
 def test_user_errors_are_explained(sampler):

@@ -107,7 +107,10 @@ def _decode_loop(graphdef, n, state, cache, ids_BT, mask_BT, rows, tables, key, 
     counter[0] += 1
 
     def forward(ids, mask, c):
-        return nnx.merge(graphdef, state)(ids, attention_mask=mask, cache=c)
+        model = nnx.merge(graphdef, state)
+        if hasattr(model, "eval"):
+            model.eval()  # sampling never uses dropout (a copy: the caller's mode is untouched)
+        return model(ids, attention_mask=mask, cache=c)
 
     B, T = ids_BT.shape
     N = B * n
@@ -361,6 +364,9 @@ class Sampler:
         if cache is None:
             cache = self._new_cache(N, T + M)
         graphdef, state = nnx.split(self.model)
+        # A weakly typed weight (e.g. set from a Python scalar) would otherwise retrace.
+        state = jax.tree.map(lambda x: x.astype(x.dtype) if getattr(x, "weak_type", False)
+                             else x, state)
         args = (state, cache, ids_BT, mask_BT, rows, tables, key)
         if self.mesh is None:
             args = (state, cache, jnp.asarray(ids_BT), jnp.asarray(mask_BT), rows, tables, key)
