@@ -1,0 +1,70 @@
+"""Gymnasium wrapper of :class:`sfjax.envs.ran.RanSlicingEnv` for numpy RL libraries.
+
+One environment, numpy observations, ``Discrete`` actions, the gymnasium 1.x API:
+``reset(seed=...) -> (obs, info)``, ``step(a) -> (obs, reward, terminated, truncated, info)``.
+Episodes end by truncation after ``episode_steps`` decisions (there is no terminal state); the
+wrapper does not auto-reset (gymnasium's vector envs do that). ``info`` holds the simulator's
+feedback as Python floats, plus ``prbs`` of the action taken. The JAX step is jitted once.
+
+Requires the optional ``gymnasium`` package (``pip install 'sfjax[ns3]'``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+try:
+    import gymnasium
+    from gymnasium import spaces
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "sfjax.envs.gymnasium_env needs gymnasium: pip install 'gymnasium>=1.1'"
+    ) from e
+
+from sfjax.envs.ran import EnvParams, RanSlicingConfig, RanSlicingEnv, info_dict
+
+
+class RanSlicingGymnasiumEnv(gymnasium.Env):
+    """The JAX RAN slicing simulator behind the gymnasium API."""
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, config: RanSlicingConfig | None = None, params: EnvParams | None = None):
+        self.env = RanSlicingEnv(config)
+        self.params = params if params is not None else self.env.default_params
+        self.action_space = spaces.Discrete(self.env.num_actions)
+        box = self.env.observation_space(self.params)
+        self.observation_space = spaces.Box(
+            low=np.asarray(box.low, np.float32), high=np.asarray(box.high, np.float32),
+            dtype=np.float32,
+        )
+        self._reset = jax.jit(self.env.reset_env)
+        self._step = jax.jit(self.env.step_env)
+        self._key = jax.random.key(0)
+        self._state = None
+
+    @property
+    def state(self):
+        """The current JAX :class:`sfjax.envs.ran.EnvState` (raw units for prompts)."""
+        return self._state
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        if seed is not None:
+            self._key = jax.random.key(seed)
+        self._key, sub = jax.random.split(self._key)
+        obs, self._state = self._reset(sub, self.params)
+        return np.asarray(obs), {}
+
+    def step(self, action):
+        if self._state is None:
+            raise RuntimeError("call reset() before step()")
+        if not self.action_space.contains(int(action)):
+            raise ValueError(f"action must be an int in [0, {self.env.num_actions}), got {action}")
+        self._key, sub = jax.random.split(self._key)
+        obs, self._state, reward, done, info = self._step(sub, self._state, int(action),
+                                                          self.params)
+        return np.asarray(obs), float(reward), False, bool(done), info_dict(info)
