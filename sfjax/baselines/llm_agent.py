@@ -133,3 +133,45 @@ class LLMEnvAgent:
     def finish(self, infos: list[dict[str, float]]) -> None:
         """Called by ``evaluate_agent`` after the last step with its feedback."""
         self._close_step(infos)
+
+
+def resolve_checkpoint(path_or_hub_id: str) -> str:
+    """A local directory for a checkpoint path or hub id (hub ids must be in the HF cache
+    when offline)."""
+    import os
+    from pathlib import Path
+
+    p = Path(os.path.expanduser(path_or_hub_id))
+    if p.is_dir():
+        return str(p)
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(path_or_hub_id)
+
+
+def load_actor(
+    checkpoint: str,
+    actor_cfg,
+    *,
+    dtype: str = "bfloat16",
+    adapter_dir: str | None = None,
+    actor_cls=None,
+    **actor_kwargs,
+):
+    """Qwen3 checkpoint (+ optional PEFT LoRA adapter) -> Sampler -> Actor (or ``actor_cls``)."""
+    import jax.numpy as jnp
+
+    from sfjax.agents.actor import Actor
+    from sfjax.models import lora, qwen3
+    from sfjax.sampling import Sampler
+    from sfjax.tokenizer import load_tokenizer
+
+    if dtype not in ("bfloat16", "float32"):
+        raise ValueError(f"dtype must be bfloat16 or float32, got {dtype!r}")
+    local = resolve_checkpoint(checkpoint)
+    model = qwen3.from_pretrained(local, dtype=getattr(jnp, dtype))
+    if adapter_dir:
+        lora.load_adapter(model, adapter_dir)
+    tokenizer = load_tokenizer(local)
+    sampler = Sampler(model, tokenizer)
+    return (actor_cls or Actor)(sampler, tokenizer, actor_cfg, **actor_kwargs)
