@@ -442,12 +442,28 @@ class Qwen3(nnx.Module):
             else Linear(config.hidden_size, config.vocab_size, dtype=dtype, rngs=rngs)
         )
 
-    def logits(self, x_BTD):
-        """Final norm + LM head, float32 ``[B, T, V]``."""
-        x_BTD = self.norm(x_BTD)
+    def lm_logits(self, h_BTD):
+        """LM head on final (normed) hidden states: float32 logits ``[B, T, V]``.
+
+        With :meth:`hidden_states`, lets a caller compute log-probs in chunks of tokens instead
+        of materialising all ``[B, T, V]`` logits at once (e.g. for a 151936-word vocabulary).
+        """
         if self.lm_head is None:
-            return self.embed_tokens.attend(x_BTD)
-        return self.lm_head(x_BTD).astype(jnp.float32)
+            return self.embed_tokens.attend(h_BTD)
+        return self.lm_head(h_BTD).astype(jnp.float32)
+
+    def hidden_states(self, input_ids_BT, attention_mask=None):
+        """Final hidden states ``[B, T, D]`` after the last RMSNorm (HF ``last_hidden_state``);
+        ``model(ids, mask) == model.lm_logits(model.hidden_states(ids, mask))``."""
+        x_BTD, mask_BT = self._embed(input_ids_BT, attention_mask)
+        T = mask_BT.shape[1]
+        pos_BT = positions_from_mask(mask_BT)
+        cos_BTH, sin_BTH = rope_cos_sin(pos_BT, self.config.head_dim, self.config.rope_theta)
+        causal_TS = jnp.tril(jnp.ones((T, T), bool))
+        visible_BTS = causal_TS[None] & mask_BT[:, None, :]
+        for layer in self.layers:
+            x_BTD = layer(x_BTD, cos_BTH, sin_BTH, visible_BTS)
+        return self.norm(x_BTD)
 
     def __call__(self, input_ids_BT, attention_mask=None, cache: KVCache | None = None):
         """Logits ``[B, T, V]``; with ``cache`` also returns the updated cache.
@@ -456,6 +472,13 @@ class Qwen3(nnx.Module):
         cache, this call's tokens fill slots ``[index, index + T)`` and a query in slot
         ``index + t`` sees real slots ``<= index + t``.
         """
+        if cache is None:
+            return self.lm_logits(self.hidden_states(input_ids_BT, attention_mask))
+        x_BTD, mask_BT = self._embed(input_ids_BT, attention_mask)
+        return self._cached_forward(x_BTD, mask_BT, cache)
+
+    def _embed(self, input_ids_BT, attention_mask):
+        """Validated inputs: embeddings ``[B, T, D]`` and a boolean mask ``[B, T]``."""
         input_ids_BT = jnp.asarray(input_ids_BT)
         if input_ids_BT.ndim != 2:
             raise ValueError(f"input_ids must be [batch, time], got shape {input_ids_BT.shape}")
@@ -468,16 +491,7 @@ class Qwen3(nnx.Module):
                 raise ValueError(
                     f"attention_mask shape {mask_BT.shape} != input_ids shape {(B, T)}"
                 )
-        x_BTD = self.embed_tokens(input_ids_BT)
-        if cache is None:
-            pos_BT = positions_from_mask(mask_BT)
-            cos_BTH, sin_BTH = rope_cos_sin(pos_BT, self.config.head_dim, self.config.rope_theta)
-            causal_TS = jnp.tril(jnp.ones((T, T), bool))
-            visible_BTS = causal_TS[None] & mask_BT[:, None, :]
-            for layer in self.layers:
-                x_BTD = layer(x_BTD, cos_BTH, sin_BTH, visible_BTS)
-            return self.logits(x_BTD)
-        return self._cached_forward(x_BTD, mask_BT, cache)
+        return self.embed_tokens(input_ids_BT), mask_BT
 
     def _cached_forward(self, x_BTD, mask_BT, cache: KVCache):
         B, T = mask_BT.shape
@@ -503,7 +517,7 @@ class Qwen3(nnx.Module):
             positions=cache.positions + mask_BT.sum(axis=1, dtype=jnp.int32),
             index=index + T,
         )
-        return self.logits(x_BTD), new_cache
+        return self.lm_logits(self.norm(x_BTD)), new_cache
 
 
 def count_params(model_or_state) -> int:

@@ -245,3 +245,20 @@ def test_linear_modules_are_plain_and_replaceable():
     # Replacing a projection by attribute assignment changes the forward (LoRA relies on it).
     attn.o_proj = qwen3.Linear(attn.o_proj.in_features, attn.o_proj.out_features, rngs=nnx.Rngs(9))
     assert not np.allclose(before, forward(model, ids, one))
+
+
+def test_hidden_states_match_transformers_and_compose_to_logits(tiny_model, tiny_checkpoint):
+    ids, mask = left_padded(2, 9, pads=[0, 4], seed=9)
+    h_BTD = nnx.jit(lambda m, i, a: m.hidden_states(i, attention_mask=a))(tiny_model, ids, mask)
+    hf = hf_model(tiny_checkpoint)
+    pos = np.clip(np.cumsum(mask, 1) - 1, 0, None)
+    with torch.no_grad():
+        ref = hf.model(
+            input_ids=torch.tensor(ids),
+            attention_mask=torch.tensor(mask.astype(np.int64)),
+            position_ids=torch.tensor(pos),
+        ).last_hidden_state.numpy()
+    assert rel_err(h_BTD, ref, mask) <= F32_TOL
+    np.testing.assert_allclose(
+        tiny_model.lm_logits(h_BTD), forward(tiny_model, ids, mask), rtol=1e-5, atol=1e-5
+    )
