@@ -221,3 +221,54 @@ def plot_fig3(
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def read_scalar_events(tb_dir: str | Path) -> list[tuple[str, int, float]]:
+    """(tag, step, value) of every scalar in the TensorBoard event files under ``tb_dir``,
+    in the order they were written (files by name, i.e. by creation time).
+
+    A minimal TFRecord reader (length, crc, payload, crc) over tensorboardX's ``Event``
+    protobuf, so reading needs neither TensorFlow nor the tensorboard package.
+    """
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out: list[tuple[str, int, float]] = []
+    for path in sorted(Path(tb_dir).rglob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        pos = 0
+        while pos + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            start = pos + 12
+            if start + length + 4 > len(data):
+                break  # a record still being written
+            event = event_pb2.Event()
+            event.ParseFromString(data[start : start + length])
+            pos = start + length + 4
+            for v in event.summary.value:
+                if v.HasField("simple_value"):
+                    out.append((v.tag, int(event.step), float(v.simple_value)))
+    return out
+
+
+def kto_iteration_curves(
+    events: Sequence[tuple[str, int, float]],
+    step_tags: Sequence[str] = ("train/rewards/chosen", "train/rewards/rejected"),
+    boundary_tag: str = "kto_iter/num_steps",
+) -> list[dict[str, list[float]]]:
+    """Split per-step KTO scalars into KTO iterations.
+
+    The SF loop logs ``kto_iter/*`` once after each KTO iteration's training, so the
+    ``train/*`` points written between two such markers belong to one iteration. Keys of each
+    returned dict drop the ``train/`` prefix (``rewards/chosen``, ``rewards/rejected``).
+    """
+    iterations: list[dict[str, list[float]]] = []
+    current: dict[str, list[float]] = {t.split("/", 1)[1]: [] for t in step_tags}
+    for tag, _step, value in events:
+        if tag in step_tags:
+            current[tag.split("/", 1)[1]].append(value)
+        elif tag == boundary_tag:
+            iterations.append(current)
+            current = {t.split("/", 1)[1]: [] for t in step_tags}
+    return iterations
