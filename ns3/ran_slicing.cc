@@ -265,6 +265,107 @@ class FixedShadowingLossModel : public PropagationLossModel
 NS_OBJECT_ENSURE_REGISTERED(FixedShadowingLossModel);
 
 // ---------------------------------------------------------------------------------------------
+// Per-UE trace fading (--fadingSpec): every UE reads its own trace (of its slice's fading
+// model) from its own start offset, wrapping around, one sample per ms, as the JAX simulator
+// does. ns-3's TraceFadingLossModel instead shares one trace among all links and re-draws
+// the offsets every window; it is still available with --fadingTrace.
+// ---------------------------------------------------------------------------------------------
+class PerUeTraceFading : public SpectrumPropagationLossModel
+{
+  public:
+    static TypeId GetTypeId()
+    {
+        static TypeId tid = TypeId("ns3::PerUeTraceFading")
+                                .SetParent<SpectrumPropagationLossModel>()
+                                .AddConstructor<PerUeTraceFading>();
+        return tid;
+    }
+
+    /// Spec file: "n_traces length n_prb", n_traces .fad paths (ns-3 format: n_prb rows of
+    /// `length` dB values), then one "trace offset_ms" line per UE (in UE order).
+    void Load(const std::string& spec, const NodeContainer& ues, Time start)
+    {
+        std::ifstream in(spec);
+        NS_ABORT_MSG_IF(!in.good(), "cannot read fading spec " << spec);
+        uint32_t nTraces = 0;
+        in >> nTraces >> m_length >> m_nPrb;
+        std::vector<std::string> paths(nTraces);
+        for (auto& p : paths)
+        {
+            in >> p;
+        }
+        for (const auto& p : paths)
+        {
+            std::ifstream fad(p);
+            NS_ABORT_MSG_IF(!fad.good(), "cannot read fading trace " << p);
+            std::vector<float> gains(static_cast<size_t>(m_length) * m_nPrb);
+            for (uint32_t prb = 0; prb < m_nPrb; prb++)
+            {
+                for (uint32_t t = 0; t < m_length; t++)
+                {
+                    double db;
+                    fad >> db;
+                    gains[static_cast<size_t>(t) * m_nPrb + prb] =
+                        static_cast<float>(std::pow(10.0, db / 10.0));
+                }
+            }
+            NS_ABORT_MSG_IF(fad.fail(), "fading trace " << p << " is shorter than announced");
+            m_traces.push_back(std::move(gains));
+        }
+        for (uint32_t i = 0; i < ues.GetN(); i++)
+        {
+            uint32_t trace = 0;
+            uint64_t offset = 0;
+            in >> trace >> offset;
+            NS_ABORT_MSG_IF(in.fail() || trace >= nTraces, "bad UE line in " << spec);
+            m_ueOf[PeekPointer(ues.Get(i)->GetObject<MobilityModel>())] = {trace, offset};
+        }
+        m_startMs = start.GetMilliSeconds();
+    }
+
+  private:
+    struct Ue
+    {
+        uint32_t trace;
+        uint64_t offset;
+    };
+
+    Ptr<SpectrumValue> DoCalcRxPowerSpectralDensity(Ptr<const SpectrumSignalParameters> params,
+                                                    Ptr<const MobilityModel> a,
+                                                    Ptr<const MobilityModel> b) const override
+    {
+        Ptr<SpectrumValue> rx = Copy<SpectrumValue>(params->psd);
+        auto it = m_ueOf.find(PeekPointer(b));
+        if (it == m_ueOf.end())
+        {
+            it = m_ueOf.find(PeekPointer(a));
+        }
+        if (it == m_ueOf.end())
+        {
+            return rx;
+        }
+        int64_t now = Simulator::Now().GetMilliSeconds() - m_startMs;
+        uint64_t t = (static_cast<uint64_t>(std::max<int64_t>(now, 0)) + it->second.offset) %
+                     m_length;
+        const float* row = m_traces[it->second.trace].data() + t * m_nPrb;
+        uint32_t prb = 0;
+        for (auto v = rx->ValuesBegin(); v != rx->ValuesEnd() && prb < m_nPrb; ++v, ++prb)
+        {
+            *v *= row[prb];
+        }
+        return rx;
+    }
+
+    uint32_t m_length{1};
+    uint32_t m_nPrb{0};
+    int64_t m_startMs{0};
+    std::vector<std::vector<float>> m_traces;
+    std::map<const MobilityModel*, Ue> m_ueOf;
+};
+
+NS_OBJECT_ENSURE_REGISTERED(PerUeTraceFading);
+
+// ---------------------------------------------------------------------------------------------
 // Off-time stream for a stationary on-off start: the first draw is given (0 = start "on"),
 // later draws are Exp(mean). OnOffApplication begins with an off period, so without this every
 // UE would start silent.
@@ -671,6 +772,7 @@ main(int argc, char* argv[])
     uint32_t fadingSamples = 10000;
     bool dieWithParent = true;
     std::string dropFile = "";
+    std::string fadingSpec = "";
 
     CommandLine cmd(__FILE__);
     cmd.AddValue("openGymPort", "ns3-gym agent port on localhost", openGymPort);
@@ -711,6 +813,8 @@ main(int argc, char* argv[])
     cmd.AddValue("offset", "eq. 15 per-step SE offset", g.offset);
     cmd.AddValue("agentTimeout", "exit if the agent does not answer within this, s",
                  g.agentTimeoutS);
+    cmd.AddValue("fadingSpec", "per-UE trace fading spec (see PerUeTraceFading); overrides "
+                               "--fadingTrace", fadingSpec);
     cmd.AddValue("dropFile", "fixed drop, one UE per line: x_m y_m los(0/1) shadowing_dB; "
                              "empty: drawn here", dropFile);
     cmd.AddValue("dieWithParent", "exit when the parent process dies (Linux)", dieWithParent);
@@ -780,7 +884,7 @@ main(int argc, char* argv[])
     lte->SetEnbDeviceAttribute("UlBandwidth", UintegerValue(g.nPrb));
     lte->SetEnbDeviceAttribute("DlEarfcn", UintegerValue(100)); // 2120 MHz
     lte->SetEnbDeviceAttribute("UlEarfcn", UintegerValue(18100));
-    if (!fadingTrace.empty())
+    if (!fadingTrace.empty() && fadingSpec.empty())
     {
         lte->SetFadingModel("ns3::TraceFadingLossModel");
         lte->SetFadingModelAttribute("TraceFilename", StringValue(fadingTrace));
@@ -844,6 +948,12 @@ main(int argc, char* argv[])
     }
 
     NetDeviceContainer enbDevs = lte->InstallEnbDevice(enbNodes);
+    if (!fadingSpec.empty())
+    {
+        Ptr<PerUeTraceFading> fading = CreateObject<PerUeTraceFading>();
+        fading->Load(fadingSpec, ueNodes, MilliSeconds(g.warmupMs));
+        lte->GetDownlinkSpectrumChannel()->AddSpectrumPropagationLossModel(fading);
+    }
     if (!drop.empty())
     {
         // Chain the given shadowing after the UMa path loss on both links.

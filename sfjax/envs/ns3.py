@@ -67,9 +67,11 @@ class Ns3Config:
     fixed_drop: bool = True
     """Use the JAX env's drop (positions, LOS, shadowing from ``geometry_seed``); False: ns-3
     draws its own (UMa channel-condition model and shadowing)."""
-    fading: bool = True
-    """Replay the project's fading trace of the controlled slice's model (ns-3's
-    TraceFadingLossModel holds one trace for all links)."""
+    fading: str = "per_ue"
+    """Fast fading from the project's traces (:mod:`sfjax.envs.fading`): ``per_ue`` gives each
+    UE a trace of its slice's model at a random offset, read once per ms with wrap-around (as
+    the JAX env); ``shared_trace`` uses ns-3's own TraceFadingLossModel with the controlled
+    slice's first trace for every link (random offsets re-drawn every 0.5 s); ``none``."""
     se_weight: float = 15.0
     """alpha of eq. 15."""
     se_offset: float = 1.0
@@ -136,22 +138,61 @@ def scenario_args(scenario) -> list[str]:
     ]
 
 
-def _fading_trace(scenario) -> tuple[Path, int] | None:
-    """Write (once) the controlled slice's first fading trace in ns-3's format."""
+def _trace_files(scenario) -> list[list[Path]]:
+    """Write (once) every slice's fading traces in ns-3's format; [slice][trace] -> path."""
     from sfjax.envs.fading import prb_gain_traces, write_ns3_fad
 
-    fading = scenario.ordered_slices[0].fading
-    if not fading.enabled:
-        return None
-    key = repr((fading, scenario.cell.carrier_hz, scenario.cell.n_prb)).encode()
-    path = build.build_dir() / "traces" / f"{fading.profile}_{hashlib.sha256(key).hexdigest()[:16]}.fad"
-    if not path.exists():
-        gains_NLP = prb_gain_traces(fading, scenario.cell.carrier_hz, scenario.cell.n_prb)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        write_ns3_fad(tmp, gains_NLP[0])
-        os.replace(tmp, path)
-    return path, fading.duration_ms
+    out = []
+    for sl in scenario.slices:
+        fading = sl.fading
+        if not fading.enabled:
+            out.append([])
+            continue
+        key = repr((fading, scenario.cell.carrier_hz, scenario.cell.n_prb)).encode()
+        stem = f"{fading.profile}_{hashlib.sha256(key).hexdigest()[:16]}"
+        paths = [build.build_dir() / "traces" / f"{stem}_{n}.fad" for n in range(fading.n_traces)]
+        if not all(p.exists() for p in paths):
+            gains_NLP = prb_gain_traces(fading, scenario.cell.carrier_hz, scenario.cell.n_prb)
+            for path, gains_LP in zip(paths, gains_NLP, strict=True):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                write_ns3_fad(tmp, gains_LP)
+                os.replace(tmp, path)
+        out.append(paths)
+    return out
+
+
+def _fading_args(scenario, mode: str, seed: int, work: Path) -> list[str]:
+    """Scenario arguments for the fading mode (see ``Ns3Config.fading``)."""
+    if mode == "none":
+        return []
+    if mode not in ("per_ue", "shared_trace"):
+        raise ValueError(f"fading must be 'per_ue', 'shared_trace' or 'none', not {mode!r}")
+    files = _trace_files(scenario)
+    lengths = {sl.fading.duration_ms for sl in scenario.slices if sl.fading.enabled}
+    if not lengths:
+        return []
+    if mode == "shared_trace":
+        ctrl = scenario.controlled_slice
+        if not files[ctrl]:
+            return []
+        length = scenario.slices[ctrl].fading.duration_ms
+        return [f"--fadingTrace={files[ctrl][0]}", f"--fadingTraceLength={length / 1000}",
+                f"--fadingSamples={length}"]
+    if len(lengths) != 1 or any(not f for f in files):
+        raise ValueError("per_ue fading needs every slice's fading enabled with one duration_ms")
+    (length,) = lengths
+    rng = np.random.default_rng([seed, 0x5FA])
+    flat = [p for paths in files for p in paths]
+    first = np.cumsum([0] + [len(p) for p in files])[:-1]
+    lines = [f"{len(flat)} {length} {scenario.cell.n_prb}", *map(str, flat)]
+    for s, sl in enumerate(scenario.slices):  # the scenario's UE order: slice 0 first
+        for _ in range(sl.n_ues):
+            trace = first[s] + rng.integers(len(files[s]))
+            lines.append(f"{trace} {rng.integers(length)}")
+    spec = work / "fading.txt"
+    spec.write_text("\n".join(lines) + "\n")
+    return [f"--fadingSpec={spec}"]
 
 
 def _drop_rows(scenario):
@@ -253,6 +294,11 @@ class Ns3RanSlicingEnv:
             [ctrl.n_ues * sc.buffer_bytes, other.n_ues * sc.buffer_bytes], np.float64
         )
         self._args = scenario_args(sc)  # validates early
+        if self.config.fading not in ("per_ue", "shared_trace", "none"):
+            raise ValueError(
+                f"Ns3Config.fading must be 'per_ue', 'shared_trace' or 'none', "
+                f"not {self.config.fading!r}"
+            )
         self._proc: subprocess.Popen | None = None
         self._bridge: Ns3GymBridge | None = None
         self._workdir: tempfile.TemporaryDirectory | None = None
@@ -283,12 +329,7 @@ class Ns3RanSlicingEnv:
             drop_path = work / "drop.txt"
             build.write_drop_file(drop_path, *_drop_rows(self.scenario))
             args.append(f"--dropFile={drop_path}")
-        if self.config.fading:
-            trace = _fading_trace(self.scenario)
-            if trace is not None:
-                path, length_ms = trace
-                args += [f"--fadingTrace={path}", f"--fadingTraceLength={length_ms / 1000}",
-                         f"--fadingSamples={length_ms}"]
+        args += _fading_args(self.scenario, self.config.fading, seed, work)
         args += list(self.config.extra_args)
         holder: dict = {"proc": None, "log": work / "ns3.log"}
         self._bridge = Ns3GymBridge(watchdog=functools.partial(_process_error, holder))

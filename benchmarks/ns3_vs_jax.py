@@ -1,0 +1,184 @@
+"""Validate the pure-JAX RAN slicing simulator against the ns-3 scenario, side by side.
+
+Both environments are driven with the same allocation sequences (action indices, so the same
+PRB count for the controlled slice) from the same configuration (``RanSlicingConfig``): the
+same cell, the same fixed UE drop (positions, LOS state, shadowing from ``geometry_seed``),
+the same fading-trace generator, the same traffic model and buffers. Per sequence and per
+traffic setting the script reports, for each slice, the mean SE, violation rate, offered load
+(arrival rate), delivered throughput, dropped bytes per step and mean packet delay, and the
+wall time per decision of each simulator (ns-3: one 100 ms decision of the real LTE stack,
+including the ZMQ round trip; JAX: one step of a jitted ``lax.scan`` rollout, compile
+excluded) with their ratio.
+
+Traffic settings: ``onoff`` is the paper's (Exp(15 s) on/off; the two simulators draw
+different on/off realisations, so offered loads only agree statistically); ``full`` keeps
+every flow on, which removes traffic randomness and isolates the radio/MAC differences.
+
+Allocation sequences: ``staircase`` (each action held for an equal share of the episode,
+low to high), ``random`` (a new uniformly random action every 10 decisions) and ``fixed``
+(the middle action throughout).
+
+Usage (reproduces benchmarks/RESULTS.md)::
+
+    .venv/bin/python benchmarks/ns3_vs_jax.py --steps 120 --seeds 2 --out runs/ns3_vs_jax.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sfjax.envs.ns3 import Ns3Config, Ns3RanSlicingEnv
+from sfjax.envs.ran import GBR_SLICE, NON_GBR_SLICE, RanSlicingConfig, RanSlicingEnv
+
+METRICS = ("se", "violation", "arrival_rate_bps", "delivered_bits", "dropped_bytes",
+           "mean_delay_ms", "prbs")
+
+
+def scenario_for(traffic: str, steps: int) -> RanSlicingConfig:
+    if traffic == "full":
+        on = {"mean_on_s": 1e4, "mean_off_s": 1e-3}
+        slices = (dataclasses.replace(GBR_SLICE, **on), dataclasses.replace(NON_GBR_SLICE, **on))
+        return RanSlicingConfig(slices=slices, episode_steps=steps)
+    return RanSlicingConfig(episode_steps=steps)
+
+
+def action_sequence(kind: str, num_actions: int, steps: int, seed: int) -> np.ndarray:
+    if kind == "staircase":
+        return np.minimum(np.arange(steps) * num_actions // steps, num_actions - 1)
+    if kind == "random":
+        rng = np.random.default_rng(1000 + seed)
+        return np.repeat(rng.integers(0, num_actions, -(-steps // 10)), 10)[:steps]
+    if kind == "fixed":
+        return np.full(steps, (num_actions - 1) // 2)
+    raise ValueError(f"unknown sequence {kind!r}")
+
+
+def run_jax(cfg: RanSlicingConfig, actions_NT: np.ndarray, seeds: list[int]):
+    """Roll out every (seed, sequence) with one jitted scan; per-step infos as numpy."""
+    env = RanSlicingEnv(cfg)
+    params = env.default_params
+
+    def rollout(key, actions_T):
+        key, k_reset = jax.random.split(key)
+        _, state = env.reset(k_reset, params)
+
+        def body(carry, action):
+            key, state = carry
+            key, sub = jax.random.split(key)
+            _, state, _, _, info = env.step_env(sub, state, action, params)
+            return (key, state), info
+
+        return jax.lax.scan(body, (key, state), actions_T)[1]
+
+    batched = jax.jit(jax.vmap(rollout))
+    keys = jnp.stack([jax.random.key(s) for s in seeds])
+    actions = jnp.asarray(actions_NT, jnp.int32)
+    t0 = time.perf_counter()
+    jax.block_until_ready(batched(keys, actions))
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    infos = jax.block_until_ready(batched(keys, actions))
+    run_s = time.perf_counter() - t0
+    infos = {k: np.asarray(v) for k, v in infos.items()}
+    return infos, compile_s, run_s / actions_NT.size
+
+
+def run_ns3(cfg: RanSlicingConfig, actions_T: np.ndarray, seed: int):
+    with Ns3RanSlicingEnv(Ns3Config(scenario=cfg)) as env:
+        env.reset(seed=seed)
+        rows = []
+        for a in actions_T:
+            rows.append(env.step(int(a))[4])
+        wall = list(env.decision_wall_s)
+    infos = {k: np.asarray([r[k] for r in rows], np.float64) for k in rows[0]
+             if isinstance(rows[0][k], (bool, int, float))}
+    return infos, float(np.mean(wall))
+
+
+def summarise(infos: dict[str, np.ndarray]) -> dict[str, float]:
+    out = {}
+    for prefix in ("", "other_"):
+        for m in METRICS:
+            v = np.asarray(infos[prefix + m], np.float64)
+            if m == "mean_delay_ms":  # average over steps that delivered something
+                d = np.asarray(infos[prefix + "delivered_bits"], np.float64) > 0
+                out[prefix + m] = float(v[d].mean()) if d.any() else float("nan")
+            else:
+                out[prefix + m] = float(v.mean())
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=120, help="decisions per episode")
+    ap.add_argument("--seeds", type=int, default=2, help="episodes per (traffic, sequence)")
+    ap.add_argument("--traffic", nargs="+", default=["full", "onoff"])
+    ap.add_argument("--sequences", nargs="+", default=["staircase", "random", "fixed"])
+    ap.add_argument("--out", type=Path, default=None, help="write all numbers as JSON here")
+    args = ap.parse_args()
+
+    seeds = list(range(args.seeds))
+    results = []
+    for traffic in args.traffic:
+        cfg = scenario_for(traffic, args.steps)
+        for kind in args.sequences:
+            actions_NT = np.stack(
+                [action_sequence(kind, cfg.num_actions, args.steps, s) for s in seeds]
+            )
+            jax_infos, compile_s, jax_step_s = run_jax(cfg, actions_NT, seeds)
+            jax_rows, ns3_rows, ns3_wall = [], [], []
+            for i, seed in enumerate(seeds):
+                jax_rows.append(summarise({k: v[i] for k, v in jax_infos.items()}))
+                ns3_infos, wall = run_ns3(cfg, actions_NT[i], seed)
+                ns3_rows.append(summarise(ns3_infos))
+                ns3_wall.append(wall)
+            row = {
+                "traffic": traffic,
+                "sequence": kind,
+                "jax": {k: float(np.mean([r[k] for r in jax_rows])) for k in jax_rows[0]},
+                "ns3": {k: float(np.mean([r[k] for r in ns3_rows])) for k in ns3_rows[0]},
+                "jax_step_s": jax_step_s,
+                "jax_compile_s": compile_s,
+                "ns3_step_s": float(np.mean(ns3_wall)),
+            }
+            results.append(row)
+            print(json.dumps(row), flush=True)
+
+    print()
+    print("| traffic | sequence | slice | SE jax / ns3 | viol. rate jax / ns3 | offered Mb/s "
+          "jax / ns3 | delivered Mb/s jax / ns3 | drops kB/step jax / ns3 | mean delay ms "
+          "jax / ns3 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        for name, p in (("controlled", ""), ("other", "other_")):
+            j, n = r["jax"], r["ns3"]
+            print(
+                f"| {r['traffic']} | {r['sequence']} | {name} "
+                f"| {j[p + 'se']:.2f} / {n[p + 'se']:.2f} "
+                f"| {j[p + 'violation']:.2f} / {n[p + 'violation']:.2f} "
+                f"| {j[p + 'arrival_rate_bps'] / 1e6:.2f} / {n[p + 'arrival_rate_bps'] / 1e6:.2f} "
+                f"| {j[p + 'delivered_bits'] / 1e5:.2f} / {n[p + 'delivered_bits'] / 1e5:.2f} "
+                f"| {j[p + 'dropped_bytes'] / 1e3:.2f} / {n[p + 'dropped_bytes'] / 1e3:.2f} "
+                f"| {j[p + 'mean_delay_ms']:.1f} / {n[p + 'mean_delay_ms']:.1f} |"
+            )
+    print()
+    print("| traffic | sequence | JAX s/decision | ns-3 s/decision | ratio ns-3/JAX | JAX compile s |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['traffic']} | {r['sequence']} | {r['jax_step_s']:.2e} | {r['ns3_step_s']:.3f} "
+              f"| {r['ns3_step_s'] / r['jax_step_s']:.0f} | {r['jax_compile_s']:.1f} |")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
