@@ -157,6 +157,10 @@ class Qwen3Config:
                     "rope_scaling from config.json to run without context extension"
                 )
             rope_theta = rope.get("rope_theta", rope_theta)
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
+        missing = [k for k in (*required, "num_attention_heads") if c.get(k) is None]
+        if missing:
+            raise ValueError(f"config.json lacks required Qwen3 fields {missing}")
         eos = c.get("eos_token_id")
         if isinstance(eos, list):
             eos = tuple(eos)
@@ -168,11 +172,11 @@ class Qwen3Config:
             num_layers=c["num_hidden_layers"],
             num_heads=num_heads,
             num_kv_heads=c.get("num_key_value_heads") or num_heads,
-            head_dim=c.get("head_dim") or c["hidden_size"] // num_heads,
+            head_dim=c.get("head_dim") or 128,  # HF Qwen3Config default (not hidden / heads)
             rms_norm_eps=c.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope_theta if rope_theta is not None else 10_000.0),
-            tie_word_embeddings=c.get("tie_word_embeddings", True),
-            max_position_embeddings=c.get("max_position_embeddings", 40960),
+            tie_word_embeddings=c.get("tie_word_embeddings", False),  # HF Qwen3Config default
+            max_position_embeddings=c.get("max_position_embeddings", 32768),
             bos_token_id=c.get("bos_token_id"),
             eos_token_id=eos,
         )

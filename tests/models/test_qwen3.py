@@ -219,6 +219,16 @@ def test_config_round_trips_through_transformers():
     assert Qwen3Config.from_hf(hf.to_dict()) == cfg
     assert Qwen3Config.from_hf(cfg.to_hf()) == cfg
     assert Qwen3Config.qwen3_4b().num_groups == 4
+    # Fields absent from config.json take transformers' Qwen3Config defaults.
+    minimal = dict(
+        model_type="qwen3", vocab_size=1000, hidden_size=64, intermediate_size=96,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
+    assert Qwen3Config.from_hf(minimal) == Qwen3Config.from_hf(
+        transformers.Qwen3Config(**minimal).to_dict()
+    )
+    with pytest.raises(ValueError, match="lacks required Qwen3 fields"):
+        Qwen3Config.from_hf({"model_type": "qwen3", "vocab_size": 10})
     assert Qwen3Config.from_hf(Qwen3Config.qwen3_4b().to_hf()) == Qwen3Config.qwen3_4b()
 
 
@@ -234,17 +244,19 @@ def test_config_errors(tmp_path):
         Qwen3Config.from_hf(tmp_path)
 
 
-def test_linear_modules_are_plain_and_replaceable():
-    model = Qwen3(Qwen3Config.tiny(num_layers=1), rngs=nnx.Rngs(1))
+def test_linear_modules_are_plain_and_replaceable(tiny_model):
+    model = nnx.clone(tiny_model)
     attn = model.layers[0].self_attn
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
         assert type(getattr(attn, name)) is qwen3.Linear
-    ids = np.arange(6)[None]
-    one = np.ones_like(ids, bool)
-    before = forward(model, ids, one)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        assert type(getattr(model.layers[1].mlp, name)) is qwen3.Linear
+    ids, mask = left_padded(2, 5, pads=[0, 5], seed=7)  # shapes compiled by an earlier test
+    before = forward(model, ids, mask)
     # Replacing a projection by attribute assignment changes the forward (LoRA relies on it).
     attn.o_proj = qwen3.Linear(attn.o_proj.in_features, attn.o_proj.out_features, rngs=nnx.Rngs(9))
-    assert not np.allclose(before, forward(model, ids, one))
+    assert not np.allclose(before, forward(model, ids, mask))
+    assert type(tiny_model.layers[0].self_attn.o_proj) is qwen3.Linear  # the original is intact
 
 
 def test_hidden_states_match_transformers_and_compose_to_logits(tiny_model, tiny_checkpoint):
