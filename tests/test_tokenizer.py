@@ -61,3 +61,9 @@ def test_bad_inputs(tok, tmp_path):
         load_tokenizer(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_tokenizer(tmp_path / "missing")
+
+
+def test_offline_hub_id_names_local_path_alternative(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="offline.*local directory"):
+        load_tokenizer("Qwen/Qwen3-4B")

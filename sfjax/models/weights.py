@@ -224,7 +224,14 @@ def param_sharding(name_path: tuple[str | int, ...], shape: tuple[int, ...], mes
 
 
 # --------------------------------------------------------------------------------- loading
-def _resolve_checkpoint_dir(path_or_hub_id: str | os.PathLike) -> Path:
+HUB_WEIGHT_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "*.jinja")
+HUB_TOKENIZER_PATTERNS = ("*.json", "*.txt", "*.model", "*.jinja")
+
+
+def resolve_checkpoint_dir(
+    path_or_hub_id: str | os.PathLike, patterns: tuple[str, ...] = HUB_WEIGHT_PATTERNS
+) -> Path:
+    """A local directory for a path or a hub id (downloading only ``patterns`` when online)."""
     path = Path(os.path.expanduser(os.fspath(path_or_hub_id)))
     if path.exists():
         if not path.is_dir():
@@ -249,7 +256,7 @@ def _resolve_checkpoint_dir(path_or_hub_id: str | os.PathLike) -> Path:
 
         local = snapshot_download(
             repo_id,
-            allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"],
+            allow_patterns=list(patterns),
             local_files_only=offline,
         )
     except Exception as e:  # noqa: BLE001 - hub errors are many; all mean "not available here"
@@ -356,7 +363,7 @@ def from_pretrained(
     """
     from sfjax.models.qwen3 import Qwen3Config
 
-    ckpt_dir = _resolve_checkpoint_dir(path_or_hub_id)
+    ckpt_dir = resolve_checkpoint_dir(path_or_hub_id)
     config = Qwen3Config.from_hf(ckpt_dir)
     table = hf_param_table(config)
     tensors = checkpoint_index(ckpt_dir)
