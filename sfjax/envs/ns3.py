@@ -49,6 +49,7 @@ import numpy as np
 
 from sfjax.envs.ns3gym import build
 from sfjax.envs.ns3gym.bridge import Ns3Error, Ns3GymBridge, Ns3TimeoutError
+from sfjax.metrics import UtilityWeights, step_utility
 
 __all__ = ["Ns3Config", "Ns3RanSlicingEnv", "Ns3Error", "Ns3TimeoutError"]
 
@@ -64,22 +65,17 @@ class Ns3Config:
     """A ``sfjax.envs.ran.RanSlicingConfig``; None: its defaults (the paper's scenario)."""
     binary: str | None = None
     """Scenario executable; None: ``ns3/build/ran_slicing``, built on first use."""
-    fixed_drop: bool = True
-    """Use the JAX env's drop (positions, LOS, shadowing from ``geometry_seed``); False: ns-3
-    draws its own (UMa channel-condition model and shadowing)."""
+    jax_drop: bool = True
+    """Use the JAX env's drop (positions, LOS state, shadowing): the fixed one from
+    ``geometry_seed``, or a fresh one per reset seed with ``randomize_drop``. False: ns-3
+    draws its own (UMa channel-condition model and shadowing, positions from ``simSeed``)."""
     fading: str = "per_ue"
     """Fast fading from the project's traces (:mod:`sfjax.envs.fading`): ``per_ue`` gives each
     UE a trace of its slice's model at a random offset, read once per ms with wrap-around (as
     the JAX env); ``shared_trace`` uses ns-3's own TraceFadingLossModel with the controlled
     slice's first trace for every link (random offsets re-drawn every 0.5 s); ``none``."""
-    se_weight: float = 15.0
-    """alpha of eq. 15."""
-    se_offset: float = 1.0
-    """Per-step offset inside the SE term."""
-    reconfig_penalty: float = 15.0
-    """beta of eq. 15."""
-    violation_penalty: float = 300.0
-    """gamma of eq. 15."""
+    weights: UtilityWeights = UtilityWeights()
+    """eq. 15 weights of ``reward`` (also sent to the scenario for ns3-gym clients)."""
     step_timeout_s: float = 120.0
     """Longest wait for one decision's report before the simulator counts as hung."""
     startup_timeout_s: float = 120.0
@@ -195,14 +191,18 @@ def _fading_args(scenario, mode: str, seed: int, work: Path) -> list[str]:
     return [f"--fadingSpec={spec}"]
 
 
-def _drop_rows(scenario):
-    """The JAX env's fixed drop in the scenario's UE order (slice 0 first)."""
+def _drop_rows(scenario, seed: int):
+    """The JAX env's drop in the scenario's UE order (slice 0 first): the fixed one from
+    ``geometry_seed``, or with ``randomize_drop`` a fresh one from the reset seed."""
     import jax
 
     from sfjax.envs import channel
 
     d2d, az, los, sf = (np.asarray(x) for x in jax.device_get(
-        channel.sample_drop(jax.random.key(scenario.geometry_seed), scenario.n_ues, scenario.cell)
+        channel.sample_drop(
+            jax.random.key(seed if scenario.randomize_drop else scenario.geometry_seed),
+            scenario.n_ues, scenario.cell,
+        )
     ))
     n_ctrl = scenario.ordered_slices[0].n_ues
     order = np.arange(scenario.n_ues)
@@ -264,7 +264,7 @@ def _install_sigterm_handler() -> None:
     _SIGTERM_INSTALLED = True
 
 
-class Ns3RanSlicingEnv:
+class Ns3RanSlicingEnv(gym.Env):
     """gymnasium-style env backed by an ns-3 process (see the module docstring).
 
     ``reset(seed=...) -> (obs, info)``; ``step(action) -> (obs, reward, terminated, truncated,
@@ -323,11 +323,14 @@ class Ns3RanSlicingEnv:
         binary = self._binary()
         self._workdir = tempfile.TemporaryDirectory(prefix="sfjax-ns3-")
         work = Path(self._workdir.name)
+        w = self.config.weights
         args = [str(binary), *self._args, f"--simSeed={seed + 1}",
-                f"--agentTimeout={self.config.agent_timeout_s}"]
-        if self.config.fixed_drop:
+                f"--agentTimeout={self.config.agent_timeout_s}", f"--alpha={w.se_weight}",
+                f"--offset={w.se_offset}", f"--beta={w.reconfig_penalty}",
+                f"--gamma={w.violation_penalty}"]
+        if self.config.jax_drop:
             drop_path = work / "drop.txt"
-            build.write_drop_file(drop_path, *_drop_rows(self.scenario))
+            build.write_drop_file(drop_path, *_drop_rows(self.scenario, seed))
             args.append(f"--dropFile={drop_path}")
         args += _fading_args(self.scenario, self.config.fading, seed, work)
         args += list(self.config.extra_args)
@@ -378,8 +381,9 @@ class Ns3RanSlicingEnv:
     # ------------------------------------------------------------------------ gym API
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         """Start a new ns-3 run and return its state before the first decision."""
+        super().reset(seed=seed)
         if seed is None:
-            seed = int(np.random.default_rng().integers(0, 2**31 - 2))
+            seed = int(self.np_random.integers(0, 2**31 - 2))
         try:
             self._launch(int(seed))
             state = self._bridge.receive_state(self.config.step_timeout_s)
@@ -418,12 +422,10 @@ class Ns3RanSlicingEnv:
 
     # ---------------------------------------------------------------------- feedback
     def utility(self, info: dict[str, float]) -> float:
-        """eq. 15 per step: ``w_se (SE + offset) - w_c c - w_v v`` of the controlled slice."""
-        c = self.config
+        """eq. 15 per step (``sfjax.metrics.step_utility``) of the controlled slice."""
         return float(
-            c.se_weight * (info["se"] + c.se_offset)
-            - c.reconfig_penalty * info["reconfiguration"]
-            - c.violation_penalty * info["violation"]
+            step_utility(info["se"], info["reconfiguration"], info["violation"],
+                         self.config.weights)
         )
 
     def _info(self, state) -> dict[str, float]:

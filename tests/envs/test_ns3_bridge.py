@@ -227,7 +227,7 @@ def _config(binary, steps=4, **kw):
     from sfjax.envs.ran import RanSlicingConfig
 
     return Ns3Config(
-        scenario=RanSlicingConfig(episode_steps=steps), binary=str(binary), fixed_drop=False,
+        scenario=RanSlicingConfig(episode_steps=steps), binary=str(binary), jax_drop=False,
         fading="none", **kw,
     )
 
@@ -338,7 +338,7 @@ def test_sigterm_of_the_agent_stops_the_simulator(fake_binary, tmp_path):
         from sfjax.envs.ns3 import Ns3Config, Ns3RanSlicingEnv
         from sfjax.envs.ran import RanSlicingConfig
         env = Ns3RanSlicingEnv(Ns3Config(scenario=RanSlicingConfig(episode_steps=50),
-                               binary={str(binary)!r}, fixed_drop=False, fading="none"))
+                               binary={str(binary)!r}, jax_drop=False, fading="none"))
         env.reset(seed=0)
         print(env.pid, flush=True)
         time.sleep(60)
