@@ -376,6 +376,9 @@ def from_pretrained(
         raise AssertionError(
             f"name table out of sync with Qwen3: {set(flat) ^ {s.path for s in table}}"
         )
+    from sfjax.parallel import resolve_mesh
+
+    mesh = resolve_mesh(mesh)  # `python -m sfjax.parallel` sets a default mesh
     rule = sharding_rule or param_sharding
     target = np.dtype(jnp.dtype(dtype))
     for spec in table:
