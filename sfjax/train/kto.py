@@ -343,11 +343,11 @@ class KTOTrainer:
             lora_lib.apply_lora(model, self.lora_config)
         else:
             self.lora_config = lora_config
-        self.mesh = mesh
-        if mesh is not None:
-            from sfjax import parallel
+        from sfjax import parallel
 
-            parallel.shard_model(model, mesh)
+        self.mesh = parallel.resolve_mesh(mesh)  # `python -m sfjax.parallel` sets a default
+        if self.mesh is not None:
+            parallel.shard_model(model, self.mesh)
         pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
         if pad is None and tokenizer is not None:
             pad = getattr(tokenizer, "eos_token_id", None)
