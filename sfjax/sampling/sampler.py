@@ -287,12 +287,12 @@ class Sampler:
             _with_counter(self._counter), static_argnums=(0, 1), donate_argnums=(3,)
         )
         self._caches: dict[tuple[int, int], object] = {}
-        self.mesh = mesh
-        self._sharded_programs: dict[tuple, object] = {}
-        if mesh is not None:
-            from sfjax import parallel
+        from sfjax import parallel
 
-            parallel.shard_model(model, mesh)
+        self.mesh = parallel.resolve_mesh(mesh)  # `python -m sfjax.parallel` sets a default
+        self._sharded_programs: dict[tuple, object] = {}
+        if self.mesh is not None:
+            parallel.shard_model(model, self.mesh)
         self._vocab_bytes: TokenBytes | None = None
         self._stop_tables: dict[tuple[str, ...], tuple[jax.Array, jax.Array]] = {}
         self._constraint_tables: dict[tuple[str, str], dict] = {}
