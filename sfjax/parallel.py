@@ -235,6 +235,26 @@ def mesh_from_config(config: ParallelConfig) -> Mesh:
     return make_mesh(config.mesh)
 
 
+_DEFAULT_MESH: Mesh | None = None
+
+
+def set_default_mesh(mesh: Mesh | None) -> None:
+    """Make ``mesh`` the one ``from_pretrained``, ``Sampler`` and ``KTOTrainer`` use when they
+    are not given one (``None`` switches that off). Set by ``python -m sfjax.parallel``."""
+    global _DEFAULT_MESH
+    _DEFAULT_MESH = mesh
+
+
+def default_mesh() -> Mesh | None:
+    """The mesh set by :func:`set_default_mesh` (None: single-device behaviour)."""
+    return _DEFAULT_MESH
+
+
+def resolve_mesh(mesh: Mesh | None) -> Mesh | None:
+    """``mesh`` if given, else :func:`default_mesh` -- what components call on their argument."""
+    return mesh if mesh is not None else _DEFAULT_MESH
+
+
 # ---------------------------------------------------------------------------------- rules
 def logical_to_spec(
     logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules | None = None
@@ -579,6 +599,27 @@ def sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def broadcast_object(obj: Any) -> Any:
+    """Process 0's JSON-serialisable ``obj`` on every process (identity with one process).
+
+    For host-side results that may differ between processes (an API reply, a wall-clock
+    timestamp): every process must make the same sharded calls, so such values are decided once
+    on process 0 and broadcast.
+    """
+    if jax.process_count() == 1:
+        return obj
+    import json
+
+    from jax.experimental import multihost_utils
+
+    payload = np.frombuffer(json.dumps(obj).encode() if is_main_process() else b"", np.uint8)
+    n = int(multihost_utils.broadcast_one_to_all(np.int64(payload.size)))
+    buf = np.zeros((n,), np.uint8)
+    buf[: payload.size] = payload[:n]
+    data = np.asarray(multihost_utils.broadcast_one_to_all(buf))
+    return json.loads(data.tobytes().decode())
+
+
 def describe(mesh: Mesh) -> str:
     """One line for logs: mesh shape, device kind and process count."""
     shape = " x ".join(f"{k}={v}" for k, v in mesh.shape.items())
@@ -600,9 +641,11 @@ __all__ = [
     "Placement",
     "batch_sharding",
     "batch_split",
+    "broadcast_object",
     "cache_shardings",
     "constrain",
     "constrain_batch",
+    "default_mesh",
     "describe",
     "host_local_to_global",
     "initialize_distributed",
@@ -618,9 +661,67 @@ __all__ = [
     "param_spec",
     "put",
     "replicated",
+    "resolve_mesh",
+    "set_default_mesh",
     "shard_model",
     "state_shardings",
     "summary_writer",
     "sync",
     "to_host",
 ]
+
+
+# ------------------------------------------------------------------------------- launcher
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m sfjax.parallel [mesh / distributed options] -- SCRIPT [ARGS...]``.
+
+    Starts ``jax.distributed`` if asked, builds the mesh, makes it the default mesh (so
+    ``from_pretrained``, ``Sampler`` and ``KTOTrainer`` in SCRIPT shard by the rules without
+    code changes), then runs SCRIPT as ``__main__`` with ARGS.
+    """
+    import argparse
+    import runpy
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" not in argv:
+        argv.append("--help")
+        rest: list[str] = []
+    else:
+        i = argv.index("--")
+        argv, rest = argv[:i], argv[i + 1 :]
+    parser = argparse.ArgumentParser(
+        prog="python -m sfjax.parallel",
+        description="Run an sfjax script on a (data, fsdp, tp) device mesh, optionally as one "
+        "process of a jax.distributed job. Usage: python -m sfjax.parallel [options] -- "
+        "SCRIPT.py [script args]",
+    )
+    parser.add_argument("--data", type=int, default=-1, help="data-parallel ways (-1: the rest)")
+    parser.add_argument("--fsdp", type=int, default=1, help="fully-sharded data-parallel ways")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ways (within a host)")
+    parser.add_argument("--distributed", action="store_true",
+                        help="call jax.distributed.initialize (auto-detects TPU pods / SLURM / "
+                        "Open MPI unless the three options below are given)")  # fmt: skip
+    parser.add_argument("--coordinator-address", default=None, help="host:port of process 0")
+    parser.add_argument("--num-processes", type=int, default=None)
+    parser.add_argument("--process-id", type=int, default=None)
+    args = parser.parse_args(argv)
+    if not rest:
+        parser.error("name the script to run after '--'")
+    dist = DistributedConfig(
+        enabled=args.distributed or args.coordinator_address is not None,
+        coordinator_address=args.coordinator_address,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+    )
+    mesh = mesh_from_config(ParallelConfig(MeshConfig(args.data, args.fsdp, args.tp), dist))
+    set_default_mesh(mesh)
+    logging.basicConfig(level=logging.INFO if is_main_process() else logging.WARNING)
+    log.warning("sfjax.parallel: %s", describe(mesh))
+    sys.argv = list(rest)
+    runpy.run_path(rest[0], run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()
+
