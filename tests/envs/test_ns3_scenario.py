@@ -112,3 +112,65 @@ def test_real_episode(binary):
         8e6 * STEP_S, rel=0.1
     )
     env.close()
+
+
+def test_ns3gym_style_client_drives_the_scenario(binary, tmp_path):
+    """Drive the real scenario the way ns3-gym's Python client does: a REP socket, messages
+    from a protoc-generated ``messages_pb2`` (what ns3gym imports), Discrete actions packed
+    by hand, and the close command answering the game-over state."""
+    import importlib.util
+    import shutil
+    import subprocess
+
+    import zmq
+
+    if shutil.which("protoc") is None:
+        pytest.skip("protoc not installed")
+    proto = build.ns3_dir() / "messages.proto"
+    subprocess.run(["protoc", f"--python_out={tmp_path}", f"-I{proto.parent}", proto.name],
+                   check=True)
+    spec = importlib.util.spec_from_file_location("_ns3gym_client_pb2", tmp_path / "messages_pb2.py")
+    ref = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(ref)
+    except Exception as err:
+        pytest.skip(f"protoc's Python code does not load with this protobuf runtime: {err}")
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.REP)
+    sock.setsockopt(zmq.RCVTIMEO, 60_000)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    proc = subprocess.Popen([str(binary), f"--openGymPort={port}", "--steps=3", "--simSeed=5"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        init = ref.SimInitMsg()
+        init.ParseFromString(sock.recv())
+        assert init.simProcessId == proc.pid
+        assert init.actSpace.type == ref.Discrete and init.obsSpace.type == ref.Box
+        act_space = ref.DiscreteSpace()
+        init.actSpace.space.Unpack(act_space)
+        assert act_space.n == 13  # 0..12 RBGs for the controlled slice
+        sock.send(ref.SimInitAck(done=True, stopSimReq=False).SerializeToString())
+        rbgs = []
+        for action in (3, 9, 9, None):
+            state = ref.EnvStateMsg()
+            state.ParseFromString(sock.recv())
+            obs = ref.BoxDataContainer()
+            state.obsData.data.Unpack(obs)
+            assert len(obs.floatData) == 13 and list(obs.shape) == [13]
+            rbgs.append(int(obs.floatData[12]))
+            if state.isGameOver:
+                assert action is None and state.reason == ref.EnvStateMsg.SimulationEnd
+                sock.send(ref.EnvActMsg(stopSimReq=True).SerializeToString())
+                break
+            reply = ref.EnvActMsg()
+            reply.actData.type = ref.Discrete
+            reply.actData.data.Pack(ref.DiscreteDataContainer(data=action))
+            sock.send(reply.SerializeToString())
+        assert rbgs == [6, 3, 9, 9]  # initial half of the 12 RBGs, then our actions
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        sock.close(linger=0)
+        ctx.term()
