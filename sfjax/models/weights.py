@@ -410,10 +410,14 @@ def save_pretrained(
     Tensors are fetched from device and converted one at a time. ``dtype`` (``"bfloat16"``,
     ``"float32"``, ``"float16"``) defaults to the model's parameter dtype. A ``tokenizer`` (HF)
     is saved alongside when given. ``transformers.Qwen3ForCausalLM.from_pretrained`` loads it.
+    Multi-host: every process must call it (shards living on other processes are gathered);
+    only process 0 writes.
     """
     config = model.config
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    writer = jax.process_index() == 0
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
     dtype = dtype or jnp.dtype(model.dtype).name
     np_dtype = np.dtype(jnp.dtype(dtype))
     if np_dtype.name not in ("bfloat16", "float32", "float16"):
@@ -438,7 +442,12 @@ def save_pretrained(
 
     def getter(spec: ParamSpec):
         def get():
-            arr = np.asarray(jax.device_get(flat[spec.path].get_value())).astype(np_dtype)
+            value = flat[spec.path].get_value()
+            if isinstance(value, jax.Array) and not value.is_fully_addressable:
+                from jax.experimental import multihost_utils  # all processes take part
+
+                value = multihost_utils.process_allgather(value, tiled=True)
+            arr = np.asarray(jax.device_get(value)).astype(np_dtype)
             return arr.T if spec.transpose else arr
 
         return get
@@ -452,6 +461,10 @@ def save_pretrained(
             size = 0
         shards[-1].append(spec)
         size += nbytes
+    if not writer:  # take part in the gathers, write nothing
+        for spec in table:
+            getter(spec)()
+        return out
     for stale in list(out.glob("model*.safetensors")) + [out / "model.safetensors.index.json"]:
         stale.unlink(missing_ok=True)
     n = len(shards)
