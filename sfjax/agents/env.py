@@ -1,0 +1,132 @@
+"""The JAX RAN slicing env (:mod:`sfjax.envs.ran`) as the LLM agents see it: parallel envs,
+eq. 14 states and feedback vectors as Python dicts, actions as RBG counts.
+
+The LLM writes ``Action: <RBGs for the controlled slice>``; the env's discrete action index is
+``rbgs - min_rbg_per_slice`` (both slices always keep ``min_rbg_per_slice`` RBGs), so the
+Actor's action range is ``[min_rbg_per_slice, min_rbg_per_slice + num_actions - 1]``. The
+feedback dict holds the paper's feedback vector (SE, violation, reconfiguration, arrival rate,
+queue increment, dropped bytes) plus the PRB count and delay statistics — never the reward:
+the eq. 15 utility is computed only for reporting, from the same feedback.
+
+All ``num_envs`` envs step in one jitted, vmapped call.
+
+Shape legend: E = parallel envs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FEEDBACK_INFO_KEYS = (
+    "se",
+    "violation",
+    "reconfiguration",
+    "arrival_rate_bps",
+    "queue_delta_bytes",
+    "dropped_bytes",
+    "prbs",
+    "late_packets",
+    "dropped_packets",
+    "max_delay_ms",
+)
+"""``info`` keys copied into the feedback vector (the reward/utility is deliberately absent)."""
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    """The simulated RAN the agent controls (the JAX env; ns-3 users plug their own runner)."""
+
+    n_prb: int = 25
+    """Carrier bandwidth in PRBs (25 = 5 MHz)."""
+    min_rbg_per_slice: int = 1
+    """RBGs each slice keeps whatever the action."""
+    initial_prbs: int | None = None
+    """Allocation before the first decision (None: the middle action)."""
+    geometry_seed: int = 0
+    """Seed of the fixed UE drop."""
+
+
+class JaxRanRunner:
+    """:class:`sfjax.agents.loop.EnvRunner` over ``RanSlicingEnv`` (vmapped over envs)."""
+
+    def __init__(self, cfg: EnvConfig, max_steps: int):
+        import dataclasses
+
+        from sfjax.envs import ran
+        from sfjax.envs.channel import CellConfig
+
+        cell = CellConfig()
+        if cfg.n_prb != cell.n_prb:
+            cell = dataclasses.replace(cell, n_prb=cfg.n_prb)
+        env_cfg = ran.RanSlicingConfig(
+            cell=cell,
+            min_rbg_per_slice=cfg.min_rbg_per_slice,
+            initial_prbs=cfg.initial_prbs,
+            geometry_seed=cfg.geometry_seed,
+            episode_steps=max(max_steps, 1),
+        )
+        self.env = ran.RanSlicingEnv(env_cfg)
+        self.params = self.env.default_params
+        self.min_rbg = env_cfg.min_rbg_per_slice
+        self.action_lo = self.min_rbg
+        self.action_hi = self.min_rbg + self.env.num_actions - 1
+        self.prbs_per_action = tuple(env_cfg.prbs_per_action)
+        self.initial_action = env_cfg.initial_action
+        env, params = self.env, self.params
+
+        def reset(keys_E):
+            return jax.vmap(lambda k: env.reset_env(k, params))(keys_E)
+
+        def step(keys_E, state_E, action_E):
+            return jax.vmap(lambda k, s, a: env.step_env(k, s, a, params))(
+                keys_E, state_E, action_E
+            )
+
+        self._reset = jax.jit(reset)
+        self._step = jax.jit(step)
+        self._state = None
+        self._prev = None
+
+    def _states(self, state_E) -> list[dict[str, float]]:
+        s = jax.device_get(state_E)
+        out = []
+        for e in range(len(self._prev)):
+            out.append(
+                {
+                    "prev_action": float(self._prev[e]),
+                    "se": float(s.se_S[e, 0]),
+                    "arrival_rate_bps": float(s.arrival_rate_bps_S[e, 0]),
+                    "queue_delta_bytes": float(s.queue_delta_bytes_S[e, 0]),
+                    "dropped_bytes": float(s.dropped_bytes_S[e, 0]),
+                    "prbs": float(s.prbs[e]),
+                }
+            )
+        return out
+
+    def reset(self, key: jax.Array, num_envs: int) -> list[dict[str, float]]:
+        _, self._state = self._reset(jax.random.split(key, num_envs))
+        self._prev = np.full(num_envs, self.initial_action + self.min_rbg, np.int64)
+        return self._states(self._state)
+
+    def step(self, actions: Sequence[int], key: jax.Array):
+        """Apply RBG counts; returns (next eq. 14 states, feedback dicts)."""
+        rbgs = np.asarray(actions, np.int64)
+        if rbgs.shape != self._prev.shape:
+            raise ValueError(f"{rbgs.shape[0]} actions for {self._prev.shape[0]} envs")
+        if (rbgs < self.action_lo).any() or (rbgs > self.action_hi).any():
+            raise ValueError(f"actions {rbgs} outside [{self.action_lo}, {self.action_hi}]")
+        idx = jnp.asarray(rbgs - self.min_rbg, jnp.int32)
+        keys = jax.random.split(key, len(rbgs))
+        _, self._state, _, _, info = self._step(keys, self._state, idx)
+        info = jax.device_get(info)
+        feedback = [
+            {k: float(np.asarray(info[k])[e]) for k in FEEDBACK_INFO_KEYS if k in info}
+            for e in range(len(rbgs))
+        ]
+        self._prev = rbgs
+        return self._states(self._state), feedback

@@ -1,0 +1,95 @@
+"""The loop's KTO step: :class:`sfjax.train.kto.KTOTrainer` on the Actor's LoRA weights, with
+the state the loop checkpoints (adapters, optimizer state, counters) and TensorBoard steps
+that keep increasing across KTO iterations.
+
+Each KTO iteration of RfR (paper IV-C, Fig. 3) is one ``KTOTrainer.train`` call on that
+iteration's dataset: a fresh AdamW state and learning-rate schedule per iteration, as the
+paper's "six successive KTO fine-tuning iterations" on six datasets. The reference policy is
+always the base model with the adapters off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from sfjax.agents.rfr import KTOExample
+from sfjax.models import lora as lora_lib
+from sfjax.train.data import KTOExample as TrainExample
+from sfjax.train.kto import KTOConfig, KTOTrainer, make_optimizer
+
+
+def _optimizer(kto_cfg: KTOConfig):
+    try:
+        return make_optimizer(kto_cfg)
+    except TypeError:  # older trainer signature (config, total_steps)
+        return make_optimizer(kto_cfg, 1)
+
+
+class _OffsetWriter:
+    """A SummaryWriter view that shifts steps (each KTO iteration restarts its step count)."""
+
+    def __init__(self, writer, offset: int):
+        self.writer, self.offset = writer, offset
+
+    def add_scalar(self, tag, value, step=None, *args, **kwargs):
+        self.writer.add_scalar(tag, value, (step or 0) + self.offset, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.writer, name)
+
+
+class KTOFineTuner:
+    """:class:`sfjax.agents.loop.FineTuner` over :class:`KTOTrainer`."""
+
+    def __init__(self, model, tokenizer, kto_cfg: KTOConfig, lora_cfg: lora_lib.LoRAConfig,
+                 writer=None):  # fmt: skip
+        self.trainer = KTOTrainer(model, tokenizer, kto_cfg, lora_config=lora_cfg)
+        self.writer = writer
+        if self.trainer.opt_state is None:
+            # Materialise the optimizer-state structure so checkpoints have a fixed layout.
+            lora = nnx.state(model, nnx.LoRAParam)
+            self.trainer.opt_state = _optimizer(kto_cfg).init(lora)
+
+    def train(self, examples: Sequence[KTOExample], key: jax.Array, step_offset: int) -> dict:
+        """One KTO iteration; returns the mean of the logged metrics plus ``num_steps``."""
+        data = [TrainExample(e.prompt, e.completion, e.desirable) for e in examples]
+        n_d = sum(e.desirable for e in data)
+        need = max(self.trainer.config.micro_batch_size, 2)
+        if len(data) < need:
+            # Too little data for one KL-paired micro-batch: nothing to learn this iteration.
+            return {"num_steps": 0, "skipped_iteration": 1.0}
+        writer = _OffsetWriter(self.writer, step_offset) if self.writer is not None else None
+        history = self.trainer.train(data, key, writer)
+        out: dict[str, float] = {"num_steps": float(self.trainer.step)}
+        keys = {k for h in history for k in h} - {"step", "epoch"}
+        for k in sorted(keys):
+            vals = [h[k] for h in history if k in h and np.isfinite(h[k])]
+            if vals:
+                out[k] = float(np.mean(vals))
+        out["n_desirable"] = float(n_d)
+        out["n_undesirable"] = float(len(data) - n_d)
+        return out
+
+    def arrays(self) -> Any:
+        s = self.trainer.state_dict()
+        return {
+            "lora": s["lora"],
+            "opt_state": s["opt_state"],
+            "step": np.asarray(s["step"], np.int64),
+            "skipped_steps": np.asarray(s["skipped_steps"], np.int64),
+        }
+
+    def load_arrays(self, arrays: Any) -> None:
+        self.trainer.load_state_dict(
+            {
+                "lora": arrays["lora"],
+                "opt_state": arrays["opt_state"],
+                "step": int(arrays["step"]),
+                "skipped_steps": int(arrays["skipped_steps"]),
+            }
+        )
