@@ -6,6 +6,18 @@ socket and answers. :class:`Ns3GymBridge` is that agent end. It works with any n
 scenario (it never looks inside the observation beyond the protocol's containers) and with
 ours (``ns3/ran_slicing.cc``).
 
+Driving an unmodified ns3-gym scenario (its ns-3 side is built inside an ns-3 tree with the
+opengym module; it takes ``--openGymPort`` and ``--simSeed`` like ours)::
+
+    bridge = Ns3GymBridge()                       # binds 127.0.0.1, free port
+    sim = subprocess.Popen(["./ns3", "run", f"opengym --openGymPort={bridge.port}"])
+    init = bridge.initialize()                    # -> spaces announced by the scenario
+    state = bridge.receive_state()                # first observation, before any action
+    while not state.game_over:
+        bridge.send_action(init.action_space.sample())
+        state = bridge.receive_state()
+    bridge.send_stop(); bridge.close()
+
 Every receive has a deadline and polls a ``watchdog`` callable a few times per second, so a
 crashed simulator is reported at once with its own error text and a hung one raises
 :class:`Ns3TimeoutError` instead of blocking the agent forever.
