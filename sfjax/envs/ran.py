@@ -299,10 +299,12 @@ class RanSlicingEnv(environment.Environment):
 
     def observation_space(self, params: EnvParams | None = None) -> spaces.Box:
         low = np.zeros(self.obs_dim, np.float32)
+        high = np.ones(self.obs_dim, np.float32)
         low[3] = -1.0
+        high[2] = 2.0  # packets quantise the arrival rate of a step: it can exceed the peak
         if self.config.observe_other_slice:
-            low[7] = -1.0
-        return spaces.Box(jnp.asarray(low), jnp.ones(self.obs_dim), (self.obs_dim,), jnp.float32)
+            low[7], high[6] = -1.0, 2.0
+        return spaces.Box(jnp.asarray(low), jnp.asarray(high), (self.obs_dim,), jnp.float32)
 
     # ------------------------------------------------------------------------------ reset
     def reset_env(self, key: jax.Array, params: EnvParams):

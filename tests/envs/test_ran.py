@@ -1,0 +1,218 @@
+"""The RAN slicing environment: conservation, eq. 1-3 semantics, determinism, jit/vmap, API."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sfjax import metrics
+from sfjax.envs import ran
+from sfjax.envs.channel import CellConfig
+from sfjax.envs.fading import FadingConfig
+from sfjax.envs.ran import RanSlicingConfig, RanSlicingEnv
+from sfjax.envs.traffic import SliceConfig
+
+FAST_FADING = FadingConfig(duration_ms=1000, n_traces=2)
+TINY = RanSlicingConfig(
+    cell=CellConfig(n_prb=15),  # RBG size 2: 7 RBGs of 2 PRB + 1 of 1 PRB
+    slices=(
+        SliceConfig("gbr", n_ues=5, bit_rate_bps=1e6, delay_budget_ms=10.0, mean_on_s=0.2,
+                    mean_off_s=0.1, fading=FAST_FADING),
+        SliceConfig("non_gbr", n_ues=2, bit_rate_bps=4e6, delay_budget_ms=50.0,
+                    mean_on_s=0.2, mean_off_s=0.1,
+                    fading=dataclasses.replace(FAST_FADING, profile="EVA", speed_kmh=60.0)),
+    ),
+    ttis_per_step=20,
+    episode_steps=6,
+    buffer_bytes=2048,  # 4 packets: starving the slice overflows it within a step
+)
+REQUIRED = ("se", "violation", "reconfiguration", "arrival_rate_bps", "queue_delta_bytes",
+            "dropped_bytes")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    env = RanSlicingEnv(TINY)
+    return env, env.default_params, jax.jit(env.step), jax.jit(env.reset)
+
+
+def test_spaces_actions_and_helpers(tiny):
+    env, params, _, _ = tiny
+    assert env.num_actions == 7 and TINY.prbs_per_action == (2, 4, 6, 8, 10, 12, 14)
+    assert env.action_space(params).n == 7
+    assert env.observation_space(params).shape == (5,)
+    for a in range(env.num_actions):
+        assert int(env.action_for_prbs(env.prbs_for_action(a, params), params)) == a
+    # nearest valid; ties go to the larger allocation; out of range clamps
+    got = ran.action_for_prbs(jnp.array([0, 3, 5, 9, 13, 15, 100]), params)
+    assert np.asarray(got).tolist() == [0, 1, 2, 4, 6, 6, 6]
+    assert int(jax.jit(ran.prbs_for_action)(3, params)) == 8
+    with pytest.raises(ValueError, match="two slices"):
+        RanSlicingConfig(slices=(SliceConfig(),))
+    with pytest.raises(ValueError, match="scheduler"):
+        RanSlicingConfig(scheduler="rr")
+
+
+def _rollout(step, reset, params, key, actions):
+    obs, state = reset(key, params)
+    out = []
+    for t, a in enumerate(actions):
+        obs, state, r, d, info = step(jax.random.fold_in(key, t), state, a, params)
+        out.append((obs, state, r, d, info))
+    return out
+
+
+def test_info_keys_reward_and_se_definition(tiny):
+    env, params, step, reset = tiny
+    (obs, state, r, d, info), = _rollout(step, reset, params, jax.random.key(0), [2])
+    for k in REQUIRED:
+        assert k in info and "other_" + k in info
+    assert env.observation_space(params).contains(obs)
+    prbs = int(info["prbs"])
+    assert prbs == 6 and int(info["other_prbs"]) == 9
+    se = float(info["delivered_bits"]) / (0.02 * prbs * 180e3)
+    assert float(info["se"]) == pytest.approx(se, rel=1e-5)
+    expect = metrics.step_utility(info["se"], info["reconfiguration"], info["violation"])
+    assert float(r) == pytest.approx(float(expect), rel=1e-6)
+    # the scaled observation is the raw eq. 14 state
+    np.testing.assert_allclose(
+        np.asarray(obs)[:3],
+        [prbs / 15, float(state.se_S[0]) / 5.5547, float(state.arrival_rate_bps_S[0]) / 5e6],
+        rtol=1e-5,
+    )
+    d = ran.observation_dict(state)
+    assert isinstance(d["se"], float) and d["prbs"] == 6.0
+    assert set(ran.info_dict(info)) == set(info)
+
+
+def test_byte_conservation_per_slice(tiny):
+    env, params, step, reset = tiny
+    actions = [0, 0, 6, 3, 0, 1]  # starve the controlled slice at first: drops happen
+    total_dropped = 0.0
+    for seed in range(3):
+        for _, _, _, _, info in _rollout(step, reset, params, jax.random.key(seed), actions):
+            for p in ("", "other_"):
+                arrived = float(info[p + "arrival_rate_bps"]) * 0.02 / 8
+                out = (float(info[p + "delivered_bits"]) / 8 + float(info[p + "queue_delta_bytes"])
+                       + float(info[p + "dropped_bytes"]))
+                assert arrived == pytest.approx(out, abs=0.5)
+            total_dropped += float(info["dropped_bytes"])
+    assert total_dropped > 0
+
+
+def test_reconfiguration_semantics(tiny):
+    env, params, step, reset = tiny
+    init = int(params.initial_action)
+    actions = [init, init, init + 1, init + 1, 0, 0]
+    flags = [bool(o[4]["reconfiguration"]) for o in
+             _rollout(step, reset, params, jax.random.key(1), actions)]
+    assert flags == [False, False, True, False, True, False]
+    prbs = [TINY.prbs_per_action[a] for a in actions]
+    ref = metrics.reconfiguration_flags(jnp.array(prbs), TINY.prbs_per_action[init])
+    assert np.asarray(ref).tolist() == flags
+
+
+def _quiet_state(reset, params, key, n):
+    """A reset state with every UE OFF for a long time (no arrivals); dtypes kept exact so the
+    compiled step is reused."""
+    _, state = reset(key, params)
+    return state.replace(on_U=jnp.zeros(n, bool), remaining_ms_U=jnp.full(n, 1e9, jnp.float32))
+
+
+def test_violation_semantics_on_constructed_cases(tiny):
+    env, params, step, reset = tiny
+    key = jax.random.key(2)
+    keep = int(params.initial_action)  # no reconfiguration in these steps
+    quiet = _quiet_state(reset, params, key, env.config.n_ues)
+    _, _, r, _, info = step(key, quiet, keep, params)
+    assert not bool(info["violation"]) and float(info["delivered_bits"]) == 0.0
+    assert float(r) == pytest.approx(15.0)  # 15 (SE + 1) with SE = 0, no penalties
+
+    # one packet that has already waited 50 ms in UE 0's buffer: delivered late -> violation
+    buf = quiet.buffers
+    old = buf.replace(arrival_ms_UQ=buf.arrival_ms_UQ.at[0, 0].set(-50.0),
+                      count_U=buf.count_U.at[0].set(1))
+    _, _, r, _, info = step(key, quiet.replace(buffers=old), keep, params)
+    assert bool(info["violation"]) and int(info["late_packets"]) == 1
+    assert not bool(info["other_violation"])
+    assert float(r) == pytest.approx(15 * (float(info["se"]) + 1) - 300, rel=1e-5)
+
+    # the same packet, young enough: delivered in time -> no violation
+    young = old.replace(arrival_ms_UQ=old.arrival_ms_UQ.at[0, 0].set(-1.0))
+    _, _, _, _, info = step(key, quiet.replace(buffers=young), keep, params)
+    assert not bool(info["violation"]) and int(info["delivered_packets"]) == 1
+
+
+def test_drops_alone_count_as_violation(tiny):
+    # the other slice (50 ms budget) squeezed to 1 PRB with full buffers of fresh packets and
+    # its UEs ON: packets are dropped, none can be 50 ms late within a 20 ms step
+    env, params, step, reset = tiny
+    key = jax.random.key(5)
+    state = _quiet_state(reset, params, key, env.config.n_ues)
+    n, q = env.config.n_ues, env.config.buffer_packets
+    other = jnp.arange(n) >= TINY.slices[0].n_ues
+    buf = state.buffers.replace(
+        arrival_ms_UQ=jnp.full((n, q), -1.0, jnp.float32),
+        count_U=jnp.where(other, q, 0).astype(jnp.int32),
+    )
+    state = state.replace(buffers=buf, on_U=other)  # weak types would recompile: keep dtypes
+    _, _, _, _, info = step(key, state, env.num_actions - 1, params)
+    assert float(info["other_dropped_bytes"]) > 0 and int(info["other_late_packets"]) == 0
+    assert bool(info["other_violation"])
+    assert float(info["other_max_delay_ms"]) < 50.0
+
+
+def test_determinism_by_key(tiny):
+    env, params, step, reset = tiny
+    a = _rollout(step, reset, params, jax.random.key(7), [1, 4, 2])
+    b = _rollout(step, reset, params, jax.random.key(7), [1, 4, 2])
+    c = _rollout(step, reset, params, jax.random.key(8), [1, 4, 2])
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert any(not np.array_equal(np.asarray(x), np.asarray(y))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(c)))
+
+
+def test_vmap_matches_single_env(tiny):
+    env, params, step, reset = tiny
+    keys = jax.random.split(jax.random.key(3), 3)
+    obs_B, state_B = jax.jit(jax.vmap(env.reset, in_axes=(0, None)))(keys, params)
+    actions = jnp.array([0, 3, 6])
+    vstep = jax.jit(jax.vmap(env.step, in_axes=(0, 0, 0, None)))
+    out_B = vstep(keys, state_B, actions, params)
+    for i in range(3):
+        _, s = reset(keys[i], params)
+        out = step(keys[i], s, actions[i], params)
+        for x, y in zip(jax.tree.leaves(out), jax.tree.leaves(out_B)):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y)[i], rtol=1e-5, atol=1e-4)
+
+
+def test_auto_reset_after_episode(tiny):
+    env, params, step, reset = tiny
+    outs = _rollout(step, reset, params, jax.random.key(4), [2] * 7)
+    dones = [bool(o[3]) for o in outs]
+    assert dones == [False] * 5 + [True, False]
+    assert int(outs[5][1].time) == 0 and int(outs[6][1].time) == 1
+    assert int(outs[5][1].clock_ms) == 0
+    # the info of the terminal step still describes that step
+    assert int(outs[5][4]["prbs"]) == 6
+
+
+def test_gymnasium_wrapper():
+    pytest.importorskip("gymnasium")
+    from sfjax.envs.gymnasium_env import RanSlicingGymnasiumEnv
+
+    g = RanSlicingGymnasiumEnv(dataclasses.replace(TINY, episode_steps=3))
+    obs, _ = g.reset(seed=0)
+    assert g.observation_space.contains(obs)
+    trunc = False
+    for _ in range(3):
+        obs, r, term, trunc, info = g.step(g.action_space.sample())
+        assert isinstance(r, float) and not term and isinstance(info["se"], float)
+    assert trunc
+    obs2, _ = g.reset(seed=0)
+    np.testing.assert_array_equal(obs2, g.reset(seed=0)[0])
+    with pytest.raises(ValueError, match="action"):
+        g.step(99)
