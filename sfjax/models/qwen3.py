@@ -431,10 +431,21 @@ class Qwen3(nnx.Module):
     ``mlp.{gate,up,down}_proj``), ``norm``, ``lm_head`` (``None`` when embeddings are tied).
     """
 
-    def __init__(self, config: Qwen3Config, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+    def __init__(
+        self,
+        config: Qwen3Config,
+        *,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs | None = None,
+        remat: bool = False,
+    ):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = config
         self.dtype = jnp.dtype(dtype)
+        # Recompute each layer's activations in the backward pass of the un-cached forward
+        # (``nnx.remat``): memory O(layers x hidden) instead of O(layers x attention maps), for
+        # training on long sequences. A plain attribute: ``model.remat = True`` switches it on.
+        self.remat = remat
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs)
         self.layers = nnx.List(
             [DecoderLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_layers)]
@@ -466,7 +477,10 @@ class Qwen3(nnx.Module):
         causal_TS = jnp.tril(jnp.ones((T, T), bool))
         visible_BTS = causal_TS[None] & mask_BT[:, None, :]
         for layer in self.layers:
-            x_BTD = layer(x_BTD, cos_BTH, sin_BTH, visible_BTS)
+            if self.remat:
+                x_BTD = _remat_layer(layer, x_BTD, cos_BTH, sin_BTH, visible_BTS)
+            else:
+                x_BTD = layer(x_BTD, cos_BTH, sin_BTH, visible_BTS)
         return self.norm(x_BTD)
 
     def __call__(self, input_ids_BT, attention_mask=None, cache: KVCache | None = None):
@@ -522,6 +536,11 @@ class Qwen3(nnx.Module):
             index=index + T,
         )
         return self.lm_logits(self.norm(x_BTD)), new_cache
+
+
+@nnx.remat
+def _remat_layer(layer, x_BTD, cos_BTH, sin_BTH, visible_BTS):
+    return layer(x_BTD, cos_BTH, sin_BTH, visible_BTS)
 
 
 def count_params(model_or_state) -> int:

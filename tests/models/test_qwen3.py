@@ -274,3 +274,27 @@ def test_hidden_states_match_transformers_and_compose_to_logits(tiny_model, tiny
     np.testing.assert_allclose(
         tiny_model.lm_logits(h_BTD), forward(tiny_model, ids, mask), rtol=1e-5, atol=1e-5
     )
+
+
+def test_remat_gives_the_same_gradients(tiny_model):
+    ids, mask = left_padded(2, 5, pads=[0, 2], seed=10)
+
+    def loss(model):
+        return jnp.mean(jax.nn.log_softmax(model(ids, attention_mask=mask))[..., 7])
+
+    plain = nnx.clone(tiny_model)
+    remat = nnx.clone(tiny_model)
+    remat.remat = True
+    grad = lambda m: nnx.jit(nnx.grad(loss))(m)  # noqa: E731
+    g0, g1 = nnx.to_flat_state(grad(plain)), nnx.to_flat_state(grad(remat))
+    for (path, a), (_, b) in zip(g0, g1):
+        np.testing.assert_allclose(
+            a.get_value(), b.get_value(), rtol=1e-5, atol=1e-7, err_msg=str(path)
+        )
+    hlo = nnx.jit(nnx.grad(loss)).lower(remat).as_text()
+    assert (
+        "remat" in hlo
+        or "checkpoint" in hlo
+        or "opt-barrier" in hlo
+        or "optimization_barrier" in hlo
+    )
