@@ -291,10 +291,6 @@ def test_remat_gives_the_same_gradients(tiny_model):
         np.testing.assert_allclose(
             a.get_value(), b.get_value(), rtol=1e-5, atol=1e-7, err_msg=str(path)
         )
-    hlo = nnx.jit(nnx.grad(loss)).lower(remat).as_text()
-    assert (
-        "remat" in hlo
-        or "checkpoint" in hlo
-        or "opt-barrier" in hlo
-        or "optimization_barrier" in hlo
-    )
+    # Rematerialisation shows up as optimisation barriers in the lowered backward pass.
+    assert "optimization_barrier" in nnx.jit(nnx.grad(loss)).lower(remat).as_text()
+    assert "optimization_barrier" not in nnx.jit(nnx.grad(loss)).lower(plain).as_text()
