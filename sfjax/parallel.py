@@ -723,5 +723,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run the launcher of the importable module, not of this `__main__` copy, so the default
+    # mesh is set where `from sfjax import parallel` finds it.
+    from sfjax import parallel as _parallel
+
+    _parallel.main()
 

@@ -1,8 +1,10 @@
 """Two ``jax.distributed`` processes on localhost (4 fake CPU devices each) run sharded steps.
 
-The test starts this file twice as a script (process ids 0 and 1, coordinator on
-127.0.0.1:<free port>). Each worker builds the global ``data=2 x fsdp=2 x tp=2`` mesh (the
-``data`` axis spans the two processes), loads the tiny checkpoint straight onto its shards,
+The test starts this file twice through the launcher, ``python -m sfjax.parallel
+--coordinator-address 127.0.0.1:<free port> --num-processes 2 --process-id {0,1} --data 2
+--fsdp 2 --tp 2 -- <this file> ...``, which initialises ``jax.distributed`` and sets the global
+``data=2 x fsdp=2 x tp=2`` default mesh (``data`` spans the two processes). Each worker then
+loads the tiny checkpoint with a plain ``from_pretrained`` straight onto its shards,
 assembles a global batch from host-local halves, and runs one sharded forward and one sharded
 KTO train step; process 0 alone writes the results, which must equal a single-device run in the
 pytest process (tolerances as in ``test_parallel_devices.py``). CPU collectives go through gloo.
@@ -54,9 +56,8 @@ def kto_step(model, mesh):
     lora_lib.apply_lora(model, lora_lib.LoRAConfig(rank=4), rngs=__import__("flax").nnx.Rngs(1))
     cfg = KTOConfig(micro_batch_size=4, learning_rate=KTO_LR, warmup_ratio=0.0, shuffle=False,
                     progress=False, max_prompt_length=16, max_completion_length=16)  # fmt: skip
-    trainer = KTOTrainer(model, None, cfg, mesh=mesh) if mesh is not None else KTOTrainer(
-        model, None, cfg
-    )
+    trainer = KTOTrainer(model, None, cfg)  # the default mesh, if any
+    assert trainer.mesh is mesh
     history = trainer.train(kto_examples(), jax.random.key(0))
     from flax import nnx
 
@@ -67,26 +68,24 @@ def kto_step(model, mesh):
     return lora, history[-1]["loss"]
 
 
-def worker(process_id: int, port: int, ckpt: str, out_dir: str) -> None:
+def worker(ckpt: str, out_dir: str) -> None:
     import jax
-
-    from sfjax import parallel
-
-    parallel.initialize_distributed(
-        parallel.DistributedConfig(
-            enabled=True, coordinator_address=f"127.0.0.1:{port}", num_processes=2,
-            process_id=process_id, initialization_timeout=60,
-        )
-    )  # fmt: skip
     import jax.numpy as jnp
     from flax import nnx
     from jax.sharding import PartitionSpec
 
+    from sfjax import parallel
     from sfjax.models import qwen3
 
     assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
-    mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=2, tp=2))
-    model = qwen3.from_pretrained(ckpt, dtype=jnp.float32, mesh=mesh)
+    process_id = jax.process_index()
+    mesh = parallel.default_mesh()  # set by the launcher
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tp": 2}
+    # Values decided on process 0 only (e.g. an API reply) reach every process.
+    assert parallel.broadcast_object({"from": process_id, "x": [1.5, "a"]}) == {
+        "from": 0, "x": [1.5, "a"]
+    }
+    model = qwen3.from_pretrained(ckpt, dtype=jnp.float32)
     q = model.layers[0].self_attn.q_proj.kernel[...]
     assert not q.is_fully_addressable and q.sharding.spec == PartitionSpec("fsdp", "tp")
 
@@ -130,7 +129,9 @@ def test_two_process_run_matches_single_device(tiny_checkpoint, tmp_path):
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
     procs = [
         subprocess.Popen(
-            [sys.executable, __file__, str(i), str(port), str(tiny_checkpoint), str(tmp_path)],
+            [sys.executable, "-m", "sfjax.parallel", "--coordinator-address",
+             f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i), "--data", "2",
+             "--fsdp", "2", "--tp", "2", "--", __file__, str(tiny_checkpoint), str(tmp_path)],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
         for i in range(2)
@@ -165,4 +166,4 @@ def test_two_process_run_matches_single_device(tiny_checkpoint, tmp_path):
 
 
 if __name__ == "__main__":
-    worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    worker(sys.argv[1], sys.argv[2])
