@@ -274,3 +274,40 @@ def test_eight_device_suite():
     report = proc.stdout[-6000:] + proc.stderr[-3000:]
     assert proc.returncode == 0, report
     assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], report
+
+
+def test_launcher_sets_default_mesh_for_an_unmodified_script(tiny_checkpoint, tmp_path):
+    """`python -m sfjax.parallel --tp 2 -- script.py ARGS`: a plain from_pretrained shards."""
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import json, sys\n"
+        "import jax.numpy as jnp\n"
+        "from sfjax import parallel\n"
+        "from sfjax.models import qwen3\n"
+        "model = qwen3.from_pretrained(sys.argv[1], dtype=jnp.float32)\n"
+        "q = model.layers[0].self_attn.q_proj.kernel[...]\n"
+        "print(json.dumps({'argv': sys.argv[1:], 'mesh': dict(parallel.default_mesh().shape),\n"
+        "                  'spec': [str(a) for a in q.sharding.spec],\n"
+        "                  'local': list(q.addressable_shards[0].data.shape)}))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=4")  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "sfjax.parallel", "--tp", "2", "--", str(script),
+         str(tiny_checkpoint), "--flag"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["argv"] == [str(tiny_checkpoint), "--flag"]
+    assert out["mesh"] == {"data": 2, "fsdp": 1, "tp": 2}
+    assert out["spec"] == ["fsdp", "tp"] and out["local"] == [64, 32]
+    assert "mesh data=2 x fsdp=1 x tp=2" in proc.stderr
+
+
+def test_launcher_needs_a_script():
+    with pytest.raises(SystemExit):
+        parallel.main(["--tp", "2", "--"])
