@@ -73,7 +73,7 @@ class TokenBytes:
         self.order = np.argsort(-lengths, kind="stable")
         self.len_sorted = lengths[self.order]
         max_len = int(lengths.max(initial=0))
-        self.bytes_sorted = np.zeros((self.vocab_size, max(max_len, 1)), np.int64)
+        self.bytes_sorted = np.zeros((self.vocab_size, max(max_len, 1)), np.uint8)
         for row, v in enumerate(self.order):
             p = pieces[v]
             self.bytes_sorted[row, : len(p)] = np.frombuffer(p, np.uint8)
@@ -99,7 +99,7 @@ class TokenBytes:
                 s = s_V[:n]
                 done = s == accept
                 over_V[:n] |= done
-                s_V[:n] = np.where(done, s, dfa_QA[s, self.bytes_sorted[:n, j]])
+                s_V[:n] = np.where(done, s, dfa_QA[s, self.bytes_sorted[:n, j].astype(np.int64)])
             codes = np.where(over_V, accept + 1, s_V)
             out_QV[q, self.order] = codes
         return out_QV
