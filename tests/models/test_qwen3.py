@@ -213,6 +213,13 @@ def test_qwen3_4b_preset_shapes_without_memory():
     assert cache.k.size * 2 * 2 == 144 * 1024
 
 
+def test_tiny_presets_match_the_test_checkpoints(tiny_checkpoint, tiny_checkpoint_untied):
+    assert Qwen3Config.from_hf(tiny_checkpoint) == Qwen3Config.tiny()
+    assert Qwen3Config.from_hf(tiny_checkpoint_untied) == Qwen3Config.tiny(
+        tie_word_embeddings=False
+    )
+
+
 def test_config_round_trips_through_transformers():
     cfg = Qwen3Config.tiny(tie_word_embeddings=False, rope_theta=5e6)
     hf = transformers.Qwen3Config(**cfg.to_hf())
