@@ -20,7 +20,7 @@ Logical axes of every tensor (:data:`PARAM_AXES`, :data:`DEFAULT_RULES`):
 ==========================  ========================  ===========================
 tensor                      logical axes              mesh axes (default rules)
 ==========================  ========================  ===========================
-embed_tokens.embedding VD   (vocab, embed)            (tp, fsdp)
+embed_tokens.embedding VD   (vocab, -)                (tp, -)
 q/k/v_proj.kernel [in,out]  (embed, heads)            (fsdp, tp)
 gate/up_proj.kernel         (embed, mlp)              (fsdp, tp)
 o_proj.kernel               (heads, embed)            (tp, fsdp)
@@ -52,6 +52,8 @@ T tokens.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import logging
 import os
@@ -84,7 +86,9 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
 ``lora_rank``, ``norm``, ``seq``) are replicated."""
 
 PARAM_AXES: dict[tuple[str, str], tuple[str | None, ...]] = {
-    ("embed_tokens", "embedding"): ("vocab", "embed"),
+    # D not over fsdp: a gather from a D-sharded table cannot hand a batch-sharded result to
+    # the residual stream without replicating it (XLA SPMD "involuntary rematerialization").
+    ("embed_tokens", "embedding"): ("vocab", None),
     ("q_proj", "kernel"): ("embed", "heads"),
     ("k_proj", "kernel"): ("embed", "heads"),
     ("v_proj", "kernel"): ("embed", "heads"),
@@ -398,6 +402,37 @@ def constrain_batch(tree, mesh: Mesh, batch_dim: int = 0, rules: Rules | None = 
     return jax.tree.map(one, tree)
 
 
+# ------------------------------------------------------------------------------ activations
+_ACTIVATION_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar(
+    "sfjax_activation_mesh", default=None
+)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh | None):
+    """While tracing inside this context, :func:`shard_activation` pins activations to ``mesh``.
+
+    :func:`jit_sharded` and the sharded ``Sampler`` enter it around their calls, so the model's
+    residual stream stays split over the batch axes: without the pin, GSPMD may prefer to gather
+    the batch and keep ``fsdp``-sharded weights in place (a contraction over ``fsdp``), which
+    is correct but is not FSDP and costs the full batch's activations on every device.
+    """
+    token = _ACTIVATION_MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _ACTIVATION_MESH.reset(token)
+
+
+def shard_activation(x_BTD):
+    """Constrain an activation's batch dimension 0 to ``(data, fsdp)`` and the rest to be
+    replicated, when traced under :func:`activation_sharding`; identity otherwise."""
+    mesh = _ACTIVATION_MESH.get()
+    if mesh is None:
+        return x_BTD
+    return jax.lax.with_sharding_constraint(x_BTD, batch_sharding(mesh, x_BTD.shape))
+
+
 # ------------------------------------------------------------------------------- sharded jit
 @dataclass(frozen=True)
 class Placement:
@@ -486,7 +521,8 @@ def jit_sharded(
             )  # fmt: skip
             programs[key] = (program, in_sh)
         program, in_sh = programs[key]
-        return program(*put(args, in_sh))
+        with activation_sharding(mesh):
+            return program(*put(args, in_sh))
 
     call.programs = programs
     return functools.wraps(fn)(call)
@@ -639,6 +675,7 @@ __all__ = [
     "MeshConfig",
     "ParallelConfig",
     "Placement",
+    "activation_sharding",
     "batch_sharding",
     "batch_split",
     "broadcast_object",
@@ -663,6 +700,7 @@ __all__ = [
     "replicated",
     "resolve_mesh",
     "set_default_mesh",
+    "shard_activation",
     "shard_model",
     "state_shardings",
     "summary_writer",

@@ -76,7 +76,7 @@ def test_projection_embedding_and_norm_rules():
         assert spec(("layers", 3, "mlp", proj, "kernel"), (64, 128)) == P("fsdp", "tp")
     assert spec(("layers", 0, "self_attn", "o_proj", "kernel"), (64, 64)) == P("tp", "fsdp")
     assert spec(("layers", 0, "mlp", "down_proj", "kernel"), (128, 64)) == P("tp", "fsdp")
-    assert spec(("embed_tokens", "embedding"), (1024, 64)) == P("tp", "fsdp")
+    assert spec(("embed_tokens", "embedding"), (1024, 64)) == P("tp", None)
     assert spec(("lm_head", "kernel"), (64, 1024)) == P("fsdp", "tp")
     assert spec(("layers", 1, "input_layernorm", "weight"), (64,)) == P(None)
     assert spec(("layers", 1, "self_attn", "k_norm", "weight"), (16,)) == P(None)
@@ -97,7 +97,7 @@ def test_lora_params_follow_their_base_kernel():
 
 
 def test_non_divisible_dims_fall_back_to_replication():
-    assert spec(("embed_tokens", "embedding"), (1023, 64)) == P(None, "fsdp")
+    assert spec(("embed_tokens", "embedding"), (1023, 64)) == P(None, None)
     assert spec(("layers", 0, "self_attn", "k_proj", "kernel"), (63, 5)) == P(None, None)
     tp4 = AbstractMesh((1, 1, 4), parallel.AXES)
     assert spec(("layers", 0, "self_attn", "k_proj", "kernel"), (64, 6), tp4) == P("fsdp", None)

@@ -59,7 +59,7 @@ def test_from_pretrained_places_every_param_by_rule(tiny_checkpoint_untied):
     lora_lib.apply_lora(model, lora_lib.LoRAConfig(rank=4))
     parallel.shard_model(model, mesh)
     expected = {
-        ("embed_tokens", "embedding"): P("tp", "fsdp"),
+        ("embed_tokens", "embedding"): P("tp", None),
         ("lm_head", "kernel"): P("fsdp", "tp"),
         ("norm", "weight"): P(None),
     }
