@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from sfjax.parallel import shard_activation
+
 _MASK_VALUE = -1e30  # finite, so a query row with no visible key gives a uniform softmax, not NaN
 
 
@@ -481,6 +483,7 @@ class Qwen3(nnx.Module):
                 x_BTD = _remat_layer(layer, x_BTD, cos_BTH, sin_BTH, visible_BTS)
             else:
                 x_BTD = layer(x_BTD, cos_BTH, sin_BTH, visible_BTS)
+            x_BTD = shard_activation(x_BTD)  # batch over (data, fsdp) under a mesh; else no-op
         return self.norm(x_BTD)
 
     def __call__(self, input_ids_BT, attention_mask=None, cache: KVCache | None = None):
@@ -509,7 +512,7 @@ class Qwen3(nnx.Module):
                 raise ValueError(
                     f"attention_mask shape {mask_BT.shape} != input_ids shape {(B, T)}"
                 )
-        return self.embed_tokens(input_ids_BT), mask_BT
+        return shard_activation(self.embed_tokens(input_ids_BT)), mask_BT
 
     def _cached_forward(self, x_BTD, mask_BT, cache: KVCache):
         B, T = mask_BT.shape
@@ -528,6 +531,7 @@ class Qwen3(nnx.Module):
             x_BTD, k_LBSKH, v_LBSKH = layer.cached(
                 x_BTD, cos_BTH, sin_BTH, visible_BTS, k_LBSKH, v_LBSKH, i, index
             )
+            x_BTD = shard_activation(x_BTD)
         new_cache = KVCache(
             k=k_LBSKH,
             v=v_LBSKH,
