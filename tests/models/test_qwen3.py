@@ -301,3 +301,15 @@ def test_remat_gives_the_same_gradients(tiny_model):
     # Rematerialisation shows up as optimisation barriers in the lowered backward pass.
     assert "optimization_barrier" in nnx.jit(nnx.grad(loss)).lower(remat).as_text()
     assert "optimization_barrier" not in nnx.jit(nnx.grad(loss)).lower(plain).as_text()
+
+
+@pytest.mark.parametrize(
+    "preset, total_b, non_embedding_b",
+    [("qwen3_0_6b", 0.596, 0.440), ("qwen3_1_7b", 1.720, 1.409)],
+)
+def test_smaller_presets_match_published_sizes(preset, total_b, non_embedding_b):
+    cfg = getattr(Qwen3Config, preset)()
+    model = nnx.eval_shape(lambda: Qwen3(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    n = qwen3.count_params(model)
+    assert abs(n / 1e9 - total_b) < 0.005
+    assert abs((n - cfg.vocab_size * cfg.hidden_size) / 1e9 - non_embedding_b) < 0.005
