@@ -116,6 +116,20 @@ def summarise(infos: dict[str, np.ndarray]) -> dict[str, float]:
     return out
 
 
+def per_level(infos: dict[str, np.ndarray], actions_T: np.ndarray) -> dict[int, dict]:
+    """Means per controlled-slice PRB level, skipping the first step after each change."""
+    prbs_T = np.asarray(infos["prbs"])
+    settled_T = np.concatenate([[False], actions_T[1:] == actions_T[:-1]])
+    out = {}
+    for level in np.unique(prbs_T):
+        m = (prbs_T == level) & settled_T
+        if m.any():
+            out[int(level)] = {k: float(np.asarray(infos[k], np.float64)[m].mean()) for k in (
+                "se", "violation", "delivered_bits", "other_se", "other_violation",
+                "other_delivered_bits", "other_prbs")}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=120, help="decisions per episode")
@@ -133,42 +147,76 @@ def main() -> None:
             actions_NT = np.stack(
                 [action_sequence(kind, cfg.num_actions, args.steps, s) for s in seeds]
             )
-            jax_infos, compile_s, jax_step_s = run_jax(cfg, actions_NT, seeds)
-            jax_rows, ns3_rows, ns3_wall = [], [], []
+            # The JAX env with ns-3's scheduler semantics ("pf_ns3": PfFfMacScheduler
+            # verbatim, which the ns-3 scenario runs) and with its default buffer-aware PF.
+            jax_pf, compile_s, jax_step_s = run_jax(
+                dataclasses.replace(cfg, scheduler="pf_ns3"), actions_NT, seeds
+            )
+            jax_ba, _, _ = run_jax(
+                dataclasses.replace(cfg, scheduler="pf_buffer_aware"), actions_NT, seeds
+            )
+            jax_rows, jax_ba_rows, ns3_rows, ns3_wall, levels = [], [], [], [], []
             for i, seed in enumerate(seeds):
-                jax_rows.append(summarise({k: v[i] for k, v in jax_infos.items()}))
+                jax_i = {k: v[i] for k, v in jax_pf.items()}
+                jax_rows.append(summarise(jax_i))
+                jax_ba_rows.append(summarise({k: v[i] for k, v in jax_ba.items()}))
                 ns3_infos, wall = run_ns3(cfg, actions_NT[i], seed)
                 ns3_rows.append(summarise(ns3_infos))
                 ns3_wall.append(wall)
+                levels.append({"jax": per_level(jax_i, actions_NT[i]),
+                               "ns3": per_level(ns3_infos, actions_NT[i])})
             row = {
                 "traffic": traffic,
                 "sequence": kind,
                 "jax": {k: float(np.mean([r[k] for r in jax_rows])) for k in jax_rows[0]},
+                "jax_buffer_aware": {k: float(np.mean([r[k] for r in jax_ba_rows]))
+                                     for k in jax_ba_rows[0]},
                 "ns3": {k: float(np.mean([r[k] for r in ns3_rows])) for k in ns3_rows[0]},
                 "jax_step_s": jax_step_s,
                 "jax_compile_s": compile_s,
                 "ns3_step_s": float(np.mean(ns3_wall)),
+                "per_level": levels,
             }
             results.append(row)
-            print(json.dumps(row), flush=True)
+            print(json.dumps({k: v for k, v in row.items() if k != "per_level"}), flush=True)
 
     print()
-    print("| traffic | sequence | slice | SE jax / ns3 | viol. rate jax / ns3 | offered Mb/s "
-          "jax / ns3 | delivered Mb/s jax / ns3 | drops kB/step jax / ns3 | mean delay ms "
-          "jax / ns3 |")
+    print("JAX = pf_ns3 scheduler (ns-3 PfFfMacScheduler semantics); [JAX buffer-aware PF]")
+    print("| traffic | sequence | slice | SE JAX / ns-3 [BA] | viol. rate JAX / ns-3 [BA] "
+          "| offered Mb/s JAX / ns-3 | delivered Mb/s JAX / ns-3 [BA] "
+          "| drops kB/step JAX / ns-3 [BA] | mean delay ms JAX / ns-3 [BA] |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         for name, p in (("controlled", ""), ("other", "other_")):
-            j, n = r["jax"], r["ns3"]
+            j, n, b = r["jax"], r["ns3"], r["jax_buffer_aware"]
             print(
                 f"| {r['traffic']} | {r['sequence']} | {name} "
-                f"| {j[p + 'se']:.2f} / {n[p + 'se']:.2f} "
-                f"| {j[p + 'violation']:.2f} / {n[p + 'violation']:.2f} "
+                f"| {j[p + 'se']:.2f} / {n[p + 'se']:.2f} [{b[p + 'se']:.2f}] "
+                f"| {j[p + 'violation']:.2f} / {n[p + 'violation']:.2f} [{b[p + 'violation']:.2f}] "
                 f"| {j[p + 'arrival_rate_bps'] / 1e6:.2f} / {n[p + 'arrival_rate_bps'] / 1e6:.2f} "
                 f"| {j[p + 'delivered_bits'] / 1e5:.2f} / {n[p + 'delivered_bits'] / 1e5:.2f} "
+                f"[{b[p + 'delivered_bits'] / 1e5:.2f}] "
                 f"| {j[p + 'dropped_bytes'] / 1e3:.2f} / {n[p + 'dropped_bytes'] / 1e3:.2f} "
-                f"| {j[p + 'mean_delay_ms']:.1f} / {n[p + 'mean_delay_ms']:.1f} |"
+                f"[{b[p + 'dropped_bytes'] / 1e3:.2f}] "
+                f"| {j[p + 'mean_delay_ms']:.1f} / {n[p + 'mean_delay_ms']:.1f} "
+                f"[{b[p + 'mean_delay_ms']:.1f}] |"
             )
+    for r in results:
+        if r["sequence"] != "staircase":
+            continue
+        print()
+        print(f"Per PRB level ({r['traffic']} traffic, staircase, seed 0, settled steps; "
+              "JAX = pf_ns3):")
+        print("| PRB ctrl / other (jax; ns3) | SE ctrl jax / ns3 | viol. ctrl jax / ns3 "
+              "| SE other jax / ns3 | viol. other jax / ns3 |")
+        print("|---|---|---|---|---|")
+        lv = r["per_level"][0]
+        for level in sorted(set(lv["jax"]) & set(lv["ns3"])):
+            j, n = lv["jax"][level], lv["ns3"][level]
+            print(f"| {level} / {j['other_prbs']:.0f}; {n['other_prbs']:.0f} "
+                  f"| {j['se']:.2f} / {n['se']:.2f} | {j['violation']:.2f} / {n['violation']:.2f} "
+                  f"| {j['other_se']:.2f} / {n['other_se']:.2f} "
+                  f"| {j['other_violation']:.2f} / {n['other_violation']:.2f} |")
     print()
     print("| traffic | sequence | JAX s/decision | ns-3 s/decision | ratio ns-3/JAX | JAX compile s |")
     print("|---|---|---|---|---|---|")
