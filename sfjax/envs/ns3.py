@@ -17,6 +17,8 @@ It mirrors :class:`sfjax.envs.ran.RanSlicingEnv` so that either can stand behind
   ``max_delay_ms`` and their ``other_`` twins, ``utility``) and the observation is the same
   scaled eq. 14 vector;
 * ``reward`` is the eq. 15 utility ``w_se (SE + offset) - w_c c - w_v v`` of the step;
+* the intra-slice scheduler is always ns-3's ``PfFfMacScheduler`` (the JAX env's
+  ``scheduler="pf_ns3"``; ``RanSlicingConfig.scheduler`` is not used here);
 * by default the large-scale channel is the JAX env's fixed drop (positions, LOS state,
   shadowing from ``config.geometry_seed``) and the fading trace is the project's own
   (:mod:`sfjax.envs.fading`), so differences come from ns-3's LTE stack, not from the draw.
