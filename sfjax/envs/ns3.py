@@ -262,8 +262,12 @@ def _install_sigterm_handler() -> None:
     if _SIGTERM_INSTALLED or threading.current_thread() is not threading.main_thread():
         return
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, lambda signum, frame: (_ for _ in ()).throw(SystemExit(143)))
+        signal.signal(signal.SIGTERM, _exit_on_signal)
     _SIGTERM_INSTALLED = True
+
+
+def _exit_on_signal(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 class Ns3RanSlicingEnv(gym.Env):
@@ -284,12 +288,13 @@ class Ns3RanSlicingEnv(gym.Env):
         self._min_rbg = sc.min_rbg_per_slice
         self._prbs_A = np.asarray(sc.prbs_per_action)
         self.action_space = gym.spaces.Discrete(sc.num_actions)
+        # the JAX env's bounds (RanSlicingEnv.observation_space)
         dim = 9 if sc.observe_other_slice else 5
-        low = np.zeros(dim, np.float32)
-        low[3] = -1.0
+        low, high = np.zeros(dim, np.float32), np.ones(dim, np.float32)
+        low[3], high[2] = -1.0, 2.0  # packets quantise a step's arrival rate: > peak is possible
         if sc.observe_other_slice:
-            low[7] = -1.0
-        self.observation_space = gym.spaces.Box(low, np.ones(dim, np.float32), (dim,), np.float32)
+            low[7], high[6] = -1.0, 2.0
+        self.observation_space = gym.spaces.Box(low, high, (dim,), np.float32)
         ctrl, other = sc.ordered_slices
         self._peak_rate_S = np.asarray([ctrl.peak_rate_bps, other.peak_rate_bps], np.float64)
         self._slice_buffer_S = np.asarray(

@@ -61,9 +61,7 @@ def test_real_episode(binary):
     infos = []
     for k, a in enumerate(actions):
         obs, reward, terminated, truncated, info = env.step(a)
-        # (window quantisation of CBR arrivals can put the arrival feature a few % above 1,
-        # as in the JAX env, so only shape and finiteness are checked here)
-        assert obs.shape == env.observation_space.shape and np.isfinite(obs).all()
+        assert env.observation_space.contains(obs)
         assert truncated == (k == len(actions) - 1) and not terminated
         infos.append(info)
     assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split(
