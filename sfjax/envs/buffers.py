@@ -70,10 +70,14 @@ def serve(buf: Buffers, served_bytes_U, packet_bytes_U, now_ms, budget_ms_U):
 
     rel_UQ = (jnp.arange(q)[None, :] - buf.head_U[:, None]) % q
     done_UQ = rel_UQ < completed_U[:, None]
-    delay_UQ = now_ms - buf.arrival_ms_UQ
-    late_U = jnp.sum(done_UQ & (delay_UQ > budget_ms_U[:, None]), axis=1).astype(jnp.int32)
-    max_delay_U = jnp.max(jnp.where(done_UQ, delay_UQ, 0.0), axis=1)
-    sum_delay_U = jnp.sum(jnp.where(done_UQ, delay_UQ, 0.0), axis=1)
+    late_UQ = done_UQ & (buf.arrival_ms_UQ < now_ms - budget_ms_U[:, None])
+    late_U = jnp.sum(late_UQ, axis=1).astype(jnp.int32)
+    # FIFO: the head packet is the oldest of those completed
+    head_arrival_U = jnp.take_along_axis(buf.arrival_ms_UQ, buf.head_U[:, None], axis=1)[:, 0]
+    max_delay_U = jnp.where(completed_U > 0, now_ms - head_arrival_U, 0.0)
+    sum_delay_U = completed_U * now_ms - jnp.sum(
+        jnp.where(done_UQ, buf.arrival_ms_UQ, 0.0), axis=1
+    )
     new = Buffers(
         arrival_ms_UQ=buf.arrival_ms_UQ,
         head_U=(buf.head_U + completed_U) % q,

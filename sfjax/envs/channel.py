@@ -224,6 +224,12 @@ def sinr_to_cqi(sinr_db):
     return jnp.sum(sinr_db[..., None] >= thresholds_K, axis=-1).astype(jnp.int32)
 
 
+def sinr_linear_to_cqi(sinr_lin):
+    """:func:`sinr_to_cqi` on a linear SINR (no logarithm in the per-TTI loop)."""
+    thresholds_K = jnp.asarray(10.0 ** (CQI_SINR_THRESHOLD_DB_K / 10.0), jnp.float32)
+    return jnp.sum(sinr_lin[..., None] >= thresholds_K, axis=-1).astype(jnp.int32)
+
+
 def cqi_to_efficiency(cqi):
     """Spectral efficiency (bit/s/Hz) of a CQI index; CQI 0 carries nothing."""
     table = jnp.concatenate([jnp.zeros((1,), jnp.float32), jnp.asarray(CQI_EFFICIENCY_K)])

@@ -346,15 +346,23 @@ class RanSlicingEnv(environment.Environment):
         return self.get_obs(state, params), state
 
     # ------------------------------------------------------------------------------- step
-    def _tti(self, params: EnvParams, owner_R, carry, exp_U):
+    def _efficiency(self, params: EnvParams, state: EnvState):
+        """Subband CQI efficiency of every TTI of the decision, [T, U, R], in one batch."""
+        length = params.gains_NLR.shape[1]
+        t_T = state.clock_ms + jnp.arange(self.config.ttis_per_step, dtype=jnp.int32)
+        idx_TU = (state.trace_offset_U[None, :] + t_T[:, None]) % length
+        gain_TUR = params.gains_NLR[state.trace_U[None, :], idx_TU]
+        snr_lin_U = 10.0 ** (state.snr_db_U / 10.0)
+        return channel.cqi_to_efficiency(
+            channel.sinr_linear_to_cqi(snr_lin_U[None, :, None] * gain_TUR)
+        )
+
+    def _tti(self, params: EnvParams, owner_R, carry, xs):
         """One 1 ms TTI: schedule on the queues, serve, then enqueue this TTI's arrivals."""
+        exp_U, eff_UR = xs
         state, acc = carry
         buf = state.buffers
         t = state.clock_ms
-        length = params.gains_NLR.shape[1]
-        gain_UR = params.gains_NLR[state.trace_U, (state.trace_offset_U + t) % length]
-        sinr_db_UR = state.snr_db_U[:, None] + 10.0 * jnp.log10(jnp.maximum(gain_UR, 1e-12))
-        eff_UR = channel.cqi_to_efficiency(channel.sinr_to_cqi(sinr_db_UR))
 
         queued_U = fifo.queued_bytes(buf, self._packet_bytes_U)
         eligible_UR = (queued_U > 0)[:, None] & (
@@ -419,7 +427,8 @@ class RanSlicingEnv(environment.Environment):
         }
         queued0_U = fifo.queued_bytes(state.buffers, self._packet_bytes_U)
         (new, acc), _ = jax.lax.scan(
-            partial(self._tti, params, owner_R), (state, acc0), exp_TU
+            partial(self._tti, params, owner_R), (state, acc0),
+            (exp_TU, self._efficiency(params, state)),
         )
         queued1_U = fifo.queued_bytes(new.buffers, self._packet_bytes_U)
 
