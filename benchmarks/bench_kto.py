@@ -19,6 +19,7 @@ Usage::
 
     .venv/bin/python benchmarks/bench_kto.py                       # small config
     .venv/bin/python benchmarks/bench_kto.py --rounds 3 --steps 8
+    .venv/bin/python benchmarks/bench_kto.py --threads 1        # both single-threaded
 """
 
 from __future__ import annotations
@@ -26,10 +27,18 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "--threads" in sys.argv:  # must precede the jax import: XLA reads its flags once
+    _n = int(sys.argv[sys.argv.index("--threads") + 1])
+    if _n == 1:
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "")
+            + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        )
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -145,9 +154,17 @@ def main():
     parser.add_argument("--completion-len", type=int, default=32)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--threads", type=int, default=0,
+        help="1: both libraries single-threaded (XLA eigen off, torch.set_num_threads(1)); "
+        "0: each library's default thread pool",
+    )  # fmt: skip
     args = parser.parse_args()
 
     import torch
+
+    if args.threads == 1:
+        torch.set_num_threads(1)
 
     from sfjax.testing import write_tiny_checkpoint
 
@@ -166,7 +183,8 @@ def main():
     sf, trl = statistics.median(sf_steps), statistics.median(trl_steps)
     print(
         f"config={args.config} batch={args.batch} seq={args.prompt_len}+{args.completion_len} "
-        f"lora_r=16 steps={args.steps} rounds={args.rounds} torch_threads={torch.get_num_threads()}"
+        f"lora_r=16 steps={args.steps} rounds={args.rounds} torch_threads={torch.get_num_threads()} "
+        f"xla_single_thread={args.threads == 1}"
     )
     print(f"sfjax step (median): {sf * 1e3:8.1f} ms   runs: {[round(x * 1e3, 1) for x in sf_steps]}")
     print(f"TRL   step (median): {trl * 1e3:8.1f} ms   runs: {[round(x * 1e3, 1) for x in trl_steps]}")

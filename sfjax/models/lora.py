@@ -18,8 +18,8 @@ PEFT layout: ``adapter_model.safetensors`` holds, per wrapped module,
 ``lora_alpha``, ``target_modules`` etc. ``peft.PeftModel.from_pretrained`` loads it on top of
 ``transformers.Qwen3ForCausalLM``.
 
-Shape legend: ``I`` input features, ``O`` output features, ``R`` LoRA rank, ``...`` leading
-batch / time axes.
+Shape legend: ``I`` input features, ``O`` output features, ``R`` LoRA rank, ``N`` rows (the
+leading batch / time axes flattened).
 """
 
 from __future__ import annotations
@@ -106,10 +106,13 @@ class LoRALinear(nnx.Module):
     def delta(self, x_I):
         """The adapter's contribution ``s · dropout(x) @ A @ B`` in the adapter dtype."""
         a_IR, b_RO = self.lora_a[...], self.lora_b[...]
-        h = x_I.astype(a_IR.dtype)
+        # Flatten leading axes: the weight gradients are then plain 2-D matmuls (a dot_general
+        # contracting over several batch axes is far slower on XLA:CPU).
+        h_NI = x_I.reshape(-1, x_I.shape[-1]).astype(a_IR.dtype)
         if self.dropout is not None:
-            h = self.dropout(h)
-        return (h @ a_IR) @ b_RO * self.scaling
+            h_NI = self.dropout(h_NI)
+        out_NO = (h_NI @ a_IR) @ b_RO * self.scaling
+        return out_NO.reshape(*x_I.shape[:-1], b_RO.shape[-1])
 
     def __call__(self, x_I):
         y_O = self.base(x_I)

@@ -431,11 +431,11 @@ class KTOTrainer:
         """
         c = self.config
         tokenized = self.tokenize(examples)
-        need = c.micro_batch_size if c.with_kl else 1
-        if len(tokenized) < max(need, 2 if c.with_kl else 1):
+        need = 2 if c.with_kl else 1
+        if len(tokenized) < need:
             raise ValueError(
-                f"{len(tokenized)} examples: KTO needs at least {max(need, 2)} (one micro-batch "
-                "with KL pairs)"
+                f"{len(tokenized)} example(s): loss_type={c.loss_type!r} needs at least {need} "
+                "(the KL pairs of a micro-batch are other examples' completions)"
             )
         weights = jnp.asarray(self.class_weights(tokenized), jnp.float32)
         shuffle_key, step_key = jax.random.split(key)
