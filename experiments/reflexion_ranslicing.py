@@ -48,9 +48,7 @@ class Config:
     """Actor parameter dtype: bfloat16 or float32."""
     actor: ActorConfig = field(default_factory=ActorConfig)
     """Actor prompt and sampling (its action range is set from the env)."""
-    reflector: ReflectorConfig = field(
-        default_factory=lambda: ReflectorConfig(backend="api")
-    )
+    reflector: ReflectorConfig = field(default_factory=lambda: ReflectorConfig(backend="api"))
     """Evaluator / self-reflection backend (api = DeepSeek-R1 in the paper)."""
     reflexion: ReflexionConfig = field(default_factory=ReflexionConfig)
     """Trials and verbal memory."""

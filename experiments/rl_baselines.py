@@ -85,7 +85,9 @@ def main(cfg: Config) -> dict:
         Table3Inputs(protocol=cfg.protocol, llm_provenance="(no LLM rows in this run)"),
     )
     plot_fig2(cfg.run_dir / "fig2.png", {ROW_NAMES[k]: r.train.curves for k, r in runs.items()})
-    out = {k: {"summary": r.row.summary, "wall_time_s": r.train.wall_time_s} for k, r in runs.items()}
+    out = {
+        k: {"summary": r.row.summary, "wall_time_s": r.train.wall_time_s} for k, r in runs.items()
+    }
     print((cfg.run_dir / "table_rl.md").read_text())
     return out
 

@@ -61,7 +61,9 @@ class ReflexionConfig:
 
     def __post_init__(self):
         if self.trials < 0 or self.memory_size < 1 or self.trial_steps < 1:
-            raise ValueError("ReflexionConfig: need trials >= 0, memory_size >= 1, trial_steps >= 1")
+            raise ValueError(
+                "ReflexionConfig: need trials >= 0, memory_size >= 1, trial_steps >= 1"
+            )
         if not self.trial_seeds:
             raise ValueError("ReflexionConfig.trial_seeds is empty")
 
@@ -123,7 +125,9 @@ class TrialEvaluation:
         return self.suboptimal / max(self.steps, 1)
 
 
-def evaluate_trial(trajs: Sequence[Trajectory], reflections: Sequence[Reflection]) -> TrialEvaluation:
+def evaluate_trial(
+    trajs: Sequence[Trajectory], reflections: Sequence[Reflection]
+) -> TrialEvaluation:
     """Reflexion's evaluator: aggregate the Reflector's step labels and the trial metrics."""
     if len(trajs) != len(reflections) or not trajs:
         raise ValueError("evaluate_trial needs one Reflection per trajectory (and >= 1)")
@@ -187,7 +191,9 @@ def rule_self_reflection(ev: TrialEvaluation, trial: int) -> str:
     return " ".join(parts)
 
 
-def llm_self_reflection_messages(ev: TrialEvaluation, trial: int, prompt_cfg: PromptConfig) -> list[dict]:
+def llm_self_reflection_messages(
+    ev: TrialEvaluation, trial: int, prompt_cfg: PromptConfig
+) -> list[dict]:
     """Chat messages asking an LLM for Reflexion's self-reflection on one trial."""
     reasons = "\n".join(f"- {r}" for r in ev.top_reasons) or "- (none)"
     system = (

@@ -98,9 +98,7 @@ class Rollouts:
 
     def summary(self) -> dict[str, tuple[float, float]]:
         """metric -> (mean, std) over all trajectories (population std, ddof=0)."""
-        return {
-            k: (float(np.mean(v)), float(np.std(v))) for k, v in self.per_episode().items()
-        }
+        return {k: (float(np.mean(v)), float(np.std(v))) for k, v in self.per_episode().items()}
 
     @property
     def num_samples(self) -> int:
@@ -163,9 +161,7 @@ def rollout(
 def evaluate_policy(policy, env, env_params, protocol: EvalProtocol) -> Rollouts:
     """Jitted evaluation of a JAX policy on every protocol seed (vmapped over seeds)."""
     reset_S, steps_ST, policy_S = protocol.all_keys()
-    run = jax.jit(
-        jax.vmap(lambda r, s, p: rollout(policy, env, env_params, r, s, p))
-    )
+    run = jax.jit(jax.vmap(lambda r, s, p: rollout(policy, env, env_params, r, s, p)))
     return Rollouts(*(np.asarray(x) for x in run(reset_S, steps_ST, policy_S)))
 
 

@@ -79,7 +79,9 @@ def run_rl_baselines(
     run_dir = Path(run_dir)
     out: dict[str, RLRun] = {}
     for name in cfg.algos:
-        log.info("training %s: %d seeds x %d env steps", name, len(cfg.seeds), cfg.budget.total_steps)
+        log.info(
+            "training %s: %d seeds x %d env steps", name, len(cfg.seeds), cfg.budget.total_steps
+        )
         result = rl.train(name, cfg.algo_config(name), env, env_params, cfg.budget, cfg.seeds)
         rollouts = rl.evaluate_trained(result, env, protocol, cfg.deterministic_eval)
         row = MethodResult(

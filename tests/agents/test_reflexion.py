@@ -94,8 +94,14 @@ def test_llm_env_agent_records_trajectories_on_protocol_seeds(small_env, tokeniz
 
 def test_evaluator_counts_corrections():
     def step(t, prev, a, vio):
-        fb = {"se": 1.0, "violation": vio, "reconfiguration": float(a != prev),
-              "arrival_rate_bps": 1e6, "queue_delta_bytes": 0.0, "dropped_bytes": 0.0}
+        fb = {
+            "se": 1.0,
+            "violation": vio,
+            "reconfiguration": float(a != prev),
+            "arrival_rate_bps": 1e6,
+            "queue_delta_bytes": 0.0,
+            "dropped_bytes": 0.0,
+        }
         return Step(t, {"prev_action": prev}, "", "", "", a, "", True, fb)  # fmt: skip
 
     traj = Trajectory(0, 0, [step(0, 2, 2, 1.0), step(1, 2, 5, 0.0), step(2, 5, 5, 0.0),

@@ -23,8 +23,12 @@ from sfjax.baselines.report import (
 def _row(name, se, rec, vio, util, samples=300):
     return MethodResult(
         name=name,
-        summary={"mean_se": (se, 0.1), "reconfigurations": (rec, 2.0), "violations": (vio, 1.5),
-                 "utility": (util, 123.45)},  # fmt: skip
+        summary={
+            "mean_se": (se, 0.1),
+            "reconfigurations": (rec, 2.0),
+            "violations": (vio, 1.5),
+            "utility": (util, 123.45),
+        },  # fmt: skip
         train_samples=samples,
         eval_samples=600,
         num_trajectories=2,

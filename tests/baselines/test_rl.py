@@ -48,15 +48,20 @@ def test_episode_stats_match_a_python_loop(toy_env):
     for t in range(17):
         action = jnp.int32(rng.integers(0, params.num_actions))
         obs, state, reward, done, info = step(jax.random.fold_in(key, t), state, action, params)
-        sums += [float(reward), float(info["se"]), float(info["reconfiguration"]),
-                 float(info["violation"])]
+        sums += [
+            float(reward),
+            float(info["se"]),
+            float(info["reconfiguration"]),
+            float(info["violation"]),
+        ]
         if bool(done):
             finished.append(sums.copy())
             sums[:] = 0
     assert int(state.episodes) == 2 == len(finished)
     last = state.last
     np.testing.assert_allclose(
-        [last.utility, last.se_sum, last.reconfigurations, last.violations], finished[-1],
+        [last.utility, last.se_sum, last.reconfigurations, last.violations],
+        finished[-1],
         rtol=1e-5,
     )
     assert int(last.length) == 7

@@ -1,0 +1,253 @@
+"""Table III, Fig. 2 and Fig. 3 of the paper from our own runs, in one command.
+
+    python experiments/table3.py smoke --run-dir runs/table3_smoke
+    python experiments/table3.py paper --run-dir runs/table3_paper \
+        --sf.model.checkpoint /path/to/Qwen3-4B         # DEEPSEEK_API_KEY in the environment
+    python experiments/table3.py smoke --methods dqn ppo sac   # a subset of the rows
+
+Every method is trained / adapted, then evaluated on the SAME environment seeds with the
+same per-step environment keys and ``--protocol.num-steps``-decision trajectories (300, as in
+the paper) by one shared evaluation function (:mod:`sfjax.baselines.evaluation`):
+
+* SF — experiments/sf_ranslicing.py's Algorithm 1 run (Actor + LoRA, Reflector, RfR, KTO),
+  then the final adapter is loaded and the Actor evaluated;
+* Reflexion — experiments/reflexion_ranslicing.py: the same base Actor (no weight updates),
+  verbal memory from its trials, the same Reflector backend as evaluator/self-reflection;
+* DQN, PPO, SAC — experiments/rl_baselines.py (rejax), the greedy policies of every seed.
+
+Writes to ``--run-dir``: ``table3.md`` (mean ± std, environment samples per method, which
+actor and reflector produced the LLM rows), ``fig2.png`` (RL training curves per round with
+the LLM agents' evaluated values), ``fig3.png`` (SF metrics before/after fine-tuning and the
+KTO chosen/rejected reward curves per KTO iteration), ``results.json``, and each method's own
+outputs in ``sf/``, ``reflexion/``, ``dqn/``, ``ppo/``, ``sac/``, ``tb/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import jax
+import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import reflexion_ranslicing  # noqa: E402
+import rl_baselines  # noqa: E402
+import sf_ranslicing  # noqa: E402
+
+from sfjax.agents.env import EnvConfig, JaxRanRunner  # noqa: E402
+from sfjax.baselines.evaluation import EvalProtocol, evaluate_agent  # noqa: E402
+from sfjax.baselines.llm_agent import LLMEnvAgent, load_actor, prompt_config_for_env  # noqa: E402
+from sfjax.baselines.report import (  # noqa: E402
+    MethodResult,
+    Table3Inputs,
+    kto_iteration_curves,
+    plot_fig2,
+    plot_fig3,
+    read_scalar_events,
+    write_table3,
+)
+from sfjax.baselines.runner import ROW_NAMES, RLRunConfig, run_rl_baselines  # noqa: E402
+
+log = logging.getLogger("table3")
+Method = Literal["sf", "reflexion", "dqn", "ppo", "sac"]
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every method of Table III on one env and one evaluation protocol."""
+
+    run_dir: Path = Path("runs/table3")
+    """Output directory (created)."""
+    methods: tuple[Method, ...] = ("sf", "reflexion", "dqn", "ppo", "sac")
+    """Rows to produce."""
+    env: EnvConfig = field(default_factory=EnvConfig)
+    """The simulated RAN, shared by every method (overrides the sub-configs' env)."""
+    protocol: EvalProtocol = field(default_factory=EvalProtocol)
+    """Shared evaluation protocol: env seeds and trajectory length (paper: 300)."""
+    sf: sf_ranslicing.ExperimentConfig = field(default_factory=lambda: sf_ranslicing.PAPER)
+    """Self-finetuning run (its run_dir and env are set by this script)."""
+    reflexion: reflexion_ranslicing.Config = field(
+        default_factory=lambda: reflexion_ranslicing.PAPER
+    )
+    """Reflexion run (actor checkpoint defaults to SF's; run_dir/env/protocol set here)."""
+    rl: RLRunConfig = field(default_factory=RLRunConfig)
+    """RL baselines: algorithms come from ``methods``."""
+    eval_seed: int = 1
+    """Seed of the LLM Actors' sampling during evaluation."""
+
+    def __post_init__(self):
+        if not self.methods:
+            raise ValueError("--methods is empty; choose among sf reflexion dqn ppo sac")
+
+
+SMOKE = Config(
+    run_dir=Path("runs/table3_smoke"),
+    protocol=EvalProtocol(seeds=(0, 1), num_steps=300),
+    sf=sf_ranslicing.SMOKE,
+    reflexion=reflexion_ranslicing.SMOKE,
+    rl=rl_baselines.SMOKE.rl,
+)
+PAPER = Config(run_dir=Path("runs/table3_paper"))
+PRESETS = {
+    "smoke": ("tiny local Actor, rule reflector, short training; 300-step evaluation", SMOKE),
+    "paper": ("Qwen3-4B + DeepSeek-R1 LLM agents, RL with 80x20x300 samples per seed", PAPER),
+}
+
+
+def sf_checkpoint(cfg: sf_ranslicing.ExperimentConfig) -> str:
+    if cfg.model.tiny:
+        return str(Path(cfg.run_dir) / "tiny_actor")
+    return cfg.model.checkpoint
+
+
+def run_sf(cfg: Config, env, writer) -> tuple[MethodResult, dict]:
+    """Algorithm 1, then the final Actor (base + adapter) on the shared protocol."""
+    sf_cfg = dataclasses.replace(cfg.sf, run_dir=str(cfg.run_dir / "sf"), env=cfg.env)
+    summary = sf_ranslicing.run(sf_cfg, progress=False)
+    ckpt = sf_checkpoint(sf_cfg)
+    actor_cfg = dataclasses.replace(
+        sf_cfg.actor, prompt=prompt_config_for_env(env, sf_cfg.actor.prompt)
+    )
+    actor = load_actor(
+        ckpt, actor_cfg, dtype=sf_cfg.model.dtype, adapter_dir=str(Path(sf_cfg.run_dir) / "adapter")
+    )
+    agent = LLMEnvAgent(actor, env, env.default_params, jax.random.key(cfg.eval_seed))
+    rollouts = evaluate_agent(agent, env, env.default_params, cfg.protocol)
+    rollouts.save(Path(sf_cfg.run_dir) / "eval_rollouts.npz")
+    loop = sf_cfg.loop
+    samples = loop.sf_iterations * loop.num_envs * loop.trajectory_steps
+    row = MethodResult(
+        name="SF",
+        summary=rollouts.summary(),
+        train_samples=samples,
+        eval_samples=rollouts.num_samples,
+        num_trajectories=len(cfg.protocol.seeds),
+        note=(
+            f"{loop.sf_iterations} SF iteration(s) x {loop.num_envs} trajectory(ies) x "
+            f"{loop.trajectory_steps} steps, {sf_cfg.rfr.kto_iterations} KTO iterations each; "
+            f"actor {ckpt} + LoRA; reflector {summary.get('reflector', '?')}"
+        ),
+    )
+    return row, summary
+
+
+def fig3_inputs(sf_dir: Path, summary: dict) -> tuple[list[dict], dict]:
+    """KTO reward curves per KTO iteration (from TensorBoard) and before/after metrics."""
+    iters = kto_iteration_curves(read_scalar_events(sf_dir / "tb"))
+    if not iters or not any(it["rewards/chosen"] for it in iters):
+        # No per-step points (e.g. iterations skipped for lack of data): per-iteration means.
+        iters = [
+            {
+                k: [e[f"kto/{k}"]] if f"kto/{k}" in e else []
+                for k in ("rewards/chosen", "rewards/rejected")
+            }
+            for r in summary.get("iterations", [])
+            for e in r.get("kto_iterations", [])
+        ]
+    its = summary.get("iterations", [])
+    before_after = {}
+    if len(its) >= 2:
+        names = {
+            "avg_se": "mean_se",
+            "reconfigurations": "reconfigurations",
+            "violations": "violations",
+        }
+        before_after = {
+            new: (its[0][old], its[-1][old]) for old, new in names.items() if old in its[0]
+        }
+    return iters, before_after
+
+
+def main(cfg: Config) -> dict:
+    from tensorboardX import SummaryWriter
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for name in ("httpx", "httpcore", "openai", "absl"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    (cfg.run_dir / "config.json").write_text(
+        json.dumps(dataclasses.asdict(cfg), default=str, indent=2)
+    )
+    env = JaxRanRunner(cfg.env, cfg.protocol.num_steps).env
+    writer = SummaryWriter(str(cfg.run_dir / "tb"))
+    rows: list[MethodResult] = []
+    wall: dict[str, float] = {}
+    provenance = []
+    sf_summary = None
+    try:
+        if "sf" in cfg.methods:
+            t0 = time.perf_counter()
+            row, sf_summary = run_sf(cfg, env, writer)
+            rows.append(row)
+            wall["SF"] = time.perf_counter() - t0
+            provenance.append(
+                f"SF: actor {sf_checkpoint(cfg.sf)}, reflector {sf_summary.get('reflector')}"
+            )
+        if "reflexion" in cfg.methods:
+            t0 = time.perf_counter()
+            refl_cfg = dataclasses.replace(
+                cfg.reflexion,
+                run_dir=cfg.run_dir,
+                protocol=cfg.protocol,
+                eval_seed=cfg.eval_seed,
+                checkpoint=(
+                    sf_checkpoint(dataclasses.replace(cfg.sf, run_dir=str(cfg.run_dir / "sf")))
+                    if "sf" in cfg.methods
+                    else cfg.reflexion.checkpoint
+                ),
+            )
+            row, summary = reflexion_ranslicing.run(refl_cfg, env, writer)
+            rows.append(row)
+            wall["Reflexion"] = time.perf_counter() - t0
+            provenance.append(f"Reflexion: {summary['provenance']}")
+        algos = tuple(m for m in cfg.methods if m in ("dqn", "ppo", "sac"))
+        rl_runs = {}
+        if algos:
+            rl_cfg = dataclasses.replace(cfg.rl, algos=algos)
+            rl_runs = run_rl_baselines(
+                rl_cfg, env, env.default_params, cfg.protocol, cfg.run_dir, writer
+            )
+            for name, r in rl_runs.items():
+                rows.append(r.row)
+                wall[ROW_NAMES[name]] = r.train.wall_time_s
+    finally:
+        writer.close()
+
+    write_table3(
+        cfg.run_dir / "table3.md",
+        rows,
+        Table3Inputs(
+            protocol=cfg.protocol,
+            llm_provenance="; ".join(provenance) or "(no LLM rows in this run)",
+            preset=cfg.run_dir.name,
+        ),
+    )
+    llm_rows = [r for r in rows if r.name in ("SF", "Reflexion")]
+    plot_fig2(
+        cfg.run_dir / "fig2.png",
+        {ROW_NAMES[k]: r.train.curves for k, r in rl_runs.items()},
+        llm_rows,
+    )
+    if sf_summary is not None:
+        iters, before_after = fig3_inputs(cfg.run_dir / "sf", sf_summary)
+        plot_fig3(cfg.run_dir / "fig3.png", iters, before_after)
+    results = {
+        "rows": [dataclasses.asdict(r) for r in rows],
+        "wall_time_s": wall,
+        "protocol": dataclasses.asdict(cfg.protocol),
+    }
+    (cfg.run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    print((cfg.run_dir / "table3.md").read_text())
+    return results
+
+
+if __name__ == "__main__":
+    main(tyro.extras.overridable_config_cli(PRESETS, args=sys.argv[1:], description=__doc__))
