@@ -94,16 +94,17 @@ SMOKE = ExperimentConfig(
     model=ModelConfig(tiny=True, dtype="float32"),
     lora=LoRAConfig(rank=8, alpha=16.0),
     kto=KTOConfig(
-        learning_rate=2e-3,
+        learning_rate=5e-3,
         micro_batch_size=8,
         epochs=1,
-        max_prompt_length=1024,
-        max_completion_length=48,
+        max_prompt_length=1000,
+        max_completion_length=24,
+        buckets=(768, 1024),
         warmup_ratio=0.0,
         lr_schedule="constant",
     ),
     actor=ActorConfig(
-        prompt=PromptConfig(history_window=2, max_field_chars=80),
+        prompt=PromptConfig(history_window=2, max_field_chars=48, style="compact"),
         max_new_tokens=24,
         free_budget=8,
         temperature=1.0,
@@ -111,8 +112,8 @@ SMOKE = ExperimentConfig(
         top_k=0,
     ),
     reflector=ReflectorConfig(backend="rule"),
-    rfr=RfRConfig(kto_iterations=2, num_rollouts=4, tolerance=0, tau=0.5),
-    loop=LoopConfig(sf_iterations=2, num_envs=2, trajectory_steps=12),
+    rfr=RfRConfig(kto_iterations=2, num_rollouts=3, tolerance=0, tau=0.5),
+    loop=LoopConfig(sf_iterations=2, num_envs=2, trajectory_steps=10),
 )
 
 PAPER = ExperimentConfig(

@@ -66,6 +66,9 @@ class PromptConfig:
     """Words describing the slices and their traffic."""
     enable_thinking: bool = False
     """Passed to the Qwen3 chat template; thinking off keeps decisions short."""
+    style: Literal["full", "compact"] = "full"
+    """``full``: the task in detail; ``compact``: the same objectives in a few lines, for
+    small-context models and fast CPU runs."""
 
     def __post_init__(self):
         if not 0 <= self.action_lo <= self.action_hi:
@@ -75,6 +78,8 @@ class PromptConfig:
             )
         if self.history_window < 0:
             raise ValueError("PromptConfig.history_window must be >= 0")
+        if self.style not in ("full", "compact"):
+            raise ValueError(f"PromptConfig.style must be 'full' or 'compact', got {self.style!r}")
         if self.field_order not in ("reflection_first", "action_first"):
             raise ValueError(
                 f"PromptConfig.field_order must be 'reflection_first' or 'action_first', "
@@ -119,6 +124,14 @@ def system_prompt(cfg: PromptConfig) -> str:
     """The task and objectives in words (no reward), and the output format."""
     lo, hi, unit = cfg.action_lo, cfg.action_hi, cfg.action_unit
     fields = _field_lines(cfg)
+    if cfg.style == "compact":
+        return (
+            f"You control a RAN slice: every 100 ms choose the {unit}s ({cfg.prbs_per_unit} PRBs "
+            "each) for slice 0; slice 1 gets the rest. Objectives: high spectral efficiency "
+            "(no more resources than needed), no QoS violations (late or dropped packets), few "
+            f"reconfigurations.\nAnswer in three lines:\n{fields}\n"
+            f"The action is an integer from {lo} to {hi}."
+        )
     return (
         "You are a RAN slicing controller for one LTE base station. Every 100 ms you decide how "
         f"many resource block groups ({unit}s, {cfg.prbs_per_unit} PRBs each) the controlled "
@@ -184,6 +197,14 @@ def user_prompt(
         lines.append(f"Recent steps (oldest first, last {len(window)}):")
         first = step - len(window)
         for i, h in enumerate(window):
+            if cfg.style == "compact":
+                lines.append(
+                    f"[t={first + i}] {format_state(h.state, cfg)} | reflection: "
+                    f"{_clip(h.reflection, cfg.max_field_chars) or '-'} | action {int(h.action)}"
+                    f" | analysis: {_clip(h.analysis, cfg.max_field_chars) or '-'} | "
+                    f"feedback: {format_feedback(h.feedback)}"
+                )
+                continue
             lines.append(
                 f"[t={first + i}] state: {format_state(h.state, cfg)}\n"
                 f"  reflection: {_clip(h.reflection, cfg.max_field_chars) or '-'}\n"

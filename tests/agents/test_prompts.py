@@ -58,9 +58,10 @@ def test_round_trip_both_orders(order):
         assert parsed.analysis == " ".join(ana.split())
 
 
-def test_field_order_in_format_and_system_prompt():
-    r = P.PromptConfig(field_order="reflection_first")
-    a = P.PromptConfig(field_order="action_first")
+@pytest.mark.parametrize("style", ["full", "compact"])
+def test_field_order_in_format_and_system_prompt(style):
+    r = P.PromptConfig(field_order="reflection_first", style=style)
+    a = P.PromptConfig(field_order="action_first", style=style)
     assert P.format_output("x", 3, "y", r).splitlines()[0].startswith("Reflection:")
     assert P.format_output("x", 3, "y", a).splitlines()[0].startswith("Action:")
     sr, sa = P.system_prompt(r), P.system_prompt(a)
@@ -70,6 +71,7 @@ def test_field_order_in_format_and_system_prompt():
     for s in (sr, sa):
         assert "spectral efficiency" in s and "QoS" in s and "reconfiguration" in s
         assert "reward" not in s.lower() and "utility" not in s.lower()
+        assert "from 1 to 13" in s
 
 
 def test_user_prompt_window_and_state():
