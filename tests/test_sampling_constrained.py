@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from sfjax.agents.prompts import _FIELD_RE
-from sfjax.sampling import ActionConstraint
+from sfjax.sampling import ActionConstraint, constrained
 from sfjax.sampling.automata import (
     LINE_START,
     TokenBytes,
@@ -138,3 +138,97 @@ def test_constraint_validation():
     assert ActionConstraint(0, 100).word == "Action"
     assert ActionConstraint(0, 100).max_digits == 3
     assert re.fullmatch(r"[A-Za-z]+", ActionConstraint(0, 1, field="PRBs =").word)
+
+
+_allowed = jax.jit(constrained.allowed_tokens, static_argnums=2)
+_advance = jax.jit(constrained.advance)
+
+
+def _machine(tiny_checkpoint, c: ActionConstraint, budget: int):
+    """Tables and start state as the Sampler builds them, for one row."""
+    import types
+
+    from transformers import AutoTokenizer
+
+    from sfjax.sampling import Sampler
+    from sfjax.sampling import constrained as cons
+
+    tok = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    cfg = types.SimpleNamespace(vocab_size=1024, eos_token_id=None, max_position_embeddings=4096)
+    s = Sampler(types.SimpleNamespace(config=cfg), tok)
+    ft = {k: v for k, v in s._field_tables(c).items() if k != "reserve"}
+    tables = cons.ConstraintTables(
+        **ft,
+        lo_B=jnp.asarray([c.lo]),
+        hi_B=jnp.asarray([c.hi]),
+        budget_B=jnp.asarray([budget]),
+        enabled_B=jnp.asarray([True]),
+    )
+    state = cons.initial_state(tables, LINE_START, jnp.asarray(c.action_first))
+    return tok, tables, state
+
+
+def _run_script(tok, tables, state, pieces):
+    """Feed the tokens of ``pieces``; return the allowed sets seen before each one."""
+
+    seen = []
+    for step, piece in enumerate(pieces):
+        (tid,) = tok(piece, add_special_tokens=False)["input_ids"]
+        allowed = np.asarray(_allowed(state, tables, 1024)[0])
+        seen.append((int(state.phase_B[0]), allowed))
+        assert allowed[tid], (piece, int(state.phase_B[0]))
+        state = _advance(state, tables, jnp.asarray([tid]), jnp.int32(step))
+    return state, seen
+
+
+def test_state_machine_natural_trigger_digits_and_after(tiny_checkpoint):
+    from sfjax.sampling import constrained as cons
+
+    c = ActionConstraint(3, 13)
+    tok, tables, state = _machine(tiny_checkpoint, c, budget=100)
+    ids = {p: tok(p, add_special_tokens=False)["input_ids"][0] for p in [":", " ", "\n", "Action"]}
+    digit = {d: tok(str(d), add_special_tokens=False)["input_ids"][0] for d in range(10)}
+    script = ["the", "\n", "Action", ":", " ", "1", "2", "\n", "the", "\n"]
+    state, seen = _run_script(tok, tables, state, script)
+    phases = [p for p, _ in seen]
+    assert phases == [cons.FREE] * 3 + [cons.FORCE] * 2 + [cons.DIGITS] * 3 + [cons.AFTER] * 2
+    # Forced field tokens: exactly one allowed token each.
+    assert seen[3][1].sum() == 1 and seen[3][1][ids[":"]]
+    assert seen[4][1].sum() == 1 and seen[4][1][ids[" "]]
+    # First digit of [3, 13]: 1 (10..13) or 3..9; no newline before a number.
+    assert {d for d in range(10) if seen[5][1][digit[d]]} == {1, 3, 4, 5, 6, 7, 8, 9}
+    assert seen[5][1].sum() == 8
+    # After "1": 10..13 continue; "1" alone is out of range so no newline yet.
+    assert {d for d in range(10) if seen[6][1][digit[d]]} == {0, 1, 2, 3}
+    assert not seen[6][1][ids["\n"]]
+    # After "12": complete; only the newline.
+    assert seen[7][1].sum() == 1 and seen[7][1][ids["\n"]]
+    assert int(state.num_B[0]) == 12 and int(state.action_end_B[0]) == 8
+    # AFTER, at a line start: a second "Action" header is banned, other text is free.
+    assert int(state.phase_B[0]) == cons.AFTER
+    allowed = np.asarray(_allowed(state, tables, 1024)[0])
+    assert not allowed[ids["Action"]] and allowed[ids[":"]]
+    action_ids = tok("action", add_special_tokens=False)["input_ids"]
+    if len(action_ids) == 1:
+        assert not allowed[action_ids[0]]
+
+
+def test_state_machine_budget_and_action_first(tiny_checkpoint):
+    from sfjax.sampling import constrained as cons
+
+    c = ActionConstraint(0, 25, free_budget=2)
+    tok, tables, state = _machine(tiny_checkpoint, c, budget=2)
+    forced = tok("\nAction: ", add_special_tokens=False)["input_ids"]
+    state, seen = _run_script(tok, tables, state, ["the", "the", "\n", "Action", ":", " ", "0"])
+    assert [p for p, _ in seen][:2] == [cons.FREE, cons.FREE]
+    for (phase, allowed), tid in zip(seen[2:6], forced):
+        assert phase == cons.FORCE and allowed.sum() == 1 and allowed[tid]
+    # "0" is complete (no leading zeros): only the newline may follow.
+    allowed = np.asarray(_allowed(state, tables, 1024)[0])
+    assert allowed.sum() == 1 and allowed[tok("\n", add_special_tokens=False)["input_ids"][0]]
+
+    c = ActionConstraint(0, 25, action_first=True)
+    tok, tables, state = _machine(tiny_checkpoint, c, budget=10**6)
+    assert int(state.phase_B[0]) == cons.FORCE
+    state, seen = _run_script(tok, tables, state, ["Action", ":", " ", "2", "5", "\n"])
+    assert int(state.num_B[0]) == 25 and int(state.phase_B[0]) == cons.AFTER
