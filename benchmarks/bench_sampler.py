@@ -7,9 +7,7 @@ each (EOS ignored on both sides), greedy by default (``--mode sample``: temperat
 top-p 0.9). Greedy outputs are checked to be token-identical before timing.
 
 Reported: generated tokens/s (batch x new tokens / wall time of one whole ``generate`` call,
-prefill included), median of ``--repeats`` interleaved runs, and the ratio sfjax / torch. For
-scale, "model-only loop" is the same prefill + decode as a bare jitted ``fori_loop`` of cached
-forwards with argmax (no masks, stops or log-probs): the ceiling of any sampler on this model.
+prefill included), median of ``--repeats`` interleaved runs, and the ratio sfjax / torch.
 sfjax's compile time is excluded from its figure (one warm-up call first) and listed
 separately; transformers needs no compilation.
 
@@ -59,7 +57,6 @@ def bench(name, checkpoint, batch, prompt_len, new_tokens, mode, repeats) -> dic
     import numpy as np
     import torch
     import transformers
-    from flax import nnx
 
     from sfjax.models import qwen3
     from sfjax.sampling import Sampler, SamplingParams
@@ -87,30 +84,6 @@ def bench(name, checkpoint, batch, prompt_len, new_tokens, mode, repeats) -> dic
 
     def run_jax():
         return sampler.generate(ids, params, next(keys))
-
-    # The floor for any sampler on this model: prefill + new_tokens cached forwards with argmax
-    # and nothing else (no masks, stops, log-probs), in one jitted loop.
-    graphdef, state = nnx.split(model)
-    ids_j = jnp.asarray(ids, jnp.int32)
-
-    @jax.jit
-    def bare(state, ids_BT):
-        m = nnx.merge(graphdef, state)
-        cache = qwen3.init_cache(m.config, batch, prompt_len + new_tokens, jnp.float32)
-        logits, cache = m(ids_BT, cache=cache)
-        tok = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
-
-        def step(i, carry):
-            tok, cache = carry
-            logits, cache = m(tok[:, None], cache=cache)
-            return jnp.argmax(logits[:, 0], -1).astype(jnp.int32), cache
-
-        return jax.lax.fori_loop(0, new_tokens - 1, step, (tok, cache))[0]
-
-    def run_bare():
-        return jax.block_until_ready(bare(state, ids_j))
-
-    run_bare()
 
     def run_torch():
         with torch.no_grad():
@@ -140,7 +113,7 @@ def bench(name, checkpoint, batch, prompt_len, new_tokens, mode, repeats) -> dic
         if same != batch * new_tokens:
             raise AssertionError(f"{name}: greedy tokens differ ({same}/{batch * new_tokens} equal)")
 
-    jax_s, torch_s, bare_s = _interleaved_medians([run_jax, run_torch, run_bare], repeats)
+    jax_s, torch_s = _interleaved_medians([run_jax, run_torch], repeats)
     tokens = batch * new_tokens
     threads = torch.get_num_threads()
     torch.set_num_threads(default_threads)
@@ -151,7 +124,6 @@ def bench(name, checkpoint, batch, prompt_len, new_tokens, mode, repeats) -> dic
         "sfjax_tok_s": tokens / jax_s,
         "torch_tok_s": tokens / torch_s,
         "ratio": torch_s / jax_s,
-        "bare_tok_s": tokens / bare_s,
         "compile_s": compile_s - jax_s,
         "torch_threads": threads,
     }
@@ -175,9 +147,9 @@ def main():
     )
     print(
         "| config | batch | params (M) | sfjax tok/s | transformers tok/s | ratio | "
-        "sfjax compile s | torch threads | model-only loop tok/s |"
+        "sfjax compile s | torch threads |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for name in args.configs:
         with tempfile.TemporaryDirectory() as d:
             overrides = dict(CONFIGS[name], max_position_embeddings=4096)
@@ -188,7 +160,7 @@ def main():
                 print(
                     f"| {r['config']} | {r['batch']} | {r['params_M']:.1f} | "
                     f"{r['sfjax_tok_s']:.0f} | {r['torch_tok_s']:.0f} | {r['ratio']:.2f} | "
-                    f"{r['compile_s']:.1f} | {r['torch_threads']} | {r['bare_tok_s']:.0f} |",
+                    f"{r['compile_s']:.1f} | {r['torch_threads']} |",
                     flush=True,
                 )
     print(f"(cpu count {os.cpu_count()}, load average {os.getloadavg()[0]:.1f})")
