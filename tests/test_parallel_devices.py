@@ -39,8 +39,19 @@ def mesh_of(name: str):
 
 
 @pytest.fixture(scope="module")
-def single(tiny_checkpoint_untied):
-    return qwen3.from_pretrained(tiny_checkpoint_untied, dtype=jnp.float32)
+def ckpt(tmp_path_factory):
+    """A one-layer tiny Qwen3 with an untied LM head (depth adds compile time, not coverage)."""
+    from sfjax import testing
+
+    return testing.write_tiny_checkpoint(
+        tmp_path_factory.mktemp("tiny_1layer"),
+        {"tie_word_embeddings": False, "num_hidden_layers": 1}, seed=2,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def single(ckpt):
+    return qwen3.from_pretrained(ckpt, dtype=jnp.float32)
 
 
 def left_padded_batch(B=8, T=12, seed=0):
@@ -53,9 +64,9 @@ def left_padded_batch(B=8, T=12, seed=0):
 
 
 # ---------------------------------------------------------------------------- rules in place
-def test_from_pretrained_places_every_param_by_rule(tiny_checkpoint_untied):
+def test_from_pretrained_places_every_param_by_rule(ckpt):
     mesh = mesh_of("2x2x2")
-    model = qwen3.from_pretrained(tiny_checkpoint_untied, dtype=jnp.float32, mesh=mesh)
+    model = qwen3.from_pretrained(ckpt, dtype=jnp.float32, mesh=mesh)
     lora_lib.apply_lora(model, lora_lib.LoRAConfig(rank=4))
     parallel.shard_model(model, mesh)
     expected = {
@@ -85,7 +96,8 @@ def test_from_pretrained_places_every_param_by_rule(tiny_checkpoint_untied):
         local = arr.addressable_shards[0].data.shape
         assert local == tuple(n // w for n, w in zip(arr.shape, ways)), path
         seen += 1
-    assert seen == 3 + 2 * (7 * 3 + 4)  # embed, lm_head, norm; per layer 7 x (W, A, B) + 4 norms
+    layers = model.config.num_layers
+    assert seen == 3 + layers * (7 * 3 + 4)  # embed, lm_head, norm; per layer 7 x (W, A, B) + 4 norms
 
 
 def test_kv_cache_and_batch_fall_back_when_not_divisible():
@@ -105,9 +117,9 @@ def test_kv_cache_and_batch_fall_back_when_not_divisible():
 
 # -------------------------------------------------------------------------------- forward
 @pytest.mark.parametrize("mesh_name", list(MESHES))
-def test_sharded_forward_matches_single_device(single, tiny_checkpoint_untied, mesh_name):
+def test_sharded_forward_matches_single_device(single, ckpt, mesh_name):
     mesh = mesh_of(mesh_name)
-    model = qwen3.from_pretrained(tiny_checkpoint_untied, dtype=jnp.float32, mesh=mesh)
+    model = qwen3.from_pretrained(ckpt, dtype=jnp.float32, mesh=mesh)
     ids, mask = left_padded_batch()
     graphdef, state = nnx.split(model)
     data_sh = parallel.batch_sharding(mesh, ids.shape)
@@ -139,20 +151,20 @@ def greedy_params():
 
 
 @pytest.fixture(scope="module")
-def greedy_reference(single, tiny_checkpoint_untied):
+def greedy_reference(single, ckpt):
     from sfjax.sampling import Sampler
 
-    tok = load_tokenizer(tiny_checkpoint_untied)
+    tok = load_tokenizer(ckpt)
     return Sampler(single, tok).generate(PROMPTS, greedy_params(), n=2)
 
 
 @pytest.mark.parametrize("mesh_name", list(MESHES))
-def test_greedy_sampler_matches_single_device(greedy_reference, tiny_checkpoint_untied, mesh_name):
+def test_greedy_sampler_matches_single_device(greedy_reference, ckpt, mesh_name):
     from sfjax.sampling import Sampler
 
-    tok = load_tokenizer(tiny_checkpoint_untied)
+    tok = load_tokenizer(ckpt)
     mesh = mesh_of(mesh_name)
-    sharded = qwen3.from_pretrained(tiny_checkpoint_untied, dtype=jnp.float32)
+    sharded = qwen3.from_pretrained(ckpt, dtype=jnp.float32)
     sampler = Sampler(sharded, tok, mesh=mesh)  # places the model by the rules
     embed = sharded.embed_tokens.embedding[...]
     assert embed.sharding == parallel.param_sharding(("embed_tokens", "embedding"), embed.shape, mesh)
@@ -195,16 +207,16 @@ def kto_step(model, mesh):
 
 
 @pytest.fixture(scope="module")
-def kto_reference(tiny_checkpoint_untied):
-    model = qwen3.from_pretrained(tiny_checkpoint_untied, dtype=jnp.float32)
+def kto_reference(ckpt):
+    model = qwen3.from_pretrained(ckpt, dtype=jnp.float32)
     lora, metrics, _ = kto_step(model, None)
     return lora, metrics
 
 
 @pytest.mark.parametrize("mesh_name", list(MESHES))
-def test_kto_step_matches_single_device(kto_reference, tiny_checkpoint_untied, mesh_name):
+def test_kto_step_matches_single_device(kto_reference, ckpt, mesh_name):
     mesh = mesh_of(mesh_name)
-    model = qwen3.from_pretrained(tiny_checkpoint_untied, dtype=jnp.float32)
+    model = qwen3.from_pretrained(ckpt, dtype=jnp.float32)
     lora, metrics, trainer = kto_step(model, mesh)
     want_lora, want_metrics = kto_reference
     assert lora.keys() == want_lora.keys()

@@ -117,10 +117,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_run_matches_single_device(tiny_checkpoint, tmp_path):
+def test_two_process_run_matches_single_device(tmp_path):
     import jax.numpy as jnp
 
+    from sfjax import testing
     from sfjax.models import qwen3
+
+    # One layer: depth adds compile time (paid three times here), not sharding coverage.
+    tiny_checkpoint = testing.write_tiny_checkpoint(
+        tmp_path / "ckpt", {"num_hidden_layers": 1}, seed=0
+    )
 
     port = _free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu",
