@@ -179,3 +179,34 @@ def test_different_seed_differs(tmp_path):
     a = _loop(tmp_path / "a").run()
     b = _loop(tmp_path / "b", env_seed=5).run()
     assert _strip(a) != _strip(b)
+
+
+def test_api_key_never_in_logs_events_or_checkpoints(tmp_path, monkeypatch, caplog):
+    """The whole loop with the api Reflector (fake hostile server), TensorBoard and orbax."""
+    import logging
+
+    from tensorboardX import SummaryWriter
+    from test_reflector import SECRET, _api_cfg, _FakeServer
+
+    monkeypatch.setenv("SFJAX_TEST_REFLECTOR_KEY", SECRET)
+    caplog.set_level(logging.DEBUG)
+    run_dir = tmp_path / "run"
+    with _FakeServer(fail_rate=0.5) as server:
+        ft = FakeFineTuner()
+        writer = SummaryWriter(str(run_dir / "tb"))
+        loop = SelfFinetuningLoop(
+            LoopConfig(sf_iterations=1, num_envs=2, trajectory_steps=6, seed=3),
+            RfRConfig(kto_iterations=1, num_rollouts=2), PCFG, FakeActor(ft), FakeEnv(),
+            make_reflector(_api_cfg(server.url, window_steps=4), PCFG, run_dir / "cache"),
+            ft, run_dir, writer=writer, progress=False,
+        )  # fmt: skip
+        summary = loop.run()
+        writer.close()
+        assert server.auth == {f"Bearer {SECRET}"}
+    assert "fake-r1" in summary["reflector"]
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert any("checkpoints" in str(p) for p in files) and any("tb" in str(p) for p in files)
+    assert any("cache" in str(p) for p in files)
+    for p in files:
+        assert SECRET.encode() not in p.read_bytes(), p
+    assert SECRET not in caplog.text
