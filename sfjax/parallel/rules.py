@@ -13,6 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from sfjax.parallel.mesh import BATCH_AXES
 
 log = logging.getLogger(__name__)
+_REPORTED: set[tuple] = set()  # divisibility fall-backs already logged
 
 Rules = Mapping[str, tuple[str, ...]]
 
@@ -81,8 +82,10 @@ def logical_to_spec(
                 continue
             s = sizes[axis]
             if n % (ways * s):
-                log.info("dim %s=%d not divisible by mesh axis %s=%d: not split over it",
-                         name, n, axis, s)  # fmt: skip
+                if (name, n, axis, s) not in _REPORTED:  # once per case, not per call
+                    _REPORTED.add((name, n, axis, s))
+                    log.info("dim %s=%d not divisible by mesh axis %s=%d: not split over it",
+                             name, n, axis, s)  # fmt: skip
                 continue
             chosen.append(axis)
             ways *= s
