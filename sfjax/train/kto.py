@@ -566,6 +566,8 @@ class KTOTrainer:
 def _open_writer(writer):
     if writer is None or hasattr(writer, "add_scalar"):
         return writer, False
+    if jax.process_index() != 0:  # multi-host: only process 0 writes TensorBoard events
+        return None, False
     from tensorboardX import SummaryWriter
 
     return SummaryWriter(str(writer)), True
