@@ -224,10 +224,24 @@ def sinr_to_cqi(sinr_db):
     return jnp.sum(sinr_db[..., None] >= thresholds_K, axis=-1).astype(jnp.int32)
 
 
-def sinr_linear_to_cqi(sinr_lin):
-    """:func:`sinr_to_cqi` on a linear SINR (no logarithm in the per-TTI loop)."""
-    thresholds_K = jnp.asarray(10.0 ** (CQI_SINR_THRESHOLD_DB_K / 10.0), jnp.float32)
-    return jnp.sum(sinr_lin[..., None] >= thresholds_K, axis=-1).astype(jnp.int32)
+LUT_MIN_DB = -10.0
+LUT_STEP_DB = 0.1
+EFFICIENCY_LUT = np.concatenate([[0.0], CQI_EFFICIENCY_K])[
+    np.sum(
+        LUT_MIN_DB + LUT_STEP_DB * np.arange(int(40.0 / LUT_STEP_DB) + 1)[:, None]
+        >= CQI_SINR_THRESHOLD_DB_K[None, :] - 1e-6,
+        axis=1,
+    )
+].astype(np.float32)
+"""Efficiency of :func:`sinr_to_cqi` tabulated on a 0.1 dB grid from -10 dB to 30 dB (the
+thresholds lie on that grid, so the table is exact away from float rounding at a threshold)."""
+
+
+def sinr_db_to_efficiency_lut(sinr_db):
+    """``cqi_to_efficiency(sinr_to_cqi(sinr_db))`` by one table look-up (the simulator's hot
+    loop evaluates it for every UE, RBG and TTI)."""
+    idx = jnp.floor((sinr_db - LUT_MIN_DB) / LUT_STEP_DB + 1e-3).astype(jnp.int32)
+    return jnp.asarray(EFFICIENCY_LUT)[jnp.clip(idx, 0, EFFICIENCY_LUT.shape[0] - 1)]
 
 
 def cqi_to_efficiency(cqi):

@@ -182,10 +182,10 @@ class EnvParams(environment.EnvParams):
     initial_action: int = 0
     """Allocation (action index) in force before the first decision."""
     prbs_per_action_A: Any = None
-    gains_NLR: Any = None
-    """Fading traces of all slices stacked: RBG-mean linear power gains."""
+    gains_db_NLR: Any = None
+    """Fading traces of all slices stacked: RBG-mean power gains in dB."""
     trace_first_U: Any = None
-    """First trace of each UE's fading model in ``gains_NLR``."""
+    """First trace of each UE's fading model in ``gains_db_NLR``."""
     trace_count_U: Any = None
     d2d_m_U: Any = None
     azimuth_deg_U: Any = None
@@ -269,7 +269,7 @@ class RanSlicingEnv(environment.Environment):
             max_steps_in_episode=cfg.episode_steps,
             initial_action=cfg.initial_action,
             prbs_per_action_A=jnp.asarray(cfg.prbs_per_action, jnp.int32),
-            gains_NLR=jnp.asarray(gains_NLR),
+            gains_db_NLR=jnp.asarray(10.0 * np.log10(np.maximum(gains_NLR, 1e-12)), jnp.float32),
             trace_first_U=jnp.asarray(np.asarray(first, np.int32)[self._slice_U]),
             trace_count_U=jnp.asarray(np.asarray(count, np.int32)[self._slice_U]),
             d2d_m_U=drop[0],
@@ -320,7 +320,7 @@ class RanSlicingEnv(environment.Environment):
             k_traffic, self._on_frac_U, self._mean_on_ms_U, self._mean_off_ms_U,
             self._interval_ms_U,
         )
-        length = params.gains_NLR.shape[1]
+        length = params.gains_db_NLR.shape[1]
         trace_U = params.trace_first_U + jax.random.randint(
             k_trace, (n,), 0, 1 << 30
         ) % params.trace_count_U
@@ -348,14 +348,11 @@ class RanSlicingEnv(environment.Environment):
     # ------------------------------------------------------------------------------- step
     def _efficiency(self, params: EnvParams, state: EnvState):
         """Subband CQI efficiency of every TTI of the decision, [T, U, R], in one batch."""
-        length = params.gains_NLR.shape[1]
+        length = params.gains_db_NLR.shape[1]
         t_T = state.clock_ms + jnp.arange(self.config.ttis_per_step, dtype=jnp.int32)
         idx_TU = (state.trace_offset_U[None, :] + t_T[:, None]) % length
-        gain_TUR = params.gains_NLR[state.trace_U[None, :], idx_TU]
-        snr_lin_U = 10.0 ** (state.snr_db_U / 10.0)
-        return channel.cqi_to_efficiency(
-            channel.sinr_linear_to_cqi(snr_lin_U[None, :, None] * gain_TUR)
-        )
+        gain_db_TUR = params.gains_db_NLR[state.trace_U[None, :], idx_TU]
+        return channel.sinr_db_to_efficiency_lut(state.snr_db_U[None, :, None] + gain_db_TUR)
 
     def _tti(self, params: EnvParams, owner_R, carry, xs):
         """One 1 ms TTI: schedule on the queues, serve, then enqueue this TTI's arrivals."""

@@ -117,3 +117,13 @@ def test_drop_geometry_within_sector():
     # shadowing std: 4 dB LOS, 6 dB NLOS
     assert float(jnp.std(sf[los])) == pytest.approx(4.0, rel=0.12)
     assert float(jnp.std(sf[~los])) == pytest.approx(6.0, rel=0.12)
+
+
+def test_efficiency_lut_matches_threshold_search():
+    x = np.random.default_rng(0).uniform(-15.0, 45.0, 100_000).astype(np.float32)
+    x = np.concatenate([x, channel.CQI_SINR_THRESHOLD_DB_K, channel.CQI_SINR_THRESHOLD_DB_K - 0.01])
+    ref = np.asarray(channel.cqi_to_efficiency(channel.sinr_to_cqi(jnp.asarray(x))))
+    lut = np.asarray(channel.sinr_db_to_efficiency_lut(jnp.asarray(x)))
+    dist = np.abs(x[:, None] - channel.CQI_SINR_THRESHOLD_DB_K[None, :]).min(axis=1)
+    assert np.all((ref == lut) | (dist < 2e-4))
+    assert (ref != lut).sum() < 20
