@@ -15,6 +15,11 @@
 // tcp://localhost:<openGymPort> as ns3-gym's ns-3 module does, so any ns3-gym agent can drive
 // it and sfjax's bridge can drive ns3-gym scenarios.
 //
+// Observation (Box(13,) float): controlled slice then other slice, each [SE bit/s/Hz,
+// violation 0/1, reconfiguration 0/1, arrival rate bit/s, queue delta bytes, dropped bytes],
+// then the RBGs of the controlled slice in force. `info` carries the same (and more) as JSON,
+// `reward` is eq. 15 (--alpha --beta --gamma --offset). See ns3/README.md.
+//
 // Build: ns3/build.sh (protoc + g++ against Debian's libns3-dev). Run: --help for arguments.
 
 #include "messages.pb.h"
