@@ -426,6 +426,9 @@ struct SliceCounters
     uint64_t deliveredPackets{0};
     uint64_t droppedPackets{0};
     uint64_t latePackets{0};
+    uint64_t tbs{0};       // DL transport blocks received by the slice's UEs
+    uint64_t tbErrors{0};  // ... of which failed to decode (HARQ will retransmit)
+    uint64_t tbRetx{0};    // ... of which were HARQ retransmissions
     double delaySumMs{0.0};
     double maxDelayMs{0.0};
 };
@@ -456,6 +459,7 @@ struct Scenario
     zmq::context_t* ctx{nullptr};
     zmq::socket_t* sock{nullptr};
     double initialOnBps[2]{0.0, 0.0}; // offered load of the UEs that start "on"
+    std::map<uint16_t, int> sliceOfRnti;
 };
 
 static Scenario g;
@@ -515,6 +519,21 @@ static void
 OnConnectionEstablished(uint64_t imsi, uint16_t, uint16_t rnti)
 {
     g.ffr->SetSliceOfRnti(rnti, g.sliceOfUe[imsi - 1]);
+    g.sliceOfRnti[rnti] = g.sliceOfUe[imsi - 1];
+}
+
+static void
+OnDlPhyReception(PhyReceptionStatParameters p)
+{
+    auto it = g.sliceOfRnti.find(p.m_rnti);
+    if (it == g.sliceOfRnti.end())
+    {
+        return;
+    }
+    SliceCounters& c = g.counters[it->second];
+    c.tbs += 1;
+    c.tbErrors += p.m_correctness ? 0 : 1;
+    c.tbRetx += p.m_ndi ? 0 : 1;
 }
 
 static void
@@ -647,6 +666,7 @@ struct Feedback
 {
     double se, violation, reconfiguration, arrivalRateBps, queueDeltaBytes, droppedBytes;
     double deliveredBytes, meanDelayMs, maxDelayMs, prbs;
+    double tbs, tbErrors, tbRetx;
 };
 
 static Feedback
@@ -670,6 +690,9 @@ FeedbackOf(int slice, int rbg, bool reconfigured)
     f.meanDelayMs = c.deliveredPackets > 0 ? c.delaySumMs / c.deliveredPackets : 0.0;
     f.maxDelayMs = c.maxDelayMs;
     f.prbs = prbs;
+    f.tbs = static_cast<double>(c.tbs);
+    f.tbErrors = static_cast<double>(c.tbErrors);
+    f.tbRetx = static_cast<double>(c.tbRetx);
     return f;
 }
 
@@ -683,7 +706,9 @@ AppendJson(std::ostringstream& os, const std::string& prefix, const Feedback& f)
        << "dropped_bytes\":" << f.droppedBytes << ",\"" << prefix
        << "delivered_bytes\":" << f.deliveredBytes << ",\"" << prefix
        << "mean_delay_ms\":" << f.meanDelayMs << ",\"" << prefix
-       << "max_delay_ms\":" << f.maxDelayMs << ",\"" << prefix << "prbs\":" << f.prbs;
+       << "max_delay_ms\":" << f.maxDelayMs << ",\"" << prefix << "prbs\":" << f.prbs << ",\""
+       << prefix << "tbs\":" << f.tbs << ",\"" << prefix << "tb_errors\":" << f.tbErrors
+       << ",\"" << prefix << "harq_retx\":" << f.tbRetx;
 }
 
 static void
@@ -994,6 +1019,9 @@ main(int argc, char* argv[])
                                   MakeCallback(&OnConnectionEstablished));
     Config::ConnectWithoutContext("/NodeList/*/DeviceList/*/LteEnbRrc/NewUeContext",
                                   MakeCallback(&OnNewUeContext));
+    Config::ConnectWithoutContextFailSafe(
+        "/NodeList/*/DeviceList/*/ComponentCarrierMapUe/*/LteUePhy/DlSpectrumPhy/DlPhyReception",
+        MakeCallback(&OnDlPhyReception));
 
     // Downlink on-off CBR traffic, one flow per UE.
     Ptr<ExponentialRandomVariable> onOffDraws = CreateObject<ExponentialRandomVariable>();

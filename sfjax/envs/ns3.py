@@ -448,6 +448,9 @@ class Ns3RanSlicingEnv(gym.Env):
             info[prefix + "delivered_bits"] = 8.0 * float(raw[prefix + "delivered_bytes"])
             info[prefix + "mean_delay_ms"] = float(raw[prefix + "mean_delay_ms"])
             info[prefix + "max_delay_ms"] = float(raw[prefix + "max_delay_ms"])
+            # ns-3 only: DL transport blocks of the step, decoding failures, HARQ retransmissions
+            for key in ("tbs", "tb_errors", "harq_retx"):
+                info[prefix + key] = int(raw.get(prefix + key, 0))
         info["violation"] = bool(info["violation"])
         info["other_violation"] = bool(info["other_violation"])
         info["reconfiguration"] = bool(info["reconfiguration"])

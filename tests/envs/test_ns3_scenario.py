@@ -87,6 +87,8 @@ def test_real_episode(binary):
         assert i["other_delivered_bits"] <= _capacity_bits(
             max(i["other_prbs"], prev["other_prbs"])
         )
+        assert 0 <= i["harq_retx"] <= i["tbs"] and 0 <= i["tb_errors"] <= i["tbs"]
+        assert i["tbs"] > 0  # a backlogged slice with PRBs receives transport blocks
         expected = 15 * (i["se"] + 1) - 15 * i["reconfiguration"] - 300 * i["violation"]
         assert i["utility"] == pytest.approx(expected)
         assert i["ns3_reward"] == pytest.approx(expected, rel=1e-5, abs=1e-3)
@@ -100,7 +102,7 @@ def test_real_episode(binary):
     assert sum(i["dropped_bytes"] for i in squeezed) > 0
     # no RBG at all: nothing delivered, everything that arrives is dropped once buffers fill
     starved = infos[7:]
-    assert all(i["other_delivered_bits"] == 0 for i in starved)
+    assert all(i["other_delivered_bits"] == 0 and i["other_tbs"] == 0 for i in starved)
     assert all(i["other_violation"] for i in starved)
     assert np.mean([i["other_dropped_bytes"] for i in starved[1:]]) == pytest.approx(
         8e6 * STEP_S / 8, rel=0.1
