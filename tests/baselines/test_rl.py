@@ -12,11 +12,6 @@ from sfjax.baselines.evaluation import EvalProtocol
 from sfjax.baselines.wrappers import EpisodeStatsWrapper, RejaxEnv
 
 BUDGET = rl.Budget(rounds=2, trajectories_per_round=4, steps_per_trajectory=40)
-CONFIGS = {
-    "dqn": rl.DQNConfig(fill_buffer=64, batch_size=32, target_update_freq=80, buffer_size=1000),
-    "ppo": rl.PPOConfig(rollout_steps=20, num_minibatches=2, num_epochs=2),
-    "sac": rl.SACConfig(fill_buffer=64, batch_size=32, buffer_size=1000),
-}
 
 
 def test_rejax_env_merges_terminated_and_truncated(toy_env):
@@ -69,32 +64,6 @@ def test_episode_stats_match_a_python_loop(toy_env):
     assert int(state.running.length) == 3
 
 
-@pytest.mark.parametrize("name", rl.ALGOS)
-def test_baseline_trains_and_its_policy_acts(name, toy_env):
-    env, params = toy_env
-    result = rl.train(name, CONFIGS[name], env, params, BUDGET, seeds=[0, 1])
-    assert result.env_samples == 2 * 4 * 40
-    for key in rl.CURVE_KEYS:
-        assert result.curves[key].shape == (2, BUDGET.rounds)
-        assert np.all(np.isfinite(result.curves[key]))
-    # Every round ends exactly when each of the 4 env copies finishes one trajectory.
-    np.testing.assert_array_equal(result.curves["episodes"], [[4, 8], [4, 8]])
-    # SE is averaged per decision, so it cannot exceed the toy env's maximum of 1.
-    assert np.all(result.curves["mean_se"] <= 1.0 + 1e-6)
-
-    protocol = EvalProtocol(seeds=(5, 6), num_steps=30)
-    rollouts = rl.evaluate_trained(result, env, protocol)
-    assert rollouts.actions.shape == (2, 2, 30)
-    assert rollouts.actions.min() >= 0 and rollouts.actions.max() < params.num_actions
-    # The greedy policy is the argmax of the trained network: recompute it for one obs.
-    policy = rl.greedy_policy(result.algo, result.seed_state(0))
-    obs = jnp.array([2.0, 3.0, 0.5, 4.0])
-    a = int(policy(obs, jax.random.key(0)))
-    assert 0 <= a < params.num_actions
-    sampled = rl.greedy_policy(result.algo, result.seed_state(0), deterministic=False)
-    assert 0 <= int(sampled(obs, jax.random.key(1))) < params.num_actions
-
-
 def test_budget_and_config_errors(toy_env):
     env, params = toy_env
     assert rl.Budget().total_steps == 480_000
@@ -110,3 +79,45 @@ def test_budget_and_config_errors(toy_env):
         rl.make_algo(
             "sac", rl.SACConfig(network=rl.NetworkConfig(activation="nope")), env, params, BUDGET
         )
+
+
+@pytest.fixture(scope="module")
+def ran_env():
+    from sfjax.envs.ran import RanSlicingConfig, RanSlicingEnv
+
+    env = RanSlicingEnv(RanSlicingConfig(ttis_per_step=10))
+    return env, env.default_params
+
+
+@pytest.mark.parametrize("name", rl.ALGOS)
+def test_baseline_on_the_ran_env(name, ran_env):
+    env, params = ran_env
+    budget = rl.Budget(rounds=2, trajectories_per_round=2, steps_per_trajectory=50)
+    cfg = {
+        "dqn": rl.DQNConfig(fill_buffer=40, batch_size=16, target_update_freq=40),
+        "ppo": rl.PPOConfig(rollout_steps=25, num_minibatches=2, num_epochs=1),
+        "sac": rl.SACConfig(fill_buffer=40, batch_size=16),
+    }[name]
+    result = rl.train(name, cfg, env, params, budget, seeds=[0, 1])
+    assert result.env_samples == 2 * 2 * 50
+    c = result.curves
+    for key in rl.CURVE_KEYS:
+        assert c[key].shape == (2, budget.rounds) and np.all(np.isfinite(c[key]))
+    # Every round ends exactly when each of the 2 env copies finishes one trajectory.
+    np.testing.assert_array_equal(c["episodes"], [[2, 4], [2, 4]])
+    assert np.all((c["mean_se"] >= 0) & (c["mean_se"] <= 5.5547 + 1e-4))
+    assert np.all((c["violations"] >= 0) & (c["violations"] <= 50))
+    assert np.all((c["reconfigurations"] >= 0) & (c["reconfigurations"] <= 50))
+    # Utility is eq. 15 summed over the trajectory: check it against the other curves
+    # (15 (SE + 1) per step - 15 per reconfiguration - 300 per violation), per round mean.
+    expected = 15 * 50 * (c["mean_se"] + 1) - 15 * c["reconfigurations"] - 300 * c["violations"]
+    np.testing.assert_allclose(c["utility"], expected, rtol=1e-4, atol=1e-2)
+    rollouts = rl.evaluate_trained(result, env, EvalProtocol(seeds=(0, 3), num_steps=20))
+    assert rollouts.actions.shape == (2, 2, 20)
+    assert 0 <= rollouts.actions.min() and rollouts.actions.max() < env.num_actions
+    # The greedy policy is the argmax of the trained network and acts in range; so does the
+    # algorithm's own behaviour policy.
+    obs = jnp.array([0.5, 0.4, 0.3, 0.0, 0.0])
+    for deterministic in (True, False):
+        policy = rl.greedy_policy(result.algo, result.seed_state(1), deterministic)
+        assert 0 <= int(policy(obs, jax.random.key(0))) < env.num_actions
