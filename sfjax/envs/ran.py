@@ -525,6 +525,29 @@ class RanSlicingEnv(environment.Environment):
             parts += feats(1)
         return jnp.stack(parts).astype(jnp.float32)
 
+    def observation_to_dict(self, obs) -> dict[str, float]:
+        """Undo the scaling of one (unbatched) observation: PRBs, SE, Mb/s, bytes as floats.
+
+        Exact except where the queue delta or the drops were clipped; the state
+        (:func:`observation_dict`) always has the exact raw values.
+        """
+        cfg = self.config
+        o = np.asarray(jax.device_get(obs), np.float64)
+        peak_bytes = self._peak_rate_S * cfg.step_s / 8.0
+
+        def feats(i, s, prefix):
+            return {
+                f"{prefix}se": o[i] * float(CQI_EFFICIENCY_K[-1]),
+                f"{prefix}arrival_rate_mbps": o[i + 1] * self._peak_rate_S[s] / 1e6,
+                f"{prefix}queue_delta_bytes": o[i + 2] * self._slice_buffer_S[s],
+                f"{prefix}dropped_bytes": o[i + 3] * peak_bytes[s],
+            }
+
+        out = {"prbs": o[0] * cfg.cell.n_prb, **feats(1, 0, "")}
+        if cfg.observe_other_slice:
+            out.update(feats(5, 1, "other_"))
+        return {k: float(v) for k, v in out.items()}
+
     def is_terminal(self, state: EnvState, params: EnvParams) -> jax.Array:
         return state.time >= params.max_steps_in_episode
 

@@ -84,6 +84,9 @@ def test_info_keys_reward_and_se_definition(tiny):
     )
     d = ran.observation_dict(state)
     assert isinstance(d["se"], float) and d["prbs"] == 6.0
+    back = env.observation_to_dict(obs)
+    for k, v in back.items():
+        assert v == pytest.approx(d[k], rel=1e-4, abs=1e-3)
     assert set(ran.info_dict(info)) == set(info)
 
 
