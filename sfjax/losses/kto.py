@@ -52,8 +52,7 @@ def completion_logps(
 
     The logit at position ``t`` predicts the token at ``t + 1``; a token counts when
     ``completion_mask_BT`` is true at its own position, so prompt tokens and padding (mask 0)
-    contribute nothing, wherever the padding sits. ``log_softmax`` is never materialised:
-    ``log p = logit[target] − logsumexp(logits)``.
+    contribute nothing, wherever the padding sits.
 
     Args:
       logits_BTV: model output for ``input_ids_BT`` (any float dtype; upcast to float32).
@@ -63,13 +62,20 @@ def completion_logps(
     Returns:
       ``logps_B``: summed completion log-probabilities, float32 (float64 for float64 logits).
     """
+    return target_logps(logits_BTV[:, :-1], input_ids_BT[:, 1:], completion_mask_BT[:, 1:])
+
+
+def target_logps(logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
+    """``sum_t mask[t] · log softmax(logits[t])[targets[t]]`` per row, in >= float32.
+
+    Logits and targets are already aligned (``logits[t]`` predicts ``targets[t]``).
+    ``log_softmax`` is never materialised: ``log p = logit[target] − logsumexp(logits)``.
+    """
     # At least float32 (bf16 log-probs summed over hundreds of tokens lose the reward signal).
-    logits_BTV = logits_BTV[:, :-1].astype(jnp.promote_types(logits_BTV.dtype, jnp.float32))
-    targets_BT = input_ids_BT[:, 1:]
-    mask_BT = completion_mask_BT[:, 1:].astype(jnp.float32)
+    logits_BTV = logits_BTV.astype(jnp.promote_types(logits_BTV.dtype, jnp.float32))
     target_logits_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
     logps_BT = target_logits_BT - jax.nn.logsumexp(logits_BTV, axis=-1)
-    return jnp.sum(jnp.where(mask_BT > 0, logps_BT, 0.0), axis=-1)
+    return jnp.sum(jnp.where(mask_BT.astype(bool), logps_BT, 0.0), axis=-1)
 
 
 def kto_class_weights(

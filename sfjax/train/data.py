@@ -7,11 +7,14 @@ micro-batch, by rolling the completions one place (``y'_i = y_{i-1}``). Unlike a
 :func:`kl_pairing` picks the smallest roll that never pairs a prompt with a completion produced
 for an identical prompt (RfR datasets hold several rollouts per prompt), when such a roll exists.
 
-Rows are right-padded (as TRL's collator) to a bucketed length so that the jitted train step
-compiles once per bucket, not once per batch.
+Layout: prompts are left-padded to a bucketed length ``P`` and completions right-padded to a
+bucketed length ``C``, so every completion starts at column ``P``. The train step then needs
+the LM head only on the ``C`` completion positions (not on the prompt, usually far longer),
+and compiles once per ``(P, C)`` bucket pair, not once per batch. The KL rows reuse the prompt
+arrays with the rolled completions.
 
 Shape legend: ``A`` micro-batches per optimizer step (gradient accumulation), ``B`` examples per
-micro-batch, ``T`` bucketed sequence length.
+micro-batch, ``P`` bucketed prompt length, ``C`` bucketed completion length.
 """
 
 from __future__ import annotations
@@ -47,23 +50,34 @@ class TokenizedExample:
 
 @dataclass(frozen=True)
 class Batch:
-    """Numpy arrays of one optimizer step: ``A`` micro-batches of ``B`` rows of length ``T``.
+    """Numpy arrays of one optimizer step: ``A`` micro-batches of ``B`` rows.
 
-    ``kl_*`` hold the mismatched pairs (prompt of row i, completion of row ``kl_source[i]``).
+    Row ``(a, b)`` is ``prompt_ids[a, b]`` (left-padded, ``prompt_mask`` marks real tokens)
+    followed by ``completion_ids[a, b]`` (right-padded, ``completion_mask``); its KL row is the
+    same prompt followed by ``kl_completion_ids[a, b]`` (another row's completion).
     ``valid`` is False on filler rows of a short last micro-batch / step.
     """
 
-    input_ids_ABT: np.ndarray
-    attention_mask_ABT: np.ndarray
-    completion_mask_ABT: np.ndarray
-    kl_input_ids_ABT: np.ndarray
-    kl_attention_mask_ABT: np.ndarray
-    kl_completion_mask_ABT: np.ndarray
+    prompt_ids_ABP: np.ndarray
+    prompt_mask_ABP: np.ndarray
+    completion_ids_ABC: np.ndarray
+    completion_mask_ABC: np.ndarray
+    kl_completion_ids_ABC: np.ndarray
+    kl_completion_mask_ABC: np.ndarray
     desirable_AB: np.ndarray
     valid_AB: np.ndarray
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    def full_rows(self, kl: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(ids, attention_mask, completion_mask)`` ``[A, B, P + C]`` of the whole rows."""
+        comp_ids = self.kl_completion_ids_ABC if kl else self.completion_ids_ABC
+        comp_mask = self.kl_completion_mask_ABC if kl else self.completion_mask_ABC
+        ids = np.concatenate([self.prompt_ids_ABP, comp_ids], axis=-1)
+        mask = np.concatenate([self.prompt_mask_ABP, comp_mask], axis=-1)
+        comp = np.concatenate([np.zeros_like(self.prompt_mask_ABP), comp_mask], axis=-1)
+        return ids, mask, comp
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -153,11 +167,11 @@ def kl_pairing(prompts: Sequence[tuple[int, ...]]) -> np.ndarray:
 
 
 def bucket_length(n: int, buckets: Sequence[int]) -> int:
-    """Smallest bucket >= ``n`` (buckets sorted ascending); the largest if none fits."""
+    """Smallest bucket >= ``n`` (buckets sorted ascending)."""
     for b in buckets:
         if b >= n:
             return b
-    raise ValueError(f"sequence length {n} exceeds the largest bucket {max(buckets)}")
+    raise ValueError(f"length {n} exceeds the largest bucket {max(buckets)}")
 
 
 def default_buckets(max_length: int, smallest: int = 32) -> tuple[int, ...]:
@@ -203,42 +217,44 @@ def collate_step(
     *,
     micro_batch_size: int,
     grad_accum_steps: int,
-    buckets: Sequence[int],
+    prompt_buckets: Sequence[int],
+    completion_buckets: Sequence[int],
     pad_token_id: int,
     with_kl: bool,
 ) -> Batch:
-    """Pad one optimizer step's micro-batches into fixed ``[A, B, T]`` arrays (right padding).
+    """Pad one optimizer step's micro-batches into fixed ``[A, B, P]`` / ``[A, B, C]`` arrays.
 
-    Missing rows / micro-batches are filler (``valid`` False, all padding, attention mask 0).
-    ``T`` is the bucket of the longest row, main or KL.
+    ``P`` is the prompt bucket of the longest prompt (at least 1), ``C`` the completion bucket
+    of the longest completion (matched or KL). Missing rows / micro-batches are filler
+    (``valid`` False, all padding, masks 0).
     """
     A, B = grad_accum_steps, micro_batch_size
-    rows, kl_rows = [], []  # (a, b, prompt, completion, desirable)
+    rows = []  # (a, b, prompt, completion, kl completion, desirable)
     for a, members in enumerate(step):
         exs = [examples[int(i)] for i in members]
         src = kl_pairing([e.prompt_ids for e in exs]) if with_kl else np.arange(len(exs))
         for b, e in enumerate(exs):
-            rows.append((a, b, e.prompt_ids, e.completion_ids, e.desirable))
-            kl_rows.append((a, b, e.prompt_ids, exs[int(src[b])].completion_ids, e.desirable))
-    longest = max(len(p) + len(c) for *_, p, c, _ in rows + (kl_rows if with_kl else []))
-    T = bucket_length(longest, buckets)
+            kl = exs[int(src[b])].completion_ids
+            rows.append((a, b, e.prompt_ids, e.completion_ids, kl, e.desirable))
+    P = bucket_length(max(max(len(r[2]) for r in rows), 1), prompt_buckets)
+    C = bucket_length(max(max(len(r[3]), len(r[4])) for r in rows), completion_buckets)
 
-    def fill(entries):
-        ids = np.full((A, B, T), pad_token_id, np.int32)
-        attn = np.zeros((A, B, T), bool)
-        comp = np.zeros((A, B, T), bool)
-        for a, b, p, c, _ in entries:
-            n = len(p) + len(c)
-            ids[a, b, :n] = p + c
-            attn[a, b, :n] = True
-            comp[a, b, len(p) : n] = True
-        return ids, attn, comp
-
-    ids, attn, comp = fill(rows)
-    kl_ids, kl_attn, kl_comp = fill(kl_rows) if with_kl else (ids, attn, comp)
+    prompt_ids = np.full((A, B, P), pad_token_id, np.int32)
+    prompt_mask = np.zeros((A, B, P), bool)
+    comp_ids = np.full((A, B, C), pad_token_id, np.int32)
+    comp_mask = np.zeros((A, B, C), bool)
+    kl_ids = np.full((A, B, C), pad_token_id, np.int32)
+    kl_mask = np.zeros((A, B, C), bool)
     desirable = np.zeros((A, B), bool)
     valid = np.zeros((A, B), bool)
-    for a, b, *_, d in rows:
+    for a, b, p, c, k, d in rows:
+        if p:
+            prompt_ids[a, b, P - len(p) :] = p
+            prompt_mask[a, b, P - len(p) :] = True
+        comp_ids[a, b, : len(c)] = c
+        comp_mask[a, b, : len(c)] = True
+        kl_ids[a, b, : len(k)] = k
+        kl_mask[a, b, : len(k)] = True
         desirable[a, b] = d
         valid[a, b] = True
-    return Batch(ids, attn, comp, kl_ids, kl_attn, kl_comp, desirable, valid)
+    return Batch(prompt_ids, prompt_mask, comp_ids, comp_mask, kl_ids, kl_mask, desirable, valid)

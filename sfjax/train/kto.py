@@ -11,7 +11,8 @@ state) that scans over ``grad_accum_steps`` micro-batches; per micro-batch it ru
 2. the policy forward on the KL rows without gradient (``z`` is stop-gradient),
 3. the policy forward + backward on the matched rows, :func:`sfjax.losses.kto.kto_loss`,
 
-then clips the accumulated gradient by global norm, applies AdamW with warmup and a linear /
+(prompts left-padded, completions right-padded, so the LM head runs only on the completion
+positions: :func:`sequence_logps`), then clips the accumulated gradient by global norm, applies AdamW with warmup and a linear /
 cosine / constant schedule, and keeps the old params and optimizer state if the gradient or
 loss is not finite (counted in ``skipped_steps``). Log-probs are summed over completion tokens
 only, in float32. Metrics are fetched one step late so the host never stalls the device, and
@@ -25,8 +26,8 @@ Usage::
     # `model` now holds the trained adapters (updated in place); save them for PEFT with
     # lora.save_adapter(model, out_dir, trainer.lora_config)
 
-Shape legend: ``A`` micro-batches per step, ``B`` micro-batch size, ``T`` bucketed length,
-``V`` vocabulary.
+Shape legend: ``A`` micro-batches per step, ``B`` micro-batch size, ``P`` / ``C`` bucketed
+prompt / completion length, ``T = P + C``, ``D`` hidden size, ``V`` vocabulary.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sfjax.losses.kto import LOSS_TYPES, completion_logps, kto_class_weights, kto_loss
+from sfjax.losses.kto import LOSS_TYPES, kto_class_weights, kto_loss, target_logps
 from sfjax.models import lora as lora_lib
 from sfjax.train.data import (
     Batch,
@@ -105,8 +106,10 @@ class KTOConfig:
     add_eos: bool = True
     """Append the tokenizer's EOS to completions that lack it (as TRL does)."""
     buckets: tuple[int, ...] | None = None
-    """Padded sequence lengths (one compile each); None = powers of two from 32 up to
-    max_prompt_length + max_completion_length."""
+    """Padded prompt lengths (prompts are left-padded to the smallest that fits; one compile
+    per (prompt, completion) bucket pair); None = powers of two from 32 to max_prompt_length."""
+    completion_buckets: tuple[int, ...] | None = None
+    """Padded completion lengths; None = powers of two from 16 to max_completion_length."""
     log_every: int = 1
     """Log (TensorBoard + returned history) every this-many optimizer steps."""
     progress: bool = True
@@ -132,12 +135,17 @@ class KTOConfig:
             raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
         if self.log_every < 1:
             raise ValueError("log_every must be >= 1")
-        if self.buckets is not None:
-            object.__setattr__(self, "buckets", tuple(sorted(int(b) for b in self.buckets)))
-            if self.buckets[-1] < self.max_length:
+        for name, longest in (("buckets", self.max_prompt_length),
+                              ("completion_buckets", self.max_completion_length)):  # fmt: skip
+            value = getattr(self, name)
+            if value is None:
+                continue
+            value = tuple(sorted(int(b) for b in value))
+            object.__setattr__(self, name, value)
+            if not value or value[0] < 1 or value[-1] < longest:
                 raise ValueError(
-                    f"largest bucket {self.buckets[-1]} < max_prompt_length + "
-                    f"max_completion_length = {self.max_length}; add a bucket of that size"
+                    f"{name}={value}: the largest must be >= {longest} (the longest "
+                    f"{'prompt' if name == 'buckets' else 'completion'}); add a bucket of that size"
                 )
 
     @property
@@ -146,9 +154,18 @@ class KTOConfig:
         return self.max_prompt_length + self.max_completion_length
 
     @property
-    def bucket_sizes(self) -> tuple[int, ...]:
-        """The padded lengths in use."""
-        return self.buckets if self.buckets is not None else default_buckets(self.max_length)
+    def prompt_bucket_sizes(self) -> tuple[int, ...]:
+        """The padded prompt lengths in use."""
+        if self.buckets is not None:
+            return self.buckets
+        return default_buckets(self.max_prompt_length)
+
+    @property
+    def completion_bucket_sizes(self) -> tuple[int, ...]:
+        """The padded completion lengths in use."""
+        if self.completion_buckets is not None:
+            return self.completion_buckets
+        return default_buckets(self.max_completion_length, smallest=16)
 
     @property
     def with_kl(self) -> bool:
@@ -202,6 +219,27 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+def sequence_logps(model, prompt_ids_BP, prompt_mask_BP, completion_ids_BC, completion_mask_BC):
+    """``log π(y|x)`` per row for left-padded prompts followed by right-padded completions.
+
+    Runs the decoder over the whole rows but the LM head only on the ``C`` positions that
+    predict completion tokens (``model.hidden_states`` + ``model.lm_logits``; a model without
+    them falls back to full logits). The first completion token of an empty prompt has no
+    predecessor and is not scored (as in TRL). Float32.
+    """
+    P = prompt_ids_BP.shape[-1]
+    ids_BT = jnp.concatenate([prompt_ids_BP, completion_ids_BC], axis=-1)
+    mask_BT = jnp.concatenate([prompt_mask_BP, completion_mask_BC], axis=-1)
+    scored_BC = jnp.asarray(completion_mask_BC, bool)
+    scored_BC = scored_BC.at[:, 0].set(scored_BC[:, 0] & prompt_mask_BP[:, -1].astype(bool))
+    if hasattr(model, "hidden_states") and hasattr(model, "lm_logits"):
+        h_BCD = model.hidden_states(ids_BT, attention_mask=mask_BT)[:, P - 1 : -1]
+        logits_BCV = model.lm_logits(h_BCD)
+    else:
+        logits_BCV = model(ids_BT, attention_mask=mask_BT)[:, P - 1 : -1]
+    return target_logps(logits_BCV, completion_ids_BC, scored_BC)
+
+
 def _rekey(rng_state, key):
     """Fresh, distinct dropout keys for every RNG stream (counts reset): one per micro-batch."""
     leaves, treedef = jax.tree.flatten(rng_state)
@@ -239,12 +277,9 @@ def make_train_step(graphdef, config: KTOConfig, mesh=None):
     tx = make_optimizer(config)
     trace_count: list[int] = []
 
-    def logps_of(model, ids, mask, comp):
-        return completion_logps(model(ids, attention_mask=mask), ids, comp)
-
     def step(lora, opt_state, frozen, rng_state, batch, key, weights, lr):
         trace_count.append(1)  # runs at trace time only: counts compilations
-        A = batch["input_ids_ABT"].shape[0]
+        A = batch["valid_AB"].shape[0]
         n_live = jnp.maximum(jnp.sum(jnp.any(batch["valid_AB"], axis=1)), 1)
 
         def micro(grads, xs):
@@ -252,21 +287,18 @@ def make_train_step(graphdef, config: KTOConfig, mesh=None):
             live = jnp.any(mb["valid_AB"])
             # Reference and KL rows: no gradient, adapters' dropout off (eval mode, as TRL).
             model = nnx.merge(graphdef, jax.lax.stop_gradient(lora), rng_state, frozen)
-            ids, mask, comp = mb["input_ids_ABT"], mb["attention_mask_ABT"], mb["completion_mask_ABT"]
+            prompt = (mb["prompt_ids_ABP"], mb["prompt_mask_ABP"])
+            matched = prompt + (mb["completion_ids_ABC"], mb["completion_mask_ABC"])
+            mismatched = prompt + (mb["kl_completion_ids_ABC"], mb["kl_completion_mask_ABC"])
             with lora_lib.adapters_disabled(model):
-                if config.with_kl:
-                    both = [jnp.concatenate([mb[k], mb["kl_" + k]]) for k in
-                            ("input_ids_ABT", "attention_mask_ABT", "completion_mask_ABT")]  # fmt: skip
-                    ref_both = logps_of(model, *both)
-                    ref_logps, ref_kl_logps = jnp.split(ref_both, 2)
+                if config.with_kl:  # one reference pass over matched + KL rows
+                    both = [jnp.concatenate([x, y]) for x, y in zip(matched, mismatched)]
+                    ref_logps, ref_kl_logps = jnp.split(sequence_logps(model, *both), 2)
                 else:
-                    ref_logps = logps_of(model, ids, mask, comp)
+                    ref_logps = sequence_logps(model, *matched)
                     ref_kl_logps = jnp.zeros_like(ref_logps)
             if config.with_kl:
-                policy_kl_logps = logps_of(
-                    model, mb["kl_input_ids_ABT"], mb["kl_attention_mask_ABT"],
-                    mb["kl_completion_mask_ABT"],
-                )  # fmt: skip
+                policy_kl_logps = sequence_logps(model, *mismatched)
             else:
                 policy_kl_logps = jnp.zeros_like(ref_logps)
 
@@ -274,7 +306,7 @@ def make_train_step(graphdef, config: KTOConfig, mesh=None):
                 policy = nnx.merge(graphdef, lora_params, _rekey(rng_state, mkey), frozen)
                 if rng_state:
                     policy.train()  # LoRA dropout on for the differentiated forward only
-                policy_logps = logps_of(policy, ids, mask, comp)
+                policy_logps = sequence_logps(policy, *matched)
                 losses, metrics = kto_loss(
                     policy_logps, ref_logps, policy_kl_logps, ref_kl_logps, mb["desirable_AB"],
                     beta=config.beta, desirable_weight=weights[0], undesirable_weight=weights[1],
@@ -472,7 +504,9 @@ class KTOTrainer:
                         continue  # resumed: already taken
                     batch = collate_step(
                         tokenized, step_members, micro_batch_size=c.micro_batch_size,
-                        grad_accum_steps=c.grad_accum_steps, buckets=c.bucket_sizes,
+                        grad_accum_steps=c.grad_accum_steps,
+                        prompt_buckets=c.prompt_bucket_sizes,
+                        completion_buckets=c.completion_bucket_sizes,
                         pad_token_id=self.pad_token_id, with_kl=c.with_kl,
                     )  # fmt: skip
                     skey = jax.random.fold_in(step_key, global_step)
@@ -538,11 +572,11 @@ class KTOTrainer:
         if self._logps_fn is None or self._logps_fn[0] != graphdef:
 
             @jax.jit
-            def fn(state, ids, mask, comp):
+            def fn(state, *rows):
                 model = nnx.merge(graphdef, state)
-                pol = completion_logps(model(ids, attention_mask=mask), ids, comp)
+                pol = sequence_logps(model, *rows)
                 with lora_lib.adapters_disabled(model):
-                    ref = completion_logps(model(ids, attention_mask=mask), ids, comp)
+                    ref = sequence_logps(model, *rows)
                 return pol, ref
 
             self._logps_fn = (graphdef, fn)
@@ -552,11 +586,12 @@ class KTOTrainer:
             members = np.arange(start, min(start + B, len(tokenized)))
             batch: Batch = collate_step(
                 tokenized, [members], micro_batch_size=B, grad_accum_steps=1,
-                buckets=c.bucket_sizes, pad_token_id=self.pad_token_id, with_kl=False,
+                prompt_buckets=c.prompt_bucket_sizes, completion_buckets=c.completion_bucket_sizes,
+                pad_token_id=self.pad_token_id, with_kl=False,
             )  # fmt: skip
             pol, ref = self._logps_fn[1](
-                state, batch.input_ids_ABT[0], batch.attention_mask_ABT[0],
-                batch.completion_mask_ABT[0],
+                state, batch.prompt_ids_ABP[0], batch.prompt_mask_ABP[0],
+                batch.completion_ids_ABC[0], batch.completion_mask_ABC[0],
             )  # fmt: skip
             policy.append(np.asarray(pol)[: len(members)])
             reference.append(np.asarray(ref)[: len(members)])

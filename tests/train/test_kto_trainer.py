@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sfjax.losses.kto import completion_logps
 from sfjax.models import lora, qwen3
 from sfjax.tokenizer import load_tokenizer
 from sfjax.train import KTOConfig, KTOExample, KTOTrainer
@@ -20,7 +21,7 @@ from sfjax.train.data import (
     plan_steps,
     tokenize_examples,
 )
-from sfjax.train.kto import make_train_step
+from sfjax.train.kto import make_train_step, sequence_logps
 
 IDS = np.array([[5, 17, 300, 42, 9, 811, 77, 3], [820, 820, 12, 64, 128, 256, 600, 1]])
 MASK = np.array([[1] * 8, [0, 0, 1, 1, 1, 1, 1, 1]])
@@ -72,17 +73,22 @@ def test_plan_and_collate_layout():
 
     steps = plan_steps(np.arange(4), 2, 3, need_pairs=True)
     batch = collate_step(exs, steps[0], micro_batch_size=2, grad_accum_steps=3,
-                         buckets=(8, 16), pad_token_id=0, with_kl=True)  # fmt: skip
-    assert batch.input_ids_ABT.shape == (3, 2, 8)  # longest row 7 -> bucket 8
+                         prompt_buckets=(4, 8), completion_buckets=(2, 4),
+                         pad_token_id=0, with_kl=True)  # fmt: skip
+    assert batch.prompt_ids_ABP.shape == (3, 2, 8)  # longest prompt 5 -> bucket 8
+    assert batch.completion_ids_ABC.shape == (3, 2, 4)  # longest completion 4 -> bucket 4
     assert batch.valid_AB.tolist() == [[True, True], [True, True], [False, False]]
     assert batch.desirable_AB[:2].tolist() == [[True, False], [True, False]]
-    # row (0, 0): prompt 0 + completion 0, right padded; KL row: prompt 0 + completion 1
-    np.testing.assert_array_equal(batch.input_ids_ABT[0, 0, :5], [10, 11, 12, 100, 101])
-    assert batch.completion_mask_ABT[0, 0].tolist() == [0, 0, 0, 1, 1, 0, 0, 0]
-    assert batch.attention_mask_ABT[0, 0].tolist() == [1] * 5 + [0] * 3
-    np.testing.assert_array_equal(batch.kl_input_ids_ABT[0, 0, :4], [10, 11, 12, 100])
-    assert batch.kl_completion_mask_ABT[0, 0].tolist() == [0, 0, 0, 1, 0, 0, 0, 0]
-    assert not batch.attention_mask_ABT[2].any()
+    # row (0, 0): prompt 0 left-padded, completion 0 right-padded; KL: completion of row (0, 1)
+    ids, mask, comp = batch.full_rows()
+    np.testing.assert_array_equal(ids[0, 0], [0, 0, 0, 0, 0, 10, 11, 12, 100, 101, 0, 0])
+    assert mask[0, 0].tolist() == [0] * 5 + [1] * 5 + [0] * 2
+    assert comp[0, 0].tolist() == [0] * 8 + [1, 1, 0, 0]
+    kl_ids, _, kl_comp = batch.full_rows(kl=True)
+    np.testing.assert_array_equal(kl_ids[0, 0], [0, 0, 0, 0, 0, 10, 11, 12, 100, 0, 0, 0])
+    assert kl_comp[0, 0].tolist() == [0] * 8 + [1, 0, 0, 0]
+    np.testing.assert_array_equal(kl_ids[0, 1, 8:], [100, 101, 0, 0])  # row 1 gets row 0's
+    assert not batch.prompt_mask_ABP[2].any() and not batch.completion_mask_ABC[2].any()
     assert default_buckets(300) == (32, 64, 128, 256, 300)
 
 
@@ -98,6 +104,33 @@ def test_tokenize_truncates_and_appends_eos(tiny_checkpoint):
     with pytest.raises(TypeError, match="both"):
         tokenize_examples([KTOExample("a", [1], True)], tok, max_prompt_length=4,
                           max_completion_length=4)  # fmt: skip
+
+
+def test_sequence_logps_equals_full_logits_path(tiny_checkpoint):
+    """LM head on completion positions only == completion_logps over the full logits."""
+    model = qwen3.from_pretrained(tiny_checkpoint, dtype=jnp.float32)
+    lora.apply_lora(model, lora.LoRAConfig(rank=4))
+    exs = [
+        TokenizedExample((5, 6, 7), (8, 9), True),
+        TokenizedExample((11,), (12, 13, 14, 15), False),
+        TokenizedExample((), (16, 17, 18), True),  # empty prompt: first token unscored
+        TokenizedExample(tuple(range(20, 29)), (30,), False),
+    ]
+    batch = collate_step(exs, [np.arange(4)], micro_batch_size=4, grad_accum_steps=1,
+                         prompt_buckets=(16,), completion_buckets=(8,), pad_token_id=0,
+                         with_kl=False)  # fmt: skip
+    got = sequence_logps(model, batch.prompt_ids_ABP[0], batch.prompt_mask_ABP[0],
+                         batch.completion_ids_ABC[0], batch.completion_mask_ABC[0])  # fmt: skip
+    ids, mask, comp = (x[0].copy() for x in batch.full_rows())
+    comp[2, 16] = False  # the empty prompt's first completion token has no predecessor
+    want = completion_logps(model(ids, attention_mask=mask), ids, comp)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    # and each row alone, unpadded, gives the same log-prob
+    for i, e in enumerate(exs[:2] + exs[3:]):
+        row = np.array([e.prompt_ids + e.completion_ids])
+        cm = np.array([[0] * len(e.prompt_ids) + [1] * len(e.completion_ids)])
+        alone = completion_logps(model(row), row, cm)
+        np.testing.assert_allclose(float(alone[0]), float(got[[0, 1, 3][i]]), rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------ trainer
