@@ -748,8 +748,14 @@ Step()
     state.set_isgameover(gameOver);
     state.set_reason(ns3opengym::EnvStateMsg::SimulationEnd);
 
+    if (g.step == 0 && g.sliceOfRnti.size() < g.sliceOfUe.size())
+    {
+        std::cerr << "warning: only " << g.sliceOfRnti.size() << " of " << g.sliceOfUe.size()
+                  << " UEs attached before the first decision; raise --warmupMs" << std::endl;
+    }
     std::ostringstream info;
     info << std::setprecision(10) << "{\"step\":" << g.step
+         << ",\"attached_ues\":" << g.sliceOfRnti.size()
          << ",\"sim_time_s\":" << Simulator::Now().GetSeconds() << ",\"rbg\":" << g.rbgControlled
          << ",\"n_rbg\":" << g.nRbg << ",\"rbg_size\":" << g.rbgSize << ",";
     AppendJson(info, "", fc);

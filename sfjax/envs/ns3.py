@@ -458,6 +458,7 @@ class Ns3RanSlicingEnv(gym.Env):
         info["ns3_reward"] = float(state.reward)
         info["sim_time_s"] = float(raw["sim_time_s"])
         info["step"] = int(raw["step"])
+        info["attached_ues"] = int(raw.get("attached_ues", -1))
         return info
 
     def _obs(self, info: dict[str, float]) -> np.ndarray:

@@ -54,6 +54,7 @@ def test_real_episode(binary):
     pid = env.pid
     assert env.observation_space.contains(obs)
     assert info["prbs"] == scenario.prbs_per_action[scenario.initial_action]
+    assert info["attached_ues"] == scenario.n_ues  # all UEs connected before the first decision
     # offered load of the UEs that start ON: all of them
     assert info["arrival_rate_bps"] == 20 * 0.5e6 and info["other_arrival_rate_bps"] == 4 * 2e6
 
