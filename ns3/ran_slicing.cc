@@ -460,6 +460,7 @@ struct Scenario
     zmq::socket_t* sock{nullptr};
     double initialOnBps[2]{0.0, 0.0}; // offered load of the UEs that start "on"
     std::map<uint16_t, int> sliceOfRnti;
+    double backlogBytes[2]{0.0, 0.0}; // arrived - delivered - dropped since the first decision
 };
 
 static Scenario g;
@@ -667,6 +668,7 @@ struct Feedback
     double se, violation, reconfiguration, arrivalRateBps, queueDeltaBytes, droppedBytes;
     double deliveredBytes, meanDelayMs, maxDelayMs, prbs;
     double tbs, tbErrors, tbRetx;
+    double deliveredPackets, droppedPackets, latePackets, queuedBytes;
 };
 
 static Feedback
@@ -693,6 +695,10 @@ FeedbackOf(int slice, int rbg, bool reconfigured)
     f.tbs = static_cast<double>(c.tbs);
     f.tbErrors = static_cast<double>(c.tbErrors);
     f.tbRetx = static_cast<double>(c.tbRetx);
+    f.deliveredPackets = static_cast<double>(c.deliveredPackets);
+    f.droppedPackets = static_cast<double>(c.droppedPackets);
+    f.latePackets = static_cast<double>(c.latePackets);
+    f.queuedBytes = g.backlogBytes[slice] + (g.step == 0 ? 0.0 : f.queueDeltaBytes);
     return f;
 }
 
@@ -708,7 +714,11 @@ AppendJson(std::ostringstream& os, const std::string& prefix, const Feedback& f)
        << "mean_delay_ms\":" << f.meanDelayMs << ",\"" << prefix
        << "max_delay_ms\":" << f.maxDelayMs << ",\"" << prefix << "prbs\":" << f.prbs << ",\""
        << prefix << "tbs\":" << f.tbs << ",\"" << prefix << "tb_errors\":" << f.tbErrors
-       << ",\"" << prefix << "harq_retx\":" << f.tbRetx;
+       << ",\"" << prefix << "harq_retx\":" << f.tbRetx << ",\"" << prefix
+       << "delivered_packets\":" << f.deliveredPackets << ",\"" << prefix
+       << "dropped_packets\":" << f.droppedPackets << ",\"" << prefix
+       << "late_packets\":" << f.latePackets << ",\"" << prefix
+       << "queued_bytes\":" << f.queuedBytes;
 }
 
 static void
@@ -766,6 +776,8 @@ Step()
 
     ns3opengym::EnvActMsg act;
     act.ParseFromString(Exchange(state));
+    g.backlogBytes[g.controlledSlice] = fc.queuedBytes;
+    g.backlogBytes[other] = fo.queuedBytes;
     for (auto& c : g.counters)
     {
         c = SliceCounters{};

@@ -13,9 +13,11 @@ It mirrors :class:`sfjax.envs.ran.RanSlicingEnv` so that either can stand behind
 * ``action`` is the same index: the controlled slice gets ``action + min_rbg_per_slice`` RBGs
   (the lowest-frequency ones), i.e. ``config.prbs_per_action[action]`` PRBs;
 * ``info`` has the same keys (``se``, ``violation``, ``reconfiguration``, ``arrival_rate_bps``,
-  ``queue_delta_bytes``, ``dropped_bytes``, ``prbs``, ``delivered_bits``, ``mean_delay_ms``,
-  ``max_delay_ms`` and their ``other_`` twins, ``utility``) and the observation is the same
-  scaled eq. 14 vector;
+  ``queue_delta_bytes``, ``dropped_bytes``, ``prbs``, ``delivered_bits``, ``queued_bytes``,
+  ``delivered_packets``, ``dropped_packets``, ``late_packets``, ``mean_delay_ms``,
+  ``max_delay_ms`` and their ``other_`` twins, ``utility``; not ``utilization``/``link_se``)
+  plus ns-3's ``tbs``/``tb_errors``/``harq_retx``, and the observation is the same scaled
+  eq. 14 vector;
 * ``reward`` is the eq. 15 utility ``w_se (SE + offset) - w_c c - w_v v`` of the step;
 * the intra-slice scheduler is always ns-3's ``PfFfMacScheduler`` (the JAX env's
   ``scheduler="pf_ns3"``; ``RanSlicingConfig.scheduler`` is not used here);
@@ -448,9 +450,11 @@ class Ns3RanSlicingEnv(gym.Env):
             info[prefix + "delivered_bits"] = 8.0 * float(raw[prefix + "delivered_bytes"])
             info[prefix + "mean_delay_ms"] = float(raw[prefix + "mean_delay_ms"])
             info[prefix + "max_delay_ms"] = float(raw[prefix + "max_delay_ms"])
-            # ns-3 only: DL transport blocks of the step, decoding failures, HARQ retransmissions
-            for key in ("tbs", "tb_errors", "harq_retx"):
-                info[prefix + key] = int(raw.get(prefix + key, 0))
+            info[prefix + "queued_bytes"] = float(raw[prefix + "queued_bytes"])
+            for key in ("delivered_packets", "dropped_packets", "late_packets",
+                        # ns-3 only: DL transport blocks, decoding failures, HARQ retx
+                        "tbs", "tb_errors", "harq_retx"):
+                info[prefix + key] = int(raw[prefix + key])
         info["violation"] = bool(info["violation"])
         info["other_violation"] = bool(info["other_violation"])
         info["reconfiguration"] = bool(info["reconfiguration"])

@@ -182,7 +182,9 @@ FAKE_SCENARIO = textwrap.dedent(
                          p + "arrival_rate_bps": 1e6, p + "queue_delta_bytes": -512.0 * r,
                          p + "dropped_bytes": 0.0, p + "delivered_bytes": 1000.0 * r,
                          p + "mean_delay_ms": 5.0, p + "max_delay_ms": 9.0,
-                         p + "prbs": 2 * r})
+                         p + "prbs": 2 * r, p + "queued_bytes": 0.0, p + "delivered_packets": 2,
+                         p + "dropped_packets": 0, p + "late_packets": 0, p + "tbs": 10,
+                         p + "tb_errors": 1, p + "harq_retx": 1})
         st = pb.EnvStateMsg(reward=0.0, isGameOver=step == steps, info=json.dumps(info))
         st.obsData.CopyFrom(spaces.data_to_pb(np.zeros(13, np.float32),
                                               gym.spaces.Box(-1, 1, (13,), np.float32)))

@@ -69,8 +69,11 @@ def test_real_episode(binary):
         ")")[-1].split()[0] == "Z"
     assert len(env.decision_wall_s) == len(actions)
 
+    queued = np.cumsum([i["queue_delta_bytes"] for i in infos])
+    np.testing.assert_allclose([i["queued_bytes"] for i in infos], queued)
     for key in ("se", "violation", "reconfiguration", "arrival_rate_bps", "queue_delta_bytes",
-                "dropped_bytes", "prbs", "delivered_bits", "mean_delay_ms", "max_delay_ms"):
+                "dropped_bytes", "prbs", "delivered_bits", "mean_delay_ms", "max_delay_ms",
+                "queued_bytes", "delivered_packets", "dropped_packets", "late_packets"):
         assert all(key in i and "other_" + key in i for i in infos), key
     assert [i["reconfiguration"] for i in infos] == [True] + [False] * 5 + [True] + [False] * 5
     assert [i["prbs"] for i in infos] == [2] * 6 + [24] * 6
@@ -89,6 +92,11 @@ def test_real_episode(binary):
             max(i["other_prbs"], prev["other_prbs"])
         )
         assert 0 <= i["harq_retx"] <= i["tbs"] and 0 <= i["tb_errors"] <= i["tbs"]
+        # packet and byte accounting agree (512-byte packets)
+        assert i["delivered_bits"] == 8 * 512 * i["delivered_packets"]
+        assert i["dropped_bytes"] == 512 * i["dropped_packets"]
+        assert i["violation"] == (i["late_packets"] + i["dropped_packets"] > 0)
+        assert i["queued_bytes"] >= 0
         assert i["tbs"] > 0  # a backlogged slice with PRBs receives transport blocks
         expected = 15 * (i["se"] + 1) - 15 * i["reconfiguration"] - 300 * i["violation"]
         assert i["utility"] == pytest.approx(expected)
