@@ -71,7 +71,7 @@ def bench_rejax(env: RanSlicingEnv, timesteps: int = 8192) -> float:
     _, (lengths, returns) = jax.block_until_ready(train(jax.random.PRNGKey(1)))
     dt = time.perf_counter() - t0
     print(f"rejax PPO: {timesteps} env steps + eval of 128 episodes in {dt:.2f} s, "
-          f"eval return {float(jnp.mean(returns)):.1f}")
+          f"eval return {float(jnp.mean(returns)):.1f}", flush=True)
     return dt
 
 
