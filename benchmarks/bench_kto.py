@@ -76,7 +76,8 @@ def bench_sfjax(ckpt, data, args):
     cfg = KTOConfig(
         beta=0.1, micro_batch_size=args.batch, learning_rate=1e-4, warmup_ratio=0.0,
         max_prompt_length=args.prompt_len, max_completion_length=args.completion_len,
-        buckets=(args.prompt_len + args.completion_len,), shuffle=False, progress=False,
+        buckets=(args.prompt_len,), completion_buckets=(args.completion_len,),
+        shuffle=False, progress=False,
         desirable_weight=1.0, undesirable_weight=1.0,
     )  # fmt: skip
     trainer = KTOTrainer(model, tok, cfg, lora_config=lora.LoRAConfig(rank=16, alpha=32))
