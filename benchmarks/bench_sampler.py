@@ -7,7 +7,8 @@ each (EOS ignored on both sides), greedy by default (``--mode sample``: temperat
 top-p 0.9). Greedy outputs are checked to be token-identical before timing.
 
 Reported: generated tokens/s (batch x new tokens / wall time of one whole ``generate`` call,
-prefill included), median of ``--repeats`` interleaved runs, and the ratio sfjax / torch.
+prefill included), median of ``--repeats`` interleaved runs, the ratio sfjax / torch, and the
+same ratio in process CPU time (robust to other jobs on a shared CPU).
 sfjax's compile time is excluded from its figure (one warm-up call first) and listed
 separately; transformers needs no compilation.
 
@@ -40,15 +41,19 @@ CONFIGS = {
 }  # fmt: skip
 
 
-def _interleaved_medians(fns, repeats: int) -> list[float]:
-    """Median wall time of each function, runs interleaved so load drifts hit both alike."""
-    times: list[list[float]] = [[] for _ in fns]
+def _interleaved_medians(fns, repeats: int) -> tuple[list[float], list[float]]:
+    """Median wall and process-CPU time of each function, runs interleaved so load drifts hit
+    both alike. CPU time (all threads of this process) is the work done, which a CPU shared
+    with other jobs distorts far less than wall time."""
+    wall: list[list[float]] = [[] for _ in fns]
+    cpu: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        for fn, ts in zip(fns, times):
-            t0 = time.perf_counter()
+        for fn, w, c in zip(fns, wall, cpu):
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
-            ts.append(time.perf_counter() - t0)
-    return [statistics.median(ts) for ts in times]
+            w.append(time.perf_counter() - t0)
+            c.append(time.process_time() - c0)
+    return [statistics.median(t) for t in wall], [statistics.median(t) for t in cpu]
 
 
 def bench(name, checkpoint, batch, prompt_len, new_tokens, mode, repeats) -> dict:
@@ -113,7 +118,7 @@ def bench(name, checkpoint, batch, prompt_len, new_tokens, mode, repeats) -> dic
         if same != batch * new_tokens:
             raise AssertionError(f"{name}: greedy tokens differ ({same}/{batch * new_tokens} equal)")
 
-    jax_s, torch_s = _interleaved_medians([run_jax, run_torch], repeats)
+    (jax_s, torch_s), (jax_cpu, torch_cpu) = _interleaved_medians([run_jax, run_torch], repeats)
     tokens = batch * new_tokens
     threads = torch.get_num_threads()
     torch.set_num_threads(default_threads)
@@ -124,6 +129,7 @@ def bench(name, checkpoint, batch, prompt_len, new_tokens, mode, repeats) -> dic
         "sfjax_tok_s": tokens / jax_s,
         "torch_tok_s": tokens / torch_s,
         "ratio": torch_s / jax_s,
+        "cpu_ratio": torch_cpu / jax_cpu,
         "compile_s": compile_s - jax_s,
         "torch_threads": threads,
     }
@@ -147,9 +153,9 @@ def main():
     )
     print(
         "| config | batch | params (M) | sfjax tok/s | transformers tok/s | ratio | "
-        "sfjax compile s | torch threads |"
+        "sfjax compile s | torch threads | CPU-time ratio |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in args.configs:
         with tempfile.TemporaryDirectory() as d:
             overrides = dict(CONFIGS[name], max_position_embeddings=4096)
@@ -160,7 +166,7 @@ def main():
                 print(
                     f"| {r['config']} | {r['batch']} | {r['params_M']:.1f} | "
                     f"{r['sfjax_tok_s']:.0f} | {r['torch_tok_s']:.0f} | {r['ratio']:.2f} | "
-                    f"{r['compile_s']:.1f} | {r['torch_threads']} |",
+                    f"{r['compile_s']:.1f} | {r['torch_threads']} | {r['cpu_ratio']:.2f} |",
                     flush=True,
                 )
     print(f"(cpu count {os.cpu_count()}, load average {os.getloadavg()[0]:.1f})")

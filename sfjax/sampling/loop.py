@@ -100,9 +100,16 @@ def decode_loop(graphdef, n, state, cache, ids_BT, mask_BT, rows, tables, key, *
 
     def body(c):
         step, cstate, done_N = c["step"], c["cstate"], c["done_N"]
-        allowed_NV = cons.allowed_tokens(cstate, ctab, V)
-        allowed_NV &= ~(free_ban_NV & (cstate.phase_B == cons.FREE)[:, None])
-        masked_NV = jnp.where(allowed_NV, c["logits_NV"], dist.NEG_INF)
+
+        def constrain(logits_NV):
+            allowed_NV = cons.allowed_tokens(cstate, ctab, V)
+            allowed_NV &= ~(free_ban_NV & (cstate.phase_B == cons.FREE)[:, None])
+            return jnp.where(allowed_NV, logits_NV, dist.NEG_INF)
+
+        # Unconstrained calls skip the [N, V] mask work entirely.
+        masked_NV = jax.lax.cond(
+            jnp.any(ctab.enabled_B), constrain, lambda x: x, c["logits_NV"]
+        )
         key, sub = jax.random.split(c["key"])
         tok_N, sample_lp_N = dist.sample(sub, masked_NV, temperature_N, top_k_N, top_p_N)
         tok_N = jnp.where(done_N, pad_id, tok_N)
