@@ -1,0 +1,359 @@
+"""Shared pieces of the ``benchmarks/gpu_*.py`` scripts: random Qwen3-4B on device, rooflines,
+timing and JSON output.
+
+Every GPU script compares a measured figure with its floor: the bytes it must move divided by
+the *measured* HBM bandwidth (a large on-device elementwise pass: read + write), or the FLOPs it
+must do divided by the *measured* dense bf16 matmul rate — and, where torch + CUDA are present,
+with PyTorch ``transformers`` on the same GPU in the same process. Speed does not depend on the
+weight values, so the model is Qwen3-4B-shaped with random bf16 weights built directly on the
+device (``nnx.eval_shape`` for the structure, one jitted random init; nothing is downloaded).
+
+Spec-sheet rooflines (used when nothing is measured, and printed next to the measured ones):
+NVIDIA H200 SXM — 4.8 TB/s HBM3e, 989 TFLOP/s dense BF16 tensor-core (the 1,979 figure in the
+datasheet is with 2:4 sparsity). ``--tiny`` runs every script on any backend (CPU included)
+with the tiny test architecture, a few steps, so the scripts are exercised by the test suite.
+
+Cost model of a Qwen3 forward (dense decoder, GQA, tied or untied LM head), in
+:func:`forward_flops` / :func:`decode_step_bytes`:
+  matmul FLOPs = 2 · (per-token matmul params) · tokens + 2 · D · V · (tokens whose logits are
+  computed) + 4 · L · N · H · (attended keys summed over queries) (QKᵀ and PV);
+  decode-step bytes = every weight once (embedding rows gathered only, the LM head / tied
+  embedding read whole) + the KV cache read (2 · L · K · H · bytes per token of context per row)
+  + the new token's KV written.
+
+Shape legend: L layers, D hidden, F MLP width, N query heads, K kv heads, H head dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+H200_HBM_BYTES_PER_S = 4.8e12
+"""NVIDIA H200 SXM HBM3e bandwidth (datasheet: 4.8 TB/s)."""
+H200_BF16_FLOPS = 989e12
+"""NVIDIA H200 SXM dense BF16 tensor-core peak (datasheet 1,979 TFLOP/s is with sparsity)."""
+
+
+# ---------------------------------------------------------------------------------- CLI
+def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Flags every GPU script takes."""
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny config, 2-3 steps: a smoke run on any backend (CPU tests)")
+    parser.add_argument("--device-check", action="store_true",
+                        help="print jax.devices() (and torch's CUDA device) and exit")
+    parser.add_argument("--out", default=None, help="write the JSON record here")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-torch", action="store_true",
+                        help="skip the PyTorch transformers reference")
+    parser.add_argument("--iters", type=int, default=None, help="timed repetitions")
+    return parser
+
+
+def device_info() -> dict:
+    """What this process runs on (JAX devices, backend, torch CUDA device if any)."""
+    import jax
+
+    info = {
+        "jax_version": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "device_kind": jax.devices()[0].device_kind,
+    }
+    try:
+        import torch
+
+        info["torch_version"] = torch.__version__
+        info["torch_cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError:
+        info["torch_version"] = None
+    return info
+
+
+def maybe_device_check(args) -> bool:
+    """``--device-check``: print the devices; returns True when the script should exit."""
+    if not args.device_check:
+        return False
+    import jax
+
+    print("jax.devices():", jax.devices())
+    print(json.dumps(device_info(), indent=2))
+    return True
+
+
+def emit(args, name: str, record: dict) -> dict:
+    """Print the record as JSON and write it to ``--out`` (if given)."""
+    record = {"benchmark": name, "tiny": bool(args.tiny), "device": device_info(), **record}
+    text = json.dumps(record, indent=2, default=_jsonable)
+    print(text)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return record
+
+
+def _jsonable(x):
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return str(x)
+
+
+# ---------------------------------------------------------------------------------- model
+def model_config(tiny: bool):
+    """Qwen3-4B, or the tiny test architecture for ``--tiny``."""
+    from sfjax.models.qwen3 import Qwen3Config
+
+    return Qwen3Config.tiny() if tiny else Qwen3Config.qwen3_4b()
+
+
+def random_model(config, dtype=None, seed: int = 0):
+    """A Qwen3 with random weights created on the default device, never on the host.
+
+    ``nnx.eval_shape`` gives the structure without allocating; one jitted function then draws
+    every weight on device (normal, std 0.02; RMSNorm weights = 1).
+    """
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from sfjax.models.qwen3 import Qwen3
+
+    dtype = jnp.bfloat16 if dtype is None else dtype
+    abstract = nnx.eval_shape(lambda: Qwen3(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    paths_leaves = jax.tree_util.tree_flatten_with_path(abstract_state)[0]
+    treedef = jax.tree.structure(abstract_state)
+
+    @jax.jit
+    def init(key):
+        keys = jax.random.split(key, len(paths_leaves))
+        leaves = []
+        for k, (path, leaf) in zip(keys, paths_leaves):
+            name = jax.tree_util.keystr(path)
+            if "norm" in name:
+                leaves.append(jnp.ones(leaf.shape, leaf.dtype))
+            else:
+                x = 0.02 * jax.random.normal(k, leaf.shape, jnp.float32)
+                leaves.append(x.astype(leaf.dtype))
+        return jax.tree.unflatten(treedef, leaves)
+
+    state = init(jax.random.key(seed))
+    jax.block_until_ready(state)
+    return nnx.merge(graphdef, state)
+
+
+def tiny_tokenizer_dir() -> str:
+    """A directory holding the project's local byte-level BPE test tokenizer (Qwen3 chat
+    template and special tokens; no download). Its ids are < 1024, inside any Qwen3 vocabulary;
+    it splits text into more tokens than Qwen's 151k BPE, so prompt token counts are reported."""
+    from sfjax.testing import write_tiny_checkpoint
+
+    out = tempfile.mkdtemp(prefix="sfjax_gpu_tok_")
+    write_tiny_checkpoint(out)
+    return out
+
+
+def load_bench_tokenizer(path: str | None):
+    """``--tokenizer PATH`` (e.g. a local Qwen3 tokenizer) or the tiny test tokenizer."""
+    from sfjax.tokenizer import load_tokenizer
+
+    return load_tokenizer(path or tiny_tokenizer_dir())
+
+
+# ---------------------------------------------------------------------------------- cost model
+@dataclass(frozen=True)
+class Qwen3Costs:
+    """Parameter counts of a Qwen3 config that the cost model needs."""
+
+    layer_matmul_params: int
+    """Matmul weights of all layers (q/k/v/o + gate/up/down)."""
+    norm_params: int
+    """RMSNorm weights (all of them)."""
+    embed_params: int
+    """Embedding table V · D."""
+    lm_head_params: int
+    """Untied LM head V · D (0 when tied)."""
+    kv_bytes_per_token: int
+    """K + V bytes of one token over all layers, at the cache dtype."""
+
+    @property
+    def total_params(self) -> int:
+        return self.layer_matmul_params + self.norm_params + self.embed_params + self.lm_head_params
+
+
+def qwen3_costs(config, cache_bytes: int = 2) -> Qwen3Costs:
+    c = config
+    attn = c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
+    mlp = 3 * c.hidden_size * c.intermediate_size
+    norms = c.num_layers * (2 * c.hidden_size + 2 * c.head_dim) + c.hidden_size
+    vd = c.vocab_size * c.hidden_size
+    return Qwen3Costs(
+        layer_matmul_params=c.num_layers * (attn + mlp),
+        norm_params=norms,
+        embed_params=vd,
+        lm_head_params=0 if c.tie_word_embeddings else vd,
+        kv_bytes_per_token=2 * c.num_layers * c.num_kv_heads * c.head_dim * cache_bytes,
+    )
+
+
+def forward_flops(config, tokens: int, attended_keys: int, logit_tokens: int) -> float:
+    """Matmul FLOPs of a forward: ``tokens`` through the layers, ``attended_keys`` (sum over
+    queries of the keys each attends to), LM head on ``logit_tokens``."""
+    c = config
+    costs = qwen3_costs(c)
+    return (
+        2.0 * costs.layer_matmul_params * tokens
+        + 2.0 * c.hidden_size * c.vocab_size * logit_tokens
+        + 4.0 * c.num_layers * c.num_heads * c.head_dim * attended_keys
+    )
+
+
+def prefill_attended_keys(batch: int, prompt_len: int) -> int:
+    """Causal prefill: query t sees t + 1 keys."""
+    return batch * prompt_len * (prompt_len + 1) // 2
+
+
+def decode_step_bytes(config, batch: int, context: int, weight_bytes: int = 2,
+                      cache_bytes: int = 2) -> float:
+    """Least HBM traffic of one decode step of ``batch`` rows with ``context`` cached tokens."""
+    costs = qwen3_costs(config, cache_bytes)
+    weights = (costs.layer_matmul_params + costs.norm_params + costs.lm_head_params) * weight_bytes
+    lm = costs.embed_params * weight_bytes if config.tie_word_embeddings else 0
+    gather = batch * config.hidden_size * weight_bytes
+    kv = batch * (context + 1) * costs.kv_bytes_per_token  # read context, write one
+    return float(weights + lm + gather + kv)
+
+
+def decode_floor_s(config, batch: int, context: int, roof: Roofline) -> float:
+    """Least time of one decode step: max(bytes / bandwidth, FLOPs / matmul rate)."""
+    flops = forward_flops(config, batch, batch * (context + 1), batch)
+    return max(decode_step_bytes(config, batch, context) / roof.hbm_bytes_per_s,
+               flops / roof.matmul_flops_per_s)
+
+
+# ---------------------------------------------------------------------------------- rooflines
+@dataclass(frozen=True)
+class Roofline:
+    """Bandwidth and matmul rate the floors are computed from."""
+
+    hbm_bytes_per_s: float
+    matmul_flops_per_s: float
+    source: str
+    """"measured" (on this device, this run) or "spec" (H200 datasheet)."""
+
+
+SPEC_H200 = Roofline(H200_HBM_BYTES_PER_S, H200_BF16_FLOPS, "spec: H200 SXM datasheet")
+
+
+def measure_hbm_bandwidth(nbytes: int, iters: int = 10) -> float:
+    """Bytes/s of a jitted elementwise pass over a ``nbytes`` bf16 array (reads + writes)."""
+    import jax
+    import jax.numpy as jnp
+
+    n = max(nbytes // 2, 1024)
+    x = jnp.ones((n,), jnp.bfloat16)
+    f = jax.jit(lambda a: a * jnp.bfloat16(1.0001))
+    t = time_call(lambda: f(x), iters=iters, warmup=2)
+    return 2 * 2 * n / t["median_s"]
+
+
+def measure_matmul_flops(dim: int, iters: int = 10) -> float:
+    """FLOP/s of a jitted ``[dim, dim] @ [dim, dim]`` bf16 matmul (f32 accumulation)."""
+    import jax
+    import jax.numpy as jnp
+
+    ka, kb = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(ka, (dim, dim), jnp.bfloat16)
+    b = jax.random.normal(kb, (dim, dim), jnp.bfloat16)
+    f = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32)
+                .astype(jnp.bfloat16))
+    t = time_call(lambda: f(a, b), iters=iters, warmup=2)
+    return 2.0 * dim**3 / t["median_s"]
+
+
+def measure_roofline(tiny: bool) -> Roofline:
+    """Measured bandwidth (2 GiB array; 8 MiB with ``--tiny``) and matmul rate (8192²; 256²)."""
+    bw = measure_hbm_bandwidth(8 << 20 if tiny else 2 << 30, iters=3 if tiny else 20)
+    fl = measure_matmul_flops(256 if tiny else 8192, iters=3 if tiny else 20)
+    return Roofline(bw, fl, "measured")
+
+
+def roofline_record(roof: Roofline) -> dict:
+    return {"measured": asdict(roof), "spec": asdict(SPEC_H200)}
+
+
+# ---------------------------------------------------------------------------------- timing
+def block(x):
+    """Wait for every array in ``x`` (JAX pytrees; torch CUDA work via synchronize)."""
+    import jax
+
+    jax.block_until_ready(x)
+    return x
+
+
+def time_call(fn, iters: int = 5, warmup: int = 1, sync=block) -> dict:
+    """Wall time of ``sync(fn())``: median / min / all, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        sync(fn())
+    times = []
+    for _ in range(max(iters, 1)):
+        t0 = time.perf_counter()
+        sync(fn())
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "min_s": min(times), "times_s": times}
+
+
+def ratio(a: float, b: float) -> float:
+    return float(a / b) if b else math.nan
+
+
+# ---------------------------------------------------------------------------------- torch
+def torch_device(args) -> str | None:
+    """"cuda" when torch sees a GPU; "cpu" only for ``--tiny`` (so tests exercise the path);
+    None when the reference is skipped (``--no-torch``, no torch, or no GPU at full size)."""
+    if args.no_torch:
+        return None
+    try:
+        import torch
+    except ImportError:
+        return None
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu" if args.tiny else None
+
+
+def torch_model(config, device: str, seed: int = 0, attn: str = "sdpa"):
+    """``transformers.Qwen3ForCausalLM`` with random weights built on ``device`` (bf16 on
+    CUDA, float32 on CPU), eval mode."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    hf = transformers.Qwen3Config(**config.to_hf())
+    hf._attn_implementation = attn
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with torch.device(device):
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            model = transformers.Qwen3ForCausalLM(hf)
+        finally:
+            torch.set_default_dtype(old)
+    return model.eval()
+
+
+def torch_sync(x=None):
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return x
+

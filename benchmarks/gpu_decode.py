@@ -1,0 +1,226 @@
+"""Decode and prefill tokens/s of Qwen3-4B (random bf16 weights) with the sfjax ``Sampler``,
+next to the HBM roofline and to PyTorch ``transformers`` ``generate`` on the same GPU.
+
+For each batch size (default 1, 8, 64, 256): ``--prompt-len`` (128) random-token prompts,
+``--new-tokens`` (256) greedy tokens with EOS ignored, so every row runs the full length.
+
+* sfjax sampler: wall time of ``Sampler.generate`` (one jitted prefill + ``while_loop``
+  decode + host post-processing) for ``new`` tokens and for 1 token. Decode tokens/s =
+  ``B · (new − 1) / (t_new − t_1)``; prefill tokens/s = ``B · prompt / t_1`` (t_1 includes one
+  decode step and the host side, so it understates prefill).
+* sfjax model only: one jitted decode step (``model(tok, cache=cache)``, cache donated) at
+  context ``prompt + new/2``, and one jitted prefill of the prompts — the ceiling the sampler
+  loop can reach.
+* floor: Σ over the ``new`` steps of max(bytes / bandwidth, FLOPs / matmul rate)
+  (:func:`gpu_common.decode_floor_s`), with the bandwidth / matmul rate measured in this run,
+  and with the H200 datasheet figures. Reported: tokens/s at the floor and the fraction
+  reached (issue target at batch 1: >= 80 % of the HBM roofline).
+* PyTorch: ``Qwen3ForCausalLM.generate`` (sdpa attention, dynamic cache, greedy,
+  ``min_new_tokens = max_new_tokens``), same formulas, when torch sees a GPU.
+
+Usage::
+
+    python benchmarks/gpu_decode.py --device-check
+    python benchmarks/gpu_decode.py --out results/gpu_decode.json
+    python benchmarks/gpu_decode.py --tiny --no-torch          # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import gpu_common as gc  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = gc.add_common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
+    p.add_argument("--batches", default=None, help="comma-separated batch sizes (1,8,64,256)")
+    p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (128)")
+    p.add_argument("--new-tokens", type=int, default=None, help="generated tokens (256)")
+    args = p.parse_args(argv)
+    args.batches = [int(b) for b in (args.batches or ("2" if args.tiny else "1,8,64,256"))
+                    .split(",")]
+    args.prompt_len = args.prompt_len or (16 if args.tiny else 128)
+    args.new_tokens = args.new_tokens or (6 if args.tiny else 256)
+    args.iters = args.iters or (1 if args.tiny else 3)
+    return args
+
+
+def random_prompts(batch: int, length: int, seed: int, high: int = 800) -> list[list[int]]:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [list(map(int, rng.integers(1, high, length))) for _ in range(batch)]
+
+
+def sfjax_sampler(model, tok, prompts, args) -> dict:
+    import jax
+
+    from sfjax.sampling import Sampler, SamplingParams
+
+    sampler = Sampler(model, tok)
+    B, new = len(prompts), args.new_tokens
+
+    def gen(n_new):
+        params = SamplingParams(temperature=0.0, max_new_tokens=n_new, ignore_eos=True)
+        return lambda: sampler.generate(prompts, params, jax.random.key(0))
+
+    out = gen(new)()
+    assert all(len(t) == new for t in out.tokens), [len(t) for t in out.tokens]
+    t_new = gc.time_call(gen(new), iters=args.iters, warmup=0, sync=lambda x: x)["median_s"]
+    t_one = gc.time_call(gen(1), iters=args.iters, warmup=1, sync=lambda x: x)["median_s"]
+    decode_s = max(t_new - t_one, 1e-9)
+    traces = sampler.num_traces
+    sampler.release_cache()
+    return {
+        "generate_s": t_new,
+        "generate_1_token_s": t_one,
+        "decode_tokens_per_s": B * (new - 1) / decode_s,
+        "prefill_tokens_per_s": B * args.prompt_len / t_one,
+        "ms_per_decode_step": 1e3 * decode_s / (new - 1),
+        "traces": traces,
+    }
+
+
+def sfjax_model_only(model, config, prompts, args) -> dict:
+    """Jitted prefill and one jitted decode step (cache donated), no sampling logic."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from sfjax.models.qwen3 import init_cache
+
+    B, P, new = len(prompts), args.prompt_len, args.new_tokens
+    graphdef, state = nnx.split(model)
+    ids_BP = jnp.asarray(prompts, jnp.int32)
+    mask_BP = jnp.ones_like(ids_BP, bool)
+
+    @jax.jit
+    def prefill(state, ids, mask):
+        cache = init_cache(config, B, P + new, model.dtype)
+        logits, cache = nnx.merge(graphdef, state)(ids, attention_mask=mask, cache=cache)
+        return logits[:, -1], cache
+
+    @jax.jit
+    def prefill_only(state, ids, mask):  # logits of the last column only, as the sampler does
+        return prefill(state, ids, mask)[0]
+
+    def step(state, tok_B1, cache):
+        logits, cache = nnx.merge(graphdef, state)(tok_B1, cache=cache)
+        return jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32), cache
+
+    step = jax.jit(step, donate_argnums=(2,))
+    t_prefill = gc.time_call(lambda: prefill_only(state, ids_BP, mask_BP), iters=args.iters)
+    _, cache = prefill(state, ids_BP, mask_BP)
+    tok = jnp.zeros((B, 1), jnp.int32)
+    half = max(new // 2 - 1, 0)
+    for _ in range(half):  # advance to the middle of the generation
+        tok, cache = step(state, tok, cache)
+    box = {"tok": tok, "cache": cache}
+    n_timed = max(min(args.iters * 4, new - half - 1), 1)
+
+    def one():
+        box["tok"], box["cache"] = step(state, box["tok"], box["cache"])
+        return box["tok"]
+
+    t_step = gc.time_call(one, iters=n_timed, warmup=0)
+    return {
+        "prefill_s": t_prefill["median_s"],
+        "prefill_tokens_per_s": B * P / t_prefill["median_s"],
+        "decode_step_s": t_step["median_s"],
+        "decode_tokens_per_s": B / t_step["median_s"],
+        "decode_context": P + half,
+    }
+
+
+def floors(config, B, args, roof) -> dict:
+    P, new = args.prompt_len, args.new_tokens
+    t = sum(gc.decode_floor_s(config, B, P + i, roof) for i in range(new))
+    prefill_flops = gc.forward_flops(config, B * P, gc.prefill_attended_keys(B, P), B)
+    weights = gc.decode_step_bytes(config, 0, 0)
+    prefill_t = max(prefill_flops / roof.matmul_flops_per_s, weights / roof.hbm_bytes_per_s)
+    return {
+        "decode_tokens_per_s": B * new / t,
+        "ms_per_decode_step": 1e3 * t / new,
+        "prefill_tokens_per_s": B * P / prefill_t,
+        "decode_bytes_per_step_mid": gc.decode_step_bytes(config, B, P + new // 2),
+        "prefill_flops": prefill_flops,
+    }
+
+
+def torch_generate(tmodel, prompts, args, device) -> dict:
+    import torch
+
+    ids = torch.tensor(prompts, dtype=torch.long, device=device)
+    mask = torch.ones_like(ids)
+    B, new = len(prompts), args.new_tokens
+
+    def gen(n):
+        def run():
+            with torch.inference_mode():
+                return tmodel.generate(
+                    input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                    do_sample=False, pad_token_id=0, eos_token_id=None,
+                )
+        return run
+
+    out = gen(new)()
+    assert out.shape == (B, args.prompt_len + new), out.shape
+    t_new = gc.time_call(gen(new), iters=args.iters, warmup=0, sync=gc.torch_sync)["median_s"]
+    t_one = gc.time_call(gen(1), iters=args.iters, warmup=1, sync=gc.torch_sync)["median_s"]
+    decode_s = max(t_new - t_one, 1e-9)
+    return {
+        "generate_s": t_new,
+        "generate_1_token_s": t_one,
+        "decode_tokens_per_s": B * (new - 1) / decode_s,
+        "prefill_tokens_per_s": B * args.prompt_len / t_one,
+        "ms_per_decode_step": 1e3 * decode_s / (new - 1),
+    }
+
+
+def main(argv=None) -> dict | None:
+    args = parse_args(argv)
+    if gc.maybe_device_check(args):
+        return None
+    config = gc.model_config(args.tiny)
+    roof = gc.measure_roofline(args.tiny)
+    model = gc.random_model(config, seed=args.seed)
+    tok = gc.load_bench_tokenizer(None)
+    device = gc.torch_device(args)
+    tmodel = gc.torch_model(config, device, args.seed) if device else None
+    rows = []
+    for B in args.batches:
+        prompts = random_prompts(B, args.prompt_len, args.seed + B)
+        row = {"batch": B, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens}
+        row["sfjax_sampler"] = sfjax_sampler(model, tok, prompts, args)
+        row["sfjax_model_only"] = sfjax_model_only(model, config, prompts, args)
+        row["floor_measured"] = floors(config, B, args, roof)
+        row["floor_spec_h200"] = floors(config, B, args, gc.SPEC_H200)
+        got = row["sfjax_sampler"]["decode_tokens_per_s"]
+        row["sampler_fraction_of_floor"] = gc.ratio(got, row["floor_measured"]["decode_tokens_per_s"])
+        if tmodel is not None:
+            row["torch"] = torch_generate(tmodel, prompts, args, device)
+            row["sfjax_over_torch_decode"] = gc.ratio(got, row["torch"]["decode_tokens_per_s"])
+            row["sfjax_over_torch_prefill"] = gc.ratio(
+                row["sfjax_sampler"]["prefill_tokens_per_s"], row["torch"]["prefill_tokens_per_s"])
+        rows.append(row)
+        print(f"B={B}: sampler {got:.1f} tok/s, floor "
+              f"{row['floor_measured']['decode_tokens_per_s']:.1f} tok/s "
+              f"({100 * row['sampler_fraction_of_floor']:.0f} %)", file=sys.stderr)
+    costs = gc.qwen3_costs(config)
+    return gc.emit(args, "gpu_decode", {
+        "config": {"params": costs.total_params, "kv_bytes_per_token": costs.kv_bytes_per_token},
+        "roofline": gc.roofline_record(roof),
+        "torch_device": device,
+        "rows": rows,
+    })
+
+
+if __name__ == "__main__":
+    main()
