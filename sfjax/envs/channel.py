@@ -64,6 +64,11 @@ class CellConfig:
     """Thermal noise power spectral density."""
     interference_margin_db: float = 0.0
     """Extra noise rise standing in for other-cell interference (0: an isolated cell)."""
+    data_re_fraction: float = 1.0
+    """Share of a PRB's resource elements that carry data: a transport block holds
+    ``efficiency * 180 kHz * 1 ms * data_re_fraction`` bits per PRB. 1.0 is the plain CQI
+    efficiency; ~0.7 mimics the control-region and reference-signal overhead built into the
+    36.213 TBS table that ns-3 uses (see benchmarks/RESULTS.md, ns-3 vs JAX)."""
     bs_height_m: float = 25.0
     """BS antenna height (TR 38.901 UMa: 25 m)."""
     ue_height_m: float = 1.5
@@ -84,6 +89,8 @@ class CellConfig:
     def __post_init__(self):
         if self.n_prb < 1 or self.n_prb > 110:
             raise ValueError(f"n_prb must be in 1..110 (LTE), got {self.n_prb}")
+        if not 0.0 < self.data_re_fraction <= 1.0:
+            raise ValueError(f"data_re_fraction must be in (0, 1], got {self.data_re_fraction}")
         if not 10.0 <= self.min_distance_m < self.max_distance_m <= 5000.0:
             raise ValueError(
                 "need 10 m <= min_distance_m < max_distance_m <= 5000 m (TR 38.901 UMa validity), "

@@ -102,6 +102,9 @@ class RanSlicingConfig:
     is covered) or "pf_ns3" (ns-3 PfFfMacScheduler verbatim; see :mod:`sfjax.envs.scheduler`)."""
     pf_window_tti: float = 99.0
     """Window of the PF average-throughput filter (ns-3 PfFfMacScheduler: 99)."""
+    pipeline_delay_ms: float = 0.0
+    """Fixed latency added to every packet's delay (backhaul, MAC/PHY processing) on top of
+    queueing and the 1 ms TTI; ns-3's LTE stack has a floor of ~4.5 ms. 0: queueing only."""
     randomize_drop: bool = False
     """False: one fixed UE drop from ``geometry_seed`` (comparable with ns-3); True: a fresh
     drop (positions, LOS, shadowing) on every reset."""
@@ -121,6 +124,8 @@ class RanSlicingConfig:
             raise ValueError(f"controlled_slice must be 0 or 1, got {self.controlled_slice}")
         if self.ttis_per_step < 1 or self.episode_steps < 1:
             raise ValueError("ttis_per_step and episode_steps must be >= 1")
+        if self.pipeline_delay_ms < 0:
+            raise ValueError(f"pipeline_delay_ms must be >= 0, got {self.pipeline_delay_ms}")
         if 2 * self.min_rbg_per_slice > self.cell.n_rbg:
             raise ValueError(
                 f"min_rbg_per_slice={self.min_rbg_per_slice} leaves no choice with "
@@ -352,7 +357,10 @@ class RanSlicingEnv(environment.Environment):
         t_T = state.clock_ms + jnp.arange(self.config.ttis_per_step, dtype=jnp.int32)
         idx_TU = (state.trace_offset_U[None, :] + t_T[:, None]) % length
         gain_db_TUR = params.gains_db_NLR[state.trace_U[None, :], idx_TU]
-        return channel.sinr_db_to_efficiency_lut(state.snr_db_U[None, :, None] + gain_db_TUR)
+        eff_TUR = channel.sinr_db_to_efficiency_lut(state.snr_db_U[None, :, None] + gain_db_TUR)
+        if self.config.cell.data_re_fraction != 1.0:
+            eff_TUR = eff_TUR * self.config.cell.data_re_fraction
+        return eff_TUR
 
     def _tti(self, params: EnvParams, owner_R, carry, xs):
         """One 1 ms TTI: schedule on the queues, serve, then enqueue this TTI's arrivals."""
@@ -374,7 +382,8 @@ class RanSlicingEnv(environment.Environment):
             )
         tb_bits_U, used_prbs_U = scheduler.transport_blocks(winner_R, eff_UR, rbg_prbs_R)
         served_U = jnp.minimum(tb_bits_U // 8, queued_U)
-        now_ms = (t + 1).astype(jnp.float32)
+        # a packet's delay ends when its last byte is through the pipeline after this TTI
+        now_ms = (t + 1).astype(jnp.float32) + self.config.pipeline_delay_ms
         buf, done_U, late_U, max_delay_U, sum_delay_U = fifo.serve(
             buf, served_U, self._packet_bytes_U, now_ms, self._budget_ms_U
         )

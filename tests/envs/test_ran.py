@@ -16,7 +16,8 @@ from sfjax.envs.traffic import SliceConfig
 
 FAST_FADING = FadingConfig(duration_ms=1000, n_traces=2)
 TINY = RanSlicingConfig(
-    cell=CellConfig(n_prb=15),  # RBG size 2: 7 RBGs of 2 PRB + 1 of 1 PRB
+    # RBG size 2: 7 RBGs of 2 PRB + 1 of 1 PRB; half the REs carry data
+    cell=CellConfig(n_prb=15, data_re_fraction=0.5),
     slices=(
         SliceConfig("gbr", n_ues=5, bit_rate_bps=1e6, delay_budget_ms=10.0, mean_on_s=0.2,
                     mean_off_s=0.1, fading=FAST_FADING),
@@ -27,6 +28,7 @@ TINY = RanSlicingConfig(
     ttis_per_step=20,
     episode_steps=6,
     buffer_bytes=2048,  # 4 packets: starving the slice overflows it within a step
+    pipeline_delay_ms=5.0,
 )
 REQUIRED = ("se", "violation", "reconfiguration", "arrival_rate_bps", "queue_delta_bytes",
             "dropped_bytes")
@@ -219,3 +221,22 @@ def test_gymnasium_wrapper():
     np.testing.assert_array_equal(obs2, g.reset(seed=0)[0])
     with pytest.raises(ValueError, match="action"):
         g.step(99)
+
+
+def test_pipeline_delay_and_data_re_fraction(tiny):
+    # TINY adds 5 ms of pipeline latency: a packet that arrived 4.5 ms before the step and is
+    # sent in its first TTIs has a delay of k + 4.5 + 5 > 10 ms (k + 4.5 < 10 without it); at
+    # half the REs its 4096 bits need two TTIs on the 8 PRBs of the initial allocation (k = 2)
+    env, params, step, reset = tiny
+    key = jax.random.key(2)
+    state = _quiet_state(reset, params, key, env.config.n_ues)
+    buf = state.buffers
+    pkt = buf.replace(arrival_ms_UQ=buf.arrival_ms_UQ.at[0, 0].set(-4.5),
+                      count_U=buf.count_U.at[0].set(1))
+    _, _, _, _, info = step(key, state.replace(buffers=pkt), int(params.initial_action), params)
+    assert bool(info["violation"]) and int(info["late_packets"]) == 1
+    assert float(info["max_delay_ms"]) == pytest.approx(11.5)
+    # TINY keeps half the data REs: the link efficiency of used PRBs is at most 5.5547 / 2
+    assert 0 < float(info["link_se"]) <= 5.5547 / 2 + 1e-4
+    with pytest.raises(ValueError, match="data_re_fraction"):
+        CellConfig(data_re_fraction=0.0)
