@@ -4,12 +4,14 @@ Both run the same random Qwen3-architecture weights (built by transformers, save
 ``sfjax.models.qwen3.from_pretrained``) on the same CPU in one process, one after the other.
 The logits are checked to agree before timing. Reported: tokens/s of a full forward over a
 ``batch x seq`` prompt (logits for every position), median of ``--repeats`` interleaved runs
-after warm-up, and the ratio sfjax / torch.
+after warm-up, and the ratio sfjax / torch; also tokens per CPU-second of the process (all its
+threads), which is steadier than wall time on a CPU shared with other jobs.
 
 Usage::
 
     .venv/bin/python benchmarks/bench_prefill.py                 # configs small and mid
     .venv/bin/python benchmarks/bench_prefill.py --configs small --repeats 5
+    .venv/bin/python benchmarks/bench_prefill.py --single-thread   # 1 thread each
 """
 
 from __future__ import annotations
@@ -34,15 +36,18 @@ CONFIGS = {
 }  # fmt: skip
 
 
-def _interleaved_medians(fns, repeats: int) -> list[float]:
-    """Median wall time of each function, runs interleaved so load drifts hit both alike."""
-    times: list[list[float]] = [[] for _ in fns]
+def _interleaved_medians(fns, repeats: int) -> list[tuple[float, float]]:
+    """Median (wall, process CPU) seconds of each function, runs interleaved so that load
+    drifts hit both alike. CPU time counts every thread of the process."""
+    times: list[list[tuple[float, float]]] = [[] for _ in fns]
     for _ in range(repeats):
         for fn, ts in zip(fns, times):
-            t0 = time.perf_counter()
+            w0, c0 = time.perf_counter(), time.process_time()
             fn()
-            ts.append(time.perf_counter() - t0)
-    return [statistics.median(ts) for ts in times]
+            ts.append((time.perf_counter() - w0, time.process_time() - c0))
+    return [
+        (statistics.median(w for w, _ in ts), statistics.median(c for _, c in ts)) for ts in times
+    ]
 
 
 def bench(name: str, batch: int, seq: int, repeats: int) -> dict:
@@ -90,7 +95,7 @@ def bench(name: str, batch: int, seq: int, repeats: int) -> dict:
     if err > 1e-4:
         raise AssertionError(f"{name}: sfjax and transformers disagree (rel err {err:.2e})")
 
-    jax_s, torch_s = _interleaved_medians([run_jax, run_torch], repeats)
+    (jax_s, jax_cpu), (torch_s, torch_cpu) = _interleaved_medians([run_jax, run_torch], repeats)
     tokens = batch * seq
     return {
         "config": name,
@@ -98,6 +103,9 @@ def bench(name: str, batch: int, seq: int, repeats: int) -> dict:
         "sfjax_tok_s": tokens / jax_s,
         "torch_tok_s": tokens / torch_s,
         "ratio": torch_s / jax_s,
+        "sfjax_tok_cpu_s": tokens / jax_cpu,
+        "torch_tok_cpu_s": tokens / torch_cpu,
+        "cpu_ratio": torch_cpu / jax_cpu,
         "compile_s": compile_s,
         "rel_err": err,
         "backend": jax.default_backend(),
@@ -111,19 +119,33 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--single-thread",
+        action="store_true",
+        help="one compute thread for both frameworks (fairer on a shared, loaded CPU)",
+    )
     args = ap.parse_args()
+    if args.single_thread:  # must happen before jax / torch start their thread pools
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+        )
+        import torch
+
+        torch.set_num_threads(1)
     print(
         f"prefill forward, batch {args.batch} x {args.seq} tokens, float32, median of {args.repeats}"
     )
     print(
-        "| config | params (M) | sfjax tok/s | transformers tok/s | ratio sfjax/torch | jit compile s | rel err |"
+        "| config | params (M) | sfjax tok/s | transformers tok/s | ratio sfjax/torch "
+        "| sfjax tok/CPU-s | transformers tok/CPU-s | CPU ratio | jit compile s | rel err |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in args.configs:
         r = bench(name, args.batch, args.seq, args.repeats)
         print(
             f"| {r['config']} | {r['params_M']:.1f} | {r['sfjax_tok_s']:.0f} | {r['torch_tok_s']:.0f} "
-            f"| {r['ratio']:.2f} | {r['compile_s']:.1f} | {r['rel_err']:.1e} |"
+            f"| {r['ratio']:.2f} | {r['sfjax_tok_cpu_s']:.0f} | {r['torch_tok_cpu_s']:.0f} "
+            f"| {r['cpu_ratio']:.2f} | {r['compile_s']:.1f} | {r['rel_err']:.1e} |"
         )
     print(
         f"(jax backend {r['backend']}, torch threads {r['torch_threads']}, "
