@@ -357,9 +357,14 @@ def from_pretrained(
       path_or_hub_id: checkpoint directory, or a hub id such as ``"Qwen/Qwen3-4B"`` (downloaded
         through ``huggingface_hub``; offline it must already be in the local cache).
       dtype: parameter / compute dtype (bf16 for real runs; norms, RoPE, softmax stay float32).
-      mesh: optional ``jax.sharding.Mesh``; each tensor is placed with
-        ``sharding_rule(path, shape, mesh)`` (default :func:`param_sharding`), straight
-        from host memory to its shards.
+      mesh: optional ``jax.sharding.Mesh`` (default: ``sfjax.parallel``'s default mesh, if one
+        was set); each tensor is placed with ``sharding_rule(path, shape, mesh)`` (default
+        :func:`param_sharding`), straight from host memory to its shards.
+
+    Raises (before reading any tensor data): ``FileNotFoundError`` for a missing directory,
+    config or shard, or a hub id that is unavailable offline; ``ValueError`` for an unsupported
+    ``config.json``; :class:`CheckpointError` for missing / unexpected tensors, shape or dtype
+    mismatches and corrupt or truncated files (each naming the tensor or file).
     """
     from sfjax.models.qwen3 import Qwen3Config
 
