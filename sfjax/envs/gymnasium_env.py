@@ -11,6 +11,7 @@ Requires the optional ``gymnasium`` package (``pip install 'sfjax[ns3]'``).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -27,6 +28,17 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 from sfjax.envs.ran import EnvParams, RanSlicingConfig, RanSlicingEnv, info_dict
 
 
+# Module-level jits with the env static: wrappers of equal configs share compiled code.
+@functools.partial(jax.jit, static_argnums=0)
+def _reset(env: RanSlicingEnv, key, params):
+    return env.reset_env(key, params)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _step(env: RanSlicingEnv, key, state, action, params):
+    return env.step_env(key, state, action, params)
+
+
 class RanSlicingGymnasiumEnv(gymnasium.Env):
     """The JAX RAN slicing simulator behind the gymnasium API."""
 
@@ -41,8 +53,8 @@ class RanSlicingGymnasiumEnv(gymnasium.Env):
             low=np.asarray(box.low, np.float32), high=np.asarray(box.high, np.float32),
             dtype=np.float32,
         )
-        self._reset = jax.jit(self.env.reset_env)
-        self._step = jax.jit(self.env.step_env)
+        self._reset = functools.partial(_reset, self.env)
+        self._step = functools.partial(_step, self.env)
         self._key = jax.random.key(0)
         self._state = None
 

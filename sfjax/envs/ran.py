@@ -250,6 +250,14 @@ class RanSlicingEnv(environment.Environment):
         )
         self._default_params = self._build_default_params()
 
+    # Envs built from equal configs are interchangeable: the jit caches (``step`` and ``reset``
+    # take ``self`` as a static argument) are then shared instead of recompiled.
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self) and other.config == self.config
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.config))
+
     # ----------------------------------------------------------------------------- params
     def _build_default_params(self) -> EnvParams:
         cfg = self.config

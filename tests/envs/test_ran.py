@@ -42,6 +42,8 @@ def tiny():
 
 def test_spaces_actions_and_helpers(tiny):
     env, params, _, _ = tiny
+    assert env == RanSlicingEnv(TINY) and hash(env) == hash(RanSlicingEnv(TINY))
+    assert env != RanSlicingEnv(dataclasses.replace(TINY, episode_steps=7))
     assert env.num_actions == 7 and TINY.prbs_per_action == (2, 4, 6, 8, 10, 12, 14)
     assert env.action_space(params).n == 7
     assert env.observation_space(params).shape == (5,)
@@ -209,11 +211,11 @@ def test_gymnasium_wrapper():
     pytest.importorskip("gymnasium")
     from sfjax.envs.gymnasium_env import RanSlicingGymnasiumEnv
 
-    g = RanSlicingGymnasiumEnv(dataclasses.replace(TINY, episode_steps=3))
+    g = RanSlicingGymnasiumEnv(TINY)
     obs, _ = g.reset(seed=0)
     assert g.observation_space.contains(obs)
     trunc = False
-    for _ in range(3):
+    for _ in range(TINY.episode_steps):
         obs, r, term, trunc, info = g.step(g.action_space.sample())
         assert isinstance(r, float) and not term and isinstance(info["se"], float)
     assert trunc
