@@ -40,6 +40,22 @@ slice); :func:`observation_dict` / :func:`info_dict` turn them into Python float
 On reset the SE, queue delta and drops are 0 and the arrival rate is the offered load of the UEs
 that are ON.
 
+API. gymnax 1.0.1's base ``Environment.step`` returns a 6-tuple (terminated, truncated);
+rejax 0.1.3 and the gymnax 0.x convention expect ``(obs, state, reward, done, info)``, which
+this class returns (``done`` = end of the 300-decision episode, a truncation; auto-reset as in
+gymnax, ``info`` describing the step just taken). Tunable numbers (eq. 15 weights, episode
+length, initial allocation, fading traces, the fixed drop) live in :class:`EnvParams`, e.g.
+``params.replace(violation_penalty=100.0)``; shapes and models in :class:`RanSlicingConfig`.
+
+Calibration (:mod:`sfjax.envs.calibration`): the default 35-60 m drop puts the links at 5.4
+bit/s/Hz (the paper's 5.2-5.7 SE range); eq. 1's goodput SE of the best static allocation is
+~1.9, because the paper's traffic cannot fill the band at the 10 ms budget (see there).
+Fidelity knobs vs ns-3: ``scheduler="pf_ns3"`` (ns-3's PF verbatim, default is buffer-aware),
+``cell.data_re_fraction`` (TBS-table overhead, ~0.7 in ns-3), ``pipeline_delay_ms`` (ns-3's
+~4.5 ms delay floor). Not modelled: HARQ/BLER (link adaptation sits at the 10% BLER CQI
+thresholds and every transport block is delivered), CQI reporting delay, inter-cell
+interference (``cell.interference_margin_db`` adds a fixed noise rise).
+
 Shape legend: U = UEs (controlled slice first), Q = buffer slots, R = RBGs, S = slices (2),
 T = TTIs per decision, N = fading traces, L = trace length, A = actions.
 """
