@@ -397,3 +397,24 @@ def test_local_backend_retries_invalid_windows():
         _truth(s.t, s.action) for s in trajs[0].steps
     ]
     assert out[0].backend == "local (fake)" and out[0].env_index == 5
+
+
+def test_local_backend_on_tiny_checkpoint_rejects_gibberish(tiny_checkpoint):
+    """The real local path (checkpoint -> sampler): a random model's reply is never accepted."""
+    cfg = ReflectorConfig(
+        backend="local",
+        local=LocalReflectorConfig(
+            checkpoint=str(tiny_checkpoint), dtype="float32", window_steps=4,
+            max_new_tokens=16, max_format_retries=1, enable_thinking=False,
+        ),
+    )  # fmt: skip
+    r = make_reflector(cfg, PCFG)
+    assert r.name == f"local ({tiny_checkpoint})"
+    with pytest.raises(ReflectorError, match="still invalid after 2 attempts"):
+        r.reflect([_random_traj(6, seed=0)], jax.random.key(0))
+    assert r.stats["requests"] == 4  # 2 windows, each asked twice
+
+
+def test_local_backend_needs_checkpoint():
+    with pytest.raises(ValueError, match="checkpoint"):
+        make_reflector(ReflectorConfig(backend="local"), PCFG)
