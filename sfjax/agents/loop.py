@@ -310,7 +310,10 @@ class SelfFinetuningLoop:
             [t.to_json() for t in self.trajectories],
         )
         m = mean_metrics(self.trajectories, self.weights)
-        self.iterations.append({"iteration": phase.iteration, **m})
+        # n_desirable / n_undesirable stay None for the final, evaluation-only collection
+        self.iterations.append(
+            {"iteration": phase.iteration, **m, "n_desirable": None, "n_undesirable": None}
+        )
         self._scalars("env", m, phase.iteration)
         log.info(
             "iteration %d: utility %.1f, avg SE %.3f, reconf %.1f, violations %.1f",
@@ -422,6 +425,10 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, leave=False, disable=None if enabled else True)
 
 
+def _or_dash(v) -> str:
+    return "-" if v is None else str(v)
+
+
 def format_table(summary: Mapping[str, Any]) -> str:
     """The final table: one row per SF iteration (iteration 0 = before fine-tuning)."""
     head = (
@@ -433,6 +440,6 @@ def format_table(summary: Mapping[str, Any]) -> str:
         lines.append(
             f"{r['iteration']:>4} {r['avg_se']:>8.3f} {r['reconfigurations']:>7.1f} "
             f"{r['violations']:>9.1f} {r['utility']:>10.1f} {r['parse_failures']:>10.1f} "
-            f"{r.get('n_desirable', '-'):>6} {r.get('n_undesirable', '-'):>6}"
+            f"{_or_dash(r.get('n_desirable')):>6} {_or_dash(r.get('n_undesirable')):>6}"
         )
     return "\n".join(lines)
