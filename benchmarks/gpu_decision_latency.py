@@ -1,0 +1,260 @@
+"""Actor decision latency of Qwen3-4B (random bf16 weights) on the real SF prompt.
+
+The paper's controller must decide every 100 ms (issue target: the action is available in
+< 100 ms). The prompt is the project's own (:mod:`sfjax.agents.prompts`): the full system prompt
+plus a 10-step history window (states, reflections, actions, analyses, feedback) and the current
+state, in the Qwen3 chat template (:func:`sfjax.tokenizer.chat_prompt`), for both field orders.
+Decoding is the project's sampler with the Actor's action constraint and sampling settings
+(temperature 0.7, top-p 0.8, top-k 20, free budget 64 tokens before ``Action:`` is forced).
+
+Per format, over ``--steps`` consecutive steps (the window slides; one prompt per step):
+
+* ``time_to_action``: one ``Sampler.generate`` whose ``max_new_tokens`` ends right after the
+  action line (action-first: ``"Action: "`` + digits + newline; reflection-first: the 64-token
+  free budget + the forced field + digits) — end-to-end wall time including tokenization and
+  post-processing, the action parsed from the output (checked non-empty);
+* ``full_decision``: the whole decision (128 new tokens: reflection + action + analysis);
+* prefix KV-cache reuse: the sampler re-prefills the whole prompt every step. The script
+  measures the token prefix that consecutive steps share (system prompt + window header) and,
+  at the model level, the jitted prefill of the full (bucketed) prompt against the prefill of
+  the suffix only on top of a cached prefix; ``projected_time_to_action_with_prefix_reuse_s``
+  = measured time-to-action − (full prefill − suffix prefill);
+* PyTorch: ``generate`` of the same number of tokens on the same prompt ids (no constraint).
+
+Floors: prefill FLOPs / measured matmul rate + per decode step max(bytes / bandwidth, FLOPs /
+matmul rate). The tokenizer is the project's local byte-level test tokenizer (no download; it
+splits text into more tokens than Qwen's, so its token counts are an upper bound — pass
+``--tokenizer DIR`` to use a local Qwen3 tokenizer).
+
+Usage::
+
+    python benchmarks/gpu_decision_latency.py --out results/gpu_decision_latency.json
+    python benchmarks/gpu_decision_latency.py --tiny --no-torch     # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import gpu_common as gc  # noqa: E402
+
+REFLECTIONS = (
+    "The previous allocation kept the queue stable without violations, so it was effective.",
+    "Queue grew by a few kB and one packet exceeded its delay budget; more RBGs were needed.",
+    "Spectral efficiency dropped because the slice had more RBGs than its traffic required.",
+)
+ANALYSES = (
+    "Arrivals are steady near the previous level, so keeping the allocation avoids a "
+    "reconfiguration.",
+    "Arrivals rose and the queue is growing, so one more RBG protects the 10 ms budget.",
+    "Traffic fell, so releasing one RBG raises spectral efficiency with little risk.",
+)
+
+
+def parse_args(argv=None):
+    p = gc.add_common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
+    p.add_argument("--steps", type=int, default=None, help="decisions timed per format (10)")
+    p.add_argument("--history-window", type=int, default=None,
+                   help="history steps in the prompt (10; --tiny: 1)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: local test one)")
+    args = p.parse_args(argv)
+    args.steps = args.steps or (2 if args.tiny else 10)
+    if args.history_window is None:
+        args.history_window = 1 if args.tiny else 10
+    args.iters = args.iters or (1 if args.tiny else 3)
+    return args
+
+
+def synthetic_history(n: int, seed: int):
+    """Plausible R-MDP steps (values in the env's ranges; texts like real Actor outputs)."""
+    import numpy as np
+
+    from sfjax.agents.prompts import HistoryEntry
+
+    rng = np.random.default_rng(seed)
+    out, prev = [], 6
+    for i in range(n):
+        action = int(np.clip(prev + rng.integers(-1, 2), 1, 13))
+        state = dict(prev_action=prev, se=float(rng.uniform(0.5, 4.5)),
+                     arrival_rate_bps=float(rng.uniform(2e6, 9e6)),
+                     queue_delta_bytes=float(rng.normal(0, 3e3)),
+                     dropped_bytes=float(rng.choice([0.0, 512.0], p=[0.9, 0.1])))
+        feedback = dict(state, violation=int(rng.random() < 0.2),
+                        reconfiguration=int(action != prev))
+        out.append(HistoryEntry(state, REFLECTIONS[i % 3], action, ANALYSES[i % 3], feedback))
+        prev = action
+    return out
+
+
+def step_prompts(tok, pcfg, steps: int, window: int, seed: int) -> list[str]:
+    """The Actor prompt at steps ``window .. window + steps - 1`` (sliding window)."""
+    from sfjax.agents.prompts import build_messages
+    from sfjax.tokenizer import chat_prompt
+
+    hist = synthetic_history(window + steps + 1, seed)
+    prompts = []
+    for t in range(window, window + steps):
+        msgs = build_messages(hist[t].state, hist[:t], pcfg, step=t)
+        prompts.append(chat_prompt(tok, msgs, enable_thinking=pcfg.enable_thinking))
+    return prompts
+
+
+def common_prefix(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def action_tokens(tok, constraint, free_budget: int) -> int:
+    """New tokens up to and including the action line's newline."""
+    forced = max(len(tok(s, add_special_tokens=False)["input_ids"])
+                 for s in (constraint.field + " ", "\n" + constraint.field + " "))
+    need = forced + constraint.max_digits + 1
+    return need if constraint.action_first else need + free_budget
+
+
+def prefix_reuse(model, config, ids_list, prefix_len: int, bucket: int, new: int, args) -> dict:
+    """Model-level prefill: whole prompt (sampler's bucket) vs suffix on a cached prefix."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from sfjax.models.qwen3 import init_cache
+    from sfjax.sampling.sampler import _bucket
+
+    graphdef, state = nnx.split(model)
+    suffix = ids_list[-1][prefix_len:]
+    S = max(bucket, _bucket(prefix_len, 32) + _bucket(len(suffix), 32)) + new
+
+    def left_pad(ids, T):
+        x = jnp.zeros((1, T), jnp.int32).at[0, T - len(ids):].set(jnp.asarray(ids, jnp.int32))
+        m = jnp.zeros((1, T), bool).at[0, T - len(ids):].set(True)
+        return x, m
+
+    @jax.jit
+    def prefill(state, cache, ids, mask):
+        logits, cache = nnx.merge(graphdef, state)(ids, attention_mask=mask, cache=cache)
+        return logits[:, -1], cache
+
+    fresh = jax.jit(lambda: init_cache(config, 1, S, model.dtype))
+    ids, mask = left_pad(ids_list[-1], bucket)
+    t_full = gc.time_call(lambda: prefill(state, fresh(), ids, mask)[0], iters=args.iters)
+    pre_ids, pre_mask = left_pad(ids_list[-1][:prefix_len], _bucket(prefix_len, 32))
+    _, prefix_cache = prefill(state, fresh(), pre_ids, pre_mask)
+    s_ids, s_mask = left_pad(suffix, _bucket(len(suffix), 32))
+    t_suffix = gc.time_call(lambda: prefill(state, prefix_cache, s_ids, s_mask)[0],
+                            iters=args.iters)
+    return {"prefill_full_s": t_full["median_s"], "prefill_suffix_on_prefix_s": t_suffix["median_s"],
+            "suffix_tokens": len(suffix), "suffix_bucket": _bucket(len(suffix), 32)}
+
+
+def floor_s(config, prompt_len: int, new: int, roof) -> float:
+    pf = gc.forward_flops(config, prompt_len, gc.prefill_attended_keys(1, prompt_len), 1)
+    t = max(pf / roof.matmul_flops_per_s, gc.decode_step_bytes(config, 0, 0) / roof.hbm_bytes_per_s)
+    return t + sum(gc.decode_floor_s(config, 1, prompt_len + i, roof) for i in range(new))
+
+
+def run_format(order, model, config, tok, roof, tmodel, device, args) -> dict:
+    import jax
+
+    from sfjax.agents.actor import ActorConfig
+    from sfjax.agents.prompts import ACTION_FIELD, PromptConfig, parse_output
+    from sfjax.sampling import ActionConstraint, Sampler, SamplingParams
+    from sfjax.sampling.sampler import _bucket
+
+    acfg = ActorConfig(prompt=PromptConfig(history_window=args.history_window, field_order=order))
+    p = acfg.prompt
+    c = ActionConstraint(lo=p.action_lo, hi=p.action_hi, field=ACTION_FIELD,
+                         action_first=order == "action_first", free_budget=acfg.free_budget)
+    prompts = step_prompts(tok, p, args.steps, args.history_window, args.seed)
+    ids = [tok(s, add_special_tokens=False)["input_ids"] for s in prompts]
+    shared = min(common_prefix(a, b) for a, b in zip(ids, ids[1:])) if len(ids) > 1 else 0
+    n_act = action_tokens(tok, c, acfg.free_budget)
+    sampler = Sampler(model, tok)
+    keys = iter(jax.random.split(jax.random.key(args.seed), 4 * args.steps + 4))
+
+    def decide(prompt, new):
+        params = SamplingParams(temperature=acfg.temperature, top_p=acfg.top_p,
+                                top_k=acfg.top_k, max_new_tokens=new)
+        return sampler.generate([prompt], params, next(keys), action_constraint=c)
+
+    result = {"field_order": order, "prompt_tokens": [len(x) for x in ids],
+              "prompt_chars": [len(s) for s in prompts], "shared_prefix_tokens": shared,
+              "prompt_bucket": _bucket(max(map(len, ids)), sampler.min_prompt_bucket),
+              "new_tokens_to_action": n_act}
+    for name, new in (("time_to_action", n_act), ("full_decision", acfg.max_new_tokens)):
+        decide(prompts[0], new)  # compile
+        times, ok = [], 0
+        for s in prompts:
+            t = gc.time_call(lambda s=s, new=new: decide(s, new), iters=1, warmup=0, sync=lambda x: x)
+            times.append(t["median_s"])
+        out = decide(prompts[-1], new)
+        ok = parse_output(out.texts[0], p).ok and out.actions[0] is not None
+        result[name] = {"median_s": statistics.median(times), "max_s": max(times),
+                        "times_s": times, "new_tokens": new, "action_parsed": bool(ok)}
+    result["time_to_action"]["meets_100ms"] = result["time_to_action"]["median_s"] < 0.1
+    new = 16 if args.tiny else 128
+    reuse = prefix_reuse(model, config, ids, shared, result["prompt_bucket"], new, args)
+    reuse["projected_time_to_action_with_prefix_reuse_s"] = max(
+        result["time_to_action"]["median_s"]
+        - (reuse["prefill_full_s"] - reuse["prefill_suffix_on_prefix_s"]), 0.0)
+    result["prefix_reuse"] = reuse
+    L = max(map(len, ids))
+    result["floor_time_to_action_s"] = floor_s(config, L, n_act, roof)
+    result["floor_time_to_action_spec_s"] = floor_s(config, L, n_act, gc.SPEC_H200)
+    if tmodel is not None:
+        result["torch_same_tokens_s"] = torch_time(tmodel, ids[-1], n_act, device, args)
+        result["sfjax_over_torch_speedup"] = gc.ratio(result["torch_same_tokens_s"],
+                                                      result["time_to_action"]["median_s"])
+    sampler.release_cache()
+    return result
+
+
+def torch_time(tmodel, ids, new, device, args) -> float:
+    import torch
+
+    x = torch.tensor([ids], dtype=torch.long, device=device)
+
+    def run():
+        with torch.inference_mode():
+            return tmodel.generate(input_ids=x, attention_mask=torch.ones_like(x),
+                                   max_new_tokens=new, min_new_tokens=new, do_sample=True,
+                                   temperature=0.7, top_p=0.8, top_k=20, pad_token_id=0)
+    return gc.time_call(run, iters=args.iters, warmup=1, sync=gc.torch_sync)["median_s"]
+
+
+def main(argv=None) -> dict | None:
+    args = parse_args(argv)
+    if gc.maybe_device_check(args):
+        return None
+    config = gc.model_config(args.tiny)
+    roof = gc.measure_roofline(args.tiny)
+    model = gc.random_model(config, seed=args.seed)
+    tok = gc.load_bench_tokenizer(args.tokenizer)
+    device = gc.torch_device(args)
+    tmodel = gc.torch_model(config, device, args.seed) if device else None
+    formats = []
+    for order in ("action_first", "reflection_first"):
+        r = run_format(order, model, config, tok, roof, tmodel, device, args)
+        formats.append(r)
+        print(f"{order}: time to action {1e3 * r['time_to_action']['median_s']:.1f} ms "
+              f"(floor {1e3 * r['floor_time_to_action_s']:.1f} ms), prompt "
+              f"{max(r['prompt_tokens'])} tokens", file=sys.stderr)
+    return gc.emit(args, "gpu_decision_latency", {
+        "history_window": args.history_window, "roofline": gc.roofline_record(roof),
+        "torch_device": device, "formats": formats,
+    })
+
+
+if __name__ == "__main__":
+    main()
