@@ -68,7 +68,8 @@ class ExperimentConfig:
     run_dir: str = "runs/sf_ranslicing"
     """Output directory (checkpoints, TensorBoard, trajectories, summary.json)."""
     resume: bool = False
-    """Continue the run in RUN_DIR from its last checkpoint (same config)."""
+    """Continue the run in RUN_DIR from its last checkpoint. A run dir holding a run with the
+    same config is continued (or, when complete, reported) even without this flag."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The Actor's base model."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -165,22 +166,21 @@ def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> d
     run_dir.mkdir(parents=True, exist_ok=True)
     saved = run_dir / "config.json"
     as_json = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
-    if cfg.resume and saved.exists():
-        before = json.loads(saved.read_text())
-        before.pop("resume", None), as_json.pop("resume", None)
-        if before != as_json:
-            raise ValueError(
-                f"--resume with a config different from the one in {saved}; use the same "
-                "preset and options as the interrupted run"
-            )
-    elif (
-        not cfg.resume
-        and (run_dir / "checkpoints").exists()
-        and any((run_dir / "checkpoints").iterdir())
-    ):
+    as_json.pop("resume", None)
+    has_run = (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir())
+    before = json.loads(saved.read_text()) if saved.exists() else None
+    if before is not None:
+        before.pop("resume", None)
+    resume = cfg.resume
+    if has_run and before != as_json:
         raise FileExistsError(
-            f"{run_dir} already holds a run; pass --resume to continue it or choose a new --run-dir"
+            f"{run_dir} holds a run with a different config ({saved}); resume it with the same "
+            "preset and options, or choose a new --run-dir"
         )
+    if has_run and not resume:
+        # Same config: continue (or, if complete, just report) — `make demo` is idempotent.
+        logging.getLogger(__name__).info("continuing the run in %s (same config)", run_dir)
+        resume = True
     saved.write_text(json.dumps(as_json, indent=2))
 
     t0 = time.perf_counter()
@@ -218,7 +218,7 @@ def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> d
             "actions": f"RBGs for the controlled slice in [{env.action_lo}, {env.action_hi}]",
         },
     )  # fmt: skip
-    summary = loop.run(resume=cfg.resume)
+    summary = loop.run(resume=resume)
     summary["timings_s"]["setup"] = setup_s
     loop.write_summary()
     finetuner.trainer.save_adapter(run_dir / "adapter")

@@ -128,14 +128,19 @@ def test_smoke_end_to_end_and_resume(tmp_path):
     res_dir = tmp_path / "resumed"
     with pytest.raises(Killed):
         mod.run(_short(mod, res_dir), on_phase_end=kill, progress=False)
-    with pytest.raises(FileExistsError, match="--resume"):
-        mod.run(_short(mod, res_dir), progress=False)
+    other = _short(mod, res_dir)
+    other = dataclasses.replace(other, loop=dataclasses.replace(other.loop, seed=7))
+    with pytest.raises(FileExistsError, match="different config"):
+        mod.run(other, progress=False)
     resumed = mod.run(_short(mod, res_dir, resume=True), progress=False)
     assert _strip(resumed) == _strip(summary)
     a, b = _adapter(full_dir), _adapter(res_dir)
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
+    # a finished run with the same config is reported, not rerun (`make demo` twice)
+    again = mod.run(_short(mod, res_dir), progress=False)
+    assert _strip(again) == _strip(summary)
 
 
 def test_cli_help_lists_presets(capsys):
