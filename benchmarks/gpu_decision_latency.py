@@ -63,12 +63,15 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="decisions timed per format (10)")
     p.add_argument("--history-window", type=int, default=None,
                    help="history steps in the prompt (10; --tiny: 1)")
+    p.add_argument("--style", default=None, choices=("full", "compact"),
+                   help="prompt style (full; --tiny: compact)")
     p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: local test one)")
     args = p.parse_args(argv)
     args.steps = args.steps or (2 if args.tiny else 10)
     if args.history_window is None:
         args.history_window = 1 if args.tiny else 10
     args.iters = args.iters or (1 if args.tiny else 3)
+    args.style = args.style or ("compact" if args.tiny else "full")
     return args
 
 
@@ -172,7 +175,8 @@ def run_format(order, model, config, tok, roof, tmodel, device, args) -> dict:
     from sfjax.sampling import ActionConstraint, Sampler, SamplingParams
     from sfjax.sampling.sampler import _bucket
 
-    acfg = ActorConfig(prompt=PromptConfig(history_window=args.history_window, field_order=order))
+    acfg = ActorConfig(prompt=PromptConfig(history_window=args.history_window, field_order=order,
+                                             style=args.style))
     p = acfg.prompt
     c = ActionConstraint(lo=p.action_lo, hi=p.action_hi, field=ACTION_FIELD,
                          action_first=order == "action_first", free_budget=acfg.free_budget)
@@ -251,7 +255,7 @@ def main(argv=None) -> dict | None:
               f"(floor {1e3 * r['floor_time_to_action_s']:.1f} ms), prompt "
               f"{max(r['prompt_tokens'])} tokens", file=sys.stderr)
     return gc.emit(args, "gpu_decision_latency", {
-        "history_window": args.history_window, "roofline": gc.roofline_record(roof),
+        "history_window": args.history_window, "style": args.style, "roofline": gc.roofline_record(roof),
         "torch_device": device, "formats": formats,
     })
 
