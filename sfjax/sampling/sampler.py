@@ -100,6 +100,7 @@ class SamplerOutput:
     actions: list[int | None] = field(default_factory=list)
     """The constrained action of each completion (``None`` everywhere without a constraint)."""
     prompt_lengths: list[int] = field(default_factory=list)
+    """Token count of each prompt (one entry per prompt, not per completion)."""
 
 
 class Sampler:
