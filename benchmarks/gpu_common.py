@@ -27,6 +27,7 @@ Shape legend: L layers, D hidden, F MLP width, N query heads, K kv heads, H head
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -150,6 +151,7 @@ def random_model(config, dtype=None, seed: int = 0):
     return nnx.merge(graphdef, state)
 
 
+@functools.lru_cache(maxsize=1)
 def tiny_tokenizer_dir() -> str:
     """A directory holding the project's local byte-level BPE test tokenizer (Qwen3 chat
     template and special tokens; no download). Its ids are < 1024, inside any Qwen3 vocabulary;
