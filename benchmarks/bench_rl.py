@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 
@@ -50,21 +51,21 @@ def env_only_seconds(env, params, budget: rl.Budget, seed: int = 0) -> float:
         return jax.lax.scan(step, state, jax.random.split(key, steps))[1].sum()
 
     compiled = jax.jit(run).lower(jax.random.key(seed)).compile()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     jax.block_until_ready(compiled(jax.random.key(seed)))
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
-def train_seconds(name: str, env, params, budget: rl.Budget, seeds: int) -> tuple[float, float]:
-    """(compile s, run s) of one seed-vmapped training program."""
+def train_seconds(name: str, env, params, budget: rl.Budget, seeds: int):
+    """(compile s, run wall s, run CPU s) of one seed-vmapped training program."""
     cfg = {"dqn": rl.DQNConfig(), "ppo": rl.PPOConfig(), "sac": rl.SACConfig()}[name]
     algo = rl.make_algo(name, cfg, env, params, budget)
     keys = jnp.stack([jax.random.key(s) for s in range(seeds)])
     t0 = time.perf_counter()
     compiled = jax.jit(jax.vmap(algo.train)).lower(keys).compile()
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     jax.block_until_ready(compiled(keys))
-    return t1 - t0, time.perf_counter() - t1
+    return t1 - t0, time.perf_counter() - t1, time.process_time() - c1
 
 
 def main() -> None:
@@ -82,32 +83,45 @@ def main() -> None:
         trajectories_per_round=PAPER.trajectories_per_round,
         steps_per_trajectory=PAPER.steps_per_trajectory,
     )
-    env_s = env_only_seconds(env, params, budget)
+    env_s, env_cpu = env_only_seconds(env, params, budget)
     env_round = env_s / args.rounds
     print(
         f"{platform.processor() or platform.machine()}, {jax.device_count()} "
         f"{jax.devices()[0].platform} device(s); measured {args.rounds} round(s) of "
         f"{budget.steps_per_round} samples x {args.seeds} seed(s)"
     )
-    print(f"env only (reference): {env_round:.2f} s/round/seed-batch")
+    print(
+        f"env only (reference): {env_round:.2f} s/round wall, "
+        f"{env_cpu / args.rounds:.2f} s/round CPU; load average {os.getloadavg()[0]:.1f}"
+    )
     extrapolated = args.rounds != PAPER.rounds
-    results = {"rounds_measured": args.rounds, "seeds": args.seeds, "env_s_per_round": env_round}
-    header = f"{'algo':>5} {'compile s':>10} {'s/round':>8} {'x env':>6} {'full budget':>14}"
+    results = {
+        "rounds_measured": args.rounds,
+        "seeds": args.seeds,
+        "env_s_per_round": env_round,
+        "env_cpu_s_per_round": env_cpu / args.rounds,
+    }
+    header = (
+        f"{'algo':>5} {'compile s':>10} {'s/round':>8} {'CPU s/round':>11} {'x env':>6} "
+        f"{'full budget':>14}"
+    )
     print(header)
     for name in args.algos:
-        compile_s, run_s = train_seconds(name, env, params, budget, args.seeds)
+        compile_s, run_s, cpu_s = train_seconds(name, env, params, budget, args.seeds)
         per_round = run_s / args.rounds
         full = compile_s + PAPER.rounds * per_round
         results[name] = {
             "compile_s": compile_s,
             "s_per_round": per_round,
+            "cpu_s_per_round": cpu_s / args.rounds,
             "ratio_vs_env_only": per_round / env_round,
             "full_budget_s": full,
             "full_budget_is_extrapolated": extrapolated,
         }
         tag = " (extrapolated)" if extrapolated else ""
         print(
-            f"{name:>5} {compile_s:>10.1f} {per_round:>8.2f} {per_round / env_round:>6.2f} "
+            f"{name:>5} {compile_s:>10.1f} {per_round:>8.2f} {cpu_s / args.rounds:>11.2f} "
+            f"{per_round / env_round:>6.2f} "
             f"{full / 60:>10.1f} min{tag}"
         )
     print(
