@@ -239,6 +239,7 @@ def main(cfg: Config) -> dict:
         cfg.run_dir / "fig2.png",
         {ROW_NAMES[k]: r.train.curves for k, r in rl_runs.items()},
         llm_rows,
+        llm_scale=cfg.rl.budget.steps_per_trajectory / cfg.protocol.num_steps,
     )
     if sf_summary is not None:
         iters, before_after = fig3_inputs(cfg.run_dir / "sf", sf_summary)

@@ -142,13 +142,23 @@ FIG2_PANELS = (
 )
 
 
+_LLM_STYLES = (("black", "--"), ("tab:purple", ":"), ("tab:brown", "-."))
+_SUM_METRICS = ("utility", "reconfigurations", "violations")
+
+
 def plot_fig2(
     path: str | Path,
     curves: Mapping[str, Mapping[str, np.ndarray]],
     llm_rows: Sequence[MethodResult] = (),
+    llm_scale: float = 1.0,
 ) -> Path:
     """Fig. 2: RL training curves per round (``curves[algo][metric]`` is [N, R]) and the
-    LLM agents' evaluated means as horizontal lines."""
+    LLM agents' evaluated means as horizontal lines.
+
+    ``llm_scale`` multiplies the LLM rows' per-trajectory sums (utility, reconfigurations,
+    violations) — training trajectory length / evaluation length — so that both are per
+    training trajectory when the two lengths differ (smoke runs); 1 in the paper setting.
+    """
     plt = _pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
     for ax, (metric, title) in zip(axes.flat, FIG2_PANELS):
@@ -158,12 +168,19 @@ def plot_fig2(
             mean, std = v_NR.mean(0), v_NR.std(0)
             (line,) = ax.plot(rounds, mean, label=name)
             ax.fill_between(rounds, mean - std, mean + std, alpha=0.2, color=line.get_color())
-        for row in llm_rows:
-            ax.axhline(row.summary[metric][0], linestyle="--", label=row.name, color=None)
+        for row, (color, style) in zip(llm_rows, _LLM_STYLES):
+            value = row.summary[metric][0] * (llm_scale if metric in _SUM_METRICS else 1.0)
+            ax.axhline(value, linestyle=style, color=color, label=f"{row.name} (evaluated)")
         ax.set_title(title)
         ax.set_xlabel("training round")
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=8)
+    if llm_scale != 1.0:
+        fig.text(
+            0.5, 0.005,
+            f"LLM sums rescaled by {llm_scale:.3g} (training / evaluation trajectory length)",
+            ha="center", fontsize=8,
+        )  # fmt: skip
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
