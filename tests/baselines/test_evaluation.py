@@ -92,3 +92,15 @@ def test_summary_matches_numpy(tmp_path):
     r.save(tmp_path / "r.npz")
     back = Rollouts.load(tmp_path / "r.npz")
     np.testing.assert_array_equal(back.se, r.se)
+
+
+def test_repeated_python_evaluations_do_not_recompile(toy_env):
+    from sfjax.baselines.evaluation import _as_rejax, _batched_env_fns
+
+    env = type(toy_env[0])()  # a fresh env: its jit cache holds only this test's programs
+    params = env.default_params
+    protocol = EvalProtocol(seeds=(1, 2), num_steps=5)
+    evaluate_agent(ConstantAgent(1), env, params, protocol)
+    evaluate_agent(ConstantAgent(4), env, params, protocol)
+    reset, step = _batched_env_fns(_as_rejax(env))
+    assert reset._cache_size() == 1 and step._cache_size() == 1
