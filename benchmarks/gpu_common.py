@@ -36,6 +36,9 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 
+# JAX must not grab 75 % of the GPU up front: the PyTorch reference shares the device.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
 H200_HBM_BYTES_PER_S = 4.8e12
 """NVIDIA H200 SXM HBM3e bandwidth (datasheet: 4.8 TB/s)."""
 H200_BF16_FLOPS = 989e12
@@ -149,6 +152,29 @@ def random_model(config, dtype=None, seed: int = 0):
     state = init(jax.random.key(seed))
     jax.block_until_ready(state)
     return nnx.merge(graphdef, state)
+
+
+def prefill_last_logits(model, ids_BT, mask_BT, cache):
+    """Prefill as the sampler does: all columns but the last (no LM head), then the last
+    column alone; returns its logits ``[B, V]`` and the cache."""
+    if ids_BT.shape[1] > 1:
+        _, cache = model(ids_BT[:, :-1], attention_mask=mask_BT[:, :-1], cache=cache)
+    logits_B1V, cache = model(ids_BT[:, -1:], attention_mask=mask_BT[:, -1:], cache=cache)
+    return logits_B1V[:, -1], cache
+
+
+def free_torch() -> None:
+    """Return the GPU memory of deleted torch objects (call after ``del``, before JAX runs)."""
+    import gc as pygc
+
+    pygc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
 
 
 @functools.lru_cache(maxsize=1)

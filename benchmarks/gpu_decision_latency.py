@@ -146,8 +146,7 @@ def prefix_reuse(model, config, ids_list, prefix_len: int, bucket: int, new: int
 
     @jax.jit
     def prefill(state, cache, ids, mask):
-        logits, cache = nnx.merge(graphdef, state)(ids, attention_mask=mask, cache=cache)
-        return logits[:, -1], cache
+        return gc.prefill_last_logits(nnx.merge(graphdef, state), ids, mask, cache)
 
     fresh = jax.jit(lambda: init_cache(config, 1, S, model.dtype))
     ids, mask = left_pad(ids_list[-1], bucket)

@@ -104,11 +104,10 @@ def sfjax_model_only(model, config, prompts, args) -> dict:
     @jax.jit
     def prefill(state, ids, mask):
         cache = init_cache(config, B, P + new, model.dtype)
-        logits, cache = nnx.merge(graphdef, state)(ids, attention_mask=mask, cache=cache)
-        return logits[:, -1], cache
+        return gc.prefill_last_logits(nnx.merge(graphdef, state), ids, mask, cache)
 
     @jax.jit
-    def prefill_only(state, ids, mask):  # logits of the last column only, as the sampler does
+    def prefill_only(state, ids, mask):
         return prefill(state, ids, mask)[0]
 
     def step(state, tok_B1, cache):

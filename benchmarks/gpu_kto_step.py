@@ -181,17 +181,19 @@ def main(argv=None) -> dict | None:
            "completion_len": args.completion_len, "lora_rank": args.rank, "remat": args.remat,
            "roofline": gc.roofline_record(roof),
            **step_flops(config, args.batch, args.prompt_len, args.completion_len)}
+    device = gc.torch_device(args)
+    res["torch_device"] = device
+    if device:  # first, then freed: JAX's allocator keeps what it takes
+        res["torch"] = run_torch(config, examples, args, device)
+        gc.free_torch()
+        res["torch"]["mfu_spec_h200"] = res["step_flops"] / res["torch"]["step_s"] / (
+            gc.H200_BF16_FLOPS)
     res["sfjax"] = run_sfjax(config, examples, args)
     s = res["sfjax"]["step_s"]
     res["mfu_spec_h200"] = res["step_flops"] / s / gc.H200_BF16_FLOPS
     res["mfu_measured_matmul"] = res["step_flops"] / s / roof.matmul_flops_per_s
     res["floor_step_s"] = res["step_flops"] / roof.matmul_flops_per_s
-    device = gc.torch_device(args)
-    res["torch_device"] = device
     if device:
-        res["torch"] = run_torch(config, examples, args, device)
-        res["torch"]["mfu_spec_h200"] = res["step_flops"] / res["torch"]["step_s"] / (
-            gc.H200_BF16_FLOPS)
         res["sfjax_over_torch_speedup"] = gc.ratio(res["torch"]["step_s"], s)
     print(f"KTO step {1e3 * s:.1f} ms, MFU {100 * res['mfu_measured_matmul']:.1f} % of the "
           f"measured matmul rate ({100 * res['mfu_spec_h200']:.1f} % of H200 spec)",

@@ -157,7 +157,6 @@ def main(argv=None) -> dict | None:
         return None
     config = gc.model_config(args.tiny)
     roof = gc.measure_roofline(args.tiny)
-    model = gc.random_model(config, seed=args.seed)
     tok = gc.load_bench_tokenizer(args.tokenizer)
     prompts, params, constraint = rollout_setup(tok, args)
     res = {"prompts": args.prompts, "k": args.k, "prompts_per_call": args.prompts_per_call,
@@ -165,16 +164,20 @@ def main(argv=None) -> dict | None:
            "style": args.style, "roofline": gc.roofline_record(roof),
            "prompt_tokens_max": max(len(tok(s, add_special_tokens=False)["input_ids"])
                                     for s in prompts)}
+    device = gc.torch_device(args)
+    res["torch_device"] = device
+    if device:  # first, then freed: JAX's allocator keeps what it takes
+        tmodel = gc.torch_model(config, device, args.seed)
+        res["torch"] = run_torch(tmodel, tok, prompts, args, device)
+        del tmodel
+        gc.free_torch()
+    model = gc.random_model(config, seed=args.seed)
     res["sfjax"] = run_sfjax(model, tok, prompts, params, constraint, args)
     mx = res["sfjax"]["max_new_per_call"]
     res["floor_measured_s"] = floor_s(config, tok, prompts, mx, args, roof)
     res["floor_spec_h200_s"] = floor_s(config, tok, prompts, mx, args, gc.SPEC_H200)
     res["fraction_of_floor"] = gc.ratio(res["floor_measured_s"], res["sfjax"]["wall_s"])
-    device = gc.torch_device(args)
-    res["torch_device"] = device
     if device:
-        tmodel = gc.torch_model(config, device, args.seed)
-        res["torch"] = run_torch(tmodel, tok, prompts, args, device)
         res["sfjax_over_torch_tokens_per_s"] = gc.ratio(res["sfjax"]["tokens_per_s"],
                                                         res["torch"]["tokens_per_s"])
     print(f"rollouts: {res['sfjax']['rollouts_per_s']:.1f}/s, "
