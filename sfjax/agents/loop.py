@@ -379,16 +379,20 @@ class SelfFinetuningLoop:
                 f"or choose a new --run-dir"
             )
         for phase in self.phases[start:]:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             {"collect": self._collect, "reflect": self._reflect, "kto": self._kto}[phase.kind](
                 phase
             )
-            dt = time.perf_counter() - t0
+            # wall time, and CPU time of this process (all threads): the latter is what a
+            # phase costs when the machine is shared
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
             kind = phase.kind
             self.timings[kind] = self.timings.get(kind, 0.0) + dt
+            self.timings[f"{kind}_cpu"] = self.timings.get(f"{kind}_cpu", 0.0) + dc
             self.timings[f"{kind}_count"] = self.timings.get(f"{kind}_count", 0) + 1
             wall = self.iterations[-1].setdefault("wall_s", {})
             wall[kind] = wall.get(kind, 0.0) + dt
+            wall[f"{kind}_cpu"] = wall.get(f"{kind}_cpu", 0.0) + dc
             self.ckpt.save(phase.index, self._arrays(), self._meta(phase))
             self.write_summary()
             if self.writer is not None:
