@@ -32,6 +32,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -376,6 +377,19 @@ def torch_model(config, device: str, seed: int = 0, attn: str = "sdpa"):
         finally:
             torch.set_default_dtype(old)
     return model.eval()
+
+
+def reference(args, fn, *a, **kw) -> dict:
+    """Run a PyTorch reference; at full size a failure (e.g. out of memory) is recorded as
+    ``{"error": ...}`` so the sfjax figures still come out. ``--tiny`` re-raises (tests)."""
+    try:
+        return fn(*a, **kw)
+    except Exception as e:  # noqa: BLE001
+        if args.tiny:
+            raise
+        print(f"PyTorch reference failed: {e!r}", file=sys.stderr)
+        free_torch()
+        return {"error": repr(e)[:500]}
 
 
 def torch_sync(x=None):

@@ -168,7 +168,7 @@ def main(argv=None) -> dict | None:
     res["torch_device"] = device
     if device:  # first, then freed: JAX's allocator keeps what it takes
         tmodel = gc.torch_model(config, device, args.seed)
-        res["torch"] = run_torch(tmodel, tok, prompts, args, device)
+        res["torch"] = gc.reference(args, run_torch, tmodel, tok, prompts, args, device)
         del tmodel
         gc.free_torch()
     model = gc.random_model(config, seed=args.seed)
@@ -177,7 +177,7 @@ def main(argv=None) -> dict | None:
     res["floor_measured_s"] = floor_s(config, tok, prompts, mx, args, roof)
     res["floor_spec_h200_s"] = floor_s(config, tok, prompts, mx, args, gc.SPEC_H200)
     res["fraction_of_floor"] = gc.ratio(res["floor_measured_s"], res["sfjax"]["wall_s"])
-    if device:
+    if device and "error" not in res["torch"]:
         res["sfjax_over_torch_tokens_per_s"] = gc.ratio(res["sfjax"]["tokens_per_s"],
                                                         res["torch"]["tokens_per_s"])
     print(f"rollouts: {res['sfjax']['rollouts_per_s']:.1f}/s, "
