@@ -114,6 +114,9 @@ class KTOConfig:
     per (prompt, completion) bucket pair); None = powers of two from 32 to max_prompt_length."""
     completion_buckets: tuple[int, ...] | None = None
     """Padded completion lengths; None = powers of two from 16 to max_completion_length."""
+    share_prompt_forward: bool = True
+    """Run each prompt once (KV cache) for its matched and KL completions, in the policy and
+    the reference passes; False runs every (prompt, completion) row separately. Same values."""
     log_every: int = 1
     """Log (TensorBoard + returned history) every this-many optimizer steps."""
     progress: bool = True

@@ -97,6 +97,37 @@ def sequence_logps(model, prompt_ids_BP, prompt_mask_BP, completion_ids_BC, comp
     return target_logps(logits_BCV, completion_ids_BC, scored_BC)
 
 
+def shared_prompt_logps(model, prompt_ids_BP, prompt_mask_BP, completions):
+    """``[sequence_logps(model, prompt, *c) for c in completions]``, running the prompt once.
+
+    The prompt minus its last column is prefilled into a KV cache (its LM-head output is
+    unused, so XLA drops it); each completion then continues from that cache with the last
+    prompt token prepended, giving the logits that predict its ``C`` tokens. KTO's matched and
+    KL rows share their prompts, so this saves a decoder pass over every prompt per forward.
+    ``completions`` is a list of ``(completion_ids_BC, completion_mask_BC)``.
+    """
+    from sfjax.models.qwen3 import init_cache
+
+    P = prompt_ids_BP.shape[-1]
+    if P < 2 or not hasattr(model, "config"):
+        return [sequence_logps(model, prompt_ids_BP, prompt_mask_BP, *c) for c in completions]
+    B, C = prompt_ids_BP.shape[0], completions[0][0].shape[-1]
+    dtype = getattr(model, "dtype", jnp.float32)
+    cache = init_cache(model.config, B, P - 1 + C, dtype)
+    _, cache = model(prompt_ids_BP[:, :-1], attention_mask=prompt_mask_BP[:, :-1], cache=cache)
+    last_mask_B1 = jnp.asarray(prompt_mask_BP[:, -1:], bool)
+    out = []
+    for ids_BC, mask_BC in completions:
+        mask_BC = jnp.asarray(mask_BC, bool)
+        cont_ids_BC = jnp.concatenate([prompt_ids_BP[:, -1:], ids_BC[:, :-1]], axis=1)
+        cont_mask_BC = jnp.concatenate([last_mask_B1, mask_BC[:, :-1]], axis=1)
+        logits_BCV, _ = model(cont_ids_BC, attention_mask=cont_mask_BC, cache=cache)
+        # The first completion token of an empty prompt has no predecessor: not scored.
+        scored_BC = mask_BC.at[:, 0].set(mask_BC[:, 0] & last_mask_B1[:, 0])
+        out.append(target_logps(logits_BCV, ids_BC, scored_BC))
+    return out
+
+
 def _rekey(rng_state, key):
     """Fresh, distinct dropout keys for every RNG stream (counts reset): one per micro-batch."""
     leaves, treedef = jax.tree.flatten(rng_state)
@@ -117,6 +148,7 @@ def _step_spec(config: KTOConfig) -> KTOConfig:
         beta=config.beta, loss_type=config.loss_type, weight_decay=config.weight_decay,
         adam_b1=config.adam_b1, adam_b2=config.adam_b2, adam_eps=config.adam_eps,
         max_grad_norm=config.max_grad_norm, micro_batch_size=2, progress=False,
+        share_prompt_forward=config.share_prompt_forward,
     )  # fmt: skip
 
 
@@ -147,17 +179,20 @@ def make_train_step(graphdef, config: KTOConfig, mesh=None):
             # Reference and KL rows: no gradient, adapters' dropout off (eval mode, as TRL).
             model = nnx.merge(graphdef, jax.lax.stop_gradient(lora), rng_state, frozen)
             prompt = (mb["prompt_ids_ABP"], mb["prompt_mask_ABP"])
-            matched = prompt + (mb["completion_ids_ABC"], mb["completion_mask_ABC"])
-            mismatched = prompt + (mb["kl_completion_ids_ABC"], mb["kl_completion_mask_ABC"])
+            comp = (mb["completion_ids_ABC"], mb["completion_mask_ABC"])
+            kl_comp = (mb["kl_completion_ids_ABC"], mb["kl_completion_mask_ABC"])
+            shared = config.share_prompt_forward
             with lora_lib.adapters_disabled(model):
-                if config.with_kl:  # one reference pass over matched + KL rows
-                    both = [jnp.concatenate([x, y]) for x, y in zip(matched, mismatched)]
+                if config.with_kl and shared:  # the prompt once for both continuations
+                    ref_logps, ref_kl_logps = shared_prompt_logps(model, *prompt, [comp, kl_comp])
+                elif config.with_kl:  # one reference pass over matched + KL rows
+                    both = [jnp.concatenate([x, y]) for x, y in zip(prompt + comp, prompt + kl_comp)]
                     ref_logps, ref_kl_logps = jnp.split(sequence_logps(model, *both), 2)
                 else:
-                    ref_logps = sequence_logps(model, *matched)
+                    ref_logps = sequence_logps(model, *prompt, *comp)
                     ref_kl_logps = jnp.zeros_like(ref_logps)
-            if config.with_kl:
-                policy_kl_logps = sequence_logps(model, *mismatched)
+            if config.with_kl and not shared:
+                policy_kl_logps = sequence_logps(model, *prompt, *kl_comp)
             else:
                 policy_kl_logps = jnp.zeros_like(ref_logps)
 
@@ -165,9 +200,14 @@ def make_train_step(graphdef, config: KTOConfig, mesh=None):
                 policy = nnx.merge(graphdef, lora_params, _rekey(rng_state, mkey), frozen)
                 if rng_state:
                     policy.train()  # LoRA dropout on for the differentiated forward only
-                policy_logps = sequence_logps(policy, *matched)
+                kl_logps = policy_kl_logps
+                if config.with_kl and shared:
+                    policy_logps, kl_logps = shared_prompt_logps(policy, *prompt, [comp, kl_comp])
+                    kl_logps = jax.lax.stop_gradient(kl_logps)  # z carries no gradient
+                else:
+                    policy_logps = sequence_logps(policy, *prompt, *comp)
                 losses, metrics = kto_loss(
-                    policy_logps, ref_logps, policy_kl_logps, ref_kl_logps, mb["desirable_AB"],
+                    policy_logps, ref_logps, kl_logps, ref_kl_logps, mb["desirable_AB"],
                     beta=config.beta, desirable_weight=weights[0], undesirable_weight=weights[1],
                     loss_type=config.loss_type, valid=mb["valid_AB"],
                 )  # fmt: skip

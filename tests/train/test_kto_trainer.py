@@ -22,6 +22,7 @@ from sfjax.train.data import (
     tokenize_examples,
 )
 from sfjax.train.kto import make_train_step, sequence_logps
+from sfjax.train.step import shared_prompt_logps
 
 IDS = np.array([[5, 17, 300, 42, 9, 811, 77, 3], [820, 820, 12, 64, 128, 256, 600, 1]])
 MASK = np.array([[1] * 8, [0, 0, 1, 1, 1, 1, 1, 1]])
@@ -125,6 +126,13 @@ def test_sequence_logps_equals_full_logits_path(tiny_checkpoint):
     comp[2, 16] = False  # the empty prompt's first completion token has no predecessor
     want = completion_logps(model(ids, attention_mask=mask), ids, comp)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    # sharing the prompt pass (KV cache) between two completions gives the same values
+    other = np.roll(batch.completion_ids_ABC[0], 1, axis=0), np.roll(batch.completion_mask_ABC[0], 1, axis=0)
+    shared = shared_prompt_logps(model, batch.prompt_ids_ABP[0], batch.prompt_mask_ABP[0],
+                                 [(batch.completion_ids_ABC[0], batch.completion_mask_ABC[0]), other])  # fmt: skip
+    np.testing.assert_allclose(np.asarray(shared[0]), np.asarray(got), rtol=1e-5, atol=1e-5)
+    separate = sequence_logps(model, batch.prompt_ids_ABP[0], batch.prompt_mask_ABP[0], *other)
+    np.testing.assert_allclose(np.asarray(shared[1]), np.asarray(separate), rtol=1e-5, atol=1e-5)
     # and each row alone, unpadded, gives the same log-prob
     for i, e in enumerate(exs[:2] + exs[3:]):
         row = np.array([e.prompt_ids + e.completion_ids])
@@ -239,6 +247,20 @@ def test_training_is_deterministic_and_state_roundtrips(tiny_checkpoint):
     for a, b in zip(jax.tree.leaves(sd["opt_state"]), jax.tree.leaves(t3.opt_state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert t3.train(exs, jax.random.key(3), resume=True) == []  # nothing left to do
+
+
+def test_shared_prompt_pass_gives_the_same_training(tiny_checkpoint):
+    exs = _dataset()[:8]
+    runs = []
+    for shared in (True, False):
+        model, trainer = _trainer(tiny_checkpoint, epochs=1, share_prompt_forward=shared)
+        history = trainer.train(exs, jax.random.key(5))
+        runs.append((history, jax.tree.leaves(lora.lora_state(model))))
+    (h1, l1), (h2, l2) = runs
+    for name in ("loss", "kl", "rewards/chosen", "grad_norm"):
+        np.testing.assert_allclose(h1[-1][name], h2[-1][name], rtol=1e-4, atol=1e-6, err_msg=name)
+    for a, b in zip(l1, l2):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
 def test_non_finite_updates_are_skipped_and_counted(tiny_checkpoint):
