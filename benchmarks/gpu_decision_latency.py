@@ -166,12 +166,12 @@ def floor_s(config, prompt_len: int, new: int, roof) -> float:
     return t + sum(gc.decode_floor_s(config, 1, prompt_len + i, roof) for i in range(new))
 
 
-def run_format(order, model, config, tok, roof, tmodel, device, args) -> dict:
+def run_format(order, sampler, config, tok, roof, tmodel, device, args) -> dict:
     import jax
 
     from sfjax.agents.actor import ActorConfig
     from sfjax.agents.prompts import ACTION_FIELD, PromptConfig, parse_output
-    from sfjax.sampling import ActionConstraint, Sampler, SamplingParams
+    from sfjax.sampling import ActionConstraint, SamplingParams
     from sfjax.sampling.sampler import _bucket
 
     acfg = ActorConfig(prompt=PromptConfig(history_window=args.history_window, field_order=order,
@@ -183,7 +183,7 @@ def run_format(order, model, config, tok, roof, tmodel, device, args) -> dict:
     ids = [tok(s, add_special_tokens=False)["input_ids"] for s in prompts]
     shared = min(common_prefix(a, b) for a, b in zip(ids, ids[1:])) if len(ids) > 1 else 0
     n_act = action_tokens(tok, c, acfg.free_budget)
-    sampler = Sampler(model, tok)
+    model = sampler.model
     keys = iter(jax.random.split(jax.random.key(args.seed), 4 * args.steps + 4))
 
     def decide(prompt, new):
@@ -221,7 +221,6 @@ def run_format(order, model, config, tok, roof, tmodel, device, args) -> dict:
         if "s" in t:
             result["sfjax_over_torch_speedup"] = gc.ratio(t["s"],
                                                           result["time_to_action"]["median_s"])
-    sampler.release_cache()
     return result
 
 
@@ -248,9 +247,12 @@ def main(argv=None) -> dict | None:
     tok = gc.load_bench_tokenizer(args.tokenizer)
     device = gc.torch_device(args)
     tmodel = gc.torch_model(config, device, args.seed) if device else None
+    from sfjax.sampling import Sampler
+
+    sampler = Sampler(model, tok)  # one for both formats: they share compiled programs
     formats = []
     for order in ("action_first", "reflection_first"):
-        r = run_format(order, model, config, tok, roof, tmodel, device, args)
+        r = run_format(order, sampler, config, tok, roof, tmodel, device, args)
         formats.append(r)
         print(f"{order}: time to action {1e3 * r['time_to_action']['median_s']:.1f} ms "
               f"(floor {1e3 * r['floor_time_to_action_s']:.1f} ms), prompt "
