@@ -241,3 +241,24 @@ def test_user_errors_are_explained(sampler):
         SamplingParams(top_p=0.0)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         sampler.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=10**6))
+
+
+def test_prompt_buckets_step_by_512_above_512():
+    from sfjax.sampling.sampler import _prompt_bucket
+
+    assert [_prompt_bucket(n, 32) for n in (1, 33, 500, 512)] == [32, 64, 512, 512]
+    assert [_prompt_bucket(n, 32) for n in (513, 1100, 2208, 4096)] == [1024, 1536, 2560, 4096]
+
+
+def test_long_prompt_output_does_not_depend_on_its_bucket(model, tokenizer):
+    """A 1100-token prompt in the 1536 bucket gives the same greedy tokens and log-probs as in
+    the 2048 bucket (power-of-two padding): padding never leaks into the result."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 800, size=1100).tolist()
+    params = SamplingParams(temperature=0.0, max_new_tokens=8)
+    stepped = Sampler(model, tokenizer).generate([ids], params, jax.random.key(0))
+    padded = Sampler(model, tokenizer, min_prompt_bucket=2048).generate(
+        [ids], params, jax.random.key(0)
+    )
+    assert stepped.tokens == padded.tokens
+    np.testing.assert_allclose(stepped.logprobs[0], padded.logprobs[0], rtol=0, atol=1e-4)
