@@ -151,14 +151,13 @@ def _dtype(name: str):
 
 def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> dict:
     """Build every component from ``cfg`` and run (or resume) Algorithm 1."""
-    from tensorboardX import SummaryWriter
-
     from sfjax.agents.actor import Actor
     from sfjax.agents.env import JaxRanRunner
     from sfjax.agents.finetune import KTOFineTuner
     from sfjax.agents.loop import SelfFinetuningLoop, format_table
     from sfjax.agents.reflector import make_reflector
     from sfjax.models import qwen3
+    from sfjax.parallel import summary_writer
     from sfjax.sampling import Sampler
     from sfjax.tokenizer import load_tokenizer
 
@@ -205,7 +204,7 @@ def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> d
 
     model = qwen3.from_pretrained(ckpt, dtype=_dtype(cfg.model.dtype))
     tokenizer = load_tokenizer(ckpt)
-    writer = SummaryWriter(str(run_dir / "tb"))
+    writer = summary_writer(run_dir / "tb")  # process 0 only; None on other hosts
     finetuner = KTOFineTuner(model, tokenizer, cfg.kto, cfg.lora, writer)  # adds LoRA
     actor = Actor(Sampler(model, tokenizer), tokenizer, actor_cfg)
     setup_s = time.perf_counter() - t0
@@ -222,7 +221,8 @@ def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> d
     summary["timings_s"]["setup"] = setup_s
     loop.write_summary()
     finetuner.trainer.save_adapter(run_dir / "adapter")
-    writer.close()
+    if writer is not None:
+        writer.close()
     print(f"\nSelf-finetuning ({summary['reflector']}; actor {ckpt})")
     print(format_table(summary))
     t = summary["timings_s"]
