@@ -42,12 +42,9 @@ if "--threads" in sys.argv:  # must precede the jax import: XLA reads its flags 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-CONFIGS = {
-    "small": dict(
-        hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
-        head_dim=32, intermediate_size=768, vocab_size=8192,
-    ),
-}  # fmt: skip
+from sfjax.testing import BENCHMARK_CONFIGS  # noqa: E402
+
+CONFIGS = {"small": BENCHMARK_CONFIGS["small"]}
 
 
 def make_examples(n: int, prompt_len: int, completion_len: int, seed: int = 0):

@@ -24,16 +24,7 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-CONFIGS = {
-    "small": dict(
-        hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
-        head_dim=32, intermediate_size=768, vocab_size=8192,
-    ),
-    "mid": dict(
-        hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
-        head_dim=64, intermediate_size=1536, vocab_size=32000,
-    ),
-}  # fmt: skip
+from sfjax.testing import BENCHMARK_CONFIGS as CONFIGS  # noqa: E402
 
 
 def _interleaved_medians(fns, repeats: int) -> list[tuple[float, float]]:

@@ -69,6 +69,18 @@ TINY_CONFIG: dict[str, Any] = {
     "tie_word_embeddings": True,
 }
 
+# The model sizes the CPU benchmarks compare against transformers (issues: sampler, KTO, prefill).
+BENCHMARK_CONFIGS: dict[str, dict[str, Any]] = {
+    "small": dict(
+        hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+        head_dim=32, intermediate_size=768, vocab_size=8192,
+    ),
+    "mid": dict(
+        hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+        head_dim=64, intermediate_size=1536, vocab_size=32000,
+    ),
+}  # fmt: skip
+
 _BPE_VOCAB_SIZE = 900  # byte alphabet + merges; specials are appended after this.
 
 _CORPUS_WORDS = """
