@@ -7,6 +7,17 @@ iteration); its step number is the phase's index in the run's fixed phase sequen
 run skips exactly the phases already done. Saves are synchronous: when ``save`` returns, the
 checkpoint is on disk (a kill right after a phase never loses it). Only the last
 ``max_to_keep`` checkpoints are kept.
+
+Multi-host (``jax.distributed``): ``save`` and ``restore`` are collective -- every process
+calls them with the same step. Arrays are handed to orbax as they are, so an array sharded
+over devices of several processes (LoRA params and optimizer state on a mesh whose ``fsdp`` or
+``tp`` axis crosses hosts) is written shard by shard, each host writing its own shards and one
+replica of each, and is never gathered onto one host. ``restore`` reads each array straight
+into the sharding of the matching array in ``arrays_like`` (the live state), so a checkpoint
+also resumes on a different mesh or process count. Host values (numpy, Python scalars, arrays
+that live on this process only) are the same on every process and are written by process 0;
+the JSON item likewise. The directory must be shared by all hosts
+(:func:`sfjax.parallel.check_shared_directory`).
 """
 
 from __future__ import annotations
@@ -18,6 +29,31 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+
+def _is_key(x) -> bool:
+    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _is_global(x) -> bool:
+    """A ``jax.Array`` that orbax writes shard by shard and restores into its sharding: with one
+    process every ``jax.Array``; with several, one whose devices span processes (a process-local
+    array is a host value there: every process holds its own copy)."""
+    return isinstance(x, jax.Array) and (jax.process_count() == 1 or not x.is_fully_addressable)
+
+
+def _saveable(x):
+    if _is_key(x):
+        x = jax.random.key_data(x)
+    return x if _is_global(x) else np.asarray(x)
+
+
+def _restore_target(x):
+    if _is_key(x):
+        x = jax.random.key_data(x)
+    if _is_global(x):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    return np.asarray(x)
 
 
 class LoopCheckpointer:
@@ -36,7 +72,12 @@ class LoopCheckpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, arrays: Any, meta: dict) -> None:
-        arrays = jax.tree.map(np.asarray, arrays)
+        """Write checkpoint ``step`` (collective with several processes; see the module doc).
+
+        ``arrays`` may hold sharded ``jax.Array`` s (kept sharded), typed PRNG keys (stored as
+        their key data), numpy arrays and Python scalars; ``meta`` must be JSON-serialisable.
+        """
+        arrays = jax.tree.map(_saveable, arrays)
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -46,15 +87,27 @@ class LoopCheckpointer:
         self.manager.wait_until_finished()
 
     def restore(self, step: int, arrays_like: Any) -> tuple[Any, dict]:
-        """Restore checkpoint ``step``; ``arrays_like`` gives the pytree structure and dtypes."""
-        target = jax.tree.map(np.asarray, arrays_like)
+        """Restore checkpoint ``step`` into the structure, dtypes and shardings of ``arrays_like``.
+
+        Each ``jax.Array`` leaf comes back as a ``jax.Array`` with that leaf's sharding (each
+        process reading only its shards), a typed key leaf as a key of the same impl, anything
+        else as numpy.
+        """
+        target = jax.tree.map(_restore_target, arrays_like)
         out = self.manager.restore(
             step,
             args=ocp.args.Composite(
                 arrays=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
             ),
         )
-        return out["arrays"], out["meta"]
+        arrays = out["arrays"]
+        if any(_is_key(x) for x in jax.tree.leaves(arrays_like)):
+            arrays = jax.tree.map(
+                lambda like, x: jax.random.wrap_key_data(x, impl=jax.random.key_impl(like))
+                if _is_key(like) else x,
+                arrays_like, arrays,
+            )  # fmt: skip
+        return arrays, out["meta"]
 
     def close(self) -> None:
         self.manager.close()

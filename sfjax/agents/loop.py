@@ -20,6 +20,17 @@ and reaches the same result as an uninterrupted run.
 
 The loop talks to its components through small protocols (:class:`EnvRunner`,
 :class:`FineTuner`), so tests can drive it with fakes and other envs (ns-3) can plug in.
+
+Multi-host (``jax.distributed``, e.g. under ``python -m sfjax.parallel --distributed``): every
+process runs this loop (SPMD) and must make the same sharded calls, so every host-side value
+that could differ between hosts is decided on process 0 and broadcast: the Reflector's reply
+(:func:`~sfjax.agents.reflectors.broadcast.reflect_on_all_processes`: an API is queried once
+per reflect phase), a ``host_side`` environment's states and feedback, and the phase timings.
+Trajectories, reflections, datasets, ``summary.json``, TensorBoard events and progress bars are
+written by process 0 only; the orbax checkpoints are saved and restored by all processes
+together, each writing / reading its own shards of arrays that span hosts
+(:class:`~sfjax.agents.checkpoint.LoopCheckpointer`). ``run_dir`` must be shared by all hosts
+(checked at start-up).
 """
 
 from __future__ import annotations
@@ -34,9 +45,11 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 
+from sfjax import parallel
 from sfjax.agents.checkpoint import LoopCheckpointer
 from sfjax.agents.prompts import HistoryEntry, PromptConfig
 from sfjax.agents.reflectors.base import Reflector
+from sfjax.agents.reflectors.broadcast import reflect_on_all_processes
 from sfjax.agents.rfr import (
     KTOExample,
     RfRConfig,
@@ -82,7 +95,13 @@ class LoopConfig:
 
 
 class EnvRunner(Protocol):
-    """Parallel environments seen as eq. 14 states and feedback dicts (see ``sfjax.agents.env``)."""
+    """Parallel environments seen as eq. 14 states and feedback dicts (see ``sfjax.agents.env``).
+
+    An env whose results may differ between the processes of a multi-host run (one driving an
+    external simulator such as ns-3 over a socket) sets the attribute ``host_side = True``:
+    the loop then calls it on process 0 only and broadcasts its states and feedback. A pure
+    function of its keys (the JAX env) needs no such attribute.
+    """
 
     action_lo: int
     action_hi: int
@@ -161,7 +180,7 @@ def collect(
 ) -> list[Trajectory]:
     """Run the R-MDP for ``steps`` steps in ``num_envs`` parallel envs (Algorithm 1, l. 3-10)."""
     reset_key, env_key = jax.random.split(env_key)
-    states = env.reset(reset_key, num_envs)
+    states = _env_call(env, "reset", reset_key, num_envs)
     trajs = [Trajectory(e, env_seed, []) for e in range(num_envs)]
     histories: list[list[HistoryEntry]] = [[] for _ in range(num_envs)]
     bar = _progress(steps, "collect", progress)
@@ -172,7 +191,8 @@ def collect(
             h[-prompt_cfg.history_window :] if prompt_cfg.history_window else [] for h in histories
         ]
         decisions = actor.act(states, window, t, ak)
-        next_states, feedbacks = env.step([d.action for d in decisions], ek)
+        actions = [int(d.action) for d in decisions]
+        next_states, feedbacks = _env_call(env, "step", actions, ek)
         for e, (d, s, f) in enumerate(zip(decisions, states, feedbacks)):
             f = {k: float(v) for k, v in f.items()}
             s = {k: float(v) for k, v in s.items()}
@@ -185,6 +205,23 @@ def collect(
         bar.update(1)
     bar.close()
     return trajs
+
+
+def _env_call(env: EnvRunner, method: str, *args) -> Any:
+    """``env.<method>(*args)``; for a ``host_side`` env on process 0 only and broadcast (as
+    JSON, numpy scalars made Python numbers), so every process sees the same states and
+    feedback."""
+    if not getattr(env, "host_side", False):
+        return getattr(env, method)(*args)
+
+    def plain(x):
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return [plain(v) for v in x]
+        return x.tolist() if isinstance(x, np.generic | np.ndarray) else x
+
+    return parallel.on_main_process(lambda: plain(getattr(env, method)(*args)))
 
 
 def mean_metrics(trajs: Sequence[Trajectory], weights: UtilityWeights) -> dict[str, float]:
@@ -222,12 +259,15 @@ class SelfFinetuningLoop:
         self.cfg, self.rfr_cfg, self.prompt_cfg = cfg, rfr_cfg, prompt_cfg
         self.actor, self.env, self.reflector, self.finetuner = actor, env, reflector, finetuner
         self.run_dir = Path(run_dir)
-        self.writer = writer
+        # process 0 alone writes events and files; the others get the same values through
+        # broadcasts and keep them in memory (and in the collective checkpoints)
+        self.writer = writer if parallel.is_main_process() else None
         self.weights = weights or UtilityWeights()
-        self.progress = progress
+        self.progress = progress and parallel.is_main_process()
         self.on_phase_end = on_phase_end
         self.run_info = dict(run_info or {})
         self.phases = phase_plan(cfg.sf_iterations, rfr_cfg.kto_iterations)
+        parallel.check_shared_directory(self.run_dir)  # multi-host: orbax needs one directory
         self.ckpt = LoopCheckpointer(self.run_dir / "checkpoints", cfg.keep_checkpoints)
         self.root_key = jax.random.key(cfg.seed)
         self._fresh_state()
@@ -305,7 +345,7 @@ class SelfFinetuningLoop:
             self.actor, self.env, self.prompt_cfg, self.cfg.num_envs, self.cfg.trajectory_steps,
             env_key, self._key(phase), env_seed=self.cfg.env_seed, progress=self.progress,
         )  # fmt: skip
-        save_json(
+        _save_json(
             self.run_dir / "trajectories" / f"iter_{phase.iteration}.json",
             [t.to_json() for t in self.trajectories],
         )
@@ -321,8 +361,11 @@ class SelfFinetuningLoop:
         )  # fmt: skip
 
     def _reflect(self, phase: Phase) -> None:
-        self.reflections = self.reflector.reflect(self.trajectories, self._key(phase))
-        save_json(
+        # process 0's reply on every process (an API is queried once, not once per host)
+        self.reflections = reflect_on_all_processes(
+            self.reflector, self.trajectories, self._key(phase)
+        )
+        _save_json(
             self.run_dir / "reflections" / f"iter_{phase.iteration}.json",
             [r.to_json() for r in self.reflections],
         )
@@ -343,7 +386,7 @@ class SelfFinetuningLoop:
             self.prompt_cfg, roll_key,
         )  # fmt: skip
         self.dataset = dataset
-        save_json(
+        _save_json(
             self.run_dir / "datasets" / f"iter_{phase.iteration}_kto_{phase.kto_iteration}.json",
             examples_to_json(dataset),
         )
@@ -386,6 +429,8 @@ class SelfFinetuningLoop:
             # wall time, and CPU time of this process (all threads): the latter is what a
             # phase costs when the machine is shared
             dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            # process 0's clock on every host: the checkpointed loop state stays identical
+            dt, dc = parallel.broadcast_object([dt, dc])
             kind = phase.kind
             self.timings[kind] = self.timings.get(kind, 0.0) + dt
             self.timings[f"{kind}_cpu"] = self.timings.get(f"{kind}_cpu", 0.0) + dc
@@ -412,7 +457,7 @@ class SelfFinetuningLoop:
 
     def write_summary(self) -> dict:
         s = self.summary()
-        save_json(self.run_dir / "summary.json", s)
+        _save_json(self.run_dir / "summary.json", s)
         return s
 
     def _scalars(self, prefix: str, values: Mapping[str, Any], step: int) -> None:
@@ -421,6 +466,12 @@ class SelfFinetuningLoop:
         for k, v in values.items():
             if isinstance(v, bool | int | float | np.floating | np.integer):
                 self.writer.add_scalar(f"{prefix}/{k}", float(v), step)
+
+
+def _save_json(path: Path, obj) -> None:
+    """Write a JSON artefact of the run on process 0 only (multi-host)."""
+    if parallel.is_main_process():
+        save_json(path, obj)
 
 
 def _progress(total: int, desc: str, enabled: bool):

@@ -8,7 +8,9 @@
   :mod:`sfjax.agents.reflectors.rule`.
 
 All return :class:`sfjax.agents.trajectory.Reflection` objects whose ``backend`` field names the
-backend that produced them.
+backend that produced them. In a multi-host run call them through
+:func:`reflect_on_all_processes` (the loop does), so every host gets process 0's reply and an API
+is queried once, not once per host.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Literal
 from sfjax.agents.prompts import PromptConfig
 from sfjax.agents.reflectors.api import ApiReflector, ApiReflectorConfig
 from sfjax.agents.reflectors.base import Reflector, ReflectorError, ReplyError, validate_reply
+from sfjax.agents.reflectors.broadcast import reflect_on_all_processes
 from sfjax.agents.reflectors.local import LocalReflector, LocalReflectorConfig
 from sfjax.agents.reflectors.rule import RULE_BACKEND_NAME, RuleReflector, RuleReflectorConfig
 
@@ -36,6 +39,7 @@ __all__ = [
     "RuleReflector",
     "RuleReflectorConfig",
     "make_reflector",
+    "reflect_on_all_processes",
     "validate_reply",
 ]
 

@@ -43,8 +43,10 @@ Multi-host: every process runs the same program (SPMD). :func:`initialize_distri
 Open MPI when no coordinator is given); :func:`put` places host data that every process holds
 identically, :func:`host_local_to_global` assembles a global batch from per-process slices
 (host-local data loading), :func:`to_host` fetches a possibly non-addressable array, and
-:func:`is_main_process` / :func:`main_process_only` keep logs and file writes on process 0
-(orbax coordinates multi-host checkpoint saves by itself).
+:func:`is_main_process` / :func:`main_process_only` keep logs and file writes on process 0,
+:func:`on_main_process` runs a host-side call (an API request) once and gives every process its
+result, and :func:`check_shared_directory` fails early when a run directory is not shared by all
+hosts (orbax writes every host's checkpoint shards into it).
 
 Shape legend: L layers, B batch, S cache slots, K kv heads, H head dim, V vocab, D hidden,
 T tokens.
@@ -68,9 +70,13 @@ from sfjax.parallel.mesh import (
     set_default_mesh,
 )
 from sfjax.parallel.multihost import (
+    MainProcessError,
+    all_processes_agree,
     broadcast_object,
+    check_shared_directory,
     is_main_process,
     main_process_only,
+    on_main_process,
     summary_writer,
     sync,
 )
@@ -113,14 +119,17 @@ __all__ = [
     "KV_CACHE_AXES",
     "PARAM_AXES",
     "DistributedConfig",
+    "MainProcessError",
     "MeshConfig",
     "ParallelConfig",
     "Placement",
     "activation_sharding",
+    "all_processes_agree",
     "batch_sharding",
     "batch_split",
     "broadcast_object",
     "cache_shardings",
+    "check_shared_directory",
     "constrain",
     "constrain_batch",
     "default_mesh",
@@ -135,6 +144,7 @@ __all__ = [
     "main_process_only",
     "make_mesh",
     "mesh_from_config",
+    "on_main_process",
     "param_logical_axes",
     "param_sharding",
     "param_spec",

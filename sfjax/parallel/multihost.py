@@ -1,5 +1,15 @@
 """Process-0-only helpers for multi-host runs: logging / TensorBoard / file writes on process 0,
-barriers, and broadcasting host-side values decided on process 0."""
+barriers, broadcasting host-side values decided on process 0, and a check that a run directory
+is shared by every host.
+
+Why these exist: every process runs the same program (SPMD) and must make the same sharded calls
+with the same arguments. Anything a host computes on its own that may differ between hosts (an
+API reply, a wall-clock reading, a socket-backed simulator) is therefore decided once, on
+process 0, and broadcast (:func:`broadcast_object`, :func:`on_main_process`); files other than
+orbax checkpoints are written by process 0 alone (:func:`is_main_process`); and orbax, which
+writes each host's shards itself, needs a directory that every host sees
+(:func:`check_shared_directory`).
+"""
 
 from __future__ import annotations
 
@@ -64,3 +74,81 @@ def broadcast_object(obj: Any) -> Any:
     buf[: payload.size] = payload[:n]
     data = np.asarray(multihost_utils.broadcast_one_to_all(buf))
     return json.loads(data.tobytes().decode())
+
+
+class MainProcessError(RuntimeError):
+    """Raised on every process when the function :func:`on_main_process` ran on process 0
+    failed there (the message is process 0's error)."""
+
+
+def on_main_process(fn: Callable[..., Any], *args, **kwargs) -> Any:
+    """Run ``fn(*args, **kwargs)`` on process 0 only; return its result on every process.
+
+    The result must be JSON-serialisable (it travels through :func:`broadcast_object`). If
+    ``fn`` raises on process 0, process 0 re-raises the original exception and every other
+    process raises :class:`MainProcessError` with its message, so no process is left waiting
+    in a later collective. With one process this is ``fn(*args, **kwargs)``.
+    """
+    if jax.process_count() == 1:
+        return fn(*args, **kwargs)
+    error: BaseException | None = None
+    payload: Any = None
+    if is_main_process():
+        try:
+            payload = {"ok": fn(*args, **kwargs)}
+        except Exception as e:  # broadcast, then re-raise below
+            error = e
+            payload = {"error": f"{type(e).__name__}: {e}"}
+    payload = broadcast_object(payload)
+    if error is not None:
+        raise error
+    if "error" in payload:
+        raise MainProcessError(f"on process 0: {payload['error']}")
+    return payload["ok"]
+
+
+def all_processes_agree(ok: bool) -> bool:
+    """Whether ``ok`` is true on every process (a collective; ``ok`` itself with one process)."""
+    if jax.process_count() == 1:
+        return bool(ok)
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.asarray(int(bool(ok)), np.int32))
+    return bool(np.all(np.asarray(flags)))
+
+
+def check_shared_directory(path: str | os.PathLike) -> None:
+    """Fail early, on every process, unless ``path`` is one directory that every host sees.
+
+    Orbax writes each host's shards of a checkpoint into the same directory and process 0 its
+    metadata, so a multi-host run directory must be on a shared filesystem (NFS, Lustre, a
+    gcsfuse-mounted bucket); with a per-host local directory the checkpoints would be
+    incomplete everywhere. Process 0 writes a random token, every process reads it back. No-op
+    with one process.
+    """
+    if jax.process_count() == 1:
+        return
+    import secrets
+    from pathlib import Path
+
+    marker = Path(path) / ".sfjax_shared_check"
+    token = broadcast_object(secrets.token_hex(16) if is_main_process() else None)
+    if is_main_process():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(token)
+    sync(f"check_shared_directory:{token}:written")
+    try:
+        seen = marker.read_text() == token
+    except OSError:
+        seen = False
+    agreed = all_processes_agree(seen)
+    sync(f"check_shared_directory:{token}:read")
+    if is_main_process():
+        marker.unlink(missing_ok=True)
+    if not agreed:
+        raise RuntimeError(
+            f"{path} is not shared by all {jax.process_count()} processes (process "
+            f"{jax.process_index()} {'sees' if seen else 'does not see'} process 0's files): a "
+            "multi-host run directory must be on a filesystem every host mounts (NFS, Lustre, "
+            "gcsfuse), because orbax writes each host's checkpoint shards into it"
+        )

@@ -57,6 +57,10 @@ GenerateFn = Callable[[list[list[dict]], jax.Array], list[str]]
 class LocalReflector:
     """Reflector on a local model; ``generate`` turns chat conversations into replies."""
 
+    collective = True
+    """Every process of a multi-host run calls :meth:`reflect`: its model may be sharded over
+    all of them (see :mod:`sfjax.agents.reflectors.broadcast`)."""
+
     def __init__(
         self, cfg: LocalReflectorConfig, prompt_cfg: PromptConfig, generate: GenerateFn, name: str
     ):
