@@ -294,18 +294,13 @@ def positions_from_mask(mask_BT, start_B=None):
 
 
 def attention(q_BTNH, k_BSKH, v_BSKH, visible_BTS):
-    """Grouped-query softmax attention; ``visible`` marks the keys each query may see."""
-    B, T, N, H = q_BTNH.shape
-    K = k_BSKH.shape[2]
-    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-    logits_BKGTS = jnp.einsum(
-        "BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH.astype(q_BTNH.dtype),
-        preferred_element_type=jnp.float32,
-    ) * (H**-0.5)  # fmt: skip
-    logits_BKGTS = jnp.where(visible_BTS[:, None, None], logits_BKGTS, _MASK_VALUE)
-    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(q_BTNH.dtype)
-    out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH.astype(q_BTNH.dtype))
-    return out_BTKGH.reshape(B, T, N, H)
+    """Grouped-query softmax attention; ``visible`` marks the keys each query may see.
+
+    The kernel (plain f32 scores, XLA or cuDNN fused) is chosen by :mod:`sfjax.models.attention`.
+    """
+    from sfjax.models.attention import attention as _attention
+
+    return _attention(q_BTNH, k_BSKH, v_BSKH, visible_BTS)
 
 
 # --------------------------------------------------------------------------------- modules
