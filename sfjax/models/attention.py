@@ -1,0 +1,224 @@
+"""Attention implementations for the Qwen3 decoder, chosen at trace time.
+
+One function, :func:`attention`, computes grouped-query softmax attention
+``softmax(q kᵀ / sqrt(H) masked by visible) v`` for the un-cached forward (training, scoring)
+and for the KV-cache forward (prefill, decode) of :mod:`sfjax.models.qwen3`. Which kernel
+computes it is a setting, read when a function is *traced*:
+
+* ``"plain"`` — the reference path (what ``qwen3.attention`` always did): float32 scores
+  ``[B, K, G, T, S]`` materialised by ``einsum``, a finite mask value (``-1e30``, so a query
+  that sees no key gets a uniform softmax, not NaN), probabilities cast back to the input dtype.
+* ``"xla"`` / ``"cudnn"`` — :func:`jax.nn.dot_product_attention` with that ``implementation``:
+  inputs in their own dtype (bf16 on GPU), float32 softmax inside, GQA handled by the kernel
+  (query heads grouped over the ``K`` key/value heads), the visibility mask as a boolean
+  ``[B, 1, T, S]`` mask (cuDNN turns it into an additive bias). ``"cudnn"`` is the fused
+  flash-attention kernel: the ``[T, S]`` scores never reach HBM.
+* ``"auto"`` (the default) — ``"cudnn"`` on a GPU when the shapes and dtypes allow it
+  (:func:`cudnn_unsupported_reason`), otherwise ``"plain"``; every fallback on a GPU is logged
+  once with its reason, and :func:`choices` counts what each traced call used.
+
+Rows with an empty visible set (a left-padding query sees no real key; a cache slot before a
+row's prompt) are defined as zero in the fused paths: the kernel is given one dummy visible key
+for them (so no kernel ever normalises an all-masked row, forward or backward) and their output
+is set to 0. Real rows are unaffected; pad rows stay finite, so nothing NaN can reach the cache
+or the residual stream.
+
+Selecting: ``SFJAX_ATTENTION=cudnn`` in the environment, :func:`set_implementation` at program
+start, or ``with attention.implementation("xla"): ...`` around the first call of a jitted
+function. The setting is read at trace time: programs already compiled keep the kernel they
+were traced with (a :class:`sfjax.sampling.Sampler` caches its programs, so switch before its
+first ``generate`` or build a new one). ``benchmarks/gpu_*.py --attention`` sets it.
+
+Shape legend: B batch, T query tokens, S key slots, N query heads, K key/value heads,
+G = N // K query heads per key/value head, H head dim.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("plain", "xla", "cudnn", "auto")
+"""Accepted names; ``"auto"`` resolves to ``"cudnn"`` or ``"plain"`` per call."""
+
+MASK_VALUE = -1e30
+"""Score of an invisible key in the plain path: finite, so an all-masked row gives no NaN."""
+
+_ENV_VAR = "SFJAX_ATTENTION"
+_log = logging.getLogger(__name__)
+
+
+def _check(name: str) -> str:
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"unknown attention implementation {name!r}; choose one of {IMPLEMENTATIONS} "
+            f"(e.g. SFJAX_ATTENTION=plain or attention.set_implementation('plain'))"
+        )
+    return name
+
+
+_current = [_check(os.environ.get(_ENV_VAR, "auto") or "auto")]
+_choices: collections.Counter = collections.Counter()
+_warned: set[str] = set()
+
+
+# ---------------------------------------------------------------------------------- setting
+def get_implementation() -> str:
+    """The implementation that the next traced call of :func:`attention` will request."""
+    return _current[0]
+
+
+def set_implementation(name: str) -> str:
+    """Select the implementation for calls traced from now on; returns the previous one."""
+    previous = _current[0]
+    _current[0] = _check(name)
+    return previous
+
+
+@contextlib.contextmanager
+def implementation(name: str) -> Iterator[str]:
+    """``with implementation("cudnn"): ...`` — the setting for functions traced inside."""
+    previous = set_implementation(name)
+    try:
+        yield name
+    finally:
+        _current[0] = previous
+
+
+def choices() -> dict[str, int]:
+    """How many traced attention calls used each implementation (``"auto->plain"`` etc.), for
+    benchmark records: proof of what actually ran."""
+    return dict(_choices)
+
+
+def reset_choices() -> None:
+    _choices.clear()
+
+
+# ---------------------------------------------------------------------------------- maths
+def plain_attention(q_BTNH, k_BSKH, v_BSKH, visible_BTS):
+    """Reference grouped-query attention with float32 scores (paper IV: the Actor's decoder).
+
+    ``out[b, t, n] = Σ_s softmax_s(q[b,t,n]·k[b,s,n//G] / sqrt(H) | visible[b,t,s]) v[b,s,n//G]``;
+    an invisible key scores ``MASK_VALUE``, so a row that sees nothing averages all values.
+    """
+    B, T, N, H = q_BTNH.shape
+    K = k_BSKH.shape[2]
+    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+    logits_BKGTS = jnp.einsum(
+        "BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH.astype(q_BTNH.dtype),
+        preferred_element_type=jnp.float32,
+    ) * (H**-0.5)  # fmt: skip
+    logits_BKGTS = jnp.where(visible_BTS[:, None, None], logits_BKGTS, MASK_VALUE)
+    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(q_BTNH.dtype)
+    out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH.astype(q_BTNH.dtype))
+    return out_BTKGH.reshape(B, T, N, H)
+
+
+def fused_attention(q_BTNH, k_BSKH, v_BSKH, visible_BTS, implementation: str = "xla"):
+    """The same attention through :func:`jax.nn.dot_product_attention` (``"xla"``/``"cudnn"``).
+
+    ``k``/``v`` are cast to the query dtype (the kernels want one dtype). A query row whose
+    visible set is empty gets one dummy visible key (slot 0) for the kernel and a zero output.
+    """
+    if implementation not in ("xla", "cudnn"):
+        raise ValueError(f"fused_attention implements 'xla' or 'cudnn', got {implementation!r}")
+    S = k_BSKH.shape[1]
+    dtype = q_BTNH.dtype
+    any_BT = jnp.any(visible_BTS, axis=-1)
+    first_S = jnp.arange(S) == 0
+    safe_BTS = visible_BTS | (~any_BT[:, :, None] & first_S[None, None, :])
+    out_BTNH = jax.nn.dot_product_attention(
+        q_BTNH, k_BSKH.astype(dtype), v_BSKH.astype(dtype),
+        mask=safe_BTS[:, None], implementation=implementation,
+    )  # fmt: skip
+    return jnp.where(any_BT[:, :, None, None], out_BTNH, jnp.zeros((), dtype))
+
+
+# ---------------------------------------------------------------------------------- dispatch
+def cudnn_unsupported_reason(q_BTNH, k_BSKH, backend: str | None = None) -> str | None:
+    """Why cuDNN flash attention cannot run this call (``None`` when it can).
+
+    Static checks only (shapes, dtypes, backend), mirroring JAX's cuDNN checks: a GPU backend,
+    fp16/bf16 inputs, head dim a multiple of 8 and <= 128, query heads a multiple of kv heads,
+    and — for the un-cached forward (``T == S``, the one that may be differentiated: cuDNN's
+    backward with a bias needs even lengths) — an even sequence length.
+    """
+    backend = backend or jax.default_backend()
+    if backend != "gpu":
+        return f"backend is {backend!r}, cuDNN needs a GPU"
+    if q_BTNH.dtype not in (jnp.bfloat16, jnp.float16):
+        return f"dtype {q_BTNH.dtype} (cuDNN flash attention takes bf16/fp16)"
+    _, T, N, H = q_BTNH.shape
+    _, S, K, _ = k_BSKH.shape
+    if H % 8 or H > 128:
+        return f"head dim {H} (cuDNN needs a multiple of 8, <= 128)"
+    if N % K:
+        return f"{N} query heads not a multiple of {K} kv heads"
+    if T == S and T % 2:
+        return f"odd sequence length {T} in the un-cached forward (cuDNN backward needs even)"
+    return None
+
+
+def _note(choice: str) -> None:
+    _choices[choice] += 1
+
+
+def _fallback(reason: str) -> None:
+    if jax.default_backend() == "gpu" and reason not in _warned:
+        _warned.add(reason)
+        _log.warning("attention 'auto': cuDNN not used (%s); using the plain path", reason)
+
+
+def attention(q_BTNH, k_BSKH, v_BSKH, visible_BTS, implementation: str | None = None):
+    """Grouped-query softmax attention with the selected implementation (module docstring).
+
+    Args:
+      q_BTNH: rotated queries.
+      k_BSKH, v_BSKH: keys/values (this call's, or the whole cache with ``S`` slots).
+      visible_BTS: True where query t may attend to slot s (causal and not padding).
+      implementation: overrides the module setting for this call.
+    """
+    name = _check(implementation or _current[0])
+    if name == "plain":
+        _note("plain")
+        return plain_attention(q_BTNH, k_BSKH, v_BSKH, visible_BTS)
+    if name == "cudnn" and jax.default_backend() != "gpu":
+        raise ValueError(
+            f"attention 'cudnn' needs a GPU (backend is {jax.default_backend()!r}); "
+            "use 'auto' (cuDNN where possible), 'xla' or 'plain'"
+        )
+    if name in ("xla", "cudnn"):
+        _note(name)
+        return fused_attention(q_BTNH, k_BSKH, v_BSKH, visible_BTS, name)
+    reason = cudnn_unsupported_reason(q_BTNH, k_BSKH)
+    if reason is None:
+        try:
+            out = fused_attention(q_BTNH, k_BSKH, v_BSKH, visible_BTS, "cudnn")
+        except (NotImplementedError, RuntimeError, ValueError) as e:  # rejected while tracing
+            reason = f"cuDNN rejected the call: {e}"
+        else:
+            _note("auto->cudnn")
+            return out
+    _fallback(reason)
+    _note("auto->plain")
+    return plain_attention(q_BTNH, k_BSKH, v_BSKH, visible_BTS)
+
+
+__all__ = [
+    "IMPLEMENTATIONS",
+    "attention",
+    "choices",
+    "cudnn_unsupported_reason",
+    "fused_attention",
+    "get_implementation",
+    "implementation",
+    "plain_attention",
+    "set_implementation",
+]
