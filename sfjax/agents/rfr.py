@@ -10,17 +10,31 @@ trajectories. RfR then runs ``N`` KTO iterations; before each one it builds a fr
   when the Reflector labelled it effective, undesirable when suboptimal (an unusable output is
   always undesirable);
 * ``D_rollout,i`` (lines 8-20): for every *unsolved* undesirable step, the current Actor (after
-  KTO iteration i-1) is sampled ``K`` times on the same prompt, all prompts in one batched
-  sampler call; a sample is desirable when its parsed action is within ``tolerance`` of the
+  KTO iteration i-1) is sampled ``K`` times on the same prompt, in as few batched sampler
+  calls as memory allows (below); a sample is desirable when its parsed action is within ``tolerance`` of the
   Reflector's improved action a*_t, undesirable otherwise (unparsable samples included). When
   the fraction of matching samples exceeds ``tau`` the step is marked *solved* and is not
   rolled out again in later iterations (it stays in ``D_base``), to avoid overfitting.
+
+Rollout calls. A sampler call holds ``prompts x K`` rows, each with a KV cache of
+``prompt bucket + new-token bucket`` slots; at Qwen3-4B (144 KiB of bf16 KV per token), 64
+prompts x K = 8 x ~2.7k slots is ~190 GB — more than any single GPU. So the unsolved prompts go
+in consecutive calls, each as large as ``RfRConfig.max_rows_per_call`` and
+``RfRConfig.max_cache_bytes_per_call`` allow (:func:`plan_rollout_calls`; the byte cost of a
+call comes from the model's KV bytes per token, :class:`RolloutCost`, read off the Actor).
+Call ``c`` samples with ``key`` itself for ``c = 0`` and ``fold_in(key, c)`` after, so a plan of
+one call is exactly the former single call, the plan (hence the dataset) depends only on the
+config, the model and the prompts — never on the machine — and greedy rollouts are identical
+however they are chunked. (Sampled rows of later calls are fresh draws: the sampler draws one
+noise array per call, so row-for-row equality across chunkings would need per-row keys in it.)
 
 Everything here is plain data manipulation; the sampler and trainer are passed in.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -44,10 +58,27 @@ class RfRConfig:
     """A step whose match rate exceeds tau is solved: no more rollouts on it."""
     rollouts: bool = True
     """Add refine-rollout examples (False = base dataset only, an ablation)."""
+    max_rows_per_call: int = 0
+    """Most sampler rows (prompts x K) per rollout call; 0 = no row limit (bytes only)."""
+    max_cache_bytes_per_call: float = 24 * 2**30
+    """KV-cache bytes one rollout call may allocate (rows x slots x the model's KV bytes per
+    token, at the sampler's buckets): 24 GiB = 64 rows of ~2.7k slots at Qwen3-4B in bf16.
+    0 = no byte limit. The sampler briefly holds about twice this while it copies the prompts'
+    caches K times, next to the weights."""
 
     def __post_init__(self):
         if self.kto_iterations < 1 or self.num_rollouts < 1:
             raise ValueError("RfRConfig: kto_iterations and num_rollouts must be >= 1")
+        if self.max_rows_per_call < 0 or self.max_cache_bytes_per_call < 0:
+            raise ValueError(
+                "RfRConfig: max_rows_per_call and max_cache_bytes_per_call must be >= 0 "
+                "(0 = no limit)"
+            )
+        if 0 < self.max_rows_per_call < self.num_rollouts:
+            raise ValueError(
+                f"RfRConfig.max_rows_per_call={self.max_rows_per_call} < num_rollouts="
+                f"{self.num_rollouts}: a call holds all K samples of at least one prompt"
+            )
         if not 0.0 <= self.tau <= 1.0:
             raise ValueError(f"RfRConfig.tau must be in [0, 1], got {self.tau}")
         if self.tolerance < 0:
@@ -93,6 +124,8 @@ class DatasetStats:
     mean_match_rate: float = 0.0
     """Mean fraction of samples matching a*_t over the targets rolled out."""
     rollout_parse_failures: int = 0
+    rollout_calls: int = 0
+    """Sampler calls the rollouts took (memory-bounded chunks, :func:`plan_rollout_calls`)."""
 
     @property
     def n_desirable(self) -> int:
@@ -145,6 +178,110 @@ def base_dataset(
 SampleFn = Callable[[list[str], int, jax.Array], list[list[str]]]
 """(prompts, K, key) -> K sampled completions per prompt (one batched sampler call)."""
 
+_log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------- rollout calls
+@dataclass(frozen=True)
+class RolloutCost:
+    """What a rollout call costs in KV-cache memory: the model's side of the chunk plan."""
+
+    kv_bytes_per_token: int
+    """K + V bytes of one cached token over all layers (2 · L · kv heads · head dim · dtype)."""
+    max_new_tokens: int
+    """Tokens each rollout may generate (cache slots after the prompt)."""
+    count_tokens: Callable[[str], int]
+    """Prompt string -> its token count (the Actor's tokenizer)."""
+
+    def slots(self, longest_prompt: int) -> int:
+        """Cache slots per row, at the sampler's buckets: the prompt bucket (powers of two from
+        32, multiples of 512 above 512) + the new-token bucket (powers of two from 16)."""
+        n = max(longest_prompt, 1)
+        prompt = max(32, _pow2(n)) if n <= 512 else -(-n // 512) * 512
+        return prompt + max(16, _pow2(self.max_new_tokens))
+
+    def call_bytes(self, num_prompts: int, k: int, longest_prompt: int) -> int:
+        """KV bytes of one call: rows (prompts padded to a power of two, times K) x slots."""
+        return _pow2(num_prompts) * k * self.slots(longest_prompt) * self.kv_bytes_per_token
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+def rollout_cost_of(sample_fn) -> RolloutCost | None:
+    """The :class:`RolloutCost` of ``Actor.sample`` (its sampler's model config and cache dtype,
+    its tokenizer and token budget); ``None`` for another callable (no byte limit then)."""
+    actor = getattr(sample_fn, "__self__", None)
+    sampler = getattr(actor, "sampler", None)
+    config = getattr(sampler, "config", None)
+    tokenizer = getattr(actor, "tokenizer", None)
+    needed = ("num_layers", "num_kv_heads", "head_dim")
+    if tokenizer is None or not all(hasattr(config, a) for a in needed):
+        return None
+    itemsize = getattr(getattr(sampler, "cache_dtype", None), "itemsize", 2)
+    kv = 2 * config.num_layers * config.num_kv_heads * config.head_dim * int(itemsize)
+
+    def count(prompt: str) -> int:
+        return len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+    return RolloutCost(int(kv), int(actor.cfg.max_new_tokens), count)
+
+
+def plan_rollout_calls(
+    prompts: Sequence[str], cfg: RfRConfig, cost: RolloutCost | None
+) -> list[tuple[int, int]]:
+    """Split ``prompts`` (kept in order) into ``[start, stop)`` ranges, one per sampler call,
+    each as long as ``cfg.max_rows_per_call`` and ``cfg.max_cache_bytes_per_call`` allow.
+
+    A prompt whose K rows alone exceed the byte budget still gets a call of its own (logged).
+    Without a ``cost`` only the row limit applies.
+    """
+    K = cfg.num_rollouts
+    lengths = [cost.count_tokens(p) for p in prompts] if cost is not None else None
+    budget = cfg.max_cache_bytes_per_call if cost is not None else 0
+    plan, start = [], 0
+    while start < len(prompts):
+        stop, longest = start + 1, lengths[start] if lengths else 0
+        while stop < len(prompts):
+            rows = (stop + 1 - start) * K
+            if cfg.max_rows_per_call and rows > cfg.max_rows_per_call:
+                break
+            nxt = max(longest, lengths[stop]) if lengths else 0
+            if budget and cost.call_bytes(stop + 1 - start, K, nxt) > budget:
+                break
+            stop, longest = stop + 1, nxt
+        if budget and stop == start + 1 and cost.call_bytes(1, K, longest) > budget:
+            _log.warning(
+                "RfR: one prompt of %d tokens x K=%d needs %.1f GiB of KV cache, more than "
+                "max_cache_bytes_per_call=%.1f GiB; sampling it alone", longest, K,
+                cost.call_bytes(1, K, longest) / 2**30, budget / 2**30,
+            )  # fmt: skip
+        plan.append((start, stop))
+        start = stop
+    return plan
+
+
+def sample_in_calls(
+    sample_fn: SampleFn,
+    prompts: Sequence[str],
+    cfg: RfRConfig,
+    key: jax.Array,
+    cost: RolloutCost | None = None,
+) -> tuple[list[list[str]], int]:
+    """K samples per prompt through :func:`plan_rollout_calls`'s calls; returns the samples (in
+    prompt order) and the number of calls. Call ``c`` uses ``key`` (c = 0) or
+    ``fold_in(key, c)``."""
+    plan = plan_rollout_calls(prompts, cfg, cost)
+    samples: list[list[str]] = []
+    for c, (start, stop) in enumerate(plan):
+        call_key = key if c == 0 else jax.random.fold_in(key, c)
+        got = sample_fn(list(prompts[start:stop]), cfg.num_rollouts, call_key)
+        if len(got) != stop - start:
+            raise RuntimeError(f"sample_fn returned {len(got)} groups for {stop - start} prompts")
+        samples += [list(g) for g in got]
+    return samples, len(plan)
+
 
 def rollout_examples(
     targets: Sequence[RolloutTarget],
@@ -186,8 +323,13 @@ def build_dataset(
     cfg: RfRConfig,
     prompt_cfg: PromptConfig,
     key: jax.Array,
+    cost: RolloutCost | None = None,
 ) -> tuple[list[KTOExample], DatasetStats, RfRState]:
-    """One KTO iteration's dataset D_i = D_base U D_rollout,i, and the updated solved set."""
+    """One KTO iteration's dataset D_i = D_base U D_rollout,i, and the updated solved set.
+
+    ``cost`` sizes the rollout calls; by default it is read off ``sample_fn`` when that is
+    ``Actor.sample`` (:func:`rollout_cost_of`), else only ``cfg.max_rows_per_call`` applies.
+    """
     stats = DatasetStats(
         n_base_desirable=sum(e.desirable for e in base),
         n_base_undesirable=sum(not e.desirable for e in base),
@@ -197,7 +339,10 @@ def build_dataset(
     solved = set(state.solved)
     todo = [t for t in targets if t.target_id not in solved] if cfg.rollouts else []
     if todo and sample_fn is not None:
-        samples = sample_fn([t.prompt for t in todo], cfg.num_rollouts, key)
+        cost = cost if cost is not None else rollout_cost_of(sample_fn)
+        samples, stats.rollout_calls = sample_in_calls(
+            sample_fn, [t.prompt for t in todo], cfg, key, cost
+        )
         extra, rates, failures = rollout_examples(todo, samples, cfg, prompt_cfg)
         dataset += extra
         stats.n_rollout_desirable = sum(e.desirable for e in extra)

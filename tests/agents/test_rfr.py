@@ -148,3 +148,101 @@ def test_config_validation_and_json_round_trip():
         rfr.RfRConfig(num_rollouts=0)
     ex = [rfr.KTOExample("p", "c", True, "base", 1, 2)]
     assert rfr.examples_from_json(rfr.examples_to_json(ex)) == ex
+
+
+# ------------------------------------------------------------------ memory-bounded rollout calls
+def _cost(kv=100, new=16):
+    return rfr.RolloutCost(kv_bytes_per_token=kv, max_new_tokens=new, count_tokens=len)
+
+
+def test_plan_splits_by_rows_and_bytes_in_order():
+    prompts = ["x" * n for n in (10, 20, 30, 200, 5)]
+    cfg = rfr.RfRConfig(num_rollouts=2, max_cache_bytes_per_call=0)
+    assert rfr.plan_rollout_calls(prompts, cfg, _cost()) == [(0, 5)]
+    cfg = rfr.RfRConfig(num_rollouts=2, max_rows_per_call=4, max_cache_bytes_per_call=0)
+    assert rfr.plan_rollout_calls(prompts, cfg, None) == [(0, 2), (2, 4), (4, 5)]
+    # bytes: pow2(prompts) x K x (prompt bucket + new bucket) x kv; 32-slot bucket + 16 = 48
+    cost = _cost()
+    assert cost.slots(10) == 48 and cost.slots(200) == 256 + 16 and cost.slots(1100) == 1536 + 16
+    assert cost.call_bytes(3, 2, 30) == 4 * 2 * 48 * 100
+    cfg = rfr.RfRConfig(num_rollouts=2, max_cache_bytes_per_call=4 * 2 * 48 * 100)
+    # the 200-token prompt alone needs 2 x 272 x 100 = 54,400 B > budget: a call of its own
+    assert rfr.plan_rollout_calls(prompts, cfg, cost) == [(0, 3), (3, 4), (4, 5)]
+    assert rfr.plan_rollout_calls([], cfg, cost) == []
+
+
+def test_default_budget_at_qwen3_4b_scale():
+    """64 SF prompts (~2.2k tokens) x K = 8 would need ~190 GB of bf16 KV cache in one call;
+    the default 24 GiB budget gives 8 calls of 8 prompts (64 rows)."""
+    cost = rfr.RolloutCost(144 * 1024, 128, lambda p: 2208)
+    cfg = rfr.RfRConfig(num_rollouts=8)
+    assert cost.call_bytes(64, 8, 2208) > 180e9
+    plan = rfr.plan_rollout_calls(["p"] * 64, cfg, cost)
+    assert plan == [(i, i + 8) for i in range(0, 64, 8)]
+    assert cost.call_bytes(8, 8, 2208) <= cfg.max_cache_bytes_per_call
+
+
+def test_calls_keep_order_and_key_the_first_call_with_the_key_itself():
+    calls = []
+
+    def sample_fn(prompts, k, key):
+        calls.append((list(prompts), k, jax.random.key_data(key).tolist()))
+        return [[f"{p}/{j}" for j in range(k)] for p in prompts]
+
+    key = jax.random.key(3)
+    prompts = [f"p{i}" for i in range(5)]
+    cfg = rfr.RfRConfig(num_rollouts=2, max_rows_per_call=4)
+    got, n = rfr.sample_in_calls(sample_fn, prompts, cfg, key)
+    assert n == 3 and got == [[f"p{i}/0", f"p{i}/1"] for i in range(5)]
+    assert [c[0] for c in calls] == [["p0", "p1"], ["p2", "p3"], ["p4"]]
+    keys = [c[2] for c in calls]
+    assert keys[0] == jax.random.key_data(key).tolist()  # one-call plans = the old single call
+    assert keys[1] == jax.random.key_data(jax.random.fold_in(key, 1)).tolist()
+    assert len({str(k) for k in keys}) == 3
+    with pytest.raises(ValueError, match="max_rows_per_call"):
+        rfr.RfRConfig(num_rollouts=8, max_rows_per_call=4)
+
+
+@pytest.fixture(scope="module")
+def tiny_actor(tiny_checkpoint):
+    from sfjax.agents.actor import Actor, ActorConfig
+    from sfjax.models import qwen3
+    from sfjax.sampling import Sampler
+    from sfjax.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_checkpoint)
+    model = qwen3.from_pretrained(tiny_checkpoint, dtype=jax.numpy.float32)
+    acfg = ActorConfig(prompt=PCFG, max_new_tokens=24, free_budget=8, rollout_temperature=0.0)
+    return Actor(Sampler(model, tok), tok, acfg)
+
+
+def test_cost_is_read_off_the_actor(tiny_actor):
+    cost = rfr.rollout_cost_of(tiny_actor.sample)
+    assert cost.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4  # K+V, 2 layers, 2 kv heads, H 16, f32
+    want = len(tiny_actor.tokenizer("Action: 12", add_special_tokens=False)["input_ids"])
+    assert cost.max_new_tokens == 24 and cost.count_tokens("Action: 12") == want
+    assert rfr.rollout_cost_of(lambda p, k, key: []) is None
+
+
+def test_chunked_rollouts_equal_one_call_greedy(tiny_actor):
+    """Real tiny Actor + sampler, greedy rollouts: one call for all prompts, one call per prompt
+    and a byte-bounded plan give the same dataset (prompt buckets differ between the plans:
+    padding never leaks)."""
+    targets = [
+        rfr.RolloutTarget(f"0:{i}", "<|im_start|>user\n" + "state 4 ok. " * n, 3 + i)
+        for i, n in enumerate((1, 4, 2))
+    ]
+    key = jax.random.key(0)
+    cost = rfr.rollout_cost_of(tiny_actor.sample)
+
+    def build(**kw):
+        cfg = rfr.RfRConfig(num_rollouts=2, **kw)
+        return rfr.build_dataset([], targets, rfr.RfRState(), tiny_actor.sample, cfg, PCFG, key)
+
+    one, s_one, _ = build(max_cache_bytes_per_call=0)
+    split, s_split, _ = build(max_rows_per_call=2)
+    by_bytes, s_bytes, _ = build(max_cache_bytes_per_call=cost.call_bytes(2, 2, 40))
+    assert (s_one.rollout_calls, s_split.rollout_calls, s_bytes.rollout_calls) == (1, 3, 2)
+    assert len(one) == 6 and all(e.completion for e in one)
+    assert split == one and by_bytes == one
+    assert s_split.mean_match_rate == s_one.mean_match_rate
