@@ -20,7 +20,7 @@ low to high), ``random`` (a new uniformly random action every 10 decisions) and 
 
 Usage (reproduces benchmarks/RESULTS.md)::
 
-    .venv/bin/python benchmarks/ns3_vs_jax.py --steps 120 --seeds 2 --out runs/ns3_vs_jax.json
+    .venv/bin/python benchmarks/ns3_vs_jax.py --steps 100 --seeds 2 --out runs/ns3_vs_jax.json
 """
 
 from __future__ import annotations
@@ -39,15 +39,19 @@ from sfjax.envs.ns3 import Ns3Config, Ns3RanSlicingEnv
 from sfjax.envs.ran import GBR_SLICE, NON_GBR_SLICE, RanSlicingConfig, RanSlicingEnv
 
 METRICS = ("se", "violation", "arrival_rate_bps", "delivered_bits", "dropped_bytes",
-           "mean_delay_ms", "prbs")
+           "mean_delay_ms", "prbs", "se_allocated", "se_scheduled")
 
 
 def scenario_for(traffic: str, steps: int) -> RanSlicingConfig:
+    """The default scenario with ns-3 3.37's RBG set (12 RBGs of 2 PRB at 25 PRB), so both
+    simulators give each slice the same PRBs for every action."""
+    base = RanSlicingConfig()
+    cell = dataclasses.replace(base.cell, rbg_count="ns3")
     if traffic == "full":
         on = {"mean_on_s": 1e4, "mean_off_s": 1e-3}
         slices = (dataclasses.replace(GBR_SLICE, **on), dataclasses.replace(NON_GBR_SLICE, **on))
-        return RanSlicingConfig(slices=slices, episode_steps=steps)
-    return RanSlicingConfig(episode_steps=steps)
+        return RanSlicingConfig(cell=cell, slices=slices, episode_steps=steps)
+    return RanSlicingConfig(cell=cell, episode_steps=steps)
 
 
 def action_sequence(kind: str, num_actions: int, steps: int, seed: int) -> np.ndarray:
@@ -107,6 +111,8 @@ def summarise(infos: dict[str, np.ndarray]) -> dict[str, float]:
     out = {}
     for prefix in ("", "other_"):
         for m in METRICS:
+            if prefix + m not in infos:  # ns-3 reports eq. 1 as "se" only
+                continue
             v = np.asarray(infos[prefix + m], np.float64)
             if m == "mean_delay_ms":  # average over steps that delivered something
                 d = np.asarray(infos[prefix + "delivered_bits"], np.float64) > 0
@@ -126,7 +132,8 @@ def per_level(infos: dict[str, np.ndarray], actions_T: np.ndarray) -> dict[int, 
         if m.any():
             out[int(level)] = {k: float(np.asarray(infos[k], np.float64)[m].mean()) for k in (
                 "se", "violation", "delivered_bits", "other_se", "other_violation",
-                "other_delivered_bits", "other_prbs")}
+                "other_delivered_bits", "other_prbs", "se_allocated", "other_se_allocated")
+                if k in infos}
     return out
 
 
@@ -136,6 +143,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=2, help="episodes per (traffic, sequence)")
     ap.add_argument("--traffic", nargs="+", default=["full", "onoff"])
     ap.add_argument("--sequences", nargs="+", default=["staircase", "random", "fixed"])
+    ap.add_argument("--pipeline-ms", type=float, default=4.5,
+                    help="pipeline delay of the third JAX variant (ns-3's measured floor)")
     ap.add_argument("--out", type=Path, default=None, help="write all numbers as JSON here")
     args = ap.parse_args()
 
@@ -148,65 +157,72 @@ def main() -> None:
                 [action_sequence(kind, cfg.num_actions, args.steps, s) for s in seeds]
             )
             # The JAX env with ns-3's scheduler semantics ("pf_ns3": PfFfMacScheduler
-            # verbatim, which the ns-3 scenario runs) and with its default buffer-aware PF.
-            jax_pf, compile_s, jax_step_s = run_jax(
-                dataclasses.replace(cfg, scheduler="pf_ns3"), actions_NT, seeds
-            )
-            jax_ba, _, _ = run_jax(
-                dataclasses.replace(cfg, scheduler="pf_buffer_aware"), actions_NT, seeds
-            )
-            jax_rows, jax_ba_rows, ns3_rows, ns3_wall, levels = [], [], [], [], []
-            for i, seed in enumerate(seeds):
-                jax_i = {k: v[i] for k, v in jax_pf.items()}
-                jax_rows.append(summarise(jax_i))
-                jax_ba_rows.append(summarise({k: v[i] for k, v in jax_ba.items()}))
-                ns3_infos, wall = run_ns3(cfg, actions_NT[i], seed)
-                ns3_rows.append(summarise(ns3_infos))
-                ns3_wall.append(wall)
-                levels.append({"jax": per_level(jax_i, actions_NT[i]),
-                               "ns3": per_level(ns3_infos, actions_NT[i])})
-            row = {
-                "traffic": traffic,
-                "sequence": kind,
-                "jax": {k: float(np.mean([r[k] for r in jax_rows])) for k in jax_rows[0]},
-                "jax_buffer_aware": {k: float(np.mean([r[k] for r in jax_ba_rows]))
-                                     for k in jax_ba_rows[0]},
-                "ns3": {k: float(np.mean([r[k] for r in ns3_rows])) for k in ns3_rows[0]},
-                "jax_step_s": jax_step_s,
-                "jax_compile_s": compile_s,
-                "ns3_step_s": float(np.mean(ns3_wall)),
-                "per_level": levels,
+            # verbatim, which the ns-3 scenario runs), with its default buffer-aware PF, and
+            # the default plus ns-3's delay floor (--pipeline-ms).
+            variants = {
+                "jax": dataclasses.replace(cfg, scheduler="pf_ns3"),
+                "jax_buffer_aware": dataclasses.replace(cfg, scheduler="pf_buffer_aware"),
+                "jax_pipeline": dataclasses.replace(
+                    cfg, scheduler="pf_buffer_aware", pipeline_delay_ms=args.pipeline_ms
+                ),
             }
+            jax_out = {}
+            for name, vcfg in variants.items():
+                jax_out[name], compile_s, step_s = run_jax(vcfg, actions_NT, seeds)
+                if name == "jax":
+                    jax_compile_s, jax_step_s = compile_s, step_s
+            rows = {name: [] for name in [*variants, "ns3"]}
+            ns3_wall, levels = [], []
+            for i, seed in enumerate(seeds):
+                for name, infos in jax_out.items():
+                    rows[name].append(summarise({k: v[i] for k, v in infos.items()}))
+                ns3_infos, wall = run_ns3(cfg, actions_NT[i], seed)
+                rows["ns3"].append(summarise(ns3_infos))
+                ns3_wall.append(wall)
+                levels.append({"jax": per_level({k: v[i] for k, v in jax_out["jax"].items()},
+                                                actions_NT[i]),
+                               "ns3": per_level(ns3_infos, actions_NT[i])})
+            row = {"traffic": traffic, "sequence": kind}
+            for name, rs in rows.items():
+                row[name] = {k: float(np.mean([r[k] for r in rs])) for k in rs[0]}
+            row.update({"jax_step_s": jax_step_s, "jax_compile_s": jax_compile_s,
+                        "ns3_step_s": float(np.mean(ns3_wall)), "per_level": levels})
             results.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "per_level"}), flush=True)
 
     print()
-    print("JAX = pf_ns3 scheduler (ns-3 PfFfMacScheduler semantics); [JAX buffer-aware PF]")
-    print("| traffic | sequence | slice | SE JAX / ns-3 [BA] | viol. rate JAX / ns-3 [BA] "
+    print("JAX = pf_ns3 scheduler (ns-3 PfFfMacScheduler semantics); [JAX buffer-aware PF]; "
+          f"{{buffer-aware + {args.pipeline_ms} ms pipeline}}. SE = eq. 1 (allocated) for both; "
+          "JAX's default scheduled-PRB SE in the last column.")
+    print("| traffic | sequence | slice | SE eq. 1 JAX / ns-3 [BA] | viol. rate JAX / ns-3 [BA] {pipe} "
           "| offered Mb/s JAX / ns-3 | delivered Mb/s JAX / ns-3 [BA] "
-          "| drops kB/step JAX / ns-3 [BA] | mean delay ms JAX / ns-3 [BA] |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| drops kB/step JAX / ns-3 [BA] | mean delay ms JAX / ns-3 [BA] {pipe} "
+          "| SE scheduled [BA] |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         for name, p in (("controlled", ""), ("other", "other_")):
-            j, n, b = r["jax"], r["ns3"], r["jax_buffer_aware"]
+            j, n, b, q = r["jax"], r["ns3"], r["jax_buffer_aware"], r["jax_pipeline"]
+            se = p + "se_allocated"
             print(
                 f"| {r['traffic']} | {r['sequence']} | {name} "
-                f"| {j[p + 'se']:.2f} / {n[p + 'se']:.2f} [{b[p + 'se']:.2f}] "
-                f"| {j[p + 'violation']:.2f} / {n[p + 'violation']:.2f} [{b[p + 'violation']:.2f}] "
+                f"| {j[se]:.2f} / {n[p + 'se']:.2f} [{b[se]:.2f}] "
+                f"| {j[p + 'violation']:.2f} / {n[p + 'violation']:.2f} "
+                f"[{b[p + 'violation']:.2f}] {{{q[p + 'violation']:.2f}}} "
                 f"| {j[p + 'arrival_rate_bps'] / 1e6:.2f} / {n[p + 'arrival_rate_bps'] / 1e6:.2f} "
                 f"| {j[p + 'delivered_bits'] / 1e5:.2f} / {n[p + 'delivered_bits'] / 1e5:.2f} "
                 f"[{b[p + 'delivered_bits'] / 1e5:.2f}] "
                 f"| {j[p + 'dropped_bytes'] / 1e3:.2f} / {n[p + 'dropped_bytes'] / 1e3:.2f} "
                 f"[{b[p + 'dropped_bytes'] / 1e3:.2f}] "
                 f"| {j[p + 'mean_delay_ms']:.1f} / {n[p + 'mean_delay_ms']:.1f} "
-                f"[{b[p + 'mean_delay_ms']:.1f}] |"
+                f"[{b[p + 'mean_delay_ms']:.1f}] {{{q[p + 'mean_delay_ms']:.1f}}} "
+                f"| {b[p + 'se_scheduled']:.2f} |"
             )
     for r in results:
         if r["sequence"] != "staircase":
             continue
         print()
         print(f"Per PRB level ({r['traffic']} traffic, staircase, seed 0, settled steps; "
-              "JAX = pf_ns3):")
+              "JAX = pf_ns3; SE = eq. 1):")
         print("| PRB ctrl / other (jax; ns3) | SE ctrl jax / ns3 | viol. ctrl jax / ns3 "
               "| SE other jax / ns3 | viol. other jax / ns3 |")
         print("|---|---|---|---|---|")
@@ -214,8 +230,9 @@ def main() -> None:
         for level in sorted(set(lv["jax"]) & set(lv["ns3"])):
             j, n = lv["jax"][level], lv["ns3"][level]
             print(f"| {level} / {j['other_prbs']:.0f}; {n['other_prbs']:.0f} "
-                  f"| {j['se']:.2f} / {n['se']:.2f} | {j['violation']:.2f} / {n['violation']:.2f} "
-                  f"| {j['other_se']:.2f} / {n['other_se']:.2f} "
+                  f"| {j['se_allocated']:.2f} / {n['se']:.2f} "
+                  f"| {j['violation']:.2f} / {n['violation']:.2f} "
+                  f"| {j['other_se_allocated']:.2f} / {n['other_se']:.2f} "
                   f"| {j['other_violation']:.2f} / {n['other_violation']:.2f} |")
     print()
     print("| traffic | sequence | JAX s/decision | ns-3 s/decision | ratio ns-3/JAX | JAX compile s |")

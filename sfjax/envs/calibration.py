@@ -54,7 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sfjax.envs.ran import RanSlicingConfig, RanSlicingEnv
+from sfjax.envs.ran import SE_DEFINITIONS, RanSlicingConfig, RanSlicingEnv
 
 
 def static_sweep(env: RanSlicingEnv, n_episodes: int = 4, n_steps: int | None = None,
@@ -70,9 +70,7 @@ def static_sweep(env: RanSlicingEnv, n_episodes: int = 4, n_steps: int | None = 
 
         def body(state, key):
             _, state, reward, _, info = env.step_env(key, state, action, params)
-            return state, (info["se"], info["violation"], info["reconfiguration"], reward,
-                           info["other_violation"], info["late_packets"], info["link_se"],
-                           info["utilization"])
+            return state, {k: info[k] for k in _SWEEP_KEYS} | {"reward": reward}
 
         _, out = jax.lax.scan(body, state, jax.random.split(k_steps, n_steps))
         return out
@@ -80,31 +78,44 @@ def static_sweep(env: RanSlicingEnv, n_episodes: int = 4, n_steps: int | None = 
     keys_E = jax.random.split(jax.random.key(seed), n_episodes)
     actions_A = jnp.arange(n_actions)
     run = jax.jit(jax.vmap(jax.vmap(episode, in_axes=(0, None)), in_axes=(None, 0)))
-    se, vio, rec, rew, other_vio, late, link, util = jax.device_get(run(keys_E, actions_A))
+    out = jax.device_get(run(keys_E, actions_A))  # [A, E, T] each
+
+    def mean(k):
+        return np.asarray(out[k], np.float64).mean(axis=(1, 2))
+
+    def count(k):
+        return np.asarray(out[k], np.float64).sum(-1).mean(-1)
+
     return {
         "prbs": np.asarray(env.config.prbs_per_action),
-        "mean_se": se.mean(axis=(1, 2)),
-        "violations": vio.sum(-1).mean(-1),
-        "reconfigurations": rec.sum(-1).mean(-1),
-        "utility": rew.sum(-1).mean(-1),
-        "other_violations": other_vio.sum(-1).mean(-1),
-        "late_packets": late.sum(-1).mean(-1),
-        "link_se": link.mean(axis=(1, 2)),
-        "utilization": util.mean(axis=(1, 2)),
+        "mean_se": mean("se"),
+        "violations": count("violation"),
+        "reconfigurations": count("reconfiguration"),
+        "utility": count("reward"),
+        "other_violations": count("other_violation"),
+        "late_packets": count("late_packets"),
+        "se_allocated": mean("se_allocated"),
+        "link_se": mean("link_se"),
+        "tb_fill": mean("tb_fill"),
+        "utilization": mean("utilization"),
     }
+
+
+_SWEEP_KEYS = ("se", "violation", "reconfiguration", "other_violation", "late_packets",
+               "se_allocated", "link_se", "tb_fill", "utilization")
 
 
 def format_sweep(sweep: dict[str, np.ndarray]) -> str:
     cols = ["prbs", "mean_se", "violations", "reconfigurations", "utility", "other_violations",
-            "late_packets", "link_se", "utilization"]
+            "late_packets", "se_allocated", "link_se", "tb_fill", "utilization"]
     lines = [" ".join(f"{c[:12]:>12}" for c in cols)]
     for i in range(len(sweep["prbs"])):
         lines.append(" ".join(f"{float(sweep[c][i]):12.3f}" for c in cols))
     best = int(np.argmax(sweep["utility"]))
     lines.append(
         f"best static by utility: {int(sweep['prbs'][best])} PRB, mean SE "
-        f"{sweep['mean_se'][best]:.3f}, link SE {sweep['link_se'][best]:.3f}, violations {sweep['violations'][best]:.1f}, "
-        f"utility {sweep['utility'][best]:.1f}"
+        f"{sweep['mean_se'][best]:.3f} (eq. 1: {sweep['se_allocated'][best]:.3f}), "
+        f"violations {sweep['violations'][best]:.1f}, utility {sweep['utility'][best]:.1f}"
     )
     return "\n".join(lines)
 
@@ -115,13 +126,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-distance-m", type=float, default=None)
+    parser.add_argument("--data-re-fraction", type=float, default=None)
+    parser.add_argument("--pipeline-delay-ms", type=float, default=0.0)
+    parser.add_argument("--se-definition", default="scheduled", choices=SE_DEFINITIONS)
     parser.add_argument("--randomize-drop", action="store_true")
     args = parser.parse_args()
-    config = RanSlicingConfig(randomize_drop=args.randomize_drop)
+    config = RanSlicingConfig(randomize_drop=args.randomize_drop,
+                              pipeline_delay_ms=args.pipeline_delay_ms,
+                              se_definition=args.se_definition)
+    cell = {}
     if args.max_distance_m is not None:
-        config = dataclasses.replace(
-            config, cell=dataclasses.replace(config.cell, max_distance_m=args.max_distance_m)
-        )
+        cell["max_distance_m"] = args.max_distance_m
+    if args.data_re_fraction is not None:
+        cell["data_re_fraction"] = args.data_re_fraction
+    config = dataclasses.replace(config, cell=dataclasses.replace(config.cell, **cell))
     env = RanSlicingEnv(config)
     t0 = time.perf_counter()
     sweep = static_sweep(env, args.episodes, args.steps, args.seed)

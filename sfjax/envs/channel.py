@@ -64,11 +64,19 @@ class CellConfig:
     """Thermal noise power spectral density."""
     interference_margin_db: float = 0.0
     """Extra noise rise standing in for other-cell interference (0: an isolated cell)."""
-    data_re_fraction: float = 1.0
+    data_re_fraction: float = 0.7
     """Share of a PRB's resource elements that carry data: a transport block holds
-    ``efficiency * 180 kHz * 1 ms * data_re_fraction`` bits per PRB. 1.0 is the plain CQI
-    efficiency; ~0.7 mimics the control-region and reference-signal overhead built into the
-    36.213 TBS table that ns-3 uses (see benchmarks/RESULTS.md, ns-3 vs JAX)."""
+    ``efficiency * 180 kHz * 1 ms * data_re_fraction`` bits per PRB (throughput, queues and
+    delivery; the reported SE is the CQI efficiency itself, see :mod:`sfjax.envs.decision`).
+    0.7 is the overhead (PDCCH region, reference signals) built into the 36.213 TBS table that
+    ns-3 uses: ns-3's TBS(MCS(CQI), n PRB) / (CQI efficiency x 180 kHz x 1 ms) is 0.73-0.75 at
+    CQI 15 and 0.65-0.67 at CQI 10-14 for 2-24 PRB, and the saturated SE measured in ns-3 is
+    0.69 x the plain-efficiency SE (benchmarks/RESULTS.md, ns-3 vs JAX). 1.0: no overhead."""
+    rbg_count: str = "36.213"
+    """How ``n_prb`` is cut into RBGs of ``rbg_size`` PRBs: "36.213" (resource allocation type
+    0: ceil(n_prb / P) RBGs, the last one smaller; 13 RBGs at 25 PRB) or "ns3" (ns-3 3.37's
+    schedulers and FFR algorithms: floor(n_prb / P) RBGs, the leftover PRBs are never
+    scheduled; 12 RBGs at 25 PRB)."""
     bs_height_m: float = 25.0
     """BS antenna height (TR 38.901 UMa: 25 m)."""
     ue_height_m: float = 1.5
@@ -79,7 +87,7 @@ class CellConfig:
     """Electrical downtilt of the BS element, degrees below the horizon."""
     min_distance_m: float = 35.0
     """Smallest 2-D BS-UE distance of the drop (TR 38.901 Table 7.2-1 UMa minimum: 35 m)."""
-    max_distance_m: float = 60.0
+    max_distance_m: float = 50.0
     """Largest 2-D BS-UE distance of the drop: the calibration knob of the default scenario
     (see :mod:`sfjax.envs.calibration`)."""
     sector_half_width_deg: float = 60.0
@@ -89,6 +97,8 @@ class CellConfig:
     def __post_init__(self):
         if self.n_prb < 1 or self.n_prb > 110:
             raise ValueError(f"n_prb must be in 1..110 (LTE), got {self.n_prb}")
+        if self.rbg_count not in ("36.213", "ns3"):
+            raise ValueError(f"rbg_count must be '36.213' or 'ns3', got {self.rbg_count!r}")
         if not 0.0 < self.data_re_fraction <= 1.0:
             raise ValueError(f"data_re_fraction must be in (0, 1], got {self.data_re_fraction}")
         if not 10.0 <= self.min_distance_m < self.max_distance_m <= 5000.0:
@@ -104,10 +114,16 @@ class CellConfig:
 
     @property
     def rbg_prbs(self) -> tuple[int, ...]:
-        """PRBs in each RBG; the last one is smaller when ``n_prb`` is not a multiple."""
+        """PRBs in each RBG; with "36.213" the last one is smaller when ``n_prb`` is not a
+        multiple of the RBG size, with "ns3" the rest is dropped."""
         size = self.rbg_size
         full, rest = divmod(self.n_prb, size)
-        return (size,) * full + ((rest,) if rest else ())
+        return (size,) * full + ((rest,) if rest and self.rbg_count == "36.213" else ())
+
+    @property
+    def schedulable_prbs(self) -> int:
+        """PRBs covered by RBGs (``n_prb`` except with ``rbg_count="ns3"``)."""
+        return sum(self.rbg_prbs)
 
     @property
     def n_rbg(self) -> int:

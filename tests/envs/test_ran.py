@@ -76,8 +76,20 @@ def test_info_keys_reward_and_se_definition(tiny):
     assert env.observation_space(params).contains(obs)
     prbs = int(info["prbs"])
     assert prbs == 6 and int(info["other_prbs"]) == 9
-    se = float(info["delivered_bits"]) / (0.02 * prbs * 180e3)
-    assert float(info["se"]) == pytest.approx(se, rel=1e-5)
+    delivered = float(info["delivered_bits"])
+    assert delivered > 0
+    # eq. 1 as printed: delivered bits over the allocated bandwidth
+    assert float(info["se_allocated"]) == pytest.approx(delivered / (0.02 * prbs * 180e3), rel=1e-5)
+    # default "scheduled": delivered bits before the 50 % RE overhead per scheduled PRB-TTI
+    sched_prb_tti = float(info["utilization"]) * prbs * 20
+    assert sched_prb_tti > 0 and sched_prb_tti == pytest.approx(round(sched_prb_tti), abs=1e-3)
+    se = delivered / 0.5 / (round(sched_prb_tti) * 180e3 * 1e-3)
+    assert float(info["se_scheduled"]) == pytest.approx(se, rel=1e-5)
+    assert float(info["se"]) == float(info["se_scheduled"]) == float(state.se_S[0])
+    # padding only lowers it: at most the CQI efficiency of the blocks, itself <= CQI 15
+    assert float(info["se"]) == pytest.approx(float(info["link_se"]) * float(info["tb_fill"]),
+                                              rel=1e-4)
+    assert float(info["se"]) <= float(info["link_se"]) <= 5.5547 + 1e-4
     expect = metrics.step_utility(info["se"], info["reconfiguration"], info["violation"])
     assert float(r) == pytest.approx(float(expect), rel=1e-6)
     # the scaled observation is the raw eq. 14 state
@@ -238,7 +250,54 @@ def test_pipeline_delay_and_data_re_fraction(tiny):
     _, _, _, _, info = step(key, state.replace(buffers=pkt), int(params.initial_action), params)
     assert bool(info["violation"]) and int(info["late_packets"]) == 1
     assert float(info["max_delay_ms"]) == pytest.approx(11.5)
-    # TINY keeps half the data REs: the link efficiency of used PRBs is at most 5.5547 / 2
-    assert 0 < float(info["link_se"]) <= 5.5547 / 2 + 1e-4
+    # One packet of 4096 bits: at most 5.5547 x 180 x 8 x 0.5 = 4000 bits per TTI on 8 PRB,
+    # so it needs a second transport block that is mostly padding. The reported SE counts the
+    # bits before the RE overhead: the CQI efficiency (<= 5.5547) scaled by the fill.
+    assert int(info["delivered_packets"]) == 1 and float(info["delivered_bits"]) == 4096
+    assert 0 < float(info["tb_fill"]) < 0.9
+    assert 0 < float(info["se"]) < float(info["link_se"]) <= 5.5547 + 1e-4
+    used = float(info["utilization"]) * 8 * 20
+    assert float(info["se"]) == pytest.approx(4096 / 0.5 / (used * 180), rel=1e-4)
     with pytest.raises(ValueError, match="data_re_fraction"):
         CellConfig(data_re_fraction=0.0)
+
+
+def test_quiet_step_carries_the_scheduled_se(tiny):
+    # nothing to send: no PRB is scheduled, so the scheduled SE of the previous step stands
+    # (eq. 15 sees the link, not an empty step); eq. 1 gives 0
+    env, params, step, reset = tiny
+    key = jax.random.key(3)
+    quiet = _quiet_state(reset, params, key, env.config.n_ues)
+    prev = jnp.array([4.25, 3.5], jnp.float32)
+    quiet = quiet.replace(se_S=prev, se_scheduled_S=prev)
+    _, state, r, _, info = step(key, quiet, int(params.initial_action), params)
+    assert float(info["utilization"]) == 0.0 and float(info["delivered_bits"]) == 0.0
+    assert float(info["se"]) == 4.25 and float(info["other_se"]) == 3.5
+    assert float(info["se_allocated"]) == 0.0
+    assert float(r) == pytest.approx(15 * (4.25 + 1))
+    np.testing.assert_array_equal(np.asarray(state.se_scheduled_S), np.asarray(prev))
+
+
+def test_allocated_se_definition_and_ns3_rbg_count():
+    cfg = dataclasses.replace(
+        TINY, se_definition="allocated",
+        cell=dataclasses.replace(TINY.cell, rbg_count="ns3"),  # 7 RBGs of 2 PRB, PRB 15 unused
+    )
+    assert cfg.cell.rbg_prbs == (2,) * 7 and cfg.cell.schedulable_prbs == 14
+    assert cfg.num_actions == 6 and cfg.prbs_per_action == (2, 4, 6, 8, 10, 12)
+    env = RanSlicingEnv(cfg)
+    params = env.default_params
+    key = jax.random.key(0)
+    _, state = env.reset(key, params)
+    _, state, r, _, info = env.step(key, state, 2, params)
+    assert int(info["prbs"]) == 6 and int(info["other_prbs"]) == 8
+    assert float(info["delivered_bits"]) > 0
+    assert float(info["se"]) == float(info["se_allocated"]) == pytest.approx(
+        float(info["delivered_bits"]) / (0.02 * 6 * 180e3), rel=1e-5)
+    assert float(info["se"]) < float(info["se_scheduled"])
+    expect = metrics.step_utility(info["se"], info["reconfiguration"], info["violation"])
+    assert float(r) == pytest.approx(float(expect), rel=1e-6)
+    with pytest.raises(ValueError, match="se_definition"):
+        RanSlicingConfig(se_definition="goodput")
+    with pytest.raises(ValueError, match="rbg_count"):
+        CellConfig(rbg_count="floor")
