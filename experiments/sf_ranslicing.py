@@ -20,6 +20,11 @@ Writes to the run dir: ``config.json``, ``trajectories/``, ``reflections/``, ``d
 TRL's tags, ``kto_iter/*`` per KTO iteration, ``env/*`` per trajectory, ``rfr/*`` dataset
 statistics), ``adapter/`` (final LoRA as a PEFT adapter), ``summary.json`` and the final table
 on stdout.
+
+Several hosts: ``python -m sfjax.parallel --distributed [mesh options] -- experiments/
+sf_ranslicing.py paper --run-dir /shared/runs/paper ...`` on every host. RUN_DIR must be on a
+filesystem all hosts mount (checked at start); process 0 writes every file but the orbax
+checkpoints, which all processes write together, and queries the Reflector API.
 """
 
 from __future__ import annotations
@@ -149,20 +154,8 @@ def _dtype(name: str):
     return table[name]
 
 
-def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> dict:
-    """Build every component from ``cfg`` and run (or resume) Algorithm 1."""
-    from sfjax.agents.actor import Actor
-    from sfjax.agents.env import JaxRanRunner
-    from sfjax.agents.finetune import KTOFineTuner
-    from sfjax.agents.loop import SelfFinetuningLoop, format_table
-    from sfjax.agents.reflector import make_reflector
-    from sfjax.models import qwen3
-    from sfjax.parallel import summary_writer
-    from sfjax.sampling import Sampler
-    from sfjax.tokenizer import load_tokenizer
-
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+def _prepare_run_dir(cfg: ExperimentConfig, run_dir: Path) -> bool:
+    """Check RUN_DIR against ``cfg`` and write ``config.json``; returns whether to resume."""
     saved = run_dir / "config.json"
     as_json = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
     as_json.pop("resume", None)
@@ -181,14 +174,66 @@ def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> d
         logging.getLogger(__name__).info("continuing the run in %s (same config)", run_dir)
         resume = True
     saved.write_text(json.dumps(as_json, indent=2))
+    return resume
+
+
+def _save_adapter(finetuner, out_dir: Path) -> None:
+    """The final LoRA as a PEFT adapter, written by process 0.
+
+    With several processes the adapters may be sharded over devices of other hosts, so their
+    shards are first gathered onto every host (a collective, hence on all processes).
+    """
+    import jax
+    from flax import nnx
+
+    from sfjax import parallel
+    from sfjax.models import lora as lora_lib
+
+    trainer = finetuner.trainer
+    if jax.process_count() > 1:
+        state = lora_lib.lora_state(trainer.model)
+        nnx.update(trainer.model, parallel.to_host(state))  # the run is over: host copies
+
+    def write():
+        trainer.save_adapter(out_dir)
+
+    parallel.on_main_process(write)
+
+
+def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> dict:
+    """Build every component from ``cfg`` and run (or resume) Algorithm 1.
+
+    In a multi-process run every process calls this; process 0 checks RUN_DIR, writes the
+    files and prints the table, the others wait for it where they must (see the module doc).
+    """
+    from sfjax import parallel
+    from sfjax.agents.actor import Actor
+    from sfjax.agents.env import JaxRanRunner
+    from sfjax.agents.finetune import KTOFineTuner
+    from sfjax.agents.loop import SelfFinetuningLoop, format_table
+    from sfjax.agents.reflector import make_reflector
+    from sfjax.models import qwen3
+    from sfjax.parallel import summary_writer
+    from sfjax.sampling import Sampler
+    from sfjax.tokenizer import load_tokenizer
+
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    parallel.check_shared_directory(run_dir)  # multi-host: one directory for every host
+    # process 0 decides (and writes config.json) before any process reads further
+    resume = parallel.on_main_process(_prepare_run_dir, cfg, run_dir)
 
     t0 = time.perf_counter()
     if cfg.model.tiny:
         from sfjax.testing import write_tiny_checkpoint
 
         ckpt = run_dir / "tiny_actor"
-        if not (ckpt / "config.json").exists():
-            write_tiny_checkpoint(ckpt, seed=cfg.model.tiny_seed, dtype="float32")
+
+        def write_tiny():
+            if not (ckpt / "config.json").exists():
+                write_tiny_checkpoint(ckpt, seed=cfg.model.tiny_seed, dtype="float32")
+
+        parallel.on_main_process(write_tiny)  # one writer; the others load it afterwards
     elif cfg.model.checkpoint:
         ckpt = cfg.model.checkpoint
     else:
@@ -220,9 +265,11 @@ def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> d
     summary = loop.run(resume=resume)
     summary["timings_s"]["setup"] = setup_s
     loop.write_summary()
-    finetuner.trainer.save_adapter(run_dir / "adapter")
+    _save_adapter(finetuner, run_dir / "adapter")
     if writer is not None:
         writer.close()
+    if not parallel.is_main_process():
+        return summary
     print(f"\nSelf-finetuning ({summary['reflector']}; actor {ckpt})")
     print(format_table(summary))
     t = summary["timings_s"]
