@@ -211,3 +211,66 @@ def test_api_key_never_in_logs_events_or_checkpoints(tmp_path, monkeypatch, capl
     for p in files:
         assert SECRET.encode() not in p.read_bytes(), p
     assert SECRET not in caplog.text
+
+
+# ------------------------------------------------------------------------------- multi-host
+def test_checkpoint_keeps_shardings_keys_and_host_values(tmp_path):
+    """Arrays go to orbax as jax.Arrays (never gathered with np.asarray) and come back in the
+    target's sharding; typed PRNG keys and host values round-trip (the two-process version,
+    with shards on devices of both processes, is tests/test_parallel_multihost_loop.py)."""
+    import optax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from sfjax.agents.checkpoint import LoopCheckpointer
+
+    mesh = jax.make_mesh((1,), ("fsdp",))
+    sharding = NamedSharding(mesh, P("fsdp", None))
+    w = jax.device_put(jnp.arange(12.0).reshape(4, 3), sharding)
+    tree = {"w": w, "opt": optax.adam(1e-3).init({"w": w}), "key": jax.random.key(7),
+            "step": np.int64(5), "lr": 0.5}  # fmt: skip
+    ckpt = LoopCheckpointer(tmp_path / "ck")
+    ckpt.save(0, tree, {"phase": "p"})
+    zeros = jax.tree.map(lambda x: x * 0, {k: v for k, v in tree.items() if k != "key"})
+    got, meta = ckpt.restore(0, {**zeros, "key": jax.random.key(0)})
+    ckpt.close()
+    assert meta == {"phase": "p"}
+    assert isinstance(got["w"], jax.Array) and got["w"].sharding == sharding
+    np.testing.assert_array_equal(np.asarray(got["w"]), np.asarray(w))
+    np.testing.assert_array_equal(np.asarray(got["opt"][0].mu["w"]), 0.0)
+    assert got["opt"][0].mu["w"].sharding == sharding
+    assert jax.dtypes.issubdtype(got["key"].dtype, jax.dtypes.prng_key)
+    np.testing.assert_array_equal(jax.random.key_data(got["key"]),
+                                  jax.random.key_data(jax.random.key(7)))  # fmt: skip
+    assert int(got["step"]) == 5 and float(got["lr"]) == 0.5
+
+
+def test_only_process_0_writes_files(tmp_path, monkeypatch):
+    """As process 1 of a multi-host run: no JSON, no events; checkpoints (collective) and the
+    returned summary as on process 0, and resuming works from the shared checkpoints."""
+    import sfjax.parallel as parallel
+
+    class NoWriter:
+        def __getattr__(self, name):
+            raise AssertionError("only process 0 may write TensorBoard events")
+
+    want = _loop(tmp_path / "p0").run()
+    monkeypatch.setattr(parallel, "is_main_process", lambda: False)
+
+    def kill_after(phase):
+        if phase.index == 3:
+            raise RuntimeError("killed")
+
+    first = _loop(tmp_path / "p1", on_phase_end=kill_after)
+    # the same loop as built with a writer: off process 0 the writer is dropped
+    gated = SelfFinetuningLoop(first.cfg, first.rfr_cfg, PCFG, first.actor, first.env,
+                               first.reflector, first.finetuner, tmp_path / "p1",
+                               writer=NoWriter(), on_phase_end=kill_after)  # fmt: skip
+    assert gated.writer is None and gated.progress is False
+    with pytest.raises(RuntimeError, match="killed"):
+        gated.run()
+    got = _loop(tmp_path / "p1").run(resume=True)
+    assert _strip(got) == _strip(want)
+    written = {p.relative_to(tmp_path / "p1").parts[0]
+               for p in (tmp_path / "p1").rglob("*") if p.is_file()}  # fmt: skip
+    assert written == {"checkpoints"}, written

@@ -418,3 +418,80 @@ def test_local_backend_on_tiny_checkpoint_rejects_gibberish(tiny_checkpoint):
 def test_local_backend_needs_checkpoint():
     with pytest.raises(ValueError, match="checkpoint"):
         make_reflector(ReflectorConfig(backend="local"), PCFG)
+
+
+# ----------------------------------------------------------------------- multi-host broadcast
+def _one_reflection(tag: str):
+    from sfjax.agents.trajectory import Reflection, StepLabel
+
+    return [Reflection(0, [StepLabel(0, "effective", 2, tag)], "summary", "fake")]
+
+
+class _CountingReflector:
+    name = "fake"
+
+    def __init__(self, tag, collective=False, fail=False):
+        self.tag, self.collective, self.fail, self.calls = tag, collective, fail, 0
+
+    def reflect(self, trajectories, key=None):
+        self.calls += 1
+        if self.fail:
+            raise ReflectorError("no valid reply after 3 retries")
+        return _one_reflection(self.tag)
+
+
+def _as_process_1(monkeypatch, process_0_payload):
+    """Pretend to be process 1 of 2: broadcasts deliver ``process_0_payload``."""
+    import sfjax.agents.reflectors.broadcast as bc
+    import sfjax.parallel.multihost as mh
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    for mod in (mh, bc):
+        monkeypatch.setattr(mod, "is_main_process", lambda: False)
+        monkeypatch.setattr(mod, "broadcast_object", lambda obj: process_0_payload)
+
+
+def test_reflect_on_all_processes_single_process_is_the_plain_call():
+    from sfjax.agents.reflector import reflect_on_all_processes
+
+    r = _CountingReflector("mine")
+    assert reflect_on_all_processes(r, []) == _one_reflection("mine") and r.calls == 1
+    with pytest.raises(ReflectorError, match="3 retries"):
+        reflect_on_all_processes(_CountingReflector("x", fail=True), [])
+
+
+def test_host_side_reflector_is_not_called_off_process_0(monkeypatch):
+    from sfjax.agents.reflector import reflect_on_all_processes
+
+    from_0 = [r.to_json() for r in _one_reflection("from process 0")]
+    _as_process_1(monkeypatch, {"ok": from_0})
+    r = _CountingReflector("process 1's own reply")
+    assert reflect_on_all_processes(r, []) == _one_reflection("from process 0")
+    assert r.calls == 0  # an API is queried once per phase, by process 0
+
+
+def test_collective_reflector_runs_everywhere_but_process_0_wins(monkeypatch):
+    from sfjax.agents.reflector import reflect_on_all_processes
+
+    _as_process_1(monkeypatch, [r.to_json() for r in _one_reflection("from process 0")])
+    r = _CountingReflector("process 1's own reply", collective=True)
+    assert reflect_on_all_processes(r, []) == _one_reflection("from process 0")
+    assert r.calls == 1  # its sharded model needs every process to make the same calls
+
+
+def test_failure_on_process_0_raises_on_the_others(monkeypatch):
+    from sfjax.agents.reflector import reflect_on_all_processes
+
+    _as_process_1(monkeypatch, {"error": "ReflectorError: no valid reply after 3 retries"})
+    with pytest.raises(ReflectorError, match="process 0.*3 retries"):
+        reflect_on_all_processes(_CountingReflector("x"), [])
+
+
+def test_which_backends_are_collective(tmp_path, monkeypatch):
+    from sfjax.agents.reflectors.broadcast import is_collective
+
+    monkeypatch.setenv("SFJAX_TEST_REFLECTOR_KEY", "k")
+    assert not is_collective(make_reflector(ReflectorConfig(backend="rule"), PCFG))
+    assert not is_collective(make_reflector(_api_cfg("http://127.0.0.1:9/v1"), PCFG, tmp_path))
+    local = LocalReflector(LocalReflectorConfig(), PCFG, lambda convs, key: [], "m")
+    assert is_collective(local)
