@@ -311,3 +311,12 @@ def test_launcher_sets_default_mesh_for_an_unmodified_script(tiny_checkpoint, tm
 def test_launcher_needs_a_script():
     with pytest.raises(SystemExit):
         parallel.main(["--tp", "2", "--"])
+
+
+def test_main_process_calls_and_shared_directory_single_process(tmp_path):
+    assert parallel.on_main_process(lambda a, b=0: a + b, 1, b=2) == 3
+    with pytest.raises(KeyError):  # the original error, with one process
+        parallel.on_main_process(lambda: {}["missing"])
+    assert parallel.all_processes_agree(True) and not parallel.all_processes_agree(False)
+    parallel.check_shared_directory(tmp_path / "not-created")  # no-op with one process
+    assert not (tmp_path / "not-created").exists()

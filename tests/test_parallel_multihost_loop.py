@@ -20,7 +20,8 @@ one device, uninterrupted, in the pytest process:
 * the last checkpoint, written by two processes as cross-host shards, restores in the pytest
   process onto one device and equals the one-process run's final state;
 * a Reflector failure on process 0 raises on both processes (none hangs in a collective), and a
-  reply that differs between processes is process 0's on both.
+  reply that differs between processes is process 0's on both;
+* a run directory that is not shared by the two processes is rejected on both.
 
 Tolerances as in ``test_parallel_devices.py`` (sharding reorders float32 partial sums only).
 """
@@ -221,6 +222,21 @@ def _broadcast_checks() -> None:
         raise AssertionError("a Reflector failure on process 0 must raise on every process")
 
 
+def _shared_directory_checks(out: Path) -> None:
+    """A run dir both hosts see passes; one path per host (two local disks) fails on both."""
+    import jax
+
+    from sfjax import parallel
+
+    parallel.check_shared_directory(out)
+    try:
+        parallel.check_shared_directory(out / f"local_to_process_{jax.process_index()}")
+    except RuntimeError as e:
+        assert "not shared by all 2 processes" in str(e), e
+    else:
+        raise AssertionError("per-host directories must be rejected on every process")
+
+
 def worker(ckpt: str, out_dir: str) -> None:
     import jax
 
@@ -232,6 +248,7 @@ def worker(ckpt: str, out_dir: str) -> None:
     me = jax.process_index()
     out = Path(out_dir)
     _broadcast_checks()
+    _shared_directory_checks(out)
 
     calls = {"reflect": 0}
 
