@@ -39,6 +39,11 @@ from dataclasses import asdict, dataclass
 
 # JAX must not grab 75 % of the GPU up front: the PyTorch reference shares the device.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# ``python3 benchmarks/gpu_x.py`` from a plain checkout (sfjax not pip-installed, as on a bare
+# GPU machine): the repository root must be importable.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(1, _ROOT)
 
 H200_HBM_BYTES_PER_S = 4.8e12
 """NVIDIA H200 SXM HBM3e bandwidth (datasheet: 4.8 TB/s)."""
@@ -58,7 +63,65 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--no-torch", action="store_true",
                         help="skip the PyTorch transformers reference")
     parser.add_argument("--iters", type=int, default=None, help="timed repetitions")
+    parser.add_argument("--attention", default="auto",
+                        choices=("plain", "xla", "cudnn", "auto"),
+                        help="attention kernel (sfjax.models.attention): auto = cuDNN on GPU "
+                             "where shapes allow, else plain f32 scores")
+    parser.add_argument("--no-compile-cache", action="store_true",
+                        help="do not use XLA's persistent compilation cache ($SFJAX_JAX_CACHE)")
     return parser
+
+
+def setup(args) -> None:
+    """Apply the common flags: the attention kernel and (at full size) XLA's persistent
+    compilation cache, shared by every script and rerun on the machine (compiling a 36-layer
+    program costs tens of seconds of device time)."""
+    import jax
+
+    from sfjax.models import attention
+
+    attention.set_implementation(args.attention)
+    attention.reset_choices()
+    if not args.tiny and not args.no_compile_cache:
+        path = os.environ.get("SFJAX_JAX_CACHE", os.path.join(tempfile.gettempdir(),
+                                                               "sfjax_jax_cache"))
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def progress(msg: str) -> None:
+    """A timestamped progress line on stderr (flushed: the device tool returns the tail)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def is_oom(e: BaseException) -> bool:
+    """An out-of-memory error of XLA or torch."""
+    text = f"{type(e).__name__}: {e}"
+    return any(s in text for s in ("RESOURCE_EXHAUSTED", "out of memory", "OutOfMemory",
+                                   "Out of memory"))
+
+
+def guarded(args, label: str, fn, *a, **kw) -> dict:
+    """Run one measurement; at full size a failure (out of memory above all) is recorded as
+    ``{"error": ..., "oom": bool}`` and the script goes on with the next one, after freeing
+    what JAX and torch cached. ``--tiny`` re-raises (the tests must see bugs)."""
+    try:
+        return fn(*a, **kw)
+    except Exception as e:  # noqa: BLE001
+        if args.tiny:
+            raise
+        progress(f"{label} FAILED ({'out of memory' if is_oom(e) else type(e).__name__}): "
+                 f"{str(e)[:300]}")
+        free_device_memory()
+        return {"error": repr(e)[:800], "oom": is_oom(e)}
+
+
+def free_device_memory() -> None:
+    """Drop JAX's compiled programs / live buffers held by caches, and torch's cached blocks."""
+    import jax
+
+    jax.clear_caches()
+    free_torch()
 
 
 def device_info() -> dict:
@@ -92,9 +155,19 @@ def maybe_device_check(args) -> bool:
     return True
 
 
+def _full_record(args, name: str, record: dict, complete: bool) -> dict:
+    from sfjax.models import attention
+
+    return {"benchmark": name, "tiny": bool(args.tiny), "complete": complete,
+            "device": device_info(),
+            "attention": {"requested": getattr(args, "attention", None),
+                          "traced_calls": attention.choices()},
+            **record}
+
+
 def emit(args, name: str, record: dict) -> dict:
     """Print the record as JSON and write it to ``--out`` (if given)."""
-    record = {"benchmark": name, "tiny": bool(args.tiny), "device": device_info(), **record}
+    record = _full_record(args, name, record, complete=True)
     text = json.dumps(record, indent=2, default=_jsonable)
     print(text)
     if args.out:
@@ -102,6 +175,16 @@ def emit(args, name: str, record: dict) -> dict:
         with open(args.out, "w") as f:
             f.write(text + "\n")
     return record
+
+
+def emit_partial(args, name: str, record: dict) -> None:
+    """Write what is measured so far to ``--out`` (``"complete": false``), so a run stopped by
+    a time limit still leaves its finished parts."""
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(_full_record(args, name, record, complete=False), f, indent=2,
+                      default=_jsonable)
 
 
 def _jsonable(x):

@@ -26,6 +26,10 @@ matmul rate). The tokenizer is the project's local byte-level test tokenizer (no
 splits text into more tokens than Qwen's, so its token counts are an upper bound — pass
 ``--tokenizer DIR`` to use a local Qwen3 tokenizer).
 
+A format that fails (out of memory) is recorded with its error and the other one still runs;
+the JSON is rewritten after each format. ``--attention`` picks the attention kernel (default
+``auto``: cuDNN on GPU); the record says which kernel each traced call used.
+
 Usage::
 
     python benchmarks/gpu_decision_latency.py --out results/gpu_decision_latency.json
@@ -66,7 +70,14 @@ def parse_args(argv=None):
     p.add_argument("--style", default=None, choices=("full", "compact"),
                    help="prompt style (full; --tiny: compact)")
     p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: local test one)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="tokens of a full decision (128; --tiny: 32)")
+    p.add_argument("--free-budget", type=int, default=None,
+                   help="free tokens before the forced action in reflection-first (64; --tiny: 8)")
     args = p.parse_args(argv)
+    args.max_new_tokens = args.max_new_tokens or (32 if args.tiny else 128)
+    if args.free_budget is None:
+        args.free_budget = 8 if args.tiny else 64
     args.steps = args.steps or (2 if args.tiny else 10)
     if args.history_window is None:
         args.history_window = 1 if args.tiny else 10
@@ -126,6 +137,29 @@ def action_tokens(tok, constraint, free_budget: int) -> int:
     return need if constraint.action_first else need + free_budget
 
 
+def prompt_bucket(n: int, minimum: int) -> int:
+    """The sampler's prompt-length bucket (steps of 512 above 512 tokens where it has them)."""
+    from sfjax.sampling import sampler as sampler_mod
+
+    return getattr(sampler_mod, "_prompt_bucket", sampler_mod._bucket)(n, minimum)
+
+
+_PREFILL_PROGRAMS: dict = {}
+
+
+def _prefill_program(graphdef):
+    """One jitted ``prefill(state, cache, ids, mask)`` per model graph, shared by both formats."""
+    import jax
+    from flax import nnx
+
+    if graphdef not in _PREFILL_PROGRAMS:
+        def prefill(state, cache, ids, mask):
+            return gc.prefill_last_logits(nnx.merge(graphdef, state), ids, mask, cache)
+
+        _PREFILL_PROGRAMS[graphdef] = jax.jit(prefill)
+    return _PREFILL_PROGRAMS[graphdef]
+
+
 def prefix_reuse(model, config, ids_list, prefix_len: int, bucket: int, new: int, args) -> dict:
     """Model-level prefill: whole prompt (sampler's bucket) vs suffix on a cached prefix."""
     import jax
@@ -144,10 +178,7 @@ def prefix_reuse(model, config, ids_list, prefix_len: int, bucket: int, new: int
         m = jnp.zeros((1, T), bool).at[0, T - len(ids):].set(True)
         return x, m
 
-    @jax.jit
-    def prefill(state, cache, ids, mask):
-        return gc.prefill_last_logits(nnx.merge(graphdef, state), ids, mask, cache)
-
+    prefill = _prefill_program(graphdef)
     fresh = jax.jit(lambda: init_cache(config, 1, S, model.dtype))
     ids, mask = left_pad(ids_list[-1], bucket)
     t_full = gc.time_call(lambda: prefill(state, fresh(), ids, mask)[0], iters=args.iters)
@@ -172,10 +203,10 @@ def run_format(order, sampler, config, tok, roof, tmodel, device, args) -> dict:
     from sfjax.agents.actor import ActorConfig
     from sfjax.agents.prompts import ACTION_FIELD, PromptConfig, parse_output
     from sfjax.sampling import ActionConstraint, SamplingParams
-    from sfjax.sampling.sampler import _bucket
 
     acfg = ActorConfig(prompt=PromptConfig(history_window=args.history_window, field_order=order,
-                                             style=args.style))
+                                           style=args.style),
+                       max_new_tokens=args.max_new_tokens, free_budget=args.free_budget)
     p = acfg.prompt
     c = ActionConstraint(lo=p.action_lo, hi=p.action_hi, field=ACTION_FIELD,
                          action_first=order == "action_first", free_budget=acfg.free_budget)
@@ -193,7 +224,7 @@ def run_format(order, sampler, config, tok, roof, tmodel, device, args) -> dict:
 
     result = {"field_order": order, "prompt_tokens": [len(x) for x in ids],
               "prompt_chars": [len(s) for s in prompts], "shared_prefix_tokens": shared,
-              "prompt_bucket": _bucket(max(map(len, ids)), sampler.min_prompt_bucket),
+              "prompt_bucket": prompt_bucket(max(map(len, ids)), sampler.min_prompt_bucket),
               "new_tokens_to_action": n_act}
     for name, new in (("time_to_action", n_act), ("full_decision", acfg.max_new_tokens)):
         decide(prompts[0], new)  # compile
@@ -206,7 +237,7 @@ def run_format(order, sampler, config, tok, roof, tmodel, device, args) -> dict:
         result[name] = {"median_s": statistics.median(times), "max_s": max(times),
                         "times_s": times, "new_tokens": new, "action_parsed": bool(ok)}
     result["time_to_action"]["meets_100ms"] = result["time_to_action"]["median_s"] < 0.1
-    new = 16 if args.tiny else 128
+    new = 16 if args.tiny else acfg.max_new_tokens
     reuse = prefix_reuse(model, config, ids, shared, result["prompt_bucket"], new, args)
     reuse["projected_time_to_action_with_prefix_reuse_s"] = max(
         result["time_to_action"]["median_s"]
@@ -241,7 +272,9 @@ def main(argv=None) -> dict | None:
     args = parse_args(argv)
     if gc.maybe_device_check(args):
         return None
+    gc.setup(args)
     config = gc.model_config(args.tiny)
+    gc.progress("measuring the roofline")
     roof = gc.measure_roofline(args.tiny)
     model = gc.random_model(config, seed=args.seed)
     tok = gc.load_bench_tokenizer(args.tokenizer)
@@ -251,16 +284,24 @@ def main(argv=None) -> dict | None:
 
     sampler = Sampler(model, tok)  # one for both formats: they share compiled programs
     formats = []
+
+    def record():
+        return {"history_window": args.history_window, "style": args.style,
+                "max_new_tokens": args.max_new_tokens, "free_budget": args.free_budget,
+                "roofline": gc.roofline_record(roof), "torch_device": device,
+                "formats": formats}
+
     for order in ("action_first", "reflection_first"):
-        r = run_format(order, sampler, config, tok, roof, tmodel, device, args)
-        formats.append(r)
-        print(f"{order}: time to action {1e3 * r['time_to_action']['median_s']:.1f} ms "
-              f"(floor {1e3 * r['floor_time_to_action_s']:.1f} ms), prompt "
-              f"{max(r['prompt_tokens'])} tokens", file=sys.stderr)
-    return gc.emit(args, "gpu_decision_latency", {
-        "history_window": args.history_window, "style": args.style, "roofline": gc.roofline_record(roof),
-        "torch_device": device, "formats": formats,
-    })
+        gc.progress(f"{order}: sampling {args.steps} decisions")
+        r = gc.guarded(args, order, run_format, order, sampler, config, tok, roof, tmodel,
+                       device, args)
+        formats.append({"field_order": order, **r})
+        gc.emit_partial(args, "gpu_decision_latency", record())
+        if "error" not in r:
+            gc.progress(f"{order}: time to action {1e3 * r['time_to_action']['median_s']:.1f} ms "
+                        f"(floor {1e3 * r['floor_time_to_action_s']:.1f} ms), prompt "
+                        f"{max(r['prompt_tokens'])} tokens")
+    return gc.emit(args, "gpu_decision_latency", record())
 
 
 if __name__ == "__main__":

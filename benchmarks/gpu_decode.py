@@ -5,12 +5,16 @@ For each batch size (default 1, 8, 64, 256): ``--prompt-len`` (128) random-token
 ``--new-tokens`` (256) greedy tokens with EOS ignored, so every row runs the full length.
 
 * sfjax sampler: wall time of ``Sampler.generate`` (one jitted prefill + ``while_loop``
-  decode + host post-processing) for ``new`` tokens and for 1 token. Decode tokens/s =
-  ``B · (new − 1) / (t_new − t_1)``; prefill tokens/s = ``B · prompt / t_1`` (t_1 includes one
-  decode step and the host side, so it understates prefill).
+  decode + host post-processing) for ``new`` tokens and for ``h = new // 2 + 1`` tokens — the
+  same compiled program (one new-token bucket), so each batch size compiles once. Decode
+  tokens/s = ``B · (new − h) / (t_new − t_h)``; prefill tokens/s = ``B · prompt / t_0`` with
+  ``t_0 = t_new − (new − 1) · step`` (the call without its decode steps: prefill + host side).
 * sfjax model only: one jitted decode step (``model(tok, cache=cache)``, cache donated) at
-  context ``prompt + new/2``, and one jitted prefill of the prompts — the ceiling the sampler
-  loop can reach.
+  context ``prompt + new/2``, and one jitted prefill of the prompts (cache allocation
+  included) — the ceiling the sampler loop can reach.
+* ``--attention`` picks the attention kernel (default ``auto``: cuDNN on GPU); the record says
+  which kernel each traced call used. A batch size that fails (out of memory) is recorded with
+  its error and the next one runs; the JSON is rewritten after every batch size.
 * floor: Σ over the ``new`` steps of max(bytes / bandwidth, FLOPs / matmul rate)
   (:func:`gpu_common.decode_floor_s`), with the bandwidth / matmul rate measured in this run,
   and with the H200 datasheet figures. Reported: tokens/s at the floor and the fraction
@@ -71,19 +75,27 @@ def sfjax_sampler(model, tok, prompts, args) -> dict:
         params = SamplingParams(temperature=0.0, max_new_tokens=n_new, ignore_eos=True)
         return lambda: sampler.generate(prompts, params, jax.random.key(0))
 
+    half = new // 2 + 1
     out = gen(new)()
     assert all(len(t) == new for t in out.tokens), [len(t) for t in out.tokens]
     t_new = gc.time_call(gen(new), iters=args.iters, warmup=0, sync=lambda x: x)["median_s"]
-    t_one = gc.time_call(gen(1), iters=args.iters, warmup=1, sync=lambda x: x)["median_s"]
-    decode_s = t_new - t_one if t_new > t_one else t_new  # else: timing noise (shared CPU)
+    t_half = gc.time_call(gen(half), iters=args.iters, warmup=0, sync=lambda x: x)["median_s"]
+    if t_new > t_half:
+        step_s = (t_new - t_half) / (new - half)
+    else:  # timing noise (shared CPU): the plain mean over the whole call
+        step_s = t_new / new
+    t_zero = t_new - (new - 1) * step_s
+    if t_zero <= 0:  # noise again: bound prefill by the whole call
+        t_zero = t_new
     traces = sampler.num_traces
     sampler.release_cache()
     return {
         "generate_s": t_new,
-        "generate_1_token_s": t_one,
-        "decode_tokens_per_s": B * (new - 1) / decode_s,
-        "prefill_tokens_per_s": B * args.prompt_len / t_one,
-        "ms_per_decode_step": 1e3 * decode_s / (new - 1),
+        "generate_half_s": t_half,
+        "half_new_tokens": half,
+        "decode_tokens_per_s": B / step_s,
+        "prefill_tokens_per_s": B * args.prompt_len / t_zero,
+        "ms_per_decode_step": 1e3 * step_s,
         "traces": traces,
     }
 
@@ -106,16 +118,12 @@ def sfjax_model_only(model, config, prompts, args) -> dict:
         cache = init_cache(config, B, P + new, model.dtype)
         return gc.prefill_last_logits(nnx.merge(graphdef, state), ids, mask, cache)
 
-    @jax.jit
-    def prefill_only(state, ids, mask):
-        return prefill(state, ids, mask)[0]
-
     def step(state, tok_B1, cache):
         logits, cache = nnx.merge(graphdef, state)(tok_B1, cache=cache)
         return jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32), cache
 
     step = jax.jit(step, donate_argnums=(2,))
-    t_prefill = gc.time_call(lambda: prefill_only(state, ids_BP, mask_BP), iters=args.iters)
+    t_prefill = gc.time_call(lambda: prefill(state, ids_BP, mask_BP), iters=args.iters)
     _, cache = prefill(state, ids_BP, mask_BP)
     tok = jnp.zeros((B, 1), jnp.int32)
     half = max(new // 2 - 1, 0)
@@ -187,41 +195,54 @@ def main(argv=None) -> dict | None:
     args = parse_args(argv)
     if gc.maybe_device_check(args):
         return None
+    gc.setup(args)
     config = gc.model_config(args.tiny)
+    gc.progress("measuring the roofline")
     roof = gc.measure_roofline(args.tiny)
     model = gc.random_model(config, seed=args.seed)
     tok = gc.load_bench_tokenizer(None)
     device = gc.torch_device(args)
     tmodel = gc.torch_model(config, device, args.seed) if device else None
+    costs = gc.qwen3_costs(config)
     rows = []
+
+    def record():
+        return {
+            "config": {"params": costs.total_params,
+                       "kv_bytes_per_token": costs.kv_bytes_per_token},
+            "roofline": gc.roofline_record(roof),
+            "torch_device": device,
+            "rows": rows,
+        }
+
     for B in args.batches:
         prompts = random_prompts(B, args.prompt_len, args.seed + B)
         row = {"batch": B, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens}
-        row["sfjax_sampler"] = sfjax_sampler(model, tok, prompts, args)
-        row["sfjax_model_only"] = sfjax_model_only(model, config, prompts, args)
+        gc.progress(f"B={B}: sfjax sampler")
+        row["sfjax_sampler"] = gc.guarded(args, f"B={B} sampler", sfjax_sampler, model, tok,
+                                          prompts, args)
+        gc.progress(f"B={B}: sfjax model only")
+        row["sfjax_model_only"] = gc.guarded(args, f"B={B} model only", sfjax_model_only, model,
+                                             config, prompts, args)
         row["floor_measured"] = floors(config, B, args, roof)
         row["floor_spec_h200"] = floors(config, B, args, gc.SPEC_H200)
-        got = row["sfjax_sampler"]["decode_tokens_per_s"]
+        got = row["sfjax_sampler"].get("decode_tokens_per_s", float("nan"))
         row["sampler_fraction_of_floor"] = gc.ratio(got, row["floor_measured"]["decode_tokens_per_s"])
         if tmodel is not None:
+            gc.progress(f"B={B}: torch generate")
             row["torch"] = gc.reference(args, torch_generate, tmodel, prompts, args, device)
-            if "error" not in row["torch"]:
+            if "error" not in row["torch"] and "error" not in row["sfjax_sampler"]:
                 row["sfjax_over_torch_decode"] = gc.ratio(
                     got, row["torch"]["decode_tokens_per_s"])
                 row["sfjax_over_torch_prefill"] = gc.ratio(
                     row["sfjax_sampler"]["prefill_tokens_per_s"],
                     row["torch"]["prefill_tokens_per_s"])
         rows.append(row)
-        print(f"B={B}: sampler {got:.1f} tok/s, floor "
-              f"{row['floor_measured']['decode_tokens_per_s']:.1f} tok/s "
-              f"({100 * row['sampler_fraction_of_floor']:.0f} %)", file=sys.stderr)
-    costs = gc.qwen3_costs(config)
-    return gc.emit(args, "gpu_decode", {
-        "config": {"params": costs.total_params, "kv_bytes_per_token": costs.kv_bytes_per_token},
-        "roofline": gc.roofline_record(roof),
-        "torch_device": device,
-        "rows": rows,
-    })
+        gc.emit_partial(args, "gpu_decode", record())
+        gc.progress(f"B={B}: sampler {got:.1f} tok/s, floor "
+                    f"{row['floor_measured']['decode_tokens_per_s']:.1f} tok/s "
+                    f"({100 * row['sampler_fraction_of_floor']:.0f} %)")
+    return gc.emit(args, "gpu_decode", record())
 
 
 if __name__ == "__main__":

@@ -26,6 +26,10 @@ same adapters, the same work per step written out by hand (reference and KL forw
 ``no_grad`` with the adapter disabled, policy forward + backward, the KTO loss, AdamW), logits
 only on the completion positions (``logits_to_keep``).
 
+Out of memory without ``--remat``: the sfjax run is repeated with ``--remat`` (recorded as
+``remat_after_oom``); a failing PyTorch reference is recorded, not fatal. ``--attention``
+picks the attention kernel (default ``auto``: cuDNN on GPU, forward and backward).
+
 Usage::
 
     python benchmarks/gpu_kto_step.py --out results/gpu_kto_step.json
@@ -88,14 +92,14 @@ def step_flops(config, B: int, P: int, C: int) -> dict:
     return {"step_flops": total, "forward_flops_batch": fwd(B)}
 
 
-def run_sfjax(config, examples, args) -> dict:
+def run_sfjax(config, examples, args, remat: bool | None = None) -> dict:
     import jax
 
     from sfjax.models import lora
     from sfjax.train import KTOConfig, KTOTrainer
 
     model = gc.random_model(config, seed=args.seed)
-    model.remat = bool(args.remat)
+    model.remat = bool(args.remat if remat is None else remat)
     cfg = KTOConfig(
         micro_batch_size=args.batch, learning_rate=1e-5, warmup_ratio=0.0,
         max_prompt_length=args.prompt_len, max_completion_length=args.completion_len,
@@ -111,6 +115,7 @@ def run_sfjax(config, examples, args) -> dict:
         jax.block_until_ready(jax.tree.leaves(lora.lora_state(model)))
         return time.perf_counter() - t0, hist
 
+    gc.progress(f"sfjax KTO: compiling + 1 step (remat={model.remat})")
     first, _ = run(1)  # compile + one step
     one, _ = run(1)
     many, hist = run(args.steps)
@@ -175,7 +180,9 @@ def main(argv=None) -> dict | None:
     args = parse_args(argv)
     if gc.maybe_device_check(args):
         return None
+    gc.setup(args)
     config = gc.model_config(args.tiny)
+    gc.progress("measuring the roofline")
     roof = gc.measure_roofline(args.tiny)
     examples = make_examples(args.batch * args.steps, args.prompt_len, args.completion_len,
                              args.seed, config.vocab_size)
@@ -186,21 +193,29 @@ def main(argv=None) -> dict | None:
     device = gc.torch_device(args)
     res["torch_device"] = device
     if device:  # first, then freed: JAX's allocator keeps what it takes
+        gc.progress("torch + PEFT reference")
         res["torch"] = gc.reference(args, run_torch, config, examples, args, device)
         gc.free_torch()
         if "error" not in res["torch"]:
             res["torch"]["mfu_spec_h200"] = res["step_flops"] / res["torch"]["step_s"] / (
                 gc.H200_BF16_FLOPS)
-    res["sfjax"] = run_sfjax(config, examples, args)
+        gc.emit_partial(args, "gpu_kto_step", res)
+    res["sfjax"] = gc.guarded(args, "sfjax KTO step", run_sfjax, config, examples, args)
+    if res["sfjax"].get("oom") and not args.remat:
+        first_error = res["sfjax"]
+        res["sfjax"] = gc.guarded(args, "sfjax KTO step (remat)", run_sfjax, config, examples,
+                                  args, remat=True)
+        res["sfjax"].update(remat_after_oom=True, error_without_remat=first_error["error"])
+    if "error" in res["sfjax"]:
+        return gc.emit(args, "gpu_kto_step", res)
     s = res["sfjax"]["step_s"]
     res["mfu_spec_h200"] = res["step_flops"] / s / gc.H200_BF16_FLOPS
     res["mfu_measured_matmul"] = res["step_flops"] / s / roof.matmul_flops_per_s
     res["floor_step_s"] = res["step_flops"] / roof.matmul_flops_per_s
     if device and "error" not in res["torch"]:
         res["sfjax_over_torch_speedup"] = gc.ratio(res["torch"]["step_s"], s)
-    print(f"KTO step {1e3 * s:.1f} ms, MFU {100 * res['mfu_measured_matmul']:.1f} % of the "
-          f"measured matmul rate ({100 * res['mfu_spec_h200']:.1f} % of H200 spec)",
-          file=sys.stderr)
+    gc.progress(f"KTO step {1e3 * s:.1f} ms, MFU {100 * res['mfu_measured_matmul']:.1f} % of the "
+                f"measured matmul rate ({100 * res['mfu_spec_h200']:.1f} % of H200 spec)")
     return gc.emit(args, "gpu_kto_step", res)
 
 

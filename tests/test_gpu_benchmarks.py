@@ -17,6 +17,16 @@ if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
 
+@pytest.fixture(autouse=True)
+def _restore_attention_setting():
+    """The scripts set the attention kernel (``--attention``) for the whole process."""
+    from sfjax.models import attention
+
+    before = attention.get_implementation()
+    yield
+    attention.set_implementation(before)
+
+
 def _run(name: str, tmp_path, *extra: str) -> dict:
     mod = importlib.import_module(name)
     out = tmp_path / f"{name}.json"
@@ -88,9 +98,12 @@ def test_gpu_decode_tiny_with_torch_reference(tmp_path):
     for part in ("sfjax_sampler", "sfjax_model_only", "floor_measured", "torch"):
         assert _pos(row[part]["decode_tokens_per_s"]), part
         assert _pos(row[part]["prefill_tokens_per_s"]), part
-    assert row["sfjax_sampler"]["traces"] == 1  # 1 and N new tokens share one program
+    assert row["sfjax_sampler"]["traces"] == 1  # N and N/2 + 1 new tokens share one program
     assert _pos(row["sfjax_over_torch_decode"])
     assert _pos(rec["roofline"]["measured"]["hbm_bytes_per_s"])
+    assert rec["complete"] is True and rec["attention"]["requested"] == "auto"
+    if rec["device"]["backend"] == "cpu":  # auto = the plain path off GPU
+        assert set(rec["attention"]["traced_calls"]) == {"auto->plain"}
 
 
 def test_gpu_decision_latency_tiny(tmp_path):
@@ -113,14 +126,65 @@ def test_gpu_rfr_rollouts_tiny(tmp_path):
     s = rec["sfjax"]
     assert s["rollouts"] == rec["prompts"] * rec["k"] == 8
     assert s["actions_parsed"] == s["rollouts"]  # the action constraint always yields one
-    assert s["calls"] == 2 and s["traces"] == 1
+    assert s["calls"] == 2 and s["traces"] == 1 and [list(p) for p in s["plan"]] == [[0, 2], [2, 4]]
+    assert s["failed_attempts"] == []
     assert _pos(s["tokens_per_s"]) and _pos(rec["floor_measured_s"])
 
 
 def test_gpu_kto_step_tiny_with_torch_reference(tmp_path):
-    rec = _run("gpu_kto_step", tmp_path)
+    """Also the fused XLA attention path end to end, through the backward pass."""
+    rec = _run("gpu_kto_step", tmp_path, "--attention", "xla")
+    assert set(rec["attention"]["traced_calls"]) == {"xla"}
     s = rec["sfjax"]
     assert _pos(s["step_s"]) and s["skipped_steps"] == 0 and s["traces"] == 1
     assert math.isfinite(s["loss_last"]) and math.isfinite(rec["torch"]["loss_last"])
     assert rec["step_flops"] > 5 * rec["forward_flops_batch"]
     assert 0 < rec["mfu_measured_matmul"] < 5  # loose: tiny CPU timings are noisy
+
+
+# ------------------------------------------------------------------------------ the runner
+_FAKE = """
+import json, sys, time
+out = sys.argv[sys.argv.index("--out") + 1]
+print("progress line", flush=True)
+json.dump({"partial": True, "argv": sys.argv[1:]}, open(out, "w"))
+MODE
+"""
+
+
+def test_gpu_all_runs_jobs_in_order_within_the_budget(tmp_path, monkeypatch):
+    """One ok job, one that fails out of memory, one stopped at its cap (its partial JSON is
+    kept), one skipped for lack of budget; everything lands in one bundle and one log."""
+    import gpu_all
+
+    modes = {
+        "ok": "",
+        "oom": "print('RESOURCE_EXHAUSTED: Out of memory while allocating'); sys.exit(1)",
+        "slow": "time.sleep(60)",
+        "late": "",
+    }
+    jobs = []
+    for name, mode in modes.items():
+        script = tmp_path / f"{name}.py"
+        script.write_text(_FAKE.replace("MODE", mode))
+        # "slow" may take longer than the budget: it is cut to what is left, then stopped
+        jobs.append(gpu_all.Job(name, str(script), ("--flag", name), 600 if name == "slow" else 5))
+    monkeypatch.setattr(gpu_all, "JOBS", tuple(jobs))
+    bundle_path, log = tmp_path / "all.json", tmp_path / "all.log"
+    bundle = gpu_all.main(["--budget-s", "8", "--min-job-s", "1", "--out-dir",
+                           str(tmp_path / "out"), "--bundle", str(bundle_path), "--log",
+                           str(log), "--skip", ""])
+    on_disk = json.loads(bundle_path.read_text())
+    assert on_disk["order"] == ["ok", "oom", "slow", "late"]
+    st = {k: v["status"] for k, v in on_disk["jobs"].items()}
+    assert st == {"ok": "ok", "oom": "failed", "slow": "timeout", "late": "skipped"}
+    assert bundle["summary"] == {"ok": 1, "failed": 1, "timeout": 1, "skipped": 1}
+    jobs_rec = on_disk["jobs"]
+    assert jobs_rec["ok"]["record"]["argv"][:2] == ["--flag", "ok"]
+    assert jobs_rec["oom"]["oom_in_output"] and jobs_rec["oom"]["returncode"] == 1
+    assert jobs_rec["slow"]["record"]["partial"] is True  # what it wrote before the cap
+    assert jobs_rec["slow"]["wall_s"] < 30
+    text = log.read_text()
+    assert "ok | progress line" in text and "slow: timeout" in text and "late: skipped" in text
+    with pytest.raises(SystemExit, match="unknown job"):
+        gpu_all.main(["--only", "nope"])
