@@ -32,6 +32,18 @@ def test_spectral_efficiency_eq1():
                                rtol=1e-6)
 
 
+def test_scheduled_spectral_efficiency():
+    # 2 PRB-TTIs of 180 kHz x 1 ms carrying full CQI 15 blocks at 70 % data REs
+    full = 5.5547 * 360 * 0.7
+    prev = jnp.array([9.0, 9.0, 4.0])
+    se = jax.jit(metrics.scheduled_spectral_efficiency)(
+        jnp.array([full, full / 2, 0.0]), jnp.array([360.0, 360.0, 0.0]), 0.7, prev
+    )
+    # full blocks: the CQI efficiency; half padding: half of it; nothing scheduled: fallback
+    np.testing.assert_allclose(np.asarray(se), [5.5547, 5.5547 / 2, 4.0], rtol=1e-5)
+    assert float(metrics.scheduled_spectral_efficiency(100.0, 0.0)) == 0.0
+
+
 def test_violation_flag_eq2():
     assert not bool(metrics.violation_flag(jnp.array([3.0, 10.0]), 10.0))
     assert bool(metrics.violation_flag(jnp.array([3.0, 10.5]), 10.0))

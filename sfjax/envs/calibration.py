@@ -151,10 +151,12 @@ def main() -> None:
     parser.add_argument("--data-re-fraction", type=float, default=None)
     parser.add_argument("--pipeline-delay-ms", type=float, default=None)
     parser.add_argument("--se-definition", default="scheduled", choices=SE_DEFINITIONS)
+    parser.add_argument("--scheduler", default="pf_buffer_aware",
+                        choices=["pf_buffer_aware", "pf_ns3"])
     parser.add_argument("--randomize-drop", action="store_true")
     args = parser.parse_args()
     config = RanSlicingConfig(randomize_drop=args.randomize_drop,
-                              se_definition=args.se_definition)
+                              se_definition=args.se_definition, scheduler=args.scheduler)
     if args.pipeline_delay_ms is not None:
         config = dataclasses.replace(config, pipeline_delay_ms=args.pipeline_delay_ms)
     cell = {}

@@ -134,10 +134,9 @@ def spectral_efficiencies(cfg: RanSlicingConfig, delivered_bits_S, used_prb_tti_
     se_allocated_S = metrics.spectral_efficiency(
         delivered_bits_S, prbs_S * PRB_BANDWIDTH_HZ, cfg.step_s
     )
-    raw_bits_S = delivered_bits_S / cfg.cell.data_re_fraction
-    sched_hz_s_S = used_prb_tti_S * PRB_BANDWIDTH_HZ * TTI_S
-    se_scheduled_S = jnp.where(
-        used_prb_tti_S > 0, raw_bits_S / jnp.maximum(sched_hz_s_S, 1.0), prev_scheduled_S
+    se_scheduled_S = metrics.scheduled_spectral_efficiency(
+        delivered_bits_S, used_prb_tti_S * PRB_BANDWIDTH_HZ * TTI_S,
+        cfg.cell.data_re_fraction, fallback=prev_scheduled_S,
     )
     return se_scheduled_S, se_allocated_S
 
