@@ -15,9 +15,11 @@ start included; this runner spends it in priority order and never loses what alr
 * XLA's persistent compilation cache is shared by the jobs (``SFJAX_JAX_CACHE``), so programs
   that two jobs share compile once.
 
-Jobs, in the default order (the issue's four measurements with ``--attention auto`` = cuDNN on
-GPU where it applies, then the plain-attention baselines for the ratio)::
+Jobs, in the default order (a < 1 min attention-kernel probe, the issue's four measurements
+with ``--attention auto`` = cuDNN on GPU where it applies, then the plain-attention baselines
+for the ratio)::
 
+    attention         gpu_attention.py         kernels alone; which shapes cuDNN accepts
     decode            gpu_decode.py            batches 1, 8, 64, 256
     latency           gpu_decision_latency.py  both field orders
     kto               gpu_kto_step.py          batch 8 x 1024 (retries with --remat on OOM)
@@ -67,6 +69,7 @@ class Job:
 
 
 JOBS = (
+    Job("attention", "gpu_attention.py", (), 90),
     Job("decode", "gpu_decode.py", ("--attention", "auto"), 240),
     Job("latency", "gpu_decision_latency.py", ("--attention", "auto"), 180),
     Job("kto", "gpu_kto_step.py", ("--attention", "auto"), 180),

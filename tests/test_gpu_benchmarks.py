@@ -142,6 +142,17 @@ def test_gpu_kto_step_tiny_with_torch_reference(tmp_path):
     assert 0 < rec["mfu_measured_matmul"] < 5  # loose: tiny CPU timings are noisy
 
 
+def test_gpu_attention_tiny(tmp_path):
+    rec = _run("gpu_attention", tmp_path)
+    assert [r["name"] for r in rec["rows"]] == ["decode_b2", "prefill_b1", "train_b2"]
+    for r in rec["rows"]:
+        assert _pos(r["floor_measured_s"])
+        for impl in ("plain", "xla"):
+            assert _pos(r[impl]["median_s"]) and r[impl]["finite"], (r["name"], impl)
+        if rec["device"]["backend"] != "gpu":
+            assert "needs a GPU" in r["cudnn"]["error"]
+
+
 # ------------------------------------------------------------------------------ the runner
 _FAKE = """
 import json, sys, time
