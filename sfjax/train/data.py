@@ -166,6 +166,32 @@ def kl_pairing(prompts: Sequence[tuple[int, ...]]) -> np.ndarray:
     return (idx - 1) % n
 
 
+def fixed_kl_partners(
+    examples: Sequence[TokenizedExample], micro_batch_size: int
+) -> np.ndarray:
+    """One fixed KL partner per example: ``partner[i]`` is the example whose completion is
+    ``y'_i`` for prompt ``x_i``, for all epochs (TRL's precomputed-reference semantics).
+
+    Pairs are drawn by :func:`kl_pairing` inside consecutive groups of ``micro_batch_size``
+    examples in dataset order (a final lone example joins the group before it), so without
+    shuffling they are exactly the pairs of the on-the-fly path. Needs >= 2 examples.
+    """
+    n = len(examples)
+    if n < 2:
+        raise ValueError("KL pairs need at least 2 examples")
+    size = max(int(micro_batch_size), 2)
+    starts = list(range(0, n, size))
+    if n - starts[-1] == 1:
+        starts.pop()
+    partner = np.empty(n, np.int64)
+    for k, start in enumerate(starts):
+        stop = starts[k + 1] if k + 1 < len(starts) else n
+        idx = np.arange(start, stop)
+        src = kl_pairing([examples[i].prompt_ids for i in idx])
+        partner[idx] = idx[src]
+    return partner
+
+
 def bucket_length(n: int, buckets: Sequence[int]) -> int:
     """Smallest bucket >= ``n`` (buckets sorted ascending)."""
     for b in buckets:
@@ -221,20 +247,27 @@ def collate_step(
     completion_buckets: Sequence[int],
     pad_token_id: int,
     with_kl: bool,
+    kl_partner: np.ndarray | None = None,
 ) -> Batch:
     """Pad one optimizer step's micro-batches into fixed ``[A, B, P]`` / ``[A, B, C]`` arrays.
 
     ``P`` is the prompt bucket of the longest prompt (at least 1), ``C`` the completion bucket
     of the longest completion (matched or KL). Missing rows / micro-batches are filler
-    (``valid`` False, all padding, masks 0).
+    (``valid`` False, all padding, masks 0). KL completions come from :func:`kl_pairing` within
+    each micro-batch, or from ``kl_partner`` (:func:`fixed_kl_partners`) when given.
     """
     A, B = grad_accum_steps, micro_batch_size
     rows = []  # (a, b, prompt, completion, kl completion, desirable)
     for a, members in enumerate(step):
         exs = [examples[int(i)] for i in members]
-        src = kl_pairing([e.prompt_ids for e in exs]) if with_kl else np.arange(len(exs))
+        if with_kl and kl_partner is not None:
+            kl_exs = [examples[int(kl_partner[int(i)])] for i in members]
+        elif with_kl:
+            kl_exs = [exs[int(j)] for j in kl_pairing([e.prompt_ids for e in exs])]
+        else:
+            kl_exs = exs
         for b, e in enumerate(exs):
-            kl = exs[int(src[b])].completion_ids
+            kl = kl_exs[b].completion_ids
             rows.append((a, b, e.prompt_ids, e.completion_ids, kl, e.desirable))
     P = bucket_length(max(max(len(r[2]) for r in rows), 1), prompt_buckets)
     C = bucket_length(max(max(len(r[3]), len(r[4])) for r in rows), completion_buckets)

@@ -51,15 +51,17 @@ from sfjax.train.data import (
     collate_step,
     default_buckets,
     epoch_order,
+    fixed_kl_partners,
     plan_steps,
     tokenize_examples,
 )
+from sfjax.train.forward import sequence_logps
 from sfjax.train.step import (
     _step_spec,
     lr_schedule,
     make_optimizer,
     make_train_step,
-    sequence_logps,
+    reference_logps,
 )
 
 
@@ -117,6 +119,20 @@ class KTOConfig:
     share_prompt_forward: bool = True
     """Run each prompt once (KV cache) for its matched and KL completions, in the policy and
     the reference passes; False runs every (prompt, completion) row separately. Same values."""
+    precompute_ref_log_probs: bool = False
+    """Compute the reference log-probs (adapters off; they never change) once per dataset and
+    reuse them every epoch and every train() call on the same examples, instead of a reference
+    forward in every step (TRL's ``precompute_ref_log_probs``). As in TRL, each example's KL
+    completion is then fixed once (rolled within consecutive groups of micro_batch_size in
+    dataset order) rather than re-drawn from its micro-batch every epoch; with shuffle=False the
+    two coincide and the losses equal the default path's."""
+    remat: bool = False
+    """Recompute each decoder layer in the backward pass (activation memory O(layers x tokens x
+    hidden) instead of O(layers x attention maps)); for long prompts on large models."""
+    logits_chunk_tokens: int = 0
+    """Completion tokens per chunk of the LM head + log-softmax (each chunk recomputed in the
+    backward pass), so [B, T, V] float32 logits never exist; 0 = automatic (chunks of at most
+    64 MiB of logits: one chunk for small vocabularies, ~110 tokens for Qwen3's 151936)."""
     log_every: int = 1
     """Log (TensorBoard + returned history) every this-many optimizer steps."""
     progress: bool = True
@@ -142,6 +158,10 @@ class KTOConfig:
             raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
         if self.log_every < 1:
             raise ValueError("log_every must be >= 1")
+        if self.logits_chunk_tokens < 0:
+            raise ValueError(
+                f"logits_chunk_tokens must be >= 0 (0 = automatic), got {self.logits_chunk_tokens}"
+            )
         for name, longest in (("buckets", self.max_prompt_length),
                               ("completion_buckets", self.max_completion_length)):  # fmt: skip
             value = getattr(self, name)
@@ -217,9 +237,12 @@ class KTOTrainer:
         self.pad_token_id = int(pad) if pad is not None else 0
         self.opt_state = None
         self.step = 0
+        self.global_step = 0
         self.skipped_steps = 0
         self._step_fn = None
         self._logps_fn = None
+        self._ref_fn = None
+        self._ref_table: tuple[Any, np.ndarray, np.ndarray] | None = None
 
     @property
     def trace_count(self) -> int:
@@ -228,11 +251,12 @@ class KTOTrainer:
 
     # ------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """Checkpointable pytree: adapters, optimizer state, step and skip counters."""
+        """Checkpointable pytree: adapters, optimizer state, step, global step, skip counter."""
         return {
             "lora": nnx.to_pure_dict(lora_lib.lora_state(self.model)),
             "opt_state": self.opt_state,
             "step": self.step,
+            "global_step": self.global_step,
             "skipped_steps": self.skipped_steps,
         }
 
@@ -243,6 +267,8 @@ class KTOTrainer:
         nnx.update(self.model, lora_state)
         self.opt_state = state["opt_state"]
         self.step = int(state["step"])
+        # State dicts written before the global step existed: it equalled the call's step.
+        self.global_step = int(state.get("global_step", state["step"]))
         self.skipped_steps = int(state["skipped_steps"])
 
     def save_adapter(self, out_dir: str | os.PathLike, **kwargs):
@@ -285,10 +311,12 @@ class KTOTrainer:
             scalars go under TRL's tags ``train/<metric>``.
           resume: continue after ``load_state_dict`` (same examples and key): keeps the loaded
             optimizer state and skips the steps already taken. Otherwise the optimizer and step
-            counter start afresh (the schedule spans this call's steps).
+            counter start afresh (the schedule spans this call's steps); ``global_step`` (the
+            TensorBoard x axis) always continues, so curves of successive calls line up.
 
         Returns:
-          One dict per logged step: ``step``, ``epoch``, ``learning_rate``, ``grad_norm``,
+          One dict per logged step: ``step`` (of this call), ``global_step`` (across calls and
+          restores, the TensorBoard step), ``epoch``, ``learning_rate``, ``grad_norm``,
           ``skipped_steps`` and the KTO metrics (``loss``, ``kl``, ``rewards/chosen`` … averaged
           over the micro-batches since the previous log, NaN-skipping like TRL).
         """
@@ -312,6 +340,10 @@ class KTOTrainer:
         graphdef, lora, rng_state, frozen = nnx.split(
             self.model, nnx.LoRAParam, nnx.RngState, ...
         )
+        partners = ref_table = None
+        if c.precompute_ref_log_probs:
+            partners = fixed_kl_partners(tokenized, c.micro_batch_size) if c.with_kl else None
+            ref_table = self.reference_logps(tokenized, partners)
         lora = jax.tree.map(jnp.copy, lora)  # donated below; the model keeps valid buffers
         self._step_fn = make_train_step(graphdef, _step_spec(c), self.mesh)
         if not resume or self.opt_state is None:
@@ -326,31 +358,35 @@ class KTOTrainer:
         pending = None
         bar = _progress(total, c.progress, initial=self.step)
         opt_state = self.opt_state
-        global_step = 0
+        call_step = 0
         try:
             for epoch, plan in enumerate(plans):
                 for i, step_members in enumerate(plan):
-                    global_step += 1
-                    if global_step <= self.step:
+                    call_step += 1
+                    if call_step <= self.step:
                         continue  # resumed: already taken
                     batch = collate_step(
                         tokenized, step_members, micro_batch_size=c.micro_batch_size,
                         grad_accum_steps=c.grad_accum_steps,
                         prompt_buckets=c.prompt_bucket_sizes,
                         completion_buckets=c.completion_bucket_sizes,
-                        pad_token_id=self.pad_token_id, with_kl=c.with_kl,
+                        pad_token_id=self.pad_token_id, with_kl=c.with_kl, kl_partner=partners,
                     )  # fmt: skip
-                    skey = jax.random.fold_in(step_key, global_step)
-                    lr = float(host_lr(global_step - 1))  # as HF: the schedule advances every step
+                    arrays = batch.arrays()
+                    if ref_table is not None:
+                        arrays.update(_gather_rows(ref_table, step_members, arrays["valid_AB"]))
+                    skey = jax.random.fold_in(step_key, call_step)
+                    lr = float(host_lr(call_step - 1))  # as HF: the schedule advances every step
                     lora, opt_state, finite, metrics = self._step_fn(
-                        lora, opt_state, frozen, rng_state, batch.arrays(), skey, weights,
-                        np.float32(lr),
-                    )
+                        lora, opt_state, frozen, rng_state, arrays, skey, weights, np.float32(lr),
+                    )  # fmt: skip
+                    self.global_step += 1
                     # Metrics one step late: read step k after step k+1 is dispatched.
                     if pending is not None:
                         self._absorb(pending, window, history, writer, bar)
-                    pending = (global_step, epoch + (i + 1) / len(plan), lr, finite, metrics)
-                    self.step = global_step
+                    pending = (call_step, self.global_step, epoch + (i + 1) / len(plan), lr,
+                               finite, metrics)  # fmt: skip
+                    self.step = call_step
             if pending is not None:
                 self._absorb(pending, window, history, writer, bar, final=True)
         finally:
@@ -362,7 +398,7 @@ class KTOTrainer:
         return history
 
     def _absorb(self, pending, window, history, writer, bar, final=False):
-        step, epoch, lr, finite, metrics = pending
+        step, tb_step, epoch, lr, finite, metrics = pending
         finite = bool(jax.device_get(finite))
         if not finite:
             self.skipped_steps += 1
@@ -371,7 +407,9 @@ class KTOTrainer:
         if step % self.config.log_every and not final:
             return
         live = np.concatenate([w["live"] for w in window]) > 0
-        entry: dict[str, float] = {"step": step, "epoch": round(epoch, 4), "learning_rate": lr}
+        entry: dict[str, float] = {
+            "step": step, "global_step": tb_step, "epoch": round(epoch, 4), "learning_rate": lr,
+        }  # fmt: skip
         for name in window[0]:
             if name in ("live", "grad_norm"):
                 continue
@@ -385,8 +423,8 @@ class KTOTrainer:
         history.append(entry)
         if writer is not None:
             for name, value in entry.items():
-                if name != "step":
-                    writer.add_scalar(f"train/{name}", value, step)
+                if name not in ("step", "global_step"):
+                    writer.add_scalar(f"train/{name}", value, tb_step)
         bar.update(step - bar.n)
         bar.set_postfix(
             loss=f"{entry.get('loss', float('nan')):.4f}",
@@ -395,38 +433,97 @@ class KTOTrainer:
         )
 
     # ------------------------------------------------------------------------- evaluation
-    def completion_logps(self, examples: Sequence[KTOExample]) -> tuple[np.ndarray, np.ndarray]:
-        """Per-example ``(log πθ(y|x), log πref(y|x))`` for the current adapters (float32)."""
+    def _rows_fn(self, fn):
+        """``fn(state, rows)`` jitted; under a mesh with the train step's explicit shardings
+        (state by the rules, rows split over (data, fsdp), results replicated)."""
+        if self.mesh is None:
+            return jax.jit(fn)
+        from sfjax import parallel as par
+
+        return par.jit_sharded(
+            fn, self.mesh, (par.PARAMS, par.batch_split(0)), (par.REPLICATED, par.REPLICATED)
+        )
+
+    def _micro_batches(self, tokenized, partners=None):
+        """Consecutive micro-batches of the examples in order: ``(members, [B, ...] arrays)``."""
         c = self.config
-        tokenized = self.tokenize(examples)
-        graphdef, state = nnx.split(self.model)
-        if self._logps_fn is None or self._logps_fn[0] != graphdef:
-
-            @jax.jit
-            def fn(state, *rows):
-                model = nnx.merge(graphdef, state)
-                pol = sequence_logps(model, *rows)
-                with lora_lib.adapters_disabled(model):
-                    ref = sequence_logps(model, *rows)
-                return pol, ref
-
-            self._logps_fn = (graphdef, fn)
-        policy, reference = [], []
         B = c.micro_batch_size
         for start in range(0, len(tokenized), B):
             members = np.arange(start, min(start + B, len(tokenized)))
             batch: Batch = collate_step(
                 tokenized, [members], micro_batch_size=B, grad_accum_steps=1,
                 prompt_buckets=c.prompt_bucket_sizes, completion_buckets=c.completion_bucket_sizes,
-                pad_token_id=self.pad_token_id, with_kl=False,
+                pad_token_id=self.pad_token_id, with_kl=partners is not None, kl_partner=partners,
             )  # fmt: skip
-            pol, ref = self._logps_fn[1](
-                state, batch.prompt_ids_ABP[0], batch.prompt_mask_ABP[0],
-                batch.completion_ids_ABC[0], batch.completion_mask_ABC[0],
-            )  # fmt: skip
-            policy.append(np.asarray(pol)[: len(members)])
-            reference.append(np.asarray(ref)[: len(members)])
+            yield members, {k: v[0] for k, v in batch.arrays().items()}
+
+    def completion_logps(self, examples: Sequence[KTOExample]) -> tuple[np.ndarray, np.ndarray]:
+        """Per-example ``(log πθ(y|x), log πref(y|x))`` for the current adapters (float32)."""
+        c = self.config
+        tokenized = self.tokenize(examples)
+        graphdef, state = nnx.split(self.model)
+        if self._logps_fn is None or self._logps_fn[0] != graphdef:
+            chunk = c.logits_chunk_tokens
+
+            def fn(state, mb):
+                model = nnx.merge(graphdef, state)
+                rows = (mb["prompt_ids_ABP"], mb["prompt_mask_ABP"], mb["completion_ids_ABC"],
+                        mb["completion_mask_ABC"])  # fmt: skip
+                pol = sequence_logps(model, *rows, chunk=chunk)
+                with lora_lib.adapters_disabled(model):
+                    ref = sequence_logps(model, *rows, chunk=chunk)
+                return pol, ref
+
+            self._logps_fn = (graphdef, self._rows_fn(fn))
+        policy, reference = [], []
+        for members, mb in self._micro_batches(tokenized):
+            pol, ref = _to_host(self._logps_fn[1](state, mb))
+            policy.append(pol[: len(members)])
+            reference.append(ref[: len(members)])
         return np.concatenate(policy), np.concatenate(reference)
+
+    def reference_logps(self, tokenized: Sequence[TokenizedExample],
+                        partners: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """``(log πref(y_i|x_i), log πref(y'_i|x_i))`` per example, ``y'_i`` the completion of
+        ``partners[i]`` (None: no KL term, zeros); adapters off. Cached per (examples, partners):
+        the reference never changes, so later epochs and train() calls reuse it."""
+        c = self.config
+        key = (tuple(tokenized), None if partners is None else tuple(partners.tolist()),
+               c.share_prompt_forward, c.prompt_bucket_sizes, c.completion_bucket_sizes)  # fmt: skip
+        if self._ref_table is not None and self._ref_table[0] == key:
+            return self._ref_table[1], self._ref_table[2]
+        graphdef, state = nnx.split(self.model)
+        spec = _step_spec(c)
+        if self._ref_fn is None or self._ref_fn[0] != (graphdef, spec):
+
+            def fn(state, mb):
+                return reference_logps(nnx.merge(graphdef, state), mb, spec)
+
+            self._ref_fn = ((graphdef, spec), self._rows_fn(fn))
+        ref, ref_kl = [], []
+        for members, mb in self._micro_batches(tokenized, partners):
+            r, r_kl = _to_host(self._ref_fn[1](state, mb))
+            ref.append(r[: len(members)])
+            ref_kl.append(r_kl[: len(members)])
+        table = (np.concatenate(ref).astype(np.float32), np.concatenate(ref_kl).astype(np.float32))
+        self._ref_table = (key, *table)
+        return table
+
+
+def _to_host(tree):
+    from sfjax import parallel as par
+
+    return par.to_host(tree)
+
+
+def _gather_rows(table, step_members, valid_AB) -> dict[str, np.ndarray]:
+    """The precomputed reference values of one step's rows, ``[A, B]`` (filler rows 0)."""
+    ref, ref_kl = table
+    out_ref, out_kl = np.zeros(valid_AB.shape, np.float32), np.zeros(valid_AB.shape, np.float32)
+    for a, members in enumerate(step_members):
+        out_ref[a, : len(members)] = ref[members]
+        out_kl[a, : len(members)] = ref_kl[members]
+    return {"ref_logps_AB": out_ref, "ref_kl_logps_AB": out_kl}
 
 
 def _open_writer(writer):

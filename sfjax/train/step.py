@@ -23,8 +23,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from sfjax.losses.kto import kto_loss, target_logps
+from sfjax.losses.kto import kto_loss
 from sfjax.models import lora as lora_lib
+from sfjax.train.forward import sequence_logps, shared_prompt_logps
 
 if TYPE_CHECKING:
     from sfjax.train.kto import KTOConfig
@@ -76,58 +77,6 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def sequence_logps(model, prompt_ids_BP, prompt_mask_BP, completion_ids_BC, completion_mask_BC):
-    """``log π(y|x)`` per row for left-padded prompts followed by right-padded completions.
-
-    Runs the decoder over the whole rows but the LM head only on the ``C`` positions that
-    predict completion tokens (``model.hidden_states`` + ``model.lm_logits``; a model without
-    them falls back to full logits). The first completion token of an empty prompt has no
-    predecessor and is not scored (as in TRL). Float32.
-    """
-    P = prompt_ids_BP.shape[-1]
-    ids_BT = jnp.concatenate([prompt_ids_BP, completion_ids_BC], axis=-1)
-    mask_BT = jnp.concatenate([prompt_mask_BP, completion_mask_BC], axis=-1)
-    scored_BC = jnp.asarray(completion_mask_BC, bool)
-    scored_BC = scored_BC.at[:, 0].set(scored_BC[:, 0] & prompt_mask_BP[:, -1].astype(bool))
-    if hasattr(model, "hidden_states") and hasattr(model, "lm_logits"):
-        h_BCD = model.hidden_states(ids_BT, attention_mask=mask_BT)[:, P - 1 : -1]
-        logits_BCV = model.lm_logits(h_BCD)
-    else:
-        logits_BCV = model(ids_BT, attention_mask=mask_BT)[:, P - 1 : -1]
-    return target_logps(logits_BCV, completion_ids_BC, scored_BC)
-
-
-def shared_prompt_logps(model, prompt_ids_BP, prompt_mask_BP, completions):
-    """``[sequence_logps(model, prompt, *c) for c in completions]``, running the prompt once.
-
-    The prompt minus its last column is prefilled into a KV cache (its LM-head output is
-    unused, so XLA drops it); each completion then continues from that cache with the last
-    prompt token prepended, giving the logits that predict its ``C`` tokens. KTO's matched and
-    KL rows share their prompts, so this saves a decoder pass over every prompt per forward.
-    ``completions`` is a list of ``(completion_ids_BC, completion_mask_BC)``.
-    """
-    from sfjax.models.qwen3 import init_cache
-
-    P = prompt_ids_BP.shape[-1]
-    if P < 2 or not hasattr(model, "config"):
-        return [sequence_logps(model, prompt_ids_BP, prompt_mask_BP, *c) for c in completions]
-    B, C = prompt_ids_BP.shape[0], completions[0][0].shape[-1]
-    dtype = getattr(model, "dtype", jnp.float32)
-    cache = init_cache(model.config, B, P - 1 + C, dtype)
-    _, cache = model(prompt_ids_BP[:, :-1], attention_mask=prompt_mask_BP[:, :-1], cache=cache)
-    last_mask_B1 = jnp.asarray(prompt_mask_BP[:, -1:], bool)
-    out = []
-    for ids_BC, mask_BC in completions:
-        mask_BC = jnp.asarray(mask_BC, bool)
-        cont_ids_BC = jnp.concatenate([prompt_ids_BP[:, -1:], ids_BC[:, :-1]], axis=1)
-        cont_mask_BC = jnp.concatenate([last_mask_B1, mask_BC[:, :-1]], axis=1)
-        logits_BCV, _ = model(cont_ids_BC, attention_mask=cont_mask_BC, cache=cache)
-        # The first completion token of an empty prompt has no predecessor: not scored.
-        scored_BC = mask_BC.at[:, 0].set(mask_BC[:, 0] & last_mask_B1[:, 0])
-        out.append(target_logps(logits_BCV, ids_BC, scored_BC))
-    return out
-
-
 def _rekey(rng_state, key):
     """Fresh, distinct dropout keys for every RNG stream (counts reset): one per micro-batch."""
     leaves, treedef = jax.tree.flatten(rng_state)
@@ -148,8 +97,32 @@ def _step_spec(config: KTOConfig) -> KTOConfig:
         beta=config.beta, loss_type=config.loss_type, weight_decay=config.weight_decay,
         adam_b1=config.adam_b1, adam_b2=config.adam_b2, adam_eps=config.adam_eps,
         max_grad_norm=config.max_grad_norm, micro_batch_size=2, progress=False,
-        share_prompt_forward=config.share_prompt_forward,
+        share_prompt_forward=config.share_prompt_forward, remat=config.remat,
+        logits_chunk_tokens=config.logits_chunk_tokens,
+        precompute_ref_log_probs=config.precompute_ref_log_probs,
     )  # fmt: skip
+
+
+def reference_logps(model, mb, config: KTOConfig):
+    """``(log πref(y|x), log πref(y'|x))`` of one micro-batch, adapters off, no gradient.
+
+    ``mb`` holds the ``[B, ...]`` arrays of one micro-batch (:class:`sfjax.train.data.Batch`
+    names); the KL values are zeros when the loss has no KL term.
+    """
+    fwd = dict(remat=False, chunk=config.logits_chunk_tokens)  # no backward: nothing to remat
+    prompt = (mb["prompt_ids_ABP"], mb["prompt_mask_ABP"])
+    comp = (mb["completion_ids_ABC"], mb["completion_mask_ABC"])
+    kl_comp = (mb["kl_completion_ids_ABC"], mb["kl_completion_mask_ABC"])
+    with lora_lib.adapters_disabled(model):
+        if config.with_kl and config.share_prompt_forward:  # the prompt once for both
+            ref, ref_kl = shared_prompt_logps(model, *prompt, [comp, kl_comp], **fwd)
+        elif config.with_kl:  # one pass over matched + KL rows
+            both = [jnp.concatenate([x, y]) for x, y in zip(prompt + comp, prompt + kl_comp)]
+            ref, ref_kl = jnp.split(sequence_logps(model, *both, **fwd), 2)
+        else:
+            ref = sequence_logps(model, *prompt, *comp, **fwd)
+            ref_kl = jnp.zeros_like(ref)
+    return jax.lax.stop_gradient(ref), jax.lax.stop_gradient(ref_kl)
 
 
 @functools.lru_cache(maxsize=8)
@@ -157,7 +130,8 @@ def make_train_step(graphdef, config: KTOConfig, mesh=None):
     """The jitted step ``(lora, opt_state, frozen, rng_state, batch, key, weights, lr)``.
 
     ``lora`` and ``opt_state`` are donated. ``batch`` holds the ``[A, B, T]`` arrays of
-    :class:`sfjax.train.data.Batch`; ``weights`` is ``(λD, λU)``; ``lr`` the step's learning
+    :class:`sfjax.train.data.Batch` (plus ``ref_logps_AB`` / ``ref_kl_logps_AB`` with
+    ``precompute_ref_log_probs``); ``weights`` is ``(λD, λU)``; ``lr`` the step's learning
     rate. Returns ``(lora, opt_state, finite, metrics)`` with per-micro-batch metrics ``[A]``
     and the pre-clipping ``grad_norm``. Cached per (model structure, step hyper-parameters);
     ``fn.trace_count`` lists one entry per compilation. With a ``mesh``
@@ -167,6 +141,7 @@ def make_train_step(graphdef, config: KTOConfig, mesh=None):
     config = _step_spec(config)
     tx = make_optimizer(config)
     trace_count: list[int] = []
+    fwd = dict(remat=config.remat, chunk=config.logits_chunk_tokens)
 
     def step(lora, opt_state, frozen, rng_state, batch, key, weights, lr):
         trace_count.append(1)  # runs at trace time only: counts compilations
@@ -176,23 +151,20 @@ def make_train_step(graphdef, config: KTOConfig, mesh=None):
         def micro(grads, xs):
             mb, mkey = xs
             live = jnp.any(mb["valid_AB"])
-            # Reference and KL rows: no gradient, adapters' dropout off (eval mode, as TRL).
+            # Reference and KL rows: no gradient, adapters' dropout off (eval mode).
             model = nnx.merge(graphdef, jax.lax.stop_gradient(lora), rng_state, frozen)
             prompt = (mb["prompt_ids_ABP"], mb["prompt_mask_ABP"])
             comp = (mb["completion_ids_ABC"], mb["completion_mask_ABC"])
             kl_comp = (mb["kl_completion_ids_ABC"], mb["kl_completion_mask_ABC"])
             shared = config.share_prompt_forward
-            with lora_lib.adapters_disabled(model):
-                if config.with_kl and shared:  # the prompt once for both continuations
-                    ref_logps, ref_kl_logps = shared_prompt_logps(model, *prompt, [comp, kl_comp])
-                elif config.with_kl:  # one reference pass over matched + KL rows
-                    both = [jnp.concatenate([x, y]) for x, y in zip(prompt + comp, prompt + kl_comp)]
-                    ref_logps, ref_kl_logps = jnp.split(sequence_logps(model, *both), 2)
-                else:
-                    ref_logps = sequence_logps(model, *prompt, *comp)
-                    ref_kl_logps = jnp.zeros_like(ref_logps)
-            if config.with_kl and not shared:
-                policy_kl_logps = sequence_logps(model, *prompt, *kl_comp)
+            if config.precompute_ref_log_probs:
+                ref_logps, ref_kl_logps = mb["ref_logps_AB"], mb["ref_kl_logps_AB"]
+            else:
+                ref_logps, ref_kl_logps = reference_logps(model, mb, config)
+            if config.with_kl and not shared:  # policy KL rows outside the differentiated pass
+                policy_kl_logps = jax.lax.stop_gradient(
+                    sequence_logps(model, *prompt, *kl_comp, remat=False, chunk=fwd["chunk"])
+                )
             else:
                 policy_kl_logps = jnp.zeros_like(ref_logps)
 
@@ -202,10 +174,14 @@ def make_train_step(graphdef, config: KTOConfig, mesh=None):
                     policy.train()  # LoRA dropout on for the differentiated forward only
                 kl_logps = policy_kl_logps
                 if config.with_kl and shared:
-                    policy_logps, kl_logps = shared_prompt_logps(policy, *prompt, [comp, kl_comp])
+                    # The prompt runs once; the KL continuation reads its keys / values under
+                    # stop_gradient in the no-gradient model, so no backward pass touches it.
+                    policy_logps, kl_logps = shared_prompt_logps(
+                        policy, *prompt, [comp, kl_comp], nograd_model=model, **fwd
+                    )
                     kl_logps = jax.lax.stop_gradient(kl_logps)  # z carries no gradient
                 else:
-                    policy_logps = sequence_logps(policy, *prompt, *comp)
+                    policy_logps = sequence_logps(policy, *prompt, *comp, **fwd)
                 losses, metrics = kto_loss(
                     policy_logps, ref_logps, kl_logps, ref_kl_logps, mb["desirable_AB"],
                     beta=config.beta, desirable_weight=weights[0], undesirable_weight=weights[1],

@@ -1,0 +1,237 @@
+"""The KTO trainer's forward passes: completion log-probs with a shared prompt prefix, optional
+per-layer rematerialisation and a chunked LM head (paper §IV-C; log πθ(y|x), log πref(y|x)).
+
+KTO (paper eq. 8–11) needs, per example, ``log π(y|x)`` summed over the completion tokens for
+the policy and the reference, and the same for a mismatched completion ``y'`` of the same
+prompt (the KL rows). This module computes them from a Qwen3's own sub-modules
+(:mod:`sfjax.models.qwen3`: ``embed_tokens``, ``layers``, ``norm``, ``lm_logits``), without the
+sampler's KV-cache machinery, so that training can
+
+* run the prompt once for several completions: :func:`prefix_states` returns each layer's
+  keys / values of the prompt, :func:`continuation_states` continues any number of completions
+  from them (the prompt's backward pass then serves the matched row only);
+* recompute each decoder layer in the backward pass (``remat``): activation memory
+  O(layers × tokens × hidden) instead of O(layers × attention maps), for Qwen3-4B prompts of
+  a few thousand tokens;
+* never hold ``[B, T, V]`` float32 logits: :func:`token_logps` runs the LM head and the
+  log-softmax over chunks of completion tokens (each chunk recomputed in the backward pass),
+  so a 151936-word vocabulary costs ``chunk × V`` floats at a time.
+
+Every function here is pure given the model (the caller merges an ``nnx`` model inside its
+jitted function) and equals the model's own forward (tests/train/test_forward.py).
+
+Shape legend: ``B`` rows, ``P`` prompt length, ``C`` completion length, ``T`` query tokens of a
+call, ``S`` key slots, ``D`` hidden, ``K`` kv heads, ``H`` head dim, ``V`` vocabulary, ``N``
+flattened completion tokens, ``n`` chunks, ``c`` tokens per chunk.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sfjax.losses.kto import target_logps
+from sfjax.models import qwen3
+from sfjax.parallel import shard_activation
+
+AUTO_CHUNK_BYTES = 64 * 2**20
+"""Automatic LM-head chunk: as many tokens as fit this many bytes of float32 logits."""
+
+
+def chunk_tokens(vocab_size: int, requested: int = 0) -> int:
+    """Tokens per LM-head chunk: ``requested`` if > 0, else ``AUTO_CHUNK_BYTES / (4 V)``."""
+    if requested > 0:
+        return int(requested)
+    return max(1, AUTO_CHUNK_BYTES // (4 * int(vocab_size)))
+
+
+def _block(layer, x_BTD, cos_BTH, sin_BTH, visible_BTS, prefix_k_BSKH=None, prefix_v_BSKH=None):
+    """One decoder layer (as ``DecoderLayer.__call__``) that also returns this call's k / v and
+    attends to ``prefix_k`` / ``prefix_v`` (earlier tokens' keys / values) before its own."""
+    attn = layer.self_attn
+    q_BTNH, k_BTKH, v_BTKH = attn.project_qkv(layer.input_layernorm(x_BTD), cos_BTH, sin_BTH)
+    k_all, v_all = k_BTKH, v_BTKH
+    if prefix_k_BSKH is not None:
+        k_all = jnp.concatenate([prefix_k_BSKH.astype(k_BTKH.dtype), k_BTKH], axis=1)
+        v_all = jnp.concatenate([prefix_v_BSKH.astype(v_BTKH.dtype), v_BTKH], axis=1)
+    out_BTNH = qwen3.attention(q_BTNH, k_all, v_all, visible_BTS)
+    x_BTD = x_BTD + attn.o_proj(out_BTNH.reshape(*x_BTD.shape[:2], -1))
+    x_BTD = x_BTD + layer.mlp(layer.post_attention_layernorm(x_BTD))
+    return x_BTD, k_BTKH, v_BTKH
+
+
+def _run_block(layer, remat: bool, *args):
+    """``_block(layer, *args)``, recomputed in the backward pass when ``remat``.
+
+    Rematerialisation goes through a pure function of the layer's state (``jax.checkpoint``),
+    so it works inside any trace (``nnx.remat`` refuses a model merged in an outer trace); the
+    layer's RNG state (LoRA dropout) is threaded out and written back.
+    """
+    if not remat:
+        return _block(layer, *args)
+    graphdef, state = nnx.split(layer)
+
+    @jax.checkpoint
+    def pure(state, *args):
+        module = nnx.merge(graphdef, state)
+        out = _block(module, *args)
+        return out, nnx.state(module, nnx.RngState)
+
+    out, rng_state = pure(state, *args)
+    nnx.update(layer, rng_state)
+    return out
+
+
+def _rope(model, pos_BT):
+    return qwen3.rope_cos_sin(pos_BT, model.config.head_dim, model.config.rope_theta)
+
+
+def decoder_states(model, ids_BT, mask_BT, *, remat: bool = False):
+    """Final normed hidden states ``[B, T, D]`` (``model.hidden_states``), optionally remat."""
+    mask_BT = jnp.asarray(mask_BT, bool)
+    x_BTD = shard_activation(model.embed_tokens(jnp.asarray(ids_BT)))
+    cos_BTH, sin_BTH = _rope(model, qwen3.positions_from_mask(mask_BT))
+    T = mask_BT.shape[1]
+    visible_BTS = jnp.tril(jnp.ones((T, T), bool))[None] & mask_BT[:, None, :]
+    for layer in model.layers:
+        x_BTD, _, _ = _run_block(layer, remat, x_BTD, cos_BTH, sin_BTH, visible_BTS)
+        x_BTD = shard_activation(x_BTD)
+    return model.norm(x_BTD)
+
+
+def prefix_states(model, ids_BP, mask_BP, *, remat: bool = False):
+    """Run a (left-padded) prefix; returns ``(kv, mask_BP)`` with ``kv`` one ``(k_BPKH, v_BPKH)``
+    per layer, for :func:`continuation_states`. The prefix's own LM head is never computed."""
+    mask_BP = jnp.asarray(mask_BP, bool)
+    x_BPD = shard_activation(model.embed_tokens(jnp.asarray(ids_BP)))
+    cos_BPH, sin_BPH = _rope(model, qwen3.positions_from_mask(mask_BP))
+    P = mask_BP.shape[1]
+    visible_BPS = jnp.tril(jnp.ones((P, P), bool))[None] & mask_BP[:, None, :]
+    kv = []
+    n = len(model.layers)
+    for i, layer in enumerate(model.layers):
+        if i == n - 1:  # the last layer's output is unused: only its keys / values are needed
+            x_n = layer.input_layernorm(x_BPD)
+            _, k_BPKH, v_BPKH = layer.self_attn.project_qkv(x_n, cos_BPH, sin_BPH)
+        else:
+            x_BPD, k_BPKH, v_BPKH = _run_block(layer, remat, x_BPD, cos_BPH, sin_BPH, visible_BPS)
+            x_BPD = shard_activation(x_BPD)
+        kv.append((k_BPKH, v_BPKH))
+    return kv, mask_BP
+
+
+def continuation_states(model, prefix, ids_BT, mask_BT, *, remat: bool = False):
+    """Final normed hidden states ``[B, T, D]`` of tokens that continue ``prefix`` (the output of
+    :func:`prefix_states`): positions count on from the prefix's real tokens, and every query
+    sees the prefix's real tokens plus the real tokens of this call up to itself."""
+    kv, prefix_mask_BS = prefix
+    mask_BT = jnp.asarray(mask_BT, bool)
+    start_B = jnp.sum(prefix_mask_BS, axis=1, dtype=jnp.int32)
+    x_BTD = shard_activation(model.embed_tokens(jnp.asarray(ids_BT)))
+    cos_BTH, sin_BTH = _rope(model, qwen3.positions_from_mask(mask_BT, start_B))
+    T = mask_BT.shape[1]
+    own_BTT = jnp.tril(jnp.ones((T, T), bool))[None] & mask_BT[:, None, :]
+    prefix_BTS = jnp.broadcast_to(prefix_mask_BS[:, None, :], (mask_BT.shape[0], T, prefix_mask_BS.shape[1]))
+    visible_BTS = jnp.concatenate([prefix_BTS, own_BTT], axis=2)
+    for layer, (k_BSKH, v_BSKH) in zip(model.layers, kv):
+        x_BTD, _, _ = _run_block(layer, remat, x_BTD, cos_BTH, sin_BTH, visible_BTS, k_BSKH, v_BSKH)
+        x_BTD = shard_activation(x_BTD)
+    return model.norm(x_BTD)
+
+
+def token_logps(model, h_BCD, targets_BC, mask_BC, *, chunk: int = 0):
+    """``sum_t mask · log softmax(lm_head(h))[target]`` per row, float32, in LM-head chunks.
+
+    ``chunk`` tokens (0: automatic, :func:`chunk_tokens`) of the flattened ``B·C`` positions are
+    projected to the vocabulary at a time inside a ``lax.map``; each chunk is recomputed in the
+    backward pass (``jax.checkpoint``), so at most ``chunk × V`` logits exist at once. One chunk
+    covering every token is the plain computation.
+    """
+    B, C, D = h_BCD.shape
+    c = chunk_tokens(model.config.vocab_size, chunk)
+    if c >= B * C:
+        return target_logps(model.lm_logits(h_BCD), targets_BC, mask_BC)
+    N = B * C
+    n = -(-N // c)
+    pad = n * c - N
+    h_ncD = jnp.pad(h_BCD.reshape(N, D), ((0, pad), (0, 0))).reshape(n, c, D)
+    t_nc = jnp.pad(jnp.asarray(targets_BC).reshape(N), (0, pad)).reshape(n, c)
+
+    @jax.checkpoint
+    def one(args):
+        h_cD, t_c = args
+        logits_cV = model.lm_logits(h_cD[None])[0]
+        return target_logps(logits_cV[:, None, :], t_c[:, None], jnp.ones((c, 1), bool))
+
+    logps_N = jax.lax.map(one, (h_ncD, t_nc)).reshape(n * c)[:N]
+    return jnp.sum(jnp.where(jnp.asarray(mask_BC, bool), logps_N.reshape(B, C), 0.0), axis=-1)
+
+
+def _scored(completion_mask_BC, prompt_mask_BP):
+    # The first completion token of an empty prompt has no predecessor: not scored (as TRL).
+    scored_BC = jnp.asarray(completion_mask_BC, bool)
+    return scored_BC.at[:, 0].set(scored_BC[:, 0] & jnp.asarray(prompt_mask_BP[:, -1], bool))
+
+
+def sequence_logps(model, prompt_ids_BP, prompt_mask_BP, completion_ids_BC, completion_mask_BC,
+                   *, remat: bool = False, chunk: int = 0):  # fmt: skip
+    """``log π(y|x)`` per row for left-padded prompts followed by right-padded completions.
+
+    Runs the decoder over the whole rows but the LM head only on the ``C`` positions that
+    predict completion tokens (in chunks, :func:`token_logps`). A model without Qwen3's
+    sub-modules falls back to its full logits. Float32.
+    """
+    P = prompt_ids_BP.shape[-1]
+    ids_BT = jnp.concatenate([prompt_ids_BP, completion_ids_BC], axis=-1)
+    mask_BT = jnp.concatenate([prompt_mask_BP, completion_mask_BC], axis=-1)
+    scored_BC = _scored(completion_mask_BC, prompt_mask_BP)
+    if not hasattr(model, "layers"):
+        logits_BCV = model(ids_BT, attention_mask=mask_BT)[:, P - 1 : -1]
+        return target_logps(logits_BCV, completion_ids_BC, scored_BC)
+    h_BCD = decoder_states(model, ids_BT, mask_BT, remat=remat)[:, P - 1 : -1]
+    return token_logps(model, h_BCD, completion_ids_BC, scored_BC, chunk=chunk)
+
+
+def shared_prompt_logps(model, prompt_ids_BP, prompt_mask_BP, completions, *, remat: bool = False,
+                        chunk: int = 0, nograd_model=None):  # fmt: skip
+    """``[sequence_logps(model, prompt, *c) for c in completions]``, running the prompt once.
+
+    The prompt minus its last column runs once (:func:`prefix_states`); each completion then
+    continues from its keys / values with the last prompt token prepended, which gives the
+    hidden states that predict its ``C`` tokens. KTO's matched and KL rows share their prompts,
+    so this saves a decoder pass over every prompt per forward. ``completions`` is a list of
+    ``(completion_ids_BC, completion_mask_BC)``. With ``nograd_model`` (the same weights under
+    ``stop_gradient``), every completion after the first continues from a stop-gradient prefix
+    in that model: KTO's policy KL rows, which carry no gradient (z is stop-gradient).
+    """
+    P = prompt_ids_BP.shape[-1]
+    if P < 2 or not hasattr(model, "layers"):
+        return [sequence_logps(model, prompt_ids_BP, prompt_mask_BP, *c, remat=remat, chunk=chunk)
+                for c in completions]  # fmt: skip
+    prefix = prefix_states(model, prompt_ids_BP[:, :-1], prompt_mask_BP[:, :-1], remat=remat)
+    last_ids_B1 = prompt_ids_BP[:, -1:]
+    last_mask_B1 = jnp.asarray(prompt_mask_BP[:, -1:], bool)
+    out = []
+    for i, (ids_BC, mask_BC) in enumerate(completions):
+        m, pre = model, prefix
+        if i > 0 and nograd_model is not None:
+            m, pre = nograd_model, jax.lax.stop_gradient(prefix)
+        mask_BC = jnp.asarray(mask_BC, bool)
+        cont_ids_BC = jnp.concatenate([last_ids_B1, ids_BC[:, :-1]], axis=1)
+        cont_mask_BC = jnp.concatenate([last_mask_B1, mask_BC[:, :-1]], axis=1)
+        h_BCD = continuation_states(m, pre, cont_ids_BC, cont_mask_BC, remat=remat)
+        out.append(token_logps(m, h_BCD, ids_BC, _scored(mask_BC, prompt_mask_BP), chunk=chunk))
+    return out
+
+
+__all__ = [
+    "AUTO_CHUNK_BYTES",
+    "chunk_tokens",
+    "continuation_states",
+    "decoder_states",
+    "prefix_states",
+    "sequence_logps",
+    "shared_prompt_logps",
+    "token_logps",
+]
