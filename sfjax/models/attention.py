@@ -23,11 +23,13 @@ for them (so no kernel ever normalises an all-masked row, forward or backward) a
 is set to 0. Real rows are unaffected; pad rows stay finite, so nothing NaN can reach the cache
 or the residual stream.
 
-Selecting: ``SFJAX_ATTENTION=cudnn`` in the environment, :func:`set_implementation` at program
-start, or ``with attention.implementation("xla"): ...`` around the first call of a jitted
-function. The setting is read at trace time: programs already compiled keep the kernel they
-were traced with (a :class:`sfjax.sampling.Sampler` caches its programs, so switch before its
-first ``generate`` or build a new one). ``benchmarks/gpu_*.py --attention`` sets it.
+Selecting: ``SFJAX_ATTENTION=cudnn`` in the environment, :func:`set_implementation`, an
+:class:`AttentionConfig` field in an experiment config (``cfg.attention.apply()``), or
+``with attention.implementation("xla"): ...``; ``benchmarks/gpu_*.py --attention`` sets it.
+The setting is read when a function is traced, and changing it clears JAX's compilation caches
+(:func:`jax.clear_caches`), so every jitted function — a :class:`sfjax.sampling.Sampler`'s
+cached programs included — retraces with the new kernel at its next call (a one-off recompile;
+switching is meant to be rare).
 
 Shape legend: B batch, T query tokens, S key slots, N query heads, K key/value heads,
 G = N // K query heads per key/value head, H head dim.
@@ -40,6 +42,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -75,20 +78,39 @@ def get_implementation() -> str:
 
 
 def set_implementation(name: str) -> str:
-    """Select the implementation for calls traced from now on; returns the previous one."""
+    """Select the implementation; returns the previous one. A change clears JAX's compilation
+    caches so that already-jitted functions retrace with it."""
     previous = _current[0]
     _current[0] = _check(name)
+    if name != previous:
+        jax.clear_caches()
     return previous
 
 
 @contextlib.contextmanager
 def implementation(name: str) -> Iterator[str]:
-    """``with implementation("cudnn"): ...`` — the setting for functions traced inside."""
+    """``with implementation("cudnn"): ...`` — the setting inside, the previous one after."""
     previous = set_implementation(name)
     try:
         yield name
     finally:
-        _current[0] = previous
+        set_implementation(previous)
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Attention kernel choice, to nest in an experiment's config (tyro: ``--attention.*``)."""
+
+    implementation: str = "auto"
+    """plain (f32 scores, the reference), xla / cudnn (jax.nn.dot_product_attention), auto
+    (cuDNN on a GPU when the shapes allow, else plain)."""
+
+    def __post_init__(self):
+        _check(self.implementation)
+
+    def apply(self) -> str:
+        """Make it the process-wide setting (:func:`set_implementation`); returns the previous."""
+        return set_implementation(self.implementation)
 
 
 def choices() -> dict[str, int]:
@@ -213,6 +235,7 @@ def attention(q_BTNH, k_BSKH, v_BSKH, visible_BTS, implementation: str | None = 
 
 __all__ = [
     "IMPLEMENTATIONS",
+    "AttentionConfig",
     "attention",
     "choices",
     "cudnn_unsupported_reason",

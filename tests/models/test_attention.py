@@ -187,6 +187,26 @@ def test_auto_is_plain_off_gpu_and_cudnn_rules():
     assert why(bf[:, :63], kv, backend="gpu") is None  # cached prefill of T - 1 columns
 
 
+def test_switching_retraces_already_jitted_functions():
+    """A jitted function traced under one setting uses the new kernel after a switch."""
+    q, k, v = random_qkv(1, 3, 3, 4, 2, 8, seed=2)
+    visible = causal_left_padded([1], 3)
+    f = jax.jit(lambda q, k, v: attn.attention(q, k, v, visible))
+    before = attn.set_implementation("plain")
+    try:
+        attn.reset_choices()
+        f(q, k, v)
+        f(q, k, v)  # cached: no new trace
+        assert attn.choices() == {"plain": 1}
+        attn.AttentionConfig("xla").apply()
+        f(q, k, v)
+        assert attn.choices() == {"plain": 1, "xla": 1}
+    finally:
+        attn.set_implementation(before)
+    with pytest.raises(ValueError, match="unknown attention implementation"):
+        attn.AttentionConfig("flashy")
+
+
 def test_setting_validation_and_context_restores():
     before = attn.get_implementation()
     with pytest.raises(ValueError, match="unknown attention implementation"):
