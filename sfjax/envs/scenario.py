@@ -85,7 +85,7 @@ class RanSlicingConfig:
     of queueing and the 1 ms TTI. 4.5 ms is ns-3's: an unsaturated slice's mean delay is
     6.0-6.2 ms here vs 5.6-6.1 ms in ns-3 (1.5-1.7 ms without it; benchmarks/RESULTS.md, ns-3
     vs JAX), and it leaves the GBR slice 5.5 ms of queueing, so good static allocations
-    violate in ~2-4 % of the steps, as Table III's methods (SF: 8.6 of 300). 0: queueing
+    violate in 1-4 % of the steps, as Table III's methods (SF: 8.6 of 300). 0: queueing
     and the TTI only (good allocations then almost never violate)."""
     randomize_drop: bool = False
     """False: one fixed UE drop from ``geometry_seed`` (comparable with ns-3); True: a fresh
