@@ -45,6 +45,9 @@ class ActorConfig:
     """Nucleus mass of RfR rollouts."""
     rollout_top_k: int = 0
     """Top-k of RfR rollouts (0 = off)."""
+    prefix_cache: bool = True
+    """Reuse the KV cache of the prompt prefix shared across decisions (system prompt) instead
+    of prefilling it again every step (:mod:`sfjax.sampling.prefix`; single device only)."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,8 @@ class Actor:
         self.sampler = sampler
         self.tokenizer = tokenizer
         self.cfg = cfg
+        if cfg.prefix_cache and hasattr(sampler, "enable_prefix_cache"):
+            sampler.enable_prefix_cache()
 
     # -- prompts ---------------------------------------------------------------------------
 

@@ -25,8 +25,16 @@ from sfjax.sampling import distribution as dist
 from sfjax.sampling.automata import LINE_START
 
 
-def decode_loop(graphdef, n, state, cache, ids_BT, mask_BT, rows, tables, key, *, counter):
-    """The jitted program: prefill, copy for ``n``, decode until all rows are done."""
+def decode_loop(
+    graphdef, n, state, cache, ids_BT, mask_BT, rows, tables, key, prefix=None, *, counter
+):
+    """The jitted program: prefill, copy for ``n``, decode until all rows are done.
+
+    ``prefix`` (optional, :mod:`sfjax.sampling.prefix`): ``dict(k=, v=, length=)`` with the
+    cached keys/values ``[Ly, 1, P, K, H]`` of a token prefix shared by every prompt and its
+    length; the prompts in ``ids_BT`` are then only what follows it. The prefix fills slots
+    ``[0, P)`` of every row, the prompts are prefilled after it.
+    """
     counter[0] += 1
 
     def forward(ids, mask, c):
@@ -38,20 +46,32 @@ def decode_loop(graphdef, n, state, cache, ids_BT, mask_BT, rows, tables, key, *
     B, T = ids_BT.shape
     N = B * n
     M = rows["tokens_init_NM"].shape[1]
-    if n == 1:
+    Ly, _, S, KV, H = cache.k.shape
+    if n == 1:  # the donated cache is reused; stale slots are masked out
         cache = cache.replace(
             slot_mask=jnp.zeros_like(cache.slot_mask),
             positions=jnp.zeros_like(cache.positions),
             index=jnp.zeros_like(cache.index),
         )
     else:  # prefill at B, then copy each prompt's cache n times (RfR rollouts)
-        L, _, S, KV, H = cache.k.shape
         cache = cache.replace(
-            k=jnp.zeros((L, B, S, KV, H), cache.k.dtype),
-            v=jnp.zeros((L, B, S, KV, H), cache.v.dtype),
+            k=jnp.zeros((Ly, B, S, KV, H), cache.k.dtype),
+            v=jnp.zeros((Ly, B, S, KV, H), cache.v.dtype),
             slot_mask=jnp.zeros((B, S), bool),
             positions=jnp.zeros((B,), jnp.int32),
             index=jnp.zeros_like(cache.index),
+        )
+    if prefix is not None:  # cached prefix in slots [0, P) of every row, prompts after it
+        P = prefix["k"].shape[2]
+        put = lambda c, x: jax.lax.dynamic_update_slice(  # noqa: E731
+            c, jnp.broadcast_to(x, (Ly, B, P, KV, H)).astype(c.dtype), (0, 0, 0, 0, 0)
+        )
+        cache = cache.replace(
+            k=put(cache.k, prefix["k"]),
+            v=put(cache.v, prefix["v"]),
+            slot_mask=cache.slot_mask.at[:, :P].set(jnp.arange(P)[None, :] < prefix["length"]),
+            positions=jnp.full((B,), prefix["length"], jnp.int32),
+            index=jnp.int32(P),
         )
     # Prompt minus its last column (its logits are never used, so XLA drops the LM head), then
     # the last column alone: only [B, 1, V] logits are ever materialised.
@@ -162,9 +182,10 @@ def decode_program(counter: list[int]):
     """``decode_loop`` with a trace counter (``counter[0]`` grows by one per trace), to be jitted
     with ``static_argnums=(0, 1)`` (graph, n) and ``donate_argnums=(3,)`` (cache)."""
 
-    def program(graphdef, n, state, cache, ids_BT, mask_BT, rows, tables, key):
+    def program(graphdef, n, state, cache, ids_BT, mask_BT, rows, tables, key, prefix=None):
         return decode_loop(
-            graphdef, n, state, cache, ids_BT, mask_BT, rows, tables, key, counter=counter
-        )
+            graphdef, n, state, cache, ids_BT, mask_BT, rows, tables, key, prefix,
+            counter=counter,
+        )  # fmt: skip
 
     return program

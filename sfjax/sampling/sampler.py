@@ -44,6 +44,7 @@ from sfjax.sampling import constrained as cons
 from sfjax.sampling.automata import TokenBytes, header_dfa, string_dfa, token_bytes
 from sfjax.sampling.constrained import ActionConstraint
 from sfjax.sampling.loop import decode_program
+from sfjax.sampling.prefix import PrefixCache
 
 _MIN_NEW_BUCKET = 16
 
@@ -134,6 +135,11 @@ class Sampler:
         the model is placed on it by the sharding rules (in place), prompts / rows / KV cache
         are split over the batch axes, and the program runs with explicit in/out shardings.
         With several processes every process must call ``generate`` with the same arguments.
+      prefix_cache: keep the KV cache of the prompt prefix that consecutive calls share (the
+        Actor's system prompt) and prefill only what follows it (:mod:`sfjax.sampling.prefix`);
+        recomputed automatically when the weights change. Works under a ``mesh`` too (the
+        prefix is kept sharded like a one-row KV cache).
+      prefix_min_tokens: shortest shared prefix worth caching.
     """
 
     def __init__(
@@ -146,6 +152,8 @@ class Sampler:
         cache_dtype=None,
         min_prompt_bucket: int = 32,
         mesh=None,
+        prefix_cache: bool = False,
+        prefix_min_tokens: int = 128,
     ):
         config = getattr(model, "config", None)
         if config is None or not hasattr(config, "vocab_size"):
@@ -184,6 +192,10 @@ class Sampler:
         self._sharded_programs: dict[tuple, object] = {}
         if self.mesh is not None:
             parallel.shard_model(model, self.mesh)
+        self._prefix_min_tokens = prefix_min_tokens
+        self.prefix_cache: PrefixCache | None = None
+        if prefix_cache:
+            self.enable_prefix_cache()
         self._vocab_bytes: TokenBytes | None = None
         self._stop_tables: dict[tuple[str, ...], tuple[jax.Array, jax.Array]] = {}
         self._constraint_tables: dict[tuple[str, str], dict] = {}
@@ -194,9 +206,19 @@ class Sampler:
         """How many times the decode program was traced (one per distinct bucket/structure)."""
         return self._counter[0]
 
+    def enable_prefix_cache(self, min_tokens: int | None = None) -> None:
+        """Turn on prompt-prefix KV reuse (the ``prefix_cache`` constructor argument)."""
+        if self.prefix_cache is None:
+            self.prefix_cache = PrefixCache(
+                self.config, self.cache_dtype, self.pad_token_id,
+                min_tokens=min_tokens or self._prefix_min_tokens, mesh=self.mesh,
+            )  # fmt: skip
+
     def release_cache(self) -> None:
-        """Free the preallocated KV caches kept between calls (one per bucket)."""
+        """Free the preallocated KV caches kept between calls (one per bucket) and the prefix."""
         self._caches.clear()
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
 
     def generate(
         self,
@@ -238,32 +260,45 @@ class Sampler:
                     f"the model's max_position_embeddings={max_pos}; shorten the prompt"
                 )
 
+        graphdef, state = nnx.split(self.model)
+        weights = state
+        # A weakly typed weight (e.g. set from a Python scalar) would otherwise retrace.
+        state = jax.tree.map(lambda x: x.astype(x.dtype) if getattr(x, "weak_type", False)
+                             else x, state)
+        prefix = None
+        if self.prefix_cache is not None:
+            prefix = self.prefix_cache.plan(prompt_ids, graphdef, state, weights)
+        skip = len(prefix.tokens) if prefix is not None else 0
+        body_ids = [ids[skip:] for ids in prompt_ids]  # what the program prefills
+
         B = _bucket(P)
-        T = _prompt_bucket(max(len(ids) for ids in prompt_ids), self.min_prompt_bucket)
+        T = _prompt_bucket(max(len(ids) for ids in body_ids), self.min_prompt_bucket)
         M = _bucket(max(p.max_new_tokens for p in plist), _MIN_NEW_BUCKET)
         N = B * n
         ids_BT = np.full((B, T), self.pad_token_id, np.int32)
         mask_BT = np.zeros((B, T), bool)
-        for i, ids in enumerate(prompt_ids):
+        for i, ids in enumerate(body_ids):
             ids_BT[i, T - len(ids):] = ids
             mask_BT[i, T - len(ids):] = True
         mask_BT[P:, -1] = True  # padding rows hold one real token so no row is empty
 
         rows, tables, row_meta = self._row_inputs(plist, P, B, n, M, action_constraint)
-        cache_key = (N, T + M)
+        S = T + M + (prefix.slots if prefix is not None else 0)
+        cache_key = (N, S)
         cache = self._caches.pop(cache_key, None)
         if cache is None:
-            cache = self._new_cache(N, T + M)
-        graphdef, state = nnx.split(self.model)
-        # A weakly typed weight (e.g. set from a Python scalar) would otherwise retrace.
-        state = jax.tree.map(lambda x: x.astype(x.dtype) if getattr(x, "weak_type", False)
-                             else x, state)
-        args = (state, cache, ids_BT, mask_BT, rows, tables, key)
+            cache = self._new_cache(N, S)
+        prefix_args = None
+        if prefix is not None:
+            prefix_args = dict(k=prefix.k_LyP, v=prefix.v_LyP, length=np.int32(skip))
+        args = (state, cache, ids_BT, mask_BT, rows, tables, key, prefix_args)
         if self.mesh is None:
-            args = (state, cache, jnp.asarray(ids_BT), jnp.asarray(mask_BT), rows, tables, key)
+            args = (state, cache, jnp.asarray(ids_BT), jnp.asarray(mask_BT), rows, tables, key,
+                    prefix_args)  # fmt: skip
             out, cache = self._program(graphdef, n, *args)
         else:
-            program, in_shardings = self._sharded_program(graphdef, state, B, N)
+            slots = prefix.slots if prefix is not None else None
+            program, in_shardings = self._sharded_program(graphdef, state, B, N, slots)
             from sfjax.parallel import activation_sharding, put
 
             with activation_sharding(self.mesh):  # residual stream split over the batch axes
@@ -284,11 +319,12 @@ class Sampler:
         # Created directly on its shards: a 4B model's cache never sits on one device.
         return jax.jit(make, out_shardings=cache_shardings(jax.eval_shape(make), self.mesh))()
 
-    def _sharded_program(self, graphdef, state, B: int, N: int):
-        """The decode program with explicit in/out shardings for batch ``B`` / rows ``N``."""
+    def _sharded_program(self, graphdef, state, B: int, N: int, prefix_slots: int | None):
+        """The decode program with explicit in/out shardings for batch ``B`` / rows ``N``
+        (and a cached prefix of ``prefix_slots`` slots, if any)."""
         from sfjax import parallel
 
-        key = (graphdef, jax.tree.structure(state), B, N)
+        key = (graphdef, jax.tree.structure(state), B, N, prefix_slots)
         if key not in self._sharded_programs:
             mesh = self.mesh
             from sfjax.models.qwen3 import init_cache
@@ -299,7 +335,12 @@ class Sampler:
             rows_sh = parallel.batch_sharding(mesh, (N,))
             rep = parallel.replicated(mesh)
             state_sh = parallel.state_shardings(state, mesh)
-            in_shardings = (state_sh, cache_sh, prompts_sh, prompts_sh, rows_sh, rep, rep)
+            prefix_sh = None
+            if prefix_slots is not None:
+                kv_sh = self.prefix_cache.kv_sharding(prefix_slots)
+                prefix_sh = dict(k=kv_sh, v=kv_sh, length=rep)
+            in_shardings = (state_sh, cache_sh, prompts_sh, prompts_sh, rows_sh, rep, rep,
+                            prefix_sh)  # fmt: skip
             program = jax.jit(
                 decode_program(self._counter), static_argnums=(0, 1), donate_argnums=(3,),
                 in_shardings=in_shardings, out_shardings=(rep, cache_sh),
