@@ -8,7 +8,10 @@ top-p 0.9). Greedy outputs are checked to be token-identical before timing.
 
 Reported: generated tokens/s (batch x new tokens / wall time of one whole ``generate`` call,
 prefill included), median of ``--repeats`` interleaved runs, the ratio sfjax / torch, and the
-same ratio in process CPU time (robust to other jobs on a shared CPU).
+same ratio in process CPU time (robust to other jobs on a shared CPU). Next to them, the
+weight-read bound: every decode step reads all weights once, so batch x (measured XLA read
+bandwidth over a buffer of the weights' size) / (weight bytes) bounds decode tokens/s for any
+implementation; a "5x transformers / bound" above 1 means the 5x target is beyond it.
 sfjax's compile time is excluded from its figure (one warm-up call first) and listed
 separately; transformers needs no compilation.
 
@@ -45,6 +48,23 @@ def _interleaved_medians(fns, repeats: int) -> tuple[list[float], list[float]]:
             w.append(time.perf_counter() - t0)
             c.append(time.process_time() - c0)
     return [statistics.median(t) for t in wall], [statistics.median(t) for t in cpu]
+
+
+def weight_stream_gbps(n_bytes: int, repeats: int = 20) -> float:
+    """Measured read bandwidth (GB/s) of one jitted XLA pass over ``n_bytes`` of float32 — the
+    rate at which a decode step can at best stream the model's weights on this machine."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((n_bytes // 4,), jnp.float32)
+    f = jax.jit(jnp.sum)
+    f(x).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(x).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return n_bytes / statistics.median(times) / 1e9
 
 
 def bench(name, checkpoint, batch, prompt_len, new_tokens, mode, repeats) -> dict:
@@ -111,6 +131,11 @@ def bench(name, checkpoint, batch, prompt_len, new_tokens, mode, repeats) -> dic
 
     (jax_s, torch_s), (jax_cpu, torch_cpu) = _interleaved_medians([run_jax, run_torch], repeats)
     tokens = batch * new_tokens
+    weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
+    gbps = weight_stream_gbps(weight_bytes)
+    # Every decode step reads every weight once: batch x bandwidth / bytes is an upper bound
+    # on decode tokens/s for any implementation (prefill and the KV cache only add to it).
+    floor_tok_s = batch * gbps * 1e9 / weight_bytes
     threads = torch.get_num_threads()
     torch.set_num_threads(default_threads)
     return {
@@ -123,6 +148,8 @@ def bench(name, checkpoint, batch, prompt_len, new_tokens, mode, repeats) -> dic
         "cpu_ratio": torch_cpu / jax_cpu,
         "compile_s": compile_s - jax_s,
         "torch_threads": threads,
+        "stream_gbps": gbps,
+        "floor_tok_s": floor_tok_s,
     }
 
 
@@ -144,9 +171,10 @@ def main():
     )
     print(
         "| config | batch | params (M) | sfjax tok/s | transformers tok/s | ratio | "
-        "sfjax compile s | torch threads | CPU-time ratio |"
+        "sfjax compile s | torch threads | CPU-time ratio | weight-read bound tok/s "
+        "(GB/s) | sfjax / bound | 5x transformers / bound |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.configs:
         with tempfile.TemporaryDirectory() as d:
             overrides = dict(CONFIGS[name], max_position_embeddings=4096)
@@ -157,7 +185,10 @@ def main():
                 print(
                     f"| {r['config']} | {r['batch']} | {r['params_M']:.1f} | "
                     f"{r['sfjax_tok_s']:.0f} | {r['torch_tok_s']:.0f} | {r['ratio']:.2f} | "
-                    f"{r['compile_s']:.1f} | {r['torch_threads']} | {r['cpu_ratio']:.2f} |",
+                    f"{r['compile_s']:.1f} | {r['torch_threads']} | {r['cpu_ratio']:.2f} | "
+                    f"{r['floor_tok_s']:.0f} ({r['stream_gbps']:.0f}) | "
+                    f"{r['sfjax_tok_s'] / r['floor_tok_s']:.2f} | "
+                    f"{5 * r['torch_tok_s'] / r['floor_tok_s']:.2f} |",
                     flush=True,
                 )
     print(f"(cpu count {os.cpu_count()}, load average {os.getloadavg()[0]:.1f})")
