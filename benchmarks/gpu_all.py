@@ -3,6 +3,8 @@
 A lent H200 gives a session 30 minutes of device time and 10 minutes per command, the machine's
 start included; this runner spends it in priority order and never loses what already ran:
 
+* a preflight (seconds) records versions and devices and imports the project; if that fails
+  the runner stops at once (every job would fail the same way);
 * each job is one ``benchmarks/gpu_*.py`` run in its own process (a crash or an out-of-memory
   error ends that job only and frees the GPU for the next), with its own time cap, cut to what
   the budget has left; a job that would not get ``--min-job-s`` seconds is skipped, not started;
@@ -32,9 +34,9 @@ for the ratio)::
 Usage (on the device machine; ``$OUT`` returns at most 8 files, so per-job files stay in
 ``--out-dir`` and only the bundle and the log go to ``$OUT``)::
 
-    PYTHONUNBUFFERED=1 python3 benchmarks/gpu_all.py --budget-s 540 \\
+    PYTHONUNBUFFERED=1 python3 benchmarks/gpu_all.py --budget-s 500 \\
         --bundle $OUT/gpu_all.json --log $OUT/gpu_all.log
-    python3 benchmarks/gpu_all.py --only decode_plain,latency_plain --budget-s 540 ...
+    python3 benchmarks/gpu_all.py --only decode_plain,latency_plain --budget-s 500 ...
     python3 benchmarks/gpu_all.py --tiny --budget-s 120      # CPU smoke run of the runner
 """
 
@@ -83,8 +85,9 @@ JOBS = (
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--budget-s", type=float, default=540.0,
-                   help="wall-clock budget for all jobs (one device command may run 600 s)")
+    p.add_argument("--budget-s", type=float, default=500.0,
+                   help="wall-clock budget for the jobs, after the preflight (a few seconds); "
+                        "one device command may run 600 s")
     p.add_argument("--min-job-s", type=float, default=45.0,
                    help="do not start a job with less than this left")
     p.add_argument("--only", default=None, help="comma-separated job names to run, in order")
@@ -124,6 +127,42 @@ class Tee:
             if self.file:
                 self.file.write(stamped + "\n")
                 self.file.flush()
+
+
+PREFLIGHT = """
+import importlib, json, sys
+info = {"python": sys.version.split()[0]}
+for name in ("jax", "jaxlib", "flax", "optax", "transformers", "tokenizers", "torch", "peft"):
+    try:
+        info[name] = importlib.import_module(name).__version__
+    except Exception as e:  # noqa: BLE001
+        info[name] = f"MISSING: {e!r}"
+import jax
+info["backend"], info["devices"] = jax.default_backend(), [str(d) for d in jax.devices()]
+import sfjax.models.qwen3, sfjax.sampling, sfjax.train, sfjax.agents.rfr  # noqa: F401
+from sfjax.models import attention
+info["attention_default"] = attention.get_implementation()
+print(json.dumps(info))
+"""
+
+
+def preflight(args, tee: Tee) -> dict:
+    """Versions, devices and the project's imports, in a child process (seconds): when this
+    fails every job would, so the runner stops instead of spending the budget on failures."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+    try:
+        done = subprocess.run([args.python, "-c", PREFLIGHT], cwd=ROOT, env=env, text=True,
+                              capture_output=True, timeout=180)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": "preflight timed out (180 s)"}
+    if done.returncode != 0:
+        tail = (done.stdout + done.stderr)[-3000:]
+        tee.line(f"preflight FAILED:\n{tail}")
+        return {"ok": False, "error": tail}
+    info = json.loads(done.stdout.strip().splitlines()[-1])
+    tee.line(f"preflight: {info}")
+    return {"ok": True, **info}
 
 
 def run_job(job: Job, out_json: str, timeout_s: float, args, tee: Tee) -> dict:
@@ -197,6 +236,13 @@ def main(argv=None) -> dict:
                 json.dump(bundle, f, indent=1, default=str)
 
     tee.line(f"{len(jobs)} job(s), budget {args.budget_s:.0f} s, JSON under {out_dir}")
+    bundle["preflight"] = preflight(args, tee)
+    save()
+    if not bundle["preflight"]["ok"]:
+        bundle["summary"] = {"preflight_failed": len(jobs)}
+        save()
+        return bundle
+    t0 = time.monotonic()  # the budget is the jobs'
     for job in jobs:
         left = args.budget_s - (time.monotonic() - t0)
         if left < args.min_job_s:

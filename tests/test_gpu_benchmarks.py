@@ -190,6 +190,7 @@ def test_gpu_all_runs_jobs_in_order_within_the_budget(tmp_path, monkeypatch):
     st = {k: v["status"] for k, v in on_disk["jobs"].items()}
     assert st == {"ok": "ok", "oom": "failed", "slow": "timeout", "late": "skipped"}
     assert bundle["summary"] == {"ok": 1, "failed": 1, "timeout": 1, "skipped": 1}
+    assert on_disk["preflight"]["ok"] and on_disk["preflight"]["devices"]
     jobs_rec = on_disk["jobs"]
     assert jobs_rec["ok"]["record"]["argv"][:2] == ["--flag", "ok"]
     assert jobs_rec["oom"]["oom_in_output"] and jobs_rec["oom"]["returncode"] == 1
@@ -199,3 +200,12 @@ def test_gpu_all_runs_jobs_in_order_within_the_budget(tmp_path, monkeypatch):
     assert "ok | progress line" in text and "slow: timeout" in text and "late: skipped" in text
     with pytest.raises(SystemExit, match="unknown job"):
         gpu_all.main(["--only", "nope"])
+
+
+def test_gpu_all_stops_when_the_preflight_fails(tmp_path, monkeypatch):
+    import gpu_all
+
+    monkeypatch.setattr(gpu_all, "PREFLIGHT", "raise SystemExit('flax is too old')")
+    bundle = gpu_all.main(["--budget-s", "5", "--bundle", str(tmp_path / "b.json")])
+    assert not bundle["preflight"]["ok"] and "flax is too old" in bundle["preflight"]["error"]
+    assert bundle["jobs"] == {} and bundle["summary"] == {"preflight_failed": len(gpu_all.JOBS)}
