@@ -18,27 +18,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from timing import interleaved_medians  # noqa: E402  (benchmarks/timing.py)
+
 from sfjax.testing import BENCHMARK_CONFIGS as CONFIGS  # noqa: E402
-
-
-def _interleaved_medians(fns, repeats: int) -> list[tuple[float, float]]:
-    """Median (wall, process CPU) seconds of each function, runs interleaved so that load
-    drifts hit both alike. CPU time counts every thread of the process."""
-    times: list[list[tuple[float, float]]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, ts in zip(fns, times):
-            w0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            ts.append((time.perf_counter() - w0, time.process_time() - c0))
-    return [
-        (statistics.median(w for w, _ in ts), statistics.median(c for _, c in ts)) for ts in times
-    ]
 
 
 def bench(name: str, batch: int, seq: int, repeats: int) -> dict:
@@ -86,7 +73,7 @@ def bench(name: str, batch: int, seq: int, repeats: int) -> dict:
     if err > 1e-4:
         raise AssertionError(f"{name}: sfjax and transformers disagree (rel err {err:.2e})")
 
-    (jax_s, jax_cpu), (torch_s, torch_cpu) = _interleaved_medians([run_jax, run_torch], repeats)
+    (jax_s, jax_cpu), (torch_s, torch_cpu) = interleaved_medians([run_jax, run_torch], repeats)
     tokens = batch * seq
     return {
         "config": name,

@@ -32,22 +32,9 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from timing import interleaved_medians  # noqa: E402  (benchmarks/timing.py)
+
 from sfjax.testing import BENCHMARK_CONFIGS as CONFIGS  # noqa: E402
-
-
-def _interleaved_medians(fns, repeats: int) -> tuple[list[float], list[float]]:
-    """Median wall and process-CPU time of each function, runs interleaved so load drifts hit
-    both alike. CPU time (all threads of this process) is the work done, which a CPU shared
-    with other jobs distorts far less than wall time."""
-    wall: list[list[float]] = [[] for _ in fns]
-    cpu: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, w, c in zip(fns, wall, cpu):
-            t0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            w.append(time.perf_counter() - t0)
-            c.append(time.process_time() - c0)
-    return [statistics.median(t) for t in wall], [statistics.median(t) for t in cpu]
 
 
 def weight_stream_gbps(n_bytes: int, repeats: int = 20) -> float:
@@ -129,7 +116,7 @@ def bench(name, checkpoint, batch, prompt_len, new_tokens, mode, repeats) -> dic
         if same != batch * new_tokens:
             raise AssertionError(f"{name}: greedy tokens differ ({same}/{batch * new_tokens} equal)")
 
-    (jax_s, torch_s), (jax_cpu, torch_cpu) = _interleaved_medians([run_jax, run_torch], repeats)
+    (jax_s, jax_cpu), (torch_s, torch_cpu) = interleaved_medians([run_jax, run_torch], repeats)
     tokens = batch * new_tokens
     weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
     gbps = weight_stream_gbps(weight_bytes)
