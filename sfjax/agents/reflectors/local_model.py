@@ -19,7 +19,7 @@ def sampler_generate_fn(cfg: LocalReflectorConfig) -> GenerateFn:
         raise ValueError(f"LocalReflectorConfig.dtype must be bfloat16 or float32, got {cfg.dtype}")
     model = qwen3.from_pretrained(cfg.checkpoint, dtype=dtype)
     tokenizer = load_tokenizer(cfg.checkpoint)
-    sampler = Sampler(model, tokenizer)
+    sampler = Sampler(model, tokenizer, prefix_cache=True)  # the system prompt is prefilled once
     params = SamplingParams(
         temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens
     )
