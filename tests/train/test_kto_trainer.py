@@ -17,6 +17,7 @@ from sfjax.train.data import (
     TokenizedExample,
     collate_step,
     default_buckets,
+    fixed_kl_partners,
     kl_pairing,
     plan_steps,
     tokenize_examples,
@@ -295,3 +296,68 @@ def test_too_few_examples_is_a_clear_error(tiny_checkpoint):
     history = trainer.train(_dataset()[:3], jax.random.key(0))
     assert len(history) == 4 and all(np.isfinite(e["loss"]) for e in history)
     assert history[0]["count/chosen"] + history[0]["count/rejected"] == 3
+
+
+def test_precomputed_reference_gives_the_same_training(tiny_checkpoint):
+    """precompute_ref_log_probs (TRL semantics) == reference forward in every step, when the
+    KL pairs coincide (no shuffling); the table is computed once and reused across calls."""
+    exs = _dataset()[:12]
+    runs = []
+    for pre in (False, True):
+        model, trainer = _trainer(tiny_checkpoint, epochs=2, shuffle=False,
+                                  precompute_ref_log_probs=pre)  # fmt: skip
+        history = trainer.train(exs, jax.random.key(5))
+        runs.append((history, jax.tree.leaves(lora.lora_state(model)), trainer))
+    (h1, l1, _), (h2, l2, trainer) = runs
+    assert len(h1) == len(h2) == 6
+    for a, b in zip(h1, h2):
+        for name in ("loss", "kl", "rewards/chosen", "rewards/rejected", "grad_norm"):
+            np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=1e-5, err_msg=name)
+    for a, b in zip(l1, l2):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    # the table holds the adapter-off log-probs of each example's matched completion
+    table = trainer._ref_table
+    _, ref = trainer.completion_logps(exs)
+    np.testing.assert_allclose(table[1], ref, rtol=1e-5, atol=1e-4)
+    trainer.train(exs, jax.random.key(6))  # same examples: the cached table is reused
+    assert trainer._ref_table is table
+    # shuffled epochs keep each example's KL partner fixed (TRL): training still works
+    _, shuffled = _trainer(tiny_checkpoint, epochs=2, precompute_ref_log_probs=True)
+    assert all(np.isfinite(e["loss"]) for e in shuffled.train(exs, jax.random.key(1)))
+
+
+def test_fixed_kl_partners():
+    exs = [TokenizedExample((i % 3,), (100 + i,), True) for i in range(7)]
+    partner = fixed_kl_partners(exs, 3)  # groups [0,1,2] [3,4,5,6] (the lone 6 joins)
+    assert all(exs[i].prompt_ids != exs[partner[i]].prompt_ids for i in range(7))
+    assert sorted(partner[:3].tolist()) == [0, 1, 2] and sorted(partner[3:].tolist()) == [3, 4, 5, 6]
+    batch = collate_step(exs, [np.arange(3)], micro_batch_size=3, grad_accum_steps=1,
+                         prompt_buckets=(4,), completion_buckets=(4,), pad_token_id=0,
+                         with_kl=True, kl_partner=partner)  # fmt: skip
+    assert batch.kl_completion_ids_ABC[0, :, 0].tolist() == [100 + int(j) for j in partner[:3]]
+
+
+def test_global_step_continues_across_calls_and_restores(tiny_checkpoint):
+    exs = _dataset()[:8]
+    model, trainer = _trainer(tiny_checkpoint, epochs=1, remat=True, logits_chunk_tokens=5)
+    writer = RecordingWriter()
+    h1 = trainer.train(exs, jax.random.key(0), writer=writer)
+    h2 = trainer.train(exs, jax.random.key(1), writer=writer)
+    assert [e["step"] for e in h1 + h2] == [1, 2, 1, 2]  # per call (schedule, resume)
+    assert [e["global_step"] for e in h1 + h2] == [1, 2, 3, 4]
+    assert sorted({s for t, _, s in writer.scalars if t == "train/loss"}) == [1, 2, 3, 4]
+    sd = trainer.state_dict()
+    assert sd["global_step"] == 4
+    _, t2 = _trainer(tiny_checkpoint, epochs=1)
+    t2.load_state_dict(jax.tree.map(np.asarray, sd))
+    assert t2.global_step == 4
+    assert t2.train(exs, jax.random.key(2))[-1]["global_step"] == 6
+    old = {k: v for k, v in sd.items() if k != "global_step"}  # a pre-global-step state dict
+    t2.load_state_dict(jax.tree.map(np.asarray, old))
+    assert t2.global_step == 2
+    # remat + a chunked LM head (set above) train like the defaults
+    _, plain = _trainer(tiny_checkpoint, epochs=1)
+    hp = plain.train(exs, jax.random.key(0))
+    for a, b in zip(h1, hp):
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-3, atol=1e-6)
