@@ -105,6 +105,7 @@ def run_sfjax(config, examples, args, remat: bool | None = None) -> dict:
         max_prompt_length=args.prompt_len, max_completion_length=args.completion_len,
         buckets=(args.prompt_len,), completion_buckets=(args.completion_len,),
         shuffle=False, progress=False, desirable_weight=1.0, undesirable_weight=1.0,
+        remat=model.remat,
     )  # fmt: skip
     trainer = KTOTrainer(model, None, cfg, lora_config=lora.LoRAConfig(rank=args.rank,
                                                                        alpha=2 * args.rank))

@@ -61,6 +61,11 @@ def _block(layer, x_BTD, cos_BTH, sin_BTH, visible_BTS, prefix_k_BSKH=None, pref
     return x_BTD, k_BTKH, v_BTKH
 
 
+def _remat(model, remat: bool) -> bool:
+    """Remat when asked, or when the model was built / set with ``remat=True``."""
+    return bool(remat or getattr(model, "remat", False))
+
+
 def _run_block(layer, remat: bool, *args):
     """``_block(layer, *args)``, recomputed in the backward pass when ``remat``.
 
@@ -89,6 +94,7 @@ def _rope(model, pos_BT):
 
 def decoder_states(model, ids_BT, mask_BT, *, remat: bool = False):
     """Final normed hidden states ``[B, T, D]`` (``model.hidden_states``), optionally remat."""
+    remat = _remat(model, remat)
     mask_BT = jnp.asarray(mask_BT, bool)
     x_BTD = shard_activation(model.embed_tokens(jnp.asarray(ids_BT)))
     cos_BTH, sin_BTH = _rope(model, qwen3.positions_from_mask(mask_BT))
@@ -103,6 +109,7 @@ def decoder_states(model, ids_BT, mask_BT, *, remat: bool = False):
 def prefix_states(model, ids_BP, mask_BP, *, remat: bool = False):
     """Run a (left-padded) prefix; returns ``(kv, mask_BP)`` with ``kv`` one ``(k_BPKH, v_BPKH)``
     per layer, for :func:`continuation_states`. The prefix's own LM head is never computed."""
+    remat = _remat(model, remat)
     mask_BP = jnp.asarray(mask_BP, bool)
     x_BPD = shard_activation(model.embed_tokens(jnp.asarray(ids_BP)))
     cos_BPH, sin_BPH = _rope(model, qwen3.positions_from_mask(mask_BP))
@@ -125,6 +132,7 @@ def continuation_states(model, prefix, ids_BT, mask_BT, *, remat: bool = False):
     """Final normed hidden states ``[B, T, D]`` of tokens that continue ``prefix`` (the output of
     :func:`prefix_states`): positions count on from the prefix's real tokens, and every query
     sees the prefix's real tokens plus the real tokens of this call up to itself."""
+    remat = _remat(model, remat)
     kv, prefix_mask_BS = prefix
     mask_BT = jnp.asarray(mask_BT, bool)
     start_B = jnp.sum(prefix_mask_BS, axis=1, dtype=jnp.int32)

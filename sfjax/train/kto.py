@@ -7,17 +7,21 @@ reference policy πref is the same model with the adapters switched off
 One optimizer step = one call of a jitted function (donating the LoRA params and the optimizer
 state) that scans over ``grad_accum_steps`` micro-batches; per micro-batch it runs
 
-1. the reference forward (adapters off) on the matched and the KL (mismatched) rows,
-2. the policy forward on the KL rows without gradient (``z`` is stop-gradient),
-3. the policy forward + backward on the matched rows, :func:`sfjax.losses.kto.kto_loss`,
+1. the reference forward (adapters off) on the matched and the KL (mismatched) rows — or,
+   with ``precompute_ref_log_probs``, nothing: they were computed once for the dataset,
+2. the policy forward + backward on the matched rows, :func:`sfjax.losses.kto.kto_loss`,
+3. the policy forward on the KL rows without gradient (``z`` is stop-gradient), continuing
+   from the matched rows' prompt pass (each prompt runs once per model, KV prefix),
 
 (prompts left-padded, completions right-padded, so the LM head runs only on the completion
-positions), then clips the accumulated gradient by global norm, applies AdamW with warmup and a
+positions, in chunks that never hold ``[B, T, V]`` logits; ``remat`` recomputes each layer in
+the backward pass: :mod:`sfjax.train.forward`), then clips the accumulated gradient by global norm, applies AdamW with warmup and a
 linear / cosine / constant schedule (:mod:`sfjax.train.step`), and keeps the old params and optimizer state if the gradient or
 loss is not finite (counted in ``skipped_steps``). Log-probs are summed over completion tokens
 only, in float32. Metrics are fetched one step late so the host never stalls the device, and
 written to TensorBoard under TRL's tag names (``train/loss``, ``train/rewards/chosen``,
-``train/kl`` …).
+``train/kl`` …) at ``trainer.global_step``, which keeps counting across ``train()`` calls
+(and ``state_dict`` / ``load_state_dict``), so the curves of successive SF iterations line up.
 
 Usage::
 

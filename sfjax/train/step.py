@@ -1,12 +1,14 @@
 """The jitted KTO train step and its optimizer (paper §IV-C, eq. 8–13), used by
 :class:`sfjax.train.kto.KTOTrainer`.
 
-Per micro-batch the step runs the reference forward (adapters off) on the matched and KL rows,
-the policy forward on the KL rows without gradient (``z`` is stop-gradient) and the policy
-forward + backward on the matched rows; prompts are left-padded and completions right-padded,
-so the LM head runs only on the positions that predict completion tokens
-(:func:`sequence_logps`). The accumulated gradient is clipped, AdamW-updated with the learning
-rate passed in, and the update is dropped when anything is not finite.
+Per micro-batch the step runs the reference forward (adapters off, no gradient) on the matched
+and KL rows — or reads them from the batch with ``precompute_ref_log_probs`` — and the policy
+forward + backward on the matched rows, whose prompt pass also serves the policy's KL rows
+(continued under ``stop_gradient`` in a no-gradient copy of the model: ``z`` carries no
+gradient, as TRL's ``no_grad`` KL pass). Prompts are left-padded and completions right-padded,
+so the LM head runs only on the positions that predict completion tokens, in chunks
+(:mod:`sfjax.train.forward`). The accumulated gradient is clipped, AdamW-updated with the
+learning rate passed in, and the update is dropped when anything is not finite.
 
 Shape legend: ``A`` micro-batches per step, ``B`` micro-batch size, ``P`` / ``C`` bucketed
 prompt / completion length, ``T = P + C``, ``D`` hidden size, ``V`` vocabulary.
