@@ -59,8 +59,8 @@ The trade-off the agent faces: tight allocations pack fuller transport blocks (S
 TB fill 0.99: several packets per block) but violate the 10 ms budget; generous ones serve
 every packet on its own, the last RBG of each block partly padding (fill 0.97, SE 5.26), and
 almost never violate. Eq. 15 counts the controlled slice only, so the best static policy
-starves the other slice (its 50 ms budget fails in 95 % of the steps at 24 PRB); 18-20 PRB
-keep both slices mostly served at a utility of 25.0-26.6k. A static policy reconfigures once
+starves the other slice (its 50 ms budget fails in 95 % of the steps at 24 PRB; 26 of 300
+at 16 PRB, where the controlled slice still gets 23.2k, 108 at 18 PRB). A static policy reconfigures once
 (the first decision moves away from the initial 12 PRB), except 12 PRB itself.
 
 Shape legend: A = actions, E = episodes, T = decisions.
