@@ -22,8 +22,8 @@ def test_best_static_allocation_lands_in_the_paper_range():
     # the trade-off: tighter allocations pack fuller transport blocks (higher SE) but
     # violate the 10 ms budget more often
     at = {int(p): i for i, p in enumerate(prbs)}
-    assert se[at[6]] > se[at[12]] > se[at[24]]
-    assert sweep["tb_fill"][at[6]] > sweep["tb_fill"][at[24]]
+    assert se[at[6]] > se[prbs >= 12].max() + 0.1
+    assert sweep["tb_fill"][at[6]] > sweep["tb_fill"][prbs >= 12].max()
     assert vio[at[8]] > vio[at[12]] > vio[at[20]]
     # the SE is the transmissions' efficiency: never above the CQI efficiency of the blocks
     assert np.all(se <= sweep["link_se"] + 1e-4) and np.all(sweep["link_se"] <= 5.5547 + 1e-4)
