@@ -17,7 +17,9 @@ It mirrors :class:`sfjax.envs.ran.RanSlicingEnv` so that either can stand behind
   ``delivered_packets``, ``dropped_packets``, ``late_packets``, ``mean_delay_ms``,
   ``max_delay_ms`` and their ``other_`` twins, ``utility``; not ``utilization``/``link_se``)
   plus ns-3's ``tbs``/``tb_errors``/``harq_retx``, and the observation is the same scaled
-  eq. 14 vector;
+  eq. 14 vector. ns-3 reports eq. 1's SE only (``se`` = ``se_allocated``; there is no
+  ``se_scheduled``), so with the JAX env's default ``se_definition="scheduled"`` the two
+  ``se`` differ in meaning (a warning says so; set ``se_definition="allocated"`` to compare);
 * ``reward`` is the eq. 15 utility ``w_se (SE + offset) - w_c c - w_v v`` of the step;
 * the intra-slice scheduler is always ns-3's ``PfFfMacScheduler`` (the JAX env's
   ``scheduler="pf_ns3"``; ``RanSlicingConfig.scheduler`` is not used here);
@@ -44,6 +46,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import warnings
 import weakref
 from pathlib import Path
 from typing import Any
@@ -303,6 +306,12 @@ class Ns3RanSlicingEnv(gym.Env):
             [ctrl.n_ues * sc.buffer_bytes, other.n_ues * sc.buffer_bytes], np.float64
         )
         self._args = scenario_args(sc)  # validates early
+        if getattr(sc, "se_definition", "allocated") != "allocated":
+            warnings.warn(
+                "ns-3 reports eq. 1's SE (delivered bits / allocated bandwidth) as info['se'], "
+                f"not the JAX env's se_definition={sc.se_definition!r}; "
+                "use se_definition='allocated' to compare the two.", stacklevel=2,
+            )
         if self.config.fading not in ("per_ue", "shared_trace", "none"):
             raise ValueError(
                 f"Ns3Config.fading must be 'per_ue', 'shared_trace' or 'none', "
@@ -446,6 +455,7 @@ class Ns3RanSlicingEnv(gym.Env):
         for prefix in ("", "other_"):
             for key in _FEEDBACK:
                 info[prefix + key] = float(raw[prefix + key])
+            info[prefix + "se_allocated"] = info[prefix + "se"]  # eq. 1 is all ns-3 reports
             info[prefix + "prbs"] = int(raw[prefix + "prbs"])
             info[prefix + "delivered_bits"] = 8.0 * float(raw[prefix + "delivered_bytes"])
             info[prefix + "mean_delay_ms"] = float(raw[prefix + "mean_delay_ms"])
