@@ -9,7 +9,7 @@ loop's path: :func:`sfjax.agents.rfr.sample_in_calls` over ``Actor.sample`` (the
 
 All 64 × 8 rows in one call would need ≈ 190 GB of KV cache at Qwen3-4B (2,560-slot prompt
 bucket + 128 new, 144 KiB per token), so RfR splits the prompts into memory-bounded calls
-(``RfRConfig.max_cache_bytes_per_call``, 24 GiB by default = 8 prompts × 8 per call here;
+(``RfRConfig.max_cache_gib_per_call``, 32 GiB by default = 8 prompts × 8 per call here;
 ``--cache-gib`` changes it) or into ``--prompts-per-call`` prompts per call when that is given.
 The plan is recorded with the results; if a call runs out of memory the run is repeated with
 half as many prompts per call (each attempt recorded).
@@ -47,8 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--k", type=int, default=None, help="samples per prompt (8)")
     p.add_argument("--prompts-per-call", type=int, default=None,
                    help="prompts per sampler call (default: RfR's byte-bounded plan)")
-    p.add_argument("--cache-gib", type=float, default=24.0,
-                   help="RfRConfig.max_cache_bytes_per_call in GiB (when no --prompts-per-call)")
+    p.add_argument("--cache-gib", type=float, default=32.0,
+                   help="RfRConfig.max_cache_gib_per_call (when no --prompts-per-call)")
     p.add_argument("--new-tokens", type=int, default=None, help="max new tokens (128)")
     p.add_argument("--history-window", type=int, default=None, help="(10; --tiny: 1)")
     p.add_argument("--style", default=None, choices=("full", "compact"))
@@ -80,8 +80,8 @@ def rfr_config(args, prompts_per_call: int | None):
 
     if prompts_per_call:
         return RfRConfig(num_rollouts=args.k, max_rows_per_call=prompts_per_call * args.k,
-                         max_cache_bytes_per_call=0)
-    return RfRConfig(num_rollouts=args.k, max_cache_bytes_per_call=args.cache_gib * 2**30)
+                         max_cache_gib_per_call=0)
+    return RfRConfig(num_rollouts=args.k, max_cache_gib_per_call=args.cache_gib)
 
 
 def rollout_setup(tok, args):
@@ -112,8 +112,10 @@ def rollout_cost(config, tok, args):
     """RfR's cost model of a rollout call for this model (bf16 KV cache) and tokenizer."""
     from sfjax.agents import rfr
 
+    extra = rfr.PREFIX_CACHE_EXTRA_SLOTS if getattr(actor_config(args), "prefix_cache",
+                                                    False) else 0
     return rfr.RolloutCost(gc.qwen3_costs(config).kv_bytes_per_token, args.new_tokens,
-                           lambda p: len(tok(p, add_special_tokens=False)["input_ids"]))
+                           lambda p: len(tok(p, add_special_tokens=False)["input_ids"]), extra)
 
 
 def run_sfjax(model, tok, prompts, args, prompts_per_call) -> dict:

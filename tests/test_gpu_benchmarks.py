@@ -126,7 +126,10 @@ def test_gpu_rfr_rollouts_tiny(tmp_path):
     s = rec["sfjax"]
     assert s["rollouts"] == rec["prompts"] * rec["k"] == 8
     assert s["actions_parsed"] == s["rollouts"]  # the action constraint always yields one
-    assert s["calls"] == 2 and s["traces"] == 1 and [list(p) for p in s["plan"]] == [[0, 2], [2, 4]]
+    assert s["calls"] == 2 and [list(p) for p in s["plan"]] == [[0, 2], [2, 4]]
+    # one program, plus at most one more when the Actor's prompt-prefix cache (on by default)
+    # re-buckets its prefix to what the calls share
+    assert 1 <= s["traces"] <= 2
     assert s["failed_attempts"] == []
     assert _pos(s["tokens_per_s"]) and _pos(rec["floor_measured_s"])
 

@@ -20,8 +20,9 @@ Rollout calls. A sampler call holds ``prompts x K`` rows, each with a KV cache o
 ``prompt bucket + new-token bucket`` slots; at Qwen3-4B (144 KiB of bf16 KV per token), 64
 prompts x K = 8 x ~2.7k slots is ~190 GB — more than any single GPU. So the unsolved prompts go
 in consecutive calls, each as large as ``RfRConfig.max_rows_per_call`` and
-``RfRConfig.max_cache_bytes_per_call`` allow (:func:`plan_rollout_calls`; the byte cost of a
-call comes from the model's KV bytes per token, :class:`RolloutCost`, read off the Actor).
+``RfRConfig.max_cache_gib_per_call`` allow (:func:`plan_rollout_calls`; the byte cost of a
+call comes from the model's KV bytes per token and the sampler's buckets, :class:`RolloutCost`,
+read off the Actor).
 Call ``c`` samples with ``key`` itself for ``c = 0`` and ``fold_in(key, c)`` after, so a plan of
 one call is exactly the former single call, the plan (hence the dataset) depends only on the
 config, the model and the prompts — never on the machine — and greedy rollouts are identical
@@ -60,18 +61,19 @@ class RfRConfig:
     """Add refine-rollout examples (False = base dataset only, an ablation)."""
     max_rows_per_call: int = 0
     """Most sampler rows (prompts x K) per rollout call; 0 = no row limit (bytes only)."""
-    max_cache_bytes_per_call: float = 24 * 2**30
-    """KV-cache bytes one rollout call may allocate (rows x slots x the model's KV bytes per
-    token, at the sampler's buckets): 24 GiB = 64 rows of ~2.7k slots at Qwen3-4B in bf16.
-    0 = no byte limit. The sampler briefly holds about twice this while it copies the prompts'
+    max_cache_gib_per_call: float = 32.0
+    """KV-cache GiB one rollout call may allocate (rows x slots x the model's KV bytes per
+    token, at the sampler's buckets): 32 GiB = 64 rows of 2.2k-token SF prompts at Qwen3-4B
+    in bf16 (3,200 slots each, counting the prefix cache's worst case).
+    0 = no limit. The sampler briefly holds about twice this while it copies the prompts'
     caches K times, next to the weights."""
 
     def __post_init__(self):
         if self.kto_iterations < 1 or self.num_rollouts < 1:
             raise ValueError("RfRConfig: kto_iterations and num_rollouts must be >= 1")
-        if self.max_rows_per_call < 0 or self.max_cache_bytes_per_call < 0:
+        if self.max_rows_per_call < 0 or self.max_cache_gib_per_call < 0:
             raise ValueError(
-                "RfRConfig: max_rows_per_call and max_cache_bytes_per_call must be >= 0 "
+                "RfRConfig: max_rows_per_call and max_cache_gib_per_call must be >= 0 "
                 "(0 = no limit)"
             )
         if 0 < self.max_rows_per_call < self.num_rollouts:
@@ -192,17 +194,27 @@ class RolloutCost:
     """Tokens each rollout may generate (cache slots after the prompt)."""
     count_tokens: Callable[[str], int]
     """Prompt string -> its token count (the Actor's tokenizer)."""
+    extra_slots: int = 0
+    """Slots per row beyond the prompt and new-token buckets: ``PREFIX_CACHE_EXTRA_SLOTS``
+    when the sampler reuses a cached prompt prefix (:mod:`sfjax.sampling.prefix`)."""
 
     def slots(self, longest_prompt: int) -> int:
         """Cache slots per row, at the sampler's buckets: the prompt bucket (powers of two from
-        32, multiples of 512 above 512) + the new-token bucket (powers of two from 16)."""
+        32, multiples of 512 above 512) + the new-token bucket (powers of two from 16) +
+        ``extra_slots``."""
         n = max(longest_prompt, 1)
         prompt = max(32, _pow2(n)) if n <= 512 else -(-n // 512) * 512
-        return prompt + max(16, _pow2(self.max_new_tokens))
+        return prompt + max(16, _pow2(self.max_new_tokens)) + self.extra_slots
 
     def call_bytes(self, num_prompts: int, k: int, longest_prompt: int) -> int:
         """KV bytes of one call: rows (prompts padded to a power of two, times K) x slots."""
         return _pow2(num_prompts) * k * self.slots(longest_prompt) * self.kv_bytes_per_token
+
+
+PREFIX_CACHE_EXTRA_SLOTS = 512
+"""Most slots a cached prefix adds to a row: its 128-slot bucket plus the suffix's own prompt
+bucket exceed the whole prompt's bucket by at most 512 (by enumeration over lengths < 6k;
+typically 128 for the SF prompt: 640 prefix + 2,048 suffix slots against 2,560)."""
 
 
 def _pow2(n: int) -> int:
@@ -221,25 +233,26 @@ def rollout_cost_of(sample_fn) -> RolloutCost | None:
         return None
     itemsize = getattr(getattr(sampler, "cache_dtype", None), "itemsize", 2)
     kv = 2 * config.num_layers * config.num_kv_heads * config.head_dim * int(itemsize)
+    extra = PREFIX_CACHE_EXTRA_SLOTS if getattr(sampler, "prefix_cache", None) else 0
 
     def count(prompt: str) -> int:
         return len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
-    return RolloutCost(int(kv), int(actor.cfg.max_new_tokens), count)
+    return RolloutCost(int(kv), int(actor.cfg.max_new_tokens), count, extra)
 
 
 def plan_rollout_calls(
     prompts: Sequence[str], cfg: RfRConfig, cost: RolloutCost | None
 ) -> list[tuple[int, int]]:
     """Split ``prompts`` (kept in order) into ``[start, stop)`` ranges, one per sampler call,
-    each as long as ``cfg.max_rows_per_call`` and ``cfg.max_cache_bytes_per_call`` allow.
+    each as long as ``cfg.max_rows_per_call`` and ``cfg.max_cache_gib_per_call`` allow.
 
     A prompt whose K rows alone exceed the byte budget still gets a call of its own (logged).
     Without a ``cost`` only the row limit applies.
     """
     K = cfg.num_rollouts
     lengths = [cost.count_tokens(p) for p in prompts] if cost is not None else None
-    budget = cfg.max_cache_bytes_per_call if cost is not None else 0
+    budget = cfg.max_cache_gib_per_call * 2**30 if cost is not None else 0
     plan, start = [], 0
     while start < len(prompts):
         stop, longest = start + 1, lengths[start] if lengths else 0
@@ -254,7 +267,7 @@ def plan_rollout_calls(
         if budget and stop == start + 1 and cost.call_bytes(1, K, longest) > budget:
             _log.warning(
                 "RfR: one prompt of %d tokens x K=%d needs %.1f GiB of KV cache, more than "
-                "max_cache_bytes_per_call=%.1f GiB; sampling it alone", longest, K,
+                "max_cache_gib_per_call=%.1f; sampling it alone", longest, K,
                 cost.call_bytes(1, K, longest) / 2**30, budget / 2**30,
             )  # fmt: skip
         plan.append((start, stop))

@@ -157,29 +157,31 @@ def _cost(kv=100, new=16):
 
 def test_plan_splits_by_rows_and_bytes_in_order():
     prompts = ["x" * n for n in (10, 20, 30, 200, 5)]
-    cfg = rfr.RfRConfig(num_rollouts=2, max_cache_bytes_per_call=0)
+    cfg = rfr.RfRConfig(num_rollouts=2, max_cache_gib_per_call=0)
     assert rfr.plan_rollout_calls(prompts, cfg, _cost()) == [(0, 5)]
-    cfg = rfr.RfRConfig(num_rollouts=2, max_rows_per_call=4, max_cache_bytes_per_call=0)
+    cfg = rfr.RfRConfig(num_rollouts=2, max_rows_per_call=4, max_cache_gib_per_call=0)
     assert rfr.plan_rollout_calls(prompts, cfg, None) == [(0, 2), (2, 4), (4, 5)]
     # bytes: pow2(prompts) x K x (prompt bucket + new bucket) x kv; 32-slot bucket + 16 = 48
     cost = _cost()
     assert cost.slots(10) == 48 and cost.slots(200) == 256 + 16 and cost.slots(1100) == 1536 + 16
     assert cost.call_bytes(3, 2, 30) == 4 * 2 * 48 * 100
-    cfg = rfr.RfRConfig(num_rollouts=2, max_cache_bytes_per_call=4 * 2 * 48 * 100)
+    cfg = rfr.RfRConfig(num_rollouts=2, max_cache_gib_per_call=4 * 2 * 48 * 100 / 2**30)
     # the 200-token prompt alone needs 2 x 272 x 100 = 54,400 B > budget: a call of its own
     assert rfr.plan_rollout_calls(prompts, cfg, cost) == [(0, 3), (3, 4), (4, 5)]
     assert rfr.plan_rollout_calls([], cfg, cost) == []
 
 
 def test_default_budget_at_qwen3_4b_scale():
-    """64 SF prompts (~2.2k tokens) x K = 8 would need ~190 GB of bf16 KV cache in one call;
-    the default 24 GiB budget gives 8 calls of 8 prompts (64 rows)."""
-    cost = rfr.RolloutCost(144 * 1024, 128, lambda p: 2208)
+    """64 SF prompts (~2.2k tokens) x K = 8 would need ~200 GB of bf16 KV cache in one call;
+    the default 32 GiB budget gives 8 calls of 8 prompts (64 rows), with or without the
+    prefix cache's extra slots."""
     cfg = rfr.RfRConfig(num_rollouts=8)
-    assert cost.call_bytes(64, 8, 2208) > 180e9
-    plan = rfr.plan_rollout_calls(["p"] * 64, cfg, cost)
-    assert plan == [(i, i + 8) for i in range(0, 64, 8)]
-    assert cost.call_bytes(8, 8, 2208) <= cfg.max_cache_bytes_per_call
+    for extra in (0, rfr.PREFIX_CACHE_EXTRA_SLOTS):
+        cost = rfr.RolloutCost(144 * 1024, 128, lambda p: 2208, extra)
+        assert cost.call_bytes(64, 8, 2208) > 190e9
+        plan = rfr.plan_rollout_calls(["p"] * 64, cfg, cost)
+        assert plan == [(i, i + 8) for i in range(0, 64, 8)]
+        assert cost.call_bytes(8, 8, 2208) <= cfg.max_cache_gib_per_call * 2**30
 
 
 def test_calls_keep_order_and_key_the_first_call_with_the_key_itself():
@@ -219,6 +221,8 @@ def tiny_actor(tiny_checkpoint):
 def test_cost_is_read_off_the_actor(tiny_actor):
     cost = rfr.rollout_cost_of(tiny_actor.sample)
     assert cost.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4  # K+V, 2 layers, 2 kv heads, H 16, f32
+    on = tiny_actor.sampler.prefix_cache is not None  # ActorConfig.prefix_cache
+    assert cost.extra_slots == (rfr.PREFIX_CACHE_EXTRA_SLOTS if on else 0)
     want = len(tiny_actor.tokenizer("Action: 12", add_special_tokens=False)["input_ids"])
     assert cost.max_new_tokens == 24 and cost.count_tokens("Action: 12") == want
     assert rfr.rollout_cost_of(lambda p, k, key: []) is None
@@ -239,9 +243,9 @@ def test_chunked_rollouts_equal_one_call_greedy(tiny_actor):
         cfg = rfr.RfRConfig(num_rollouts=2, **kw)
         return rfr.build_dataset([], targets, rfr.RfRState(), tiny_actor.sample, cfg, PCFG, key)
 
-    one, s_one, _ = build(max_cache_bytes_per_call=0)
+    one, s_one, _ = build(max_cache_gib_per_call=0)
     split, s_split, _ = build(max_rows_per_call=2)
-    by_bytes, s_bytes, _ = build(max_cache_bytes_per_call=cost.call_bytes(2, 2, 40))
+    by_bytes, s_bytes, _ = build(max_cache_gib_per_call=cost.call_bytes(2, 2, 40) / 2**30)
     assert (s_one.rollout_calls, s_split.rollout_calls, s_bytes.rollout_calls) == (1, 3, 2)
     assert len(one) == 6 and all(e.completion for e in one)
     assert split == one and by_bytes == one
