@@ -9,11 +9,16 @@ plus EOS), so neither side pays for padding the other does not. Per optimizer st
 the same work: policy forward+backward on the batch, policy forward on the KL rows, reference
 forward on both, AdamW.
 
+Two settings, each a row: the default (reference forward in every step) and
+``precompute_ref_log_probs=True`` on both sides (reference log-probs computed once per dataset,
+before the timed steps, on both sides; each side's one-off precompute is not in the step time).
+
 Timing: rounds alternate sfjax and TRL so load drift hits both alike. sfjax: wall time of a
 ``train()`` call over ``--steps`` steps divided by the steps (includes host batching and
 dispatch; the step is already compiled — compile time is measured separately on the first
 call). TRL: per-step time from ``on_step_begin`` to ``on_step_end`` (the forward/backward and
-optimizer step only), first step of each call dropped. Reported: medians and the ratio.
+optimizer step only), first step of each call dropped. Both also as process CPU time (robust
+on a shared, loaded machine when both run single-threaded). Reported: medians and the ratios.
 
 Usage::
 
@@ -60,7 +65,7 @@ def make_examples(n: int, prompt_len: int, completion_len: int, seed: int = 0):
     return out
 
 
-def bench_sfjax(ckpt, data, args):
+def bench_sfjax(ckpt, data, args, precompute=False):
     import jax
     import jax.numpy as jnp
 
@@ -74,7 +79,7 @@ def bench_sfjax(ckpt, data, args):
         beta=0.1, micro_batch_size=args.batch, learning_rate=1e-4, warmup_ratio=0.0,
         max_prompt_length=args.prompt_len, max_completion_length=args.completion_len,
         buckets=(args.prompt_len,), completion_buckets=(args.completion_len,),
-        shuffle=False, progress=False,
+        shuffle=False, progress=False, precompute_ref_log_probs=precompute,
         desirable_weight=1.0, undesirable_weight=1.0,
     )  # fmt: skip
     trainer = KTOTrainer(model, tok, cfg, lora_config=lora.LoRAConfig(rank=16, alpha=32))
@@ -83,16 +88,26 @@ def bench_sfjax(ckpt, data, args):
     assert lengths == {args.prompt_len + args.completion_len}, lengths
 
     def run(n_steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         trainer.train(examples[: args.batch * n_steps], jax.random.key(0))
         jax.block_until_ready(jax.tree.leaves(lora.lora_state(model)))
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
-    first = run(1)  # compile + one step
+    first = run(1)[0]  # compile + one step
+    if precompute:  # the one-off reference table of the timed example set, as TRL's
+        t0 = time.perf_counter()
+        trainer.reference_logps(trainer.tokenize(examples), _partners(trainer, examples))  # fmt: skip
+        print(f"sfjax precompute_ref_log_probs table: {time.perf_counter() - t0:.2f} s")
     return trainer, run, first
 
 
-def bench_trl(ckpt, data, args):
+def _partners(trainer, examples):
+    from sfjax.train.data import fixed_kl_partners
+
+    return fixed_kl_partners(trainer.tokenize(examples), trainer.config.micro_batch_size)
+
+
+def bench_trl(ckpt, data, args, precompute=False):
     import torch
     import transformers
     from datasets import Dataset
@@ -110,14 +125,14 @@ def bench_trl(ckpt, data, args):
             "label": [d for _, _, d in data[:n]],
         }
     )
-    step_times: list[float] = []
+    step_times: list[tuple[float, float]] = []
 
     class Timer(transformers.TrainerCallback):
         def on_step_begin(self, *a, **k):
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, *a, **k):
-            step_times.append(time.perf_counter() - self.t0)
+            step_times.append((time.perf_counter() - self.t0, time.process_time() - self.c0))
 
     out = tempfile.mkdtemp(prefix="trl_kto_")
     targs = KTOConfig(
@@ -125,6 +140,7 @@ def bench_trl(ckpt, data, args):
         learning_rate=1e-4, beta=0.1, report_to="none", save_strategy="no", logging_steps=10**6,
         use_cpu=True, max_length=None, dataloader_drop_last=True, disable_tqdm=True,
         warmup_steps=0, gradient_checkpointing=False, dataset_num_proc=None,
+        precompute_ref_log_probs=precompute,
     )  # fmt: skip
     peft_cfg = LoraConfig(
         r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
@@ -139,7 +155,7 @@ def bench_trl(ckpt, data, args):
     def run():
         step_times.clear()
         trainer.train()
-        return statistics.median(step_times[1:])
+        return tuple(statistics.median(x) for x in zip(*step_times[1:]))
 
     return run
 
@@ -157,6 +173,11 @@ def main():
         help="1: both libraries single-threaded (XLA eigen off, torch.set_num_threads(1)); "
         "0: each library's default thread pool",
     )  # fmt: skip
+    parser.add_argument(
+        "--modes", default="default,precompute",
+        help="comma-separated rows: default (reference forward every step), precompute "
+        "(precompute_ref_log_probs=True on both sides)",
+    )  # fmt: skip
     args = parser.parse_args()
 
     import torch
@@ -169,25 +190,33 @@ def main():
     ckpt = write_tiny_checkpoint(tempfile.mkdtemp(prefix="kto_bench_"), CONFIGS[args.config])
     data = make_examples(args.batch * args.steps, args.prompt_len, args.completion_len)
 
-    t0 = time.perf_counter()
-    _, sf_run, sf_first = bench_sfjax(ckpt, data, args)
-    sf_setup = time.perf_counter() - t0
-    trl_run = bench_trl(ckpt, data, args)
-
-    sf_steps, trl_steps = [], []
-    for _ in range(args.rounds):
-        sf_steps.append(sf_run(args.steps) / args.steps)
-        trl_steps.append(trl_run())
-    sf, trl = statistics.median(sf_steps), statistics.median(trl_steps)
     print(
         f"config={args.config} batch={args.batch} seq={args.prompt_len}+{args.completion_len} "
         f"lora_r=16 steps={args.steps} rounds={args.rounds} torch_threads={torch.get_num_threads()} "
-        f"xla_single_thread={args.threads == 1}"
+        f"xla_single_thread={args.threads == 1} load_average={os.getloadavg()}"
     )
-    print(f"sfjax step (median): {sf * 1e3:8.1f} ms   runs: {[round(x * 1e3, 1) for x in sf_steps]}")
-    print(f"TRL   step (median): {trl * 1e3:8.1f} ms   runs: {[round(x * 1e3, 1) for x in trl_steps]}")
-    print(f"speed-up sfjax / TRL: {trl / sf:.2f}x")
-    print(f"sfjax first train() call (compile + 1 step): {sf_first:.2f} s (setup total {sf_setup:.2f} s)")
+    for mode in args.modes.split(","):
+        precompute = {"default": False, "precompute": True}[mode]
+        t0 = time.perf_counter()
+        _, sf_run, sf_first = bench_sfjax(ckpt, data, args, precompute)
+        sf_setup = time.perf_counter() - t0
+        trl_run = bench_trl(ckpt, data, args, precompute)
+        trl_run()  # TRL's one-off precompute (and warm-up) outside the timed rounds
+        sf_steps, trl_steps = [], []
+        for _ in range(args.rounds):
+            wall, cpu = sf_run(args.steps)
+            sf_steps.append((wall / args.steps, cpu / args.steps))
+            trl_steps.append(trl_run())
+        sf = [statistics.median(x) for x in zip(*sf_steps)]
+        trl = [statistics.median(x) for x in zip(*trl_steps)]
+        print(f"[{mode}] load_average={os.getloadavg()}")
+        print(f"[{mode}] sfjax step (median): wall {sf[0] * 1e3:7.1f} ms  cpu {sf[1] * 1e3:7.1f} ms"
+              f"   wall runs: {[round(x[0] * 1e3, 1) for x in sf_steps]}")
+        print(f"[{mode}] TRL   step (median): wall {trl[0] * 1e3:7.1f} ms  cpu {trl[1] * 1e3:7.1f} ms"
+              f"   wall runs: {[round(x[0] * 1e3, 1) for x in trl_steps]}")
+        print(f"[{mode}] speed-up sfjax / TRL: wall {trl[0] / sf[0]:.2f}x  cpu {trl[1] / sf[1]:.2f}x")
+        print(f"[{mode}] sfjax first train() call (compile + 1 step): {sf_first:.2f} s "
+              f"(setup total {sf_setup:.2f} s)", flush=True)
 
 
 if __name__ == "__main__":
