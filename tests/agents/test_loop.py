@@ -214,10 +214,11 @@ def test_api_key_never_in_logs_events_or_checkpoints(tmp_path, monkeypatch, capl
 
 
 # ------------------------------------------------------------------------------- multi-host
-def test_checkpoint_keeps_shardings_keys_and_host_values(tmp_path):
-    """Arrays go to orbax as jax.Arrays (never gathered with np.asarray) and come back in the
-    target's sharding; typed PRNG keys and host values round-trip (the two-process version,
-    with shards on devices of both processes, is tests/test_parallel_multihost_loop.py)."""
+@pytest.mark.parametrize("host_gather", [True, False])
+def test_checkpoint_keeps_shardings_keys_and_host_values(tmp_path, host_gather):
+    """Arrays come back as jax.Arrays in the target's sharding, whether saved from a host copy
+    or shard by shard (what arrays spanning processes always get: the two-process version is
+    tests/test_parallel_multihost_loop.py); typed PRNG keys and host values round-trip."""
     import optax
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
@@ -229,7 +230,7 @@ def test_checkpoint_keeps_shardings_keys_and_host_values(tmp_path):
     w = jax.device_put(jnp.arange(12.0).reshape(4, 3), sharding)
     tree = {"w": w, "opt": optax.adam(1e-3).init({"w": w}), "key": jax.random.key(7),
             "step": np.int64(5), "lr": 0.5}  # fmt: skip
-    ckpt = LoopCheckpointer(tmp_path / "ck")
+    ckpt = LoopCheckpointer(tmp_path / "ck", host_gather=host_gather)
     ckpt.save(0, tree, {"phase": "p"})
     zeros = jax.tree.map(lambda x: x * 0, {k: v for k, v in tree.items() if k != "key"})
     got, meta = ckpt.restore(0, {**zeros, "key": jax.random.key(0)})
