@@ -14,7 +14,10 @@ Per format, over ``--steps`` consecutive steps (the window slides; one prompt pe
   free budget + the forced field + digits) — end-to-end wall time including tokenization and
   post-processing, the action parsed from the output (checked non-empty);
 * ``full_decision``: the whole decision (128 new tokens: reflection + action + analysis);
-* prefix KV-cache reuse: the sampler re-prefills the whole prompt every step. The script
+* ``time_to_action_prefix_cache``: the same with the sampler's prompt-prefix KV cache
+  (``Sampler(prefix_cache=True)``, what the Actor uses by default): the shared system prompt is
+  prefilled once, each step prefills only the rest;
+* prefix KV-cache reuse at the model level: the script
   measures the token prefix that consecutive steps share (system prompt + window header) and,
   at the model level, the jitted prefill of the full (bucketed) prompt against the prefill of
   the suffix only on top of a cached prefix; ``projected_time_to_action_with_prefix_reuse_s``
@@ -71,11 +74,11 @@ def parse_args(argv=None):
                    help="prompt style (full; --tiny: compact)")
     p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: local test one)")
     p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="tokens of a full decision (128; --tiny: 32)")
+                   help="tokens of a full decision (128; --tiny: 16, one bucket)")
     p.add_argument("--free-budget", type=int, default=None,
                    help="free tokens before the forced action in reflection-first (64; --tiny: 8)")
     args = p.parse_args(argv)
-    args.max_new_tokens = args.max_new_tokens or (32 if args.tiny else 128)
+    args.max_new_tokens = args.max_new_tokens or (16 if args.tiny else 128)
     if args.free_budget is None:
         args.free_budget = 8 if args.tiny else 64
     args.steps = args.steps or (2 if args.tiny else 10)
@@ -197,7 +200,7 @@ def floor_s(config, prompt_len: int, new: int, roof) -> float:
     return t + sum(gc.decode_floor_s(config, 1, prompt_len + i, roof) for i in range(new))
 
 
-def run_format(order, sampler, config, tok, roof, tmodel, device, args) -> dict:
+def run_format(order, sampler, config, tok, roof, tmodel, device, args, sampler_pc=None) -> dict:
     import jax
 
     from sfjax.agents.actor import ActorConfig
@@ -215,12 +218,12 @@ def run_format(order, sampler, config, tok, roof, tmodel, device, args) -> dict:
     shared = min(common_prefix(a, b) for a, b in zip(ids, ids[1:])) if len(ids) > 1 else 0
     n_act = action_tokens(tok, c, acfg.free_budget)
     model = sampler.model
-    keys = iter(jax.random.split(jax.random.key(args.seed), 4 * args.steps + 4))
+    keys = iter(jax.random.split(jax.random.key(args.seed), 8 * args.steps + 8))
 
-    def decide(prompt, new):
+    def decide(prompt, new, s=sampler):
         params = SamplingParams(temperature=acfg.temperature, top_p=acfg.top_p,
                                 top_k=acfg.top_k, max_new_tokens=new)
-        return sampler.generate([prompt], params, next(keys), action_constraint=c)
+        return s.generate([prompt], params, next(keys), action_constraint=c)
 
     result = {"field_order": order, "prompt_tokens": [len(x) for x in ids],
               "prompt_chars": [len(s) for s in prompts], "shared_prefix_tokens": shared,
@@ -237,6 +240,20 @@ def run_format(order, sampler, config, tok, roof, tmodel, device, args) -> dict:
         result[name] = {"median_s": statistics.median(times), "max_s": max(times),
                         "times_s": times, "new_tokens": new, "action_parsed": bool(ok)}
     result["time_to_action"]["meets_100ms"] = result["time_to_action"]["median_s"] < 0.1
+    if sampler_pc is not None:  # what the Actor runs: ActorConfig.prefix_cache (default on)
+        for s in prompts[:2]:  # compile; cache the prefix, then cut it to what steps share
+            decide(s, n_act, sampler_pc)
+        times = [gc.time_call(lambda s=s: decide(s, n_act, sampler_pc), iters=1, warmup=0,
+                              sync=lambda x: x)["median_s"] for s in prompts]
+        out = decide(prompts[-1], n_act, sampler_pc)
+        ok = parse_output(out.texts[0], p).ok and out.actions[0] is not None
+        pc = sampler_pc.prefix_cache
+        result["time_to_action_prefix_cache"] = {
+            "median_s": statistics.median(times), "max_s": max(times), "times_s": times,
+            "new_tokens": n_act, "action_parsed": bool(ok),
+            "meets_100ms": statistics.median(times) < 0.1,
+            "prefix_builds": pc.num_builds,
+            "cached_prefix_tokens": len(pc.entry.tokens) if pc.entry is not None else 0}
     new = 16 if args.tiny else acfg.max_new_tokens
     reuse = prefix_reuse(model, config, ids, shared, result["prompt_bucket"], new, args)
     reuse["projected_time_to_action_with_prefix_reuse_s"] = max(
@@ -283,6 +300,10 @@ def main(argv=None) -> dict | None:
     from sfjax.sampling import Sampler
 
     sampler = Sampler(model, tok)  # one for both formats: they share compiled programs
+    try:  # the Actor's configuration: prompt-prefix KV reuse across decisions
+        sampler_pc = Sampler(model, tok, prefix_cache=True)
+    except TypeError:  # a sampler without prefix caching
+        sampler_pc = None
     formats = []
 
     def record():
@@ -294,12 +315,14 @@ def main(argv=None) -> dict | None:
     for order in ("action_first", "reflection_first"):
         gc.progress(f"{order}: sampling {args.steps} decisions")
         r = gc.guarded(args, order, run_format, order, sampler, config, tok, roof, tmodel,
-                       device, args)
+                       device, args, sampler_pc)
         formats.append({"field_order": order, **r})
         gc.emit_partial(args, "gpu_decision_latency", record())
         if "error" not in r:
+            pc = r.get("time_to_action_prefix_cache", {}).get("median_s", float("nan"))
             gc.progress(f"{order}: time to action {1e3 * r['time_to_action']['median_s']:.1f} ms "
-                        f"(floor {1e3 * r['floor_time_to_action_s']:.1f} ms), prompt "
+                        f"({1e3 * pc:.1f} ms with the prefix cache; floor "
+                        f"{1e3 * r['floor_time_to_action_s']:.1f} ms), prompt "
                         f"{max(r['prompt_tokens'])} tokens")
     return gc.emit(args, "gpu_decision_latency", record())
 

@@ -117,6 +117,9 @@ def test_gpu_decision_latency_tiny(tmp_path):
         assert 0 < f["shared_prefix_tokens"] < min(f["prompt_tokens"])
         assert _pos(f["prefix_reuse"]["prefill_suffix_on_prefix_s"])
         assert _pos(f["floor_time_to_action_s"])
+        pc = f["time_to_action_prefix_cache"]  # the Actor's default: prompt-prefix KV reuse
+        assert pc["action_parsed"] and len(pc["times_s"]) == 2
+        assert 0 < pc["cached_prefix_tokens"] <= f["shared_prefix_tokens"]
     first, refl = rec["formats"]
     assert first["new_tokens_to_action"] < refl["new_tokens_to_action"]
 
