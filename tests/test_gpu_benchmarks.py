@@ -188,7 +188,7 @@ def test_gpu_all_runs_jobs_in_order_within_the_budget(tmp_path, monkeypatch):
         jobs.append(gpu_all.Job(name, str(script), ("--flag", name), 600 if name == "slow" else 5))
     monkeypatch.setattr(gpu_all, "JOBS", tuple(jobs))
     bundle_path, log = tmp_path / "all.json", tmp_path / "all.log"
-    bundle = gpu_all.main(["--budget-s", "8", "--min-job-s", "1", "--out-dir",
+    bundle = gpu_all.main(["--budget-s", "5", "--min-job-s", "1", "--out-dir",
                            str(tmp_path / "out"), "--bundle", str(bundle_path), "--log",
                            str(log), "--skip", ""])
     on_disk = json.loads(bundle_path.read_text())
