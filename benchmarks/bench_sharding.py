@@ -129,11 +129,10 @@ def checkpoint_comparison(rank: int, repeats: int) -> list[str]:
     mesh = parallel.make_mesh(parallel.MeshConfig(data=1, fsdp=4, tp=2))
     abstract = abstract_state(qwen3.Qwen3Config.qwen3_4b(), rank, 1, 1)["lora+adam"]
     shardings = parallel.state_shardings(abstract, mesh)
-    key = jax.random.key(0)
+    rng = np.random.default_rng(0)
 
-    def fill(leaf, sharding):
-        return jax.jit(lambda: jax.random.normal(key, leaf.shape, jnp.float32).astype(leaf.dtype),
-                       out_shardings=sharding)()  # fmt: skip
+    def fill(leaf, sharding):  # random values (not zeros: no compressible shortcut)
+        return parallel.put(rng.standard_normal(leaf.shape).astype(leaf.dtype), sharding)
 
     state = jax.tree.map(fill, abstract, shardings)
     nbytes = sum(x.nbytes for x in jax.tree.leaves(state))

@@ -250,7 +250,11 @@ def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> d
     model = qwen3.from_pretrained(ckpt, dtype=_dtype(cfg.model.dtype))
     tokenizer = load_tokenizer(ckpt)
     writer = summary_writer(run_dir / "tb")  # process 0 only; None on other hosts
-    finetuner = KTOFineTuner(model, tokenizer, cfg.kto, cfg.lora, writer)  # adds LoRA
+    # one progress bar per run, not per host
+    kto_cfg = (
+        cfg.kto if parallel.is_main_process() else dataclasses.replace(cfg.kto, progress=False)
+    )
+    finetuner = KTOFineTuner(model, tokenizer, kto_cfg, cfg.lora, writer)  # adds LoRA
     actor = Actor(Sampler(model, tokenizer), tokenizer, actor_cfg)
     setup_s = time.perf_counter() - t0
 
