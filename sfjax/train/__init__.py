@@ -1,4 +1,6 @@
-"""Training: KTO on LoRA adapters (:mod:`sfjax.train.kto`), its data pipeline (:mod:`.data`)."""
+"""Training: KTO on LoRA adapters (:mod:`sfjax.train.kto`), its jitted step (:mod:`.step`), its
+forward passes (:mod:`.forward`: shared prompt prefix, remat, chunked LM head) and its data
+pipeline (:mod:`.data`)."""
 
 from sfjax.train.data import KTOExample
 from sfjax.train.kto import KTOConfig, KTOTrainer
