@@ -15,8 +15,9 @@ state) that scans over ``grad_accum_steps`` micro-batches; per micro-batch it ru
 
 (prompts left-padded, completions right-padded, so the LM head runs only on the completion
 positions, in chunks that never hold ``[B, T, V]`` logits; ``remat`` recomputes each layer in
-the backward pass: :mod:`sfjax.train.forward`), then clips the accumulated gradient by global norm, applies AdamW with warmup and a
-linear / cosine / constant schedule (:mod:`sfjax.train.step`), and keeps the old params and optimizer state if the gradient or
+the backward pass: :mod:`sfjax.train.forward`), then clips the accumulated gradient by global
+norm, applies AdamW with warmup and a linear / cosine / constant schedule
+(:mod:`sfjax.train.step`), and keeps the old params and optimizer state if the gradient or
 loss is not finite (counted in ``skipped_steps``). Log-probs are summed over completion tokens
 only, in float32. Metrics are fetched one step late so the host never stalls the device, and
 written to TensorBoard under TRL's tag names (``train/loss``, ``train/rewards/chosen``,
@@ -121,8 +122,9 @@ class KTOConfig:
     completion_buckets: tuple[int, ...] | None = None
     """Padded completion lengths; None = powers of two from 16 to max_completion_length."""
     share_prompt_forward: bool = True
-    """Run each prompt once (KV cache) for its matched and KL completions, in the policy and
-    the reference passes; False runs every (prompt, completion) row separately. Same values."""
+    """Run each prompt once (its keys / values shared as a prefix) for its matched and KL
+    completions, in the policy and the reference passes; False runs every (prompt, completion)
+    row separately. Same values."""
     precompute_ref_log_probs: bool = False
     """Compute the reference log-probs (adapters off; they never change) once per dataset and
     reuse them every epoch and every train() call on the same examples, instead of a reference
