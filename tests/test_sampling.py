@@ -167,6 +167,23 @@ def test_n_samples_share_prefill(sampler, model, greedy):
         assert all(s <= 1e-6 for s in out.sampling_logprobs[r])
 
 
+def test_samples_depend_only_on_their_prompts_key(sampler):
+    """Prompt i samples with fold_in(key, i) (or its own key): splitting a batch into calls, or
+    reordering it, gives the same completions (what chunked RfR rollouts rely on)."""
+    params = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=24, ignore_eos=True)
+    key = jax.random.key(7)
+    together = sampler.generate(PROMPTS, params, key, n=2)
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(3))
+    alone = sampler.generate(PROMPTS[2:], params, keys[2:], n=2)
+    assert alone.tokens == together.tokens[4:6]
+    swapped = sampler.generate([PROMPTS[2], PROMPTS[0]], params, keys[jnp.array([2, 0])], n=2)
+    assert swapped.tokens == together.tokens[4:6] + together.tokens[0:2]
+    legacy = sampler.generate(PROMPTS, params, jax.random.PRNGKey(7), n=2)  # raw uint32 key
+    assert legacy.tokens == together.tokens
+    with pytest.raises(ValueError, match="one per prompt"):
+        sampler.generate(PROMPTS, params, keys[:2])
+
+
 @pytest.mark.parametrize("action_first", [False, True])
 def test_constrained_action_always_valid(sampler, tokenizer, action_first):
     """>= 200 samples at temperature 1 from the random model: every output parses in range."""

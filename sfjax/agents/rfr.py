@@ -23,11 +23,11 @@ in consecutive calls, each as large as ``RfRConfig.max_rows_per_call`` and
 ``RfRConfig.max_cache_gib_per_call`` allow (:func:`plan_rollout_calls`; the byte cost of a
 call comes from the model's KV bytes per token and the sampler's buckets, :class:`RolloutCost`,
 read off the Actor).
-Call ``c`` samples with ``key`` itself for ``c = 0`` and ``fold_in(key, c)`` after, so a plan of
-one call is exactly the former single call, the plan (hence the dataset) depends only on the
-config, the model and the prompts — never on the machine — and greedy rollouts are identical
-however they are chunked. (Sampled rows of later calls are fresh draws: the sampler draws one
-noise array per call, so row-for-row equality across chunkings would need per-row keys in it.)
+Prompt ``i`` of the rollout list samples with the key ``fold_in(key, i)`` (the sampler draws
+sample ``j`` of it with ``fold_in(that, j)``), whatever call it lands in: the plan depends only on
+the config, the model and the prompts — never on the machine — and the dataset is the same
+however the prompts are chunked, sampled rollouts included (a one-call plan is exactly the
+former single call: the sampler derives the same per-prompt keys from one key).
 
 Everything here is plain data manipulation; the sampler and trainer are passed in.
 """
@@ -40,6 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import jax
+import jax.numpy as jnp
 
 from sfjax.agents.prompts import PromptConfig, parse_output
 from sfjax.agents.trajectory import Reflection, Trajectory
@@ -178,7 +179,8 @@ def base_dataset(
 
 
 SampleFn = Callable[[list[str], int, jax.Array], list[list[str]]]
-"""(prompts, K, key) -> K sampled completions per prompt (one batched sampler call)."""
+"""(prompts, K, keys) -> K sampled completions per prompt (one batched sampler call); ``keys``
+holds one typed key per prompt (``Actor.sample`` / ``Sampler.generate`` accept it)."""
 
 _log = logging.getLogger(__name__)
 
@@ -283,13 +285,13 @@ def sample_in_calls(
     cost: RolloutCost | None = None,
 ) -> tuple[list[list[str]], int]:
     """K samples per prompt through :func:`plan_rollout_calls`'s calls; returns the samples (in
-    prompt order) and the number of calls. Call ``c`` uses ``key`` (c = 0) or
-    ``fold_in(key, c)``."""
+    prompt order) and the number of calls. Prompt ``i`` samples with ``fold_in(key, i)`` in
+    whichever call it lands."""
     plan = plan_rollout_calls(prompts, cfg, cost)
+    prompt_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(len(prompts)))
     samples: list[list[str]] = []
-    for c, (start, stop) in enumerate(plan):
-        call_key = key if c == 0 else jax.random.fold_in(key, c)
-        got = sample_fn(list(prompts[start:stop]), cfg.num_rollouts, call_key)
+    for start, stop in plan:
+        got = sample_fn(list(prompts[start:stop]), cfg.num_rollouts, prompt_keys[start:stop])
         if len(got) != stop - start:
             raise RuntimeError(f"sample_fn returned {len(got)} groups for {stop - start} prompts")
         samples += [list(g) for g in got]

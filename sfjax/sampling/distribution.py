@@ -77,6 +77,16 @@ def sampling_distribution(
     return jnp.where((temperature_B > 0)[:, None], logp_BV, greedy_BV)
 
 
+def row_keys(key: jax.Array, rows: int) -> jax.Array:
+    """One key per row: ``key`` itself if it already holds ``rows`` keys, else
+    ``fold_in(key, r)`` for row ``r`` (a row's draw never depends on how many rows there are)."""
+    if key.ndim == 1:
+        if key.shape[0] != rows:
+            raise ValueError(f"got {key.shape[0]} keys for {rows} rows")
+        return key
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(rows))
+
+
 def sample(
     key: jax.Array,
     logits_BV: jax.Array,
@@ -85,6 +95,9 @@ def sample(
     top_p_B: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
     """Draw one token per row from π; returns ``(token_B, log π(token)_B)``.
+
+    ``key`` is one typed key, or one per row (``[B]``); each row draws with its own key
+    (:func:`row_keys`), so a row's sample does not depend on the other rows of the batch.
 
     Greedy rows take ``argmax`` (first index on ties, like ``torch.argmax``) with log-prob 0.
     The sort behind top-k/top-p runs only when some row asks for it (``lax.cond``), and the
@@ -103,7 +116,8 @@ def sample(
             z_BV,
         )
         logp_BV = jax.nn.log_softmax(filtered_BV, axis=-1)
-        tok_B = jax.random.categorical(key, filtered_BV, axis=-1).astype(jnp.int32)
+        keys_B = row_keys(key, filtered_BV.shape[0])
+        tok_B = jax.vmap(jax.random.categorical)(keys_B, filtered_BV).astype(jnp.int32)
         tok_B = jnp.where(temperature_B > 0, tok_B, greedy_B)
         lp_B = jnp.take_along_axis(logp_BV, tok_B[:, None], axis=-1)[:, 0]
         return tok_B, jnp.where(temperature_B > 0, lp_B, 0.0)

@@ -34,6 +34,10 @@ def decode_loop(
     cached keys/values ``[Ly, 1, P, K, H]`` of a token prefix shared by every prompt and its
     length; the prompts in ``ids_BT`` are then only what follows it. The prefix fills slots
     ``[0, P)`` of every row, the prompts are prefilled after it.
+
+    ``key`` holds one typed key per prompt ``[B]``; sample ``j`` of prompt ``b`` draws its token
+    at step ``t`` with ``fold_in(fold_in(key[b], j), t)``, so a completion depends only on its
+    prompt's key, never on the batch it was sampled in.
     """
     counter[0] += 1
 
@@ -100,11 +104,12 @@ def decode_loop(
     # Actor's parser strips, action included).
     free_ban_NV = id_mask(rows["free_ban_NK"])
 
+    fold = jax.vmap(jax.random.fold_in)
+    keys_N = fold(jnp.repeat(key, n), jnp.tile(jnp.arange(n), B))  # prompt key, sample index
     carry = dict(
         step=jnp.int32(0),
         logits_NV=logits_NV,
         cache=cache,
-        key=key,
         tokens_NM=rows["tokens_init_NM"],
         logprob_NM=jnp.zeros((N, M), jnp.float32),
         sample_lp_NM=jnp.zeros((N, M), jnp.float32),
@@ -130,8 +135,8 @@ def decode_loop(
         masked_NV = jax.lax.cond(
             jnp.any(ctab.enabled_B), constrain, lambda x: x, c["logits_NV"]
         )
-        key, sub = jax.random.split(c["key"])
-        tok_N, sample_lp_N = dist.sample(sub, masked_NV, temperature_N, top_k_N, top_p_N)
+        step_keys_N = fold(keys_N, jnp.broadcast_to(step, (N,)))
+        tok_N, sample_lp_N = dist.sample(step_keys_N, masked_NV, temperature_N, top_k_N, top_p_N)
         tok_N = jnp.where(done_N, pad_id, tok_N)
         logprob_N = dist.token_logprob(c["logits_NV"], tok_N)
         after_N = cstate.phase_B == cons.AFTER
@@ -153,7 +158,6 @@ def decode_loop(
             step=step + 1,
             logits_NV=logits_N1V[:, 0],
             cache=cache,
-            key=key,
             tokens_NM=c["tokens_NM"].at[:, step].set(tok_N),
             logprob_NM=c["logprob_NM"].at[:, step].set(jnp.where(done_N, 0.0, logprob_N)),
             sample_lp_NM=c["sample_lp_NM"].at[:, step].set(jnp.where(done_N, 0.0, sample_lp_N)),

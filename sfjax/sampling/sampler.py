@@ -68,6 +68,22 @@ def _prompt_bucket(n: int, minimum: int = 1) -> int:
     return max(minimum, -(-n // _PROMPT_STEP) * _PROMPT_STEP)
 
 
+def _prompt_keys(key, P: int, B: int) -> jax.Array:
+    """Typed keys ``[B]``, one per prompt row: ``fold_in(key, i)``, or the caller's ``[P]`` keys
+    (padding rows get keys of their own; they are inactive)."""
+    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(jnp.asarray(key, jnp.uint32))  # legacy PRNGKey data
+    fold = jax.vmap(jax.random.fold_in, in_axes=(None, 0))
+    if key.ndim == 0:
+        return fold(key, jnp.arange(B))
+    if key.shape != (P,):
+        raise ValueError(f"key must be one key or one per prompt ({P}), got shape {key.shape}")
+    if B == P:
+        return key
+    return jnp.concatenate([key, fold(key[0], jnp.arange(P, B) + (1 << 30))])
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to sample one completion (all numeric fields are traced: changing them is free)."""
@@ -235,7 +251,11 @@ class Sampler:
           prompts: strings (tokenized without adding special tokens: apply the chat template
             first, e.g. ``sfjax.tokenizer.chat_prompt``) or token-id lists.
           params: one :class:`SamplingParams` for all prompts, or one per prompt.
-          key: a ``jax.random`` key; required unless every row is greedy.
+          key: a ``jax.random`` key, required unless every row is greedy; or one key per prompt
+            (``[len(prompts)]``). Prompt ``i`` samples with ``fold_in(key, i)`` (or its own
+            key), sample ``j`` of it with ``fold_in(that, j)``: a completion depends only on
+            its prompt's key, not on the batch it is sampled in (so callers may split a big
+            batch into several calls and get the same samples).
           n: completions per prompt; they share one prefill.
           action_constraint: enforce an ``Action: <int in [lo, hi]>`` line in every completion.
         """
@@ -283,6 +303,7 @@ class Sampler:
         mask_BT[P:, -1] = True  # padding rows hold one real token so no row is empty
 
         rows, tables, row_meta = self._row_inputs(plist, P, B, n, M, action_constraint)
+        key = _prompt_keys(key, P, B)
         S = T + M + (prefix.slots if prefix is not None else 0)
         cache_key = (N, S)
         cache = self._caches.pop(cache_key, None)

@@ -62,12 +62,9 @@ class FakeActor:
             out.append(ActorDecision(prompt, text, "ok", a, "fine", True, None))
         return out
 
-    def sample(self, prompts, n, key):
-        acts = self._draw(key, len(prompts) * n)
-        return [
-            [format_output("r", a, "a", PCFG) for a in acts[i * n : (i + 1) * n]]
-            for i in range(len(prompts))
-        ]
+    def sample(self, prompts, n, keys):  # one key per prompt (rfr.SampleFn)
+        assert len(keys) == len(prompts)
+        return [[format_output("r", a, "a", PCFG) for a in self._draw(k, n)] for k in keys]
 
 
 class FakeEnv:
