@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sfjax.models.qwen3 import KVCache
 from sfjax.sampling import constrained as cons
 from sfjax.sampling import distribution as dist
 from sfjax.sampling.automata import LINE_START
@@ -51,40 +52,53 @@ def decode_loop(
     N = B * n
     M = rows["tokens_init_NM"].shape[1]
     Ly, _, S, KV, H = cache.k.shape
+    P = prefix["k"].shape[2] if prefix is not None else 0
     if n == 1:  # the donated cache is reused; stale slots are masked out
-        cache = cache.replace(
+        work = cache.replace(
             slot_mask=jnp.zeros_like(cache.slot_mask),
             positions=jnp.zeros_like(cache.positions),
             index=jnp.zeros_like(cache.index),
         )
-    else:  # prefill at B, then copy each prompt's cache n times (RfR rollouts)
-        cache = cache.replace(
-            k=jnp.zeros((Ly, B, S, KV, H), cache.k.dtype),
-            v=jnp.zeros((Ly, B, S, KV, H), cache.v.dtype),
-            slot_mask=jnp.zeros((B, S), bool),
+    else:  # prefill B rows over the prompt slots only, then copy each row n times (RfR)
+        work = KVCache(
+            k=jnp.zeros((Ly, B, P + T, KV, H), cache.k.dtype),
+            v=jnp.zeros((Ly, B, P + T, KV, H), cache.v.dtype),
+            slot_mask=jnp.zeros((B, P + T), bool),
             positions=jnp.zeros((B,), jnp.int32),
             index=jnp.zeros_like(cache.index),
         )
     if prefix is not None:  # cached prefix in slots [0, P) of every row, prompts after it
-        P = prefix["k"].shape[2]
         put = lambda c, x: jax.lax.dynamic_update_slice(  # noqa: E731
             c, jnp.broadcast_to(x, (Ly, B, P, KV, H)).astype(c.dtype), (0, 0, 0, 0, 0)
         )
-        cache = cache.replace(
-            k=put(cache.k, prefix["k"]),
-            v=put(cache.v, prefix["v"]),
-            slot_mask=cache.slot_mask.at[:, :P].set(jnp.arange(P)[None, :] < prefix["length"]),
+        work = work.replace(
+            k=put(work.k, prefix["k"]),
+            v=put(work.v, prefix["v"]),
+            slot_mask=work.slot_mask.at[:, :P].set(jnp.arange(P)[None, :] < prefix["length"]),
             positions=jnp.full((B,), prefix["length"], jnp.int32),
             index=jnp.int32(P),
         )
     # Prompt minus its last column (its logits are never used, so XLA drops the LM head), then
     # the last column alone: only [B, 1, V] logits are ever materialised.
     if T > 1:
-        _, cache = forward(ids_BT[:, :-1], mask_BT[:, :-1], cache)
-    logits_B1V, cache = forward(ids_BT[:, -1:], mask_BT[:, -1:], cache)
+        _, work = forward(ids_BT[:, :-1], mask_BT[:, :-1], work)
+    logits_B1V, work = forward(ids_BT[:, -1:], mask_BT[:, -1:], work)
     logits_NV = jnp.repeat(logits_B1V[:, 0], n, axis=0)
-    if n > 1:
-        cache = cache.repeat(n)
+    if n == 1:
+        cache = work
+    else:  # written into the donated N-row cache: peak memory one N-row cache + B prompt rows
+        into = lambda c, x: jax.lax.dynamic_update_slice(  # noqa: E731
+            c, jnp.repeat(x, n, axis=1), (0, 0, 0, 0, 0)
+        )
+        cache = cache.replace(
+            k=into(cache.k, work.k),
+            v=into(cache.v, work.v),
+            slot_mask=jnp.zeros((N, S), bool).at[:, : P + T].set(
+                jnp.repeat(work.slot_mask, n, axis=0)
+            ),
+            positions=jnp.repeat(work.positions, n),
+            index=work.index,
+        )
 
     temperature_N, top_k_N, top_p_N = rows["temperature_N"], rows["top_k_N"], rows["top_p_N"]
     max_new_N, stop_ids_NK = rows["max_new_N"], rows["stop_ids_NK"]
