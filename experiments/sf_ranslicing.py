@@ -212,6 +212,7 @@ def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> d
     from sfjax.agents.finetune import KTOFineTuner
     from sfjax.agents.loop import SelfFinetuningLoop, format_table
     from sfjax.agents.reflector import make_reflector
+    from sfjax.agents.reflectors.broadcast import build_on_process_0
     from sfjax.models import qwen3
     from sfjax.parallel import summary_writer
     from sfjax.sampling import Sampler
@@ -245,7 +246,10 @@ def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> d
     )
     actor_cfg = dataclasses.replace(cfg.actor, prompt=prompt_cfg)
     # fail early on the reflector (missing key / checkpoint) before loading the Actor
-    reflector = make_reflector(cfg.reflector, prompt_cfg, run_dir / "reflector_cache")
+    build = lambda: make_reflector(cfg.reflector, prompt_cfg, run_dir / "reflector_cache")  # noqa: E731
+    # host-side backends are called on process 0 only (the loop broadcasts their labels), so
+    # only process 0 builds them: the API key is needed on its host alone
+    reflector = build() if cfg.reflector.backend == "local" else build_on_process_0(build)
 
     model = qwen3.from_pretrained(ckpt, dtype=_dtype(cfg.model.dtype))
     tokenizer = load_tokenizer(ckpt)

@@ -495,3 +495,25 @@ def test_which_backends_are_collective(tmp_path, monkeypatch):
     assert not is_collective(make_reflector(_api_cfg("http://127.0.0.1:9/v1"), PCFG, tmp_path))
     local = LocalReflector(LocalReflectorConfig(), PCFG, lambda convs, key: [], "m")
     assert is_collective(local)
+
+
+def test_host_side_reflector_is_built_on_process_0_only(monkeypatch):
+    from sfjax.agents.reflectors.broadcast import ProcessZeroReflector, build_on_process_0
+
+    built = build_on_process_0(lambda: _CountingReflector("x"))  # one process: the real one
+    assert isinstance(built, _CountingReflector)
+
+    _as_process_1(monkeypatch, {"ok": "api (fake-r1 at http://x)"})
+
+    def must_not_build():
+        raise AssertionError("process 1 must not build the API Reflector (nor need its key)")
+
+    stand_in = build_on_process_0(must_not_build)
+    assert isinstance(stand_in, ProcessZeroReflector)
+    assert stand_in.name == "api (fake-r1 at http://x)" and not stand_in.collective
+    with pytest.raises(ReflectorError, match="process 0 only"):
+        stand_in.reflect([])
+
+    _as_process_1(monkeypatch, {"error": "ReflectorError: set DEEPSEEK_API_KEY"})
+    with pytest.raises(ReflectorError, match="DEEPSEEK_API_KEY"):
+        build_on_process_0(must_not_build)

@@ -14,11 +14,15 @@ samples, a request may time out on one host only -- so it is produced once and b
 
 A failure on process 0 (e.g. :class:`~sfjax.agents.reflectors.base.ReflectorError` after all
 retries) is raised on every process, so none is left waiting in a collective.
+
+:func:`build_on_process_0` goes one step further for host-side backends: only process 0
+constructs the real Reflector (so only it needs the API key), the others hold a
+:class:`ProcessZeroReflector` stand-in with the same name.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 
@@ -53,3 +57,40 @@ def reflect_on_all_processes(
         except MainProcessError as e:
             raise ReflectorError(f"the Reflector failed {e}") from None
     return [Reflection.from_json(d) for d in payload]
+
+
+class ProcessZeroReflector:
+    """Stand-in, on processes other than 0, for a host-side Reflector that only process 0 holds
+    (see :func:`build_on_process_0`); :func:`reflect_on_all_processes` never calls it."""
+
+    collective = False
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def reflect(self, trajectories, key=None):
+        raise ReflectorError(
+            f"{self.name} runs on process 0 only; call it through reflect_on_all_processes"
+        )
+
+
+def build_on_process_0(factory: Callable[[], Reflector]) -> Reflector:
+    """``factory()`` on process 0 and a :class:`ProcessZeroReflector` of the same name on the
+    others (identity with one process); for host-side backends, e.g. the api one, whose key
+    then need only be set on process 0's host. A failure of ``factory`` (missing key) is
+    raised on every process."""
+    if jax.process_count() == 1:
+        return factory()
+    built: list[Reflector] = []
+
+    def build() -> str:
+        built.append(factory())
+        if is_collective(built[0]):
+            raise ValueError("build_on_process_0 is for host-side Reflectors, not collective ones")
+        return built[0].name
+
+    try:
+        name = on_main_process(build)
+    except MainProcessError as e:
+        raise ReflectorError(f"building the Reflector failed {e}") from None
+    return built[0] if built else ProcessZeroReflector(name)
