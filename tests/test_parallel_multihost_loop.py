@@ -11,19 +11,24 @@ KTO phase, the in-memory LoRA is zeroed, and the run resumes from the orbax chec
 end; then the experiment's adapter export runs. Checked against the same run in one process on
 one device, uninterrupted, in the pytest process:
 
-* trajectories, reflections and KTO datasets identical; the summary equal (KTO metrics to 1e-5
-  relative); the final PEFT adapter equal to 1e-6 -- so the collective checkpoint saved and
-  restored the cross-host shards exactly;
+* trajectories, reflections and KTO datasets identical; the summary equal (KTO metrics to 1e-4
+  relative); the final PEFT adapter equal to 2e-5 -- so the collective checkpoint saved and
+  restored the cross-host shards (a lost restore would change the Actor's actions, hence the
+  trajectories, and the adapter by O(0.1));
 * the Reflector and the (``host_side``) env ran on process 0 only -- on process 1 they raise if
   called -- and their results reached process 1, which built the same KTO data;
 * process 1 never wrote a JSON artefact (its ``save_json`` raises if called);
 * the last checkpoint, written by two processes as cross-host shards, restores in the pytest
   process onto one device and equals the one-process run's final state;
 * a Reflector failure on process 0 raises on both processes (none hangs in a collective), and a
-  reply that differs between processes is process 0's on both;
+  reply that differs between processes is process 0's on both; a host-side Reflector is built
+  on process 0 only (process 1 holds a stand-in of the same name), a failed build raises on
+  both;
 * a run directory that is not shared by the two processes is rejected on both.
 
-Tolerances as in ``test_parallel_devices.py`` (sharding reorders float32 partial sums only).
+Tolerances: sharding reorders float32 partial sums only (``test_parallel_devices.py``: 1e-6
+after one KTO step); here ~10 AdamW steps at lr 5e-3 compound that to ~1e-6 on entries of ~0.1,
+so the adapter is compared to 2e-5 (0.4 % of one step's update) and KTO metrics to 1e-4.
 """
 from __future__ import annotations
 
@@ -101,12 +106,11 @@ class FakeActor:
                                      "fine", True, None))  # fmt: skip
         return out
 
-    def sample(self, prompts, n, key):
+    def sample(self, prompts, n, keys):  # one key per prompt (rfr.SampleFn)
         from sfjax.agents.prompts import format_output
 
-        acts = self._draw(key, len(prompts) * n)
-        return [[format_output("r", a, "a", PCFG) for a in acts[i * n : (i + 1) * n]]
-                for i in range(len(prompts))]  # fmt: skip
+        assert len(keys) == len(prompts)
+        return [[format_output("r", a, "a", PCFG) for a in self._draw(k, n)] for k in keys]
 
 
 class FakeEnv:
@@ -195,6 +199,7 @@ def _broadcast_checks() -> None:
     import jax
 
     from sfjax.agents.reflector import ReflectorError, reflect_on_all_processes
+    from sfjax.agents.reflectors.broadcast import build_on_process_0
     from sfjax.agents.trajectory import Reflection, StepLabel
 
     me = jax.process_index()
@@ -220,6 +225,26 @@ def _broadcast_checks() -> None:
         assert "gave up after 3 retries" in str(e), e
     else:
         raise AssertionError("a Reflector failure on process 0 must raise on every process")
+
+    # Host-side backends are built on process 0 only (the API key need exist there alone).
+    def factory():
+        assert me == 0, "a host-side Reflector must be built on process 0 only"
+        return PerProcess()
+
+    built = build_on_process_0(factory)
+    assert built.name == "per-process" and isinstance(built, PerProcess) == (me == 0)
+    assert reflect_on_all_processes(built, [])[0].labels[0].reason == "p0"
+
+    def no_key():
+        assert me == 0
+        raise ReflectorError("set the environment variable DEEPSEEK_API_KEY")
+
+    try:
+        build_on_process_0(no_key)
+    except ReflectorError as e:
+        assert "DEEPSEEK_API_KEY" in str(e), e
+    else:
+        raise AssertionError("a failed build on process 0 must raise on every process")
 
 
 def _shared_directory_checks(out: Path) -> None:
@@ -388,7 +413,7 @@ def test_two_process_loop_with_resume_matches_one_process(tmp_path):
     loop = make_loop(str(ckpt), one)
     want = loop.run()
     _experiment()._save_adapter(loop.finetuner, one / "adapter")
-    _assert_close_tree(_strip(worker_out["summary"]), _strip(want), rtol=1e-5)
+    _assert_close_tree(_strip(worker_out["summary"]), _strip(want), rtol=1e-4)
     assert want["iterations"][0]["n_desirable"] and want["iterations"][0]["n_undesirable"]
     for sub in ("trajectories", "reflections", "datasets"):
         names = sorted(p.name for p in (one / sub).iterdir())
@@ -400,7 +425,7 @@ def test_two_process_loop_with_resume_matches_one_process(tmp_path):
     a, b = _adapter(one), _adapter(two / "run")
     assert a.keys() == b.keys()
     for k in a:
-        np.testing.assert_allclose(b[k], a[k], atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(b[k], a[k], atol=2e-5, err_msg=k)
     assert any(np.abs(v).max() > 0 for k, v in a.items() if "lora_B" in k)
 
     # The two-process checkpoint (cross-host shards) restores onto this process's one device.
@@ -415,7 +440,7 @@ def test_two_process_loop_with_resume_matches_one_process(tmp_path):
     assert tree_got == tree_want and len(flat_want) > 4
     for g, w in zip(flat_got, flat_want):
         assert isinstance(g, np.ndarray) or g.sharding == w.sharding
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-6)
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5)
 
 
 if __name__ == "__main__":
