@@ -42,7 +42,7 @@ if "--threads" in sys.argv:  # must precede the jax import: XLA reads its flags 
     if _n == 1:
         os.environ["XLA_FLAGS"] = (
             os.environ.get("XLA_FLAGS", "")
-            + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+            + " --xla_cpu_multi_thread_eigen=false"
         )
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
