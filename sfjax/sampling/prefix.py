@@ -82,8 +82,13 @@ def _prefill_prefix(graphdef, state, k_LyP, v_LyP, ids_1P, mask_1P):
     model = nnx.merge(graphdef, state)
     if hasattr(model, "eval"):
         model.eval()
-    cache = KVCache(k=k_LyP, v=v_LyP, slot_mask=jnp.zeros(ids_1P.shape, bool),
-                    positions=jnp.zeros((1,), jnp.int32), index=jnp.int32(0))
+    cache = KVCache(
+        k=k_LyP,
+        v=v_LyP,
+        slot_mask=jnp.zeros(ids_1P.shape, bool),
+        positions=jnp.zeros((1,), jnp.int32),
+        index=jnp.int32(0),
+    )
     _, cache = model(ids_1P, attention_mask=mask_1P, cache=cache)
     return cache.k, cache.v
 
@@ -108,8 +113,9 @@ class PrefixCache:
         granularity: int = 128, mesh=None,
     ):  # fmt: skip
         if min_tokens < 1 or granularity < 1:
-            raise ValueError(f"min_tokens and granularity must be >= 1, got {min_tokens}, "
-                             f"{granularity}")
+            raise ValueError(
+                f"min_tokens and granularity must be >= 1, got {min_tokens}, {granularity}"
+            )
         self.config = config
         self.cache_dtype = jnp.dtype(cache_dtype)
         self.pad_token_id = int(pad_token_id)
@@ -152,8 +158,9 @@ class PrefixCache:
                 if reuse < len(entry.tokens) and self.bucket(reuse) < entry.slots:
                     entry = self._build(entry.tokens[:reuse], graphdef, state, leaves)
                 elif reuse < len(entry.tokens):
-                    entry = CachedPrefix(entry.tokens[:reuse], entry.k_LyP, entry.v_LyP,
-                                         entry.weights)
+                    entry = CachedPrefix(
+                        entry.tokens[:reuse], entry.k_LyP, entry.v_LyP, entry.weights
+                    )
                     self.entry = entry
                 return entry
         shared = min(cap, shared_prefix_len(prompt_ids)) if len(prompt_ids) > 1 else cap
