@@ -23,26 +23,6 @@ from sfjax.train.data import KTOExample as TrainExample
 from sfjax.train.kto import KTOConfig, KTOTrainer, make_optimizer
 
 
-def _optimizer(kto_cfg: KTOConfig):
-    try:
-        return make_optimizer(kto_cfg)
-    except TypeError:  # older trainer signature (config, total_steps)
-        return make_optimizer(kto_cfg, 1)
-
-
-class _OffsetWriter:
-    """A SummaryWriter view that shifts steps (each KTO iteration restarts its step count)."""
-
-    def __init__(self, writer, offset: int):
-        self.writer, self.offset = writer, offset
-
-    def add_scalar(self, tag, value, step=None, *args, **kwargs):
-        self.writer.add_scalar(tag, value, (step or 0) + self.offset, *args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.writer, name)
-
-
 class KTOFineTuner:
     """:class:`sfjax.agents.loop.FineTuner` over :class:`KTOTrainer`."""
 
@@ -53,20 +33,24 @@ class KTOFineTuner:
         if self.trainer.opt_state is None:
             # Materialise the optimizer-state structure so checkpoints have a fixed layout.
             lora = nnx.state(model, nnx.LoRAParam)
-            self.trainer.opt_state = _optimizer(kto_cfg).init(lora)
+            self.trainer.opt_state = make_optimizer(kto_cfg).init(lora)
 
     def train(self, examples: Sequence[KTOExample], key: jax.Array, step_offset: int) -> dict:
-        """One KTO iteration; returns the mean of the logged metrics plus ``num_steps``."""
+        """One KTO iteration; returns the mean of the logged metrics plus ``num_steps``.
+
+        ``step_offset`` is the loop's count of KTO steps so far (checkpointed with the loop):
+        the trainer's TensorBoard step continues from it, so the curves of successive
+        iterations line up, resumed runs included."""
         data = [TrainExample(e.prompt, e.completion, e.desirable) for e in examples]
         n_d = sum(e.desirable for e in data)
         need = max(self.trainer.config.micro_batch_size, 2)
         if len(data) < need:
             # Too little data for one KL-paired micro-batch: nothing to learn this iteration.
             return {"num_steps": 0, "skipped_iteration": 1.0}
-        writer = _OffsetWriter(self.writer, step_offset) if self.writer is not None else None
-        history = self.trainer.train(data, key, writer)
+        self.trainer.global_step = int(step_offset)
+        history = self.trainer.train(data, key, self.writer)
         out: dict[str, float] = {"num_steps": float(self.trainer.step)}
-        keys = {k for h in history for k in h} - {"step", "epoch"}
+        keys = {k for h in history for k in h} - {"step", "global_step", "epoch"}
         for k in sorted(keys):
             vals = [h[k] for h in history if k in h and np.isfinite(h[k])]
             if vals:

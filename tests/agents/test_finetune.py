@@ -1,0 +1,43 @@
+"""The loop's KTO step (KTOFineTuner): TensorBoard steps continue across KTO iterations."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from sfjax.agents.finetune import KTOFineTuner
+from sfjax.agents.rfr import KTOExample
+from sfjax.models import lora, qwen3
+from sfjax.tokenizer import load_tokenizer
+from sfjax.train.kto import KTOConfig
+
+
+class Recorder:
+    def __init__(self):
+        self.scalars = []
+
+    def add_scalar(self, tag, value, step=None, *args, **kwargs):
+        self.scalars.append((tag, float(value), step))
+
+
+def examples(n):
+    return [
+        KTOExample(f"state {i} queue {i * 3}", f"Action: {i % 7 + 1}", bool(i % 2), "base", 0, i)
+        for i in range(n)
+    ]
+
+
+def test_tensorboard_steps_continue_from_the_loops_count(tiny_checkpoint):
+    model = qwen3.from_pretrained(tiny_checkpoint, dtype=jnp.float32)
+    tok = load_tokenizer(tiny_checkpoint)
+    writer = Recorder()
+    cfg = KTOConfig(micro_batch_size=2, epochs=1, progress=False, learning_rate=1e-3)
+    ft = KTOFineTuner(model, tok, cfg, lora.LoRAConfig(rank=4), writer)
+    m1 = ft.train(examples(6), jax.random.key(0), step_offset=0)
+    assert m1["num_steps"] == 3
+    offset = 3 + 5  # e.g. the loop counted steps of an earlier, restored run too
+    m2 = ft.train(examples(4), jax.random.key(1), step_offset=offset)
+    assert m2["num_steps"] == 2
+    steps = [s for t, _, s in writer.scalars if t == "train/loss"]
+    assert steps == [1, 2, 3, offset + 1, offset + 2]
+    assert "global_step" not in m2 and "train/global_step" not in {t for t, _, _ in writer.scalars}
