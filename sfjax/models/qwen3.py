@@ -440,7 +440,7 @@ class Qwen3(nnx.Module):
         self.config = config
         self.dtype = jnp.dtype(dtype)
         # Recompute each layer's activations in the backward pass of the un-cached forward
-        # (``nnx.remat``): memory O(layers x hidden) instead of O(layers x attention maps), for
+        # (``jax.checkpoint``): memory O(layers x hidden) instead of O(layers x attention maps), for
         # training on long sequences. A plain attribute: ``model.remat = True`` switches it on.
         self.remat = remat
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs)
@@ -537,9 +537,20 @@ class Qwen3(nnx.Module):
         return self.lm_logits(self.norm(x_BTD)), new_cache
 
 
-@nnx.remat
 def _remat_layer(layer, x_BTD, cos_BTH, sin_BTH, visible_BTS):
-    return layer(x_BTD, cos_BTH, sin_BTH, visible_BTS)
+    """``layer(...)`` recomputed in the backward pass, through a pure function of the layer's
+    state (``jax.checkpoint``): unlike ``nnx.remat`` it works on a model merged inside an outer
+    trace (a jitted train step); the layer's RNG state (LoRA dropout) is threaded out."""
+    graphdef, state = nnx.split(layer)
+
+    @jax.checkpoint
+    def pure(state, x_BTD, cos_BTH, sin_BTH, visible_BTS):
+        module = nnx.merge(graphdef, state)
+        return module(x_BTD, cos_BTH, sin_BTH, visible_BTS), nnx.state(module, nnx.RngState)
+
+    out_BTD, rng_state = pure(state, x_BTD, cos_BTH, sin_BTH, visible_BTS)
+    nnx.update(layer, rng_state)
+    return out_BTD
 
 
 def count_params(model_or_state) -> int:

@@ -302,6 +302,20 @@ def test_remat_gives_the_same_gradients(tiny_model):
     assert "optimization_barrier" in nnx.jit(nnx.grad(loss)).lower(remat).as_text()
     assert "optimization_barrier" not in nnx.jit(nnx.grad(loss)).lower(plain).as_text()
 
+    # A model merged inside an outer trace (how the KTO step and the sampler use it): the
+    # remat path must work there too (nnx.remat refuses it with a TraceContextError).
+    graphdef, state = nnx.split(remat)
+
+    @jax.jit
+    def pure_grad(state):
+        return jax.grad(lambda s: loss(nnx.merge(graphdef, s)))(state)
+
+    g2 = nnx.to_flat_state(pure_grad(state))
+    for (path, a), (_, b) in zip(g0, g2):
+        np.testing.assert_allclose(
+            a.get_value(), b.get_value(), rtol=1e-5, atol=1e-7, err_msg=str(path)
+        )
+
 
 @pytest.mark.parametrize(
     "preset, total_b, non_embedding_b",
