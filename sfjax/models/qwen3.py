@@ -537,20 +537,38 @@ class Qwen3(nnx.Module):
         return self.lm_logits(self.norm(x_BTD)), new_cache
 
 
-def _remat_layer(layer, x_BTD, cos_BTH, sin_BTH, visible_BTS):
-    """``layer(...)`` recomputed in the backward pass, through a pure function of the layer's
-    state (``jax.checkpoint``): unlike ``nnx.remat`` it works on a model merged inside an outer
-    trace (a jitted train step); the layer's RNG state (LoRA dropout) is threaded out."""
-    graphdef, state = nnx.split(layer)
+def draws_random_numbers(module: nnx.Module) -> bool:
+    """Whether calling ``module`` consumes RNG state (a non-deterministic ``nnx.Dropout``, e.g.
+    LoRA dropout in training mode)."""
+    return any(
+        isinstance(m, nnx.Dropout) and not m.deterministic and m.rate > 0
+        for _, m in nnx.iter_modules(module)
+    )
+
+
+def remat_call(fn, module: nnx.Module, *args):
+    """``fn(module, *args)`` recomputed in the backward pass, through a pure function of the
+    module's state (``jax.checkpoint``): unlike ``nnx.remat`` it works on a module merged inside
+    an outer trace (the KTO train step). When the module draws random numbers (dropout) its
+    advanced RNG state is threaded out and written back; otherwise nothing is written, so a
+    module created at an outer trace level (a no-gradient copy) is never mutated."""
+    graphdef, state = nnx.split(module)
+    stateful = draws_random_numbers(module)
 
     @jax.checkpoint
-    def pure(state, x_BTD, cos_BTH, sin_BTH, visible_BTS):
-        module = nnx.merge(graphdef, state)
-        return module(x_BTD, cos_BTH, sin_BTH, visible_BTS), nnx.state(module, nnx.RngState)
+    def pure(state, *args):
+        inner = nnx.merge(graphdef, state)
+        out = fn(inner, *args)
+        return out, (nnx.state(inner, nnx.RngState) if stateful else None)
 
-    out_BTD, rng_state = pure(state, x_BTD, cos_BTH, sin_BTH, visible_BTS)
-    nnx.update(layer, rng_state)
-    return out_BTD
+    out, rng_state = pure(state, *args)
+    if stateful:
+        nnx.update(module, rng_state)
+    return out
+
+
+def _remat_layer(layer, x_BTD, cos_BTH, sin_BTH, visible_BTS):
+    return remat_call(lambda m, *a: m(*a), layer, x_BTD, cos_BTH, sin_BTH, visible_BTS)
 
 
 def count_params(model_or_state) -> int:

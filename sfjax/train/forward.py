@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from sfjax.losses.kto import target_logps
 from sfjax.models import qwen3
@@ -67,25 +66,12 @@ def _remat(model, remat: bool) -> bool:
 
 
 def _run_block(layer, remat: bool, *args):
-    """``_block(layer, *args)``, recomputed in the backward pass when ``remat``.
-
-    Rematerialisation goes through a pure function of the layer's state (``jax.checkpoint``),
-    so it works inside any trace (``nnx.remat`` refuses a model merged in an outer trace); the
-    layer's RNG state (LoRA dropout) is threaded out and written back.
-    """
+    """``_block(layer, *args)``, recomputed in the backward pass when ``remat``
+    (:func:`sfjax.models.qwen3.remat_call`: a pure ``jax.checkpoint``, so it works inside any
+    trace; the RNG state of LoRA dropout is threaded out only when dropout is active)."""
     if not remat:
         return _block(layer, *args)
-    graphdef, state = nnx.split(layer)
-
-    @jax.checkpoint
-    def pure(state, *args):
-        module = nnx.merge(graphdef, state)
-        out = _block(module, *args)
-        return out, nnx.state(module, nnx.RngState)
-
-    out, rng_state = pure(state, *args)
-    nnx.update(layer, rng_state)
-    return out
+    return qwen3.remat_call(_block, layer, *args)
 
 
 def _rope(model, pos_BT):
