@@ -244,6 +244,13 @@ def save_adapter(
                 f"{name}: adapter rank/scaling ({module.rank}, {module.scaling}) do not match "
                 f"the LoRAConfig ({config.rank}, {config.scaling})"
             )
+        for w in (module.lora_a[...], module.lora_b[...]):
+            if isinstance(w, jax.Array) and not w.is_fully_addressable:
+                raise ValueError(
+                    f"{name}: this adapter is sharded over devices of other processes; gather "
+                    "it first on every process (nnx.update(model, sfjax.parallel.to_host("
+                    "lora_state(model)))), then save from one process"
+                )
         a_IR = np.asarray(jax.device_get(module.lora_a[...]))
         b_RO = np.asarray(jax.device_get(module.lora_b[...]))
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a_IR.T)

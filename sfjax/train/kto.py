@@ -434,7 +434,7 @@ class KTOTrainer:
         bar.update(step - bar.n)
         bar.set_postfix(
             loss=f"{entry.get('loss', float('nan')):.4f}",
-            margin=f"{entry.get('rewards/margins', float('nan')):.3f}",
+            margin=_fmt(entry.get("rewards/margins")),  # needs both classes in the window
             kl=f"{entry.get('kl', float('nan')):.3f}",
         )
 
@@ -542,9 +542,15 @@ def _open_writer(writer):
     return SummaryWriter(str(writer)), True
 
 
+def _fmt(value: float | None) -> str:
+    return "-" if value is None or not np.isfinite(value) else f"{value:.3f}"
+
+
 def _progress(total: int, enabled: bool, initial: int = 0):
     from tqdm.auto import tqdm
 
+    # One bar per run, not one per host.
+    enabled = enabled and jax.process_index() == 0
     return tqdm(total=total, initial=initial, disable=not enabled, desc="KTO", unit="step")
 
 
