@@ -40,6 +40,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "--threads" in sys.argv:  # must precede the jax import: XLA reads its flags once
     _n = int(sys.argv[sys.argv.index("--threads") + 1])
     if _n == 1:
+        # XLA:CPU runs independent ops concurrently even without Eigen threads (measured: 1.8
+        # cores busy), so the whole process is pinned to one core: both libraries get one.
+        if hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
         os.environ["XLA_FLAGS"] = (
             os.environ.get("XLA_FLAGS", "")
             + " --xla_cpu_multi_thread_eigen=false"
@@ -170,7 +174,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
         "--threads", type=int, default=0,
-        help="1: both libraries single-threaded (XLA eigen off, torch.set_num_threads(1)); "
+        help="1: both libraries on one core (process pinned to one CPU, XLA eigen off, "
+        "torch.set_num_threads(1)); "
         "0: each library's default thread pool",
     )  # fmt: skip
     parser.add_argument(
