@@ -100,10 +100,13 @@ def main():
     ap.add_argument(
         "--single-thread",
         action="store_true",
-        help="one compute thread for both frameworks (fairer on a shared, loaded CPU)",
+        help="one core for both frameworks (process pinned to one CPU; fairer on a shared CPU)",
     )
     args = ap.parse_args()
     if args.single_thread:  # must happen before jax / torch start their thread pools
+        # XLA:CPU runs independent ops concurrently even with Eigen off: pin to one core.
+        if hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
         os.environ["XLA_FLAGS"] = (
             os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
         )
