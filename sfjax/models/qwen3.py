@@ -33,8 +33,6 @@ from flax import nnx, struct
 
 from sfjax.parallel import shard_activation
 
-_MASK_VALUE = -1e30  # finite, so a query row with no visible key gives a uniform softmax, not NaN
-
 
 @dataclass(frozen=True)
 class Qwen3Config:
