@@ -154,6 +154,18 @@ def _dtype(name: str):
     return table[name]
 
 
+def _changed_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the config entries that differ between two JSON dicts."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _changed_keys(x, y, f"{prefix}{k}.")
+        elif x != y:
+            out.append(f"{prefix}{k}")
+    return out
+
+
 def _prepare_run_dir(cfg: ExperimentConfig, run_dir: Path) -> bool:
     """Check RUN_DIR against ``cfg`` and write ``config.json``; returns whether to resume."""
     saved = run_dir / "config.json"
@@ -165,9 +177,13 @@ def _prepare_run_dir(cfg: ExperimentConfig, run_dir: Path) -> bool:
         before.pop("resume", None)
     resume = cfg.resume
     if has_run and before != as_json:
+        changed = _changed_keys(before or {}, as_json)
         raise FileExistsError(
-            f"{run_dir} holds a run with a different config ({saved}); resume it with the same "
-            "preset and options, or choose a new --run-dir"
+            f"{run_dir} holds a run with a different config ({saved}; differs in: "
+            f"{', '.join(changed[:8]) or 'everything'}{' ...' if len(changed) > 8 else ''}). "
+            "Resume it with the same preset and options, or start a new run elsewhere "
+            "(--run-dir DIR; for `make demo`: `make demo RUN_DIR=runs/demo2`, or delete the old "
+            "run directory). A changed default after an update counts as a different config."
         )
     if has_run and not resume:
         # Same config: continue (or, if complete, just report) — `make demo` is idempotent.

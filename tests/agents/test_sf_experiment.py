@@ -130,7 +130,7 @@ def test_smoke_end_to_end_and_resume(tmp_path):
         mod.run(_short(mod, res_dir), on_phase_end=kill, progress=False)
     other = _short(mod, res_dir)
     other = dataclasses.replace(other, loop=dataclasses.replace(other.loop, seed=7))
-    with pytest.raises(FileExistsError, match="different config"):
+    with pytest.raises(FileExistsError, match=r"different config .*differs in: loop\.seed\)"):
         mod.run(other, progress=False)
     resumed = mod.run(_short(mod, res_dir, resume=True), progress=False)
     assert _strip(resumed) == _strip(summary)
