@@ -11,7 +11,13 @@ from flax import nnx
 from sfjax import testing
 from sfjax.models import qwen3
 from sfjax.sampling import ActionConstraint, Sampler, SamplingParams
-from sfjax.sampling.prefix import PrefixCache, common_prefix_len, shared_prefix_len
+from sfjax.sampling.prefix import (
+    MAX_EXTRA_SLOTS,
+    PrefixCache,
+    common_prefix_len,
+    shared_prefix_len,
+)
+from sfjax.sampling.sampler import cache_slots
 from sfjax.tokenizer import load_tokenizer
 
 rng = np.random.default_rng(0)
@@ -140,3 +146,26 @@ def test_short_or_unshared_prompts_skip_the_prefix(model, prefixes):
     assert prefixes.entry is not None
     prefixes.clear()
     assert prefixes.entry is None
+
+
+def test_cache_slots_is_what_a_call_allocates(plain):
+    """``cache_slots`` (the memory planners' source of the bucket rules) = the call's cache."""
+    prompts = [SYSTEM + h for h in HISTORIES]
+    plain.generate(prompts, GREEDY)
+    longest = max(len(p) for p in prompts)
+    assert (4, cache_slots(longest, GREEDY.max_new_tokens)) in plain._caches
+
+
+def test_a_cached_prefix_adds_at_most_max_extra_slots():
+    """Prefix bucket + suffix bucket - whole-prompt bucket <= MAX_EXTRA_SLOTS, for every prompt
+    length < 6k and every prefix length the cache may choose (>= 1 suffix token)."""
+    from sfjax.sampling.sampler import _prompt_bucket
+
+    cache = PrefixCache(qwen3.Qwen3Config.tiny(), jnp.float32, 0, min_tokens=1)
+    worst = 0
+    for total in range(2, 6000):
+        whole = _prompt_bucket(total, 32)
+        for prefix in range(1, total, 1 if total < 700 else 7):
+            extra = cache.bucket(prefix) + _prompt_bucket(total - prefix, 32) - whole
+            worst = max(worst, extra)
+    assert worst <= MAX_EXTRA_SLOTS

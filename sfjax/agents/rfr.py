@@ -44,6 +44,7 @@ import jax.numpy as jnp
 
 from sfjax.agents.prompts import PromptConfig, parse_output
 from sfjax.agents.trajectory import Reflection, Trajectory
+from sfjax.sampling.prefix import MAX_EXTRA_SLOTS
 
 
 @dataclass(frozen=True)
@@ -199,24 +200,26 @@ class RolloutCost:
     extra_slots: int = 0
     """Slots per row beyond the prompt and new-token buckets: ``PREFIX_CACHE_EXTRA_SLOTS``
     when the sampler reuses a cached prompt prefix (:mod:`sfjax.sampling.prefix`)."""
+    min_prompt_bucket: int = 32
+    """The sampler's smallest prompt bucket."""
 
     def slots(self, longest_prompt: int) -> int:
-        """Cache slots per row, at the sampler's buckets: the prompt bucket (powers of two from
-        32, multiples of 512 above 512) + the new-token bucket (powers of two from 16) +
-        ``extra_slots``."""
-        n = max(longest_prompt, 1)
-        prompt = max(32, _pow2(n)) if n <= 512 else -(-n // 512) * 512
-        return prompt + max(16, _pow2(self.max_new_tokens)) + self.extra_slots
+        """Cache slots per row at the sampler's own buckets
+        (:func:`sfjax.sampling.sampler.cache_slots`) + ``extra_slots``."""
+        from sfjax.sampling.sampler import cache_slots
+
+        return (
+            cache_slots(longest_prompt, self.max_new_tokens, self.min_prompt_bucket)
+            + self.extra_slots
+        )
 
     def call_bytes(self, num_prompts: int, k: int, longest_prompt: int) -> int:
         """KV bytes of one call: rows (prompts padded to a power of two, times K) x slots."""
         return _pow2(num_prompts) * k * self.slots(longest_prompt) * self.kv_bytes_per_token
 
 
-PREFIX_CACHE_EXTRA_SLOTS = 512
-"""Most slots a cached prefix adds to a row: its 128-slot bucket plus the suffix's own prompt
-bucket exceed the whole prompt's bucket by at most 512 (by enumeration over lengths < 6k;
-typically 128 for the SF prompt: 640 prefix + 2,048 suffix slots against 2,560)."""
+PREFIX_CACHE_EXTRA_SLOTS = MAX_EXTRA_SLOTS
+"""Most slots a cached prefix adds to a row (:data:`sfjax.sampling.prefix.MAX_EXTRA_SLOTS`)."""
 
 
 def _pow2(n: int) -> int:
@@ -240,7 +243,8 @@ def rollout_cost_of(sample_fn) -> RolloutCost | None:
     def count(prompt: str) -> int:
         return len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
-    return RolloutCost(int(kv), int(actor.cfg.max_new_tokens), count, extra)
+    return RolloutCost(int(kv), int(actor.cfg.max_new_tokens), count, extra,
+                       int(getattr(sampler, "min_prompt_bucket", 32)))  # fmt: skip
 
 
 def plan_rollout_calls(

@@ -42,6 +42,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+MAX_EXTRA_SLOTS = 512
+"""Most slots a cached prefix can add to a row (default 128-slot granularity): the prefix's
+bucket plus the suffix's prompt bucket exceed the whole prompt's bucket by at most 512
+(checked over prompt lengths < 6k in tests/test_sampling_prefix.py; for the SF prompt it is
+128: 640 prefix + 2,048 suffix slots against 2,560)."""
+
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     """Length of the longest common prefix of two token sequences."""

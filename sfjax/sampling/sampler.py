@@ -68,6 +68,16 @@ def _prompt_bucket(n: int, minimum: int = 1) -> int:
     return max(minimum, -(-n // _PROMPT_STEP) * _PROMPT_STEP)
 
 
+def cache_slots(prompt_len: int, max_new_tokens: int, min_prompt_bucket: int = 32) -> int:
+    """KV-cache slots of one row of a call without a cached prefix: the prompt bucket of the
+    longest prompt + the new-token bucket (with one, at most
+    :data:`sfjax.sampling.prefix.MAX_EXTRA_SLOTS` more). Memory planners (RfR rollout chunks)
+    use this, so the bucket rules live here only."""
+    return _prompt_bucket(max(prompt_len, 1), _bucket(min_prompt_bucket)) + _bucket(
+        max_new_tokens, _MIN_NEW_BUCKET
+    )
+
+
 def _prompt_keys(key, P: int, B: int) -> jax.Array:
     """Typed keys ``[B]``, one per prompt row: ``fold_in(key, i)``, or the caller's ``[P]`` keys
     (padding rows get keys of their own; they are inactive)."""
