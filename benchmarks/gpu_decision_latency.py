@@ -123,15 +123,6 @@ def step_prompts(tok, pcfg, steps: int, window: int, seed: int) -> list[str]:
     return prompts
 
 
-def common_prefix(a, b) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def action_tokens(tok, constraint, free_budget: int) -> int:
     """New tokens up to and including the action line's newline."""
     forced = max(len(tok(s, add_special_tokens=False)["input_ids"])
@@ -215,7 +206,9 @@ def run_format(order, sampler, config, tok, roof, tmodel, device, args, sampler_
                          action_first=order == "action_first", free_budget=acfg.free_budget)
     prompts = step_prompts(tok, p, args.steps, args.history_window, args.seed)
     ids = [tok(s, add_special_tokens=False)["input_ids"] for s in prompts]
-    shared = min(common_prefix(a, b) for a, b in zip(ids, ids[1:])) if len(ids) > 1 else 0
+    from sfjax.sampling.prefix import common_prefix_len
+
+    shared = min(common_prefix_len(a, b) for a, b in zip(ids, ids[1:])) if len(ids) > 1 else 0
     n_act = action_tokens(tok, c, acfg.free_budget)
     model = sampler.model
     keys = iter(jax.random.split(jax.random.key(args.seed), 8 * args.steps + 8))
@@ -287,12 +280,10 @@ def torch_time(tmodel, ids, new, device, args) -> float:
 
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
-    if gc.maybe_device_check(args):
+    started = gc.start(args)
+    if started is None:
         return None
-    gc.setup(args)
-    config = gc.model_config(args.tiny)
-    gc.progress("measuring the roofline")
-    roof = gc.measure_roofline(args.tiny)
+    config, roof = started
     model = gc.random_model(config, seed=args.seed)
     tok = gc.load_bench_tokenizer(args.tokenizer)
     device = gc.torch_device(args)

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sfjax.sampling.prefix import common_prefix_len
+
 
 @dataclass(frozen=True)
 class KTOExample:
@@ -80,15 +82,6 @@ class Batch:
         return ids, mask, comp
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text)["input_ids"])
 
@@ -124,7 +117,7 @@ def tokenize_examples(
                 raise ValueError("text examples need a tokenizer; pass one to KTOTrainer")
             prompt_ids = _encode(tokenizer, ex.prompt)
             full_ids = _encode(tokenizer, ex.prompt + ex.completion)
-            n = _common_prefix(prompt_ids, full_ids)
+            n = common_prefix_len(prompt_ids, full_ids)
             prompt_ids, completion_ids = prompt_ids[:n], full_ids[n:]
         else:
             prompt_ids, completion_ids = [int(t) for t in ex.prompt], [int(t) for t in ex.completion]
