@@ -324,8 +324,6 @@ class Sampler:
             prefix_args = dict(k=prefix.k_LyP, v=prefix.v_LyP, length=np.int32(skip))
         args = (state, cache, ids_BT, mask_BT, rows, tables, key, prefix_args)
         if self.mesh is None:
-            args = (state, cache, jnp.asarray(ids_BT), jnp.asarray(mask_BT), rows, tables, key,
-                    prefix_args)  # fmt: skip
             out, cache = self._program(graphdef, n, *args)
         else:
             slots = prefix.slots if prefix is not None else None
