@@ -110,16 +110,14 @@ def time_case(case, impl, args, N, K, H, dtype) -> dict:
 
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
-    if gc.maybe_device_check(args):
+    started = gc.start(args)
+    if started is None:
         return None
-    gc.setup(args)
+    config, roof = started
     import jax.numpy as jnp
 
-    config = gc.model_config(args.tiny)
     N, K, H = config.num_heads, config.num_kv_heads, config.head_dim
     dtype = jnp.bfloat16
-    gc.progress("measuring the roofline")
-    roof = gc.measure_roofline(args.tiny)
     rows = []
     for case in cases(args.tiny):
         row = {**case, "floor_measured_s": floor_s(case, N, K, H, roof),

@@ -155,6 +155,18 @@ def maybe_device_check(args) -> bool:
     return True
 
 
+def start(args):
+    """The common start of every script's ``main``: ``--device-check`` (returns None: exit
+    now), the common flags (:func:`setup`), then the model config and the measured roofline,
+    returned as ``(config, roof)``."""
+    if maybe_device_check(args):
+        return None
+    setup(args)
+    config = model_config(args.tiny)
+    progress("measuring the roofline")
+    return config, measure_roofline(args.tiny)
+
+
 def _full_record(args, name: str, record: dict, complete: bool) -> dict:
     from sfjax.models import attention
 

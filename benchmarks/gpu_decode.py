@@ -193,12 +193,10 @@ def torch_generate(tmodel, prompts, args, device) -> dict:
 
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
-    if gc.maybe_device_check(args):
+    started = gc.start(args)
+    if started is None:
         return None
-    gc.setup(args)
-    config = gc.model_config(args.tiny)
-    gc.progress("measuring the roofline")
-    roof = gc.measure_roofline(args.tiny)
+    config, roof = started
     model = gc.random_model(config, seed=args.seed)
     tok = gc.load_bench_tokenizer(None)
     device = gc.torch_device(args)

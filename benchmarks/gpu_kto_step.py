@@ -179,12 +179,10 @@ def run_torch(config, examples, args, device) -> dict:
 
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
-    if gc.maybe_device_check(args):
+    started = gc.start(args)
+    if started is None:
         return None
-    gc.setup(args)
-    config = gc.model_config(args.tiny)
-    gc.progress("measuring the roofline")
-    roof = gc.measure_roofline(args.tiny)
+    config, roof = started
     examples = make_examples(args.batch * args.steps, args.prompt_len, args.completion_len,
                              args.seed, config.vocab_size)
     res = {"batch": args.batch, "prompt_len": args.prompt_len,

@@ -223,12 +223,10 @@ def run_torch(tmodel, tok, prompts, plan, args, device) -> dict:
 
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
-    if gc.maybe_device_check(args):
+    started = gc.start(args)
+    if started is None:
         return None
-    gc.setup(args)
-    config = gc.model_config(args.tiny)
-    gc.progress("measuring the roofline")
-    roof = gc.measure_roofline(args.tiny)
+    config, roof = started
     tok = gc.load_bench_tokenizer(args.tokenizer)
     prompts = rollout_setup(tok, args)
     res = {"prompts": args.prompts, "k": args.k, "prompts_per_call_arg": args.prompts_per_call,
