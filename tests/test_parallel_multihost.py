@@ -13,14 +13,11 @@ pytest process (tolerances as in ``test_parallel_devices.py``). CPU collectives 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+from multihost_launch import launch_two  # tests/multihost_launch.py
 
 B, T = 4, 12
 KTO_LR = 1e-3
@@ -111,12 +108,6 @@ def worker(ckpt: str, out_dir: str) -> None:
     jax.distributed.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_run_matches_single_device(tmp_path):
     import jax.numpy as jnp
 
@@ -128,33 +119,8 @@ def test_two_process_run_matches_single_device(tmp_path):
         tmp_path / "ckpt", {"num_hidden_layers": 1}, seed=0
     )
 
-    port = _free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=4")  # fmt: skip
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "sfjax.parallel", "--coordinator-address",
-             f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i), "--data", "2",
-             "--fsdp", "2", "--tp", "2", "--", __file__, str(tiny_checkpoint), str(tmp_path)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
-        for i in range(2)
-    ]
-    deadline = time.monotonic() + 240
-    logs = []
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            out, _ = p.communicate()
-        logs.append(out)
-    codes = [p.returncode for p in procs]
-    assert codes == [0, 0], "\n\n".join(f"--- process {i} ---\n{log[-4000:]}"
-                                         for i, log in enumerate(logs))  # fmt: skip
+    mesh = ("--data", "2", "--fsdp", "2", "--tp", "2")
+    launch_two(__file__, [str(tiny_checkpoint), str(tmp_path)], mesh, timeout_s=240)
     got = np.load(tmp_path / "results.npz")
     meta = json.loads((tmp_path / "meta.json").read_text())
 

@@ -34,14 +34,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+from multihost_launch import launch_two  # tests/multihost_launch.py
 
 ROOT = Path(__file__).resolve().parents[1]
 MESH = ("--data", "1", "--fsdp", "4", "--tp", "2")
@@ -328,43 +325,6 @@ def worker(ckpt: str, out_dir: str) -> None:
 
 
 # ------------------------------------------------------------------------------- pytest side
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch_two(args: list[str], mesh: tuple[str, ...], timeout_s: float = 180) -> list[str]:
-    """Run this file's worker as two processes through ``python -m sfjax.parallel``."""
-    port = _free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=4")  # fmt: skip
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "sfjax.parallel", "--coordinator-address",
-             f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i), *mesh,
-             "--", __file__, *args],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
-        for i in range(2)
-    ]
-    deadline = time.monotonic() + timeout_s
-    logs = []
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            out, _ = p.communicate()
-        logs.append(out)
-    codes = [p.returncode for p in procs]
-    assert codes == [0, 0], "\n\n".join(f"--- process {i} ---\n{log[-4000:]}"
-                                         for i, log in enumerate(logs))  # fmt: skip
-    return logs
-
-
 def _strip(summary):
     s = json.loads(json.dumps(summary))
     s.pop("timings_s")
@@ -405,7 +365,7 @@ def test_two_process_loop_with_resume_matches_one_process(tmp_path):
     ckpt = testing.write_tiny_checkpoint(tmp_path / "actor", {"num_hidden_layers": 1}, seed=0)
     two = tmp_path / "two"
     two.mkdir()
-    launch_two([str(ckpt), str(two)], MESH)
+    launch_two(__file__, [str(ckpt), str(two)], MESH)
     worker_out = json.loads((two / "worker.json").read_text())
     assert worker_out["reflect_calls"] == 1  # once per reflect phase, on process 0 only
 

@@ -1,0 +1,55 @@
+"""Run a test file's worker as two ``jax.distributed`` processes on localhost (4 CPU devices
+each) through ``python -m sfjax.parallel`` — shared by the multi-host tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two(
+    worker_file: str, args: list[str], mesh: tuple[str, ...], timeout_s: float = 180
+) -> list[str]:
+    """Both processes' output; fails the test (with their logs) unless both exit 0."""
+    port = free_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=4")  # fmt: skip
+    # the repo (sfjax) and tests/ (this module, imported by the worker file) on the path
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")]
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "sfjax.parallel", "--coordinator-address",
+             f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i), *mesh,
+             "--", worker_file, *args],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    deadline = time.monotonic() + timeout_s
+    logs = []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            out, _ = p.communicate()
+        logs.append(out)
+    codes = [p.returncode for p in procs]
+    assert codes == [0, 0], "\n\n".join(f"--- process {i} ---\n{log[-4000:]}"
+                                         for i, log in enumerate(logs))  # fmt: skip
+    return logs
