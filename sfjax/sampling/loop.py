@@ -10,8 +10,8 @@ raw and sampling log-probs, advance the action state machine
 loop exits when every row is done or the new-token bucket is full.
 
 Shape legend: B = prompts (bucketed), N = B·n rows, T = prompt bucket, M = new-token bucket,
-S = cache slots (T + M), V = vocabulary, K = stop ids per row, Z = stop strings, Q = automaton
-states.
+P = slots of a cached prompt prefix (0 without), S = cache slots (P + T + M), V = vocabulary,
+K = stop ids per row, Z = stop strings, Q = automaton states.
 """
 
 from __future__ import annotations

@@ -25,8 +25,8 @@ temperature, top-k, top-p; 0 for greedy and forced tokens), ``finish_reasons``
 ("stop" | "length") and, under an action constraint, the parsed ``actions``.
 
 Shape legend: B = prompts (bucketed), N = B·n rows, T = prompt bucket, M = new-token bucket,
-S = cache slots (T + M), V = vocabulary, K = stop ids per row, Z = stop strings, Q = automaton
-states.
+P = slots of a cached prompt prefix (0 without), S = cache slots (P + T + M), V = vocabulary,
+K = stop ids per row, Z = stop strings, Q = automaton states.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from flax import nnx
 from sfjax.sampling import constrained as cons
 from sfjax.sampling.automata import TokenBytes, header_dfa, string_dfa, token_bytes
 from sfjax.sampling.constrained import ActionConstraint
+from sfjax.sampling.distribution import row_keys
 from sfjax.sampling.loop import decode_program
 from sfjax.sampling.prefix import PrefixCache
 
@@ -81,17 +82,16 @@ def cache_slots(prompt_len: int, max_new_tokens: int, min_prompt_bucket: int = 3
 def _prompt_keys(key, P: int, B: int) -> jax.Array:
     """Typed keys ``[B]``, one per prompt row: ``fold_in(key, i)``, or the caller's ``[P]`` keys
     (padding rows get keys of their own; they are inactive)."""
-    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    key = jnp.asarray(key)
     if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        key = jax.random.wrap_key_data(jnp.asarray(key, jnp.uint32))  # legacy PRNGKey data
-    fold = jax.vmap(jax.random.fold_in, in_axes=(None, 0))
+        key = jax.random.wrap_key_data(key.astype(jnp.uint32))  # legacy PRNGKey data
     if key.ndim == 0:
-        return fold(key, jnp.arange(B))
+        return row_keys(key, B)
     if key.shape != (P,):
         raise ValueError(f"key must be one key or one per prompt ({P}), got shape {key.shape}")
     if B == P:
         return key
-    return jnp.concatenate([key, fold(key[0], jnp.arange(P, B) + (1 << 30))])
+    return jnp.concatenate([key, row_keys(key[0], B)[P:]])
 
 
 @dataclass(frozen=True)
