@@ -35,7 +35,6 @@ Everything here is plain data manipulation; the sampler and trainer are passed i
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -45,6 +44,7 @@ import jax.numpy as jnp
 from sfjax.agents.prompts import PromptConfig, parse_output
 from sfjax.agents.trajectory import Reflection, Trajectory
 from sfjax.sampling.prefix import MAX_EXTRA_SLOTS
+from sfjax.sampling.sampler import cache_rows, cache_slots
 
 
 @dataclass(frozen=True)
@@ -206,8 +206,6 @@ class RolloutCost:
     def slots(self, longest_prompt: int) -> int:
         """Cache slots per row at the sampler's own buckets
         (:func:`sfjax.sampling.sampler.cache_slots`) + ``extra_slots``."""
-        from sfjax.sampling.sampler import cache_slots
-
         return (
             cache_slots(longest_prompt, self.max_new_tokens, self.min_prompt_bucket)
             + self.extra_slots
@@ -215,15 +213,11 @@ class RolloutCost:
 
     def call_bytes(self, num_prompts: int, k: int, longest_prompt: int) -> int:
         """KV bytes of one call: rows (prompts padded to a power of two, times K) x slots."""
-        return _pow2(num_prompts) * k * self.slots(longest_prompt) * self.kv_bytes_per_token
+        return cache_rows(num_prompts, k) * self.slots(longest_prompt) * self.kv_bytes_per_token
 
 
 PREFIX_CACHE_EXTRA_SLOTS = MAX_EXTRA_SLOTS
 """Most slots a cached prefix adds to a row (:data:`sfjax.sampling.prefix.MAX_EXTRA_SLOTS`)."""
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 
 def rollout_cost_of(sample_fn) -> RolloutCost | None:

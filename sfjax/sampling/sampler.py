@@ -79,6 +79,11 @@ def cache_slots(prompt_len: int, max_new_tokens: int, min_prompt_bucket: int = 3
     )
 
 
+def cache_rows(num_prompts: int, n: int) -> int:
+    """KV-cache rows of a call: the prompt count's batch bucket times the samples per prompt."""
+    return _bucket(num_prompts) * n
+
+
 def _prompt_keys(key, P: int, B: int) -> jax.Array:
     """Typed keys ``[B]``, one per prompt row: ``fold_in(key, i)``, or the caller's ``[P]`` keys
     (padding rows get keys of their own; they are inactive)."""
