@@ -78,14 +78,21 @@ def _rope(model, pos_BT):
     return qwen3.rope_cos_sin(pos_BT, model.config.head_dim, model.config.rope_theta)
 
 
-def decoder_states(model, ids_BT, mask_BT, *, remat: bool = False):
-    """Final normed hidden states ``[B, T, D]`` (``model.hidden_states``), optionally remat."""
-    remat = _remat(model, remat)
+def _causal_inputs(model, ids_BT, mask_BT):
+    """Embeddings, RoPE tables and causal visibility of one (left-padded) self-contained
+    sequence batch: ``(x_BTD, cos_BTH, sin_BTH, visible_BTT, mask_BT)``."""
     mask_BT = jnp.asarray(mask_BT, bool)
     x_BTD = shard_activation(model.embed_tokens(jnp.asarray(ids_BT)))
     cos_BTH, sin_BTH = _rope(model, qwen3.positions_from_mask(mask_BT))
     T = mask_BT.shape[1]
-    visible_BTS = jnp.tril(jnp.ones((T, T), bool))[None] & mask_BT[:, None, :]
+    visible_BTT = jnp.tril(jnp.ones((T, T), bool))[None] & mask_BT[:, None, :]
+    return x_BTD, cos_BTH, sin_BTH, visible_BTT, mask_BT
+
+
+def decoder_states(model, ids_BT, mask_BT, *, remat: bool = False):
+    """Final normed hidden states ``[B, T, D]`` (``model.hidden_states``), optionally remat."""
+    remat = _remat(model, remat)
+    x_BTD, cos_BTH, sin_BTH, visible_BTS, _ = _causal_inputs(model, ids_BT, mask_BT)
     for layer in model.layers:
         x_BTD, _, _ = _run_block(layer, remat, x_BTD, cos_BTH, sin_BTH, visible_BTS)
         x_BTD = shard_activation(x_BTD)
@@ -96,11 +103,7 @@ def prefix_states(model, ids_BP, mask_BP, *, remat: bool = False):
     """Run a (left-padded) prefix; returns ``(kv, mask_BP)`` with ``kv`` one ``(k_BPKH, v_BPKH)``
     per layer, for :func:`continuation_states`. The prefix's own LM head is never computed."""
     remat = _remat(model, remat)
-    mask_BP = jnp.asarray(mask_BP, bool)
-    x_BPD = shard_activation(model.embed_tokens(jnp.asarray(ids_BP)))
-    cos_BPH, sin_BPH = _rope(model, qwen3.positions_from_mask(mask_BP))
-    P = mask_BP.shape[1]
-    visible_BPS = jnp.tril(jnp.ones((P, P), bool))[None] & mask_BP[:, None, :]
+    x_BPD, cos_BPH, sin_BPH, visible_BPS, mask_BP = _causal_inputs(model, ids_BP, mask_BP)
     kv = []
     n = len(model.layers)
     for i, layer in enumerate(model.layers):
