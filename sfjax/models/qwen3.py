@@ -246,8 +246,17 @@ class KVCache:
         )
 
 
-def init_cache(config: Qwen3Config, batch_size: int, max_len: int, dtype=jnp.bfloat16) -> KVCache:
-    """An empty cache of ``max_len`` slots per row (prompt bucket + new tokens)."""
+def init_cache(
+    config: Qwen3Config, batch_size: int, max_len: int, dtype=jnp.bfloat16, mesh=None
+) -> KVCache:
+    """An empty cache of ``max_len`` slots per row (prompt bucket + new tokens). With a
+    ``mesh`` it is created directly on its shards (:func:`sfjax.parallel.cache_shardings`), so a
+    4B model's cache never sits whole on one device."""
+    if mesh is not None:
+        from sfjax.parallel import cache_shardings
+
+        make = lambda: init_cache(config, batch_size, max_len, dtype)  # noqa: E731
+        return jax.jit(make, out_shardings=cache_shardings(jax.eval_shape(make), mesh))()
     shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.head_dim)
     return KVCache(
         k=jnp.zeros(shape, dtype),

@@ -42,6 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sfjax.models.qwen3 import KVCache, init_cache
+
 MAX_EXTRA_SLOTS = 512
 """Most slots a cached prefix can add to a row (default 128-slot granularity): the prefix's
 bucket plus the suffix's prompt bucket exceed the whole prompt's bucket by at most 512
@@ -83,8 +85,6 @@ class CachedPrefix:
 
 def _prefill_prefix(graphdef, state, k_LyP, v_LyP, ids_1P, mask_1P):
     """Run the model over one right-padded prefix; return its per-layer keys and values."""
-    from sfjax.models.qwen3 import KVCache
-
     model = nnx.merge(graphdef, state)
     if hasattr(model, "eval"):
         model.eval()
@@ -177,25 +177,23 @@ class PrefixCache:
     def kv_sharding(self, slots: int):
         """Sharding of the cached keys/values (one-row cache layout) under the mesh."""
         from sfjax import parallel
-        from sfjax.models.qwen3 import init_cache
 
         abstract = jax.eval_shape(lambda: init_cache(self.config, 1, slots, self.cache_dtype))
         return parallel.cache_shardings(abstract, self.mesh).k
 
     # --------------------------------------------------------------------------- internals
-    def _sharded_program(self, graphdef, state, make):
+    def _sharded_program(self, graphdef, state, P: int):
         from sfjax import parallel
 
-        P = jax.eval_shape(make).k.shape[2]
         key = (graphdef, jax.tree.structure(state), P)
         if key not in self._sharded_programs:
             kv_sh = self.kv_sharding(P)
             rep = parallel.replicated(self.mesh)
             state_sh = parallel.state_shardings(state, self.mesh)
-            self._sharded_programs[key] = (jax.jit(
+            self._sharded_programs[key] = jax.jit(
                 _prefill_prefix, static_argnums=(0,), donate_argnums=(2, 3),
                 in_shardings=(state_sh, kv_sh, kv_sh, rep, rep), out_shardings=(kv_sh, kv_sh),
-            ), kv_sh)  # fmt: skip
+            )  # fmt: skip
         return self._sharded_programs[key]
 
     @staticmethod
@@ -205,26 +203,19 @@ class PrefixCache:
         )
 
     def _build(self, tokens, graphdef, state, leaves) -> CachedPrefix:
-        from sfjax.models.qwen3 import init_cache
-
         tokens = tuple(int(t) for t in tokens)
         P = self.bucket(len(tokens))
         ids_1P = np.full((1, P), self.pad_token_id, np.int32)
         ids_1P[0, : len(tokens)] = tokens
         mask_1P = np.zeros((1, P), bool)
         mask_1P[0, : len(tokens)] = True
-        make = lambda: init_cache(self.config, 1, P, self.cache_dtype)  # noqa: E731
+        empty = init_cache(self.config, 1, P, self.cache_dtype, mesh=self.mesh)
         if self.mesh is None:
-            empty = make()
-            k, v = self._program(
-                graphdef, state, empty.k, empty.v, jnp.asarray(ids_1P), jnp.asarray(mask_1P)
-            )
+            k, v = self._program(graphdef, state, empty.k, empty.v, ids_1P, mask_1P)
         else:
             from sfjax import parallel
 
-            program, kv_sh = self._sharded_program(graphdef, state, make)
-            empty = jax.jit(make, out_shardings=parallel.cache_shardings(
-                jax.eval_shape(make), self.mesh))()  # fmt: skip
+            program = self._sharded_program(graphdef, state, P)
             rep = parallel.replicated(self.mesh)
             k, v = program(graphdef, state, empty.k, empty.v,
                            *parallel.put((ids_1P, mask_1P), rep))  # fmt: skip

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sfjax.models.qwen3 import init_cache
 from sfjax.sampling import constrained as cons
 from sfjax.sampling.automata import TokenBytes, header_dfa, string_dfa, token_bytes
 from sfjax.sampling.constrained import ActionConstraint
@@ -323,7 +324,7 @@ class Sampler:
         cache_key = (N, S)
         cache = self._caches.pop(cache_key, None)
         if cache is None:
-            cache = self._new_cache(N, S)
+            cache = init_cache(self.config, N, S, self.cache_dtype, mesh=self.mesh)
         prefix_args = None
         if prefix is not None:
             prefix_args = dict(k=prefix.k_LyP, v=prefix.v_LyP, length=np.int32(skip))
@@ -342,17 +343,6 @@ class Sampler:
         return self._finish(out, prompt_ids, plist, n, row_meta)
 
     # ------------------------------------------------------------------------------ sharding
-    def _new_cache(self, N: int, S: int):
-        from sfjax.models.qwen3 import init_cache
-
-        make = lambda: init_cache(self.config, N, S, self.cache_dtype)  # noqa: E731
-        if self.mesh is None:
-            return make()
-        from sfjax.parallel import cache_shardings
-
-        # Created directly on its shards: a 4B model's cache never sits on one device.
-        return jax.jit(make, out_shardings=cache_shardings(jax.eval_shape(make), self.mesh))()
-
     def _sharded_program(self, graphdef, state, B: int, N: int, prefix_slots: int | None):
         """The decode program with explicit in/out shardings for batch ``B`` / rows ``N``
         (and a cached prefix of ``prefix_slots`` slots, if any)."""
@@ -361,8 +351,6 @@ class Sampler:
         key = (graphdef, jax.tree.structure(state), B, N, prefix_slots)
         if key not in self._sharded_programs:
             mesh = self.mesh
-            from sfjax.models.qwen3 import init_cache
-
             abstract = jax.eval_shape(lambda: init_cache(self.config, N, 1, self.cache_dtype))
             cache_sh = parallel.cache_shardings(abstract, mesh)
             prompts_sh = parallel.batch_sharding(mesh, (B,))  # a prefix: splits dim 0 only
