@@ -159,13 +159,11 @@ def test_cache_slots_is_what_a_call_allocates(plain):
 def test_a_cached_prefix_adds_at_most_max_extra_slots():
     """Prefix bucket + suffix bucket - whole-prompt bucket <= MAX_EXTRA_SLOTS, for every prompt
     length < 6k and every prefix length the cache may choose (>= 1 suffix token)."""
-    from sfjax.sampling.sampler import _prompt_bucket
-
     cache = PrefixCache(qwen3.Qwen3Config.tiny(), jnp.float32, 0, min_tokens=1)
     worst = 0
     for total in range(2, 6000):
-        whole = _prompt_bucket(total, 32)
+        whole = cache_slots(total, 1)  # the new-token bucket cancels out below
         for prefix in range(1, total, 1 if total < 700 else 7):
-            extra = cache.bucket(prefix) + _prompt_bucket(total - prefix, 32) - whole
+            extra = cache.bucket(prefix) + cache_slots(total - prefix, 1) - whole
             worst = max(worst, extra)
     assert worst <= MAX_EXTRA_SLOTS
