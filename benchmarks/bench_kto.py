@@ -25,6 +25,7 @@ Usage::
     .venv/bin/python benchmarks/bench_kto.py                       # small config
     .venv/bin/python benchmarks/bench_kto.py --rounds 3 --steps 8
     .venv/bin/python benchmarks/bench_kto.py --threads 1        # both single-threaded
+    .venv/bin/python benchmarks/bench_kto.py --threads 1 --flops  # + FLOPs per step, each side
 """
 
 from __future__ import annotations
@@ -105,6 +106,49 @@ def bench_sfjax(ckpt, data, args, precompute=False):
     return trainer, run, first
 
 
+def sfjax_step_flops(run) -> float:
+    """FLOPs of sfjax's compiled train step, by XLA's own cost analysis: the step built by the
+    next ``train()`` call has its arguments captured (as abstract shapes) and is lowered with
+    them."""
+    import jax
+
+    from sfjax.train import kto
+
+    make, steps, shapes = kto.make_train_step, [], []
+
+    def make_spy(*a, **k):
+        fn = make(*a, **k)
+        steps.append(fn)
+
+        def spy(*args):
+            if not shapes:
+                abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if hasattr(x, "shape") else x  # noqa: E731
+                shapes.append(jax.tree.map(abstract, args))
+            return fn(*args)
+
+        spy.trace_count = fn.trace_count
+        return spy
+
+    kto.make_train_step = make_spy
+    try:
+        run(1)
+    finally:
+        kto.make_train_step = make
+    cost = steps[0].lower(*shapes[0]).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost["flops"])
+
+
+def trl_step_flops(run, steps: int) -> float:
+    """FLOPs per TRL step: torch's ``FlopCounterMode`` over one ``train()`` call / its steps."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        run()
+    return counter.get_total_flops() / steps
+
+
 def _partners(trainer, examples):
     from sfjax.train.data import fixed_kl_partners
 
@@ -183,6 +227,10 @@ def main():
         help="comma-separated rows: default (reference forward every step), precompute "
         "(precompute_ref_log_probs=True on both sides)",
     )  # fmt: skip
+    parser.add_argument(
+        "--flops", action="store_true",
+        help="also count each side's FLOPs per step (XLA cost analysis / torch FlopCounterMode)",
+    )  # fmt: skip
     args = parser.parse_args()
 
     import torch
@@ -222,6 +270,14 @@ def main():
         print(f"[{mode}] speed-up sfjax / TRL: wall {trl[0] / sf[0]:.2f}x  cpu {trl[1] / sf[1]:.2f}x")
         print(f"[{mode}] sfjax first train() call (compile + 1 step): {sf_first:.2f} s "
               f"(setup total {sf_setup:.2f} s)", flush=True)
+        if args.flops:
+            sf_flops = sfjax_step_flops(sf_run)
+            trl_flops = trl_step_flops(trl_run, args.steps)
+            print(f"[{mode}] GFLOP per step: sfjax {sf_flops / 1e9:.2f} (XLA cost analysis), "
+                  f"TRL {trl_flops / 1e9:.2f} (torch FlopCounterMode over a train() call / steps); "
+                  f"effective GFLOP/s: "
+                  f"sfjax {sf_flops / sf[0] / 1e9:.0f}, TRL {trl_flops / trl[0] / 1e9:.0f}",
+                  flush=True)
 
 
 if __name__ == "__main__":
