@@ -32,28 +32,19 @@ so the adapter is compared to 2e-5 (0.4 % of one step's update) and KTO metrics 
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
+from experiment_scripts import experiment  # tests/experiment_scripts.py
 from multihost_launch import launch_two  # tests/multihost_launch.py
 
-ROOT = Path(__file__).resolve().parents[1]
 MESH = ("--data", "1", "--fsdp", "4", "--tp", "2")
 
 
 def _experiment():
-    if "sf_ranslicing" in sys.modules:
-        return sys.modules["sf_ranslicing"]
-    spec = importlib.util.spec_from_file_location(
-        "sf_ranslicing", ROOT / "experiments" / "sf_ranslicing.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["sf_ranslicing"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return experiment("sf_ranslicing")
 
 
 # ------------------------------------------------------------------------------- the run

@@ -5,27 +5,16 @@ kill after a phase + ``--resume`` equal to the uninterrupted run."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
+from experiment_scripts import experiment  # tests/experiment_scripts.py
 
 
 def _experiment():
-    if "sf_ranslicing" in sys.modules:
-        return sys.modules["sf_ranslicing"]
-    spec = importlib.util.spec_from_file_location(
-        "sf_ranslicing", ROOT / "experiments" / "sf_ranslicing.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["sf_ranslicing"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return experiment("sf_ranslicing")
 
 
 def _short(mod, run_dir, **kw):

@@ -1,0 +1,21 @@
+"""Import a script of ``experiments/`` as a module (they are scripts, not a package), once per
+process: ``experiment("sf_ranslicing")``."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def experiment(name: str):
+    """The module of ``experiments/<name>.py`` (cached in ``sys.modules`` under ``name``)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
