@@ -66,8 +66,8 @@ def make_inputs(case, N, K, H, dtype):
     B, T, S, filled = case["B"], case["T"], case["S"], case["filled"]
     kq, kk, kv = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(kq, (B, T, N, H), dtype)
-    k = jax.random.normal(kk, (B, S, K, H), dtype)
-    v = jax.random.normal(kv, (B, S, K, H), dtype)
+    k = jax.random.normal(kk, (B, K, S, H), dtype)  # head-major, as the KV cache
+    v = jax.random.normal(kv, (B, K, S, H), dtype)
     pads = np.where(np.arange(B) % 2 == 1, filled // 4, 0)
     slot = np.arange(S)[None, :]
     real_BS = (slot >= pads[:, None]) & (slot < filled)

@@ -157,12 +157,13 @@ def test_kv_cache_rules():
     cfg = qwen3.Qwen3Config.tiny()  # 2 kv heads
     cache = jax.eval_shape(lambda: qwen3.init_cache(cfg, 8, 32, jnp.bfloat16))
     sh = parallel.cache_shardings(cache, MESH_222)
-    assert sh.k.spec == sh.v.spec == P(None, ("data", "fsdp"), None, "tp", None)
+    assert len(sh.k) == len(sh.v) == cfg.num_layers
+    assert {x.spec for x in sh.k + sh.v} == {P(("data", "fsdp"), "tp", None, None)}
     assert sh.slot_mask.spec == P(("data", "fsdp"), None)
     assert sh.positions.spec == P(("data", "fsdp"))
     assert sh.index.spec == P()
     tp4 = AbstractMesh((2, 1, 4), parallel.AXES)  # 4 does not divide 2 kv heads
-    assert parallel.cache_shardings(cache, tp4).k.spec == P(None, ("data", "fsdp"), None, None, None)
+    assert parallel.cache_shardings(cache, tp4).k[0].spec == P(("data", "fsdp"), None, None, None)
 
 
 # ---------------------------------------------------------------------- placement / jit

@@ -104,12 +104,12 @@ def test_kv_cache_and_batch_fall_back_when_not_divisible():
     cfg = qwen3.Qwen3Config.tiny()  # 2 kv heads
     cache = jax.eval_shape(lambda: qwen3.init_cache(cfg, 4, 16, jnp.float32))
     sh = parallel.cache_shardings(cache, mesh_of("2x2x2"))
-    assert sh.k.spec == P(None, ("data", "fsdp"), None, "tp", None)
+    assert {x.spec for x in sh.k} == {P(("data", "fsdp"), "tp", None, None)}
     assert sh.slot_mask.spec == P(("data", "fsdp"), None)
     assert sh.positions.spec == P(("data", "fsdp"))
     assert sh.index.spec == P()
     tp8 = parallel.make_mesh(parallel.MeshConfig(data=1, fsdp=1, tp=8))
-    assert parallel.cache_shardings(cache, tp8).k.spec == P(None, ("data", "fsdp"), None, None, None)
+    assert parallel.cache_shardings(cache, tp8).k[0].spec == P(("data", "fsdp"), None, None, None)
     # batch 4 on data=8: not divisible -> replicated; batch 2 on 2x2x2 -> data only
     assert parallel.batch_sharding(mesh_of("8x1x1"), (4, 7)).spec == P("fsdp", None)
     assert parallel.batch_sharding(mesh_of("2x2x2"), (2, 7)).spec == P("data", None)
@@ -175,8 +175,8 @@ def test_greedy_sampler_matches_single_device(greedy_reference, ckpt, mesh_name)
         np.concatenate(got.logprobs), np.concatenate(want.logprobs), atol=1e-4
     )
     cache = next(iter(sampler._caches.values()))  # the donated cache stays on its shards
-    assert cache.k.sharding == parallel.cache_shardings(cache, mesh).k
-    assert cache.k.sharding.spec[1] is not None  # rows (B·n = 8) are split over the batch axes
+    assert tuple(x.sharding for x in cache.k) == parallel.cache_shardings(cache, mesh).k
+    assert cache.k[0].sharding.spec[0] is not None  # rows (B·n = 8) are split over the batch axes
     got2 = sampler.generate(PROMPTS, greedy_params(), n=2)
     assert got2.tokens == want.tokens and sampler.num_traces == 1
 
@@ -206,7 +206,7 @@ def test_prefix_cache_under_a_mesh_matches_single_device(prefixed_reference, ckp
         assert got.tokens == prefixed_reference.tokens
     entry = sampler.prefix_cache.entry
     assert entry.tokens == tuple(SHARED) and sampler.prefix_cache.num_builds == 1
-    assert entry.k_LyP.sharding == sampler.prefix_cache.kv_sharding(entry.slots)
+    assert tuple(x.sharding for x in entry.k_LyP) == sampler.prefix_cache.kv_sharding(entry.slots)
     np.testing.assert_allclose(
         np.concatenate(got.logprobs), np.concatenate(prefixed_reference.logprobs), atol=1e-4
     )

@@ -112,8 +112,8 @@ def test_single_prompt_sequence_settles_on_the_shared_part(model, prefixes):
     e2 = prefixes.plan([SYSTEM + HISTORIES[0]], graphdef, state)
     assert e2.tokens == tuple(SYSTEM) and e2.slots == 256
     # Causal attention: the compact prefix's keys/values are the first one's first slots.
-    np.testing.assert_allclose(e2.k_LyP[:, :, :150], e1.k_LyP[:, :, :150], atol=1e-5)
-    np.testing.assert_allclose(e2.v_LyP[:, :, :150], e1.v_LyP[:, :, :150], atol=1e-5)
+    for a, b in zip(e2.k_LyP + e2.v_LyP, e1.k_LyP + e1.v_LyP):  # per layer [1, K, P, H]
+        np.testing.assert_allclose(a[:, :, :150], b[:, :, :150], atol=1e-5)
     builds = prefixes.num_builds
     e3 = prefixes.plan([SYSTEM + h for h in HISTORIES], graphdef, state)
     assert e3 is e2 and prefixes.num_builds == builds
@@ -132,7 +132,7 @@ def test_weight_update_invalidates_the_prefix(model, prefixes):
     state2 = jax.tree.map(lambda x: x * 1.5, state)  # new arrays, like an optimizer update
     e2 = prefixes.plan(prompts, graphdef, state2)
     assert prefixes.num_builds == builds + 1 and e2 is not e1
-    assert not np.allclose(e2.k_LyP[:, :, :150], e1.k_LyP[:, :, :150])
+    assert not np.allclose(np.stack(e2.k_LyP)[..., :150, :], np.stack(e1.k_LyP)[..., :150, :])
     assert prefixes._program._cache_size() == programs  # weights are arguments: no retrace
 
 

@@ -15,7 +15,14 @@ computes it is a setting, read when a function is *traced*:
   flash-attention kernel: the ``[T, S]`` scores never reach HBM.
 * ``"auto"`` (the default) — ``"cudnn"`` on a GPU when the shapes and dtypes allow it
   (:func:`cudnn_unsupported_reason`), otherwise ``"plain"``; every fallback on a GPU is logged
-  once with its reason, and :func:`choices` counts what each traced call used.
+  once with its reason, and :func:`choices` counts what each traced call used. Decode steps
+  (one query per row) always take ``"plain"``: they only read the cache, which the plain path
+  does in place.
+
+Keys and values come head-major, ``[B, K, S, H]`` — the layout of the KV cache
+(:class:`sfjax.models.qwen3.KVCache`), so that the plain path's matmuls have their batch axes
+``(B, K)`` leading and XLA never rewrites the cache into another layout; the fused kernels get
+them swapped to ``[B, S, K, H]``.
 
 Rows with an empty visible set (a left-padding query sees no real key; a cache slot before a
 row's prompt) are defined as zero in the fused paths: the kernel is given one dummy visible key
@@ -124,33 +131,37 @@ def reset_choices() -> None:
 
 
 # ---------------------------------------------------------------------------------- maths
-def plain_attention(q_BTNH, k_BSKH, v_BSKH, visible_BTS):
+def plain_attention(q_BTNH, k_BKSH, v_BKSH, visible_BTS):
     """Reference grouped-query attention with float32 scores (paper IV: the Actor's decoder).
 
-    ``out[b, t, n] = Σ_s softmax_s(q[b,t,n]·k[b,s,n//G] / sqrt(H) | visible[b,t,s]) v[b,s,n//G]``;
+    ``out[b, t, n] = Σ_s softmax_s(q[b,t,n]·k[b,n//G,s] / sqrt(H) | visible[b,t,s]) v[b,n//G,s]``;
     an invisible key scores ``MASK_VALUE``, so a row that sees nothing averages all values.
+    Keys and values are head-major ``[B, K, S, H]`` (the KV cache's layout): both matmuls then
+    have their batch axes ``(B, K)`` leading and XLA reads the cache in place.
     """
     B, T, N, H = q_BTNH.shape
-    K = k_BSKH.shape[2]
+    K = k_BKSH.shape[1]
     q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
     logits_BKGTS = jnp.einsum(
-        "BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH.astype(q_BTNH.dtype),
+        "BTKGH,BKSH->BKGTS", q_BTKGH, k_BKSH.astype(q_BTNH.dtype),
         preferred_element_type=jnp.float32,
     ) * (H**-0.5)  # fmt: skip
     logits_BKGTS = jnp.where(visible_BTS[:, None, None], logits_BKGTS, MASK_VALUE)
     probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(q_BTNH.dtype)
-    out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH.astype(q_BTNH.dtype))
+    out_BTKGH = jnp.einsum("BKGTS,BKSH->BTKGH", probs_BKGTS, v_BKSH.astype(q_BTNH.dtype))
     return out_BTKGH.reshape(B, T, N, H)
 
 
-def fused_attention(q_BTNH, k_BSKH, v_BSKH, visible_BTS, implementation: str = "xla"):
+def fused_attention(q_BTNH, k_BKSH, v_BKSH, visible_BTS, implementation: str = "xla"):
     """The same attention through :func:`jax.nn.dot_product_attention` (``"xla"``/``"cudnn"``).
 
-    ``k``/``v`` are cast to the query dtype (the kernels want one dtype). A query row whose
-    visible set is empty gets one dummy visible key (slot 0) for the kernel and a zero output.
+    ``k``/``v`` are cast to the query dtype (the kernels want one dtype) and handed over in the
+    kernel's ``[B, S, K, H]`` order. A query row whose visible set is empty gets one dummy
+    visible key (slot 0) for the kernel and a zero output.
     """
     if implementation not in ("xla", "cudnn"):
         raise ValueError(f"fused_attention implements 'xla' or 'cudnn', got {implementation!r}")
+    k_BSKH, v_BSKH = k_BKSH.swapaxes(1, 2), v_BKSH.swapaxes(1, 2)
     S = k_BSKH.shape[1]
     dtype = q_BTNH.dtype
     any_BT = jnp.any(visible_BTS, axis=-1)
@@ -164,7 +175,7 @@ def fused_attention(q_BTNH, k_BSKH, v_BSKH, visible_BTS, implementation: str = "
 
 
 # ---------------------------------------------------------------------------------- dispatch
-def cudnn_unsupported_reason(q_BTNH, k_BSKH, backend: str | None = None) -> str | None:
+def cudnn_unsupported_reason(q_BTNH, k_BKSH, backend: str | None = None) -> str | None:
     """Why cuDNN flash attention cannot run this call (``None`` when it can).
 
     Static checks only (shapes, dtypes, backend), mirroring JAX's cuDNN checks: a GPU backend,
@@ -178,7 +189,7 @@ def cudnn_unsupported_reason(q_BTNH, k_BSKH, backend: str | None = None) -> str 
     if q_BTNH.dtype not in (jnp.bfloat16, jnp.float16):
         return f"dtype {q_BTNH.dtype} (cuDNN flash attention takes bf16/fp16)"
     _, T, N, H = q_BTNH.shape
-    _, S, K, _ = k_BSKH.shape
+    _, K, S, _ = k_BKSH.shape
     if H % 8 or H > 128:
         return f"head dim {H} (cuDNN needs a multiple of 8, <= 128)"
     if N % K:
@@ -198,19 +209,20 @@ def _fallback(reason: str) -> None:
         _log.warning("attention 'auto': cuDNN not used (%s); using the plain path", reason)
 
 
-def attention(q_BTNH, k_BSKH, v_BSKH, visible_BTS, implementation: str | None = None):
+def attention(q_BTNH, k_BKSH, v_BKSH, visible_BTS, implementation: str | None = None):
     """Grouped-query softmax attention with the selected implementation (module docstring).
 
     Args:
       q_BTNH: rotated queries.
-      k_BSKH, v_BSKH: keys/values (this call's, or the whole cache with ``S`` slots).
+      k_BKSH, v_BKSH: keys/values, head-major (this call's, or the whole cache with ``S``
+        slots).
       visible_BTS: True where query t may attend to slot s (causal and not padding).
       implementation: overrides the module setting for this call.
     """
     name = _check(implementation or _current[0])
     if name == "plain":
         _note("plain")
-        return plain_attention(q_BTNH, k_BSKH, v_BSKH, visible_BTS)
+        return plain_attention(q_BTNH, k_BKSH, v_BKSH, visible_BTS)
     if name == "cudnn" and jax.default_backend() != "gpu":
         raise ValueError(
             f"attention 'cudnn' needs a GPU (backend is {jax.default_backend()!r}); "
@@ -218,11 +230,17 @@ def attention(q_BTNH, k_BSKH, v_BSKH, visible_BTS, implementation: str | None = 
         )
     if name in ("xla", "cudnn"):
         _note(name)
-        return fused_attention(q_BTNH, k_BSKH, v_BSKH, visible_BTS, name)
-    reason = cudnn_unsupported_reason(q_BTNH, k_BSKH)
+        return fused_attention(q_BTNH, k_BKSH, v_BKSH, visible_BTS, name)
+    if q_BTNH.shape[1] == 1:
+        # A decode step: one query per row, memory-bound on reading the cache. The plain path
+        # reads it in place; the kernel would want the cache in [B, S, K, H] order (a copy of
+        # every layer's cache per step) and has no [T, S] scores to save at T = 1.
+        _note("auto->plain")
+        return plain_attention(q_BTNH, k_BKSH, v_BKSH, visible_BTS)
+    reason = cudnn_unsupported_reason(q_BTNH, k_BKSH)
     if reason is None:
         try:
-            out = fused_attention(q_BTNH, k_BSKH, v_BSKH, visible_BTS, "cudnn")
+            out = fused_attention(q_BTNH, k_BKSH, v_BKSH, visible_BTS, "cudnn")
         except (NotImplementedError, RuntimeError, ValueError) as e:  # rejected while tracing
             reason = f"cuDNN rejected the call: {e}"
         else:
@@ -230,7 +248,7 @@ def attention(q_BTNH, k_BSKH, v_BSKH, visible_BTS, implementation: str | None = 
             return out
     _fallback(reason)
     _note("auto->plain")
-    return plain_attention(q_BTNH, k_BSKH, v_BSKH, visible_BTS)
+    return plain_attention(q_BTNH, k_BKSH, v_BKSH, visible_BTS)
 
 
 __all__ = [

@@ -219,13 +219,17 @@ class Qwen3Config:
 class KVCache:
     """Per-layer keys/values of a batch decoding in lockstep (see the module contract).
 
-    ``k``/``v`` are ``[L, B, S, K, H]``; ``slot_mask`` ``[B, S]`` marks slots holding real tokens;
-    ``positions`` ``[B]`` is the RoPE position of each row's next real token; ``index`` is the
-    next slot to write, shared by all rows.
+    ``k``/``v`` hold one array ``[B, K, S, H]`` per layer: each layer's keys and values are a
+    buffer of their own, head-major, so a decode step writes its slot in place and the
+    attention matmuls read the buffer as it is (a stacked ``[L, ...]`` array or a slot-major
+    layout makes XLA copy every layer's cache at every step, see :mod:`sfjax.models.attention`).
+    ``slot_mask`` ``[B, S]`` marks slots holding real tokens; ``positions`` ``[B]`` is the RoPE
+    position of each row's next real token; ``index`` is the next slot to write, shared by all
+    rows.
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
     slot_mask: jax.Array
     positions: jax.Array
     index: jax.Array
@@ -233,13 +237,18 @@ class KVCache:
     @property
     def max_len(self) -> int:
         """Number of slots S."""
-        return self.k.shape[2]
+        return self.k[0].shape[2]
+
+    @property
+    def batch_size(self) -> int:
+        """Number of rows B."""
+        return self.k[0].shape[0]
 
     def repeat(self, n: int) -> KVCache:
         """Each row repeated ``n`` times consecutively (row b -> rows b*n .. b*n+n-1)."""
         return KVCache(
-            k=jnp.repeat(self.k, n, axis=1),
-            v=jnp.repeat(self.v, n, axis=1),
+            k=tuple(jnp.repeat(x, n, axis=0) for x in self.k),
+            v=tuple(jnp.repeat(x, n, axis=0) for x in self.v),
             slot_mask=jnp.repeat(self.slot_mask, n, axis=0),
             positions=jnp.repeat(self.positions, n, axis=0),
             index=self.index,
@@ -257,10 +266,10 @@ def init_cache(
 
         make = lambda: init_cache(config, batch_size, max_len, dtype)  # noqa: E731
         return jax.jit(make, out_shardings=cache_shardings(jax.eval_shape(make), mesh))()
-    shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.head_dim)
+    shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
     return KVCache(
-        k=jnp.zeros(shape, dtype),
-        v=jnp.zeros(shape, dtype),
+        k=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+        v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
         slot_mask=jnp.zeros((batch_size, max_len), bool),
         positions=jnp.zeros((batch_size,), jnp.int32),
         index=jnp.zeros((), jnp.int32),
@@ -300,14 +309,15 @@ def positions_from_mask(mask_BT, start_B=None):
     return jnp.maximum(pos_BT, 0)
 
 
-def attention(q_BTNH, k_BSKH, v_BSKH, visible_BTS):
-    """Grouped-query softmax attention; ``visible`` marks the keys each query may see.
+def attention(q_BTNH, k_BKSH, v_BKSH, visible_BTS):
+    """Grouped-query softmax attention over head-major keys / values; ``visible`` marks the keys
+    each query may see.
 
     The kernel (plain f32 scores, XLA or cuDNN fused) is chosen by :mod:`sfjax.models.attention`.
     """
     from sfjax.models.attention import attention as _attention
 
-    return _attention(q_BTNH, k_BSKH, v_BSKH, visible_BTS)
+    return _attention(q_BTNH, k_BKSH, v_BKSH, visible_BTS)
 
 
 # --------------------------------------------------------------------------------- modules
@@ -372,17 +382,18 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype=dtype)
 
     def project_qkv(self, x_BTD, cos_BTH, sin_BTH):
-        """Rotated queries ``[B, T, N, H]`` and keys / values ``[B, T, K, H]``."""
+        """Rotated queries ``[B, T, N, H]`` and head-major keys / values ``[B, K, T, H]``."""
         c = self.config
         B, T, _ = x_BTD.shape
         q_BTNH = self.q_norm(self.q_proj(x_BTD).reshape(B, T, c.num_heads, c.head_dim))
         k_BTKH = self.k_norm(self.k_proj(x_BTD).reshape(B, T, c.num_kv_heads, c.head_dim))
         v_BTKH = self.v_proj(x_BTD).reshape(B, T, c.num_kv_heads, c.head_dim)
-        return apply_rope(q_BTNH, cos_BTH, sin_BTH), apply_rope(k_BTKH, cos_BTH, sin_BTH), v_BTKH
+        k_BTKH = apply_rope(k_BTKH, cos_BTH, sin_BTH)
+        return apply_rope(q_BTNH, cos_BTH, sin_BTH), k_BTKH.swapaxes(1, 2), v_BTKH.swapaxes(1, 2)
 
     def __call__(self, x_BTD, cos_BTH, sin_BTH, visible_BTS):
-        q_BTNH, k_BTKH, v_BTKH = self.project_qkv(x_BTD, cos_BTH, sin_BTH)
-        out_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, visible_BTS)
+        q_BTNH, k_BKTH, v_BKTH = self.project_qkv(x_BTD, cos_BTH, sin_BTH)
+        out_BTNH = attention(q_BTNH, k_BKTH, v_BKTH, visible_BTS)
         return self.o_proj(out_BTNH.reshape(*x_BTD.shape[:2], -1))
 
 
@@ -414,17 +425,18 @@ class DecoderLayer(nnx.Module):
         x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos_BTH, sin_BTH, visible_BTS)
         return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
 
-    def cached(self, x_BTD, cos_BTH, sin_BTH, visible_BTS, k_LBSKH, v_LBSKH, layer: int, index):
-        """Like ``__call__``, but writes this call's k/v into layer ``layer`` of the cache at slot
-        ``index`` (in place under jit with a donated cache) and attends to the cached slots."""
+    def cached(self, x_BTD, cos_BTH, sin_BTH, visible_BTS, k_BKSH, v_BKSH, index):
+        """Like ``__call__``, but writes this call's k/v into this layer's cache ``k``/``v`` at
+        slot ``index`` (in place under jit with a donated cache) and attends to the cached
+        slots; returns ``(x, k, v)``."""
         attn = self.self_attn
-        q_BTNH, k_BTKH, v_BTKH = attn.project_qkv(self.input_layernorm(x_BTD), cos_BTH, sin_BTH)
-        at = (layer, 0, index, 0, 0)
-        k_LBSKH = jax.lax.dynamic_update_slice(k_LBSKH, k_BTKH[None].astype(k_LBSKH.dtype), at)
-        v_LBSKH = jax.lax.dynamic_update_slice(v_LBSKH, v_BTKH[None].astype(v_LBSKH.dtype), at)
-        out_BTNH = attention(q_BTNH, k_LBSKH[layer], v_LBSKH[layer], visible_BTS)
+        q_BTNH, k_BKTH, v_BKTH = attn.project_qkv(self.input_layernorm(x_BTD), cos_BTH, sin_BTH)
+        at = (0, 0, index, 0)
+        k_BKSH = jax.lax.dynamic_update_slice(k_BKSH, k_BKTH.astype(k_BKSH.dtype), at)
+        v_BKSH = jax.lax.dynamic_update_slice(v_BKSH, v_BKTH.astype(v_BKSH.dtype), at)
+        out_BTNH = attention(q_BTNH, k_BKSH, v_BKSH, visible_BTS)
         x_BTD = x_BTD + attn.o_proj(out_BTNH.reshape(*x_BTD.shape[:2], -1))
-        return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD)), k_LBSKH, v_LBSKH
+        return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD)), k_BKSH, v_BKSH
 
 
 class Qwen3(nnx.Module):
@@ -518,8 +530,10 @@ class Qwen3(nnx.Module):
 
     def _cached_forward(self, x_BTD, mask_BT, cache: KVCache):
         B, T = mask_BT.shape
-        if cache.k.shape[1] != B:
-            raise ValueError(f"cache batch {cache.k.shape[1]} != input batch {B}")
+        if cache.batch_size != B:
+            raise ValueError(f"cache batch {cache.batch_size} != input batch {B}")
+        if len(cache.k) != len(self.layers):
+            raise ValueError(f"cache has {len(cache.k)} layers, the model {len(self.layers)}")
         S = cache.max_len
         index = cache.index
         pos_BT = positions_from_mask(mask_BT, cache.positions)
@@ -528,15 +542,17 @@ class Qwen3(nnx.Module):
         query_slot_T = index + jnp.arange(T)
         causal_TS = jnp.arange(S)[None, :] <= query_slot_T[:, None]
         visible_BTS = causal_TS[None] & slot_mask_BS[:, None, :]
-        k_LBSKH, v_LBSKH = cache.k, cache.v
-        for i, layer in enumerate(self.layers):
-            x_BTD, k_LBSKH, v_LBSKH = layer.cached(
-                x_BTD, cos_BTH, sin_BTH, visible_BTS, k_LBSKH, v_LBSKH, i, index
+        ks, vs = [], []
+        for layer, k_BKSH, v_BKSH in zip(self.layers, cache.k, cache.v):
+            x_BTD, k_BKSH, v_BKSH = layer.cached(
+                x_BTD, cos_BTH, sin_BTH, visible_BTS, k_BKSH, v_BKSH, index
             )
             x_BTD = shard_activation(x_BTD)
+            ks.append(k_BKSH)
+            vs.append(v_BKSH)
         new_cache = KVCache(
-            k=k_LBSKH,
-            v=v_LBSKH,
+            k=tuple(ks),
+            v=tuple(vs),
             slot_mask=slot_mask_BS,
             positions=cache.positions + mask_BT.sum(axis=1, dtype=jnp.int32),
             index=index + T,

@@ -28,7 +28,7 @@ down_proj.kernel            (mlp, embed)              (tp, fsdp)
 lm_head.kernel DV           (embed, vocab)            (fsdp, tp)
 norm weights, RNG state     replicated                replicated
 LoRA A [in, r] / B [r, out] (base in, -) / (-, base out)  follow the base kernel
-KV cache k/v LBSKH          (-, batch, -, kv_heads, -)    (-, (data, fsdp), -, tp, -)
+KV cache k/v BKSH per layer (batch, kv_heads, -, -)   ((data, fsdp), tp, -, -)
 cache slot_mask BS / pos B  (batch, -) / (batch,)     ((data, fsdp), -)
 activations / token ids BT  (batch, ...)              ((data, fsdp), ...)
 ==========================  ========================  ===========================

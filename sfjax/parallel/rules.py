@@ -45,8 +45,8 @@ PARAM_AXES: dict[tuple[str, str], tuple[str | None, ...]] = {
 :class:`sfjax.models.qwen3.Qwen3` with more than one dimension."""
 
 KV_CACHE_AXES: dict[str, tuple[str | None, ...]] = {
-    "k": ("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
-    "v": ("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
+    "k": ("batch", "kv_heads", "cache_seq", "head_dim"),  # each layer's array
+    "v": ("batch", "kv_heads", "cache_seq", "head_dim"),
     "slot_mask": ("batch", "cache_seq"),
     "positions": ("batch",),
     "index": (),
@@ -165,10 +165,16 @@ def state_shardings(state, mesh: Mesh, rules: Rules | None = None):
 
 
 def cache_shardings(cache, mesh: Mesh, rules: Rules | None = None):
-    """A :class:`~sfjax.models.qwen3.KVCache` whose fields are their ``NamedSharding``."""
+    """A :class:`~sfjax.models.qwen3.KVCache` whose fields are their ``NamedSharding`` (``k`` /
+    ``v``: one per layer)."""
+
+    def one(axes, leaf):
+        return NamedSharding(mesh, logical_to_spec(axes, np.shape(leaf), mesh, rules))
+
     return cache.replace(**{
-        name: NamedSharding(mesh, logical_to_spec(axes, np.shape(getattr(cache, name)), mesh, rules))
+        name: (tuple(one(axes, x) for x in value) if isinstance(value, tuple) else one(axes, value))
         for name, axes in KV_CACHE_AXES.items()
+        for value in [getattr(cache, name)]
     })  # fmt: skip
 
 

@@ -32,7 +32,7 @@ def decode_loop(
     """The jitted program: prefill, copy for ``n``, decode until all rows are done.
 
     ``prefix`` (optional, :mod:`sfjax.sampling.prefix`): ``dict(k=, v=, length=)`` with the
-    cached keys/values ``[Ly, 1, P, K, H]`` of a token prefix shared by every prompt and its
+    cached keys/values (one ``[1, K, P, H]`` per layer) of a token prefix shared by every prompt and its
     length; the prompts in ``ids_BT`` are then only what follows it. The prefix fills slots
     ``[0, P)`` of every row, the prompts are prefilled after it.
 
@@ -51,8 +51,8 @@ def decode_loop(
     B, T = ids_BT.shape
     N = B * n
     M = rows["tokens_init_NM"].shape[1]
-    Ly, _, S, KV, H = cache.k.shape
-    P = prefix["k"].shape[2] if prefix is not None else 0
+    _, KV, S, H = cache.k[0].shape
+    P = prefix["k"][0].shape[2] if prefix is not None else 0
     if n == 1:  # the donated cache is reused; stale slots are masked out
         work = cache.replace(
             slot_mask=jnp.zeros_like(cache.slot_mask),
@@ -61,15 +61,18 @@ def decode_loop(
         )
     else:  # prefill B rows over the prompt slots only, then copy each row n times (RfR)
         work = KVCache(
-            k=jnp.zeros((Ly, B, P + T, KV, H), cache.k.dtype),
-            v=jnp.zeros((Ly, B, P + T, KV, H), cache.v.dtype),
+            k=tuple(jnp.zeros((B, KV, P + T, H), x.dtype) for x in cache.k),
+            v=tuple(jnp.zeros((B, KV, P + T, H), x.dtype) for x in cache.v),
             slot_mask=jnp.zeros((B, P + T), bool),
             positions=jnp.zeros((B,), jnp.int32),
             index=jnp.zeros_like(cache.index),
         )
     if prefix is not None:  # cached prefix in slots [0, P) of every row, prompts after it
-        put = lambda c, x: jax.lax.dynamic_update_slice(  # noqa: E731
-            c, jnp.broadcast_to(x, (Ly, B, P, KV, H)).astype(c.dtype), (0, 0, 0, 0, 0)
+        put = lambda cs, xs: tuple(  # noqa: E731
+            jax.lax.dynamic_update_slice(
+                c, jnp.broadcast_to(x, (B, KV, P, H)).astype(c.dtype), (0, 0, 0, 0)
+            )
+            for c, x in zip(cs, xs)
         )
         work = work.replace(
             k=put(work.k, prefix["k"]),
@@ -87,8 +90,9 @@ def decode_loop(
     if n == 1:
         cache = work
     else:  # written into the donated N-row cache: peak memory one N-row cache + B prompt rows
-        into = lambda c, x: jax.lax.dynamic_update_slice(  # noqa: E731
-            c, jnp.repeat(x, n, axis=1), (0, 0, 0, 0, 0)
+        into = lambda cs, xs: tuple(  # noqa: E731
+            jax.lax.dynamic_update_slice(c, jnp.repeat(x, n, axis=0), (0, 0, 0, 0))
+            for c, x in zip(cs, xs)
         )
         cache = cache.replace(
             k=into(cache.k, work.k),

@@ -71,7 +71,8 @@ def shared_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
 
 @dataclass
 class CachedPrefix:
-    """Keys/values of ``tokens`` in slots ``[0, len(tokens))`` of ``k``/``v`` ``[Ly, 1, P, K, H]``."""
+    """Keys/values of ``tokens`` in slots ``[0, len(tokens))`` of ``k``/``v`` (one
+    ``[1, K, P, H]`` per layer)."""
 
     tokens: tuple[int, ...]
     k_LyP: jax.Array
@@ -80,7 +81,7 @@ class CachedPrefix:
 
     @property
     def slots(self) -> int:
-        return int(self.k_LyP.shape[2])
+        return int(self.k_LyP[0].shape[2])
 
 
 def _prefill_prefix(graphdef, state, k_LyP, v_LyP, ids_1P, mask_1P):

@@ -45,19 +45,19 @@ def chunk_tokens(vocab_size: int, requested: int = 0) -> int:
     return max(1, AUTO_CHUNK_BYTES // (4 * int(vocab_size)))
 
 
-def _block(layer, x_BTD, cos_BTH, sin_BTH, visible_BTS, prefix_k_BSKH=None, prefix_v_BSKH=None):
+def _block(layer, x_BTD, cos_BTH, sin_BTH, visible_BTS, prefix_k_BKSH=None, prefix_v_BKSH=None):
     """One decoder layer (as ``DecoderLayer.__call__``) that also returns this call's k / v and
     attends to ``prefix_k`` / ``prefix_v`` (earlier tokens' keys / values) before its own."""
     attn = layer.self_attn
-    q_BTNH, k_BTKH, v_BTKH = attn.project_qkv(layer.input_layernorm(x_BTD), cos_BTH, sin_BTH)
-    k_all, v_all = k_BTKH, v_BTKH
-    if prefix_k_BSKH is not None:
-        k_all = jnp.concatenate([prefix_k_BSKH.astype(k_BTKH.dtype), k_BTKH], axis=1)
-        v_all = jnp.concatenate([prefix_v_BSKH.astype(v_BTKH.dtype), v_BTKH], axis=1)
+    q_BTNH, k_BKTH, v_BKTH = attn.project_qkv(layer.input_layernorm(x_BTD), cos_BTH, sin_BTH)
+    k_all, v_all = k_BKTH, v_BKTH
+    if prefix_k_BKSH is not None:
+        k_all = jnp.concatenate([prefix_k_BKSH.astype(k_BKTH.dtype), k_BKTH], axis=2)
+        v_all = jnp.concatenate([prefix_v_BKSH.astype(v_BKTH.dtype), v_BKTH], axis=2)
     out_BTNH = qwen3.attention(q_BTNH, k_all, v_all, visible_BTS)
     x_BTD = x_BTD + attn.o_proj(out_BTNH.reshape(*x_BTD.shape[:2], -1))
     x_BTD = x_BTD + layer.mlp(layer.post_attention_layernorm(x_BTD))
-    return x_BTD, k_BTKH, v_BTKH
+    return x_BTD, k_BKTH, v_BKTH
 
 
 def _remat(model, remat: bool) -> bool:
@@ -100,7 +100,7 @@ def decoder_states(model, ids_BT, mask_BT, *, remat: bool = False):
 
 
 def prefix_states(model, ids_BP, mask_BP, *, remat: bool = False):
-    """Run a (left-padded) prefix; returns ``(kv, mask_BP)`` with ``kv`` one ``(k_BPKH, v_BPKH)``
+    """Run a (left-padded) prefix; returns ``(kv, mask_BP)`` with ``kv`` one ``(k_BKPH, v_BKPH)``
     per layer, for :func:`continuation_states`. The prefix's own LM head is never computed."""
     remat = _remat(model, remat)
     x_BPD, cos_BPH, sin_BPH, visible_BPS, mask_BP = _causal_inputs(model, ids_BP, mask_BP)
@@ -109,11 +109,11 @@ def prefix_states(model, ids_BP, mask_BP, *, remat: bool = False):
     for i, layer in enumerate(model.layers):
         if i == n - 1:  # the last layer's output is unused: only its keys / values are needed
             x_n = layer.input_layernorm(x_BPD)
-            _, k_BPKH, v_BPKH = layer.self_attn.project_qkv(x_n, cos_BPH, sin_BPH)
+            _, k_BKPH, v_BKPH = layer.self_attn.project_qkv(x_n, cos_BPH, sin_BPH)
         else:
-            x_BPD, k_BPKH, v_BPKH = _run_block(layer, remat, x_BPD, cos_BPH, sin_BPH, visible_BPS)
+            x_BPD, k_BKPH, v_BKPH = _run_block(layer, remat, x_BPD, cos_BPH, sin_BPH, visible_BPS)
             x_BPD = shard_activation(x_BPD)
-        kv.append((k_BPKH, v_BPKH))
+        kv.append((k_BKPH, v_BKPH))
     return kv, mask_BP
 
 
@@ -131,8 +131,8 @@ def continuation_states(model, prefix, ids_BT, mask_BT, *, remat: bool = False):
     own_BTT = jnp.tril(jnp.ones((T, T), bool))[None] & mask_BT[:, None, :]
     prefix_BTS = jnp.broadcast_to(prefix_mask_BS[:, None, :], (mask_BT.shape[0], T, prefix_mask_BS.shape[1]))
     visible_BTS = jnp.concatenate([prefix_BTS, own_BTT], axis=2)
-    for layer, (k_BSKH, v_BSKH) in zip(model.layers, kv):
-        x_BTD, _, _ = _run_block(layer, remat, x_BTD, cos_BTH, sin_BTH, visible_BTS, k_BSKH, v_BSKH)
+    for layer, (k_BKSH, v_BKSH) in zip(model.layers, kv):
+        x_BTD, _, _ = _run_block(layer, remat, x_BTD, cos_BTH, sin_BTH, visible_BTS, k_BKSH, v_BKSH)
         x_BTD = shard_activation(x_BTD)
     return model.norm(x_BTD)
 

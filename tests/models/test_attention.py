@@ -21,10 +21,11 @@ BF16_TOL = 2e-2
 
 
 def numpy_attention(q, k, v, visible):
-    """Float64 loop: per (b, t, n) softmax over the visible slots; rows seeing nothing -> None."""
+    """Float64 loop: per (b, t, n) softmax over the visible slots; rows seeing nothing -> None.
+    ``k``/``v`` are head-major ``[B, K, S, H]``."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     B, T, N, H = q.shape
-    G = N // k.shape[2]
+    G = N // k.shape[1]
     out = np.zeros((B, T, N, H))
     for b in range(B):
         for t in range(T):
@@ -33,17 +34,17 @@ def numpy_attention(q, k, v, visible):
                 if not vis.any():
                     out[b, t, n] = np.nan
                     continue
-                s = k[b, vis, n // G] @ q[b, t, n] / np.sqrt(H)
+                s = k[b, n // G, vis] @ q[b, t, n] / np.sqrt(H)
                 p = np.exp(s - s.max())
-                out[b, t, n] = (p / p.sum()) @ v[b, vis, n // G]
+                out[b, t, n] = (p / p.sum()) @ v[b, n // G, vis]
     return out
 
 
 def random_qkv(B, T, S, N, K, H, seed=0, dtype=jnp.float32):
     kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
     q = jax.random.normal(kq, (B, T, N, H), jnp.float32).astype(dtype)
-    k = jax.random.normal(kk, (B, S, K, H), jnp.float32).astype(dtype)
-    v = jax.random.normal(kv, (B, S, K, H), jnp.float32).astype(dtype)
+    k = jax.random.normal(kk, (B, K, S, H), jnp.float32).astype(dtype)
+    v = jax.random.normal(kv, (B, K, S, H), jnp.float32).astype(dtype)
     return q, k, v
 
 
@@ -78,7 +79,7 @@ def test_rows_that_see_nothing_are_finite_and_zero_in_the_fused_path():
     assert empty.sum() == 4
     assert np.all(fused[empty] == 0)
     # the plain path averages every value there (uniform softmax over MASK_VALUE scores)
-    np.testing.assert_allclose(plain[0, 0], np.asarray(v[0]).mean(0).repeat(2, 0), atol=1e-5)
+    np.testing.assert_allclose(plain[0, 0], np.asarray(v[0]).mean(1).repeat(2, 0), atol=1e-5)
     np.testing.assert_allclose(fused[~empty], plain[~empty], atol=F32_TOL, rtol=0)
 
 
@@ -106,7 +107,7 @@ def test_cache_with_empty_slots_ignores_their_contents():
     slot[1, 0:9] = True
     slot[2, 8] = True  # a row whose only real token is the one being decoded
     visible = jnp.asarray(slot[:, None, :] & (np.arange(S) <= 8)[None, None, :])
-    garbage = jnp.where(jnp.asarray(slot)[:, :, None, None], 0.0, 1e4)
+    garbage = jnp.where(jnp.asarray(slot)[:, None, :, None], 0.0, 1e4)
     k_bad, v_bad = k + garbage, v - garbage
     ref = numpy_attention(q, k, v, np.asarray(visible))
     for impl in ("plain", "xla"):
@@ -176,15 +177,27 @@ def test_auto_is_plain_off_gpu_and_cudnn_rules():
         assert attn.choices() == {"auto->plain": 1}
         np.testing.assert_array_equal(out, attn.plain_attention(q, k, v, visible))
     bf = jnp.zeros((2, 64, 32, 128), jnp.bfloat16)
-    kv = jnp.zeros((2, 64, 8, 128), jnp.bfloat16)
+    kv = jnp.zeros((2, 8, 64, 128), jnp.bfloat16)  # head-major [B, K, S, H]
     why = attn.cudnn_unsupported_reason
     assert why(bf, kv, backend="gpu") is None  # Qwen3-4B training shapes
     assert why(bf[:, :1], kv, backend="gpu") is None  # decode step over a cache
     assert "backend" in why(bf, kv, backend="cpu")
     assert "dtype" in why(bf.astype(jnp.float32), kv, backend="gpu")
     assert "head dim" in why(bf[..., :100], kv[..., :100], backend="gpu")
-    assert "odd" in why(bf[:, :63], kv[:, :63], backend="gpu")
+    assert "odd" in why(bf[:, :63], kv[:, :, :63], backend="gpu")
     assert why(bf[:, :63], kv, backend="gpu") is None  # cached prefill of T - 1 columns
+
+
+def test_auto_takes_the_plain_path_for_decode_steps():
+    """One query per row (a decode step) reads the cache in place on every backend: "auto"
+    never hands it to a fused kernel (which would want the cache copied into [B, S, K, H])."""
+    q, k, v = random_qkv(2, 1, 12, 4, 2, 16, seed=4)
+    visible = jnp.asarray(np.arange(12)[None, None, :] <= np.array([[[11]], [[7]]]))
+    attn.reset_choices()
+    with attn.implementation("auto"):
+        out = attn.attention(q, k, v, visible)
+    assert attn.choices() == {"auto->plain": 1}
+    np.testing.assert_allclose(out, numpy_attention(q, k, v, np.asarray(visible)), atol=F32_TOL)
 
 
 def test_switching_retraces_already_jitted_functions():

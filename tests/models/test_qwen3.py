@@ -178,7 +178,7 @@ def test_cache_repeat_matches_repeated_prefill(tiny_model):
     cache = init_cache(tiny_model.config, 2, 8, jnp.float32)
     _, cache = forward_cached(tiny_model, ids, mask, cache)
     rep = cache.repeat(3)
-    assert isinstance(rep, KVCache) and rep.k.shape[1] == 6 and rep.slot_mask.shape == (6, 8)
+    assert isinstance(rep, KVCache) and rep.batch_size == 6 and rep.slot_mask.shape == (6, 8)
     ref_cache = init_cache(tiny_model.config, 6, 8, jnp.float32)
     _, ref_cache = forward_cached(
         tiny_model, np.repeat(ids, 3, 0), np.repeat(mask, 3, 0), ref_cache
@@ -210,7 +210,7 @@ def test_qwen3_4b_preset_shapes_without_memory():
     assert model.lm_head is None and len(model.layers) == 36
     # KV cache per token in bf16: 2 (k, v) * 36 layers * 8 heads * 128 * 2 bytes = 144 KiB.
     cache = jax.eval_shape(lambda: init_cache(cfg, 1, 1, jnp.bfloat16))
-    assert cache.k.size * 2 * 2 == 144 * 1024
+    assert len(cache.k) == 36 and sum(x.size for x in cache.k) * 2 * 2 == 144 * 1024
 
 
 def test_tiny_presets_match_the_test_checkpoints(tiny_checkpoint, tiny_checkpoint_untied):
