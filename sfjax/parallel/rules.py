@@ -171,11 +171,12 @@ def cache_shardings(cache, mesh: Mesh, rules: Rules | None = None):
     def one(axes, leaf):
         return NamedSharding(mesh, logical_to_spec(axes, np.shape(leaf), mesh, rules))
 
-    return cache.replace(**{
-        name: (tuple(one(axes, x) for x in value) if isinstance(value, tuple) else one(axes, value))
-        for name, axes in KV_CACHE_AXES.items()
-        for value in [getattr(cache, name)]
-    })  # fmt: skip
+    fields = {}
+    for name, axes in KV_CACHE_AXES.items():
+        value = getattr(cache, name)
+        per_layer = isinstance(value, tuple)
+        fields[name] = tuple(one(axes, x) for x in value) if per_layer else one(axes, value)
+    return cache.replace(**fields)
 
 
 def batch_sharding(mesh: Mesh, shape: Sequence[int], batch_dim: int = 0,

@@ -32,9 +32,9 @@ def decode_loop(
     """The jitted program: prefill, copy for ``n``, decode until all rows are done.
 
     ``prefix`` (optional, :mod:`sfjax.sampling.prefix`): ``dict(k=, v=, length=)`` with the
-    cached keys/values (one ``[1, K, P, H]`` per layer) of a token prefix shared by every prompt and its
-    length; the prompts in ``ids_BT`` are then only what follows it. The prefix fills slots
-    ``[0, P)`` of every row, the prompts are prefilled after it.
+    cached keys/values (one ``[1, K, P, H]`` per layer) of a token prefix shared by every
+    prompt and its length; the prompts in ``ids_BT`` are then only what follows it. The prefix
+    fills slots ``[0, P)`` of every row, the prompts are prefilled after it.
 
     ``key`` holds one typed key per prompt ``[B]``; sample ``j`` of prompt ``b`` draws its token
     at step ``t`` with ``fold_in(fold_in(key[b], j), t)``, so a completion depends only on its
