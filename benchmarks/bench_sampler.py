@@ -11,7 +11,8 @@ prefill included), median of ``--repeats`` interleaved runs, the ratio sfjax / t
 same ratio in process CPU time (robust to other jobs on a shared CPU). Next to them, the
 weight-read bound: every decode step reads all weights once, so batch x (measured read
 bandwidth over a buffer of the weights' size, the better of one XLA pass and torch's sum on all
-cores) / (weight bytes) bounds decode tokens/s for any implementation; a "5x transformers / bound" above 1 means the 5x target is beyond it.
+cores) / (weight bytes) bounds decode tokens/s for any implementation; a "5x transformers /
+bound" above 1 means the 5x target is beyond it.
 sfjax's compile time is excluded from its figure (one warm-up call first) and listed
 separately; transformers needs no compilation.
 
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
 import time
 
@@ -46,26 +46,19 @@ def weight_stream_gbps(n_bytes: int, repeats: int = 20) -> tuple[float, float]:
     import jax.numpy as jnp
     import torch
 
-    def median_s(f):
-        f()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            f()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-
     x = jnp.ones((n_bytes // 4,), jnp.float32)
     f = jax.jit(jnp.sum)
-    xla = n_bytes / median_s(lambda: f(x).block_until_ready()) / 1e9
     t = torch.ones(n_bytes // 4, dtype=torch.float32)
+    fns = [lambda: f(x).block_until_ready(), lambda: t.sum()]
     threads = torch.get_num_threads()
     torch.set_num_threads(os.cpu_count() or 1)
     try:
-        tor = n_bytes / median_s(lambda: t.sum()) / 1e9
+        for fn in fns:  # compile / warm up
+            fn()
+        (xla_s, _), (torch_s, _) = interleaved_medians(fns, repeats)
     finally:
         torch.set_num_threads(threads)
-    return xla, tor
+    return n_bytes / xla_s / 1e9, n_bytes / torch_s / 1e9
 
 
 def bench(name, checkpoint, batch, prompt_len, new_tokens, mode, repeats) -> dict:
