@@ -168,15 +168,13 @@ def cache_shardings(cache, mesh: Mesh, rules: Rules | None = None):
     """A :class:`~sfjax.models.qwen3.KVCache` whose fields are their ``NamedSharding`` (``k`` /
     ``v``: one per layer)."""
 
-    def one(axes, leaf):
-        return NamedSharding(mesh, logical_to_spec(axes, np.shape(leaf), mesh, rules))
+    def field(name, axes):
+        return jax.tree.map(
+            lambda leaf: NamedSharding(mesh, logical_to_spec(axes, np.shape(leaf), mesh, rules)),
+            getattr(cache, name),
+        )
 
-    fields = {}
-    for name, axes in KV_CACHE_AXES.items():
-        value = getattr(cache, name)
-        per_layer = isinstance(value, tuple)
-        fields[name] = tuple(one(axes, x) for x in value) if per_layer else one(axes, value)
-    return cache.replace(**fields)
+    return cache.replace(**{name: field(name, axes) for name, axes in KV_CACHE_AXES.items()})
 
 
 def batch_sharding(mesh: Mesh, shape: Sequence[int], batch_dim: int = 0,
