@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sfjax.models.kv_cache import KVCache, init_cache
+from sfjax.models.matmul import matmul
 from sfjax.parallel import shard_activation
 
 
@@ -273,8 +274,7 @@ class Linear(nnx.Module):
         self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), dtype))
 
     def __call__(self, x):
-        kernel = self.kernel[...]
-        return jnp.dot(x.astype(kernel.dtype), kernel)
+        return matmul(x, self.kernel[...])
 
 
 class RMSNorm(nnx.Module):
@@ -300,11 +300,7 @@ class Embedding(nnx.Module):
 
     def attend(self, x_BTD):
         """Float32 logits ``x @ embedding.T``."""
-        table_VD = self.embedding[...]
-        return jnp.einsum(
-            "BTD,VD->BTV", x_BTD.astype(table_VD.dtype), table_VD,
-            preferred_element_type=jnp.float32,
-        )  # fmt: skip
+        return matmul(x_BTD, self.embedding[...], jnp.float32, w_is_OI=True)
 
 
 class Attention(nnx.Module):
