@@ -1,13 +1,20 @@
 """KTO train-step time: sfjax ``KTOTrainer`` (jitted, LoRA) vs TRL ``KTOTrainer`` + PEFT LoRA.
 
 Both train LoRA r=16 (alpha 32, q/k/v/o/gate/up/down, no dropout) on the same random
-Qwen3-architecture checkpoint (written by :func:`sfjax.testing.write_tiny_checkpoint`), float32,
-on the same CPU in one process, with the same data: ``--batch`` examples per step (KL pairs
+Qwen3-architecture checkpoint (written by :func:`sfjax.testing.write_tiny_checkpoint`) in the
+same precision (``--precision``, below), on the same CPU in one process, with the same data: ``--batch`` examples per step (KL pairs
 rolled within the batch, loss "kto", reference = adapters off), every sequence exactly
 ``--prompt-len`` prompt tokens + ``--completion-len`` completion tokens (digits, one token each,
 plus EOS), so neither side pays for padding the other does not. Per optimizer step both run
 the same work: policy forward+backward on the batch, policy forward on the KL rows, reference
 forward on both, AdamW.
+
+Precision (``--precision``): ``bf16`` (default) = base weights in bf16 on both sides, TRL with
+its default ``bf16=True`` (matmuls under ``torch.autocast``), LoRA A/B in float32 on both (PEFT's
+``autocast_adapter_dtype``; sfjax ``LoRAConfig.param_dtype``) — how Qwen3 is trained; ``fp32`` =
+everything float32 (TRL ``bf16=False``). Note: TRL's ``KTOConfig.bf16`` defaults to True, so a
+"float32" TRL run must turn it off — before ``--precision`` existed this benchmark compared
+sfjax in float32 with TRL under bf16 autocast.
 
 Two settings, each a row: the default (reference forward in every step) and
 ``precompute_ref_log_probs=True`` on both sides (reference log-probs computed once per dataset,
@@ -26,6 +33,7 @@ Usage::
     .venv/bin/python benchmarks/bench_kto.py --rounds 3 --steps 8
     .venv/bin/python benchmarks/bench_kto.py --threads 1        # both single-threaded
     .venv/bin/python benchmarks/bench_kto.py --threads 1 --flops  # + FLOPs per step, each side
+    .venv/bin/python benchmarks/bench_kto.py --threads 1 --precision fp32  # all float32
 """
 
 from __future__ import annotations
@@ -56,6 +64,17 @@ from sfjax.testing import BENCHMARK_CONFIGS  # noqa: E402
 
 CONFIGS = {"small": BENCHMARK_CONFIGS["small"]}
 
+# --precision: (sfjax base-weight dtype, TRL base-weight dtype, TRL ``bf16`` autocast). LoRA A/B
+# stay float32 on both sides in both settings (sfjax LoRAConfig.param_dtype; PEFT's
+# autocast_adapter_dtype=True, which TRL keeps outside DeepSpeed ZeRO-3).
+PRECISIONS = {
+    # TRL's defaults (KTOConfig.bf16 defaults to True: matmuls in bf16 under torch.autocast) on
+    # a bf16 checkpoint, as Qwen3 ships; sfjax with bf16 base weights.
+    "bf16": ("bfloat16", "bfloat16", True),
+    # Both entirely in float32 (TRL with bf16=False: no autocast).
+    "fp32": ("float32", "float32", False),
+}
+
 
 def make_examples(n: int, prompt_len: int, completion_len: int, seed: int = 0):
     """Digit strings: the tiny tokenizer splits every digit into its own token."""
@@ -78,7 +97,7 @@ def bench_sfjax(ckpt, data, args, precompute=False):
     from sfjax.tokenizer import load_tokenizer
     from sfjax.train import KTOConfig, KTOExample, KTOTrainer
 
-    model = qwen3.from_pretrained(ckpt, dtype=jnp.float32)
+    model = qwen3.from_pretrained(ckpt, dtype=PRECISIONS[args.precision][0])
     tok = load_tokenizer(ckpt)
     cfg = KTOConfig(
         beta=0.1, micro_batch_size=args.batch, learning_rate=1e-4, warmup_ratio=0.0,
@@ -163,7 +182,8 @@ def bench_trl(ckpt, data, args, precompute=False):
     from trl import KTOConfig, KTOTrainer
 
     torch.manual_seed(0)
-    model = transformers.Qwen3ForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    dtype, autocast = PRECISIONS[args.precision][1:]
+    model = transformers.Qwen3ForCausalLM.from_pretrained(ckpt, dtype=getattr(torch, dtype))
     tok = transformers.AutoTokenizer.from_pretrained(ckpt)
     n = args.batch * args.steps
     ds = Dataset.from_dict(
@@ -188,7 +208,7 @@ def bench_trl(ckpt, data, args, precompute=False):
         learning_rate=1e-4, beta=0.1, report_to="none", save_strategy="no", logging_steps=10**6,
         use_cpu=True, max_length=None, dataloader_drop_last=True, disable_tqdm=True,
         warmup_steps=0, gradient_checkpointing=False, dataset_num_proc=None,
-        precompute_ref_log_probs=precompute,
+        precompute_ref_log_probs=precompute, bf16=autocast,
     )  # fmt: skip
     peft_cfg = LoraConfig(
         r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
@@ -215,6 +235,11 @@ def main():
     parser.add_argument("--prompt-len", type=int, default=96)
     parser.add_argument("--completion-len", type=int, default=32)
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument(
+        "--precision", default="bf16", choices=sorted(PRECISIONS),
+        help="bf16: bf16 base weights on both sides, TRL's default bf16 autocast, float32 "
+        "LoRA; fp32: everything float32 (TRL bf16=False)",
+    )  # fmt: skip
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
         "--threads", type=int, default=0,
@@ -245,7 +270,7 @@ def main():
 
     print(
         f"config={args.config} batch={args.batch} seq={args.prompt_len}+{args.completion_len} "
-        f"lora_r=16 steps={args.steps} rounds={args.rounds} torch_threads={torch.get_num_threads()} "
+        f"lora_r=16 precision={args.precision} steps={args.steps} rounds={args.rounds} torch_threads={torch.get_num_threads()} "
         f"xla_single_thread={args.threads == 1} load_average={os.getloadavg()}"
     )
     for mode in args.modes.split(","):
