@@ -62,7 +62,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from sfjax.testing import BENCHMARK_CONFIGS  # noqa: E402
 
-CONFIGS = {"small": BENCHMARK_CONFIGS["small"]}
+CONFIGS = {name: BENCHMARK_CONFIGS[name] for name in ("small", "mid")}
 
 # --precision: (sfjax base-weight dtype, TRL base-weight dtype, TRL ``bf16`` autocast). LoRA A/B
 # stay float32 on both sides in both settings (sfjax LoRAConfig.param_dtype; PEFT's

@@ -224,6 +224,32 @@ def rms_norm(x, weight, eps: float):
     return weight * y.astype(x.dtype)
 
 
+@jax.custom_vjp
+def silu_mul(gate, up):
+    """``silu(gate) * up`` (the SwiGLU MLP's gate), computed in float32, returned in
+    ``gate``'s dtype. The backward recomputes ``sigmoid(gate)`` once and forms both gradients
+    from it (``d/dgate = up·s·(1 + gate·(1 - s))``, ``d/dup = gate·s``); autodiff's
+    expression graph made XLA:CPU evaluate the exponential in several fusions."""
+    g32, u32 = gate.astype(jnp.float32), up.astype(jnp.float32)
+    return (g32 * jax.nn.sigmoid(g32) * u32).astype(gate.dtype)
+
+
+def _silu_mul_fwd(gate, up):
+    return silu_mul(gate, up), (gate, up)
+
+
+def _silu_mul_bwd(residuals, dout):
+    gate, up = residuals
+    g32, u32, d32 = (a.astype(jnp.float32) for a in (gate, up, dout))
+    s = jax.nn.sigmoid(g32)
+    d_gate = d32 * u32 * s * (1.0 + g32 * (1.0 - s))
+    d_up = d32 * g32 * s
+    return d_gate.astype(gate.dtype), d_up.astype(up.dtype)
+
+
+silu_mul.defvjp(_silu_mul_fwd, _silu_mul_bwd)
+
+
 def rope_cos_sin(positions_BT, head_dim: int, theta: float):
     """Float32 ``cos``/``sin`` tables ``[B, T, H]`` of rotary embeddings (HF layout)."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
@@ -342,7 +368,7 @@ class MLP(nnx.Module):
         self.down_proj = Linear(f, d, dtype=dtype, rngs=rngs)
 
     def __call__(self, x_BTD):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD))
+        return self.down_proj(silu_mul(self.gate_proj(x_BTD), self.up_proj(x_BTD)))
 
 
 class DecoderLayer(nnx.Module):

@@ -327,3 +327,23 @@ def test_smaller_presets_match_published_sizes(preset, total_b, non_embedding_b)
     n = qwen3.count_params(model)
     assert abs(n / 1e9 - total_b) < 0.005
     assert abs((n - cfg.vocab_size * cfg.hidden_size) / 1e9 - non_embedding_b) < 0.005
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 2.0**-8)])
+def test_silu_mul_values_and_gradients(dtype, tol):
+    """The MLP gate's custom VJP against float64 formulas on the same (rounded) inputs; float32
+    also equals autodiff of ``silu(g) * u``. Tolerance: relative to each output's scale; bf16
+    one rounding of the result (2^-8)."""
+    kg, ku, kd = jax.random.split(jax.random.key(0), 3)
+    g, u, d = (4 * jax.random.normal(k, (3, 7, 64)).astype(dtype) for k in (kg, ku, kd))
+    out, vjp = jax.vjp(jax.jit(qwen3.silu_mul), g, u)
+    dg, du = vjp(d)
+    G, U, D = (np.asarray(a.astype(jnp.float32), np.float64) for a in (g, u, d))
+    S = 1 / (1 + np.exp(-G))
+    for got, want in ((out, G * S * U), (dg, D * U * S * (1 + G * (1 - S))), (du, D * G * S)):
+        assert got.dtype == dtype
+        assert rel_err(got.astype(jnp.float32), want) <= tol
+    if dtype == jnp.float32:
+        ref_out, ref_vjp = jax.vjp(lambda g, u: jax.nn.silu(g) * u, g, u)
+        for got, want in zip((out, dg, du), (ref_out, *ref_vjp(d))):
+            assert rel_err(got, want) <= tol
