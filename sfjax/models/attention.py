@@ -136,20 +136,29 @@ def plain_attention(q_BTNH, k_BKSH, v_BKSH, visible_BTS):
 
     ``out[b, t, n] = Σ_s softmax_s(q[b,t,n]·k[b,n//G,s] / sqrt(H) | visible[b,t,s]) v[b,n//G,s]``;
     an invisible key scores ``MASK_VALUE``, so a row that sees nothing averages all values.
-    Keys and values are head-major ``[B, K, S, H]`` (the KV cache's layout): both matmuls then
-    have their batch axes ``(B, K)`` leading and XLA reads the cache in place.
+    Keys and values are head-major ``[B, K, S, H]`` (the KV cache's layout), read in place.
+    Queries are laid out ``[B, K, G·T, H]`` first (one transpose), so both matmuls are plain
+    batched ``[M, H] x [H, S]`` / ``[M, S] x [S, H]`` products over ``(B, K)`` and the scores
+    stay ``[B, K, G·T, S]`` throughout: left to a 5-D einsum, XLA:CPU computed the transposed
+    scores and transposed them back, in the forward and again in the backward pass (measured,
+    bf16 forward + backward: 1.18 → 0.75 ms for 32 queries over 127 keys, 2.9 → 1.6 ms for a
+    95-token prompt, batch 4, 8/2 heads).
     """
     B, T, N, H = q_BTNH.shape
-    K = k_BKSH.shape[1]
-    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-    logits_BKGTS = jnp.einsum(
-        "BTKGH,BKSH->BKGTS", q_BTKGH, k_BKSH.astype(q_BTNH.dtype),
+    K, S = k_BKSH.shape[1], k_BKSH.shape[2]
+    G = N // K
+    q_BKMH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
+    logits_BKMS = jnp.einsum(
+        "BKMH,BKSH->BKMS", q_BKMH, k_BKSH.astype(q_BTNH.dtype),
         preferred_element_type=jnp.float32,
     ) * (H**-0.5)  # fmt: skip
-    logits_BKGTS = jnp.where(visible_BTS[:, None, None], logits_BKGTS, MASK_VALUE)
-    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(q_BTNH.dtype)
-    out_BTKGH = jnp.einsum("BKGTS,BKSH->BTKGH", probs_BKGTS, v_BKSH.astype(q_BTNH.dtype))
-    return out_BTKGH.reshape(B, T, N, H)
+    visible_B1MS = jnp.broadcast_to(visible_BTS[:, None, None], (B, 1, G, T, S)).reshape(
+        B, 1, G * T, S
+    )
+    logits_BKMS = jnp.where(visible_B1MS, logits_BKMS, MASK_VALUE)
+    probs_BKMS = jax.nn.softmax(logits_BKMS, axis=-1).astype(q_BTNH.dtype)
+    out_BKMH = jnp.einsum("BKMS,BKSH->BKMH", probs_BKMS, v_BKSH.astype(q_BTNH.dtype))
+    return out_BKMH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
 def fused_attention(q_BTNH, k_BKSH, v_BKSH, visible_BTS, implementation: str = "xla"):
