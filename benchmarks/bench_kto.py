@@ -91,7 +91,6 @@ def make_examples(n: int, prompt_len: int, completion_len: int, seed: int = 0):
 
 def bench_sfjax(ckpt, data, args, precompute=False):
     import jax
-    import jax.numpy as jnp
 
     from sfjax.models import lora, qwen3
     from sfjax.tokenizer import load_tokenizer

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sfjax.models.matmul import low_rank_product
 from sfjax.models.qwen3 import Linear
 
 DEFAULT_TARGETS: tuple[str, ...] = (
@@ -111,7 +112,7 @@ class LoRALinear(nnx.Module):
         h_NI = x_I.reshape(-1, x_I.shape[-1]).astype(a_IR.dtype)
         if self.dropout is not None:
             h_NI = self.dropout(h_NI)
-        out_NO = (h_NI @ a_IR) @ b_RO * self.scaling
+        out_NO = low_rank_product(h_NI, a_IR, b_RO) * self.scaling
         return out_NO.reshape(*x_I.shape[:-1], b_RO.shape[-1])
 
     def __call__(self, x_I):

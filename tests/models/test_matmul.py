@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sfjax.models.matmul import matmul
+from sfjax.models.matmul import low_rank_product, matmul, tn_dot
 
 BF16_REL = 2.0**-8
 TWO_ROUNDINGS_REL = 2.0**-7
@@ -104,3 +104,23 @@ def test_every_matmul_of_forward_and_backward_takes_bf16_operands():
         operand_types = line.rsplit(": (", 1)[1].split(") ->")[0]
         assert "f32" not in operand_types and operand_types.count("bf16") == 2, line
         assert line.rstrip().endswith("xf32>"), line  # accumulated and returned in float32
+
+
+@pytest.mark.parametrize("shapes", [((37, 24), (37, 5)), ((6, 3), (6, 40))])
+def test_tn_dot_is_a_transposed_product(shapes):
+    """Either operand may be the one transposed first; the result is ``a^T b`` either way."""
+    a = jax.random.normal(jax.random.key(5), shapes[0])
+    b = jax.random.normal(jax.random.key(6), shapes[1])
+    got = jax.jit(tn_dot)(a, b)
+    np.testing.assert_allclose(np.asarray(got), f64(a).T @ f64(b), rtol=1e-5, atol=1e-5)
+
+
+def test_low_rank_product_matches_autodiff():
+    """The LoRA product's custom VJP equals autodiff of ``(x @ a) @ b`` (float32, 1e-5)."""
+    kx, ka, kb, kg = jax.random.split(jax.random.key(7), 4)
+    x, a = jax.random.normal(kx, (29, 24)), jax.random.normal(ka, (24, 4))
+    b, g = jax.random.normal(kb, (4, 33)), jax.random.normal(kg, (29, 33))
+    out, vjp = jax.vjp(jax.jit(low_rank_product), x, a, b)
+    ref_out, ref_vjp = jax.vjp(lambda x, a, b: (x @ a) @ b, x, a, b)
+    for got, want in zip((out, *vjp(g)), (ref_out, *ref_vjp(g))):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)
