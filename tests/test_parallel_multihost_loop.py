@@ -27,8 +27,11 @@ one device, uninterrupted, in the pytest process:
 * a run directory that is not shared by the two processes is rejected on both.
 
 Tolerances: sharding reorders float32 partial sums only (``test_parallel_devices.py``: 1e-6
-after one KTO step); here ~10 AdamW steps at lr 5e-3 compound that to ~1e-6 on entries of ~0.1,
-so the adapter is compared to 2e-5 (0.4 % of one step's update) and KTO metrics to 1e-4.
+after one KTO step). Over ~10 AdamW steps at lr 5e-3 that stays ~1e-6 on most entries, but
+Adam's normalisation amplifies it on the few whose gradient is a near-cancelling sum: measured
+4e-5 and 5e-5 on 1 of 256 entries (two kernel formulations of the same maths, 2026-11-24). The
+adapter is compared to 1e-4 (2 % of one step's update; a wrong shard or a missing reduction
+moves entries by a whole step, 5e-3) and KTO metrics to 1e-4 relative.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ from experiment_scripts import experiment  # tests/experiment_scripts.py
 from multihost_launch import launch_two  # tests/multihost_launch.py
 
 MESH = ("--data", "1", "--fsdp", "4", "--tp", "2")
+STATE_ATOL = 1e-4  # adapter / optimizer state after the loop (see the module docstring)
 
 
 def _experiment():
@@ -376,7 +380,7 @@ def test_two_process_loop_with_resume_matches_one_process(tmp_path):
     a, b = _adapter(one), _adapter(two / "run")
     assert a.keys() == b.keys()
     for k in a:
-        np.testing.assert_allclose(b[k], a[k], atol=2e-5, err_msg=k)
+        np.testing.assert_allclose(b[k], a[k], atol=STATE_ATOL, err_msg=k)
     assert any(np.abs(v).max() > 0 for k, v in a.items() if "lora_B" in k)
 
     # The two-process checkpoint (cross-host shards) restores onto this process's one device.
@@ -391,7 +395,7 @@ def test_two_process_loop_with_resume_matches_one_process(tmp_path):
     assert tree_got == tree_want and len(flat_want) > 4
     for g, w in zip(flat_got, flat_want):
         assert isinstance(g, np.ndarray) or g.sharding == w.sharding
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5)
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=STATE_ATOL)
 
 
 if __name__ == "__main__":
