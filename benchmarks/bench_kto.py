@@ -34,6 +34,7 @@ Usage::
     .venv/bin/python benchmarks/bench_kto.py --threads 1        # both single-threaded
     .venv/bin/python benchmarks/bench_kto.py --threads 1 --flops  # + FLOPs per step, each side
     .venv/bin/python benchmarks/bench_kto.py --threads 1 --precision fp32  # all float32
+    .venv/bin/python benchmarks/bench_kto.py --threads 1 --config mid --rounds 2 --steps 4
 """
 
 from __future__ import annotations
