@@ -1,9 +1,11 @@
 """``matmul``: float32 is a plain dot; bf16 on CPU (custom VJP) matches autodiff of ``jnp.dot``.
+``tn_dot`` / ``low_rank_product`` (LoRA): equal to ``a^T b`` / autodiff of ``(x @ a) @ b``.
 
 References are computed in float64 numpy on the same bf16-valued operands. Tolerances:
 float32 path bit-equal to ``jnp.dot``; bf16 results 1 bf16 ulp of the output scale (2^-8: one
 rounding of a float32-accumulated sum of exact products); the gradient of the LM head's bf16
-hidden state from a float32 cotangent 2 ulps (2^-7: the cotangent is rounded to bf16 too).
+hidden state from a float32 cotangent 2 ulps (2^-7: the cotangent is rounded to bf16 too);
+the float32 LoRA helpers 1e-5 relative (summation order only).
 """
 
 import jax
