@@ -2,10 +2,11 @@
 
 Both train LoRA r=16 (alpha 32, q/k/v/o/gate/up/down, no dropout) on the same random
 Qwen3-architecture checkpoint (written by :func:`sfjax.testing.write_tiny_checkpoint`) in the
-same precision (``--precision``, below), on the same CPU in one process, with the same data: ``--batch`` examples per step (KL pairs
-rolled within the batch, loss "kto", reference = adapters off), every sequence exactly
-``--prompt-len`` prompt tokens + ``--completion-len`` completion tokens (digits, one token each,
-plus EOS), so neither side pays for padding the other does not. Per optimizer step both run
+same precision (``--precision``, below), on the same CPU in one process, with the same data:
+``--batch`` examples per step (KL pairs rolled within the batch, loss "kto", reference =
+adapters off), every sequence exactly ``--prompt-len`` prompt tokens + ``--completion-len``
+completion tokens (digits, one token each, plus EOS), so neither side pays for padding the
+other does not. Per optimizer step both run
 the same work: policy forward+backward on the batch, policy forward on the KL rows, reference
 forward on both, AdamW.
 
@@ -65,15 +66,15 @@ from sfjax.testing import BENCHMARK_CONFIGS  # noqa: E402
 
 CONFIGS = {name: BENCHMARK_CONFIGS[name] for name in ("small", "mid")}
 
-# --precision: (sfjax base-weight dtype, TRL base-weight dtype, TRL ``bf16`` autocast). LoRA A/B
-# stay float32 on both sides in both settings (sfjax LoRAConfig.param_dtype; PEFT's
+# --precision: (base-weight dtype on both sides, TRL ``bf16`` autocast). LoRA A/B stay float32
+# on both sides in both settings (sfjax LoRAConfig.param_dtype; PEFT's
 # autocast_adapter_dtype=True, which TRL keeps outside DeepSpeed ZeRO-3).
 PRECISIONS = {
     # TRL's defaults (KTOConfig.bf16 defaults to True: matmuls in bf16 under torch.autocast) on
     # a bf16 checkpoint, as Qwen3 ships; sfjax with bf16 base weights.
-    "bf16": ("bfloat16", "bfloat16", True),
+    "bf16": ("bfloat16", True),
     # Both entirely in float32 (TRL with bf16=False: no autocast).
-    "fp32": ("float32", "float32", False),
+    "fp32": ("float32", False),
 }
 
 
@@ -182,7 +183,7 @@ def bench_trl(ckpt, data, args, precompute=False):
     from trl import KTOConfig, KTOTrainer
 
     torch.manual_seed(0)
-    dtype, autocast = PRECISIONS[args.precision][1:]
+    dtype, autocast = PRECISIONS[args.precision]
     model = transformers.Qwen3ForCausalLM.from_pretrained(ckpt, dtype=getattr(torch, dtype))
     tok = transformers.AutoTokenizer.from_pretrained(ckpt)
     n = args.batch * args.steps
@@ -270,7 +271,8 @@ def main():
 
     print(
         f"config={args.config} batch={args.batch} seq={args.prompt_len}+{args.completion_len} "
-        f"lora_r=16 precision={args.precision} steps={args.steps} rounds={args.rounds} torch_threads={torch.get_num_threads()} "
+        f"lora_r=16 precision={args.precision} steps={args.steps} rounds={args.rounds} "
+        f"torch_threads={torch.get_num_threads()} "
         f"xla_single_thread={args.threads == 1} load_average={os.getloadavg()}"
     )
     for mode in args.modes.split(","):
