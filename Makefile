@@ -3,7 +3,11 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+HASH   := $(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+# `make demo` installs the package alone; `make test` adds the test / ns3 extras (torch, TRL,
+# PEFT ...). Each stamp names the pyproject it was installed from, so an edit reinstalls.
+BASE_STAMP := $(VENV)/.installed-base-$(HASH)
+STAMP  := $(VENV)/.installed-all-$(HASH)
 RUN_DIR ?= runs/demo
 
 .PHONY: test demo lint install bench clean help
@@ -17,10 +21,15 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
+$(BASE_STAMP): $(PY) pyproject.toml
+	$(PIP) install -q -e .
+	rm -f $(VENV)/.installed-base-*
+	touch $(BASE_STAMP)
+
 $(STAMP): $(PY) pyproject.toml
-	$(PIP) install -q -e '.[test,ns3,baselines]'
+	$(PIP) install -q -e '.[test,ns3]'
 	rm -f $(VENV)/.installed-*
-	touch $(STAMP)
+	touch $(BASE_STAMP) $(STAMP)
 
 install: $(STAMP)
 
@@ -31,7 +40,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check sfjax tests experiments benchmarks
 
-demo: $(STAMP)
+demo: $(BASE_STAMP)
 	@if [ -f experiments/sf_ranslicing.py ]; then \
 		$(PY) experiments/sf_ranslicing.py smoke --run-dir $(RUN_DIR); \
 	else \
