@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from sfjax.agents.trajectory import save_trajectories
 from sfjax.baselines.evaluation import EvalProtocol, evaluate_agent
 from sfjax.baselines.llm_agent import LLMEnvAgent, load_actor, prompt_config_for_env
 from sfjax.baselines.report import MethodResult
+from sfjax.console import configure_logging
 from sfjax.envs.ran import RanSlicingConfig, RanSlicingEnv
 
 
@@ -58,6 +58,8 @@ class Config:
     """Shared evaluation protocol (the same seeds for every method of Table III)."""
     eval_seed: int = 1
     """Seed of the Actor's sampling during the final evaluation."""
+    log_level: str = "INFO"
+    """Python logging level of the progress lines (DEBUG, INFO, WARNING, ERROR)."""
 
 
 SMOKE = Config(
@@ -138,7 +140,7 @@ def run(cfg: Config, env: RanSlicingEnv, writer=None) -> tuple[MethodResult, dic
 def main(cfg: Config) -> dict:
     from tensorboardX import SummaryWriter
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    configure_logging(cfg.log_level)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     writer = SummaryWriter(str(cfg.run_dir / "tb"))
     try:

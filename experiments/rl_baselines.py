@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from sfjax.baselines import rl
 from sfjax.baselines.evaluation import EvalProtocol
 from sfjax.baselines.report import Table3Inputs, plot_fig2, write_table3
 from sfjax.baselines.runner import ROW_NAMES, RLRunConfig, run_rl_baselines
+from sfjax.console import configure_logging
 from sfjax.envs.ran import RanSlicingConfig, RanSlicingEnv
 
 
@@ -40,6 +40,8 @@ class Config:
     """Algorithms, seeds, budget and hyperparameters."""
     protocol: EvalProtocol = field(default_factory=EvalProtocol)
     """Shared evaluation protocol (same seeds as table3.py uses for every method)."""
+    log_level: str = "INFO"
+    """Python logging level of the progress lines (DEBUG, INFO, WARNING, ERROR)."""
 
 
 SMOKE = Config(
@@ -67,7 +69,7 @@ PRESETS = {
 def main(cfg: Config) -> dict:
     from tensorboardX import SummaryWriter
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    configure_logging(cfg.log_level)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     (cfg.run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), default=str))
     env = RanSlicingEnv(cfg.env)

@@ -48,6 +48,7 @@ from sfjax.agents.loop import LoopConfig  # noqa: E402
 from sfjax.agents.prompts import PromptConfig  # noqa: E402
 from sfjax.agents.reflector import ApiReflectorConfig, ReflectorConfig  # noqa: E402
 from sfjax.agents.rfr import RfRConfig  # noqa: E402
+from sfjax.console import configure_logging  # noqa: E402
 from sfjax.models.lora import LoRAConfig  # noqa: E402
 from sfjax.train.kto import KTOConfig  # noqa: E402
 
@@ -306,13 +307,7 @@ def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> d
 
 def main(argv=None) -> None:
     cfg = tyro.extras.overridable_config_cli(PRESETS, args=argv, description=__doc__)
-    logging.basicConfig(
-        level=getattr(logging, cfg.log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # third-party HTTP loggers would print request lines at INFO; keep them quiet
-    for name in ("httpx", "httpcore", "openai", "absl"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    configure_logging(cfg.log_level)
     run(cfg)
 
 

@@ -55,6 +55,7 @@ from sfjax.baselines.report import (  # noqa: E402
     write_table3,
 )
 from sfjax.baselines.runner import ROW_NAMES, RLRunConfig, run_rl_baselines  # noqa: E402
+from sfjax.console import configure_logging  # noqa: E402
 
 log = logging.getLogger("table3")
 Method = Literal["sf", "reflexion", "dqn", "ppo", "sac"]
@@ -82,6 +83,8 @@ class Config:
     """RL baselines: algorithms come from ``methods``."""
     eval_seed: int = 1
     """Seed of the LLM Actors' sampling during evaluation."""
+    log_level: str = "INFO"
+    """Python logging level of the progress lines (DEBUG, INFO, WARNING, ERROR)."""
 
     def __post_init__(self):
         if not self.methods:
@@ -172,9 +175,7 @@ def fig3_inputs(sf_dir: Path, summary: dict) -> tuple[list[dict], dict]:
 def main(cfg: Config) -> dict:
     from tensorboardX import SummaryWriter
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    for name in ("httpx", "httpcore", "openai", "absl"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    configure_logging(cfg.log_level)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     (cfg.run_dir / "config.json").write_text(
         json.dumps(dataclasses.asdict(cfg), default=str, indent=2)

@@ -1,0 +1,63 @@
+"""What an experiment prints: its log set-up and the pieces of its closing summary.
+
+``configure_logging`` is the one place the experiments set up Python logging. It has to
+*replace* the root handler rather than add to it: importing ``orbax.checkpoint`` (through
+absl) already installs a root ``StreamHandler`` at WARNING, after which a plain
+``logging.basicConfig`` does nothing, so every INFO progress line was lost and ``--log-level``
+had no effect.
+
+The summary helpers (:func:`artefact_lines`, :func:`tensorboard_hint`, :func:`fmt_change`)
+are shared by :mod:`sfjax.agents.summary` and :mod:`sfjax.baselines.summary`.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+from collections.abc import Iterable
+from pathlib import Path
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_DATEFMT = "%H:%M:%S"
+
+QUIET_LOGGERS = ("httpx", "httpcore", "openai", "absl", "jax._src", "orbax")
+"""Third-party loggers kept at WARNING: HTTP request lines, orbax's per-save INFO lines."""
+
+
+def configure_logging(level: str | int = "INFO") -> int:
+    """Send every record at ``level`` and above to stderr, whatever was installed before.
+
+    ``level`` is a name (``DEBUG``, ``INFO``, ``WARNING``, ``ERROR``; any case) or a number.
+    Returns the numeric level. Raises ``ValueError`` for an unknown name.
+    """
+    if isinstance(level, str):
+        value = logging.getLevelName(level.strip().upper())
+        if not isinstance(value, int):
+            raise ValueError(
+                f"unknown log level {level!r}; use DEBUG, INFO, WARNING or ERROR"
+            )
+    else:
+        value = int(level)
+    # force=True: orbax/absl put a handler on the root logger at import time (see above)
+    logging.basicConfig(level=value, format=LOG_FORMAT, datefmt=LOG_DATEFMT, force=True)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(max(value, logging.WARNING))
+    return value
+
+
+def tensorboard_hint(tb_dir: str | Path) -> str:
+    """The command that opens TensorBoard on ``tb_dir`` (quoted for a POSIX shell)."""
+    return f"tensorboard --logdir {shlex.quote(str(tb_dir))}   # then open http://localhost:6006"
+
+
+def artefact_lines(entries: Iterable[tuple[str | Path, str]]) -> list[str]:
+    """``path  what it holds`` lines for the artefacts that exist (missing ones are skipped)."""
+    rows = [(str(p), what) for p, what in entries if Path(p).exists()]
+    width = max((len(p) for p, _ in rows), default=0)
+    return [f"  {p:<{width}}  {what}" for p, what in rows]
+
+
+def fmt_change(before: float, after: float, unit: str, digits: int = 1) -> str:
+    """``before -> after unit (+delta)``."""
+    d = after - before
+    return f"{before:.{digits}f} -> {after:.{digits}f} {unit} ({d:+.{digits}f})".replace("  ", " ")

@@ -1,0 +1,70 @@
+"""Progress lines reach stderr after ``import orbax.checkpoint`` and ``--log-level`` works."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from sfjax.console import artefact_lines, configure_logging, fmt_change, tensorboard_hint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# sf_ranslicing.main with its run() replaced by one progress line of the loop's logger: what
+# the user sees is decided by main()'s logging set-up alone.
+CHILD = """
+import logging, sys
+import orbax.checkpoint  # installs a root handler at WARNING (through absl)
+sys.path.insert(0, {experiments!r})
+import sf_ranslicing
+sf_ranslicing.run = lambda cfg, **kw: logging.getLogger("sfjax.agents.loop").info("PROGRESS-LINE")
+sf_ranslicing.main(["smoke", "--run-dir", {run_dir!r}] + {extra!r})
+"""
+
+
+def _stderr_of_main(tmp_path, extra):
+    code = textwrap.dedent(
+        CHILD.format(experiments=str(ROOT / "experiments"), run_dir=str(tmp_path), extra=extra)
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stderr
+
+
+def test_progress_lines_show_after_orbax_import(tmp_path):
+    assert "PROGRESS-LINE" in _stderr_of_main(tmp_path, [])
+
+
+def test_log_level_option_is_honoured(tmp_path):
+    assert "PROGRESS-LINE" not in _stderr_of_main(tmp_path, ["--log-level", "WARNING"])
+
+
+def test_configure_logging_replaces_existing_root_handler(capsys):
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        logging.basicConfig(level=logging.WARNING, force=True)
+        assert configure_logging("debug") == logging.DEBUG
+        logging.getLogger("sfjax.test").debug("a debug line")
+        assert "a debug line" in capsys.readouterr().err
+        assert logging.getLogger("absl").level == logging.WARNING
+        with pytest.raises(ValueError, match="unknown log level"):
+            configure_logging("LOUD")
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+
+
+def test_summary_helpers(tmp_path):
+    (tmp_path / "tb").mkdir()
+    lines = artefact_lines([(tmp_path / "tb", "TensorBoard"), (tmp_path / "missing", "x")])
+    assert len(lines) == 1 and lines[0].strip().endswith("TensorBoard")
+    assert tensorboard_hint(tmp_path / "a b").startswith(f"tensorboard --logdir '{tmp_path}/a b'")
+    assert fmt_change(1.0, 3.5, "bit/s/Hz") == "1.0 -> 3.5 bit/s/Hz (+2.5)"
