@@ -140,7 +140,9 @@ def kto_loss(
 
     Returns:
       ``(per_example_losses_B, metrics)``. ``metrics`` holds scalars named as TRL logs
-      them: ``loss``, ``kl`` (z), ``rewards/chosen`` and ``rewards/rejected`` (means of
+      them: ``loss``, ``kl`` (z), ``kl_unclamped`` (the batch mean before the clamp at 0: it
+      shows how far below the reference the policy's KL estimate is when ``kl`` reads 0),
+      ``rewards/chosen`` and ``rewards/rejected`` (means of
       ``β·r`` per class), ``rewards/margins`` (their difference), ``logps/chosen``,
       ``logps/rejected`` (mean policy log-probs per class), plus ``count/chosen`` and
       ``count/rejected``. A class mean over an empty class is NaN (TRL logs nothing then);
@@ -155,11 +157,12 @@ def kto_loss(
     logratios_B = policy_logps - reference_logps
     if loss_type == "kto":
         kl_B = jnp.where(valid_B, policy_kl_logps - reference_kl_logps, 0.0)
-        z = jax.lax.stop_gradient(jnp.maximum(jnp.sum(kl_B) / n_valid, 0.0))
+        kl_raw = jax.lax.stop_gradient(jnp.sum(kl_B) / n_valid)
+        z = jnp.maximum(kl_raw, 0.0)
         chosen_B = 1.0 - jax.nn.sigmoid(beta * (logratios_B - z))
         rejected_B = 1.0 - jax.nn.sigmoid(beta * (z - logratios_B))
     else:
-        z = jnp.zeros((), logratios_B.dtype)
+        z = kl_raw = jnp.zeros((), logratios_B.dtype)
         chosen_B = 1.0 - jax.nn.sigmoid(beta * logratios_B)
         rejected_B = jax.nn.sigmoid(beta * logratios_B)
 
@@ -182,6 +185,7 @@ def kto_loss(
     metrics = {
         "loss": jax.lax.stop_gradient(jnp.sum(losses_B) / n_valid),
         "kl": z,
+        "kl_unclamped": kl_raw,
         "rewards/chosen": rewards_chosen,
         "rewards/rejected": rewards_rejected,
         "rewards/margins": rewards_chosen - rewards_rejected,

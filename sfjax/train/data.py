@@ -19,6 +19,7 @@ micro-batch, ``P`` bucketed prompt length, ``C`` bucketed completion length.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from sfjax.sampling.prefix import common_prefix_len
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -215,18 +218,23 @@ def plan_steps(
 ) -> list[list[np.ndarray]]:
     """Split an epoch's order into optimizer steps of up to ``A`` micro-batches of ``B`` rows.
 
-    The last micro-batch may be short; with ``need_pairs`` (KTO's KL term) a final micro-batch
-    of a single example cannot be paired and is left out of this epoch (with a warning; it is
-    in another place of the next epoch's shuffle).
+    The last micro-batch may be short. With ``need_pairs`` (KTO's KL term) a final
+    micro-batch of a single example has no KL partner: it takes one example from the
+    micro-batch before it (sizes ``B - 1`` and ``2``; both are padded to ``B`` anyway, so no
+    new shapes), and only with ``B = 2`` (nothing to borrow) or a one-example epoch is it left
+    out of this epoch (a debug line; the next epoch's shuffle puts it elsewhere).
     """
     micro = [order[i : i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
     if need_pairs and micro and len(micro[-1]) == 1:
-        warnings.warn(
-            "dropping one example at the end of this epoch: a micro-batch of 1 has no KL pair "
-            "(use a dataset size that is not 1 mod micro_batch_size to avoid this)",
-            stacklevel=2,
-        )
-        micro = micro[:-1]
+        if len(micro) >= 2 and len(micro[-2]) >= 3:
+            prev = micro[-2]
+            micro[-2:] = [prev[:-1], np.concatenate([prev[-1:], micro[-1]])]
+        else:
+            _log.debug(
+                "KTO epoch of %d examples in micro-batches of %d: the last example has no KL "
+                "partner and is left out of this epoch", len(order), micro_batch_size,
+            )  # fmt: skip
+            micro = micro[:-1]
     return [micro[i : i + grad_accum_steps] for i in range(0, len(micro), grad_accum_steps)]
 
 

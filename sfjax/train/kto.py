@@ -361,6 +361,7 @@ class KTOTrainer:
         writer, own_writer = _open_writer(writer)
         history: list[dict[str, float]] = []
         window: list[dict[str, np.ndarray]] = []
+        self._running = RunningRewards()  # the progress bar's margin over this call so far
         pending = None
         bar = _progress(total, c.progress, initial=self.step)
         opt_state = self.opt_state
@@ -413,6 +414,7 @@ class KTOTrainer:
         if step % self.config.log_every and not final:
             return
         live = np.concatenate([w["live"] for w in window]) > 0
+        self._running.add(window, live)
         entry: dict[str, float] = {
             "step": step, "global_step": tb_step, "epoch": round(epoch, 4), "learning_rate": lr,
         }  # fmt: skip
@@ -432,11 +434,7 @@ class KTOTrainer:
                 if name not in ("step", "global_step"):
                     writer.add_scalar(f"train/{name}", value, tb_step)
         bar.update(step - bar.n)
-        bar.set_postfix(
-            loss=f"{entry.get('loss', float('nan')):.4f}",
-            margin=_fmt(entry.get("rewards/margins")),  # needs both classes in the window
-            kl=f"{entry.get('kl', float('nan')):.3f}",
-        )
+        bar.set_postfix(progress_postfix(entry, self._running), refresh=False)
 
     # ------------------------------------------------------------------------- evaluation
     def _rows_fn(self, fn):
@@ -543,7 +541,50 @@ def _open_writer(writer):
 
 
 def _fmt(value: float | None) -> str:
-    return "-" if value is None or not np.isfinite(value) else f"{value:.3f}"
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.3f}"
+
+
+class RunningRewards:
+    """Sums of ``β·r`` per class over the logged steps of one ``train()`` call.
+
+    A logged step's ``rewards/margins`` needs both classes in its own micro-batches, which a
+    small or unbalanced batch often lacks; the progress bar shows the margin of the running
+    class means instead, defined as soon as each class has been seen once.
+    """
+
+    def __init__(self):
+        self.sums = {"chosen": 0.0, "rejected": 0.0}
+        self.counts = {"chosen": 0.0, "rejected": 0.0}
+
+    def add(self, window: list[dict[str, np.ndarray]], live: np.ndarray) -> None:
+        for cls in self.sums:
+            means = np.concatenate([w[f"rewards/{cls}"] for w in window])[live]
+            counts = np.concatenate([w[f"count/{cls}"] for w in window])[live]
+            seen = counts > 0
+            self.sums[cls] += float(np.sum(means[seen] * counts[seen]))
+            self.counts[cls] += float(np.sum(counts[seen]))
+
+    def mean(self, cls: str) -> float:
+        return self.sums[cls] / self.counts[cls] if self.counts[cls] else float("nan")
+
+    def margin(self) -> str:
+        if not self.counts["chosen"] or not self.counts["rejected"]:
+            missing = "undesirable" if self.counts["chosen"] else "desirable"
+            return f"n/a (no {missing} example yet)"
+        return f"{self.mean('chosen') - self.mean('rejected'):.3f}"
+
+
+def progress_postfix(entry: dict[str, float], running: RunningRewards) -> dict[str, str]:
+    """The KTO bar's fields: loss of the last logged step, the running reward margin
+    (desirable minus undesirable mean of ``β·r`` so far), ``kl`` (z, clamped at 0 as the
+    loss uses it) and ``kl_raw`` (the estimate before the clamp; negative means the policy
+    sits below the reference on the mismatched pairs)."""
+    return {
+        "loss": _fmt(entry.get("loss")),
+        "margin": running.margin(),
+        "kl": _fmt(entry.get("kl")),
+        "kl_raw": _fmt(entry.get("kl_unclamped")),
+    }
 
 
 def _progress(total: int, enabled: bool, initial: int = 0):

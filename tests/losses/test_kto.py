@@ -209,3 +209,16 @@ def test_class_weights_edge_cases():
         kto_class_weights(3, 4, ratio=1.5)
     with pytest.raises(ValueError, match=">= 0"):
         kto_class_weights(-1, 4)
+
+
+@pytest.mark.parametrize("kl_shift", [-3.0, 2.0])
+def test_kto_loss_logs_the_unclamped_kl_next_to_z(x64, kl_shift):
+    rng = np.random.default_rng(3)
+    policy, ref, policy_kl, ref_kl = _random_inputs(rng, 6, kl_shift)
+    valid = np.array([True, True, True, True, True, False])
+    labels = np.array([True, False, True, False, True, True])
+    _, metrics = kto_loss(policy, ref, policy_kl, ref_kl, labels, beta=0.1, valid=valid)
+    raw = float(np.mean((policy_kl - ref_kl)[valid]))  # plain numpy, no clamp
+    np.testing.assert_allclose(float(metrics["kl_unclamped"]), raw, rtol=1e-12)
+    np.testing.assert_allclose(float(metrics["kl"]), max(raw, 0.0), rtol=1e-12)
+    assert (raw < 0) == (kl_shift < 0)  # both sides of the clamp are exercised

@@ -67,9 +67,13 @@ def test_plan_and_collate_layout():
         warnings.simplefilter("error")
         steps = plan_steps(order, 3, 2, need_pairs=True)  # 3 + 2
     assert [[len(m) for m in s] for s in steps] == [[3, 2]]
-    with pytest.warns(UserWarning, match="dropping one example"):
-        steps = plan_steps(order, 2, 2, need_pairs=True)  # 2 + 2 + 1: the single one has no pair
-    assert [[len(m) for m in s] for s in steps] == [[2, 2]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the user cannot act on it: no warning, a debug line
+        steps = plan_steps(order, 2, 2, need_pairs=True)  # 2 + 2 + 1: nothing to borrow from
+        assert [[len(m) for m in s] for s in steps] == [[2, 2]]
+        # 4 + 1: the lone one borrows a partner from the micro-batch before it (3 + 2)
+        steps = plan_steps(np.arange(9), 4, 1, need_pairs=True)
+    assert [[list(m) for m in s] for s in steps] == [[[0, 1, 2, 3]], [[4, 5, 6]], [[7, 8]]]
     steps = plan_steps(order, 2, 2, need_pairs=False)  # no KL term: keep it
     assert [[len(m) for m in s] for s in steps] == [[2, 2], [1]]
 
@@ -379,3 +383,31 @@ def test_global_step_continues_across_calls_and_restores(tiny_checkpoint):
     for a, b in zip(h1, hp):
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-3, atol=1e-6)
+
+
+def test_progress_bar_shows_running_margin_and_raw_kl(tiny_checkpoint, monkeypatch):
+    import sfjax.train.kto as kto_mod
+
+    class Bar:
+        n = 0
+        postfixes: list = []
+
+        def update(self, k):
+            self.n += k
+
+        def set_postfix(self, d, refresh=True):
+            self.postfixes.append(dict(d))
+
+        def close(self):
+            pass
+
+    bar = Bar()
+    monkeypatch.setattr(kto_mod, "_progress", lambda *a, **k: bar)
+    # micro-batches of 2 in dataset order: some logged steps hold one class only
+    _, trainer = _trainer(tiny_checkpoint, epochs=1, micro_batch_size=2, shuffle=False)
+    history = trainer.train(_dataset()[:8], jax.random.key(0))
+    assert any(np.isnan(h.get("rewards/margins", np.nan)) for h in history)
+    assert all(h["kl"] == max(h["kl_unclamped"], 0.0) for h in history)
+    last = bar.postfixes[-1]
+    assert set(last) == {"loss", "margin", "kl", "kl_raw"}
+    assert all("n/a" not in v and v != "-" for v in last.values()), last
