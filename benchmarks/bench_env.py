@@ -33,7 +33,7 @@ def make_rollout(env: RanSlicingEnv, n_envs: int, steps: int):
         def body(state, key):
             k_act, k_step = jax.random.split(key)
             action = jax.random.randint(k_act, (), 0, env.num_actions)
-            _, state, reward, _, info = env.step(k_step, state, action, params)
+            _, state, reward, _, _, info = env.step(k_step, state, action, params)
             return state, (reward, info["se"])
 
         _, (reward, se) = jax.lax.scan(body, state, jax.random.split(k_run, steps))

@@ -7,8 +7,9 @@ training seeds are vmapped, so N seeds train in one XLA program. The paper's bud
 round is ``trajectories_per_round`` env copies stepped in lock-step for one full trajectory
 each, so at the end of every round each copy has just finished exactly one trajectory and
 the per-round curves of Fig. 2 (utility, average SE, reconfigurations, QoS violations) are
-the means over those trajectories (read from :class:`~sfjax.baselines.wrappers.EpisodeStatsWrapper`
-by a rejax ``eval_callback``; no extra environment samples are spent on them).
+the means over those trajectories (read by a rejax ``eval_callback`` from gymnax's
+``LogWrapper`` and :class:`~sfjax.baselines.wrappers.EpisodeMetricsWrapper`; no extra
+environment samples are spent on them).
 
 The paper used RLlib; rejax's implementations are the JAX equivalents. Hyperparameters are
 the frozen configs below (the paper does not state its own; the defaults are the usual ones
@@ -33,7 +34,7 @@ from flax import linen as nn
 from rejax.networks import DiscreteQNetwork, EpsilonGreedyPolicy
 
 from sfjax.baselines.evaluation import EvalProtocol, Rollouts, rollout
-from sfjax.baselines.wrappers import EpisodeStatsWrapper, RejaxEnv
+from sfjax.baselines.wrappers import RejaxEnv, episode_stats_env, last_episode_stats
 
 AlgoName = Literal["dqn", "ppo", "sac"]
 ALGOS: tuple[AlgoName, ...] = ("dqn", "ppo", "sac")
@@ -196,7 +197,7 @@ def prepare_env_params(env, env_params: Any, budget: Budget) -> Any:
 def make_algo(name: AlgoName, cfg: AlgoConfig, env, env_params: Any, budget: Budget):
     """Build the rejax algorithm for ``name`` on ``env`` with ``budget``.
 
-    The env is wrapped as ``EpisodeStatsWrapper(RejaxEnv(env))``; the returned algorithm's
+    The env is wrapped as ``RejaxEnv(episode_stats_env(env))``; the returned algorithm's
     ``eval_callback`` (called once per round) returns the Fig. 2 curves.
     """
     if name not in _CONFIG_TYPES:
@@ -205,7 +206,7 @@ def make_algo(name: AlgoName, cfg: AlgoConfig, env, env_params: Any, budget: Bud
         raise TypeError(f"{name} needs a {_CONFIG_TYPES[name].__name__}, got {type(cfg)}.")
     _check_activation(cfg.network.activation)
     env_params = prepare_env_params(env, env_params, budget)
-    wrapped = EpisodeStatsWrapper(RejaxEnv(env))
+    wrapped = RejaxEnv(episode_stats_env(env))
     n_envs = budget.trajectories_per_round
     common = dict(
         env=wrapped,
@@ -285,12 +286,12 @@ def make_algo(name: AlgoName, cfg: AlgoConfig, env, env_params: Any, budget: Bud
 def _round_curves(algo, ts, rng) -> dict[str, jax.Array]:
     """rejax eval_callback: means over the trajectories that finished in this round."""
     del algo, rng
-    last = ts.env_state.last
+    last = last_episode_stats(ts.env_state)
     return {
-        "utility": last.utility.mean(),
-        "mean_se": last.mean_se.mean(),
-        "reconfigurations": last.reconfigurations.mean(),
-        "violations": last.violations.mean(),
+        "utility": last["utility"].mean(),
+        "mean_se": last["mean_se"].mean(),
+        "reconfigurations": last["reconfigurations"].mean(),
+        "violations": last["violations"].mean(),
         "episodes": ts.env_state.episodes.sum(),
     }
 

@@ -1,22 +1,22 @@
-"""Environment adapters that let rejax train on the project's gymnax environments.
+"""Environment adapters between the project's gymnax 1.0 environments and rejax 0.1.3.
 
-Two small wrappers, both pure (no Python state is touched inside ``step``):
+The RAN env follows gymnax 1.0 (``step`` returns ``(obs, state, reward, terminated,
+truncated, info)``), so gymnax's own wrappers run on it; the Fig. 2 statistics use gymnax's
+:class:`~gymnax.wrappers.purerl.LogWrapper` for the utility (the eq. 15 return) and the
+trajectory length. What remains here is what no kept library does:
 
-* :class:`RejaxEnv` — gymnax 1.x ``Environment.step`` returns the six-tuple
-  ``(obs, state, reward, terminated, truncated, info)`` while rejax 0.1.3 unpacks the
-  five-tuple of gymnax 0.0.x ``(obs, state, reward, done, info)``. The adapter merges
-  ``done = terminated | truncated`` (the RAN episode of 300 decisions ends by truncation;
-  like purejaxrl we treat it as an episode boundary for bootstrapping and GAE) and casts
-  observations to float32 so the networks never see integer features. An environment
-  that already returns five values is passed through unchanged.
-* :class:`EpisodeStatsWrapper` — accumulates, per environment copy, the paper's trajectory
-  metrics (eq. 1-3 and eq. 15) from the ``info`` feedback vector and keeps the totals of
-  the last finished episode in the state, so a rejax ``eval_callback`` can read the
-  training-trajectory curves of Fig. 2 straight from ``train_state.env_state``.
+* :class:`RejaxEnv` — rejax 0.1.3 still unpacks the gymnax 0.x five-tuple
+  ``(obs, state, reward, done, info)``; the adapter merges ``done = terminated | truncated``
+  (the RAN episode of 300 decisions ends by truncation; like purejaxrl we treat it as an
+  episode boundary for bootstrapping and GAE) and casts observations to float32.
+* :class:`EpisodeMetricsWrapper` — per-trajectory sums of eq. 1-3 (SE, reconfigurations,
+  violations) from the ``info`` feedback. gymnax's ``LogWrapper`` sums the reward and counts
+  steps only (its ``LogEnvState`` has no other fields), so these three sums are kept here,
+  next to it: ``EpisodeMetricsWrapper(LogWrapper(env))`` (see :func:`episode_stats_env`).
 
 Info keys read (missing keys count as zero, which keeps classic gymnax envs usable for
 tests): ``se`` (SE_t of the controlled slice, bit/s/Hz), ``reconfiguration`` (c_t),
-``violation`` (v_t). The utility is the sum of rewards (the env's reward is eq. 15).
+``violation`` (v_t).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import struct
+from gymnax.wrappers.purerl import LogWrapper
 
 INFO_SE = "se"
 INFO_RECONFIGURATION = "reconfiguration"
@@ -47,13 +48,13 @@ class EnvWrapper:
     @property
     def unwrapped(self):
         env = self._env
-        while isinstance(env, EnvWrapper):
-            env = env._env
+        while "_env" in vars(env):  # ours and gymnax's wrappers keep the inner env in _env
+            env = vars(env)["_env"]
         return env
 
 
 class RejaxEnv(EnvWrapper):
-    """gymnax 1.x -> rejax step convention: five-tuple, ``done = terminated | truncated``."""
+    """gymnax 1.0 -> rejax 0.1.3 step convention: five-tuple, ``done = terminated | truncated``."""
 
     def reset(self, key: jax.Array, params: Any = None):
         obs, state = self._env.reset(key, params)
@@ -61,48 +62,38 @@ class RejaxEnv(EnvWrapper):
 
     def step(self, key: jax.Array, state: Any, action: jax.Array, params: Any = None):
         out = self._env.step(key, state, action, params)
-        if len(out) == 6:
-            obs, state, reward, terminated, truncated, info = out
-            done = jnp.logical_or(terminated, truncated)
-        elif len(out) == 5:
-            obs, state, reward, done, info = out
-        else:
+        if len(out) != 6:
             raise ValueError(
-                f"{type(self._env).__name__}.step returned {len(out)} values; expected the "
-                "gymnax 1.x six-tuple or the gymnax 0.0.x five-tuple."
+                f"{type(self._env).__name__}.step returned {len(out)} values; expected gymnax "
+                "1.0's (obs, state, reward, terminated, truncated, info)."
             )
+        obs, state, reward, terminated, truncated, info = out
+        done = jnp.logical_or(terminated, truncated)
         return jnp.asarray(obs, jnp.float32), state, jnp.asarray(reward, jnp.float32), done, info
 
 
-class EpisodeStats(struct.PyTreeNode):
-    """Per-trajectory sums of the paper's metrics (one entry per env copy when vmapped)."""
+class EpisodeMetrics(struct.PyTreeNode):
+    """Per-trajectory sums of eq. 1-3 (one entry per env copy when vmapped)."""
 
-    utility: jax.Array
-    """Σ_t U_t: the eq. 15 utility of the trajectory (sum of rewards)."""
     se_sum: jax.Array
-    """Σ_t SE_t; divide by ``length`` for the trajectory's average SE (eq. 1)."""
+    """Σ_t SE_t; divide by the trajectory length for its average SE (eq. 1)."""
     reconfigurations: jax.Array
     """Σ_t c_t (eq. 3)."""
     violations: jax.Array
     """Σ_t v_t (eq. 2)."""
-    length: jax.Array
-    """Number of decisions in the trajectory."""
 
     @classmethod
-    def zeros(cls) -> EpisodeStats:
+    def zeros(cls) -> EpisodeMetrics:
         z = jnp.zeros((), jnp.float32)
-        return cls(z, z, z, z, jnp.zeros((), jnp.int32))
-
-    @property
-    def mean_se(self) -> jax.Array:
-        return self.se_sum / jnp.maximum(self.length, 1)
+        return cls(z, z, z)
 
 
-class EpisodeStatsState(struct.PyTreeNode):
+class EpisodeMetricsState(struct.PyTreeNode):
     env_state: Any
-    running: EpisodeStats
-    last: EpisodeStats
-    """Totals of the last finished trajectory (zeros until one has finished)."""
+    """The wrapped env's state (a gymnax ``LogEnvState`` in :func:`episode_stats_env`)."""
+    running: EpisodeMetrics
+    last: EpisodeMetrics
+    """Sums of the last finished trajectory (zeros until one has finished)."""
     episodes: jax.Array
     """Number of finished trajectories so far."""
 
@@ -114,33 +105,69 @@ def _info_scalar(info: dict, name: str) -> jax.Array:
     return jnp.asarray(value, jnp.float32).reshape(())
 
 
-class EpisodeStatsWrapper(EnvWrapper):
-    """Keeps running and last-finished trajectory metrics in the env state.
+class EpisodeMetricsWrapper(EnvWrapper):
+    """Keeps running and last-finished eq. 1-3 sums in the env state (gymnax 1.0 API).
 
-    Wraps a :class:`RejaxEnv` (five-tuple convention). The auto-reset of the wrapped env is
-    kept; on ``done`` the running totals (including the final step) move to ``last``.
+    The auto-reset of the wrapped env is kept; at the end of a trajectory (terminated or
+    truncated) the running sums, the final step included, move to ``last``.
     """
 
     def reset(self, key: jax.Array, params: Any = None):
         obs, env_state = self._env.reset(key, params)
-        zeros = EpisodeStats.zeros()
-        return obs, EpisodeStatsState(env_state, zeros, zeros, jnp.zeros((), jnp.int32))
+        zeros = EpisodeMetrics.zeros()
+        return obs, EpisodeMetricsState(env_state, zeros, zeros, jnp.zeros((), jnp.int32))
 
-    def step(self, key: jax.Array, state: EpisodeStatsState, action: jax.Array, params=None):
-        obs, env_state, reward, done, info = self._env.step(key, state.env_state, action, params)
+    def step(self, key: jax.Array, state: EpisodeMetricsState, action: jax.Array, params=None):
+        obs, env_state, reward, terminated, truncated, info = self._env.step(
+            key, state.env_state, action, params
+        )
+        done = jnp.logical_or(terminated, truncated)
         r = state.running
-        running = EpisodeStats(
-            utility=r.utility + jnp.asarray(reward, jnp.float32).reshape(()),
+        running = EpisodeMetrics(
             se_sum=r.se_sum + _info_scalar(info, INFO_SE),
             reconfigurations=r.reconfigurations + _info_scalar(info, INFO_RECONFIGURATION),
             violations=r.violations + _info_scalar(info, INFO_VIOLATION),
-            length=r.length + 1,
         )
-        zeros = EpisodeStats.zeros()
-        new_state = EpisodeStatsState(
+        zeros = EpisodeMetrics.zeros()
+        new_state = EpisodeMetricsState(
             env_state=env_state,
             running=jax.tree.map(lambda z, x: jnp.where(done, z, x), zeros, running),
             last=jax.tree.map(lambda x, y: jnp.where(done, x, y), running, state.last),
             episodes=state.episodes + done.astype(jnp.int32),
         )
-        return obs, new_state, reward, done, info
+        return obs, new_state, reward, terminated, truncated, info
+
+
+class CopyableLogWrapper(LogWrapper):
+    """gymnax's ``LogWrapper``, unchanged but deep-copyable.
+
+    rejax's ``Algorithm.create`` deep-copies the env; gymnax's ``GymnaxWrapper.__getattr__``
+    forwards every name, private ones included, to ``self._env``, so on the half-built copy
+    (no ``_env`` yet) ``copy.deepcopy`` recurses until RecursionError (measured with gymnax
+    1.0.1 / rejax 0.1.3). Private names are not forwarded here, as in :class:`EnvWrapper`.
+    """
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._env, name)
+
+
+def episode_stats_env(env) -> EpisodeMetricsWrapper:
+    """``env`` with the Fig. 2 trajectory statistics in its state: gymnax's ``LogWrapper``
+    (utility = return, length) inside :class:`EpisodeMetricsWrapper` (eq. 1-3 sums)."""
+    return EpisodeMetricsWrapper(CopyableLogWrapper(env))
+
+
+def last_episode_stats(state: EpisodeMetricsState) -> dict[str, jax.Array]:
+    """The finished trajectory's utility, mean SE, reconfigurations and violations from the
+    state of :func:`episode_stats_env` (zeros until one trajectory has finished)."""
+    log = state.env_state
+    length = log.returned_episode_lengths
+    return {
+        "utility": log.returned_episode_returns,
+        "mean_se": state.last.se_sum / jnp.maximum(length, 1),
+        "reconfigurations": state.last.reconfigurations,
+        "violations": state.last.violations,
+        "length": length,
+    }

@@ -36,7 +36,9 @@ def _reset(env: RanSlicingEnv, key, params):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _step(env: RanSlicingEnv, key, state, action, params):
-    return env.step_env(key, state, action, params)
+    """gymnax 1.0's step without its auto-reset (gymnasium callers reset themselves)."""
+    obs, state, reward, terminated, info = env.step_env(key, state, action, params)
+    return obs, state, reward, terminated, env.is_truncated(state, params), info
 
 
 class RanSlicingGymnasiumEnv(gymnasium.Env):
@@ -77,6 +79,7 @@ class RanSlicingGymnasiumEnv(gymnasium.Env):
         if not self.action_space.contains(int(action)):
             raise ValueError(f"action must be an int in [0, {self.env.num_actions}), got {action}")
         self._key, sub = jax.random.split(self._key)
-        obs, self._state, reward, done, info = self._step(sub, self._state, int(action),
-                                                          self.params)
-        return np.asarray(obs), float(reward), False, bool(done), info_dict(info)
+        obs, self._state, reward, terminated, truncated, info = self._step(
+            sub, self._state, int(action), self.params
+        )
+        return np.asarray(obs), float(reward), bool(terminated), bool(truncated), info_dict(info)

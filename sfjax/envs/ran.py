@@ -45,10 +45,14 @@ slice); :func:`observation_dict` / :func:`info_dict` turn them into Python float
 On reset the SE, queue delta and drops are 0 and the arrival rate is the offered load of the UEs
 that are ON.
 
-API. gymnax 1.0.1's base ``Environment.step`` returns a 6-tuple (terminated, truncated);
-rejax 0.1.3 and the gymnax 0.x convention expect ``(obs, state, reward, done, info)``, which
-this class returns (``done`` = end of the 300-decision episode, a truncation; auto-reset as in
-gymnax, ``info`` describing the step just taken). Tunable numbers (eq. 15 weights, episode
+API. gymnax 1.0: ``step`` (gymnax's own ``Environment.step``, with auto-reset) returns
+``(obs, state, reward, terminated, truncated, info)``. The episode has no natural end
+(``terminated`` is always False); the 300-decision time limit is ``truncated``
+(``is_truncated``: ``state.time >= params.max_steps_in_episode``). ``info`` describes the step
+just taken even when the state was reset, plus gymnax's ``terminated`` / ``truncated`` /
+``final_observation``. gymnax's wrappers (``LogWrapper``, ``FlattenObservationWrapper``) work
+on it; rejax 0.1.3 still unpacks the 0.x five-tuple, so the RL baselines go through the thin
+adapter :class:`sfjax.baselines.wrappers.RejaxEnv`. Tunable numbers (eq. 15 weights, episode
 length, initial allocation, fading traces, the fixed drop) live in :class:`EnvParams`, e.g.
 ``params.replace(violation_penalty=100.0)``; shapes and models in :class:`RanSlicingConfig`.
 
@@ -105,7 +109,8 @@ __all__ = [
 
 
 class RanSlicingEnv(environment.Environment):
-    """gymnax environment; ``step`` returns ``(obs, state, reward, done, info)`` and auto-resets."""
+    """gymnax 1.0 environment: ``step`` returns ``(obs, state, reward, terminated, truncated,
+    info)`` and auto-resets; the time limit is a truncation (see the module docstring)."""
 
     def __init__(self, config: RanSlicingConfig | None = None):
         super().__init__()
@@ -222,25 +227,13 @@ class RanSlicingEnv(environment.Environment):
 
     # ------------------------------------------------------------------------------- step
     def step_env(self, key: jax.Array, state: EnvState, action, params: EnvParams):
-        """One decision without auto-reset (:func:`sfjax.envs.decision.decision_step`)."""
-        new, reward, info = decision_step(self.config, self.ues, key, state, action, params)
-        done = new.time >= params.max_steps_in_episode
-        return self.get_obs(new, params), new, reward, done, info
+        """One decision without auto-reset (:func:`sfjax.envs.decision.decision_step`).
 
-    @partial(jax.jit, static_argnames=("self",))
-    def step(self, key: jax.Array, state: EnvState, action, params: EnvParams | None = None):
-        """Step with auto-reset; returns ``(obs, state, reward, done, info)`` (gymnax 0.x / rejax).
-
-        ``info`` describes the step just taken even when ``done`` reset the state.
+        Returns gymnax 1.0's ``(obs, state, reward, terminated, info)``; ``terminated`` is
+        always False (the time limit is gymnax's ``is_truncated``, applied by ``step``).
         """
-        if params is None:
-            params = self.default_params
-        key_step, key_reset = jax.random.split(key)
-        obs_st, state_st, reward, done, info = self.step_env(key_step, state, action, params)
-        obs_re, state_re = self.reset_env(key_reset, params)
-        state = jax.tree.map(lambda x, y: jax.lax.select(done, x, y), state_re, state_st)
-        obs = jax.lax.select(done, obs_re, obs_st)
-        return obs, state, reward, done, info
+        new, reward, info = decision_step(self.config, self.ues, key, state, action, params)
+        return self.get_obs(new, params), new, reward, jnp.asarray(False), info
 
     # ------------------------------------------------------------------------ observation
     def get_obs(self, state: EnvState, params=None, key=None) -> jax.Array:
@@ -254,9 +247,6 @@ class RanSlicingEnv(environment.Environment):
         (:func:`observation_dict`) always has the exact raw values.
         """
         return unscale_observation(self.config, self.ues, obs)
-
-    def is_terminal(self, state: EnvState, params: EnvParams) -> jax.Array:
-        return state.time >= params.max_steps_in_episode
 
     def is_terminated(self, state: EnvState, params: EnvParams) -> jax.Array:
         return jnp.asarray(False)

@@ -196,5 +196,7 @@ def observation_dict(state: EnvState) -> dict[str, float]:
 
 
 def info_dict(info: dict[str, Any]) -> dict[str, float]:
-    """One (unbatched) step's info as Python floats (flags become 0.0 / 1.0)."""
-    return {k: float(np.asarray(v)) for k, v in jax.device_get(info).items()}
+    """One (unbatched) step's info as Python floats (flags become 0.0 / 1.0); array entries
+    (gymnax's ``final_observation``) are left out."""
+    host = jax.device_get(info)
+    return {k: float(np.asarray(v)) for k, v in host.items() if np.ndim(v) == 0}

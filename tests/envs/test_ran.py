@@ -63,14 +63,14 @@ def _rollout(step, reset, params, key, actions):
     obs, state = reset(key, params)
     out = []
     for t, a in enumerate(actions):
-        obs, state, r, d, info = step(jax.random.fold_in(key, t), state, a, params)
-        out.append((obs, state, r, d, info))
+        out.append(step(jax.random.fold_in(key, t), state, a, params))
+        state = out[-1][1]
     return out
 
 
 def test_info_keys_reward_and_se_definition(tiny):
     env, params, step, reset = tiny
-    (obs, state, r, d, info), = _rollout(step, reset, params, jax.random.key(0), [2])
+    (obs, state, r, _, _, info), = _rollout(step, reset, params, jax.random.key(0), [2])
     for k in REQUIRED:
         assert k in info and "other_" + k in info
     assert env.observation_space(params).contains(obs)
@@ -103,7 +103,7 @@ def test_info_keys_reward_and_se_definition(tiny):
     back = env.observation_to_dict(obs)
     for k, v in back.items():
         assert v == pytest.approx(d[k], rel=1e-4, abs=1e-3)
-    assert set(ran.info_dict(info)) == set(info)
+    assert set(ran.info_dict(info)) == set(info) - {"final_observation"}
 
 
 def test_byte_conservation_per_slice(tiny):
@@ -111,7 +111,7 @@ def test_byte_conservation_per_slice(tiny):
     actions = [0, 0, 6, 3, 0, 1]  # starve the controlled slice at first: drops happen
     total_dropped = 0.0
     for seed in range(3):
-        for _, _, _, _, info in _rollout(step, reset, params, jax.random.key(seed), actions):
+        for *_, info in _rollout(step, reset, params, jax.random.key(seed), actions):
             for p in ("", "other_"):
                 arrived = float(info[p + "arrival_rate_bps"]) * 0.02 / 8
                 out = (float(info[p + "delivered_bits"]) / 8 + float(info[p + "queue_delta_bytes"])
@@ -125,7 +125,7 @@ def test_reconfiguration_semantics(tiny):
     env, params, step, reset = tiny
     init = int(params.initial_action)
     actions = [init, init, init + 1, init + 1, 0, 0]
-    flags = [bool(o[4]["reconfiguration"]) for o in
+    flags = [bool(o[5]["reconfiguration"]) for o in
              _rollout(step, reset, params, jax.random.key(1), actions)]
     assert flags == [False, False, True, False, True, False]
     prbs = [TINY.prbs_per_action[a] for a in actions]
@@ -145,7 +145,7 @@ def test_violation_semantics_on_constructed_cases(tiny):
     key = jax.random.key(2)
     keep = int(params.initial_action)  # no reconfiguration in these steps
     quiet = _quiet_state(reset, params, key, env.config.n_ues)
-    _, _, r, _, info = step(key, quiet, keep, params)
+    _, _, r, _, _, info = step(key, quiet, keep, params)
     assert not bool(info["violation"]) and float(info["delivered_bits"]) == 0.0
     assert float(r) == pytest.approx(15.0)  # 15 (SE + 1) with SE = 0, no penalties
 
@@ -153,14 +153,14 @@ def test_violation_semantics_on_constructed_cases(tiny):
     buf = quiet.buffers
     old = buf.replace(arrival_ms_UQ=buf.arrival_ms_UQ.at[0, 0].set(-50.0),
                       count_U=buf.count_U.at[0].set(1))
-    _, _, r, _, info = step(key, quiet.replace(buffers=old), keep, params)
+    _, _, r, _, _, info = step(key, quiet.replace(buffers=old), keep, params)
     assert bool(info["violation"]) and int(info["late_packets"]) == 1
     assert not bool(info["other_violation"])
     assert float(r) == pytest.approx(15 * (float(info["se"]) + 1) - 300, rel=1e-5)
 
     # the same packet, young enough: delivered in time -> no violation
     young = old.replace(arrival_ms_UQ=old.arrival_ms_UQ.at[0, 0].set(-1.0))
-    _, _, _, _, info = step(key, quiet.replace(buffers=young), keep, params)
+    _, _, _, _, _, info = step(key, quiet.replace(buffers=young), keep, params)
     assert not bool(info["violation"]) and int(info["delivered_packets"]) == 1
 
 
@@ -177,7 +177,7 @@ def test_drops_alone_count_as_violation(tiny):
         count_U=jnp.where(other, q, 0).astype(jnp.int32),
     )
     state = state.replace(buffers=buf, on_U=other)  # weak types would recompile: keep dtypes
-    _, _, _, _, info = step(key, state, env.num_actions - 1, params)
+    _, _, _, _, _, info = step(key, state, env.num_actions - 1, params)
     assert float(info["other_dropped_bytes"]) > 0 and int(info["other_late_packets"]) == 0
     assert bool(info["other_violation"])
     assert float(info["other_max_delay_ms"]) < 50.0
@@ -211,12 +211,29 @@ def test_vmap_matches_single_env(tiny):
 def test_auto_reset_after_episode(tiny):
     env, params, step, reset = tiny
     outs = _rollout(step, reset, params, jax.random.key(4), [2] * 7)
-    dones = [bool(o[3]) for o in outs]
-    assert dones == [False] * 5 + [True, False]
+    assert all(len(o) == 6 for o in outs)  # gymnax 1.0: terminated and truncated
+    assert [bool(o[3]) for o in outs] == [False] * 7  # no natural end
+    assert [bool(o[4]) for o in outs] == [False] * 5 + [True, False]  # the time limit
     assert int(outs[5][1].time) == 0 and int(outs[6][1].time) == 1
     assert int(outs[5][1].clock_ms) == 0
-    # the info of the terminal step still describes that step
-    assert int(outs[5][4]["prbs"]) == 6
+    # the info of the truncated step still describes that step
+    assert int(outs[5][5]["prbs"]) == 6 and bool(outs[5][5]["truncated"])
+
+
+def test_gymnax_wrappers_run_on_the_env(tiny):
+    from gymnax.wrappers.purerl import FlattenObservationWrapper, LogWrapper
+
+    env, params, _, _ = tiny
+    wrapped = LogWrapper(FlattenObservationWrapper(env))
+    obs, state = wrapped.reset(jax.random.key(0), params)
+    rewards = []
+    for t in range(TINY.episode_steps):
+        obs, state, r, term, trunc, info = wrapped.step(jax.random.key(t + 1), state, 2, params)
+        rewards.append(float(r))
+    assert obs.shape == (env.obs_dim,) and bool(trunc) and not bool(term)
+    assert bool(info["returned_episode"]) and bool(info["returned_episode_valid"])
+    assert int(info["returned_episode_lengths"]) == TINY.episode_steps
+    np.testing.assert_allclose(float(info["returned_episode_returns"]), sum(rewards), rtol=1e-5)
 
 
 def test_gymnasium_wrapper():
@@ -247,7 +264,7 @@ def test_pipeline_delay_and_data_re_fraction(tiny):
     buf = state.buffers
     pkt = buf.replace(arrival_ms_UQ=buf.arrival_ms_UQ.at[0, 0].set(-4.5),
                       count_U=buf.count_U.at[0].set(1))
-    _, _, _, _, info = step(key, state.replace(buffers=pkt), int(params.initial_action), params)
+    _, _, _, _, _, info = step(key, state.replace(buffers=pkt), int(params.initial_action), params)
     assert bool(info["violation"]) and int(info["late_packets"]) == 1
     assert float(info["max_delay_ms"]) == pytest.approx(11.5)
     # One packet of 4096 bits: at most 5.5547 x 180 x 8 x 0.5 = 4000 bits per TTI on 8 PRB,
@@ -270,7 +287,7 @@ def test_quiet_step_carries_the_scheduled_se(tiny):
     quiet = _quiet_state(reset, params, key, env.config.n_ues)
     prev = jnp.array([4.25, 3.5], jnp.float32)
     quiet = quiet.replace(se_S=prev, se_scheduled_S=prev)
-    _, state, r, _, info = step(key, quiet, int(params.initial_action), params)
+    _, state, r, _, _, info = step(key, quiet, int(params.initial_action), params)
     assert float(info["utilization"]) == 0.0 and float(info["delivered_bits"]) == 0.0
     assert float(info["se"]) == 4.25 and float(info["other_se"]) == 3.5
     assert float(info["se_allocated"]) == 0.0
@@ -289,7 +306,7 @@ def test_allocated_se_definition_and_ns3_rbg_count():
     params = env.default_params
     key = jax.random.key(0)
     _, state = env.reset(key, params)
-    _, state, r, _, info = env.step(key, state, 2, params)
+    _, state, r, _, _, info = env.step(key, state, 2, params)
     assert int(info["prbs"]) == 6 and int(info["other_prbs"]) == 8
     assert float(info["delivered_bits"]) > 0
     assert float(info["se"]) == float(info["se_allocated"]) == pytest.approx(
