@@ -13,6 +13,7 @@ are shared by :mod:`sfjax.agents.summary` and :mod:`sfjax.baselines.summary`.
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 from collections.abc import Iterable
 from pathlib import Path
@@ -38,6 +39,8 @@ def configure_logging(level: str | int = "INFO") -> int:
             )
     else:
         value = int(level)
+    # transformers logs "PyTorch was not found" at import: true and irrelevant here (JAX)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     # force=True: orbax/absl put a handler on the root logger at import time (see above)
     logging.basicConfig(level=value, format=LOG_FORMAT, datefmt=LOG_DATEFMT, force=True)
     for name in QUIET_LOGGERS:

@@ -71,8 +71,6 @@ L = trace length, A = actions.
 
 from __future__ import annotations
 
-from functools import partial
-
 import jax
 import jax.numpy as jnp
 import numpy as np
