@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from sfjax.agents.actor import ActorConfig
 from sfjax.agents.prompts import PromptConfig
 from sfjax.agents.reflector import ReflectorConfig, make_reflector
 from sfjax.agents.reflexion import ReflexionActor, ReflexionConfig, run_reflexion
+from sfjax.agents.summary import format_reflexion_summary
 from sfjax.agents.trajectory import save_trajectories
 from sfjax.baselines.evaluation import EvalProtocol, evaluate_agent
 from sfjax.baselines.llm_agent import LLMEnvAgent, load_actor, prompt_config_for_env
@@ -108,6 +110,10 @@ def run(cfg: Config, env: RanSlicingEnv, writer=None) -> tuple[MethodResult, dic
                 writer.add_scalar(f"reflexion/trial/{metric}", mean, k + 1)
 
     record = run_reflexion(actor, reflector, env, params, cfg.reflexion, on_trial=on_trial)
+    logging.getLogger("reflexion").info(
+        "evaluating the Actor with its final memory: %d env seeds x %d decisions",
+        len(cfg.protocol.seeds), cfg.protocol.num_steps,
+    )  # fmt: skip
     agent = LLMEnvAgent(actor, env, params, jax.random.key(cfg.eval_seed))
     rollouts = evaluate_agent(agent, env, params, cfg.protocol)
     rollouts.save(out_dir / "eval_rollouts.npz")
@@ -147,7 +153,14 @@ def main(cfg: Config) -> dict:
         row, summary = run(cfg, RanSlicingEnv(cfg.env), writer)
     finally:
         writer.close()
-    print(json.dumps({"row": dataclasses.asdict(row), "memory": summary["memory"]}, indent=2))
+    print(
+        format_reflexion_summary(
+            row.summary, cfg.run_dir, provenance=summary["provenance"],
+            trials=cfg.reflexion.trials, num_trajectories=row.num_trajectories,
+            num_steps=cfg.protocol.num_steps, trial_metrics=summary["trial_metrics"],
+            tiny_actor=not cfg.checkpoint,
+        )  # fmt: skip
+    )
     return summary
 
 

@@ -24,6 +24,7 @@ from sfjax.baselines import rl
 from sfjax.baselines.evaluation import EvalProtocol
 from sfjax.baselines.report import Table3Inputs, plot_fig2, write_table3
 from sfjax.baselines.runner import ROW_NAMES, RLRunConfig, run_rl_baselines
+from sfjax.baselines.summary import format_rl_summary
 from sfjax.console import configure_logging
 from sfjax.envs.ran import RanSlicingConfig, RanSlicingEnv
 
@@ -91,6 +92,13 @@ def main(cfg: Config) -> dict:
         k: {"summary": r.row.summary, "wall_time_s": r.train.wall_time_s} for k, r in runs.items()
     }
     print((cfg.run_dir / "table_rl.md").read_text())
+    print(
+        format_rl_summary(
+            rows, cfg.run_dir, seeds=cfg.rl.seeds, env_steps_per_seed=cfg.rl.budget.total_steps,
+            eval_seeds=cfg.protocol.seeds, eval_steps=cfg.protocol.num_steps,
+            wall_s={ROW_NAMES[k]: r.train.wall_time_s for k, r in runs.items()},
+        )  # fmt: skip
+    )
     return out
 
 

@@ -194,8 +194,16 @@ def _prepare_run_dir(cfg: ExperimentConfig, run_dir: Path) -> bool:
     return resume
 
 
-def _save_adapter(finetuner, out_dir: Path) -> None:
-    """The final LoRA as a PEFT adapter, written by process 0.
+def base_model_id(checkpoint) -> str:
+    """What the adapter names as its base model: a local checkpoint as an absolute path (so
+    ``peft.AutoPeftModelForCausalLM.from_pretrained(adapter_dir)`` works from any directory),
+    a hub id as it is."""
+    path = Path(checkpoint)
+    return str(path.resolve()) if path.exists() else str(checkpoint)
+
+
+def _save_adapter(finetuner, out_dir: Path, base_model: str | None = None) -> None:
+    """The final LoRA as a PEFT adapter naming ``base_model``, written by process 0.
 
     With several processes the adapters may be sharded over devices of other hosts, so their
     shards are first gathered onto every host (a collective, hence on all processes).
@@ -212,7 +220,7 @@ def _save_adapter(finetuner, out_dir: Path) -> None:
         nnx.update(trainer.model, parallel.to_host(state))  # the run is over: host copies
 
     def write():
-        trainer.save_adapter(out_dir)
+        trainer.save_adapter(out_dir, base_model_name_or_path=base_model)
 
     parallel.on_main_process(write)
 
@@ -227,9 +235,10 @@ def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> d
     from sfjax.agents.actor import Actor
     from sfjax.agents.env import JaxRanRunner
     from sfjax.agents.finetune import KTOFineTuner
-    from sfjax.agents.loop import SelfFinetuningLoop, format_table
+    from sfjax.agents.loop import SelfFinetuningLoop
     from sfjax.agents.reflector import make_reflector
     from sfjax.agents.reflectors.broadcast import build_on_process_0
+    from sfjax.agents.summary import format_sf_summary
     from sfjax.models import qwen3
     from sfjax.parallel import summary_writer
     from sfjax.sampling import Sampler
@@ -290,17 +299,17 @@ def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> d
     summary = loop.run(resume=resume)
     summary["timings_s"]["setup"] = setup_s
     loop.write_summary()
-    _save_adapter(finetuner, run_dir / "adapter")
+    _save_adapter(finetuner, run_dir / "adapter", base_model_id(ckpt))
     if writer is not None:
         writer.close()
     if not parallel.is_main_process():
         return summary
-    print(f"\nSelf-finetuning ({summary['reflector']}; actor {ckpt})")
-    print(format_table(summary))
-    t = summary["timings_s"]
     print(
-        "wall time [s]: "
-        + ", ".join(f"{k} {v:.1f}" for k, v in t.items() if not k.endswith("_count"))
+        format_sf_summary(
+            summary, run_dir, trajectory_steps=cfg.loop.trajectory_steps,
+            num_envs=cfg.loop.num_envs, tiny_actor=cfg.model.tiny,
+            same_env_seeds=cfg.loop.same_env_seeds,
+        )  # fmt: skip
     )
     return summary
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Literal
 
 import jax
+import numpy as np
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -55,6 +56,11 @@ from sfjax.baselines.report import (  # noqa: E402
     write_table3,
 )
 from sfjax.baselines.runner import ROW_NAMES, RLRunConfig, run_rl_baselines  # noqa: E402
+from sfjax.baselines.summary import (  # noqa: E402
+    format_table3_summary,
+    preset_of,
+    tiny_actor_note,
+)
 from sfjax.console import configure_logging  # noqa: E402
 
 log = logging.getLogger("table3")
@@ -117,7 +123,10 @@ def sf_checkpoint(cfg: sf_ranslicing.ExperimentConfig) -> str:
 def run_sf(cfg: Config, env, writer) -> tuple[MethodResult, dict]:
     """Algorithm 1, then the final Actor (base + adapter) on the shared protocol."""
     sf_cfg = dataclasses.replace(cfg.sf, run_dir=str(cfg.run_dir / "sf"), env=cfg.env)
+    log.info("SF row: Algorithm 1 in %s", sf_cfg.run_dir)
     summary = sf_ranslicing.run(sf_cfg, progress=False)
+    log.info("SF row: evaluating the fine-tuned Actor on env seeds %s x %d decisions",
+             list(cfg.protocol.seeds), cfg.protocol.num_steps)  # fmt: skip
     ckpt = sf_checkpoint(sf_cfg)
     actor_cfg = dataclasses.replace(
         sf_cfg.actor, prompt=prompt_config_for_env(env, sf_cfg.actor.prompt)
@@ -149,14 +158,16 @@ def fig3_inputs(sf_dir: Path, summary: dict) -> tuple[list[dict], dict]:
     """KTO reward curves per KTO iteration (from TensorBoard) and before/after metrics."""
     iters = kto_iteration_curves(read_scalar_events(sf_dir / "tb"))
     if not iters or not any(it["rewards/chosen"] for it in iters):
-        # No per-step points (e.g. iterations skipped for lack of data): per-iteration means.
+        # No per-step points (e.g. iterations skipped for lack of data): per-iteration means,
+        # each at the iteration's last global KTO step.
+        entries = [e for r in summary.get("iterations", []) for e in r.get("kto_iterations", [])]
+        ends = np.cumsum([int(e.get("kto/num_steps", 0)) for e in entries])
         iters = [
             {
-                k: [e[f"kto/{k}"]] if f"kto/{k}" in e else []
+                k: [(int(end), e[f"kto/{k}"])] if f"kto/{k}" in e else []
                 for k in ("rewards/chosen", "rewards/rejected")
             }
-            for r in summary.get("iterations", [])
-            for e in r.get("kto_iterations", [])
+            for e, end in zip(entries, ends)
         ]
     its = summary.get("iterations", [])
     before_after = {}
@@ -172,7 +183,7 @@ def fig3_inputs(sf_dir: Path, summary: dict) -> tuple[list[dict], dict]:
     return iters, before_after
 
 
-def main(cfg: Config) -> dict:
+def main(cfg: Config, preset: str = "") -> dict:
     from tensorboardX import SummaryWriter
 
     configure_logging(cfg.log_level)
@@ -209,6 +220,7 @@ def main(cfg: Config) -> dict:
                     else cfg.reflexion.checkpoint
                 ),
             )
+            log.info("Reflexion row: %d trials, then the evaluation", refl_cfg.reflexion.trials)
             row, summary = reflexion_ranslicing.run(refl_cfg, env, writer)
             rows.append(row)
             wall["Reflexion"] = time.perf_counter() - t0
@@ -226,13 +238,19 @@ def main(cfg: Config) -> dict:
     finally:
         writer.close()
 
+    note = tiny_actor_note(
+        sf="sf" in cfg.methods and cfg.sf.model.tiny,
+        reflexion="reflexion" in cfg.methods
+        and (cfg.sf.model.tiny if "sf" in cfg.methods else not cfg.reflexion.checkpoint),
+    )
     write_table3(
         cfg.run_dir / "table3.md",
         rows,
         Table3Inputs(
             protocol=cfg.protocol,
             llm_provenance="; ".join(provenance) or "(no LLM rows in this run)",
-            preset=cfg.run_dir.name,
+            preset=preset,
+            actor_note=note,
         ),
     )
     llm_rows = [r for r in rows if r.name in ("SF", "Reflexion")]
@@ -252,8 +270,12 @@ def main(cfg: Config) -> dict:
     }
     (cfg.run_dir / "results.json").write_text(json.dumps(results, indent=2))
     print((cfg.run_dir / "table3.md").read_text())
+    print(format_table3_summary(rows, cfg.run_dir, preset=preset, actor_note=note, wall_s=wall))
     return results
 
 
 if __name__ == "__main__":
-    main(tyro.extras.overridable_config_cli(PRESETS, args=sys.argv[1:], description=__doc__))
+    main(
+        tyro.extras.overridable_config_cli(PRESETS, args=sys.argv[1:], description=__doc__),
+        preset=preset_of(sys.argv[1:], PRESETS),
+    )

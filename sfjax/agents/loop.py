@@ -72,6 +72,12 @@ from sfjax.agents.trajectory import (
 log = logging.getLogger(__name__)
 
 SUMMARY_METRICS = ("avg_se", "reconfigurations", "violations", "utility", "parse_failures")
+PHASE_TEXT = {
+    "collect": "the Actor runs the trajectories (one sampler call per decision)",
+    "reflect": "the Reflector labels every step",
+    "kto": "RfR rollouts of the current Actor, then KTO on the LoRA weights",
+}
+"""One line per phase kind, logged as each phase starts."""
 
 
 @dataclass(frozen=True)
@@ -377,6 +383,7 @@ class SelfFinetuningLoop:
         rec["reflector"] = self.reflector.name
         rec["suboptimal_fraction"] = n_sub / max(n, 1)
         self._scalars("reflector", {"suboptimal_fraction": n_sub / max(n, 1)}, phase.iteration)
+        log.info("reflect: %d of %d steps labelled suboptimal (%s)", n_sub, n, self.reflector.name)
 
     def _kto(self, phase: Phase) -> None:
         key = self._key(phase)
@@ -390,7 +397,15 @@ class SelfFinetuningLoop:
             self.run_dir / "datasets" / f"iter_{phase.iteration}_kto_{phase.kto_iteration}.json",
             examples_to_json(dataset),
         )
+        log.info("KTO iteration %d: %d examples (%d desirable, %d undesirable)",
+                 phase.kto_iteration, len(dataset), stats.n_desirable, stats.n_undesirable)  # fmt: skip
         metrics = self.finetuner.train(dataset, train_key, self.kto_steps)
+        log.info(
+            "KTO iteration %d: %d steps, loss %.4f, rewards chosen %.3f / rejected %.3f, "
+            "kl %.3f (unclamped %.3f)", phase.kto_iteration, int(metrics.get("num_steps", 0)),
+            *(metrics.get(k, float("nan")) for k in ("loss", "rewards/chosen",
+                                                     "rewards/rejected", "kl", "kl_unclamped")),
+        )  # fmt: skip
         self.kto_steps += int(metrics.get("num_steps", 0))
         global_kto = phase.iteration * self.rfr_cfg.kto_iterations + phase.kto_iteration
         self._scalars("kto_iter", metrics, global_kto)
@@ -422,6 +437,8 @@ class SelfFinetuningLoop:
                 f"or choose a new --run-dir"
             )
         for phase in self.phases[start:]:
+            log.info("phase %d/%d %s: %s", phase.index + 1, len(self.phases), phase.name,
+                     PHASE_TEXT[phase.kind])  # fmt: skip
             t0, c0 = time.perf_counter(), time.process_time()
             {"collect": self._collect, "reflect": self._reflect, "kto": self._kto}[phase.kind](
                 phase
@@ -435,6 +452,7 @@ class SelfFinetuningLoop:
             self.timings[kind] = self.timings.get(kind, 0.0) + dt
             self.timings[f"{kind}_cpu"] = self.timings.get(f"{kind}_cpu", 0.0) + dc
             self.timings[f"{kind}_count"] = self.timings.get(f"{kind}_count", 0) + 1
+            log.info("phase %s done in %.1f s", phase.name, dt)
             wall = self.iterations[-1].setdefault("wall_s", {})
             wall[kind] = wall.get(kind, 0.0) + dt
             wall[f"{kind}_cpu"] = wall.get(f"{kind}_cpu", 0.0) + dc

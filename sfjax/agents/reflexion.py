@@ -278,6 +278,8 @@ def run_reflexion(
     run = ReflexionRun(memory=list(actor.memory))
     for trial in range(cfg.trials):
         key, act_key, refl_key, self_key = jax.random.split(key, 4)
+        log.info("Reflexion trial %d/%d: %d env seed(s) x %d decisions, then evaluator and "
+                 "self-reflection", trial + 1, cfg.trials, len(protocol.seeds), protocol.num_steps)  # fmt: skip
         agent = LLMEnvAgent(actor, env, env_params, act_key)
         rollouts: Rollouts = evaluate_agent(agent, env, env_params, protocol)
         trajs = agent.trajectories
@@ -291,7 +293,13 @@ def run_reflexion(
         run.trial_evaluations.append(ev)
         run.trajectories.append(trajs)
         run.env_samples += rollouts.num_samples
-        log.info("Reflexion trial %d: %s | %s", trial + 1, rollouts.summary(), text[:200])
+        m = rollouts.summary()
+        log.info(
+            "Reflexion trial %d: utility %.1f, avg SE %.3f bit/s/Hz, %.1f reconfigurations, "
+            "%.1f violating steps per trajectory; reflection: %s", trial + 1,
+            m["utility"][0], m["mean_se"][0], m["reconfigurations"][0], m["violations"][0],
+            text[:200],
+        )  # fmt: skip
         if on_trial is not None:
             on_trial(trial, run)
     return run

@@ -352,6 +352,8 @@ def build_dataset(
     solved = set(state.solved)
     todo = [t for t in targets if t.target_id not in solved] if cfg.rollouts else []
     if todo and sample_fn is not None:
+        _log.info("RfR rollouts: %d samples for each of %d unsolved suboptimal steps",
+                  cfg.num_rollouts, len(todo))  # fmt: skip
         cost = cost if cost is not None else rollout_cost_of(sample_fn)
         samples, stats.rollout_calls = sample_in_calls(
             sample_fn, [t.prompt for t in todo], cfg, key, cost
@@ -364,6 +366,11 @@ def build_dataset(
         stats.mean_match_rate = sum(rates) / len(rates)
         stats.rollout_parse_failures = failures
         solved |= {t.target_id for t, r in zip(todo, rates) if r > cfg.tau}
+        _log.info(
+            "RfR rollouts: %d desirable, %d undesirable (mean match rate %.2f); %d of %d "
+            "targets solved", stats.n_rollout_desirable, stats.n_rollout_undesirable,
+            stats.mean_match_rate, len(solved), len(targets),
+        )  # fmt: skip
     stats.n_solved = len(solved)
     # keep a stable order (targets' order) so that checkpoints and resumes agree
     order = {t.target_id: i for i, t in enumerate(targets)}

@@ -16,6 +16,7 @@ Action units: the Actor speaks in RBGs for the controlled slice (``PromptConfig.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 
 import jax
@@ -23,6 +24,10 @@ import numpy as np
 
 from sfjax.agents.prompts import FEEDBACK_KEYS, HistoryEntry, PromptConfig
 from sfjax.agents.trajectory import Step, Trajectory
+
+_log = logging.getLogger(__name__)
+PROGRESS_EVERY = 50
+"""Decisions between two progress lines of an evaluation (one LLM call per decision)."""
 
 
 def action_offset(env) -> int:
@@ -127,6 +132,8 @@ class LLMEnvAgent:
         decisions = self.actor.act(states, windows, self._t, sub)
         self._pending = list(zip(states, decisions))
         self._t += 1
+        if self._t % PROGRESS_EVERY == 0:
+            _log.info("LLM evaluation: %d decisions x %d env seeds done", self._t, len(states))
         n = int(self.env.num_actions)
         return [int(np.clip(int(d.action) - self.offset, 0, n - 1)) for d in decisions]
 

@@ -6,8 +6,9 @@
   training and for evaluation, the protocol, and which actor/reflector made the LLM rows.
 * :func:`plot_fig2` — per-round training curves of the RL baselines (mean ± std band over
   training seeds) with the LLM agents' evaluated values as horizontal lines.
-* :func:`plot_fig3` — (a) metrics before/after self-finetuning, (b..) KTO chosen/rejected
-  reward curves per KTO iteration, and the last panel the per-iteration means.
+* :func:`plot_fig3` — (a) metrics before/after self-finetuning (one panel and unit each),
+  (b..) KTO chosen/rejected reward curves per KTO iteration at their logged optimizer steps,
+  and the last panel the per-iteration means.
 
 Shape legend: N = training seeds, R = rounds.
 """
@@ -67,7 +68,9 @@ class Table3Inputs:
     llm_provenance: str
     """Which actor and reflector produced the LLM rows (SF, Reflexion)."""
     preset: str = ""
-    """Experiment preset name (smoke / paper)."""
+    """Experiment preset name (smoke / paper); empty: the heading says "custom config"."""
+    actor_note: str = ""
+    """Said right under the heading, e.g. that the LLM rows' Actor is a random tiny model."""
     extra_notes: tuple[str, ...] = field(default_factory=tuple)
     """Further lines printed under the table."""
 
@@ -88,8 +91,11 @@ def format_table3(rows: Sequence[MethodResult], inputs: Table3Inputs) -> str:
     rows = sorted(rows, key=lambda r: order.get(r.name, len(order)))
     header = ["Algorithm", *(METRIC_LABELS[m] for m in METRICS), "Train samples", "Eval samples"]
     lines = [
-        f"# Table III (reproduced{', preset ' + inputs.preset if inputs.preset else ''})",
+        f"# Table III (reproduced, preset `{inputs.preset}`)"
+        if inputs.preset
+        else "# Table III (reproduced, custom config)",
         "",
+        *([f"**{inputs.actor_note}**", ""] if inputs.actor_note else []),
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
     ]
@@ -188,48 +194,71 @@ def plot_fig2(
     return path
 
 
+FIG3_UNITS = {
+    "mean_se": ("Avg. SE", "bit/s/Hz"),
+    "reconfigurations": ("Reconfigurations", "per trajectory"),
+    "violations": ("PQoS violations", "steps per trajectory"),
+    "utility": ("Utility (eq. 15)", "per trajectory"),
+}
+REWARD_LABEL = "KTO reward β·log(πθ/πref)"
+
+
 def plot_fig3(
     path: str | Path,
-    kto_iterations: Sequence[Mapping[str, Sequence[float]]],
+    kto_iterations: Sequence[Mapping[str, Sequence[tuple[int, float]]]],
     before_after: Mapping[str, tuple[float, float]] | None = None,
 ) -> Path:
-    """Fig. 3: ``kto_iterations[i]`` holds per-step ``rewards/chosen`` and
-    ``rewards/rejected`` of KTO iteration i; ``before_after[metric] = (before, after)``."""
+    """Fig. 3: one panel per before/after metric (one unit per axis), one per KTO iteration
+    and a last one with the per-iteration means.
+
+    ``kto_iterations[i][key]`` holds ``(global KTO step, value)`` points of
+    ``rewards/chosen`` and ``rewards/rejected`` of KTO iteration i, plotted at their logged
+    steps (a step whose micro-batches held one class only has no point for the other);
+    ``before_after[metric] = (before, after)``.
+    """
     plt = _pyplot()
     n = len(kto_iterations)
-    panels = 1 + n + 1
+    metrics = list(before_after or {}) or [None]
+    panels = len(metrics) + n + 1
     cols = min(4, panels)
     rows = math.ceil(panels / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
     flat = list(axes.flat)
-    ax = flat[0]
-    if before_after:
-        labels = list(before_after)
-        x = np.arange(len(labels))
-        ax.bar(x - 0.2, [before_after[k][0] for k in labels], 0.4, label="before")
-        ax.bar(x + 0.2, [before_after[k][1] for k in labels], 0.4, label="after")
-        ax.set_xticks(x, [METRIC_LABELS.get(k, k) for k in labels], fontsize=7)
-        ax.legend(fontsize=7)
-    else:
-        ax.text(0.5, 0.5, "no before/after metrics", ha="center", va="center")
-    ax.set_title("(a) before vs after")
+    for j, metric in enumerate(metrics):
+        ax = flat[j]
+        tag = f"(a{j + 1})" if len(metrics) > 1 else "(a)"
+        if metric is None:
+            ax.text(0.5, 0.5, "no before/after metrics", ha="center", va="center")
+            ax.set_title("(a) before vs after")
+            continue
+        name, unit = FIG3_UNITS.get(metric, (METRIC_LABELS.get(metric, metric), ""))
+        before, after = before_after[metric]
+        ax.bar([0, 1], [before, after], 0.6, color=["tab:gray", "tab:blue"])
+        ax.set_xticks([0, 1], ["before SF", "after SF"])
+        ax.set_ylabel(f"{name} [{unit}]" if unit else name)
+        ax.set_title(f"{tag} {name}")
     means = {"rewards/chosen": [], "rewards/rejected": []}
+    first = len(metrics)
     for i, it in enumerate(kto_iterations):
-        ax = flat[1 + i]
+        ax = flat[first + i]
         for key in means:
-            values = np.asarray(it.get(key, []), np.float64)
-            ax.plot(np.arange(1, len(values) + 1), values, label=key.split("/")[1])
+            points = sorted(it.get(key, []))
+            steps = [p[0] for p in points]
+            values = np.asarray([p[1] for p in points], np.float64)
+            ax.plot(steps, values, marker=".", label=key.split("/")[1])
             means[key].append(float(values.mean()) if values.size else np.nan)
         ax.axhline(0.0, color="gray", lw=0.5)
         ax.set_title(f"({chr(ord('b') + i)}) KTO iteration {i + 1}")
-        ax.set_xlabel("KTO step")
+        ax.set_xlabel("KTO optimizer step (global)")
+        ax.set_ylabel(REWARD_LABEL)
         ax.legend(fontsize=7)
-    ax = flat[1 + n]
+    ax = flat[first + n]
     for key, vals in means.items():
         ax.plot(np.arange(1, n + 1), vals, marker="o", label=key.split("/")[1])
     ax.axhline(0.0, color="gray", lw=0.5)
     ax.set_title(f"({chr(ord('b') + n)}) mean reward per iteration")
     ax.set_xlabel("KTO iteration")
+    ax.set_ylabel(REWARD_LABEL)
     ax.legend(fontsize=7)
     for ax in flat[panels:]:
         ax.axis("off")
@@ -241,51 +270,53 @@ def plot_fig3(
 
 
 def read_scalar_events(tb_dir: str | Path) -> list[tuple[str, int, float]]:
-    """(tag, step, value) of every scalar in the TensorBoard event files under ``tb_dir``,
-    in the order they were written (files by name, i.e. by creation time).
+    """(tag, step, value) of every scalar in the TensorBoard event files under ``tb_dir``
+    (every sub-directory holding event files is one run), in the order they were written.
 
-    A minimal TFRecord reader (length, crc, payload, crc) over tensorboardX's ``Event``
-    protobuf, so reading needs neither TensorFlow nor the tensorboard package.
+    Read with tensorboard's own ``EventAccumulator`` (record CRCs checked; a record still
+    being written is left for the next read).
     """
-    import struct
+    from tensorboard.backend.event_processing.event_accumulator import (
+        SCALARS,
+        EventAccumulator,
+    )
 
-    from tensorboardX.proto import event_pb2
-
-    out: list[tuple[str, int, float]] = []
-    for path in sorted(Path(tb_dir).rglob("events.out.tfevents.*")):
-        data = path.read_bytes()
-        pos = 0
-        while pos + 12 <= len(data):
-            (length,) = struct.unpack("<Q", data[pos : pos + 8])
-            start = pos + 12
-            if start + length + 4 > len(data):
-                break  # a record still being written
-            event = event_pb2.Event()
-            event.ParseFromString(data[start : start + length])
-            pos = start + length + 4
-            for v in event.summary.value:
-                if v.HasField("simple_value"):
-                    out.append((v.tag, int(event.step), float(v.simple_value)))
-    return out
+    runs = sorted({p.parent for p in Path(tb_dir).rglob("events.out.tfevents.*")})
+    out: list[tuple[float, str, int, float]] = []
+    for run in runs:
+        acc = EventAccumulator(str(run), size_guidance={SCALARS: 0})  # 0: keep every point
+        acc.Reload()
+        for tag in acc.Tags()[SCALARS]:
+            out += [(e.wall_time, tag, int(e.step), float(e.value)) for e in acc.Scalars(tag)]
+    out.sort(key=lambda x: x[0])  # stable: points of one wall time keep their tag order
+    return [(tag, step, value) for _, tag, step, value in out]
 
 
 def kto_iteration_curves(
     events: Sequence[tuple[str, int, float]],
     step_tags: Sequence[str] = ("train/rewards/chosen", "train/rewards/rejected"),
-    boundary_tag: str = "kto_iter/num_steps",
-) -> list[dict[str, list[float]]]:
-    """Split per-step KTO scalars into KTO iterations.
+    size_tag: str = "kto_iter/num_steps",
+) -> list[dict[str, list[tuple[int, float]]]]:
+    """Split per-step KTO scalars into KTO iterations by their logged steps.
 
-    The SF loop logs ``kto_iter/*`` once after each KTO iteration's training, so the
-    ``train/*`` points written between two such markers belong to one iteration. Keys of each
-    returned dict drop the ``train/`` prefix (``rewards/chosen``, ``rewards/rejected``).
+    The SF loop logs ``train/*`` at the global KTO optimizer step (it keeps counting across
+    KTO iterations) and, after each KTO iteration ``k``, ``kto_iter/num_steps`` = that
+    iteration's optimizer steps at step ``k``; iteration ``k`` therefore owns the global
+    steps after the first ``sum(num_steps[:k])``. Returns per iteration ``{"rewards/chosen":
+    [(step, value), ...], "rewards/rejected": [...]}`` (keys without the ``train/`` prefix).
     """
-    iterations: list[dict[str, list[float]]] = []
-    current: dict[str, list[float]] = {t.split("/", 1)[1]: [] for t in step_tags}
-    for tag, _step, value in events:
-        if tag in step_tags:
-            current[tag.split("/", 1)[1]].append(value)
-        elif tag == boundary_tag:
-            iterations.append(current)
-            current = {t.split("/", 1)[1]: [] for t in step_tags}
+    sizes: dict[int, float] = {}
+    points: dict[str, list[tuple[int, float]]] = {t: [] for t in step_tags}
+    for tag, step, value in events:
+        if tag in points:
+            points[tag].append((step, value))
+        elif tag == size_tag:
+            sizes[step] = value  # a resumed run may log an iteration again: the last wins
+    bounds = np.cumsum([int(sizes[k]) for k in sorted(sizes)])
+    iterations = [{t.split("/", 1)[1]: [] for t in step_tags} for _ in bounds]
+    for tag, pts in points.items():
+        for step, value in pts:
+            k = int(np.searchsorted(bounds, step, side="left"))  # steps count from 1
+            if k < len(iterations):
+                iterations[k][tag.split("/", 1)[1]].append((step, value))
     return iterations

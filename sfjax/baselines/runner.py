@@ -83,6 +83,8 @@ def run_rl_baselines(
             "training %s: %d seeds x %d env steps", name, len(cfg.seeds), cfg.budget.total_steps
         )
         result = rl.train(name, cfg.algo_config(name), env, env_params, cfg.budget, cfg.seeds)
+        log.info("%s trained in %.1f s; evaluating %d seeds x %d env seeds x %d steps", name,
+                 result.wall_time_s, len(cfg.seeds), len(protocol.seeds), protocol.num_steps)  # fmt: skip
         rollouts = rl.evaluate_trained(result, env, protocol, cfg.deterministic_eval)
         row = MethodResult(
             name=ROW_NAMES[name],
@@ -118,7 +120,12 @@ def run_rl_baselines(
             for metric, (mean, _std) in row.summary.items():
                 writer.add_scalar(f"{name}/eval/{metric}", mean, cfg.budget.rounds)
             writer.flush()
-        log.info("%s done in %.1fs: %s", name, result.wall_time_s, row.summary)
+        s = row.summary
+        log.info(
+            "%s done: utility %.1f ± %.1f, avg SE %.3f bit/s/Hz, %.1f reconfigurations, %.1f "
+            "violating steps per trajectory", name, *s["utility"], s["mean_se"][0],
+            s["reconfigurations"][0], s["violations"][0],
+        )  # fmt: skip
         out[name] = RLRun(result, rollouts, row)
     return out
 

@@ -232,6 +232,9 @@ def save_adapter(
 
     ``peft.PeftModel.from_pretrained(transformers_model, out_dir)`` loads it. ``config`` must
     be the one the adapters were built with (its rank / scaling are checked against them).
+    ``base_model_name_or_path`` (the base checkpoint's path or hub id) is what
+    ``peft.AutoPeftModelForCausalLM.from_pretrained(out_dir)`` loads the base model from; with
+    None it can only be loaded onto a base model given by hand.
     """
     from safetensors.numpy import save_file
 

@@ -64,10 +64,21 @@ def _adapter(run_dir):
 
 
 @pytest.mark.slow
-def test_smoke_end_to_end_and_resume(tmp_path):
+def test_smoke_end_to_end_and_resume(tmp_path, capsys):
     mod = _experiment()
     full_dir = tmp_path / "full"
     summary = mod.run(_short(mod, full_dir), progress=False)
+
+    # the closing summary: what ran, before/after with units, artefacts, TensorBoard
+    printed = capsys.readouterr().out
+    assert "=== Self-finetuning: summary ===" in printed and "bit/s/Hz" in printed
+    assert "Before -> after fine-tuning" in printed
+    for name in ("summary.json", "tb", "adapter", "trajectories", "checkpoints"):
+        assert str(full_dir / name) in printed
+    assert f"tensorboard --logdir {full_dir / 'tb'}" in printed
+    # the adapter names its base model (AutoPeftModel loads it: test_adapter_loads_with_...)
+    adapter_cfg = json.loads((full_dir / "adapter" / "adapter_config.json").read_text())
+    assert adapter_cfg["base_model_name_or_path"] == str((full_dir / "tiny_actor").resolve())
 
     # summary.json per the issue: iteration 0 = before fine-tuning
     on_disk = json.loads((full_dir / "summary.json").read_text())
@@ -93,6 +104,7 @@ def test_smoke_end_to_end_and_resume(tmp_path):
         "train/rewards/chosen",
         "train/rewards/rejected",
         "train/kl",
+        "train/kl_unclamped",
         "train/rewards/margins",
         "kto_iter/rewards/chosen",
         "kto_iter/kl",
@@ -152,3 +164,30 @@ def test_paper_preset_needs_key_before_loading_model(tmp_path, monkeypatch):
 
     with pytest.raises(ReflectorError, match="DEEPSEEK_API_KEY"):
         mod.run(cfg, progress=False)
+
+
+def test_adapter_loads_with_auto_peft_model(tmp_path, tiny_checkpoint):
+    """The exported adapter names its base checkpoint: AutoPeftModel needs nothing else."""
+    import jax.numpy as jnp
+    import torch
+    from peft import AutoPeftModelForCausalLM, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from sfjax.agents.finetune import KTOFineTuner
+    from sfjax.models import qwen3
+    from sfjax.models.lora import LoRAConfig
+    from sfjax.tokenizer import load_tokenizer
+    from sfjax.train.kto import KTOConfig
+
+    mod = _experiment()
+    model = qwen3.from_pretrained(tiny_checkpoint, dtype=jnp.float32)
+    ft = KTOFineTuner(model, load_tokenizer(tiny_checkpoint), KTOConfig(progress=False),
+                      LoRAConfig(rank=4, alpha=8.0))  # fmt: skip
+    out = tmp_path / "adapter"
+    mod._save_adapter(ft, out, mod.base_model_id(tiny_checkpoint))
+    auto = AutoPeftModelForCausalLM.from_pretrained(str(out))
+    manual = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_checkpoint), out)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(auto(ids).logits, manual(ids).logits)
+    assert mod.base_model_id("Qwen/Qwen3-4B") == "Qwen/Qwen3-4B"  # a hub id stays as it is
