@@ -24,7 +24,7 @@ from sfjax.baselines import rl
 from sfjax.baselines.evaluation import EvalProtocol
 from sfjax.baselines.report import Table3Inputs, plot_fig2, write_table3
 from sfjax.baselines.runner import ROW_NAMES, RLRunConfig, run_rl_baselines
-from sfjax.baselines.summary import format_rl_summary
+from sfjax.baselines.summary import format_rl_summary, preset_of
 from sfjax.console import configure_logging
 from sfjax.envs.ran import RanSlicingConfig, RanSlicingEnv
 
@@ -67,7 +67,7 @@ PRESETS = {
 }
 
 
-def main(cfg: Config) -> dict:
+def main(cfg: Config, preset: str = "") -> dict:
     from tensorboardX import SummaryWriter
 
     configure_logging(cfg.log_level)
@@ -85,7 +85,9 @@ def main(cfg: Config) -> dict:
     write_table3(
         cfg.run_dir / "table_rl.md",
         rows,
-        Table3Inputs(protocol=cfg.protocol, llm_provenance="(no LLM rows in this run)"),
+        Table3Inputs(
+            protocol=cfg.protocol, llm_provenance="(no LLM rows in this run)", preset=preset
+        ),
     )
     plot_fig2(cfg.run_dir / "fig2.png", {ROW_NAMES[k]: r.train.curves for k, r in runs.items()})
     out = {
@@ -108,4 +110,4 @@ def cli(argv: list[str] | None = None) -> Config:
 
 
 if __name__ == "__main__":
-    main(cli(sys.argv[1:]))
+    main(cli(sys.argv[1:]), preset=preset_of(sys.argv[1:], PRESETS))
