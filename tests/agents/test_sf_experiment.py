@@ -39,22 +39,10 @@ def _strip(summary):
 
 
 def _scalar_events(tb_dir):
-    """(tag, step, value) from tensorboardX event files (TFRecord framing, no tensorboard)."""
-    import struct
+    """(tag, step, value) of the run's TensorBoard events (tensorboard's own reader)."""
+    from sfjax.baselines.report import read_scalar_events
 
-    from tensorboardX.proto import event_pb2
-
-    out = []
-    for path in sorted(Path(tb_dir).glob("events.out.tfevents.*")):
-        data = path.read_bytes()
-        pos = 0
-        while pos + 12 <= len(data):
-            (n,) = struct.unpack("<Q", data[pos : pos + 8])
-            ev = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + n])
-            pos += 12 + n + 4
-            for v in ev.summary.value:
-                out.append((v.tag, ev.step, v.simple_value))
-    return out
+    return read_scalar_events(tb_dir)
 
 
 def _adapter(run_dir):
