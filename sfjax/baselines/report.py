@@ -257,6 +257,7 @@ def plot_fig3(
         ax.plot(np.arange(1, n + 1), vals, marker="o", label=key.split("/")[1])
     ax.axhline(0.0, color="gray", lw=0.5)
     ax.set_title(f"({chr(ord('b') + n)}) mean reward per iteration")
+    ax.set_xticks(np.arange(1, n + 1))
     ax.set_xlabel("KTO iteration")
     ax.set_ylabel(REWARD_LABEL)
     ax.legend(fontsize=7)
