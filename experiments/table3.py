@@ -43,9 +43,10 @@ import reflexion_ranslicing  # noqa: E402
 import rl_baselines  # noqa: E402
 import sf_ranslicing  # noqa: E402
 
-from sfjax.agents.env import EnvConfig, JaxRanRunner  # noqa: E402
+from sfjax.agents.env import JaxRanRunner  # noqa: E402
 from sfjax.baselines.evaluation import EvalProtocol, evaluate_agent  # noqa: E402
 from sfjax.baselines.llm_agent import LLMEnvAgent, load_actor, prompt_config_for_env  # noqa: E402
+from sfjax.baselines.reference import ReferenceConfig, reference_rows  # noqa: E402
 from sfjax.baselines.report import (  # noqa: E402
     MethodResult,
     Table3Inputs,
@@ -62,9 +63,10 @@ from sfjax.baselines.summary import (  # noqa: E402
     tiny_actor_note,
 )
 from sfjax.console import configure_logging  # noqa: E402
+from sfjax.envs.scenario import RanSlicingConfig  # noqa: E402
 
 log = logging.getLogger("table3")
-Method = Literal["sf", "reflexion", "dqn", "ppo", "sac"]
+Method = Literal["sf", "reflexion", "dqn", "ppo", "sac", "static", "heuristic", "hindsight"]
 
 
 @dataclass(frozen=True)
@@ -73,10 +75,16 @@ class Config:
 
     run_dir: Path = Path("runs/table3")
     """Output directory (created)."""
-    methods: tuple[Method, ...] = ("sf", "reflexion", "dqn", "ppo", "sac")
-    """Rows to produce."""
-    env: EnvConfig = field(default_factory=EnvConfig)
-    """The simulated RAN, shared by every method (overrides the sub-configs' env)."""
+    methods: tuple[Method, ...] = ("sf", "reflexion", "dqn", "ppo", "sac", "static", "heuristic",
+                                   "hindsight")
+    """Rows to produce: the paper's methods and the reference rows (best static allocation,
+    adaptive heuristic, hindsight beam search; sfjax.baselines.reference)."""
+    env: RanSlicingConfig = field(default_factory=RanSlicingConfig)
+    """The simulated RAN and its scoring objective (``--env.objective.*``), shared by every
+    method (overrides the sub-configs' env): the RL reward, the LLM agents' task text and the
+    table all use it."""
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    """Reference rows: training seeds for the static / heuristic choice, hindsight beam width."""
     protocol: EvalProtocol = field(default_factory=EvalProtocol)
     """Shared evaluation protocol: env seeds and trajectory length (paper: 300)."""
     sf: sf_ranslicing.ExperimentConfig = field(default_factory=lambda: sf_ranslicing.PAPER)
@@ -94,7 +102,10 @@ class Config:
 
     def __post_init__(self):
         if not self.methods:
-            raise ValueError("--methods is empty; choose among sf reflexion dqn ppo sac")
+            raise ValueError(
+                "--methods is empty; choose among sf reflexion dqn ppo sac static heuristic "
+                "hindsight"
+            )
 
 
 SMOKE = Config(
@@ -106,6 +117,7 @@ SMOKE = Config(
     ),
     reflexion=reflexion_ranslicing.SMOKE,
     rl=rl_baselines.SMOKE.rl,
+    reference=ReferenceConfig(train_seeds=(100, 101), beam_width=4),
 )
 PAPER = Config(run_dir=Path("runs/table3_paper"))
 PRESETS = {
@@ -154,8 +166,9 @@ def run_sf(cfg: Config, env, writer) -> tuple[MethodResult, dict]:
     return row, summary
 
 
-def fig3_inputs(sf_dir: Path, summary: dict) -> tuple[list[dict], dict]:
-    """KTO reward curves per KTO iteration (from TensorBoard) and before/after metrics."""
+def fig3_inputs(sf_dir: Path, summary: dict) -> tuple[list[dict], dict, str]:
+    """KTO reward curves per KTO iteration (from TensorBoard), before/after metrics (on the
+    held-out seeds when the SF run measured them, else in-sample) and where they come from."""
     iters = kto_iteration_curves(read_scalar_events(sf_dir / "tb"))
     if not iters or not any(it["rewards/chosen"] for it in iters):
         # No per-step points (e.g. iterations skipped for lack of data): per-iteration means,
@@ -169,6 +182,11 @@ def fig3_inputs(sf_dir: Path, summary: dict) -> tuple[list[dict], dict]:
             }
             for e, end in zip(entries, ends)
         ]
+    held = (summary.get("held_out") or {}).get("metrics")
+    if held:
+        keep = ("mean_se", "reconfigurations", "violations")
+        before_after = {k: (held[k]["before"], held[k]["after"]) for k in keep if k in held}
+        return iters, before_after, f"held-out seeds {summary['held_out']['seeds']}"
     its = summary.get("iterations", [])
     before_after = {}
     if len(its) >= 2:
@@ -180,7 +198,7 @@ def fig3_inputs(sf_dir: Path, summary: dict) -> tuple[list[dict], dict]:
         before_after = {
             new: (its[0][old], its[-1][old]) for old, new in names.items() if old in its[0]
         }
-    return iters, before_after
+    return iters, before_after, "in-sample: the trajectories the Reflector labelled"
 
 
 def main(cfg: Config, preset: str = "") -> dict:
@@ -235,6 +253,18 @@ def main(cfg: Config, preset: str = "") -> dict:
             for name, r in rl_runs.items():
                 rows.append(r.row)
                 wall[ROW_NAMES[name]] = r.train.wall_time_s
+        refs = tuple(m for m in cfg.methods if m in ("static", "heuristic", "hindsight"))
+        reference_info = {}
+        if refs:
+            t0 = time.perf_counter()
+            log.info("reference rows %s (training seeds %s)", refs, cfg.reference.train_seeds)
+            ref_rows, ref_rollouts, reference_info = reference_rows(
+                env, env.default_params, cfg.protocol, cfg.reference, refs
+            )
+            rows += ref_rows
+            for name, r in ref_rollouts.items():
+                r.save(cfg.run_dir / f"eval_{name.split()[0].lower()}.npz")
+            wall["references"] = time.perf_counter() - t0
     finally:
         writer.close()
 
@@ -261,12 +291,13 @@ def main(cfg: Config, preset: str = "") -> dict:
         llm_scale=cfg.rl.budget.steps_per_trajectory / cfg.protocol.num_steps,
     )
     if sf_summary is not None:
-        iters, before_after = fig3_inputs(cfg.run_dir / "sf", sf_summary)
-        plot_fig3(cfg.run_dir / "fig3.png", iters, before_after)
+        iters, before_after, source = fig3_inputs(cfg.run_dir / "sf", sf_summary)
+        plot_fig3(cfg.run_dir / "fig3.png", iters, before_after, source)
     results = {
         "rows": [dataclasses.asdict(r) for r in rows],
         "wall_time_s": wall,
         "protocol": dataclasses.asdict(cfg.protocol),
+        "reference": reference_info,
     }
     (cfg.run_dir / "results.json").write_text(json.dumps(results, indent=2))
     print((cfg.run_dir / "table3.md").read_text())

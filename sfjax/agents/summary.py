@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from sfjax.baselines.paired import format_paired
 from sfjax.console import artefact_lines, fmt_change, tensorboard_hint
 
 METRICS = (
@@ -34,6 +35,14 @@ METRICS = (
     ("parse_failures", "parse failures", "steps per trajectory", 1),
 )
 """(summary.json key, name, unit, digits) of the before/after lines."""
+
+HELD_OUT_LABELS = {
+    "utility": "utility (eq. 15)",
+    "mean_se": "avg SE [bit/s/Hz]",
+    "reconfigurations": "reconfigurations",
+    "violations": "QoS violation steps",
+}
+"""Row names (with units) of the held-out table; counts are per trajectory."""
 
 TINY_NOTE = (
     "The Actor is a tiny randomly initialised Qwen3-architecture model: these numbers show "
@@ -114,6 +123,15 @@ def format_sf_summary(
         for key, name, unit, digits in METRICS:
             if key in first and key in last:
                 out.append(f"  {name}: {fmt_change(first[key], last[key], unit, digits)}")
+    held = summary.get("held_out")
+    if held:
+        out += [
+            "",
+            f"Held-out env seeds {held['seeds']} ({held['num_steps']} decisions each, not the "
+            "ones the Reflector labelled): the Actor before fine-tuning vs after, with the 95 % "
+            "interval of the paired difference (* = excludes 0):",
+            format_paired(held["metrics"], HELD_OUT_LABELS),
+        ]
     t = summary.get("timings_s", {})
     if t:
         phases = [k for k in ("setup", "collect", "reflect", "kto") if k in t]
@@ -127,6 +145,7 @@ def format_sf_summary(
         f"Artefacts in {run_dir}/:",
         *artefact_lines([
             (run_dir / "summary.json", "the numbers above, per iteration and KTO iteration"),
+            (run_dir / "heldout", "per-seed held-out metrics before / after"),
             (run_dir / "tb", "TensorBoard: train/* KTO per step (loss, rewards/*, kl, "
                              "kl_unclamped), kto_iter/*, rfr/*, env/*"),
             (run_dir / "adapter", "final LoRA as a PEFT adapter "

@@ -24,8 +24,10 @@ import numpy as np
 
 from sfjax.baselines.evaluation import METRIC_LABELS, METRICS, EvalProtocol
 
-TABLE_ROWS = ("SF", "Reflexion", "DQN", "PPO", "SAC")
-"""Row order of Table III."""
+TABLE_ROWS = ("SF", "Reflexion", "DQN", "PPO", "SAC", "Best static", "Adaptive heuristic",
+              "Hindsight (beam search)")
+"""Row order of Table III: the paper's methods, then the reference rows
+(:mod:`sfjax.baselines.reference`)."""
 PAPER_TABLE3 = {
     "SF": (5.354, 21.091, 8.561, 25702.2),
     "Reflexion": (5.299, 29.454, 8.630, 25314.69),
@@ -80,6 +82,15 @@ def _fmt(mean: float, std: float, metric: str) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+HINDSIGHT_ROW = TABLE_ROWS[-1]
+"""Name of the hindsight reference row; other rows' utilities are also shown as % of it."""
+
+
+def _pct_of(value: float, bound: float) -> str:
+    """``value`` as a percentage of a positive ``bound`` (utilities can be negative)."""
+    return f"{100.0 * value / bound:.1f} %" if bound > 0 else "n/a"
+
+
 def format_table3(rows: Sequence[MethodResult], inputs: Table3Inputs) -> str:
     """Markdown text of Table III (rows in TABLE_ROWS order first, then any others)."""
     if not rows:
@@ -89,7 +100,10 @@ def format_table3(rows: Sequence[MethodResult], inputs: Table3Inputs) -> str:
         raise ValueError(f"duplicate rows in Table III: {names}")
     order = {n: i for i, n in enumerate(TABLE_ROWS)}
     rows = sorted(rows, key=lambda r: order.get(r.name, len(order)))
+    bound = next((r for r in rows if r.name == HINDSIGHT_ROW), None)
     header = ["Algorithm", *(METRIC_LABELS[m] for m in METRICS), "Train samples", "Eval samples"]
+    if bound is not None:
+        header.insert(1 + len(METRICS), "% of hindsight")
     lines = [
         f"# Table III (reproduced, preset `{inputs.preset}`)"
         if inputs.preset
@@ -101,6 +115,8 @@ def format_table3(rows: Sequence[MethodResult], inputs: Table3Inputs) -> str:
     ]
     for r in rows:
         cells = [_fmt(*r.summary[m], m) for m in METRICS]
+        if bound is not None:
+            cells.append(_pct_of(r.summary["utility"][0], bound.summary["utility"][0]))
         lines.append(
             f"| {r.name} | " + " | ".join(cells) + f" | {r.train_samples:,} | {r.eval_samples:,} |"
         )
@@ -207,6 +223,7 @@ def plot_fig3(
     path: str | Path,
     kto_iterations: Sequence[Mapping[str, Sequence[tuple[int, float]]]],
     before_after: Mapping[str, tuple[float, float]] | None = None,
+    before_after_source: str = "",
 ) -> Path:
     """Fig. 3: one panel per before/after metric (one unit per axis), one per KTO iteration
     and a last one with the per-iteration means.
@@ -214,7 +231,8 @@ def plot_fig3(
     ``kto_iterations[i][key]`` holds ``(global KTO step, value)`` points of
     ``rewards/chosen`` and ``rewards/rejected`` of KTO iteration i, plotted at their logged
     steps (a step whose micro-batches held one class only has no point for the other);
-    ``before_after[metric] = (before, after)``.
+    ``before_after[metric] = (before, after)``, measured on ``before_after_source`` (e.g.
+    "held-out seeds"; shown in the panels' titles).
     """
     plt = _pyplot()
     n = len(kto_iterations)
@@ -236,7 +254,8 @@ def plot_fig3(
         ax.bar([0, 1], [before, after], 0.6, color=["tab:gray", "tab:blue"])
         ax.set_xticks([0, 1], ["before SF", "after SF"])
         ax.set_ylabel(f"{name} [{unit}]" if unit else name)
-        ax.set_title(f"{tag} {name}")
+        ax.set_title(f"{tag} {name}" + (f"\n({before_after_source})" if before_after_source
+                                         else ""), fontsize=10)  # fmt: skip
     means = {"rewards/chosen": [], "rewards/rejected": []}
     first = len(metrics)
     for i, it in enumerate(kto_iterations):

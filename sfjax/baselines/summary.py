@@ -20,7 +20,8 @@ COLUMNS_LEGEND = (
     "trajectory; PQoS vio. = steps with a packet over its delay budget or dropped, per "
     "trajectory; Utility = eq. 15 summed over the trajectory (higher is better); Train samples "
     "= environment steps used to train or adapt the method, per training seed; Eval samples = "
-    "environment steps of its evaluation."
+    "environment steps of its evaluation; % of hindsight (when the reference rows ran) = "
+    "utility as a percentage of the hindsight upper bound on the same seeds."
 )
 
 
@@ -43,10 +44,11 @@ def tiny_actor_note(*, sf: bool, reflexion: bool) -> str:
 
 def _row_lines(rows: Sequence[MethodResult]) -> list[str]:
     out = []
+    width = max((len(r.name) for r in rows), default=0)
     for r in rows:
         s = r.summary
         out.append(
-            f"  {r.name:<10} utility {s['utility'][0]:>10.1f} ± {s['utility'][1]:<8.1f} "
+            f"  {r.name:<{width}} utility {s['utility'][0]:>10.1f} ± {s['utility'][1]:<8.1f} "
             f"avg SE {s['mean_se'][0]:.3f} bit/s/Hz, {s['reconfigurations'][0]:.1f} "
             f"reconfigurations, {s['violations'][0]:.1f} violating steps per trajectory; "
             f"{r.train_samples:,} training env steps"

@@ -45,6 +45,17 @@ def test_sf_summary_explains_the_run(tmp_path):
     assert "collect 96 s" in text and "collect_cpu" not in text
 
 
+def test_sf_summary_reports_the_held_out_comparison(tmp_path):
+    from sfjax.baselines.paired import paired_report
+
+    held = {"seeds": [100, 101], "num_steps": 300,
+            "metrics": paired_report({"mean_se": [5.0, 5.2]}, {"mean_se": [5.3, 5.4]})}  # fmt: skip
+    text = format_sf_summary({**SUMMARY, "held_out": held}, tmp_path, trajectory_steps=10,
+                             num_envs=2)  # fmt: skip
+    assert "Held-out env seeds [100, 101] (300 decisions each" in text
+    assert "avg SE [bit/s/Hz]" in text and "+0.25" in text
+
+
 def test_reflexion_summary_has_units_and_artefacts(tmp_path):
     (tmp_path / "tb").mkdir()
     m = {"utility": (100.0, 5.0), "mean_se": (5.1, 0.1), "reconfigurations": (3.0, 1.0),
