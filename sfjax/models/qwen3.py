@@ -21,6 +21,7 @@ Loading and saving Hugging Face checkpoints lives in :mod:`sfjax.models.weights`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Mapping
@@ -66,8 +67,29 @@ class Qwen3Config:
     """Beginning-of-sequence id from ``config.json`` (Qwen3 does not prepend it)."""
     eos_token_id: int | tuple[int, ...] | None = None
     """End-of-sequence id(s) from ``config.json``."""
+    scan_layers: bool = False
+    """Execution layout, not architecture (never written to ``config.json``): keep the decoder
+    layers' parameters stacked on a leading ``[L, ...]`` axis and run the un-cached forward and
+    the prefill as one ``lax.scan`` over them, so XLA compiles one layer instead of ``L``
+    (benchmarks/bench_compile.py). Single-token decode slices the stack and runs unrolled
+    unless ``scan_decode``. Same results as the unrolled model."""
+    scan_decode: bool = False
+    """With ``scan_layers``, also run single-token cached steps (decode) as a scan, over the
+    per-layer cache stacked for the call. Off: decode slices the stacked parameters and runs the
+    layers unrolled, which measured 2-5x faster per step on XLA:CPU (the stack / unstack copies
+    the whole cache every step; benchmarks/RESULTS.md, "Scanned layers") at the cost of
+    compiling the decode step per layer."""
+    remat_policy: str = "nothing_saveable"
+    """``jax.checkpoint_policies`` name used when layers are rematerialised (``remat``):
+    ``nothing_saveable`` recomputes the whole layer in the backward pass (least memory);
+    ``dots_with_no_batch_dims_saveable`` keeps the projection outputs (less recompute)."""
 
     def __post_init__(self):
+        if not hasattr(jax.checkpoint_policies, self.remat_policy):
+            raise ValueError(
+                f"remat_policy {self.remat_policy!r} is not a jax.checkpoint_policies name (e.g. "
+                "'nothing_saveable', 'dots_with_no_batch_dims_saveable', 'everything_saveable')"
+            )
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
@@ -372,7 +394,9 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    """Pre-norm residual block: attention then MLP."""
+    """Pre-norm residual block: attention then MLP. Its ``__call__`` is *the* decoder layer of
+    sfjax: the un-cached forward, cached prefill / decode, the trainer's shared-prompt passes and
+    the prompt-prefix cache all run it, through :meth:`Qwen3.run_layers`."""
 
     def __init__(self, config: Qwen3Config, *, dtype, rngs: nnx.Rngs):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
@@ -382,22 +406,35 @@ class DecoderLayer(nnx.Module):
         )
         self.mlp = MLP(config, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x_BTD, cos_BTH, sin_BTH, visible_BTS):
-        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos_BTH, sin_BTH, visible_BTS)
-        return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
+    def __call__(self, x_BTD, cos_BTH, sin_BTH, visible_BTS, past_k_BKSH=None, past_v_BKSH=None,
+                 index=None):  # fmt: skip
+        """One layer on ``T`` tokens; returns ``(x_BTD, k, v)``.
 
-    def cached(self, x_BTD, cos_BTH, sin_BTH, visible_BTS, k_BKSH, v_BKSH, index):
-        """Like ``__call__``, but writes this call's k/v into this layer's cache ``k``/``v`` at
-        slot ``index`` (in place under jit with a donated cache) and attends to the cached
-        slots; returns ``(x, k, v)``."""
+        Three uses of the keys / values, one computation:
+
+        * no ``past``: attend to this call's tokens; ``k`` / ``v`` ``[B, K, T, H]`` are its own;
+        * ``past`` without ``index`` (a shared prompt prefix, training): attend to
+          ``concat(past, own)`` (``visible`` covers ``S + T`` keys); ``k`` / ``v`` are its own;
+        * ``past`` with ``index`` (the KV cache): write this call's keys / values into the
+          buffers at slot ``index`` (in place under jit with a donated cache), attend to the
+          whole buffer; ``k`` / ``v`` are the updated buffers ``[B, K, S, H]``.
+        """
         attn = self.self_attn
         q_BTNH, k_BKTH, v_BKTH = attn.project_qkv(self.input_layernorm(x_BTD), cos_BTH, sin_BTH)
-        at = (0, 0, index, 0)
-        k_BKSH = jax.lax.dynamic_update_slice(k_BKSH, k_BKTH.astype(k_BKSH.dtype), at)
-        v_BKSH = jax.lax.dynamic_update_slice(v_BKSH, v_BKTH.astype(v_BKSH.dtype), at)
-        out_BTNH = attention(q_BTNH, k_BKSH, v_BKSH, visible_BTS)
+        k_out, v_out = k_BKTH, v_BKTH
+        if past_k_BKSH is None:
+            k_all, v_all = k_BKTH, v_BKTH
+        elif index is None:
+            k_all = jnp.concatenate([past_k_BKSH.astype(k_BKTH.dtype), k_BKTH], axis=2)
+            v_all = jnp.concatenate([past_v_BKSH.astype(v_BKTH.dtype), v_BKTH], axis=2)
+        else:
+            at = (0, 0, index, 0)
+            k_all = jax.lax.dynamic_update_slice(past_k_BKSH, k_BKTH.astype(past_k_BKSH.dtype), at)
+            v_all = jax.lax.dynamic_update_slice(past_v_BKSH, v_BKTH.astype(past_v_BKSH.dtype), at)
+            k_out, v_out = k_all, v_all
+        out_BTNH = attention(q_BTNH, k_all, v_all, visible_BTS)
         x_BTD = x_BTD + attn.o_proj(out_BTNH.reshape(*x_BTD.shape[:2], -1))
-        return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD)), k_BKSH, v_BKSH
+        return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD)), k_out, v_out
 
 
 class Qwen3(nnx.Module):
@@ -406,6 +443,8 @@ class Qwen3(nnx.Module):
     Attributes mirror HF names: ``embed_tokens``, ``layers[i]`` (``input_layernorm``,
     ``self_attn.{q,k,v,o}_proj``, ``self_attn.{q,k}_norm``, ``post_attention_layernorm``,
     ``mlp.{gate,up,down}_proj``), ``norm``, ``lm_head`` (``None`` when embeddings are tied).
+    With ``config.scan_layers`` ``layers`` is one :class:`DecoderLayer` whose parameters carry a
+    leading ``[L]`` axis (built with ``nnx.vmap``).
     """
 
     def __init__(
@@ -424,9 +463,18 @@ class Qwen3(nnx.Module):
         # training on long sequences. A plain attribute: ``model.remat = True`` switches it on.
         self.remat = remat
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs)
-        self.layers = nnx.List(
-            [DecoderLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_layers)]
-        )
+        if config.scan_layers:
+
+            @nnx.split_rngs(splits=config.num_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def stacked(r):
+                return DecoderLayer(config, dtype=dtype, rngs=r)
+
+            self.layers = stacked(rngs)
+        else:
+            self.layers = nnx.List(
+                [DecoderLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_layers)]
+            )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
         self.lm_head = (
             None
@@ -444,22 +492,95 @@ class Qwen3(nnx.Module):
             return self.embed_tokens.attend(h_BTD)
         return self.lm_head(h_BTD).astype(jnp.float32)
 
-    def hidden_states(self, input_ids_BT, attention_mask=None):
+    # ------------------------------------------------------------------------ layer runner
+    def run_layers(self, x_BTD, cos_BTH, sin_BTH, visible_BTS, past=None, index=None, *,
+                   remat: bool = False, keep_kv: bool = True):  # fmt: skip
+        """Run every decoder layer (:meth:`DecoderLayer.__call__`); returns ``(x_BTD, kv)``.
+
+        ``past`` (optional) is ``(k, v)``, each either a tuple of ``[B, K, S, H]`` arrays, one
+        per layer, or one stacked ``[L, B, K, S, H]`` array; ``index`` makes it a KV cache (see
+        the layer). ``kv`` is the layers' keys / values (``None`` unless ``keep_kv``): stacked
+        when the layers ran as a scan, else a tuple per layer; either layout can be passed back
+        as ``past``. ``remat`` recomputes each layer in the backward pass
+        (``config.remat_policy``).
+
+        With ``scan_layers`` the layers run as one ``lax.scan`` (one layer compiled), except a
+        single-token cached step (decode) without ``scan_decode``, which slices the stacked
+        parameters and runs unrolled: stacking the per-layer cache for a scan copies all of it
+        every step, measured 2-5x slower on XLA:CPU (benchmarks/RESULTS.md, "Scanned layers").
+        """
+        c = self.config
+        layer_args = (cos_BTH, sin_BTH, visible_BTS)
+        if not c.scan_layers:
+            ks, vs = [], []
+            for i, layer in enumerate(self.layers):
+                pk, pv = (None, None) if past is None else (past[0][i], past[1][i])
+                x_BTD, k, v = _call_layer(layer, remat, c.remat_policy, x_BTD, *layer_args, pk, pv,
+                                          index)  # fmt: skip
+                x_BTD = shard_activation(x_BTD)  # batch over (data, fsdp) under a mesh; else no-op
+                ks.append(k)
+                vs.append(v)
+            return x_BTD, ((tuple(ks), tuple(vs)) if keep_kv else None)
+        if index is not None and x_BTD.shape[1] == 1 and not c.scan_decode:
+            return self._run_sliced(x_BTD, layer_args, past, index, keep_kv)
+        return self._run_scanned(x_BTD, layer_args, past, index, remat, keep_kv)
+
+    def _split_layers(self):
+        graphdef, params, rest = nnx.split(self.layers, nnx.Param, ...)
+        return graphdef, params, rest
+
+    def _run_scanned(self, x_BTD, layer_args, past, index, remat, keep_kv):
+        graphdef, params, rest = self._split_layers()
+        stateful = draws_random_numbers(self.layers)
+        policy = getattr(jax.checkpoint_policies, self.config.remat_policy)
+
+        def body(carry, xs):
+            x_BTD, rest = carry
+            p, pk, pv = xs
+            layer = nnx.merge(graphdef, p, rest)
+            x_BTD, k, v = layer(x_BTD, *layer_args, pk, pv, index)
+            x_BTD = shard_activation(x_BTD)
+            rest = nnx.state(layer, nnx.Not(nnx.Param)) if stateful else rest
+            return (x_BTD, rest), ((k, v) if keep_kv else None)
+
+        if remat:
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        pk, pv = (None, None) if past is None else (_stacked(past[0]), _stacked(past[1]))
+        (x_BTD, rest), kv = jax.lax.scan(body, (x_BTD, rest), (params, pk, pv))
+        if stateful:
+            nnx.update(self.layers, rest)
+        return x_BTD, kv
+
+    def _run_sliced(self, x_BTD, layer_args, past, index, keep_kv):
+        graphdef, params, rest = self._split_layers()
+        ks, vs = [], []
+        for i in range(self.config.num_layers):
+            layer = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], params), rest)
+            pk, pv = (None, None) if past is None else (past[0][i], past[1][i])
+            x_BTD, k, v = layer(x_BTD, *layer_args, pk, pv, index)
+            x_BTD = shard_activation(x_BTD)
+            ks.append(k)
+            vs.append(v)
+        return x_BTD, ((tuple(ks), tuple(vs)) if keep_kv else None)
+
+    # ---------------------------------------------------------------------------- forward
+    def hidden_states(self, input_ids_BT, attention_mask=None, *, remat: bool | None = None):
         """Final hidden states ``[B, T, D]`` after the last RMSNorm (HF ``last_hidden_state``);
-        ``model(ids, mask) == model.lm_logits(model.hidden_states(ids, mask))``."""
+        ``model(ids, mask) == model.lm_logits(model.hidden_states(ids, mask))``. ``remat``
+        defaults to ``model.remat``."""
         x_BTD, mask_BT = self._embed(input_ids_BT, attention_mask)
         T = mask_BT.shape[1]
-        pos_BT = positions_from_mask(mask_BT)
-        cos_BTH, sin_BTH = rope_cos_sin(pos_BT, self.config.head_dim, self.config.rope_theta)
+        cos_BTH, sin_BTH = self.rope(positions_from_mask(mask_BT))
         causal_TS = jnp.tril(jnp.ones((T, T), bool))
         visible_BTS = causal_TS[None] & mask_BT[:, None, :]
-        for layer in self.layers:
-            if self.remat:
-                x_BTD = _remat_layer(layer, x_BTD, cos_BTH, sin_BTH, visible_BTS)
-            else:
-                x_BTD = layer(x_BTD, cos_BTH, sin_BTH, visible_BTS)
-            x_BTD = shard_activation(x_BTD)  # batch over (data, fsdp) under a mesh; else no-op
+        remat = self.remat if remat is None else remat
+        x_BTD, _ = self.run_layers(x_BTD, cos_BTH, sin_BTH, visible_BTS, remat=remat,
+                                   keep_kv=False)  # fmt: skip
         return self.norm(x_BTD)
+
+    def rope(self, pos_BT):
+        """Float32 RoPE tables ``(cos_BTH, sin_BTH)`` of positions ``[B, T]``."""
+        return rope_cos_sin(pos_BT, self.config.head_dim, self.config.rope_theta)
 
     def __call__(self, input_ids_BT, attention_mask=None, cache: KVCache | None = None):
         """Logits ``[B, T, V]``; with ``cache`` also returns the updated cache.
@@ -473,8 +594,11 @@ class Qwen3(nnx.Module):
         x_BTD, mask_BT = self._embed(input_ids_BT, attention_mask)
         return self._cached_forward(x_BTD, mask_BT, cache)
 
-    def _embed(self, input_ids_BT, attention_mask):
+    def embed(self, input_ids_BT, attention_mask=None):
         """Validated inputs: embeddings ``[B, T, D]`` and a boolean mask ``[B, T]``."""
+        return self._embed(input_ids_BT, attention_mask)
+
+    def _embed(self, input_ids_BT, attention_mask):
         input_ids_BT = jnp.asarray(input_ids_BT)
         if input_ids_BT.ndim != 2:
             raise ValueError(f"input_ids must be [batch, time], got shape {input_ids_BT.shape}")
@@ -493,32 +617,39 @@ class Qwen3(nnx.Module):
         B, T = mask_BT.shape
         if cache.batch_size != B:
             raise ValueError(f"cache batch {cache.batch_size} != input batch {B}")
-        if len(cache.k) != len(self.layers):
-            raise ValueError(f"cache has {len(cache.k)} layers, the model {len(self.layers)}")
+        if len(cache.k) != self.config.num_layers:
+            raise ValueError(f"cache has {len(cache.k)} layers, the model {self.config.num_layers}")
         S = cache.max_len
         index = cache.index
-        pos_BT = positions_from_mask(mask_BT, cache.positions)
-        cos_BTH, sin_BTH = rope_cos_sin(pos_BT, self.config.head_dim, self.config.rope_theta)
+        cos_BTH, sin_BTH = self.rope(positions_from_mask(mask_BT, cache.positions))
         slot_mask_BS = jax.lax.dynamic_update_slice(cache.slot_mask, mask_BT, (0, index))
         query_slot_T = index + jnp.arange(T)
         causal_TS = jnp.arange(S)[None, :] <= query_slot_T[:, None]
         visible_BTS = causal_TS[None] & slot_mask_BS[:, None, :]
-        ks, vs = [], []
-        for layer, k_BKSH, v_BKSH in zip(self.layers, cache.k, cache.v):
-            x_BTD, k_BKSH, v_BKSH = layer.cached(
-                x_BTD, cos_BTH, sin_BTH, visible_BTS, k_BKSH, v_BKSH, index
-            )
-            x_BTD = shard_activation(x_BTD)
-            ks.append(k_BKSH)
-            vs.append(v_BKSH)
+        # The cache keeps one buffer per layer whatever the parameter layout (kv_cache.py); a
+        # scanned prefill stacks them for the scan and splits them after.
+        past = (cache.k, cache.v)
+        x_BTD, (k, v) = self.run_layers(x_BTD, cos_BTH, sin_BTH, visible_BTS, past, index)
         new_cache = KVCache(
-            k=tuple(ks),
-            v=tuple(vs),
+            k=tuple(k),
+            v=tuple(v),
             slot_mask=slot_mask_BS,
             positions=cache.positions + mask_BT.sum(axis=1, dtype=jnp.int32),
             index=index + T,
         )
         return self.lm_logits(self.norm(x_BTD)), new_cache
+
+
+def _stacked(kv):
+    """Per-layer arrays (a tuple) stacked on a leading layers axis; a stacked array as it is."""
+    return jnp.stack(kv) if isinstance(kv, (tuple, list)) else kv
+
+
+def _call_layer(layer, remat: bool, policy: str, *args):
+    """``layer(*args)``, recomputed in the backward pass when ``remat`` (:func:`remat_call`)."""
+    if not remat:
+        return layer(*args)
+    return remat_call(lambda m, *a: m(*a), layer, *args, policy=policy)
 
 
 def draws_random_numbers(module: nnx.Module) -> bool:
@@ -530,7 +661,7 @@ def draws_random_numbers(module: nnx.Module) -> bool:
     )
 
 
-def remat_call(fn, module: nnx.Module, *args):
+def remat_call(fn, module: nnx.Module, *args, policy: str = "nothing_saveable"):
     """``fn(module, *args)`` recomputed in the backward pass, through a pure function of the
     module's state (``jax.checkpoint``): unlike ``nnx.remat`` it works on a module merged inside
     an outer trace (the KTO train step). When the module draws random numbers (dropout) its
@@ -539,7 +670,7 @@ def remat_call(fn, module: nnx.Module, *args):
     graphdef, state = nnx.split(module)
     stateful = draws_random_numbers(module)
 
-    @jax.checkpoint
+    @functools.partial(jax.checkpoint, policy=getattr(jax.checkpoint_policies, policy))
     def pure(state, *args):
         inner = nnx.merge(graphdef, state)
         out = fn(inner, *args)
@@ -549,10 +680,6 @@ def remat_call(fn, module: nnx.Module, *args):
     if stateful:
         nnx.update(module, rng_state)
     return out
-
-
-def _remat_layer(layer, x_BTD, cos_BTH, sin_BTH, visible_BTS):
-    return remat_call(lambda m, *a: m(*a), layer, x_BTD, cos_BTH, sin_BTH, visible_BTS)
 
 
 def count_params(model_or_state) -> int:
