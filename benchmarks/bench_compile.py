@@ -79,6 +79,8 @@ class Shapes:
     """KTO completion bucket."""
     lora_rank: int = 16
     """LoRA rank on all 7 projections."""
+    remat: bool = False
+    """KTO step with rematerialised layers (``KTOConfig.remat``; default off, as the preset)."""
 
     @classmethod
     def tiny(cls) -> Shapes:
@@ -228,7 +230,7 @@ def kto_config(shapes: Shapes):
     from sfjax.train.kto import KTOConfig
 
     return KTOConfig(micro_batch_size=shapes.micro_batch, max_prompt_length=2048,
-                     max_completion_length=256, progress=False)  # fmt: skip
+                     max_completion_length=256, progress=False, remat=shapes.remat)  # fmt: skip
 
 
 def ref_logps_program(model, shapes: Shapes):
@@ -278,13 +280,13 @@ def build(program: str, model, shapes: Shapes, tokenizer):
     raise ValueError(f"unknown program {program!r}; choose from {PROGRAMS}")
 
 
-def measure(programs, modes, tiny: bool, progress=print) -> dict:
+def measure(programs, modes, tiny: bool, progress=print, remat: bool = False) -> dict:
     """``{program: {mode: record}}`` (compile seconds and memory per program and mode)."""
     import jax
 
     from benchmarks.gpu_common import load_bench_tokenizer
 
-    shapes = Shapes.tiny() if tiny else Shapes()
+    shapes = dataclasses.replace(Shapes.tiny() if tiny else Shapes(), remat=remat)
     tok = load_bench_tokenizer(None)
     out: dict = {}
     for mode in modes:
@@ -299,7 +301,7 @@ def measure(programs, modes, tiny: bool, progress=print) -> dict:
     return out
 
 
-def sharded_kto_step(fsdp: int, tiny: bool) -> dict:
+def sharded_kto_step(fsdp: int, tiny: bool, remat: bool = False) -> dict:
     """The scanned KTO step compiled over ``fsdp`` fake host devices: per-device memory."""
     import jax
     import numpy as np
@@ -308,7 +310,7 @@ def sharded_kto_step(fsdp: int, tiny: bool) -> dict:
     if jax.device_count() < fsdp:
         raise SystemExit(f"--fsdp {fsdp} needs XLA_FLAGS=--xla_force_host_platform_device_count"
                          f"={fsdp} before jax starts (this script sets it when given --fsdp)")
-    shapes = Shapes.tiny() if tiny else Shapes()
+    shapes = dataclasses.replace(Shapes.tiny() if tiny else Shapes(), remat=remat)
     model = abstract_model(model_config(tiny, "scanned"), shapes.lora_rank)
     mesh = Mesh(np.array(jax.devices()[:fsdp]).reshape(1, fsdp, 1), ("data", "fsdp", "tp"))
     step, args = kto_step_program(model, shapes, mesh)
@@ -383,6 +385,7 @@ def main(argv=None) -> dict:
                    help="comma list of unrolled, scanned, scan_decode")
     p.add_argument("--fsdp", type=int, default=0, help="also compile the KTO step over N devices")
     p.add_argument("--decode-step", action="store_true", help="decode step run time instead")
+    p.add_argument("--remat", action="store_true", help="KTO step with KTOConfig.remat=True")
     p.add_argument("--tiny", action="store_true", help="tiny architecture (tests)")
     p.add_argument("--out", default=None, help="write the JSON record here")
     args = p.parse_args(argv)
@@ -391,13 +394,14 @@ def main(argv=None) -> dict:
                                    f" --xla_force_host_platform_device_count={args.fsdp}")
     import jax
 
-    record: dict = {"jax": jax.__version__, "backend": jax.default_backend(), "tiny": args.tiny}
+    record: dict = {"jax": jax.__version__, "backend": jax.default_backend(), "tiny": args.tiny,
+                    "remat": args.remat, "load_average": os.getloadavg()[0]}
     if args.decode_step:
         record["decode_step"] = decode_step_times()
     else:
         programs = [x for x in args.programs.split(",") if x]
         modes = [x for x in args.modes.split(",") if x]
-        record["programs"] = measure(programs, modes, args.tiny,
+        record["programs"] = measure(programs, modes, args.tiny, remat=args.remat,
                                      progress=lambda m: print(m, file=sys.stderr, flush=True))
         for _program, recs in record["programs"].items():
             if "unrolled" in recs and "scanned" in recs:
@@ -408,7 +412,7 @@ def main(argv=None) -> dict:
                 peak = rec["memory"]["peak"]
                 rec["fits"] = {"80GB": peak < GPU_80GB, "H200_141GB": peak < H200_BYTES}
         if args.fsdp:
-            rec = sharded_kto_step(args.fsdp, args.tiny)
+            rec = sharded_kto_step(args.fsdp, args.tiny, args.remat)
             rec["fits_16GB_chip"] = rec["memory"].get("peak", 0) < TPU_CHIP_BYTES
             record["kto_step_fsdp"] = rec
             print(f"kto_step fsdp={args.fsdp}: per-device peak "
