@@ -42,9 +42,10 @@ import reflexion_ranslicing  # noqa: E402
 import rl_baselines  # noqa: E402
 import sf_ranslicing  # noqa: E402
 
-from sfjax.agents.env import EnvConfig, JaxRanRunner  # noqa: E402
+from sfjax.agents.env import JaxRanRunner  # noqa: E402
 from sfjax.baselines.evaluation import EvalProtocol, evaluate_agent  # noqa: E402
 from sfjax.baselines.llm_agent import LLMEnvAgent, load_actor, prompt_config_for_env  # noqa: E402
+from sfjax.baselines.reference import ReferenceConfig, reference_rows  # noqa: E402
 from sfjax.baselines.report import (  # noqa: E402
     MethodResult,
     Table3Inputs,
@@ -55,9 +56,10 @@ from sfjax.baselines.report import (  # noqa: E402
     write_table3,
 )
 from sfjax.baselines.runner import ROW_NAMES, RLRunConfig, run_rl_baselines  # noqa: E402
+from sfjax.envs.scenario import RanSlicingConfig  # noqa: E402
 
 log = logging.getLogger("table3")
-Method = Literal["sf", "reflexion", "dqn", "ppo", "sac"]
+Method = Literal["sf", "reflexion", "dqn", "ppo", "sac", "static", "heuristic", "hindsight"]
 
 
 @dataclass(frozen=True)
@@ -66,10 +68,16 @@ class Config:
 
     run_dir: Path = Path("runs/table3")
     """Output directory (created)."""
-    methods: tuple[Method, ...] = ("sf", "reflexion", "dqn", "ppo", "sac")
-    """Rows to produce."""
-    env: EnvConfig = field(default_factory=EnvConfig)
-    """The simulated RAN, shared by every method (overrides the sub-configs' env)."""
+    methods: tuple[Method, ...] = ("sf", "reflexion", "dqn", "ppo", "sac", "static", "heuristic",
+                                   "hindsight")
+    """Rows to produce: the paper's methods and the reference rows (best static allocation,
+    adaptive heuristic, hindsight beam search; sfjax.baselines.reference)."""
+    env: RanSlicingConfig = field(default_factory=RanSlicingConfig)
+    """The simulated RAN and its scoring objective (``--env.objective.*``), shared by every
+    method (overrides the sub-configs' env): the RL reward, the LLM agents' task text and the
+    table all use it."""
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    """Reference rows: training seeds for the static / heuristic choice, hindsight beam width."""
     protocol: EvalProtocol = field(default_factory=EvalProtocol)
     """Shared evaluation protocol: env seeds and trajectory length (paper: 300)."""
     sf: sf_ranslicing.ExperimentConfig = field(default_factory=lambda: sf_ranslicing.PAPER)
@@ -85,7 +93,10 @@ class Config:
 
     def __post_init__(self):
         if not self.methods:
-            raise ValueError("--methods is empty; choose among sf reflexion dqn ppo sac")
+            raise ValueError(
+                "--methods is empty; choose among sf reflexion dqn ppo sac static heuristic "
+                "hindsight"
+            )
 
 
 SMOKE = Config(
@@ -97,6 +108,7 @@ SMOKE = Config(
     ),
     reflexion=reflexion_ranslicing.SMOKE,
     rl=rl_baselines.SMOKE.rl,
+    reference=ReferenceConfig(train_seeds=(100, 101), beam_width=4),
 )
 PAPER = Config(run_dir=Path("runs/table3_paper"))
 PRESETS = {
@@ -222,6 +234,18 @@ def main(cfg: Config) -> dict:
             for name, r in rl_runs.items():
                 rows.append(r.row)
                 wall[ROW_NAMES[name]] = r.train.wall_time_s
+        refs = tuple(m for m in cfg.methods if m in ("static", "heuristic", "hindsight"))
+        reference_info = {}
+        if refs:
+            t0 = time.perf_counter()
+            log.info("reference rows %s (training seeds %s)", refs, cfg.reference.train_seeds)
+            ref_rows, ref_rollouts, reference_info = reference_rows(
+                env, env.default_params, cfg.protocol, cfg.reference, refs
+            )
+            rows += ref_rows
+            for name, r in ref_rollouts.items():
+                r.save(cfg.run_dir / f"eval_{name.split()[0].lower()}.npz")
+            wall["references"] = time.perf_counter() - t0
     finally:
         writer.close()
 
@@ -248,6 +272,7 @@ def main(cfg: Config) -> dict:
         "rows": [dataclasses.asdict(r) for r in rows],
         "wall_time_s": wall,
         "protocol": dataclasses.asdict(cfg.protocol),
+        "reference": reference_info,
     }
     (cfg.run_dir / "results.json").write_text(json.dumps(results, indent=2))
     print((cfg.run_dir / "table3.md").read_text())
