@@ -297,7 +297,8 @@ def test_gpu_all_dry_run_predicts_from_bench_compile(tmp_path, capsys):
     assert "OVER CAP" in text and "total predicted" in text
     unrolled = gpu_all.main(["--dry-run", "--compile-json", str(path), "--extra=--unrolled",
                              "--only", "latency"])  # fmt: skip
-    assert unrolled["jobs"]["latency"]["compile_s"] == pytest.approx(2 * (50.0 + 4.0))
+    assert unrolled["jobs"]["latency"]["compile_s"] == pytest.approx(
+        gpu_all.GPU_COMPILE_FACTOR * (50.0 + 4.0))  # the calibrated default factor
     with pytest.raises(SystemExit, match="bench_compile"):
         gpu_all.main(["--dry-run", "--compile-json", str(tmp_path / "missing.json")])
 
