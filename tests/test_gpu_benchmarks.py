@@ -166,6 +166,18 @@ def test_gpu_decision_latency_tiny(tmp_path):
     assert first["new_tokens_to_action"] < refl["new_tokens_to_action"]
 
 
+def test_gpu_decision_latency_actor_only_tiny(tmp_path):
+    """The harness's latency job: action-first, the prefix cache only (what the Actor runs)."""
+    rec = _run("gpu_decision_latency", tmp_path, "--no-torch", "--formats", "action_first",
+               "--actor-only")  # fmt: skip
+    (f,) = rec["formats"]
+    assert f["field_order"] == "action_first"
+    assert "time_to_action" not in f and "full_decision" not in f and "prefix_reuse" not in f
+    pc = f["time_to_action_prefix_cache"]
+    assert pc["action_parsed"] and len(pc["times_s"]) == 2 and _pos(pc["median_s"])
+    assert _pos(f["floor_time_to_action_s"])
+
+
 def test_gpu_rfr_rollouts_tiny(tmp_path):
     rec = _run("gpu_rfr_rollouts", tmp_path, "--no-torch")
     s = rec["sfjax"]
