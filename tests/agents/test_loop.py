@@ -195,7 +195,8 @@ def test_api_key_never_in_logs_events_or_checkpoints(tmp_path, monkeypatch, capl
         loop = SelfFinetuningLoop(
             LoopConfig(sf_iterations=1, num_envs=2, trajectory_steps=6, seed=3),
             RfRConfig(kto_iterations=1, num_rollouts=2), PCFG, FakeActor(ft), FakeEnv(),
-            make_reflector(_api_cfg(server.url, window_steps=4), PCFG, run_dir / "cache"),
+            make_reflector(_api_cfg(server.url, context_tokens=2500, max_tokens=500), PCFG,
+                           run_dir / "cache"),
             ft, run_dir, writer=writer, progress=False,
         )  # fmt: skip
         summary = loop.run()
