@@ -73,6 +73,8 @@ from sfjax.configcheck import Bad, at_least, check_config
 
 log = logging.getLogger(__name__)
 
+_STARTED = time.time()  # files older than this were written by an earlier process
+
 SUMMARY_METRICS = ("avg_se", "reconfigurations", "violations", "utility", "parse_failures")
 
 
@@ -313,6 +315,7 @@ class SelfFinetuningLoop:
             "timings": self.timings,
             "kto_steps": self.kto_steps,
             "artefacts": self.artefacts,
+            "tb_sizes": self._tb_sizes(),
         }
 
     def _load_meta(self, meta: dict) -> None:
@@ -345,6 +348,7 @@ class SelfFinetuningLoop:
         self.root_key = jax.random.wrap_key_data(np.asarray(arrays["root_key"]))
         self._load_meta(meta)
         self._check_artefacts(self.phases[step])
+        self._trim_tensorboard(meta.get("tb_sizes", {}))
         log.info("resumed after phase %s", meta["phase"])
         return step + 1
 
@@ -369,6 +373,29 @@ class SelfFinetuningLoop:
                 "the one recorded when it was written); the checkpoints keep only the latest "
                 "phase's data, so restore the file(s) from a copy or start a new --run-dir"
             )
+
+    def _tb_files(self) -> list[Path]:
+        if self.writer is None or not hasattr(self.writer, "get_logdir"):
+            return []
+        return sorted(Path(self.writer.get_logdir()).glob("events.out.tfevents.*"))
+
+    def _tb_sizes(self) -> dict[str, int]:
+        """Size of every TensorBoard events file (flushed before each checkpoint)."""
+        return {p.name: p.stat().st_size for p in self._tb_files()}
+
+    def _trim_tensorboard(self, sizes: Mapping[str, int]) -> None:
+        """Drop the events written after the restored checkpoint (the phases about to be
+        rerun write them again): files are cut back to their checkpointed size, and files of a
+        killed process created after it are moved to ``tb_discarded/``; no duplicate points."""
+        for p in self._tb_files():
+            if p.name in sizes:
+                if p.stat().st_size > sizes[p.name]:
+                    with open(p, "r+b") as f:
+                        f.truncate(sizes[p.name])
+            elif p.stat().st_mtime < _STARTED:  # not this process's writer
+                aside = self.run_dir / "tb_discarded"
+                aside.mkdir(exist_ok=True)
+                p.rename(aside / p.name)
 
     def _phase_artefacts(self, phase: Phase) -> list[tuple[str, Any]]:
         """(run-dir relative path, JSON) of the artefact(s) ``phase`` wrote, from its state."""

@@ -54,6 +54,7 @@ from pathlib import Path
 
 import openai
 
+from sfjax import atomic
 from sfjax.agents.prompts import PromptConfig
 from sfjax.agents.reflectors.base import (
     ReflectorError,
@@ -366,13 +367,10 @@ class ApiReflector:
             return None
 
     def _cache_put(self, digest: str, content: str) -> None:
-        if self.cache_dir is None:
-            return
-        path = self.cache_dir / f"{digest}.json"
-        tmp = path.with_suffix(f".{threading.get_ident()}.tmp")
-        with open(tmp, "w") as f:
-            json.dump({"model": self.cfg.model, "content": content}, f)
-        os.replace(tmp, path)
+        if self.cache_dir is not None:
+            atomic.write_json(
+                self.cache_dir / f"{digest}.json", {"model": self.cfg.model, "content": content}
+            )
 
     # -- public ----------------------------------------------------------------------------
 
