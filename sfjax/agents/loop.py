@@ -342,6 +342,7 @@ class SelfFinetuningLoop:
         before, with a warning); check the artefacts it lists; returns the next phase index."""
         found = self.ckpt.restore_latest(self._arrays())
         if found is None:
+            self._trim_tensorboard({})  # a killed first process's events are rewritten
             return 0
         step, arrays, meta = found
         self.finetuner.load_arrays(arrays["finetuner"])
@@ -375,9 +376,8 @@ class SelfFinetuningLoop:
             )
 
     def _tb_files(self) -> list[Path]:
-        if self.writer is None or not hasattr(self.writer, "get_logdir"):
-            return []
-        return sorted(Path(self.writer.get_logdir()).glob("events.out.tfevents.*"))
+        logdir = getattr(self.writer, "logdir", None)  # tensorboardX's SummaryWriter
+        return sorted(Path(logdir).glob("events.out.tfevents.*")) if logdir else []
 
     def _tb_sizes(self) -> dict[str, int]:
         """Size of every TensorBoard events file (flushed before each checkpoint)."""
@@ -519,7 +519,7 @@ class SelfFinetuningLoop:
             wall[f"{kind}_cpu"] = wall.get(f"{kind}_cpu", 0.0) + dc
             self.write_summary()
             if self.writer is not None:
-                self.writer.flush()  # before the checkpoint: a kill after it keeps the events
+                flush_events(self.writer)  # before the checkpoint: a kill after it keeps them
             self.ckpt.save(phase.index, self._arrays(), self._meta(phase))
             if self.on_phase_end is not None:
                 self.on_phase_end(phase)
@@ -555,6 +555,27 @@ def _save_json(path: Path, obj) -> None:
     """Write a JSON file of the run on process 0 only (multi-host)."""
     if parallel.is_main_process():
         save_json(path, obj)
+
+
+def flush_events(writer) -> None:
+    """Write every queued TensorBoard event to disk.
+
+    tensorboardX's ``flush()`` flushes only what its worker thread has already taken off the
+    queue: measured, a kill right after it lost the phase's last scalars. Its worker is
+    stopped (it writes everything queued before the stop signal) and restarted on the same
+    file; a writer without these internals gets the plain ``flush()``.
+    """
+    from tensorboardX.event_file_writer import _EventLoggerThread
+
+    for fw in (getattr(writer, "all_writers", None) or {}).values():
+        ev = getattr(fw, "event_writer", None)
+        worker = getattr(ev, "_worker", None)
+        if worker is None or getattr(ev, "_closed", True):
+            continue
+        worker.stop()
+        ev._worker = _EventLoggerThread(ev._event_queue, ev._ev_writer, ev._flush_secs)
+        ev._worker.start()
+    writer.flush()
 
 
 def _stats_snapshot(reflector) -> dict:
