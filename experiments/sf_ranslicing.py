@@ -303,6 +303,23 @@ def check_action_range(cfg: ExperimentConfig, lo: int, hi: int) -> None:
         raise ConfigError("\n".join(bad))
 
 
+def tiny_actor(path: Path, seed: int) -> Path:
+    """The smoke preset's tiny random Actor at ``path``, written whole (temporary directory,
+    then rename) unless a complete one is there: config, weights and tokenizer. A partial one
+    (an older version wrote config.json first and checked only it) is rebuilt."""
+    from sfjax.testing import write_tiny_checkpoint
+
+    complete = all(
+        any(path.glob(pattern)) for pattern in ("config.json", "*.safetensors", "tokenizer*")
+    )
+    if not complete:
+        if path.exists():
+            logging.getLogger(__name__).warning("rebuilding the incomplete tiny Actor in %s", path)
+        with atomic.replace_dir(path) as tmp:
+            write_tiny_checkpoint(tmp, seed=seed, dtype="float32")
+    return path
+
+
 def _save_adapter(finetuner, out_dir: Path) -> None:
     """The final LoRA as a PEFT adapter, written by process 0.
 
@@ -356,16 +373,9 @@ def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> d
 
     t0 = time.perf_counter()
     if cfg.model.tiny:
-        from sfjax.testing import write_tiny_checkpoint
-
         ckpt = run_dir / "tiny_actor"
 
-        def write_tiny():
-            if not ckpt.exists():  # swapped in whole: a kill mid-write leaves no ckpt
-                with atomic.replace_dir(ckpt) as tmp:
-                    write_tiny_checkpoint(tmp, seed=cfg.model.tiny_seed, dtype="float32")
-
-        parallel.on_main_process(write_tiny)  # one writer; the others load it afterwards
+        parallel.on_main_process(tiny_actor, ckpt, cfg.model.tiny_seed)  # one writer
     elif cfg.model.checkpoint:
         ckpt = cfg.model.checkpoint
         if (Path(ckpt) / "config.json").exists():

@@ -200,3 +200,16 @@ def test_api_config_values_validated_with_option_names():
 
 def test_every_fault_kind_is_known():
     assert len(set(ALL_FAULTS)) == len(ALL_FAULTS)
+
+
+def test_slow_reflect_phase_logs_a_heartbeat(tmp_path, caplog, monkeypatch):
+    """Issue 21 item 7: with output not on a terminal a slow reflect phase looked frozen."""
+    import sfjax.agents.reflectors.api as api_mod
+
+    monkeypatch.setattr(api_mod, "HEARTBEAT_S", 0.1)
+    caplog.set_level(logging.INFO)
+    with FakeOpenAI(script=["hang"], hang_s=0.5) as server:
+        r = _reflector(server.url, tmp_path, timeout_s=2)
+        r.reflect([_traj(3)])
+    lines = [m for m in caplog.messages if m.startswith("reflect (api):")]
+    assert "0 of 1 requests answered" in lines[0] and "1 of 1" in lines[-1]

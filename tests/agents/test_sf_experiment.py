@@ -281,3 +281,33 @@ def test_damaged_run_config_is_named(tmp_path):
         mod._prepare_run_dir(cfg, tmp_path / "r")
     resume, _ = mod._prepare_run_dir(dataclasses.replace(cfg, resume=True), tmp_path / "r")
     assert resume and json.loads((tmp_path / "r" / "config.json").read_text())["loop"]
+
+
+def test_tiny_actor_is_written_whole(tmp_path, monkeypatch):
+    """Issue 21 item 3: a kill while the tiny checkpoint was written left config.json without
+    weights, and every later attempt failed ("FileNotFoundError ... convert .bin files")."""
+    mod = _experiment()
+    from sfjax import testing
+
+    path = tmp_path / "tiny_actor"
+    path.mkdir()
+    (path / "config.json").write_text("{}")  # what the old writer left after a kill
+    real = testing.write_tiny_checkpoint
+
+    def killed(out, **kw):
+        real(out, **kw)
+        (Path(out) / "model.safetensors").unlink()
+        raise KeyboardInterrupt  # a kill before the directory is swapped in
+
+    monkeypatch.setattr(testing, "write_tiny_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        mod.tiny_actor(path, 0)
+    assert (path / "config.json").read_text() == "{}"  # untouched: never half replaced
+    monkeypatch.setattr(testing, "write_tiny_checkpoint", real)
+    mod.tiny_actor(path, 0)
+    from sfjax.models import qwen3
+
+    qwen3.from_pretrained(str(path))  # complete now
+    before = (path / "model.safetensors").stat().st_mtime_ns
+    mod.tiny_actor(path, 0)  # complete: kept
+    assert (path / "model.safetensors").stat().st_mtime_ns == before

@@ -47,8 +47,9 @@ import math
 import os
 import re
 import threading
+import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +72,9 @@ from sfjax.agents.trajectory import Reflection, StepLabel, Trajectory
 from sfjax.configcheck import Bad, at_least, check_config
 
 log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 60.0
+"""Seconds between progress lines of a reflect phase while no request is answered."""
 
 CHARS_PER_TOKEN = 3.0
 """Conservative characters per token of the reflection prompt (numbers and units tokenise
@@ -383,15 +387,27 @@ class ApiReflector:
             for w in self.plan_windows(traj, summaries[ti]):
                 jobs.append((ti, w))
         progress = _progress(len(jobs), "reflect (api)")
+        t0 = time.monotonic()
         with ThreadPoolExecutor(max_workers=self.cfg.max_concurrency) as pool:
             futures = [
                 pool.submit(self._window_labels, trajectories[ti], w, summaries[ti])
                 for ti, w in jobs
             ]
-            results = []
-            for f in futures:
-                results.append(f.result())
-                progress.update(1)
+            pending, answered = set(futures), 0
+            while pending:
+                # a line per answer and a heartbeat while R1 thinks: without a terminal (no
+                # progress bar) a reflect phase of many minutes looked frozen
+                done, pending = wait(pending, timeout=HEARTBEAT_S, return_when=FIRST_COMPLETED)
+                for f in done:
+                    f.result()  # the first failure ends the phase
+                answered += len(done)
+                progress.update(len(done))
+                log.info(
+                    "reflect (api): %d of %d requests answered after %.0f s (%d retries so far)",
+                    answered, len(jobs), time.monotonic() - t0,
+                    self.stats["transport_retries"] + self.stats["format_retries"],
+                )  # fmt: skip
+            results = [f.result() for f in futures]
         progress.close()
         out = []
         for ti, traj in enumerate(trajectories):
