@@ -18,9 +18,18 @@ Allocation sequences: ``staircase`` (each action held for an equal share of the 
 low to high), ``random`` (a new uniformly random action every 10 decisions) and ``fixed``
 (the middle action throughout).
 
+``--static``: instead, every static allocation of the default scenario (the paper's on/off
+traffic, UEs starting OFF as ns-3's OnOffApplication) for whole episodes in both simulators:
+per allocation the controlled slice's eq. 1 SE, each slice's violation rate, the cell-wide
+violation count (eq. 2 as scored) and the eq. 15 utility, and which static allocation each
+simulator ranks best. JAX runs both schedulers (``pf_ns3`` and the default buffer-aware PF)
+on ``--jax-seeds`` seeds; ns-3 on ``--seeds`` (its own on/off and fading realisations).
+
 Usage (reproduces benchmarks/RESULTS.md)::
 
     .venv/bin/python benchmarks/ns3_vs_jax.py --steps 100 --seeds 2 --out runs/ns3_vs_jax.json
+    .venv/bin/python benchmarks/ns3_vs_jax.py --static --steps 300 --seeds 2 --jax-seeds 32 \
+        --out runs/ns3_static.json
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ import numpy as np
 from sfjax.envs.ns3 import Ns3Config, Ns3RanSlicingEnv
 from sfjax.envs.ran import GBR_SLICE, NON_GBR_SLICE, RanSlicingConfig, RanSlicingEnv
 
-METRICS = ("se", "violation", "arrival_rate_bps", "delivered_bits", "dropped_bytes",
+METRICS = ("se", "slice_violation", "violation", "arrival_rate_bps", "delivered_bits", "dropped_bytes",
            "mean_delay_ms", "prbs", "se_allocated", "se_scheduled")
 
 
@@ -131,10 +140,80 @@ def per_level(infos: dict[str, np.ndarray], actions_T: np.ndarray) -> dict[int, 
         m = (prbs_T == level) & settled_T
         if m.any():
             out[int(level)] = {k: float(np.asarray(infos[k], np.float64)[m].mean()) for k in (
-                "se", "violation", "delivered_bits", "other_se", "other_violation",
+                "se", "slice_violation", "delivered_bits", "other_se", "other_violation",
                 "other_delivered_bits", "other_prbs", "se_allocated", "other_se_allocated")
                 if k in infos}
     return out
+
+
+STATIC_KEYS = ("se_allocated", "slice_violation", "other_violation", "violation", "utility",
+               "arrival_rate_bps", "other_arrival_rate_bps")
+
+
+def static_table(steps: int, ns3_seeds: list[int], jax_seeds: list[int]) -> dict:
+    """Every static allocation in ns-3 and in JAX (both schedulers); per-episode means."""
+    cfg = dataclasses.replace(
+        RanSlicingConfig(episode_steps=steps),
+        cell=dataclasses.replace(RanSlicingConfig().cell, rbg_count="ns3"),
+    )
+    n_act = cfg.num_actions
+    out = {"prbs": list(cfg.prbs_per_action), "steps": steps}
+    for sched in ("pf_ns3", "pf_buffer_aware"):
+        acts = np.repeat(np.arange(n_act), len(jax_seeds))[:, None].repeat(steps, 1)
+        seeds = [s for _ in range(n_act) for s in jax_seeds]
+        infos, _, _ = run_jax(dataclasses.replace(cfg, scheduler=sched), acts, seeds)
+        per = {k: np.asarray(infos["se_allocated" if k == "se" else k], np.float64)
+               .reshape(n_act, len(jax_seeds), steps) for k in STATIC_KEYS}
+        out["jax_" + sched] = _static_rows(per)
+        print(f"jax {sched}: " + json.dumps(out["jax_" + sched]), flush=True)
+    rows = {k: [] for k in STATIC_KEYS}
+    for a in range(n_act):
+        eps = []
+        for seed in ns3_seeds:
+            infos, _ = run_ns3(cfg, np.full(steps, a), seed)
+            infos["se_allocated"] = infos["se"]
+            eps.append(infos)
+        for k in STATIC_KEYS:
+            rows[k].append([e[k] for e in eps])
+        print(f"ns3 action {a} ({cfg.prbs_per_action[a]} PRB) done", flush=True)
+    out["ns3"] = _static_rows({k: np.asarray(v, np.float64) for k, v in rows.items()})
+    return out
+
+
+def _static_rows(per: dict[str, np.ndarray]) -> dict[str, list[float]]:
+    """[A, E, T] per-step arrays -> per allocation: means over episodes (counts per episode)."""
+    return {
+        "se": per["se_allocated"].mean((1, 2)).tolist(),
+        "ctrl_viol_rate": per["slice_violation"].mean((1, 2)).tolist(),
+        "other_viol_rate": per["other_violation"].mean((1, 2)).tolist(),
+        "cell_violations": per["violation"].sum(2).mean(1).tolist(),
+        "cell_violations_std": per["violation"].sum(2).std(1).tolist(),
+        "utility": per["utility"].sum(2).mean(1).tolist(),
+        "offered_mbps": (per["arrival_rate_bps"].mean((1, 2)) / 1e6).tolist(),
+        "other_offered_mbps": (per["other_arrival_rate_bps"].mean((1, 2)) / 1e6).tolist(),
+    }
+
+
+def print_static(res: dict) -> None:
+    print("| PRB ctrl | SE eq. 1 ns-3 / pf_ns3 / BA | ctrl viol. rate ns-3 / pf_ns3 / BA "
+          "| other viol. rate ns-3 / pf_ns3 / BA | cell violations per episode ns-3 / pf_ns3 / "
+          "BA | utility ns-3 / pf_ns3 / BA |")
+    print("|---|---|---|---|---|---|")
+    n, p, b = res["ns3"], res["jax_pf_ns3"], res["jax_pf_buffer_aware"]
+    for i, prb in enumerate(res["prbs"]):
+        print(f"| {prb} | {n['se'][i]:.2f} / {p['se'][i]:.2f} / {b['se'][i]:.2f} "
+              f"| {n['ctrl_viol_rate'][i]:.2f} / {p['ctrl_viol_rate'][i]:.2f} / "
+              f"{b['ctrl_viol_rate'][i]:.2f} "
+              f"| {n['other_viol_rate'][i]:.2f} / {p['other_viol_rate'][i]:.2f} / "
+              f"{b['other_viol_rate'][i]:.2f} "
+              f"| {n['cell_violations'][i]:.0f} / {p['cell_violations'][i]:.0f} / "
+              f"{b['cell_violations'][i]:.0f} "
+              f"| {n['utility'][i]:.0f} / {p['utility'][i]:.0f} / {b['utility'][i]:.0f} |")
+    for name, r in (("ns-3", n), ("JAX pf_ns3", p), ("JAX buffer-aware", b)):
+        best = int(np.argmax(r["utility"]))
+        print(f"best static ({name}): {res['prbs'][best]} PRB, utility {r['utility'][best]:.0f}, "
+              f"cell violations {r['cell_violations'][best]:.1f}; offered Mb/s ctrl "
+              f"{np.mean(r['offered_mbps']):.2f}, other {np.mean(r['other_offered_mbps']):.2f}")
 
 
 def main() -> None:
@@ -146,7 +225,19 @@ def main() -> None:
     ap.add_argument("--pipeline-ms", type=float, default=4.5,
                     help="pipeline delay of the third JAX variant (ns-3's measured floor)")
     ap.add_argument("--out", type=Path, default=None, help="write all numbers as JSON here")
+    ap.add_argument("--static", action="store_true",
+                    help="every static allocation in both simulators (see the docstring)")
+    ap.add_argument("--jax-seeds", type=int, default=32, help="JAX episodes with --static")
+    ap.add_argument("--seed-offset", type=int, default=0, help="first ns-3 seed with --static")
     args = ap.parse_args()
+    if args.static:
+        res = static_table(args.steps, list(range(args.seed_offset, args.seed_offset + args.seeds)),
+                           list(range(args.jax_seeds)))
+        print_static(res)
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(res, indent=1))
+        return
 
     seeds = list(range(args.seeds))
     results = []
@@ -203,11 +294,11 @@ def main() -> None:
         for name, p in (("controlled", ""), ("other", "other_")):
             j, n, b, q = r["jax"], r["ns3"], r["jax_buffer_aware"], r["jax_pipeline"]
             se = p + "se_allocated"
+            v = p + "violation" if p else "slice_violation"
             print(
                 f"| {r['traffic']} | {r['sequence']} | {name} "
                 f"| {j[se]:.2f} / {n[p + 'se']:.2f} [{b[se]:.2f}] "
-                f"| {j[p + 'violation']:.2f} / {n[p + 'violation']:.2f} "
-                f"[{b[p + 'violation']:.2f}] {{{q[p + 'violation']:.2f}}} "
+                f"| {j[v]:.2f} / {n[v]:.2f} [{b[v]:.2f}] {{{q[v]:.2f}}} "
                 f"| {j[p + 'arrival_rate_bps'] / 1e6:.2f} / {n[p + 'arrival_rate_bps'] / 1e6:.2f} "
                 f"| {j[p + 'delivered_bits'] / 1e5:.2f} / {n[p + 'delivered_bits'] / 1e5:.2f} "
                 f"[{b[p + 'delivered_bits'] / 1e5:.2f}] "
@@ -231,7 +322,7 @@ def main() -> None:
             j, n = lv["jax"][level], lv["ns3"][level]
             print(f"| {level} / {j['other_prbs']:.0f}; {n['other_prbs']:.0f} "
                   f"| {j['se_allocated']:.2f} / {n['se']:.2f} "
-                  f"| {j['violation']:.2f} / {n['violation']:.2f} "
+                  f"| {j['slice_violation']:.2f} / {n['slice_violation']:.2f} "
                   f"| {j['other_se_allocated']:.2f} / {n['other_se']:.2f} "
                   f"| {j['other_violation']:.2f} / {n['other_violation']:.2f} |")
     print()

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cli_common  # noqa: E402
 
-from sfjax.agents.actor import ActorConfig
+from sfjax.agents.actor import PAPER_ACTOR, ActorConfig
 from sfjax.agents.prompts import PromptConfig
 from sfjax.agents.reflector import ReflectorConfig, make_reflector
 from sfjax.agents.reflexion import ReflexionActor, ReflexionConfig, run_reflexion
@@ -76,7 +76,8 @@ SMOKE = Config(
     reflexion=ReflexionConfig(trials=2, trial_seeds=(100,), trial_steps=10, memory_size=2),
     protocol=EvalProtocol(seeds=(0, 1), num_steps=300),
 )
-PAPER = Config(run_dir=Path("runs/reflexion_paper"))
+# the same Actor decoding budget as the SF paper preset (Table III compares like with like)
+PAPER = Config(run_dir=Path("runs/reflexion_paper"), actor=PAPER_ACTOR)
 PRESETS = {
     "smoke": ("tiny local Actor, rule-based evaluator (no LLM), 2 short trials", SMOKE),
     "paper": ("Qwen3-4B Actor, DeepSeek-R1 evaluator/self-reflection, 3 x 300-step trials", PAPER),

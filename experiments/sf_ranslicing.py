@@ -15,7 +15,8 @@ Presets:
          say nothing about the paper's claims.
   paper  Qwen3-4B Actor (local path or hub id) with LoRA, DeepSeek-R1 Reflector through an
          OpenAI-compatible API (key read from the environment variable named by
-         --reflector.api.api-key-env), 300-step trajectories, 6 KTO iterations per SF iteration.
+         --reflector.api.api-key-env); as the paper, one SF iteration from a single 300-step
+         trajectory with 6 KTO iterations.
 
 Writes to the run dir: ``config.json``, ``trajectories/``, ``reflections/``, ``datasets/``,
 ``checkpoints/`` (orbax, one per phase), ``tb/`` (TensorBoard: ``train/*`` KTO metrics under
@@ -55,14 +56,14 @@ import cli_common  # noqa: E402
 from cli_common import RunDirTaken  # noqa: E402
 
 from sfjax import atomic  # noqa: E402
-from sfjax.agents.actor import ActorConfig  # noqa: E402
-from sfjax.agents.env import EnvConfig  # noqa: E402
+from sfjax.agents.actor import PAPER_ACTOR, ActorConfig  # noqa: E402
 from sfjax.agents.loop import LoopConfig  # noqa: E402
 from sfjax.agents.prompts import PromptConfig  # noqa: E402
 from sfjax.agents.reflector import ApiReflectorConfig, ReflectorConfig  # noqa: E402
 from sfjax.agents.rfr import RfRConfig  # noqa: E402
 from sfjax.config_rules import RULES  # noqa: E402
-from sfjax.configcheck import Bad, ConfigError, check_config, option  # noqa: E402
+from sfjax.configcheck import Bad, ConfigError, at_least, check_config, option  # noqa: E402
+from sfjax.envs.scenario import RanSlicingConfig  # noqa: E402
 from sfjax.models.lora import LoRAConfig  # noqa: E402
 from sfjax.train.kto import KTOConfig  # noqa: E402
 
@@ -84,6 +85,26 @@ class ModelConfig:
         bad = [] if self.dtype in ("bfloat16", "float32") else [Bad("dtype", "bfloat16 or float32")]
         if not self.tiny and not self.checkpoint:
             bad.append(Bad("checkpoint", "a checkpoint path or hub id (or use --model.tiny)"))
+        return bad
+
+
+@dataclass(frozen=True)
+class HeldOutConfig:
+    """Held-out evaluation: the Actor before fine-tuning and after the last SF iteration on the
+    same env seeds and per-step keys as Table III's protocol, disjoint from the collection's
+    keys; paired differences with 95 % intervals go into summary.json (``held_out``)."""
+
+    seeds: tuple[int, ...] = (0, 1, 2, 3)
+    """Env seeds of the held-out trajectories (empty: skip the evaluation)."""
+    num_steps: int = 300
+    """Decisions per held-out trajectory."""
+    sampling_seed: int = 1
+    """Seed of the Actor's sampling during the evaluation (the same before and after)."""
+
+    def invalid(self) -> list[Bad]:
+        bad = at_least(self, 1, "num_steps") + at_least(self, 0, "sampling_seed")
+        if any(s < 0 for s in self.seeds):
+            bad.append(Bad("seeds", "seeds >= 0"))
         return bad
 
 
@@ -110,8 +131,11 @@ class ExperimentConfig:
     """Refine-from-Reflection (Algorithm 2)."""
     loop: LoopConfig = field(default_factory=LoopConfig)
     """Algorithm 1: iterations, trajectories."""
-    env: EnvConfig = field(default_factory=EnvConfig)
-    """The simulated RAN."""
+    env: RanSlicingConfig = field(default_factory=RanSlicingConfig)
+    """The simulated RAN and its scoring objective (``--env.objective.*``: SE definition,
+    which slices' violations count, eq. 15 weights); the prompts state the same objective."""
+    heldout: HeldOutConfig = field(default_factory=lambda: HeldOutConfig())
+    """Before/after evaluation of the Actor on held-out env seeds (not the ones it trained on)."""
     log_level: str = "INFO"
     """Python logging level."""
 
@@ -147,6 +171,7 @@ SMOKE = ExperimentConfig(
     reflector=ReflectorConfig(backend="rule"),
     rfr=RfRConfig(kto_iterations=2, num_rollouts=3, tolerance=0, tau=0.5),
     loop=LoopConfig(sf_iterations=2, num_envs=2, trajectory_steps=10),
+    heldout=HeldOutConfig(seeds=(0, 1), num_steps=10),
 )
 
 PAPER = ExperimentConfig(
@@ -160,10 +185,11 @@ PAPER = ExperimentConfig(
         max_prompt_length=2048,
         max_completion_length=256,
     ),
-    actor=ActorConfig(prompt=PromptConfig(history_window=5), max_new_tokens=192, free_budget=96),
+    actor=PAPER_ACTOR,
     reflector=ReflectorConfig(backend="api", api=ApiReflectorConfig()),
     rfr=RfRConfig(kto_iterations=6, num_rollouts=8, tolerance=0, tau=0.5),
-    loop=LoopConfig(sf_iterations=3, num_envs=1, trajectory_steps=300),
+    # the paper: one SF iteration from a single 300-step trajectory, 6 KTO iterations
+    loop=LoopConfig(sf_iterations=1, num_envs=1, trajectory_steps=300),
 )
 
 PRESETS = {
@@ -237,12 +263,20 @@ def with_values(cfg, values: dict):
         if dataclasses.is_dataclass(cur) and isinstance(new, dict):
             changes[f.name] = with_values(cur, new)
         elif isinstance(cur, tuple) and isinstance(new, list):
-            changes[f.name] = tuple(tuple(v) if isinstance(v, list) else v for v in new)
+            changes[f.name] = tuple(_item(cur, i, v) for i, v in enumerate(new))
         elif isinstance(cur, Path):
             changes[f.name] = Path(new)
         else:
             changes[f.name] = new
     return dataclasses.replace(cfg, **changes)
+
+
+def _item(cur: tuple, i: int, v):
+    """Element ``i`` of a JSON list, typed like the current tuple's elements."""
+    like = cur[min(i, len(cur) - 1)] if cur else None
+    if dataclasses.is_dataclass(like) and isinstance(v, dict):
+        return with_values(like, v)
+    return tuple(v) if isinstance(v, list) else v
 
 
 def _prepare_run_dir(cfg, run_dir: Path, operational=OPERATIONAL, what: str = "run"):
@@ -294,7 +328,7 @@ def check_action_range(cfg: ExperimentConfig, lo: int, hi: int) -> None:
     default, given = PromptConfig(), cfg.actor.prompt
     bad = [
         f"{option('actor.prompt.' + name)} {v}: must be left unset; the action range comes "
-        f"from the env: [{lo}, {hi}] with --env.n-prb {cfg.env.n_prb}"
+        f"from the env: [{lo}, {hi}] with --env.cell.n-prb {cfg.env.cell.n_prb}"
         for name, v, d, env_v in (("action_lo", given.action_lo, default.action_lo, lo),
                                   ("action_hi", given.action_hi, default.action_hi, hi))
         if v not in (d, env_v)
@@ -344,6 +378,67 @@ def _save_adapter(finetuner, out_dir: Path) -> None:
     parallel.on_main_process(write)
 
 
+class HeldOutEval:
+    """Before/after evaluation of the Actor on ``cfg.heldout``'s seeds (module docstring of
+    :mod:`sfjax.baselines.paired`); results cached as JSON in RUN_DIR/heldout/ so a resumed
+    run does not evaluate "before" with an already fine-tuned Actor."""
+
+    def __init__(self, cfg: ExperimentConfig, actor, run_dir: Path):
+        from sfjax.baselines.evaluation import EvalProtocol
+
+        self.cfg, self.actor, self.dir = cfg, actor, run_dir / "heldout"
+        h = cfg.heldout
+        self.protocol = EvalProtocol(seeds=h.seeds, num_steps=h.num_steps) if h.seeds else None
+
+    def _evaluate(self, name: str) -> dict | None:
+        import jax
+
+        from sfjax import parallel
+        from sfjax.agents.trajectory import save_json
+        from sfjax.baselines.evaluation import evaluate_agent
+        from sfjax.baselines.llm_agent import LLMEnvAgent
+        from sfjax.envs.ran import RanSlicingEnv
+
+        if self.protocol is None:
+            return None
+        path = self.dir / f"{name}.json"
+        if path.exists():
+            return atomic.read_json(path, "the held-out evaluation")
+        logging.getLogger(__name__).info(
+            "held-out evaluation (%s fine-tuning): %d seeds x %d steps", name,
+            len(self.protocol.seeds), self.protocol.num_steps,
+        )
+        env = RanSlicingEnv(dataclasses.replace(self.cfg.env, episode_steps=self.protocol.num_steps))
+        agent = LLMEnvAgent(self.actor, env, env.default_params,
+                            jax.random.key(self.cfg.heldout.sampling_seed))
+        per = evaluate_agent(agent, env, env.default_params, self.protocol).per_episode()
+        result = {k: [float(x) for x in v] for k, v in per.items()}
+        parallel.on_main_process(lambda: save_json(path, result))
+        return result
+
+    def before(self, untrained: bool) -> None:
+        """Evaluate (or load) "before"; only an untrained Actor may be measured as such."""
+        if untrained or (self.dir / "before.json").exists():
+            self._evaluate("before")
+        elif self.protocol is not None:
+            logging.getLogger(__name__).warning(
+                "no held-out 'before' evaluation in %s and the run has already trained: the "
+                "before/after comparison is skipped", self.dir)
+            self.protocol = None
+
+    def after_and_report(self) -> dict | None:
+        from sfjax.baselines.paired import paired_report
+
+        before, after = self._evaluate("before"), self._evaluate("after")
+        if before is None:
+            return None
+        return {"seeds": list(self.protocol.seeds), "num_steps": self.protocol.num_steps,
+                "note": "per-seed Table III metrics of the Actor before fine-tuning and after "
+                        "the last SF iteration on held-out env seeds; diff = after - before with "
+                        "its 95 % paired t interval",
+                "metrics": paired_report(before, after)}
+
+
 def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> dict:
     """Build every component from ``cfg`` and run (or resume) Algorithm 1.
 
@@ -357,6 +452,7 @@ def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> d
     from sfjax.agents.loop import SelfFinetuningLoop, format_table
     from sfjax.agents.reflector import make_reflector
     from sfjax.agents.reflectors.broadcast import build_on_process_0
+    from sfjax.baselines.llm_agent import prompt_config_for_env
     from sfjax.models import qwen3
     from sfjax.parallel import summary_writer
     from sfjax.sampling import Sampler
@@ -380,9 +476,8 @@ def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> d
         ckpt = cfg.model.checkpoint
         if (Path(ckpt) / "config.json").exists():
             atomic.read_json(Path(ckpt) / "config.json", "the Actor checkpoint's config")
-    prompt_cfg = dataclasses.replace(
-        cfg.actor.prompt, action_lo=env.action_lo, action_hi=env.action_hi
-    )
+    # action range, slices and the scoring objective in words, all from the env
+    prompt_cfg = prompt_config_for_env(env.env, cfg.actor.prompt)
     actor_cfg = dataclasses.replace(cfg.actor, prompt=prompt_cfg)
     # fail early on the reflector (missing key / checkpoint) before loading the Actor
     build = lambda: make_reflector(cfg.reflector, prompt_cfg, run_dir / "reflector_cache")  # noqa: E731
@@ -404,14 +499,20 @@ def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> d
     loop = SelfFinetuningLoop(
         cfg.loop, cfg.rfr, prompt_cfg, actor, env, reflector, finetuner, run_dir,
         writer=writer, progress=progress, on_phase_end=on_phase_end,
+        weights=cfg.env.objective.weights,
         run_info={
             "actor": str(ckpt),
             "actions": f"RBGs for the controlled slice in [{env.action_lo}, {env.action_hi}]",
         },
     )  # fmt: skip
+    heldout = HeldOutEval(cfg, actor, run_dir)
+    # the Actor before any fine-tuning (LoRA B = 0); cached, so a resume reuses it
+    heldout.before(untrained=loop.ckpt.latest_step() is None)
     summary = loop.run(resume=resume)
     summary["timings_s"]["setup"] = setup_s
-    loop.write_summary()
+    loop.run_info["held_out"] = heldout.after_and_report()
+    summary = loop.write_summary()
+    summary["timings_s"]["setup"] = setup_s
     _save_adapter(finetuner, run_dir / "adapter")
     if writer is not None:
         writer.close()
@@ -419,6 +520,13 @@ def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> d
         return summary
     print(f"\nSelf-finetuning ({summary['reflector']}; actor {ckpt})")
     print(format_table(summary))
+    held = summary.get("held_out")
+    if held:
+        from sfjax.baselines.paired import format_paired
+
+        print(f"\nHeld-out env seeds {held['seeds']} ({held['num_steps']} steps each), "
+              "before fine-tuning vs after; * = 95 % interval excludes 0:")
+        print(format_paired(held["metrics"]))
     t = summary["timings_s"]
     print(
         "wall time [s]: "

@@ -43,9 +43,10 @@ import rl_baselines  # noqa: E402
 import sf_ranslicing  # noqa: E402
 
 from sfjax import atomic  # noqa: E402
-from sfjax.agents.env import EnvConfig, JaxRanRunner  # noqa: E402
+from sfjax.agents.env import JaxRanRunner  # noqa: E402
 from sfjax.baselines.evaluation import EvalProtocol, evaluate_agent  # noqa: E402
 from sfjax.baselines.llm_agent import LLMEnvAgent, load_actor, prompt_config_for_env  # noqa: E402
+from sfjax.baselines.reference import ReferenceConfig, reference_rows  # noqa: E402
 from sfjax.baselines.report import (  # noqa: E402
     MethodResult,
     Table3Inputs,
@@ -60,7 +61,7 @@ from sfjax.configcheck import Bad, changed_leaves  # noqa: E402
 from sfjax.envs.scenario import RanSlicingConfig  # noqa: E402
 
 log = logging.getLogger("table3")
-Method = Literal["sf", "reflexion", "dqn", "ppo", "sac"]
+Method = Literal["sf", "reflexion", "dqn", "ppo", "sac", "static", "heuristic", "hindsight"]
 
 
 @dataclass(frozen=True)
@@ -69,10 +70,16 @@ class Config:
 
     run_dir: Path = Path("runs/table3")
     """Output directory (created)."""
-    methods: tuple[Method, ...] = ("sf", "reflexion", "dqn", "ppo", "sac")
-    """Rows to produce."""
-    env: EnvConfig = field(default_factory=EnvConfig)
-    """The simulated RAN, shared by every method (overrides the sub-configs' env)."""
+    methods: tuple[Method, ...] = ("sf", "reflexion", "dqn", "ppo", "sac", "static", "heuristic",
+                                   "hindsight")
+    """Rows to produce: the paper's methods and the reference rows (best static allocation,
+    adaptive heuristic, hindsight beam search; sfjax.baselines.reference)."""
+    env: RanSlicingConfig = field(default_factory=RanSlicingConfig)
+    """The simulated RAN and its scoring objective (``--env.objective.*``), shared by every
+    method (overrides the sub-configs' env): the RL reward, the LLM agents' task text and the
+    table all use it."""
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    """Reference rows: training seeds for the static / heuristic choice, hindsight beam width."""
     protocol: EvalProtocol = field(default_factory=EvalProtocol)
     """Shared evaluation protocol: env seeds and trajectory length (paper: 300)."""
     sf: sf_ranslicing.ExperimentConfig = field(default_factory=lambda: _sub(sf_ranslicing.PAPER))
@@ -91,7 +98,10 @@ class Config:
 
     def __post_init__(self):
         if not self.methods:
-            raise ValueError("--methods is empty; choose among sf reflexion dqn ppo sac")
+            raise ValueError(
+                "--methods is empty; choose among sf reflexion dqn ppo sac static heuristic "
+                "hindsight"
+            )
 
     def invalid(self) -> list[Bad]:
         """Sub-config values this script sets itself must not be given: they were silently
@@ -101,7 +111,7 @@ class Config:
         if self.reflexion.run_dir != Path(SUB_RUN_DIR):
             bad.append(Bad("reflexion.run_dir", "left unset: table3 sets it (RUN_DIR)"))
         shared = "left unset: table3's --env.* / --protocol.* / --eval-seed apply to every method"
-        bad += changed_leaves(self.sf.env, EnvConfig(), "sf.env", shared)
+        bad += changed_leaves(self.sf.env, RanSlicingConfig(), "sf.env", shared)
         bad += changed_leaves(self.reflexion.env, RanSlicingConfig(), "reflexion.env", shared)
         bad += changed_leaves(self.reflexion.protocol, EvalProtocol(), "reflexion.protocol", shared)
         if self.reflexion.eval_seed != reflexion_ranslicing.Config.eval_seed:
@@ -119,7 +129,7 @@ def _sub(cfg):
     if isinstance(cfg, reflexion_ranslicing.Config):
         kw.update(env=RanSlicingConfig(), protocol=EvalProtocol(), eval_seed=1)
     else:
-        kw.update(env=EnvConfig())
+        kw.update(env=RanSlicingConfig())
     return dataclasses.replace(cfg, **kw)
 
 
@@ -135,6 +145,7 @@ SMOKE = Config(
     ),
     reflexion=_sub(reflexion_ranslicing.SMOKE),
     rl=rl_baselines.SMOKE.rl,
+    reference=ReferenceConfig(train_seeds=(100, 101), beam_width=4),
 )
 PAPER = Config(run_dir=Path("runs/table3_paper"))
 PRESETS = {
@@ -260,6 +271,18 @@ def main(cfg: Config) -> dict:
             for name, r in rl_runs.items():
                 rows.append(r.row)
                 wall[ROW_NAMES[name]] = r.train.wall_time_s
+        refs = tuple(m for m in cfg.methods if m in ("static", "heuristic", "hindsight"))
+        reference_info = {}
+        if refs:
+            t0 = time.perf_counter()
+            log.info("reference rows %s (training seeds %s)", refs, cfg.reference.train_seeds)
+            ref_rows, ref_rollouts, reference_info = reference_rows(
+                env, env.default_params, cfg.protocol, cfg.reference, refs
+            )
+            rows += ref_rows
+            for name, r in ref_rollouts.items():
+                r.save(cfg.run_dir / f"eval_{name.split()[0].lower()}.npz")
+            wall["references"] = time.perf_counter() - t0
     finally:
         writer.close()
 
@@ -286,6 +309,7 @@ def main(cfg: Config) -> dict:
         "rows": [dataclasses.asdict(r) for r in rows],
         "wall_time_s": wall,
         "protocol": dataclasses.asdict(cfg.protocol),
+        "reference": reference_info,
     }
     atomic.write_json(cfg.run_dir / "results.json", results, indent=2)
     print((cfg.run_dir / "table3.md").read_text())

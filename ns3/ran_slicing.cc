@@ -371,9 +371,9 @@ class PerUeTraceFading : public SpectrumPropagationLossModel
 NS_OBJECT_ENSURE_REGISTERED(PerUeTraceFading);
 
 // ---------------------------------------------------------------------------------------------
-// Off-time stream for a stationary on-off start: the first draw is given (0 = start "on"),
-// later draws are Exp(mean). OnOffApplication begins with an off period, so without this every
-// UE would start silent.
+// Off-time stream whose first draw is given: 0 starts the UE "on" (--onOffStart=stationary,
+// drawn with probability on / (on + off)), an Exp(offMean) draw starts it silent as plain
+// OnOffApplication does (--onOffStart=off, the default); later draws are Exp(mean).
 // ---------------------------------------------------------------------------------------------
 class FirstThenExponential : public RandomVariableStream
 {
@@ -821,6 +821,7 @@ main(int argc, char* argv[])
     bool dieWithParent = true;
     std::string dropFile = "";
     std::string fadingSpec = "";
+    std::string onOffStart = "off";
 
     CommandLine cmd(__FILE__);
     cmd.AddValue("openGymPort", "ns3-gym agent port on localhost", openGymPort);
@@ -865,8 +866,16 @@ main(int argc, char* argv[])
                                "--fadingTrace", fadingSpec);
     cmd.AddValue("dropFile", "fixed drop, one UE per line: x_m y_m los(0/1) shadowing_dB; "
                              "empty: drawn here", dropFile);
+    cmd.AddValue("onOffStart", "first period of every on-off source: off (OnOffApplication's "
+                               "own start, an Exp(offMean) silence) or stationary (on with "
+                               "probability onMean / (onMean + offMean))", onOffStart);
     cmd.AddValue("dieWithParent", "exit when the parent process dies (Linux)", dieWithParent);
     cmd.Parse(argc, argv);
+    if (onOffStart != "off" && onOffStart != "stationary")
+    {
+        std::cerr << "--onOffStart must be off or stationary, got " << onOffStart << std::endl;
+        return 2;
+    }
 
 #ifdef __linux__
     if (dieWithParent)
@@ -1066,7 +1075,9 @@ main(int argc, char* argv[])
         offRest->SetAttribute("Mean", DoubleValue(offMeanS));
         offRest->SetStream(stream++);
         Ptr<FirstThenExponential> offTime = CreateObject<FirstThenExponential>();
-        double firstOff = startOn->GetValue() < onFraction ? 0.0 : onOffDraws->GetValue();
+        double firstOff = onOffStart == "off"                ? onOffDraws->GetValue()
+                          : startOn->GetValue() < onFraction ? 0.0
+                                                             : onOffDraws->GetValue();
         offTime->Setup(firstOff, MilliSeconds(g.warmupMs), offRest);
         if (firstOff == 0.0)
         {

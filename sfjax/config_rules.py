@@ -1,13 +1,12 @@
 """Allowed values of the config classes that do not check themselves (see
 :mod:`sfjax.configcheck`): ranges a bad CLI value would otherwise hit only deep inside a run.
 Classes that validate in ``__post_init__`` (KTOConfig, LoRAConfig, RfRConfig, EvalProtocol,
-RLRunConfig) are refused by tyro while parsing; those with an ``invalid`` method check
+RLRunConfig, RanSlicingConfig) are refused by tyro while parsing; those with an ``invalid`` method check
 themselves (LoopConfig, ApiReflectorConfig)."""
 
 from __future__ import annotations
 
 from sfjax.agents.actor import ActorConfig
-from sfjax.agents.env import EnvConfig
 from sfjax.agents.reflectors.local import LocalReflectorConfig
 from sfjax.agents.reflectors.rule import RuleReflectorConfig
 from sfjax.agents.reflexion import ReflexionConfig
@@ -22,14 +21,6 @@ def _actor(c: ActorConfig) -> list[Bad]:
             bad.append(Bad(name, "in (0, 1]"))
     if c.free_budget is not None and not 0 <= c.free_budget <= c.max_new_tokens:
         bad.append(Bad("free_budget", f"None or in [0, --max-new-tokens ({c.max_new_tokens})]"))
-    return bad
-
-
-def _env(c: EnvConfig) -> list[Bad]:
-    bad = at_least(c, 4, "n_prb") + at_least(c, 1, "min_rbg_per_slice")
-    bad += at_least(c, 0, "geometry_seed")
-    if c.initial_prbs is not None and not 0 < c.initial_prbs <= c.n_prb:
-        bad.append(Bad("initial_prbs", f"None or in [1, --n-prb ({c.n_prb})]"))
     return bad
 
 
@@ -56,7 +47,6 @@ def _reflexion(c: ReflexionConfig) -> list[Bad]:
 
 RULES: dict[type, Rule] = {
     ActorConfig: _actor,
-    EnvConfig: _env,
     LocalReflectorConfig: _local,
     RuleReflectorConfig: _rule,
     ReflexionConfig: _reflexion,

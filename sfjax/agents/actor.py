@@ -50,6 +50,12 @@ class ActorConfig:
     of prefilling it again every step (:mod:`sfjax.sampling.prefix`; single device only)."""
 
 
+PAPER_ACTOR = ActorConfig(
+    prompt=PromptConfig(history_window=5), max_new_tokens=192, free_budget=96
+)
+"""The paper presets' Actor (SF and Reflexion decode with this same budget)."""
+
+
 @dataclass(frozen=True)
 class ActorDecision:
     """One environment's decision at one step."""

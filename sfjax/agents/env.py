@@ -5,8 +5,10 @@ The LLM writes ``Action: <RBGs for the controlled slice>``; the env's discrete a
 ``rbgs - min_rbg_per_slice`` (both slices always keep ``min_rbg_per_slice`` RBGs), so the
 Actor's action range is ``[min_rbg_per_slice, min_rbg_per_slice + num_actions - 1]``. The
 feedback dict holds the paper's feedback vector (SE, violation, reconfiguration, arrival rate,
-queue increment, dropped bytes) plus the PRB count and delay statistics — never the reward:
-the eq. 15 utility is computed only for reporting, from the same feedback.
+queue increment, dropped bytes) plus the PRB count, delay statistics and which slice violated
+— never the reward: the eq. 15 utility is computed only for reporting, from the same feedback.
+With ``observe_other_slice`` (the default) the state also carries slice 1's arrivals, queue
+change and drops: under cell-wide violations the agent must see both slices' demand.
 
 All ``num_envs`` envs step in one jitted, vmapped call.
 
@@ -15,12 +17,14 @@ Shape legend: E = parallel envs.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from sfjax.envs.scenario import RanSlicingConfig
 
 FEEDBACK_INFO_KEYS = (
     "se",
@@ -33,44 +37,24 @@ FEEDBACK_INFO_KEYS = (
     "late_packets",
     "dropped_packets",
     "max_delay_ms",
+    "slice_violation",
+    "other_violation",
+    "other_arrival_rate_bps",
+    "other_queue_delta_bytes",
+    "other_dropped_bytes",
 )
 """``info`` keys copied into the feedback vector (the reward/utility is deliberately absent)."""
-
-
-@dataclass(frozen=True)
-class EnvConfig:
-    """The simulated RAN the agent controls (the JAX env; ns-3 users plug their own runner)."""
-
-    n_prb: int = 25
-    """Carrier bandwidth in PRBs (25 = 5 MHz)."""
-    min_rbg_per_slice: int = 1
-    """RBGs each slice keeps whatever the action."""
-    initial_prbs: int | None = None
-    """Allocation before the first decision (None: the middle action)."""
-    geometry_seed: int = 0
-    """Seed of the fixed UE drop."""
 
 
 class JaxRanRunner:
     """:class:`sfjax.agents.loop.EnvRunner` over ``RanSlicingEnv`` (vmapped over envs)."""
 
-    def __init__(self, cfg: EnvConfig, max_steps: int):
-        import dataclasses
-
+    def __init__(self, cfg: RanSlicingConfig, max_steps: int):
         from sfjax.envs import ran
-        from sfjax.envs.channel import CellConfig
 
-        cell = CellConfig()
-        if cfg.n_prb != cell.n_prb:
-            cell = dataclasses.replace(cell, n_prb=cfg.n_prb)
-        env_cfg = ran.RanSlicingConfig(
-            cell=cell,
-            min_rbg_per_slice=cfg.min_rbg_per_slice,
-            initial_prbs=cfg.initial_prbs,
-            geometry_seed=cfg.geometry_seed,
-            episode_steps=max(max_steps, 1),
-        )
+        env_cfg = dataclasses.replace(cfg, episode_steps=max(max_steps, 1))
         self.env = ran.RanSlicingEnv(env_cfg)
+        self.observe_other = env_cfg.observe_other_slice
         self.params = self.env.default_params
         self.min_rbg = env_cfg.min_rbg_per_slice
         self.action_lo = self.min_rbg
@@ -104,6 +88,11 @@ class JaxRanRunner:
                     "queue_delta_bytes": float(s.queue_delta_bytes_S[e, 0]),
                     "dropped_bytes": float(s.dropped_bytes_S[e, 0]),
                     "prbs": float(s.prbs[e]),
+                    **({
+                        "other_arrival_rate_bps": float(s.arrival_rate_bps_S[e, 1]),
+                        "other_queue_delta_bytes": float(s.queue_delta_bytes_S[e, 1]),
+                        "other_dropped_bytes": float(s.dropped_bytes_S[e, 1]),
+                    } if self.observe_other else {}),
                 }
             )
         return out

@@ -23,6 +23,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from sfjax.agents.objective_text import objective_compact, objective_lines
+from sfjax.envs.objective import Objective
+
 FieldOrder = Literal["reflection_first", "action_first"]
 
 ACTION_FIELD = "Action:"
@@ -30,6 +33,9 @@ ACTION_FIELD = "Action:"
 
 # Keys of the eq. 14 state and of the feedback vector, as the env's ``info`` dict names them.
 STATE_KEYS = ("prev_action", "se", "arrival_rate_bps", "queue_delta_bytes", "dropped_bytes")
+OTHER_STATE_KEYS = ("other_arrival_rate_bps", "other_queue_delta_bytes", "other_dropped_bytes")
+"""The other slice's demand (eq. 14 of slice 1); shown whenever the state carries it, which the
+env runners do by default: with cell-wide violations the agent must see both slices."""
 FEEDBACK_KEYS = (
     "se",
     "violation",
@@ -37,6 +43,8 @@ FEEDBACK_KEYS = (
     "arrival_rate_bps",
     "queue_delta_bytes",
     "dropped_bytes",
+    "slice_violation",
+    "other_violation",
 )
 
 
@@ -69,6 +77,9 @@ class PromptConfig:
     style: Literal["full", "compact"] = "full"
     """``full``: the task in detail; ``compact``: the same objectives in a few lines, for
     small-context models and fast CPU runs."""
+    objective: Objective = Objective()
+    """The scoring objective the prompt states in words (set from the env by
+    ``prompt_config_for_env``; Table III scores the same one)."""
 
     def __post_init__(self):
         if not 0 <= self.action_lo <= self.action_hi:
@@ -127,9 +138,8 @@ def system_prompt(cfg: PromptConfig) -> str:
     if cfg.style == "compact":
         return (
             f"You control a RAN slice: every 100 ms choose the {unit}s ({cfg.prbs_per_unit} PRBs "
-            "each) for slice 0; slice 1 gets the rest. Objectives: high spectral efficiency "
-            "(no more resources than needed), no QoS violations (late or dropped packets), few "
-            f"reconfigurations.\nAnswer in three lines:\n{fields}\n"
+            f"each) for slice 0; slice 1 gets the rest. {objective_compact(cfg.objective)}\n"
+            f"Answer in three lines:\n{fields}\n"
             f"The action is an integer from {lo} to {hi}."
         )
     return (
@@ -138,13 +148,7 @@ def system_prompt(cfg: PromptConfig) -> str:
         "slice (slice 0) gets; the remaining ones go to slice 1.\n"
         f"{cfg.slice_description}\n"
         "Your objectives, all at once:\n"
-        "1. Maximise the spectral efficiency (SE) of slice 0: do not give it more resources "
-        "than its traffic needs.\n"
-        "2. Avoid packet QoS violations: a packet of slice 0 that waits longer than its delay "
-        "budget, or is dropped, is a violation. Queue growth and dropped bytes are early "
-        "warnings.\n"
-        "3. Avoid needless reconfigurations: every change of the allocation costs signalling; "
-        "keep it unless a change is worth it.\n"
+        + "\n".join(objective_lines(cfg.objective)) + "\n"
         "Learn from the recent steps shown to you.\n"
         f"Answer with exactly three lines, in this order:\n{fields}\n"
         f"The action is an integer from {lo} to {hi}."
@@ -164,19 +168,34 @@ def format_state(state: Mapping[str, float], cfg: PromptConfig) -> str:
     missing = [k for k in STATE_KEYS if k not in state]
     if missing:
         raise KeyError(f"state is missing {missing}; expected keys {STATE_KEYS}")
-    return (
+    text = (
         f"allocation {int(state['prev_action'])} {cfg.action_unit}s, "
         f"SE {_FMT.se.format(float(state['se']))}, "
         f"arrivals {_FMT.mbps.format(float(state['arrival_rate_bps']) / 1e6)}, "
         f"queue change {_FMT.kbytes.format(float(state['queue_delta_bytes']) / 1e3)}, "
         f"dropped {_FMT.kbytes.format(float(state['dropped_bytes']) / 1e3)}"
     )
+    if all(k in state for k in OTHER_STATE_KEYS):
+        text += (
+            f"; slice 1: arrivals "
+            f"{_FMT.mbps.format(float(state['other_arrival_rate_bps']) / 1e6)}, queue change "
+            f"{_FMT.kbytes.format(float(state['other_queue_delta_bytes']) / 1e3)}, dropped "
+            f"{_FMT.kbytes.format(float(state['other_dropped_bytes']) / 1e3)}"
+        )
+    return text
 
 
 def format_feedback(feedback: Mapping[str, float]) -> str:
     """The feedback vector f_t of one step, in words."""
     parts = [f"SE {_FMT.se.format(float(feedback.get('se', 0.0)))}"]
-    parts.append("QoS violation" if feedback.get("violation", 0) else "no QoS violation")
+    if not feedback.get("violation", 0):
+        parts.append("no QoS violation")
+    elif "slice_violation" in feedback and "other_violation" in feedback:
+        where = [name for key, name in (("slice_violation", "slice 0"),
+                                        ("other_violation", "slice 1")) if feedback[key]]
+        parts.append(f"QoS violation ({' and '.join(where) or 'cell'})")
+    else:
+        parts.append("QoS violation")
     parts.append("reconfigured" if feedback.get("reconfiguration", 0) else "not reconfigured")
     parts.append(f"dropped {_FMT.kbytes.format(float(feedback.get('dropped_bytes', 0.0)) / 1e3)}")
     return ", ".join(parts)

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from sfjax import atomic
+from sfjax.metrics import UtilityWeights
 
 Label = Literal["effective", "suboptimal"]
 LABELS: tuple[str, ...] = ("effective", "suboptimal")
@@ -85,25 +86,9 @@ class Reflection:
         )
 
 
-@dataclass(frozen=True)
-class UtilityWeights:
-    """Eq. 15 weights (DESIGN.md): U = sum_t alpha*(SE_t + offset) - beta*c_t - gamma*v_t.
-
-    Used only to *report* results; the agent never sees it.
-    """
-
-    alpha: float = 15.0
-    """Weight of spectral efficiency."""
-    se_offset: float = 1.0
-    """Per-step offset added to SE (DESIGN.md's +15 per step with alpha = 15)."""
-    beta: float = 15.0
-    """Penalty per reconfiguration."""
-    gamma: float = 300.0
-    """Penalty per packet QoS violation."""
-
-
 def trajectory_metrics(traj: Trajectory, weights: UtilityWeights | None = None) -> dict:
-    """Avg. SE, reconfigurations, PQoS violations, eq. 15 utility and parse failures."""
+    """Avg. SE, reconfigurations, PQoS violations, eq. 15 utility and parse failures, from the
+    feedback vectors (``se`` and ``violation`` as the env scored them; reporting only)."""
     weights = weights or UtilityWeights()
     n = len(traj.steps)
     if n == 0:
@@ -112,9 +97,9 @@ def trajectory_metrics(traj: Trajectory, weights: UtilityWeights | None = None) 
     rec = [float(s.feedback["reconfiguration"]) for s in traj.steps]
     vio = [float(s.feedback["violation"]) for s in traj.steps]
     utility = (
-        weights.alpha * sum(x + weights.se_offset for x in se)
-        - weights.beta * sum(rec)
-        - weights.gamma * sum(vio)
+        weights.se_weight * sum(x + weights.se_offset for x in se)
+        - weights.reconfig_penalty * sum(rec)
+        - weights.violation_penalty * sum(vio)
     )
     return {
         "avg_se": sum(se) / n,

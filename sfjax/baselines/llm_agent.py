@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from sfjax.agents.prompts import FEEDBACK_KEYS, HistoryEntry, PromptConfig
+from sfjax.agents.prompts import FEEDBACK_KEYS, OTHER_STATE_KEYS, HistoryEntry, PromptConfig
 from sfjax.agents.trajectory import Step, Trajectory
 
 
@@ -32,14 +32,22 @@ def action_offset(env) -> int:
 
 
 def prompt_config_for_env(env, base: PromptConfig | None = None) -> PromptConfig:
-    """``base`` with the action range and PRBs per RBG of ``env``."""
+    """``base`` with the action range, PRBs per RBG, slice description and scoring objective
+    of ``env`` (so the prompt states the goal the env scores)."""
     base = base or PromptConfig()
     lo = action_offset(env)
     hi = lo + int(env.num_actions) - 1
     config = getattr(env, "config", None)
     rbg = getattr(getattr(config, "cell", None), "rbg_prbs", None)
     prbs_per_unit = int(max(rbg)) if rbg else base.prbs_per_unit
-    return dataclasses.replace(base, action_lo=lo, action_hi=hi, prbs_per_unit=prbs_per_unit)
+    extra = {}
+    if config is not None and hasattr(config, "objective"):
+        from sfjax.agents.objective_text import describe_slices
+
+        extra = {"objective": config.objective, "slice_description": describe_slices(config)}
+    return dataclasses.replace(
+        base, action_lo=lo, action_hi=hi, prbs_per_unit=prbs_per_unit, **extra
+    )
 
 
 def check_prompt_matches_env(prompt_cfg: PromptConfig, env) -> None:
@@ -63,13 +71,20 @@ def initial_state(env, obs: np.ndarray, prompt_cfg: PromptConfig) -> dict[str, f
 
     prbs = float(obs[0]) * config.cell.n_prb
     action = int(env.action_for_prbs(round(prbs))) + action_offset(env)
-    return {
+    state = {
         "prev_action": float(action),
         "se": float(obs[1]) * float(CQI_EFFICIENCY_K[-1]),
         "arrival_rate_bps": float(obs[2]) * float(config.ordered_slices[0].peak_rate_bps),
         "queue_delta_bytes": 0.0,
         "dropped_bytes": 0.0,
     }
+    if getattr(config, "observe_other_slice", False):
+        state.update({
+            "other_arrival_rate_bps": float(obs[6]) * float(config.ordered_slices[1].peak_rate_bps),
+            "other_queue_delta_bytes": 0.0,
+            "other_dropped_bytes": 0.0,
+        })  # fmt: skip
+    return state
 
 
 class LLMEnvAgent:
@@ -118,7 +133,8 @@ class LLMEnvAgent:
                 {"prev_action": float(a), "se": f.get("se", 0.0),
                  "arrival_rate_bps": f.get("arrival_rate_bps", 0.0),
                  "queue_delta_bytes": f.get("queue_delta_bytes", 0.0),
-                 "dropped_bytes": f.get("dropped_bytes", 0.0)}
+                 "dropped_bytes": f.get("dropped_bytes", 0.0),
+                 **{k: f[k] for k in OTHER_STATE_KEYS if k in f}}
                 for a, f in zip(prev, infos)
             ]  # fmt: skip
         k = self.prompt_cfg.history_window

@@ -23,8 +23,10 @@ import numpy as np
 
 from sfjax.baselines.evaluation import METRIC_LABELS, METRICS, EvalProtocol
 
-TABLE_ROWS = ("SF", "Reflexion", "DQN", "PPO", "SAC")
-"""Row order of Table III."""
+TABLE_ROWS = ("SF", "Reflexion", "DQN", "PPO", "SAC", "Best static", "Adaptive heuristic",
+              "Hindsight (beam search)")
+"""Row order of Table III: the paper's methods, then the reference rows
+(:mod:`sfjax.baselines.reference`)."""
 PAPER_TABLE3 = {
     "SF": (5.354, 21.091, 8.561, 25702.2),
     "Reflexion": (5.299, 29.454, 8.630, 25314.69),
@@ -77,6 +79,15 @@ def _fmt(mean: float, std: float, metric: str) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+HINDSIGHT_ROW = TABLE_ROWS[-1]
+"""Name of the hindsight reference row; other rows' utilities are also shown as % of it."""
+
+
+def _pct_of(value: float, bound: float) -> str:
+    """``value`` as a percentage of a positive ``bound`` (utilities can be negative)."""
+    return f"{100.0 * value / bound:.1f} %" if bound > 0 else "n/a"
+
+
 def format_table3(rows: Sequence[MethodResult], inputs: Table3Inputs) -> str:
     """Markdown text of Table III (rows in TABLE_ROWS order first, then any others)."""
     if not rows:
@@ -86,7 +97,10 @@ def format_table3(rows: Sequence[MethodResult], inputs: Table3Inputs) -> str:
         raise ValueError(f"duplicate rows in Table III: {names}")
     order = {n: i for i, n in enumerate(TABLE_ROWS)}
     rows = sorted(rows, key=lambda r: order.get(r.name, len(order)))
+    bound = next((r for r in rows if r.name == HINDSIGHT_ROW), None)
     header = ["Algorithm", *(METRIC_LABELS[m] for m in METRICS), "Train samples", "Eval samples"]
+    if bound is not None:
+        header.insert(1 + len(METRICS), "% of hindsight")
     lines = [
         f"# Table III (reproduced{', preset ' + inputs.preset if inputs.preset else ''})",
         "",
@@ -95,6 +109,8 @@ def format_table3(rows: Sequence[MethodResult], inputs: Table3Inputs) -> str:
     ]
     for r in rows:
         cells = [_fmt(*r.summary[m], m) for m in METRICS]
+        if bound is not None:
+            cells.append(_pct_of(r.summary["utility"][0], bound.summary["utility"][0]))
         lines.append(
             f"| {r.name} | " + " | ".join(cells) + f" | {r.train_samples:,} | {r.eval_samples:,} |"
         )

@@ -76,7 +76,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sfjax.envs.ran import SE_DEFINITIONS, RanSlicingConfig, RanSlicingEnv
+from sfjax.envs.ran import (
+    SE_DEFINITIONS,
+    VIOLATION_SCOPES,
+    Objective,
+    RanSlicingConfig,
+    RanSlicingEnv,
+)
 
 
 def static_sweep(env: RanSlicingEnv, n_episodes: int = 4, n_steps: int | None = None,
@@ -115,6 +121,7 @@ def static_sweep(env: RanSlicingEnv, n_episodes: int = 4, n_steps: int | None = 
         "reconfigurations": count("reconfiguration"),
         "utility": count("reward"),
         "other_violations": count("other_violation"),
+        "slice_violations": count("slice_violation"),
         "late_packets": count("late_packets"),
         "se_allocated": mean("se_allocated"),
         "link_se": mean("link_se"),
@@ -123,12 +130,14 @@ def static_sweep(env: RanSlicingEnv, n_episodes: int = 4, n_steps: int | None = 
     }
 
 
-_SWEEP_KEYS = ("se", "violation", "reconfiguration", "other_violation", "late_packets",
+_SWEEP_KEYS = ("se", "violation", "reconfiguration", "other_violation", "slice_violation",
+               "late_packets",
                "se_allocated", "link_se", "tb_fill", "utilization")
 
 
 def format_sweep(sweep: dict[str, np.ndarray]) -> str:
-    cols = ["prbs", "mean_se", "violations", "reconfigurations", "utility", "other_violations",
+    cols = ["prbs", "mean_se", "violations", "reconfigurations", "utility", "slice_violations",
+            "other_violations",
             "late_packets", "se_allocated", "link_se", "tb_fill", "utilization"]
     lines = [" ".join(f"{c[:12]:>12}" for c in cols)]
     for i in range(len(sweep["prbs"])):
@@ -150,13 +159,19 @@ def main() -> None:
     parser.add_argument("--max-distance-m", type=float, default=None)
     parser.add_argument("--data-re-fraction", type=float, default=None)
     parser.add_argument("--pipeline-delay-ms", type=float, default=None)
-    parser.add_argument("--se-definition", default="scheduled", choices=SE_DEFINITIONS)
+    parser.add_argument("--se-definition", default="allocated", choices=SE_DEFINITIONS)
+    parser.add_argument("--violation-scope", default="cell", choices=VIOLATION_SCOPES)
+    parser.add_argument("--onoff-start", default="off", choices=["off", "stationary"])
     parser.add_argument("--scheduler", default="pf_buffer_aware",
                         choices=["pf_buffer_aware", "pf_ns3"])
     parser.add_argument("--randomize-drop", action="store_true")
     args = parser.parse_args()
-    config = RanSlicingConfig(randomize_drop=args.randomize_drop,
-                              se_definition=args.se_definition, scheduler=args.scheduler)
+    config = RanSlicingConfig(
+        randomize_drop=args.randomize_drop, scheduler=args.scheduler,
+        objective=Objective(se_definition=args.se_definition,
+                            violation_scope=args.violation_scope),
+        onoff_start=args.onoff_start,
+    )
     if args.pipeline_delay_ms is not None:
         config = dataclasses.replace(config, pipeline_delay_ms=args.pipeline_delay_ms)
     cell = {}

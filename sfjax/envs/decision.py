@@ -177,8 +177,9 @@ def decision_step(cfg: RanSlicingConfig, ues: UeTables, key: jax.Array, state: E
     delivered_pkts_S = per_slice(acc["delivered_pkts"])
     max_delay_S = jnp.max(jnp.where(member_SU > 0, acc["max_delay"][None, :], 0.0), axis=1)
 
+    violation = violation_S.any() if cfg.violation_scope == "cell" else violation_S[0]
     # EnvParams carries the eq. 15 weights under UtilityWeights' names.
-    reward = metrics.step_utility(se_S[0], reconfiguration, violation_S[0], params)
+    reward = metrics.step_utility(se_S[0], reconfiguration, violation, params)
     new = new.replace(
         time=state.time + 1,
         prbs=prbs,
@@ -211,6 +212,8 @@ def decision_step(cfg: RanSlicingConfig, ues: UeTables, key: jax.Array, state: E
     info = {}
     for s, prefix in ((0, ""), (1, "other_")):
         info.update({prefix + k: v[s] for k, v in per_slice_info.items()})
+    info["slice_violation"] = info["violation"]
+    info["violation"] = violation
     info["reconfiguration"] = reconfiguration
     info["other_reconfiguration"] = reconfiguration
     info["utility"] = reward

@@ -136,6 +136,7 @@ def scenario_args(scenario) -> list[str]:
         f"--sectorDeg={2 * cell.sector_half_width_deg}",
         f"--antennaPeakGain={cell.antenna_max_gain_db}",
         f"--rlcBuffer={scenario.buffer_bytes}",
+        f"--onOffStart={scenario.onoff_start}",
         f"--stepMs={scenario.ttis_per_step}",
         f"--steps={scenario.episode_steps}",
     ]
@@ -440,7 +441,8 @@ class Ns3RanSlicingEnv(gym.Env):
 
     # ---------------------------------------------------------------------- feedback
     def utility(self, info: dict[str, float]) -> float:
-        """eq. 15 per step (``sfjax.metrics.step_utility``) of the controlled slice."""
+        """eq. 15 per step (``sfjax.metrics.step_utility``): the controlled slice's SE, and
+        eq. 2 over the packets ``violation_scope`` names (the cell by default)."""
         return float(
             step_utility(info["se"], info["reconfiguration"], info["violation"],
                          self.config.weights)
@@ -465,8 +467,12 @@ class Ns3RanSlicingEnv(gym.Env):
                         # ns-3 only: DL transport blocks, decoding failures, HARQ retx
                         "tbs", "tb_errors", "harq_retx"):
                 info[prefix + key] = int(raw[prefix + key])
-        info["violation"] = bool(info["violation"])
+        info["slice_violation"] = bool(info["violation"])
         info["other_violation"] = bool(info["other_violation"])
+        # eq. 2 under the scenario's violation_scope, as the JAX env's info["violation"]
+        info["violation"] = info["slice_violation"] or (
+            self.scenario.violation_scope == "cell" and info["other_violation"]
+        )
         info["reconfiguration"] = bool(info["reconfiguration"])
         info["other_reconfiguration"] = bool(info["other_reconfiguration"])
         info["ns3_reward"] = float(state.reward)

@@ -78,10 +78,10 @@ from sfjax.envs import buffers as fifo
 from sfjax.envs import channel, traffic
 from sfjax.envs.decision import decision_step
 from sfjax.envs.fading import prb_gain_traces, rbg_mean_gains
+from sfjax.envs.objective import SE_DEFINITIONS, VIOLATION_SCOPES, Objective
 from sfjax.envs.scenario import (
     GBR_SLICE,
     NON_GBR_SLICE,
-    SE_DEFINITIONS,
     TTI_S,
     RanSlicingConfig,
 )
@@ -98,7 +98,8 @@ from sfjax.envs.state import (
 )
 
 __all__ = [
-    "GBR_SLICE", "NON_GBR_SLICE", "SE_DEFINITIONS", "TTI_S", "EnvParams", "EnvState",
+    "GBR_SLICE", "NON_GBR_SLICE", "SE_DEFINITIONS", "TTI_S", "VIOLATION_SCOPES", "EnvParams",
+    "EnvState", "Objective",
     "RanSlicingConfig", "RanSlicingEnv", "action_for_prbs", "info_dict", "observation_dict",
     "prbs_for_action",
 ]
@@ -140,8 +141,13 @@ class RanSlicingEnv(environment.Environment):
         gains_NLR = np.concatenate(traces, axis=0)
         drop = channel.sample_drop(jax.random.key(cfg.geometry_seed), cfg.n_ues, cfg.cell)
         slice_U = self.ues.slice_U
+        w = cfg.objective.weights
         return EnvParams(
             max_steps_in_episode=cfg.episode_steps,
+            se_weight=w.se_weight,
+            se_offset=w.se_offset,
+            reconfig_penalty=w.reconfig_penalty,
+            violation_penalty=w.violation_penalty,
             initial_action=cfg.initial_action,
             prbs_per_action_A=jnp.asarray(cfg.prbs_per_action, jnp.int32),
             gains_db_NLR=jnp.asarray(10.0 * np.log10(np.maximum(gains_NLR, 1e-12)), jnp.float32),
@@ -193,6 +199,7 @@ class RanSlicingEnv(environment.Environment):
         snr_db_U = channel.mean_snr_db(*drop, cfg.cell)
         on_U, remaining_U, phase_U = traffic.init_onoff(
             k_traffic, ues.on_frac_U, ues.mean_on_ms_U, ues.mean_off_ms_U, ues.interval_ms_U,
+            start=cfg.onoff_start,
         )
         length = params.gains_db_NLR.shape[1]
         trace_U = params.trace_first_U + jax.random.randint(

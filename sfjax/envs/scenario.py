@@ -1,23 +1,17 @@
 """Static description of the RAN slicing scenario (DESIGN.md scenario table, paper section V-A).
 
 :class:`RanSlicingConfig` fixes everything that shapes the simulation (cell, the two slices,
-buffers, scheduler, the SE definition, decision length); the numbers an experiment tunes
+buffers, scheduler, the scoring objective, decision length); the numbers an experiment tunes
 without recompiling (eq. 15 weights, episode length, fading traces, the UE drop) are in
 :class:`sfjax.envs.state.EnvParams`. The ns-3 bridge (:mod:`sfjax.envs.ns3`) is driven by the
 same config, so both simulators describe one scenario.
 
-Spectral efficiency (``se_definition``). The paper's Table III reports SE 5.22-5.75 bit/s/Hz
-for every method, with utilities 11.7k-25.7k (e.g. SF: 15 x 300 x (5.354 + 1) - 15 x 21.091
-- 300 x 8.561 = 25702.2). Eq. 1 read literally (delivered bits over the *allocated* bandwidth)
-cannot get there with the paper's traffic: the GBR slice offers 5 Mb/s on average, so a
-static allocation that keeps violations rare has an eq. 1 SE of ~1.9 (see
-:mod:`sfjax.envs.calibration`). The paper's SE is therefore the efficiency *of the
-transmissions*: ``"scheduled"`` (default) divides the delivered bits, before the LTE
-control/reference-signal overhead (``cell.data_re_fraction``), by the bandwidth-time of the
-PRBs actually scheduled to a UE of the slice. A transport block full of data then counts the
-36.213 efficiency of the CQI it was sent with, weighted by its PRB-TTIs; padding (a block
-larger than the data it carries, as when a generous allocation serves every packet alone
-in a partly empty last RBG) lowers it. ``"allocated"`` is eq. 1 as printed (DESIGN.md).
+Scoring (:class:`~sfjax.envs.objective.Objective`, field ``objective``): eq. 1 SE as printed
+and violations over every packet of the cell by default; see :mod:`sfjax.envs.objective` for
+the readings and why. Fidelity defaults follow ns-3 where ns-3 and the paper agree or the paper
+is silent (:mod:`sfjax.envs.calibration`, benchmarks/RESULTS.md): UEs' on-off sources start in
+an OFF period as ns-3's OnOffApplication, ns-3's 4.5 ms delay floor, its TBS overhead; the
+radio parameters are the paper's Table II.
 
 Shape legend: none (configuration only).
 """
@@ -30,12 +24,13 @@ import numpy as np
 
 from sfjax.envs.channel import CellConfig
 from sfjax.envs.fading import FadingConfig
+from sfjax.envs.objective import Objective
 from sfjax.envs.traffic import SliceConfig
 
 TTI_S = 1e-3
 """LTE subframe (transmission time interval)."""
 
-SE_DEFINITIONS = ("scheduled", "allocated")
+
 
 GBR_SLICE = SliceConfig(
     name="gbr", n_ues=20, bit_rate_bps=0.5e6, delay_budget_ms=10.0,
@@ -74,12 +69,11 @@ class RanSlicingConfig:
     is covered) or "pf_ns3" (ns-3 PfFfMacScheduler verbatim; see :mod:`sfjax.envs.scheduler`)."""
     pf_window_tti: float = 99.0
     """Window of the PF average-throughput filter (ns-3 PfFfMacScheduler: 99)."""
-    se_definition: str = "scheduled"
-    """SE reported in ``info["se"]``, the observation and the eq. 15 reward: "scheduled"
-    (delivered bits before the data-RE overhead per scheduled PRB-TTI: the efficiency of the
-    transmissions, the paper's Table III range) or "allocated" (eq. 1 as printed: delivered
-    bits / (0.1 s x allocated bandwidth)). Both are always in ``info`` as ``se_scheduled`` and
-    ``se_allocated``. See the module docstring."""
+    objective: Objective = field(default_factory=Objective)
+    """What is scored (:mod:`sfjax.envs.objective`): SE definition (eq. 1), which packets eq. 2
+    counts, the eq. 15 weights. ``info["se"]``, ``info["violation"]`` and the reward follow it;
+    ``info`` also always carries ``se_scheduled``, ``se_allocated`` and the per-slice flags
+    ``slice_violation`` / ``other_violation``."""
     pipeline_delay_ms: float = 4.5
     """Fixed latency added to every packet's delay (S1-U backhaul, MAC/PHY processing) on top
     of queueing and the 1 ms TTI. 4.5 ms is ns-3's: an unsaturated slice's mean delay is
@@ -92,17 +86,20 @@ class RanSlicingConfig:
     drop (positions, LOS, shadowing) on every reset."""
     geometry_seed: int = 0
     """Seed of the fixed drop."""
-    observe_other_slice: bool = False
+    observe_other_slice: bool = True
     """Append the other slice's SE, arrival rate, queue delta and drops to the observation."""
+    onoff_start: str = "off"
+    """How each UE's on-off source starts: "off" (in an OFF period of Exp(mean off) duration,
+    as ns-3's OnOffApplication does) or "stationary" (ON with probability on / (on + off))."""
 
     def __post_init__(self):
         if self.scheduler not in ("pf_buffer_aware", "pf_ns3"):
             raise ValueError(
                 f"scheduler must be 'pf_buffer_aware' or 'pf_ns3', got {self.scheduler!r}"
             )
-        if self.se_definition not in SE_DEFINITIONS:
+        if self.onoff_start not in ("off", "stationary"):
             raise ValueError(
-                f"se_definition must be one of {SE_DEFINITIONS}, got {self.se_definition!r}"
+                f"onoff_start must be 'off' or 'stationary', got {self.onoff_start!r}"
             )
         if len(self.slices) != 2:
             raise ValueError(f"exactly two slices are supported, got {len(self.slices)}")
@@ -120,6 +117,14 @@ class RanSlicingConfig:
         for s in self.slices:
             if self.buffer_bytes < s.packet_bytes:
                 raise ValueError(f"buffer_bytes must hold at least one packet of {s.name!r}")
+
+    @property
+    def se_definition(self) -> str:
+        return self.objective.se_definition
+
+    @property
+    def violation_scope(self) -> str:
+        return self.objective.violation_scope
 
     @property
     def ordered_slices(self) -> tuple[SliceConfig, SliceConfig]:

@@ -7,8 +7,10 @@ packet is frozen while OFF and resumes when the UE turns ON again. Period bounda
 resolved on the 1 ms TTI grid (a duration is consumed in whole TTIs; the sub-millisecond rest
 carries over to the next period), packet times are kept exactly.
 
-At reset every UE starts in its stationary state: ON with probability ``on / (on + off)``, with
-an exponential residual duration (memoryless) and a uniform phase of its packet clock.
+At reset every UE starts either in an OFF period of Exp(mean off) duration, as ns-3's
+``OnOffApplication`` does (``start="off"``, the scenario default), or in its stationary state
+(``start="stationary"``): ON with probability ``on / (on + off)``, with an exponential residual
+duration (memoryless). Either way the packet clock starts at a uniform phase.
 
 Shape legend: U = UEs, K = packets one UE can emit in one TTI.
 """
@@ -76,11 +78,20 @@ class SliceConfig:
         return self.n_ues * self.bit_rate_bps
 
 
-def init_onoff(key: jax.Array, on_frac_U, mean_on_ms_U, mean_off_ms_U, interval_ms_U):
-    """Stationary start: ``(on_U, remaining_ms_U, phase_ms_U)``."""
+ONOFF_STARTS = ("off", "stationary")
+
+
+def init_onoff(key: jax.Array, on_frac_U, mean_on_ms_U, mean_off_ms_U, interval_ms_U,
+               start: str = "stationary"):
+    """Initial on-off state ``(on_U, remaining_ms_U, phase_ms_U)`` (module docstring)."""
+    if start not in ONOFF_STARTS:
+        raise ValueError(f"start must be one of {ONOFF_STARTS}, got {start!r}")
     k_on, k_rem, k_ph = jax.random.split(key, 3)
     n = on_frac_U.shape[0]
-    on_U = jax.random.uniform(k_on, (n,)) < on_frac_U
+    if start == "off":
+        on_U = jnp.zeros((n,), bool)
+    else:
+        on_U = jax.random.uniform(k_on, (n,)) < on_frac_U
     remaining_ms_U = jax.random.exponential(k_rem, (n,)) * jnp.where(
         on_U, mean_on_ms_U, mean_off_ms_U
     )

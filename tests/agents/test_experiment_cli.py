@@ -30,7 +30,7 @@ def _table3(capsys, *args):
     "args,line",
     [
         (["--sf.run-dir", "elsewhere"], "--sf.run-dir 'elsewhere': must be left unset"),
-        (["--sf.env.n-prb", "50"], "--sf.env.n-prb 50: must be left unset"),
+        (["--sf.env.cell.n-prb", "50"], "--sf.env.cell.n-prb 50: must be left unset"),
         (["--reflexion.eval-seed", "3"], "--reflexion.eval-seed 3: must be left unset"),
         (["--sf.loop.keep-checkpoints", "1"], "--sf.loop.keep-checkpoints 1: must be >= 2"),
     ],

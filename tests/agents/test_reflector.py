@@ -3,6 +3,7 @@ fake OpenAI-compatible server on loopback that injects 429s, 500s, timeouts and 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -29,11 +30,12 @@ from sfjax.agents.reflector import (
 )
 from sfjax.agents.reflectors.base import trajectory_summary, windows
 from sfjax.agents.trajectory import Step, Trajectory
+from sfjax.envs.objective import Objective
 
 PCFG = PromptConfig(action_lo=1, action_hi=13)
 
 
-def _step(t, action, prev, *, violation=0, dropped=0.0, arrival=4e6, se=5.0):
+def _step(t, action, prev, *, violation=0, dropped=0.0, arrival=4e6, se=5.0, other=None):
     fb = {
         "se": se,
         "violation": float(violation),
@@ -42,6 +44,10 @@ def _step(t, action, prev, *, violation=0, dropped=0.0, arrival=4e6, se=5.0):
         "queue_delta_bytes": 0.0,
         "dropped_bytes": dropped,
     }
+    if other is not None:  # per-slice flags (the env's feedback): violation = cell-wide
+        fb["slice_violation"] = float(violation)
+        fb["other_violation"] = float(other)
+        fb["violation"] = float(violation or other)
     state = {
         "prev_action": prev,
         "se": 5.0,
@@ -72,7 +78,7 @@ def test_rule_labeller_constructed_cases():
         _step(2, 6, 5, arrival=6e6),  # increase after a violation -> not needless; over? no
         _step(3, 4, 6, arrival=5e6),  # decrease, clean -> effective (nothing smaller & safe)
         _step(4, 6, 4, arrival=5e6),  # increase, previous clean, demand flat -> keep 4
-        _step(5, 13, 6, dropped=100.0, arrival=9e6),  # drops at max -> suboptimal, stays 13
+        _step(5, 13, 6, dropped=100.0, arrival=9e6),  # drops at max: nothing larger exists
     ]
     traj = Trajectory(0, 0, steps)
     refl = make_reflector(ReflectorConfig(backend="rule"), PCFG).reflect([traj])[0]
@@ -83,12 +89,54 @@ def test_rule_labeller_constructed_cases():
         ("effective", 6),
         ("effective", 4),
         ("suboptimal", 4),
-        ("suboptimal", 13),
+        ("effective", 13),
     ]
+    assert "largest allocation" in refl.labels[5].reason
     # named as such everywhere
     assert refl.backend == RULE_BACKEND_NAME
     assert RULE_BACKEND_NAME in refl.summary
     assert all("rule-based hindsight labeller" in x.reason for x in refl.labels)
+
+
+def test_rule_labeller_follows_the_cell_wide_objective():
+    steps = [
+        _step(0, 6, 6, violation=0, other=1),  # slice 1 starved -> give slice 0 less
+        _step(1, 1, 6, violation=0, other=1),  # ... but 1 is the smallest action
+        _step(2, 6, 1, violation=1, other=1),  # both violated: no better split is known
+        _step(3, 6, 6, violation=1, other=0),  # slice 0 violated -> more
+    ]
+    traj = Trajectory(0, 0, steps)
+    got = [(x.label, x.improved_action)
+           for x in make_reflector(ReflectorConfig(backend="rule"), PCFG).reflect([traj])[0].labels]
+    assert got == [("suboptimal", 5), ("effective", 1), ("effective", 6), ("suboptimal", 7)]
+    # with controlled-slice violations only, slice 1's violation is no fault of the action
+    ctrl = dataclasses.replace(PCFG, objective=Objective(violation_scope="controlled"))
+    steps[0] = _step(0, 6, 6, violation=0, other=0)
+    steps[0].feedback["other_violation"] = 1.0  # reported, but not scored
+    labels = make_reflector(ReflectorConfig(backend="rule"), ctrl).reflect([traj])[0].labels
+    assert (labels[0].label, labels[0].improved_action) == ("effective", 6)
+
+
+def test_rule_labels_are_consistent_on_random_trajectories():
+    # a suboptimal label always names a different action: never the same completion as
+    # undesirable (base set) and desirable (rollout) for one prompt
+    rng = random.Random(0)
+    for seed in range(20):
+        steps, prev = [], 7
+        for t in range(30):
+            a = rng.randint(1, 13)
+            steps.append(_step(t, a, prev, violation=rng.random() < 0.3,
+                               other=rng.random() < 0.3, arrival=rng.uniform(1e6, 8e6),
+                               dropped=rng.choice([0.0, 0.0, 512.0])))
+            prev = a
+        for refl in make_reflector(ReflectorConfig(backend="rule"), PCFG).reflect(
+                [Trajectory(0, seed, steps)]):
+            for x, s in zip(refl.labels, steps):
+                assert PCFG.action_lo <= x.improved_action <= PCFG.action_hi
+                if x.label == "suboptimal":
+                    assert x.improved_action != s.action
+                else:
+                    assert x.improved_action == s.action
 
 
 def test_rule_labeller_up_step_and_bounds():
@@ -107,6 +155,14 @@ def _reply(steps, actions):
             for s, a in zip(steps, actions)
         ]
     )
+
+
+def test_validate_reply_sets_effective_actions_to_the_action_taken():
+    data = json.loads(_reply([3, 4], [5, 6]))
+    data[0]["improved_action"] = 9  # "effective, but 9 would be better" is contradictory
+    data[1].update(label="suboptimal", improved_action=4)
+    labels = validate_reply(json.dumps(data), [3, 4], [5, 6], PCFG)
+    assert [(x.label, x.improved_action) for x in labels] == [("effective", 5), ("suboptimal", 4)]
 
 
 def test_validate_reply_accepts_variants():
@@ -136,6 +192,7 @@ def test_validate_reply_accepts_variants():
         (lambda d: [{**d[0], "improved_action": True}, d[1]], "integer"),
         (lambda d: [{k: v for k, v in d[0].items() if k != "label"}, d[1]], "lacks"),
         (lambda d: [1, 2], "not an object"),
+        (lambda d: [{**d[0], "label": "suboptimal"}, d[1]], "is the action taken"),
         (lambda d: {"x": 1}, "JSON list"),
     ],
 )

@@ -266,6 +266,7 @@ def test_real_mismatch_names_keys_and_resume_keeps_the_runs_values(tmp_path, cap
     resume, used = mod._prepare_run_dir(dataclasses.replace(other, resume=True), tmp_path / "r")
     assert resume and used.loop.seed == 0 and used.rfr.tau == 0.5 and used.resume
     assert used.kto == cfg.kto and used.kto.buckets == cfg.kto.buckets  # tuples stay tuples
+    assert used.env == cfg.env  # nested dataclasses in tuples (the slices) too
     assert "with its own values for: loop.seed" in caplog.text
     assert (tmp_path / "r" / "checkpoints" / "3").exists()  # nothing deleted
 

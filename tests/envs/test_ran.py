@@ -11,7 +11,7 @@ from sfjax import metrics
 from sfjax.envs import ran
 from sfjax.envs.channel import CellConfig
 from sfjax.envs.fading import FadingConfig
-from sfjax.envs.ran import RanSlicingConfig, RanSlicingEnv
+from sfjax.envs.ran import Objective, RanSlicingConfig, RanSlicingEnv
 from sfjax.envs.traffic import SliceConfig
 
 FAST_FADING = FadingConfig(duration_ms=1000, n_traces=2)
@@ -29,6 +29,11 @@ TINY = RanSlicingConfig(
     episode_steps=6,
     buffer_bytes=2048,  # 4 packets: starving the slice overflows it within a step
     pipeline_delay_ms=5.0,
+    # the mechanics tests below pin the scheduled SE, controlled-slice violations, the 5-value
+    # observation and a stationary traffic start; the defaults have their own tests
+    objective=Objective(se_definition="scheduled", violation_scope="controlled"),
+    observe_other_slice=False,
+    onoff_start="stationary",
 )
 REQUIRED = ("se", "violation", "reconfiguration", "arrival_rate_bps", "queue_delta_bytes",
             "dropped_bytes")
@@ -183,6 +188,55 @@ def test_drops_alone_count_as_violation(tiny):
     assert float(info["other_max_delay_ms"]) < 50.0
 
 
+def test_cell_scope_counts_the_other_slice():
+    # the drop case above under the default objective (violations over the whole cell): the
+    # other slice's drops make the step a violation and cost the eq. 15 penalty
+    for scope, expect in (("cell", True), ("controlled", False)):
+        env = RanSlicingEnv(dataclasses.replace(
+            TINY, objective=Objective(se_definition="scheduled", violation_scope=scope)))
+        params, key = env.default_params, jax.random.key(5)
+        state = _quiet_state(jax.jit(env.reset), params, key, env.config.n_ues)
+        n, q = env.config.n_ues, env.config.buffer_packets
+        other = jnp.arange(n) >= TINY.slices[0].n_ues
+        buf = state.buffers.replace(
+            arrival_ms_UQ=jnp.full((n, q), -1.0, jnp.float32),
+            count_U=jnp.where(other, q, 0).astype(jnp.int32),
+        )
+        state = state.replace(buffers=buf, on_U=other)
+        _, _, r, _, info = env.step(key, state, env.num_actions - 1, params)
+        assert bool(info["other_violation"]) and not bool(info["slice_violation"])
+        assert bool(info["violation"]) is expect
+        penalty = 300.0 if expect else 0.0
+        reconf = 15.0 * float(info["reconfiguration"])
+        assert float(r) == pytest.approx(15 * (float(info["se"]) + 1) - reconf - penalty,
+                                         rel=1e-5)
+
+
+def test_defaults_objective_observation_and_off_start():
+    cfg = RanSlicingConfig()
+    assert cfg.objective == Objective("allocated", "cell")
+    assert cfg.se_definition == "allocated" and cfg.violation_scope == "cell"
+    assert cfg.observe_other_slice and cfg.onoff_start == "off"
+    env = RanSlicingEnv(dataclasses.replace(TINY, objective=Objective(), observe_other_slice=True,
+                                            onoff_start="off"))
+    obs, state = env.reset(jax.random.key(0), env.default_params)
+    assert obs.shape == (9,) and env.observation_space(env.default_params).contains(obs)
+    # ns-3's OnOffApplication starts silent: every UE in an OFF period, nothing offered
+    assert not bool(jnp.any(state.on_U)) and float(jnp.sum(state.arrival_rate_bps_S)) == 0.0
+    assert float(jnp.min(state.remaining_ms_U)) > 0
+    stat = RanSlicingEnv(dataclasses.replace(TINY, onoff_start="stationary"))
+    ons = [bool(jnp.any(stat.reset(jax.random.key(k), stat.default_params)[1].on_U))
+           for k in range(4)]
+    assert any(ons)
+    # eq. 15 weights flow from the objective into the traced params
+    w = metrics.UtilityWeights(se_weight=2.0, se_offset=0.0, reconfig_penalty=3.0,
+                               violation_penalty=7.0)
+    p = RanSlicingEnv(dataclasses.replace(TINY, objective=Objective(weights=w))).default_params
+    assert (p.se_weight, p.se_offset, p.reconfig_penalty, p.violation_penalty) == (2, 0, 3, 7)
+    with pytest.raises(ValueError, match="onoff_start"):
+        RanSlicingConfig(onoff_start="on")
+
+
 def test_determinism_by_key(tiny):
     env, params, step, reset = tiny
     a = _rollout(step, reset, params, jax.random.key(7), [1, 4, 2])
@@ -280,7 +334,7 @@ def test_quiet_step_carries_the_scheduled_se(tiny):
 
 def test_allocated_se_definition_and_ns3_rbg_count():
     cfg = dataclasses.replace(
-        TINY, se_definition="allocated",
+        TINY, objective=Objective(se_definition="allocated", violation_scope="controlled"),
         cell=dataclasses.replace(TINY.cell, rbg_count="ns3"),  # 7 RBGs of 2 PRB, PRB 15 unused
     )
     assert cfg.cell.rbg_prbs == (2,) * 7 and cfg.cell.schedulable_prbs == 14
@@ -298,6 +352,8 @@ def test_allocated_se_definition_and_ns3_rbg_count():
     expect = metrics.step_utility(info["se"], info["reconfiguration"], info["violation"])
     assert float(r) == pytest.approx(float(expect), rel=1e-6)
     with pytest.raises(ValueError, match="se_definition"):
-        RanSlicingConfig(se_definition="goodput")
+        Objective(se_definition="goodput")
+    with pytest.raises(ValueError, match="violation_scope"):
+        Objective(violation_scope="slice0")
     with pytest.raises(ValueError, match="rbg_count"):
         CellConfig(rbg_count="floor")

@@ -20,6 +20,7 @@ from typing import Protocol
 
 import jax
 
+from sfjax.agents.objective_text import objective_lines
 from sfjax.agents.prompts import PromptConfig, format_feedback, format_state
 from sfjax.agents.trajectory import LABELS, Reflection, StepLabel, Trajectory
 
@@ -82,9 +83,8 @@ def reflection_system_prompt(cfg: PromptConfig) -> str:
         f"{cfg.action_unit}s ({cfg.prbs_per_unit} PRBs each, from {cfg.action_lo} to "
         f"{cfg.action_hi}) the controlled slice 0 gets; the rest went to slice 1.\n"
         f"{cfg.slice_description}\n"
-        "Its objectives: maximise slice 0's spectral efficiency (no more resources than its "
-        "traffic needs), avoid packet QoS violations (delay budget exceeded or packets dropped), "
-        "and avoid needless reconfigurations (changes of the allocation).\n"
+        "Its objectives (exactly how the agent is judged):\n"
+        + "\n".join(objective_lines(cfg.objective)) + "\n"
         "You see the whole trajectory in hindsight. For EVERY step shown, judge the action "
         "taken at that step by its consequences (the feedback of that step and of the steps "
         'after it): label it "effective" or "suboptimal", and give the action that would '
@@ -174,7 +174,9 @@ def validate_reply(
 
     Accepts a JSON list (or ``{"labels": [...]}``), possibly in a code fence or after a
     ``<think>`` block. Requires exactly one object per step, labels in {effective,
-    suboptimal}, integer improved actions in range. Raises :class:`ReplyError` otherwise.
+    suboptimal}, integer improved actions in range, and a suboptimal step's improved action
+    different from the action taken (an effective step's is set to the action taken). Raises
+    :class:`ReplyError` otherwise.
     """
     data = _extract_json(text)
     if isinstance(data, dict):
@@ -202,6 +204,13 @@ def validate_reply(
             raise ReplyError(
                 f"step {step}: improved_action {a} outside [{cfg.action_lo}, {cfg.action_hi}]"
             )
+        if label == "suboptimal" and a == taken[step]:
+            raise ReplyError(
+                f"step {step}: labelled suboptimal but improved_action {a} is the action taken; "
+                "a suboptimal step needs a different, better action (or label it effective)"
+            )
+        if label == "effective":
+            a = taken[step]  # an effective step's a*_t is the action taken (eq. 7)
         out[step] = StepLabel(step, label, a, str(item.get("reason", ""))[:500])
     absent = [s for s in steps if s not in out]
     if absent:
