@@ -36,7 +36,7 @@ def _counting(n: int):
     return on_phase_end
 
 
-def main(run_dir: str, url: str, kill: str, envs: int = 2, steps: int = 8, context: int = 1000):
+def main(run_dir: str, url: str, kill: str, envs: int = 2, steps: int = 8, context: int = 1300):
     import numpy as np
     from test_loop import PCFG, FakeActor, FakeEnv, FakeFineTuner
 

@@ -3,11 +3,12 @@ windowing with a whole-trajectory summary, and strict validation of the reply.
 
 A Reflector reads complete trajectories after they end and returns, for every step, a label in
 {effective, suboptimal} and an improved action a*_t (eq. 7: a*_t = Reflector(H, s_t)); for an
-effective step a*_t is the action taken. LLM backends see a trajectory in windows of
-``window_steps`` steps that fit the model's context; each window's request carries a short
-summary of the whole trajectory, so local judgements keep the global view. A reply must be a
-JSON list of ``{"step", "label", "improved_action", "reason"}`` covering exactly the window's
-steps; anything else raises :class:`ReplyError`, whose message is sent back to the model on the
+effective step a*_t is the action taken. LLM backends see the whole trajectory in one request
+when it fits the model's context (the api backend), else in windows that fit (the local backend:
+``window_steps``); each window's request carries a short summary of the whole trajectory, so
+local judgements keep the global view. A reply must be a JSON list of ``{"step", "label",
+"improved_action", "reason"}`` covering exactly the window's steps; anything else raises
+:class:`ReplyError`, whose message is sent back to the model on the
 retry — a malformed reply is never accepted.
 """
 
