@@ -114,7 +114,7 @@ def test_api_fault_mix_at_30_percent_leaves_the_fault_free_result(tmp_path, caps
     from fake_openai import ALL_FAULTS, NON_COMPLETION_200
 
     monkeypatch.setenv("SFJAX_FAULT_KEY", "sk-fault-test")
-    size = {"envs": 4, "steps": 16, "context": 1300}
+    size = {"envs": 4, "steps": 16, "context": 1250}
     with FakeOpenAI(fault_rate=0.0, seed=5, hang_s=0.7) as server:
         fault_driver.main(str(tmp_path / "clean"), server.url, "none", **size)
         server.counts.clear()
