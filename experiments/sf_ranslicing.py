@@ -346,6 +346,10 @@ def tiny_actor(path: Path, seed: int) -> Path:
     complete = all(
         any(path.glob(pattern)) for pattern in ("config.json", "*.safetensors", "tokenizer*")
     )
+    try:
+        complete = complete and bool(atomic.read_json(path / "config.json"))
+    except atomic.DamagedFile:
+        complete = False
     if not complete:
         if path.exists():
             logging.getLogger(__name__).warning("rebuilding the incomplete tiny Actor in %s", path)
@@ -474,8 +478,8 @@ def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> d
         parallel.on_main_process(tiny_actor, ckpt, cfg.model.tiny_seed)  # one writer
     elif cfg.model.checkpoint:
         ckpt = cfg.model.checkpoint
-        if (Path(ckpt) / "config.json").exists():
-            atomic.read_json(Path(ckpt) / "config.json", "the Actor checkpoint's config")
+    if (Path(ckpt) / "config.json").exists():  # a local checkpoint: name a damaged config
+        atomic.read_json(Path(ckpt) / "config.json", "the Actor checkpoint's config")
     # action range, slices and the scoring objective in words, all from the env
     prompt_cfg = prompt_config_for_env(env.env, cfg.actor.prompt)
     actor_cfg = dataclasses.replace(cfg.actor, prompt=prompt_cfg)
