@@ -268,12 +268,18 @@ _FIELD_RE = {
     for name in ("reflection", "action", "analysis")
 }
 _THINK_RE = re.compile(r"<think>.*?(?:</think>|\Z)", re.DOTALL)
-# The action field's first line: one integer (optionally signed, optionally with a zero
-# fraction), markdown decoration and the unit around it, and nothing that would make it another
-# number: "7/2", "5e3", "0x5", "5-7", "1,5" fail at the character after the digits, and a
-# second number anywhere on the line ("5 or 6", "1 000") is refused by the caller.
+# The action field's value: one integer (optionally signed, optionally with a zero fraction)
+# with markdown decoration around it. "7/2", "5e3", "0x5", "5-7", "1,5" fail at the character
+# after the digits; an alternative or a digit group right after it ("5 or 6", "5 to 6",
+# "5, 6", "1 000") is refused by _ALTERNATIVE_RE; later words with numbers ("7 RBGs (14 PRBs)")
+# are prose.
 _INT_RE = re.compile(
     r"[*_`\[\( \t]*+([+-]?\d{1,6}+)(?:\.0++)?(?=$|[\s*_`\])]|[.,;:!?](?!\d))(.*)", re.DOTALL
+)
+_ALTERNATIVE_RE = re.compile(
+    r"[*_`\])]*+[ \t(\[]*+(?:(?:or|and|to|vs\.?|versus)\b|[-–—/|,;~]|\.\.)[ \t*_`(\[]*+[+-]?\d"
+    r"|[ \t]\d{3}(?!\d)",
+    re.IGNORECASE,
 )
 
 
@@ -282,9 +288,9 @@ def parse_output(text: str, cfg: PromptConfig) -> ParsedOutput:
 
     Rules: ``<think>`` blocks are ignored; field headers are case-insensitive and may carry
     markdown decoration; the action must be exactly one integer in ``[action_lo, action_hi]``
-    right after its header (``Action: 7``, ``**Action:** 7 RBGs``) and no other number on its
-    line; two different action values or a value that is not one plain integer (``7/2``,
-    ``5e3``, ``0x5``, ``5 or 6``, ``1 000``) are errors, never guessed. Linear in the text. Missing reflection/analysis fields are
+    right after its header (``Action: 7``, ``**Action:** 7 RBGs``); two different action values
+    or a value that is not one plain integer (``7/2``, ``5e3``, ``0x5``, ``5 or 6``, ``5, 6``,
+    ``1 000``) are errors, never guessed. Linear in the text. Missing reflection/analysis fields are
     tolerated (empty strings) — they carry no control decision.
     """
     body = _THINK_RE.sub("", text)
@@ -305,7 +311,7 @@ def parse_output(text: str, cfg: PromptConfig) -> ParsedOutput:
     for raw in values["action"]:
         line = raw.split("\n", 1)[0]
         m = _INT_RE.match(line)
-        if m is None or any(c.isdigit() for c in m.group(2)):
+        if m is None or _ALTERNATIVE_RE.match(m.group(2)):
             return ParsedOutput(
                 reflection, None, analysis, f"action value is not an integer: {line[:40]!r}"
             )

@@ -183,7 +183,8 @@ def test_parser_random_garbage_never_crashes():
 
 
 @pytest.mark.parametrize(
-    "value", ["7/2", "5e3", "5 or 6", "1 000", "0x5", "5, or 6", "7 (or 8)", "3+1", "4:3"]
+    "value",
+    ["7/2", "5e3", "5 or 6", "1 000", "0x5", "5, 6", "5 to 6", "**5** or 6", "3+1", "4:3", "5..6", "7 (or 8)"],
 )
 def test_parser_never_guesses_a_number(value):
     """Issue 21 item 8: these were read as their first digits (7/2 -> 7, 0x5 -> 0, ...)."""
@@ -209,3 +210,9 @@ def test_parser_runs_in_linear_time(text):
     t0 = time.perf_counter()
     P.parse_output(text, CFG)
     assert time.perf_counter() - t0 < 0.5
+
+
+@pytest.mark.parametrize("text", ["Action: 7 RBGs (14 PRBs)", "Action: 7\tkeep 2 slices", "Action: 7 x9"])
+def test_parser_reads_prose_after_the_action(text):
+    """Words after the value, numbers among them, are prose, not another action."""
+    assert P.parse_output(text, CFG).action == 7
