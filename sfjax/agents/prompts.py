@@ -1,10 +1,14 @@
 """The Actor's prompt (paper IV-A/IV-B, R-MDP) and a robust parser for its output.
 
-The Actor sees, in words, the task and its three objectives (maximise the controlled slice's
-spectral efficiency, avoid packet QoS violations, avoid needless reconfigurations) — never a
-scalar reward — followed by the current state of eq. 14,
+The Actor sees, in words, the task and its three objectives (the controlled slice's spectral
+efficiency, packet QoS violations, reconfigurations), generated from the same scoring objective
+the env and Table III use (``PromptConfig.objective``, :mod:`sfjax.agents.objective_text`) —
+never a scalar reward — followed by the current state of eq. 14,
 
     s_t = (a_{t-1}, SE_t, arrival throughput_t, queue increment_t, dropped bytes_t),
+
+with slice 1's arrivals, queue change and drops appended when the state carries them (the env
+runners do by default: under cell-wide violations the agent must see both slices),
 
 and a window of the last ``k`` R-MDP steps (state, reflection, action, analysis, feedback). It
 answers with three fields: a reflection ``rho_t`` on the previous step, ``Action: <int>`` and a
