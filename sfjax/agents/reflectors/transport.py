@@ -16,7 +16,9 @@ import openai
 
 
 class RetryingClient(openai.OpenAI):
-    """openai's client with a configurable backoff (see the module docstring for why)."""
+    """openai's client with a configurable backoff: openai fixes it at 0.5 s doubling to 8 s
+    (module constants), so the one method that computes the delay is overridden; its retry loop,
+    error classification and ``Retry-After`` parsing are openai's."""
 
     def __init__(self, *, backoff_base_s: float, backoff_max_s: float, **kw):
         super().__init__(**kw)
