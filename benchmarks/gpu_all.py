@@ -1,43 +1,48 @@
-"""Run every GPU benchmark in one device call: a time budget, one output bundle, progress.
+"""Run the GPU benchmarks in one device call of <= 7 minutes, compile included.
 
-A lent H200 gives a session 30 minutes of device time and 10 minutes per command, the machine's
-start included; this runner spends it in priority order and never loses what already ran:
+A lent H200 gives a session 15 minutes of device time, its 1-2 minute start included, and at
+most 10 minutes per command (GPU.md); the first run finished none of its jobs (compile times).
+This runner spends one call in priority order and never loses what already ran:
 
 * a preflight (seconds) records versions and devices and imports the project; if that fails
   the runner stops at once (every job would fail the same way);
 * each job is one ``benchmarks/gpu_*.py`` run in its own process (a crash or an out-of-memory
   error ends that job only and frees the GPU for the next), with its own time cap, cut to what
   the budget has left; a job that would not get ``--min-job-s`` seconds is skipped, not started;
-* progress goes to stdout line by line (``[  73.1s] decode ...``) with every child's output
-  prefixed, and everything is also written to ``--log``;
-* every job writes its JSON under ``--out-dir`` — the scripts write partial records as they go
-  (after each batch size / format), so a job stopped at its cap still leaves its finished
-  rows — and ``--bundle`` gathers all records and each job's status (ok / failed / timeout /
-  skipped, wall time, return code, the tail of its output) into ONE JSON file;
-* XLA's persistent compilation cache is shared by the jobs (``SFJAX_JAX_CACHE``), so programs
-  that two jobs share compile once.
+* the model is ``scan_layers`` (one compiled layer for prefill and training; decode unrolled)
+  with random weights drawn by one small jitted draw per distinct shape
+  (:func:`gpu_common.random_model`), and XLA's persistent compilation cache is shared by the
+  jobs (``SFJAX_JAX_CACHE``), so programs that two jobs share compile once;
+* progress goes to stdout line by line (``[  73.1s] decode | ...``), each figure printed by the
+  job the moment it is measured, and everything is also written to ``--log``;
+* every job writes its JSON under ``--out-dir`` (default ``$OUT/gpu_jobs`` when ``$OUT`` is
+  set) — the scripts rewrite partial records as they go (after each batch size / format), so a
+  job stopped at its cap still leaves its finished rows — and ``--bundle`` (default
+  ``$OUT/gpu_all.json``) gathers all records and each job's status (ok / failed / timeout /
+  skipped, wall time, return code, the tail of its output) into ONE JSON file.
 
-Jobs, in the default order (a < 1 min attention-kernel probe, the issue's four measurements
-with ``--attention auto`` = cuDNN on GPU where it applies, then the plain-attention baselines
-for the ratio)::
+Default jobs, in order (the issue's: decode first, then the Actor, then training)::
 
-    attention         gpu_attention.py         kernels alone; which shapes cuDNN accepts
-    decode            gpu_decode.py            batches 1, 8, 64, 256
-    latency           gpu_decision_latency.py  both field orders
-    kto               gpu_kto_step.py          batch 8 x 1024 (retries with --remat on OOM)
-    rfr               gpu_rfr_rollouts.py      64 prompts x K = 8, RfR's memory-bounded calls
-    decode_plain      gpu_decode.py --attention plain --no-torch
-    latency_plain     gpu_decision_latency.py --attention plain --no-torch
-    kto_plain         gpu_kto_step.py --attention plain --no-torch
-    rfr_plain         gpu_rfr_rollouts.py --attention plain --no-torch
+    decode   gpu_decode.py             batches 1, 8, 64; torch generate at 1 and 8
+    latency  gpu_decision_latency.py   action-first SF prompt, prefix cache (the Actor's path)
+    kto      gpu_kto_step.py           batch 8 x 1024 next to torch + PEFT
 
-Usage (on the device machine; ``$OUT`` returns at most 8 files, so per-job files stay in
-``--out-dir`` and only the bundle and the log go to ``$OUT``)::
+More on request (``--only``): attention, rfr, decode_full (batch 256, reflection-first, model-
+level prefix probe), and the ``*_plain`` attention baselines.
 
-    PYTHONUNBUFFERED=1 python3 benchmarks/gpu_all.py --budget-s 500 \\
-        --bundle $OUT/gpu_all.json --log $OUT/gpu_all.log
-    python3 benchmarks/gpu_all.py --only decode_plain,latency_plain --budget-s 500 ...
-    python3 benchmarks/gpu_all.py --tiny --budget-s 120      # CPU smoke run of the runner
+``--dry-run`` (any machine) prints each job's predicted compile and run time: compile = the
+ahead-of-time CPU compile seconds of its programs from bench_compile's JSON
+(``--compile-json``) times ``--gpu-compile-factor`` (:data:`GPU_COMPILE_FACTOR`, calibrated on
+the one program timed on both machines); run = the roofline floor of what it computes at the
+HBM bandwidth and matmul rate measured on the H200 (a lower bound), the torch references at
+their measured figures where known.
+
+Usage (on the device machine)::
+
+    PYTHONUNBUFFERED=1 python3 benchmarks/gpu_all.py --budget-s 400
+    python3 benchmarks/gpu_all.py --dry-run                 # predictions, no device needed
+    python3 benchmarks/gpu_all.py --only rfr,attention --budget-s 300
+    python3 benchmarks/gpu_all.py --tiny --budget-s 120     # CPU smoke run of the runner
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ from dataclasses import dataclass
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+if HERE not in sys.path:  # gpu_common for --dry-run
+    sys.path.insert(0, HERE)
 
 
 @dataclass(frozen=True)
@@ -68,26 +75,59 @@ class Job:
     """Extra command-line arguments."""
     cap_s: float
     """Most seconds this job may take at full size (cut to the remaining budget)."""
+    default: bool = True
+    """Part of the default run (else only with ``--only``)."""
+    programs: tuple[tuple[str, int], ...] = ()
+    """(bench_compile program, how many distinct compiles of it) — for ``--dry-run``."""
 
 
 JOBS = (
-    Job("attention", "gpu_attention.py", (), 90),
-    Job("decode", "gpu_decode.py", ("--attention", "auto"), 240),
-    Job("latency", "gpu_decision_latency.py", ("--attention", "auto"), 180),
-    Job("kto", "gpu_kto_step.py", ("--attention", "auto"), 180),
-    Job("rfr", "gpu_rfr_rollouts.py", ("--attention", "auto"), 200),
-    Job("decode_plain", "gpu_decode.py", ("--attention", "plain", "--no-torch"), 200),
-    Job("latency_plain", "gpu_decision_latency.py", ("--attention", "plain", "--no-torch"), 150),
-    Job("kto_plain", "gpu_kto_step.py", ("--attention", "plain", "--no-torch"), 150),
-    Job("rfr_plain", "gpu_rfr_rollouts.py", ("--attention", "plain", "--no-torch"), 150),
+    Job("decode", "gpu_decode.py", ("--batches", "1,8,64", "--torch-batches", "1,8"), 170,
+        programs=(("decode", 3), ("prefill", 3))),
+    Job("latency", "gpu_decision_latency.py", ("--formats", "action_first", "--actor-only"), 90,
+        programs=(("decode", 1), ("prefill", 1))),
+    Job("kto", "gpu_kto_step.py", (), 140, programs=(("kto_step", 1),)),
+    Job("attention", "gpu_attention.py", (), 90, default=False),
+    Job("rfr", "gpu_rfr_rollouts.py", (), 200, default=False, programs=(("rfr", 2),)),
+    Job("decode_full", "gpu_decode.py", ("--batches", "256"), 200, default=False,
+        programs=(("decode", 1), ("prefill", 1))),
+    Job("latency_full", "gpu_decision_latency.py", (), 180, default=False,
+        programs=(("decode", 2), ("prefill", 2))),
+    Job("decode_plain", "gpu_decode.py", ("--attention", "plain", "--no-torch"), 200, False,
+        (("decode", 3), ("prefill", 3))),
+    Job("kto_plain", "gpu_kto_step.py", ("--attention", "plain", "--no-torch"), 150, False,
+        (("kto_step", 1),)),
 )
+DEFAULT_BUDGET_S = 400.0
+"""The jobs' wall-clock budget: with the preflight and the interpreter starts, one call of
+<= 7 minutes (GPU.md: 15 device minutes per session, 1-2 of them to start the machine)."""
+COMPILE_JSON = os.path.join(HERE, "bench_compile_cpu.json")
+"""bench_compile's measured CPU compile times (``--dry-run``'s source)."""
+H200_MEASURED_HBM = 3.27e12
+"""Bytes/s measured on the lent H200 (GPU.md: 2 GiB bf16 elementwise read + write)."""
+H200_MEASURED_FLOPS = 640e12
+"""bf16 matmul FLOP/s measured on the lent H200 (GPU.md: 8192^3)."""
+GPU_COMPILE_FACTOR = 0.15
+"""H200 compile seconds per second of bench_compile's CPU figure, from the one model program
+measured on both: the unrolled sampler program at batch 1 compiled *and ran* in 37 s on the
+H200 (GPU.md), 250 s ahead of time on the shared CPU (bench_compile_cpu.json, load 5-10): <=
+0.15. (The random init's ratio was 2: XLA:GPU compiles many small RNG ops slowly; that init is
+now one small program per shape.) An upper-bound guess until a GPU run measures more pairs."""
+TORCH_KTO_STEP_S = 1.34
+"""torch + PEFT KTO step, Qwen3-4B, 8 x 1024, measured on the H200 (GPU.md)."""
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--budget-s", type=float, default=500.0,
+    p.add_argument("--dry-run", action="store_true",
+                   help="print each job's predicted compile and run time, run nothing")
+    p.add_argument("--compile-json", default=COMPILE_JSON,
+                   help="bench_compile.py's JSON record (--dry-run)")
+    p.add_argument("--gpu-compile-factor", type=float, default=GPU_COMPILE_FACTOR,
+                   help="H200 compile time / this CPU's AOT compile time (--dry-run)")
+    p.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
                    help="wall-clock budget for the jobs, after the preflight (a few seconds); "
-                        "one device command may run 600 s")
+                        "default: one device call of <= 7 minutes")
     p.add_argument("--min-job-s", type=float, default=45.0,
                    help="do not start a job with less than this left")
     p.add_argument("--only", default=None, help="comma-separated job names to run, in order")
@@ -104,7 +144,8 @@ def parse_args(argv=None):
 
 def select(args) -> list[Job]:
     by_name = {j.name: j for j in JOBS}
-    names = [n for n in (args.only.split(",") if args.only else by_name) if n]
+    defaults = [j.name for j in JOBS if j.default]
+    names = [n for n in (args.only.split(",") if args.only else defaults) if n]
     unknown = [n for n in names + [s for s in args.skip.split(",") if s] if n not in by_name]
     if unknown:
         raise SystemExit(f"unknown job(s) {unknown}; choose from {list(by_name)}")
@@ -214,6 +255,83 @@ def run_job(job: Job, out_json: str, timeout_s: float, args, tee: Tee) -> dict:
             "command": cmd[1:], "output_tail": tail[-25:], "record": record}
 
 
+# ------------------------------------------------------------------------------ dry run
+def predicted_run_s(job: Job, tiny: bool = False) -> float:
+    """Roofline floor (seconds) of what ``job`` computes at its default sizes, at the HBM
+    bandwidth and matmul rate measured on the H200, plus the torch references it runs (their
+    measured time where known, else their floor). A lower bound: overheads are not in it."""
+    import gpu_common as gc
+
+    config = gc.model_config(tiny)
+    roof = gc.Roofline(H200_MEASURED_HBM, H200_MEASURED_FLOPS, "measured on the H200 (GPU.md)")
+
+    def prefill_s(B, T):
+        flops = gc.forward_flops(config, B * T, B * gc.prefill_attended_keys(1, T), B)
+        return flops / roof.matmul_flops_per_s
+
+    def decode_s(B, prompt, new):
+        return sum(gc.decode_floor_s(config, B, prompt + t, roof) for t in range(new))
+
+    script = job.script
+    if script == "gpu_decode.py":
+        batches = [int(b) for b in job.args[job.args.index("--batches") + 1].split(",")] if (
+            "--batches" in job.args) else [1, 8, 64, 256]
+        torch_b = [int(b) for b in job.args[job.args.index("--torch-batches") + 1].split(",")] if (
+            "--torch-batches" in job.args) else ([] if "--no-torch" in job.args else batches)
+        total = 0.0
+        for B in batches:  # sampler: (new + h tokens) x (iters + warm-up), model-only steps
+            one = prefill_s(B, 128) + decode_s(B, 128, 256) + decode_s(B, 128, 129)
+            total += 4 * one + 20 * gc.decode_floor_s(config, B, 256, roof)
+            if B in torch_b:
+                total += 4 * one
+        return total
+    if script == "gpu_decision_latency.py":  # 10 decisions of ~2,500 prompt tokens
+        formats = 1 if "--formats" in job.args else 2
+        per = prefill_s(1, 2560) + decode_s(1, 2560, 8)
+        return formats * (30 * per if "--actor-only" in job.args else 60 * per)
+    if script == "gpu_kto_step.py":  # 1 + 1 + 5 steps each side
+        import gpu_kto_step
+
+        flops = gpu_kto_step.step_flops(config, 8, 768, 256)["step_flops"]
+        ours = 7 * flops / roof.matmul_flops_per_s
+        return ours + (0.0 if "--no-torch" in job.args else 7 * TORCH_KTO_STEP_S)
+    if script == "gpu_rfr_rollouts.py":
+        return 8 * (prefill_s(8, 2560) + decode_s(64, 2560, 192))
+    return 30.0  # the attention probe: kernels alone
+
+
+def dry_run(jobs: list[Job], args) -> dict:
+    """Each job's predicted compile (CPU AOT x factor) and run time (floor), against its cap and
+    the budget; printed as a table, returned as a dict."""
+    try:
+        with open(args.compile_json) as f:
+            programs = json.load(f)["programs"]
+    except FileNotFoundError:
+        raise SystemExit(f"{args.compile_json} not found: run benchmarks/bench_compile.py "
+                         f"--out {args.compile_json} first (or pass --compile-json)") from None
+    mode = "scanned" if "--unrolled" not in args.extra else "unrolled"
+    out, total = {}, 0.0
+    print(f"{'job':13s} {'compile s':>10s} {'run s (floor)':>14s} {'sum':>8s} {'cap':>6s}")
+    for job in jobs:
+        cpu = 0.0
+        for name, count in job.programs:
+            rec = programs.get(name, {}).get(mode) or programs.get(name, {}).get("unrolled")
+            cpu += count * (rec["total_s"] if rec else 0.0)
+        compile_s = cpu * args.gpu_compile_factor
+        run_s = predicted_run_s(job, args.tiny)
+        total += compile_s + run_s
+        out[job.name] = {"compile_s": round(compile_s, 1), "run_floor_s": round(run_s, 1),
+                         "cap_s": job.cap_s, "fits_cap": compile_s + run_s <= job.cap_s}
+        flag = "" if compile_s + run_s <= job.cap_s else "  OVER CAP"
+        print(f"{job.name:13s} {compile_s:10.1f} {run_s:14.1f} {compile_s + run_s:8.1f} "
+              f"{job.cap_s:6.0f}{flag}", flush=True)
+    fits = total <= args.budget_s
+    print(f"total predicted {total:.0f} s of a {args.budget_s:.0f} s budget"
+          f"{'' if fits else ' -- OVER BUDGET'} ({mode} layers; compile = CPU AOT x "
+          f"{args.gpu_compile_factor})", flush=True)
+    return {"jobs": out, "total_s": round(total, 1), "fits_budget": fits, "mode": mode}
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     jobs = select(args)
@@ -221,9 +339,17 @@ def main(argv=None) -> dict:
         for j in jobs:
             print(f"{j.name:15s} {j.script} {' '.join(j.args)} (cap {j.cap_s:.0f} s)")
         return {}
+    if args.dry_run:
+        return dry_run(jobs, args)
+    env_out = os.environ.get("OUT")  # the device machine's folder that comes back
+    if env_out and args.bundle is None:
+        args.bundle = os.path.join(env_out, "gpu_all.json")
+    if env_out and args.log is None:
+        args.log = os.path.join(env_out, "gpu_all.log")
     t0 = time.monotonic()
     tee = Tee(args.log, t0)
-    out_dir = args.out_dir or os.path.join("/tmp", f"sfjax_gpu_{os.getpid()}")
+    out_dir = args.out_dir or (os.path.join(env_out, "gpu_jobs") if env_out else
+                               os.path.join("/tmp", f"sfjax_gpu_{os.getpid()}"))
     os.makedirs(out_dir, exist_ok=True)
     os.environ.setdefault("SFJAX_JAX_CACHE", os.path.join("/tmp", "sfjax_jax_cache"))
     bundle = {"budget_s": args.budget_s, "tiny": args.tiny, "out_dir": out_dir,

@@ -47,9 +47,13 @@ def parse_args(argv=None):
     p.add_argument("--batches", default=None, help="comma-separated batch sizes (1,8,64,256)")
     p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (128)")
     p.add_argument("--new-tokens", type=int, default=None, help="generated tokens (256)")
+    p.add_argument("--torch-batches", default=None,
+                   help="batch sizes that also run torch generate (default: all)")
     args = p.parse_args(argv)
     args.batches = [int(b) for b in (args.batches or ("2" if args.tiny else "1,8,64,256"))
                     .split(",")]
+    args.torch_batches = (args.batches if args.torch_batches is None
+                          else [int(b) for b in args.torch_batches.split(",") if b])
     args.prompt_len = args.prompt_len or (16 if args.tiny else 128)
     args.new_tokens = args.new_tokens or (6 if args.tiny else 256)
     args.iters = args.iters or (1 if args.tiny else 3)
@@ -226,7 +230,11 @@ def main(argv=None) -> dict | None:
         row["floor_spec_h200"] = floors(config, B, args, gc.SPEC_H200)
         got = row["sfjax_sampler"].get("decode_tokens_per_s", float("nan"))
         row["sampler_fraction_of_floor"] = gc.ratio(got, row["floor_measured"]["decode_tokens_per_s"])
-        if tmodel is not None:
+        gc.progress(f"B={B}: sampler {got:.1f} tok/s, floor "
+                    f"{row['floor_measured']['decode_tokens_per_s']:.1f} tok/s "
+                    f"({100 * row['sampler_fraction_of_floor']:.0f} %)")
+        gc.emit_partial(args, "gpu_decode", record() | {"rows": rows + [row]})
+        if tmodel is not None and B in args.torch_batches:
             gc.progress(f"B={B}: torch generate")
             row["torch"] = gc.reference(args, torch_generate, tmodel, prompts, args, device)
             if "error" not in row["torch"] and "error" not in row["sfjax_sampler"]:
@@ -235,11 +243,11 @@ def main(argv=None) -> dict | None:
                 row["sfjax_over_torch_prefill"] = gc.ratio(
                     row["sfjax_sampler"]["prefill_tokens_per_s"],
                     row["torch"]["prefill_tokens_per_s"])
+            if "sfjax_over_torch_decode" in row:
+                gc.progress(f"B={B}: torch {row['torch']['decode_tokens_per_s']:.1f} tok/s; "
+                            f"sfjax / torch {row['sfjax_over_torch_decode']:.2f}x")
         rows.append(row)
         gc.emit_partial(args, "gpu_decode", record())
-        gc.progress(f"B={B}: sampler {got:.1f} tok/s, floor "
-                    f"{row['floor_measured']['decode_tokens_per_s']:.1f} tok/s "
-                    f"({100 * row['sampler_fraction_of_floor']:.0f} %)")
     return gc.emit(args, "gpu_decode", record())
 
 

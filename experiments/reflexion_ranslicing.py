@@ -23,7 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
-import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import cli_common  # noqa: E402
 
 from sfjax.agents.actor import PAPER_ACTOR, ActorConfig
 from sfjax.agents.prompts import PromptConfig
@@ -89,9 +92,13 @@ def actor_checkpoint(checkpoint: str, run_dir: Path) -> str:
     """The checkpoint to load; writes a tiny random Qwen3 under ``run_dir`` when empty."""
     if checkpoint:
         return checkpoint
-    from sfjax import testing
+    from sfjax import atomic, testing
 
-    return str(testing.write_tiny_checkpoint(run_dir / "tiny_actor", seed=0))
+    path = run_dir / "tiny_actor"
+    if not path.exists():  # swapped in whole: a kill mid-write leaves none
+        with atomic.replace_dir(path) as tmp:
+            testing.write_tiny_checkpoint(tmp, seed=0)
+    return str(path)
 
 
 def run(cfg: Config, env: RanSlicingEnv, writer=None) -> tuple[MethodResult, dict]:
@@ -166,4 +173,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.extras.overridable_config_cli(PRESETS, args=sys.argv[1:]))
+    cli_common.run_cli(main, cli_common.run_cli(cli_common.parse, PRESETS, sys.argv[1:], __doc__))

@@ -18,7 +18,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import tyro
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import cli_common  # noqa: E402
 
 from sfjax.baselines import rl
 from sfjax.baselines.evaluation import EvalProtocol
@@ -106,8 +108,8 @@ def main(cfg: Config, preset: str = "") -> dict:
 
 def cli(argv: list[str] | None = None) -> Config:
     """Pick a preset (``smoke`` / ``paper``) and override any field from the command line."""
-    return tyro.extras.overridable_config_cli(PRESETS, args=argv)
+    return cli_common.run_cli(cli_common.parse, PRESETS, argv, __doc__)
 
 
 if __name__ == "__main__":
-    main(cli(sys.argv[1:]), preset=preset_of(sys.argv[1:], PRESETS))
+    cli_common.run_cli(main, cli(sys.argv[1:]), preset_of(sys.argv[1:], PRESETS))

@@ -1,9 +1,11 @@
-"""Self-finetuning LLM agent for RAN slicing (paper Algorithms 1-2), end to end.
+r"""Self-finetuning LLM agent for RAN slicing (paper Algorithms 1-2), end to end.
 
     python experiments/sf_ranslicing.py smoke --run-dir runs/demo
     python experiments/sf_ranslicing.py paper --run-dir runs/paper \
         --model.checkpoint /path/to/Qwen3-4B            # DEEPSEEK_API_KEY in the environment
     python experiments/sf_ranslicing.py smoke --run-dir runs/demo --resume   # after a kill
+    python experiments/sf_ranslicing.py paper --run-dir runs/paper --resume \
+        --reflector.api.max-retries 20 --reflector.api.timeout-s 900     # after an API failure
     python experiments/sf_ranslicing.py {smoke,paper} --help                 # every option
 
 Presets:
@@ -20,10 +22,17 @@ Writes to the run dir: ``config.json``, ``trajectories/``, ``reflections/``, ``d
 ``checkpoints/`` (orbax, one per phase), ``tb/`` (TensorBoard: ``train/*`` KTO metrics under
 TRL's tags, ``kto_iter/*`` per KTO iteration, ``env/*`` per trajectory, ``rfr/*`` dataset
 statistics), ``adapter/`` (final LoRA as a PEFT adapter), ``summary.json`` and the final table
-on stdout.
+on stdout. Every file is written atomically; a damaged newest checkpoint falls back to the one
+before it.
 
-Several hosts: ``python -m sfjax.parallel --distributed [mesh options] -- experiments/
-sf_ranslicing.py paper --run-dir /shared/runs/paper ...`` on every host. RUN_DIR must be on a
+RUN_DIR's identity is the configuration that changes results. Paths, logging, progress and the
+API's retry / timeout / concurrency options may differ on a rerun; any other difference is
+refused with the keys named, and ``--resume`` then continues the run with its own values for
+them (nothing is deleted).
+
+Several hosts: on every host,
+``python -m sfjax.parallel --distributed [mesh options] -- experiments/sf_ranslicing.py paper
+--run-dir /shared/runs/paper ...``. RUN_DIR must be on a
 filesystem all hosts mount (checked at start); process 0 writes every file but the orbax
 checkpoints, which all processes write together, and queries the Reflector API.
 """
@@ -41,13 +50,19 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import tyro  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import cli_common  # noqa: E402
+from cli_common import RunDirTaken  # noqa: E402
+
+from sfjax import atomic  # noqa: E402
 from sfjax.agents.actor import PAPER_ACTOR, ActorConfig  # noqa: E402
 from sfjax.agents.loop import LoopConfig  # noqa: E402
 from sfjax.agents.prompts import PromptConfig  # noqa: E402
 from sfjax.agents.reflector import ApiReflectorConfig, ReflectorConfig  # noqa: E402
 from sfjax.agents.rfr import RfRConfig  # noqa: E402
+from sfjax.config_rules import RULES  # noqa: E402
+from sfjax.configcheck import Bad, ConfigError, at_least, check_config, option  # noqa: E402
 from sfjax.console import configure_logging  # noqa: E402
 from sfjax.envs.scenario import RanSlicingConfig  # noqa: E402
 from sfjax.models.lora import LoRAConfig  # noqa: E402
@@ -66,6 +81,15 @@ class ModelConfig:
     """Seed of the tiny checkpoint's random weights."""
     dtype: str = "bfloat16"
     """Base weight dtype: bfloat16 or float32 (LoRA params stay float32)."""
+    scan_layers: bool = False
+    """Stack the decoder layers and run them as one ``lax.scan`` (prefill, reference log-probs,
+    KTO step): 5-20x faster compiles at Qwen3-4B (benchmarks/RESULTS.md), same results."""
+
+    def invalid(self) -> list[Bad]:
+        bad = [] if self.dtype in ("bfloat16", "float32") else [Bad("dtype", "bfloat16 or float32")]
+        if not self.tiny and not self.checkpoint:
+            bad.append(Bad("checkpoint", "a checkpoint path or hub id (or use --model.tiny)"))
+        return bad
 
 
 @dataclass(frozen=True)
@@ -80,6 +104,12 @@ class HeldOutConfig:
     """Decisions per held-out trajectory."""
     sampling_seed: int = 1
     """Seed of the Actor's sampling during the evaluation (the same before and after)."""
+
+    def invalid(self) -> list[Bad]:
+        bad = at_least(self, 1, "num_steps") + at_least(self, 0, "sampling_seed")
+        if any(s < 0 for s in self.seeds):
+            bad.append(Bad("seeds", "seeds >= 0"))
+        return bad
 
 
 @dataclass(frozen=True)
@@ -113,6 +143,12 @@ class ExperimentConfig:
     log_level: str = "INFO"
     """Python logging level."""
 
+    def invalid(self) -> list[Bad]:
+        if not self.run_dir:
+            return [Bad("run_dir", "a directory")]
+        levels = ("DEBUG", "INFO", "WARNING", "ERROR")
+        return [] if self.log_level.upper() in levels else [Bad("log_level", " or ".join(levels))]
+
 
 SMOKE = ExperimentConfig(
     run_dir="runs/demo",
@@ -144,7 +180,7 @@ SMOKE = ExperimentConfig(
 
 PAPER = ExperimentConfig(
     run_dir="runs/paper",
-    model=ModelConfig(checkpoint="Qwen/Qwen3-4B", dtype="bfloat16"),
+    model=ModelConfig(checkpoint="Qwen/Qwen3-4B", dtype="bfloat16", scan_layers=True),
     lora=LoRAConfig(rank=16, alpha=32.0),
     kto=KTOConfig(
         learning_rate=5e-5,
@@ -152,6 +188,8 @@ PAPER = ExperimentConfig(
         epochs=2,
         max_prompt_length=2048,
         max_completion_length=256,
+        # without remat the step needs ~173 GB at these shapes (bench_compile: 32 GB with it)
+        remat=True,
     ),
     actor=PAPER_ACTOR,
     reflector=ReflectorConfig(backend="api", api=ApiReflectorConfig()),
@@ -175,43 +213,155 @@ def _dtype(name: str):
     return table[name]
 
 
-def _changed_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
-    """Dotted names of the config entries that differ between two JSON dicts."""
+OPERATIONAL = (
+    "run_dir",
+    "resume",
+    "log_level",
+    "kto.progress",
+    "kto.log_every",
+    "reflector.api.api_key_env",
+    "reflector.api.max_concurrency",
+    "reflector.api.timeout_s",
+    "reflector.api.max_retries",
+    "reflector.api.backoff_base_s",
+    "reflector.api.backoff_max_s",
+    "reflector.api.max_format_retries",
+)
+"""Options that may change between runs in one RUN_DIR: they do not change results."""
+
+
+def _as_json(cfg) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def identity(cfg_json: dict, operational=OPERATIONAL) -> dict:
+    """The part of a config (as JSON) that changes results: all but ``operational``."""
+    out = json.loads(json.dumps(cfg_json))
+    for dotted in operational:
+        *parents, leaf = dotted.split(".")
+        d = out
+        for p in parents:
+            d = d.get(p, {}) if isinstance(d, dict) else {}
+        if isinstance(d, dict):
+            d.pop(leaf, None)
+    return out
+
+
+def _changed(a: dict, b: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, value in a, value in b) for every entry that differs."""
     out = []
     for k in sorted(set(a) | set(b)):
         x, y = a.get(k), b.get(k)
         if isinstance(x, dict) and isinstance(y, dict):
-            out += _changed_keys(x, y, f"{prefix}{k}.")
+            out += _changed(x, y, f"{prefix}{k}.")
         elif x != y:
-            out.append(f"{prefix}{k}")
+            out.append((f"{prefix}{k}", x, y))
     return out
 
 
-def _prepare_run_dir(cfg: ExperimentConfig, run_dir: Path) -> bool:
-    """Check RUN_DIR against ``cfg`` and write ``config.json``; returns whether to resume."""
+def with_values(cfg, values: dict):
+    """``cfg`` with the JSON ``values`` (nested dicts) put back into its dataclass fields."""
+    changes = {}
+    for f in dataclasses.fields(cfg):
+        if f.name not in values:
+            continue
+        cur, new = getattr(cfg, f.name), values[f.name]
+        if dataclasses.is_dataclass(cur) and isinstance(new, dict):
+            changes[f.name] = with_values(cur, new)
+        elif isinstance(cur, tuple) and isinstance(new, list):
+            changes[f.name] = tuple(_item(cur, i, v) for i, v in enumerate(new))
+        elif isinstance(cur, Path):
+            changes[f.name] = Path(new)
+        else:
+            changes[f.name] = new
+    return dataclasses.replace(cfg, **changes)
+
+
+def _item(cur: tuple, i: int, v):
+    """Element ``i`` of a JSON list, typed like the current tuple's elements."""
+    like = cur[min(i, len(cur) - 1)] if cur else None
+    if dataclasses.is_dataclass(like) and isinstance(v, dict):
+        return with_values(like, v)
+    return tuple(v) if isinstance(v, list) else v
+
+
+def _prepare_run_dir(cfg, run_dir: Path, operational=OPERATIONAL, what: str = "run"):
+    """Check RUN_DIR against ``cfg`` and write ``config.json``; returns (resume?, cfg to run).
+
+    A run dir holding a run with the same identity is continued (``make demo`` twice). One with
+    another identity is refused, naming the keys; with ``--resume`` that run is continued with
+    its own values for them (a warning lists them). Nothing is ever deleted.
+    """
     saved = run_dir / "config.json"
-    as_json = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
-    as_json.pop("resume", None)
-    has_run = (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir())
-    before = json.loads(saved.read_text()) if saved.exists() else None
-    if before is not None:
-        before.pop("resume", None)
+    ckpts = run_dir / "checkpoints"
+    has_run = ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir())
+    mine = identity(_as_json(cfg), operational)
+    before = None
+    if saved.exists():
+        try:
+            before = identity(atomic.read_json(saved, "the run's config"), operational)
+        except atomic.DamagedFile as e:
+            if has_run and not cfg.resume:
+                raise atomic.DamagedFile(
+                    f"{e}; pass --resume to continue the run in {run_dir} with the options "
+                    "given now (config.json is rewritten), or choose a new --run-dir"
+                ) from None
     resume = cfg.resume
-    if has_run and before != as_json:
-        changed = _changed_keys(before or {}, as_json)
-        raise FileExistsError(
-            f"{run_dir} holds a run with a different config ({saved}; differs in: "
-            f"{', '.join(changed[:8]) or 'everything'}{' ...' if len(changed) > 8 else ''}). "
-            "Resume it with the same preset and options, or start a new run elsewhere "
-            "(--run-dir DIR; for `make demo`: `make demo RUN_DIR=runs/demo2`, or delete the old "
-            "run directory). A changed default after an update counts as a different config."
+    if has_run and before is not None and before != mine:
+        diff = _changed(before, mine)
+        names = ", ".join(f"{k} ({a!r} in the run, {b!r} now)" for k, a, b in diff[:6])
+        names += f" and {len(diff) - 6} more" if len(diff) > 6 else ""
+        if not cfg.resume:
+            raise RunDirTaken(
+                f"{run_dir} holds a {what} with another config: {names}. Add --resume to "
+                f"continue it with its own values, or choose a new --run-dir"
+            )
+        logging.getLogger(__name__).warning(
+            "resuming the %s in %s with its own values for: %s", what, run_dir, names
         )
+        cfg = with_values(cfg, before)
     if has_run and not resume:
         # Same config: continue (or, if complete, just report) — `make demo` is idempotent.
         logging.getLogger(__name__).info("continuing the run in %s (same config)", run_dir)
         resume = True
-    saved.write_text(json.dumps(as_json, indent=2))
-    return resume
+    atomic.write_json(saved, _as_json(cfg), indent=2)
+    return resume, cfg
+
+
+def check_action_range(cfg: ExperimentConfig, lo: int, hi: int) -> None:
+    """The Actor's action range is the env's; a different value on the CLI is refused (the
+    PromptConfig default means "from the env")."""
+    default, given = PromptConfig(), cfg.actor.prompt
+    bad = [
+        f"{option('actor.prompt.' + name)} {v}: must be left unset; the action range comes "
+        f"from the env: [{lo}, {hi}] with --env.cell.n-prb {cfg.env.cell.n_prb}"
+        for name, v, d, env_v in (("action_lo", given.action_lo, default.action_lo, lo),
+                                  ("action_hi", given.action_hi, default.action_hi, hi))
+        if v not in (d, env_v)
+    ]  # fmt: skip
+    if bad:
+        raise ConfigError("\n".join(bad))
+
+
+def tiny_actor(path: Path, seed: int) -> Path:
+    """The smoke preset's tiny random Actor at ``path``, written whole (temporary directory,
+    then rename) unless a complete one is there: config, weights and tokenizer. A partial one
+    (an older version wrote config.json first and checked only it) is rebuilt."""
+    from sfjax.testing import write_tiny_checkpoint
+
+    complete = all(
+        any(path.glob(pattern)) for pattern in ("config.json", "*.safetensors", "tokenizer*")
+    )
+    try:
+        complete = complete and bool(atomic.read_json(path / "config.json"))
+    except atomic.DamagedFile:
+        complete = False
+    if not complete:
+        if path.exists():
+            logging.getLogger(__name__).warning("rebuilding the incomplete tiny Actor in %s", path)
+        with atomic.replace_dir(path) as tmp:
+            write_tiny_checkpoint(tmp, seed=seed, dtype="float32")
+    return path
 
 
 def base_model_id(checkpoint) -> str:
@@ -240,7 +390,8 @@ def _save_adapter(finetuner, out_dir: Path, base_model: str | None = None) -> No
         nnx.update(trainer.model, parallel.to_host(state))  # the run is over: host copies
 
     def write():
-        trainer.save_adapter(out_dir, base_model_name_or_path=base_model)
+        with atomic.replace_dir(out_dir) as tmp:  # a kill mid-export keeps the old adapter
+            trainer.save_adapter(tmp, base_model_name_or_path=base_model)
 
     parallel.on_main_process(write)
 
@@ -270,7 +421,7 @@ class HeldOutEval:
             return None
         path = self.dir / f"{name}.json"
         if path.exists():
-            return json.loads(path.read_text())
+            return atomic.read_json(path, "the held-out evaluation")
         logging.getLogger(__name__).info(
             "held-out evaluation (%s fine-tuning): %d seeds x %d steps", name,
             len(self.protocol.seeds), self.protocol.num_steps,
@@ -326,29 +477,24 @@ def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> d
     from sfjax.sampling import Sampler
     from sfjax.tokenizer import load_tokenizer
 
+    check_config(cfg, rules=RULES)  # every value, before anything is written
+    env = JaxRanRunner(cfg.env, cfg.loop.trajectory_steps)
+    check_action_range(cfg, env.action_lo, env.action_hi)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     parallel.check_shared_directory(run_dir)  # multi-host: one directory for every host
     # process 0 decides (and writes config.json) before any process reads further
-    resume = parallel.on_main_process(_prepare_run_dir, cfg, run_dir)
+    resume, cfg = parallel.on_main_process(_prepare_run_dir, cfg, run_dir)
 
     t0 = time.perf_counter()
     if cfg.model.tiny:
-        from sfjax.testing import write_tiny_checkpoint
-
         ckpt = run_dir / "tiny_actor"
 
-        def write_tiny():
-            if not (ckpt / "config.json").exists():
-                write_tiny_checkpoint(ckpt, seed=cfg.model.tiny_seed, dtype="float32")
-
-        parallel.on_main_process(write_tiny)  # one writer; the others load it afterwards
+        parallel.on_main_process(tiny_actor, ckpt, cfg.model.tiny_seed)  # one writer
     elif cfg.model.checkpoint:
         ckpt = cfg.model.checkpoint
-    else:
-        raise ValueError("set --model.checkpoint PATH_OR_HUB_ID (or --model.tiny)")
-
-    env = JaxRanRunner(cfg.env, cfg.loop.trajectory_steps)
+    if (Path(ckpt) / "config.json").exists():  # a local checkpoint: name a damaged config
+        atomic.read_json(Path(ckpt) / "config.json", "the Actor checkpoint's config")
     # action range, slices and the scoring objective in words, all from the env
     prompt_cfg = prompt_config_for_env(env.env, cfg.actor.prompt)
     actor_cfg = dataclasses.replace(cfg.actor, prompt=prompt_cfg)
@@ -358,7 +504,9 @@ def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> d
     # only process 0 builds them: the API key is needed on its host alone
     reflector = build() if cfg.reflector.backend == "local" else build_on_process_0(build)
 
-    model = qwen3.from_pretrained(ckpt, dtype=_dtype(cfg.model.dtype))
+    model = qwen3.from_pretrained(
+        ckpt, dtype=_dtype(cfg.model.dtype), scan_layers=cfg.model.scan_layers
+    )
     tokenizer = load_tokenizer(ckpt)
     writer = summary_writer(run_dir / "tb")  # process 0 only; None on other hosts
     # one progress bar per run, not per host
@@ -402,9 +550,9 @@ def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> d
 
 
 def main(argv=None) -> None:
-    cfg = tyro.extras.overridable_config_cli(PRESETS, args=argv, description=__doc__)
+    cfg = cli_common.run_cli(cli_common.parse, PRESETS, argv, __doc__)
     configure_logging(cfg.log_level)
-    run(cfg)
+    cli_common.run_cli(run, cfg)
 
 
 if __name__ == "__main__":

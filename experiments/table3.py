@@ -1,4 +1,4 @@
-"""Table III, Fig. 2 and Fig. 3 of the paper from our own runs, in one command.
+r"""Table III, Fig. 2 and Fig. 3 of the paper from our own runs, in one command.
 
     python experiments/table3.py smoke --run-dir runs/table3_smoke
     python experiments/table3.py paper --run-dir runs/table3_paper \
@@ -35,14 +35,15 @@ from typing import Literal
 
 import jax
 import numpy as np
-import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import cli_common  # noqa: E402
 import reflexion_ranslicing  # noqa: E402
 import rl_baselines  # noqa: E402
 import sf_ranslicing  # noqa: E402
 
+from sfjax import atomic  # noqa: E402
 from sfjax.agents.env import JaxRanRunner  # noqa: E402
 from sfjax.baselines.evaluation import EvalProtocol, evaluate_agent  # noqa: E402
 from sfjax.baselines.llm_agent import LLMEnvAgent, load_actor, prompt_config_for_env  # noqa: E402
@@ -62,6 +63,7 @@ from sfjax.baselines.summary import (  # noqa: E402
     preset_of,
     tiny_actor_note,
 )
+from sfjax.configcheck import Bad, changed_leaves  # noqa: E402
 from sfjax.console import configure_logging  # noqa: E402
 from sfjax.envs.scenario import RanSlicingConfig  # noqa: E402
 
@@ -87,12 +89,15 @@ class Config:
     """Reference rows: training seeds for the static / heuristic choice, hindsight beam width."""
     protocol: EvalProtocol = field(default_factory=EvalProtocol)
     """Shared evaluation protocol: env seeds and trajectory length (paper: 300)."""
-    sf: sf_ranslicing.ExperimentConfig = field(default_factory=lambda: sf_ranslicing.PAPER)
-    """Self-finetuning run (its run_dir and env are set by this script)."""
+    sf: sf_ranslicing.ExperimentConfig = field(default_factory=lambda: _sub(sf_ranslicing.PAPER))
+    """Self-finetuning run. Its run dir (RUN_DIR/sf) and env (--env) are this script's: leave
+    --sf.run-dir and --sf.env.* unset."""
     reflexion: reflexion_ranslicing.Config = field(
-        default_factory=lambda: reflexion_ranslicing.PAPER
+        default_factory=lambda: _sub(reflexion_ranslicing.PAPER)
     )
-    """Reflexion run (actor checkpoint defaults to SF's; run_dir/env/protocol set here)."""
+    """Reflexion run (actor checkpoint: SF's when SF runs too). Its run dir, env, protocol and
+    eval seed are this script's: leave --reflexion.run-dir, --reflexion.env.*,
+    --reflexion.protocol.* and --reflexion.eval-seed unset."""
     rl: RLRunConfig = field(default_factory=RLRunConfig)
     """RL baselines: algorithms come from ``methods``."""
     eval_seed: int = 1
@@ -107,15 +112,47 @@ class Config:
                 "hindsight"
             )
 
+    def invalid(self) -> list[Bad]:
+        """Sub-config values this script sets itself must not be given: they were silently
+        replaced."""
+        ours = "left unset: table3 sets it (RUN_DIR/sf)"
+        bad = [] if self.sf.run_dir == SUB_RUN_DIR else [Bad("sf.run_dir", ours)]
+        if self.reflexion.run_dir != Path(SUB_RUN_DIR):
+            bad.append(Bad("reflexion.run_dir", "left unset: table3 sets it (RUN_DIR)"))
+        shared = "left unset: table3's --env.* / --protocol.* / --eval-seed apply to every method"
+        bad += changed_leaves(self.sf.env, RanSlicingConfig(), "sf.env", shared)
+        bad += changed_leaves(self.reflexion.env, RanSlicingConfig(), "reflexion.env", shared)
+        bad += changed_leaves(self.reflexion.protocol, EvalProtocol(), "reflexion.protocol", shared)
+        if self.reflexion.eval_seed != reflexion_ranslicing.Config.eval_seed:
+            bad.append(Bad("reflexion.eval_seed", shared))
+        return bad
+
+
+SUB_RUN_DIR = "(set by table3)"
+"""What the sub-runs' run_dir shows in --help: table3 puts them under its own RUN_DIR."""
+
+
+def _sub(cfg):
+    """A sub-experiment's preset with the fields table3 sets itself at their neutral values."""
+    kw = {"run_dir": SUB_RUN_DIR if isinstance(cfg.run_dir, str) else Path(SUB_RUN_DIR)}
+    if isinstance(cfg, reflexion_ranslicing.Config):
+        kw.update(env=RanSlicingConfig(), protocol=EvalProtocol(), eval_seed=1)
+    else:
+        kw.update(env=RanSlicingConfig())
+    return dataclasses.replace(cfg, **kw)
+
 
 SMOKE = Config(
     run_dir=Path("runs/table3_smoke"),
     protocol=EvalProtocol(seeds=(0, 1), num_steps=300),
     # One SF iteration (as the paper's Table III SF row) keeps the smoke run short.
-    sf=dataclasses.replace(
-        sf_ranslicing.SMOKE, loop=dataclasses.replace(sf_ranslicing.SMOKE.loop, sf_iterations=1)
+    sf=_sub(
+        dataclasses.replace(
+            sf_ranslicing.SMOKE,
+            loop=dataclasses.replace(sf_ranslicing.SMOKE.loop, sf_iterations=1),
+        )
     ),
-    reflexion=reflexion_ranslicing.SMOKE,
+    reflexion=_sub(reflexion_ranslicing.SMOKE),
     rl=rl_baselines.SMOKE.rl,
     reference=ReferenceConfig(train_seeds=(100, 101), beam_width=4),
 )
@@ -206,8 +243,8 @@ def main(cfg: Config, preset: str = "") -> dict:
 
     configure_logging(cfg.log_level)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    (cfg.run_dir / "config.json").write_text(
-        json.dumps(dataclasses.asdict(cfg), default=str, indent=2)
+    atomic.write_text(
+        cfg.run_dir / "config.json", json.dumps(dataclasses.asdict(cfg), default=str, indent=2)
     )
     env = JaxRanRunner(cfg.env, cfg.protocol.num_steps).env
     writer = SummaryWriter(str(cfg.run_dir / "tb"))
@@ -299,14 +336,15 @@ def main(cfg: Config, preset: str = "") -> dict:
         "protocol": dataclasses.asdict(cfg.protocol),
         "reference": reference_info,
     }
-    (cfg.run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    atomic.write_json(cfg.run_dir / "results.json", results, indent=2)
     print((cfg.run_dir / "table3.md").read_text())
     print(format_table3_summary(rows, cfg.run_dir, preset=preset, actor_note=note, wall_s=wall))
     return results
 
 
 if __name__ == "__main__":
-    main(
-        tyro.extras.overridable_config_cli(PRESETS, args=sys.argv[1:], description=__doc__),
-        preset=preset_of(sys.argv[1:], PRESETS),
+    cli_common.run_cli(
+        main,
+        cli_common.run_cli(cli_common.parse, PRESETS, sys.argv[1:], __doc__),
+        preset_of(sys.argv[1:], PRESETS),
     )

@@ -85,6 +85,48 @@ def test_random_model_has_the_qwen3_structure():
     assert logits.shape == (1, 3, cfg.vocab_size) and bool(jnp.all(jnp.isfinite(logits)))
 
 
+def test_random_model_compiles_one_draw_per_distinct_shape():
+    """Not one jit over every leaf (146 s on an H200 at 4B): one small draw per distinct
+    (shape, dtype, kind), reused across layers; stacked layers (scan_layers) too."""
+    import gpu_common as gc
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    gc._draw.cache_clear()
+    cfg = gc.model_config(True, scan_layers=False)
+    model = gc.random_model(cfg, seed=2)
+    leaves = jax.tree_util.tree_flatten_with_path(nnx.state(model))[0]
+    kinds = {(x.shape, "norm" in jax.tree_util.keystr(p)) for p, x in leaves}
+    assert gc.draw_compiles() == len(kinds) < len(leaves) / 2
+    a, b = (model.layers[i].self_attn.q_proj.kernel[...] for i in (0, 1))
+    assert not bool(jnp.all(a == b))  # same program, different keys
+    scanned = gc.random_model(gc.model_config(True, scan_layers=True), seed=2)
+    q = scanned.layers.self_attn.q_proj.kernel[...]
+    assert q.shape[0] == cfg.num_layers and not bool(jnp.all(q[0] == q[1]))
+    assert bool(jnp.all(scanned.layers.input_layernorm.weight[...] == 1))
+
+
+_BLOCKED_IMPORTS = """
+import sys
+for name in ("tyro", "tensorboardX", "openai", "gymnax", "rejax", "trl", "zmq", "gymnasium"):
+    sys.modules[name] = None  # absent on the device machine (GPU.md)
+sys.path.insert(0, sys.argv[1])
+import gpu_all, gpu_attention, gpu_common, gpu_decision_latency, gpu_decode, gpu_kto_step
+import gpu_rfr_rollouts, bench_compile
+import sfjax.agents.rfr, sfjax.models.qwen3, sfjax.sampling, sfjax.train.kto
+print("OK")
+"""
+
+
+def test_gpu_scripts_import_without_the_packages_the_device_lacks():
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-c", _BLOCKED_IMPORTS, str(BENCH)],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
 def test_device_check_prints_devices(capsys):
     mod = importlib.import_module("gpu_decode")
     assert mod.main(["--device-check"]) is None
@@ -122,6 +164,18 @@ def test_gpu_decision_latency_tiny(tmp_path):
         assert 0 < pc["cached_prefix_tokens"] <= f["shared_prefix_tokens"]
     first, refl = rec["formats"]
     assert first["new_tokens_to_action"] < refl["new_tokens_to_action"]
+
+
+def test_gpu_decision_latency_actor_only_tiny(tmp_path):
+    """The harness's latency job: action-first, the prefix cache only (what the Actor runs)."""
+    rec = _run("gpu_decision_latency", tmp_path, "--no-torch", "--formats", "action_first",
+               "--actor-only")  # fmt: skip
+    (f,) = rec["formats"]
+    assert f["field_order"] == "action_first"
+    assert "time_to_action" not in f and "full_decision" not in f and "prefix_reuse" not in f
+    pc = f["time_to_action_prefix_cache"]
+    assert pc["action_parsed"] and len(pc["times_s"]) == 2 and _pos(pc["median_s"])
+    assert _pos(f["floor_time_to_action_s"])
 
 
 def test_gpu_rfr_rollouts_tiny(tmp_path):
@@ -214,4 +268,62 @@ def test_gpu_all_stops_when_the_preflight_fails(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_all, "PREFLIGHT", "raise SystemExit('flax is too old')")
     bundle = gpu_all.main(["--budget-s", "5", "--bundle", str(tmp_path / "b.json")])
     assert not bundle["preflight"]["ok"] and "flax is too old" in bundle["preflight"]["error"]
-    assert bundle["jobs"] == {} and bundle["summary"] == {"preflight_failed": len(gpu_all.JOBS)}
+    default = [j for j in gpu_all.JOBS if j.default]
+    assert bundle["jobs"] == {} and bundle["summary"] == {"preflight_failed": len(default)}
+
+
+def test_gpu_all_default_jobs_fit_one_seven_minute_call():
+    import gpu_all
+
+    default = [j for j in gpu_all.JOBS if j.default]
+    assert [j.name for j in default] == ["decode", "latency", "kto"]  # the issue's order
+    assert sum(j.cap_s for j in default) <= gpu_all.DEFAULT_BUDGET_S <= 420 - 20
+    decode = default[0]
+    assert decode.args == ("--batches", "1,8,64", "--torch-batches", "1,8")
+    assert "--actor-only" in default[1].args and "action_first" in default[1].args
+
+
+def test_gpu_all_dry_run_predicts_from_bench_compile(tmp_path, capsys):
+    """--dry-run: compile = CPU AOT seconds of the job's programs x the GPU factor, run = the
+    roofline floor; a job predicted over its cap is flagged; nothing is started."""
+    import gpu_all
+
+    record = {"programs": {"decode": {"scanned": {"total_s": 10.0}, "unrolled": {"total_s": 50.0}},
+                           "prefill": {"scanned": {"total_s": 2.0}, "unrolled": {"total_s": 4.0}},
+                           "kto_step": {"scanned": {"total_s": 100.0}}}}  # fmt: skip
+    path = tmp_path / "compile.json"
+    path.write_text(json.dumps(record))
+    out = gpu_all.main(["--dry-run", "--compile-json", str(path), "--gpu-compile-factor", "2"])
+    jobs = out["jobs"]
+    assert list(jobs) == ["decode", "latency", "kto"]
+    assert jobs["decode"]["compile_s"] == pytest.approx(2 * (3 * 10.0 + 3 * 2.0))
+    assert jobs["latency"]["compile_s"] == pytest.approx(2 * (10.0 + 2.0))
+    assert jobs["kto"]["compile_s"] == pytest.approx(200.0)
+    assert not jobs["kto"]["fits_cap"]  # 200 s of compile alone exceed its 140 s cap
+    assert all(_pos(j["run_floor_s"]) for j in jobs.values())
+    # the KTO floor includes the 7 measured torch + PEFT steps
+    assert jobs["kto"]["run_floor_s"] > 7 * gpu_all.TORCH_KTO_STEP_S
+    assert out["total_s"] == pytest.approx(sum(j["compile_s"] + j["run_floor_s"]
+                                               for j in jobs.values()), abs=0.5)  # fmt: skip
+    text = capsys.readouterr().out
+    assert "OVER CAP" in text and "total predicted" in text
+    unrolled = gpu_all.main(["--dry-run", "--compile-json", str(path), "--extra=--unrolled",
+                             "--only", "latency"])  # fmt: skip
+    assert unrolled["jobs"]["latency"]["compile_s"] == pytest.approx(
+        gpu_all.GPU_COMPILE_FACTOR * (50.0 + 4.0))  # the calibrated default factor
+    with pytest.raises(SystemExit, match="bench_compile"):
+        gpu_all.main(["--dry-run", "--compile-json", str(tmp_path / "missing.json")])
+
+
+def test_bench_compile_tiny_records_compile_time_and_memory(tmp_path):
+    import bench_compile
+
+    out = tmp_path / "c.json"
+    rec = bench_compile.main(["--tiny", "--programs", "prefill,ref_logps", "--out", str(out)])
+    assert json.loads(out.read_text()) == rec
+    for name in ("prefill", "ref_logps"):
+        for mode in ("unrolled", "scanned"):
+            r = rec["programs"][name][mode]
+            assert _pos(r["compile_s"]) and _pos(r["total_s"])
+            assert r["memory"]["peak"] >= r["memory"]["argument"] > 0
+        assert _pos(rec["programs"][name]["speedup"])

@@ -68,6 +68,37 @@ def test_chi_square_per_row_parameters():
         np.testing.assert_allclose(lp[c * per : (c + 1) * per], np.log(ref[block]), atol=1e-5)
 
 
+PARTIAL_CONFIGS = [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.0, 6, 0.7), (2.0, 3, 0.95), (0.0, 4, 0.5)]
+"""Rows that all fit a partial selection of the 6 largest logits (unfiltered, k <= 6, greedy)."""
+
+
+def test_chi_square_partial_selection_path():
+    """top-k by ``lax.top_k`` of the 6 largest logits (no full sort), top-p within them: each
+    block still matches the reference distribution."""
+    per = 20_000
+    C = len(PARTIAL_CONFIGS)
+    temp, top_k, top_p = (jnp.repeat(jnp.asarray([c[i] for c in PARTIAL_CONFIGS]), per)
+                          for i in range(3))  # fmt: skip
+    top_k = top_k.astype(jnp.int32)
+    assert bool(dist.partial_selection_fits(top_k, top_p, 6))
+    assert not bool(dist.partial_selection_fits(top_k.at[0].set(7), top_p, 6))
+    assert not bool(dist.partial_selection_fits(top_k.at[0].set(0), top_p.at[0].set(0.9), 6))
+    logits_BV = jnp.tile(jnp.asarray(LOGITS)[None], (C * per, 1))
+    fn = jax.jit(lambda *a: dist.sample(*a, max_k=6))
+    tok, lp = (np.asarray(x) for x in fn(jax.random.key(5), logits_BV, temp, top_k, top_p))
+    for c, (t, k, p) in enumerate(PARTIAL_CONFIGS):
+        block = tok[c * per : (c + 1) * per]
+        if t == 0:
+            assert (block == np.argmax(LOGITS)).all()
+            continue
+        ref = reference_probs(LOGITS, t, k, p)
+        counts = np.bincount(block, minlength=len(LOGITS))
+        assert counts[ref == 0].sum() == 0, f"filtered tokens were sampled for {c}"
+        res = stats.chisquare(counts[ref > 0], ref[ref > 0] * per)
+        assert res.pvalue > ALPHA, (PARTIAL_CONFIGS[c], counts, ref * per, res.pvalue)
+        np.testing.assert_allclose(lp[c * per : (c + 1) * per], np.log(ref[block]), atol=1e-5)
+
+
 def test_sampling_distribution_matches_reference():
     for t, k, p in CONFIGS:
         got = dist.sampling_distribution(
@@ -77,8 +108,9 @@ def test_sampling_distribution_matches_reference():
                                    atol=1e-6)
 
 
+@pytest.mark.parametrize("max_k", [0, 8])
 @pytest.mark.parametrize("top_k,top_p", [(0, 0.9), (4, 1.0), (7, 0.6), (1, 1.0), (0, 0.3)])
-def test_filter_matches_hf_warpers(top_k, top_p):
+def test_filter_matches_hf_warpers(top_k, top_p, max_k):
     """The kept set equals transformers' TopK + TopP warpers (their order: k then p)."""
     torch = pytest.importorskip("torch")
     from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
@@ -92,8 +124,8 @@ def test_filter_matches_hf_warpers(top_k, top_p):
         scores = TopPLogitsWarper(top_p)(None, scores)
     hf_keep = torch.isfinite(scores).numpy()
     ours = dist.filter_logits(
-        jnp.asarray(logits), jnp.full((6,), top_k, jnp.int32), jnp.full((6,), top_p)
-    )
+        jnp.asarray(logits), jnp.full((6,), top_k, jnp.int32), jnp.full((6,), top_p), max_k=max_k
+    )  # max_k 8: rows with 0 < k <= 8 select the 8 largest of 50 logits instead of sorting
     np.testing.assert_array_equal(np.asarray(ours) > dist.NEG_INF / 2, hf_keep)
 
 

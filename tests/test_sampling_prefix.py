@@ -167,3 +167,20 @@ def test_a_cached_prefix_adds_at_most_max_extra_slots():
             extra = cache.bucket(prefix) + cache_slots(total - prefix, 1) - whole
             worst = max(worst, extra)
     assert worst <= MAX_EXTRA_SLOTS
+
+
+def test_scanned_model_samples_like_the_unrolled_one(checkpoint, tokenizer, plain):
+    """``scan_layers`` (scanned prefill and prefix, decode over parameter slices): the same
+    greedy tokens and log-probs as the unrolled model, with and without the prefix cache, and
+    the same sampled tokens (top-k 20 / top-p 0.8, the Actor's settings) from one key."""
+    scanned = qwen3.from_pretrained(checkpoint, dtype=jnp.float32, scan_layers=True)
+    prompts = [SYSTEM + h for h in HISTORIES[:2]]
+    want = plain.generate(prompts, GREEDY)
+    sampler = Sampler(scanned, tokenizer)
+    assert_same(sampler.generate(prompts, GREEDY), want)
+    cached = cached_sampler(scanned, tokenizer)
+    assert_same(cached.generate(prompts, GREEDY), want)
+    assert cached.prefix_cache.num_builds == 1
+    actor = SamplingParams(temperature=0.7, top_k=20, top_p=0.8, max_new_tokens=12, ignore_eos=True)
+    key = jax.random.key(3)
+    assert sampler.generate(prompts, actor, key).tokens == plain.generate(prompts, actor, key).tokens

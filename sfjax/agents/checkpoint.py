@@ -20,17 +20,51 @@ orbax's per-shard writes on one host (``benchmarks/bench_sharding.py``), and pla
 their shardings after the restore; ``host_gather=False`` sends them shard by shard too. The
 JSON item is written by process 0. The directory must be shared by all hosts
 (:func:`sfjax.parallel.check_shared_directory`).
+
+Damage. Orbax finalises a checkpoint by renaming its temporary directory, so a kill during a
+save leaves no half checkpoint behind. Damage from outside (a truncated or zeroed array file,
+an emptied step directory, a corrupt JSON item) is caught on read: the meta item records the
+SHA-256 of every array this process holds whole, and :meth:`LoopCheckpointer.restore_latest`
+falls back to the newest intact checkpoint with a warning, moving each damaged one aside to
+``<directory>_damaged/`` (kept, never deleted) so that its step can be written again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+DIGEST_KEY = "arrays_sha256"
+"""Meta entry holding the SHA-256 of the arrays saved whole (see the module docstring)."""
+
+
+class CheckpointDamaged(RuntimeError):
+    """A checkpoint whose arrays or meta cannot be read back intact."""
+
+
+def arrays_digest(arrays: Any) -> list[str | None]:
+    """SHA-256 of each leaf's shape, dtype and bytes; None for a leaf that spans other
+    processes' devices (not readable whole here): only leaves with a digest are checked."""
+    out = []
+    for x in jax.tree.leaves(arrays):
+        x = jax.random.key_data(x) if _is_key(x) else x
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            out.append(None)
+            continue
+        a = np.ascontiguousarray(np.asarray(x))
+        out.append(hashlib.sha256(f"{a.shape}{a.dtype}".encode() + a.tobytes()).hexdigest())
+    return out
 
 
 def _is_key(x) -> bool:
@@ -50,10 +84,14 @@ class LoopCheckpointer:
                  host_gather: bool = True):  # fmt: skip
         self.directory = Path(directory).absolute()
         self.host_gather = host_gather
-        self.manager = ocp.CheckpointManager(
+        self.max_to_keep = max_to_keep
+        self.manager = self._manager()
+
+    def _manager(self) -> ocp.CheckpointManager:
+        return ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep, enable_async_checkpointing=False, create=True
+                max_to_keep=self.max_to_keep, enable_async_checkpointing=False, create=True
             ),
         )
 
@@ -72,6 +110,7 @@ class LoopCheckpointer:
             return x if _sharded_io(x, self.host_gather) else np.asarray(x)
 
         arrays = jax.tree.map(saveable, arrays)
+        meta = {**meta, DIGEST_KEY: arrays_digest(arrays)}
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -112,7 +151,44 @@ class LoopCheckpointer:
 
         flat_like, treedef = jax.tree.flatten(arrays_like)
         flat = treedef.flatten_up_to(out["arrays"])
-        return treedef.unflatten([place(a, b) for a, b in zip(flat_like, flat)]), out["meta"]
+        meta = dict(out["meta"])
+        want = meta.pop(DIGEST_KEY, None)
+        if want is not None:
+            got = arrays_digest(flat)
+            if len(got) != len(want) or any(
+                w is not None and g is not None and g != w for g, w in zip(got, want)
+            ):
+                raise CheckpointDamaged(f"checkpoint {step}: its arrays do not match their SHA-256")
+        return treedef.unflatten([place(a, b) for a, b in zip(flat_like, flat)]), meta
+
+    def restore_latest(self, arrays_like: Any) -> tuple[int, Any, dict] | None:
+        """The newest intact checkpoint as (step, arrays, meta), or None when there is none.
+
+        A damaged checkpoint (unreadable, or arrays not matching their digest) is moved aside
+        with a warning and the previous one is tried.
+        """
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                arrays, meta = self.restore(step, arrays_like)
+            except Exception as e:  # orbax raises many types for damaged files
+                self._set_aside(step, e)
+                continue
+            return step, arrays, meta
+        return None
+
+    def _set_aside(self, step: int, err: Exception) -> None:
+        aside = self.directory.with_name(self.directory.name + "_damaged")
+        target = aside / f"{step}-{time.strftime('%Y%m%dT%H%M%S')}"
+        msg = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        log.warning(
+            "checkpoint %d in %s is damaged (%s: %s); moved to %s, trying the previous one",
+            step, self.directory, type(err).__name__, msg, target,
+        )  # fmt: skip
+        self.manager.close()
+        if jax.process_index() == 0:
+            aside.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self.directory / str(step)), str(target))
+        self.manager = self._manager()
 
     def close(self) -> None:
         self.manager.close()

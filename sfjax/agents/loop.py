@@ -35,6 +35,7 @@ together, each writing / reading its own shards of arrays that span hosts
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -45,7 +46,7 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 
-from sfjax import parallel
+from sfjax import atomic, parallel
 from sfjax.agents.checkpoint import LoopCheckpointer
 from sfjax.agents.prompts import HistoryEntry, PromptConfig
 from sfjax.agents.reflectors.base import Reflector
@@ -68,8 +69,11 @@ from sfjax.agents.trajectory import (
     save_json,
     trajectory_metrics,
 )
+from sfjax.configcheck import Bad, at_least, check_config
 
 log = logging.getLogger(__name__)
+
+_STARTED = time.time()  # files older than this were written by an earlier process
 
 SUMMARY_METRICS = ("avg_se", "reconfigurations", "violations", "utility", "parse_failures")
 PHASE_TEXT = {
@@ -97,7 +101,14 @@ class LoopConfig:
     seed: int = 0
     """Seed of the Actor's sampling, rollouts and KTO (root key)."""
     keep_checkpoints: int = 3
-    """How many phase checkpoints to keep."""
+    """How many phase checkpoints to keep (>= 2: the previous one is the fallback when the
+    newest is damaged)."""
+
+    def invalid(self) -> list[Bad]:
+        bad = at_least(self, 1, "sf_iterations", "num_envs", "trajectory_steps")
+        bad += at_least(self, 0, "env_seed", "seed")
+        bad += at_least(self, 2, "keep_checkpoints")
+        return bad
 
 
 class EnvRunner(Protocol):
@@ -262,6 +273,7 @@ class SelfFinetuningLoop:
         on_phase_end: Callable[[Phase], None] | None = None,
         run_info: Mapping[str, Any] | None = None,
     ):
+        check_config(cfg, "loop.")  # before anything is written
         self.cfg, self.rfr_cfg, self.prompt_cfg = cfg, rfr_cfg, prompt_cfg
         self.actor, self.env, self.reflector, self.finetuner = actor, env, reflector, finetuner
         self.run_dir = Path(run_dir)
@@ -289,6 +301,7 @@ class SelfFinetuningLoop:
         self.kto_history: list[dict] = []
         self.timings: dict[str, float] = {}
         self.kto_steps = 0
+        self.artefacts: dict[str, str] = {}  # run-dir relative path -> SHA-256 of its bytes
 
     # -- checkpoint state ------------------------------------------------------------------
 
@@ -307,6 +320,8 @@ class SelfFinetuningLoop:
             "kto_history": self.kto_history,
             "timings": self.timings,
             "kto_steps": self.kto_steps,
+            "artefacts": self.artefacts,
+            "tb_sizes": self._tb_sizes(),
         }
 
     def _load_meta(self, meta: dict) -> None:
@@ -320,6 +335,7 @@ class SelfFinetuningLoop:
         self.kto_history = list(meta["kto_history"])
         self.timings = dict(meta["timings"])
         self.kto_steps = int(meta["kto_steps"])
+        self.artefacts = dict(meta.get("artefacts", {}))
 
     def _arrays(self) -> dict:
         return {
@@ -328,16 +344,80 @@ class SelfFinetuningLoop:
         }
 
     def restore(self) -> int:
-        """Load the latest checkpoint, if any; returns the next phase index to run."""
-        step = self.ckpt.latest_step()
-        if step is None:
+        """Load the newest intact checkpoint, if any (a damaged one falls back to the one
+        before, with a warning); check the artefacts it lists; returns the next phase index."""
+        found = self.ckpt.restore_latest(self._arrays())
+        if found is None:
+            self._trim_tensorboard({})  # a killed first process's events are rewritten
             return 0
-        arrays, meta = self.ckpt.restore(step, self._arrays())
+        step, arrays, meta = found
         self.finetuner.load_arrays(arrays["finetuner"])
         self.root_key = jax.random.wrap_key_data(np.asarray(arrays["root_key"]))
         self._load_meta(meta)
+        self._check_artefacts(self.phases[step])
+        self._trim_tensorboard(meta.get("tb_sizes", {}))
         log.info("resumed after phase %s", meta["phase"])
         return step + 1
+
+    def _check_artefacts(self, phase: Phase) -> None:
+        """Every JSON artefact listed in the checkpoint must be on disk, byte for byte. Those
+        of the checkpoint's own phase are rewritten from it; an older damaged one is named."""
+        if not parallel.is_main_process():
+            return
+        own = dict(self._phase_artefacts(phase))
+        damaged = []
+        for rel, digest in sorted(self.artefacts.items()):
+            if atomic.sha256_file(self.run_dir / rel) == digest:
+                continue
+            if rel in own:
+                log.warning("%s is missing or damaged; rewritten from the checkpoint", rel)
+                self._save_json(rel, own[rel])
+            else:
+                damaged.append(rel)
+        if damaged:
+            raise atomic.DamagedFile(
+                f"{self.run_dir}: {', '.join(damaged)} missing or damaged (SHA-256 differs from "
+                "the one recorded when it was written); the checkpoints keep only the latest "
+                "phase's data, so restore the file(s) from a copy or start a new --run-dir"
+            )
+
+    def _tb_files(self) -> list[Path]:
+        logdir = getattr(self.writer, "logdir", None)  # tensorboardX's SummaryWriter
+        return sorted(Path(logdir).glob("events.out.tfevents.*")) if logdir else []
+
+    def _tb_sizes(self) -> dict[str, int]:
+        """Size of every TensorBoard events file (flushed before each checkpoint)."""
+        return {p.name: p.stat().st_size for p in self._tb_files()}
+
+    def _trim_tensorboard(self, sizes: Mapping[str, int]) -> None:
+        """Drop the events written after the restored checkpoint (the phases about to be
+        rerun write them again): files are cut back to their checkpointed size, and files of a
+        killed process created after it are moved to ``tb_discarded/``; no duplicate points."""
+        for p in self._tb_files():
+            if p.name in sizes:
+                if p.stat().st_size > sizes[p.name]:
+                    with open(p, "r+b") as f:
+                        f.truncate(sizes[p.name])
+            elif p.stat().st_mtime < _STARTED:  # not this process's writer
+                aside = self.run_dir / "tb_discarded"
+                aside.mkdir(exist_ok=True)
+                p.rename(aside / p.name)
+
+    def _phase_artefacts(self, phase: Phase) -> list[tuple[str, Any]]:
+        """(run-dir relative path, JSON) of the artefact(s) ``phase`` wrote, from its state."""
+        if phase.kind == "collect":
+            return [(f"trajectories/iter_{phase.iteration}.json",
+                     [t.to_json() for t in self.trajectories])]  # fmt: skip
+        if phase.kind == "reflect":
+            return [(f"reflections/iter_{phase.iteration}.json",
+                     [r.to_json() for r in self.reflections])]  # fmt: skip
+        rel = f"datasets/iter_{phase.iteration}_kto_{phase.kto_iteration}.json"
+        return [(rel, examples_to_json(self.dataset))]
+
+    def _save_json(self, rel: str, obj) -> None:
+        """Write a JSON artefact (process 0 only) and record its digest for the checkpoint."""
+        if parallel.is_main_process():
+            self.artefacts[rel] = save_json(self.run_dir / rel, obj)
 
     # -- phases ----------------------------------------------------------------------------
 
@@ -351,10 +431,8 @@ class SelfFinetuningLoop:
             self.actor, self.env, self.prompt_cfg, self.cfg.num_envs, self.cfg.trajectory_steps,
             env_key, self._key(phase), env_seed=self.cfg.env_seed, progress=self.progress,
         )  # fmt: skip
-        _save_json(
-            self.run_dir / "trajectories" / f"iter_{phase.iteration}.json",
-            [t.to_json() for t in self.trajectories],
-        )
+        for rel, obj in self._phase_artefacts(phase):
+            self._save_json(rel, obj)
         m = mean_metrics(self.trajectories, self.weights)
         # n_desirable / n_undesirable stay None for the final, evaluation-only collection
         self.iterations.append(
@@ -367,20 +445,23 @@ class SelfFinetuningLoop:
         )  # fmt: skip
 
     def _reflect(self, phase: Phase) -> None:
+        before = _stats_snapshot(self.reflector)
         # process 0's reply on every process (an API is queried once, not once per host)
         self.reflections = reflect_on_all_processes(
             self.reflector, self.trajectories, self._key(phase)
         )
-        _save_json(
-            self.run_dir / "reflections" / f"iter_{phase.iteration}.json",
-            [r.to_json() for r in self.reflections],
-        )
+        # retries, their reasons and cache hits of this phase (process 0's, on every host)
+        calls = parallel.broadcast_object(_stats_delta(before, _stats_snapshot(self.reflector)))
+        for rel, obj in self._phase_artefacts(phase):
+            self._save_json(rel, obj)
         self.base, self.targets = base_dataset(self.trajectories, self.reflections)
         self.rfr_state = RfRState()
         n_sub = sum(x.label == "suboptimal" for r in self.reflections for x in r.labels)
         n = sum(len(r.labels) for r in self.reflections)
         rec = self.iterations[-1]
         rec["reflector"] = self.reflector.name
+        if calls:
+            rec["reflector_calls"] = calls
         rec["suboptimal_fraction"] = n_sub / max(n, 1)
         self._scalars("reflector", {"suboptimal_fraction": n_sub / max(n, 1)}, phase.iteration)
         log.info("reflect: %d of %d steps labelled suboptimal (%s)", n_sub, n, self.reflector.name)
@@ -393,10 +474,8 @@ class SelfFinetuningLoop:
             self.prompt_cfg, roll_key,
         )  # fmt: skip
         self.dataset = dataset
-        _save_json(
-            self.run_dir / "datasets" / f"iter_{phase.iteration}_kto_{phase.kto_iteration}.json",
-            examples_to_json(dataset),
-        )
+        for rel, obj in self._phase_artefacts(phase):
+            self._save_json(rel, obj)
         log.info("KTO iteration %d: %d examples (%d desirable, %d undesirable)",
                  phase.kto_iteration, len(dataset), stats.n_desirable, stats.n_undesirable)  # fmt: skip
         metrics = self.finetuner.train(dataset, train_key, self.kto_steps)
@@ -456,19 +535,23 @@ class SelfFinetuningLoop:
             wall = self.iterations[-1].setdefault("wall_s", {})
             wall[kind] = wall.get(kind, 0.0) + dt
             wall[f"{kind}_cpu"] = wall.get(f"{kind}_cpu", 0.0) + dc
-            self.ckpt.save(phase.index, self._arrays(), self._meta(phase))
             self.write_summary()
             if self.writer is not None:
-                self.writer.flush()
+                flush_events(self.writer)  # before the checkpoint: a kill after it keeps them
+            self.ckpt.save(phase.index, self._arrays(), self._meta(phase))
             if self.on_phase_end is not None:
                 self.on_phase_end(phase)
         self.ckpt.close()
         return self.write_summary()
 
     def summary(self) -> dict:
+        calls: dict = {}
+        for r in self.iterations:
+            calls = _stats_delta({}, r.get("reflector_calls", {}), calls)
         return {
             **self.run_info,
             "reflector": self.reflector.name,
+            "reflector_calls": calls,
             "iterations": self.iterations,
             "timings_s": self.timings,
         }
@@ -487,9 +570,48 @@ class SelfFinetuningLoop:
 
 
 def _save_json(path: Path, obj) -> None:
-    """Write a JSON artefact of the run on process 0 only (multi-host)."""
+    """Write a JSON file of the run on process 0 only (multi-host)."""
     if parallel.is_main_process():
         save_json(path, obj)
+
+
+def flush_events(writer) -> None:
+    """Write every queued TensorBoard event to disk.
+
+    tensorboardX's ``flush()`` flushes only what its worker thread has already taken off the
+    queue: measured, a kill right after it lost the phase's last scalars. Its worker is
+    stopped (it writes everything queued before the stop signal) and restarted on the same
+    file; a writer without these internals gets the plain ``flush()``.
+    """
+    from tensorboardX.event_file_writer import _EventLoggerThread
+
+    for fw in (getattr(writer, "all_writers", None) or {}).values():
+        ev = getattr(fw, "event_writer", None)
+        worker = getattr(ev, "_worker", None)
+        if worker is None or getattr(ev, "_closed", True):
+            continue
+        worker.stop()
+        ev._worker = _EventLoggerThread(ev._event_queue, ev._ev_writer, ev._flush_secs)
+        ev._worker.start()
+    writer.flush()
+
+
+def _stats_snapshot(reflector) -> dict:
+    """A copy of a Reflector's counters (``stats``: numbers and dicts of numbers), or {}."""
+    return json.loads(json.dumps(getattr(reflector, "stats", {}) or {}))
+
+
+def _stats_delta(before: dict, after: dict, into: dict | None = None) -> dict:
+    """``into + (after - before)``, key by key, nested dicts included; zero entries dropped."""
+    out = dict(into or {})
+    for k, v in after.items():
+        if isinstance(v, dict):
+            sub = _stats_delta(before.get(k, {}), v, out.get(k, {}))
+            if sub:
+                out[k] = sub
+        elif isinstance(v, int | float) and v - before.get(k, 0):
+            out[k] = out.get(k, 0) + v - before.get(k, 0)
+    return out
 
 
 def _progress(total: int, desc: str, enabled: bool):

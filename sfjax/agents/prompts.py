@@ -1,10 +1,14 @@
 """The Actor's prompt (paper IV-A/IV-B, R-MDP) and a robust parser for its output.
 
-The Actor sees, in words, the task and its three objectives (maximise the controlled slice's
-spectral efficiency, avoid packet QoS violations, avoid needless reconfigurations) — never a
-scalar reward — followed by the current state of eq. 14,
+The Actor sees, in words, the task and its three objectives (the controlled slice's spectral
+efficiency, packet QoS violations, reconfigurations), generated from the same scoring objective
+the env and Table III use (``PromptConfig.objective``, :mod:`sfjax.agents.objective_text`) —
+never a scalar reward — followed by the current state of eq. 14,
 
     s_t = (a_{t-1}, SE_t, arrival throughput_t, queue increment_t, dropped bytes_t),
+
+with slice 1's arrivals, queue change and drops appended when the state carries them (the env
+runners do by default: under cell-wide violations the agent must see both slices),
 
 and a window of the last ``k`` R-MDP steps (state, reflection, action, analysis, feedback). It
 answers with three fields: a reflection ``rho_t`` on the previous step, ``Action: <int>`` and a
@@ -258,14 +262,29 @@ def format_output(reflection: str, action: int, analysis: str, cfg: PromptConfig
 
 
 # A field header at the start of a line, tolerant of markdown decoration ("**Action**:", "- ").
-_HEADER = r"^[ \t>*_#\-]*(?:\d+[.)][ \t]*)?[*_]*{name}[*_]*[ \t]*(?:[:：=]|\bis\b)[*_ \t]*"
+# Every quantifier is possessive or separated from its neighbour by a disjoint class, so a
+# hostile output (50k "*" characters) is matched in linear time, not quadratic.
+_HEADER = (
+    r"^[ \t>*_#\-]*+(?:\d++[.)][ \t]*+[*_]*+)?{name}[*_]*+[ \t]*+(?:[:：=]|\bis\b)[*_ \t]*+"
+)
 _FIELD_RE = {
     name: re.compile(_HEADER.format(name=name), re.IGNORECASE | re.MULTILINE)
     for name in ("reflection", "action", "analysis")
 }
 _THINK_RE = re.compile(r"<think>.*?(?:</think>|\Z)", re.DOTALL)
-# An integer (optionally signed, optionally with a zero fraction) as the action field's value.
-_INT_RE = re.compile(r"^[*_`\[\( \t]*([+-]?\d{1,6})(?:\.0+)?(?!\d|[.,\-]\d)")
+# The action field's value: one integer (optionally signed, optionally with a zero fraction)
+# with markdown decoration around it. "7/2", "5e3", "0x5", "5-7", "1,5" fail at the character
+# after the digits; an alternative or a digit group right after it ("5 or 6", "5 to 6",
+# "5, 6", "1 000") is refused by _ALTERNATIVE_RE; later words with numbers ("7 RBGs (14 PRBs)")
+# are prose.
+_INT_RE = re.compile(
+    r"[*_`\[\( \t]*+([+-]?\d{1,6}+)(?:\.0++)?(?=$|[\s*_`\])]|[.,;:!?](?!\d))(.*)", re.DOTALL
+)
+_ALTERNATIVE_RE = re.compile(
+    r"[*_`\])]*+[ \t(\[]*+(?:(?:or|and|to|vs\.?|versus)\b|[-–—/|,;~]|\.\.)[ \t*_`(\[]*+[+-]?\d"
+    r"|[ \t]\d{3}(?!\d)",
+    re.IGNORECASE,
+)
 
 
 def parse_output(text: str, cfg: PromptConfig) -> ParsedOutput:
@@ -274,7 +293,8 @@ def parse_output(text: str, cfg: PromptConfig) -> ParsedOutput:
     Rules: ``<think>`` blocks are ignored; field headers are case-insensitive and may carry
     markdown decoration; the action must be exactly one integer in ``[action_lo, action_hi]``
     right after its header (``Action: 7``, ``**Action:** 7 RBGs``); two different action values
-    or a non-integer value are errors, never guessed. Missing reflection/analysis fields are
+    or a value that is not one plain integer (``7/2``, ``5e3``, ``0x5``, ``5 or 6``, ``5, 6``,
+    ``1 000``) are errors, never guessed. Linear in the text. Missing reflection/analysis fields are
     tolerated (empty strings) — they carry no control decision.
     """
     body = _THINK_RE.sub("", text)
@@ -293,10 +313,11 @@ def parse_output(text: str, cfg: PromptConfig) -> ParsedOutput:
         return ParsedOutput(reflection, None, analysis, "no 'Action:' field")
     actions = []
     for raw in values["action"]:
-        m = _INT_RE.match(raw)
-        if m is None:
+        line = raw.split("\n", 1)[0]
+        m = _INT_RE.match(line)
+        if m is None or _ALTERNATIVE_RE.match(m.group(2)):
             return ParsedOutput(
-                reflection, None, analysis, f"action value is not an integer: {raw[:40]!r}"
+                reflection, None, analysis, f"action value is not an integer: {line[:40]!r}"
             )
         actions.append(int(m.group(1)))
     if len(set(actions)) > 1:

@@ -9,13 +9,12 @@ reflected on, so a crash never loses collected experience.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Literal
 
+from sfjax import atomic
 from sfjax.metrics import UtilityWeights
 
 Label = Literal["effective", "suboptimal"]
@@ -112,19 +111,15 @@ def trajectory_metrics(traj: Trajectory, weights: UtilityWeights | None = None) 
     }
 
 
-def save_json(path: str | os.PathLike, obj) -> None:
-    """Write JSON atomically (temp file + rename), so a kill never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
+def save_json(path: str | os.PathLike, obj) -> str:
+    """Write JSON atomically (temp file + rename), so a kill never leaves half a file; returns
+    the SHA-256 of the bytes written."""
+    return atomic.write_json(path, obj)
 
 
 def load_json(path: str | os.PathLike):
-    with open(path) as f:
-        return json.load(f)
+    """Read JSON; a damaged file raises :class:`sfjax.atomic.DamagedFile` naming it."""
+    return atomic.read_json(path)
 
 
 def save_trajectories(path: str | os.PathLike, trajs: Sequence[Trajectory]) -> None:

@@ -21,25 +21,26 @@ Actions. ``action`` in ``0 .. num_actions-1`` gives the controlled slice
 ``action_for_prbs`` convert to and from PRBs (the LLM Actor talks in PRBs).
 
 Per-step feedback (eq. 1-3, for the controlled slice, ``other_``-prefixed for the other one):
-``se`` = the spectral efficiency named by ``config.se_definition``: by default
-``se_scheduled`` (delivered bits before the data-RE overhead per scheduled PRB-TTI, i.e. the
-36.213 efficiency of the transmissions lowered by padding; the previous value when nothing was
-scheduled), else ``se_allocated`` (eq. 1 as printed: delivered bits / (0.1 s x allocated
-bandwidth)); both are always in ``info``. ``violation`` = some packet delivered in the step
-exceeded its delay budget or some packet was dropped (a lost packet never meets its budget);
-``reconfiguration`` = the allocation differs from the previous step's; ``arrival_rate_bps`` =
-bits that arrived in the step / 0.1 s; ``queue_delta_bytes`` = bytes queued at the end minus at
-the start; ``dropped_bytes``. Also: ``prbs``, ``delivered_bits``, ``queued_bytes``,
-``late_packets``, ``dropped_packets``, ``delivered_packets``, ``max_delay_ms``,
-``mean_delay_ms``, ``utilization`` (share of the slice's PRB-TTIs that carried a transport
-block), ``link_se`` (transport-block bits before overhead per scheduled PRB-TTI: the CQI
-efficiency alone, ``se_scheduled`` without padding), ``tb_fill`` (delivered / transport-block
-bits) and ``utility`` (= reward). ``reward`` is the eq. 15 utility
-``w_se (SE + offset) - w_c c - w_v v`` (15, 1, 15, 300) of ``se``.
+``se`` = the spectral efficiency named by ``config.objective.se_definition``: by default eq. 1
+as printed (``se_allocated``: delivered bits / (0.1 s x allocated bandwidth)), else
+``se_scheduled`` (delivered bits before the data-RE overhead per scheduled PRB-TTI; the
+previous value when nothing was scheduled); both are always in ``info``. ``violation`` = eq. 2
+as scored (``config.objective.violation_scope``: by default any packet of *either* slice late
+or dropped in the step), with the per-slice flags ``slice_violation`` (controlled) and
+``other_violation``; ``reconfiguration`` = the allocation differs from the previous step's;
+``arrival_rate_bps`` = bits that arrived in the step / 0.1 s; ``queue_delta_bytes`` = bytes
+queued at the end minus at the start; ``dropped_bytes``. Also: ``prbs``, ``delivered_bits``,
+``queued_bytes``, ``late_packets``, ``dropped_packets``, ``delivered_packets``,
+``max_delay_ms``, ``mean_delay_ms``, ``utilization`` (share of the slice's PRB-TTIs that
+carried a transport block), ``link_se`` (transport-block bits before overhead per scheduled
+PRB-TTI), ``tb_fill`` (delivered / transport-block bits) and ``utility`` (= reward). ``reward``
+is the eq. 15 utility ``w_se (SE + offset) - w_c c - w_v v`` with the objective's weights
+(15, 1, 15, 300).
 
 Observation (eq. 14), for RL agents: ``[prbs / n_prb, SE / 5.5547, arrival rate / peak rate,
 queue delta / buffer bytes of the slice, dropped bytes / peak bytes per step]`` of the
-controlled slice, float32 (``observe_other_slice`` appends the other slice's last four). The
+controlled slice, then the same four of the other slice (``observe_other_slice``, default on:
+with cell-wide violations a policy must see both slices' demand), float32. The
 same quantities in raw units are in ``state.prbs`` and ``state.*_S`` (index 0 = controlled
 slice); :func:`observation_dict` / :func:`info_dict` turn them into Python floats for prompts.
 On reset the SE, queue delta and drops are 0 and the arrival rate is the offered load of the UEs
@@ -56,14 +57,17 @@ adapter :class:`sfjax.baselines.wrappers.RejaxEnv`. Tunable numbers (eq. 15 weig
 length, initial allocation, fading traces, the fixed drop) live in :class:`EnvParams`, e.g.
 ``params.replace(violation_penalty=100.0)``; shapes and models in :class:`RanSlicingConfig`.
 
-Calibration (:mod:`sfjax.envs.calibration`): with the default geometry the best static
-allocation by eq. 15 runs at the paper's SE (5.2-5.7 bit/s/Hz) with a Table III-like utility.
-Fidelity knobs vs ns-3 (benchmarks/RESULTS.md): ``scheduler="pf_ns3"`` (ns-3's PF verbatim,
-default is buffer-aware), ``cell.data_re_fraction`` (TBS-table overhead, default 0.7 as
-ns-3), ``cell.rbg_count="ns3"`` (ns-3's 12 RBGs at 25 PRB), ``pipeline_delay_ms`` (ns-3's
-~4.5 ms delay floor; default 0). Not modelled: HARQ/BLER (link adaptation sits at the 10% BLER
-CQI thresholds and every transport block is delivered), CQI reporting delay, inter-cell
-interference (``cell.interference_margin_db`` adds a fixed noise rise).
+Calibration (:mod:`sfjax.envs.calibration`): the default scenario poses the paper's trade-off
+(the best static allocation is interior; :mod:`sfjax.baselines.reference` measures what
+adapting adds). Fidelity knobs vs ns-3 (benchmarks/RESULTS.md): ``scheduler="pf_ns3"`` (ns-3's
+PF verbatim; default buffer-aware), ``onoff_start`` (default "off" as ns-3's OnOffApplication),
+``cell.data_re_fraction`` (TBS-table overhead, default 0.7 as ns-3), ``cell.rbg_count="ns3"``
+(ns-3's 12 RBGs at 25 PRB), ``pipeline_delay_ms`` (ns-3's ~4.5 ms delay floor, default),
+``cell.antenna_max_gain_db`` / ``noise_figure_db`` / ``min_distance_m`` /
+``sector_half_width_deg`` (paper Table II by default; ns-3's own defaults are 8 dBi, 9 dB and a
+full disc). Not modelled: HARQ/BLER (link adaptation sits at the 10% BLER CQI thresholds and
+every transport block is delivered), CQI reporting delay, inter-cell interference
+(``cell.interference_margin_db`` adds a fixed noise rise).
 
 Shape legend: U = UEs (controlled slice first), R = RBGs, S = slices (2), N = fading traces,
 L = trace length, A = actions.

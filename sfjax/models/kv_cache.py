@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import struct
 
 if TYPE_CHECKING:
-    from sfjax.models.qwen3 import Qwen3Config
+    from sfjax.models.config import Qwen3Config
 
 
 @struct.dataclass

@@ -14,7 +14,9 @@ trainable set.
 
 PEFT layout: ``adapter_model.safetensors`` holds, per wrapped module,
 ``base_model.model.<hf module name>.lora_A.weight`` ``[r, in]`` (= ``A.T``) and
-``...lora_B.weight`` ``[out, r]`` (= ``B.T``); ``adapter_config.json`` holds ``r``,
+``...lora_B.weight`` ``[out, r]`` (= ``B.T``), one pair per layer also when the model stacks
+its layers (``scan_layers``: ``A`` ``[L, in, r]``, ``B`` ``[L, r, out]``, exported and imported
+slice by slice under the per-layer names); ``adapter_config.json`` holds ``r``,
 ``lora_alpha``, ``target_modules`` etc. ``peft.PeftModel.from_pretrained`` loads it on top of
 ``transformers.Qwen3ForCausalLM``.
 
@@ -59,9 +61,9 @@ class LoRAConfig:
     """LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with ``use_rslora``)."""
     dropout: float = 0.0
     """Dropout on the adapter input during training (PEFT ``lora_dropout``)."""
-    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    target_modules: tuple[str, ...] | str = DEFAULT_TARGETS
     """Attribute names of the projections to wrap (any of q/k/v/o_proj, gate/up/down_proj,
-    lm_head)."""
+    lm_head), or a regex (PEFT style) matched against HF module names."""
     use_rslora: bool = False
     """Rank-stabilised scaling alpha / sqrt(r) (PEFT ``use_rslora``)."""
     param_dtype: str = "float32"
@@ -74,7 +76,8 @@ class LoRAConfig:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
         if not self.target_modules:
             raise ValueError("LoRAConfig.target_modules is empty: name at least one projection")
-        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if not isinstance(self.target_modules, str):  # a str is a regex over module names
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
 
     @property
     def scaling(self) -> float:
@@ -93,10 +96,14 @@ class LoRALinear(nnx.Module):
         self.scaling = config.scaling
         self.enabled = True
         dtype = jnp.dtype(config.param_dtype)
+        # A stacked base (Qwen3Config.scan_layers, kernel [L, in, out]) gets stacked adapters.
+        lead = tuple(base.kernel[...].shape[:-2])
+        self.num_layers = lead[0] if lead else None
         bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_(a=sqrt(5)) on [r, in]
-        a_IR = jax.random.uniform(rngs.params(), (self.in_features, config.rank), dtype, -bound, bound)
+        a_IR = jax.random.uniform(rngs.params(), (*lead, self.in_features, config.rank), dtype,
+                                  -bound, bound)  # fmt: skip
         self.lora_a = nnx.LoRAParam(a_IR)
-        self.lora_b = nnx.LoRAParam(jnp.zeros((config.rank, self.out_features), dtype))
+        self.lora_b = nnx.LoRAParam(jnp.zeros((*lead, config.rank, self.out_features), dtype))
         # Off unless the module is in train mode (``model.train()``; the KTO step does that).
         self.dropout = (
             nnx.Dropout(config.dropout, deterministic=True, rngs=rngs.fork())
@@ -130,17 +137,43 @@ def _hf_module_name(path: tuple) -> str:
 
 
 def lora_modules(model: nnx.Module) -> Iterator[tuple[str, LoRALinear]]:
-    """``(hf_module_name, LoRALinear)`` for every adapter in ``model``, in graph order."""
+    """``(hf_module_name, LoRALinear)`` for every adapter in ``model``, in graph order (a stacked
+    adapter, ``scan_layers``, once, named ``model.layers.<rest>``)."""
     for path, module in nnx.iter_modules(model):
         if isinstance(module, LoRALinear):
             yield _hf_module_name(path), module
+
+
+def _per_layer(model: nnx.Module) -> Iterator[tuple[str, LoRALinear, int | None]]:
+    """``(hf_module_name, module, layer)`` per PEFT tensor pair: a stacked adapter once per
+    layer with its HF name ``model.layers.<i>.<rest>`` (``layer`` indexes the stack), a plain
+    one with ``layer=None``."""
+    for name, module in lora_modules(model):
+        if module.num_layers is None:
+            yield name, module, None
+        else:
+            rest = name.removeprefix("model.layers.")
+            for i in range(module.num_layers):
+                yield f"model.layers.{i}.{rest}", module, i
 
 
 def _targets(model: nnx.Module, targets) -> list[tuple[nnx.Module, str, tuple]]:
     """(parent, attribute, path) for each plain :class:`Linear` whose attribute is targeted."""
     if isinstance(targets, str):
         pattern = re.compile(targets)
-        wanted = lambda path, attr: pattern.fullmatch(_hf_module_name(path + (attr,))) is not None  # noqa: E731
+
+        def wanted(path, attr):
+            name = _hf_module_name(path + (attr,))
+            if not name.startswith("model.layers.") or name.split(".")[2].isdigit():
+                return pattern.fullmatch(name) is not None
+            # stacked layers (scan_layers): one adapter serves every layer, so all or none
+            rest = name.removeprefix("model.layers.")
+            hits = {pattern.fullmatch(f"model.layers.{i}.{rest}") is not None
+                    for i in range(getattr(model.config, "num_layers", 1))}  # fmt: skip
+            if len(hits) > 1:
+                raise ValueError(f"target_modules {targets!r} selects some layers' {rest} only; "
+                                 "per-layer targets need a model with scan_layers=False")
+            return hits.pop()
     else:
         names = set(targets)
         wanted = lambda path, attr: attr in names  # noqa: E731
@@ -238,11 +271,11 @@ def save_adapter(
     """
     from safetensors.numpy import save_file
 
-    modules = list(lora_modules(model))
+    modules = list(_per_layer(model))
     if not modules:
         raise ValueError("model has no LoRA adapters to save; call apply_lora() first")
     tensors = {}
-    for name, module in modules:
+    for name, module, layer in modules:
         if module.rank != config.rank or not math.isclose(module.scaling, config.scaling):
             raise ValueError(
                 f"{name}: adapter rank/scaling ({module.rank}, {module.scaling}) do not match "
@@ -255,8 +288,8 @@ def save_adapter(
                     "it first on every process (nnx.update(model, sfjax.parallel.to_host("
                     "lora_state(model)))), then save from one process"
                 )
-        a_IR = np.asarray(jax.device_get(module.lora_a[...]))
-        b_RO = np.asarray(jax.device_get(module.lora_b[...]))
+        a_IR = np.asarray(jax.device_get(module.lora_a[...] if layer is None else module.lora_a[layer]))
+        b_RO = np.asarray(jax.device_get(module.lora_b[...] if layer is None else module.lora_b[layer]))
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a_IR.T)
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b_RO.T)
     if any(t.dtype.name == "bfloat16" for t in tensors.values()):
@@ -265,7 +298,7 @@ def save_adapter(
         save = lambda t, p, metadata: save_jax({k: jnp.asarray(v) for k, v in t.items()}, p, metadata)  # noqa: E731
     else:
         save = save_file
-    targets = sorted({name.rsplit(".", 1)[-1] for name, _ in modules})
+    targets = sorted({name.rsplit(".", 1)[-1] for name, _, _ in modules})
     adapter_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -336,7 +369,7 @@ def load_adapter(model: nnx.Module, adapter_dir: str | os.PathLike) -> LoRAConfi
         apply_lora(model, config)
     tensors = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))
     expected = set()
-    for name, module in lora_modules(model):
+    for name, module, layer in _per_layer(model):
         key_a = f"{PEFT_PREFIX}{name}.lora_A.weight"
         key_b = f"{PEFT_PREFIX}{name}.lora_B.weight"
         expected |= {key_a, key_b}
@@ -354,8 +387,12 @@ def load_adapter(model: nnx.Module, adapter_dir: str | os.PathLike) -> LoRAConfi
         if not math.isclose(module.scaling, config.scaling):
             raise ValueError(f"{name}: model adapter scaling {module.scaling} != {config.scaling}")
         dtype = module.lora_a[...].dtype
-        module.lora_a[...] = jnp.asarray(a_RI.T, dtype)
-        module.lora_b[...] = jnp.asarray(b_OR.T, dtype)
+        if layer is None:
+            module.lora_a[...] = jnp.asarray(a_RI.T, dtype)
+            module.lora_b[...] = jnp.asarray(b_OR.T, dtype)
+        else:  # one layer of a stacked adapter
+            module.lora_a[...] = module.lora_a[...].at[layer].set(jnp.asarray(a_RI.T, dtype))
+            module.lora_b[...] = module.lora_b[...].at[layer].set(jnp.asarray(b_OR.T, dtype))
     extra = sorted(set(tensors) - expected)
     if extra:
         raise ValueError(f"adapter in {adapter_dir} has weights for modules the model lacks: {extra[:4]}")

@@ -20,200 +20,16 @@ Loading and saving Hugging Face checkpoints lives in :mod:`sfjax.models.weights`
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sfjax.models.config import Qwen3Config
 from sfjax.models.kv_cache import KVCache, init_cache
 from sfjax.models.matmul import matmul
 from sfjax.parallel import shard_activation
-
-
-@dataclass(frozen=True)
-class Qwen3Config:
-    """Architecture of a Qwen3 dense decoder (the fields of HF ``config.json`` that matter)."""
-
-    vocab_size: int = 151936
-    """Rows of the embedding table (and columns of the LM head)."""
-    hidden_size: int = 2560
-    """Residual stream width D."""
-    intermediate_size: int = 9728
-    """SiLU-gated MLP width F."""
-    num_layers: int = 36
-    """Number of decoder layers L (HF ``num_hidden_layers``)."""
-    num_heads: int = 32
-    """Query heads N (HF ``num_attention_heads``)."""
-    num_kv_heads: int = 8
-    """Key/value heads K (HF ``num_key_value_heads``); must divide ``num_heads``."""
-    head_dim: int = 128
-    """Per-head width H; in Qwen3 independent of ``hidden_size / num_heads``."""
-    rms_norm_eps: float = 1e-6
-    """Epsilon of every RMSNorm."""
-    rope_theta: float = 1_000_000.0
-    """RoPE base frequency."""
-    tie_word_embeddings: bool = True
-    """Whether the LM head reuses the embedding table (no ``lm_head.weight`` in the checkpoint)."""
-    max_position_embeddings: int = 40960
-    """Longest context the checkpoint was trained for (informational; not enforced in forward)."""
-    bos_token_id: int | None = None
-    """Beginning-of-sequence id from ``config.json`` (Qwen3 does not prepend it)."""
-    eos_token_id: int | tuple[int, ...] | None = None
-    """End-of-sequence id(s) from ``config.json``."""
-
-    def __post_init__(self):
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
-            )
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "head_dim"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"Qwen3Config.{name} must be positive, got {getattr(self, name)}")
-
-    @property
-    def num_groups(self) -> int:
-        """Query heads per key/value head (the GQA ratio G)."""
-        return self.num_heads // self.num_kv_heads
-
-    # ----------------------------------------------------------------------------- presets
-    @classmethod
-    def qwen3_4b(cls) -> Qwen3Config:
-        """Qwen/Qwen3-4B (the paper's Actor): 36 layers, 32/8 heads, tied embeddings, ≈4.02 B."""
-        return cls(bos_token_id=151643, eos_token_id=151645)
-
-    @classmethod
-    def qwen3_1_7b(cls) -> Qwen3Config:
-        """Qwen/Qwen3-1.7B: 28 layers, hidden 2048, 16/8 heads, tied embeddings."""
-        return cls(
-            hidden_size=2048, intermediate_size=6144, num_layers=28, num_heads=16,
-            num_kv_heads=8, bos_token_id=151643, eos_token_id=151645,
-        )  # fmt: skip
-
-    @classmethod
-    def qwen3_0_6b(cls) -> Qwen3Config:
-        """Qwen/Qwen3-0.6B: 28 layers, hidden 1024, 16/8 heads, tied embeddings."""
-        return cls(
-            hidden_size=1024, intermediate_size=3072, num_layers=28, num_heads=16,
-            num_kv_heads=8, bos_token_id=151643, eos_token_id=151645,
-        )  # fmt: skip
-
-    @classmethod
-    def tiny(cls, **overrides: Any) -> Qwen3Config:
-        """The tiny test architecture of :func:`sfjax.testing.write_tiny_checkpoint` (GQA 2).
-
-        Keyword overrides replace fields, e.g. ``Qwen3Config.tiny(tie_word_embeddings=False)``.
-        """
-        base = cls(
-            vocab_size=1024, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-            num_kv_heads=2, head_dim=16, max_position_embeddings=4096, bos_token_id=820,
-            eos_token_id=822,
-        )  # fmt: skip
-        return dataclasses.replace(base, **overrides)
-
-    # ------------------------------------------------------------------------ HF conversion
-    @classmethod
-    def from_hf(cls, config: Mapping[str, Any] | str | os.PathLike) -> Qwen3Config:
-        """Build from an HF ``config.json`` (a dict, the file, or the checkpoint directory).
-
-        Raises ``ValueError`` for anything this implementation does not compute faithfully
-        (another ``model_type``, biases, sliding windows, RoPE scaling, a non-SiLU MLP).
-        """
-        if not isinstance(config, Mapping):
-            path = os.fspath(config)
-            if os.path.isdir(path):
-                path = os.path.join(path, "config.json")
-            if not os.path.isfile(path):
-                raise FileNotFoundError(
-                    f"no config.json at {path!r}; pass a Hugging Face Qwen3 checkpoint directory"
-                )
-            with open(path) as f:
-                config = json.load(f)
-        c = dict(config)
-        model_type = c.get("model_type")
-        if model_type != "qwen3":
-            raise ValueError(
-                f"unsupported model_type {model_type!r}: sfjax implements only 'qwen3' (dense "
-                "Qwen3, e.g. Qwen/Qwen3-4B); Qwen3-MoE, Qwen2 and others are not supported"
-            )
-        if c.get("attention_bias", False):
-            raise ValueError(
-                "attention_bias=true is not supported by sfjax's Qwen3 (Qwen3 has none)"
-            )
-        if c.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act {c['hidden_act']!r} is not supported; Qwen3 uses 'silu'")
-        if c.get("use_sliding_window", False):
-            raise ValueError("use_sliding_window=true is not supported by sfjax's Qwen3")
-        rope_theta = c.get("rope_theta")
-        rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-        if rope:
-            rope_type = rope.get("rope_type", rope.get("type", "default"))
-            if rope_type != "default":
-                raise ValueError(
-                    f"rope type {rope_type!r} is not supported (only the default RoPE); remove "
-                    "rope_scaling from config.json to run without context extension"
-                )
-            rope_theta = rope.get("rope_theta", rope_theta)
-        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
-        missing = [k for k in (*required, "num_attention_heads") if c.get(k) is None]
-        if missing:
-            raise ValueError(f"config.json lacks required Qwen3 fields {missing}")
-        eos = c.get("eos_token_id")
-        if isinstance(eos, list):
-            eos = tuple(eos)
-        num_heads = c["num_attention_heads"]
-        return cls(
-            vocab_size=c["vocab_size"],
-            hidden_size=c["hidden_size"],
-            intermediate_size=c["intermediate_size"],
-            num_layers=c["num_hidden_layers"],
-            num_heads=num_heads,
-            num_kv_heads=c.get("num_key_value_heads") or num_heads,
-            head_dim=c.get("head_dim") or 128,  # HF Qwen3Config default (not hidden / heads)
-            rms_norm_eps=c.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope_theta if rope_theta is not None else 10_000.0),
-            tie_word_embeddings=c.get("tie_word_embeddings", False),  # HF Qwen3Config default
-            max_position_embeddings=c.get("max_position_embeddings", 32768),
-            bos_token_id=c.get("bos_token_id"),
-            eos_token_id=eos,
-        )
-
-    def to_hf(self, dtype: str = "bfloat16") -> dict[str, Any]:
-        """An HF ``config.json`` dict that ``transformers.Qwen3Config`` reads back to this."""
-        eos = self.eos_token_id
-        return {
-            "architectures": ["Qwen3ForCausalLM"],
-            "model_type": "qwen3",
-            "attention_bias": False,
-            "attention_dropout": 0.0,
-            "hidden_act": "silu",
-            "initializer_range": 0.02,
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,
-            "rope_scaling": None,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "max_position_embeddings": self.max_position_embeddings,
-            "max_window_layers": self.num_layers,
-            "use_sliding_window": False,
-            "sliding_window": None,
-            "use_cache": True,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": list(eos) if isinstance(eos, tuple) else eos,
-            "torch_dtype": dtype,
-            "dtype": dtype,  # transformers >= 5 name of torch_dtype
-        }
 
 
 # ------------------------------------------------------------------------------ pure maths
@@ -372,7 +188,9 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    """Pre-norm residual block: attention then MLP."""
+    """Pre-norm residual block: attention then MLP. Its ``__call__`` is *the* decoder layer of
+    sfjax: the un-cached forward, cached prefill / decode, the trainer's shared-prompt passes and
+    the prompt-prefix cache all run it, through :meth:`Qwen3.run_layers`."""
 
     def __init__(self, config: Qwen3Config, *, dtype, rngs: nnx.Rngs):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
@@ -382,22 +200,35 @@ class DecoderLayer(nnx.Module):
         )
         self.mlp = MLP(config, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x_BTD, cos_BTH, sin_BTH, visible_BTS):
-        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos_BTH, sin_BTH, visible_BTS)
-        return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
+    def __call__(self, x_BTD, cos_BTH, sin_BTH, visible_BTS, past_k_BKSH=None, past_v_BKSH=None,
+                 index=None):  # fmt: skip
+        """One layer on ``T`` tokens; returns ``(x_BTD, k, v)``.
 
-    def cached(self, x_BTD, cos_BTH, sin_BTH, visible_BTS, k_BKSH, v_BKSH, index):
-        """Like ``__call__``, but writes this call's k/v into this layer's cache ``k``/``v`` at
-        slot ``index`` (in place under jit with a donated cache) and attends to the cached
-        slots; returns ``(x, k, v)``."""
+        Three uses of the keys / values, one computation:
+
+        * no ``past``: attend to this call's tokens; ``k`` / ``v`` ``[B, K, T, H]`` are its own;
+        * ``past`` without ``index`` (a shared prompt prefix, training): attend to
+          ``concat(past, own)`` (``visible`` covers ``S + T`` keys); ``k`` / ``v`` are its own;
+        * ``past`` with ``index`` (the KV cache): write this call's keys / values into the
+          buffers at slot ``index`` (in place under jit with a donated cache), attend to the
+          whole buffer; ``k`` / ``v`` are the updated buffers ``[B, K, S, H]``.
+        """
         attn = self.self_attn
         q_BTNH, k_BKTH, v_BKTH = attn.project_qkv(self.input_layernorm(x_BTD), cos_BTH, sin_BTH)
-        at = (0, 0, index, 0)
-        k_BKSH = jax.lax.dynamic_update_slice(k_BKSH, k_BKTH.astype(k_BKSH.dtype), at)
-        v_BKSH = jax.lax.dynamic_update_slice(v_BKSH, v_BKTH.astype(v_BKSH.dtype), at)
-        out_BTNH = attention(q_BTNH, k_BKSH, v_BKSH, visible_BTS)
+        k_out, v_out = k_BKTH, v_BKTH
+        if past_k_BKSH is None:
+            k_all, v_all = k_BKTH, v_BKTH
+        elif index is None:
+            k_all = jnp.concatenate([past_k_BKSH.astype(k_BKTH.dtype), k_BKTH], axis=2)
+            v_all = jnp.concatenate([past_v_BKSH.astype(v_BKTH.dtype), v_BKTH], axis=2)
+        else:
+            at = (0, 0, index, 0)
+            k_all = jax.lax.dynamic_update_slice(past_k_BKSH, k_BKTH.astype(past_k_BKSH.dtype), at)
+            v_all = jax.lax.dynamic_update_slice(past_v_BKSH, v_BKTH.astype(past_v_BKSH.dtype), at)
+            k_out, v_out = k_all, v_all
+        out_BTNH = attention(q_BTNH, k_all, v_all, visible_BTS)
         x_BTD = x_BTD + attn.o_proj(out_BTNH.reshape(*x_BTD.shape[:2], -1))
-        return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD)), k_BKSH, v_BKSH
+        return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD)), k_out, v_out
 
 
 class Qwen3(nnx.Module):
@@ -406,6 +237,8 @@ class Qwen3(nnx.Module):
     Attributes mirror HF names: ``embed_tokens``, ``layers[i]`` (``input_layernorm``,
     ``self_attn.{q,k,v,o}_proj``, ``self_attn.{q,k}_norm``, ``post_attention_layernorm``,
     ``mlp.{gate,up,down}_proj``), ``norm``, ``lm_head`` (``None`` when embeddings are tied).
+    With ``config.scan_layers`` ``layers`` is one :class:`DecoderLayer` whose parameters carry a
+    leading ``[L]`` axis (built with ``nnx.vmap``).
     """
 
     def __init__(
@@ -424,9 +257,18 @@ class Qwen3(nnx.Module):
         # training on long sequences. A plain attribute: ``model.remat = True`` switches it on.
         self.remat = remat
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs)
-        self.layers = nnx.List(
-            [DecoderLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_layers)]
-        )
+        if config.scan_layers:
+
+            @nnx.split_rngs(splits=config.num_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def stacked(r):
+                return DecoderLayer(config, dtype=dtype, rngs=r)
+
+            self.layers = stacked(rngs)
+        else:
+            self.layers = nnx.List(
+                [DecoderLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_layers)]
+            )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
         self.lm_head = (
             None
@@ -444,22 +286,95 @@ class Qwen3(nnx.Module):
             return self.embed_tokens.attend(h_BTD)
         return self.lm_head(h_BTD).astype(jnp.float32)
 
-    def hidden_states(self, input_ids_BT, attention_mask=None):
+    # ------------------------------------------------------------------------ layer runner
+    def run_layers(self, x_BTD, cos_BTH, sin_BTH, visible_BTS, past=None, index=None, *,
+                   remat: bool = False, keep_kv: bool = True):  # fmt: skip
+        """Run every decoder layer (:meth:`DecoderLayer.__call__`); returns ``(x_BTD, kv)``.
+
+        ``past`` (optional) is ``(k, v)``, each either a tuple of ``[B, K, S, H]`` arrays, one
+        per layer, or one stacked ``[L, B, K, S, H]`` array; ``index`` makes it a KV cache (see
+        the layer). ``kv`` is the layers' keys / values (``None`` unless ``keep_kv``): stacked
+        when the layers ran as a scan, else a tuple per layer; either layout can be passed back
+        as ``past``. ``remat`` recomputes each layer in the backward pass
+        (``config.remat_policy``).
+
+        With ``scan_layers`` the layers run as one ``lax.scan`` (one layer compiled), except a
+        single-token cached step (decode) without ``scan_decode``, which slices the stacked
+        parameters and runs unrolled: stacking the per-layer cache for a scan copies all of it
+        every step, measured 2-5x slower on XLA:CPU (benchmarks/RESULTS.md, "Scanned layers").
+        """
+        c = self.config
+        layer_args = (cos_BTH, sin_BTH, visible_BTS)
+        if not c.scan_layers:
+            ks, vs = [], []
+            for i, layer in enumerate(self.layers):
+                pk, pv = (None, None) if past is None else (past[0][i], past[1][i])
+                x_BTD, k, v = _call_layer(layer, remat, c.remat_policy, x_BTD, *layer_args, pk, pv,
+                                          index)  # fmt: skip
+                x_BTD = shard_activation(x_BTD)  # batch over (data, fsdp) under a mesh; else no-op
+                ks.append(k)
+                vs.append(v)
+            return x_BTD, ((tuple(ks), tuple(vs)) if keep_kv else None)
+        if index is not None and x_BTD.shape[1] == 1 and not c.scan_decode:
+            return self._run_sliced(x_BTD, layer_args, past, index, keep_kv)
+        return self._run_scanned(x_BTD, layer_args, past, index, remat, keep_kv)
+
+    def _split_layers(self):
+        graphdef, params, rest = nnx.split(self.layers, nnx.Param, ...)
+        return graphdef, params, rest
+
+    def _run_scanned(self, x_BTD, layer_args, past, index, remat, keep_kv):
+        graphdef, params, rest = self._split_layers()
+        stateful = draws_random_numbers(self.layers)
+        policy = getattr(jax.checkpoint_policies, self.config.remat_policy)
+
+        def body(carry, xs):
+            x_BTD, rest = carry
+            p, pk, pv = xs
+            layer = nnx.merge(graphdef, p, rest)
+            x_BTD, k, v = layer(x_BTD, *layer_args, pk, pv, index)
+            x_BTD = shard_activation(x_BTD)
+            rest = nnx.state(layer, nnx.Not(nnx.Param)) if stateful else rest
+            return (x_BTD, rest), ((k, v) if keep_kv else None)
+
+        if remat:
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        pk, pv = (None, None) if past is None else (_stacked(past[0]), _stacked(past[1]))
+        (x_BTD, rest), kv = jax.lax.scan(body, (x_BTD, rest), (params, pk, pv))
+        if stateful:
+            nnx.update(self.layers, rest)
+        return x_BTD, kv
+
+    def _run_sliced(self, x_BTD, layer_args, past, index, keep_kv):
+        graphdef, params, rest = self._split_layers()
+        ks, vs = [], []
+        for i in range(self.config.num_layers):
+            layer = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], params), rest)
+            pk, pv = (None, None) if past is None else (past[0][i], past[1][i])
+            x_BTD, k, v = layer(x_BTD, *layer_args, pk, pv, index)
+            x_BTD = shard_activation(x_BTD)
+            ks.append(k)
+            vs.append(v)
+        return x_BTD, ((tuple(ks), tuple(vs)) if keep_kv else None)
+
+    # ---------------------------------------------------------------------------- forward
+    def hidden_states(self, input_ids_BT, attention_mask=None, *, remat: bool | None = None):
         """Final hidden states ``[B, T, D]`` after the last RMSNorm (HF ``last_hidden_state``);
-        ``model(ids, mask) == model.lm_logits(model.hidden_states(ids, mask))``."""
+        ``model(ids, mask) == model.lm_logits(model.hidden_states(ids, mask))``. ``remat``
+        defaults to ``model.remat``."""
         x_BTD, mask_BT = self._embed(input_ids_BT, attention_mask)
         T = mask_BT.shape[1]
-        pos_BT = positions_from_mask(mask_BT)
-        cos_BTH, sin_BTH = rope_cos_sin(pos_BT, self.config.head_dim, self.config.rope_theta)
+        cos_BTH, sin_BTH = self.rope(positions_from_mask(mask_BT))
         causal_TS = jnp.tril(jnp.ones((T, T), bool))
         visible_BTS = causal_TS[None] & mask_BT[:, None, :]
-        for layer in self.layers:
-            if self.remat:
-                x_BTD = _remat_layer(layer, x_BTD, cos_BTH, sin_BTH, visible_BTS)
-            else:
-                x_BTD = layer(x_BTD, cos_BTH, sin_BTH, visible_BTS)
-            x_BTD = shard_activation(x_BTD)  # batch over (data, fsdp) under a mesh; else no-op
+        remat = self.remat if remat is None else remat
+        x_BTD, _ = self.run_layers(x_BTD, cos_BTH, sin_BTH, visible_BTS, remat=remat,
+                                   keep_kv=False)  # fmt: skip
         return self.norm(x_BTD)
+
+    def rope(self, pos_BT):
+        """Float32 RoPE tables ``(cos_BTH, sin_BTH)`` of positions ``[B, T]``."""
+        return rope_cos_sin(pos_BT, self.config.head_dim, self.config.rope_theta)
 
     def __call__(self, input_ids_BT, attention_mask=None, cache: KVCache | None = None):
         """Logits ``[B, T, V]``; with ``cache`` also returns the updated cache.
@@ -473,8 +388,11 @@ class Qwen3(nnx.Module):
         x_BTD, mask_BT = self._embed(input_ids_BT, attention_mask)
         return self._cached_forward(x_BTD, mask_BT, cache)
 
-    def _embed(self, input_ids_BT, attention_mask):
+    def embed(self, input_ids_BT, attention_mask=None):
         """Validated inputs: embeddings ``[B, T, D]`` and a boolean mask ``[B, T]``."""
+        return self._embed(input_ids_BT, attention_mask)
+
+    def _embed(self, input_ids_BT, attention_mask):
         input_ids_BT = jnp.asarray(input_ids_BT)
         if input_ids_BT.ndim != 2:
             raise ValueError(f"input_ids must be [batch, time], got shape {input_ids_BT.shape}")
@@ -493,32 +411,39 @@ class Qwen3(nnx.Module):
         B, T = mask_BT.shape
         if cache.batch_size != B:
             raise ValueError(f"cache batch {cache.batch_size} != input batch {B}")
-        if len(cache.k) != len(self.layers):
-            raise ValueError(f"cache has {len(cache.k)} layers, the model {len(self.layers)}")
+        if len(cache.k) != self.config.num_layers:
+            raise ValueError(f"cache has {len(cache.k)} layers, the model {self.config.num_layers}")
         S = cache.max_len
         index = cache.index
-        pos_BT = positions_from_mask(mask_BT, cache.positions)
-        cos_BTH, sin_BTH = rope_cos_sin(pos_BT, self.config.head_dim, self.config.rope_theta)
+        cos_BTH, sin_BTH = self.rope(positions_from_mask(mask_BT, cache.positions))
         slot_mask_BS = jax.lax.dynamic_update_slice(cache.slot_mask, mask_BT, (0, index))
         query_slot_T = index + jnp.arange(T)
         causal_TS = jnp.arange(S)[None, :] <= query_slot_T[:, None]
         visible_BTS = causal_TS[None] & slot_mask_BS[:, None, :]
-        ks, vs = [], []
-        for layer, k_BKSH, v_BKSH in zip(self.layers, cache.k, cache.v):
-            x_BTD, k_BKSH, v_BKSH = layer.cached(
-                x_BTD, cos_BTH, sin_BTH, visible_BTS, k_BKSH, v_BKSH, index
-            )
-            x_BTD = shard_activation(x_BTD)
-            ks.append(k_BKSH)
-            vs.append(v_BKSH)
+        # The cache keeps one buffer per layer whatever the parameter layout (kv_cache.py); a
+        # scanned prefill stacks them for the scan and splits them after.
+        past = (cache.k, cache.v)
+        x_BTD, (k, v) = self.run_layers(x_BTD, cos_BTH, sin_BTH, visible_BTS, past, index)
         new_cache = KVCache(
-            k=tuple(ks),
-            v=tuple(vs),
+            k=tuple(k),
+            v=tuple(v),
             slot_mask=slot_mask_BS,
             positions=cache.positions + mask_BT.sum(axis=1, dtype=jnp.int32),
             index=index + T,
         )
         return self.lm_logits(self.norm(x_BTD)), new_cache
+
+
+def _stacked(kv):
+    """Per-layer arrays (a tuple) stacked on a leading layers axis; a stacked array as it is."""
+    return jnp.stack(kv) if isinstance(kv, (tuple, list)) else kv
+
+
+def _call_layer(layer, remat: bool, policy: str, *args):
+    """``layer(*args)``, recomputed in the backward pass when ``remat`` (:func:`remat_call`)."""
+    if not remat:
+        return layer(*args)
+    return remat_call(lambda m, *a: m(*a), layer, *args, policy=policy)
 
 
 def draws_random_numbers(module: nnx.Module) -> bool:
@@ -530,7 +455,7 @@ def draws_random_numbers(module: nnx.Module) -> bool:
     )
 
 
-def remat_call(fn, module: nnx.Module, *args):
+def remat_call(fn, module: nnx.Module, *args, policy: str = "nothing_saveable"):
     """``fn(module, *args)`` recomputed in the backward pass, through a pure function of the
     module's state (``jax.checkpoint``): unlike ``nnx.remat`` it works on a module merged inside
     an outer trace (the KTO train step). When the module draws random numbers (dropout) its
@@ -539,7 +464,7 @@ def remat_call(fn, module: nnx.Module, *args):
     graphdef, state = nnx.split(module)
     stateful = draws_random_numbers(module)
 
-    @jax.checkpoint
+    @functools.partial(jax.checkpoint, policy=getattr(jax.checkpoint_policies, policy))
     def pure(state, *args):
         inner = nnx.merge(graphdef, state)
         out = fn(inner, *args)
@@ -549,10 +474,6 @@ def remat_call(fn, module: nnx.Module, *args):
     if stateful:
         nnx.update(module, rng_state)
     return out
-
-
-def _remat_layer(layer, x_BTD, cos_BTH, sin_BTH, visible_BTS):
-    return remat_call(lambda m, *a: m(*a), layer, x_BTD, cos_BTH, sin_BTH, visible_BTS)
 
 
 def count_params(model_or_state) -> int:

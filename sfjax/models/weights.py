@@ -7,47 +7,37 @@ host memory is about one tensor and every user error (missing/unexpected tensors
 dtype, truncated file) is raised before any compute. The model itself is built with
 ``nnx.eval_shape`` and filled in, so loading 4B never materialises a random 4B model.
 
-The safetensors format is read and written directly (8-byte little-endian header length, JSON
-header, raw little-endian bytes) because numpy has no bfloat16; ``ml_dtypes`` provides it.
+Files are read and written with the ``safetensors`` package (numpy framework; bfloat16 through
+``ml_dtypes``): headers through ``safe_open`` slices, tensors one at a time from its memory map.
+
+With ``config.scan_layers`` the decoder layers' parameters are stacked ``[L, ...]``: each stack
+is created on its devices and filled layer by layer (:func:`_stack_writer`), so loading still
+holds one checkpoint tensor on the host at a time.
 
 Shape legend: D hidden, F MLP width, N/K query/kv heads, H head dim, V vocab.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import re
-import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 
 if TYPE_CHECKING:
     from sfjax.models.qwen3 import Qwen3, Qwen3Config
 
-SAFETENSORS_DTYPES: dict[str, np.dtype] = {
-    "F64": np.dtype("<f8"),
-    "F32": np.dtype("<f4"),
-    "F16": np.dtype("<f2"),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "I64": np.dtype("<i8"),
-    "I32": np.dtype("<i4"),
-    "I16": np.dtype("<i2"),
-    "I8": np.dtype("i1"),
-    "U8": np.dtype("u1"),
-    "BOOL": np.dtype("?"),
-}
 _FLOAT_CODES = ("F64", "F32", "F16", "BF16")
-_NP_TO_CODE = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
-_MAX_HEADER_BYTES = 100 * 1024 * 1024
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3  # HF's "5GB"
 
 
@@ -115,100 +105,59 @@ def hf_param_table(config: Qwen3Config) -> list[ParamSpec]:
 # ------------------------------------------------------------------------- safetensors I/O
 @dataclass(frozen=True)
 class TensorInfo:
-    """One tensor's header entry: file, dtype code, shape and absolute byte range."""
+    """One tensor's header entry: file, name, dtype code and shape."""
 
     file: Path
+    name: str
     dtype: str
     shape: tuple[int, ...]
-    start: int
-    end: int
+
+
+def _open(file: Path):
+    """``safetensors.safe_open`` (numpy framework: bfloat16 comes back as ``ml_dtypes``) with
+    its errors turned into a :class:`CheckpointError` naming the file and what to do."""
+    from safetensors import SafetensorError, safe_open
+
+    hint = "the file is corrupt or truncated (re-download or re-save the checkpoint)"
+    size = file.stat().st_size
+    if size < 8:
+        raise CheckpointError(f"{file}: only {size} bytes, no safetensors header; {hint}")
+    try:
+        return safe_open(str(file), framework="numpy")
+    except SafetensorError as e:
+        if "not fully covered" in str(e) or "incomplete" in str(e):
+            raise CheckpointError(f"{file}: truncated ({e}); {hint}") from None
+        raise CheckpointError(f"{file}: unreadable safetensors header ({e}); {hint}") from None
 
 
 def read_safetensors_header(file: str | os.PathLike) -> dict[str, TensorInfo]:
-    """Parse and validate one ``.safetensors`` header; raises naming the file if corrupt."""
+    """Every tensor's dtype code and shape in one ``.safetensors`` file (header only); raises
+    :class:`CheckpointError` naming the file if it is corrupt or truncated."""
     file = Path(file)
-    size = file.stat().st_size
-    hint = "the file is corrupt or truncated (re-download or re-save the checkpoint)"
-    with open(file, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) < 8:
-            raise CheckpointError(f"{file}: only {size} bytes, no safetensors header; {hint}")
-        (n,) = struct.unpack("<Q", raw)
-        if n > min(_MAX_HEADER_BYTES, size - 8):
-            raise CheckpointError(f"{file}: header length {n} exceeds the file size {size}; {hint}")
-        try:
-            header = json.loads(fh.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{file}: unreadable safetensors header ({e}); {hint}") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{file}: safetensors header is not a JSON object; {hint}")
-    header.pop("__metadata__", None)
     out = {}
-    data_start = 8 + n
-    max_end = 0
-    for name, entry in header.items():
-        try:
-            dtype, shape, (b, e) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{file}: malformed header entry for {name!r}; {hint}") from None
-        if dtype not in SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {dtype}")
-        nbytes = int(np.prod(shape, dtype=np.int64)) * SAFETENSORS_DTYPES[dtype].itemsize
-        if e - b != nbytes or b < 0:
-            raise CheckpointError(
-                f"{file}: tensor {name!r} byte range {b}..{e} does not match shape {list(shape)} "
-                f"{dtype}; {hint}"
-            )
-        out[name] = TensorInfo(file, dtype, shape, data_start + b, data_start + e)
-        max_end = max(max_end, e)
-    if data_start + max_end > size:
-        raise CheckpointError(
-            f"{file}: truncated: header needs {data_start + max_end} bytes, file has {size}; {hint}"
-        )
+    with _open(file) as f:
+        for name in f.keys():
+            sl = f.get_slice(name)
+            out[name] = TensorInfo(file, name, sl.get_dtype(), tuple(sl.get_shape()))
     return out
 
 
 def read_tensor(info: TensorInfo) -> np.ndarray:
-    """Read one tensor's bytes into a numpy array (bfloat16 via ``ml_dtypes``)."""
-    with open(info.file, "rb") as fh:
-        fh.seek(info.start)
-        buf = fh.read(info.end - info.start)
-    if len(buf) != info.end - info.start:
-        raise CheckpointError(f"{info.file}: truncated while reading a tensor; re-download it")
-    return np.frombuffer(buf, dtype=SAFETENSORS_DTYPES[info.dtype]).reshape(info.shape)
+    """One tensor as a numpy array (bfloat16 via ``ml_dtypes``), copied out of the memory map:
+    host memory holds this tensor only."""
+    with _open(info.file) as f:
+        return f.get_tensor(info.name)
 
 
-def write_safetensors(
-    file: str | os.PathLike,
-    tensors: Iterable[tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]],
-    metadata: dict[str, str] | None = None,
-) -> None:
-    """Stream tensors into one ``.safetensors`` file; each is materialised only while written.
+def write_safetensors(file: str | os.PathLike, tensors: dict[str, np.ndarray],
+                      metadata: dict[str, str] | None = None) -> None:  # fmt: skip
+    """``safetensors.numpy.save_file`` with HF's ``{"format": "pt"}`` metadata: the arrays of
+    one file are in host memory while it is written (:func:`save_pretrained` passes one shard,
+    at most ``max_shard_bytes``)."""
+    from safetensors.numpy import save_file
 
-    ``tensors`` yields ``(name, shape, dtype, get_array)``; the header is written first from
-    shapes and dtypes, then ``get_array()`` is called once per tensor.
-    """
-    tensors = list(tensors)
-    header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
-    offset = 0
-    for name, shape, dtype, _ in tensors:
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        header[name] = {
-            "dtype": _NP_TO_CODE[np.dtype(dtype)],
-            "shape": list(shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(file, "wb") as fh:
-        fh.write(struct.pack("<Q", len(blob)))
-        fh.write(blob)
-        for name, shape, dtype, get in tensors:
-            arr = np.ascontiguousarray(get(), dtype=dtype)
-            if arr.shape != tuple(shape):
-                raise ValueError(f"tensor {name!r}: shape {arr.shape} != declared {shape}")
-            fh.write(arr.tobytes())
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(file),
+              metadata=metadata or {"format": "pt"})  # fmt: skip
 
 
 # ------------------------------------------------------------------------------- sharding
@@ -337,10 +286,14 @@ def validate_checkpoint(table: list[ParamSpec], tensors: dict[str, TensorInfo], 
         )
 
 
-def abstract_model(config: Qwen3Config, dtype=jnp.bfloat16) -> Qwen3:
-    """A Qwen3 whose params are ``ShapeDtypeStruct`` placeholders (no memory)."""
+def abstract_model(config: Qwen3Config, dtype=jnp.bfloat16, *, scan_layers: bool | None = None
+                   ) -> Qwen3:  # fmt: skip
+    """A Qwen3 whose params are ``ShapeDtypeStruct`` placeholders (no memory); ``scan_layers``
+    (default: the config's) stacks the layers."""
     from sfjax.models.qwen3 import Qwen3
 
+    if scan_layers is not None:
+        config = dataclasses.replace(config, scan_layers=scan_layers)
     return nnx.eval_shape(lambda: Qwen3(config, dtype=dtype, rngs=nnx.Rngs(0)))
 
 
@@ -350,6 +303,7 @@ def from_pretrained(
     mesh=None,
     *,
     sharding_rule: Callable[..., Any] | None = None,
+    scan_layers: bool = False,
 ) -> Qwen3:
     """Load an HF Qwen3 checkpoint (single-file or sharded safetensors) into a :class:`Qwen3`.
 
@@ -360,6 +314,8 @@ def from_pretrained(
       mesh: optional ``jax.sharding.Mesh`` (default: ``sfjax.parallel``'s default mesh, if one
         was set); each tensor is placed with ``sharding_rule(path, shape, mesh)`` (default
         :func:`param_sharding`), straight from host memory to its shards.
+      scan_layers: build the model with stacked layers (:attr:`Qwen3Config.scan_layers`); each
+        checkpoint tensor is written into its layer's slice of the stack on the devices.
 
     Raises (before reading any tensor data): ``FileNotFoundError`` for a missing directory,
     config or shard, or a hub id that is unavailable offline; ``ValueError`` for an unsupported
@@ -374,31 +330,67 @@ def from_pretrained(
     tensors = checkpoint_index(ckpt_dir)
     validate_checkpoint(table, tensors, config.tie_word_embeddings)
 
-    model = abstract_model(config, dtype)
+    model = abstract_model(config, dtype, scan_layers=scan_layers)
     graphdef, state = nnx.split(model)
     flat = dict(nnx.to_flat_state(state))
-    if set(flat) != {s.path for s in table}:  # the table and the module must agree exactly
-        raise AssertionError(
-            f"name table out of sync with Qwen3: {set(flat) ^ {s.path for s in table}}"
-        )
+    table_paths = {state_path(s.path, scan_layers)[0] for s in table}
+    if set(flat) != table_paths:  # the table and the module must agree exactly
+        raise AssertionError(f"name table out of sync with Qwen3: {set(flat) ^ table_paths}")
     from sfjax.parallel import resolve_mesh
 
     mesh = resolve_mesh(mesh)  # `python -m sfjax.parallel` sets a default mesh
     rule = sharding_rule or param_sharding
     target = np.dtype(jnp.dtype(dtype))
+    stacks = {}  # stacked parameter path -> its [L, ...] array, filled layer by layer
     for spec in table:
         arr = read_tensor(tensors[spec.hf_name])
         arr = arr.T if spec.transpose else arr
         arr = np.ascontiguousarray(arr.astype(target, copy=False))
-        if mesh is None:
-            value = jax.device_put(arr)
-        else:  # each process transfers only its own shards (multi-host safe)
-            from sfjax.parallel import put
-
-            value = put(arr, rule(spec.path, spec.shape, mesh))
-        flat[spec.path].set_value(value)
+        place = (lambda a, sh: jax.device_put(a)) if mesh is None else _put
+        path, layer = state_path(spec.path, scan_layers)
+        if layer is None:
+            flat[path].set_value(place(arr, rule(spec.path, spec.shape, mesh) if mesh else None))
+        else:
+            stack_shape = tuple(flat[path].get_value().shape)
+            if path not in stacks:
+                sharding = rule(path, stack_shape, mesh) if mesh is not None else None
+                stacks[path] = _zeros(stack_shape, target, sharding)
+            value = place(arr, rule(spec.path, spec.shape, mesh) if mesh else None)
+            stacks[path] = _set_layer(stacks[path], value, np.int32(layer))
+            if layer == config.num_layers - 1:
+                flat[path].set_value(stacks.pop(path))
         del arr
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _put(arr, sharding):
+    from sfjax.parallel import put  # each process transfers only its own shards (multi-host)
+
+    return put(arr, sharding)
+
+
+def _zeros(shape, dtype, sharding):
+    """A zero ``[L, ...]`` stack created directly on its devices (never whole on the host)."""
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stack_L, value, layer):
+    """``stack[layer] = value`` in place (the stack is donated); one compile per shape."""
+    return jax.lax.dynamic_update_index_in_dim(stack_L, value.astype(stack_L.dtype), layer, 0)
+
+
+@jax.jit
+def _get_layer(stack_L, layer):
+    return jax.lax.dynamic_index_in_dim(stack_L, layer, 0, keepdims=False)
+
+
+def state_path(path: tuple, scan_layers: bool) -> tuple[tuple, int | None]:
+    """A name-table path ``("layers", i, ...)`` -> ``(state path, layer)``: with stacked layers
+    ``(("layers", ...), i)``, else ``(path, None)``."""
+    if scan_layers and path[0] == "layers":
+        return ("layers", *path[2:]), int(path[1])
+    return tuple(path), None
 
 
 # ---------------------------------------------------------------------------------- saving
@@ -412,7 +404,8 @@ def save_pretrained(
 ) -> Path:
     """Write ``model`` in HF layout: ``config.json`` + safetensors (sharded above 5 GB).
 
-    Tensors are fetched from device and converted one at a time. ``dtype`` (``"bfloat16"``,
+    Tensors are fetched from device and converted one at a time; a file's tensors are held on
+    the host while it is written (``max_shard_bytes``, the ``safetensors`` writer). ``dtype`` (``"bfloat16"``,
     ``"float32"``, ``"float16"``) defaults to the model's parameter dtype. A ``tokenizer`` (HF)
     is saved alongside when given. ``transformers.Qwen3ForCausalLM.from_pretrained`` loads it.
     Multi-host: every process must call it (shards living on other processes are gathered);
@@ -429,10 +422,13 @@ def save_pretrained(
         raise ValueError(f"save dtype must be bfloat16, float32 or float16, got {dtype!r}")
     table = hf_param_table(config)
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    stacked = config.scan_layers
+    where = {spec.hf_name: state_path(spec.path, stacked) for spec in table}
     wrapped = sorted(
         spec.hf_name.removesuffix(".weight")
         for spec in table
-        if spec.path not in flat and (*spec.path[:-1], "base", spec.path[-1]) in flat
+        if where[spec.hf_name][0] not in flat
+        and (*where[spec.hf_name][0][:-1], "base", spec.path[-1]) in flat
     )
     if wrapped:
         raise ValueError(
@@ -442,20 +438,20 @@ def save_pretrained(
             "sfjax.models.lora.save_adapter"
         )
     for spec in table:
-        if spec.path not in flat:
+        if where[spec.hf_name][0] not in flat:
             raise CheckpointError(f"model has no parameter {spec.path} for {spec.hf_name}")
 
-    def getter(spec: ParamSpec):
-        def get():
-            value = flat[spec.path].get_value()
-            if isinstance(value, jax.Array) and not value.is_fully_addressable:
-                from jax.experimental import multihost_utils  # all processes take part
+    def get(spec: ParamSpec) -> np.ndarray:
+        path, layer = where[spec.hf_name]
+        value = flat[path].get_value()
+        if layer is not None:  # one layer of a stack: sliced on its devices
+            value = _get_layer(value, np.int32(layer))
+        if isinstance(value, jax.Array) and not value.is_fully_addressable:
+            from jax.experimental import multihost_utils  # all processes take part
 
-                value = multihost_utils.process_allgather(value, tiled=True)
-            arr = np.asarray(jax.device_get(value)).astype(np_dtype)
-            return arr.T if spec.transpose else arr
-
-        return get
+            value = multihost_utils.process_allgather(value, tiled=True)
+        arr = np.asarray(jax.device_get(value)).astype(np_dtype)
+        return arr.T if spec.transpose else arr
 
     shards: list[list[ParamSpec]] = [[]]
     size = 0
@@ -468,7 +464,7 @@ def save_pretrained(
         size += nbytes
     if not writer:  # take part in the gathers, write nothing
         for spec in table:
-            getter(spec)()
+            get(spec)
         return out
     for stale in list(out.glob("model*.safetensors")) + [out / "model.safetensors.index.json"]:
         stale.unlink(missing_ok=True)
@@ -476,9 +472,7 @@ def save_pretrained(
     weight_map = {}
     for i, shard in enumerate(shards, start=1):
         fname = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
-        write_safetensors(
-            out / fname, [(s.hf_name, s.hf_shape, np_dtype, getter(s)) for s in shard]
-        )
+        write_safetensors(out / fname, {s.hf_name: get(s) for s in shard})
         weight_map.update({s.hf_name: fname for s in shard})
     if n > 1:
         total = sum(int(np.prod(s.shape)) * np_dtype.itemsize for s in table)

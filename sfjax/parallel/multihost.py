@@ -43,7 +43,9 @@ def summary_writer(logdir: str | os.PathLike | None):
         return None
     from tensorboardX import SummaryWriter
 
-    return SummaryWriter(str(logdir))
+    # the pid in the name: tensorboardX names files by the second and opens them "wb", so a
+    # process restarted within the same second (a resume after a kill) erased the last one's
+    return SummaryWriter(str(logdir), filename_suffix=f".{os.getpid()}")
 
 
 def sync(name: str) -> None:

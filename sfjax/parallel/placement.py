@@ -111,7 +111,7 @@ def jit_sharded(
     single_out = isinstance(out_placements, Placement)
     outs = [out_placements] if single_out else list(out_placements)
 
-    def call(*args):
+    def program_for(args):
         if len(args) != len(in_placements):
             raise TypeError(f"expected {len(in_placements)} positional arguments, got {len(args)}")
         leaves, treedef = jax.tree.flatten(args)
@@ -134,11 +134,22 @@ def jit_sharded(
                 donate_argnums=tuple(donate_argnums),
             )  # fmt: skip
             programs[key] = (program, in_sh)
-        program, in_sh = programs[key]
+        return programs[key]
+
+    def call(*args):
+        program, in_sh = program_for(args)
         with activation_sharding(mesh):
             return program(*put(args, in_sh))
 
+    def lower(*args):
+        """``jax.jit(...).lower`` of the program for these arguments (abstract ones allowed:
+        ahead-of-time compilation, benchmarks/bench_compile.py)."""
+        program, _ = program_for(args)
+        with activation_sharding(mesh):
+            return program.lower(*args)
+
     call.programs = programs
+    call.lower = lower
     return functools.wraps(fn)(call)
 
 

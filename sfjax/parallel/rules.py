@@ -98,10 +98,15 @@ def param_logical_axes(path: Sequence[str | int], shape: Sequence[int]) -> tuple
     """Logical axes of one model variable from its state path (see :data:`PARAM_AXES`).
 
     ``path`` is an ``nnx`` state path such as ``("layers", 0, "self_attn", "q_proj", "kernel")``
-    or, under LoRA, ``(..., "q_proj", "base", "kernel")`` / ``(..., "q_proj", "lora_a")``.
+    or, under LoRA, ``(..., "q_proj", "base", "kernel")`` / ``(..., "q_proj", "lora_a")``. A
+    stacked layer's variable (``("layers", "self_attn", ...)``, ``scan_layers``) gets a leading
+    ``layers`` axis (replicated by :data:`DEFAULT_RULES`; pipeline stages could split it).
     Scalars and vectors (norm weights, RNG keys and counters) are replicated. An unknown
     multi-dimensional parameter raises: add it to :data:`PARAM_AXES`.
     """
+    j = _stacked_at(path)
+    if j is not None:  # scan_layers: a leading layers axis, then the layer's own axes
+        return ("layers", *param_logical_axes((*path[: j + 1], 0, *path[j + 1 :]), shape[1:]))
     names = [p for p in path if isinstance(p, str)]
     var = names[-1] if names else ""
     modules = [n for n in names[:-1] if n not in _WRAPPER_NAMES]
@@ -121,6 +126,16 @@ def param_logical_axes(path: Sequence[str | int], shape: Sequence[int]) -> tuple
             "add its (module, variable) logical axes to sfjax.parallel.PARAM_AXES"
         )
     return axes
+
+
+def _stacked_at(path: Sequence[str | int]) -> int | None:
+    """Where ``"layers"`` sits in ``path`` if it names a stacked decoder-layer variable
+    (``Qwen3Config.scan_layers``: ``("layers", "self_attn", ...)`` rather than
+    ``("layers", 3, "self_attn", ...)``); optimizer moments prefix the parameter path."""
+    for i, p in enumerate(path[:-1]):
+        if p == "layers":
+            return None if isinstance(path[i + 1], int) else i
+    return None
 
 
 def param_spec(path, shape, mesh: Mesh, rules: Rules | None = None) -> PartitionSpec:

@@ -13,9 +13,11 @@ distribution is
 (the order of Hugging Face's warpers and vLLM: temperature, then top-k, then top-p on the
 top-k-renormalised distribution). ``τ = 0`` is greedy: ``argmax z`` with log-probability 0.
 
-top-k is applied through a rank mask over a full sort, so ``k`` is a traced value (``lax.top_k``
-would need a static ``k``). Both filters become one threshold on the sorted logits; tokens tied
-with the threshold logit are all kept (as in Hugging Face).
+``k`` is a traced value: top-k is a rank mask over the logits sorted descending. When every row's
+``k`` is at most :data:`TOP_K_BOUND` only that many largest logits are selected (``lax.top_k``,
+static size) and top-p runs within them; otherwise the whole vocabulary is sorted. Both filters
+become one threshold on the sorted logits; tokens tied with the threshold logit are all kept (as
+in Hugging Face).
 
 Shape legend: B = batch rows, V = vocabulary.
 """
@@ -36,29 +38,66 @@ def scaled_logits(logits_BV: jax.Array, temperature_B: jax.Array) -> jax.Array:
     return logits_BV.astype(jnp.float32) / t_B[:, None]
 
 
+TOP_K_BOUND = 64
+"""Largest ``top_k`` served by the partial selection (``lax.top_k`` of this many logits); a row
+with a larger ``k``, or with top-p but no top-k, takes the full sort."""
+
+
+def _threshold(sorted_BK, top_k_B, top_p_B):
+    """The smallest kept logit of top-k ∩ top-p, from the row's logits sorted descending (the
+    whole vocabulary, or its ``K >= k`` largest when every filtering row has ``k <= K``)."""
+    K = sorted_BK.shape[-1]
+    rank_K = jnp.arange(K)
+    k_B = jnp.where(top_k_B > 0, jnp.minimum(top_k_B, K), K)
+    in_k_BK = rank_K[None, :] < k_B[:, None]
+    probs_BK = jax.nn.softmax(jnp.where(in_k_BK, sorted_BK, NEG_INF), axis=-1)
+    mass_before_BK = jnp.cumsum(probs_BK, axis=-1) - probs_BK
+    in_p_BK = (mass_before_BK < top_p_B[:, None]) | (top_p_B[:, None] >= 1.0)
+    keep_BK = (in_k_BK & in_p_BK).at[:, 0].set(True)
+    n_keep_B = keep_BK.sum(axis=-1)
+    return jnp.take_along_axis(sorted_BK, (n_keep_B - 1)[:, None], axis=-1)
+
+
+def partial_selection_fits(top_k_B, top_p_B, max_k: int = TOP_K_BOUND) -> jax.Array:
+    """Whether :func:`filter_logits` can select the ``max_k`` largest logits instead of sorting:
+    every row filters nothing or keeps at most ``max_k`` tokens by top-k."""
+    filters_B = (top_k_B > 0) | (top_p_B < 1.0)
+    return jnp.all(~filters_B | ((top_k_B > 0) & (top_k_B <= max_k)))
+
+
 def filter_logits(
-    logits_BV: jax.Array, top_k_B: jax.Array, top_p_B: jax.Array
+    logits_BV: jax.Array, top_k_B: jax.Array, top_p_B: jax.Array, *, max_k: int = TOP_K_BOUND
 ) -> jax.Array:
     """Temperature-scaled logits with tokens outside top-k ∩ top-p set to :data:`NEG_INF`.
+
+    When every row either filters nothing or has ``0 < k <= max_k`` (the Actor: k = 20), only
+    the ``max_k`` largest logits are selected (``lax.top_k``) and top-p runs within them: the
+    first ``max_k`` entries of the full descending sort, hence the same threshold and the same
+    distribution, without sorting all ``V`` logits per step. Otherwise (``lax.cond``, decided
+    per call) the full sort.
 
     Args:
       logits_BV: float logits, already temperature-scaled (banned tokens may be ``NEG_INF``).
       top_k_B: int, number of highest tokens kept; ``<= 0`` keeps all.
       top_p_B: float in (0, 1]; nucleus mass; ``>= 1`` keeps all.
+      max_k: static bound of the partial selection (0: always the full sort).
     """
     V = logits_BV.shape[-1]
-    sorted_BV = -jnp.sort(-logits_BV, axis=-1)  # descending
-    rank_V = jnp.arange(V)
-    k_B = jnp.where(top_k_B > 0, jnp.minimum(top_k_B, V), V)
-    in_k_BV = rank_V[None, :] < k_B[:, None]
-    masked_sorted_BV = jnp.where(in_k_BV, sorted_BV, NEG_INF)
-    probs_BV = jax.nn.softmax(masked_sorted_BV, axis=-1)
-    mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
-    in_p_BV = (mass_before_BV < top_p_B[:, None]) | (top_p_B[:, None] >= 1.0)
-    keep_BV = in_k_BV & in_p_BV
-    keep_BV = keep_BV.at[:, 0].set(True)
-    n_keep_B = keep_BV.sum(axis=-1)
-    threshold_B = jnp.take_along_axis(sorted_BV, (n_keep_B - 1)[:, None], axis=-1)
+    filters_B = (top_k_B > 0) | (top_p_B < 1.0)
+
+    def full(z_BV):
+        return _threshold(-jnp.sort(-z_BV, axis=-1), top_k_B, top_p_B)
+
+    def partial(z_BV):
+        top_BK, _ = jax.lax.top_k(z_BV, max_k)
+        return _threshold(top_BK, top_k_B, top_p_B)
+
+    if 0 < max_k < V:
+        fits = partial_selection_fits(top_k_B, top_p_B, max_k)
+        threshold_B = jax.lax.cond(fits, partial, full, logits_BV)
+    else:
+        threshold_B = full(logits_BV)
+    threshold_B = jnp.where(filters_B[:, None], threshold_B, NEG_INF)
     return jnp.where(logits_BV >= threshold_B, logits_BV, NEG_INF)
 
 
@@ -67,10 +106,12 @@ def sampling_distribution(
     temperature_B: jax.Array,
     top_k_B: jax.Array,
     top_p_B: jax.Array,
+    *,
+    max_k: int = TOP_K_BOUND,
 ) -> jax.Array:
     """Log-probabilities ``log π`` of the filtered sampling distribution (greedy rows: one-hot)."""
     z_BV = scaled_logits(logits_BV, temperature_B)
-    logp_BV = jax.nn.log_softmax(filter_logits(z_BV, top_k_B, top_p_B), axis=-1)
+    logp_BV = jax.nn.log_softmax(filter_logits(z_BV, top_k_B, top_p_B, max_k=max_k), axis=-1)
     greedy_BV = jnp.where(
         jnp.arange(z_BV.shape[-1])[None, :] == jnp.argmax(z_BV, axis=-1)[:, None], 0.0, NEG_INF
     )
@@ -93,6 +134,8 @@ def sample(
     temperature_B: jax.Array,
     top_k_B: jax.Array,
     top_p_B: jax.Array,
+    *,
+    max_k: int = TOP_K_BOUND,
 ) -> tuple[jax.Array, jax.Array]:
     """Draw one token per row from π; returns ``(token_B, log π(token)_B)``.
 
@@ -100,7 +143,7 @@ def sample(
     (:func:`row_keys`), so a row's sample does not depend on the other rows of the batch.
 
     Greedy rows take ``argmax`` (first index on ties, like ``torch.argmax``) with log-prob 0.
-    The sort behind top-k/top-p runs only when some row asks for it (``lax.cond``), and the
+    ``max_k``: see :func:`filter_logits`. The selection behind top-k/top-p runs only when some row asks for it (``lax.cond``), and the
     whole categorical draw is skipped when every row is greedy, so plain greedy decoding costs
     one argmax per step.
     """
@@ -111,7 +154,7 @@ def sample(
     def draw(_):
         filtered_BV = jax.lax.cond(
             needs_filter,
-            lambda z: filter_logits(z, top_k_B, top_p_B),
+            lambda z: filter_logits(z, top_k_B, top_p_B, max_k=max_k),
             lambda z: z,
             z_BV,
         )

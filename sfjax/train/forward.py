@@ -3,9 +3,9 @@ per-layer rematerialisation and a chunked LM head (paper §IV-C; log πθ(y|x), 
 
 KTO (paper eq. 8–11) needs, per example, ``log π(y|x)`` summed over the completion tokens for
 the policy and the reference, and the same for a mismatched completion ``y'`` of the same
-prompt (the KL rows). This module computes them from a Qwen3's own sub-modules
-(:mod:`sfjax.models.qwen3`: ``embed_tokens``, ``layers``, ``norm``, ``lm_logits``), without the
-sampler's KV-cache machinery, so that training can
+prompt (the KL rows). This module computes them with the model's own pieces (:mod:`sfjax.models.qwen3`:
+``embed``, ``rope``, the layer runner ``run_layers``, ``norm``, ``lm_logits``; plain or
+``scan_layers``), without the sampler's KV cache, so that training can
 
 * run the prompt once for several completions: :func:`prefix_states` returns each layer's
   keys / values of the prompt, :func:`continuation_states` continues any number of completions
@@ -32,7 +32,6 @@ import jax.numpy as jnp
 
 from sfjax.losses.kto import target_logps
 from sfjax.models import qwen3
-from sfjax.parallel import shard_activation
 
 AUTO_CHUNK_BYTES = 64 * 2**20
 """Automatic LM-head chunk: as many tokens as fit this many bytes of float32 logits."""
@@ -45,45 +44,16 @@ def chunk_tokens(vocab_size: int, requested: int = 0) -> int:
     return max(1, AUTO_CHUNK_BYTES // (4 * int(vocab_size)))
 
 
-def _block(layer, x_BTD, cos_BTH, sin_BTH, visible_BTS, prefix_k_BKSH=None, prefix_v_BKSH=None):
-    """One decoder layer (as ``DecoderLayer.__call__``) that also returns this call's k / v and
-    attends to ``prefix_k`` / ``prefix_v`` (earlier tokens' keys / values) before its own."""
-    attn = layer.self_attn
-    q_BTNH, k_BKTH, v_BKTH = attn.project_qkv(layer.input_layernorm(x_BTD), cos_BTH, sin_BTH)
-    k_all, v_all = k_BKTH, v_BKTH
-    if prefix_k_BKSH is not None:
-        k_all = jnp.concatenate([prefix_k_BKSH.astype(k_BKTH.dtype), k_BKTH], axis=2)
-        v_all = jnp.concatenate([prefix_v_BKSH.astype(v_BKTH.dtype), v_BKTH], axis=2)
-    out_BTNH = qwen3.attention(q_BTNH, k_all, v_all, visible_BTS)
-    x_BTD = x_BTD + attn.o_proj(out_BTNH.reshape(*x_BTD.shape[:2], -1))
-    x_BTD = x_BTD + layer.mlp(layer.post_attention_layernorm(x_BTD))
-    return x_BTD, k_BKTH, v_BKTH
-
-
 def _remat(model, remat: bool) -> bool:
     """Remat when asked, or when the model was built / set with ``remat=True``."""
     return bool(remat or getattr(model, "remat", False))
 
 
-def _run_block(layer, remat: bool, *args):
-    """``_block(layer, *args)``, recomputed in the backward pass when ``remat``
-    (:func:`sfjax.models.qwen3.remat_call`: a pure ``jax.checkpoint``, so it works inside any
-    trace; the RNG state of LoRA dropout is threaded out only when dropout is active)."""
-    if not remat:
-        return _block(layer, *args)
-    return qwen3.remat_call(_block, layer, *args)
-
-
-def _rope(model, pos_BT):
-    return qwen3.rope_cos_sin(pos_BT, model.config.head_dim, model.config.rope_theta)
-
-
 def _causal_inputs(model, ids_BT, mask_BT):
     """Embeddings, RoPE tables and causal visibility of one (left-padded) self-contained
     sequence batch: ``(x_BTD, cos_BTH, sin_BTH, visible_BTT, mask_BT)``."""
-    mask_BT = jnp.asarray(mask_BT, bool)
-    x_BTD = shard_activation(model.embed_tokens(jnp.asarray(ids_BT)))
-    cos_BTH, sin_BTH = _rope(model, qwen3.positions_from_mask(mask_BT))
+    x_BTD, mask_BT = model.embed(ids_BT, mask_BT)
+    cos_BTH, sin_BTH = model.rope(qwen3.positions_from_mask(mask_BT))
     T = mask_BT.shape[1]
     visible_BTT = jnp.tril(jnp.ones((T, T), bool))[None] & mask_BT[:, None, :]
     return x_BTD, cos_BTH, sin_BTH, visible_BTT, mask_BT
@@ -91,29 +61,16 @@ def _causal_inputs(model, ids_BT, mask_BT):
 
 def decoder_states(model, ids_BT, mask_BT, *, remat: bool = False):
     """Final normed hidden states ``[B, T, D]`` (``model.hidden_states``), optionally remat."""
-    remat = _remat(model, remat)
-    x_BTD, cos_BTH, sin_BTH, visible_BTS, _ = _causal_inputs(model, ids_BT, mask_BT)
-    for layer in model.layers:
-        x_BTD, _, _ = _run_block(layer, remat, x_BTD, cos_BTH, sin_BTH, visible_BTS)
-        x_BTD = shard_activation(x_BTD)
-    return model.norm(x_BTD)
+    return model.hidden_states(ids_BT, mask_BT, remat=_remat(model, remat))
 
 
 def prefix_states(model, ids_BP, mask_BP, *, remat: bool = False):
-    """Run a (left-padded) prefix; returns ``(kv, mask_BP)`` with ``kv`` one ``(k_BKPH, v_BKPH)``
-    per layer, for :func:`continuation_states`. The prefix's own LM head is never computed."""
-    remat = _remat(model, remat)
+    """Run a (left-padded) prefix; returns ``(kv, mask_BP)`` with ``kv`` the layers' ``(k, v)``
+    (:meth:`~sfjax.models.qwen3.Qwen3.run_layers`), for :func:`continuation_states`. The
+    prefix's LM head is never computed (unrolled, XLA also drops the last layer's unused
+    output)."""
     x_BPD, cos_BPH, sin_BPH, visible_BPS, mask_BP = _causal_inputs(model, ids_BP, mask_BP)
-    kv = []
-    n = len(model.layers)
-    for i, layer in enumerate(model.layers):
-        if i == n - 1:  # the last layer's output is unused: only its keys / values are needed
-            x_n = layer.input_layernorm(x_BPD)
-            _, k_BKPH, v_BKPH = layer.self_attn.project_qkv(x_n, cos_BPH, sin_BPH)
-        else:
-            x_BPD, k_BKPH, v_BKPH = _run_block(layer, remat, x_BPD, cos_BPH, sin_BPH, visible_BPS)
-            x_BPD = shard_activation(x_BPD)
-        kv.append((k_BKPH, v_BKPH))
+    _, kv = model.run_layers(x_BPD, cos_BPH, sin_BPH, visible_BPS, remat=_remat(model, remat))
     return kv, mask_BP
 
 
@@ -121,19 +78,16 @@ def continuation_states(model, prefix, ids_BT, mask_BT, *, remat: bool = False):
     """Final normed hidden states ``[B, T, D]`` of tokens that continue ``prefix`` (the output of
     :func:`prefix_states`): positions count on from the prefix's real tokens, and every query
     sees the prefix's real tokens plus the real tokens of this call up to itself."""
-    remat = _remat(model, remat)
     kv, prefix_mask_BS = prefix
-    mask_BT = jnp.asarray(mask_BT, bool)
+    x_BTD, mask_BT = model.embed(ids_BT, mask_BT)
     start_B = jnp.sum(prefix_mask_BS, axis=1, dtype=jnp.int32)
-    x_BTD = shard_activation(model.embed_tokens(jnp.asarray(ids_BT)))
-    cos_BTH, sin_BTH = _rope(model, qwen3.positions_from_mask(mask_BT, start_B))
+    cos_BTH, sin_BTH = model.rope(qwen3.positions_from_mask(mask_BT, start_B))
     T = mask_BT.shape[1]
     own_BTT = jnp.tril(jnp.ones((T, T), bool))[None] & mask_BT[:, None, :]
     prefix_BTS = jnp.broadcast_to(prefix_mask_BS[:, None, :], (mask_BT.shape[0], T, prefix_mask_BS.shape[1]))
     visible_BTS = jnp.concatenate([prefix_BTS, own_BTT], axis=2)
-    for layer, (k_BKSH, v_BKSH) in zip(model.layers, kv):
-        x_BTD, _, _ = _run_block(layer, remat, x_BTD, cos_BTH, sin_BTH, visible_BTS, k_BKSH, v_BKSH)
-        x_BTD = shard_activation(x_BTD)
+    x_BTD, _ = model.run_layers(x_BTD, cos_BTH, sin_BTH, visible_BTS, kv,
+                                remat=_remat(model, remat), keep_kv=False)  # fmt: skip
     return model.norm(x_BTD)
 
 

@@ -105,13 +105,14 @@ class FakeEnv:
         return states, fbs
 
 
-def _loop(run_dir, on_phase_end=None, **kw):
+def _loop(run_dir, on_phase_end=None, reflector=None, **kw):
     ft = FakeFineTuner()
-    cfg = LoopConfig(sf_iterations=2, num_envs=3, trajectory_steps=12, seed=1, **kw)
+    cfg = LoopConfig(**{"sf_iterations": 2, "num_envs": 3, "trajectory_steps": 12, "seed": 1,
+                        **kw})  # fmt: skip
     rfr_cfg = RfRConfig(kto_iterations=2, num_rollouts=3, tau=0.5)
     return SelfFinetuningLoop(
         cfg, rfr_cfg, PCFG, FakeActor(ft), FakeEnv(),
-        make_reflector(ReflectorConfig(backend="rule"), PCFG), ft, run_dir,
+        reflector or make_reflector(ReflectorConfig(backend="rule"), PCFG), ft, run_dir,
         progress=False, on_phase_end=on_phase_end,
     )  # fmt: skip
 
@@ -195,7 +196,8 @@ def test_api_key_never_in_logs_events_or_checkpoints(tmp_path, monkeypatch, capl
         loop = SelfFinetuningLoop(
             LoopConfig(sf_iterations=1, num_envs=2, trajectory_steps=6, seed=3),
             RfRConfig(kto_iterations=1, num_rollouts=2), PCFG, FakeActor(ft), FakeEnv(),
-            make_reflector(_api_cfg(server.url, window_steps=4), PCFG, run_dir / "cache"),
+            make_reflector(_api_cfg(server.url, context_tokens=2500, max_tokens=500), PCFG,
+                           run_dir / "cache"),
             ft, run_dir, writer=writer, progress=False,
         )  # fmt: skip
         summary = loop.run()

@@ -180,3 +180,39 @@ def test_parser_random_garbage_never_crashes():
             n_ok += 1
             assert CFG.action_lo <= parsed.action <= CFG.action_hi
     assert n_ok < 2000
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["7/2", "5e3", "5 or 6", "1 000", "0x5", "5, 6", "5 to 6", "**5** or 6", "3+1", "4:3", "5..6", "7 (or 8)"],
+)
+def test_parser_never_guesses_a_number(value):
+    """Issue 21 item 8: these were read as their first digits (7/2 -> 7, 0x5 -> 0, ...)."""
+    parsed = P.parse_output(f"Reflection: r\nAction: {value}\nAnalysis: a", CFG)
+    assert not parsed.ok and "not an integer" in parsed.error, parsed
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "*" * 50_000,
+        "Action" + "*" * 50_000 + "x",
+        "\n".join(["**" * 20 + "- 1." * 20] * 2_000),
+        "Action: " + " " * 50_000 + "x",
+        "Action: " + "7" * 50_000,
+        "<think>" * 20_000,
+    ],
+)
+def test_parser_runs_in_linear_time(text):
+    """Issue 21 item 8: 50k '*' took 62 s with the old header regex (quadratic backtracking)."""
+    import time
+
+    t0 = time.perf_counter()
+    P.parse_output(text, CFG)
+    assert time.perf_counter() - t0 < 0.5
+
+
+@pytest.mark.parametrize("text", ["Action: 7 RBGs (14 PRBs)", "Action: 7\tkeep 2 slices", "Action: 7 x9"])
+def test_parser_reads_prose_after_the_action(text):
+    """Words after the value, numbers among them, are prose, not another action."""
+    assert P.parse_output(text, CFG).action == 7

@@ -28,7 +28,7 @@ from sfjax.agents.reflector import (
     make_reflector,
     validate_reply,
 )
-from sfjax.agents.reflectors.base import windows
+from sfjax.agents.reflectors.base import trajectory_summary, windows
 from sfjax.agents.trajectory import Step, Trajectory
 from sfjax.envs.objective import Objective
 
@@ -342,7 +342,8 @@ def _api_cfg(url, **kw):
         backoff_base_s=0.005,
         backoff_max_s=0.02,
         max_format_retries=40,
-        window_steps=10,
+        context_tokens=2000,  # a 35-step trajectory needs windows
+        max_tokens=500,
     )
     base.update(kw)
     return ReflectorConfig(backend="api", api=ApiReflectorConfig(**base))
@@ -368,7 +369,8 @@ def test_api_backend_survives_hostile_server(tmp_path, monkeypatch, caplog):
             for s, x in zip(traj.steps, refl.labels):
                 assert (x.label, x.improved_action) == _truth(s.t, s.action)
             assert "fake-r1" in refl.backend
-        n_windows = sum(len(windows(35, 10)) for _ in trajs)
+        n_windows = sum(len(reflector.plan_windows(t, trajectory_summary(t))) for t in trajs)
+        assert n_windows > len(trajs)  # windowed: beyond the context
         assert len(list(cache.glob("*.json"))) == n_windows
 
         # a rerun is served from the on-disk cache: no request reaches the (now dead) server

@@ -42,7 +42,10 @@ class FakeSampler:
 
 @pytest.fixture(scope="module")
 def small_env():
-    env = RanSlicingEnv(RanSlicingConfig(ttis_per_step=10, episode_steps=12))
+    # traffic from the first step (the default starts every UE OFF, as ns-3)
+    env = RanSlicingEnv(
+        RanSlicingConfig(ttis_per_step=10, episode_steps=12, onoff_start="stationary")
+    )
     return env, env.default_params
 
 

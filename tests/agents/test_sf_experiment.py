@@ -119,7 +119,7 @@ def test_smoke_end_to_end_and_resume(tmp_path, capsys):
         mod.run(_short(mod, res_dir), on_phase_end=kill, progress=False)
     other = _short(mod, res_dir)
     other = dataclasses.replace(other, loop=dataclasses.replace(other.loop, seed=7))
-    with pytest.raises(FileExistsError, match=r"different config .*differs in: loop\.seed\)"):
+    with pytest.raises(FileExistsError, match=r"another config: loop\.seed \(0 in the run, 7 now\)"):
         mod.run(other, progress=False)
     resumed = mod.run(_short(mod, res_dir, resume=True), progress=False)
     assert _strip(resumed) == _strip(summary)
@@ -179,3 +179,163 @@ def test_adapter_loads_with_auto_peft_model(tmp_path, tiny_checkpoint):
     with torch.no_grad():
         torch.testing.assert_close(auto(ids).logits, manual(ids).logits)
     assert mod.base_model_id("Qwen/Qwen3-4B") == "Qwen/Qwen3-4B"  # a hub id stays as it is
+
+
+# -- CLI values, run-dir identity (issue 21 items 5, 6, 8; issue 19 "CLI") ---------------------
+
+
+def _cli(mod, capsys, *args):
+    with pytest.raises(SystemExit) as e:
+        mod.main(["smoke", *args])
+    return e.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "opt,value,line",
+    [
+        ("--loop.sf-iterations", "-1", "--loop.sf-iterations -1: must be >= 1"),
+        ("--loop.keep-checkpoints", "0", "--loop.keep-checkpoints 0: must be >= 2"),
+        ("--loop.trajectory-steps", "0", "--loop.trajectory-steps 0: must be >= 1"),
+        ("--reflector.api.context-tokens", "10", "--reflector.api.context-tokens 10: must be >"),
+        ("--reflector.api.timeout-s", "0", "--reflector.api.timeout-s 0.0: must be > 0 seconds"),
+        ("--actor.top-p", "0", "--actor.top-p 0.0: must be in (0, 1]"),
+    ],
+)
+def test_bad_cli_value_is_one_line_before_anything_is_written(tmp_path, capsys, opt, value, line):
+    code, err = _cli(_experiment(), capsys, "--run-dir", str(tmp_path / "r"), opt, value)
+    assert code == 2 and err.startswith(f"error: {line}"), err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+
+
+def test_key_typed_as_variable_name_is_refused_and_never_written(tmp_path, capsys):
+    key = "sk-live-0123456789abcdefDO-NOT-WRITE"
+    code, err = _cli(_experiment(), capsys, "--run-dir", str(tmp_path / "r"),
+                     "--reflector.backend", "api", "--reflector.api.api-key-env", key)  # fmt: skip
+    assert code == 2 and "--reflector.api.api-key-env (value not shown)" in err
+    assert key not in err and not (tmp_path / "r").exists()
+
+
+def test_action_range_is_the_envs(tmp_path):
+    mod = _experiment()
+    cfg = _short(mod, tmp_path / "r")
+    bad = dataclasses.replace(
+        cfg, actor=dataclasses.replace(
+            cfg.actor, prompt=dataclasses.replace(cfg.actor.prompt, action_hi=9)),
+    )  # fmt: skip
+    from sfjax.configcheck import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--actor\.prompt\.action-hi 9: must be left unset; "
+                       r"the action range comes from the env: \[1, 12\]"):  # fmt: skip
+        mod.run(bad, progress=False)
+    assert not (tmp_path / "r" / "config.json").exists()
+
+
+def test_help_keeps_sentences_and_examples(capsys):
+    """Field help was broken mid-sentence (tyro keeps a docstring's line break when the next
+    line starts with a space or "("), and the examples lost their backslash continuations."""
+    mod = _experiment()
+    import cli_common
+    from tyro import _strings
+
+    assert _strings.remove_single_line_breaks is cli_common._join_lines
+    doc = """How many phase checkpoints to keep (>= 2: the previous one is the
+    fallback when the newest is damaged) and
+    (a parenthesis) or ``code``.
+
+    Examples:
+        cmd --a \\
+            --b
+    - a bullet"""
+    assert cli_common._join_lines(doc) == (
+        "How many phase checkpoints to keep (>= 2: the previous one is the fallback when the "
+        "newest is damaged) and (a parenthesis) or ``code``.\n\nExamples:\n    cmd --a \\\n"
+        "        --b\n- a bullet"
+    )
+    with pytest.raises(SystemExit):
+        mod.main(["--help"])
+    out = capsys.readouterr().out
+    assert "--run-dir runs/paper \\\n" in out
+
+
+def _fake_run(mod, run_dir, cfg):
+    """A run dir as a run leaves it (config.json + a checkpoint step), without running."""
+    (run_dir / "checkpoints" / "3").mkdir(parents=True)
+    mod._prepare_run_dir(cfg, run_dir)
+
+
+def test_operational_options_may_change_on_resume(tmp_path):
+    mod = _experiment()
+    cfg = _short(mod, tmp_path / "r")
+    _fake_run(mod, tmp_path / "r", cfg)
+    api = dataclasses.replace(cfg.reflector.api, max_retries=20, timeout_s=30.0,
+                              max_concurrency=1)  # fmt: skip
+    moved = dataclasses.replace(
+        cfg, run_dir=str(tmp_path / "r") + "/", log_level="DEBUG",
+        reflector=dataclasses.replace(cfg.reflector, api=api),
+        kto=dataclasses.replace(cfg.kto, progress=False),
+    )  # fmt: skip
+    resume, used = mod._prepare_run_dir(moved, tmp_path / "r")
+    assert resume and used == moved
+
+
+def test_real_mismatch_names_keys_and_resume_keeps_the_runs_values(tmp_path, caplog):
+    mod = _experiment()
+    cfg = _short(mod, tmp_path / "r")
+    _fake_run(mod, tmp_path / "r", cfg)
+    other = dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, seed=7),
+                                rfr=dataclasses.replace(cfg.rfr, tau=0.25))  # fmt: skip
+    from cli_common import RunDirTaken
+
+    with pytest.raises(RunDirTaken, match=r"loop\.seed \(0 in the run, 7 now\), rfr\.tau "
+                       r"\(0\.5 in the run, 0\.25 now\)\. Add --resume"):  # fmt: skip
+        mod._prepare_run_dir(other, tmp_path / "r")
+    resume, used = mod._prepare_run_dir(dataclasses.replace(other, resume=True), tmp_path / "r")
+    assert resume and used.loop.seed == 0 and used.rfr.tau == 0.5 and used.resume
+    assert used.kto == cfg.kto and used.kto.buckets == cfg.kto.buckets  # tuples stay tuples
+    assert used.env == cfg.env  # nested dataclasses in tuples (the slices) too
+    assert "with its own values for: loop.seed" in caplog.text
+    assert (tmp_path / "r" / "checkpoints" / "3").exists()  # nothing deleted
+
+
+def test_damaged_run_config_is_named(tmp_path):
+    mod = _experiment()
+    cfg = _short(mod, tmp_path / "r")
+    _fake_run(mod, tmp_path / "r", cfg)
+    (tmp_path / "r" / "config.json").write_text('{"run_dir": "x", "lo')
+    from sfjax.atomic import DamagedFile
+
+    with pytest.raises(DamagedFile, match=r"config\.json is damaged .*pass --resume"):
+        mod._prepare_run_dir(cfg, tmp_path / "r")
+    resume, _ = mod._prepare_run_dir(dataclasses.replace(cfg, resume=True), tmp_path / "r")
+    assert resume and json.loads((tmp_path / "r" / "config.json").read_text())["loop"]
+
+
+def test_tiny_actor_is_written_whole(tmp_path, monkeypatch):
+    """Issue 21 item 3: a kill while the tiny checkpoint was written left config.json without
+    weights, and every later attempt failed ("FileNotFoundError ... convert .bin files")."""
+    mod = _experiment()
+    from sfjax import testing
+
+    path = tmp_path / "tiny_actor"
+    path.mkdir()
+    (path / "config.json").write_text("{}")  # what the old writer left after a kill
+    real = testing.write_tiny_checkpoint
+
+    def killed(out, **kw):
+        real(out, **kw)
+        (Path(out) / "model.safetensors").unlink()
+        raise KeyboardInterrupt  # a kill before the directory is swapped in
+
+    monkeypatch.setattr(testing, "write_tiny_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        mod.tiny_actor(path, 0)
+    assert (path / "config.json").read_text() == "{}"  # untouched: never half replaced
+    monkeypatch.setattr(testing, "write_tiny_checkpoint", real)
+    mod.tiny_actor(path, 0)
+    from sfjax.models import qwen3
+
+    qwen3.from_pretrained(str(path))  # complete now
+    before = (path / "model.safetensors").stat().st_mtime_ns
+    mod.tiny_actor(path, 0)  # complete: kept
+    assert (path / "model.safetensors").stat().st_mtime_ns == before

@@ -62,6 +62,11 @@ def test_heuristic_reacts_to_both_slices(env):
     assert prbs[act(12, 2.6e6, 1e6)] == 12 and prbs[act(16, 2.6e6, 1e6)] == 12
     # a growing queue of slice 0 asks for one more unit than the rate alone
     assert prbs[act(12, 3e6, 1e6, 0.05)] == 14
+    # with a base allocation (the best static one) light load does not shrink below it, while
+    # slice 1's need still does
+    based = R.demand_tracking_policy(env, R.HeuristicParams(250.0, 650.0, 2, base_action=7))
+    assert prbs[int(based(obs(16, 1e6, 1e6), None))] == 16
+    assert prbs[int(based(obs(16, 1e6, 8e6), None))] == 12
 
 
 def test_reference_rows_and_the_hindsight_bound(env, monkeypatch):
@@ -70,7 +75,8 @@ def test_reference_rows_and_the_hindsight_bound(env, monkeypatch):
     rows, rollouts, info = R.reference_rows(env, env.default_params, EVAL, cfg)
     assert [r.name for r in rows] == list(TABLE_ROWS[5:])
     assert info["static"]["prbs"] in env.config.prbs_per_action
-    assert set(info["heuristic"]["best"]) == set(SMALL_GRID)
+    assert set(info["heuristic"]["best"]) == set(SMALL_GRID) | {"base_action"}
+    assert info["heuristic"]["best"]["base_action"] == info["static"]["action"]
     u = {n: r.per_episode()["utility"] for n, r in rollouts.items()}
     # the bound carries the other rows' sequences: per seed it is never below them
     for name in TABLE_ROWS[5:7]:

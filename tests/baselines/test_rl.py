@@ -119,7 +119,7 @@ def test_baseline_on_the_ran_env(name, ran_env):
     assert 0 <= rollouts.actions.min() and rollouts.actions.max() < env.num_actions
     # The greedy policy is the argmax of the trained network and acts in range; so does the
     # algorithm's own behaviour policy.
-    obs = jnp.zeros(env.obs_dim).at[:3].set(jnp.array([0.5, 0.4, 0.3]))  # 9 with both slices
+    obs = jnp.array([0.5, 0.4, 0.3, 0.0, 0.0, 0.4, 0.3, 0.0, 0.0])  # both slices (default)
     for deterministic in (True, False):
         policy = rl.greedy_policy(result.algo, result.seed_state(1), deterministic)
         assert 0 <= int(policy(obs, jax.random.key(0))) < env.num_actions

@@ -239,7 +239,7 @@ def test_env_episode_against_fake_scenario(fake_binary):
     env = Ns3RanSlicingEnv(_config(binary))
     assert env.action_space == gym.spaces.Discrete(12)
     obs, info = env.reset(seed=3)
-    assert obs.shape == (5,) and env.observation_space.contains(obs)
+    assert obs.shape == (9,) and env.observation_space.contains(obs)  # both slices (default)
     pid = env.pid
     assert _alive(pid)
     actions = [0, 4, 4, 11]

@@ -48,6 +48,7 @@ def test_real_episode(binary):
         slices=(dataclasses.replace(GBR_SLICE, **always_on),
                 dataclasses.replace(NON_GBR_SLICE, **always_on)),
         episode_steps=12,
+        onoff_start="stationary",  # ON from the start (the default starts OFF, as ns-3's apps)
     )
     env = Ns3RanSlicingEnv(Ns3Config(scenario=scenario, binary=str(binary)))
     obs, info = env.reset(seed=0)
@@ -183,3 +184,15 @@ def test_ns3gym_style_client_drives_the_scenario(binary, tmp_path):
             proc.kill()
         sock.close(linger=0)
         ctx.term()
+
+
+def test_onoff_sources_start_off_by_default(binary):
+    # ns-3's OnOffApplication starts in an OFF period; the default scenario keeps that (the
+    # JAX env's onoff_start="off"): nothing is offered at the first decision
+    from sfjax.envs.ran import RanSlicingConfig
+
+    scenario = RanSlicingConfig(episode_steps=1)
+    assert scenario.onoff_start == "off"
+    with Ns3RanSlicingEnv(Ns3Config(scenario=scenario, binary=str(binary))) as env:
+        _, info = env.reset(seed=0)
+        assert info["arrival_rate_bps"] == 0.0 and info["other_arrival_rate_bps"] == 0.0

@@ -1,17 +1,41 @@
 """The ``api`` Reflector: any OpenAI-compatible chat-completions endpoint (DeepSeek-R1 default).
 
-Each trajectory is cut into windows (``base.windows``); every window is one chat request with the
-whole-trajectory summary. Requests run on a thread pool of ``max_concurrency`` workers through
-one ``openai.OpenAI`` client whose own retries are off: this module retries transport failures
-(HTTP 429, 5xx, timeouts, connection errors) with exponential backoff and jitter, honouring a
-``Retry-After`` header, up to ``max_retries`` times; a reply that fails validation is retried up
-to ``max_format_retries`` times with the validation error appended to the conversation, and is
-never accepted. Validated replies are cached on disk under the SHA-256 of the request (endpoint,
-model, messages, sampling settings — never the key), so a resumed or repeated run replays them
-without network traffic.
+**Whole trajectory per request.** A trajectory goes to the model in one request when the
+request (estimated at :data:`CHARS_PER_TOKEN` characters per token) plus ``max_tokens`` fits
+``context_tokens`` -- the paper's trajectory-level view. Only a longer one is cut into the
+fewest equal windows that fit, each with the whole-trajectory summary; that is logged.
 
-The API key is read from the environment variable *named* in the config at construction time and
-handed only to the client; it is never logged, returned, cached or checkpointed.
+**Retries are the openai client's** (HTTP 408/409/429/5xx, timeouts, connection errors, up to
+``max_retries``; ``Retry-After`` honoured), with three additions it cannot make itself (openai
+3.60, measured):
+
+* its backoff is fixed by module constants (0.5 s doubling to 8 s): eight retries span at most
+  ~40 s, shorter than a DeepSeek "server busy" spell, and a fault-injection test with hundreds
+  of retries would sleep for minutes. :class:`~sfjax.agents.reflectors.transport.RetryingClient` overrides the one method that computes
+  the delay: ``backoff_base_s`` doubling to ``backoff_max_s`` with full jitter, ``Retry-After``
+  still honoured (capped at ``backoff_max_s``);
+* its timeout is httpx's per-read timeout: a server that trickles keep-alive bytes (DeepSeek
+  sends blank lines while R1 thinks) held a request with ``timeout_s=2`` for 30 s and could hold
+  it forever. :class:`~sfjax.agents.reflectors.transport.AttemptTransport` makes ``timeout_s`` a total deadline per attempt
+  (connect, send, headers and body); a trickle cannot extend it;
+* a 200 whose body is not chat-completion JSON (a gateway's HTML page, a truncated body,
+  ``choices`` empty or missing) came back from openai as a ``str`` or a ``JSONDecodeError``,
+  outside its retry path, and ended the run. The transport hands openai a retryable 502
+  (``x-should-retry: true``) naming the problem instead.
+
+Every failed attempt is logged when it happens, with its reason, and counted in ``stats``
+(``retry_reasons``), which the loop writes into ``summary.json``.
+
+**Replies.** A reply that fails validation (:func:`~sfjax.agents.reflectors.base.validate_reply`,
+which handles R1's shapes) is re-asked up to ``max_format_retries`` times with the error
+appended; a reply cut off at ``max_tokens`` (``finish_reason == "length"``) is re-asked with that
+reason. Nothing malformed is accepted. Validated replies are cached on disk under the SHA-256 of
+the request (endpoint, model, messages, sampling settings -- never the key), so a resumed or
+repeated run replays them without network traffic.
+
+**The key** is read from the environment variable *named* by ``api_key_env`` (a value that looks
+like a key is refused without being shown) and handed only to the client; it is never logged,
+returned, cached or checkpointed, and an error body that echoes it is redacted.
 """
 
 from __future__ import annotations
@@ -19,17 +43,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
-import random
+import re
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
 import openai
 
+from sfjax import atomic
 from sfjax.agents.prompts import PromptConfig
 from sfjax.agents.reflectors.base import (
     ReflectorError,
@@ -41,9 +67,27 @@ from sfjax.agents.reflectors.base import (
     validate_reply,
     windows,
 )
+from sfjax.agents.reflectors.transport import AttemptTransport, RetryingClient
 from sfjax.agents.trajectory import Reflection, StepLabel, Trajectory
+from sfjax.configcheck import Bad, at_least, check_config
 
 log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 60.0
+"""Seconds between progress lines of a reflect phase while no request is answered."""
+
+CHARS_PER_TOKEN = 3.0
+"""Conservative characters per token of the reflection prompt (numbers and units tokenise
+densely; DeepSeek's tokenizer averages ~3.5 on these prompts), used to decide what fits."""
+
+
+def looks_like_key(name: str) -> bool:
+    """Whether ``name`` (meant to name an environment variable) looks like an API key itself."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        return True
+    low = name.lower()
+    mixed = any(c.islower() for c in name) and any(c.isdigit() for c in name)
+    return low.startswith(("sk_", "sk-", "key_")) or (len(name) >= 24 and mixed)
 
 
 @dataclass(frozen=True)
@@ -55,25 +99,54 @@ class ApiReflectorConfig:
     model: str = "deepseek-reasoner"
     """Model name at that endpoint (deepseek-reasoner = DeepSeek-R1)."""
     api_key_env: str = "DEEPSEEK_API_KEY"
-    """NAME of the environment variable that holds the API key (the key itself is never stored)."""
+    """NAME of the environment variable that holds the API key (the key itself is never stored;
+    a key typed here is refused)."""
     max_concurrency: int = 4
     """Requests in flight at once."""
     timeout_s: float = 600.0
-    """Per-request timeout in seconds (R1 replies to long windows can take minutes)."""
+    """Total seconds one attempt of a request may take, reply included (R1 replies to a whole
+    trajectory can take minutes); a server trickling bytes cannot extend it."""
     max_retries: int = 8
-    """Retries of one request after a 429, 5xx, timeout or connection error."""
+    """Retries of one request after a 429, 5xx, timeout, connection error or non-JSON reply."""
     backoff_base_s: float = 2.0
-    """First backoff delay; doubles each retry, with full jitter."""
+    """First backoff delay; doubles each retry, with full jitter (Retry-After is honoured)."""
     backoff_max_s: float = 60.0
     """Cap on one backoff delay."""
     max_format_retries: int = 3
     """Re-asks after a reply that fails validation (the error is sent back to the model)."""
-    window_steps: int = 50
-    """Steps per request; a longer trajectory is reflected in windows plus a summary."""
+    context_tokens: int = 65536
+    """The model's context window in tokens. A trajectory whose request plus MAX_TOKENS fits
+    is reflected in one request; a longer one in the fewest windows that fit."""
     max_tokens: int = 16384
     """Completion token budget per request (reasoning models spend most of it thinking)."""
     temperature: float | None = None
     """Sampling temperature, or None for the endpoint's default (R1 ignores it)."""
+
+    def invalid(self) -> list[Bad]:
+        bad = at_least(self, 1, "max_concurrency", "max_tokens")
+        bad += at_least(self, 0, "max_retries", "max_format_retries", "backoff_base_s")
+        if looks_like_key(self.api_key_env):
+            bad.append(
+                Bad(
+                    "api_key_env",
+                    "the NAME of an environment variable such as DEEPSEEK_API_KEY, not the key "
+                    "itself (export the key in that variable)",
+                    secret=True,
+                )
+            )
+        if not self.base_url.startswith(("http://", "https://")):
+            bad.append(Bad("base_url", "an http:// or https:// URL"))
+        if not self.model:
+            bad.append(Bad("model", "a model name"))
+        if not self.timeout_s > 0:
+            bad.append(Bad("timeout_s", "> 0 seconds"))
+        if not self.backoff_max_s >= self.backoff_base_s:
+            bad.append(Bad("backoff_max_s", f">= --backoff-base-s ({self.backoff_base_s:g})"))
+        if not self.context_tokens > self.max_tokens:
+            bad.append(Bad("context_tokens", f"> --max-tokens ({self.max_tokens})"))
+        if self.temperature is not None and not 0 <= self.temperature <= 2:
+            bad.append(Bad("temperature", "None or in [0, 2]"))
+        return bad
 
 
 class ApiReflector:
@@ -82,6 +155,7 @@ class ApiReflector:
     def __init__(
         self, cfg: ApiReflectorConfig, prompt_cfg: PromptConfig, cache_dir: str | os.PathLike | None
     ):
+        check_config(cfg, "reflector.api.")  # before the key's variable name is ever printed
         key = os.environ.get(cfg.api_key_env)
         if not key:
             raise ReflectorError(
@@ -89,19 +163,36 @@ class ApiReflector:
                 f"{cfg.api_key_env!r} (set it, or choose another variable with "
                 f"--reflector.api.api-key-env, or use the offline 'rule' reflector)"
             )
-        if cfg.max_concurrency < 1:
-            raise ValueError("ApiReflectorConfig.max_concurrency must be >= 1")
         self.cfg = cfg
         self.prompt_cfg = prompt_cfg
         self.name = f"api ({cfg.model} at {cfg.base_url})"
-        self._client = openai.OpenAI(
-            base_url=cfg.base_url, api_key=key, timeout=cfg.timeout_s, max_retries=0
+        self._redact = lambda text: str(text).replace(key, "[API key redacted]")
+        self._local = threading.local()
+        self._client = RetryingClient(
+            base_url=cfg.base_url,
+            api_key=key,
+            timeout=cfg.timeout_s,
+            max_retries=cfg.max_retries,
+            backoff_base_s=cfg.backoff_base_s,
+            backoff_max_s=cfg.backoff_max_s,
+            http_client=openai.DefaultHttpxClient(
+                transport=AttemptTransport(cfg.timeout_s, self._on_attempt)
+            ),
         )
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         if self.cache_dir is not None:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self.stats = {"requests": 0, "transport_retries": 0, "format_retries": 0, "cache_hits": 0}
+        self.stats: dict = {
+            "requests": 0,
+            "attempts": 0,
+            "transport_retries": 0,
+            "format_retries": 0,
+            "truncated_replies": 0,
+            "cache_hits": 0,
+            "windowed_trajectories": 0,
+            "retry_reasons": {},
+        }
 
     def __repr__(self) -> str:  # never show the client (it holds the key)
         return f"ApiReflector(model={self.cfg.model!r}, base_url={self.cfg.base_url!r})"
@@ -121,94 +212,141 @@ class ApiReflector:
         )
         return hashlib.sha256(blob.encode()).hexdigest()
 
-    def _bump(self, name: str) -> None:
+    def _bump(self, name: str, kind: str | None = None) -> None:
         with self._lock:
             self.stats[name] += 1
+            if kind is not None:
+                reasons = self.stats["retry_reasons"]
+                reasons[kind] = reasons.get(kind, 0) + 1
 
-    def _backoff(self, attempt: int, err: Exception) -> float:
-        delay = min(self.cfg.backoff_max_s, self.cfg.backoff_base_s * 2**attempt)
-        delay = random.uniform(0, delay)
-        response = getattr(err, "response", None)
-        retry_after = response.headers.get("retry-after") if response is not None else None
-        if retry_after is not None:
-            try:
-                delay = max(delay, min(float(retry_after), self.cfg.backoff_max_s))
-            except ValueError:
-                pass
-        return delay
+    def _on_attempt(self, kind: str | None, reason: str | None) -> None:
+        """Called by the transport after every HTTP attempt, in the requesting thread."""
+        self._local.attempts = n = getattr(self._local, "attempts", 0) + 1
+        self._bump("attempts")
+        if kind is not None:
+            self._local.last = reason
+            # what openai retries: 408, 409, 429, 5xx, timeouts, connection errors
+            retried = not kind.startswith("HTTP 4") or kind in ("HTTP 408", "HTTP 409", "HTTP 429")
+            if retried and n <= self.cfg.max_retries:
+                self._bump("transport_retries", kind)
+                log.warning(
+                    "reflector API attempt %d of %d failed: %s; retrying",
+                    n, self.cfg.max_retries + 1, self._redact(reason),
+                )  # fmt: skip
 
-    def _complete(self, messages: list[dict]) -> str:
-        """One chat completion with transport retries; returns the reply text."""
-        for attempt in range(self.cfg.max_retries + 1):
-            self._bump("requests")
-            try:
-                resp = self._client.chat.completions.create(**self._request_body(messages))
-                if not resp.choices:
-                    return ""
-                return resp.choices[0].message.content or ""
-            except (
-                openai.RateLimitError,
-                openai.InternalServerError,
-                openai.APITimeoutError,
-                openai.APIConnectionError,
-            ) as e:
-                err = e
-            except openai.APIStatusError as e:
-                if e.status_code >= 500:
-                    err = e
-                else:
-                    hint = (
-                        f" (check the key in ${self.cfg.api_key_env})"
-                        if e.status_code in (401, 403)
-                        else ""
-                    )
-                    raise ReflectorError(
-                        f"Reflector API at {self.cfg.base_url} refused the request with HTTP "
-                        f"{e.status_code}{hint}: {e.message}"
-                    ) from None
-            if attempt == self.cfg.max_retries:
-                raise ReflectorError(
-                    f"Reflector API at {self.cfg.base_url} failed {attempt + 1} times; last "
-                    f"error: {type(err).__name__}: {err}"
-                )
-            self._bump("transport_retries")
-            delay = self._backoff(attempt, err)
-            log.info("reflector request failed (%s); retrying in %.2fs", type(err).__name__, delay)
-            time.sleep(delay)
-        raise AssertionError("unreachable")
+    def _complete(self, messages: list[dict]) -> tuple[str, str | None]:
+        """One chat completion (the openai client retries); returns (text, finish_reason)."""
+        self._local.attempts, self._local.last = 0, None
+        self._bump("requests")
+        try:
+            resp = self._client.chat.completions.create(**self._request_body(messages))
+        except openai.APIStatusError as e:
+            if e.status_code >= 500 or e.status_code in (408, 409, 429):
+                raise self._gave_up(f"HTTP {e.status_code}: {e.message}") from None
+            hint = (
+                f" (check the key in ${self.cfg.api_key_env})"
+                if e.status_code in (401, 403)
+                else ""
+            )
+            raise ReflectorError(
+                f"Reflector API at {self.cfg.base_url} refused the request with HTTP "
+                f"{e.status_code}{hint}: {self._redact(e.message)}"
+            ) from None
+        except (openai.APITimeoutError, openai.APIConnectionError) as e:
+            raise self._gave_up(self._local.last or f"{type(e).__name__}: {e}") from None
+        if not isinstance(resp, openai.types.chat.ChatCompletion) or not resp.choices:
+            # the transport makes these retryable 502s; reaching here is a bug, not a reply
+            raise ReflectorError(f"Reflector API returned {type(resp).__name__}, not a completion")
+        choice = resp.choices[0]
+        return choice.message.content or "", choice.finish_reason
 
-    def _window_labels(self, traj: Trajectory, window: range, summary: str) -> list[StepLabel]:
-        messages = [
+    def _gave_up(self, last: str) -> ReflectorError:
+        return ReflectorError(
+            f"Reflector API at {self.cfg.base_url} failed {self._local.attempts} times; last "
+            f"error: {self._redact(last)} (raise --reflector.api.max-retries or "
+            f"--reflector.api.timeout-s and rerun with --resume)"
+        )
+
+    def _messages(self, traj: Trajectory, window: range, summary: str) -> list[dict]:
+        return [
             {"role": "system", "content": reflection_system_prompt(self.prompt_cfg)},
             {
                 "role": "user",
                 "content": reflection_user_prompt(traj, window, summary, self.prompt_cfg),
             },
         ]
+
+    def plan_windows(self, traj: Trajectory, summary: str) -> list[range]:
+        """The whole trajectory when its request fits the context, else the fewest equal
+        windows that each fit (logged)."""
+        n = len(traj.steps)
+        budget = self.cfg.context_tokens - self.cfg.max_tokens
+
+        def tokens(w: range) -> int:
+            return math.ceil(
+                sum(len(m["content"]) for m in self._messages(traj, w, summary)) / CHARS_PER_TOKEN
+            )
+
+        for k in range(1, n + 1):
+            parts = windows(n, math.ceil(n / k))
+            if all(tokens(w) <= budget for w in parts):
+                if len(parts) > 1:
+                    self._bump("windowed_trajectories")
+                    log.info(
+                        "trajectory of %d steps (~%d tokens) exceeds the reflector's context "
+                        "(%d tokens - %d for the reply): reflected in %d windows of <= %d steps",
+                        n, tokens(range(n)), self.cfg.context_tokens, self.cfg.max_tokens,
+                        len(parts), len(parts[0]),
+                    )  # fmt: skip
+                return parts
+        raise ReflectorError(
+            f"one step's reflection request does not fit --reflector.api.context-tokens "
+            f"{self.cfg.context_tokens} minus --reflector.api.max-tokens {self.cfg.max_tokens}"
+        )
+
+    def _window_labels(self, traj: Trajectory, window: range, summary: str) -> list[StepLabel]:
+        messages = self._messages(traj, window, summary)
         steps = [traj.steps[i].t for i in window]
         actions = [traj.steps[i].action for i in window]
         digest = self.request_hash(messages)
         cached = self._cache_get(digest)
         if cached is not None:
-            self._bump("cache_hits")
-            return validate_reply(cached, steps, actions, self.prompt_cfg)
+            try:
+                labels = validate_reply(cached, steps, actions, self.prompt_cfg)
+            except ReplyError as e:
+                log.warning("ignoring an invalid cached reflector reply %s (%s)", digest[:12], e)
+            else:
+                self._bump("cache_hits")
+                return labels
         convo = list(messages)
         for attempt in range(self.cfg.max_format_retries + 1):
-            text = self._complete(convo)
+            text, finish = self._complete(convo)
             try:
                 labels = validate_reply(text, steps, actions, self.prompt_cfg)
             except ReplyError as e:
+                reason = str(e)
+                if finish == "length":
+                    self._bump("truncated_replies")
+                    reason = (
+                        f"your reply was cut off at the {self.cfg.max_tokens}-token limit before "
+                        f"the JSON list was complete ({e}); think less and give only the list"
+                    )
                 if attempt == self.cfg.max_format_retries:
                     raise ReflectorError(
                         f"Reflector reply for steps {window.start}-{window.stop - 1} still "
-                        f"invalid after {attempt + 1} attempts: {e}"
+                        f"invalid after {attempt + 1} attempts: {reason}"
                     ) from None
-                self._bump("format_retries")
+                kind = "truncated reply" if finish == "length" else "invalid reply"
+                self._bump("format_retries", kind)
+                log.warning(
+                    "reflector reply for steps %d-%d invalid (%s); asking again",
+                    window.start, window.stop - 1, reason[:200],
+                )  # fmt: skip
                 convo = convo + [
                     {"role": "assistant", "content": text},
                     {
                         "role": "user",
-                        "content": f"Your reply was invalid: {e}. Reply again with ONLY the "
+                        "content": f"Your reply was invalid: {reason}. Reply again with ONLY the "
                         f"corrected JSON list for steps {window.start} to {window.stop - 1}.",
                     },
                 ]
@@ -225,38 +363,51 @@ class ApiReflector:
         path = self.cache_dir / f"{digest}.json"
         if not path.exists():
             return None
-        with open(path) as f:
-            return json.load(f)["content"]
+        try:
+            with open(path) as f:
+                return json.load(f)["content"]
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("ignoring the damaged reflector cache file %s (%s)", path, e)
+            return None
 
     def _cache_put(self, digest: str, content: str) -> None:
-        if self.cache_dir is None:
-            return
-        path = self.cache_dir / f"{digest}.json"
-        tmp = path.with_suffix(f".{threading.get_ident()}.tmp")
-        with open(tmp, "w") as f:
-            json.dump({"model": self.cfg.model, "content": content}, f)
-        os.replace(tmp, path)
+        if self.cache_dir is not None:
+            atomic.write_json(
+                self.cache_dir / f"{digest}.json", {"model": self.cfg.model, "content": content}
+            )
 
     # -- public ----------------------------------------------------------------------------
 
     def reflect(self, trajectories: Sequence[Trajectory], key=None) -> list[Reflection]:
-        """Label every step of every trajectory (windows run concurrently)."""
+        """Label every step of every trajectory (requests run concurrently)."""
         del key  # the endpoint's sampling is not ours to seed; the cache makes reruns exact
         jobs = []
         summaries = [trajectory_summary(t) for t in trajectories]
         for ti, traj in enumerate(trajectories):
-            for w in windows(len(traj.steps), self.cfg.window_steps):
+            for w in self.plan_windows(traj, summaries[ti]):
                 jobs.append((ti, w))
         progress = _progress(len(jobs), "reflect (api)")
+        t0 = time.monotonic()
         with ThreadPoolExecutor(max_workers=self.cfg.max_concurrency) as pool:
             futures = [
                 pool.submit(self._window_labels, trajectories[ti], w, summaries[ti])
                 for ti, w in jobs
             ]
-            results = []
-            for f in futures:
-                results.append(f.result())
-                progress.update(1)
+            pending, answered = set(futures), 0
+            while pending:
+                # a line per answer and a heartbeat while R1 thinks: without a terminal (no
+                # progress bar) a reflect phase of many minutes looked frozen
+                done, pending = wait(pending, timeout=HEARTBEAT_S, return_when=FIRST_COMPLETED)
+                for f in done:
+                    f.result()  # the first failure ends the phase
+                answered += len(done)
+                progress.update(len(done))
+                log.info(
+                    "reflect (api): %d of %d requests answered after %.0f s (%d retries so far)",
+                    answered, len(jobs), time.monotonic() - t0,
+                    self.stats["transport_retries"] + self.stats["format_retries"],
+                )  # fmt: skip
+            results = [f.result() for f in futures]
         progress.close()
         out = []
         for ti, traj in enumerate(trajectories):

@@ -3,11 +3,12 @@ windowing with a whole-trajectory summary, and strict validation of the reply.
 
 A Reflector reads complete trajectories after they end and returns, for every step, a label in
 {effective, suboptimal} and an improved action a*_t (eq. 7: a*_t = Reflector(H, s_t)); for an
-effective step a*_t is the action taken. LLM backends see a trajectory in windows of
-``window_steps`` steps that fit the model's context; each window's request carries a short
-summary of the whole trajectory, so local judgements keep the global view. A reply must be a
-JSON list of ``{"step", "label", "improved_action", "reason"}`` covering exactly the window's
-steps; anything else raises :class:`ReplyError`, whose message is sent back to the model on the
+effective step a*_t is the action taken. LLM backends see the whole trajectory in one request
+when it fits the model's context (the api backend), else in windows that fit (the local backend:
+``window_steps``); each window's request carries a short summary of the whole trajectory, so
+local judgements keep the global view. A reply must be a JSON list of ``{"step", "label",
+"improved_action", "reason"}`` covering exactly the window's steps; anything else raises
+:class:`ReplyError`, whose message is sent back to the model on the
 retry — a malformed reply is never accepted.
 """
 
@@ -118,25 +119,41 @@ def _short(text: str, n: int = 160) -> str:
     return (text if len(text) <= n else text[: n - 3] + "...") or "-"
 
 
-_THINK_RE = re.compile(r"<think>.*?</think>", re.DOTALL)
-_FENCE_RE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)
+_THINK_END = "</think>"
+_OPENER_RE = re.compile(r"\[\s*(?=[{\]])|\{\s*(?=\"(?:labels|steps)\")")
 
 
 def _extract_json(text: str):
-    body = _THINK_RE.sub("", text or "").strip()
+    """The reply's JSON list of label objects, from any of the shapes reasoning models produce.
+
+    Everything up to the last ``</think>`` is reasoning (R1 served without a reasoning parser
+    sends the reasoning and ``</think>`` with no opening tag), so it is dropped, brackets and
+    all. In the rest, every ``[`` that opens a list of objects (or ``{`` that opens
+    ``{"labels": ...}``) is decoded with :meth:`json.JSONDecoder.raw_decode`, which stops at the
+    end of the value, so prose (with brackets) after the JSON or a code fence around it does not
+    matter; the last value that is a list of objects wins (a draft in prose comes first).
+    """
+    body = (text or "").rsplit(_THINK_END, 1)[-1].strip()
     if not body:
         raise ReplyError("the reply is empty; return only the JSON list")
-    candidates = [m.group(1) for m in _FENCE_RE.finditer(body)]
-    if "[" in body and "]" in body:
-        candidates.append(body[body.index("[") : body.rindex("]") + 1])
-    candidates.append(body)
-    err = None
-    for c in candidates:
+    decoder = json.JSONDecoder()
+    found, err, pos = None, None, 0
+    while (m := _OPENER_RE.search(body, pos)) is not None:
         try:
-            return json.loads(c)
+            value, end = decoder.raw_decode(body, m.start())
+        except (json.JSONDecodeError, RecursionError) as e:
+            err, pos = e, m.start() + 1
+            continue
+        if isinstance(value, dict) or (value and all(isinstance(x, dict) for x in value)):
+            found = value
+        pos = end
+    if found is None:
+        try:
+            return json.loads(body)  # a bare non-list value gets the shape error below
         except json.JSONDecodeError as e:
-            err = e
-    raise ReplyError(f"the reply is not valid JSON ({err}); return only the JSON list")
+            err = err or e
+        raise ReplyError(f"the reply is not valid JSON ({err}); return only the JSON list")
+    return found
 
 
 def _as_int(v, what: str) -> int:

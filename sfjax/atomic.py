@@ -1,0 +1,81 @@
+"""Files a run writes appear whole or not at all, and damage is named on read.
+
+Every writer goes through a temporary name in the same directory and ``os.replace`` (atomic on
+POSIX), so a kill mid-write leaves the previous version (or nothing) and a stray ``*.tmp``. A
+directory (a model checkpoint, a PEFT adapter) is written under a temporary name and swapped in.
+Readers raise :class:`DamagedFile` naming the file instead of a bare ``JSONDecodeError``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+
+class DamagedFile(RuntimeError):
+    """A file the run wrote that cannot be read back (truncated, zeroed, edited)."""
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> str:
+    """Write ``data`` to ``path`` atomically; returns its SHA-256."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_text(path: str | os.PathLike, text: str) -> str:
+    return write_bytes(path, text.encode())
+
+
+def write_json(path: str | os.PathLike, obj, indent: int | None = None) -> str:
+    """JSON to ``path`` atomically; returns the SHA-256 of the bytes written."""
+    return write_text(path, json.dumps(obj, indent=indent))
+
+
+def read_json(path: str | os.PathLike, what: str = "file"):
+    """Load JSON from ``path``; a damaged file raises :class:`DamagedFile` naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DamagedFile(f"{what} {path} is damaged ({type(e).__name__}: {e})") from None
+
+
+def sha256_file(path: str | os.PathLike) -> str | None:
+    """SHA-256 of a file's bytes, or None when it does not exist."""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+@contextlib.contextmanager
+def replace_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """``with replace_dir(d) as tmp: write into tmp`` -- on success ``tmp`` becomes ``d``
+    (a previous ``d`` is swapped out and removed after), on failure ``d`` is untouched. A kill
+    between the two renames leaves no ``d``, which callers treat as not written yet."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    old = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.old")
+    try:
+        yield tmp
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)

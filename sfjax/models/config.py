@@ -1,0 +1,218 @@
+"""The Qwen3 architecture config (:class:`Qwen3Config`): the fields of an HF ``config.json``
+that matter, presets, HF conversion, and the execution-layout fields (``scan_layers``,
+``scan_decode``, ``remat_policy``) that pick how :class:`sfjax.models.qwen3.Qwen3` compiles."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+
+
+@dataclass(frozen=True)
+class Qwen3Config:
+    """Architecture of a Qwen3 dense decoder (the fields of HF ``config.json`` that matter)."""
+
+    vocab_size: int = 151936
+    """Rows of the embedding table (and columns of the LM head)."""
+    hidden_size: int = 2560
+    """Residual stream width D."""
+    intermediate_size: int = 9728
+    """SiLU-gated MLP width F."""
+    num_layers: int = 36
+    """Number of decoder layers L (HF ``num_hidden_layers``)."""
+    num_heads: int = 32
+    """Query heads N (HF ``num_attention_heads``)."""
+    num_kv_heads: int = 8
+    """Key/value heads K (HF ``num_key_value_heads``); must divide ``num_heads``."""
+    head_dim: int = 128
+    """Per-head width H; in Qwen3 independent of ``hidden_size / num_heads``."""
+    rms_norm_eps: float = 1e-6
+    """Epsilon of every RMSNorm."""
+    rope_theta: float = 1_000_000.0
+    """RoPE base frequency."""
+    tie_word_embeddings: bool = True
+    """Whether the LM head reuses the embedding table (no ``lm_head.weight`` in the checkpoint)."""
+    max_position_embeddings: int = 40960
+    """Longest context the checkpoint was trained for (informational; not enforced in forward)."""
+    bos_token_id: int | None = None
+    """Beginning-of-sequence id from ``config.json`` (Qwen3 does not prepend it)."""
+    eos_token_id: int | tuple[int, ...] | None = None
+    """End-of-sequence id(s) from ``config.json``."""
+    scan_layers: bool = False
+    """Execution layout, not architecture (never written to ``config.json``): keep the decoder
+    layers' parameters stacked on a leading ``[L, ...]`` axis and run the un-cached forward and
+    the prefill as one ``lax.scan`` over them, so XLA compiles one layer instead of ``L``
+    (benchmarks/bench_compile.py). Single-token decode slices the stack and runs unrolled
+    unless ``scan_decode``. Same results as the unrolled model."""
+    scan_decode: bool = False
+    """With ``scan_layers``, also run single-token cached steps (decode) as a scan, over the
+    per-layer cache stacked for the call. Off: decode slices the stacked parameters and runs the
+    layers unrolled, which measured 2-5x faster per step on XLA:CPU (the stack / unstack copies
+    the whole cache every step; benchmarks/RESULTS.md, "Scanned layers") at the cost of
+    compiling the decode step per layer."""
+    remat_policy: str = "nothing_saveable"
+    """``jax.checkpoint_policies`` name used when layers are rematerialised (``remat``):
+    ``nothing_saveable`` recomputes the whole layer in the backward pass (least memory);
+    ``dots_with_no_batch_dims_saveable`` keeps the projection outputs (less recompute)."""
+
+    def __post_init__(self):
+        if not hasattr(jax.checkpoint_policies, self.remat_policy):
+            raise ValueError(
+                f"remat_policy {self.remat_policy!r} is not a jax.checkpoint_policies name (e.g. "
+                "'nothing_saveable', 'dots_with_no_batch_dims_saveable', 'everything_saveable')"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"Qwen3Config.{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def num_groups(self) -> int:
+        """Query heads per key/value head (the GQA ratio G)."""
+        return self.num_heads // self.num_kv_heads
+
+    # ----------------------------------------------------------------------------- presets
+    @classmethod
+    def qwen3_4b(cls) -> Qwen3Config:
+        """Qwen/Qwen3-4B (the paper's Actor): 36 layers, 32/8 heads, tied embeddings, ≈4.02 B."""
+        return cls(bos_token_id=151643, eos_token_id=151645)
+
+    @classmethod
+    def qwen3_1_7b(cls) -> Qwen3Config:
+        """Qwen/Qwen3-1.7B: 28 layers, hidden 2048, 16/8 heads, tied embeddings."""
+        return cls(
+            hidden_size=2048, intermediate_size=6144, num_layers=28, num_heads=16,
+            num_kv_heads=8, bos_token_id=151643, eos_token_id=151645,
+        )  # fmt: skip
+
+    @classmethod
+    def qwen3_0_6b(cls) -> Qwen3Config:
+        """Qwen/Qwen3-0.6B: 28 layers, hidden 1024, 16/8 heads, tied embeddings."""
+        return cls(
+            hidden_size=1024, intermediate_size=3072, num_layers=28, num_heads=16,
+            num_kv_heads=8, bos_token_id=151643, eos_token_id=151645,
+        )  # fmt: skip
+
+    @classmethod
+    def tiny(cls, **overrides: Any) -> Qwen3Config:
+        """The tiny test architecture of :func:`sfjax.testing.write_tiny_checkpoint` (GQA 2).
+
+        Keyword overrides replace fields, e.g. ``Qwen3Config.tiny(tie_word_embeddings=False)``.
+        """
+        base = cls(
+            vocab_size=1024, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+            num_kv_heads=2, head_dim=16, max_position_embeddings=4096, bos_token_id=820,
+            eos_token_id=822,
+        )  # fmt: skip
+        return dataclasses.replace(base, **overrides)
+
+    # ------------------------------------------------------------------------ HF conversion
+    @classmethod
+    def from_hf(cls, config: Mapping[str, Any] | str | os.PathLike) -> Qwen3Config:
+        """Build from an HF ``config.json`` (a dict, the file, or the checkpoint directory).
+
+        Raises ``ValueError`` for anything this implementation does not compute faithfully
+        (another ``model_type``, biases, sliding windows, RoPE scaling, a non-SiLU MLP).
+        """
+        if not isinstance(config, Mapping):
+            path = os.fspath(config)
+            if os.path.isdir(path):
+                path = os.path.join(path, "config.json")
+            if not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f"no config.json at {path!r}; pass a Hugging Face Qwen3 checkpoint directory"
+                )
+            with open(path) as f:
+                config = json.load(f)
+        c = dict(config)
+        model_type = c.get("model_type")
+        if model_type != "qwen3":
+            raise ValueError(
+                f"unsupported model_type {model_type!r}: sfjax implements only 'qwen3' (dense "
+                "Qwen3, e.g. Qwen/Qwen3-4B); Qwen3-MoE, Qwen2 and others are not supported"
+            )
+        if c.get("attention_bias", False):
+            raise ValueError(
+                "attention_bias=true is not supported by sfjax's Qwen3 (Qwen3 has none)"
+            )
+        if c.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {c['hidden_act']!r} is not supported; Qwen3 uses 'silu'")
+        if c.get("use_sliding_window", False):
+            raise ValueError("use_sliding_window=true is not supported by sfjax's Qwen3")
+        rope_theta = c.get("rope_theta")
+        rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+        if rope:
+            rope_type = rope.get("rope_type", rope.get("type", "default"))
+            if rope_type != "default":
+                raise ValueError(
+                    f"rope type {rope_type!r} is not supported (only the default RoPE); remove "
+                    "rope_scaling from config.json to run without context extension"
+                )
+            rope_theta = rope.get("rope_theta", rope_theta)
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
+        missing = [k for k in (*required, "num_attention_heads") if c.get(k) is None]
+        if missing:
+            raise ValueError(f"config.json lacks required Qwen3 fields {missing}")
+        eos = c.get("eos_token_id")
+        if isinstance(eos, list):
+            eos = tuple(eos)
+        num_heads = c["num_attention_heads"]
+        return cls(
+            vocab_size=c["vocab_size"],
+            hidden_size=c["hidden_size"],
+            intermediate_size=c["intermediate_size"],
+            num_layers=c["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=c.get("num_key_value_heads") or num_heads,
+            head_dim=c.get("head_dim") or 128,  # HF Qwen3Config default (not hidden / heads)
+            rms_norm_eps=c.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta if rope_theta is not None else 10_000.0),
+            tie_word_embeddings=c.get("tie_word_embeddings", False),  # HF Qwen3Config default
+            max_position_embeddings=c.get("max_position_embeddings", 32768),
+            bos_token_id=c.get("bos_token_id"),
+            eos_token_id=eos,
+        )
+
+    def to_hf(self, dtype: str = "bfloat16") -> dict[str, Any]:
+        """An HF ``config.json`` dict that ``transformers.Qwen3Config`` reads back to this."""
+        eos = self.eos_token_id
+        return {
+            "architectures": ["Qwen3ForCausalLM"],
+            "model_type": "qwen3",
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "hidden_act": "silu",
+            "initializer_range": 0.02,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": None,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.max_position_embeddings,
+            "max_window_layers": self.num_layers,
+            "use_sliding_window": False,
+            "sliding_window": None,
+            "use_cache": True,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(eos) if isinstance(eos, tuple) else eos,
+            "torch_dtype": dtype,
+            "dtype": dtype,  # transformers >= 5 name of torch_dtype
+        }
+
+
+__all__ = ["Qwen3Config"]

@@ -1,0 +1,41 @@
+"""Every experiment CLI: presets validate clean, values a script sets itself are refused
+instead of silently replaced (issue 19 "CLI"), one line per mistake, no traceback."""
+
+from __future__ import annotations
+
+import pytest
+from experiment_scripts import experiment
+
+from sfjax.config_rules import RULES
+from sfjax.configcheck import problems
+
+
+@pytest.mark.parametrize("name", ["sf_ranslicing", "table3", "reflexion_ranslicing", "rl_baselines"])
+def test_presets_are_valid(name):
+    mod = experiment(name)
+    for _, preset in mod.PRESETS.values():
+        assert problems(preset, rules=RULES) == []
+
+
+def _table3(capsys, *args):
+    mod = experiment("table3")
+    import cli_common
+
+    with pytest.raises(SystemExit) as e:
+        cli_common.run_cli(cli_common.parse, mod.PRESETS, ["smoke", *args], mod.__doc__)
+    return e.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args,line",
+    [
+        (["--sf.run-dir", "elsewhere"], "--sf.run-dir 'elsewhere': must be left unset"),
+        (["--sf.env.cell.n-prb", "50"], "--sf.env.cell.n-prb 50: must be left unset"),
+        (["--reflexion.eval-seed", "3"], "--reflexion.eval-seed 3: must be left unset"),
+        (["--sf.loop.keep-checkpoints", "1"], "--sf.loop.keep-checkpoints 1: must be >= 2"),
+    ],
+)
+def test_table3_refuses_what_it_would_override(tmp_path, capsys, args, line):
+    code, err = _table3(capsys, "--run-dir", str(tmp_path / "t"), *args)
+    assert code == 2 and err.startswith(f"error: {line}"), err
+    assert not (tmp_path / "t").exists()

@@ -1,0 +1,215 @@
+"""The api Reflector against tests/fake_openai.py on 127.0.0.1: non-completion 200 bodies, a
+trickling server against the deadline, DeepSeek-R1's reply shapes, cut-off replies, whole
+trajectories in one request, retries logged and counted, and the key kept out of everything."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+
+import pytest
+from fake_openai import ALL_FAULTS, NON_COMPLETION_200, FakeOpenAI, truth
+
+from sfjax.agents.prompts import PromptConfig
+from sfjax.agents.reflector import (
+    ApiReflectorConfig,
+    ReflectorConfig,
+    ReflectorError,
+    make_reflector,
+    validate_reply,
+)
+from sfjax.agents.reflectors.api import looks_like_key
+from sfjax.agents.trajectory import Step, Trajectory
+from sfjax.configcheck import ConfigError, check_config
+
+PCFG = PromptConfig(action_lo=1, action_hi=12)
+KEY_ENV = "SFJAX_TEST_REFLECTOR_KEY"
+SECRET = "sk-test-DO-NOT-LEAK-8c1f2e"
+
+
+def _traj(n, seed=0, env_index=0):
+    rng = random.Random(seed)
+    steps, prev = [], 7
+    for t in range(n):
+        a = rng.randint(1, 12)
+        fb = {
+            "se": 5.0,
+            "violation": float(rng.random() < 0.2),
+            "reconfiguration": float(a != prev),
+            "arrival_rate_bps": 4e6,
+            "queue_delta_bytes": 0.0,
+            "dropped_bytes": 0.0,
+        }
+        state = {"prev_action": prev, "se": 5.0, "arrival_rate_bps": 4e6,
+                 "queue_delta_bytes": 0.0, "dropped_bytes": 0.0}  # fmt: skip
+        steps.append(Step(t, state, "p", f"Action: {a}", "r", a, "a", True, fb))
+        prev = a
+    return Trajectory(env_index, seed, steps)
+
+
+def _reflector(url, tmp_path, **kw):
+    base = dict(
+        base_url=url, model="fake-r1", api_key_env=KEY_ENV, max_concurrency=2, timeout_s=0.4,
+        max_retries=30, backoff_base_s=0.001, backoff_max_s=0.01, max_format_retries=30,
+    )  # fmt: skip
+    base.update(kw)
+    return make_reflector(ReflectorConfig(backend="api", api=ApiReflectorConfig(**base)), PCFG,
+                          tmp_path / "cache")  # fmt: skip
+
+
+def _assert_right(trajs, out):
+    for traj, refl in zip(trajs, out):
+        assert [(x.step, x.label, x.improved_action) for x in refl.labels] == [
+            (s.t, *truth(s.t, s.action)) for s in traj.steps
+        ]
+
+
+@pytest.fixture(autouse=True)
+def _key(monkeypatch):
+    monkeypatch.setenv(KEY_ENV, SECRET)
+
+
+@pytest.mark.parametrize("shape", NON_COMPLETION_200)
+def test_non_completion_200_is_retried_not_fatal(tmp_path, caplog, shape):
+    """Issue 21 item 1: an HTML page / truncated body / empty choices / a JSON string with
+    HTTP 200 raised AttributeError or JSONDecodeError outside the retry path."""
+    caplog.set_level(logging.WARNING)
+    trajs = [_traj(6)]
+    with FakeOpenAI(script=[shape, shape]) as server:
+        r = _reflector(server.url, tmp_path)
+        out = r.reflect(trajs)
+    _assert_right(trajs, out)
+    assert r.stats["transport_retries"] == 2
+    assert r.stats["retry_reasons"] == {"non-completion 200": 2}
+    assert "HTTP 200 with" in caplog.text and "retrying" in caplog.text  # logged as it happened
+
+
+def test_fault_mix_at_30_percent_gives_the_fault_free_labels(tmp_path):
+    trajs = [_traj(20, seed=s, env_index=s) for s in range(3)]
+    with FakeOpenAI(fault_rate=0.3, seed=5, hang_s=0.6) as server:
+        r = _reflector(server.url, tmp_path, context_tokens=2000, max_tokens=500)
+        out = r.reflect(trajs)
+    _assert_right(trajs, out)
+    assert server.faults_injected > 0
+    kinds = set(server.counts)
+    assert any(k in kinds for k in NON_COMPLETION_200), server.counts
+    assert r.stats["transport_retries"] + r.stats["format_retries"] >= server.faults_injected - 1
+
+
+def test_deadline_is_total_against_a_trickling_server(tmp_path):
+    """Issue 21 item 2: a server that trickles keep-alive bytes held a request far beyond
+    timeout_s (30 s with 2 s, unbounded in principle)."""
+    with FakeOpenAI(script=["trickle"] * 3, hang_s=10) as server:
+        r = _reflector(server.url, tmp_path, timeout_s=0.5, max_retries=2)
+        t0 = time.perf_counter()
+        with pytest.raises(ReflectorError, match=r"failed 3 times; last error: .*deadline"):
+            r.reflect([_traj(3)])
+        elapsed = time.perf_counter() - t0
+    assert elapsed < 3 * 0.5 + 1.0, elapsed  # three attempts of 0.5 s, plus tiny backoffs
+    assert r.stats["retry_reasons"] == {"deadline": 2}
+
+
+def test_whole_trajectory_in_one_request_when_it_fits(tmp_path, caplog):
+    """Issue 19: a 300-step trajectory went out as six 50-step windows."""
+    caplog.set_level(logging.INFO)
+    trajs = [_traj(300)]
+    with FakeOpenAI() as server:
+        r = _reflector(server.url, tmp_path, timeout_s=30)  # default 64k context
+        _assert_right(trajs, r.reflect(trajs))
+        assert len(server.bodies) == 1, (server.counts, r.stats)
+        assert "Steps 0 to 299 of 300" in server.bodies[0]["messages"][1]["content"]
+        assert "windows" not in caplog.text
+        small = _reflector(server.url, tmp_path / "s", timeout_s=30, context_tokens=9000,
+                           max_tokens=1000)  # fmt: skip
+        _assert_right(trajs, small.reflect(trajs))
+    parts = small.plan_windows(trajs[0], "")
+    assert len(parts) > 1 and len({len(p) for p in parts}) <= 2  # equal windows
+    assert "exceeds the reflector's context" in caplog.text
+
+
+def test_cut_off_reply_is_re_asked_with_the_reason(tmp_path):
+    trajs = [_traj(5)]
+    with FakeOpenAI(script=["length"]) as server:
+        r = _reflector(server.url, tmp_path)
+        _assert_right(trajs, r.reflect(trajs))
+    assert r.stats["truncated_replies"] == 1
+    assert "cut off at the 16384-token limit" in server.bodies[1]["messages"][-1]["content"]
+
+
+R1_REPLIES = [
+    # vLLM without a reasoning parser: reasoning, then </think>, no opening tag
+    "Let me look at step [3] and [4]: {{ok}}. Maybe [{{]\n</think>\n\n{good}",
+    # prose with brackets after the JSON
+    "{good}\n\nNotes: step [3] was [borderline]; see {{details}}.",
+    # a draft in prose before the final list
+    'Draft: [{{"step": 3}}] -- no wait.\nFinal:\n{good}',
+    "<think>[1, 2] {{x}}</think>```json\n{good}\n```\nDone [ok].",
+]
+
+
+@pytest.mark.parametrize("template", R1_REPLIES)
+def test_validate_reply_reads_deepseek_r1_shapes(template):
+    steps, acts = [3, 4], [5, 6]
+    good = json.dumps(
+        [{"step": s, "label": "effective", "improved_action": a} for s, a in zip(steps, acts)]
+    )
+    labels = validate_reply(template.format(good=good), steps, acts, PCFG)
+    assert [(x.step, x.improved_action) for x in labels] == [(3, 5), (4, 6)]
+
+
+def test_validate_reply_is_linear_on_bracket_floods():
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError):
+        validate_reply("[{" * 20_000, [0], [1], PCFG)
+    assert time.perf_counter() - t0 < 2.0
+
+
+def test_401_echoing_the_key_is_redacted(tmp_path, caplog):
+    """Issue 21 item 8: a 401 body that echoes the key was copied into the error."""
+    with FakeOpenAI(echo_key_401=True) as server:
+        r = _reflector(server.url, tmp_path)
+        with pytest.raises(ReflectorError, match="HTTP 401") as e:
+            r.reflect([_traj(3)])
+    assert SECRET not in str(e.value) and "redacted" in str(e.value)
+    assert SECRET not in caplog.text
+
+
+@pytest.mark.parametrize("typed", [SECRET, "sk_live_abcdef", "abcdefghij0123456789abcdef", "A-B"])
+def test_key_typed_as_variable_name_is_refused_unshown(typed):
+    """Issue 21 item 8: ``--reflector.api.api-key-env sk-...`` was written into config.json."""
+    assert looks_like_key(typed)
+    with pytest.raises(
+        ConfigError, match=r"--reflector\.api\.api-key-env \(value not shown\)"
+    ) as e:
+        check_config(ReflectorConfig(api=ApiReflectorConfig(api_key_env=typed)), "reflector.")
+    assert typed not in str(e.value)
+    assert not looks_like_key("DEEPSEEK_API_KEY") and not looks_like_key("my_key_2")
+
+
+def test_api_config_values_validated_with_option_names():
+    bad = ApiReflectorConfig(timeout_s=0, max_retries=-1, context_tokens=100, max_tokens=200)
+    with pytest.raises(ConfigError) as e:
+        check_config(ReflectorConfig(api=bad), "reflector.")
+    lines = str(e.value).splitlines()
+    assert "--reflector.api.timeout-s 0: must be > 0 seconds" in lines
+    assert "--reflector.api.max-retries -1: must be >= 0" in lines
+    assert "--reflector.api.context-tokens 100: must be > --max-tokens (200)" in lines
+
+
+def test_every_fault_kind_is_known():
+    assert len(set(ALL_FAULTS)) == len(ALL_FAULTS)
+
+
+def test_slow_reflect_phase_logs_a_heartbeat(tmp_path, caplog, monkeypatch):
+    """Issue 21 item 7: with output not on a terminal a slow reflect phase looked frozen."""
+    import sfjax.agents.reflectors.api as api_mod
+
+    monkeypatch.setattr(api_mod, "HEARTBEAT_S", 0.1)
+    caplog.set_level(logging.INFO)
+    with FakeOpenAI(script=["hang"], hang_s=0.5) as server:
+        r = _reflector(server.url, tmp_path, timeout_s=2)
+        r.reflect([_traj(3)])
+    lines = [m for m in caplog.messages if m.startswith("reflect (api):")]
+    assert "0 of 1 requests answered" in lines[0] and "1 of 1" in lines[-1]

@@ -1,0 +1,202 @@
+"""A fake OpenAI-compatible chat-completions server on 127.0.0.1 that injects faults.
+
+The fake Reflector's verdict on a step is :func:`truth`; replies are built from the steps it
+finds in the request, so a reply is right exactly when the client sent the right steps. Faults
+(transport errors, non-JSON 200 bodies, trickled replies, malformed / truncated / partial
+replies) are drawn per request with probability ``fault_rate`` from ``faults``, or scripted
+per request with ``script`` (a list consumed in order). Good replies come in the shapes
+DeepSeek-R1 produces (see :data:`GOOD_SHAPES`). Counts of what was served are in ``counts``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+TRANSPORT_FAULTS = ("429", "500", "503", "hang", "reset", "trickle")
+NON_COMPLETION_200 = ("html", "truncated_body", "empty_choices", "json_string")
+REPLY_FAULTS = ("malformed", "missing_steps", "length")
+ALL_FAULTS = TRANSPORT_FAULTS + NON_COMPLETION_200 + REPLY_FAULTS
+GOOD_SHAPES = ("plain", "think", "r1_no_open_tag", "fenced", "prose_after", "reasoning_content")
+
+
+def truth(step: int, action: int, lo: int = 1, hi: int = 12) -> tuple[str, int]:
+    """The fake Reflector's deterministic verdict: (label, improved action)."""
+    if action % 3 == 0:
+        return "suboptimal", action + 1 if action < hi else action - 1
+    return "effective", action
+
+
+def steps_in(user: str) -> list[tuple[int, int]]:
+    """(step, action) pairs of a reflection request's user message."""
+    return [(int(s), int(a)) for s, a in re.findall(r"^step (\d+): .*?\| action (\d+)", user, re.M)]
+
+
+class FakeOpenAI:
+    """``with FakeOpenAI(...) as server: server.url``; see the module docstring."""
+
+    def __init__(
+        self,
+        fault_rate: float = 0.0,
+        faults: tuple[str, ...] = ALL_FAULTS,
+        seed: int = 0,
+        hang_s: float = 1.0,
+        script: list[str] | None = None,
+        echo_key_401: bool = False,
+    ):
+        self.rng = random.Random(seed)
+        self.lock = threading.Lock()
+        self.fault_rate, self.faults, self.hang_s = fault_rate, faults, hang_s
+        self.script = list(script or [])
+        self.echo_key_401 = echo_key_401
+        self.counts: dict[str, int] = {}
+        self.bodies: list[dict] = []
+        self.refuse_all = False
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.lock:
+                    server.bodies.append(body)
+                    kind = server._draw()
+                server._count(kind)
+                try:
+                    server._serve(self, kind, body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    # -- what to serve ---------------------------------------------------------------------
+
+    def _draw(self) -> str:
+        if self.refuse_all:
+            return "500"
+        if self.echo_key_401:
+            return "401"
+        if self.script:
+            return self.script.pop(0)
+        if self.rng.random() < self.fault_rate:
+            return self.rng.choice(self.faults)
+        return "ok:" + self.rng.choice(GOOD_SHAPES)
+
+    def _count(self, kind: str) -> None:
+        with self.lock:
+            self.counts[kind] = self.counts.get(kind, 0) + 1
+
+    @property
+    def faults_injected(self) -> int:
+        return sum(v for k, v in self.counts.items() if not k.startswith("ok:"))
+
+    def _serve(self, h: BaseHTTPRequestHandler, kind: str, body: dict) -> None:
+        items = [
+            {"step": s, "label": truth(s, a)[0], "improved_action": truth(s, a)[1], "reason": "f"}
+            for s, a in steps_in(body["messages"][1]["content"])
+        ]
+        good = json.dumps(items)
+        if kind == "429":
+            return _send(h, 429, {"error": {"message": "slow down"}}, {"Retry-After": "0"})
+        if kind in ("500", "503"):
+            return _send(h, int(kind), {"error": {"message": "busy"}})
+        if kind == "401":
+            auth = h.headers.get("Authorization", "")
+            msg = f"Incorrect API key provided: {auth.removeprefix('Bearer ')}"
+            return _send(h, 401, {"error": {"message": msg}})
+        if kind == "hang":
+            time.sleep(self.hang_s)
+            return _send(h, 200, _completion(good))
+        if kind == "reset":
+            h.close_connection = True
+            h.connection.shutdown(2)
+            return None
+        if kind == "trickle":  # headers, then a keep-alive byte now and then, never the end
+            h.send_response(200)
+            h.send_header("Content-Type", "application/json")
+            h.send_header("Content-Length", "100000")
+            h.end_headers()
+            for _ in range(int(self.hang_s * 20) + 40):
+                h.wfile.write(b"\n")
+                h.wfile.flush()
+                time.sleep(0.05)
+            h.close_connection = True
+            return None
+        if kind == "html":
+            page = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
+            return _send_raw(h, 200, page, "text/html")
+        if kind == "truncated_body":
+            data = json.dumps(_completion(good)).encode()
+            return _send_raw(h, 200, data[: len(data) // 2], "application/json")
+        if kind == "empty_choices":
+            return _send(h, 200, {**_completion(""), "choices": []})
+        if kind == "json_string":
+            return _send(h, 200, "upstream timed out")
+        if kind == "malformed":
+            return _send(h, 200, _completion(good[:-7]))
+        if kind == "missing_steps":
+            return _send(h, 200, _completion(json.dumps(items[1:])))
+        if kind == "length":
+            return _send(h, 200, _completion("I need to check each step [" + good[:20], "length"))
+        shape = kind.removeprefix("ok:")
+        text = {
+            "plain": good,
+            "think": f"<think>step [0] looks [fine]</think>\n{good}",
+            "r1_no_open_tag": f"Okay, steps [0, 1] {{hmm}} look [ok]\n</think>\n\n{good}",
+            "fenced": f"```json\n{good}\n```",
+            "prose_after": f"{good}\n\nNote: steps [1] and [2] were borderline {{see above}}.",
+            "reasoning_content": good,
+        }[shape]
+        completion = _completion(text)
+        if shape == "reasoning_content":
+            completion["choices"][0]["message"]["reasoning_content"] = "thinking [a] {b}"
+        return _send(h, 200, completion)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *a):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _completion(content: str, finish_reason: str = "stop") -> dict:
+    return {
+        "id": "x",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "fake-r1",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "finish_reason": finish_reason,
+            }
+        ],
+    }
+
+
+def _send(h, code: int, obj, headers: dict | None = None) -> None:
+    _send_raw(h, code, json.dumps(obj).encode(), "application/json", headers)
+
+
+def _send_raw(h, code: int, data: bytes, ctype: str, headers: dict | None = None) -> None:
+    h.send_response(code)
+    h.send_header("Content-Type", ctype)
+    h.send_header("Content-Length", str(len(data)))
+    for k, v in (headers or {}).items():
+        h.send_header(k, v)
+    h.end_headers()
+    h.wfile.write(data)
