@@ -105,6 +105,12 @@ class HeldOutConfig:
     sampling_seed: int = 1
     """Seed of the Actor's sampling during the evaluation (the same before and after)."""
 
+    def __post_init__(self):
+        if self.num_steps < 1:
+            raise ValueError(f"--heldout.num-steps must be >= 1, got {self.num_steps}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"--heldout.seeds has duplicates: {self.seeds}")
+
     def invalid(self) -> list[Bad]:
         bad = at_least(self, 1, "num_steps") + at_least(self, 0, "sampling_seed")
         if any(s < 0 for s in self.seeds):
