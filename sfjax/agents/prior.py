@@ -3,7 +3,7 @@ pretrained LLM's prior, trained by this project (no download, no API).
 
 The paper's Actor starts from Qwen3-4B, whose pretraining gives it a sensible but imperfect way
 to allocate RBGs. A tiny random model has no such prior, so self-finetuning has nothing to
-improve. This module builds one on a CPU in about a minute:
+improve. This module builds one on a CPU in a few minutes (measured: 222 s of CPU time):
 
 1. a *flawed teacher* -- :func:`sfjax.baselines.reference.demand_tracking_policy` with
    ``hysteresis_rbg = 0``: it sizes both slices from their observed arrival rates but follows
@@ -317,7 +317,7 @@ def main(argv=None) -> None:
 
 SMOKE_PROMPT = PromptConfig(history_window=0, max_field_chars=48, style="compact")
 """The smoke preset's prompt: the paper's prompt in its compact style without the history
-window (the small model then learns in about a minute on a CPU; the window is a preset option)."""
+window (the small model then learns in a few CPU-minutes; the window is a preset option)."""
 
 
 if __name__ == "__main__":
