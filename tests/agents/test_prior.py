@@ -105,3 +105,11 @@ def test_config_hash_covers_prompt_env_and_prior():
     assert h == prior_lib.config_hash(cfg, dataclasses.replace(ENV, episode_steps=10), PROMPT)
     assert h != prior_lib.config_hash(cfg, dataclasses.replace(ENV, min_rbg_per_slice=2), PROMPT)
     assert np.all([c in "0123456789abcdef" for c in h])
+
+
+def test_build_is_deterministic_from_its_seed(built, tmp_path):
+    cfg, path = built
+    again = prior_lib.build_prior(cfg, ENV, PROMPT, tmp_path / "again")
+    assert prior_lib.check_prior(again, path.name) is None
+    same = json.loads((again / prior_lib.MARKER).read_text())["files"]["model.safetensors"]
+    assert same == json.loads((path / prior_lib.MARKER).read_text())["files"]["model.safetensors"]
