@@ -356,7 +356,8 @@ def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> d
         from sfjax.agents.prior import ensure_prior
 
         # built once for this prior/env/prompt config and cached; one writer
-        ckpt = parallel.on_main_process(ensure_prior, cfg.prior, cfg.env, prompt_cfg)
+        ckpt = parallel.on_main_process(
+            lambda: str(ensure_prior(cfg.prior, cfg.env, prompt_cfg)))  # JSON to every process
     elif cfg.model.tiny:
         from sfjax.testing import write_tiny_checkpoint
 
