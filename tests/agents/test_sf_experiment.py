@@ -22,6 +22,10 @@ def _short(mod, run_dir, **kw):
     return dataclasses.replace(
         s,
         run_dir=str(run_dir),
+        # the machinery on a tiny random Actor (the preset's behavioural prior takes minutes
+        # to build: tests/agents/test_prior_sf.py)
+        model=dataclasses.replace(s.model, prior=False, tiny=True),
+        heldout=dataclasses.replace(s.heldout, seeds=(0, 1), num_steps=10),
         loop=dataclasses.replace(s.loop, sf_iterations=1, num_envs=2, trajectory_steps=4),
         rfr=dataclasses.replace(s.rfr, kto_iterations=1, num_rollouts=2),
         kto=dataclasses.replace(s.kto, micro_batch_size=4),

@@ -1,0 +1,115 @@
+"""The behavioural-prior Actor: teacher data in the Actor's format, build, cache, corruption."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sfjax.agents import prior as prior_lib
+from sfjax.agents.prompts import parse_output
+from sfjax.baselines.llm_agent import prompt_config_for_env
+from sfjax.envs.ran import RanSlicingEnv
+from sfjax.envs.scenario import RanSlicingConfig
+from sfjax.train.sft import SFTConfig
+
+ENV = RanSlicingConfig()
+PROMPT = prompt_config_for_env(RanSlicingEnv(ENV), prior_lib.SMOKE_PROMPT)
+
+
+def _tiny_cfg(cache_dir) -> prior_lib.PriorConfig:
+    return prior_lib.PriorConfig(
+        data_seeds=(2000, 2001), data_steps=6, hidden_size=32, num_heads=2,
+        sft=SFTConfig(steps=3, batch_size=4, prompt_buckets=(512,)), cache_dir=str(cache_dir),
+    )
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    cfg = _tiny_cfg(tmp_path_factory.mktemp("priors"))
+    return cfg, prior_lib.ensure_prior(cfg, ENV, PROMPT)
+
+
+def test_teacher_pairs_are_the_actors_format_and_the_teacher_has_the_flaw(built):
+    from sfjax.tokenizer import load_tokenizer
+
+    cfg, path = built
+    pairs, rollouts = prior_lib.teacher_examples(cfg, ENV, PROMPT, load_tokenizer(path))
+    assert len(pairs) == 2 * 6
+    for prompt, completion in pairs:
+        assert "Current state" in prompt and prompt.endswith("<|im_start|>assistant\n"
+                                                             "<think>\n\n</think>\n\n")
+        assert parse_output(completion, PROMPT).ok
+    # deterministic: the same config gives the same data
+    again, _ = prior_lib.teacher_examples(cfg, ENV, PROMPT, load_tokenizer(path))
+    assert again == pairs
+    info = json.loads((path / "prior.json").read_text())
+    assert info["label"] == prior_lib.PRIOR_LABEL and "stand" in info["label"]
+    assert cfg.teacher.hysteresis_rbg == 0
+
+
+def test_built_prior_loads_like_any_checkpoint_and_is_reused(built, caplog):
+    from sfjax.models import qwen3
+
+    cfg, path = built
+    assert prior_lib.check_prior(path, path.name) is None
+    model = qwen3.from_pretrained(path, dtype=jnp.float32)
+    assert model.config.hidden_size == 32
+    with caplog.at_level(logging.INFO, logger=prior_lib.__name__):
+        assert prior_lib.ensure_prior(cfg, ENV, PROMPT) == path
+    assert "using the cached" in caplog.text
+
+
+@pytest.mark.parametrize("damage", ["flip_byte", "no_marker", "extra_file", "bad_marker"])
+def test_corrupt_or_half_written_prior_is_rebuilt_with_a_message(built, damage, monkeypatch,
+                                                                 caplog):
+    cfg, path = built
+    backup = {p.name: p.read_bytes() for p in path.iterdir()}
+    try:
+        if damage == "flip_byte":
+            f = path / "model.safetensors"
+            data = bytearray(f.read_bytes())
+            data[-5] ^= 0xFF
+            f.write_bytes(bytes(data))
+        elif damage == "no_marker":  # killed before the marker was written
+            (path / prior_lib.MARKER).unlink()
+        elif damage == "extra_file":
+            (path / "stray.bin").write_bytes(b"x")
+        else:
+            (path / prior_lib.MARKER).write_text("{not json")
+        assert prior_lib.check_prior(path, path.name) is not None
+        calls = []
+        monkeypatch.setattr(prior_lib, "build_prior", lambda *a, **k: calls.append(a) or a[-1])
+        with caplog.at_level(logging.WARNING, logger=prior_lib.__name__):
+            assert prior_lib.ensure_prior(cfg, ENV, PROMPT) == path
+        assert len(calls) == 1 and "rebuilding" in caplog.text
+    finally:
+        for p in list(path.iterdir()):
+            p.unlink()
+        for name, data in backup.items():
+            (path / name).write_bytes(data)
+    assert prior_lib.check_prior(path, path.name) is None
+
+
+def test_config_hash_covers_prompt_env_and_prior():
+    cfg = prior_lib.PriorConfig()
+    h = prior_lib.config_hash(cfg, ENV, PROMPT)
+    import dataclasses
+
+    assert h == prior_lib.config_hash(dataclasses.replace(cfg, cache_dir="/elsewhere"), ENV, PROMPT)
+    assert h != prior_lib.config_hash(dataclasses.replace(cfg, seed=1), ENV, PROMPT)
+    assert h != prior_lib.config_hash(cfg, ENV, dataclasses.replace(PROMPT, history_window=1))
+    assert h == prior_lib.config_hash(cfg, dataclasses.replace(ENV, episode_steps=10), PROMPT)
+    assert h != prior_lib.config_hash(cfg, dataclasses.replace(ENV, min_rbg_per_slice=2), PROMPT)
+    assert np.all([c in "0123456789abcdef" for c in h])
+
+
+def test_build_is_deterministic_from_its_seed(built, tmp_path):
+    cfg, path = built
+    again = prior_lib.build_prior(cfg, ENV, PROMPT, tmp_path / "again")
+    assert prior_lib.check_prior(again, path.name) is None
+    same = json.loads((again / prior_lib.MARKER).read_text())["files"]["model.safetensors"]
+    assert same == json.loads((path / prior_lib.MARKER).read_text())["files"]["model.safetensors"]
