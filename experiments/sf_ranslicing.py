@@ -96,8 +96,11 @@ class ModelConfig:
 
     def invalid(self) -> list[Bad]:
         bad = [] if self.dtype in ("bfloat16", "float32") else [Bad("dtype", "bfloat16 or float32")]
-        if not self.tiny and not self.checkpoint:
-            bad.append(Bad("checkpoint", "a checkpoint path or hub id (or use --model.tiny)"))
+        if not self.tiny and not self.prior and not self.checkpoint:
+            bad.append(Bad("checkpoint", "a checkpoint path or hub id (or use --model.tiny or "
+                                         "--model.prior)"))
+        if self.tiny and self.prior:
+            bad.append(Bad("prior", "not together with --model.tiny (one Actor)"))
         return bad
 
 
