@@ -308,19 +308,9 @@ class _FakeServer:
 
     @staticmethod
     def _completion(content):
-        return {
-            "id": "x",
-            "object": "chat.completion",
-            "created": 0,
-            "model": "fake-r1",
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": content},
-                    "finish_reason": "stop",
-                }
-            ],
-        }
+        from fake_openai import _completion  # one chat-completion body for every fake server
+
+        return _completion(content)
 
     def __enter__(self):
         self.thread.start()
