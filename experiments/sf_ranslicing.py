@@ -66,8 +66,9 @@ from sfjax.agents.prior import PRIOR_LABEL, SMOKE_PROMPT, PriorConfig  # noqa: E
 from sfjax.agents.prompts import PromptConfig  # noqa: E402
 from sfjax.agents.reflector import ApiReflectorConfig, ReflectorConfig  # noqa: E402
 from sfjax.agents.rfr import RfRConfig  # noqa: E402
+from sfjax.baselines.heldout import HeldOutConfig, HeldOutEval  # noqa: E402
 from sfjax.config_rules import RULES  # noqa: E402
-from sfjax.configcheck import Bad, ConfigError, at_least, check_config, option  # noqa: E402
+from sfjax.configcheck import Bad, ConfigError, check_config, option  # noqa: E402
 from sfjax.console import configure_logging  # noqa: E402
 from sfjax.envs.scenario import RanSlicingConfig  # noqa: E402
 from sfjax.models.lora import LoRAConfig  # noqa: E402
@@ -101,32 +102,6 @@ class ModelConfig:
                                          "--model.prior)"))
         if self.tiny and self.prior:
             bad.append(Bad("prior", "not together with --model.tiny (one Actor)"))
-        return bad
-
-
-@dataclass(frozen=True)
-class HeldOutConfig:
-    """Held-out evaluation: the Actor before fine-tuning and after the last SF iteration on the
-    same env seeds and per-step keys as Table III's protocol, disjoint from the collection's
-    keys; paired differences with 95 % intervals go into summary.json (``held_out``)."""
-
-    seeds: tuple[int, ...] = (0, 1, 2, 3)
-    """Env seeds of the held-out trajectories (empty: skip the evaluation)."""
-    num_steps: int = 300
-    """Decisions per held-out trajectory."""
-    sampling_seed: int = 1
-    """Seed of the Actor's sampling during the evaluation (the same before and after)."""
-
-    def __post_init__(self):
-        if self.num_steps < 1:
-            raise ValueError(f"--heldout.num-steps must be >= 1, got {self.num_steps}")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"--heldout.seeds has duplicates: {self.seeds}")
-
-    def invalid(self) -> list[Bad]:
-        bad = at_least(self, 1, "num_steps") + at_least(self, 0, "sampling_seed")
-        if any(s < 0 for s in self.seeds):
-            bad.append(Bad("seeds", "seeds >= 0"))
         return bad
 
 
@@ -422,67 +397,6 @@ def _save_adapter(finetuner, out_dir: Path, base_model: str | None = None) -> No
     parallel.on_main_process(write)
 
 
-class HeldOutEval:
-    """Before/after evaluation of the Actor on ``cfg.heldout``'s seeds (module docstring of
-    :mod:`sfjax.baselines.paired`); results cached as JSON in RUN_DIR/heldout/ so a resumed
-    run does not evaluate "before" with an already fine-tuned Actor."""
-
-    def __init__(self, cfg: ExperimentConfig, actor, run_dir: Path):
-        from sfjax.baselines.evaluation import EvalProtocol
-
-        self.cfg, self.actor, self.dir = cfg, actor, run_dir / "heldout"
-        h = cfg.heldout
-        self.protocol = EvalProtocol(seeds=h.seeds, num_steps=h.num_steps) if h.seeds else None
-
-    def _evaluate(self, name: str) -> dict | None:
-        import jax
-
-        from sfjax import parallel
-        from sfjax.agents.trajectory import save_json
-        from sfjax.baselines.evaluation import evaluate_agent
-        from sfjax.baselines.llm_agent import LLMEnvAgent
-        from sfjax.envs.ran import RanSlicingEnv
-
-        if self.protocol is None:
-            return None
-        path = self.dir / f"{name}.json"
-        if path.exists():
-            return atomic.read_json(path, "the held-out evaluation")
-        logging.getLogger(__name__).info(
-            "held-out evaluation (%s fine-tuning): %d seeds x %d steps", name,
-            len(self.protocol.seeds), self.protocol.num_steps,
-        )
-        env = RanSlicingEnv(dataclasses.replace(self.cfg.env, episode_steps=self.protocol.num_steps))
-        agent = LLMEnvAgent(self.actor, env, env.default_params,
-                            jax.random.key(self.cfg.heldout.sampling_seed))
-        per = evaluate_agent(agent, env, env.default_params, self.protocol).per_episode()
-        result = {k: [float(x) for x in v] for k, v in per.items()}
-        parallel.on_main_process(lambda: save_json(path, result))
-        return result
-
-    def before(self, untrained: bool) -> None:
-        """Evaluate (or load) "before"; only an untrained Actor may be measured as such."""
-        if untrained or (self.dir / "before.json").exists():
-            self._evaluate("before")
-        elif self.protocol is not None:
-            logging.getLogger(__name__).warning(
-                "no held-out 'before' evaluation in %s and the run has already trained: the "
-                "before/after comparison is skipped", self.dir)
-            self.protocol = None
-
-    def after_and_report(self) -> dict | None:
-        from sfjax.baselines.paired import paired_report
-
-        before, after = self._evaluate("before"), self._evaluate("after")
-        if before is None:
-            return None
-        return {"seeds": list(self.protocol.seeds), "num_steps": self.protocol.num_steps,
-                "note": "per-seed Table III metrics of the Actor before fine-tuning and after "
-                        "the last SF iteration on held-out env seeds; diff = after - before with "
-                        "its 95 % paired t interval",
-                "metrics": paired_report(before, after)}
-
-
 def prior_checkpoint(cfg: ExperimentConfig) -> str:
     """Where ``--model.prior``'s checkpoint is cached for this config (built by :func:`run`)."""
     from sfjax.agents.prior import prior_dir
@@ -571,14 +485,13 @@ def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> d
             "actions": f"RBGs for the controlled slice in [{env.action_lo}, {env.action_hi}]",
         },
     )  # fmt: skip
-    heldout = HeldOutEval(cfg, actor, run_dir)
+    heldout = HeldOutEval(cfg.heldout, cfg.env, actor, run_dir)
     # the Actor before any fine-tuning (LoRA B = 0); cached, so a resume reuses it
     heldout.before(untrained=loop.ckpt.latest_step() is None)
     summary = loop.run(resume=resume)
     summary["timings_s"]["setup"] = setup_s
     loop.run_info["held_out"] = heldout.after_and_report()
     summary = loop.write_summary()
-    summary["timings_s"]["setup"] = setup_s
     _save_adapter(finetuner, run_dir / "adapter", base_model_id(ckpt))
     if writer is not None:
         writer.close()

@@ -1,0 +1,105 @@
+"""Before/after evaluation of a fine-tuned Actor on held-out environment seeds.
+
+The self-finetuning run (experiments/sf_ranslicing.py) measures its Actor before any
+fine-tuning and after the last SF iteration on the same held-out seeds, with the shared
+protocol of Table III (:mod:`sfjax.baselines.evaluation`: same per-step env keys, disjoint from
+the keys the Actor collected its training trajectories with), and reports the paired
+differences with 95 % intervals (:mod:`sfjax.baselines.paired`). Each side's per-seed metrics
+are cached as JSON in ``RUN_DIR/heldout/`` so that a resumed run never measures "before" with
+an already fine-tuned Actor.
+
+Shape legend: none (host-side orchestration).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from sfjax.configcheck import Bad, at_least
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HeldOutConfig:
+    """Held-out evaluation: the Actor before fine-tuning and after the last SF iteration on the
+    same env seeds and per-step keys as Table III's protocol, disjoint from the collection's
+    keys; paired differences with 95 % intervals go into summary.json (``held_out``)."""
+
+    seeds: tuple[int, ...] = (0, 1, 2, 3)
+    """Env seeds of the held-out trajectories (empty: skip the evaluation)."""
+    num_steps: int = 300
+    """Decisions per held-out trajectory."""
+    sampling_seed: int = 1
+    """Seed of the Actor's sampling during the evaluation (the same before and after)."""
+
+    def invalid(self) -> list[Bad]:
+        bad = at_least(self, 1, "num_steps") + at_least(self, 0, "sampling_seed")
+        if any(s < 0 for s in self.seeds):
+            bad.append(Bad("seeds", "seeds >= 0"))
+        if len(set(self.seeds)) != len(self.seeds):
+            bad.append(Bad("seeds", "distinct seeds"))
+        return bad
+
+
+class HeldOutEval:
+    """The Actor before / after on ``cfg``'s seeds of the env ``env_cfg`` (module docstring)."""
+
+    def __init__(self, cfg: HeldOutConfig, env_cfg, actor, run_dir: Path):
+        from sfjax.baselines.evaluation import EvalProtocol
+
+        self.cfg, self.env_cfg, self.actor = cfg, env_cfg, actor
+        self.dir = Path(run_dir) / "heldout"
+        self.protocol = (
+            EvalProtocol(seeds=cfg.seeds, num_steps=cfg.num_steps) if cfg.seeds else None
+        )
+
+    def _evaluate(self, name: str) -> dict | None:
+        import jax
+
+        from sfjax import atomic, parallel
+        from sfjax.agents.trajectory import save_json
+        from sfjax.baselines.evaluation import evaluate_agent
+        from sfjax.baselines.llm_agent import LLMEnvAgent
+        from sfjax.envs.ran import RanSlicingEnv
+
+        if self.protocol is None:
+            return None
+        path = self.dir / f"{name}.json"
+        if path.exists():
+            return atomic.read_json(path, "the held-out evaluation")
+        log.info("held-out evaluation (%s fine-tuning): %d seeds x %d steps", name,
+                 len(self.protocol.seeds), self.protocol.num_steps)
+        env = RanSlicingEnv(dataclasses.replace(self.env_cfg,
+                                                episode_steps=self.protocol.num_steps))
+        agent = LLMEnvAgent(self.actor, env, env.default_params,
+                            jax.random.key(self.cfg.sampling_seed))
+        per = evaluate_agent(agent, env, env.default_params, self.protocol).per_episode()
+        result = {k: [float(x) for x in v] for k, v in per.items()}
+        parallel.on_main_process(lambda: save_json(path, result))
+        return result
+
+    def before(self, untrained: bool) -> None:
+        """Evaluate (or load) "before"; only an untrained Actor may be measured as such."""
+        if untrained or (self.dir / "before.json").exists():
+            self._evaluate("before")
+        elif self.protocol is not None:
+            log.warning("no held-out 'before' evaluation in %s and the run has already trained: "
+                        "the before/after comparison is skipped", self.dir)
+            self.protocol = None
+
+    def after_and_report(self) -> dict | None:
+        """Evaluate (or load) "after"; the paired report for summary.json, or None."""
+        from sfjax.baselines.paired import paired_report
+
+        before, after = self._evaluate("before"), self._evaluate("after")
+        if before is None:
+            return None
+        return {"seeds": list(self.protocol.seeds), "num_steps": self.protocol.num_steps,
+                "note": "per-seed Table III metrics of the Actor before fine-tuning and after "
+                        "the last SF iteration on held-out env seeds; diff = after - before with "
+                        "its 95 % paired t interval",
+                "metrics": paired_report(before, after)}
