@@ -72,20 +72,18 @@ def initial_state(env, obs: np.ndarray, prompt_cfg: PromptConfig) -> dict[str, f
     if config is None or not hasattr(env, "action_for_prbs"):
         return {"prev_action": float(prompt_cfg.action_lo), "se": 0.0, "arrival_rate_bps": 0.0,
                 "queue_delta_bytes": 0.0, "dropped_bytes": 0.0}  # fmt: skip
-    from sfjax.envs.channel import CQI_EFFICIENCY_K
-
-    prbs = float(obs[0]) * config.cell.n_prb
-    action = int(env.action_for_prbs(round(prbs))) + action_offset(env)
+    raw = env.observation_to_dict(obs)  # the env's own inverse of its observation scaling
+    action = int(env.action_for_prbs(round(raw["prbs"]))) + action_offset(env)
     state = {
         "prev_action": float(action),
-        "se": float(obs[1]) * float(CQI_EFFICIENCY_K[-1]),
-        "arrival_rate_bps": float(obs[2]) * float(config.ordered_slices[0].peak_rate_bps),
+        "se": raw["se"],
+        "arrival_rate_bps": raw["arrival_rate_mbps"] * 1e6,
         "queue_delta_bytes": 0.0,
         "dropped_bytes": 0.0,
     }
-    if getattr(config, "observe_other_slice", False):
+    if "other_arrival_rate_mbps" in raw:  # observe_other_slice
         state.update({
-            "other_arrival_rate_bps": float(obs[6]) * float(config.ordered_slices[1].peak_rate_bps),
+            "other_arrival_rate_bps": raw["other_arrival_rate_mbps"] * 1e6,
             "other_queue_delta_bytes": 0.0,
             "other_dropped_bytes": 0.0,
         })  # fmt: skip
