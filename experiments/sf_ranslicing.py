@@ -153,9 +153,10 @@ SMOKE = ExperimentConfig(
     model=ModelConfig(prior=True, dtype="float32"),
     lora=LoRAConfig(rank=8, alpha=16.0),
     kto=KTOConfig(
-        # 5e-3 (the random tiny Actor's rate) collapsed the prior: the rollouts' match rate with
-        # the improved actions fell 0.24 -> 0.08 between KTO iterations; 1e-3 raised it
-        learning_rate=1e-3,
+        # chosen on validation env seeds 50-65 over three run seeds (README, "The
+        # self-finetuning experiment"), never on the held-out seeds below: 1e-3 and 5e-4
+        # collapsed the prior on some run seeds, 1e-4 hardly moved it
+        learning_rate=3e-4,
         micro_batch_size=8,
         epochs=1,
         max_prompt_length=512,
@@ -168,7 +169,7 @@ SMOKE = ExperimentConfig(
     reflector=ReflectorConfig(backend="rule"),
     rfr=RfRConfig(kto_iterations=2, num_rollouts=4, tolerance=0, tau=0.5),
     loop=LoopConfig(sf_iterations=1, num_envs=4, trajectory_steps=100),
-    heldout=HeldOutConfig(seeds=(0, 1, 2, 3, 4, 5), num_steps=100),
+    heldout=HeldOutConfig(seeds=tuple(range(16)), num_steps=100),
 )
 
 PAPER = ExperimentConfig(

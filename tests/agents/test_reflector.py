@@ -181,6 +181,14 @@ def test_rule_over_provisioned_only_at_changes():
     assert got[4] == ("suboptimal", 4)  # a decrease that could have gone to 4 at once
 
 
+def test_rule_one_step_increase_is_opt_in():
+    # one clean step under the same demand is too little evidence for the objective's 20:1
+    # violation weight: the increase stands unless rule 3 is switched on
+    steps = [_step(0, 5, 5, arrival=5e6), _step(1, 6, 5, arrival=5.1e6)]  # +2 % demand
+    assert _labels(steps)[1] == ("effective", 6)
+    assert _labels(steps, one_step_increase=True)[1] == ("suboptimal", 5)
+
+
 def test_rule_labeller_prefers_the_better_controller(tiny_checkpoint):
     # on the real env, the hysteresis heuristic (fewer reconfigurations, higher eq. 15 utility)
     # gets fewer suboptimal labels than the same controller without hysteresis: the labeller

@@ -13,9 +13,14 @@ taken at step t (previous allocation a_{t-1}), in this order:
    suboptimal, a*_t = a_t - up_step (or effective at the smallest action); when both slices
    violated the cell lacked capacity and no split is known to be better: effective, with that
    reason;
-3. *needless increase*: a_t > a_{t-1}, the previous step was clean (no violation, no drops) and
-   the arrival rate did not grow by more than ``demand_slack`` -> suboptimal, a*_t = a_{t-1}
-   (the change bought nothing and cost a reconfiguration);
+3. *needless increase* (off by default, ``one_step_increase``): a_t > a_{t-1}, the previous
+   step was clean (no violation, no drops) and the arrival rate did not grow by more than
+   ``demand_slack`` -> suboptimal, a*_t = a_{t-1}. Off because one clean step is too little
+   evidence for the objective's weights: holding a_{t-1} pays only if it violates in fewer
+   than reconfig_penalty / violation_penalty (1 in 20) of such steps, and on the demo's
+   prior this rule was the largest source of "use less" labels, which taught the Actor to
+   under-react to rising load (README, "The self-finetuning experiment"). Rule 5 judges
+   increases on stronger evidence (a smaller allocation clean under the whole hold's demand);
 4. *short-lived decrease*: a_t < a_{t-1}, the allocation is back at a_{t-1} or above at a later
    step r, and every step of the dip [t, r) was clean: the dip cost reconfigurations (two for
    a plain dip) and bought only the SE of the bandwidth it freed. Priced with the objective's
@@ -60,7 +65,9 @@ class RuleReflectorConfig:
     up_step: int = 1
     """How many action units to add after a violation or drop."""
     demand_slack: float = 0.05
-    """Relative arrival-rate growth below which an increase is called needless."""
+    """Relative arrival-rate growth below which rule 3 calls an increase needless."""
+    one_step_increase: bool = False
+    """Rule 3 (an increase judged needless from one clean step) on; off by default."""
     drop_threshold_bytes: float = 0.0
     """Dropped bytes above this count as under-provisioning."""
     short_dips: bool = True
@@ -103,7 +110,8 @@ class RuleReflector:
                 continue
             prev_clean = i > 0 and clean[i - 1]
             if (
-                a > prev
+                self.cfg.one_step_increase
+                and a > prev
                 and prev_clean
                 and arrival[i] <= arrival[i - 1] * (1 + self.cfg.demand_slack)
                 and lo <= prev <= hi
