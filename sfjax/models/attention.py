@@ -161,6 +161,40 @@ def plain_attention(q_BTNH, k_BKSH, v_BKSH, visible_BTS):
     return out_BKMH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
+def cache_and_own_attention(q_BTNH, k_BKSH, v_BKSH, visible_BTS, k_BKTH, v_BKTH, visible_BTT):
+    """:func:`plain_attention` over the keys of a read-only cache ``k_BKSH`` followed by this
+    call's own keys ``k_BKTH`` (one softmax over ``S + T`` keys), without concatenating them:
+    the scores of the two parts are computed apart and joined, so the cache is read where it
+    lies and never copied (the scanned decode step reads each layer's slice of a stacked cache
+    this way, :meth:`sfjax.models.qwen3.Qwen3.run_layers`).
+
+    ``visible_BTS`` marks the cache slots each query sees (not the slots this call's tokens
+    will fill), ``visible_BTT`` the own keys. Equal to :func:`plain_attention` over the cache
+    with the own keys written into it (rounding aside).
+    """
+    B, T, N, H = q_BTNH.shape
+    K, S = k_BKSH.shape[1], k_BKSH.shape[2]
+    G = N // K
+    dtype = q_BTNH.dtype
+    q_BKMH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
+
+    def scores(k_BKXH, visible_BTX):
+        X = k_BKXH.shape[2]
+        logits_BKMX = jnp.einsum(
+            "BKMH,BKXH->BKMX", q_BKMH, k_BKXH.astype(dtype), preferred_element_type=jnp.float32
+        ) * (H**-0.5)  # fmt: skip
+        visible_B1MX = jnp.broadcast_to(visible_BTX[:, None, None], (B, 1, G, T, X))
+        return jnp.where(visible_B1MX.reshape(B, 1, G * T, X), logits_BKMX, MASK_VALUE)
+
+    logits_BKMZ = jnp.concatenate([scores(k_BKSH, visible_BTS), scores(k_BKTH, visible_BTT)], -1)
+    probs_BKMZ = jax.nn.softmax(logits_BKMZ, axis=-1).astype(dtype)
+    f32 = dict(preferred_element_type=jnp.float32)  # the two parts summed, then rounded once
+    out_BKMH = jnp.einsum("BKMS,BKSH->BKMH", probs_BKMZ[..., :S], v_BKSH.astype(dtype), **f32)
+    out_BKMH += jnp.einsum("BKMT,BKTH->BKMH", probs_BKMZ[..., S:], v_BKTH.astype(dtype), **f32)
+    out_BKMH = out_BKMH.astype(dtype)
+    return out_BKMH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
+
 def fused_attention(q_BTNH, k_BKSH, v_BKSH, visible_BTS, implementation: str = "xla"):
     """The same attention through :func:`jax.nn.dot_product_attention` (``"xla"``/``"cudnn"``).
 
@@ -264,6 +298,7 @@ __all__ = [
     "IMPLEMENTATIONS",
     "AttentionConfig",
     "attention",
+    "cache_and_own_attention",
     "choices",
     "cudnn_unsupported_reason",
     "fused_attention",

@@ -51,11 +51,12 @@ class Qwen3Config:
     (benchmarks/bench_compile.py). Single-token decode slices the stack and runs unrolled
     unless ``scan_decode``. Same results as the unrolled model."""
     scan_decode: bool = False
-    """With ``scan_layers``, also run single-token cached steps (decode) as a scan, over the
-    per-layer cache stacked for the call. Off: decode slices the stacked parameters and runs the
-    layers unrolled, which measured 2-5x faster per step on XLA:CPU (the stack / unstack copies
-    the whole cache every step; benchmarks/RESULTS.md, "Scanned layers") at the cost of
-    compiling the decode step per layer."""
+    """With ``scan_layers``, also run single-token cached steps (decode) as a scan: the KV cache
+    is then one stacked ``[L, B, K, S, H]`` array per keys / values (:func:`init_cache` reads
+    this field), each layer attends over its slice of the stack plus its own new key (read only,
+    no cache write inside the scan) and returns its new keys / values, written into the stack
+    by one update after the scan. Off: the cache is one array per layer and decode slices the
+    stacked parameters and runs the layers unrolled. MEASURED_DECODE_PLACEHOLDER"""
     remat_policy: str = "nothing_saveable"
     """``jax.checkpoint_policies`` name used when layers are rematerialised (``remat``):
     ``nothing_saveable`` recomputes the whole layer in the backward pass (least memory);
@@ -74,6 +75,11 @@ class Qwen3Config:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "head_dim"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"Qwen3Config.{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def stacked_cache(self) -> bool:
+        """Whether the KV cache keeps its layers stacked (``scan_layers`` and ``scan_decode``)."""
+        return self.scan_layers and self.scan_decode
 
     @property
     def num_groups(self) -> int:
