@@ -177,7 +177,8 @@ def cache_and_own_attention(q_BTNH, k_BKSH, v_BKSH, visible_BTS, k_BKTH, v_BKTH,
     the read of the cache slice, where a matmul (a library call) needs its operand sliced out
     of a stacked ``[L, ...]`` cache into a buffer first. XLA:CPU copies the slice either way
     (it upcasts 16-bit slices to float32; both forms measured the same there,
-    benchmarks/RESULTS.md "Scanned layers"); the fusion is for GPU / TPU, to be measured.
+    benchmarks/RESULTS.md "Decode as a scan over a stacked cache"); the fusion is for GPU / TPU,
+    to be measured.
     """
     B, T, N, H = q_BTNH.shape
     K, S = k_BKSH.shape[1], k_BKSH.shape[2]
