@@ -45,9 +45,9 @@ class KVCache:
     and values a buffer of their own, written in place) or one stacked ``[L, B, K, S, H]``
     array (the scanned decode's layout, :attr:`stacked`); the module docstring says which
     config picks which. Head-major: a slot-major layout makes XLA copy every layer's cache at
-    every step (:mod:`sfjax.models.attention`). ``slot_mask`` ``[B, S]`` marks slots holding real tokens; ``positions`` ``[B]`` is the RoPE
-    position of each row's next real token; ``index`` is the next slot to write, shared by all
-    rows.
+    every step (:mod:`sfjax.models.attention`). ``slot_mask`` ``[B, S]`` marks slots holding
+    real tokens; ``positions`` ``[B]`` is the RoPE position of each row's next real token;
+    ``index`` is the next slot to write, shared by all rows.
     """
 
     k: tuple[jax.Array, ...]
@@ -60,11 +60,6 @@ class KVCache:
     def stacked(self) -> bool:
         """Whether ``k`` / ``v`` are one ``[L, B, K, S, H]`` array each (else a tuple)."""
         return is_stacked(self.k)
-
-    @property
-    def num_layers(self) -> int:
-        """Number of layers L."""
-        return len(self.k)
 
     @property
     def max_len(self) -> int:

@@ -325,7 +325,7 @@ class Qwen3(nnx.Module):
         """
         c = self.config
         layer_args = (cos_BTH, sin_BTH, visible_BTS)
-        stacked_cache = index is not None and is_stacked(past[0])
+        stacked_cache = past is not None and index is not None and is_stacked(past[0])
         if stacked_cache and not c.scan_layers:
             raise ValueError(
                 "a stacked [L, ...] KV cache needs Qwen3Config.scan_layers; build the cache with "
