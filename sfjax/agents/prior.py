@@ -145,20 +145,18 @@ class _TeacherActor:
         return out
 
 
-def teacher_examples(cfg: PriorConfig, env_cfg, prompt_cfg: PromptConfig, tokenizer):
-    """``(pairs, rollouts)``: the teacher's (prompt, completion) pairs on ``cfg.data_seeds`` and
-    its evaluation records (Table III metrics of the teacher itself)."""
+def controller_trajectories(env, prompt_cfg: PromptConfig, hp, tokenizer, protocol):
+    """``(trajectories, rollouts)`` of :func:`~sfjax.baselines.reference.demand_tracking_policy`
+    with constants ``hp`` driving ``env`` on ``protocol``'s seeds through the Actor's real
+    prompt and output format (what a Reflector reads, and the prior's training data)."""
     import jax
     import jax.numpy as jnp
 
     from sfjax.agents.actor import ActorConfig
-    from sfjax.baselines.evaluation import EvalProtocol, evaluate_agent
+    from sfjax.baselines.evaluation import evaluate_agent
     from sfjax.baselines.llm_agent import LLMEnvAgent, action_offset
-    from sfjax.baselines.reference import HeuristicParams, demand_tracking_policy
-    from sfjax.envs.ran import RanSlicingEnv
+    from sfjax.baselines.reference import demand_tracking_policy
 
-    env = RanSlicingEnv(dataclasses.replace(env_cfg, episode_steps=cfg.data_steps))
-    hp = HeuristicParams(**dataclasses.asdict(cfg.teacher))
     policy = jax.jit(jax.vmap(lambda o: demand_tracking_policy(env, hp)(o, None)))
     offset = action_offset(env)
     teacher = _TeacherActor(tokenizer, ActorConfig(prompt=prompt_cfg))
@@ -169,9 +167,22 @@ def teacher_examples(cfg: PriorConfig, env_cfg, prompt_cfg: PromptConfig, tokeni
             return super().act(obs_S, infos)
 
     agent = Agent(teacher, env, env.default_params, jax.random.key(0))
-    protocol = EvalProtocol(seeds=cfg.data_seeds, num_steps=cfg.data_steps, key_offset=77_777)
     rollouts = evaluate_agent(agent, env, env.default_params, protocol)
-    pairs = [(s.prompt, s.output) for traj in agent.trajectories for s in traj.steps]
+    return agent.trajectories, rollouts
+
+
+def teacher_examples(cfg: PriorConfig, env_cfg, prompt_cfg: PromptConfig, tokenizer):
+    """``(pairs, rollouts)``: the teacher's (prompt, completion) pairs on ``cfg.data_seeds`` and
+    its evaluation records (Table III metrics of the teacher itself)."""
+    from sfjax.baselines.evaluation import EvalProtocol
+    from sfjax.baselines.reference import HeuristicParams
+    from sfjax.envs.ran import RanSlicingEnv
+
+    env = RanSlicingEnv(dataclasses.replace(env_cfg, episode_steps=cfg.data_steps))
+    protocol = EvalProtocol(seeds=cfg.data_seeds, num_steps=cfg.data_steps, key_offset=77_777)
+    trajectories, rollouts = controller_trajectories(
+        env, prompt_cfg, HeuristicParams(**dataclasses.asdict(cfg.teacher)), tokenizer, protocol)
+    pairs = [(s.prompt, s.output) for traj in trajectories for s in traj.steps]
     return pairs, rollouts
 
 

@@ -16,14 +16,27 @@ taken at step t (previous allocation a_{t-1}), in this order:
 3. *needless increase*: a_t > a_{t-1}, the previous step was clean (no violation, no drops) and
    the arrival rate did not grow by more than ``demand_slack`` -> suboptimal, a*_t = a_{t-1}
    (the change bought nothing and cost a reconfiguration);
-4. *over-provisioned*: hindsight evidence that less was enough — some other step u of the same
-   trajectory ran a smaller allocation a_u < a_t cleanly under at least the same arrival rate
-   -> suboptimal, a*_t = the largest such a_u (the most conservative proven-safe reduction,
-   which raises SE);
-5. otherwise effective, a*_t = a_t.
+4. *short-lived decrease*: a_t < a_{t-1}, the allocation is back at a_{t-1} or above at a later
+   step r, and every step of the dip [t, r) was clean: the dip cost reconfigurations (two for
+   a plain dip) and bought only the SE of the bandwidth it freed. Priced with the objective's
+   own weights (``PromptConfig.objective``): holding a_{t-1} would have delivered the same
+   bits (the dip was clean) over more bandwidth, so under eq. 1's allocated bandwidth the dip
+   gained about ``se_weight * sum_u SE_u (1 - a_u / a_{t-1})`` (nothing under the
+   "scheduled" SE) against ``reconfig_penalty`` per reconfiguration it added over holding
+   a_{t-1}. When the gain is smaller -> suboptimal, a*_t = a_{t-1} (keep: more than the dip's
+   clean allocation, so no violation is risked). The paper's Reflector flags frequent
+   reconfigurations the same way, in hindsight;
+5. *over-provisioned change*: a_t != a_{t-1} (the step reconfigured anyway) and some other
+   step u of the same trajectory ran a smaller allocation a_u < a_t cleanly under at least
+   the highest arrival rate of the steps a_t was then held for -> suboptimal, a*_t = the
+   largest such a_u (the most conservative proven-safe level, which raises SE at no extra
+   reconfiguration), or a_{t-1} when that is between them (an increase that was not needed).
+   A hold (a_t = a_{t-1}) is never told to move by this rule: moving adds a reconfiguration
+   that hindsight cannot price without knowing how long the lower level would have lasted;
+6. otherwise effective, a*_t = a_t.
 
 A suboptimal label always carries an improved action different from the action taken. It
-never sees the eq. 15 utility. Every label's reason and every Reflection's summary and
+never sees the eq. 15 utility (rule 4 uses only the weights the prompts state in words). Every label's reason and every Reflection's summary and
 backend name say that it comes from this rule-based labeller, never from an LLM.
 """
 
@@ -50,6 +63,8 @@ class RuleReflectorConfig:
     """Relative arrival-rate growth below which an increase is called needless."""
     drop_threshold_bytes: float = 0.0
     """Dropped bytes above this count as under-provisioning."""
+    short_dips: bool = True
+    """Rule 4 (short-lived decreases, priced with the objective's weights) on; False: off."""
 
 
 class RuleReflector:
@@ -96,18 +111,51 @@ class RuleReflector:
                 why = "increase without a violation or demand growth; keep the allocation"
                 out.append(StepLabel(s.t, "suboptimal", prev, _TAG + why))
                 continue
-            safe = [
-                steps[u].action
-                for u in range(len(steps))
-                if u != i and clean[u] and steps[u].action < a and arrival[u] >= arrival[i]
-            ]
-            if safe:
-                better = max(safe)
+            dip = self._short_lived_decrease(steps, clean, i)
+            if dip is not None:
+                out.append(StepLabel(s.t, "suboptimal", prev, _TAG + dip))
+                continue
+            better = self._over_provisioned_change(steps, clean, arrival, i)
+            if better is not None:
                 why = f"{better} sufficed elsewhere under at least this demand; use less"
                 out.append(StepLabel(s.t, "suboptimal", better, _TAG + why))
                 continue
             out.append(StepLabel(s.t, "effective", a, _TAG + "clean step, no cheaper safe action"))
         return out
+
+    def _over_provisioned_change(self, steps, clean, arrival, i: int) -> int | None:
+        """Rule 5: the improved action of step ``i``'s over-provisioned change, else None."""
+        a, prev = steps[i].action, int(steps[i].state["prev_action"])
+        if a == prev:
+            return None  # a hold: moving would add a reconfiguration (rule 4 prices those)
+        held = next((r for r in range(i + 1, len(steps)) if steps[r].action != a), len(steps))
+        need = max(arrival[i:held])
+        safe = [steps[u].action for u in range(len(steps))
+                if u != i and clean[u] and steps[u].action < a and arrival[u] >= need]
+        if not safe:
+            return None
+        better = max(safe)
+        return prev if better <= prev < a else better
+
+    def _short_lived_decrease(self, steps, clean, i: int) -> str | None:
+        """Rule 4: why step ``i``'s decrease was not worth its reconfigurations, else None."""
+        a, prev = steps[i].action, int(steps[i].state["prev_action"])
+        lo, hi = self.prompt_cfg.action_lo, self.prompt_cfg.action_hi
+        if not self.cfg.short_dips or a >= prev or not lo <= prev <= hi:
+            return None
+        back = next((r for r in range(i + 1, len(steps)) if steps[r].action >= prev), None)
+        if back is None or not all(clean[i:back]):
+            return None
+        acts = [prev] + [u.action for u in steps[i:back + 1]]
+        added = sum(x != y for x, y in zip(acts, acts[1:])) - (acts[-1] != prev)
+        objective = self.prompt_cfg.objective
+        w = objective.weights
+        freed = (sum(float(u.feedback["se"]) * (1 - u.action / prev) for u in steps[i:back])
+                 if objective.se_definition == "allocated" else 0.0)
+        if w.se_weight * freed >= w.reconfig_penalty * added:
+            return None
+        return (f"decrease undone {back - i} steps later: {added} extra reconfigurations for "
+                f"~{freed:.2f} bit/s/Hz-steps of SE; keep the allocation")
 
     def _unclean_label(self, t: int, a: int, feedback, lo: int, hi: int) -> StepLabel:
         """Rules 1-2 for a step with a violation or drops."""
