@@ -16,7 +16,8 @@ args).compile()`` on ``jax.ShapeDtypeStruct`` inputs (the model from ``nnx.eval_
 
 Modes: ``unrolled`` (today's layout), ``scanned`` (``scan_layers``: prefill, training and
 reference passes scan one layer; decode steps run unrolled over parameter slices, the faster
-per step on CPU) and ``scan_decode`` (decode steps scanned too: the smallest programs).
+per step on CPU) and ``scan_decode`` (decode steps scanned too, over a stacked ``[L, ...]`` KV
+cache that the scan only reads: the smallest programs).
 
 LoRA r = 16 on the 7 projections throughout (the Actor is the adapted model). Each record has
 the lowering and compile seconds and ``compiled.memory_analysis()`` (argument, output, temp,
@@ -322,7 +323,7 @@ def sharded_kto_step(fsdp: int, tiny: bool, remat: bool = False) -> dict:
 # ------------------------------------------------------------------------- decode step time
 def decode_step_times(batch_sizes=(1, 8), steps: int = 16, slots: int = 1024) -> list[dict]:
     """Per-step decode time of a mid-size model (8 layers, hidden 1024, bf16) unrolled, scanned
-    over parameter slices, and scanned as a scan (``scan_decode``)."""
+    over parameter slices, and scanned as a scan over a stacked cache (``scan_decode``)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx

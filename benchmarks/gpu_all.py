@@ -9,7 +9,8 @@ This runner spends one call in priority order and never loses what already ran:
 * each job is one ``benchmarks/gpu_*.py`` run in its own process (a crash or an out-of-memory
   error ends that job only and frees the GPU for the next), with its own time cap, cut to what
   the budget has left; a job that would not get ``--min-job-s`` seconds is skipped, not started;
-* the model is ``scan_layers`` (one compiled layer for prefill and training; decode unrolled)
+* the model is ``scan_layers`` (one compiled layer for prefill and training; decode unrolled,
+  or scanned too over a stacked KV cache with ``--extra=--scan-decode``)
   with random weights drawn by one small jitted draw per distinct shape
   (:func:`gpu_common.random_model`), and XLA's persistent compilation cache is shared by the
   jobs (``SFJAX_JAX_CACHE``), so programs that two jobs share compile once;
@@ -309,13 +310,17 @@ def dry_run(jobs: list[Job], args) -> dict:
     except FileNotFoundError:
         raise SystemExit(f"{args.compile_json} not found: run benchmarks/bench_compile.py "
                          f"--out {args.compile_json} first (or pass --compile-json)") from None
-    mode = "scanned" if "--unrolled" not in args.extra else "unrolled"
+    extra = args.extra.split()
+    mode = ("unrolled" if "--unrolled" in extra else
+            "scan_decode" if "--scan-decode" in extra else "scanned")  # fmt: skip
     out, total = {}, 0.0
     print(f"{'job':13s} {'compile s':>10s} {'run s (floor)':>14s} {'sum':>8s} {'cap':>6s}")
     for job in jobs:
         cpu = 0.0
         for name, count in job.programs:
-            rec = programs.get(name, {}).get(mode) or programs.get(name, {}).get("unrolled")
+            recs = programs.get(name, {})  # programs without a decode step: their scanned time
+            rec = recs.get(mode) or recs.get("scanned" if mode == "scan_decode" else "unrolled")
+            rec = rec or recs.get("unrolled")
             cpu += count * (rec["total_s"] if rec else 0.0)
         compile_s = cpu * args.gpu_compile_factor
         run_s = predicted_run_s(job, args.tiny)

@@ -69,7 +69,10 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "where shapes allow, else plain f32 scores")
     parser.add_argument("--unrolled", action="store_true",
                         help="unrolled layers (default: Qwen3Config.scan_layers, one compiled "
-                             "layer for prefill and training; decode runs unrolled either way)")
+                             "layer for prefill and training; decode unrolled unless --scan-decode)")
+    parser.add_argument("--scan-decode", action="store_true",
+                        help="Qwen3Config.scan_decode: decode steps scanned too, over a stacked "
+                             "KV cache (smallest programs; step time on GPU to be measured)")
     parser.add_argument("--no-compile-cache", action="store_true",
                         help="do not use XLA's persistent compilation cache ($SFJAX_JAX_CACHE)")
     return parser
@@ -165,7 +168,8 @@ def start(args):
     if maybe_device_check(args):
         return None
     setup(args)
-    config = model_config(args.tiny, scan_layers=not getattr(args, "unrolled", False))
+    config = model_config(args.tiny, scan_layers=not getattr(args, "unrolled", False),
+                          scan_decode=getattr(args, "scan_decode", False))  # fmt: skip
     progress("measuring the roofline")
     return config, measure_roofline(args.tiny)
 
@@ -210,15 +214,16 @@ def _jsonable(x):
 
 
 # ---------------------------------------------------------------------------------- model
-def model_config(tiny: bool, scan_layers: bool = False):
+def model_config(tiny: bool, scan_layers: bool = False, scan_decode: bool = False):
     """Qwen3-4B, or the tiny test architecture for ``--tiny``; ``scan_layers`` stacks the
-    layers (one compiled layer: :attr:`sfjax.models.qwen3.Qwen3Config.scan_layers`)."""
+    layers (one compiled layer: :attr:`sfjax.models.qwen3.Qwen3Config.scan_layers`),
+    ``scan_decode`` scans decode steps too (:attr:`~sfjax.models.qwen3.Qwen3Config.scan_decode`)."""
     import dataclasses
 
     from sfjax.models.qwen3 import Qwen3Config
 
     c = Qwen3Config.tiny() if tiny else Qwen3Config.qwen3_4b()
-    return dataclasses.replace(c, scan_layers=scan_layers)
+    return dataclasses.replace(c, scan_layers=scan_layers, scan_decode=scan_layers and scan_decode)
 
 
 def random_model(config, dtype=None, seed: int = 0):

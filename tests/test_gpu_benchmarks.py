@@ -133,6 +133,13 @@ def test_device_check_prints_devices(capsys):
     assert "jax.devices():" in capsys.readouterr().out
 
 
+def test_gpu_decode_tiny_with_scan_decode(tmp_path):
+    """``--scan-decode`` (a stacked KV cache, decode scanned) runs the same measurement."""
+    rec = _run("gpu_decode", tmp_path, "--scan-decode", "--no-torch")
+    (row,) = rec["rows"]
+    assert _pos(row["sfjax_sampler"]["decode_tokens_per_s"]) and rec["complete"] is True
+
+
 def test_gpu_decode_tiny_with_torch_reference(tmp_path):
     rec = _run("gpu_decode", tmp_path)
     (row,) = rec["rows"]
@@ -288,7 +295,8 @@ def test_gpu_all_dry_run_predicts_from_bench_compile(tmp_path, capsys):
     roofline floor; a job predicted over its cap is flagged; nothing is started."""
     import gpu_all
 
-    record = {"programs": {"decode": {"scanned": {"total_s": 10.0}, "unrolled": {"total_s": 50.0}},
+    record = {"programs": {"decode": {"scanned": {"total_s": 10.0}, "unrolled": {"total_s": 50.0},
+                                      "scan_decode": {"total_s": 1.0}},
                            "prefill": {"scanned": {"total_s": 2.0}, "unrolled": {"total_s": 4.0}},
                            "kto_step": {"scanned": {"total_s": 100.0}}}}  # fmt: skip
     path = tmp_path / "compile.json"
@@ -311,6 +319,9 @@ def test_gpu_all_dry_run_predicts_from_bench_compile(tmp_path, capsys):
                              "--only", "latency"])  # fmt: skip
     assert unrolled["jobs"]["latency"]["compile_s"] == pytest.approx(
         gpu_all.GPU_COMPILE_FACTOR * (50.0 + 4.0))  # the calibrated default factor
+    scan = gpu_all.main(["--dry-run", "--compile-json", str(path), "--extra=--scan-decode",
+                         "--only", "latency", "--gpu-compile-factor", "2"])  # fmt: skip
+    assert scan["jobs"]["latency"]["compile_s"] == pytest.approx(2 * (1.0 + 2.0))  # prefill: scanned
     with pytest.raises(SystemExit, match="bench_compile"):
         gpu_all.main(["--dry-run", "--compile-json", str(tmp_path / "missing.json")])
 

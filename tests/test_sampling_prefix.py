@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -169,11 +171,14 @@ def test_a_cached_prefix_adds_at_most_max_extra_slots():
     assert worst <= MAX_EXTRA_SLOTS
 
 
-def test_scanned_model_samples_like_the_unrolled_one(checkpoint, tokenizer, plain):
-    """``scan_layers`` (scanned prefill and prefix, decode over parameter slices): the same
-    greedy tokens and log-probs as the unrolled model, with and without the prefix cache, and
-    the same sampled tokens (top-k 20 / top-p 0.8, the Actor's settings) from one key."""
+@pytest.mark.parametrize("scan_decode", [False, True])
+def test_scanned_model_samples_like_the_unrolled_one(checkpoint, tokenizer, plain, scan_decode):
+    """``scan_layers`` (scanned prefill and prefix; decode over parameter slices, or a scan
+    over a stacked cache with ``scan_decode``): the same greedy tokens and log-probs as the
+    unrolled model, with and without the prefix cache, and the same sampled tokens (top-k 20 /
+    top-p 0.8, the Actor's settings; n = 2 samples per prompt) from one key."""
     scanned = qwen3.from_pretrained(checkpoint, dtype=jnp.float32, scan_layers=True)
+    scanned.config = dataclasses.replace(scanned.config, scan_decode=scan_decode)
     prompts = [SYSTEM + h for h in HISTORIES[:2]]
     want = plain.generate(prompts, GREEDY)
     sampler = Sampler(scanned, tokenizer)
@@ -184,3 +189,5 @@ def test_scanned_model_samples_like_the_unrolled_one(checkpoint, tokenizer, plai
     actor = SamplingParams(temperature=0.7, top_k=20, top_p=0.8, max_new_tokens=12, ignore_eos=True)
     key = jax.random.key(3)
     assert sampler.generate(prompts, actor, key).tokens == plain.generate(prompts, actor, key).tokens
+    assert (sampler.generate(prompts, actor, key, n=2).tokens
+            == plain.generate(prompts, actor, key, n=2).tokens)  # fmt: skip

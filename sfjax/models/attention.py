@@ -161,6 +161,51 @@ def plain_attention(q_BTNH, k_BKSH, v_BKSH, visible_BTS):
     return out_BKMH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
+def cache_and_own_attention(q_BTNH, k_BKSH, v_BKSH, visible_BTS, k_BKTH, v_BKTH, visible_BTT):
+    """:func:`plain_attention` over the keys of a read-only cache ``k_BKSH`` followed by this
+    call's own keys ``k_BKTH`` (one softmax over ``S + T`` keys), without concatenating them:
+    the scores of the two parts are computed apart and joined, so the cache is read where it
+    lies and never copied into a new buffer (the scanned decode step reads each layer's slice
+    of a stacked cache this way, :meth:`sfjax.models.qwen3.Qwen3.run_layers`).
+
+    ``visible_BTS`` marks the cache slots each query sees (not the slots this call's tokens
+    will fill), ``visible_BTT`` the own keys. Equal to :func:`plain_attention` over the cache
+    with the own keys written into it: the same float32 products of ``dtype`` operands, summed
+    in float32, probabilities rounded to ``dtype`` before ``p v``. The cache products are
+    written as multiply-and-sum rather than matmuls (a decode step has ``G`` query rows per
+    head: a matrix-vector product, memory-bound), a reduction into which a compiler can fuse
+    the read of the cache slice, where a matmul (a library call) needs its operand sliced out
+    of a stacked ``[L, ...]`` cache into a buffer first. XLA:CPU copies the slice either way
+    (it upcasts 16-bit slices to float32; both forms measured the same there,
+    benchmarks/RESULTS.md "Decode as a scan over a stacked cache"); the fusion is for GPU / TPU,
+    to be measured.
+    """
+    B, T, N, H = q_BTNH.shape
+    K, S = k_BKSH.shape[1], k_BKSH.shape[2]
+    G = N // K
+    dtype = q_BTNH.dtype
+    f32 = jnp.float32
+    q_BKMH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
+
+    def masked(logits_BKMX, visible_BTX):
+        X = visible_BTX.shape[-1]
+        visible_B1MX = jnp.broadcast_to(visible_BTX[:, None, None], (B, 1, G, T, X))
+        return jnp.where(visible_B1MX.reshape(B, 1, G * T, X), logits_BKMX * (H**-0.5), MASK_VALUE)
+
+    k_BK1SH = k_BKSH.astype(dtype)[:, :, None]
+    cache_BKMS = jnp.sum(q_BKMH[:, :, :, None].astype(f32) * k_BK1SH.astype(f32), axis=-1)
+    own_BKMT = jnp.einsum("BKMH,BKTH->BKMT", q_BKMH, k_BKTH.astype(dtype), preferred_element_type=f32)
+    logits_BKMZ = jnp.concatenate([masked(cache_BKMS, visible_BTS), masked(own_BKMT, visible_BTT)],
+                                  axis=-1)  # fmt: skip
+    probs_BKMZ = jax.nn.softmax(logits_BKMZ, axis=-1).astype(dtype)
+    v_BK1SH = v_BKSH.astype(dtype)[:, :, None]
+    out_BKMH = jnp.sum(probs_BKMZ[..., :S, None].astype(f32) * v_BK1SH.astype(f32), axis=-2)
+    out_BKMH += jnp.einsum("BKMT,BKTH->BKMH", probs_BKMZ[..., S:], v_BKTH.astype(dtype),
+                           preferred_element_type=f32)  # fmt: skip
+    out_BKMH = out_BKMH.astype(dtype)
+    return out_BKMH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
+
 def fused_attention(q_BTNH, k_BKSH, v_BKSH, visible_BTS, implementation: str = "xla"):
     """The same attention through :func:`jax.nn.dot_product_attention` (``"xla"``/``"cudnn"``).
 
@@ -264,6 +309,7 @@ __all__ = [
     "IMPLEMENTATIONS",
     "AttentionConfig",
     "attention",
+    "cache_and_own_attention",
     "choices",
     "cudnn_unsupported_reason",
     "fused_attention",

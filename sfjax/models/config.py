@@ -51,11 +51,22 @@ class Qwen3Config:
     (benchmarks/bench_compile.py). Single-token decode slices the stack and runs unrolled
     unless ``scan_decode``. Same results as the unrolled model."""
     scan_decode: bool = False
-    """With ``scan_layers``, also run single-token cached steps (decode) as a scan, over the
-    per-layer cache stacked for the call. Off: decode slices the stacked parameters and runs the
-    layers unrolled, which measured 2-5x faster per step on XLA:CPU (the stack / unstack copies
-    the whole cache every step; benchmarks/RESULTS.md, "Scanned layers") at the cost of
-    compiling the decode step per layer."""
+    """With ``scan_layers``, also run single-token cached steps (decode) as a scan: the KV cache
+    is then one stacked ``[L, B, K, S, H]`` array per keys / values (:func:`init_cache` reads
+    this field), each layer attends over its slice of the stack plus its own new key (read only,
+    no cache write inside the scan) and returns its new keys / values, written into the stack
+    by one update after the scan. Off: the cache is one array per layer and decode slices the
+    stacked parameters and runs the layers unrolled.
+
+    Default off, measured (benchmarks/RESULTS.md, "Decode as a scan over a stacked cache"; XLA:CPU only, GPU to be
+    measured): the scanned Qwen3-4B decode / RfR programs compile 6.8x / 4.2x faster than
+    unrolled, but a decode step ran 2.1x (batch 1) / 3.1x (batch 8) slower than unrolled on
+    a mid-size bf16 model — no faster than the earlier scan that stacked / split the per-layer
+    cache every step (2.3x / 2.6x in the same session), because XLA:CPU copies every layer's
+    weights and cache slice out of the stack per step (float32 upcasts of 16-bit slices; a
+    dynamic slice cannot feed its matmuls in place). With float32 weights and cache (no
+    upcasts) it ran 1.4x / 1.7x the unrolled time and 1.5x / 1.9x faster than the earlier
+    scan. Turn it on where compile time dominates (a short device lease)."""
     remat_policy: str = "nothing_saveable"
     """``jax.checkpoint_policies`` name used when layers are rematerialised (``remat``):
     ``nothing_saveable`` recomputes the whole layer in the backward pass (least memory);
@@ -74,6 +85,11 @@ class Qwen3Config:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "head_dim"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"Qwen3Config.{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def stacked_cache(self) -> bool:
+        """Whether the KV cache keeps its layers stacked (``scan_layers`` and ``scan_decode``)."""
+        return self.scan_layers and self.scan_decode
 
     @property
     def num_groups(self) -> int:

@@ -26,8 +26,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sfjax.models.attention import cache_and_own_attention
 from sfjax.models.config import Qwen3Config
-from sfjax.models.kv_cache import KVCache, init_cache
+from sfjax.models.kv_cache import KVCache, init_cache, is_stacked
 from sfjax.models.matmul import matmul
 from sfjax.parallel import shard_activation
 
@@ -201,32 +202,47 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(config, dtype=dtype, rngs=rngs)
 
     def __call__(self, x_BTD, cos_BTH, sin_BTH, visible_BTS, past_k_BKSH=None, past_v_BKSH=None,
-                 index=None):  # fmt: skip
+                 index=None, read_only: bool = False):  # fmt: skip
         """One layer on ``T`` tokens; returns ``(x_BTD, k, v)``.
 
-        Three uses of the keys / values, one computation:
+        Four uses of the keys / values, one computation:
 
         * no ``past``: attend to this call's tokens; ``k`` / ``v`` ``[B, K, T, H]`` are its own;
         * ``past`` without ``index`` (a shared prompt prefix, training): attend to
           ``concat(past, own)`` (``visible`` covers ``S + T`` keys); ``k`` / ``v`` are its own;
         * ``past`` with ``index`` (the KV cache): write this call's keys / values into the
           buffers at slot ``index`` (in place under jit with a donated cache), attend to the
-          whole buffer; ``k`` / ``v`` are the updated buffers ``[B, K, S, H]``.
+          whole buffer; ``k`` / ``v`` are the updated buffers ``[B, K, S, H]``;
+        * ``past`` with ``index`` and ``read_only`` (a slice of a stacked cache in the scanned
+          decode): the same attention, but the buffers are only read — one token attends over
+          the buffer's slots plus its own key (:func:`sfjax.models.attention.
+          cache_and_own_attention`), several write into a copy first; ``k`` / ``v`` are its own,
+          for the caller to write.
         """
         attn = self.self_attn
         q_BTNH, k_BKTH, v_BKTH = attn.project_qkv(self.input_layernorm(x_BTD), cos_BTH, sin_BTH)
         k_out, v_out = k_BKTH, v_BKTH
         if past_k_BKSH is None:
-            k_all, v_all = k_BKTH, v_BKTH
+            out_BTNH = attention(q_BTNH, k_BKTH, v_BKTH, visible_BTS)
         elif index is None:
             k_all = jnp.concatenate([past_k_BKSH.astype(k_BKTH.dtype), k_BKTH], axis=2)
             v_all = jnp.concatenate([past_v_BKSH.astype(v_BKTH.dtype), v_BKTH], axis=2)
+            out_BTNH = attention(q_BTNH, k_all, v_all, visible_BTS)
+        elif read_only and x_BTD.shape[1] == 1:
+            B, S = visible_BTS.shape[0], visible_BTS.shape[2]
+            own_BT1 = jax.lax.dynamic_slice(visible_BTS, (0, 0, index), (B, 1, 1))
+            cached_BTS = visible_BTS & (jnp.arange(S) != index)
+            out_BTNH = cache_and_own_attention(
+                q_BTNH, past_k_BKSH, past_v_BKSH, cached_BTS,
+                k_BKTH.astype(past_k_BKSH.dtype), v_BKTH.astype(past_v_BKSH.dtype), own_BT1,
+            )  # fmt: skip
         else:
             at = (0, 0, index, 0)
             k_all = jax.lax.dynamic_update_slice(past_k_BKSH, k_BKTH.astype(past_k_BKSH.dtype), at)
             v_all = jax.lax.dynamic_update_slice(past_v_BKSH, v_BKTH.astype(past_v_BKSH.dtype), at)
-            k_out, v_out = k_all, v_all
-        out_BTNH = attention(q_BTNH, k_all, v_all, visible_BTS)
+            if not read_only:
+                k_out, v_out = k_all, v_all
+            out_BTNH = attention(q_BTNH, k_all, v_all, visible_BTS)
         x_BTD = x_BTD + attn.o_proj(out_BTNH.reshape(*x_BTD.shape[:2], -1))
         return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD)), k_out, v_out
 
@@ -298,13 +314,25 @@ class Qwen3(nnx.Module):
         as ``past``. ``remat`` recomputes each layer in the backward pass
         (``config.remat_policy``).
 
-        With ``scan_layers`` the layers run as one ``lax.scan`` (one layer compiled), except a
-        single-token cached step (decode) without ``scan_decode``, which slices the stacked
-        parameters and runs unrolled: stacking the per-layer cache for a scan copies all of it
-        every step, measured 2-5x slower on XLA:CPU (benchmarks/RESULTS.md, "Scanned layers").
+        With ``scan_layers`` the layers run as one ``lax.scan`` (one layer compiled). A KV cache
+        (``index``) stacked ``[L, B, K, S, H]`` (``config.scan_decode``) is only read inside the
+        scan (each layer's slice: :meth:`DecoderLayer.__call__` ``read_only``); the layers' new
+        keys / values come out of the scan and are written into the stack at slot ``index`` by
+        one update after it, and the updated stack is returned. A per-layer (tuple) cache is
+        prefilled by a scan over it stacked for the call and split after; a single-token step on
+        it (decode) slices the stacked parameters and runs unrolled, because stacking the cache
+        copies all of it (benchmarks/RESULTS.md, "Scanned layers").
         """
         c = self.config
         layer_args = (cos_BTH, sin_BTH, visible_BTS)
+        stacked_cache = past is not None and index is not None and is_stacked(past[0])
+        if stacked_cache and not c.scan_layers:
+            raise ValueError(
+                "a stacked [L, ...] KV cache needs Qwen3Config.scan_layers; build the cache with "
+                "init_cache(model.config, ...) so that its layout matches the model"
+            )
+        if stacked_cache:
+            return self._run_scanned_read_only(x_BTD, layer_args, past, index)
         if not c.scan_layers:
             ks, vs = [], []
             for i, layer in enumerate(self.layers):
@@ -315,7 +343,7 @@ class Qwen3(nnx.Module):
                 ks.append(k)
                 vs.append(v)
             return x_BTD, ((tuple(ks), tuple(vs)) if keep_kv else None)
-        if index is not None and x_BTD.shape[1] == 1 and not c.scan_decode:
+        if index is not None and x_BTD.shape[1] == 1:
             return self._run_sliced(x_BTD, layer_args, past, index, keep_kv)
         return self._run_scanned(x_BTD, layer_args, past, index, remat, keep_kv)
 
@@ -344,6 +372,25 @@ class Qwen3(nnx.Module):
         if stateful:
             nnx.update(self.layers, rest)
         return x_BTD, kv
+
+    def _run_scanned_read_only(self, x_BTD, layer_args, past, index):
+        """The scan over a stacked cache ``past`` = ``(k, v)`` ``[L, B, K, S, H]`` that it only
+        reads; returns ``(x_BTD, (k, v))`` with every layer's new keys / values written at slot
+        ``index`` by one ``dynamic_update_slice`` (in place under jit when donated)."""
+        graphdef, params, rest = self._split_layers()
+
+        def body(x_BTD, xs):
+            p, pk, pv = xs
+            layer = nnx.merge(graphdef, p, rest)
+            x_BTD, k, v = layer(x_BTD, *layer_args, pk, pv, index, read_only=True)
+            return shard_activation(x_BTD), (k, v)
+
+        k_LBKSH, v_LBKSH = past
+        x_BTD, (k_LBKTH, v_LBKTH) = jax.lax.scan(body, x_BTD, (params, k_LBKSH, v_LBKSH))
+        at = (0, 0, 0, index, 0)
+        k_LBKSH = jax.lax.dynamic_update_slice(k_LBKSH, k_LBKTH.astype(k_LBKSH.dtype), at)
+        v_LBKSH = jax.lax.dynamic_update_slice(v_LBKSH, v_LBKTH.astype(v_LBKSH.dtype), at)
+        return x_BTD, (k_LBKSH, v_LBKSH)
 
     def _run_sliced(self, x_BTD, layer_args, past, index, keep_kv):
         graphdef, params, rest = self._split_layers()
@@ -420,13 +467,13 @@ class Qwen3(nnx.Module):
         query_slot_T = index + jnp.arange(T)
         causal_TS = jnp.arange(S)[None, :] <= query_slot_T[:, None]
         visible_BTS = causal_TS[None] & slot_mask_BS[:, None, :]
-        # The cache keeps one buffer per layer whatever the parameter layout (kv_cache.py); a
-        # scanned prefill stacks them for the scan and splits them after.
+        # The cache's layout (kv_cache.py) decides how the layers run: stacked, a scan that only
+        # reads it; per layer, unrolled decode steps and a scanned prefill that stacks it.
         past = (cache.k, cache.v)
         x_BTD, (k, v) = self.run_layers(x_BTD, cos_BTH, sin_BTH, visible_BTS, past, index)
         new_cache = KVCache(
-            k=tuple(k),
-            v=tuple(v),
+            k=k if cache.stacked else tuple(k),
+            v=v if cache.stacked else tuple(v),
             slot_mask=slot_mask_BS,
             positions=cache.positions + mask_BT.sum(axis=1, dtype=jnp.int32),
             index=index + T,

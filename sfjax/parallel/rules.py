@@ -45,7 +45,7 @@ PARAM_AXES: dict[tuple[str, str], tuple[str | None, ...]] = {
 :class:`sfjax.models.qwen3.Qwen3` with more than one dimension."""
 
 KV_CACHE_AXES: dict[str, tuple[str | None, ...]] = {
-    "k": ("batch", "kv_heads", "cache_seq", "head_dim"),  # each layer's array
+    "k": ("batch", "kv_heads", "cache_seq", "head_dim"),  # each layer's (a stack: "layers" first)
     "v": ("batch", "kv_heads", "cache_seq", "head_dim"),
     "slot_mask": ("batch", "cache_seq"),
     "positions": ("batch",),
@@ -181,13 +181,15 @@ def state_shardings(state, mesh: Mesh, rules: Rules | None = None):
 
 def cache_shardings(cache, mesh: Mesh, rules: Rules | None = None):
     """A :class:`~sfjax.models.qwen3.KVCache` whose fields are their ``NamedSharding`` (``k`` /
-    ``v``: one per layer)."""
+    ``v``: one per layer, or one for a stacked ``[L, ...]`` cache, its layers axis unsharded)."""
 
     def field(name, axes):
-        return jax.tree.map(
-            lambda leaf: NamedSharding(mesh, logical_to_spec(axes, np.shape(leaf), mesh, rules)),
-            getattr(cache, name),
-        )
+        def one(leaf):
+            shape = np.shape(leaf)
+            logical = ("layers",) * (len(shape) - len(axes)) + axes  # a stacked cache's L
+            return NamedSharding(mesh, logical_to_spec(logical, shape, mesh, rules))
+
+        return jax.tree.map(one, getattr(cache, name))
 
     return cache.replace(**{name: field(name, axes) for name, axes in KV_CACHE_AXES.items()})
 

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sfjax.models.kv_cache import with_rows, write_rows
 from sfjax.models.qwen3 import KVCache
 from sfjax.sampling import constrained as cons
 from sfjax.sampling import distribution as dist
@@ -32,7 +33,7 @@ def decode_loop(
     """The jitted program: prefill, copy for ``n``, decode until all rows are done.
 
     ``prefix`` (optional, :mod:`sfjax.sampling.prefix`): ``dict(k=, v=, length=)`` with the
-    cached keys/values (one ``[1, K, P, H]`` per layer) of a token prefix shared by every
+    cached keys/values (one row of ``P`` slots, in the cache's layout) of a token prefix shared by every
     prompt and its length; the prompts in ``ids_BT`` are then only what follows it. The prefix
     fills slots ``[0, P)`` of every row, the prompts are prefilled after it.
 
@@ -51,8 +52,8 @@ def decode_loop(
     B, T = ids_BT.shape
     N = B * n
     M = rows["tokens_init_NM"].shape[1]
-    _, KV, S, H = cache.k[0].shape
-    P = prefix["k"][0].shape[2] if prefix is not None else 0
+    S = cache.max_len
+    P = jax.tree.leaves(prefix["k"])[0].shape[-2] if prefix is not None else 0
     if n == 1:  # the donated cache is reused; stale slots are masked out
         work = cache.replace(
             slot_mask=jnp.zeros_like(cache.slot_mask),
@@ -61,22 +62,16 @@ def decode_loop(
         )
     else:  # prefill B rows over the prompt slots only, then copy each row n times (RfR)
         work = KVCache(
-            k=tuple(jnp.zeros((B, KV, P + T, H), x.dtype) for x in cache.k),
-            v=tuple(jnp.zeros((B, KV, P + T, H), x.dtype) for x in cache.v),
+            k=with_rows(cache.k, B, P + T),
+            v=with_rows(cache.v, B, P + T),
             slot_mask=jnp.zeros((B, P + T), bool),
             positions=jnp.zeros((B,), jnp.int32),
             index=jnp.zeros_like(cache.index),
         )
     if prefix is not None:  # cached prefix in slots [0, P) of every row, prompts after it
-        put = lambda cs, xs: tuple(  # noqa: E731
-            jax.lax.dynamic_update_slice(
-                c, jnp.broadcast_to(x, (B, KV, P, H)).astype(c.dtype), (0, 0, 0, 0)
-            )
-            for c, x in zip(cs, xs)
-        )
         work = work.replace(
-            k=put(work.k, prefix["k"]),
-            v=put(work.v, prefix["v"]),
+            k=write_rows(work.k, prefix["k"]),
+            v=write_rows(work.v, prefix["v"]),
             slot_mask=work.slot_mask.at[:, :P].set(jnp.arange(P)[None, :] < prefix["length"]),
             positions=jnp.full((B,), prefix["length"], jnp.int32),
             index=jnp.int32(P),
@@ -90,13 +85,9 @@ def decode_loop(
     if n == 1:
         cache = work
     else:  # written into the donated N-row cache: peak memory one N-row cache + B prompt rows
-        into = lambda cs, xs: tuple(  # noqa: E731
-            jax.lax.dynamic_update_slice(c, jnp.repeat(x, n, axis=0), (0, 0, 0, 0))
-            for c, x in zip(cs, xs)
-        )
         cache = cache.replace(
-            k=into(cache.k, work.k),
-            v=into(cache.v, work.v),
+            k=write_rows(cache.k, work.k, repeat=n),
+            v=write_rows(cache.v, work.v, repeat=n),
             slot_mask=jnp.zeros((N, S), bool).at[:, : P + T].set(
                 jnp.repeat(work.slot_mask, n, axis=0)
             ),

@@ -71,8 +71,8 @@ def shared_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
 
 @dataclass
 class CachedPrefix:
-    """Keys/values of ``tokens`` in slots ``[0, len(tokens))`` of ``k``/``v`` (one
-    ``[1, K, P, H]`` per layer)."""
+    """Keys/values of ``tokens`` in slots ``[0, len(tokens))`` of ``k``/``v`` (a one-row cache's,
+    ``[1, K, P, H]`` per layer or stacked ``[L, 1, K, P, H]``, as the config lays it out)."""
 
     tokens: tuple[int, ...]
     k_LyP: jax.Array
@@ -81,7 +81,7 @@ class CachedPrefix:
 
     @property
     def slots(self) -> int:
-        return int(self.k_LyP[0].shape[2])
+        return int(jax.tree.leaves(self.k_LyP)[0].shape[-2])
 
 
 def _prefill_prefix(graphdef, state, k_LyP, v_LyP, ids_1P, mask_1P):

@@ -231,3 +231,25 @@ def test_setting_validation_and_context_restores():
         q, k, v = random_qkv(1, 2, 2, 2, 1, 8)
         with pytest.raises(ValueError, match="needs a GPU"):
             attn.attention(q, k, v, causal_left_padded([0], 2), implementation="cudnn")
+
+
+def test_cache_and_own_attention_equals_attending_the_written_cache():
+    """One query per row over a read-only cache plus its own key (the scanned decode step) is
+    the float64 reference over the cache with that key written at its slot; a row whose own
+    token is padding does not see it."""
+    B, N, K, H, S, index = 3, 4, 2, 8, 9, 5
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(B, 1, N, H)).astype(np.float32)
+    k, v = (rng.normal(size=(B, K, S, H)).astype(np.float32) for _ in range(2))
+    k_own, v_own = (rng.normal(size=(B, K, 1, H)).astype(np.float32) for _ in range(2))
+    slot_mask = np.broadcast_to(np.arange(S) < index, (B, S)).copy()
+    slot_mask[1, :2] = False  # left padding
+    own = np.array([True, True, False])  # row 2's token is padding
+    k_w, v_w = k.copy(), v.copy()
+    k_w[:, :, index], v_w[:, :, index] = k_own[:, :, 0], v_own[:, :, 0]
+    visible_w = slot_mask.copy()
+    visible_w[:, index] = own
+    want = numpy_attention(q, k_w, v_w, visible_w[:, None, :])
+    got = attn.cache_and_own_attention(q, k, v, slot_mask[:, None, :], k_own, v_own,
+                                       own[:, None, None])  # fmt: skip
+    np.testing.assert_allclose(got, want, atol=F32_TOL)

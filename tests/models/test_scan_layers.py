@@ -67,8 +67,26 @@ def test_prefill_then_decode_matches_unrolled(pair, scan_decode):
     for x, y in zip(a, b):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
     assert len(cb.k) == plain.config.num_layers and int(cb.index) == 10
-    for x, y in zip(ca.k + ca.v, cb.k + cb.v):
+    assert cb.stacked == scan_decode and not ca.stacked  # scan_decode: one [L, ...] array
+    for x, y in zip((*ca.k, *ca.v), (*cb.k, *cb.v)):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_scan_decode_step_is_one_scan_over_a_stacked_cache(pair):
+    """With ``scan_decode`` a decode step compiles one layer (a while loop) over the stacked
+    cache and writes it with one update; without, it runs unrolled over the per-layer cache."""
+    _, scanned = pair
+    lowered = {}
+    for scan_decode in (False, True):
+        m = nnx.clone(scanned)
+        m.config = dataclasses.replace(m.config, scan_decode=scan_decode)
+        cache = init_cache(m.config, 2, 8, jnp.float32)
+        step = nnx.jit(lambda m, c: m(np.ones((2, 1), np.int32), cache=c))
+        lowered[scan_decode] = step.lower(m, cache).as_text()
+    assert "while" in lowered[True] and "while" not in lowered[False]
+    cache_writes = [line for line in lowered[True].splitlines()
+                    if "dynamic_update_slice" in line and "-> tensor<2x2x2x8x16xf32>" in line]  # fmt: skip
+    assert len(cache_writes) == 2  # [L, B, K, S, H] keys and values, each written once
 
 
 @pytest.mark.parametrize("policy", ["nothing_saveable", "dots_with_no_batch_dims_saveable"])
@@ -151,3 +169,7 @@ def test_sharding_rules_give_stacked_params_a_layers_axis(pair):
     assert specs[("layers", "input_layernorm", "weight")].spec == PartitionSpec(None, None)
     assert parallel.param_logical_axes(("layers", "mlp", "up_proj", "lora_a"), (2, 64, 4)) == (
         "layers", "embed", "lora_rank")
+    config = dataclasses.replace(scanned.config, scan_decode=True)  # a stacked cache
+    cache = jax.eval_shape(lambda: init_cache(config, 4, 16, jnp.bfloat16))
+    sh = parallel.cache_shardings(cache, AbstractMesh((2, 2, 2), parallel.AXES))
+    assert sh.k.spec == sh.v.spec == PartitionSpec(None, ("data", "fsdp"), "tp", None, None)
