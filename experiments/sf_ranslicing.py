@@ -94,6 +94,11 @@ class ModelConfig:
     scan_layers: bool = False
     """Stack the decoder layers and run them as one ``lax.scan`` (prefill, reference log-probs,
     KTO step): 5-20x faster compiles at Qwen3-4B (benchmarks/RESULTS.md), same results."""
+    scan_decode: bool = False
+    """With ``scan_layers``, also scan the decode steps over a stacked KV cache
+    (``Qwen3Config.scan_decode``): the decode / RfR programs compiled 6.8x / 4.2x faster than
+    unrolled at Qwen3-4B on CPU, but each decode step ran 2-3x slower there (GPU: to be
+    measured); for compile-bound sessions such as a short accelerator lease. Same results."""
 
     def invalid(self) -> list[Bad]:
         bad = [] if self.dtype in ("bfloat16", "float32") else [Bad("dtype", "bfloat16 or float32")]
@@ -102,6 +107,8 @@ class ModelConfig:
                                          "--model.prior)"))
         if self.tiny and self.prior:
             bad.append(Bad("prior", "not together with --model.tiny (one Actor)"))
+        if self.scan_decode and not self.scan_layers:
+            bad.append(Bad("scan_decode", "used with --model.scan-layers"))
         return bad
 
 
@@ -466,6 +473,8 @@ def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> d
     model = qwen3.from_pretrained(
         ckpt, dtype=_dtype(cfg.model.dtype), scan_layers=cfg.model.scan_layers
     )
+    if cfg.model.scan_decode:  # an execution layout, not a checkpoint property
+        model.config = dataclasses.replace(model.config, scan_decode=True)
     tokenizer = load_tokenizer(ckpt)
     writer = summary_writer(run_dir / "tb")  # process 0 only; None on other hosts
     # one progress bar per run, not per host

@@ -212,6 +212,43 @@ def test_bad_cli_value_is_one_line_before_anything_is_written(tmp_path, capsys, 
     assert not (tmp_path / "r").exists()
 
 
+def test_scan_decode_needs_scan_layers_and_reaches_the_model(tmp_path, capsys, monkeypatch):
+    mod = _experiment()
+    code, err = _cli(mod, capsys, "--run-dir", str(tmp_path / "r"), "--model.scan-decode")
+    assert code == 2 and err.startswith(
+        "error: --model.scan-decode True: must be used with --model.scan-layers"), err
+    assert not (tmp_path / "r").exists()
+    # with scan_layers it is the loaded model's execution layout (the run is stopped right
+    # after the model is built)
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_tokenizer(path):
+        raise Stop
+
+    import sfjax.tokenizer
+    from sfjax.models import qwen3
+
+    real = qwen3.from_pretrained
+
+    def spy(*a, **kw):
+        m = real(*a, **kw)
+        seen["model"] = m
+        return m
+
+    monkeypatch.setattr(qwen3, "from_pretrained", spy)
+    monkeypatch.setattr(sfjax.tokenizer, "load_tokenizer", fake_tokenizer)
+    cfg = _short(mod, tmp_path / "s")
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan_layers=True,
+                                                             scan_decode=True))
+    with pytest.raises(Stop):
+        mod.run(cfg, progress=False)
+    c = seen["model"].config
+    assert c.scan_layers and c.scan_decode
+
+
 def test_key_typed_as_variable_name_is_refused_and_never_written(tmp_path, capsys):
     key = "sk-live-0123456789abcdefDO-NOT-WRITE"
     code, err = _cli(_experiment(), capsys, "--run-dir", str(tmp_path / "r"),
