@@ -15,7 +15,7 @@ Presets:
          built on first use and cached (``python -m sfjax.agents.prior``); the offline
          rule-based hindsight labeller as Reflector (no LLM); the JAX RAN simulator; one SF
          iteration from 4 x 100-step trajectories with 2 KTO iterations; the Actor before and
-         after on 6 held-out env seeds. It tests the learning machinery against a rule
+         after on 16 held-out env seeds. It tests the learning machinery against a rule
          reflector, not the paper's LLM result.
   paper  Qwen3-4B Actor (local path or hub id) with LoRA, DeepSeek-R1 Reflector through an
          OpenAI-compatible API (key read from the environment variable named by
