@@ -186,18 +186,11 @@ def hf_config(overrides: Mapping[str, Any] | None = None, **special_ids: int) ->
     cfg = dict(TINY_CONFIG)
     cfg.update(overrides or {})
     num_layers = cfg["num_hidden_layers"]
+    from sfjax.models.config import HF_FIXED_FIELDS
+
     return {
-        "architectures": ["Qwen3ForCausalLM"],
-        "model_type": "qwen3",
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "hidden_act": "silu",
-        "initializer_range": 0.02,
+        **HF_FIXED_FIELDS,
         "max_window_layers": num_layers,
-        "sliding_window": None,
-        "use_sliding_window": False,
-        "use_cache": True,
-        "rope_scaling": None,
         "torch_dtype": "float32",
         "bos_token_id": special_ids.get("bos_token_id", 0),
         "eos_token_id": special_ids.get("eos_token_id", 0),

@@ -58,11 +58,11 @@ class Qwen3Config:
     by one update after the scan. Off: the cache is one array per layer and decode slices the
     stacked parameters and runs the layers unrolled.
 
-    Default off, measured (benchmarks/RESULTS.md, "Decode as a scan over a stacked cache"; XLA:CPU only, GPU to be
-    measured): the scanned Qwen3-4B decode / RfR programs compile 6.8x / 4.2x faster than
-    unrolled, but a decode step ran 2.1x (batch 1) / 3.1x (batch 8) slower than unrolled on
-    a mid-size bf16 model — no faster than the earlier scan that stacked / split the per-layer
-    cache every step (2.3x / 2.6x in the same session), because XLA:CPU copies every layer's
+    Default off, measured (benchmarks/RESULTS.md, "Decode as a scan over a stacked cache";
+    XLA:CPU only, GPU to be measured): the scanned Qwen3-4B decode / RfR programs compile
+    6.8x / 4.2x faster than unrolled, but a decode step ran 2.1x (batch 1) / 3.1x (batch 8)
+    slower than unrolled on a mid-size bf16 model — no faster than the earlier scan that
+    stacked / split the per-layer cache every step (2.3x / 2.6x in the same session), because XLA:CPU copies every layer's
     weights and cache slice out of the stack per step (float32 upcasts of 16-bit slices; a
     dynamic slice cannot feed its matmuls in place). With float32 weights and cache (no
     upcasts) it ran 1.4x / 1.7x the unrolled time and 1.5x / 1.9x faster than the earlier
@@ -202,12 +202,7 @@ class Qwen3Config:
         """An HF ``config.json`` dict that ``transformers.Qwen3Config`` reads back to this."""
         eos = self.eos_token_id
         return {
-            "architectures": ["Qwen3ForCausalLM"],
-            "model_type": "qwen3",
-            "attention_bias": False,
-            "attention_dropout": 0.0,
-            "hidden_act": "silu",
-            "initializer_range": 0.02,
+            **HF_FIXED_FIELDS,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -217,13 +212,9 @@ class Qwen3Config:
             "head_dim": self.head_dim,
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
-            "rope_scaling": None,
             "tie_word_embeddings": self.tie_word_embeddings,
             "max_position_embeddings": self.max_position_embeddings,
             "max_window_layers": self.num_layers,
-            "use_sliding_window": False,
-            "sliding_window": None,
-            "use_cache": True,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": list(eos) if isinstance(eos, tuple) else eos,
             "torch_dtype": dtype,
@@ -231,4 +222,21 @@ class Qwen3Config:
         }
 
 
-__all__ = ["Qwen3Config"]
+HF_FIXED_FIELDS: dict[str, Any] = {
+    "architectures": ["Qwen3ForCausalLM"],
+    "model_type": "qwen3",
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "hidden_act": "silu",
+    "initializer_range": 0.02,
+    "rope_scaling": None,
+    "use_sliding_window": False,
+    "sliding_window": None,
+    "use_cache": True,
+}
+"""The ``config.json`` entries of every Qwen3 this project writes that :class:`Qwen3Config` does
+not carry (fixed by the architecture): :meth:`Qwen3Config.to_hf` and
+:func:`sfjax.testing.hf_config` both start from them."""
+
+
+__all__ = ["HF_FIXED_FIELDS", "Qwen3Config"]

@@ -41,8 +41,9 @@ taken at step t (previous allocation a_{t-1}), in this order:
 6. otherwise effective, a*_t = a_t.
 
 A suboptimal label always carries an improved action different from the action taken. It
-never sees the eq. 15 utility (rule 4 uses only the weights the prompts state in words). Every label's reason and every Reflection's summary and
-backend name say that it comes from this rule-based labeller, never from an LLM.
+never sees the eq. 15 utility (rule 4 uses only the weights the prompts state in words). Every
+label's reason and every Reflection's summary and backend name say that it comes from this
+rule-based labeller, never from an LLM.
 """
 
 from __future__ import annotations
