@@ -59,14 +59,14 @@ class Qwen3Config:
     stacked parameters and runs the layers unrolled.
 
     Default off, measured (benchmarks/RESULTS.md, "Decode as a scan over a stacked cache";
-    XLA:CPU only, GPU to be measured): the scanned Qwen3-4B decode / RfR programs compile
-    6.8x / 4.2x faster than unrolled, but a decode step ran 2.1x (batch 1) / 3.1x (batch 8)
-    slower than unrolled on a mid-size bf16 model — no faster than the earlier scan that
-    stacked / split the per-layer cache every step (2.3x / 2.6x in the same session), because
-    XLA:CPU copies every layer's weights and cache slice out of the stack per step (float32 upcasts of 16-bit slices; a
-    dynamic slice cannot feed its matmuls in place). With float32 weights and cache (no
-    upcasts) it ran 1.4x / 1.7x the unrolled time and 1.5x / 1.9x faster than the earlier
-    scan. Turn it on where compile time dominates (a short device lease)."""
+    XLA:CPU only, GPU to be measured): the scanned Qwen3-4B decode / RfR programs compile 6.8x /
+    4.2x faster than unrolled, but a decode step ran 2.1x (batch 1) / 3.1x (batch 8) slower than
+    unrolled on a mid-size bf16 model — no faster than the earlier scan that stacked / split the
+    per-layer cache every step (2.3x / 2.6x in the same session), because XLA:CPU copies every
+    layer's weights and cache slice out of the stack per step (float32 upcasts of 16-bit slices;
+    a dynamic slice cannot feed its matmuls in place). With float32 weights and cache (no
+    upcasts) it ran 1.4x / 1.7x the unrolled time and 1.5x / 1.9x faster than the earlier scan.
+    Turn it on where compile time dominates (a short device lease)."""
     remat_policy: str = "nothing_saveable"
     """``jax.checkpoint_policies`` name used when layers are rematerialised (``remat``):
     ``nothing_saveable`` recomputes the whole layer in the backward pass (least memory);
