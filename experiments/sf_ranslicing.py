@@ -44,7 +44,6 @@ checkpoints, which all processes write together, and queries the Reflector API.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import sys
@@ -57,7 +56,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cli_common  # noqa: E402
-from cli_common import RunDirTaken  # noqa: E402
 
 from sfjax import atomic  # noqa: E402
 from sfjax.agents.actor import PAPER_ACTOR, ActorConfig  # noqa: E402
@@ -230,113 +228,17 @@ OPERATIONAL = (
     "log_level",
     "kto.progress",
     "kto.log_every",
-    "reflector.api.api_key_env",
-    "reflector.api.max_concurrency",
-    "reflector.api.timeout_s",
-    "reflector.api.max_retries",
-    "reflector.api.backoff_base_s",
-    "reflector.api.backoff_max_s",
-    "reflector.api.max_format_retries",
+    *cli_common.REFLECTOR_OPERATIONAL,
 )
 """Options that may change between runs in one RUN_DIR: they do not change results."""
 
 
-def _as_json(cfg) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
-
-
-def identity(cfg_json: dict, operational=OPERATIONAL) -> dict:
-    """The part of a config (as JSON) that changes results: all but ``operational``."""
-    out = json.loads(json.dumps(cfg_json))
-    for dotted in operational:
-        *parents, leaf = dotted.split(".")
-        d = out
-        for p in parents:
-            d = d.get(p, {}) if isinstance(d, dict) else {}
-        if isinstance(d, dict):
-            d.pop(leaf, None)
-    return out
-
-
-def _changed(a: dict, b: dict, prefix: str = "") -> list[tuple[str, object, object]]:
-    """(dotted key, value in a, value in b) for every entry that differs."""
-    out = []
-    for k in sorted(set(a) | set(b)):
-        x, y = a.get(k), b.get(k)
-        if isinstance(x, dict) and isinstance(y, dict):
-            out += _changed(x, y, f"{prefix}{k}.")
-        elif x != y:
-            out.append((f"{prefix}{k}", x, y))
-    return out
-
-
-def with_values(cfg, values: dict):
-    """``cfg`` with the JSON ``values`` (nested dicts) put back into its dataclass fields."""
-    changes = {}
-    for f in dataclasses.fields(cfg):
-        if f.name not in values:
-            continue
-        cur, new = getattr(cfg, f.name), values[f.name]
-        if dataclasses.is_dataclass(cur) and isinstance(new, dict):
-            changes[f.name] = with_values(cur, new)
-        elif isinstance(cur, tuple) and isinstance(new, list):
-            changes[f.name] = tuple(_item(cur, i, v) for i, v in enumerate(new))
-        elif isinstance(cur, Path):
-            changes[f.name] = Path(new)
-        else:
-            changes[f.name] = new
-    return dataclasses.replace(cfg, **changes)
-
-
-def _item(cur: tuple, i: int, v):
-    """Element ``i`` of a JSON list, typed like the current tuple's elements."""
-    like = cur[min(i, len(cur) - 1)] if cur else None
-    if dataclasses.is_dataclass(like) and isinstance(v, dict):
-        return with_values(like, v)
-    return tuple(v) if isinstance(v, list) else v
-
-
-def _prepare_run_dir(cfg, run_dir: Path, operational=OPERATIONAL, what: str = "run"):
-    """Check RUN_DIR against ``cfg`` and write ``config.json``; returns (resume?, cfg to run).
-
-    A run dir holding a run with the same identity is continued (``make demo`` twice). One with
-    another identity is refused, naming the keys; with ``--resume`` that run is continued with
-    its own values for them (a warning lists them). Nothing is ever deleted.
-    """
-    saved = run_dir / "config.json"
+def _prepare_run_dir(cfg, run_dir: Path):
+    """RUN_DIR's identity check (:func:`cli_common.prepare_run_dir`); a run is there once a
+    phase checkpoint is."""
     ckpts = run_dir / "checkpoints"
     has_run = ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir())
-    mine = identity(_as_json(cfg), operational)
-    before = None
-    if saved.exists():
-        try:
-            before = identity(atomic.read_json(saved, "the run's config"), operational)
-        except atomic.DamagedFile as e:
-            if has_run and not cfg.resume:
-                raise atomic.DamagedFile(
-                    f"{e}; pass --resume to continue the run in {run_dir} with the options "
-                    "given now (config.json is rewritten), or choose a new --run-dir"
-                ) from None
-    resume = cfg.resume
-    if has_run and before is not None and before != mine:
-        diff = _changed(before, mine)
-        names = ", ".join(f"{k} ({a!r} in the run, {b!r} now)" for k, a, b in diff[:6])
-        names += f" and {len(diff) - 6} more" if len(diff) > 6 else ""
-        if not cfg.resume:
-            raise RunDirTaken(
-                f"{run_dir} holds a {what} with another config: {names}. Add --resume to "
-                f"continue it with its own values, or choose a new --run-dir"
-            )
-        logging.getLogger(__name__).warning(
-            "resuming the %s in %s with its own values for: %s", what, run_dir, names
-        )
-        cfg = with_values(cfg, before)
-    if has_run and not resume:
-        # Same config: continue (or, if complete, just report) — `make demo` is idempotent.
-        logging.getLogger(__name__).info("continuing the run in %s (same config)", run_dir)
-        resume = True
-    atomic.write_json(saved, _as_json(cfg), indent=2)
-    return resume, cfg
+    return cli_common.prepare_run_dir(cfg, run_dir, OPERATIONAL, has_run=has_run)
 
 
 def check_action_range(cfg: ExperimentConfig, lo: int, hi: int) -> None:
