@@ -61,12 +61,11 @@ from sfjax import atomic  # noqa: E402
 from sfjax.agents.actor import PAPER_ACTOR, ActorConfig  # noqa: E402
 from sfjax.agents.loop import LoopConfig  # noqa: E402
 from sfjax.agents.prior import PRIOR_LABEL, SMOKE_PROMPT, PriorConfig  # noqa: E402
-from sfjax.agents.prompts import PromptConfig  # noqa: E402
 from sfjax.agents.reflector import ApiReflectorConfig, ReflectorConfig  # noqa: E402
 from sfjax.agents.rfr import RfRConfig  # noqa: E402
 from sfjax.baselines.heldout import HeldOutConfig, HeldOutEval  # noqa: E402
 from sfjax.config_rules import RULES  # noqa: E402
-from sfjax.configcheck import Bad, ConfigError, check_config, option  # noqa: E402
+from sfjax.configcheck import Bad, check_config  # noqa: E402
 from sfjax.console import configure_logging  # noqa: E402
 from sfjax.envs.scenario import RanSlicingConfig  # noqa: E402
 from sfjax.models.lora import LoRAConfig  # noqa: E402
@@ -241,21 +240,6 @@ def _prepare_run_dir(cfg, run_dir: Path):
     return cli_common.prepare_run_dir(cfg, run_dir, OPERATIONAL, has_run=has_run)
 
 
-def check_action_range(cfg: ExperimentConfig, lo: int, hi: int) -> None:
-    """The Actor's action range is the env's; a different value on the CLI is refused (the
-    PromptConfig default means "from the env")."""
-    default, given = PromptConfig(), cfg.actor.prompt
-    bad = [
-        f"{option('actor.prompt.' + name)} {v}: must be left unset; the action range comes "
-        f"from the env: [{lo}, {hi}] with --env.cell.n-prb {cfg.env.cell.n_prb}"
-        for name, v, d, env_v in (("action_lo", given.action_lo, default.action_lo, lo),
-                                  ("action_hi", given.action_hi, default.action_hi, hi))
-        if v not in (d, env_v)
-    ]  # fmt: skip
-    if bad:
-        raise ConfigError("\n".join(bad))
-
-
 def tiny_actor(path: Path, seed: int) -> Path:
     """The smoke preset's tiny random Actor at ``path``, written whole (temporary directory,
     then rename) unless a complete one is there: config, weights and tokenizer. A partial one
@@ -333,7 +317,7 @@ def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> d
     from sfjax.agents.reflector import make_reflector
     from sfjax.agents.reflectors.broadcast import build_on_process_0
     from sfjax.agents.summary import format_sf_summary
-    from sfjax.baselines.llm_agent import prompt_config_for_env
+    from sfjax.baselines.llm_agent import check_given_action_range, prompt_config_for_env
     from sfjax.models import qwen3
     from sfjax.parallel import summary_writer
     from sfjax.sampling import Sampler
@@ -341,7 +325,7 @@ def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> d
 
     check_config(cfg, rules=RULES)  # every value, before anything is written
     env = JaxRanRunner(cfg.env, cfg.loop.trajectory_steps)
-    check_action_range(cfg, env.action_lo, env.action_hi)
+    check_given_action_range(cfg.actor.prompt, env.env)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     parallel.check_shared_directory(run_dir)  # multi-host: one directory for every host
