@@ -51,7 +51,9 @@ def test_other_config_is_refused_naming_the_key(tmp_path, script, capsys):
         cli("--run-dir", str(tmp_path / "r"), "--reflexion.trials", "3")
     err = capsys.readouterr().err
     assert e.value.code == 2 and len(ran) == 1, err
-    assert "holds a Reflexion run with another config: reflexion.trials (2 in the run, 3 now)" in err
+    assert (
+        "holds a Reflexion run with another config: reflexion.trials (2 in the run, 3 now)" in err
+    )
     assert "Add --resume" in err and "choose a new --run-dir" in err
     assert json.loads((tmp_path / "r" / "config.json").read_text())["reflexion"]["trials"] == 2
 
