@@ -107,11 +107,12 @@ OPERATIONAL = ("run_dir", "resume", "log_level", *cli_common.REFLECTOR_OPERATION
 """Options that may change between runs in one RUN_DIR: they do not change results."""
 
 
-def prepare(cfg: Config, env: RanSlicingEnv) -> Config:
+def prepare(cfg: Config) -> Config:
     """Refuse what would otherwise be replaced silently or mixed, before anything runs: an
     action range other than the env's, a RUN_DIR holding a run with another config
-    (:func:`cli_common.prepare_run_dir`); returns the config to run."""
-    check_given_action_range(cfg.actor.prompt, env)
+    (:func:`cli_common.prepare_run_dir`); returns the config to run (with ``--resume``, the
+    run's own values)."""
+    check_given_action_range(cfg.actor.prompt, RanSlicingEnv(cfg.env))
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     has_run = (cfg.run_dir / "config.json").exists()
     _, cfg = cli_common.prepare_run_dir(
@@ -187,8 +188,8 @@ def main(cfg: Config) -> dict:
     from tensorboardX import SummaryWriter
 
     configure_logging(cfg.log_level)
+    cfg = prepare(cfg)
     env = RanSlicingEnv(cfg.env)
-    cfg = prepare(cfg, env)
     writer = SummaryWriter(str(cfg.run_dir / "tb"))
     try:
         row, summary = run(cfg, env, writer)

@@ -22,6 +22,7 @@ def script(monkeypatch):
     ran = []
 
     def fake_run(cfg, env, writer=None):
+        assert env.config == cfg.env  # the env of the config that runs
         ran.append(cfg)
         metrics = ("utility", "mean_se", "reconfigurations", "violations")
         row = MethodResult("Reflexion", {k: (1.0, 0.0) for k in metrics}, 10, 20, 1)
@@ -63,6 +64,9 @@ def test_resume_runs_with_the_runs_values(tmp_path, script, capsys):
     cli("--run-dir", str(tmp_path / "r"))
     cli("--run-dir", str(tmp_path / "r"), "--reflexion.trials", "3", "--resume")
     assert ran[1].reflexion.trials == 2 and ran[1].resume
+    # every value from the run, the env built from them too
+    cli("--run-dir", str(tmp_path / "r"), "--env.cell.n-prb", "50", "--resume")
+    assert ran[2].env.cell.n_prb == 25
     assert ran[1].reflexion.trial_seeds == (100,)  # tuples stay tuples
     assert "with its own values for: reflexion.trials" in capsys.readouterr().err
 
