@@ -63,7 +63,9 @@ class Config:
     with the run's own values (a warning names them). A run dir holding a run with the same
     config is run again even without this flag."""
     checkpoint: str = "Qwen/Qwen3-4B"
-    """Actor checkpoint (directory or hub id); empty: write a tiny random Qwen3 locally."""
+    """Actor checkpoint (directory or hub id); empty: write a tiny random Qwen3 locally. In
+    table3.py, unset means SF's base Actor (--sf.model.*), and with the SF row any other
+    value is refused: Table III compares both LLM rows on one base Actor."""
     dtype: str = "bfloat16"
     """Actor parameter dtype: bfloat16 or float32."""
     actor: ActorConfig = field(default_factory=ActorConfig)

@@ -293,14 +293,29 @@ def _save_adapter(finetuner, out_dir: Path, base_model: str | None = None) -> No
     parallel.on_main_process(write)
 
 
-def prior_checkpoint(cfg: ExperimentConfig) -> str:
-    """Where ``--model.prior``'s checkpoint is cached for this config (built by :func:`run`)."""
-    from sfjax.agents.prior import prior_dir
-    from sfjax.baselines.llm_agent import prompt_config_for_env
-    from sfjax.envs.ran import RanSlicingEnv
+def base_checkpoint(cfg: ExperimentConfig, prompt_cfg=None) -> str:
+    """The Actor's base checkpoint: ``--model.prior``'s cached one (built first when missing),
+    ``--model.tiny``'s in RUN_DIR/tiny_actor (written once) or ``--model.checkpoint``. One
+    writer (process 0); ``prompt_cfg``: the env-derived prompt (computed when not given)."""
+    from sfjax import parallel
 
-    prompt_cfg = prompt_config_for_env(RanSlicingEnv(cfg.env), cfg.actor.prompt)
-    return str(prior_dir(cfg.prior, cfg.env, prompt_cfg))
+    if cfg.model.prior:
+        from sfjax.agents.prior import ensure_prior
+
+        if prompt_cfg is None:
+            from sfjax.baselines.llm_agent import prompt_config_for_env
+            from sfjax.envs.ran import RanSlicingEnv
+
+            prompt_cfg = prompt_config_for_env(RanSlicingEnv(cfg.env), cfg.actor.prompt)
+        # built once for this prior/env/prompt config and cached; the path as JSON to all
+        return parallel.on_main_process(lambda: str(ensure_prior(cfg.prior, cfg.env, prompt_cfg)))
+    if cfg.model.tiny:
+        path = Path(cfg.run_dir) / "tiny_actor"
+        parallel.on_main_process(tiny_actor, path, cfg.model.tiny_seed)
+        return str(path)
+    if cfg.model.checkpoint:
+        return cfg.model.checkpoint
+    raise ValueError("set --model.checkpoint PATH_OR_HUB_ID (or --model.tiny or --model.prior)")
 
 
 def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> dict:
@@ -335,20 +350,7 @@ def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> d
     t0 = time.perf_counter()
     # action range, slices and the scoring objective in words, all from the env
     prompt_cfg = prompt_config_for_env(env.env, cfg.actor.prompt)
-    if cfg.model.prior:
-        from sfjax.agents.prior import ensure_prior
-
-        # built once for this prior/env/prompt config and cached; one writer
-        ckpt = parallel.on_main_process(
-            lambda: str(ensure_prior(cfg.prior, cfg.env, prompt_cfg)))  # JSON to every process
-    elif cfg.model.tiny:
-        ckpt = run_dir / "tiny_actor"
-
-        parallel.on_main_process(tiny_actor, ckpt, cfg.model.tiny_seed)  # one writer
-    elif cfg.model.checkpoint:
-        ckpt = cfg.model.checkpoint
-    else:
-        raise ValueError("set --model.checkpoint PATH_OR_HUB_ID (or --model.tiny or --model.prior)")
+    ckpt = base_checkpoint(cfg, prompt_cfg)
     if (Path(ckpt) / "config.json").exists():  # a local checkpoint: name a damaged config
         atomic.read_json(Path(ckpt) / "config.json", "the Actor checkpoint's config")
     actor_cfg = dataclasses.replace(cfg.actor, prompt=prompt_cfg)
