@@ -3,7 +3,7 @@ r"""Table III, Fig. 2 and Fig. 3 of the paper from our own runs, in one command.
     python experiments/table3.py smoke --run-dir runs/table3_smoke
     python experiments/table3.py paper --run-dir runs/table3_paper \
         --sf.model.checkpoint /path/to/Qwen3-4B         # DEEPSEEK_API_KEY in the environment
-    python experiments/table3.py smoke --methods dqn ppo sac   # a subset of the rows
+    python experiments/table3.py smoke --methods dqn ppo sac --run-dir runs/table3_rl  # some rows
 
 Every method is trained / adapted, then evaluated on the SAME environment seeds with the
 same per-step environment keys and ``--protocol.num-steps``-decision trajectories (300, as in
