@@ -227,6 +227,7 @@ OPERATIONAL = (
     "log_level",
     "kto.progress",
     "kto.log_every",
+    "prior.cache_dir",  # where the prior is cached, not which one (its hash leaves it out)
     *cli_common.REFLECTOR_OPERATIONAL,
 )
 """Options that may change between runs in one RUN_DIR: they do not change results."""
