@@ -116,7 +116,7 @@ class Config:
     resumption are this script's: leave --reflexion.run-dir, --reflexion.env.*,
     --reflexion.protocol.*, --reflexion.eval-seed and --reflexion.resume unset."""
     rl: RLRunConfig = field(default_factory=RLRunConfig)
-    """RL baselines: algorithms come from ``methods``."""
+    """RL baselines. The algorithms come from ``--methods``: leave --rl.algos unset."""
     eval_seed: int = 1
     """Seed of the LLM Actors' sampling during evaluation."""
     log_level: str = "INFO"
@@ -142,6 +142,8 @@ class Config:
         bad += changed_leaves(self.reflexion.protocol, EvalProtocol(), "reflexion.protocol", shared)
         if self.reflexion.eval_seed != reflexion_ranslicing.Config.eval_seed:
             bad.append(Bad("reflexion.eval_seed", shared))
+        if self.rl.algos != RLRunConfig().algos:
+            bad.append(Bad("rl.algos", "left unset: --methods chooses the RL rows"))
         bad += [Bad(f"{sub}.resume", "left unset: table3's --resume applies to its rows")
                 for sub in ("sf", "reflexion") if getattr(self, sub).resume]  # fmt: skip
         given, sf_model = self.reflexion.checkpoint, self.sf.model

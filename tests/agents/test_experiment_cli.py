@@ -35,6 +35,7 @@ def _table3(capsys, *args):
         (["--sf.loop.keep-checkpoints", "1"], "--sf.loop.keep-checkpoints 1: must be >= 2"),
         (["--sf.resume"], "--sf.resume True: must be left unset: table3's --resume applies"),
         (["--reflexion.resume"], "--reflexion.resume True: must be left unset: table3's --resume"),
+        (["--rl.algos", "dqn"], "--rl.algos ('dqn',): must be left unset: --methods chooses"),
         # the SF row's Actor is the behavioural prior: Reflexion runs on it too
         (
             ["--reflexion.checkpoint", "/other"],
