@@ -170,6 +170,10 @@ class Tee:
                 self.file.write(stamped + "\n")
                 self.file.flush()
 
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
 
 PREFLIGHT = """
 import importlib, json, sys
@@ -241,6 +245,8 @@ def run_job(job: Job, out_json: str, timeout_s: float, args, tee: Tee) -> dict:
             os.killpg(proc.pid, signal.SIGKILL)
             rc = proc.wait()
     reader.join(timeout=10)
+    if not reader.is_alive():
+        proc.stdout.close()
     if status == "ok" and rc != 0:
         status = "failed"
     text = "\n".join(tail)
@@ -367,6 +373,15 @@ def main(argv=None) -> dict:
                 json.dump(bundle, f, indent=1, default=str)
 
     tee.line(f"{len(jobs)} job(s), budget {args.budget_s:.0f} s, JSON under {out_dir}")
+    try:
+        return _run_jobs(jobs, args, tee, bundle, save, out_dir)
+    finally:
+        tee.close()
+
+
+def _run_jobs(jobs, args, tee: Tee, bundle: dict, save, out_dir: str) -> dict:
+    """The preflight, then each job in order under the budget left; the bundle saved after
+    each."""
     bundle["preflight"] = preflight(args, tee)
     save()
     if not bundle["preflight"]["ok"]:
