@@ -12,7 +12,10 @@ the prompt in half the rows so the mask is not trivial):
 * ``decode_b{1,64,256}``: one query per row over a cache of 2,688 slots (2,560 prompt bucket +
   128) with 2,300 filled;
 * ``prefill_b1``: 2,559 queries (the sampler's prefill minus its last column) over 2,688 slots;
-* ``train_b8``: causal 1,024 x 1,024, forward + backward (``jax.grad`` of a sum).
+* ``train_b8``: causal 1,024 x 1,024, forward + backward (``jax.grad`` of a sum): the KTO
+  step's prompt pass (768 of them since the shared prefix is padded to an even length);
+* ``train_cont_b8``: 256 queries over 1,024 keys, forward + backward: the KTO step's
+  completions continuing the shared prompt.
 
 Per case and implementation: median time of the jitted call (or the error, e.g. cuDNN
 refusing the shape), and the floor max(bytes / bandwidth, FLOPs / matmul rate) with bytes =
@@ -49,11 +52,13 @@ def cases(tiny: bool) -> list[dict]:
     if tiny:
         return [dict(name="decode_b2", B=2, T=1, S=48, filled=40, train=False),
                 dict(name="prefill_b1", B=1, T=31, S=48, filled=32, train=False),
-                dict(name="train_b2", B=2, T=32, S=32, filled=32, train=True)]
+                dict(name="train_b2", B=2, T=32, S=32, filled=32, train=True),
+                dict(name="train_cont_b2", B=2, T=8, S=32, filled=32, train=True)]
     out = [dict(name=f"decode_b{b}", B=b, T=1, S=2688, filled=2300, train=False)
            for b in (1, 64, 256)]
     out.append(dict(name="prefill_b1", B=1, T=2559, S=2688, filled=2560, train=False))
     out.append(dict(name="train_b8", B=8, T=1024, S=1024, filled=1024, train=True))
+    out.append(dict(name="train_cont_b8", B=8, T=256, S=1024, filled=1024, train=True))
     return out
 
 

@@ -5,15 +5,20 @@ run, a damaged file, a missing API key.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import json
+import logging
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import tyro
 from tyro import _strings
 
+from sfjax import atomic
 from sfjax.agents.reflectors.base import ReflectorError
 from sfjax.atomic import DamagedFile
 from sfjax.config_rules import RULES
@@ -69,3 +74,115 @@ def run_cli(fn: Callable[..., Any], *args) -> Any:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+# -- RUN_DIR's identity ------------------------------------------------------------------------
+
+REFLECTOR_OPERATIONAL = tuple(
+    f"reflector.api.{name}"
+    for name in ("api_key_env", "max_concurrency", "timeout_s", "max_retries", "backoff_base_s",
+                 "backoff_max_s", "max_format_retries")
+)  # fmt: skip
+"""The Reflector API's options that do not change results (its replies are cached by request):
+the key's variable name, concurrency, timeouts and retries."""
+
+
+def as_json(cfg) -> dict:
+    """A config dataclass as the JSON ``config.json`` holds."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def identity(cfg_json: dict, operational: Sequence[str]) -> dict:
+    """The part of a config (as JSON) that changes results: all but the dotted ``operational``
+    keys."""
+    out = json.loads(json.dumps(cfg_json))
+    for dotted in operational:
+        *parents, leaf = dotted.split(".")
+        d = out
+        for p in parents:
+            d = d.get(p, {}) if isinstance(d, dict) else {}
+        if isinstance(d, dict):
+            d.pop(leaf, None)
+    return out
+
+
+def _changed(a: dict, b: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, value in a, value in b) for every entry that differs."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _changed(x, y, f"{prefix}{k}.")
+        elif x != y:
+            out.append((f"{prefix}{k}", x, y))
+    return out
+
+
+def with_values(cfg, values: dict):
+    """``cfg`` with the JSON ``values`` (nested dicts) put back into its dataclass fields."""
+    changes = {}
+    for f in dataclasses.fields(cfg):
+        if f.name not in values:
+            continue
+        cur, new = getattr(cfg, f.name), values[f.name]
+        if dataclasses.is_dataclass(cur) and isinstance(new, dict):
+            changes[f.name] = with_values(cur, new)
+        elif isinstance(cur, tuple) and isinstance(new, list):
+            changes[f.name] = tuple(_item(cur, i, v) for i, v in enumerate(new))
+        elif isinstance(cur, Path):
+            changes[f.name] = Path(new)
+        else:
+            changes[f.name] = new
+    return dataclasses.replace(cfg, **changes)
+
+
+def _item(cur: tuple, i: int, v):
+    """Element ``i`` of a JSON list, typed like the current tuple's elements."""
+    like = cur[min(i, len(cur) - 1)] if cur else None
+    if dataclasses.is_dataclass(like) and isinstance(v, dict):
+        return with_values(like, v)
+    return tuple(v) if isinstance(v, list) else v
+
+
+def prepare_run_dir(cfg, run_dir: Path, operational: Sequence[str], *, has_run: bool,
+                    what: str = "run"):  # fmt: skip
+    """Check RUN_DIR against ``cfg`` (which has a ``resume`` field) and write
+    ``config.json``; returns (resume?, cfg to run).
+
+    ``has_run``: RUN_DIR holds results of the run its ``config.json`` describes (the caller
+    knows what counts). A run dir holding a run with the same identity (all but the
+    ``operational`` options) is continued (``make demo`` twice). One with another identity is
+    refused, naming the keys; with ``--resume`` that run is continued with its own values for
+    them (a warning lists them). Nothing is ever deleted.
+    """
+    saved = run_dir / "config.json"
+    mine = identity(as_json(cfg), operational)
+    before = None
+    if saved.exists():
+        try:
+            before = identity(atomic.read_json(saved, "the run's config"), operational)
+        except atomic.DamagedFile as e:
+            if has_run and not cfg.resume:
+                raise atomic.DamagedFile(
+                    f"{e}; pass --resume to continue the {what} in {run_dir} with the options "
+                    "given now (config.json is rewritten), or choose a new --run-dir"
+                ) from None
+    resume = cfg.resume
+    log = logging.getLogger(__name__)
+    if has_run and before is not None and before != mine:
+        diff = _changed(before, mine)
+        names = ", ".join(f"{k} ({a!r} in the run, {b!r} now)" for k, a, b in diff[:6])
+        names += f" and {len(diff) - 6} more" if len(diff) > 6 else ""
+        if not cfg.resume:
+            raise RunDirTaken(
+                f"{run_dir} holds a {what} with another config: {names}. Add --resume to "
+                f"continue it with its own values, or choose a new --run-dir"
+            )
+        log.warning("resuming the %s in %s with its own values for: %s", what, run_dir, names)
+        cfg = with_values(cfg, before)
+    if has_run and not resume:
+        # Same config: continue (or, if complete, just report) — `make demo` is idempotent.
+        log.info("continuing the %s in %s (same config)", what, run_dir)
+        resume = True
+    atomic.write_json(saved, as_json(cfg), indent=2)
+    return resume, cfg

@@ -8,9 +8,15 @@ labeller as evaluator (no LLM; its self-reflections are template text and say so
 trials; ``paper``: Qwen3-4B Actor, DeepSeek-R1 (api backend, key from $DEEPSEEK_API_KEY) as
 evaluator and self-reflection model, 300-step trials.
 
-Writes ``reflexion/summary.json`` (Table III row, memory, per-trial metrics),
-``reflexion/trials/trial_<k>.json`` (trajectories), ``reflexion/eval_rollouts.npz`` and
-TensorBoard scalars under ``tb/``.
+Writes ``config.json``, ``reflexion/summary.json`` (Table III row, memory, per-trial
+metrics), ``reflexion/trials/trial_<k>.json`` (trajectories), ``reflexion/eval_rollouts.npz``
+and TensorBoard scalars under ``tb/``.
+
+RUN_DIR's identity is the configuration that changes results: rerunning with the same one
+runs again in RUN_DIR (the Reflector API's replies are cached there, so finished work costs no
+API calls); logging and the API's retry / timeout / concurrency options may differ. Any other
+difference is refused with the keys named; ``--resume`` then reruns with the run's own values
+for them.
 """
 
 from __future__ import annotations
@@ -35,7 +41,12 @@ from sfjax.agents.reflexion import ReflexionActor, ReflexionConfig, run_reflexio
 from sfjax.agents.summary import format_reflexion_summary
 from sfjax.agents.trajectory import save_trajectories
 from sfjax.baselines.evaluation import EvalProtocol, evaluate_agent
-from sfjax.baselines.llm_agent import LLMEnvAgent, load_actor, prompt_config_for_env
+from sfjax.baselines.llm_agent import (
+    LLMEnvAgent,
+    check_given_action_range,
+    load_actor,
+    prompt_config_for_env,
+)
 from sfjax.baselines.report import MethodResult
 from sfjax.console import configure_logging
 from sfjax.envs.ran import RanSlicingConfig, RanSlicingEnv
@@ -47,8 +58,14 @@ class Config:
 
     run_dir: Path = Path("runs/reflexion")
     """Output directory (created)."""
+    resume: bool = False
+    """Run again in a RUN_DIR whose run had other values for options that change results,
+    with the run's own values (a warning names them). A run dir holding a run with the same
+    config is run again even without this flag."""
     checkpoint: str = "Qwen/Qwen3-4B"
-    """Actor checkpoint (directory or hub id); empty: write a tiny random Qwen3 locally."""
+    """Actor checkpoint (directory or hub id); empty: write a tiny random Qwen3 locally. In
+    table3.py, unset means SF's base Actor (--sf.model.*), and with the SF row any other
+    value is refused: Table III compares both LLM rows on one base Actor."""
     dtype: str = "bfloat16"
     """Actor parameter dtype: bfloat16 or float32."""
     actor: ActorConfig = field(default_factory=ActorConfig)
@@ -86,6 +103,24 @@ PRESETS = {
     "smoke": ("tiny local Actor, rule-based evaluator (no LLM), 2 short trials", SMOKE),
     "paper": ("Qwen3-4B Actor, DeepSeek-R1 evaluator/self-reflection, 3 x 300-step trials", PAPER),
 }
+
+
+OPERATIONAL = ("run_dir", "resume", "log_level", *cli_common.REFLECTOR_OPERATIONAL)
+"""Options that may change between runs in one RUN_DIR: they do not change results."""
+
+
+def prepare(cfg: Config) -> Config:
+    """Refuse what would otherwise be replaced silently or mixed, before anything runs: an
+    action range other than the env's, a RUN_DIR holding a run with another config
+    (:func:`cli_common.prepare_run_dir`); returns the config to run (with ``--resume``, the
+    run's own values)."""
+    check_given_action_range(cfg.actor.prompt, RanSlicingEnv(cfg.env))
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    has_run = (cfg.run_dir / "config.json").exists()
+    _, cfg = cli_common.prepare_run_dir(
+        cfg, cfg.run_dir, OPERATIONAL, has_run=has_run, what="Reflexion run"
+    )
+    return cfg
 
 
 def actor_checkpoint(checkpoint: str, run_dir: Path) -> str:
@@ -155,10 +190,11 @@ def main(cfg: Config) -> dict:
     from tensorboardX import SummaryWriter
 
     configure_logging(cfg.log_level)
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = prepare(cfg)
+    env = RanSlicingEnv(cfg.env)
     writer = SummaryWriter(str(cfg.run_dir / "tb"))
     try:
-        row, summary = run(cfg, RanSlicingEnv(cfg.env), writer)
+        row, summary = run(cfg, env, writer)
     finally:
         writer.close()
     print(

@@ -8,12 +8,15 @@ Writes, under ``--run-dir``: ``tb/`` (TensorBoard: per-round utility, SE, reconf
 violations per algorithm and seed — Fig. 2), ``<algo>/curves.npz``, ``<algo>/eval_rollouts.npz``
 (evaluation on the shared protocol seeds), ``<algo>/summary.json``, ``table_rl.md`` (the RL rows
 of Table III) and ``fig2.png``.
+
+RUN_DIR's identity is the configuration that changes results: rerunning with the same one
+trains again and replaces its results; ``--log-level`` may differ. Any other difference is refused with the keys named, so that one
+RUN_DIR never mixes two configurations' curves and rows; ``--resume`` then runs with the run's
+own values for them.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +40,10 @@ class Config:
 
     run_dir: Path = Path("runs/rl_baselines")
     """Output directory (created)."""
+    resume: bool = False
+    """Run again in RUN_DIR with its own values for the options that change results (a warning
+    names those given otherwise now). A run dir holding a run with the same config is run again
+    even without this flag."""
     env: RanSlicingConfig = field(default_factory=RanSlicingConfig)
     """Scenario of the JAX env (paper section V-A)."""
     rl: RLRunConfig = field(default_factory=RLRunConfig)
@@ -69,12 +76,27 @@ PRESETS = {
 }
 
 
+OPERATIONAL = ("run_dir", "resume", "log_level")
+"""Options that may change between runs in one RUN_DIR: they do not change results."""
+
+
+def prepare(cfg: Config) -> Config:
+    """Refuse a RUN_DIR holding a run with another config before anything runs or is written
+    (:func:`cli_common.prepare_run_dir`); returns the config to run (with ``--resume``, the
+    run's own values)."""
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    has_run = (cfg.run_dir / "config.json").exists()
+    _, cfg = cli_common.prepare_run_dir(
+        cfg, cfg.run_dir, OPERATIONAL, has_run=has_run, what="run of the RL baselines"
+    )
+    return cfg
+
+
 def main(cfg: Config, preset: str = "") -> dict:
     from tensorboardX import SummaryWriter
 
     configure_logging(cfg.log_level)
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    (cfg.run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), default=str))
+    cfg = prepare(cfg)
     env = RanSlicingEnv(cfg.env)
     writer = SummaryWriter(str(cfg.run_dir / "tb"))
     try:

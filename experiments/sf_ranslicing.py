@@ -44,7 +44,6 @@ checkpoints, which all processes write together, and queries the Reflector API.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import sys
@@ -57,18 +56,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cli_common  # noqa: E402
-from cli_common import RunDirTaken  # noqa: E402
 
 from sfjax import atomic  # noqa: E402
 from sfjax.agents.actor import PAPER_ACTOR, ActorConfig  # noqa: E402
 from sfjax.agents.loop import LoopConfig  # noqa: E402
 from sfjax.agents.prior import PRIOR_LABEL, SMOKE_PROMPT, PriorConfig  # noqa: E402
-from sfjax.agents.prompts import PromptConfig  # noqa: E402
 from sfjax.agents.reflector import ApiReflectorConfig, ReflectorConfig  # noqa: E402
 from sfjax.agents.rfr import RfRConfig  # noqa: E402
 from sfjax.baselines.heldout import HeldOutConfig, HeldOutEval  # noqa: E402
 from sfjax.config_rules import RULES  # noqa: E402
-from sfjax.configcheck import Bad, ConfigError, check_config, option  # noqa: E402
+from sfjax.configcheck import Bad, check_config  # noqa: E402
 from sfjax.console import configure_logging  # noqa: E402
 from sfjax.envs.scenario import RanSlicingConfig  # noqa: E402
 from sfjax.models.lora import LoRAConfig  # noqa: E402
@@ -230,128 +227,18 @@ OPERATIONAL = (
     "log_level",
     "kto.progress",
     "kto.log_every",
-    "reflector.api.api_key_env",
-    "reflector.api.max_concurrency",
-    "reflector.api.timeout_s",
-    "reflector.api.max_retries",
-    "reflector.api.backoff_base_s",
-    "reflector.api.backoff_max_s",
-    "reflector.api.max_format_retries",
+    "prior.cache_dir",  # where the prior is cached, not which one (its hash leaves it out)
+    *cli_common.REFLECTOR_OPERATIONAL,
 )
 """Options that may change between runs in one RUN_DIR: they do not change results."""
 
 
-def _as_json(cfg) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
-
-
-def identity(cfg_json: dict, operational=OPERATIONAL) -> dict:
-    """The part of a config (as JSON) that changes results: all but ``operational``."""
-    out = json.loads(json.dumps(cfg_json))
-    for dotted in operational:
-        *parents, leaf = dotted.split(".")
-        d = out
-        for p in parents:
-            d = d.get(p, {}) if isinstance(d, dict) else {}
-        if isinstance(d, dict):
-            d.pop(leaf, None)
-    return out
-
-
-def _changed(a: dict, b: dict, prefix: str = "") -> list[tuple[str, object, object]]:
-    """(dotted key, value in a, value in b) for every entry that differs."""
-    out = []
-    for k in sorted(set(a) | set(b)):
-        x, y = a.get(k), b.get(k)
-        if isinstance(x, dict) and isinstance(y, dict):
-            out += _changed(x, y, f"{prefix}{k}.")
-        elif x != y:
-            out.append((f"{prefix}{k}", x, y))
-    return out
-
-
-def with_values(cfg, values: dict):
-    """``cfg`` with the JSON ``values`` (nested dicts) put back into its dataclass fields."""
-    changes = {}
-    for f in dataclasses.fields(cfg):
-        if f.name not in values:
-            continue
-        cur, new = getattr(cfg, f.name), values[f.name]
-        if dataclasses.is_dataclass(cur) and isinstance(new, dict):
-            changes[f.name] = with_values(cur, new)
-        elif isinstance(cur, tuple) and isinstance(new, list):
-            changes[f.name] = tuple(_item(cur, i, v) for i, v in enumerate(new))
-        elif isinstance(cur, Path):
-            changes[f.name] = Path(new)
-        else:
-            changes[f.name] = new
-    return dataclasses.replace(cfg, **changes)
-
-
-def _item(cur: tuple, i: int, v):
-    """Element ``i`` of a JSON list, typed like the current tuple's elements."""
-    like = cur[min(i, len(cur) - 1)] if cur else None
-    if dataclasses.is_dataclass(like) and isinstance(v, dict):
-        return with_values(like, v)
-    return tuple(v) if isinstance(v, list) else v
-
-
-def _prepare_run_dir(cfg, run_dir: Path, operational=OPERATIONAL, what: str = "run"):
-    """Check RUN_DIR against ``cfg`` and write ``config.json``; returns (resume?, cfg to run).
-
-    A run dir holding a run with the same identity is continued (``make demo`` twice). One with
-    another identity is refused, naming the keys; with ``--resume`` that run is continued with
-    its own values for them (a warning lists them). Nothing is ever deleted.
-    """
-    saved = run_dir / "config.json"
+def _prepare_run_dir(cfg, run_dir: Path):
+    """RUN_DIR's identity check (:func:`cli_common.prepare_run_dir`); a run is there once a
+    phase checkpoint is."""
     ckpts = run_dir / "checkpoints"
     has_run = ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir())
-    mine = identity(_as_json(cfg), operational)
-    before = None
-    if saved.exists():
-        try:
-            before = identity(atomic.read_json(saved, "the run's config"), operational)
-        except atomic.DamagedFile as e:
-            if has_run and not cfg.resume:
-                raise atomic.DamagedFile(
-                    f"{e}; pass --resume to continue the run in {run_dir} with the options "
-                    "given now (config.json is rewritten), or choose a new --run-dir"
-                ) from None
-    resume = cfg.resume
-    if has_run and before is not None and before != mine:
-        diff = _changed(before, mine)
-        names = ", ".join(f"{k} ({a!r} in the run, {b!r} now)" for k, a, b in diff[:6])
-        names += f" and {len(diff) - 6} more" if len(diff) > 6 else ""
-        if not cfg.resume:
-            raise RunDirTaken(
-                f"{run_dir} holds a {what} with another config: {names}. Add --resume to "
-                f"continue it with its own values, or choose a new --run-dir"
-            )
-        logging.getLogger(__name__).warning(
-            "resuming the %s in %s with its own values for: %s", what, run_dir, names
-        )
-        cfg = with_values(cfg, before)
-    if has_run and not resume:
-        # Same config: continue (or, if complete, just report) — `make demo` is idempotent.
-        logging.getLogger(__name__).info("continuing the run in %s (same config)", run_dir)
-        resume = True
-    atomic.write_json(saved, _as_json(cfg), indent=2)
-    return resume, cfg
-
-
-def check_action_range(cfg: ExperimentConfig, lo: int, hi: int) -> None:
-    """The Actor's action range is the env's; a different value on the CLI is refused (the
-    PromptConfig default means "from the env")."""
-    default, given = PromptConfig(), cfg.actor.prompt
-    bad = [
-        f"{option('actor.prompt.' + name)} {v}: must be left unset; the action range comes "
-        f"from the env: [{lo}, {hi}] with --env.cell.n-prb {cfg.env.cell.n_prb}"
-        for name, v, d, env_v in (("action_lo", given.action_lo, default.action_lo, lo),
-                                  ("action_hi", given.action_hi, default.action_hi, hi))
-        if v not in (d, env_v)
-    ]  # fmt: skip
-    if bad:
-        raise ConfigError("\n".join(bad))
+    return cli_common.prepare_run_dir(cfg, run_dir, OPERATIONAL, has_run=has_run)
 
 
 def tiny_actor(path: Path, seed: int) -> Path:
@@ -407,14 +294,29 @@ def _save_adapter(finetuner, out_dir: Path, base_model: str | None = None) -> No
     parallel.on_main_process(write)
 
 
-def prior_checkpoint(cfg: ExperimentConfig) -> str:
-    """Where ``--model.prior``'s checkpoint is cached for this config (built by :func:`run`)."""
-    from sfjax.agents.prior import prior_dir
-    from sfjax.baselines.llm_agent import prompt_config_for_env
-    from sfjax.envs.ran import RanSlicingEnv
+def base_checkpoint(cfg: ExperimentConfig, prompt_cfg=None) -> str:
+    """The Actor's base checkpoint: ``--model.prior``'s cached one (built first when missing),
+    ``--model.tiny``'s in RUN_DIR/tiny_actor (written once) or ``--model.checkpoint``. One
+    writer (process 0); ``prompt_cfg``: the env-derived prompt (computed when not given)."""
+    from sfjax import parallel
 
-    prompt_cfg = prompt_config_for_env(RanSlicingEnv(cfg.env), cfg.actor.prompt)
-    return str(prior_dir(cfg.prior, cfg.env, prompt_cfg))
+    if cfg.model.prior:
+        from sfjax.agents.prior import ensure_prior
+
+        if prompt_cfg is None:
+            from sfjax.baselines.llm_agent import prompt_config_for_env
+            from sfjax.envs.ran import RanSlicingEnv
+
+            prompt_cfg = prompt_config_for_env(RanSlicingEnv(cfg.env), cfg.actor.prompt)
+        # built once for this prior/env/prompt config and cached; the path as JSON to all
+        return parallel.on_main_process(lambda: str(ensure_prior(cfg.prior, cfg.env, prompt_cfg)))
+    if cfg.model.tiny:
+        path = Path(cfg.run_dir) / "tiny_actor"
+        parallel.on_main_process(tiny_actor, path, cfg.model.tiny_seed)
+        return str(path)
+    if cfg.model.checkpoint:
+        return cfg.model.checkpoint
+    raise ValueError("set --model.checkpoint PATH_OR_HUB_ID (or --model.tiny or --model.prior)")
 
 
 def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> dict:
@@ -431,7 +333,7 @@ def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> d
     from sfjax.agents.reflector import make_reflector
     from sfjax.agents.reflectors.broadcast import build_on_process_0
     from sfjax.agents.summary import format_sf_summary
-    from sfjax.baselines.llm_agent import prompt_config_for_env
+    from sfjax.baselines.llm_agent import check_given_action_range, prompt_config_for_env
     from sfjax.models import qwen3
     from sfjax.parallel import summary_writer
     from sfjax.sampling import Sampler
@@ -439,7 +341,7 @@ def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> d
 
     check_config(cfg, rules=RULES)  # every value, before anything is written
     env = JaxRanRunner(cfg.env, cfg.loop.trajectory_steps)
-    check_action_range(cfg, env.action_lo, env.action_hi)
+    check_given_action_range(cfg.actor.prompt, env.env)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     parallel.check_shared_directory(run_dir)  # multi-host: one directory for every host
@@ -449,20 +351,7 @@ def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> d
     t0 = time.perf_counter()
     # action range, slices and the scoring objective in words, all from the env
     prompt_cfg = prompt_config_for_env(env.env, cfg.actor.prompt)
-    if cfg.model.prior:
-        from sfjax.agents.prior import ensure_prior
-
-        # built once for this prior/env/prompt config and cached; one writer
-        ckpt = parallel.on_main_process(
-            lambda: str(ensure_prior(cfg.prior, cfg.env, prompt_cfg)))  # JSON to every process
-    elif cfg.model.tiny:
-        ckpt = run_dir / "tiny_actor"
-
-        parallel.on_main_process(tiny_actor, ckpt, cfg.model.tiny_seed)  # one writer
-    elif cfg.model.checkpoint:
-        ckpt = cfg.model.checkpoint
-    else:
-        raise ValueError("set --model.checkpoint PATH_OR_HUB_ID (or --model.tiny or --model.prior)")
+    ckpt = base_checkpoint(cfg, prompt_cfg)
     if (Path(ckpt) / "config.json").exists():  # a local checkpoint: name a damaged config
         atomic.read_json(Path(ckpt) / "config.json", "the Actor checkpoint's config")
     actor_cfg = dataclasses.replace(cfg.actor, prompt=prompt_cfg)

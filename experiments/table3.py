@@ -3,7 +3,7 @@ r"""Table III, Fig. 2 and Fig. 3 of the paper from our own runs, in one command.
     python experiments/table3.py smoke --run-dir runs/table3_smoke
     python experiments/table3.py paper --run-dir runs/table3_paper \
         --sf.model.checkpoint /path/to/Qwen3-4B         # DEEPSEEK_API_KEY in the environment
-    python experiments/table3.py smoke --methods dqn ppo sac   # a subset of the rows
+    python experiments/table3.py smoke --methods dqn ppo sac --run-dir runs/table3_rl  # some rows
 
 Every method is trained / adapted, then evaluated on the SAME environment seeds with the
 same per-step environment keys and ``--protocol.num-steps``-decision trajectories (300, as in
@@ -19,13 +19,18 @@ Writes to ``--run-dir``: ``table3.md`` (mean ± std, environment samples per met
 actor and reflector produced the LLM rows), ``fig2.png`` (RL training curves per round with
 the LLM agents' evaluated values), ``fig3.png`` (SF metrics before/after fine-tuning and the
 KTO chosen/rejected reward curves per KTO iteration), ``results.json``, and each method's own
-outputs in ``sf/``, ``reflexion/``, ``dqn/``, ``ppo/``, ``sac/``, ``tb/``.
+outputs in ``sf/``, ``reflexion/``, ``dqn/``, ``ppo/``, ``sac/``, ``tb/``, and ``config.json``.
+
+RUN_DIR's identity is the configuration that changes results (every row's options): rerunning
+with the same one continues the SF row from its checkpoints (RUN_DIR/sf has its own check) and
+computes the other rows again; logging and the Reflector API's retry / timeout / concurrency
+options may differ. Any other difference is refused with the keys named; ``--resume`` then
+continues with the run's own values for them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import sys
 import time
@@ -47,7 +52,12 @@ from sfjax import atomic  # noqa: E402
 from sfjax.agents.env import JaxRanRunner  # noqa: E402
 from sfjax.agents.prior import PRIOR_LABEL  # noqa: E402
 from sfjax.baselines.evaluation import EvalProtocol, evaluate_agent  # noqa: E402
-from sfjax.baselines.llm_agent import LLMEnvAgent, load_actor, prompt_config_for_env  # noqa: E402
+from sfjax.baselines.llm_agent import (  # noqa: E402
+    LLMEnvAgent,
+    check_given_action_range,
+    load_actor,
+    prompt_config_for_env,
+)
 from sfjax.baselines.reference import ReferenceConfig, reference_rows  # noqa: E402
 from sfjax.baselines.report import (  # noqa: E402
     MethodResult,
@@ -66,6 +76,7 @@ from sfjax.baselines.summary import (  # noqa: E402
 )
 from sfjax.configcheck import Bad, changed_leaves  # noqa: E402
 from sfjax.console import configure_logging  # noqa: E402
+from sfjax.envs.ran import RanSlicingEnv  # noqa: E402
 from sfjax.envs.scenario import RanSlicingConfig  # noqa: E402
 
 log = logging.getLogger("table3")
@@ -78,6 +89,10 @@ class Config:
 
     run_dir: Path = Path("runs/table3")
     """Output directory (created)."""
+    resume: bool = False
+    """Continue the run in RUN_DIR with its own values for the options that change results (a
+    warning names those given otherwise now); the SF row resumes from its last checkpoint. A
+    run dir holding a run with the same config is continued even without this flag."""
     methods: tuple[Method, ...] = ("sf", "reflexion", "dqn", "ppo", "sac", "static", "heuristic",
                                    "hindsight")
     """Rows to produce: the paper's methods and the reference rows (best static allocation,
@@ -91,16 +106,17 @@ class Config:
     protocol: EvalProtocol = field(default_factory=EvalProtocol)
     """Shared evaluation protocol: env seeds and trajectory length (paper: 300)."""
     sf: sf_ranslicing.ExperimentConfig = field(default_factory=lambda: _sub(sf_ranslicing.PAPER))
-    """Self-finetuning run. Its run dir (RUN_DIR/sf) and env (--env) are this script's: leave
-    --sf.run-dir and --sf.env.* unset."""
+    """Self-finetuning run. Its run dir (RUN_DIR/sf), env (--env) and resumption (--resume) are
+    this script's: leave --sf.run-dir, --sf.env.* and --sf.resume unset."""
     reflexion: reflexion_ranslicing.Config = field(
         default_factory=lambda: _sub(reflexion_ranslicing.PAPER)
     )
-    """Reflexion run (actor checkpoint: SF's when SF runs too). Its run dir, env, protocol and
-    eval seed are this script's: leave --reflexion.run-dir, --reflexion.env.*,
-    --reflexion.protocol.* and --reflexion.eval-seed unset."""
+    """Reflexion run on SF's base Actor (--sf.model.*) unless --reflexion.checkpoint is given;
+    with the SF row too it must be that Actor. Its run dir, env, protocol, eval seed and
+    resumption are this script's: leave --reflexion.run-dir, --reflexion.env.*,
+    --reflexion.protocol.*, --reflexion.eval-seed and --reflexion.resume unset."""
     rl: RLRunConfig = field(default_factory=RLRunConfig)
-    """RL baselines: algorithms come from ``methods``."""
+    """RL baselines. The algorithms come from ``--methods``: leave --rl.algos unset."""
     eval_seed: int = 1
     """Seed of the LLM Actors' sampling during evaluation."""
     log_level: str = "INFO"
@@ -126,18 +142,30 @@ class Config:
         bad += changed_leaves(self.reflexion.protocol, EvalProtocol(), "reflexion.protocol", shared)
         if self.reflexion.eval_seed != reflexion_ranslicing.Config.eval_seed:
             bad.append(Bad("reflexion.eval_seed", shared))
+        if self.rl.algos != RLRunConfig().algos:
+            bad.append(Bad("rl.algos", "left unset: --methods chooses the RL rows"))
+        bad += [Bad(f"{sub}.resume", "left unset: table3's --resume applies to its rows")
+                for sub in ("sf", "reflexion") if getattr(self, sub).resume]  # fmt: skip
+        given, sf_model = self.reflexion.checkpoint, self.sf.model
+        if {"sf", "reflexion"} <= set(self.methods) and given != SF_ACTOR:
+            # Table III compares both LLM rows on one base Actor: SF's
+            if sf_model.tiny or sf_model.prior or given != sf_model.checkpoint:
+                why = "left unset (or --sf.model.checkpoint's value) with the SF row: both"
+                bad.append(Bad("reflexion.checkpoint", f"{why} LLM rows use SF's base Actor"))
         return bad
 
 
 SUB_RUN_DIR = "(set by table3)"
 """What the sub-runs' run_dir shows in --help: table3 puts them under its own RUN_DIR."""
+SF_ACTOR = "(the SF base Actor)"
+"""--reflexion.checkpoint left unset: the Reflexion row uses SF's base Actor (--sf.model.*)."""
 
 
 def _sub(cfg):
     """A sub-experiment's preset with the fields table3 sets itself at their neutral values."""
     kw = {"run_dir": SUB_RUN_DIR if isinstance(cfg.run_dir, str) else Path(SUB_RUN_DIR)}
     if isinstance(cfg, reflexion_ranslicing.Config):
-        kw.update(env=RanSlicingConfig(), protocol=EvalProtocol(), eval_seed=1)
+        kw.update(env=RanSlicingConfig(), protocol=EvalProtocol(), eval_seed=1, checkpoint=SF_ACTOR)
     else:
         kw.update(env=RanSlicingConfig())
     return dataclasses.replace(cfg, **kw)
@@ -174,25 +202,64 @@ REFLEXION_WITH_PRIOR = (
 )
 
 
-def sf_checkpoint(cfg: sf_ranslicing.ExperimentConfig) -> str:
-    if cfg.model.prior:
-        return sf_ranslicing.prior_checkpoint(cfg)
-    if cfg.model.tiny:
-        return str(Path(cfg.run_dir) / "tiny_actor")
-    return cfg.model.checkpoint
+OPERATIONAL = (
+    "run_dir",
+    "resume",
+    "log_level",
+    *(f"sf.{k}" for k in sf_ranslicing.OPERATIONAL),
+    *(f"reflexion.{k}" for k in reflexion_ranslicing.OPERATIONAL),
+)
+"""Options that may change between runs in one RUN_DIR: they do not change results."""
+
+
+def prepare(cfg: Config) -> Config:
+    """Refuse what would otherwise be replaced silently or mixed, before anything runs or is
+    written: an LLM Actor's action range other than the env's, a RUN_DIR holding a run with
+    another config (:func:`cli_common.prepare_run_dir`). Returns the config to run (with
+    ``--resume``, the run's own values)."""
+    env = RanSlicingEnv(cfg.env)
+    check_given_action_range(cfg.sf.actor.prompt, env, "sf.actor.prompt")
+    check_given_action_range(cfg.reflexion.actor.prompt, env, "reflexion.actor.prompt")
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    has_run = (cfg.run_dir / "config.json").exists()
+    _, cfg = cli_common.prepare_run_dir(
+        cfg, cfg.run_dir, OPERATIONAL, has_run=has_run, what="Table III run"
+    )
+    return cfg
+
+
+def sf_config(cfg: Config) -> sf_ranslicing.ExperimentConfig:
+    """The SF row's run: in RUN_DIR/sf, on table3's env, resumed with table3's --resume (its
+    own RUN_DIR check then applies in RUN_DIR/sf)."""
+    return dataclasses.replace(
+        cfg.sf, run_dir=str(cfg.run_dir / "sf"), env=cfg.env, resume=cfg.resume
+    )
+
+
+def reflexion_uses_sf_actor(cfg: Config) -> bool:
+    return "sf" in cfg.methods or cfg.reflexion.checkpoint == SF_ACTOR
+
+
+def reflexion_checkpoint(cfg: Config) -> str:
+    """The Reflexion row's Actor: SF's base Actor (built first when it is the prior or a tiny
+    random one and the SF row has not built it), or ``--reflexion.checkpoint`` without the SF
+    row."""
+    if reflexion_uses_sf_actor(cfg):
+        return sf_ranslicing.base_checkpoint(sf_config(cfg))
+    return cfg.reflexion.checkpoint
 
 
 def run_sf(cfg: Config, env, writer) -> tuple[MethodResult, dict]:
     """Algorithm 1, then the final Actor (base + adapter) on the shared protocol."""
-    sf_cfg = dataclasses.replace(cfg.sf, run_dir=str(cfg.run_dir / "sf"), env=cfg.env)
+    sf_cfg = sf_config(cfg)
     log.info("SF row: Algorithm 1 in %s", sf_cfg.run_dir)
     summary = sf_ranslicing.run(sf_cfg, progress=False)
     log.info("SF row: evaluating the fine-tuned Actor on env seeds %s x %d decisions",
              list(cfg.protocol.seeds), cfg.protocol.num_steps)  # fmt: skip
-    ckpt = sf_checkpoint(sf_cfg)
     actor_cfg = dataclasses.replace(
         sf_cfg.actor, prompt=prompt_config_for_env(env, sf_cfg.actor.prompt)
     )
+    ckpt = sf_ranslicing.base_checkpoint(sf_cfg, actor_cfg.prompt)
     actor = load_actor(
         ckpt, actor_cfg, dtype=sf_cfg.model.dtype, adapter_dir=str(Path(sf_cfg.run_dir) / "adapter")
     )
@@ -255,10 +322,7 @@ def main(cfg: Config, preset: str = "") -> dict:
     from tensorboardX import SummaryWriter
 
     configure_logging(cfg.log_level)
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(
-        cfg.run_dir / "config.json", json.dumps(dataclasses.asdict(cfg), default=str, indent=2)
-    )
+    cfg = prepare(cfg)  # writes config.json
     env = JaxRanRunner(cfg.env, cfg.protocol.num_steps).env
     writer = SummaryWriter(str(cfg.run_dir / "tb"))
     rows: list[MethodResult] = []
@@ -284,18 +348,14 @@ def main(cfg: Config, preset: str = "") -> dict:
                 run_dir=cfg.run_dir,
                 protocol=cfg.protocol,
                 eval_seed=cfg.eval_seed,
-                checkpoint=(
-                    sf_checkpoint(dataclasses.replace(cfg.sf, run_dir=str(cfg.run_dir / "sf")))
-                    if "sf" in cfg.methods
-                    else cfg.reflexion.checkpoint
-                ),
+                checkpoint=reflexion_checkpoint(cfg),
             )
             log.info("Reflexion row: %d trials, then the evaluation", refl_cfg.reflexion.trials)
             row, summary = reflexion_ranslicing.run(refl_cfg, env, writer)
             rows.append(row)
             wall["Reflexion"] = time.perf_counter() - t0
             provenance.append(f"Reflexion: {summary['provenance']}")
-            if "sf" in cfg.methods and cfg.sf.model.prior:
+            if reflexion_uses_sf_actor(cfg) and cfg.sf.model.prior:
                 provenance.append(REFLEXION_WITH_PRIOR)
         algos = tuple(m for m in cfg.methods if m in ("dqn", "ppo", "sac"))
         rl_runs = {}
@@ -325,7 +385,7 @@ def main(cfg: Config, preset: str = "") -> dict:
     note = tiny_actor_note(
         sf="sf" in cfg.methods and cfg.sf.model.tiny,
         reflexion="reflexion" in cfg.methods
-        and (cfg.sf.model.tiny if "sf" in cfg.methods else not cfg.reflexion.checkpoint),
+        and (cfg.sf.model.tiny if reflexion_uses_sf_actor(cfg) else not cfg.reflexion.checkpoint),
     )
     write_table3(
         cfg.run_dir / "table3.md",

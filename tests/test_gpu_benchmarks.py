@@ -211,7 +211,7 @@ def test_gpu_kto_step_tiny_with_torch_reference(tmp_path):
 
 def test_gpu_attention_tiny(tmp_path):
     rec = _run("gpu_attention", tmp_path)
-    assert [r["name"] for r in rec["rows"]] == ["decode_b2", "prefill_b1", "train_b2"]
+    assert [r["name"] for r in rec["rows"]] == ["decode_b2", "prefill_b1", "train_b2", "train_cont_b2"]
     for r in rec["rows"]:
         assert _pos(r["floor_measured_s"])
         for impl in ("plain", "xla"):

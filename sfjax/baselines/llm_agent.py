@@ -24,6 +24,7 @@ import numpy as np
 
 from sfjax.agents.prompts import FEEDBACK_KEYS, OTHER_STATE_KEYS, HistoryEntry, PromptConfig
 from sfjax.agents.trajectory import Step, Trajectory
+from sfjax.configcheck import ConfigError, option
 
 _log = logging.getLogger(__name__)
 PROGRESS_EVERY = 50
@@ -53,6 +54,27 @@ def prompt_config_for_env(env, base: PromptConfig | None = None) -> PromptConfig
     return dataclasses.replace(
         base, action_lo=lo, action_hi=hi, prbs_per_unit=prbs_per_unit, **extra
     )
+
+
+def check_given_action_range(given: PromptConfig, env, path: str = "actor.prompt") -> None:
+    """Refuse a user-given action range other than ``env``'s.
+
+    :func:`prompt_config_for_env` sets ``action_lo`` / ``action_hi`` from the env, so a value
+    given on the command line (``--<path>.action-lo`` / ``-hi``) would be silently replaced:
+    :class:`ConfigError` unless it is the PromptConfig default (meaning "from the env") or the
+    env's own value.
+    """
+    default, env_cfg = PromptConfig(), prompt_config_for_env(env)
+    n_prb = getattr(getattr(getattr(env, "config", None), "cell", None), "n_prb", "?")
+    bad = [
+        f"{option(f'{path}.{name}')} {getattr(given, name)}: must be left unset; the action "
+        f"range comes from the env: [{env_cfg.action_lo}, {env_cfg.action_hi}] with "
+        f"--env.cell.n-prb {n_prb}"
+        for name in ("action_lo", "action_hi")
+        if getattr(given, name) not in (getattr(default, name), getattr(env_cfg, name))
+    ]
+    if bad:
+        raise ConfigError("\n".join(bad))
 
 
 def check_prompt_matches_env(prompt_cfg: PromptConfig, env) -> None:

@@ -240,13 +240,17 @@ def fused_attention(q_BTNH, k_BKSH, v_BKSH, visible_BTS, implementation: str = "
 
 
 # ---------------------------------------------------------------------------------- dispatch
-def cudnn_unsupported_reason(q_BTNH, k_BKSH, backend: str | None = None) -> str | None:
+def cudnn_unsupported_reason(q_BTNH, k_BKSH, backend: str | None = None, *,
+                             differentiable: bool = True) -> str | None:  # fmt: skip
     """Why cuDNN flash attention cannot run this call (``None`` when it can).
 
     Static checks only (shapes, dtypes, backend), mirroring JAX's cuDNN checks: a GPU backend,
     fp16/bf16 inputs, head dim a multiple of 8 and <= 128, query heads a multiple of kv heads,
-    and — for the un-cached forward (``T == S``, the one that may be differentiated: cuDNN's
-    backward with a bias needs even lengths) — an even sequence length.
+    and — for a call that may be differentiated (``differentiable``: the un-cached forward and
+    the trainer's continuation of a shared prompt; never a KV-cache write) — even query and key
+    lengths, since cuDNN's backward with a mask refuses odd ones. JAX checks that only when it
+    traces the backward pass, which under ``lax.scan`` or ``jax.checkpoint`` happens after this
+    module's call has returned: too late to fall back, so it is checked here.
     """
     backend = backend or jax.default_backend()
     if backend != "gpu":
@@ -259,8 +263,11 @@ def cudnn_unsupported_reason(q_BTNH, k_BKSH, backend: str | None = None) -> str 
         return f"head dim {H} (cuDNN needs a multiple of 8, <= 128)"
     if N % K:
         return f"{N} query heads not a multiple of {K} kv heads"
-    if T == S and T % 2:
-        return f"odd sequence length {T} in the un-cached forward (cuDNN backward needs even)"
+    if differentiable and (T % 2 or S % 2):
+        return (
+            f"odd length (queries {T}, keys {S}) in a call that may be differentiated "
+            "(cuDNN's backward with a mask needs even lengths)"
+        )
     return None
 
 
@@ -274,7 +281,8 @@ def _fallback(reason: str) -> None:
         _log.warning("attention 'auto': cuDNN not used (%s); using the plain path", reason)
 
 
-def attention(q_BTNH, k_BKSH, v_BKSH, visible_BTS, implementation: str | None = None):
+def attention(q_BTNH, k_BKSH, v_BKSH, visible_BTS, implementation: str | None = None, *,
+              differentiable: bool = True):  # fmt: skip
     """Grouped-query softmax attention with the selected implementation (module docstring).
 
     Args:
@@ -283,6 +291,8 @@ def attention(q_BTNH, k_BKSH, v_BKSH, visible_BTS, implementation: str | None = 
         slots).
       visible_BTS: True where query t may attend to slot s (causal and not padding).
       implementation: overrides the module setting for this call.
+      differentiable: whether the call may be differentiated (``False`` for KV-cache writes:
+        "auto" then lets cuDNN take odd lengths, see :func:`cudnn_unsupported_reason`).
     """
     name = _check(implementation or _current[0])
     if name == "plain":
@@ -302,7 +312,7 @@ def attention(q_BTNH, k_BKSH, v_BKSH, visible_BTS, implementation: str | None = 
         # every layer's cache per step) and has no [T, S] scores to save at T = 1.
         _note("auto->plain")
         return plain_attention(q_BTNH, k_BKSH, v_BKSH, visible_BTS)
-    reason = cudnn_unsupported_reason(q_BTNH, k_BKSH)
+    reason = cudnn_unsupported_reason(q_BTNH, k_BKSH, differentiable=differentiable)
     if reason is None:
         try:
             out = fused_attention(q_BTNH, k_BKSH, v_BKSH, visible_BTS, "cudnn")

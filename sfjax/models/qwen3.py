@@ -92,15 +92,15 @@ def positions_from_mask(mask_BT, start_B=None):
     return jnp.maximum(pos_BT, 0)
 
 
-def attention(q_BTNH, k_BKSH, v_BKSH, visible_BTS):
+def attention(q_BTNH, k_BKSH, v_BKSH, visible_BTS, *, differentiable: bool = True):
     """Grouped-query softmax attention over head-major keys / values; ``visible`` marks the keys
-    each query may see.
+    each query may see; ``differentiable=False`` for KV-cache writes, never differentiated.
 
     The kernel (plain f32 scores, XLA or cuDNN fused) is chosen by :mod:`sfjax.models.attention`.
     """
     from sfjax.models.attention import attention as _attention
 
-    return _attention(q_BTNH, k_BKSH, v_BKSH, visible_BTS)
+    return _attention(q_BTNH, k_BKSH, v_BKSH, visible_BTS, differentiable=differentiable)
 
 
 # --------------------------------------------------------------------------------- modules
@@ -242,7 +242,7 @@ class DecoderLayer(nnx.Module):
             v_all = jax.lax.dynamic_update_slice(past_v_BKSH, v_BKTH.astype(past_v_BKSH.dtype), at)
             if not read_only:
                 k_out, v_out = k_all, v_all
-            out_BTNH = attention(q_BTNH, k_all, v_all, visible_BTS)
+            out_BTNH = attention(q_BTNH, k_all, v_all, visible_BTS, differentiable=False)
         x_BTD = x_BTD + attn.o_proj(out_BTNH.reshape(*x_BTD.shape[:2], -1))
         return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD)), k_out, v_out
 

@@ -160,7 +160,8 @@ def shared_prompt_logps(model, prompt_ids_BP, prompt_mask_BP, completions, *, re
     if P < 2 or not hasattr(model, "layers"):
         return [sequence_logps(model, prompt_ids_BP, prompt_mask_BP, *c, remat=remat, chunk=chunk)
                 for c in completions]  # fmt: skip
-    prefix = prefix_states(model, prompt_ids_BP[:, :-1], prompt_mask_BP[:, :-1], remat=remat)
+    prefix_ids, prefix_mask = _even_width(prompt_ids_BP[:, :-1], prompt_mask_BP[:, :-1], "left")
+    prefix = prefix_states(model, prefix_ids, prefix_mask, remat=remat)
     last_ids_B1 = prompt_ids_BP[:, -1:]
     last_mask_B1 = jnp.asarray(prompt_mask_BP[:, -1:], bool)
     out = []
@@ -169,11 +170,30 @@ def shared_prompt_logps(model, prompt_ids_BP, prompt_mask_BP, completions, *, re
         if i > 0 and nograd_model is not None:
             m, pre = nograd_model, jax.lax.stop_gradient(prefix)
         mask_BC = jnp.asarray(mask_BC, bool)
+        C = ids_BC.shape[1]
         cont_ids_BC = jnp.concatenate([last_ids_B1, ids_BC[:, :-1]], axis=1)
         cont_mask_BC = jnp.concatenate([last_mask_B1, mask_BC[:, :-1]], axis=1)
-        h_BCD = continuation_states(m, pre, cont_ids_BC, cont_mask_BC, remat=remat)
+        cont = _even_width(cont_ids_BC, cont_mask_BC, "right")
+        h_BCD = continuation_states(m, pre, *cont, remat=remat)[:, :C]
         out.append(token_logps(m, h_BCD, ids_BC, _scored(mask_BC, prompt_mask_BP), chunk=chunk))
     return out
+
+
+def _even_width(ids_BT, mask_BT, side: str):
+    """``(ids, mask)`` with one masked column added on ``side`` when ``T`` is odd.
+
+    The shared-prompt passes run the prompt minus its last column, then ``C`` tokens over
+    ``P - 1 + C`` keys: with the even buckets of the KTO data both lengths would be odd, and
+    cuDNN's flash attention refuses odd lengths in a differentiated call
+    (:func:`sfjax.models.attention.cudnn_unsupported_reason`), leaving the step on the plain
+    path's ``[T, S]`` float32 scores. A masked column changes nothing: positions come from the
+    mask, and no query sees a masked key (the prefix is left-padded, the continuation
+    right-padded, as the data are).
+    """
+    if ids_BT.shape[1] % 2 == 0:
+        return ids_BT, mask_BT
+    pad = ((0, 0), (1, 0) if side == "left" else (0, 1))
+    return jnp.pad(ids_BT, pad), jnp.pad(jnp.asarray(mask_BT, bool), pad)
 
 
 __all__ = [

@@ -33,6 +33,15 @@ def _table3(capsys, *args):
         (["--sf.env.cell.n-prb", "50"], "--sf.env.cell.n-prb 50: must be left unset"),
         (["--reflexion.eval-seed", "3"], "--reflexion.eval-seed 3: must be left unset"),
         (["--sf.loop.keep-checkpoints", "1"], "--sf.loop.keep-checkpoints 1: must be >= 2"),
+        (["--sf.resume"], "--sf.resume True: must be left unset: table3's --resume applies"),
+        (["--reflexion.resume"], "--reflexion.resume True: must be left unset: table3's --resume"),
+        (["--rl.algos", "dqn"], "--rl.algos ('dqn',): must be left unset: --methods chooses"),
+        # the SF row's Actor is the behavioural prior: Reflexion runs on it too
+        (
+            ["--reflexion.checkpoint", "/other"],
+            "--reflexion.checkpoint '/other': must be left unset (or --sf.model.checkpoint's "
+            "value) with the SF row: both LLM rows use SF's base Actor",
+        ),
     ],
 )
 def test_table3_refuses_what_it_would_override(tmp_path, capsys, args, line):

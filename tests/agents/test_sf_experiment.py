@@ -315,6 +315,7 @@ def test_operational_options_may_change_on_resume(tmp_path):
         cfg, run_dir=str(tmp_path / "r") + "/", log_level="DEBUG",
         reflector=dataclasses.replace(cfg.reflector, api=api),
         kto=dataclasses.replace(cfg.kto, progress=False),
+        prior=dataclasses.replace(cfg.prior, cache_dir=str(tmp_path / "priors")),
     )  # fmt: skip
     resume, used = mod._prepare_run_dir(moved, tmp_path / "r")
     assert resume and used == moved

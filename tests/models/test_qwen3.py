@@ -347,3 +347,25 @@ def test_silu_mul_values_and_gradients(dtype, tol):
         ref_out, ref_vjp = jax.vjp(lambda g, u: jax.nn.silu(g) * u, g, u)
         for got, want in zip((out, dg, du), (ref_out, *ref_vjp(d))):
             assert rel_err(got, want) <= tol
+
+
+def test_only_kv_cache_writes_are_marked_never_differentiated(tiny_model, monkeypatch):
+    """The layer tells the attention dispatcher which calls may be differentiated: the
+    un-cached forward may, a KV-cache write (prefill, decode) never (then "auto" may give
+    cuDNN odd lengths: sfjax.models.attention.cudnn_unsupported_reason)."""
+    from sfjax.models import attention as attn
+
+    seen, real = [], attn.attention
+
+    def recording(q, k, v, visible, implementation=None, *, differentiable=True):
+        seen.append(differentiable)
+        return real(q, k, v, visible, implementation, differentiable=differentiable)
+
+    monkeypatch.setattr(attn, "attention", recording)
+    ids, mask = left_padded(2, 7, pads=[0, 2], seed=3)
+    forward(tiny_model, ids, mask)
+    L = tiny_model.config.num_layers
+    assert seen == [True] * L
+    seen.clear()
+    forward_cached(tiny_model, ids, mask, init_cache(tiny_model.config, 2, 9, jnp.float32))
+    assert seen == [False] * L

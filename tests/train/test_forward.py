@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from sfjax.losses.kto import completion_logps
@@ -22,7 +23,7 @@ def _model(ckpt):
     return model
 
 
-def _rows():
+def _rows(prompt_bucket=12, completion_bucket=6):
     exs = [
         TokenizedExample((5, 6, 7), (8, 9), True),
         TokenizedExample((11,), (12, 13, 14, 15), False),
@@ -30,7 +31,8 @@ def _rows():
         TokenizedExample(tuple(range(20, 29)), (30,), False),
     ]
     b = collate_step(exs, [np.arange(4)], micro_batch_size=4, grad_accum_steps=1,
-                     prompt_buckets=(12,), completion_buckets=(6,), pad_token_id=0,
+                     prompt_buckets=(prompt_bucket,), completion_buckets=(completion_bucket,),
+                     pad_token_id=0,
                      with_kl=True)  # fmt: skip
     return b, tuple(x[0] for x in (b.prompt_ids_ABP, b.prompt_mask_ABP, b.completion_ids_ABC,
                                    b.completion_mask_ABC))  # fmt: skip
@@ -94,6 +96,45 @@ def test_prefix_continuation_remat_and_chunks_match_in_value_and_gradient(tiny_c
     (_, b), g = jax.jit(jax.value_and_grad(kl_only, has_aux=True))(params)
     np.testing.assert_allclose(np.asarray(b), np.asarray(b0), rtol=1e-5, atol=1e-4)
     assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(g))
+
+
+@pytest.mark.parametrize("buckets", [(12, 6), (11, 5)])
+def test_shared_prompt_attention_lengths_are_even(tiny_checkpoint, monkeypatch, buckets):
+    """Every attention call of the shared-prompt passes that may be differentiated has even
+    query and key lengths (cuDNN's backward refuses odd ones, and under lax.scan / remat too
+    late to fall back), whatever the buckets' parity; the padding changes no value or
+    gradient (against the unshared forward)."""
+    from sfjax.models import attention as attn
+
+    seen, real = [], attn.attention
+
+    def recording(q, k, v, visible, implementation=None, *, differentiable=True):
+        seen.append((q.shape[1], k.shape[2], differentiable))
+        return real(q, k, v, visible, implementation, differentiable=differentiable)
+
+    monkeypatch.setattr(attn, "attention", recording)
+    model = _model(tiny_checkpoint)
+    batch, rows = _rows(*buckets)
+    kl = (batch.kl_completion_ids_ABC[0], batch.kl_completion_mask_ABC[0])
+    graphdef, params, rest = nnx.split(model, nnx.LoRAParam, ...)
+
+    def loss(params, shared):
+        m = nnx.merge(graphdef, params, rest)
+        if shared:
+            a, b = F.shared_prompt_logps(m, rows[0], rows[1], [rows[2:], kl])
+        else:
+            a = F.sequence_logps(m, *rows)
+            b = F.sequence_logps(m, rows[0], rows[1], *kl)
+        return jnp.sum(a * jnp.array([1.0, -2.0, 0.5, 3.0])) + 0.1 * jnp.sum(b), (a, b)
+
+    (_, (a0, b0)), g0 = jax.value_and_grad(lambda p: loss(p, False), has_aux=True)(params)
+    seen.clear()
+    (_, (a, b)), g = jax.value_and_grad(lambda p: loss(p, True), has_aux=True)(params)
+    assert seen and all(d and T % 2 == 0 and S % 2 == 0 for T, S, d in seen), seen
+    np.testing.assert_allclose(np.asarray(a), np.asarray(a0), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(b), np.asarray(b0), rtol=1e-5, atol=1e-4)
+    for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(g0)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
 
 
 def test_chunked_head_never_holds_the_full_logits(tiny_checkpoint):

@@ -1,0 +1,165 @@
+"""experiments/table3.py's RUN_DIR: the same config runs again, another one is refused with the
+keys named (``--resume`` continues with the run's own values), options that do not change
+results may differ, and the SF row's own check in RUN_DIR/sf agrees with table3's; the
+Reflexion row's Actor is SF's; an LLM action range other than the env's is refused. The rows'
+work is replaced by stand-ins (each is tested on its own)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from experiment_scripts import experiment
+
+from sfjax.baselines.report import MethodResult
+
+METRICS = ("utility", "mean_se", "reconfigurations", "violations")
+
+
+class Stop(Exception):
+    """Ends the stand-in SF row once its RUN_DIR check has run."""
+
+
+@pytest.fixture
+def script(monkeypatch):
+    """table3's CLI with the reference rows and the SF run replaced by recorders:
+    returns (cli, {"reference": [(protocol, reference config)], "sf": [(resume, config)]})."""
+    mod = experiment("table3")
+    import cli_common
+
+    sf = mod.sf_ranslicing
+    seen = {"reference": [], "sf": []}
+
+    def fake_reference_rows(env, params, protocol, reference, names):
+        seen["reference"].append((protocol, reference))
+        rows = [MethodResult(n.capitalize(), {k: (1.0, 0.0) for k in METRICS}, 0, 2, 1)
+                for n in names]  # fmt: skip
+        return rows, {}, {}
+
+    def fake_sf_run(cfg, **kw):
+        run_dir = Path(cfg.run_dir)  # what sf_ranslicing.run does first
+        run_dir.mkdir(parents=True, exist_ok=True)
+        resume, used = sf._prepare_run_dir(cfg, run_dir)
+        (run_dir / "checkpoints" / "1").mkdir(parents=True, exist_ok=True)  # a phase done
+        seen["sf"].append((resume, used))
+        raise Stop
+
+    monkeypatch.setattr(mod, "reference_rows", fake_reference_rows)
+    monkeypatch.setattr(sf, "run", fake_sf_run)
+
+    def cli(*args, preset="smoke"):
+        cfg = cli_common.parse(mod.PRESETS, [preset, *args], mod.__doc__)
+        return cli_common.run_cli(mod.main, cfg, preset)
+
+    return cli, seen
+
+
+def _refused(cli, capsys, *args):
+    with pytest.raises(SystemExit) as e:
+        cli(*args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    return err
+
+
+def test_same_config_runs_again(tmp_path, script):
+    cli, seen = script
+    run = ("--run-dir", str(tmp_path / "t"), "--methods", "static")
+    cli(*run)
+    cli(*run)
+    assert len(seen["reference"]) == 2 and seen["reference"][0] == seen["reference"][1]
+    saved = json.loads((tmp_path / "t" / "config.json").read_text())
+    assert saved["methods"] == ["static"] and (tmp_path / "t" / "results.json").exists()
+
+
+def test_other_config_is_refused_naming_the_key(tmp_path, script, capsys):
+    cli, seen = script
+    run = ("--run-dir", str(tmp_path / "t"), "--methods", "static")
+    cli(*run)
+    results = (tmp_path / "t" / "results.json").read_text()
+    err = _refused(cli, capsys, *run, "--protocol.num-steps", "20")
+    assert "holds a Table III run with another config: protocol.num_steps (300 in the run, " \
+           "20 now). Add --resume" in err  # fmt: skip
+    assert len(seen["reference"]) == 1  # nothing ran, nothing was overwritten
+    assert (tmp_path / "t" / "results.json").read_text() == results
+    assert json.loads((tmp_path / "t" / "config.json").read_text())["protocol"]["num_steps"] == 300
+
+
+def test_resume_continues_with_the_runs_values(tmp_path, script, capsys):
+    cli, seen = script
+    run = ("--run-dir", str(tmp_path / "t"), "--methods", "static")
+    cli(*run)
+    cli(*run, "--protocol.num-steps", "20", "--reference.beam-width", "2", "--resume")
+    protocol, reference = seen["reference"][1]
+    assert protocol.num_steps == 300 and reference.beam_width == 4
+    assert protocol.seeds == (0, 1)  # tuples stay tuples
+    assert "with its own values for: protocol.num_steps" in capsys.readouterr().err
+
+
+def test_operational_options_may_differ(tmp_path, script):
+    cli, seen = script
+    run = ("--run-dir", str(tmp_path / "t"), "--methods", "static")
+    cli(*run)
+    cli(*run, "--log-level", "WARNING", "--sf.reflector.api.max-retries", "20",
+        "--reflexion.reflector.api.timeout-s", "30", "--sf.kto.no-progress")  # fmt: skip
+    assert len(seen["reference"]) == 2
+
+
+def test_sf_row_run_dir_agrees_with_table3s(tmp_path, script, capsys):
+    """RUN_DIR/sf keeps its own check (sf_ranslicing's); table3's --resume reaches it."""
+    cli, seen = script
+    run = ("--run-dir", str(tmp_path / "t"), "--methods", "sf")
+    with pytest.raises(Stop):
+        cli(*run)
+    with pytest.raises(Stop):  # same config: the SF row continues
+        cli(*run)
+    assert [r for r, _ in seen["sf"]] == [False, True]
+    assert seen["sf"][1][1].run_dir == str(tmp_path / "t" / "sf")
+    err = _refused(cli, capsys, *run, "--sf.loop.seed", "7")
+    assert "another config: sf.loop.seed (0 in the run, 7 now)" in err and len(seen["sf"]) == 2
+    with pytest.raises(Stop):  # table3's --resume: the run's values, SF continues
+        cli(*run, "--sf.loop.seed", "7", "--resume")
+    resume, used = seen["sf"][2]
+    assert resume and used.loop.seed == 0
+    # without table3's record (an older table3) RUN_DIR/sf still refuses another SF config
+    (tmp_path / "t" / "config.json").unlink()
+    err = _refused(cli, capsys, *run, "--sf.loop.seed", "7")
+    assert f"{tmp_path / 't' / 'sf'} holds a run with another config: loop.seed" in err
+
+
+@pytest.mark.parametrize(
+    "args,line",
+    [
+        (["--reflexion.actor.prompt.action-lo", "2"], "--reflexion.actor.prompt.action-lo 2"),
+        (["--sf.actor.prompt.action-hi", "9"], "--sf.actor.prompt.action-hi 9"),
+    ],
+)
+def test_action_range_is_the_envs(tmp_path, script, capsys, args, line):
+    cli, seen = script
+    err = _refused(cli, capsys, "--run-dir", str(tmp_path / "t"), *args)
+    assert err.startswith(f"error: {line}: must be left unset; the action range comes from the "
+                          "env: [1, 12] with --env.cell.n-prb 25"), err  # fmt: skip
+    assert not (tmp_path / "t").exists()
+
+
+def test_reflexion_row_uses_sfs_actor():
+    mod = experiment("table3")
+    import cli_common
+
+    from sfjax.configcheck import ConfigError
+
+    def parse(*args):
+        return cli_common.parse(mod.PRESETS, ["paper", *args], mod.__doc__)
+
+    sf = ("--sf.model.checkpoint", "/models/Qwen3-4B")
+    assert mod.reflexion_checkpoint(parse(*sf)) == "/models/Qwen3-4B"  # unset: SF's
+    same = parse(*sf, "--reflexion.checkpoint", "/models/Qwen3-4B")
+    assert mod.reflexion_checkpoint(same) == "/models/Qwen3-4B"
+    with pytest.raises(ConfigError, match=r"--reflexion\.checkpoint '/other': must be left unset "
+                       r"\(or --sf\.model\.checkpoint's value\) with the SF row"):  # fmt: skip
+        parse(*sf, "--reflexion.checkpoint", "/other")
+    # without the SF row the given checkpoint is used; unset, SF's base Actor still is
+    alone = parse("--methods", "reflexion", "--reflexion.checkpoint", "/other")
+    assert mod.reflexion_checkpoint(alone) == "/other"
+    assert mod.reflexion_checkpoint(parse("--methods", "reflexion", *sf)) == "/models/Qwen3-4B"
