@@ -3,9 +3,11 @@
 The fake Reflector's verdict on a step is :func:`truth`; replies are built from the steps it
 finds in the request, so a reply is right exactly when the client sent the right steps. Faults
 (transport errors, non-JSON 200 bodies, trickled replies, malformed / truncated / partial
-replies) are drawn per request with probability ``fault_rate`` from ``faults``, or scripted
-per request with ``script`` (a list consumed in order). Good replies come in the shapes
-DeepSeek-R1 produces (see :data:`GOOD_SHAPES`). Counts of what was served are in ``counts``.
+replies) are drawn per request with probability ``fault_rate`` from ``faults`` (a kind listed
+k times is drawn k times as often), or scripted per request with ``script`` (a list consumed in
+order). Good replies come in the shapes DeepSeek-R1 produces (see :data:`GOOD_SHAPES`). Counts
+of what was served are in ``counts``, the request bodies in ``bodies`` and the
+``Authorization`` headers seen in ``auth``; ``refuse_all = True`` answers 500 to everything.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class FakeOpenAI:
         self.echo_key_401 = echo_key_401
         self.counts: dict[str, int] = {}
         self.bodies: list[dict] = []
+        self.auth: set[str | None] = set()
         self.refuse_all = False
         server = self
 
@@ -68,6 +71,7 @@ class FakeOpenAI:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with server.lock:
                     server.bodies.append(body)
+                    server.auth.add(self.headers.get("Authorization"))
                     kind = server._draw()
                 server._count(kind)
                 try:

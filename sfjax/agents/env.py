@@ -47,7 +47,7 @@ FEEDBACK_INFO_KEYS = (
 
 
 class JaxRanRunner:
-    """:class:`sfjax.agents.loop.EnvRunner` over ``RanSlicingEnv`` (vmapped over envs)."""
+    """:class:`sfjax.agents.collect.EnvRunner` over ``RanSlicingEnv`` (vmapped over envs)."""
 
     def __init__(self, cfg: RanSlicingConfig, max_steps: int):
         from sfjax.envs import ran
@@ -88,11 +88,15 @@ class JaxRanRunner:
                     "queue_delta_bytes": float(s.queue_delta_bytes_S[e, 0]),
                     "dropped_bytes": float(s.dropped_bytes_S[e, 0]),
                     "prbs": float(s.prbs[e]),
-                    **({
-                        "other_arrival_rate_bps": float(s.arrival_rate_bps_S[e, 1]),
-                        "other_queue_delta_bytes": float(s.queue_delta_bytes_S[e, 1]),
-                        "other_dropped_bytes": float(s.dropped_bytes_S[e, 1]),
-                    } if self.observe_other else {}),
+                    **(
+                        {
+                            "other_arrival_rate_bps": float(s.arrival_rate_bps_S[e, 1]),
+                            "other_queue_delta_bytes": float(s.queue_delta_bytes_S[e, 1]),
+                            "other_dropped_bytes": float(s.dropped_bytes_S[e, 1]),
+                        }
+                        if self.observe_other
+                        else {}
+                    ),
                 }
             )
         return out

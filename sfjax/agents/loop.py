@@ -18,8 +18,12 @@ position, trajectories, reflections, RfR state and datasets, the summary so far)
 randomness is ``fold_in(root_key, phase_index)``, so ``resume`` after a kill replays nothing
 and reaches the same result as an uninterrupted run.
 
-The loop talks to its components through small protocols (:class:`EnvRunner`,
-:class:`FineTuner`), so tests can drive it with fakes and other envs (ns-3) can plug in.
+The loop talks to its components through small protocols
+(:class:`~sfjax.agents.collect.EnvRunner`, :class:`~sfjax.agents.collect.ActorLike`,
+:class:`FineTuner`), so tests can drive it with fakes and other envs (ns-3) can plug in. Its
+collect phase is :func:`sfjax.agents.collect.collect`; the iteration records of
+``summary.json`` and the final table are built by :mod:`sfjax.agents.loop_records`; the
+TensorBoard events are kept in step with the checkpoints by :mod:`sfjax.agents.loop_events`.
 
 Multi-host (``jax.distributed``, e.g. under ``python -m sfjax.parallel --distributed``): every
 process runs this loop (SPMD) and must make the same sharded calls, so every host-side value
@@ -35,7 +39,6 @@ together, each writing / reading its own shards of arrays that span hosts
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -48,7 +51,16 @@ import numpy as np
 
 from sfjax import atomic, parallel
 from sfjax.agents.checkpoint import LoopCheckpointer
-from sfjax.agents.prompts import HistoryEntry, PromptConfig
+from sfjax.agents.collect import ActorLike, EnvRunner, collect
+from sfjax.agents.loop_events import event_sizes, flush_events, trim_events
+from sfjax.agents.loop_records import (
+    SUMMARY_METRICS,
+    format_table,
+    mean_metrics,
+    stats_delta,
+    stats_snapshot,
+)
+from sfjax.agents.prompts import PromptConfig
 from sfjax.agents.reflectors.base import Reflector
 from sfjax.agents.reflectors.broadcast import reflect_on_all_processes
 from sfjax.agents.rfr import (
@@ -61,21 +73,27 @@ from sfjax.agents.rfr import (
     examples_from_json,
     examples_to_json,
 )
-from sfjax.agents.trajectory import (
-    Reflection,
-    Step,
-    Trajectory,
-    UtilityWeights,
-    save_json,
-    trajectory_metrics,
-)
+from sfjax.agents.trajectory import Reflection, Trajectory, UtilityWeights, save_json
 from sfjax.configcheck import Bad, at_least, check_config
 
 log = logging.getLogger(__name__)
 
-_STARTED = time.time()  # files older than this were written by an earlier process
+__all__ = [
+    "PHASE_TEXT",
+    "SUMMARY_METRICS",
+    "ActorLike",
+    "EnvRunner",
+    "FineTuner",
+    "LoopConfig",
+    "Phase",
+    "SelfFinetuningLoop",
+    "collect",
+    "flush_events",
+    "format_table",
+    "mean_metrics",
+    "phase_plan",
+]
 
-SUMMARY_METRICS = ("avg_se", "reconfigurations", "violations", "utility", "parse_failures")
 PHASE_TEXT = {
     "collect": "the Actor runs the trajectories (one sampler call per decision)",
     "reflect": "the Reflector labels every step",
@@ -109,33 +127,6 @@ class LoopConfig:
         bad += at_least(self, 0, "env_seed", "seed")
         bad += at_least(self, 2, "keep_checkpoints")
         return bad
-
-
-class EnvRunner(Protocol):
-    """Parallel environments seen as eq. 14 states and feedback dicts (see ``sfjax.agents.env``).
-
-    An env whose results may differ between the processes of a multi-host run (one driving an
-    external simulator such as ns-3 over a socket) sets the attribute ``host_side = True``:
-    the loop then calls it on process 0 only and broadcasts its states and feedback. A pure
-    function of its keys (the JAX env) needs no such attribute.
-    """
-
-    action_lo: int
-    action_hi: int
-
-    def reset(self, key: jax.Array, num_envs: int) -> list[dict[str, float]]:
-        """Reset ``num_envs`` envs; return the initial eq. 14 state of each."""
-        ...
-
-    def step(self, actions: Sequence[int], key: jax.Array):
-        """Apply one action per env; return (next states, feedback dicts)."""
-        ...
-
-
-class ActorLike(Protocol):
-    def act(self, states, histories, step: int, key: jax.Array): ...
-
-    def sample(self, prompts: Sequence[str], n: int, key: jax.Array) -> list[list[str]]: ...
 
 
 class FineTuner(Protocol):
@@ -181,76 +172,6 @@ def phase_plan(sf_iterations: int, kto_iterations: int) -> list[Phase]:
             phases.append(Phase(i, it, "kto", k))
             i += 1
     return phases
-
-
-def collect(
-    actor: ActorLike,
-    env: EnvRunner,
-    prompt_cfg: PromptConfig,
-    num_envs: int,
-    steps: int,
-    env_key: jax.Array,
-    actor_key: jax.Array,
-    *,
-    env_seed: int = 0,
-    progress: bool = True,
-) -> list[Trajectory]:
-    """Run the R-MDP for ``steps`` steps in ``num_envs`` parallel envs (Algorithm 1, l. 3-10)."""
-    reset_key, env_key = jax.random.split(env_key)
-    states = _env_call(env, "reset", reset_key, num_envs)
-    trajs = [Trajectory(e, env_seed, []) for e in range(num_envs)]
-    histories: list[list[HistoryEntry]] = [[] for _ in range(num_envs)]
-    bar = _progress(steps, "collect", progress)
-    for t in range(steps):
-        actor_key, ak = jax.random.split(actor_key)
-        env_key, ek = jax.random.split(env_key)
-        window = [
-            h[-prompt_cfg.history_window :] if prompt_cfg.history_window else [] for h in histories
-        ]
-        decisions = actor.act(states, window, t, ak)
-        actions = [int(d.action) for d in decisions]
-        next_states, feedbacks = _env_call(env, "step", actions, ek)
-        for e, (d, s, f) in enumerate(zip(decisions, states, feedbacks)):
-            f = {k: float(v) for k, v in f.items()}
-            s = {k: float(v) for k, v in s.items()}
-            trajs[e].steps.append(
-                Step(t, s, d.prompt, d.output, d.reflection, int(d.action), d.analysis,
-                     bool(d.parsed_ok), f, d.parse_error)
-            )  # fmt: skip
-            histories[e].append(HistoryEntry(s, d.reflection, int(d.action), d.analysis, f))
-        states = next_states
-        bar.update(1)
-    bar.close()
-    return trajs
-
-
-def _env_call(env: EnvRunner, method: str, *args) -> Any:
-    """``env.<method>(*args)``; for a ``host_side`` env on process 0 only and broadcast (as
-    JSON, numpy scalars made Python numbers), so every process sees the same states and
-    feedback."""
-    if not getattr(env, "host_side", False):
-        return getattr(env, method)(*args)
-
-    def plain(x):
-        if isinstance(x, dict):
-            return {k: plain(v) for k, v in x.items()}
-        if isinstance(x, list | tuple):
-            return [plain(v) for v in x]
-        return x.tolist() if isinstance(x, np.generic | np.ndarray) else x
-
-    return parallel.on_main_process(lambda: plain(getattr(env, method)(*args)))
-
-
-def mean_metrics(trajs: Sequence[Trajectory], weights: UtilityWeights) -> dict[str, float]:
-    """Per-trajectory metrics averaged over the parallel trajectories (and their std)."""
-    per = [trajectory_metrics(t, weights) for t in trajs]
-    out = {}
-    for k in SUMMARY_METRICS:
-        v = np.array([p[k] for p in per], dtype=np.float64)
-        out[k] = float(v.mean())
-        out[f"{k}_std"] = float(v.std())
-    out["num_trajectories"] = len(per)
-    return out
 
 
 class SelfFinetuningLoop:
@@ -321,7 +242,7 @@ class SelfFinetuningLoop:
             "timings": self.timings,
             "kto_steps": self.kto_steps,
             "artefacts": self.artefacts,
-            "tb_sizes": self._tb_sizes(),
+            "tb_sizes": event_sizes(self.writer),
         }
 
     def _load_meta(self, meta: dict) -> None:
@@ -348,14 +269,15 @@ class SelfFinetuningLoop:
         before, with a warning); check the artefacts it lists; returns the next phase index."""
         found = self.ckpt.restore_latest(self._arrays())
         if found is None:
-            self._trim_tensorboard({})  # a killed first process's events are rewritten
+            # a killed first process's events are rewritten
+            trim_events(self.writer, self.run_dir, {})
             return 0
         step, arrays, meta = found
         self.finetuner.load_arrays(arrays["finetuner"])
         self.root_key = jax.random.wrap_key_data(np.asarray(arrays["root_key"]))
         self._load_meta(meta)
         self._check_artefacts(self.phases[step])
-        self._trim_tensorboard(meta.get("tb_sizes", {}))
+        trim_events(self.writer, self.run_dir, meta.get("tb_sizes", {}))
         log.info("resumed after phase %s", meta["phase"])
         return step + 1
 
@@ -380,28 +302,6 @@ class SelfFinetuningLoop:
                 "the one recorded when it was written); the checkpoints keep only the latest "
                 "phase's data, so restore the file(s) from a copy or start a new --run-dir"
             )
-
-    def _tb_files(self) -> list[Path]:
-        logdir = getattr(self.writer, "logdir", None)  # tensorboardX's SummaryWriter
-        return sorted(Path(logdir).glob("events.out.tfevents.*")) if logdir else []
-
-    def _tb_sizes(self) -> dict[str, int]:
-        """Size of every TensorBoard events file (flushed before each checkpoint)."""
-        return {p.name: p.stat().st_size for p in self._tb_files()}
-
-    def _trim_tensorboard(self, sizes: Mapping[str, int]) -> None:
-        """Drop the events written after the restored checkpoint (the phases about to be
-        rerun write them again): files are cut back to their checkpointed size, and files of a
-        killed process created after it are moved to ``tb_discarded/``; no duplicate points."""
-        for p in self._tb_files():
-            if p.name in sizes:
-                if p.stat().st_size > sizes[p.name]:
-                    with open(p, "r+b") as f:
-                        f.truncate(sizes[p.name])
-            elif p.stat().st_mtime < _STARTED:  # not this process's writer
-                aside = self.run_dir / "tb_discarded"
-                aside.mkdir(exist_ok=True)
-                p.rename(aside / p.name)
 
     def _phase_artefacts(self, phase: Phase) -> list[tuple[str, Any]]:
         """(run-dir relative path, JSON) of the artefact(s) ``phase`` wrote, from its state."""
@@ -445,13 +345,13 @@ class SelfFinetuningLoop:
         )  # fmt: skip
 
     def _reflect(self, phase: Phase) -> None:
-        before = _stats_snapshot(self.reflector)
+        before = stats_snapshot(self.reflector)
         # process 0's reply on every process (an API is queried once, not once per host)
         self.reflections = reflect_on_all_processes(
             self.reflector, self.trajectories, self._key(phase)
         )
         # retries, their reasons and cache hits of this phase (process 0's, on every host)
-        calls = parallel.broadcast_object(_stats_delta(before, _stats_snapshot(self.reflector)))
+        calls = parallel.broadcast_object(stats_delta(before, stats_snapshot(self.reflector)))
         for rel, obj in self._phase_artefacts(phase):
             self._save_json(rel, obj)
         self.base, self.targets = base_dataset(self.trajectories, self.reflections)
@@ -547,7 +447,7 @@ class SelfFinetuningLoop:
     def summary(self) -> dict:
         calls: dict = {}
         for r in self.iterations:
-            calls = _stats_delta({}, r.get("reflector_calls", {}), calls)
+            calls = stats_delta({}, r.get("reflector_calls", {}), calls)
         return {
             **self.run_info,
             "reflector": self.reflector.name,
@@ -573,68 +473,3 @@ def _save_json(path: Path, obj) -> None:
     """Write a JSON file of the run on process 0 only (multi-host)."""
     if parallel.is_main_process():
         save_json(path, obj)
-
-
-def flush_events(writer) -> None:
-    """Write every queued TensorBoard event to disk.
-
-    tensorboardX's ``flush()`` flushes only what its worker thread has already taken off the
-    queue: measured, a kill right after it lost the phase's last scalars. Its worker is
-    stopped (it writes everything queued before the stop signal) and restarted on the same
-    file; a writer without these internals gets the plain ``flush()``.
-    """
-    from tensorboardX.event_file_writer import _EventLoggerThread
-
-    for fw in (getattr(writer, "all_writers", None) or {}).values():
-        ev = getattr(fw, "event_writer", None)
-        worker = getattr(ev, "_worker", None)
-        if worker is None or getattr(ev, "_closed", True):
-            continue
-        worker.stop()
-        ev._worker = _EventLoggerThread(ev._event_queue, ev._ev_writer, ev._flush_secs)
-        ev._worker.start()
-    writer.flush()
-
-
-def _stats_snapshot(reflector) -> dict:
-    """A copy of a Reflector's counters (``stats``: numbers and dicts of numbers), or {}."""
-    return json.loads(json.dumps(getattr(reflector, "stats", {}) or {}))
-
-
-def _stats_delta(before: dict, after: dict, into: dict | None = None) -> dict:
-    """``into + (after - before)``, key by key, nested dicts included; zero entries dropped."""
-    out = dict(into or {})
-    for k, v in after.items():
-        if isinstance(v, dict):
-            sub = _stats_delta(before.get(k, {}), v, out.get(k, {}))
-            if sub:
-                out[k] = sub
-        elif isinstance(v, int | float) and v - before.get(k, 0):
-            out[k] = out.get(k, 0) + v - before.get(k, 0)
-    return out
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False, disable=None if enabled else True)
-
-
-def _or_dash(v) -> str:
-    return "-" if v is None else str(v)
-
-
-def format_table(summary: Mapping[str, Any]) -> str:
-    """The final table: one row per SF iteration (iteration 0 = before fine-tuning)."""
-    head = (
-        f"{'iter':>4} {'avg SE':>8} {'reconf':>7} {'PQoS vio':>9} {'utility':>10} "
-        f"{'parse fail':>10} {'n_D':>6} {'n_U':>6}"
-    )
-    lines = [head, "-" * len(head)]
-    for r in summary["iterations"]:
-        lines.append(
-            f"{r['iteration']:>4} {r['avg_se']:>8.3f} {r['reconfigurations']:>7.1f} "
-            f"{r['violations']:>9.1f} {r['utility']:>10.1f} {r['parse_failures']:>10.1f} "
-            f"{_or_dash(r.get('n_desirable')):>6} {_or_dash(r.get('n_undesirable')):>6}"
-        )
-    return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""Training: KTO on LoRA adapters (:mod:`sfjax.train.kto`), its jitted step (:mod:`.step`), its
+"""Training: KTO on LoRA adapters (:mod:`sfjax.train.kto`; its config :mod:`.kto_config`, its
+TensorBoard events and progress bar :mod:`.kto_logging`), its jitted step (:mod:`.step`), its
 forward passes (:mod:`.forward`: shared prompt prefix, remat, chunked LM head) and its data
 pipeline (:mod:`.data`)."""
 

@@ -23,6 +23,8 @@ only, in float32. Metrics are fetched one step late so the host never stalls the
 written to TensorBoard under TRL's tag names (``train/loss``, ``train/rewards/chosen``,
 ``train/kl`` …) at ``trainer.global_step``, which keeps counting across ``train()`` calls
 (and ``state_dict`` / ``load_state_dict``), so the curves of successive SF iterations line up.
+The hyper-parameters are :class:`~sfjax.train.kto_config.KTOConfig`; the TensorBoard writer and
+the progress bar live in :mod:`sfjax.train.kto_logging`.
 
 Usage::
 
@@ -39,28 +41,28 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sfjax.losses.kto import LOSS_TYPES, kto_class_weights
+from sfjax.losses.kto import kto_class_weights
 from sfjax.models import lora as lora_lib
 from sfjax.train.data import (
     Batch,
     KTOExample,
     TokenizedExample,
     collate_step,
-    default_buckets,
     epoch_order,
     fixed_kl_partners,
     plan_steps,
     tokenize_examples,
 )
 from sfjax.train.forward import sequence_logps
+from sfjax.train.kto_config import KTOConfig
+from sfjax.train.kto_logging import RunningRewards, open_writer, progress_bar, progress_postfix
 from sfjax.train.step import (
     _step_spec,
     lr_schedule,
@@ -68,142 +70,6 @@ from sfjax.train.step import (
     make_train_step,
     reference_logps,
 )
-
-
-@dataclass(frozen=True)
-class KTOConfig:
-    """KTO training hyper-parameters (defaults follow TRL's KTOConfig / HF Trainer, LoRA lr)."""
-
-    beta: float = 0.1
-    """β: scale of the implied reward r = log πθ/πref inside the sigmoid (paper eq. 9–11)."""
-    loss_type: Literal["kto", "apo_zero_unpaired"] = "kto"
-    """"kto" (with the KL reference point z) or "apo_zero_unpaired" (no z, no KL rows)."""
-    desirable_weight: float | None = None
-    """λD; None (with undesirable_weight None) = from the class counts (paper eq. 12–13)."""
-    undesirable_weight: float | None = None
-    """λU; None (with desirable_weight None) = from the class counts (paper eq. 12–13)."""
-    class_weight_ratio: float = 1.0
-    """Target λD·nD/(λU·nU) in [1, 4/3] when the weights come from the counts."""
-    learning_rate: float = 5e-5
-    """Peak AdamW learning rate (for LoRA params)."""
-    lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
-    """Decay after warmup: linear to 0, cosine to 0, or constant."""
-    warmup_ratio: float = 0.1
-    """Fraction of the optimizer steps of a train() call spent warming up linearly from 0."""
-    warmup_steps: int | None = None
-    """Warmup steps; overrides warmup_ratio when set."""
-    weight_decay: float = 0.0
-    """Decoupled AdamW weight decay on the LoRA params."""
-    adam_b1: float = 0.9
-    """AdamW β1."""
-    adam_b2: float = 0.999
-    """AdamW β2."""
-    adam_eps: float = 1e-8
-    """AdamW ε."""
-    max_grad_norm: float | None = 1.0
-    """Clip the accumulated gradient to this global norm (None: no clipping)."""
-    micro_batch_size: int = 4
-    """Examples per forward pass; >= 2 for loss_type "kto" (KL pairs come from the batch)."""
-    grad_accum_steps: int = 1
-    """Micro-batches per optimizer step."""
-    epochs: int = 1
-    """Passes over the dataset per train() call."""
-    shuffle: bool = True
-    """Shuffle the examples every epoch (deterministically from the train() key)."""
-    max_prompt_length: int = 1024
-    """Prompts keep their last this-many tokens."""
-    max_completion_length: int = 512
-    """Completions keep their first this-many tokens."""
-    add_eos: bool = True
-    """Append the tokenizer's EOS to completions that lack it (as TRL does)."""
-    buckets: tuple[int, ...] | None = None
-    """Padded prompt lengths (prompts are left-padded to the smallest that fits; one compile
-    per (prompt, completion) bucket pair); None = powers of two from 32 to max_prompt_length."""
-    completion_buckets: tuple[int, ...] | None = None
-    """Padded completion lengths; None = powers of two from 16 to max_completion_length."""
-    share_prompt_forward: bool = True
-    """Run each prompt once (its keys / values shared as a prefix) for its matched and KL
-    completions, in the policy and the reference passes; False runs every (prompt, completion)
-    row separately. Same values."""
-    precompute_ref_log_probs: bool = False
-    """Compute the reference log-probs (adapters off; they never change) once per dataset and
-    reuse them every epoch and every train() call on the same examples, instead of a reference
-    forward in every step (TRL's ``precompute_ref_log_probs``). As in TRL, each example's KL
-    completion is then fixed once (rolled within consecutive groups of micro_batch_size in
-    dataset order) rather than re-drawn from its micro-batch every epoch; with shuffle=False the
-    two coincide and the losses equal the default path's."""
-    remat: bool = False
-    """Recompute each decoder layer in the backward pass (activation memory O(layers x tokens x
-    hidden) instead of O(layers x attention maps)); for long prompts on large models."""
-    logits_chunk_tokens: int = 0
-    """Completion tokens per chunk of the LM head + log-softmax (each chunk recomputed in the
-    backward pass), so [B, T, V] float32 logits never exist; 0 = automatic (chunks of at most
-    64 MiB of logits: one chunk for small vocabularies, ~110 tokens for Qwen3's 151936)."""
-    log_every: int = 1
-    """Log (TensorBoard + returned history) every this-many optimizer steps."""
-    progress: bool = True
-    """Show a tqdm progress bar."""
-
-    def __post_init__(self):
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
-        if self.loss_type == "kto" and self.micro_batch_size < 2:
-            raise ValueError(
-                "loss_type='kto' needs micro_batch_size >= 2: the KL reference point z is "
-                "estimated from other examples' completions in the same micro-batch (with one "
-                "example it would equal the implied reward). Use micro_batch_size >= 2, or "
-                "loss_type='apo_zero_unpaired'."
-            )
-        if self.micro_batch_size < 1 or self.grad_accum_steps < 1 or self.epochs < 1:
-            raise ValueError("micro_batch_size, grad_accum_steps and epochs must be >= 1")
-        if (self.desirable_weight is None) != (self.undesirable_weight is None):
-            raise ValueError("set both desirable_weight and undesirable_weight, or neither (auto)")
-        if self.lr_schedule not in ("linear", "cosine", "constant"):
-            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}")
-        if not 0.0 <= self.warmup_ratio <= 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
-        if self.log_every < 1:
-            raise ValueError("log_every must be >= 1")
-        if self.logits_chunk_tokens < 0:
-            raise ValueError(
-                f"logits_chunk_tokens must be >= 0 (0 = automatic), got {self.logits_chunk_tokens}"
-            )
-        for name, longest in (("buckets", self.max_prompt_length),
-                              ("completion_buckets", self.max_completion_length)):  # fmt: skip
-            value = getattr(self, name)
-            if value is None:
-                continue
-            value = tuple(sorted(int(b) for b in value))
-            object.__setattr__(self, name, value)
-            if not value or value[0] < 1 or value[-1] < longest:
-                raise ValueError(
-                    f"{name}={value}: the largest must be >= {longest} (the longest "
-                    f"{'prompt' if name == 'buckets' else 'completion'}); add a bucket of that size"
-                )
-
-    @property
-    def max_length(self) -> int:
-        """Longest possible row: max_prompt_length + max_completion_length."""
-        return self.max_prompt_length + self.max_completion_length
-
-    @property
-    def prompt_bucket_sizes(self) -> tuple[int, ...]:
-        """The padded prompt lengths in use."""
-        if self.buckets is not None:
-            return self.buckets
-        return default_buckets(self.max_prompt_length)
-
-    @property
-    def completion_bucket_sizes(self) -> tuple[int, ...]:
-        """The padded completion lengths in use."""
-        if self.completion_buckets is not None:
-            return self.completion_buckets
-        return default_buckets(self.max_completion_length, smallest=16)
-
-    @property
-    def with_kl(self) -> bool:
-        """Whether the loss needs the KL (mismatched) rows."""
-        return self.loss_type == "kto"
 
 
 class KTOTrainer:
@@ -280,7 +146,9 @@ class KTOTrainer:
     def save_adapter(self, out_dir: str | os.PathLike, **kwargs):
         """Write the adapters in PEFT format (see :func:`sfjax.models.lora.save_adapter`)."""
         if self.lora_config is None:
-            raise ValueError("pass lora_config= to KTOTrainer to save an adapter the model came with")
+            raise ValueError(
+                "pass lora_config= to KTOTrainer to save an adapter the model came with"
+            )
         return lora_lib.save_adapter(self.model, out_dir, self.lora_config, **kwargs)
 
     # ------------------------------------------------------------------------- data
@@ -343,9 +211,7 @@ class KTOTrainer:
         plans = [self._plan(len(tokenized), s) for s in seeds]
         total = sum(len(p) for p in plans)
 
-        graphdef, lora, rng_state, frozen = nnx.split(
-            self.model, nnx.LoRAParam, nnx.RngState, ...
-        )
+        graphdef, lora, rng_state, frozen = nnx.split(self.model, nnx.LoRAParam, nnx.RngState, ...)
         partners = ref_table = None
         if c.precompute_ref_log_probs:
             partners = fixed_kl_partners(tokenized, c.micro_batch_size) if c.with_kl else None
@@ -358,12 +224,12 @@ class KTOTrainer:
             self.skipped_steps = 0
         host_lr = lr_schedule(c, total, xp=np)
 
-        writer, own_writer = _open_writer(writer)
+        writer, own_writer = open_writer(writer)
         history: list[dict[str, float]] = []
         window: list[dict[str, np.ndarray]] = []
         self._running = RunningRewards()  # the progress bar's margin over this call so far
         pending = None
-        bar = _progress(total, c.progress, initial=self.step)
+        bar = progress_bar(total, c.progress, initial=self.step)
         opt_state = self.opt_state
         call_step = 0
         try:
@@ -528,71 +394,6 @@ def _gather_rows(table, step_members, valid_AB) -> dict[str, np.ndarray]:
         out_ref[a, : len(members)] = ref[members]
         out_kl[a, : len(members)] = ref_kl[members]
     return {"ref_logps_AB": out_ref, "ref_kl_logps_AB": out_kl}
-
-
-def _open_writer(writer):
-    if writer is None or hasattr(writer, "add_scalar"):
-        return writer, False
-    if jax.process_index() != 0:  # multi-host: only process 0 writes TensorBoard events
-        return None, False
-    from tensorboardX import SummaryWriter
-
-    return SummaryWriter(str(writer)), True
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None or not np.isfinite(value) else f"{value:.3f}"
-
-
-class RunningRewards:
-    """Sums of ``β·r`` per class over the logged steps of one ``train()`` call.
-
-    A logged step's ``rewards/margins`` needs both classes in its own micro-batches, which a
-    small or unbalanced batch often lacks; the progress bar shows the margin of the running
-    class means instead, defined as soon as each class has been seen once.
-    """
-
-    def __init__(self):
-        self.sums = {"chosen": 0.0, "rejected": 0.0}
-        self.counts = {"chosen": 0.0, "rejected": 0.0}
-
-    def add(self, window: list[dict[str, np.ndarray]], live: np.ndarray) -> None:
-        for cls in self.sums:
-            means = np.concatenate([w[f"rewards/{cls}"] for w in window])[live]
-            counts = np.concatenate([w[f"count/{cls}"] for w in window])[live]
-            seen = counts > 0
-            self.sums[cls] += float(np.sum(means[seen] * counts[seen]))
-            self.counts[cls] += float(np.sum(counts[seen]))
-
-    def mean(self, cls: str) -> float:
-        return self.sums[cls] / self.counts[cls] if self.counts[cls] else float("nan")
-
-    def margin(self) -> str:
-        if not self.counts["chosen"] or not self.counts["rejected"]:
-            missing = "undesirable" if self.counts["chosen"] else "desirable"
-            return f"n/a (no {missing} example yet)"
-        return f"{self.mean('chosen') - self.mean('rejected'):.3f}"
-
-
-def progress_postfix(entry: dict[str, float], running: RunningRewards) -> dict[str, str]:
-    """The KTO bar's fields: loss of the last logged step, the running reward margin
-    (desirable minus undesirable mean of ``β·r`` so far), ``kl`` (z, clamped at 0 as the
-    loss uses it) and ``kl_raw`` (the estimate before the clamp; negative means the policy
-    sits below the reference on the mismatched pairs)."""
-    return {
-        "loss": _fmt(entry.get("loss")),
-        "margin": running.margin(),
-        "kl": _fmt(entry.get("kl")),
-        "kl_raw": _fmt(entry.get("kl_unclamped")),
-    }
-
-
-def _progress(total: int, enabled: bool, initial: int = 0):
-    from tqdm.auto import tqdm
-
-    # One bar per run, not one per host.
-    enabled = enabled and jax.process_index() == 0
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="KTO", unit="step")
 
 
 __all__ = [

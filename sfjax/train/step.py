@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -28,9 +27,7 @@ from flax import nnx
 from sfjax.losses.kto import kto_loss
 from sfjax.models import lora as lora_lib
 from sfjax.train.forward import sequence_logps, shared_prompt_logps
-
-if TYPE_CHECKING:
-    from sfjax.train.kto import KTOConfig
+from sfjax.train.kto_config import KTOConfig
 
 
 def lr_schedule(config: KTOConfig, total_steps: int, xp=jnp) -> optax.Schedule:
@@ -67,7 +64,9 @@ def make_optimizer(config: KTOConfig) -> optax.GradientTransformation:
     from :func:`lr_schedule` passed in per step, so one compiled step serves every train()
     call whatever its length. Equivalent to ``optax.adamw(schedule, ...)`` after clipping.
     """
-    parts = [] if config.max_grad_norm is None else [optax.clip_by_global_norm(config.max_grad_norm)]
+    parts = (
+        [] if config.max_grad_norm is None else [optax.clip_by_global_norm(config.max_grad_norm)]
+    )
     parts += [
         optax.scale_by_adam(b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps),
         optax.add_decayed_weights(config.weight_decay),
@@ -93,8 +92,6 @@ def _rekey(rng_state, key):
 
 def _step_spec(config: KTOConfig) -> KTOConfig:
     """The config with only the fields the compiled step depends on (a cache key)."""
-    from sfjax.train.kto import KTOConfig
-
     return KTOConfig(
         beta=config.beta, loss_type=config.loss_type, weight_decay=config.weight_decay,
         adam_b1=config.adam_b1, adam_b2=config.adam_b2, adam_eps=config.adam_eps,

@@ -184,13 +184,14 @@ def test_api_key_never_in_logs_events_or_checkpoints(tmp_path, monkeypatch, capl
     """The whole loop with the api Reflector (fake hostile server), TensorBoard and orbax."""
     import logging
 
+    from fake_openai import FakeOpenAI
     from tensorboardX import SummaryWriter
-    from test_reflector import SECRET, _api_cfg, _FakeServer
+    from test_reflector import HOSTILE_FAULTS, SECRET, _api_cfg
 
     monkeypatch.setenv("SFJAX_TEST_REFLECTOR_KEY", SECRET)
     caplog.set_level(logging.DEBUG)
     run_dir = tmp_path / "run"
-    with _FakeServer(fail_rate=0.5) as server:
+    with FakeOpenAI(fault_rate=0.5, faults=HOSTILE_FAULTS, seed=1, hang_s=0.6) as server:
         ft = FakeFineTuner()
         writer = SummaryWriter(str(run_dir / "tb"))
         loop = SelfFinetuningLoop(

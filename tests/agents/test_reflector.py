@@ -1,5 +1,6 @@
 """Reflector backends: rule labeller semantics, reply validation, and the api backend against a
-fake OpenAI-compatible server on loopback that injects 429s, 500s, timeouts and malformed JSON."""
+fake OpenAI-compatible server on loopback (tests/fake_openai.py) that injects 429s, 500s,
+timeouts and malformed JSON."""
 
 from __future__ import annotations
 
@@ -7,13 +8,10 @@ import dataclasses
 import json
 import logging
 import random
-import re
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import jax
 import pytest
+from fake_openai import FakeOpenAI, steps_in, truth
 
 from sfjax.agents.prompts import PromptConfig
 from sfjax.agents.reflector import (
@@ -108,8 +106,10 @@ def test_rule_labeller_follows_the_cell_wide_objective():
         _step(3, 6, 6, violation=1, other=0),  # slice 0 violated -> more
     ]
     traj = Trajectory(0, 0, steps)
-    got = [(x.label, x.improved_action)
-           for x in make_reflector(ReflectorConfig(backend="rule"), PCFG).reflect([traj])[0].labels]
+    got = [
+        (x.label, x.improved_action)
+        for x in make_reflector(ReflectorConfig(backend="rule"), PCFG).reflect([traj])[0].labels
+    ]
     assert got == [("suboptimal", 5), ("effective", 1), ("effective", 6), ("suboptimal", 7)]
     # with controlled-slice violations only, slice 1's violation is no fault of the action
     ctrl = dataclasses.replace(PCFG, objective=Objective(violation_scope="controlled"))
@@ -127,12 +127,21 @@ def test_rule_labels_are_consistent_on_random_trajectories():
         steps, prev = [], 7
         for t in range(30):
             a = rng.randint(1, 13)
-            steps.append(_step(t, a, prev, violation=rng.random() < 0.3,
-                               other=rng.random() < 0.3, arrival=rng.uniform(1e6, 8e6),
-                               dropped=rng.choice([0.0, 0.0, 512.0])))
+            steps.append(
+                _step(
+                    t,
+                    a,
+                    prev,
+                    violation=rng.random() < 0.3,
+                    other=rng.random() < 0.3,
+                    arrival=rng.uniform(1e6, 8e6),
+                    dropped=rng.choice([0.0, 0.0, 512.0]),
+                )
+            )
             prev = a
         for refl in make_reflector(ReflectorConfig(backend="rule"), PCFG).reflect(
-                [Trajectory(0, seed, steps)]):
+            [Trajectory(0, seed, steps)]
+        ):
             for x, s in zip(refl.labels, steps):
                 assert PCFG.action_lo <= x.improved_action <= PCFG.action_hi
                 if x.label == "suboptimal":
@@ -149,12 +158,24 @@ def _labels(steps, pcfg=PCFG, **rule):
 def test_rule_short_lived_decrease_is_priced_with_the_objective():
     # 8 -> 6 for two clean steps, back to 8: freed 2 x 1.0 x (1 - 6/8) = 0.5 SE-steps,
     # 15 x 0.5 = 7.5 < 2 reconfigurations x 15 -> keep 8
-    dip = [_step(0, 8, 8, se=1.0), _step(1, 6, 8, se=1.0), _step(2, 6, 6, se=1.0),
-           _step(3, 8, 6, se=1.0, arrival=5e6)]
+    dip = [
+        _step(0, 8, 8, se=1.0),
+        _step(1, 6, 8, se=1.0),
+        _step(2, 6, 6, se=1.0),
+        _step(3, 8, 6, se=1.0, arrival=5e6),
+    ]
     assert _labels(dip)[1] == ("suboptimal", 8)
     # the same dip at a high SE bought more than its reconfigurations cost: not flagged
-    rich = [_step(t, s.action, int(s.state["prev_action"]), se=10.0, arrival=s.feedback[
-        "arrival_rate_bps"]) for t, s in enumerate(dip)]
+    rich = [
+        _step(
+            t,
+            s.action,
+            int(s.state["prev_action"]),
+            se=10.0,
+            arrival=s.feedback["arrival_rate_bps"],
+        )
+        for t, s in enumerate(dip)
+    ]
     assert _labels(rich)[1] == ("effective", 6)
     # under the "scheduled" SE a dip frees nothing: flagged whatever the SE
     sched = dataclasses.replace(PCFG, objective=Objective(se_definition="scheduled"))
@@ -162,8 +183,13 @@ def test_rule_short_lived_decrease_is_priced_with_the_objective():
     # a violation inside the dip: the decrease is not known to be harmless -> not this rule
     bad = list(dip)
     bad[2] = _step(2, 6, 6, se=1.0, violation=1)
-    assert "undone" not in make_reflector(ReflectorConfig(backend="rule"), PCFG).reflect(
-        [Trajectory(0, 0, bad)])[0].labels[1].reason
+    assert (
+        "undone"
+        not in make_reflector(ReflectorConfig(backend="rule"), PCFG)
+        .reflect([Trajectory(0, 0, bad)])[0]
+        .labels[1]
+        .reason
+    )
     # never undone: a lasting decrease is left to the other rules; and the rule can be off
     assert _labels(dip[:3])[1] == ("effective", 6)
     assert _labels(dip, short_dips=False)[1] == ("effective", 6)
@@ -172,9 +198,13 @@ def test_rule_short_lived_decrease_is_priced_with_the_objective():
 def test_rule_over_provisioned_only_at_changes():
     # 4 ran cleanly at 6 Mb/s; the increase 5 -> 7 under 5 Mb/s was not needed beyond 5 (the
     # previous allocation, between 4 and 7) and a later hold at 7 is not told to move
-    steps = [_step(0, 4, 4, arrival=6e6), _step(1, 5, 4, violation=1, arrival=6.5e6),
-             _step(2, 7, 5, arrival=5e6), _step(3, 7, 7, arrival=5e6),
-             _step(4, 6, 7, arrival=4e6)]
+    steps = [
+        _step(0, 4, 4, arrival=6e6),
+        _step(1, 5, 4, violation=1, arrival=6.5e6),
+        _step(2, 7, 5, arrival=5e6),
+        _step(3, 7, 7, arrival=5e6),
+        _step(4, 6, 7, arrival=4e6),
+    ]
     got = _labels(steps)
     assert got[2] == ("suboptimal", 5)  # increase without need: hold the previous 5
     assert got[3] == ("effective", 7)  # a hold
@@ -207,8 +237,12 @@ def test_rule_labeller_prefers_the_better_controller(tiny_checkpoint):
     counts, utility = {}, {}
     for hyst in (0, 2):
         trajs, rollouts = controller_trajectories(
-            env, pcfg, HeuristicParams(hysteresis_rbg=hyst), tok,
-            EvalProtocol(seeds=(10, 11, 12, 13), num_steps=100))
+            env,
+            pcfg,
+            HeuristicParams(hysteresis_rbg=hyst),
+            tok,
+            EvalProtocol(seeds=(10, 11, 12, 13), num_steps=100),
+        )
         refl = make_reflector(ReflectorConfig(backend="rule"), pcfg).reflect(trajs)
         counts[hyst] = sum(x.label == "suboptimal" for r in refl for x in r.labels)
         utility[hyst] = float(rollouts.per_episode()["utility"].mean())
@@ -297,105 +331,11 @@ def test_windows_cover_exactly():
 SECRET = "sk-test-DO-NOT-LEAK-8c1f2e"
 
 
-def _truth(step, action):
-    """The fake Reflector's deterministic verdict."""
-    return ("suboptimal", min(action + 1, 13)) if action % 3 == 0 else ("effective", action)
-
-
-class _FakeServer:
-    def __init__(self, fail_rate=0.7, seed=1, timeout_sleep=0.6):
-        self.rng = random.Random(seed)
-        self.lock = threading.Lock()
-        self.fail_rate = fail_rate
-        self.timeout_sleep = timeout_sleep
-        self.counts = {"429": 0, "500": 0, "timeout": 0, "malformed": 0, "wrong": 0, "ok": 0}
-        self.auth = set()
-        self.refuse_all = False
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with server.lock:
-                    server.auth.add(self.headers.get("Authorization"))
-                    roll = server.rng.random()
-                if server.refuse_all:
-                    return self._send(500, {"error": {"message": "down"}})
-                f = server.fail_rate
-                if roll < f * 0.35:
-                    server._count("429")
-                    return self._send(
-                        429, {"error": {"message": "slow down"}}, {"Retry-After": "0"}
-                    )
-                if roll < f * 0.6:
-                    server._count("500")
-                    return self._send(500, {"error": {"message": "boom"}})
-                if roll < f * 0.75:
-                    server._count("timeout")
-                    time.sleep(server.timeout_sleep)
-                    return self._send(200, server._completion("[]"))
-                user = body["messages"][1]["content"]
-                pairs = [
-                    (int(s), int(a))
-                    for s, a in re.findall(r"^step (\d+): .*?\| action (\d+)", user, re.M)
-                ]
-                items = [
-                    {
-                        "step": s,
-                        "label": _truth(s, a)[0],
-                        "improved_action": _truth(s, a)[1],
-                        "reason": "fake",
-                    }
-                    for s, a in pairs
-                ]
-                if roll < f * 0.9:
-                    server._count("malformed")
-                    return self._send(200, server._completion(json.dumps(items)[:-7]))
-                if roll < f:
-                    server._count("wrong")
-                    return self._send(200, server._completion(json.dumps(items[1:])))
-                server._count("ok")
-                text = "<think>let me see</think>\n```json\n" + json.dumps(items) + "\n```"
-                return self._send(200, server._completion(text))
-
-            def _send(self, code, obj, headers=None):
-                data = json.dumps(obj).encode()
-                try:
-                    self.send_response(code)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    for k, v in (headers or {}).items():
-                        self.send_header(k, v)
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def _count(self, k):
-        with self.lock:
-            self.counts[k] += 1
-
-    @staticmethod
-    def _completion(content):
-        from fake_openai import _completion  # one chat-completion body for every fake server
-
-        return _completion(content)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *a):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+HOSTILE_FAULTS = (
+    ("429",) * 7 + ("500",) * 5 + ("hang",) * 3 + ("malformed",) * 3 + ("missing_steps",) * 2
+)
+"""The hostile server's fault mix: 429 35 %, 500 25 %, a hang past the client's timeout 15 %,
+malformed JSON 15 %, a step missing from the reply 10 %."""
 
 
 def _api_cfg(url, **kw):
@@ -421,12 +361,13 @@ def test_api_backend_survives_hostile_server(tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.DEBUG)
     trajs = [_random_traj(35, seed=s, env_index=s) for s in range(3)]
     cache = tmp_path / "cache"
-    with _FakeServer(fail_rate=0.7) as server:
+    with FakeOpenAI(fault_rate=0.7, faults=HOSTILE_FAULTS, seed=1, hang_s=0.6) as server:
         reflector = make_reflector(_api_cfg(server.url), PCFG, cache)
         out = reflector.reflect(trajs)
         # every fault kind was actually injected, and retried through
-        for k in ("429", "500", "timeout", "malformed", "wrong", "ok"):
-            assert server.counts[k] > 0, server.counts
+        for k in set(HOSTILE_FAULTS):
+            assert server.counts.get(k, 0) > 0, server.counts
+        assert any(k.startswith("ok:") for k in server.counts), server.counts
         assert reflector.stats["transport_retries"] > 0 and reflector.stats["format_retries"] > 0
         assert server.auth == {f"Bearer {SECRET}"}  # the key did reach the server
         # every step reflected, nothing lost or mixed up between windows/trajectories
@@ -434,7 +375,7 @@ def test_api_backend_survives_hostile_server(tmp_path, monkeypatch, caplog):
             assert refl.env_index == traj.env_index
             assert [x.step for x in refl.labels] == [s.t for s in traj.steps]
             for s, x in zip(traj.steps, refl.labels):
-                assert (x.label, x.improved_action) == _truth(s.t, s.action)
+                assert (x.label, x.improved_action) == truth(s.t, s.action)
             assert "fake-r1" in refl.backend
         n_windows = sum(len(reflector.plan_windows(t, trajectory_summary(t))) for t in trajs)
         assert n_windows > len(trajs)  # windowed: beyond the context
@@ -456,7 +397,7 @@ def test_api_backend_survives_hostile_server(tmp_path, monkeypatch, caplog):
 
 def test_api_backend_gives_up_clearly(tmp_path, monkeypatch):
     monkeypatch.setenv("SFJAX_TEST_REFLECTOR_KEY", SECRET)
-    with _FakeServer() as server:
+    with FakeOpenAI() as server:
         server.refuse_all = True
         r = make_reflector(_api_cfg(server.url, max_retries=2), PCFG, tmp_path)
         with pytest.raises(ReflectorError, match="failed 3 times") as e:
@@ -472,11 +413,7 @@ def test_api_backend_needs_key(monkeypatch):
 
 def test_api_backend_never_accepts_malformed(tmp_path, monkeypatch):
     monkeypatch.setenv("SFJAX_TEST_REFLECTOR_KEY", SECRET)
-    with _FakeServer(fail_rate=1.0, seed=3) as server:
-        server.fail_rate = 1.0
-        # only malformed/wrong replies are ever valid HTTP: force that branch
-        server.rng = random.Random(0)
-        server.rng.random = lambda: 0.8  # -> "malformed" for fail_rate=1
+    with FakeOpenAI(fault_rate=1.0, faults=("malformed",)) as server:  # every reply malformed
         r = make_reflector(_api_cfg(server.url, max_format_retries=2), PCFG, tmp_path)
         with pytest.raises(ReflectorError, match="still invalid after 3 attempts"):
             r.reflect([_random_traj(5, 0)])
@@ -494,11 +431,7 @@ def test_local_backend_retries_invalid_windows():
         calls.append(len(convos))
         replies = []
         for c in convos:
-            user = c[1]["content"]
-            pairs = [
-                (int(s), int(a))
-                for s, a in re.findall(r"^step (\d+): .*?\| action (\d+)", user, re.M)
-            ]
+            pairs = steps_in(c[1]["content"])
             if len(c) == 2 and pairs[0][0] == 0:  # first window's first try: malformed
                 replies.append("[{'step': 0}")
             else:
@@ -507,8 +440,8 @@ def test_local_backend_retries_invalid_windows():
                         [
                             {
                                 "step": s,
-                                "label": _truth(s, a)[0],
-                                "improved_action": _truth(s, a)[1],
+                                "label": truth(s, a)[0],
+                                "improved_action": truth(s, a)[1],
                             }
                             for s, a in pairs
                         ]
@@ -520,7 +453,7 @@ def test_local_backend_retries_invalid_windows():
     out = r.reflect(trajs, jax.random.key(0))
     assert calls == [3, 1]  # 3 windows, then only the broken one again
     assert [(x.label, x.improved_action) for x in out[0].labels] == [
-        _truth(s.t, s.action) for s in trajs[0].steps
+        truth(s.t, s.action) for s in trajs[0].steps
     ]
     assert out[0].backend == "local (fake)" and out[0].env_index == 5
 

@@ -132,7 +132,10 @@ def test_sequence_logps_equals_full_logits_path(tiny_checkpoint):
     want = completion_logps(model(ids, attention_mask=mask), ids, comp)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     # sharing the prompt pass (KV cache) between two completions gives the same values
-    other = np.roll(batch.completion_ids_ABC[0], 1, axis=0), np.roll(batch.completion_mask_ABC[0], 1, axis=0)
+    other = (
+        np.roll(batch.completion_ids_ABC[0], 1, axis=0),
+        np.roll(batch.completion_mask_ABC[0], 1, axis=0),
+    )
     shared = shared_prompt_logps(model, batch.prompt_ids_ABP[0], batch.prompt_mask_ABP[0],
                                  [(batch.completion_ids_ABC[0], batch.completion_mask_ABC[0]), other])  # fmt: skip
     np.testing.assert_allclose(np.asarray(shared[0]), np.asarray(got), rtol=1e-5, atol=1e-5)
@@ -352,7 +355,7 @@ def test_fixed_kl_partners():
     exs = [TokenizedExample((i % 3,), (100 + i,), True) for i in range(7)]
     partner = fixed_kl_partners(exs, 3)  # groups [0,1,2] [3,4,5,6] (the lone 6 joins)
     assert all(exs[i].prompt_ids != exs[partner[i]].prompt_ids for i in range(7))
-    assert sorted(partner[:3].tolist()) == [0, 1, 2] and sorted(partner[3:].tolist()) == [3, 4, 5, 6]
+    assert sorted(partner[:3].tolist()) == [0, 1, 2] and sorted(partner[3:].tolist()) == [3, 4, 5, 6]  # fmt: skip
     batch = collate_step(exs, [np.arange(3)], micro_batch_size=3, grad_accum_steps=1,
                          prompt_buckets=(4,), completion_buckets=(4,), pad_token_id=0,
                          with_kl=True, kl_partner=partner)  # fmt: skip
@@ -402,7 +405,7 @@ def test_progress_bar_shows_running_margin_and_raw_kl(tiny_checkpoint, monkeypat
             pass
 
     bar = Bar()
-    monkeypatch.setattr(kto_mod, "_progress", lambda *a, **k: bar)
+    monkeypatch.setattr(kto_mod, "progress_bar", lambda *a, **k: bar)
     # micro-batches of 2 in dataset order: some logged steps hold one class only
     _, trainer = _trainer(tiny_checkpoint, epochs=1, micro_batch_size=2, shuffle=False)
     history = trainer.train(_dataset()[:8], jax.random.key(0))
