@@ -16,11 +16,12 @@ def open_writer(writer):
     directory, which the caller then owns and closes; None off process 0."""
     if writer is None or hasattr(writer, "add_scalar"):
         return writer, False
-    if jax.process_index() != 0:  # multi-host: only process 0 writes TensorBoard events
-        return None, False
-    from tensorboardX import SummaryWriter
+    from sfjax.parallel.multihost import summary_writer
 
-    return SummaryWriter(str(writer)), True
+    # multi-host: only process 0 writes events; the pid in the file name keeps a restart
+    # within the same second from truncating the last run's file
+    opened = summary_writer(writer)
+    return opened, opened is not None
 
 
 def _fmt(value: float | None) -> str:
