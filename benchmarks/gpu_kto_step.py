@@ -27,8 +27,10 @@ same adapters, the same work per step written out by hand (reference and KL forw
 only on the completion positions (``logits_to_keep``).
 
 Out of memory without ``--remat``: the sfjax run is repeated with ``--remat`` (recorded as
-``remat_after_oom``); a failing PyTorch reference is recorded, not fatal. ``--attention``
-picks the attention kernel (default ``auto``: cuDNN on GPU, forward and backward).
+``remat_after_oom``); any other failure with a fused attention kernel is repeated on the plain
+path (``plain_after_error``, the first error kept); a failing PyTorch reference is recorded,
+not fatal. ``--attention`` picks the attention kernel (default ``auto``: cuDNN on GPU, forward
+and backward).
 
 Usage::
 
@@ -205,6 +207,17 @@ def main(argv=None) -> dict | None:
         res["sfjax"] = gc.guarded(args, "sfjax KTO step (remat)", run_sfjax, config, examples,
                                   args, remat=True)
         res["sfjax"].update(remat_after_oom=True, error_without_remat=first_error["error"])
+    if "error" in res["sfjax"] and not res["sfjax"].get("oom") and args.attention != "plain":
+        # a kernel the fused path picked may still fail to compile (cuDNN's shape rules are
+        # checked only partly while tracing): the figure on the plain path, recorded as such
+        from sfjax.models import attention
+
+        first_error = res["sfjax"]
+        with attention.implementation("plain"):
+            res["sfjax"] = gc.guarded(args, "sfjax KTO step (plain attention)", run_sfjax,
+                                      config, examples, args,
+                                      remat=True if first_error.get("remat_after_oom") else None)
+        res["sfjax"].update(plain_after_error=True, error_with_attention=first_error["error"])
     if "error" in res["sfjax"]:
         return gc.emit(args, "gpu_kto_step", res)
     s = res["sfjax"]["step_s"]

@@ -209,6 +209,37 @@ def test_gpu_kto_step_tiny_with_torch_reference(tmp_path):
     assert 0 < rec["mfu_measured_matmul"] < 5  # loose: tiny CPU timings are noisy
 
 
+def test_gpu_kto_step_repeats_a_failed_fused_step_on_the_plain_path(tmp_path, monkeypatch):
+    """A step that fails with a fused kernel (e.g. cuDNN refusing a graph at compile time) is
+    measured again on the plain path, the first error kept: one device call still gets its
+    figure."""
+    import gpu_common as gc
+    import gpu_kto_step as mod
+
+    from sfjax.models import attention
+
+    real = mod.run_sfjax
+
+    def fails_fused(config, examples, args, remat=None):
+        if attention.get_implementation() != "plain":
+            raise RuntimeError("cuDNN graph build failed")
+        return real(config, examples, args, remat)
+
+    def guarded(args, label, fn, *a, **kw):  # as at full size: record, do not re-raise
+        try:
+            return fn(*a, **kw)
+        except RuntimeError as e:
+            return {"error": repr(e), "oom": False}
+
+    monkeypatch.setattr(mod, "run_sfjax", fails_fused)
+    monkeypatch.setattr(gc, "guarded", guarded)
+    rec = _run("gpu_kto_step", tmp_path, "--attention", "xla", "--no-torch")
+    s = rec["sfjax"]
+    assert s["plain_after_error"] and "cuDNN graph build failed" in s["error_with_attention"]
+    assert _pos(s["step_s"]) and math.isfinite(s["loss_last"])
+    assert attention.get_implementation() == "xla"  # the retry's setting does not leak
+
+
 def test_gpu_attention_tiny(tmp_path):
     rec = _run("gpu_attention", tmp_path)
     assert [r["name"] for r in rec["rows"]] == ["decode_b2", "prefill_b1", "train_b2", "train_cont_b2"]
