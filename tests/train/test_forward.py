@@ -127,9 +127,11 @@ def test_shared_prompt_attention_lengths_are_even(tiny_checkpoint, monkeypatch, 
             b = F.sequence_logps(m, rows[0], rows[1], *kl)
         return jnp.sum(a * jnp.array([1.0, -2.0, 0.5, 3.0])) + 0.1 * jnp.sum(b), (a, b)
 
-    (_, (a0, b0)), g0 = jax.value_and_grad(lambda p: loss(p, False), has_aux=True)(params)
+    # jitted: the recording happens while tracing, and the run is seconds, not eager minutes
+    unshared = jax.jit(jax.value_and_grad(lambda p: loss(p, False), has_aux=True))
+    (_, (a0, b0)), g0 = unshared(params)
     seen.clear()
-    (_, (a, b)), g = jax.value_and_grad(lambda p: loss(p, True), has_aux=True)(params)
+    (_, (a, b)), g = jax.jit(jax.value_and_grad(lambda p: loss(p, True), has_aux=True))(params)
     assert seen and all(d and T % 2 == 0 and S % 2 == 0 for T, S, d in seen), seen
     np.testing.assert_allclose(np.asarray(a), np.asarray(a0), rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(np.asarray(b), np.asarray(b0), rtol=1e-5, atol=1e-4)
