@@ -144,18 +144,21 @@ def _item(cur: tuple, i: int, v):
     return tuple(v) if isinstance(v, list) else v
 
 
-def prepare_run_dir(cfg, run_dir: Path, operational: Sequence[str], *, has_run: bool,
-                    what: str = "run"):  # fmt: skip
-    """Check RUN_DIR against ``cfg`` (which has a ``resume`` field) and write
-    ``config.json``; returns (resume?, cfg to run).
+def prepare_run_dir(cfg, run_dir: Path, operational: Sequence[str], *,
+                    has_run: bool | None = None, what: str = "run"):  # fmt: skip
+    """Check RUN_DIR (created if missing) against ``cfg`` (which has a ``resume`` field) and
+    write ``config.json``; returns (resume?, cfg to run).
 
     ``has_run``: RUN_DIR holds results of the run its ``config.json`` describes (the caller
-    knows what counts). A run dir holding a run with the same identity (all but the
+    knows what counts; ``None``: a run is there once its ``config.json`` is). A run dir holding a run with the same identity (all but the
     ``operational`` options) is continued (``make demo`` twice). One with another identity is
     refused, naming the keys; with ``--resume`` that run is continued with its own values for
     them (a warning lists them). Nothing is ever deleted.
     """
+    run_dir.mkdir(parents=True, exist_ok=True)
     saved = run_dir / "config.json"
+    if has_run is None:
+        has_run = saved.exists()
     mine = identity(as_json(cfg), operational)
     before = None
     if saved.exists():

@@ -115,11 +115,7 @@ def prepare(cfg: Config) -> Config:
     (:func:`cli_common.prepare_run_dir`); returns the config to run (with ``--resume``, the
     run's own values)."""
     check_given_action_range(cfg.actor.prompt, RanSlicingEnv(cfg.env))
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    has_run = (cfg.run_dir / "config.json").exists()
-    _, cfg = cli_common.prepare_run_dir(
-        cfg, cfg.run_dir, OPERATIONAL, has_run=has_run, what="Reflexion run"
-    )
+    _, cfg = cli_common.prepare_run_dir(cfg, cfg.run_dir, OPERATIONAL, what="Reflexion run")
     return cfg
 
 

@@ -10,9 +10,9 @@ violations per algorithm and seed — Fig. 2), ``<algo>/curves.npz``, ``<algo>/e
 of Table III) and ``fig2.png``.
 
 RUN_DIR's identity is the configuration that changes results: rerunning with the same one
-trains again and replaces its results; ``--log-level`` may differ. Any other difference is refused with the keys named, so that one
-RUN_DIR never mixes two configurations' curves and rows; ``--resume`` then runs with the run's
-own values for them.
+trains again and replaces its results; ``--log-level`` may differ. Any other difference is
+refused with the keys named, so that one RUN_DIR never mixes two configurations' curves and
+rows; ``--resume`` then runs with the run's own values for them.
 """
 
 from __future__ import annotations
@@ -84,11 +84,8 @@ def prepare(cfg: Config) -> Config:
     """Refuse a RUN_DIR holding a run with another config before anything runs or is written
     (:func:`cli_common.prepare_run_dir`); returns the config to run (with ``--resume``, the
     run's own values)."""
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    has_run = (cfg.run_dir / "config.json").exists()
-    _, cfg = cli_common.prepare_run_dir(
-        cfg, cfg.run_dir, OPERATIONAL, has_run=has_run, what="run of the RL baselines"
-    )
+    what = "run of the RL baselines"
+    _, cfg = cli_common.prepare_run_dir(cfg, cfg.run_dir, OPERATIONAL, what=what)
     return cfg
 
 

@@ -220,11 +220,7 @@ def prepare(cfg: Config) -> Config:
     env = RanSlicingEnv(cfg.env)
     check_given_action_range(cfg.sf.actor.prompt, env, "sf.actor.prompt")
     check_given_action_range(cfg.reflexion.actor.prompt, env, "reflexion.actor.prompt")
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    has_run = (cfg.run_dir / "config.json").exists()
-    _, cfg = cli_common.prepare_run_dir(
-        cfg, cfg.run_dir, OPERATIONAL, has_run=has_run, what="Table III run"
-    )
+    _, cfg = cli_common.prepare_run_dir(cfg, cfg.run_dir, OPERATIONAL, what="Table III run")
     return cfg
 
 
