@@ -9,6 +9,10 @@ HASH   := $(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 BASE_STAMP := $(VENV)/.installed-base-$(HASH)
 STAMP  := $(VENV)/.installed-all-$(HASH)
 RUN_DIR ?= runs/demo
+# `make test` runs the suite in PYTEST_WORKERS pytest-xdist processes (tests handed out one at a
+# time as workers free up): while one compiles or waits on a subprocess the other works.
+# PYTEST_WORKERS=0 runs it in this process (for --pdb, or to see what tests print).
+PYTEST_WORKERS ?= 2
 
 .PHONY: test demo lint install bench clean help
 
@@ -35,7 +39,7 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check sfjax tests experiments benchmarks
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check sfjax tests experiments benchmarks

@@ -9,6 +9,32 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def _session_compilation_cache() -> None:
+    """One persistent XLA compilation cache per test session, fresh each session.
+
+    The suite compiles the same programs many times: in each pytest-xdist worker, in the
+    subprocesses of the fault-injection, multi-host and 8-device tests, and in tests that
+    rebuild identical jitted closures (the experiment runs). Set before JAX is imported, the
+    directory is inherited by workers and subprocesses, so each program is compiled once and
+    then loaded. Keys are the program, the devices and the flags, so nothing a test checks
+    changes; starting empty, every program is still compiled (and can fail) in each session.
+    Set JAX_COMPILATION_CACHE_DIR yourself to choose the directory.
+    """
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    import atexit
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="sfjax-test-jax-cache-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
+_session_compilation_cache()
+
 import pytest  # noqa: E402
 
 from sfjax import testing  # noqa: E402
