@@ -23,7 +23,8 @@ The loop talks to its components through small protocols
 :class:`FineTuner`), so tests can drive it with fakes and other envs (ns-3) can plug in. Its
 collect phase is :func:`sfjax.agents.collect.collect`; the iteration records of
 ``summary.json`` and the final table are built by :mod:`sfjax.agents.loop_records`; the
-TensorBoard events are kept in step with the checkpoints by :mod:`sfjax.agents.loop_events`.
+TensorBoard events are kept in step with the checkpoints by :mod:`sfjax.agents.loop_events`. The
+loop's config, :class:`~sfjax.agents.loop_config.LoopConfig`, has its own module (re-exported here).
 
 Multi-host (``jax.distributed``, e.g. under ``python -m sfjax.parallel --distributed``): every
 process runs this loop (SPMD) and must make the same sharded calls, so every host-side value
@@ -52,6 +53,7 @@ import numpy as np
 from sfjax import atomic, parallel
 from sfjax.agents.checkpoint import LoopCheckpointer
 from sfjax.agents.collect import ActorLike, EnvRunner, collect
+from sfjax.agents.loop_config import LoopConfig
 from sfjax.agents.loop_events import event_sizes, flush_events, trim_events
 from sfjax.agents.loop_records import (
     SUMMARY_METRICS,
@@ -74,7 +76,7 @@ from sfjax.agents.rfr import (
     examples_to_json,
 )
 from sfjax.agents.trajectory import Reflection, Trajectory, UtilityWeights, save_json
-from sfjax.configcheck import Bad, at_least, check_config
+from sfjax.configcheck import check_config
 
 log = logging.getLogger(__name__)
 
@@ -100,33 +102,6 @@ PHASE_TEXT = {
     "kto": "RfR rollouts of the current Actor, then KTO on the LoRA weights",
 }
 """One line per phase kind, logged as each phase starts."""
-
-
-@dataclass(frozen=True)
-class LoopConfig:
-    """Algorithm 1: how many SF iterations, how much experience per iteration."""
-
-    sf_iterations: int = 3
-    """Self-finetuning iterations I (collect -> reflect -> RfR/KTO); plus a final collect."""
-    num_envs: int = 1
-    """Parallel environments (trajectories) collected per iteration."""
-    trajectory_steps: int = 300
-    """R-MDP steps per trajectory (paper: 300 decisions of 100 ms)."""
-    env_seed: int = 0
-    """Seed of the environments' keys."""
-    same_env_seeds: bool = True
-    """Collect every iteration on the same env seeds (iterations differ only by the Actor)."""
-    seed: int = 0
-    """Seed of the Actor's sampling, rollouts and KTO (root key)."""
-    keep_checkpoints: int = 3
-    """How many phase checkpoints to keep (>= 2: the previous one is the fallback when the
-    newest is damaged)."""
-
-    def invalid(self) -> list[Bad]:
-        bad = at_least(self, 1, "sf_iterations", "num_envs", "trajectory_steps")
-        bad += at_least(self, 0, "env_seed", "seed")
-        bad += at_least(self, 2, "keep_checkpoints")
-        return bad
 
 
 class FineTuner(Protocol):

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from sfjax.agents.actor import ActorDecision
-from sfjax.agents.loop import LoopConfig, SelfFinetuningLoop, format_table, phase_plan
+from sfjax.agents.loop import SelfFinetuningLoop, format_table, phase_plan
+from sfjax.agents.loop_config import LoopConfig
 from sfjax.agents.prompts import PromptConfig, format_output, parse_output
 from sfjax.agents.reflector import ReflectorConfig, make_reflector
 from sfjax.agents.rfr import RfRConfig

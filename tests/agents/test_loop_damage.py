@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from test_loop import _loop, _strip
 
-from sfjax.agents.loop import LoopConfig
+from sfjax.agents.loop_config import LoopConfig
 from sfjax.atomic import DamagedFile
 from sfjax.configcheck import ConfigError, check_config
 
