@@ -268,7 +268,7 @@ class SelfFinetuningLoop:
                 continue
             if rel in own:
                 log.warning("%s is missing or damaged; rewritten from the checkpoint", rel)
-                self._save_json(rel, own[rel])
+                self._save_artefact(rel, own[rel])
             else:
                 damaged.append(rel)
         if damaged:
@@ -289,7 +289,7 @@ class SelfFinetuningLoop:
         rel = f"datasets/iter_{phase.iteration}_kto_{phase.kto_iteration}.json"
         return [(rel, examples_to_json(self.dataset))]
 
-    def _save_json(self, rel: str, obj) -> None:
+    def _save_artefact(self, rel: str, obj) -> None:
         """Write a JSON artefact (process 0 only) and record its digest for the checkpoint."""
         if parallel.is_main_process():
             self.artefacts[rel] = save_json(self.run_dir / rel, obj)
@@ -307,7 +307,7 @@ class SelfFinetuningLoop:
             env_key, self._key(phase), env_seed=self.cfg.env_seed, progress=self.progress,
         )  # fmt: skip
         for rel, obj in self._phase_artefacts(phase):
-            self._save_json(rel, obj)
+            self._save_artefact(rel, obj)
         m = mean_metrics(self.trajectories, self.weights)
         # n_desirable / n_undesirable stay None for the final, evaluation-only collection
         self.iterations.append(
@@ -328,7 +328,7 @@ class SelfFinetuningLoop:
         # retries, their reasons and cache hits of this phase (process 0's, on every host)
         calls = parallel.broadcast_object(stats_delta(before, stats_snapshot(self.reflector)))
         for rel, obj in self._phase_artefacts(phase):
-            self._save_json(rel, obj)
+            self._save_artefact(rel, obj)
         self.base, self.targets = base_dataset(self.trajectories, self.reflections)
         self.rfr_state = RfRState()
         n_sub = sum(x.label == "suboptimal" for r in self.reflections for x in r.labels)
@@ -350,7 +350,7 @@ class SelfFinetuningLoop:
         )  # fmt: skip
         self.dataset = dataset
         for rel, obj in self._phase_artefacts(phase):
-            self._save_json(rel, obj)
+            self._save_artefact(rel, obj)
         log.info("KTO iteration %d: %d examples (%d desirable, %d undesirable)",
                  phase.kto_iteration, len(dataset), stats.n_desirable, stats.n_undesirable)  # fmt: skip
         metrics = self.finetuner.train(dataset, train_key, self.kto_steps)
@@ -433,7 +433,9 @@ class SelfFinetuningLoop:
 
     def write_summary(self) -> dict:
         s = self.summary()
-        _save_json(self.run_dir / "summary.json", s)
+        # rewritten after every phase and at the end, so not an artefact checked on resume
+        if parallel.is_main_process():
+            save_json(self.run_dir / "summary.json", s)
         return s
 
     def _scalars(self, prefix: str, values: Mapping[str, Any], step: int) -> None:
@@ -442,9 +444,3 @@ class SelfFinetuningLoop:
         for k, v in values.items():
             if isinstance(v, bool | int | float | np.floating | np.integer):
                 self.writer.add_scalar(f"{prefix}/{k}", float(v), step)
-
-
-def _save_json(path: Path, obj) -> None:
-    """Write a JSON file of the run on process 0 only (multi-host)."""
-    if parallel.is_main_process():
-        save_json(path, obj)
