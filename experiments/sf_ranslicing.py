@@ -59,7 +59,7 @@ import cli_common  # noqa: E402
 
 from sfjax import atomic  # noqa: E402
 from sfjax.agents.actor import PAPER_ACTOR, ActorConfig  # noqa: E402
-from sfjax.agents.loop import LoopConfig  # noqa: E402
+from sfjax.agents.loop_config import LoopConfig  # noqa: E402
 from sfjax.agents.prior import PRIOR_LABEL, SMOKE_PROMPT, PriorConfig  # noqa: E402
 from sfjax.agents.reflector import ApiReflectorConfig, ReflectorConfig  # noqa: E402
 from sfjax.agents.rfr import RfRConfig  # noqa: E402

@@ -70,6 +70,7 @@ from sfjax.agents.reflectors.base import (
 from sfjax.agents.reflectors.transport import AttemptTransport, RetryingClient
 from sfjax.agents.trajectory import Reflection, StepLabel, Trajectory
 from sfjax.configcheck import Bad, at_least, check_config
+from sfjax.console import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -386,7 +387,7 @@ class ApiReflector:
         for ti, traj in enumerate(trajectories):
             for w in self.plan_windows(traj, summaries[ti]):
                 jobs.append((ti, w))
-        progress = _progress(len(jobs), "reflect (api)")
+        progress = progress_bar(len(jobs), "reflect (api)")
         t0 = time.monotonic()
         with ThreadPoolExecutor(max_workers=self.cfg.max_concurrency) as pool:
             futures = [
@@ -416,9 +417,3 @@ class ApiReflector:
                 Reflection(traj.env_index, merge_windows(traj, parts), summaries[ti], self.name)
             )
         return out
-
-
-def _progress(total: int, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False, disable=None)
