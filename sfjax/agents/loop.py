@@ -384,40 +384,44 @@ class SelfFinetuningLoop:
 
     def run(self, *, resume: bool = False) -> dict:
         """Run (or resume) the whole loop; returns the summary written to summary.json."""
-        start = self.restore() if resume else 0
-        if not resume and self.ckpt.latest_step() is not None:
-            raise FileExistsError(
-                f"{self.run_dir} already holds checkpoints; pass --resume to continue that run "
-                f"or choose a new --run-dir"
-            )
-        for phase in self.phases[start:]:
-            log.info("phase %d/%d %s: %s", phase.index + 1, len(self.phases), phase.name,
-                     PHASE_TEXT[phase.kind])  # fmt: skip
-            t0, c0 = time.perf_counter(), time.process_time()
-            {"collect": self._collect, "reflect": self._reflect, "kto": self._kto}[phase.kind](
-                phase
-            )
-            # wall time, and CPU time of this process (all threads): the latter is what a
-            # phase costs when the machine is shared
-            dt, dc = time.perf_counter() - t0, time.process_time() - c0
-            # process 0's clock on every host: the checkpointed loop state stays identical
-            dt, dc = parallel.broadcast_object([dt, dc])
-            kind = phase.kind
-            self.timings[kind] = self.timings.get(kind, 0.0) + dt
-            self.timings[f"{kind}_cpu"] = self.timings.get(f"{kind}_cpu", 0.0) + dc
-            self.timings[f"{kind}_count"] = self.timings.get(f"{kind}_count", 0) + 1
-            log.info("phase %s done in %.1f s", phase.name, dt)
-            wall = self.iterations[-1].setdefault("wall_s", {})
-            wall[kind] = wall.get(kind, 0.0) + dt
-            wall[f"{kind}_cpu"] = wall.get(f"{kind}_cpu", 0.0) + dc
-            self.write_summary()
-            if self.writer is not None:
-                flush_events(self.writer)  # before the checkpoint: a kill after it keeps them
-            self.ckpt.save(phase.index, self._arrays(), self._meta(phase))
-            if self.on_phase_end is not None:
-                self.on_phase_end(phase)
-        self.ckpt.close()
+        try:  # the checkpoint manager is closed however the run ends
+            start = self.restore() if resume else 0
+            if not resume and self.ckpt.latest_step() is not None:
+                raise FileExistsError(
+                    f"{self.run_dir} already holds checkpoints; pass --resume to continue that run "
+                    f"or choose a new --run-dir"
+                )
+            for phase in self.phases[start:]:
+                self._run_phase(phase)
+        finally:
+            self.ckpt.close()
         return self.write_summary()
+
+    def _run_phase(self, phase: Phase) -> None:
+        """One phase, timed, then the summary, the events and its checkpoint."""
+        log.info("phase %d/%d %s: %s", phase.index + 1, len(self.phases), phase.name,
+                 PHASE_TEXT[phase.kind])  # fmt: skip
+        t0, c0 = time.perf_counter(), time.process_time()
+        {"collect": self._collect, "reflect": self._reflect, "kto": self._kto}[phase.kind](phase)
+        # wall time, and CPU time of this process (all threads): the latter is what a phase
+        # costs when the machine is shared
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
+        # process 0's clock on every host: the checkpointed loop state stays identical
+        dt, dc = parallel.broadcast_object([dt, dc])
+        kind = phase.kind
+        self.timings[kind] = self.timings.get(kind, 0.0) + dt
+        self.timings[f"{kind}_cpu"] = self.timings.get(f"{kind}_cpu", 0.0) + dc
+        self.timings[f"{kind}_count"] = self.timings.get(f"{kind}_count", 0) + 1
+        log.info("phase %s done in %.1f s", phase.name, dt)
+        wall = self.iterations[-1].setdefault("wall_s", {})
+        wall[kind] = wall.get(kind, 0.0) + dt
+        wall[f"{kind}_cpu"] = wall.get(f"{kind}_cpu", 0.0) + dc
+        self.write_summary()
+        if self.writer is not None:
+            flush_events(self.writer)  # before the checkpoint: a kill after it keeps them
+        self.ckpt.save(phase.index, self._arrays(), self._meta(phase))
+        if self.on_phase_end is not None:
+            self.on_phase_end(phase)
 
     def summary(self) -> dict:
         calls: dict = {}
