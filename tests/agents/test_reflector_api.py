@@ -195,3 +195,20 @@ def test_slow_reflect_phase_logs_a_heartbeat(tmp_path, caplog, monkeypatch):
         r.reflect([_traj(3)])
     lines = [m for m in caplog.messages if m.startswith("reflect (api):")]
     assert "0 of 1 requests answered" in lines[0] and "1 of 1" in lines[-1]
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_progress_false_hides_the_bar(tmp_path, monkeypatch, progress):
+    """make_reflector(progress=False) (table3 runs sf_ranslicing.run(progress=False)): the api
+    backend's bar is off too; before, it showed on a terminal whatever the loop was told."""
+    import sfjax.agents.reflectors.api as api
+
+    shown = []
+    real = api.progress_bar
+    monkeypatch.setattr(api, "progress_bar", lambda *a, **kw: shown.append(kw) or real(*a, **kw))
+    with FakeOpenAI() as server:
+        cfg = ApiReflectorConfig(base_url=server.url, model="fake-r1", api_key_env=KEY_ENV)
+        r = make_reflector(ReflectorConfig(backend="api", api=cfg), PCFG, tmp_path / "cache",
+                           progress=progress)  # fmt: skip
+        r.reflect([_traj(4)])
+    assert [kw.get("enabled", True) for kw in shown] == [progress]
