@@ -24,9 +24,15 @@ This runner spends one call in priority order and never loses what already ran:
 
 Default jobs, in order (the issue's: decode first, then the Actor, then training)::
 
-    decode   gpu_decode.py             batches 1, 8, 64; torch generate at 1 and 8
-    latency  gpu_decision_latency.py   action-first SF prompt, prefix cache (the Actor's path)
-    kto      gpu_kto_step.py           batch 8 x 1024 next to torch + PEFT
+    decode       gpu_decode.py            batches 1, 8, 64; torch generate at 1 and 8
+    latency      gpu_decision_latency.py  action-first SF prompt, prefix cache (the Actor's path)
+    kto          gpu_kto_step.py          batch 8 x 1024 next to torch + PEFT
+    decode_scan  gpu_decode.py            decode scanned over a stacked KV cache, batches 1, 8,
+                                          64, no torch: only if the jobs above left the time
+
+The caps of the first three fill the default budget; ``decode_scan`` runs on what they leave
+(they usually finish well inside their caps) and the runner then prints, per batch size, which
+layer mode decoded faster (the bundle's ``decode_layers``).
 
 More on request (``--only``): attention, rfr, decode_full (batch 256, reflection-first, model-
 level prefix probe), and the ``*_plain`` attention baselines.
@@ -78,6 +84,8 @@ class Job:
     """Most seconds this job may take at full size (cut to the remaining budget)."""
     default: bool = True
     """Part of the default run (else only with ``--only``)."""
+    if_time: bool = False
+    """Runs only on the budget the other jobs leave: not counted in the default call's caps."""
     programs: tuple[tuple[str, int], ...] = ()
     """(bench_compile program, how many distinct compiles of it) — for ``--dry-run``."""
 
@@ -88,6 +96,10 @@ JOBS = (
     Job("latency", "gpu_decision_latency.py", ("--formats", "action_first", "--actor-only"), 90,
         programs=(("decode", 1), ("prefill", 1))),
     Job("kto", "gpu_kto_step.py", (), 140, programs=(("kto_step", 1),)),
+    # decode scanned over a stacked cache vs the unrolled "decode" above: which one is faster on
+    # XLA:GPU decides Qwen3Config.scan_decode's default there (issue 18)
+    Job("decode_scan", "gpu_decode.py", ("--batches", "1,8,64", "--no-torch", "--scan-decode"),
+        120, if_time=True, programs=(("decode", 3), ("prefill", 3))),
     Job("attention", "gpu_attention.py", (), 90, default=False),
     Job("rfr", "gpu_rfr_rollouts.py", (), 200, default=False, programs=(("rfr", 2),)),
     Job("decode_full", "gpu_decode.py", ("--batches", "256"), 200, default=False,
@@ -262,6 +274,27 @@ def run_job(job: Job, out_json: str, timeout_s: float, args, tee: Tee) -> dict:
             "command": cmd[1:], "output_tail": tail[-25:], "record": record}
 
 
+def compare_decode_layers(jobs: dict) -> dict | None:
+    """The sampler's decode rate per batch size for each layer mode the jobs measured (the
+    default ``decode`` job: decode unrolled; ``decode_scan``: scanned over a stacked cache), and
+    which is faster; None unless two modes have a common batch size."""
+    rates: dict[str, dict[int, float]] = {}
+    for r in jobs.values():
+        record = (r or {}).get("record") or {}
+        if record.get("benchmark") != "gpu_decode" or "layers" not in record:
+            continue
+        for row in record.get("rows", []):
+            rate = (row.get("sfjax_sampler") or {}).get("decode_tokens_per_s")
+            if rate:
+                rates.setdefault(record["layers"], {})[int(row["batch"])] = float(rate)
+    batches: dict[int, dict] = {}
+    for b in sorted({b for by in rates.values() for b in by}):
+        at = {m: by[b] for m, by in rates.items() if b in by}
+        if len(at) >= 2:
+            batches[b] = {**at, "faster": max(at, key=at.get)}
+    return {"batches": batches} if batches else None
+
+
 # ------------------------------------------------------------------------------ dry run
 def predicted_run_s(job: Job, tiny: bool = False) -> float:
     """Roofline floor (seconds) of what ``job`` computes at its default sizes, at the HBM
@@ -307,6 +340,13 @@ def predicted_run_s(job: Job, tiny: bool = False) -> float:
     return 30.0  # the attention probe: kernels alone
 
 
+def _layers(argv: list[str]) -> str:
+    """The layer mode a job's arguments select (bench_compile's mode names)."""
+    if "--unrolled" in argv:
+        return "unrolled"
+    return "scan_decode" if "--scan-decode" in argv else "scanned"
+
+
 def dry_run(jobs: list[Job], args) -> dict:
     """Each job's predicted compile (CPU AOT x factor) and run time (floor), against its cap and
     the budget; printed as a table, returned as a dict."""
@@ -317,11 +357,10 @@ def dry_run(jobs: list[Job], args) -> dict:
         raise SystemExit(f"{args.compile_json} not found: run benchmarks/bench_compile.py "
                          f"--out {args.compile_json} first (or pass --compile-json)") from None
     extra = args.extra.split()
-    mode = ("unrolled" if "--unrolled" in extra else
-            "scan_decode" if "--scan-decode" in extra else "scanned")  # fmt: skip
     out, total = {}, 0.0
     print(f"{'job':13s} {'compile s':>10s} {'run s (floor)':>14s} {'sum':>8s} {'cap':>6s}")
     for job in jobs:
+        mode = _layers(extra + list(job.args))
         cpu = 0.0
         for name, count in job.programs:
             recs = programs.get(name, {})  # programs without a decode step: their scanned time
@@ -333,14 +372,16 @@ def dry_run(jobs: list[Job], args) -> dict:
         total += compile_s + run_s
         out[job.name] = {"compile_s": round(compile_s, 1), "run_floor_s": round(run_s, 1),
                          "cap_s": job.cap_s, "fits_cap": compile_s + run_s <= job.cap_s}
-        flag = "" if compile_s + run_s <= job.cap_s else "  OVER CAP"
+        flag = ("" if compile_s + run_s <= job.cap_s else "  OVER CAP") + (
+            "  (if time is left)" if job.if_time else "")
         print(f"{job.name:13s} {compile_s:10.1f} {run_s:14.1f} {compile_s + run_s:8.1f} "
               f"{job.cap_s:6.0f}{flag}", flush=True)
     fits = total <= args.budget_s
     print(f"total predicted {total:.0f} s of a {args.budget_s:.0f} s budget"
-          f"{'' if fits else ' -- OVER BUDGET'} ({mode} layers; compile = CPU AOT x "
-          f"{args.gpu_compile_factor})", flush=True)
-    return {"jobs": out, "total_s": round(total, 1), "fits_budget": fits, "mode": mode}
+          f"{'' if fits else ' -- OVER BUDGET'} ({_layers(extra)} layers unless a job says "
+          f"otherwise; compile = CPU AOT x {args.gpu_compile_factor})", flush=True)
+    return {"jobs": out, "total_s": round(total, 1), "fits_budget": fits,
+            "mode": _layers(extra)}
 
 
 def main(argv=None) -> dict:
@@ -348,7 +389,8 @@ def main(argv=None) -> dict:
     jobs = select(args)
     if args.list:
         for j in jobs:
-            print(f"{j.name:15s} {j.script} {' '.join(j.args)} (cap {j.cap_s:.0f} s)")
+            print(f"{j.name:15s} {j.script} {' '.join(j.args)} (cap {j.cap_s:.0f} s"
+                  f"{', on the time the others leave' if j.if_time else ''})")
         return {}
     if args.dry_run:
         return dry_run(jobs, args)
@@ -401,6 +443,13 @@ def _run_jobs(jobs, args, tee: Tee, bundle: dict, save, out_dir: str) -> dict:
                                            args, tee)
         save()
     bundle["total_s"] = time.monotonic() - t0
+    layers = compare_decode_layers(bundle["jobs"])
+    if layers:
+        bundle["decode_layers"] = layers
+        for b, r in layers["batches"].items():
+            tee.line(f"decode layers, batch {b}: " + ", ".join(
+                f"{m} {v:,.0f} tok/s" for m, v in r.items() if m != "faster") +
+                f" -> faster: {r['faster']}")
     counts: dict[str, int] = {}
     for r in bundle["jobs"].values():
         counts[r["status"]] = counts.get(r["status"], 0) + 1

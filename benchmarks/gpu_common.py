@@ -181,7 +181,16 @@ def _full_record(args, name: str, record: dict, complete: bool) -> dict:
             "device": device_info(),
             "attention": {"requested": getattr(args, "attention", None),
                           "traced_calls": attention.choices()},
+            "layers": layer_mode(args),
             **record}
+
+
+def layer_mode(args) -> str:
+    """How the model's layers ran: ``unrolled``, ``scanned`` (prefill and training scanned,
+    decode unrolled: the default) or ``scan_decode`` (decode steps scanned too)."""
+    if getattr(args, "unrolled", False):
+        return "unrolled"
+    return "scan_decode" if getattr(args, "scan_decode", False) else "scanned"
 
 
 def emit(args, name: str, record: dict) -> dict:

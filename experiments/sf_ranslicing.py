@@ -59,7 +59,7 @@ import cli_common  # noqa: E402
 
 from sfjax import atomic  # noqa: E402
 from sfjax.agents.actor import PAPER_ACTOR, ActorConfig  # noqa: E402
-from sfjax.agents.loop import LoopConfig  # noqa: E402
+from sfjax.agents.loop_config import LoopConfig  # noqa: E402
 from sfjax.agents.prior import PRIOR_LABEL, SMOKE_PROMPT, PriorConfig  # noqa: E402
 from sfjax.agents.reflector import ApiReflectorConfig, ReflectorConfig  # noqa: E402
 from sfjax.agents.rfr import RfRConfig  # noqa: E402
@@ -356,7 +356,9 @@ def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> d
         atomic.read_json(Path(ckpt) / "config.json", "the Actor checkpoint's config")
     actor_cfg = dataclasses.replace(cfg.actor, prompt=prompt_cfg)
     # fail early on the reflector (missing key / checkpoint) before loading the Actor
-    build = lambda: make_reflector(cfg.reflector, prompt_cfg, run_dir / "reflector_cache")  # noqa: E731
+    build = lambda: make_reflector(  # noqa: E731
+        cfg.reflector, prompt_cfg, run_dir / "reflector_cache", progress=progress
+    )
     # host-side backends are called on process 0 only (the loop broadcasts their labels), so
     # only process 0 builds them: the API key is needed on its host alone
     reflector = build() if cfg.reflector.backend == "local" else build_on_process_0(build)

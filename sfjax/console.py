@@ -6,6 +6,8 @@ absl) already installs a root ``StreamHandler`` at WARNING, after which a plain
 ``logging.basicConfig`` does nothing, so every INFO progress line was lost and ``--log-level``
 had no effect.
 
+:func:`progress_bar` is the one tqdm bar of the package (the collect, API-reflect and KTO bars).
+
 The summary helpers (:func:`artefact_lines`, :func:`tensorboard_hint`, :func:`fmt_change`)
 are shared by :mod:`sfjax.agents.summary` and :mod:`sfjax.baselines.summary`.
 """
@@ -46,6 +48,30 @@ def configure_logging(level: str | int = "INFO") -> int:
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(max(value, logging.WARNING))
     return value
+
+
+def progress_bar(
+    total: int,
+    desc: str,
+    *,
+    enabled: bool = True,
+    terminal_only: bool = True,
+    leave: bool = False,
+    unit: str = "it",
+    initial: int = 0,
+):
+    """A tqdm bar on stderr counting ``total`` ``unit`` s (from ``initial``), labelled ``desc``.
+
+    ``enabled=False`` hides it (callers pass False off process 0: one bar per run, not one per
+    host). ``terminal_only``: shown only when stderr is a terminal (tqdm's ``disable=None``),
+    not in a log file or CI; False shows it wherever stderr goes. ``leave``: keep the finished
+    bar on screen (the KTO bar, whose postfix holds the last loss, margin and KL) rather than
+    erase it (the collect and reflect bars, whose results are logged).
+    """
+    from tqdm.auto import tqdm
+
+    disable = True if not enabled else (None if terminal_only else False)
+    return tqdm(total=total, desc=desc, unit=unit, initial=initial, leave=leave, disable=disable)
 
 
 def tensorboard_hint(tb_dir: str | Path) -> str:

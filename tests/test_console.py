@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import subprocess
 import sys
@@ -10,7 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from sfjax.console import artefact_lines, configure_logging, fmt_change, tensorboard_hint
+from sfjax.console import (
+    artefact_lines,
+    configure_logging,
+    fmt_change,
+    progress_bar,
+    tensorboard_hint,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,3 +75,30 @@ def test_summary_helpers(tmp_path):
     assert len(lines) == 1 and lines[0].strip().endswith("TensorBoard")
     assert tensorboard_hint(tmp_path / "a b").startswith(f"tensorboard --logdir '{tmp_path}/a b'")
     assert fmt_change(1.0, 3.5, "bit/s/Hz") == "1.0 -> 3.5 bit/s/Hz (+2.5)"
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize(
+    "stderr,kw,shown",
+    [
+        (_Terminal, {}, True),  # the collect / reflect bars on a terminal
+        (io.StringIO, {}, False),  # ... in a log file or CI
+        (_Terminal, {"enabled": False}, False),  # progress off, or off process 0
+        (io.StringIO, {"terminal_only": False}, True),  # the KTO bar, in a log too
+        (_Terminal, {"terminal_only": False, "enabled": False}, False),
+    ],
+)
+def test_progress_bar_shows_on_a_terminal_unless_told(monkeypatch, stderr, kw, shown):
+    stream = stderr()
+    monkeypatch.setattr(sys, "stderr", stream)
+    bar = progress_bar(3, "KTO", unit="step", initial=1, **kw)
+    assert bool(bar.disable) == (not shown)  # before close(), which sets it
+    bar.update(2)
+    bar.close()
+    assert ("KTO:  33%" in stream.getvalue()) == shown  # drawn from initial=1
+    if shown:
+        assert "step/s" in stream.getvalue() and not bar.leave

@@ -138,6 +138,7 @@ def test_gpu_decode_tiny_with_scan_decode(tmp_path):
     rec = _run("gpu_decode", tmp_path, "--scan-decode", "--no-torch")
     (row,) = rec["rows"]
     assert _pos(row["sfjax_sampler"]["decode_tokens_per_s"]) and rec["complete"] is True
+    assert rec["layers"] == "scan_decode"
 
 
 def test_gpu_decode_tiny_with_torch_reference(tmp_path):
@@ -151,6 +152,7 @@ def test_gpu_decode_tiny_with_torch_reference(tmp_path):
     assert _pos(row["sfjax_over_torch_decode"])
     assert _pos(rec["roofline"]["measured"]["hbm_bytes_per_s"])
     assert rec["complete"] is True and rec["attention"]["requested"] == "auto"
+    assert rec["layers"] == "scanned"  # the default: prefill scanned, decode unrolled
     if rec["device"]["backend"] == "cpu":  # auto = the plain path off GPU
         assert set(rec["attention"]["traced_calls"]) == {"auto->plain"}
 
@@ -314,11 +316,35 @@ def test_gpu_all_default_jobs_fit_one_seven_minute_call():
     import gpu_all
 
     default = [j for j in gpu_all.JOBS if j.default]
-    assert [j.name for j in default] == ["decode", "latency", "kto"]  # the issue's order
-    assert sum(j.cap_s for j in default) <= gpu_all.DEFAULT_BUDGET_S <= 420 - 20
+    # the issue's order, then the scanned decode on whatever time the three leave
+    assert [j.name for j in default] == ["decode", "latency", "kto", "decode_scan"]
+    assert [j.if_time for j in default] == [False, False, False, True]
+    assert sum(j.cap_s for j in default[:3]) <= gpu_all.DEFAULT_BUDGET_S <= 420 - 20
     decode = default[0]
     assert decode.args == ("--batches", "1,8,64", "--torch-batches", "1,8")
     assert "--actor-only" in default[1].args and "action_first" in default[1].args
+    assert default[3].args == ("--batches", "1,8,64", "--no-torch", "--scan-decode")
+
+
+def test_gpu_all_compares_decode_layer_modes():
+    """With the unrolled (default) and scanned decode both measured, the runner says per batch
+    size which was faster; batch sizes only one mode measured, or other benchmarks, are left
+    out; one mode alone gives no comparison."""
+    import gpu_all
+
+    def job(layers, rates, benchmark="gpu_decode"):
+        rows = [{"batch": b, "sfjax_sampler": {"decode_tokens_per_s": r}} for b, r in rates]
+        return {"status": "ok", "record": {"benchmark": benchmark, "layers": layers,
+                                           "rows": rows}}
+
+    jobs = {"decode": job("scanned", [(1, 300.0), (8, 2000.0), (64, 9000.0)]),
+            "latency": job("scanned", [(1, 5.0)], benchmark="gpu_decision_latency"),
+            "decode_scan": job("scan_decode", [(1, 320.0), (8, 1900.0)]),
+            "kto": {"status": "timeout", "record": None}}
+    assert gpu_all.compare_decode_layers(jobs) == {"batches": {
+        1: {"scanned": 300.0, "scan_decode": 320.0, "faster": "scan_decode"},
+        8: {"scanned": 2000.0, "scan_decode": 1900.0, "faster": "scanned"}}}
+    assert gpu_all.compare_decode_layers({"decode": jobs["decode"]}) is None
 
 
 def test_gpu_all_dry_run_predicts_from_bench_compile(tmp_path, capsys):
@@ -334,8 +360,10 @@ def test_gpu_all_dry_run_predicts_from_bench_compile(tmp_path, capsys):
     path.write_text(json.dumps(record))
     out = gpu_all.main(["--dry-run", "--compile-json", str(path), "--gpu-compile-factor", "2"])
     jobs = out["jobs"]
-    assert list(jobs) == ["decode", "latency", "kto"]
+    assert list(jobs) == ["decode", "latency", "kto", "decode_scan"]
     assert jobs["decode"]["compile_s"] == pytest.approx(2 * (3 * 10.0 + 3 * 2.0))
+    # the job's own --scan-decode: decode scanned (1.0), prefill has no such mode (scanned)
+    assert jobs["decode_scan"]["compile_s"] == pytest.approx(2 * (3 * 1.0 + 3 * 2.0))
     assert jobs["latency"]["compile_s"] == pytest.approx(2 * (10.0 + 2.0))
     assert jobs["kto"]["compile_s"] == pytest.approx(200.0)
     assert not jobs["kto"]["fits_cap"]  # 200 s of compile alone exceed its 140 s cap

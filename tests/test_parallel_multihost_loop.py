@@ -17,7 +17,8 @@ one device, uninterrupted, in the pytest process:
   trajectories, and the adapter by O(0.1));
 * the Reflector and the (``host_side``) env ran on process 0 only -- on process 1 they raise if
   called -- and their results reached process 1, which built the same KTO data;
-* process 1 never wrote a JSON artefact (its ``save_json`` raises if called);
+* process 1 never wrote a JSON artefact (its ``save_json`` raises if called; process 0's
+  counts its writes, so the loop still writes through that name);
 * the last checkpoint, written by two processes as cross-host shards, restores in the pytest
   process onto one device and equals the one-process run's final state;
 * a Reflector failure on process 0 raises on both processes (none hangs in a collective), and a
@@ -280,12 +281,19 @@ def worker(ckpt: str, out_dir: str) -> None:
 
         return Checked()
 
-    if me != 0:
+    # The loop writes every JSON file through loop_mod.save_json: process 0 counts its writes
+    # (so the name is still in use: replacing it on process 1 checks something), process 1's
+    # raise.
+    real_save_json, json_writes = loop_mod.save_json, []
 
-        def no_files(path, obj):
-            raise AssertionError(f"process {me} wrote {path}")
+    def counted(path, obj):
+        json_writes.append(path)
+        return real_save_json(path, obj)
 
-        loop_mod.save_json = no_files
+    def no_files(path, obj):
+        raise AssertionError(f"process {me} wrote {path}")
+
+    loop_mod.save_json = counted if me == 0 else no_files
 
     class Killed(Exception):
         pass
@@ -312,6 +320,7 @@ def worker(ckpt: str, out_dir: str) -> None:
     summary = resumed.run(resume=True)
     _experiment()._save_adapter(loop.finetuner, out / "run" / "adapter")
     if parallel.is_main_process():
+        assert any(Path(p).name == "summary.json" for p in json_writes), json_writes
         (out / "worker.json").write_text(
             json.dumps({"summary": summary, "reflect_calls": calls["reflect"]})
         )

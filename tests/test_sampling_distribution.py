@@ -129,6 +129,41 @@ def test_filter_matches_hf_warpers(top_k, top_p, max_k):
     np.testing.assert_array_equal(np.asarray(ours) > dist.NEG_INF / 2, hf_keep)
 
 
+@pytest.mark.parametrize("max_k", [0, 16])
+def test_ties_at_the_kth_logit_count_in_top_p_as_in_hf(max_k):
+    """bf16 logits tie often. Hugging Face's top-k keeps every logit tied with the k-th, and its
+    top-p renormalises over all of them; sfjax renormalised over the first k in sort order only,
+    so top-p cut earlier: [2, 1.9, 1.8, 0, 0, 0], k=4, p=0.62 kept 2 tokens, HF 3. Where HF's
+    top-p keeps whole tie groups the kept sets must be equal; where it splits one (by sort
+    order) sfjax keeps that whole group."""
+    torch = pytest.importorskip("torch")
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    crafted = np.array([2.0, 1.9, 1.8, 0, 0, 0, -1, -2], np.float32)
+    ours = dist.filter_logits(jnp.asarray(crafted)[None], jnp.asarray([4]),
+                              jnp.asarray([0.62]), max_k=max_k)  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(ours)[0] > dist.NEG_INF / 2, [1, 1, 1, 0, 0, 0, 0, 0])
+
+    rng = np.random.default_rng(0)
+    logits = (rng.integers(-6, 7, size=(400, 40)) / 2).astype(np.float32)  # many ties
+    top_k = rng.choice([1, 2, 3, 5, 8, 12], size=400).astype(np.int32)
+    top_p = rng.choice([0.3, 0.5, 0.62, 0.8, 0.9, 0.95], size=400).astype(np.float32)
+    ours = np.asarray(dist.filter_logits(jnp.asarray(logits), jnp.asarray(top_k),
+                                         jnp.asarray(top_p), max_k=max_k)) > dist.NEG_INF / 2
+    compared = 0
+    for r in range(400):
+        scores = torch.tensor(logits[r])[None]
+        scores = TopPLogitsWarper(float(top_p[r]))(None, TopKLogitsWarper(int(top_k[r]))(None, scores))
+        hf = torch.isfinite(scores).numpy()[0]
+        split = set(logits[r][hf]) & set(logits[r][~hf])  # a tie group HF cut through
+        if not split:
+            np.testing.assert_array_equal(ours[r], hf, err_msg=f"row {r}")
+            compared += 1
+        else:
+            assert ours[r][hf].all() and (ours[r] == (hf | np.isin(logits[r], list(split)))).all()
+    assert compared > 150  # rows whose HF result does not depend on its sort order
+
+
 def test_greedy_rows_and_banned_tokens():
     logits = jnp.asarray(np.stack([LOGITS, LOGITS]))
     banned = logits.at[:, 0].set(dist.NEG_INF)  # the argmax is banned: next best is index 6

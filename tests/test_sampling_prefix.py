@@ -191,3 +191,24 @@ def test_scanned_model_samples_like_the_unrolled_one(checkpoint, tokenizer, plai
     assert sampler.generate(prompts, actor, key).tokens == plain.generate(prompts, actor, key).tokens
     assert (sampler.generate(prompts, actor, key, n=2).tokens
             == plain.generate(prompts, actor, key, n=2).tokens)  # fmt: skip
+
+
+def test_switching_adapters_off_invalidates_the_prefix(checkpoint, tokenizer):
+    """``lora.adapters_disabled`` keeps every weight array but changes the function (the graph):
+    a prefix cached with the adapters on must not serve the base model (it did: the stale
+    keys/values gave the adapted model's tokens)."""
+    from sfjax.models import lora
+
+    model = qwen3.from_pretrained(checkpoint, dtype=jnp.float32)
+    lora.apply_lora(model, lora.LoRAConfig(rank=4), rngs=nnx.Rngs(1))
+    for _, module in lora.lora_modules(model):
+        module.lora_b[...] = jnp.full(module.lora_b.shape, 0.5)
+    prompts = [SYSTEM + h for h in HISTORIES[:2]]
+    cached = cached_sampler(model, tokenizer)
+    adapted = cached.generate(prompts, GREEDY)
+    with lora.adapters_disabled(model):
+        ref = Sampler(model, tokenizer).generate(prompts, GREEDY)
+        assert ref.tokens != adapted.tokens
+        assert_same(ref, cached.generate(prompts, GREEDY))
+    assert_same(adapted, cached.generate(prompts, GREEDY))
+    assert cached.prefix_cache.num_builds == 3

@@ -6,6 +6,7 @@
 * :mod:`~sfjax.agents.rfr`        Refine-from-Reflection datasets (Algorithm 2)
 * :mod:`~sfjax.agents.finetune`   KTO on the Actor's LoRA weights, checkpointable
 * :mod:`~sfjax.agents.loop`       Algorithm 1 with per-phase orbax checkpoints and resume
+* :mod:`~sfjax.agents.loop_config` its config: SF iterations, envs, steps, seeds, checkpoints kept
 * :mod:`~sfjax.agents.collect`    the collect phase: the Actor in parallel envs (protocols)
 * :mod:`~sfjax.agents.env`        the JAX RAN env as the agents see it (RBG actions, feedback)
 * :mod:`~sfjax.agents.trajectory` trajectories, labels, metrics, JSON persistence

@@ -27,6 +27,10 @@ an emptied step directory, a corrupt JSON item) is caught on read: the meta item
 SHA-256 of every array this process holds whole, and :meth:`LoopCheckpointer.restore_latest`
 falls back to the newest intact checkpoint with a warning, moving each damaged one aside to
 ``<directory>_damaged/`` (kept, never deleted) so that its step can be written again.
+
+Another configuration is not damage: a readable checkpoint whose arrays have other names, shapes
+or dtypes than the live state (a different LoRA rank, model or optimizer) raises
+:class:`CheckpointMismatch` naming the differences, and nothing is moved.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from sfjax.configcheck import ConfigError
+
 log = logging.getLogger(__name__)
 
 DIGEST_KEY = "arrays_sha256"
@@ -51,6 +57,28 @@ DIGEST_KEY = "arrays_sha256"
 
 class CheckpointDamaged(RuntimeError):
     """A checkpoint whose arrays or meta cannot be read back intact."""
+
+
+class CheckpointMismatch(ConfigError):
+    """A readable checkpoint written for other arrays than the live state's (another
+    configuration): resume with the configuration that wrote it, or use a new directory."""
+
+
+def _path_key(path) -> tuple[str, ...]:
+    """A pytree path as strings, as orbax names it on disk (dict keys and indices alike)."""
+    return tuple(str(getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))) for p in path)
+
+
+def _specs(tree: Any) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
+    """(shape, dtype) of each leaf as it is stored (typed PRNG keys as their key data)."""
+    out = {}
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if _is_key(x):
+            x = jax.eval_shape(jax.random.key_data, x)
+        elif not hasattr(x, "dtype") or not hasattr(x, "shape"):
+            x = np.asarray(x)
+        out[_path_key(path)] = (tuple(x.shape), np.dtype(x.dtype))
+    return out
 
 
 def arrays_digest(arrays: Any) -> list[str | None]:
@@ -119,13 +147,40 @@ class LoopCheckpointer:
         )
         self.manager.wait_until_finished()
 
+    def check_matches(self, step: int, arrays_like: Any) -> None:
+        """:class:`CheckpointMismatch` when checkpoint ``step``'s arrays (names, shapes, dtypes,
+        from orbax's metadata) are not those of ``arrays_like``; nothing when its metadata
+        cannot be read (:meth:`restore` then tells whether the checkpoint is damaged)."""
+        try:
+            saved = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "arrays")
+            saved = _specs(getattr(saved, "tree", saved))
+        except Exception:  # noqa: BLE001 -- unreadable metadata is restore()'s to judge
+            return
+        want = _specs(arrays_like)
+        name = "/".join
+        diffs = [f"{name(k)}: missing from the checkpoint" for k in want if k not in saved]
+        diffs += [f"{name(k)}: in the checkpoint only" for k in saved if k not in want]
+        diffs += [
+            f"{name(k)}: checkpoint {saved[k][0]} {saved[k][1]}, this run {want[k][0]} {want[k][1]}"
+            for k in want
+            if k in saved and saved[k] != want[k]
+        ]
+        if diffs:
+            more = f" (and {len(diffs) - 5} more)" if len(diffs) > 5 else ""
+            raise CheckpointMismatch(
+                f"checkpoint {step} in {self.directory} was written by another configuration: "
+                + "; ".join(diffs[:5]) + more + ". Resume with the configuration that wrote "
+                "it (its run directory's config.json), or choose a new run directory."
+            )
+
     def restore(self, step: int, arrays_like: Any) -> tuple[Any, dict]:
         """Restore checkpoint ``step`` into the structure, dtypes and shardings of ``arrays_like``.
 
         Each ``jax.Array`` leaf comes back as a ``jax.Array`` with that leaf's sharding (each
         process reading only its shards), a typed key leaf as a key of the same impl, anything
-        else as numpy.
+        else as numpy. :class:`CheckpointMismatch` when the checkpoint holds other arrays.
         """
+        self.check_matches(step, arrays_like)
 
         def target(x):
             x = jax.random.key_data(x) if _is_key(x) else x
@@ -165,11 +220,14 @@ class LoopCheckpointer:
         """The newest intact checkpoint as (step, arrays, meta), or None when there is none.
 
         A damaged checkpoint (unreadable, or arrays not matching their digest) is moved aside
-        with a warning and the previous one is tried.
+        with a warning and the previous one is tried; one of another configuration raises
+        :class:`CheckpointMismatch` and stays where it is.
         """
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 arrays, meta = self.restore(step, arrays_like)
+            except CheckpointMismatch:
+                raise
             except Exception as e:  # orbax raises many types for damaged files
                 self._set_aside(step, e)
                 continue

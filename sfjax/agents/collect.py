@@ -22,6 +22,7 @@ import numpy as np
 from sfjax import parallel
 from sfjax.agents.prompts import HistoryEntry, PromptConfig
 from sfjax.agents.trajectory import Step, Trajectory
+from sfjax.console import progress_bar
 
 
 class EnvRunner(Protocol):
@@ -68,7 +69,7 @@ def collect(
     states = _env_call(env, "reset", reset_key, num_envs)
     trajs = [Trajectory(e, env_seed, []) for e in range(num_envs)]
     histories: list[list[HistoryEntry]] = [[] for _ in range(num_envs)]
-    bar = _progress(steps, "collect", progress)
+    bar = progress_bar(steps, "collect", enabled=progress)
     for t in range(steps):
         actor_key, ak = jax.random.split(actor_key)
         env_key, ek = jax.random.split(env_key)
@@ -107,9 +108,3 @@ def _env_call(env: EnvRunner, method: str, *args) -> Any:
         return x.tolist() if isinstance(x, np.generic | np.ndarray) else x
 
     return parallel.on_main_process(lambda: plain(getattr(env, method)(*args)))
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False, disable=None if enabled else True)

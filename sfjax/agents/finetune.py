@@ -43,9 +43,11 @@ class KTOFineTuner:
         iterations line up, resumed runs included."""
         data = [TrainExample(e.prompt, e.completion, e.desirable) for e in examples]
         n_d = sum(e.desirable for e in data)
-        need = max(self.trainer.config.micro_batch_size, 2)
+        # A short micro-batch is padded (its filler rows masked); KTO's KL pairs need only a
+        # second example in it, apo_zero_unpaired none.
+        need = 2 if self.trainer.config.with_kl else 1
         if len(data) < need:
-            # Too little data for one KL-paired micro-batch: nothing to learn this iteration.
+            # No KL partner for the one example: nothing to learn this iteration.
             return {"num_steps": 0, "skipped_iteration": 1.0}
         self.trainer.global_step = int(step_offset)
         history = self.trainer.train(data, key, self.writer)

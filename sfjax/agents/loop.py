@@ -23,7 +23,8 @@ The loop talks to its components through small protocols
 :class:`FineTuner`), so tests can drive it with fakes and other envs (ns-3) can plug in. Its
 collect phase is :func:`sfjax.agents.collect.collect`; the iteration records of
 ``summary.json`` and the final table are built by :mod:`sfjax.agents.loop_records`; the
-TensorBoard events are kept in step with the checkpoints by :mod:`sfjax.agents.loop_events`.
+TensorBoard events are kept in step with the checkpoints by :mod:`sfjax.agents.loop_events`. The
+loop's config, :class:`~sfjax.agents.loop_config.LoopConfig`, has its own module (re-exported here).
 
 Multi-host (``jax.distributed``, e.g. under ``python -m sfjax.parallel --distributed``): every
 process runs this loop (SPMD) and must make the same sharded calls, so every host-side value
@@ -52,6 +53,7 @@ import numpy as np
 from sfjax import atomic, parallel
 from sfjax.agents.checkpoint import LoopCheckpointer
 from sfjax.agents.collect import ActorLike, EnvRunner, collect
+from sfjax.agents.loop_config import LoopConfig
 from sfjax.agents.loop_events import event_sizes, flush_events, trim_events
 from sfjax.agents.loop_records import (
     SUMMARY_METRICS,
@@ -74,7 +76,7 @@ from sfjax.agents.rfr import (
     examples_to_json,
 )
 from sfjax.agents.trajectory import Reflection, Trajectory, UtilityWeights, save_json
-from sfjax.configcheck import Bad, at_least, check_config
+from sfjax.configcheck import check_config
 
 log = logging.getLogger(__name__)
 
@@ -100,33 +102,6 @@ PHASE_TEXT = {
     "kto": "RfR rollouts of the current Actor, then KTO on the LoRA weights",
 }
 """One line per phase kind, logged as each phase starts."""
-
-
-@dataclass(frozen=True)
-class LoopConfig:
-    """Algorithm 1: how many SF iterations, how much experience per iteration."""
-
-    sf_iterations: int = 3
-    """Self-finetuning iterations I (collect -> reflect -> RfR/KTO); plus a final collect."""
-    num_envs: int = 1
-    """Parallel environments (trajectories) collected per iteration."""
-    trajectory_steps: int = 300
-    """R-MDP steps per trajectory (paper: 300 decisions of 100 ms)."""
-    env_seed: int = 0
-    """Seed of the environments' keys."""
-    same_env_seeds: bool = True
-    """Collect every iteration on the same env seeds (iterations differ only by the Actor)."""
-    seed: int = 0
-    """Seed of the Actor's sampling, rollouts and KTO (root key)."""
-    keep_checkpoints: int = 3
-    """How many phase checkpoints to keep (>= 2: the previous one is the fallback when the
-    newest is damaged)."""
-
-    def invalid(self) -> list[Bad]:
-        bad = at_least(self, 1, "sf_iterations", "num_envs", "trajectory_steps")
-        bad += at_least(self, 0, "env_seed", "seed")
-        bad += at_least(self, 2, "keep_checkpoints")
-        return bad
 
 
 class FineTuner(Protocol):
@@ -293,7 +268,7 @@ class SelfFinetuningLoop:
                 continue
             if rel in own:
                 log.warning("%s is missing or damaged; rewritten from the checkpoint", rel)
-                self._save_json(rel, own[rel])
+                self._save_artefact(rel, own[rel])
             else:
                 damaged.append(rel)
         if damaged:
@@ -314,7 +289,7 @@ class SelfFinetuningLoop:
         rel = f"datasets/iter_{phase.iteration}_kto_{phase.kto_iteration}.json"
         return [(rel, examples_to_json(self.dataset))]
 
-    def _save_json(self, rel: str, obj) -> None:
+    def _save_artefact(self, rel: str, obj) -> None:
         """Write a JSON artefact (process 0 only) and record its digest for the checkpoint."""
         if parallel.is_main_process():
             self.artefacts[rel] = save_json(self.run_dir / rel, obj)
@@ -332,7 +307,7 @@ class SelfFinetuningLoop:
             env_key, self._key(phase), env_seed=self.cfg.env_seed, progress=self.progress,
         )  # fmt: skip
         for rel, obj in self._phase_artefacts(phase):
-            self._save_json(rel, obj)
+            self._save_artefact(rel, obj)
         m = mean_metrics(self.trajectories, self.weights)
         # n_desirable / n_undesirable stay None for the final, evaluation-only collection
         self.iterations.append(
@@ -353,7 +328,7 @@ class SelfFinetuningLoop:
         # retries, their reasons and cache hits of this phase (process 0's, on every host)
         calls = parallel.broadcast_object(stats_delta(before, stats_snapshot(self.reflector)))
         for rel, obj in self._phase_artefacts(phase):
-            self._save_json(rel, obj)
+            self._save_artefact(rel, obj)
         self.base, self.targets = base_dataset(self.trajectories, self.reflections)
         self.rfr_state = RfRState()
         n_sub = sum(x.label == "suboptimal" for r in self.reflections for x in r.labels)
@@ -375,7 +350,7 @@ class SelfFinetuningLoop:
         )  # fmt: skip
         self.dataset = dataset
         for rel, obj in self._phase_artefacts(phase):
-            self._save_json(rel, obj)
+            self._save_artefact(rel, obj)
         log.info("KTO iteration %d: %d examples (%d desirable, %d undesirable)",
                  phase.kto_iteration, len(dataset), stats.n_desirable, stats.n_undesirable)  # fmt: skip
         metrics = self.finetuner.train(dataset, train_key, self.kto_steps)
@@ -409,40 +384,44 @@ class SelfFinetuningLoop:
 
     def run(self, *, resume: bool = False) -> dict:
         """Run (or resume) the whole loop; returns the summary written to summary.json."""
-        start = self.restore() if resume else 0
-        if not resume and self.ckpt.latest_step() is not None:
-            raise FileExistsError(
-                f"{self.run_dir} already holds checkpoints; pass --resume to continue that run "
-                f"or choose a new --run-dir"
-            )
-        for phase in self.phases[start:]:
-            log.info("phase %d/%d %s: %s", phase.index + 1, len(self.phases), phase.name,
-                     PHASE_TEXT[phase.kind])  # fmt: skip
-            t0, c0 = time.perf_counter(), time.process_time()
-            {"collect": self._collect, "reflect": self._reflect, "kto": self._kto}[phase.kind](
-                phase
-            )
-            # wall time, and CPU time of this process (all threads): the latter is what a
-            # phase costs when the machine is shared
-            dt, dc = time.perf_counter() - t0, time.process_time() - c0
-            # process 0's clock on every host: the checkpointed loop state stays identical
-            dt, dc = parallel.broadcast_object([dt, dc])
-            kind = phase.kind
-            self.timings[kind] = self.timings.get(kind, 0.0) + dt
-            self.timings[f"{kind}_cpu"] = self.timings.get(f"{kind}_cpu", 0.0) + dc
-            self.timings[f"{kind}_count"] = self.timings.get(f"{kind}_count", 0) + 1
-            log.info("phase %s done in %.1f s", phase.name, dt)
-            wall = self.iterations[-1].setdefault("wall_s", {})
-            wall[kind] = wall.get(kind, 0.0) + dt
-            wall[f"{kind}_cpu"] = wall.get(f"{kind}_cpu", 0.0) + dc
-            self.write_summary()
-            if self.writer is not None:
-                flush_events(self.writer)  # before the checkpoint: a kill after it keeps them
-            self.ckpt.save(phase.index, self._arrays(), self._meta(phase))
-            if self.on_phase_end is not None:
-                self.on_phase_end(phase)
-        self.ckpt.close()
+        try:  # the checkpoint manager is closed however the run ends
+            start = self.restore() if resume else 0
+            if not resume and self.ckpt.latest_step() is not None:
+                raise FileExistsError(
+                    f"{self.run_dir} already holds checkpoints; pass --resume to continue that run "
+                    f"or choose a new --run-dir"
+                )
+            for phase in self.phases[start:]:
+                self._run_phase(phase)
+        finally:
+            self.ckpt.close()
         return self.write_summary()
+
+    def _run_phase(self, phase: Phase) -> None:
+        """One phase, timed, then the summary, the events and its checkpoint."""
+        log.info("phase %d/%d %s: %s", phase.index + 1, len(self.phases), phase.name,
+                 PHASE_TEXT[phase.kind])  # fmt: skip
+        t0, c0 = time.perf_counter(), time.process_time()
+        {"collect": self._collect, "reflect": self._reflect, "kto": self._kto}[phase.kind](phase)
+        # wall time, and CPU time of this process (all threads): the latter is what a phase
+        # costs when the machine is shared
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
+        # process 0's clock on every host: the checkpointed loop state stays identical
+        dt, dc = parallel.broadcast_object([dt, dc])
+        kind = phase.kind
+        self.timings[kind] = self.timings.get(kind, 0.0) + dt
+        self.timings[f"{kind}_cpu"] = self.timings.get(f"{kind}_cpu", 0.0) + dc
+        self.timings[f"{kind}_count"] = self.timings.get(f"{kind}_count", 0) + 1
+        log.info("phase %s done in %.1f s", phase.name, dt)
+        wall = self.iterations[-1].setdefault("wall_s", {})
+        wall[kind] = wall.get(kind, 0.0) + dt
+        wall[f"{kind}_cpu"] = wall.get(f"{kind}_cpu", 0.0) + dc
+        self.write_summary()
+        if self.writer is not None:
+            flush_events(self.writer)  # before the checkpoint: a kill after it keeps them
+        self.ckpt.save(phase.index, self._arrays(), self._meta(phase))
+        if self.on_phase_end is not None:
+            self.on_phase_end(phase)
 
     def summary(self) -> dict:
         calls: dict = {}
@@ -458,7 +437,9 @@ class SelfFinetuningLoop:
 
     def write_summary(self) -> dict:
         s = self.summary()
-        _save_json(self.run_dir / "summary.json", s)
+        # rewritten after every phase and at the end, so not an artefact checked on resume
+        if parallel.is_main_process():
+            save_json(self.run_dir / "summary.json", s)
         return s
 
     def _scalars(self, prefix: str, values: Mapping[str, Any], step: int) -> None:
@@ -467,9 +448,3 @@ class SelfFinetuningLoop:
         for k, v in values.items():
             if isinstance(v, bool | int | float | np.floating | np.integer):
                 self.writer.add_scalar(f"{prefix}/{k}", float(v), step)
-
-
-def _save_json(path: Path, obj) -> None:
-    """Write a JSON file of the run on process 0 only (multi-host)."""
-    if parallel.is_main_process():
-        save_json(path, obj)

@@ -60,13 +60,18 @@ class ReflectorConfig:
 
 
 def make_reflector(
-    cfg: ReflectorConfig, prompt_cfg: PromptConfig, cache_dir: str | os.PathLike | None = None
+    cfg: ReflectorConfig,
+    prompt_cfg: PromptConfig,
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    progress: bool = True,
 ) -> Reflector:
-    """Build the configured backend; fails early (missing key, missing checkpoint)."""
+    """Build the configured backend; fails early (missing key, missing checkpoint).
+    ``progress=False`` hides the api backend's progress bar (its log lines stay)."""
     if cfg.backend == "rule":
         return RuleReflector(cfg.rule, prompt_cfg)
     if cfg.backend == "api":
-        return ApiReflector(cfg.api, prompt_cfg, cache_dir)
+        return ApiReflector(cfg.api, prompt_cfg, cache_dir, progress=progress)
     if cfg.backend == "local":
         if not cfg.local.checkpoint:
             raise ValueError("the local Reflector needs --reflector.local.checkpoint PATH")

@@ -5,7 +5,7 @@ changing a value never recompiles. With logits ``z``, temperature ``τ``, the fi
 distribution is
 
     p_τ(v) ∝ exp(z_v / τ)                                       (temperature)
-    keep_k = {v : rank(v) < k}            (k = 0: keep all)      (top-k, rank by z descending)
+    keep_k = {v : z_v >= z_(k)}           (k = 0: keep all)      (top-k; z_(k) the k-th largest)
     q(v)   = p_τ(v) / Σ_{u∈keep_k} p_τ(u) on keep_k              (renormalised)
     keep_p = {v ∈ keep_k : Σ_{u ranked before v} q(u) < p}       (top-p / nucleus; top-1 always)
     π(v)   ∝ p_τ(v) on keep_p, 0 elsewhere
@@ -17,7 +17,9 @@ top-k-renormalised distribution). ``τ = 0`` is greedy: ``argmax z`` with log-pr
 ``k`` is at most :data:`TOP_K_BOUND` only that many largest logits are selected (``lax.top_k``,
 static size) and top-p runs within them; otherwise the whole vocabulary is sorted. Both filters
 become one threshold on the sorted logits; tokens tied with the threshold logit are all kept (as
-in Hugging Face).
+in Hugging Face's top-k; its top-p splits a tie group by sort order, which has no meaning). Ties
+with the k-th logit are in ``keep_k``, so they count in the mass top-p renormalises, as in Hugging
+Face (the partial selection sees ties only among its ``TOP_K_BOUND`` largest logits).
 
 Shape legend: B = batch rows, V = vocabulary.
 """
@@ -47,9 +49,11 @@ def _threshold(sorted_BK, top_k_B, top_p_B):
     """The smallest kept logit of top-k ∩ top-p, from the row's logits sorted descending (the
     whole vocabulary, or its ``K >= k`` largest when every filtering row has ``k <= K``)."""
     K = sorted_BK.shape[-1]
-    rank_K = jnp.arange(K)
     k_B = jnp.where(top_k_B > 0, jnp.minimum(top_k_B, K), K)
-    in_k_BK = rank_K[None, :] < k_B[:, None]
+    # Every logit tied with the k-th is in top-k (Hugging Face's `scores < kth` removal), and so
+    # in the distribution top-p renormalises, not only the first k in sort order.
+    kth_B1 = jnp.take_along_axis(sorted_BK, (k_B - 1)[:, None], axis=-1)
+    in_k_BK = sorted_BK >= kth_B1
     probs_BK = jax.nn.softmax(jnp.where(in_k_BK, sorted_BK, NEG_INF), axis=-1)
     mass_before_BK = jnp.cumsum(probs_BK, axis=-1) - probs_BK
     in_p_BK = (mass_before_BK < top_p_B[:, None]) | (top_p_B[:, None] >= 1.0)

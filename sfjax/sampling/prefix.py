@@ -21,7 +21,8 @@ Policy (host side, :meth:`PrefixCache.plan`):
 At least one token of every prompt is left to the main program, whose last prompt position
 produces the first logits. Weight changes (a KTO update replaces the LoRA arrays) invalidate the
 cache: identity of every weight array is checked through weak references, so nothing is kept
-alive.
+alive; so does a change of the model's structure (``lora.adapters_disabled``: same arrays,
+another function).
 
 The prefix occupies slots ``[0, Pb)`` of every row of the decode cache (right-padded: real tokens
 in ``[0, L)``, masked slots after), the prompt suffixes follow, left-padded, in
@@ -78,6 +79,8 @@ class CachedPrefix:
     k_LyP: jax.Array
     v_LyP: jax.Array
     weights: tuple[weakref.ref, ...]
+    graphdef: object = None
+    """The model structure it was computed with (LoRA adapters switched off is another one)."""
 
     @property
     def slots(self) -> int:
@@ -157,7 +160,7 @@ class PrefixCache:
             return None
         leaves = jax.tree.leaves(state if weights is None else weights)
         entry = self.entry
-        if entry is not None and not self._same_weights(entry, leaves):
+        if entry is not None and not self._same_weights(entry, leaves, graphdef):
             entry = self.entry = None
         if entry is not None:
             reuse = min([cap] + [common_prefix_len(entry.tokens, p) for p in prompt_ids])
@@ -166,7 +169,8 @@ class PrefixCache:
                     entry = self._build(entry.tokens[:reuse], graphdef, state, leaves)
                 elif reuse < len(entry.tokens):
                     entry = CachedPrefix(
-                        entry.tokens[:reuse], entry.k_LyP, entry.v_LyP, entry.weights
+                        entry.tokens[:reuse], entry.k_LyP, entry.v_LyP, entry.weights,
+                        entry.graphdef,
                     )
                     self.entry = entry
                 return entry
@@ -198,8 +202,9 @@ class PrefixCache:
         return self._sharded_programs[key]
 
     @staticmethod
-    def _same_weights(entry: CachedPrefix, leaves) -> bool:
-        return len(leaves) == len(entry.weights) and all(
+    def _same_weights(entry: CachedPrefix, leaves, graphdef) -> bool:
+        # The structure too: `lora.adapters_disabled` keeps every array but changes the function.
+        return entry.graphdef == graphdef and len(leaves) == len(entry.weights) and all(
             ref() is leaf for ref, leaf in zip(entry.weights, leaves)
         )
 
@@ -221,5 +226,7 @@ class PrefixCache:
             k, v = program(graphdef, state, empty.k, empty.v,
                            *parallel.put((ids_1P, mask_1P), rep))  # fmt: skip
         self.num_builds += 1
-        self.entry = CachedPrefix(tokens, k, v, tuple(weakref.ref(x) for x in leaves))
+        self.entry = CachedPrefix(
+            tokens, k, v, tuple(weakref.ref(x) for x in leaves), graphdef
+        )
         return self.entry

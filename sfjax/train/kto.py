@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sfjax.console import progress_bar
 from sfjax.losses.kto import kto_class_weights
 from sfjax.models import lora as lora_lib
 from sfjax.train.data import (
@@ -62,7 +63,7 @@ from sfjax.train.data import (
 )
 from sfjax.train.forward import sequence_logps
 from sfjax.train.kto_config import KTOConfig
-from sfjax.train.kto_logging import RunningRewards, open_writer, progress_bar, progress_postfix
+from sfjax.train.kto_logging import RunningRewards, open_writer, progress_postfix
 from sfjax.train.step import (
     _step_spec,
     lr_schedule,
@@ -229,7 +230,11 @@ class KTOTrainer:
         window: list[dict[str, np.ndarray]] = []
         self._running = RunningRewards()  # the progress bar's margin over this call so far
         pending = None
-        bar = progress_bar(total, c.progress, initial=self.step)
+        # one bar per run, not one per host; shown in logs too, kept when done (its postfix)
+        bar = progress_bar(
+            total, "KTO", enabled=c.progress and jax.process_index() == 0, terminal_only=False,
+            leave=True, unit="step", initial=self.step,
+        )  # fmt: skip
         opt_state = self.opt_state
         call_step = 0
         try:

@@ -2,12 +2,11 @@
 
 :class:`sfjax.train.kto.KTOTrainer` writes every logged step's metrics under TRL's tag names
 (``train/loss``, ``train/rewards/chosen`` …) to the writer :func:`open_writer` returns, and
-shows :func:`progress_postfix` on the :func:`progress_bar`, both on process 0 only.
+shows :func:`progress_postfix` on its :func:`sfjax.console.progress_bar`, both on process 0 only.
 """
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 
 
@@ -69,12 +68,3 @@ def progress_postfix(entry: dict[str, float], running: RunningRewards) -> dict[s
         "kl": _fmt(entry.get("kl")),
         "kl_raw": _fmt(entry.get("kl_unclamped")),
     }
-
-
-def progress_bar(total: int, enabled: bool, initial: int = 0):
-    """The tqdm bar of a ``train()`` call, counting optimizer steps from ``initial``."""
-    from tqdm.auto import tqdm
-
-    # One bar per run, not one per host.
-    enabled = enabled and jax.process_index() == 0
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="KTO", unit="step")

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from sfjax.agents.actor import ActorDecision
-from sfjax.agents.loop import LoopConfig, SelfFinetuningLoop, format_table, phase_plan
+from sfjax.agents.loop import SelfFinetuningLoop, format_table, phase_plan
+from sfjax.agents.loop_config import LoopConfig
 from sfjax.agents.prompts import PromptConfig, format_output, parse_output
 from sfjax.agents.reflector import ReflectorConfig, make_reflector
 from sfjax.agents.rfr import RfRConfig
@@ -185,10 +186,11 @@ def test_api_key_never_in_logs_events_or_checkpoints(tmp_path, monkeypatch, capl
     import logging
 
     from fake_openai import FakeOpenAI
+    from reflector_inputs import KEY_ENV, SECRET
     from tensorboardX import SummaryWriter
-    from test_reflector import HOSTILE_FAULTS, SECRET, _api_cfg
+    from test_reflector import HOSTILE_FAULTS, _api_cfg
 
-    monkeypatch.setenv("SFJAX_TEST_REFLECTOR_KEY", SECRET)
+    monkeypatch.setenv(KEY_ENV, SECRET)
     caplog.set_level(logging.DEBUG)
     run_dir = tmp_path / "run"
     with FakeOpenAI(fault_rate=0.5, faults=HOSTILE_FAULTS, seed=1, hang_s=0.6) as server:

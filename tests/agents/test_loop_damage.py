@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from test_loop import _loop, _strip
 
-from sfjax.agents.loop import LoopConfig
+from sfjax.agents.loop_config import LoopConfig
 from sfjax.atomic import DamagedFile
 from sfjax.configcheck import ConfigError, check_config
 
@@ -63,6 +63,18 @@ def _bad_meta(step_dir):
             p.write_text('{"phase_index": 5, "traj')
 
 
+# Any unraisable exception fails this test, except one that orbax causes and sfjax cannot
+# prevent: orbax 0.12's synchronous restore (asyncio_utils._run_sync_via_new_loop) closes its
+# fresh event loop as soon as one read of the damaged checkpoint fails, while tensorstore's other
+# reads are still in flight; each of those then calls back into the closed loop (RuntimeError
+# from call_soon_threadsafe, in a tensorstore thread, hence unraisable). A restore with every
+# checkpoint manager closed shows it too, and draining the loop's pending tasks before orbax
+# closes it removes it; nothing sfjax holds can wait for those reads.
+@pytest.mark.filterwarnings(
+    "error::pytest.PytestUnraisableExceptionWarning",
+    r"ignore:Exception ignored in. None[\s\S]*in call_soon_threadsafe[\s\S]*"
+    r"RuntimeError. Event loop is closed:pytest.PytestUnraisableExceptionWarning",
+)
 @pytest.mark.parametrize("damage", [_truncate, _zero, _empty, _bad_meta])
 def test_damaged_newest_checkpoint_falls_back(tmp_path, caplog, reference, damage):
     """Before: 250 lines ending in 'Event loop is closed' (truncated / zeroed arrays), KeyError

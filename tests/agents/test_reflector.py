@@ -12,6 +12,7 @@ import random
 import jax
 import pytest
 from fake_openai import FakeOpenAI, steps_in, truth
+from reflector_inputs import KEY_ENV, SECRET, make_step, random_trajectory
 
 from sfjax.agents.prompts import PromptConfig
 from sfjax.agents.reflector import (
@@ -27,43 +28,10 @@ from sfjax.agents.reflector import (
     validate_reply,
 )
 from sfjax.agents.reflectors.base import trajectory_summary, windows
-from sfjax.agents.trajectory import Step, Trajectory
+from sfjax.agents.trajectory import Trajectory
 from sfjax.envs.objective import Objective
 
 PCFG = PromptConfig(action_lo=1, action_hi=13)
-
-
-def _step(t, action, prev, *, violation=0, dropped=0.0, arrival=4e6, se=5.0, other=None):
-    fb = {
-        "se": se,
-        "violation": float(violation),
-        "reconfiguration": float(action != prev),
-        "arrival_rate_bps": arrival,
-        "queue_delta_bytes": 0.0,
-        "dropped_bytes": dropped,
-    }
-    if other is not None:  # per-slice flags (the env's feedback): violation = cell-wide
-        fb["slice_violation"] = float(violation)
-        fb["other_violation"] = float(other)
-        fb["violation"] = float(violation or other)
-    state = {
-        "prev_action": prev,
-        "se": 5.0,
-        "arrival_rate_bps": arrival,
-        "queue_delta_bytes": 0.0,
-        "dropped_bytes": 0.0,
-    }
-    return Step(t, state, f"prompt {t}", f"Action: {action}", "r", action, "a", True, fb)
-
-
-def _random_traj(n, seed, env_index=0):
-    rng = random.Random(seed)
-    steps, prev = [], 7
-    for t in range(n):
-        a = rng.randint(1, 13)
-        steps.append(_step(t, a, prev, violation=rng.random() < 0.2, arrival=rng.uniform(2e6, 8e6)))
-        prev = a
-    return Trajectory(env_index, seed, steps)
 
 
 # -- rule backend ----------------------------------------------------------------------------
@@ -71,13 +39,13 @@ def _random_traj(n, seed, env_index=0):
 
 def test_rule_labeller_constructed_cases():
     steps = [
-        _step(0, 5, 5, arrival=4e6),  # a clean hold: never told to move (rule 5 skips holds)
-        _step(1, 5, 5, violation=1, arrival=6e6),  # violation -> +1
-        _step(2, 6, 5, arrival=6e6),  # increase after a violation -> not needless; over? no
-        _step(3, 4, 6, arrival=5e6),  # decrease undone next step: 2 reconfigurations for
+        make_step(0, 5, 5, arrival=4e6),  # a clean hold: never told to move (rule 5 skips holds)
+        make_step(1, 5, 5, violation=1, arrival=6e6),  # violation -> +1
+        make_step(2, 6, 5, arrival=6e6),  # increase after a violation -> not needless; over? no
+        make_step(3, 4, 6, arrival=5e6),  # decrease undone next step: 2 reconfigurations for
         #                               15 x 5.0 x (1 - 4/6) = 25 < 30 of SE -> keep 6
-        _step(4, 6, 4, arrival=5e6),  # increase, previous clean, demand flat -> keep 4
-        _step(5, 13, 6, dropped=100.0, arrival=9e6),  # drops at max: nothing larger exists
+        make_step(4, 6, 4, arrival=5e6),  # increase, previous clean, demand flat -> keep 4
+        make_step(5, 13, 6, dropped=100.0, arrival=9e6),  # drops at max: nothing larger exists
     ]
     traj = Trajectory(0, 0, steps)
     refl = make_reflector(ReflectorConfig(backend="rule"), PCFG).reflect([traj])[0]
@@ -100,10 +68,10 @@ def test_rule_labeller_constructed_cases():
 
 def test_rule_labeller_follows_the_cell_wide_objective():
     steps = [
-        _step(0, 6, 6, violation=0, other=1),  # slice 1 starved -> give slice 0 less
-        _step(1, 1, 6, violation=0, other=1),  # ... but 1 is the smallest action
-        _step(2, 6, 1, violation=1, other=1),  # both violated: no better split is known
-        _step(3, 6, 6, violation=1, other=0),  # slice 0 violated -> more
+        make_step(0, 6, 6, violation=0, other=1),  # slice 1 starved -> give slice 0 less
+        make_step(1, 1, 6, violation=0, other=1),  # ... but 1 is the smallest action
+        make_step(2, 6, 1, violation=1, other=1),  # both violated: no better split is known
+        make_step(3, 6, 6, violation=1, other=0),  # slice 0 violated -> more
     ]
     traj = Trajectory(0, 0, steps)
     got = [
@@ -113,7 +81,7 @@ def test_rule_labeller_follows_the_cell_wide_objective():
     assert got == [("suboptimal", 5), ("effective", 1), ("effective", 6), ("suboptimal", 7)]
     # with controlled-slice violations only, slice 1's violation is no fault of the action
     ctrl = dataclasses.replace(PCFG, objective=Objective(violation_scope="controlled"))
-    steps[0] = _step(0, 6, 6, violation=0, other=0)
+    steps[0] = make_step(0, 6, 6, violation=0, other=0)
     steps[0].feedback["other_violation"] = 1.0  # reported, but not scored
     labels = make_reflector(ReflectorConfig(backend="rule"), ctrl).reflect([traj])[0].labels
     assert (labels[0].label, labels[0].improved_action) == ("effective", 6)
@@ -128,7 +96,7 @@ def test_rule_labels_are_consistent_on_random_trajectories():
         for t in range(30):
             a = rng.randint(1, 13)
             steps.append(
-                _step(
+                make_step(
                     t,
                     a,
                     prev,
@@ -159,15 +127,15 @@ def test_rule_short_lived_decrease_is_priced_with_the_objective():
     # 8 -> 6 for two clean steps, back to 8: freed 2 x 1.0 x (1 - 6/8) = 0.5 SE-steps,
     # 15 x 0.5 = 7.5 < 2 reconfigurations x 15 -> keep 8
     dip = [
-        _step(0, 8, 8, se=1.0),
-        _step(1, 6, 8, se=1.0),
-        _step(2, 6, 6, se=1.0),
-        _step(3, 8, 6, se=1.0, arrival=5e6),
+        make_step(0, 8, 8, se=1.0),
+        make_step(1, 6, 8, se=1.0),
+        make_step(2, 6, 6, se=1.0),
+        make_step(3, 8, 6, se=1.0, arrival=5e6),
     ]
     assert _labels(dip)[1] == ("suboptimal", 8)
     # the same dip at a high SE bought more than its reconfigurations cost: not flagged
     rich = [
-        _step(
+        make_step(
             t,
             s.action,
             int(s.state["prev_action"]),
@@ -182,7 +150,7 @@ def test_rule_short_lived_decrease_is_priced_with_the_objective():
     assert _labels(rich, sched)[1] == ("suboptimal", 8)
     # a violation inside the dip: the decrease is not known to be harmless -> not this rule
     bad = list(dip)
-    bad[2] = _step(2, 6, 6, se=1.0, violation=1)
+    bad[2] = make_step(2, 6, 6, se=1.0, violation=1)
     assert (
         "undone"
         not in make_reflector(ReflectorConfig(backend="rule"), PCFG)
@@ -199,11 +167,11 @@ def test_rule_over_provisioned_only_at_changes():
     # 4 ran cleanly at 6 Mb/s; the increase 5 -> 7 under 5 Mb/s was not needed beyond 5 (the
     # previous allocation, between 4 and 7) and a later hold at 7 is not told to move
     steps = [
-        _step(0, 4, 4, arrival=6e6),
-        _step(1, 5, 4, violation=1, arrival=6.5e6),
-        _step(2, 7, 5, arrival=5e6),
-        _step(3, 7, 7, arrival=5e6),
-        _step(4, 6, 7, arrival=4e6),
+        make_step(0, 4, 4, arrival=6e6),
+        make_step(1, 5, 4, violation=1, arrival=6.5e6),
+        make_step(2, 7, 5, arrival=5e6),
+        make_step(3, 7, 7, arrival=5e6),
+        make_step(4, 6, 7, arrival=4e6),
     ]
     got = _labels(steps)
     assert got[2] == ("suboptimal", 5)  # increase without need: hold the previous 5
@@ -214,7 +182,7 @@ def test_rule_over_provisioned_only_at_changes():
 def test_rule_one_step_increase_is_opt_in():
     # one clean step under the same demand is too little evidence for the objective's 20:1
     # violation weight: the increase stands unless rule 3 is switched on
-    steps = [_step(0, 5, 5, arrival=5e6), _step(1, 6, 5, arrival=5.1e6)]  # +2 % demand
+    steps = [make_step(0, 5, 5, arrival=5e6), make_step(1, 6, 5, arrival=5.1e6)]  # +2 % demand
     assert _labels(steps)[1] == ("effective", 6)
     assert _labels(steps, one_step_increase=True)[1] == ("suboptimal", 5)
 
@@ -251,7 +219,7 @@ def test_rule_labeller_prefers_the_better_controller(tiny_checkpoint):
 
 
 def test_rule_labeller_up_step_and_bounds():
-    traj = Trajectory(0, 0, [_step(0, 12, 12, violation=1)])
+    traj = Trajectory(0, 0, [make_step(0, 12, 12, violation=1)])
     r = make_reflector(ReflectorConfig(backend="rule", rule=RuleReflectorConfig(up_step=3)), PCFG)
     assert r.reflect([traj])[0].labels[0].improved_action == 13
 
@@ -328,9 +296,6 @@ def test_windows_cover_exactly():
 
 # -- api backend against a hostile fake server -----------------------------------------------
 
-SECRET = "sk-test-DO-NOT-LEAK-8c1f2e"
-
-
 HOSTILE_FAULTS = (
     ("429",) * 7 + ("500",) * 5 + ("hang",) * 3 + ("malformed",) * 3 + ("missing_steps",) * 2
 )
@@ -342,7 +307,7 @@ def _api_cfg(url, **kw):
     base = dict(
         base_url=url,
         model="fake-r1",
-        api_key_env="SFJAX_TEST_REFLECTOR_KEY",
+        api_key_env=KEY_ENV,
         max_concurrency=4,
         timeout_s=0.3,
         max_retries=40,
@@ -357,9 +322,9 @@ def _api_cfg(url, **kw):
 
 
 def test_api_backend_survives_hostile_server(tmp_path, monkeypatch, caplog):
-    monkeypatch.setenv("SFJAX_TEST_REFLECTOR_KEY", SECRET)
+    monkeypatch.setenv(KEY_ENV, SECRET)
     caplog.set_level(logging.DEBUG)
-    trajs = [_random_traj(35, seed=s, env_index=s) for s in range(3)]
+    trajs = [random_trajectory(35, seed=s, env_index=s) for s in range(3)]
     cache = tmp_path / "cache"
     with FakeOpenAI(fault_rate=0.7, faults=HOSTILE_FAULTS, seed=1, hang_s=0.6) as server:
         reflector = make_reflector(_api_cfg(server.url), PCFG, cache)
@@ -396,27 +361,27 @@ def test_api_backend_survives_hostile_server(tmp_path, monkeypatch, caplog):
 
 
 def test_api_backend_gives_up_clearly(tmp_path, monkeypatch):
-    monkeypatch.setenv("SFJAX_TEST_REFLECTOR_KEY", SECRET)
+    monkeypatch.setenv(KEY_ENV, SECRET)
     with FakeOpenAI() as server:
         server.refuse_all = True
         r = make_reflector(_api_cfg(server.url, max_retries=2), PCFG, tmp_path)
         with pytest.raises(ReflectorError, match="failed 3 times") as e:
-            r.reflect([_random_traj(5, 0)])
+            r.reflect([random_trajectory(5, 0)])
         assert SECRET not in str(e.value)
 
 
 def test_api_backend_needs_key(monkeypatch):
-    monkeypatch.delenv("SFJAX_TEST_REFLECTOR_KEY", raising=False)
-    with pytest.raises(ReflectorError, match="SFJAX_TEST_REFLECTOR_KEY"):
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    with pytest.raises(ReflectorError, match=KEY_ENV):
         make_reflector(_api_cfg("http://127.0.0.1:9/v1"), PCFG)
 
 
 def test_api_backend_never_accepts_malformed(tmp_path, monkeypatch):
-    monkeypatch.setenv("SFJAX_TEST_REFLECTOR_KEY", SECRET)
+    monkeypatch.setenv(KEY_ENV, SECRET)
     with FakeOpenAI(fault_rate=1.0, faults=("malformed",)) as server:  # every reply malformed
         r = make_reflector(_api_cfg(server.url, max_format_retries=2), PCFG, tmp_path)
         with pytest.raises(ReflectorError, match="still invalid after 3 attempts"):
-            r.reflect([_random_traj(5, 0)])
+            r.reflect([random_trajectory(5, 0)])
     assert not list(tmp_path.glob("*.json"))  # nothing invalid was cached
 
 
@@ -424,7 +389,7 @@ def test_api_backend_never_accepts_malformed(tmp_path, monkeypatch):
 
 
 def test_local_backend_retries_invalid_windows():
-    trajs = [_random_traj(12, seed=1, env_index=5)]
+    trajs = [random_trajectory(12, seed=1, env_index=5)]
     calls = []
 
     def generate(convos, key):
@@ -470,7 +435,7 @@ def test_local_backend_on_tiny_checkpoint_rejects_gibberish(tiny_checkpoint):
     r = make_reflector(cfg, PCFG)
     assert r.name == f"local ({tiny_checkpoint})"
     with pytest.raises(ReflectorError, match="still invalid after 2 attempts"):
-        r.reflect([_random_traj(6, seed=0)], jax.random.key(0))
+        r.reflect([random_trajectory(6, seed=0)], jax.random.key(0))
     assert r.stats["requests"] == 4  # 2 windows, each asked twice
 
 
@@ -549,7 +514,7 @@ def test_failure_on_process_0_raises_on_the_others(monkeypatch):
 def test_which_backends_are_collective(tmp_path, monkeypatch):
     from sfjax.agents.reflectors.broadcast import is_collective
 
-    monkeypatch.setenv("SFJAX_TEST_REFLECTOR_KEY", "k")
+    monkeypatch.setenv(KEY_ENV, "k")
     assert not is_collective(make_reflector(ReflectorConfig(backend="rule"), PCFG))
     assert not is_collective(make_reflector(_api_cfg("http://127.0.0.1:9/v1"), PCFG, tmp_path))
     local = LocalReflector(LocalReflectorConfig(), PCFG, lambda convs, key: [], "m")

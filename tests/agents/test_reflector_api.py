@@ -4,13 +4,14 @@ trajectories in one request, retries logged and counted, and the key kept out of
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-import random
 import time
 
 import pytest
 from fake_openai import ALL_FAULTS, NON_COMPLETION_200, FakeOpenAI, truth
+from reflector_inputs import KEY_ENV, SECRET, random_trajectory
 
 from sfjax.agents.prompts import PromptConfig
 from sfjax.agents.reflector import (
@@ -21,32 +22,13 @@ from sfjax.agents.reflector import (
     validate_reply,
 )
 from sfjax.agents.reflectors.api import looks_like_key
-from sfjax.agents.trajectory import Step, Trajectory
 from sfjax.configcheck import ConfigError, check_config
 
 PCFG = PromptConfig(action_lo=1, action_hi=12)
-KEY_ENV = "SFJAX_TEST_REFLECTOR_KEY"
-SECRET = "sk-test-DO-NOT-LEAK-8c1f2e"
 
 
-def _traj(n, seed=0, env_index=0):
-    rng = random.Random(seed)
-    steps, prev = [], 7
-    for t in range(n):
-        a = rng.randint(1, 12)
-        fb = {
-            "se": 5.0,
-            "violation": float(rng.random() < 0.2),
-            "reconfiguration": float(a != prev),
-            "arrival_rate_bps": 4e6,
-            "queue_delta_bytes": 0.0,
-            "dropped_bytes": 0.0,
-        }
-        state = {"prev_action": prev, "se": 5.0, "arrival_rate_bps": 4e6,
-                 "queue_delta_bytes": 0.0, "dropped_bytes": 0.0}  # fmt: skip
-        steps.append(Step(t, state, "p", f"Action: {a}", "r", a, "a", True, fb))
-        prev = a
-    return Trajectory(env_index, seed, steps)
+_traj = functools.partial(random_trajectory, action_hi=PCFG.action_hi, arrival=4e6)
+"""Random trajectories in this file's action range at a constant 4 Mbit/s."""
 
 
 def _reflector(url, tmp_path, **kw):
@@ -213,3 +195,20 @@ def test_slow_reflect_phase_logs_a_heartbeat(tmp_path, caplog, monkeypatch):
         r.reflect([_traj(3)])
     lines = [m for m in caplog.messages if m.startswith("reflect (api):")]
     assert "0 of 1 requests answered" in lines[0] and "1 of 1" in lines[-1]
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_progress_false_hides_the_bar(tmp_path, monkeypatch, progress):
+    """make_reflector(progress=False) (table3 runs sf_ranslicing.run(progress=False)): the api
+    backend's bar is off too; before, it showed on a terminal whatever the loop was told."""
+    import sfjax.agents.reflectors.api as api
+
+    shown = []
+    real = api.progress_bar
+    monkeypatch.setattr(api, "progress_bar", lambda *a, **kw: shown.append(kw) or real(*a, **kw))
+    with FakeOpenAI() as server:
+        cfg = ApiReflectorConfig(base_url=server.url, model="fake-r1", api_key_env=KEY_ENV)
+        r = make_reflector(ReflectorConfig(backend="api", api=cfg), PCFG, tmp_path / "cache",
+                           progress=progress)  # fmt: skip
+        r.reflect([_traj(4)])
+    assert [kw.get("enabled", True) for kw in shown] == [progress]

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from attention_calls import record_attention_calls
 from flax import nnx
 
 from sfjax import testing
@@ -353,19 +354,11 @@ def test_only_kv_cache_writes_are_marked_never_differentiated(tiny_model, monkey
     """The layer tells the attention dispatcher which calls may be differentiated: the
     un-cached forward may, a KV-cache write (prefill, decode) never (then "auto" may give
     cuDNN odd lengths: sfjax.models.attention.cudnn_unsupported_reason)."""
-    from sfjax.models import attention as attn
-
-    seen, real = [], attn.attention
-
-    def recording(q, k, v, visible, implementation=None, *, differentiable=True):
-        seen.append(differentiable)
-        return real(q, k, v, visible, implementation, differentiable=differentiable)
-
-    monkeypatch.setattr(attn, "attention", recording)
+    seen = record_attention_calls(monkeypatch)
     ids, mask = left_padded(2, 7, pads=[0, 2], seed=3)
     forward(tiny_model, ids, mask)
     L = tiny_model.config.num_layers
-    assert seen == [True] * L
+    assert [c.differentiable for c in seen] == [True] * L
     seen.clear()
     forward_cached(tiny_model, ids, mask, init_cache(tiny_model.config, 2, 9, jnp.float32))
-    assert seen == [False] * L
+    assert [c.differentiable for c in seen] == [False] * L

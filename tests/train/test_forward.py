@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from attention_calls import record_attention_calls
 from flax import nnx
 
 from sfjax.losses.kto import completion_logps
@@ -104,15 +105,7 @@ def test_shared_prompt_attention_lengths_are_even(tiny_checkpoint, monkeypatch, 
     query and key lengths (cuDNN's backward refuses odd ones, and under lax.scan / remat too
     late to fall back), whatever the buckets' parity; the padding changes no value or
     gradient (against the unshared forward)."""
-    from sfjax.models import attention as attn
-
-    seen, real = [], attn.attention
-
-    def recording(q, k, v, visible, implementation=None, *, differentiable=True):
-        seen.append((q.shape[1], k.shape[2], differentiable))
-        return real(q, k, v, visible, implementation, differentiable=differentiable)
-
-    monkeypatch.setattr(attn, "attention", recording)
+    seen = record_attention_calls(monkeypatch)
     model = _model(tiny_checkpoint)
     batch, rows = _rows(*buckets)
     kl = (batch.kl_completion_ids_ABC[0], batch.kl_completion_mask_ABC[0])

@@ -70,6 +70,7 @@ from sfjax.agents.reflectors.base import (
 from sfjax.agents.reflectors.transport import AttemptTransport, RetryingClient
 from sfjax.agents.trajectory import Reflection, StepLabel, Trajectory
 from sfjax.configcheck import Bad, at_least, check_config
+from sfjax.console import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,12 @@ class ApiReflector:
     """Reflector backed by an OpenAI-compatible API; see the module docstring."""
 
     def __init__(
-        self, cfg: ApiReflectorConfig, prompt_cfg: PromptConfig, cache_dir: str | os.PathLike | None
+        self,
+        cfg: ApiReflectorConfig,
+        prompt_cfg: PromptConfig,
+        cache_dir: str | os.PathLike | None,
+        *,
+        progress: bool = True,
     ):
         check_config(cfg, "reflector.api.")  # before the key's variable name is ever printed
         key = os.environ.get(cfg.api_key_env)
@@ -165,6 +171,8 @@ class ApiReflector:
             )
         self.cfg = cfg
         self.prompt_cfg = prompt_cfg
+        self.progress = progress
+        """Show a progress bar of the requests (on a terminal); the log lines come regardless."""
         self.name = f"api ({cfg.model} at {cfg.base_url})"
         self._redact = lambda text: str(text).replace(key, "[API key redacted]")
         self._local = threading.local()
@@ -386,7 +394,7 @@ class ApiReflector:
         for ti, traj in enumerate(trajectories):
             for w in self.plan_windows(traj, summaries[ti]):
                 jobs.append((ti, w))
-        progress = _progress(len(jobs), "reflect (api)")
+        progress = progress_bar(len(jobs), "reflect (api)", enabled=self.progress)
         t0 = time.monotonic()
         with ThreadPoolExecutor(max_workers=self.cfg.max_concurrency) as pool:
             futures = [
@@ -416,9 +424,3 @@ class ApiReflector:
                 Reflection(traj.env_index, merge_windows(traj, parts), summaries[ti], self.name)
             )
         return out
-
-
-def _progress(total: int, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False, disable=None)

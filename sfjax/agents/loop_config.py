@@ -1,0 +1,38 @@
+"""How much experience Algorithm 1 (paper IV-B) gathers: :class:`LoopConfig`.
+
+Its own module so that the experiments' CLI and the config checks import it without the loop
+(:mod:`sfjax.agents.loop`, which re-exports it) and its orbax / model imports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sfjax.configcheck import Bad, at_least
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Algorithm 1: how many SF iterations, how much experience per iteration."""
+
+    sf_iterations: int = 3
+    """Self-finetuning iterations I (collect -> reflect -> RfR/KTO); plus a final collect."""
+    num_envs: int = 1
+    """Parallel environments (trajectories) collected per iteration."""
+    trajectory_steps: int = 300
+    """R-MDP steps per trajectory (paper: 300 decisions of 100 ms)."""
+    env_seed: int = 0
+    """Seed of the environments' keys."""
+    same_env_seeds: bool = True
+    """Collect every iteration on the same env seeds (iterations differ only by the Actor)."""
+    seed: int = 0
+    """Seed of the Actor's sampling, rollouts and KTO (root key)."""
+    keep_checkpoints: int = 3
+    """How many phase checkpoints to keep (>= 2: the previous one is the fallback when the
+    newest is damaged)."""
+
+    def invalid(self) -> list[Bad]:
+        bad = at_least(self, 1, "sf_iterations", "num_envs", "trajectory_steps")
+        bad += at_least(self, 0, "env_seed", "seed")
+        bad += at_least(self, 2, "keep_checkpoints")
+        return bad
