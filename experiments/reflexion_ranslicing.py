@@ -132,15 +132,20 @@ def actor_checkpoint(checkpoint: str, run_dir: Path) -> str:
     return str(path)
 
 
-def run(cfg: Config, env: RanSlicingEnv, writer=None) -> tuple[MethodResult, dict]:
-    """Reflexion trials, then the frozen-memory evaluation on the shared protocol."""
+def run(
+    cfg: Config, env: RanSlicingEnv, writer=None, *, progress: bool = True
+) -> tuple[MethodResult, dict]:
+    """Reflexion trials, then the frozen-memory evaluation on the shared protocol
+    (``progress=False``: no api Reflector progress bar; the log lines stay)."""
     out_dir = cfg.run_dir / "reflexion"
     out_dir.mkdir(parents=True, exist_ok=True)
     params = env.default_params
     checkpoint = actor_checkpoint(cfg.checkpoint, cfg.run_dir)
     actor_cfg = dataclasses.replace(cfg.actor, prompt=prompt_config_for_env(env, cfg.actor.prompt))
     actor = load_actor(checkpoint, actor_cfg, dtype=cfg.dtype, actor_cls=ReflexionActor)
-    reflector = make_reflector(cfg.reflector, actor_cfg.prompt, cache_dir=cfg.run_dir / "cache")
+    reflector = make_reflector(
+        cfg.reflector, actor_cfg.prompt, cache_dir=cfg.run_dir / "cache", progress=progress
+    )
 
     def on_trial(k, record):
         save_trajectories(out_dir / "trials" / f"trial_{k + 1}.json", record.trajectories[-1])

@@ -347,7 +347,7 @@ def main(cfg: Config, preset: str = "") -> dict:
                 checkpoint=reflexion_checkpoint(cfg),
             )
             log.info("Reflexion row: %d trials, then the evaluation", refl_cfg.reflexion.trials)
-            row, summary = reflexion_ranslicing.run(refl_cfg, env, writer)
+            row, summary = reflexion_ranslicing.run(refl_cfg, env, writer, progress=False)
             rows.append(row)
             wall["Reflexion"] = time.perf_counter() - t0
             provenance.append(f"Reflexion: {summary['provenance']}")

@@ -163,3 +163,20 @@ def test_reflexion_row_uses_sfs_actor():
     alone = parse("--methods", "reflexion", "--reflexion.checkpoint", "/other")
     assert mod.reflexion_checkpoint(alone) == "/other"
     assert mod.reflexion_checkpoint(parse("--methods", "reflexion", *sf)) == "/models/Qwen3-4B"
+
+
+def test_llm_rows_run_without_progress_bars(tmp_path, script, monkeypatch):
+    """table3 prints its own lines: the SF row runs with progress=False, and so does the
+    Reflexion row (before, its api Reflector's bar showed on a terminal)."""
+    cli, _ = script
+    mod = experiment("table3")
+    kwargs = []
+
+    def fake_reflexion_run(cfg, env, writer=None, **kw):
+        kwargs.append(kw)
+        raise Stop
+
+    monkeypatch.setattr(mod.reflexion_ranslicing, "run", fake_reflexion_run)
+    with pytest.raises(Stop):
+        cli("--run-dir", str(tmp_path / "t"), "--methods", "reflexion")
+    assert kwargs == [{"progress": False}]
