@@ -340,13 +340,6 @@ def predicted_run_s(job: Job, tiny: bool = False) -> float:
     return 30.0  # the attention probe: kernels alone
 
 
-def _layers(argv: list[str]) -> str:
-    """The layer mode a job's arguments select (bench_compile's mode names)."""
-    if "--unrolled" in argv:
-        return "unrolled"
-    return "scan_decode" if "--scan-decode" in argv else "scanned"
-
-
 def dry_run(jobs: list[Job], args) -> dict:
     """Each job's predicted compile (CPU AOT x factor) and run time (floor), against its cap and
     the budget; printed as a table, returned as a dict."""
@@ -356,15 +349,20 @@ def dry_run(jobs: list[Job], args) -> dict:
     except FileNotFoundError:
         raise SystemExit(f"{args.compile_json} not found: run benchmarks/bench_compile.py "
                          f"--out {args.compile_json} first (or pass --compile-json)") from None
+    import gpu_common as gc
+
     extra = args.extra.split()
+    mode = gc.layer_mode("--unrolled" in extra, "--scan-decode" in extra)
     out, total = {}, 0.0
     print(f"{'job':13s} {'compile s':>10s} {'run s (floor)':>14s} {'sum':>8s} {'cap':>6s}")
     for job in jobs:
-        mode = _layers(extra + list(job.args))
+        argv = extra + list(job.args)
+        job_mode = gc.layer_mode("--unrolled" in argv, "--scan-decode" in argv)
         cpu = 0.0
         for name, count in job.programs:
             recs = programs.get(name, {})  # programs without a decode step: their scanned time
-            rec = recs.get(mode) or recs.get("scanned" if mode == "scan_decode" else "unrolled")
+            rec = recs.get(job_mode) or recs.get(
+                "scanned" if job_mode == "scan_decode" else "unrolled")
             rec = rec or recs.get("unrolled")
             cpu += count * (rec["total_s"] if rec else 0.0)
         compile_s = cpu * args.gpu_compile_factor
@@ -378,10 +376,9 @@ def dry_run(jobs: list[Job], args) -> dict:
               f"{job.cap_s:6.0f}{flag}", flush=True)
     fits = total <= args.budget_s
     print(f"total predicted {total:.0f} s of a {args.budget_s:.0f} s budget"
-          f"{'' if fits else ' -- OVER BUDGET'} ({_layers(extra)} layers unless a job says "
+          f"{'' if fits else ' -- OVER BUDGET'} ({mode} layers unless a job says "
           f"otherwise; compile = CPU AOT x {args.gpu_compile_factor})", flush=True)
-    return {"jobs": out, "total_s": round(total, 1), "fits_budget": fits,
-            "mode": _layers(extra)}
+    return {"jobs": out, "total_s": round(total, 1), "fits_budget": fits, "mode": mode}
 
 
 def main(argv=None) -> dict:

@@ -181,16 +181,18 @@ def _full_record(args, name: str, record: dict, complete: bool) -> dict:
             "device": device_info(),
             "attention": {"requested": getattr(args, "attention", None),
                           "traced_calls": attention.choices()},
-            "layers": layer_mode(args),
+            "layers": layer_mode(getattr(args, "unrolled", False),
+                                 getattr(args, "scan_decode", False)),
             **record}
 
 
-def layer_mode(args) -> str:
-    """How the model's layers ran: ``unrolled``, ``scanned`` (prefill and training scanned,
-    decode unrolled: the default) or ``scan_decode`` (decode steps scanned too)."""
-    if getattr(args, "unrolled", False):
+def layer_mode(unrolled: bool, scan_decode: bool) -> str:
+    """The layer mode of ``--unrolled`` / ``--scan-decode`` (bench_compile's mode names):
+    ``unrolled``, ``scanned`` (prefill and training scanned, decode unrolled: the default) or
+    ``scan_decode`` (decode steps scanned too)."""
+    if unrolled:
         return "unrolled"
-    return "scan_decode" if getattr(args, "scan_decode", False) else "scanned"
+    return "scan_decode" if scan_decode else "scanned"
 
 
 def emit(args, name: str, record: dict) -> dict:
