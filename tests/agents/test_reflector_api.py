@@ -31,14 +31,14 @@ _traj = functools.partial(random_trajectory, action_hi=PCFG.action_hi, arrival=4
 """Random trajectories in this file's action range at a constant 4 Mbit/s."""
 
 
-def _reflector(url, tmp_path, **kw):
+def _reflector(url, tmp_path, progress=True, **kw):
     base = dict(
         base_url=url, model="fake-r1", api_key_env=KEY_ENV, max_concurrency=2, timeout_s=0.4,
         max_retries=30, backoff_base_s=0.001, backoff_max_s=0.01, max_format_retries=30,
     )  # fmt: skip
     base.update(kw)
     return make_reflector(ReflectorConfig(backend="api", api=ApiReflectorConfig(**base)), PCFG,
-                          tmp_path / "cache")  # fmt: skip
+                          tmp_path / "cache", progress=progress)  # fmt: skip
 
 
 def _assert_right(trajs, out):
@@ -207,8 +207,5 @@ def test_progress_false_hides_the_bar(tmp_path, monkeypatch, progress):
     real = api.progress_bar
     monkeypatch.setattr(api, "progress_bar", lambda *a, **kw: shown.append(kw) or real(*a, **kw))
     with FakeOpenAI() as server:
-        cfg = ApiReflectorConfig(base_url=server.url, model="fake-r1", api_key_env=KEY_ENV)
-        r = make_reflector(ReflectorConfig(backend="api", api=cfg), PCFG, tmp_path / "cache",
-                           progress=progress)  # fmt: skip
-        r.reflect([_traj(4)])
+        _reflector(server.url, tmp_path, progress=progress).reflect([_traj(4)])
     assert [kw.get("enabled", True) for kw in shown] == [progress]
