@@ -372,7 +372,7 @@ def evaluate_trained(
     result: TrainResult, env, protocol: EvalProtocol, deterministic: bool = True
 ) -> Rollouts:
     """Evaluate every trained seed on the shared protocol; arrays come back as [N, S, T]."""
-    env_params = result.algo.env_params.replace(max_steps_in_episode=protocol.num_steps)
+    env_params = protocol.episode_params(result.algo.env_params)
     reset_S, steps_ST, policy_S = protocol.all_keys()
     eval_env = RejaxEnv(env)
 
