@@ -62,8 +62,9 @@ class LoRAConfig:
     dropout: float = 0.0
     """Dropout on the adapter input during training (PEFT ``lora_dropout``)."""
     target_modules: tuple[str, ...] | str = DEFAULT_TARGETS
-    """Attribute names of the projections to wrap (any of q/k/v/o_proj, gate/up/down_proj,
-    lm_head), or a regex (PEFT style) matched against HF module names."""
+    """Projections to wrap, matched as PEFT does against HF module names: names or dotted
+    suffixes (any of q/k/v/o_proj, gate/up/down_proj, lm_head; ``self_attn.q_proj``;
+    ``model.layers.0.mlp.up_proj``), or one regex the whole name must match."""
     use_rslora: bool = False
     """Rank-stabilised scaling alpha / sqrt(r) (PEFT ``use_rslora``)."""
     param_dtype: str = "float32"
@@ -157,26 +158,32 @@ def _per_layer(model: nnx.Module) -> Iterator[tuple[str, LoRALinear, int | None]
                 yield f"model.layers.{i}.{rest}", module, i
 
 
-def _targets(model: nnx.Module, targets) -> list[tuple[nnx.Module, str, tuple]]:
-    """(parent, attribute, path) for each plain :class:`Linear` whose attribute is targeted."""
+def _peft_match(targets, name: str) -> bool:
+    """PEFT's rule (``check_target_module_exists``): a str is a regex the whole HF module name
+    must match; a list names modules exactly or by a dotted suffix (``q_proj``,
+    ``self_attn.q_proj``, ``model.layers.0.self_attn.q_proj``)."""
     if isinstance(targets, str):
-        pattern = re.compile(targets)
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
 
-        def wanted(path, attr):
-            name = _hf_module_name(path + (attr,))
-            if not name.startswith("model.layers.") or name.split(".")[2].isdigit():
-                return pattern.fullmatch(name) is not None
-            # stacked layers (scan_layers): one adapter serves every layer, so all or none
-            rest = name.removeprefix("model.layers.")
-            hits = {pattern.fullmatch(f"model.layers.{i}.{rest}") is not None
-                    for i in range(getattr(model.config, "num_layers", 1))}  # fmt: skip
-            if len(hits) > 1:
-                raise ValueError(f"target_modules {targets!r} selects some layers' {rest} only; "
-                                 "per-layer targets need a model with scan_layers=False")
-            return hits.pop()
-    else:
-        names = set(targets)
-        wanted = lambda path, attr: attr in names  # noqa: E731
+
+def _targets(model: nnx.Module, targets) -> list[tuple[nnx.Module, str, tuple]]:
+    """(parent, attribute, path) for each plain :class:`Linear` that ``targets`` selects
+    (:func:`_peft_match` on its HF module name)."""
+
+    def wanted(path, attr):
+        name = _hf_module_name(path + (attr,))
+        if not name.startswith("model.layers.") or name.split(".")[2].isdigit():
+            return _peft_match(targets, name)
+        # stacked layers (scan_layers): one adapter serves every layer, so all or none
+        rest = name.removeprefix("model.layers.")
+        hits = {_peft_match(targets, f"model.layers.{i}.{rest}")
+                for i in range(getattr(model.config, "num_layers", 1))}  # fmt: skip
+        if len(hits) > 1:
+            raise ValueError(f"target_modules {targets!r} selects some layers' {rest} only; "
+                             "per-layer targets need a model with scan_layers=False")
+        return hits.pop()
+
     found = []
     for path, module in list(nnx.iter_modules(model)):
         if isinstance(module, LoRALinear):

@@ -167,3 +167,46 @@ def test_peft_loads_export_with_same_logits(tiny_checkpoint_untied, tmp_path, rs
     # The adapter moves the logits far more than the tolerance, so the comparison can fail.
     assert np.abs(ours - ours_base)[real].max() > 50 * 1e-4
     np.testing.assert_allclose(ours[real], theirs[real], rtol=0, atol=1e-4)
+
+
+# ------------------------------------------------------------------ adapters trained with PEFT
+def _peft_adapter(checkpoint, out_dir, **lora_kwargs):
+    """A PEFT LoRA adapter (non-zero A and B) saved to ``out_dir`` and PEFT's logits on
+    ``IDS`` / ``MASK``."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+
+    torch.manual_seed(0)
+    hf = transformers.Qwen3ForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    model = peft.get_peft_model(hf, peft.LoraConfig(**lora_kwargs))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)).logits
+    model.save_pretrained(out_dir)
+    return logits.numpy()
+
+
+def _assert_same_real_logits(ours, theirs):
+    real = MASK.astype(bool)
+    np.testing.assert_allclose(np.asarray(ours)[real], theirs[real], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_peft_adapter_naming_modules_by_full_name_or_suffix_loads(
+    tiny_checkpoint_untied, tmp_path, scan_layers
+):
+    """PEFT's target_modules list matches a module by its full name or a dotted suffix; PEFT
+    itself saves "all-linear" on a model with fewer than 20 projections as full names."""
+    names = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "o_proj")]
+    theirs = _peft_adapter(tiny_checkpoint_untied, tmp_path / "a", r=4, lora_alpha=8,
+                           target_modules=[*names, "mlp.up_proj"])  # fmt: skip
+    model = qwen3.from_pretrained(tiny_checkpoint_untied, dtype=jnp.float32,
+                                  scan_layers=scan_layers)  # fmt: skip
+    lora.load_adapter(model, tmp_path / "a")
+    assert len(list(lora._per_layer(model))) == 3 * model.config.num_layers
+    _assert_same_real_logits(model(IDS, attention_mask=MASK), theirs)
