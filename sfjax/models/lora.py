@@ -305,7 +305,7 @@ def save_adapter(
         save = lambda t, p, metadata: save_jax({k: jnp.asarray(v) for k, v in t.items()}, p, metadata)  # noqa: E731
     else:
         save = save_file
-    targets = sorted({name.rsplit(".", 1)[-1] for name, _, _ in modules})
+    targets = _saved_targets(model, [name for name, _, _ in modules])
     adapter_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -331,6 +331,14 @@ def save_adapter(
     (out / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2))
     save(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     return out
+
+
+def _saved_targets(model: nnx.Module, names: list[str]) -> list[str]:
+    """``target_modules`` for ``adapter_config.json``: the projection names (``q_proj``) when
+    they select exactly the adapted modules ``names`` (per-layer HF names), else ``names``
+    itself (an adapter on some layers only); PEFT and :func:`load_adapter` match either."""
+    short = sorted({name.rsplit(".", 1)[-1] for name in names})
+    return short if not _targets(model, short) else sorted(names)
 
 
 def read_adapter_config(adapter_dir: str | os.PathLike) -> LoRAConfig:

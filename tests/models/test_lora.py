@@ -210,3 +210,27 @@ def test_peft_adapter_naming_modules_by_full_name_or_suffix_loads(
     lora.load_adapter(model, tmp_path / "a")
     assert len(list(lora._per_layer(model))) == 3 * model.config.num_layers
     _assert_same_real_logits(model(IDS, attention_mask=MASK), theirs)
+
+
+def test_adapter_on_some_layers_saves_targets_that_select_just_those(tiny_checkpoint_untied,
+                                                                     tmp_path):  # fmt: skip
+    """An adapter on layer 1 only: its adapter_config.json must not name every layer's
+    projection (PEFT would add adapters elsewhere, and load_adapter found no weights for them)."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+
+    cfg = lora.LoRAConfig(rank=2, alpha=4, target_modules=r"model\.layers\.1\.mlp\.(up|down)_proj")
+    model = qwen3.from_pretrained(tiny_checkpoint_untied, dtype=jnp.float32)
+    lora.apply_lora(model, cfg, rngs=nnx.Rngs(1))
+    _randomize_b(model, jax.random.key(4), scale=0.1)
+    lora.save_adapter(model, tmp_path / "a", cfg)
+
+    other = qwen3.from_pretrained(tiny_checkpoint_untied, dtype=jnp.float32)
+    lora.load_adapter(other, tmp_path / "a")
+    assert [n for n, _ in lora.lora_modules(other)] == [n for n, _ in lora.lora_modules(model)]
+    np.testing.assert_array_equal(np.asarray(other(IDS, attention_mask=MASK)),
+                                  np.asarray(model(IDS, attention_mask=MASK)))  # fmt: skip
+    hf = transformers.Qwen3ForCausalLM.from_pretrained(tiny_checkpoint_untied)
+    wrapped = peft.PeftModel.from_pretrained(hf, tmp_path / "a")
+    assert sorted(n.removeprefix("base_model.model.") for n, m in wrapped.named_modules()
+                  if hasattr(m, "lora_A")) == sorted(n for n, _ in lora.lora_modules(model))  # fmt: skip
