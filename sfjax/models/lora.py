@@ -42,6 +42,7 @@ from flax import nnx
 
 from sfjax.models.matmul import low_rank_product
 from sfjax.models.qwen3 import Linear
+from sfjax.models.weights import FLOAT_CODES, TensorInfo, read_safetensors_header
 
 DEFAULT_TARGETS: tuple[str, ...] = (
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
@@ -346,7 +347,12 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> LoRAConfig:
     path = Path(adapter_dir) / ADAPTER_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {adapter_dir} a PEFT LoRA adapter directory?")
-    cfg = json.loads(path.read_text())
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); re-save the adapter") from None
+    if not isinstance(cfg, dict) or "r" not in cfg:
+        raise ValueError(f"{path}: no LoRA rank 'r'; is this a PEFT LoRA adapter_config.json?")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type {cfg.get('peft_type')!r} is not LORA")
     unsupported = {
@@ -371,36 +377,82 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> LoRAConfig:
     )
 
 
-def load_adapter(model: nnx.Module, adapter_dir: str | os.PathLike) -> LoRAConfig:
-    """Load a PEFT LoRA adapter into ``model`` (applying adapters first if it has none).
+def _adapter_header(adapter_dir: str | os.PathLike) -> dict[str, TensorInfo]:
+    """Every tensor's dtype and shape in ``adapter_model.safetensors`` (header only); a missing
+    file raises ``FileNotFoundError``, a corrupt or truncated one :class:`CheckpointError`."""
+    file = Path(adapter_dir) / ADAPTER_WEIGHTS
+    if not file.is_file():
+        others = sorted(p.name for p in Path(adapter_dir).glob("adapter_model*"))
+        raise FileNotFoundError(
+            f"{file} not found"
+            + (f" (found {others}: sfjax reads safetensors only; re-save the adapter with "
+               "PEFT's save_pretrained(safe_serialization=True))" if others else "")
+        )  # fmt: skip
+    return read_safetensors_header(file)
 
-    Every adapter of the model must be present in the file and vice versa; shapes are checked.
-    Returns the adapter's :class:`LoRAConfig`.
-    """
-    from safetensors.numpy import load_file
 
-    config = read_adapter_config(adapter_dir)
-    if not any(True for _ in lora_modules(model)):
-        apply_lora(model, config)
-    tensors = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))
-    expected = set()
+def _load_plan(model: nnx.Module, header: dict[str, TensorInfo], config: LoRAConfig, adapter_dir
+               ) -> list[tuple[LoRALinear, int | None, str, str]]:  # fmt: skip
+    """``(module, layer, key_a, key_b)`` for every adapter of ``model``, after checking the file
+    against them (every adapter has float weights of its shape, no weights for others)."""
+    plan, expected = [], set()
     for name, module, layer in _per_layer(model):
         key_a = f"{PEFT_PREFIX}{name}.lora_A.weight"
         key_b = f"{PEFT_PREFIX}{name}.lora_B.weight"
         expected |= {key_a, key_b}
-        if key_a not in tensors or key_b not in tensors:
+        if key_a not in header or key_b not in header:
             raise ValueError(f"adapter in {adapter_dir} has no weights for {name}")
-        a_RI, b_OR = tensors[key_a], tensors[key_b]
-        if a_RI.shape != (module.rank, module.in_features) or b_OR.shape != (
-            module.out_features,
-            module.rank,
-        ):
+        shapes = (header[key_a].shape, header[key_b].shape)
+        want = ((module.rank, module.in_features), (module.out_features, module.rank))
+        if shapes != want:
             raise ValueError(
-                f"{name}: adapter shapes {a_RI.shape}, {b_OR.shape} do not fit the model "
-                f"(expected {(module.rank, module.in_features)}, {(module.out_features, module.rank)})"
+                f"{name}: adapter shapes {shapes[0]}, {shapes[1]} do not fit the model "
+                f"(expected {want[0]}, {want[1]})"
             )
+        for key in (key_a, key_b):
+            if header[key].dtype not in FLOAT_CODES:
+                raise ValueError(f"{key}: dtype {header[key].dtype}, expected a float dtype")
         if not math.isclose(module.scaling, config.scaling):
             raise ValueError(f"{name}: model adapter scaling {module.scaling} != {config.scaling}")
+        plan.append((module, layer, key_a, key_b))
+    extra = sorted(set(header) - expected)
+    if extra:
+        raise ValueError(f"adapter in {adapter_dir} has weights for modules the model lacks: {extra[:4]}")
+    return plan
+
+
+def _remove_adapters(model: nnx.Module) -> None:
+    """Unwrap every :class:`LoRALinear` back to its base :class:`Linear` (adapters dropped)."""
+    for _path, module in list(nnx.iter_modules(model)):
+        for attr, child in list(vars(module).items()):
+            if isinstance(child, LoRALinear):
+                setattr(module, attr, child.base)
+
+
+def load_adapter(model: nnx.Module, adapter_dir: str | os.PathLike) -> LoRAConfig:
+    """Load a PEFT LoRA adapter into ``model`` (applying adapters first if it has none).
+
+    Every adapter of the model must be present in the file and vice versa; shapes are checked.
+    All checks run before any weight is written: on an error (missing / corrupt file, unsupported
+    feature, missing or mis-shaped weights) the model is left as it was, without the adapters
+    this call applied. Returns the adapter's :class:`LoRAConfig`.
+    """
+    from safetensors.numpy import load_file
+
+    config = read_adapter_config(adapter_dir)
+    header = _adapter_header(adapter_dir)
+    fresh = not any(True for _ in lora_modules(model))
+    if fresh:
+        apply_lora(model, config)
+    try:
+        plan = _load_plan(model, header, config, adapter_dir)
+    except Exception:
+        if fresh:
+            _remove_adapters(model)
+        raise
+    tensors = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))
+    for module, layer, key_a, key_b in plan:
+        a_RI, b_OR = tensors[key_a], tensors[key_b]
         dtype = module.lora_a[...].dtype
         if layer is None:
             module.lora_a[...] = jnp.asarray(a_RI.T, dtype)
@@ -408,9 +460,6 @@ def load_adapter(model: nnx.Module, adapter_dir: str | os.PathLike) -> LoRAConfi
         else:  # one layer of a stacked adapter
             module.lora_a[...] = module.lora_a[...].at[layer].set(jnp.asarray(a_RI.T, dtype))
             module.lora_b[...] = module.lora_b[...].at[layer].set(jnp.asarray(b_OR.T, dtype))
-    extra = sorted(set(tensors) - expected)
-    if extra:
-        raise ValueError(f"adapter in {adapter_dir} has weights for modules the model lacks: {extra[:4]}")
     return config
 
 

@@ -234,3 +234,58 @@ def test_adapter_on_some_layers_saves_targets_that_select_just_those(tiny_checkp
     wrapped = peft.PeftModel.from_pretrained(hf, tmp_path / "a")
     assert sorted(n.removeprefix("base_model.model.") for n, m in wrapped.named_modules()
                   if hasattr(m, "lora_A")) == sorted(n for n, _ in lora.lora_modules(model))  # fmt: skip
+
+
+def _break_adapter(adapter_dir, how):
+    """Damage a saved adapter one way; returns the error message a load must raise (regex)."""
+    from safetensors.numpy import load_file, save_file
+
+    weights, config = adapter_dir / lora.ADAPTER_WEIGHTS, adapter_dir / lora.ADAPTER_CONFIG
+    if how == "no_weights":
+        weights.unlink()
+        return r"adapter_model\.safetensors"
+    if how == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-100])
+        return r"adapter_model\.safetensors: truncated"
+    if how == "bad_json":
+        config.write_text('{"r": 2,')
+        return r"adapter_config\.json"
+    if how == "no_rank":
+        cfg = json.loads(config.read_text())
+        del cfg["r"]
+        config.write_text(json.dumps(cfg))
+        return r"adapter_config\.json.*'r'"
+    assert how == "late_shape"  # the last module's B is mis-shaped; earlier ones are fine
+    tensors = load_file(str(weights))
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    tensors[key] = tensors[key][:-1]
+    save_file(tensors, str(weights))
+    return r"model\.layers\.1\.self_attn\.v_proj: adapter shapes"
+
+
+@pytest.mark.parametrize("how", ["no_weights", "truncated", "bad_json", "no_rank", "late_shape"])
+def test_failed_adapter_load_names_the_problem_and_leaves_the_model_as_it_was(
+    tiny_checkpoint, base, tmp_path, how
+):
+    cfg = lora.LoRAConfig(rank=2, alpha=4, target_modules=("q_proj", "v_proj"))
+    model = qwen3.from_pretrained(tiny_checkpoint, dtype=jnp.float32)
+    lora.apply_lora(model, cfg, rngs=nnx.Rngs(2))
+    _randomize_b(model, jax.random.key(5))
+    lora.save_adapter(model, tmp_path / "a", cfg)
+    message = _break_adapter(tmp_path / "a", how)
+
+    fresh = qwen3.from_pretrained(tiny_checkpoint, dtype=jnp.float32)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        lora.load_adapter(fresh, tmp_path / "a")
+    assert not list(lora.lora_modules(fresh))  # no adapters with random A left behind
+    np.testing.assert_array_equal(np.asarray(fresh(IDS, attention_mask=MASK)),
+                                  np.asarray(base(IDS, attention_mask=MASK)))  # fmt: skip
+
+    other = qwen3.from_pretrained(tiny_checkpoint, dtype=jnp.float32)
+    lora.apply_lora(other, cfg, rngs=nnx.Rngs(3))
+    before = [np.asarray(x) for x in jax.tree.leaves(lora.lora_state(other))]
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        lora.load_adapter(other, tmp_path / "a")
+    after = [np.asarray(x) for x in jax.tree.leaves(lora.lora_state(other))]
+    for b, a in zip(before, after, strict=True):
+        np.testing.assert_array_equal(a, b)  # no layer overwritten before the error
