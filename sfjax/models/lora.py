@@ -392,14 +392,18 @@ def _adapter_header(adapter_dir: str | os.PathLike) -> dict[str, TensorInfo]:
 
 
 def _load_plan(model: nnx.Module, header: dict[str, TensorInfo], config: LoRAConfig, adapter_dir
-               ) -> list[tuple[LoRALinear, int | None, str, str]]:  # fmt: skip
-    """``(module, layer, key_a, key_b)`` for every adapter of ``model``, after checking the file
-    against them (every adapter has float weights of its shape, no weights for others)."""
+               ) -> list[tuple[LoRALinear, int | None, str, str, str | None]]:  # fmt: skip
+    """``(module, layer, key_a, key_b, key_base)`` for every adapter of ``model``, after checking
+    the file against them (every adapter has float weights of its shape, no weights for
+    others). ``key_base`` names PEFT's copy of the module's base weight ``[out, in]`` when the
+    file has one (PEFT saves it when lm_head is a target), else None."""
     plan, expected = [], set()
     for name, module, layer in _per_layer(model):
         key_a = f"{PEFT_PREFIX}{name}.lora_A.weight"
         key_b = f"{PEFT_PREFIX}{name}.lora_B.weight"
-        expected |= {key_a, key_b}
+        key_base = f"{PEFT_PREFIX}{name}.base_layer.weight"
+        key_base = key_base if key_base in header else None
+        expected |= {key_a, key_b} | ({key_base} if key_base else set())
         if key_a not in header or key_b not in header:
             raise ValueError(f"adapter in {adapter_dir} has no weights for {name}")
         shapes = (header[key_a].shape, header[key_b].shape)
@@ -409,12 +413,17 @@ def _load_plan(model: nnx.Module, header: dict[str, TensorInfo], config: LoRACon
                 f"{name}: adapter shapes {shapes[0]}, {shapes[1]} do not fit the model "
                 f"(expected {want[0]}, {want[1]})"
             )
-        for key in (key_a, key_b):
+        if key_base and header[key_base].shape != (module.out_features, module.in_features):
+            raise ValueError(
+                f"{key_base}: shape {header[key_base].shape} does not fit the model "
+                f"(expected {(module.out_features, module.in_features)})"
+            )
+        for key in (key_a, key_b) + ((key_base,) if key_base else ()):
             if header[key].dtype not in FLOAT_CODES:
                 raise ValueError(f"{key}: dtype {header[key].dtype}, expected a float dtype")
         if not math.isclose(module.scaling, config.scaling):
             raise ValueError(f"{name}: model adapter scaling {module.scaling} != {config.scaling}")
-        plan.append((module, layer, key_a, key_b))
+        plan.append((module, layer, key_a, key_b, key_base))
     extra = sorted(set(header) - expected)
     if extra:
         raise ValueError(f"adapter in {adapter_dir} has weights for modules the model lacks: {extra[:4]}")
@@ -429,13 +438,23 @@ def _remove_adapters(model: nnx.Module) -> None:
                 setattr(module, attr, child.base)
 
 
+def _set(var: nnx.Variable, layer: int | None, value_IO: np.ndarray) -> None:
+    """``var = value`` (``var[layer]`` of a stacked variable), in its dtype and placement."""
+    old = var[...]
+    new = jnp.asarray(value_IO, old.dtype)
+    new = new if layer is None else old.at[layer].set(new)
+    var[...] = jax.device_put(new, old.sharding) if isinstance(old, jax.Array) else new
+
+
 def load_adapter(model: nnx.Module, adapter_dir: str | os.PathLike) -> LoRAConfig:
     """Load a PEFT LoRA adapter into ``model`` (applying adapters first if it has none).
 
     Every adapter of the model must be present in the file and vice versa; shapes are checked.
     All checks run before any weight is written: on an error (missing / corrupt file, unsupported
     feature, missing or mis-shaped weights) the model is left as it was, without the adapters
-    this call applied. Returns the adapter's :class:`LoRAConfig`.
+    this call applied. A base weight PEFT saved with the adapter (``lm_head.base_layer.weight``,
+    written when lm_head is a target) replaces the model's, as in PEFT. Returns the adapter's
+    :class:`LoRAConfig`.
     """
     from safetensors.numpy import load_file
 
@@ -451,15 +470,12 @@ def load_adapter(model: nnx.Module, adapter_dir: str | os.PathLike) -> LoRAConfi
             _remove_adapters(model)
         raise
     tensors = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))
-    for module, layer, key_a, key_b in plan:
+    for module, layer, key_a, key_b, key_base in plan:
         a_RI, b_OR = tensors[key_a], tensors[key_b]
-        dtype = module.lora_a[...].dtype
-        if layer is None:
-            module.lora_a[...] = jnp.asarray(a_RI.T, dtype)
-            module.lora_b[...] = jnp.asarray(b_OR.T, dtype)
-        else:  # one layer of a stacked adapter
-            module.lora_a[...] = module.lora_a[...].at[layer].set(jnp.asarray(a_RI.T, dtype))
-            module.lora_b[...] = module.lora_b[...].at[layer].set(jnp.asarray(b_OR.T, dtype))
+        _set(module.lora_a, layer, a_RI.T)
+        _set(module.lora_b, layer, b_OR.T)
+        if key_base is not None:  # PEFT loads its copy of the base weight over the model's
+            _set(module.base.kernel, layer, tensors[key_base].T)
     return config
 
 

@@ -289,3 +289,30 @@ def test_failed_adapter_load_names_the_problem_and_leaves_the_model_as_it_was(
     after = [np.asarray(x) for x in jax.tree.leaves(lora.lora_state(other))]
     for b, a in zip(before, after, strict=True):
         np.testing.assert_array_equal(a, b)  # no layer overwritten before the error
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_peft_adapter_on_lm_head_loads_with_its_base_layer_copy(tiny_checkpoint_untied, tmp_path,
+                                                                 scan_layers):  # fmt: skip
+    """With lm_head targeted PEFT also saves its base weight (``lm_head.base_layer.weight``) and
+    loads it over the base model's; sfjax does the same."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from safetensors.numpy import load_file, save_file
+
+    _peft_adapter(tiny_checkpoint_untied, tmp_path / "a", r=2, lora_alpha=4,
+                  target_modules=["q_proj", "lm_head"])  # fmt: skip
+    file = str(tmp_path / "a" / lora.ADAPTER_WEIGHTS)
+    tensors = load_file(file)
+    key = "base_model.model.lm_head.base_layer.weight"
+    tensors[key] = 1.5 * tensors[key]  # a resized / retrained head: PEFT uses the saved one
+    save_file(tensors, file, metadata={"format": "pt"})
+    hf = transformers.Qwen3ForCausalLM.from_pretrained(tiny_checkpoint_untied, dtype=torch.float32)
+    wrapped = peft.PeftModel.from_pretrained(hf, tmp_path / "a").eval()
+    with torch.no_grad():
+        theirs = wrapped(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)).logits
+    model = qwen3.from_pretrained(tiny_checkpoint_untied, dtype=jnp.float32,
+                                  scan_layers=scan_layers)  # fmt: skip
+    lora.load_adapter(model, tmp_path / "a")
+    _assert_same_real_logits(model(IDS, attention_mask=MASK), theirs.numpy())
