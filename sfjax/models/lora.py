@@ -50,6 +50,14 @@ DEFAULT_TARGETS: tuple[str, ...] = (
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+PEFT_UNSUPPORTED: tuple[str, ...] = (
+    "exclude_modules", "lora_bias", "layer_replication", "trainable_token_indices",
+    "target_parameters", "use_qalora", "alora_invocation_tokens", "use_bdlora", "arrow_config",
+    "kasa_config", "velora_config", "monteclora_config",
+)  # fmt: skip
+"""``adapter_config.json`` fields (PEFT 0.21) that :func:`read_adapter_config` refuses when set:
+sfjax computes plain LoRA on whole modules, and e.g. an aLoRA adapter
+(``alora_invocation_tokens``) read as plain LoRA would give other outputs than PEFT's."""
 
 
 @dataclass(frozen=True)
@@ -363,6 +371,8 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> LoRAConfig:
         "modules_to_save": bool(cfg.get("modules_to_save")),
         "bias": cfg.get("bias", "none") != "none",
         "fan_in_fan_out": bool(cfg.get("fan_in_fan_out")),
+        # PEFT >= 0.14 fields that change which modules / tokens get the update or its form
+        **{k: bool(cfg.get(k)) for k in PEFT_UNSUPPORTED},
     }
     bad = [k for k, v in unsupported.items() if v]
     if bad:

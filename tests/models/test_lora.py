@@ -316,3 +316,29 @@ def test_peft_adapter_on_lm_head_loads_with_its_base_layer_copy(tiny_checkpoint_
                                   scan_layers=scan_layers)  # fmt: skip
     lora.load_adapter(model, tmp_path / "a")
     _assert_same_real_logits(model(IDS, attention_mask=MASK), theirs.numpy())
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("alora_invocation_tokens", [111, 333]),  # adapter on tokens after these only
+        ("exclude_modules", ["model.layers.0.self_attn.q_proj"]),
+        ("lora_bias", True),
+        ("use_qalora", True),
+        ("trainable_token_indices", [5, 7]),
+    ],
+)
+def test_unsupported_peft_features_are_named(tiny_checkpoint, tmp_path, field, value):
+    """PEFT LoRA features sfjax does not compute are refused by name, not loaded as plain LoRA
+    (an aLoRA adapter loaded silently gave other logits than PEFT's)."""
+    cfg = lora.LoRAConfig(rank=2, alpha=4, target_modules=("q_proj",))
+    model = qwen3.from_pretrained(tiny_checkpoint, dtype=jnp.float32)
+    lora.apply_lora(model, cfg, rngs=nnx.Rngs(2))
+    lora.save_adapter(model, tmp_path / "a", cfg)
+    config_file = tmp_path / "a" / lora.ADAPTER_CONFIG
+    written = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**written, field: value}))
+    fresh = qwen3.from_pretrained(tiny_checkpoint, dtype=jnp.float32)
+    with pytest.raises(ValueError, match=f"not supported by sfjax: \\['{field}'\\]"):
+        lora.load_adapter(fresh, tmp_path / "a")
+    assert not list(lora.lora_modules(fresh))
