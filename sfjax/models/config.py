@@ -148,7 +148,12 @@ class Qwen3Config:
                     f"no config.json at {path!r}; pass a Hugging Face Qwen3 checkpoint directory"
                 )
             with open(path) as f:
-                config = json.load(f)
+                try:
+                    config = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise ValueError(
+                        f"{path}: not valid JSON ({e}); re-download or re-save the checkpoint"
+                    ) from None
         c = dict(config)
         model_type = c.get("model_type")
         if model_type != "qwen3":
