@@ -170,7 +170,9 @@ class Qwen3Config:
         if c.get("use_sliding_window", False):
             raise ValueError("use_sliding_window=true is not supported by sfjax's Qwen3")
         rope_theta = c.get("rope_theta")
-        rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+        # transformers 5 (PreTrainedConfig.convert_rope_params_to_dict): rope_scaling, when set,
+        # replaces rope_parameters (e.g. YaRN added to a config.json that transformers 5 wrote)
+        rope = c.get("rope_scaling") or c.get("rope_parameters") or {}
         if rope:
             rope_type = rope.get("rope_type", rope.get("type", "default"))
             if rope_type != "default":
