@@ -1,8 +1,9 @@
 """Run the GPU benchmarks in one device call of <= 7 minutes, compile included.
 
-A lent H200 gives a session 15 minutes of device time, its 1-2 minute start included, and at
-most 10 minutes per command (GPU.md); the first run finished none of its jobs (compile times).
-This runner spends one call in priority order and never loses what already ran:
+A lent GPU (an H100 on a session's first call, or an H200) gives a session 15 minutes of device
+time, its 1-2 minute start included, and at most 10 minutes per command (GPU.md); the first run
+(on an H200) finished none of its jobs (compile times). This runner spends one call in priority
+order and never loses what already ran:
 
 * a preflight (seconds) records versions and devices and imports the project; if that fails
   the runner stops at once (every job would fail the same way);
@@ -41,8 +42,8 @@ level prefix probe), and the ``*_plain`` attention baselines.
 ahead-of-time CPU compile seconds of its programs from bench_compile's JSON
 (``--compile-json``) times ``--gpu-compile-factor`` (:data:`GPU_COMPILE_FACTOR`, calibrated on
 the one program timed on both machines); run = the roofline floor of what it computes at the
-HBM bandwidth and matmul rate measured on the H200 (a lower bound), the torch references at
-their measured figures where known.
+HBM bandwidth and matmul rate read on the lent card (``--card``, default h100; a lower bound),
+the torch references at their measured figures where known.
 
 Usage (on the device machine)::
 
@@ -116,10 +117,14 @@ DEFAULT_BUDGET_S = 400.0
 <= 7 minutes (GPU.md: 15 device minutes per session, 1-2 of them to start the machine)."""
 COMPILE_JSON = os.path.join(HERE, "bench_compile_cpu.json")
 """bench_compile's measured CPU compile times (``--dry-run``'s source)."""
-H200_MEASURED_HBM = 3.27e12
-"""Bytes/s measured on the lent H200 (GPU.md: 2 GiB bf16 elementwise read + write)."""
-H200_MEASURED_FLOPS = 640e12
-"""bf16 matmul FLOP/s measured on the lent H200 (GPU.md: 8192^3)."""
+CARDS = {
+    "h200": (3.27e12, 640e12, "measured on the lent H200 (GPU.md: JAX, 2 GiB bf16 elementwise "
+                              "read + write; 8192^3 bf16 matmul)"),
+    "h100": (3.0e12, 798e12, "read on the lent H100 (the device notes: PyTorch device-to-device "
+                             "copy, read + write; 8192^3 bf16 matmul)"),
+}
+"""``--card``: the HBM bytes/s and bf16 matmul FLOP/s ``--dry-run`` predicts run time from, for
+each kind of machine the device tool lends (its first call gets the H100)."""
 GPU_COMPILE_FACTOR = 0.15
 """H200 compile seconds per second of bench_compile's CPU figure, from the one model program
 measured on both: the unrolled sampler program at batch 1 compiled *and ran* in 37 s on the
@@ -127,7 +132,8 @@ H200 (GPU.md), 250 s ahead of time on the shared CPU (bench_compile_cpu.json, lo
 0.15. (The random init's ratio was 2: XLA:GPU compiles many small RNG ops slowly; that init is
 now one small program per shape.) An upper-bound guess until a GPU run measures more pairs."""
 TORCH_KTO_STEP_S = 1.34
-"""torch + PEFT KTO step, Qwen3-4B, 8 x 1024, measured on the H200 (GPU.md)."""
+"""torch + PEFT KTO step, Qwen3-4B, 8 x 1024, measured on the H200 (GPU.md); used for the H100
+too (compute-bound, and the two cards' bf16 matmul rates read the same: 798 vs 788 TFLOP/s)."""
 
 
 def parse_args(argv=None):
@@ -137,7 +143,9 @@ def parse_args(argv=None):
     p.add_argument("--compile-json", default=COMPILE_JSON,
                    help="bench_compile.py's JSON record (--dry-run)")
     p.add_argument("--gpu-compile-factor", type=float, default=GPU_COMPILE_FACTOR,
-                   help="H200 compile time / this CPU's AOT compile time (--dry-run)")
+                   help="GPU compile time / this CPU's AOT compile time (--dry-run)")
+    p.add_argument("--card", default="h100", choices=sorted(CARDS),
+                   help="the lent card --dry-run predicts for (default h100: a first call's)")
     p.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
                    help="wall-clock budget for the jobs, after the preflight (a few seconds); "
                         "default: one device call of <= 7 minutes")
@@ -274,6 +282,72 @@ def run_job(job: Job, out_json: str, timeout_s: float, args, tee: Tee) -> dict:
             "command": cmd[1:], "output_tail": tail[-25:], "record": record}
 
 
+def _records(jobs: dict, benchmark: str) -> list[dict]:
+    """The records of ``benchmark`` among the jobs' results, in job order."""
+    out = []
+    for r in jobs.values():
+        record = (r or {}).get("record") or {}
+        if record.get("benchmark") == benchmark:
+            out.append(record)
+    return out
+
+
+def _first(values):
+    return next((v for v in values if v is not None), None)
+
+
+TARGETS = (
+    # (key, what, comparison, goal) -- issue 18's targets for the paper-scale path
+    ("decode_b1_fraction_of_hbm_floor", "decode at batch 1 / measured HBM roofline", ">=", 0.80),
+    ("decode_b1_over_torch", "decode at batch 1 / transformers generate", ">=", 5.0),
+    ("time_to_action_s", "Actor time to action (SF prompt, prefix cache)", "<", 0.100),
+    ("kto_mfu_spec", "KTO LoRA step MFU (datasheet bf16 peak)", ">=", 0.35),
+)
+"""The issue's targets, checked by :func:`check_targets` from the jobs' records."""
+
+
+def check_targets(jobs: dict) -> dict[str, dict]:
+    """Each of :data:`TARGETS` with the value the jobs measured (None where no job did) and
+    whether it is met. Decode is the faster layer mode's at batch 1 (its ``layers`` noted);
+    the torch + PEFT step's MFU rides along with the KTO row."""
+    decode_b1 = [(rec.get("layers"), row) for rec in _records(jobs, "gpu_decode")
+                 for row in rec.get("rows", []) if int(row.get("batch", 0)) == 1]
+    rates = [((row.get("sfjax_sampler") or {}).get("decode_tokens_per_s"), layers, row)
+             for layers, row in decode_b1]
+    rates = [r for r in rates if isinstance(r[0], (int, float)) and r[0] == r[0]]
+    best = max(rates, key=lambda r: r[0], default=None)  # the faster layer mode's decode
+    torch_rate = _first((row.get("torch") or {}).get("decode_tokens_per_s")
+                        for _, row in decode_b1)
+    floor_rate = _first((row.get("floor_measured") or {}).get("decode_tokens_per_s")
+                        for _, row in decode_b1)
+    actor = [f for rec in _records(jobs, "gpu_decision_latency")
+             for f in rec.get("formats", []) if f.get("field_order") == "action_first"]
+    kto = _records(jobs, "gpu_kto_step")
+    values = {
+        "decode_b1_fraction_of_hbm_floor": best[0] / floor_rate if best and floor_rate else None,
+        "decode_b1_over_torch": best[0] / torch_rate if best and torch_rate else None,
+        "time_to_action_s": _first(
+            (f.get("time_to_action_prefix_cache") or f.get("time_to_action") or {}).get(
+                "median_s") for f in actor),
+        "kto_mfu_spec": _first(r.get("mfu_spec") for r in kto),
+    }
+    out = {}
+    for key, what, op, goal in TARGETS:
+        v = values[key]
+        if isinstance(v, float) and v != v:  # NaN: a failed measurement
+            v = None
+        met = None if v is None else (v >= goal if op == ">=" else v < goal)
+        out[key] = {"what": what, "value": v, "goal": f"{op} {goal:g}", "met": met}
+    if best:
+        for key in ("decode_b1_fraction_of_hbm_floor", "decode_b1_over_torch"):
+            if out[key]["value"] is not None:
+                out[key]["layers"] = best[1]
+    torch_mfu = _first((r.get("torch") or {}).get("mfu_spec") for r in kto)
+    if torch_mfu is not None:
+        out["kto_mfu_spec"]["torch_peft"] = torch_mfu
+    return out
+
+
 def compare_decode_layers(jobs: dict) -> dict | None:
     """The sampler's decode rate per batch size for each layer mode the jobs measured (the
     default ``decode`` job: decode unrolled; ``decode_scan``: scanned over a stacked cache), and
@@ -296,14 +370,15 @@ def compare_decode_layers(jobs: dict) -> dict | None:
 
 
 # ------------------------------------------------------------------------------ dry run
-def predicted_run_s(job: Job, tiny: bool = False) -> float:
+def predicted_run_s(job: Job, tiny: bool = False, card: str = "h200") -> float:
     """Roofline floor (seconds) of what ``job`` computes at its default sizes, at the HBM
-    bandwidth and matmul rate measured on the H200, plus the torch references it runs (their
-    measured time where known, else their floor). A lower bound: overheads are not in it."""
+    bandwidth and matmul rate read on ``card`` (:data:`CARDS`), plus the torch references it
+    runs (their measured time where known, else their floor). A lower bound: overheads are not
+    in it."""
     import gpu_common as gc
 
     config = gc.model_config(tiny)
-    roof = gc.Roofline(H200_MEASURED_HBM, H200_MEASURED_FLOPS, "measured on the H200 (GPU.md)")
+    roof = gc.Roofline(*CARDS[card])
 
     def prefill_s(B, T):
         flops = gc.forward_flops(config, B * T, B * gc.prefill_attended_keys(1, T), B)
@@ -366,7 +441,7 @@ def dry_run(jobs: list[Job], args) -> dict:
             rec = rec or recs.get("unrolled")
             cpu += count * (rec["total_s"] if rec else 0.0)
         compile_s = cpu * args.gpu_compile_factor
-        run_s = predicted_run_s(job, args.tiny)
+        run_s = predicted_run_s(job, args.tiny, args.card)
         total += compile_s + run_s
         out[job.name] = {"compile_s": round(compile_s, 1), "run_floor_s": round(run_s, 1),
                          "cap_s": job.cap_s, "fits_cap": compile_s + run_s <= job.cap_s}
@@ -377,8 +452,10 @@ def dry_run(jobs: list[Job], args) -> dict:
     fits = total <= args.budget_s
     print(f"total predicted {total:.0f} s of a {args.budget_s:.0f} s budget"
           f"{'' if fits else ' -- OVER BUDGET'} ({mode} layers unless a job says "
-          f"otherwise; compile = CPU AOT x {args.gpu_compile_factor})", flush=True)
-    return {"jobs": out, "total_s": round(total, 1), "fits_budget": fits, "mode": mode}
+          f"otherwise; compile = CPU AOT x {args.gpu_compile_factor}; run floors on the "
+          f"{args.card.upper()})", flush=True)
+    return {"jobs": out, "total_s": round(total, 1), "fits_budget": fits, "mode": mode,
+            "card": args.card}
 
 
 def main(argv=None) -> dict:
@@ -447,6 +524,15 @@ def _run_jobs(jobs, args, tee: Tee, bundle: dict, save, out_dir: str) -> dict:
             tee.line(f"decode layers, batch {b}: " + ", ".join(
                 f"{m} {v:,.0f} tok/s" for m, v in r.items() if m != "faster") +
                 f" -> faster: {r['faster']}")
+    bundle["targets"] = check_targets(bundle["jobs"])
+    if args.tiny:
+        tee.line("targets below: --tiny shapes, not the paper's (a smoke check of the runner)")
+    for key, t in bundle["targets"].items():
+        value = "no figure" if t["value"] is None else f"{t['value']:.3g}"
+        extra = (f" (torch + PEFT {t['torch_peft']:.3g})" if "torch_peft" in t else "") + (
+            f" [{t['layers']} layers]" if "layers" in t else "")
+        verdict = {True: "met", False: "NOT met", None: "-"}[t["met"]]
+        tee.line(f"target {key}: {value} ({t['goal']}) {verdict}{extra}")
     counts: dict[str, int] = {}
     for r in bundle["jobs"].values():
         counts[r["status"]] = counts.get(r["status"], 0) + 1

@@ -126,7 +126,7 @@ def main(argv=None) -> dict | None:
     rows = []
     for case in cases(args.tiny):
         row = {**case, "floor_measured_s": floor_s(case, N, K, H, roof),
-               "floor_spec_h200_s": floor_s(case, N, K, H, gc.SPEC_H200)}
+               "floor_spec_s": gc.spec_floor(floor_s, case, N, K, H)}
         for impl in IMPLS:
             try:
                 row[impl] = time_case(case, impl, args, N, K, H, dtype)

@@ -8,9 +8,10 @@ with PyTorch ``transformers`` on the same GPU in the same process. Speed does no
 weight values, so the model is Qwen3-4B-shaped with random bf16 weights built directly on the
 device (``nnx.eval_shape`` for the structure, one jitted random init; nothing is downloaded).
 
-Spec-sheet rooflines (used when nothing is measured, and printed next to the measured ones):
-NVIDIA H200 SXM — 4.8 TB/s HBM3e, 989 TFLOP/s dense BF16 tensor-core (the 1,979 figure in the
-datasheet is with 2:4 sparsity). ``--tiny`` runs every script on any backend (CPU included)
+Spec-sheet rooflines, printed next to the measured ones: the datasheet of the card the run is on,
+looked up from JAX's ``device_kind`` (:data:`SPECS`: H100 SXM / PCIe / NVL, H200 SXM / NVL,
+A100, TPU v4 / v5e / v5p / v6e; dense BF16 tensor-core rates, not the 2:4-sparsity figures);
+``None`` on anything else (CPU). ``--tiny`` runs every script on any backend (CPU included)
 with the tiny test architecture, a few steps, so the scripts are exercised by the test suite.
 
 Cost model of a Qwen3 forward (dense decoder, GQA, tied or untied LM head), in
@@ -44,12 +45,6 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(1, _ROOT)
-
-H200_HBM_BYTES_PER_S = 4.8e12
-"""NVIDIA H200 SXM HBM3e bandwidth (datasheet: 4.8 TB/s)."""
-H200_BF16_FLOPS = 989e12
-"""NVIDIA H200 SXM dense BF16 tensor-core peak (datasheet 1,979 TFLOP/s is with sparsity)."""
-
 
 # ---------------------------------------------------------------------------------- CLI
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -403,10 +398,45 @@ class Roofline:
     hbm_bytes_per_s: float
     matmul_flops_per_s: float
     source: str
-    """"measured" (on this device, this run) or "spec" (H200 datasheet)."""
+    """"measured" (on this device, this run) or "spec: <card> datasheet"."""
 
 
-SPEC_H200 = Roofline(H200_HBM_BYTES_PER_S, H200_BF16_FLOPS, "spec: H200 SXM datasheet")
+def _spec(card: str, tb_per_s: float, dense_bf16_tflops: float) -> Roofline:
+    return Roofline(tb_per_s * 1e12, dense_bf16_tflops * 1e12, f"spec: {card} datasheet")
+
+
+SPEC_H200 = _spec("NVIDIA H200 SXM", 4.8, 989)
+SPEC_H100 = _spec("NVIDIA H100 SXM", 3.35, 989)
+SPECS: tuple[tuple[tuple[str, ...], Roofline], ...] = (
+    # (every word that must appear in jax's device_kind, lower case; first match wins)
+    (("h200", "nvl"), _spec("NVIDIA H200 NVL", 4.8, 835)),
+    (("h200",), SPEC_H200),
+    (("h100", "pcie"), _spec("NVIDIA H100 PCIe", 2.0, 756)),
+    (("h100", "nvl"), _spec("NVIDIA H100 NVL", 3.9, 835)),
+    (("h100",), SPEC_H100),  # "NVIDIA H100 80GB HBM3": the SXM part
+    (("a100", "80gb", "pcie"), _spec("NVIDIA A100 80GB PCIe", 1.935, 312)),
+    (("a100", "80gb"), _spec("NVIDIA A100 80GB SXM", 2.039, 312)),
+    (("a100",), _spec("NVIDIA A100 40GB", 1.555, 312)),
+    (("tpu v6 lite",), _spec("TPU v6e", 1.64, 918)),
+    (("tpu v5 lite",), _spec("TPU v5e", 0.819, 197)),
+    (("tpu v5",), _spec("TPU v5p", 2.765, 459)),
+    (("tpu v4",), _spec("TPU v4", 1.2, 275)),
+)
+"""Datasheet HBM bandwidth and dense BF16 peak per accelerator, matched on ``device_kind``."""
+
+
+def spec_roofline(device_kind: str | None = None) -> Roofline | None:
+    """The datasheet roofline of ``device_kind`` (default: JAX's first device), or None for a
+    device not in :data:`SPECS` (CPU, an unknown card: only measured floors are reported)."""
+    if device_kind is None:
+        import jax
+
+        device_kind = jax.devices()[0].device_kind
+    kind = device_kind.lower()
+    for words, roof in SPECS:
+        if all(w in kind for w in words):
+            return roof
+    return None
 
 
 def measure_hbm_bandwidth(nbytes: int, iters: int = 10) -> float:
@@ -443,7 +473,14 @@ def measure_roofline(tiny: bool) -> Roofline:
 
 
 def roofline_record(roof: Roofline) -> dict:
-    return {"measured": asdict(roof), "spec": asdict(SPEC_H200)}
+    spec = spec_roofline()
+    return {"measured": asdict(roof), "spec": asdict(spec) if spec else None}
+
+
+def spec_floor(floor_fn, *args):
+    """``floor_fn(*args, spec)`` at this device's datasheet roofline, None when it has none."""
+    spec = spec_roofline()
+    return None if spec is None else floor_fn(*args, spec)
 
 
 # ---------------------------------------------------------------------------------- timing

@@ -268,7 +268,7 @@ def run_format(order, sampler, config, tok, roof, tmodel, device, args, sampler_
         result["prefix_reuse"] = reuse
     L = max(map(len, ids))
     result["floor_time_to_action_s"] = floor_s(config, L, n_act, roof)
-    result["floor_time_to_action_spec_s"] = floor_s(config, L, n_act, gc.SPEC_H200)
+    result["floor_time_to_action_spec_s"] = gc.spec_floor(floor_s, config, L, n_act)
     if tmodel is not None:
         t = gc.reference(args, lambda: {"s": torch_time(tmodel, ids[-1], n_act, device, args)})
         result["torch_same_tokens_s"] = t.get("s", t.get("error"))

@@ -17,8 +17,9 @@ For each batch size (default 1, 8, 64, 256): ``--prompt-len`` (128) random-token
   its error and the next one runs; the JSON is rewritten after every batch size.
 * floor: Σ over the ``new`` steps of max(bytes / bandwidth, FLOPs / matmul rate)
   (:func:`gpu_common.decode_floor_s`), with the bandwidth / matmul rate measured in this run,
-  and with the H200 datasheet figures. Reported: tokens/s at the floor and the fraction
-  reached (issue target at batch 1: >= 80 % of the HBM roofline).
+  and with the datasheet figures of the card it runs on (:func:`gpu_common.spec_roofline`).
+  Reported: tokens/s at the floor and the fraction reached (issue target at batch 1: >= 80 %
+  of the HBM roofline).
 * PyTorch: ``Qwen3ForCausalLM.generate`` (sdpa attention, dynamic cache, greedy,
   ``min_new_tokens = max_new_tokens``), same formulas, when torch sees a GPU.
 
@@ -227,7 +228,7 @@ def main(argv=None) -> dict | None:
         row["sfjax_model_only"] = gc.guarded(args, f"B={B} model only", sfjax_model_only, model,
                                              config, prompts, args)
         row["floor_measured"] = floors(config, B, args, roof)
-        row["floor_spec_h200"] = floors(config, B, args, gc.SPEC_H200)
+        row["floor_spec"] = gc.spec_floor(floors, config, B, args)
         got = row["sfjax_sampler"].get("decode_tokens_per_s", float("nan"))
         row["sampler_fraction_of_floor"] = gc.ratio(got, row["floor_measured"]["decode_tokens_per_s"])
         gc.progress(f"B={B}: sampler {got:.1f} tok/s, floor "

@@ -18,8 +18,9 @@ Model FLOPs per step (the MFU numerator; remat recomputation is not counted):
   step = F(2B) + F(B) + F(B) + [F_dense(B) + 2·F_attn(B)]  (backward: activation gradients
   through the frozen weights = 1× the dense forward, attention backward = 2× its forward;
   the rank-16 LoRA matmuls are < 1 % and ignored).
-MFU = step FLOPs / step time / peak, against the H200 datasheet (989 TFLOP/s) and against the
-matmul rate measured in this run.
+MFU = step FLOPs / step time / peak, against the datasheet dense BF16 peak of the card it runs on
+(989 TFLOP/s on an H100 or H200 SXM; :func:`gpu_common.spec_roofline`) and against the matmul
+rate measured in this run.
 
 PyTorch reference (when torch sees a GPU): ``Qwen3ForCausalLM`` (sdpa) + PEFT LoRA with the
 same adapters, the same work per step written out by hand (reference and KL forwards under
@@ -185,6 +186,7 @@ def main(argv=None) -> dict | None:
     if started is None:
         return None
     config, roof = started
+    spec = gc.spec_roofline()
     examples = make_examples(args.batch * args.steps, args.prompt_len, args.completion_len,
                              args.seed, config.vocab_size)
     res = {"batch": args.batch, "prompt_len": args.prompt_len,
@@ -197,9 +199,9 @@ def main(argv=None) -> dict | None:
         gc.progress("torch + PEFT reference")
         res["torch"] = gc.reference(args, run_torch, config, examples, args, device)
         gc.free_torch()
-        if "error" not in res["torch"]:
-            res["torch"]["mfu_spec_h200"] = res["step_flops"] / res["torch"]["step_s"] / (
-                gc.H200_BF16_FLOPS)
+        if "error" not in res["torch"] and spec:
+            res["torch"]["mfu_spec"] = res["step_flops"] / res["torch"]["step_s"] / (
+                spec.matmul_flops_per_s)
         gc.emit_partial(args, "gpu_kto_step", res)
     res["sfjax"] = gc.guarded(args, "sfjax KTO step", run_sfjax, config, examples, args)
     if res["sfjax"].get("oom") and not args.remat:
@@ -221,13 +223,15 @@ def main(argv=None) -> dict | None:
     if "error" in res["sfjax"]:
         return gc.emit(args, "gpu_kto_step", res)
     s = res["sfjax"]["step_s"]
-    res["mfu_spec_h200"] = res["step_flops"] / s / gc.H200_BF16_FLOPS
+    res["mfu_spec"] = res["step_flops"] / s / spec.matmul_flops_per_s if spec else None
     res["mfu_measured_matmul"] = res["step_flops"] / s / roof.matmul_flops_per_s
     res["floor_step_s"] = res["step_flops"] / roof.matmul_flops_per_s
     if device and "error" not in res["torch"]:
         res["sfjax_over_torch_speedup"] = gc.ratio(res["torch"]["step_s"], s)
+    of_spec = (f" ({100 * res['mfu_spec']:.1f} % of the {spec.source.removeprefix('spec: ')})"
+               if spec else "")
     gc.progress(f"KTO step {1e3 * s:.1f} ms, MFU {100 * res['mfu_measured_matmul']:.1f} % of the "
-                f"measured matmul rate ({100 * res['mfu_spec_h200']:.1f} % of H200 spec)")
+                f"measured matmul rate{of_spec}")
     return gc.emit(args, "gpu_kto_step", res)
 
 

@@ -253,7 +253,7 @@ def main(argv=None) -> dict | None:
     if "error" not in res["sfjax"]:
         mx, used = res["sfjax"]["max_new_per_call"], res["sfjax"]["plan"]
         res["floor_measured_s"] = floor_s(config, tok, prompts, used, mx, args, roof)
-        res["floor_spec_h200_s"] = floor_s(config, tok, prompts, used, mx, args, gc.SPEC_H200)
+        res["floor_spec_s"] = gc.spec_floor(floor_s, config, tok, prompts, used, mx, args)
         res["fraction_of_floor"] = gc.ratio(res["floor_measured_s"], res["sfjax"]["wall_s"])
         if device and "error" not in res["torch"]:
             res["sfjax_over_torch_tokens_per_s"] = gc.ratio(res["sfjax"]["tokens_per_s"],

@@ -4,6 +4,7 @@ the Qwen3-4B cost model behind their rooflines matches the known model facts."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import math
@@ -61,6 +62,40 @@ def test_cost_model_matches_qwen3_4b_facts():
     B = 4096
     flops = gc.forward_flops(cfg, B, B * 129, B)
     assert gc.decode_floor_s(cfg, B, 128, gc.SPEC_H200) == pytest.approx(flops / 989e12)
+
+
+@pytest.mark.parametrize("kind, card", [
+    ("NVIDIA H100 80GB HBM3", "NVIDIA H100 SXM"),  # the lent nvidia-h100-x1
+    ("NVIDIA H200", "NVIDIA H200 SXM"),            # the lent nvidia-h200
+    ("NVIDIA H100 PCIe", "NVIDIA H100 PCIe"),
+    ("NVIDIA H100 NVL", "NVIDIA H100 NVL"),
+    ("NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB SXM"),
+    ("TPU v5 lite", "TPU v5e"),
+    ("TPU v5", "TPU v5p"),
+    ("cpu", None),
+    ("Some Future Card", None),
+])  # fmt: skip
+def test_spec_roofline_is_the_datasheet_of_the_card_the_run_is_on(kind, card):
+    """Spec floors and MFU come from the card's own datasheet (an H100 is not an H200: its HBM
+    moves 3.35, not 4.8 TB/s); an unknown device has no spec figures rather than a wrong one."""
+    import gpu_common as gc
+
+    roof = gc.spec_roofline(kind)
+    if card is None:
+        assert roof is None
+        return
+    assert roof.source == f"spec: {card} datasheet"
+    assert _pos(roof.hbm_bytes_per_s) and _pos(roof.matmul_flops_per_s)
+    if card == "NVIDIA H100 SXM":
+        assert (roof.hbm_bytes_per_s, roof.matmul_flops_per_s) == (3.35e12, 989e12)
+
+
+def test_roofline_record_has_no_spec_off_a_known_accelerator():
+    import gpu_common as gc
+
+    roof = gc.Roofline(1e11, 1e12, "measured")
+    assert gc.roofline_record(roof) == {"measured": dataclasses.asdict(roof), "spec": None}
+    assert gc.spec_floor(lambda x, spec: 1 / 0, 1) is None  # CPU: the floor is not computed
 
 
 def test_random_model_has_the_qwen3_structure():
@@ -347,6 +382,39 @@ def test_gpu_all_compares_decode_layer_modes():
     assert gpu_all.compare_decode_layers({"decode": jobs["decode"]}) is None
 
 
+def test_gpu_all_checks_the_issue_targets_from_the_records():
+    """The runner ends with issue 18's targets: batch-1 decode of the faster layer mode against
+    the measured HBM floor and torch generate, the Actor's time to action, the KTO step's MFU;
+    a target no job measured says so instead of passing or failing."""
+    import gpu_all
+
+    decode = {"benchmark": "gpu_decode", "layers": "scanned", "rows": [
+        {"batch": 1, "sfjax_sampler": {"decode_tokens_per_s": 300.0},
+         "floor_measured": {"decode_tokens_per_s": 400.0},
+         "torch": {"decode_tokens_per_s": 50.0}},
+        {"batch": 8, "sfjax_sampler": {"decode_tokens_per_s": 2000.0}}]}
+    scan = {"benchmark": "gpu_decode", "layers": "scan_decode", "rows": [
+        {"batch": 1, "sfjax_sampler": {"decode_tokens_per_s": 340.0},
+         "floor_measured": {"decode_tokens_per_s": 400.0}}]}
+    latency = {"benchmark": "gpu_decision_latency", "formats": [
+        {"field_order": "action_first", "time_to_action": {"median_s": 0.2},
+         "time_to_action_prefix_cache": {"median_s": 0.08}}]}
+    kto = {"benchmark": "gpu_kto_step", "mfu_spec": 0.3, "torch": {"mfu_spec": 0.24}}
+    jobs = {n: {"status": "ok", "record": r} for n, r in
+            [("decode", decode), ("decode_scan", scan), ("latency", latency), ("kto", kto)]}
+    t = gpu_all.check_targets(jobs)
+    assert t["decode_b1_fraction_of_hbm_floor"] == {
+        "what": "decode at batch 1 / measured HBM roofline", "value": pytest.approx(0.85),
+        "goal": ">= 0.8", "met": True, "layers": "scan_decode"}
+    assert t["decode_b1_over_torch"]["value"] == pytest.approx(6.8)
+    assert t["decode_b1_over_torch"]["met"] is True
+    assert t["time_to_action_s"]["value"] == 0.08 and t["time_to_action_s"]["met"] is True
+    assert t["kto_mfu_spec"]["met"] is False and t["kto_mfu_spec"]["torch_peft"] == 0.24
+    none = gpu_all.check_targets({"decode": {"status": "timeout", "record": None},
+                                  "kto": {"status": "ok", "record": kto | {"mfu_spec": None}}})
+    assert all(v["value"] is None and v["met"] is None for v in none.values())
+
+
 def test_gpu_all_dry_run_predicts_from_bench_compile(tmp_path, capsys):
     """--dry-run: compile = CPU AOT seconds of the job's programs x the GPU factor, run = the
     roofline floor; a job predicted over its cap is flagged; nothing is started."""
@@ -381,6 +449,11 @@ def test_gpu_all_dry_run_predicts_from_bench_compile(tmp_path, capsys):
     scan = gpu_all.main(["--dry-run", "--compile-json", str(path), "--extra=--scan-decode",
                          "--only", "latency", "--gpu-compile-factor", "2"])  # fmt: skip
     assert scan["jobs"]["latency"]["compile_s"] == pytest.approx(2 * (1.0 + 2.0))  # prefill: scanned
+    # run floors from the card asked for: the H100's HBM is slower, its decode floor longer
+    h100, h200 = (gpu_all.main(["--dry-run", "--compile-json", str(path), "--only", "decode",
+                                "--card", card]) for card in ("h100", "h200"))  # fmt: skip
+    assert h100["card"] == "h100" and h200["card"] == "h200"
+    assert h100["jobs"]["decode"]["run_floor_s"] > h200["jobs"]["decode"]["run_floor_s"]
     with pytest.raises(SystemExit, match="bench_compile"):
         gpu_all.main(["--dry-run", "--compile-json", str(tmp_path / "missing.json")])
 

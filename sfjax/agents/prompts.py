@@ -57,8 +57,10 @@ class PromptConfig:
     """How the Actor's prompt is written and its output read."""
 
     action_lo: int = 1
-    """Smallest allowed action (resource units for the controlled slice)."""
-    action_hi: int = 13
+    """Smallest allowed action (resource units for the controlled slice). The experiment
+    scripts take the range from the env (``prompt_config_for_env``) and refuse another given
+    value; the defaults are the default env's range (25 PRBs: 13 RBGs, one kept for slice 1)."""
+    action_hi: int = 12
     """Largest allowed action."""
     action_unit: str = "RBG"
     """Name of the action's unit, as shown to the model."""

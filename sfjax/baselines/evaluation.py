@@ -71,6 +71,19 @@ class EvalProtocol:
         reset_key, steps_key, policy_key = jax.random.split(root, 3)
         return reset_key, jax.random.split(steps_key, self.num_steps), policy_key
 
+    def episode_params(self, env_params: Any) -> Any:
+        """``env_params`` whose time limit is ``num_steps``: a protocol trajectory is one
+        episode for every method, never cut by an auto-reset at a shorter limit."""
+        if hasattr(env_params, "max_steps_in_episode"):
+            env_params = env_params.replace(max_steps_in_episode=self.num_steps)
+        return env_params
+
+    def shared_seeds(self, seeds: Sequence[int]) -> list[int]:
+        """The env seeds of ``seeds`` that are also evaluation seeds. A method that learns or
+        chooses on an env seed through this key stream (the reference rows' training seeds,
+        Reflexion's trials) has seen that evaluation trajectory: keep them disjoint."""
+        return sorted(set(self.seeds) & set(seeds))
+
     def all_keys(self) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Stacked :meth:`episode_keys` over seeds: ([S], [S, T], [S])."""
         keys = [self.episode_keys(s) for s in self.seeds]
@@ -160,6 +173,7 @@ def rollout(
 
 def evaluate_policy(policy, env, env_params, protocol: EvalProtocol) -> Rollouts:
     """Jitted evaluation of a JAX policy on every protocol seed (vmapped over seeds)."""
+    env_params = protocol.episode_params(env_params)
     reset_S, steps_ST, policy_S = protocol.all_keys()
     run = jax.jit(jax.vmap(lambda r, s, p: rollout(policy, env, env_params, r, s, p)))
     return Rollouts(*(np.asarray(x) for x in run(reset_S, steps_ST, policy_S)))
@@ -196,6 +210,7 @@ def evaluate_agent(agent: Agent, env, env_params, protocol: EvalProtocol) -> Rol
     :func:`evaluate_policy`; the seeds form one batch (one agent call per decision), the env
     step is jitted and vmapped over seeds."""
     reset, step = _batched_env_fns(_as_rejax(env))
+    env_params = protocol.episode_params(env_params)
     reset_S, steps_ST, _ = protocol.all_keys()
     agent.reset(list(protocol.seeds))
     obs, state = reset(reset_S, env_params)

@@ -17,19 +17,15 @@ import math
 from collections.abc import Mapping
 
 import numpy as np
-
-# Two-sided 95 % Student-t quantiles t_{0.975, df} for df = 1..30 (standard tables); beyond 30
-# the normal quantile 1.96 is within 2 % of the true value.
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
-         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
-         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+from scipy import stats
 
 
 def t_quantile_975(df: int) -> float:
-    """t_{0.975, df}: the 95 % two-sided Student-t quantile."""
+    """t_{0.975, df}: the 95 % two-sided Student-t quantile (scipy; the normal 1.96 would
+    understate it by 2-4 % for 30 < df < 60, e.g. 2.021 at df = 40)."""
     if df < 1:
         raise ValueError(f"df must be >= 1, got {df}")
-    return _T975[df - 1] if df <= len(_T975) else 1.96
+    return float(stats.t.ppf(0.975, df))
 
 
 def paired_difference(before_S, after_S) -> dict[str, float | bool | int | None]:

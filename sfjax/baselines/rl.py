@@ -105,7 +105,8 @@ class DQNConfig:
     ddqn: bool = True
     """Double-DQN targets (online argmax, target evaluation)."""
     max_grad_norm: float = 10.0
-    """Gradient clipping (global norm)."""
+    """Gradient clipping, element-wise: rejax 0.1.3 applies ``optax.clip`` (each gradient entry
+    to +-this value before Adam), not a clip of the global norm."""
     normalize_observations: bool = True
     """Running mean/std normalisation of observations."""
     normalize_rewards: bool = True
@@ -137,7 +138,8 @@ class PPOConfig:
     ent_coef: float = 0.01
     """Entropy bonus weight."""
     max_grad_norm: float = 0.5
-    """Gradient clipping (global norm)."""
+    """Gradient clipping, element-wise: rejax 0.1.3 applies ``optax.clip`` (each gradient entry
+    to +-this value before Adam), not a clip of the global norm."""
     normalize_observations: bool = True
     """Running mean/std normalisation of observations."""
     normalize_rewards: bool = True
@@ -167,7 +169,8 @@ class SACConfig:
     target_entropy_ratio: float = 0.7
     """Target entropy = ratio x log(num_actions) (0.98 in rejax is often too exploratory)."""
     max_grad_norm: float = 10.0
-    """Gradient clipping (global norm)."""
+    """Gradient clipping, element-wise: rejax 0.1.3 applies ``optax.clip`` (each gradient entry
+    to +-this value before Adam), not a clip of the global norm."""
     normalize_observations: bool = True
     """Running mean/std normalisation of observations."""
     normalize_rewards: bool = True
@@ -372,7 +375,7 @@ def evaluate_trained(
     result: TrainResult, env, protocol: EvalProtocol, deterministic: bool = True
 ) -> Rollouts:
     """Evaluate every trained seed on the shared protocol; arrays come back as [N, S, T]."""
-    env_params = result.algo.env_params.replace(max_steps_in_episode=protocol.num_steps)
+    env_params = protocol.episode_params(result.algo.env_params)
     reset_S, steps_ST, policy_S = protocol.all_keys()
     eval_env = RejaxEnv(env)
 

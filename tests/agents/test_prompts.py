@@ -71,7 +71,7 @@ def test_field_order_in_format_and_system_prompt(style):
     for s in (sr, sa):
         assert "spectral efficiency" in s and "QoS" in s and "reconfiguration" in s
         assert "reward" not in s.lower() and "utility" not in s.lower()
-        assert "from 1 to 13" in s
+        assert "from 1 to 12" in s  # the default env's range
 
 
 def test_user_prompt_window_and_state():

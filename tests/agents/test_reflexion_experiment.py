@@ -90,14 +90,28 @@ def test_damaged_config_is_named(tmp_path, script, capsys):
     assert len(ran) == 2 and json.loads((tmp_path / "r" / "config.json").read_text())["reflexion"]
 
 
-def test_action_range_is_the_envs(tmp_path, script, capsys):
+def test_evaluation_seeds_are_not_trial_seeds(tmp_path, script):
+    from sfjax.configcheck import ConfigError
+
+    cli, ran = script
+    with pytest.raises(ConfigError, match=r"^--protocol\.seeds \(0, 100\): must be disjoint from "
+                       r"--reflexion\.trial-seeds: both hold \[100\]"):
+        cli("--run-dir", str(tmp_path / "r"), "--protocol.seeds", "0", "100")
+    assert not ran and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("hi", ["9", "13"])
+def test_action_range_is_the_envs(tmp_path, script, capsys, hi):
+    """A given range other than the env's is refused, 13 included: the PromptConfig default
+    (which means "from the env") is the default env's own top action, 12, so an explicit 13 on
+    the default env is no longer taken for "unset" and replaced."""
     cli, ran = script
     with pytest.raises(SystemExit) as e:
-        cli("--run-dir", str(tmp_path / "r"), "--actor.prompt.action-hi", "9")
+        cli("--run-dir", str(tmp_path / "r"), "--actor.prompt.action-hi", hi)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith(
-        "error: --actor.prompt.action-hi 9: must be left unset; the action range comes from the "
-        "env: [1, 12] with --env.cell.n-prb 25"), err  # fmt: skip
+        f"error: --actor.prompt.action-hi {hi}: must be left unset; the action range comes from "
+        "the env: [1, 12] with --env.cell.n-prb 25"), err  # fmt: skip
     assert not ran and not (tmp_path / "r").exists()
     cli("--run-dir", str(tmp_path / "r"), "--actor.prompt.action-hi", "12")  # the env's: fine
     assert len(ran) == 1

@@ -74,6 +74,21 @@ def test_every_method_gets_the_same_exogenous_traffic(toy_env):
     assert not np.allclose(r_low.violation, r_high.violation)
 
 
+def test_trajectories_last_num_steps_whatever_the_params_episode_length(toy_env):
+    # A protocol trajectory is one episode of num_steps decisions for every method: params
+    # with a shorter time limit must not auto-reset the env in the middle of it (the RL rows'
+    # evaluate_trained already sets the limit to num_steps; the others must agree with it).
+    env, params = toy_env
+    short = params.replace(max_steps_in_episode=7)
+    for evaluate in (
+        lambda p: evaluate_policy(lambda obs, key: jnp.int32(2), env, p, PROTOCOL),
+        lambda p: evaluate_agent(ConstantAgent(2), env, p, PROTOCOL),
+    ):
+        whole, cut = evaluate(params), evaluate(short)
+        for a, b in zip(whole.__dict__.values(), cut.__dict__.values()):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
 def test_summary_matches_numpy(tmp_path):
     rng = np.random.default_rng(0)
     shape = (2, 4, 10)
