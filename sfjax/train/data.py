@@ -104,12 +104,15 @@ def tokenize_examples(
     appended to a completion that does not end with it (TRL does the same for plain text).
     Prompts keep their last ``max_prompt_length`` tokens (the end is what conditions the
     completion); completions keep their first ``max_completion_length`` tokens.
-    Examples whose completion is empty are an error (nothing to learn from).
+    Examples whose completion is empty are an error (nothing to learn from). Cutting is
+    logged (a warning per call with counts and the longest length): a prompt cut from the left
+    loses its system prompt, so the model trains on a prompt it never acts on.
     """
     if max_prompt_length < 1 or max_completion_length < 1:
         raise ValueError("max_prompt_length and max_completion_length must be >= 1")
     eos_id = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
     out = []
+    cut = {"prompt": [], "completion": []}
     for i, ex in enumerate(examples):
         if not isinstance(ex, KTOExample):
             raise TypeError(f"example {i} is a {type(ex).__name__}, expected KTOExample")
@@ -128,9 +131,20 @@ def tokenize_examples(
             completion_ids = completion_ids + [int(eos_id)]
         if not completion_ids:
             raise ValueError(f"example {i} has an empty completion")
+        for what, ids, limit in (("prompt", prompt_ids, max_prompt_length),
+                                 ("completion", completion_ids, max_completion_length)):
+            if len(ids) > limit:
+                cut[what].append(len(ids))
         prompt_ids = prompt_ids[-max_prompt_length:] if prompt_ids else []
         completion_ids = completion_ids[:max_completion_length]
         out.append(TokenizedExample(tuple(prompt_ids), tuple(completion_ids), bool(ex.desirable)))
+    for what, end, limit in (("prompt", "start", max_prompt_length),
+                             ("completion", "end", max_completion_length)):
+        if cut[what]:
+            _log.warning("%d of %d %ss are longer than max_%s_length %d (longest %d tokens) and "
+                         "lose their %s; raise max_%s_length to train on what the model saw",
+                         len(cut[what]), len(examples), what, what, limit, max(cut[what]), end,
+                         what)
     return out
 
 

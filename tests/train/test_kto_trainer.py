@@ -98,10 +98,17 @@ def test_plan_and_collate_layout():
     assert default_buckets(300) == (32, 64, 128, 256, 300)
 
 
-def test_tokenize_truncates_and_appends_eos(tiny_checkpoint):
+def test_tokenize_truncates_and_appends_eos(tiny_checkpoint, caplog):
     tok = load_tokenizer(tiny_checkpoint)
     exs = [KTOExample("Action:", " 1", True), KTOExample(list(range(50)), [5, 6, 7, 8], False)]
-    out = tokenize_examples(exs, tok, max_prompt_length=10, max_completion_length=3)
+    with caplog.at_level("WARNING", logger="sfjax.train.data"):
+        out = tokenize_examples(exs, tok, max_prompt_length=10, max_completion_length=3)
+    # the cut is said, with counts (the eos makes the second completion 5 tokens)
+    assert [r.getMessage() for r in caplog.records] == [
+        "1 of 2 prompts are longer than max_prompt_length 10 (longest 50 tokens) and lose their "
+        "start; raise max_prompt_length to train on what the model saw",
+        "1 of 2 completions are longer than max_completion_length 3 (longest 5 tokens) and lose "
+        "their end; raise max_completion_length to train on what the model saw"]
     assert out[0].completion_ids[-1] == tok.eos_token_id
     assert tok.decode(list(out[0].prompt_ids) + list(out[0].completion_ids[:-1])) == "Action: 1"
     assert out[1].prompt_ids == tuple(range(40, 50))  # keeps the end of the prompt
