@@ -8,9 +8,10 @@ import functools
 import json
 import logging
 import time
+from types import SimpleNamespace
 
 import pytest
-from fake_openai import ALL_FAULTS, NON_COMPLETION_200, FakeOpenAI, truth
+from fake_openai import ALL_FAULTS, LESSON, NON_COMPLETION_200, FakeOpenAI, truth
 from reflector_inputs import KEY_ENV, SECRET, random_trajectory
 
 from sfjax.agents.prompts import PromptConfig
@@ -209,3 +210,24 @@ def test_progress_false_hides_the_bar(tmp_path, monkeypatch, progress):
     with FakeOpenAI() as server:
         _reflector(server.url, tmp_path, progress=progress).reflect([_traj(4)])
     assert [kw.get("enabled", True) for kw in shown] == [progress]
+
+
+def test_self_reflection_through_the_api_is_text_and_cached(tmp_path):
+    """Reflexion's self-reflection (the paper preset's api backend) took ``_complete``'s
+    (text, finish_reason) tuple for the text and crashed with AttributeError; its replies were
+    not cached either, although a rerun in RUN_DIR is documented to cost no finished calls. A
+    reply cut off at max_tokens is asked again, not kept as a lesson."""
+    import jax
+
+    from sfjax.agents.reflexion import make_self_reflect
+
+    ev = SimpleNamespace(summary="s", suboptimal=1, steps=2, wanted_more=1, wanted_less=0,
+                         wanted_same_as_before=0, top_reasons=("late packets",))  # fmt: skip
+    with FakeOpenAI(script=["length", "ok:think"]) as server:
+        reflect = make_self_reflect(_reflector(server.url, tmp_path), PCFG)
+        assert reflect(ev, 1, jax.random.key(0)) == LESSON
+        assert len(server.bodies) == 2  # the cut-off reply was asked again
+        server.refuse_all = True  # a rerun is served from the cache
+        again = _reflector(server.url, tmp_path, max_retries=0)
+        assert make_self_reflect(again, PCFG)(ev, 1, jax.random.key(0)) == LESSON
+    assert len(server.bodies) == 2 and again.stats["cache_hits"] == 1

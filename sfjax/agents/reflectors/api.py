@@ -363,6 +363,30 @@ class ApiReflector:
             return labels
         raise AssertionError("unreachable")
 
+    def complete(self, messages: list[dict]) -> str:
+        """The text of one free-form reply to ``messages`` (Reflexion's self-reflection), with
+        the transport retries and the on-disk cache of the labels. A reply cut off at
+        ``max_tokens`` or empty after its reasoning is asked again (``max_format_retries``),
+        never returned."""
+        digest = self.request_hash(messages)
+        cached = self._cache_get(digest)
+        if cached is not None:
+            self._bump("cache_hits")
+            return cached
+        for attempt in range(self.cfg.max_format_retries + 1):
+            text, finish = self._complete(messages)
+            if finish != "length" and text.rsplit("</think>", 1)[-1].strip():
+                self._cache_put(digest, text)
+                return text
+            kind = "truncated reply" if finish == "length" else "invalid reply"
+            if attempt < self.cfg.max_format_retries:
+                self._bump("format_retries", kind)
+                log.warning("reflector reply %s (%s); asking again", kind, digest[:12])
+        raise ReflectorError(
+            f"Reflector reply still cut off or empty after {attempt + 1} attempts (raise "
+            f"--reflector.api.max-tokens or --reflector.api.max-format-retries)"
+        )
+
     # -- cache -----------------------------------------------------------------------------
 
     def _cache_get(self, digest: str) -> str | None:
