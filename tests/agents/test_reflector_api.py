@@ -231,3 +231,19 @@ def test_self_reflection_through_the_api_is_text_and_cached(tmp_path):
         again = _reflector(server.url, tmp_path, max_retries=0)
         assert make_self_reflect(again, PCFG)(ev, 1, jax.random.key(0)) == LESSON
     assert len(server.bodies) == 2 and again.stats["cache_hits"] == 1
+
+
+def test_proxy_from_the_environment_is_used(tmp_path, monkeypatch):
+    """openai's own client honours HTTP(S)_PROXY / NO_PROXY; the deadline transport replaced
+    its transport, which turns httpx's environment proxies off, so behind a proxy (a cluster's
+    compute nodes) every request went direct and failed as a connection error."""
+    trajs = [_traj(3)]
+    for name in ("no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    with FakeOpenAI() as server:  # serves as the HTTP proxy too
+        proxy = server.url.removesuffix("/v1")
+        monkeypatch.setenv("http_proxy", proxy)
+        monkeypatch.setenv("HTTP_PROXY", proxy)
+        r = _reflector("http://reflector.invalid/v1", tmp_path, max_retries=1)
+        _assert_right(trajs, r.reflect(trajs))
+    assert server.paths == ["http://reflector.invalid/v1/chat/completions"]

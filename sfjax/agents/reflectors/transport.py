@@ -55,10 +55,14 @@ class AttemptTransport(httpx2.BaseTransport):
     The attempt (connect, send, headers, body) runs on a helper thread; the caller waits at most
     ``deadline_s`` and then raises ``httpx2.ReadTimeout``, which openai retries. The helper stops
     at the next chunk of a trickling reply (or at the per-read timeout of a silent one).
+
+    The attempt goes through an inner ``httpx2.Client``, which picks the proxy from
+    ``HTTP(S)_PROXY`` / ``ALL_PROXY`` / ``NO_PROXY`` as openai's own client does: a client given
+    a transport (this one) ignores the environment's proxies.
     """
 
     def __init__(self, deadline_s: float, on_attempt):
-        self._inner = httpx2.HTTPTransport()
+        self._inner = httpx2.Client(follow_redirects=False)  # openai's client follows them
         self.deadline_s = deadline_s
         self.on_attempt = on_attempt
 
@@ -68,7 +72,7 @@ class AttemptTransport(httpx2.BaseTransport):
 
         def attempt():
             try:
-                resp = self._inner.handle_request(request)
+                resp = self._inner.send(request, stream=True)
                 chunks = []
                 try:
                     for chunk in resp.stream:
