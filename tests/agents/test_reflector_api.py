@@ -247,3 +247,16 @@ def test_proxy_from_the_environment_is_used(tmp_path, monkeypatch):
         r = _reflector("http://reflector.invalid/v1", tmp_path, max_retries=1)
         _assert_right(trajs, r.reflect(trajs))
     assert server.paths == ["http://reflector.invalid/v1/chat/completions"]
+
+
+def test_first_failure_sends_no_queued_request(tmp_path):
+    """reflect() re-raised the first failure only after the pool had run every queued request
+    too (each through all its retries): a dead endpoint cost jobs x (max_retries + 1) requests
+    and that many backoffs before the error, and Ctrl-C waited for all of them."""
+    trajs = [_traj(3, seed=s, env_index=s) for s in range(5)]
+    with FakeOpenAI() as server:
+        server.refuse_all = True
+        r = _reflector(server.url, tmp_path, max_concurrency=1, max_retries=2)
+        with pytest.raises(ReflectorError, match="failed 3 times"):
+            r.reflect(trajs)
+    assert server.counts == {"500": 3}

@@ -420,25 +420,39 @@ class ApiReflector:
                 jobs.append((ti, w))
         progress = progress_bar(len(jobs), "reflect (api)", enabled=self.progress)
         t0 = time.monotonic()
+        # the first failure (or Ctrl-C) ends the phase: queued requests are not sent (each would
+        # run through all its retries first); those in flight finish and are cached
+        stop = threading.Event()
+
+        def labels(ti: int, w: range) -> list[StepLabel] | None:
+            if stop.is_set():
+                return None  # not sent; the failure that set ``stop`` is what reflect raises
+            try:
+                return self._window_labels(trajectories[ti], w, summaries[ti])
+            except BaseException:
+                stop.set()
+                raise
+
         with ThreadPoolExecutor(max_workers=self.cfg.max_concurrency) as pool:
-            futures = [
-                pool.submit(self._window_labels, trajectories[ti], w, summaries[ti])
-                for ti, w in jobs
-            ]
+            futures = [pool.submit(labels, ti, w) for ti, w in jobs]
             pending, answered = set(futures), 0
-            while pending:
-                # a line per answer and a heartbeat while R1 thinks: without a terminal (no
-                # progress bar) a reflect phase of many minutes looked frozen
-                done, pending = wait(pending, timeout=HEARTBEAT_S, return_when=FIRST_COMPLETED)
-                for f in done:
-                    f.result()  # the first failure ends the phase
-                answered += len(done)
-                progress.update(len(done))
-                log.info(
-                    "reflect (api): %d of %d requests answered after %.0f s (%d retries so far)",
-                    answered, len(jobs), time.monotonic() - t0,
-                    self.stats["transport_retries"] + self.stats["format_retries"],
-                )  # fmt: skip
+            try:
+                while pending:
+                    # a line per answer and a heartbeat while R1 thinks: without a terminal (no
+                    # progress bar) a reflect phase of many minutes looked frozen
+                    done, pending = wait(pending, timeout=HEARTBEAT_S, return_when=FIRST_COMPLETED)
+                    for f in done:
+                        f.result()  # the first failure ends the phase
+                    answered += len(done)
+                    progress.update(len(done))
+                    log.info(
+                        "reflect (api): %d of %d requests answered after %.0f s (%d retries so "
+                        "far)", answered, len(jobs), time.monotonic() - t0,
+                        self.stats["transport_retries"] + self.stats["format_retries"],
+                    )  # fmt: skip
+            except BaseException:
+                stop.set()
+                raise
             results = [f.result() for f in futures]
         progress.close()
         out = []
