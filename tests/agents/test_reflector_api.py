@@ -260,3 +260,13 @@ def test_first_failure_sends_no_queued_request(tmp_path):
         with pytest.raises(ReflectorError, match="failed 3 times"):
             r.reflect(trajs)
     assert server.counts == {"500": 3}
+
+
+def test_retry_after_is_waited_in_full(tmp_path):
+    """A 429's Retry-After was cut to --backoff-max-s, so the retry came before the server
+    allowed it (and would be refused again); openai waits up to 120 s of Retry-After in full
+    and refuses to retry beyond that, so the wait stays bounded."""
+    with FakeOpenAI(script=["429"], retry_after="0.6") as server:
+        r = _reflector(server.url, tmp_path)  # backoff_max_s=0.01
+        _assert_right(trajs := [_traj(3)], r.reflect(trajs))
+    assert server.arrivals[1] - server.arrivals[0] >= 0.6

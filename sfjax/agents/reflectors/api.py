@@ -13,7 +13,7 @@ fewest equal windows that fit, each with the whole-trajectory summary; that is l
   ~40 s, shorter than a DeepSeek "server busy" spell, and a fault-injection test with hundreds
   of retries would sleep for minutes. :class:`~sfjax.agents.reflectors.transport.RetryingClient` overrides the one method that computes
   the delay: ``backoff_base_s`` doubling to ``backoff_max_s`` with full jitter, ``Retry-After``
-  still honoured (capped at ``backoff_max_s``);
+  still honoured in full (openai retries only when it asks for at most 120 s);
 * its timeout is httpx's per-read timeout: a server that trickles keep-alive bytes (DeepSeek
   sends blank lines while R1 thinks) held a request with ``timeout_s=2`` for 30 s and could hold
   it forever. :class:`~sfjax.agents.reflectors.transport.AttemptTransport` makes ``timeout_s`` a total deadline per attempt
@@ -112,7 +112,7 @@ class ApiReflectorConfig:
     backoff_base_s: float = 2.0
     """First backoff delay; doubles each retry, with full jitter (Retry-After is honoured)."""
     backoff_max_s: float = 60.0
-    """Cap on one backoff delay."""
+    """Cap on one backoff delay (a server's Retry-After, at most 120 s, is waited in full)."""
     max_format_retries: int = 3
     """Re-asks after a reply that fails validation (the error is sent back to the model)."""
     context_tokens: int = 65536

@@ -30,7 +30,9 @@ class RetryingClient(openai.OpenAI):
         max_retries = options.get_max_retries(self.max_retries)
         delay = random.uniform(0, min(cap, base * 2 ** min(max_retries - remaining_retries, 60)))
         if retry_after is not None and math.isfinite(retry_after) and retry_after > 0:
-            delay = max(delay, min(retry_after, cap))
+            # in full: an earlier retry is refused again; openai does not retry at all when the
+            # server asks for more than 120 s, so the wait stays bounded
+            delay = max(delay, retry_after)
         return delay
 
 
