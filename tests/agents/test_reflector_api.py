@@ -270,3 +270,16 @@ def test_retry_after_is_waited_in_full(tmp_path):
         r = _reflector(server.url, tmp_path)  # backoff_max_s=0.01
         _assert_right(trajs := [_traj(3)], r.reflect(trajs))
     assert server.arrivals[1] - server.arrivals[0] >= 0.6
+
+
+def test_retry_after_beyond_openais_limit_is_not_called_a_retry(tmp_path, caplog):
+    """openai does not retry a 429 whose Retry-After asks for more than 120 s; the attempt was
+    still logged as "retrying", counted as a transport retry, and the error advised raising
+    --reflector.api.max-retries, which cannot help."""
+    caplog.set_level(logging.WARNING)
+    with FakeOpenAI(script=["429"], retry_after="300") as server:
+        r = _reflector(server.url, tmp_path)
+        with pytest.raises(ReflectorError, match=r"Retry-After 300.*rerun later") as e:
+            r.reflect([_traj(3)])
+    assert "max-retries" not in str(e.value) and "retrying" not in caplog.text
+    assert len(server.bodies) == 1 and r.stats["transport_retries"] == 0

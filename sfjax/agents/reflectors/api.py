@@ -227,14 +227,15 @@ class ApiReflector:
                 reasons = self.stats["retry_reasons"]
                 reasons[kind] = reasons.get(kind, 0) + 1
 
-    def _on_attempt(self, kind: str | None, reason: str | None) -> None:
+    def _on_attempt(self, kind: str | None, reason: str | None, response=None) -> None:
         """Called by the transport after every HTTP attempt, in the requesting thread."""
         self._local.attempts = n = getattr(self._local, "attempts", 0) + 1
         self._bump("attempts")
         if kind is not None:
             self._local.last = reason
-            # what openai retries: 408, 409, 429, 5xx, timeouts, connection errors
-            retried = not kind.startswith("HTTP 4") or kind in ("HTTP 408", "HTTP 409", "HTTP 429")
+            # what openai retries: timeouts, connection errors and the statuses its _should_retry
+            # accepts (408, 409, 429, 5xx, unless Retry-After asks for more than 120 s)
+            retried = response is None or self._client._should_retry(response)
             if retried and n <= self.cfg.max_retries:
                 self._bump("transport_retries", kind)
                 log.warning(
@@ -250,6 +251,12 @@ class ApiReflector:
             resp = self._client.chat.completions.create(**self._request_body(messages))
         except openai.APIStatusError as e:
             if e.status_code >= 500 or e.status_code in (408, 409, 429):
+                if not self._client._should_retry(e.response):
+                    raise ReflectorError(
+                        f"Reflector API at {self.cfg.base_url} answered "
+                        f"{self._redact(self._local.last)}, a wait longer than the client retries "
+                        f"after: rerun later with --resume"
+                    ) from None
                 raise self._gave_up(f"HTTP {e.status_code}: {e.message}") from None
             hint = (
                 f" (check the key in ${self.cfg.api_key_env})"

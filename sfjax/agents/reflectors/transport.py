@@ -52,7 +52,8 @@ def _completion_problem(status: int, headers, body: bytes) -> str | None:
 
 
 class AttemptTransport(httpx2.BaseTransport):
-    """One HTTP attempt with a total deadline, classified and reported to ``on_attempt``.
+    """One HTTP attempt with a total deadline, classified and reported to ``on_attempt(kind,
+    reason[, response])`` (the response of an HTTP error status).
 
     The attempt (connect, send, headers, body) runs on a helper thread; the caller waits at most
     ``deadline_s`` and then raises ``httpx2.ReadTimeout``, which openai retries. The helper stops
@@ -113,12 +114,15 @@ class AttemptTransport(httpx2.BaseTransport):
                     request=request,
                 )
             self.on_attempt(None, None)
-        else:
+        response = httpx2.Response(status, headers=headers, content=body, request=request)
+        if status != 200:
             after = headers.get("retry-after")
             self.on_attempt(
-                f"HTTP {status}", f"HTTP {status}" + (f" (Retry-After {after})" if after else "")
+                f"HTTP {status}",
+                f"HTTP {status}" + (f" (Retry-After {after})" if after else ""),
+                response,
             )
-        return httpx2.Response(status, headers=headers, content=body, request=request)
+        return response
 
     def close(self) -> None:
         self._inner.close()
