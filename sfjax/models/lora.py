@@ -208,12 +208,21 @@ def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs | None =
     """Wrap the targeted projections of ``model`` in :class:`LoRALinear`, in place.
 
     Returns ``model`` (same object). Base kernels are shared, not copied. Raises if the model
-    already has adapters or if no projection matches ``config.target_modules``.
+    already has adapters, if no projection matches ``config.target_modules``, or if it names
+    ``lm_head`` on a model whose head is the tied embedding (no such projection).
     """
     if any(True for _ in lora_modules(model)):
         raise ValueError("model already has LoRA adapters; merge_lora() or load into them instead")
     rngs = rngs if rngs is not None else nnx.Rngs(0)
-    found = _targets(model, config.target_modules)
+    targets = config.target_modules
+    if (not isinstance(targets, str) and "lm_head" in targets
+            and getattr(model, "lm_head", False) is None):
+        raise ValueError(
+            "target_modules names lm_head, but this model ties its output head to the input "
+            "embedding (tie_word_embeddings, e.g. Qwen3-4B) and has no lm_head projection to "
+            "adapt; leave lm_head out of target_modules"
+        )  # fmt: skip
+    found = _targets(model, targets)
     if not found:
         raise ValueError(
             f"no Linear projection matches target_modules={config.target_modules}; "

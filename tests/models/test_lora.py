@@ -71,6 +71,12 @@ def test_target_subset_and_errors(tiny_checkpoint):
         lora.apply_lora(fresh, lora.LoRAConfig(target_modules=("qproj",)))
     with pytest.raises(ValueError, match="rank"):
         lora.LoRAConfig(rank=0)
+    # tiny_checkpoint ties its embeddings (as Qwen3-4B): an lm_head target used to be dropped
+    # silently, the other targets adapted
+    assert fresh.config.tie_word_embeddings and fresh.lm_head is None
+    with pytest.raises(ValueError, match="ties its output head"):
+        lora.apply_lora(fresh, lora.LoRAConfig(target_modules=("q_proj", "lm_head")))
+    assert not list(lora.lora_modules(fresh))  # nothing applied
 
 
 def test_adapter_off_is_bit_identical_to_base(tiny_checkpoint, base):
