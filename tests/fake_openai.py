@@ -9,7 +9,8 @@ order). Good replies come in the shapes DeepSeek-R1 produces (see :data:`GOOD_SH
 of what was served are in ``counts``, the request bodies in ``bodies`` (their arrival times in
 ``arrivals``, their request targets in ``paths``) and the ``Authorization`` headers seen in
 ``auth``; ``refuse_all = True`` answers 500 to everything. A 429 carries ``Retry-After:
-retry_after``. A request without reflection steps (Reflexion's self-reflection) is answered
+retry_after``. Like vLLM and Ollama it serves under ``/v1`` only (404 elsewhere); the scripted
+kind ``context_400`` is vLLM's refusal of a request longer than the model's context. A request without reflection steps (Reflexion's self-reflection) is answered
 with :data:`LESSON` in the same shapes.
 """
 
@@ -84,6 +85,8 @@ class FakeOpenAI:
                     server.paths.append(self.path)
                     server.auth.add(self.headers.get("Authorization"))
                     kind = server._draw()
+                if "/v1/" not in self.path:  # served under /v1 only, as vLLM / Ollama
+                    kind = "404"
                 server._count(kind)
                 try:
                     server._serve(self, kind, body)
@@ -125,6 +128,12 @@ class FakeOpenAI:
         if kind == "429":
             headers = {"Retry-After": self.retry_after}
             return _send(h, 429, {"error": {"message": "slow down"}}, headers)
+        if kind == "404":
+            return _send(h, 404, {"detail": "Not Found"})
+        if kind == "context_400":
+            msg = ("This model's maximum context length is 32768 tokens. However, you requested "
+                   "40000 tokens. Please reduce the length of the messages or completion.")
+            return _send(h, 400, {"error": {"message": msg, "type": "BadRequestError"}})
         if kind in ("500", "503"):
             return _send(h, int(kind), {"error": {"message": "busy"}})
         if kind == "401":

@@ -249,6 +249,37 @@ def test_proxy_from_the_environment_is_used(tmp_path, monkeypatch):
     assert server.paths == ["http://reflector.invalid/v1/chat/completions"]
 
 
+def test_refusals_say_what_to_check(tmp_path, monkeypatch):
+    """A base URL without /v1 (vLLM, Ollama) and a request over the server's context were bare
+    HTTP 404 / 400 errors; a missing key did not say that a local server takes any value."""
+    with FakeOpenAI() as server:
+        with pytest.raises(ReflectorError, match=r"HTTP 404 \(is '.*' the API root\? .* under "
+                           r"/v1, e\.g\. http://localhost:8000/v1"):
+            _reflector(server.url.removesuffix("/v1"), tmp_path).reflect([_traj(3)])
+    with FakeOpenAI(script=["context_400"]) as server:
+        with pytest.raises(ReflectorError, match=r"HTTP 400 \(a request longer than the model's "
+                           r"context\? --reflector\.api\.context-tokens 65536 must not exceed"):
+            _reflector(server.url, tmp_path / "b").reflect([_traj(3)])
+    monkeypatch.delenv(KEY_ENV)
+    with pytest.raises(ReflectorError, match=rf"takes any value, e\.g\. {KEY_ENV}=EMPTY"):
+        _reflector("http://127.0.0.1:9/v1", tmp_path)
+
+
+def test_placeholder_key_is_not_redacted_and_cache_ignores_a_trailing_slash(tmp_path, monkeypatch):
+    """A local server's placeholder key ('x') was 'redacted' out of every word of an error; the
+    reply cache missed when the same base URL was given with a trailing '/'."""
+    monkeypatch.setenv(KEY_ENV, "x")
+    with FakeOpenAI(echo_key_401=True) as server:
+        with pytest.raises(ReflectorError, match="Incorrect API key provided: x$"):
+            _reflector(server.url, tmp_path).reflect([_traj(3)])
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    trajs = [_traj(3)]
+    with FakeOpenAI() as server:
+        _reflector(server.url, tmp_path).reflect(trajs)
+        _reflector(server.url + "/", tmp_path).reflect(trajs)
+        assert len(server.bodies) == 1  # the second run is served from the cache
+
+
 def test_first_failure_sends_no_queued_request(tmp_path):
     """reflect() re-raised the first failure only after the pool had run every queued request
     too (each through all its retries): a dead endpoint cost jobs x (max_retries + 1) requests

@@ -150,6 +150,20 @@ class ApiReflectorConfig:
         return bad
 
 
+def _status_hint(status: int, message: str, cfg: ApiReflectorConfig) -> str:
+    """What to check for a refused request (HTTP 4xx other than 408 / 409 / 429)."""
+    if status in (401, 403):
+        return f" (check the key in ${cfg.api_key_env})"
+    if status == 404:
+        return (f" (is {cfg.base_url!r} the API root? OpenAI-compatible servers such as vLLM "
+                "and Ollama serve it under /v1, e.g. http://localhost:8000/v1; and is "
+                f"{cfg.model!r} a model the server has? --reflector.api.base-url / .model)")
+    if status == 400 and re.search(r"context|maximum|too long|token", message, re.I):
+        return (f" (a request longer than the model's context? --reflector.api.context-tokens "
+                f"{cfg.context_tokens} must not exceed the server's context length)")
+    return ""
+
+
 class ApiReflector:
     """Reflector backed by an OpenAI-compatible API; see the module docstring."""
 
@@ -167,14 +181,19 @@ class ApiReflector:
             raise ReflectorError(
                 f"the api Reflector needs an API key in the environment variable "
                 f"{cfg.api_key_env!r} (set it, or choose another variable with "
-                f"--reflector.api.api-key-env, or use the offline 'rule' reflector)"
+                f"--reflector.api.api-key-env, or use the offline 'rule' reflector; a local "
+                f"server that checks no key, such as vLLM or Ollama, takes any value, e.g. "
+                f"{cfg.api_key_env}=EMPTY)"
             )
         self.cfg = cfg
         self.prompt_cfg = prompt_cfg
         self.progress = progress
         """Show a progress bar of the requests (on a terminal); the log lines come regardless."""
         self.name = f"api ({cfg.model} at {cfg.base_url})"
-        self._redact = lambda text: str(text).replace(key, "[API key redacted]")
+        # a placeholder key for a local server ("EMPTY", "x") is no secret, and replacing it
+        # everywhere would garble the messages
+        self._redact = ((lambda text: str(text).replace(key, "[API key redacted]"))
+                        if len(key) >= 8 else str)  # fmt: skip
         self._local = threading.local()
         self._client = RetryingClient(
             base_url=cfg.base_url,
@@ -216,7 +235,8 @@ class ApiReflector:
     def request_hash(self, messages: list[dict]) -> str:
         """SHA-256 of the request (endpoint + body); the key is not part of it."""
         blob = json.dumps(
-            {"base_url": self.cfg.base_url, **self._request_body(messages)}, sort_keys=True
+            {"base_url": self.cfg.base_url.rstrip("/"), **self._request_body(messages)},
+            sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -258,11 +278,7 @@ class ApiReflector:
                         f"after: rerun later with --resume"
                     ) from None
                 raise self._gave_up(f"HTTP {e.status_code}: {e.message}") from None
-            hint = (
-                f" (check the key in ${self.cfg.api_key_env})"
-                if e.status_code in (401, 403)
-                else ""
-            )
+            hint = _status_hint(e.status_code, str(e.message), self.cfg)
             raise ReflectorError(
                 f"Reflector API at {self.cfg.base_url} refused the request with HTTP "
                 f"{e.status_code}{hint}: {self._redact(e.message)}"
