@@ -81,10 +81,11 @@ def run_cli(fn: Callable[..., Any], *args) -> Any:
 REFLECTOR_OPERATIONAL = tuple(
     f"reflector.api.{name}"
     for name in ("api_key_env", "max_concurrency", "timeout_s", "max_retries", "backoff_base_s",
-                 "backoff_max_s", "max_format_retries")
+                 "backoff_max_s", "max_format_retries", "max_tokens_field")
 )  # fmt: skip
 """The Reflector API's options that do not change results (its replies are cached by request):
-the key's variable name, concurrency, timeouts and retries."""
+the key's variable name, concurrency, timeouts, retries and the name of the token-budget
+field."""
 
 
 def as_json(cfg) -> dict:

@@ -280,6 +280,20 @@ def test_placeholder_key_is_not_redacted_and_cache_ignores_a_trailing_slash(tmp_
         assert len(server.bodies) == 1  # the second run is served from the cache
 
 
+def test_token_budget_goes_in_the_field_the_endpoint_takes(tmp_path):
+    """OpenAI's reasoning models refuse ``max_tokens``; they take ``max_completion_tokens``."""
+    trajs = [_traj(3)]
+    with FakeOpenAI() as server:
+        _reflector(server.url, tmp_path, max_tokens_field="max_completion_tokens").reflect(trajs)
+        _reflector(server.url, tmp_path / "b").reflect(trajs)
+    first, second = server.bodies
+    assert first["max_completion_tokens"] == 16384 and "max_tokens" not in first
+    assert second["max_tokens"] == 16384 and "max_completion_tokens" not in second
+    with pytest.raises(ConfigError, match="--reflector.api.max-tokens-field 'max_new_tokens'"):
+        check_config(ReflectorConfig(api=ApiReflectorConfig(max_tokens_field="max_new_tokens")),
+                     "reflector.")  # fmt: skip
+
+
 def test_first_failure_sends_no_queued_request(tmp_path):
     """reflect() re-raised the first failure only after the pool had run every queued request
     too (each through all its retries): a dead endpoint cost jobs x (max_retries + 1) requests

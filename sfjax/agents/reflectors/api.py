@@ -52,6 +52,7 @@ from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import openai
 
@@ -120,6 +121,9 @@ class ApiReflectorConfig:
     is reflected in one request; a longer one in the fewest windows that fit."""
     max_tokens: int = 16384
     """Completion token budget per request (reasoning models spend most of it thinking)."""
+    max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
+    """The request field MAX_TOKENS goes in: ``max_tokens`` (DeepSeek, vLLM, Ollama) or
+    ``max_completion_tokens`` (OpenAI's reasoning models refuse ``max_tokens``)."""
     temperature: float | None = None
     """Sampling temperature, or None for the endpoint's default (R1 ignores it)."""
 
@@ -145,6 +149,8 @@ class ApiReflectorConfig:
             bad.append(Bad("backoff_max_s", f">= --backoff-base-s ({self.backoff_base_s:g})"))
         if not self.context_tokens > self.max_tokens:
             bad.append(Bad("context_tokens", f"> --max-tokens ({self.max_tokens})"))
+        if self.max_tokens_field not in ("max_tokens", "max_completion_tokens"):
+            bad.append(Bad("max_tokens_field", "max_tokens or max_completion_tokens"))
         if self.temperature is not None and not 0 <= self.temperature <= 2:
             bad.append(Bad("temperature", "None or in [0, 2]"))
         return bad
@@ -227,7 +233,8 @@ class ApiReflector:
     # -- one request -----------------------------------------------------------------------
 
     def _request_body(self, messages: list[dict]) -> dict:
-        body = {"model": self.cfg.model, "messages": messages, "max_tokens": self.cfg.max_tokens}
+        body = {"model": self.cfg.model, "messages": messages,
+                self.cfg.max_tokens_field: self.cfg.max_tokens}
         if self.cfg.temperature is not None:
             body["temperature"] = self.cfg.temperature
         return body
