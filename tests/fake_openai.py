@@ -29,6 +29,8 @@ REPLY_FAULTS = ("malformed", "missing_steps", "length")
 ALL_FAULTS = TRANSPORT_FAULTS + NON_COMPLETION_200 + REPLY_FAULTS
 GOOD_SHAPES = ("plain", "think", "r1_no_open_tag", "fenced", "prose_after", "reasoning_content")
 LESSON = "Lesson: give slice 0 more RBGs before its queue grows."
+THINKING = "Let me weigh every step again. " * 200
+"""The reasoning of a ``think_malformed`` reply (in its content, as vLLM without a parser)."""
 """The fake's free-text reply to a request that shows no steps (a self-reflection)."""
 
 
@@ -170,6 +172,8 @@ class FakeOpenAI:
             return _send(h, 200, "upstream timed out")
         if kind == "malformed":
             return _send(h, 200, _completion(good[:-7]))
+        if kind == "think_malformed":  # vLLM without a reasoning parser: thinking in content
+            return _send(h, 200, _completion(f"<think>{THINKING}</think>\n{good[:-7]}"))
         if kind == "missing_steps":
             return _send(h, 200, _completion(json.dumps(items[1:])))
         if kind == "length":

@@ -11,7 +11,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from fake_openai import ALL_FAULTS, LESSON, NON_COMPLETION_200, FakeOpenAI, truth
+from fake_openai import ALL_FAULTS, LESSON, NON_COMPLETION_200, THINKING, FakeOpenAI, truth
 from reflector_inputs import KEY_ENV, SECRET, random_trajectory
 
 from sfjax.agents.prompts import PromptConfig
@@ -292,6 +292,19 @@ def test_token_budget_goes_in_the_field_the_endpoint_takes(tmp_path):
     with pytest.raises(ConfigError, match="--reflector.api.max-tokens-field 'max_new_tokens'"):
         check_config(ReflectorConfig(api=ApiReflectorConfig(max_tokens_field="max_new_tokens")),
                      "reflector.")  # fmt: skip
+
+
+def test_reask_sends_back_the_answer_not_the_reasoning(tmp_path):
+    """A re-ask appended the whole invalid reply, reasoning included: with vLLM's thinking in
+    the content, each re-ask grew the request by thousands of tokens past the window's plan
+    (and DeepSeek refuses reasoning sent back)."""
+    trajs = [_traj(3)]
+    with FakeOpenAI(script=["think_malformed"]) as server:
+        _assert_right(trajs, _reflector(server.url, tmp_path).reflect(trajs))
+    first, second = server.bodies
+    reply, reask = second["messages"][len(first["messages"]):]
+    assert reply["role"] == "assistant" and reply["content"].startswith("[{")
+    assert THINKING.strip() not in json.dumps(second) and "invalid" in reask["content"]
 
 
 def test_first_failure_sends_no_queued_request(tmp_path):

@@ -381,7 +381,10 @@ class ApiReflector:
                     window.start, window.stop - 1, reason[:200],
                 )  # fmt: skip
                 convo = convo + [
-                    {"role": "assistant", "content": text},
+                    # its answer without the reasoning (DeepSeek: never send reasoning back;
+                    # a vLLM reply in content can be thousands of tokens of thinking, and the
+                    # windows leave room for one reply, not for a conversation of them)
+                    {"role": "assistant", "content": text.rsplit("</think>", 1)[-1].strip()},
                     {
                         "role": "user",
                         "content": f"Your reply was invalid: {reason}. Reply again with ONLY the "
