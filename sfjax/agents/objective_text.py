@@ -35,8 +35,9 @@ def _ratio(x: float) -> str:
 
 
 def objective_lines(objective: Objective, *, slice_name: str = "slice 0",
-                    other_name: str = "slice 1") -> list[str]:
-    """The three objectives, numbered, as one line each (full prompts)."""
+                    other_name: str = "slice 1", trade_off: bool = True) -> list[str]:
+    """The three objectives, numbered, as one line each (full prompts); with ``trade_off``
+    a fourth line says how they weigh against each other."""
     w = objective.weights
     if objective.se_definition == "allocated":
         se = (f"Maximise the spectral efficiency (SE) of {slice_name}: the bits it delivers per "
@@ -57,7 +58,7 @@ def objective_lines(objective: Objective, *, slice_name: str = "slice 0",
     rec = ("Avoid needless reconfigurations: every change of the allocation costs signalling; "
            "keep it unless a change is worth it.")
     lines = [f"1. {se}", f"2. {vio}", f"3. {rec}"]
-    if w.se_weight > 0:
+    if trade_off and w.se_weight > 0:
         lines.append(
             f"How they weigh: one step with a violation costs as much as "
             f"{_ratio(w.violation_penalty / w.se_weight)} bit/s/Hz of SE held for one step, one "
@@ -67,7 +68,7 @@ def objective_lines(objective: Objective, *, slice_name: str = "slice 0",
     return lines
 
 
-def objective_compact(objective: Objective) -> str:
+def objective_compact(objective: Objective, *, trade_off: bool = True) -> str:
     """The same objectives in one sentence (compact prompts for small models)."""
     se = ("high spectral efficiency (SE) of slice 0 per allocated bandwidth (no more resources "
           "than needed)" if objective.se_definition == "allocated"
@@ -77,7 +78,7 @@ def objective_compact(objective: Objective) -> str:
            else "no QoS violations of slice 0 (late or dropped packets)")
     w = objective.weights
     weigh = ""
-    if w.se_weight > 0:
+    if trade_off and w.se_weight > 0:
         weigh = (f"; a violation step weighs {_ratio(w.violation_penalty / w.se_weight)}x "
                  f"and a reconfiguration {_ratio(w.reconfig_penalty / w.se_weight)}x one "
                  "bit/s/Hz of SE for one step")

@@ -86,6 +86,10 @@ class PromptConfig:
     objective: Objective = Objective()
     """The scoring objective the prompt states in words (set from the env by
     ``prompt_config_for_env``; Table III scores the same one)."""
+    trade_off: bool = True
+    """Also state how the objectives weigh against each other (eq. 15's weights as ratios) to
+    the Actor, the Reflector and Reflexion. False: the objectives in words only (an ablation:
+    the paper's agents get no handcrafted reward, and eq. 15 is given for the RL baselines)."""
 
     def __post_init__(self):
         if not 0 <= self.action_lo <= self.action_hi:
@@ -144,7 +148,7 @@ def system_prompt(cfg: PromptConfig) -> str:
     if cfg.style == "compact":
         return (
             f"You control a RAN slice: every 100 ms choose the {unit}s ({cfg.prbs_per_unit} PRBs "
-            f"each) for slice 0; slice 1 gets the rest. {objective_compact(cfg.objective)}\n"
+            f"each) for slice 0; slice 1 gets the rest. {objective_compact(cfg.objective, trade_off=cfg.trade_off)}\n"
             f"Answer in three lines:\n{fields}\n"
             f"The action is an integer from {lo} to {hi}."
         )
@@ -154,7 +158,7 @@ def system_prompt(cfg: PromptConfig) -> str:
         "slice (slice 0) gets; the remaining ones go to slice 1.\n"
         f"{cfg.slice_description}\n"
         "Your objectives, all at once:\n"
-        + "\n".join(objective_lines(cfg.objective)) + "\n"
+        + "\n".join(objective_lines(cfg.objective, trade_off=cfg.trade_off)) + "\n"
         "Learn from the recent steps shown to you.\n"
         f"Answer with exactly three lines, in this order:\n{fields}\n"
         f"The action is an integer from {lo} to {hi}."

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import jax
 
 from sfjax.agents.actor import Actor, ActorConfig
+from sfjax.agents.objective_text import objective_compact
 from sfjax.agents.prompts import HistoryEntry, PromptConfig, build_messages
 from sfjax.agents.reflectors.base import Reflector, trajectory_summary
 from sfjax.agents.trajectory import Reflection, Trajectory, trajectory_metrics
@@ -199,8 +200,8 @@ def llm_self_reflection_messages(
     system = (
         "You are the self-reflection module of a Reflexion agent that controls RAN slicing: "
         f"every 100 ms it chooses how many {prompt_cfg.action_unit}s (from "
-        f"{prompt_cfg.action_lo} to {prompt_cfg.action_hi}) slice 0 gets. Its objectives: high "
-        "spectral efficiency of slice 0, no packet QoS violations, few reconfigurations. "
+        f"{prompt_cfg.action_lo} to {prompt_cfg.action_hi}) slice 0 gets. "
+        f"{objective_compact(prompt_cfg.objective, trade_off=prompt_cfg.trade_off)} "
         "Given an evaluation of its last trial, write at most three sentences of concrete, "
         "actionable lessons for the next trial. Reply with the lessons only."
     )

@@ -43,6 +43,28 @@ def test_actor_and_reflector_are_told_the_env_objective(objective):
     assert objective_compact(objective) in compact
 
 
+def test_trade_off_off_states_the_objectives_in_words_only():
+    """PromptConfig.trade_off=False (the ablation): no agent hears how the objectives weigh,
+    the Actor (full and compact), the Reflector and Reflexion's self-reflection alike; the
+    objectives themselves are still stated."""
+    from sfjax.agents.reflexion import TrialEvaluation, llm_self_reflection_messages
+
+    env = RanSlicingEnv()
+    on = prompt_config_for_env(env, P.PromptConfig())
+    off = dataclasses.replace(on, trade_off=False)
+    ev = TrialEvaluation(steps=3, suboptimal=1, wanted_more=1, wanted_less=0,
+                         wanted_same_as_before=0, avg_se=1.0, reconfigurations=1.0,
+                         violations=0.0, summary="s")  # fmt: skip
+    for cfg, told in ((on, True), (off, False)):
+        texts = [P.system_prompt(cfg), P.system_prompt(dataclasses.replace(cfg, style="compact")),
+                 reflection_system_prompt(cfg), llm_self_reflection_messages(ev, 1, cfg)[0]["content"]]
+        for text in texts:
+            assert ("weigh" in text) is told, text
+            assert "QoS violations" in text and "spectral efficiency" in text
+    # Reflexion's self-reflection states the env's own objective (cell-wide violations)
+    assert "either slice" in llm_self_reflection_messages(ev, 1, on)[0]["content"]
+
+
 def test_state_and_feedback_show_both_slices():
     state = {"prev_action": 6, "se": 1.5, "arrival_rate_bps": 3e6, "queue_delta_bytes": 0.0,
              "dropped_bytes": 0.0, "other_arrival_rate_bps": 6e6,

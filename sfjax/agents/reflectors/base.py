@@ -85,7 +85,7 @@ def reflection_system_prompt(cfg: PromptConfig) -> str:
         f"{cfg.action_hi}) the controlled slice 0 gets; the rest went to slice 1.\n"
         f"{cfg.slice_description}\n"
         "Its objectives (exactly how the agent is judged):\n"
-        + "\n".join(objective_lines(cfg.objective)) + "\n"
+        + "\n".join(objective_lines(cfg.objective, trade_off=cfg.trade_off)) + "\n"
         "You see the whole trajectory in hindsight. For EVERY step shown, judge the action "
         "taken at that step by its consequences (the feedback of that step and of the steps "
         'after it): label it "effective" or "suboptimal", and give the action that would '
