@@ -48,6 +48,7 @@ from sfjax.baselines.llm_agent import (
     prompt_config_for_env,
 )
 from sfjax.baselines.report import MethodResult
+from sfjax.configcheck import Bad
 from sfjax.console import configure_logging
 from sfjax.envs.ran import RanSlicingConfig, RanSlicingEnv
 
@@ -82,6 +83,14 @@ class Config:
     """Seed of the Actor's sampling during the final evaluation."""
     log_level: str = "INFO"
     """Python logging level of the progress lines (DEBUG, INFO, WARNING, ERROR)."""
+
+    def invalid(self) -> list[Bad]:
+        """The trials' env seeds must not be evaluation seeds: the verbal memory would have
+        been written on the trajectories it is scored on."""
+        if shared := self.protocol.shared_seeds(self.reflexion.trial_seeds):
+            return [Bad("protocol.seeds", f"disjoint from --reflexion.trial-seeds: both hold "
+                        f"{shared}, trajectories Reflexion's trials learn on")]
+        return []
 
 
 SMOKE = Config(

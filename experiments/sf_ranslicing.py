@@ -178,6 +178,16 @@ SMOKE = ExperimentConfig(
     heldout=HeldOutConfig(seeds=tuple(range(16)), num_steps=100),
 )
 
+# What the paper states and this preset follows: Qwen3-4B Actor, DeepSeek-R1 Reflector (V-B),
+# 300-step trajectories of 100 ms decisions, one SF iteration from a single trajectory, six KTO
+# iterations (V-C, Fig. 3), the reference = the original frozen LLM (IV-C). Everything else
+# below is this project's choice where the paper gives no number: the history window k = 5
+# (IV-B3 says only "a finite history window"), K = 8 rollouts, tau = 0.5, exact action match
+# (tolerance 0; IV-C: "matches or aligns with the Reflector's suggestion"), rollouts at
+# temperature 1.0 while acting uses 0.7 / top-p 0.8 / top-k 20, Qwen3's thinking mode off,
+# beta = 0.1, lambda_D / lambda_U from the class counts (eq. 12-13 as DESIGN.md restores them),
+# LoRA r = 16, lr 5e-5 with linear decay, 2 epochs and a fresh optimizer per KTO iteration,
+# and the held-out evaluation (4 seeds x 300 steps, sampled at the acting temperature).
 PAPER = ExperimentConfig(
     run_dir="runs/paper",
     model=ModelConfig(checkpoint="Qwen/Qwen3-4B", dtype="bfloat16", scan_layers=True),

@@ -74,7 +74,7 @@ from sfjax.baselines.summary import (  # noqa: E402
     preset_of,
     tiny_actor_note,
 )
-from sfjax.configcheck import Bad, changed_leaves  # noqa: E402
+from sfjax.configcheck import Bad, changed_leaves, option  # noqa: E402
 from sfjax.console import configure_logging  # noqa: E402
 from sfjax.envs.ran import RanSlicingEnv  # noqa: E402
 from sfjax.envs.scenario import RanSlicingConfig  # noqa: E402
@@ -146,6 +146,14 @@ class Config:
             bad.append(Bad("rl.algos", "left unset: --methods chooses the RL rows"))
         bad += [Bad(f"{sub}.resume", "left unset: table3's --resume applies to its rows")
                 for sub in ("sf", "reflexion") if getattr(self, sub).resume]  # fmt: skip
+        learnt_on = [("reference.train_seeds", self.reference.train_seeds,
+                      {"static", "heuristic"} & set(self.methods)),
+                     ("reflexion.reflexion.trial_seeds", self.reflexion.reflexion.trial_seeds,
+                      "reflexion" in self.methods)]  # fmt: skip
+        bad += [Bad("protocol.seeds", f"disjoint from {option(path)}: both hold {shared}, "
+                    "trajectories that row learns or chooses on")
+                for path, seeds, used in learnt_on
+                if used and (shared := self.protocol.shared_seeds(seeds))]
         given, sf_model = self.reflexion.checkpoint, self.sf.model
         if {"sf", "reflexion"} <= set(self.methods) and given != SF_ACTOR:
             # Table III compares both LLM rows on one base Actor: SF's

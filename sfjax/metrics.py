@@ -2,12 +2,15 @@
 
 * eq. 1, spectral efficiency of a slice in one decision interval:
   ``SE_t = sum_{p in P_t} size_p / (T * B_t)`` (delivered bits over interval x bandwidth);
-  the simulator's default SE is the efficiency of the *scheduled* transmissions instead
-  (:func:`scheduled_spectral_efficiency`: delivered bits over the bandwidth-time of the PRBs
-  actually scheduled), the reading under which Table III's SE range 5.2-5.75 is reachable
-  (see :mod:`sfjax.envs.scenario`);
+  the simulator's default (``Objective.se_definition = "allocated"``) is this one, so
+  over-provisioning costs SE; ``"scheduled"`` (:func:`scheduled_spectral_efficiency`:
+  delivered bits over the bandwidth-time of the PRBs actually scheduled) is the alternative
+  reading under which Table III's SE range 5.2-5.75 is reachable (with it and controlled-slice
+  violations, the former defaults, the largest allocation won: no trade-off; see
+  :mod:`sfjax.envs.objective` and benchmarks/RESULTS.md);
 * eq. 2, PQoS violation: ``v_t = 1`` if any packet of the step exceeded its QoS threshold;
-  the simulator counts delivered packets later than the delay budget and dropped packets;
+  the simulator counts delivered packets later than the delay budget and dropped packets, of
+  every slice by default (``Objective``);
 * eq. 3, reconfiguration: ``c_t = 1`` if ``B_t != B_{t-1}``;
 * eq. 15, per-step utility ``U_t = alpha (SE_t + 1) - beta c_t - gamma v_t`` with
   alpha = beta = 15, gamma = 300 (DESIGN.md: these weights and the +1 offset reproduce the

@@ -6,8 +6,11 @@ finds in the request, so a reply is right exactly when the client sent the right
 replies) are drawn per request with probability ``fault_rate`` from ``faults`` (a kind listed
 k times is drawn k times as often), or scripted per request with ``script`` (a list consumed in
 order). Good replies come in the shapes DeepSeek-R1 produces (see :data:`GOOD_SHAPES`). Counts
-of what was served are in ``counts``, the request bodies in ``bodies`` and the
-``Authorization`` headers seen in ``auth``; ``refuse_all = True`` answers 500 to everything.
+of what was served are in ``counts``, the request bodies in ``bodies`` (their arrival times in
+``arrivals``, their request targets in ``paths``) and the ``Authorization`` headers seen in
+``auth``; ``refuse_all = True`` answers 500 to everything. A 429 carries ``Retry-After:
+retry_after``. A request without reflection steps (Reflexion's self-reflection) is answered
+with :data:`LESSON` in the same shapes.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ NON_COMPLETION_200 = ("html", "truncated_body", "empty_choices", "json_string")
 REPLY_FAULTS = ("malformed", "missing_steps", "length")
 ALL_FAULTS = TRANSPORT_FAULTS + NON_COMPLETION_200 + REPLY_FAULTS
 GOOD_SHAPES = ("plain", "think", "r1_no_open_tag", "fenced", "prose_after", "reasoning_content")
+LESSON = "Lesson: give slice 0 more RBGs before its queue grows."
+"""The fake's free-text reply to a request that shows no steps (a self-reflection)."""
 
 
 def truth(step: int, action: int, lo: int = 1, hi: int = 12) -> tuple[str, int]:
@@ -49,14 +54,18 @@ class FakeOpenAI:
         hang_s: float = 1.0,
         script: list[str] | None = None,
         echo_key_401: bool = False,
+        retry_after: str = "0",
     ):
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.fault_rate, self.faults, self.hang_s = fault_rate, faults, hang_s
         self.script = list(script or [])
         self.echo_key_401 = echo_key_401
+        self.retry_after = retry_after
         self.counts: dict[str, int] = {}
         self.bodies: list[dict] = []
+        self.arrivals: list[float] = []
+        self.paths: list[str] = []
         self.auth: set[str | None] = set()
         self.refuse_all = False
         server = self
@@ -71,6 +80,8 @@ class FakeOpenAI:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with server.lock:
                     server.bodies.append(body)
+                    server.arrivals.append(time.monotonic())
+                    server.paths.append(self.path)
                     server.auth.add(self.headers.get("Authorization"))
                     kind = server._draw()
                 server._count(kind)
@@ -110,9 +121,10 @@ class FakeOpenAI:
             {"step": s, "label": truth(s, a)[0], "improved_action": truth(s, a)[1], "reason": "f"}
             for s, a in steps_in(body["messages"][1]["content"])
         ]
-        good = json.dumps(items)
+        good = json.dumps(items) if items else LESSON
         if kind == "429":
-            return _send(h, 429, {"error": {"message": "slow down"}}, {"Retry-After": "0"})
+            headers = {"Retry-After": self.retry_after}
+            return _send(h, 429, {"error": {"message": "slow down"}}, headers)
         if kind in ("500", "503"):
             return _send(h, int(kind), {"error": {"message": "busy"}})
         if kind == "401":

@@ -220,11 +220,11 @@ def make_self_reflect(reflector: Reflector, prompt_cfg: PromptConfig) -> SelfRef
     """Self-reflection with the same backend as the evaluator's Reflector.
 
     ``local`` backends expose ``generate(conversations, key)``; ``api`` backends a
-    ``_complete(messages)`` with retries and an on-disk cache; anything else (the ``rule``
+    ``complete(messages)`` with retries and an on-disk cache; anything else (the ``rule``
     labeller) gets :func:`rule_self_reflection`.
     """
     generate = getattr(reflector, "generate", None)
-    complete = getattr(reflector, "_complete", None)
+    complete = getattr(reflector, "complete", None)
 
     def reflect(ev: TrialEvaluation, trial: int, key: jax.Array) -> str:
         if generate is None and complete is None:

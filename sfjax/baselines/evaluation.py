@@ -78,6 +78,12 @@ class EvalProtocol:
             env_params = env_params.replace(max_steps_in_episode=self.num_steps)
         return env_params
 
+    def shared_seeds(self, seeds: Sequence[int]) -> list[int]:
+        """The env seeds of ``seeds`` that are also evaluation seeds. A method that learns or
+        chooses on an env seed through this key stream (the reference rows' training seeds,
+        Reflexion's trials) has seen that evaluation trajectory: keep them disjoint."""
+        return sorted(set(self.seeds) & set(seeds))
+
     def all_keys(self) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Stacked :meth:`episode_keys` over seeds: ([S], [S, T], [S])."""
         keys = [self.episode_keys(s) for s in self.seeds]

@@ -276,6 +276,10 @@ def reference_rows(env, env_params, protocol: EvalProtocol, cfg: ReferenceConfig
     from sfjax.baselines.evaluation import evaluate_policy
     from sfjax.baselines.report import TABLE_ROWS, MethodResult
 
+    if shared := protocol.shared_seeds(cfg.train_seeds):
+        raise ValueError(f"ReferenceConfig.train_seeds and the evaluation seeds share {shared}: "
+                         "the static allocation and the heuristic would be chosen on the "
+                         "trajectories they are scored on")
     train = EvalProtocol(seeds=cfg.train_seeds, num_steps=protocol.num_steps,
                          key_offset=protocol.key_offset)
     n_train = len(cfg.train_seeds) * protocol.num_steps

@@ -148,7 +148,12 @@ class Qwen3Config:
                     f"no config.json at {path!r}; pass a Hugging Face Qwen3 checkpoint directory"
                 )
             with open(path) as f:
-                config = json.load(f)
+                try:
+                    config = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise ValueError(
+                        f"{path}: not valid JSON ({e}); re-download or re-save the checkpoint"
+                    ) from None
         c = dict(config)
         model_type = c.get("model_type")
         if model_type != "qwen3":
@@ -165,7 +170,9 @@ class Qwen3Config:
         if c.get("use_sliding_window", False):
             raise ValueError("use_sliding_window=true is not supported by sfjax's Qwen3")
         rope_theta = c.get("rope_theta")
-        rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+        # transformers 5 (PreTrainedConfig.convert_rope_params_to_dict): rope_scaling, when set,
+        # replaces rope_parameters (e.g. YaRN added to a config.json that transformers 5 wrote)
+        rope = c.get("rope_scaling") or c.get("rope_parameters") or {}
         if rope:
             rope_type = rope.get("rope_type", rope.get("type", "default"))
             if rope_type != "default":

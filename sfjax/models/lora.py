@@ -42,6 +42,7 @@ from flax import nnx
 
 from sfjax.models.matmul import low_rank_product
 from sfjax.models.qwen3 import Linear
+from sfjax.models.weights import FLOAT_CODES, TensorInfo, read_safetensors_header
 
 DEFAULT_TARGETS: tuple[str, ...] = (
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
@@ -49,6 +50,14 @@ DEFAULT_TARGETS: tuple[str, ...] = (
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+PEFT_UNSUPPORTED: tuple[str, ...] = (
+    "exclude_modules", "lora_bias", "layer_replication", "trainable_token_indices",
+    "target_parameters", "use_qalora", "alora_invocation_tokens", "use_bdlora", "arrow_config",
+    "kasa_config", "velora_config", "monteclora_config",
+)  # fmt: skip
+"""``adapter_config.json`` fields (PEFT 0.21) that :func:`read_adapter_config` refuses when set:
+sfjax computes plain LoRA on whole modules, and e.g. an aLoRA adapter
+(``alora_invocation_tokens``) read as plain LoRA would give other outputs than PEFT's."""
 
 
 @dataclass(frozen=True)
@@ -62,8 +71,9 @@ class LoRAConfig:
     dropout: float = 0.0
     """Dropout on the adapter input during training (PEFT ``lora_dropout``)."""
     target_modules: tuple[str, ...] | str = DEFAULT_TARGETS
-    """Attribute names of the projections to wrap (any of q/k/v/o_proj, gate/up/down_proj,
-    lm_head), or a regex (PEFT style) matched against HF module names."""
+    """Projections to wrap, matched as PEFT does against HF module names: names or dotted
+    suffixes (any of q/k/v/o_proj, gate/up/down_proj, lm_head; ``self_attn.q_proj``;
+    ``model.layers.0.mlp.up_proj``), or one regex the whole name must match."""
     use_rslora: bool = False
     """Rank-stabilised scaling alpha / sqrt(r) (PEFT ``use_rslora``)."""
     param_dtype: str = "float32"
@@ -157,26 +167,32 @@ def _per_layer(model: nnx.Module) -> Iterator[tuple[str, LoRALinear, int | None]
                 yield f"model.layers.{i}.{rest}", module, i
 
 
-def _targets(model: nnx.Module, targets) -> list[tuple[nnx.Module, str, tuple]]:
-    """(parent, attribute, path) for each plain :class:`Linear` whose attribute is targeted."""
+def _peft_match(targets, name: str) -> bool:
+    """PEFT's rule (``check_target_module_exists``): a str is a regex the whole HF module name
+    must match; a list names modules exactly or by a dotted suffix (``q_proj``,
+    ``self_attn.q_proj``, ``model.layers.0.self_attn.q_proj``)."""
     if isinstance(targets, str):
-        pattern = re.compile(targets)
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
 
-        def wanted(path, attr):
-            name = _hf_module_name(path + (attr,))
-            if not name.startswith("model.layers.") or name.split(".")[2].isdigit():
-                return pattern.fullmatch(name) is not None
-            # stacked layers (scan_layers): one adapter serves every layer, so all or none
-            rest = name.removeprefix("model.layers.")
-            hits = {pattern.fullmatch(f"model.layers.{i}.{rest}") is not None
-                    for i in range(getattr(model.config, "num_layers", 1))}  # fmt: skip
-            if len(hits) > 1:
-                raise ValueError(f"target_modules {targets!r} selects some layers' {rest} only; "
-                                 "per-layer targets need a model with scan_layers=False")
-            return hits.pop()
-    else:
-        names = set(targets)
-        wanted = lambda path, attr: attr in names  # noqa: E731
+
+def _targets(model: nnx.Module, targets) -> list[tuple[nnx.Module, str, tuple]]:
+    """(parent, attribute, path) for each plain :class:`Linear` that ``targets`` selects
+    (:func:`_peft_match` on its HF module name)."""
+
+    def wanted(path, attr):
+        name = _hf_module_name(path + (attr,))
+        if not name.startswith("model.layers.") or name.split(".")[2].isdigit():
+            return _peft_match(targets, name)
+        # stacked layers (scan_layers): one adapter serves every layer, so all or none
+        rest = name.removeprefix("model.layers.")
+        hits = {_peft_match(targets, f"model.layers.{i}.{rest}")
+                for i in range(getattr(model.config, "num_layers", 1))}  # fmt: skip
+        if len(hits) > 1:
+            raise ValueError(f"target_modules {targets!r} selects some layers' {rest} only; "
+                             "per-layer targets need a model with scan_layers=False")
+        return hits.pop()
+
     found = []
     for path, module in list(nnx.iter_modules(model)):
         if isinstance(module, LoRALinear):
@@ -192,12 +208,21 @@ def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs | None =
     """Wrap the targeted projections of ``model`` in :class:`LoRALinear`, in place.
 
     Returns ``model`` (same object). Base kernels are shared, not copied. Raises if the model
-    already has adapters or if no projection matches ``config.target_modules``.
+    already has adapters, if no projection matches ``config.target_modules``, or if it names
+    ``lm_head`` on a model whose head is the tied embedding (no such projection).
     """
     if any(True for _ in lora_modules(model)):
         raise ValueError("model already has LoRA adapters; merge_lora() or load into them instead")
     rngs = rngs if rngs is not None else nnx.Rngs(0)
-    found = _targets(model, config.target_modules)
+    targets = config.target_modules
+    if (not isinstance(targets, str) and "lm_head" in targets
+            and getattr(model, "lm_head", False) is None):
+        raise ValueError(
+            "target_modules names lm_head, but this model ties its output head to the input "
+            "embedding (tie_word_embeddings, e.g. Qwen3-4B) and has no lm_head projection to "
+            "adapt; leave lm_head out of target_modules"
+        )  # fmt: skip
+    found = _targets(model, targets)
     if not found:
         raise ValueError(
             f"no Linear projection matches target_modules={config.target_modules}; "
@@ -298,7 +323,7 @@ def save_adapter(
         save = lambda t, p, metadata: save_jax({k: jnp.asarray(v) for k, v in t.items()}, p, metadata)  # noqa: E731
     else:
         save = save_file
-    targets = sorted({name.rsplit(".", 1)[-1] for name, _, _ in modules})
+    targets = _saved_targets(model, [name for name, _, _ in modules])
     adapter_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -326,12 +351,25 @@ def save_adapter(
     return out
 
 
+def _saved_targets(model: nnx.Module, names: list[str]) -> list[str]:
+    """``target_modules`` for ``adapter_config.json``: the projection names (``q_proj``) when
+    they select exactly the adapted modules ``names`` (per-layer HF names), else ``names``
+    itself (an adapter on some layers only); PEFT and :func:`load_adapter` match either."""
+    short = sorted({name.rsplit(".", 1)[-1] for name in names})
+    return short if not _targets(model, short) else sorted(names)
+
+
 def read_adapter_config(adapter_dir: str | os.PathLike) -> LoRAConfig:
     """A :class:`LoRAConfig` from a PEFT ``adapter_config.json``; unsupported features raise."""
     path = Path(adapter_dir) / ADAPTER_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {adapter_dir} a PEFT LoRA adapter directory?")
-    cfg = json.loads(path.read_text())
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); re-save the adapter") from None
+    if not isinstance(cfg, dict) or "r" not in cfg:
+        raise ValueError(f"{path}: no LoRA rank 'r'; is this a PEFT LoRA adapter_config.json?")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type {cfg.get('peft_type')!r} is not LORA")
     unsupported = {
@@ -342,6 +380,8 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> LoRAConfig:
         "modules_to_save": bool(cfg.get("modules_to_save")),
         "bias": cfg.get("bias", "none") != "none",
         "fan_in_fan_out": bool(cfg.get("fan_in_fan_out")),
+        # PEFT >= 0.14 fields that change which modules / tokens get the update or its form
+        **{k: bool(cfg.get(k)) for k in PEFT_UNSUPPORTED},
     }
     bad = [k for k, v in unsupported.items() if v]
     if bad:
@@ -356,46 +396,105 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> LoRAConfig:
     )
 
 
+def _adapter_header(adapter_dir: str | os.PathLike) -> dict[str, TensorInfo]:
+    """Every tensor's dtype and shape in ``adapter_model.safetensors`` (header only); a missing
+    file raises ``FileNotFoundError``, a corrupt or truncated one :class:`CheckpointError`."""
+    file = Path(adapter_dir) / ADAPTER_WEIGHTS
+    if not file.is_file():
+        others = sorted(p.name for p in Path(adapter_dir).glob("adapter_model*"))
+        raise FileNotFoundError(
+            f"{file} not found"
+            + (f" (found {others}: sfjax reads safetensors only; re-save the adapter with "
+               "PEFT's save_pretrained(safe_serialization=True))" if others else "")
+        )  # fmt: skip
+    return read_safetensors_header(file)
+
+
+def _load_plan(model: nnx.Module, header: dict[str, TensorInfo], config: LoRAConfig, adapter_dir
+               ) -> list[tuple[LoRALinear, int | None, str, str, str | None]]:  # fmt: skip
+    """``(module, layer, key_a, key_b, key_base)`` for every adapter of ``model``, after checking
+    the file against them (every adapter has float weights of its shape, no weights for
+    others). ``key_base`` names PEFT's copy of the module's base weight ``[out, in]`` when the
+    file has one (PEFT saves it when lm_head is a target), else None."""
+    plan, expected = [], set()
+    for name, module, layer in _per_layer(model):
+        key_a = f"{PEFT_PREFIX}{name}.lora_A.weight"
+        key_b = f"{PEFT_PREFIX}{name}.lora_B.weight"
+        key_base = f"{PEFT_PREFIX}{name}.base_layer.weight"
+        key_base = key_base if key_base in header else None
+        expected |= {key_a, key_b} | ({key_base} if key_base else set())
+        if key_a not in header or key_b not in header:
+            raise ValueError(f"adapter in {adapter_dir} has no weights for {name}")
+        shapes = (header[key_a].shape, header[key_b].shape)
+        want = ((module.rank, module.in_features), (module.out_features, module.rank))
+        if shapes != want:
+            raise ValueError(
+                f"{name}: adapter shapes {shapes[0]}, {shapes[1]} do not fit the model "
+                f"(expected {want[0]}, {want[1]})"
+            )
+        if key_base and header[key_base].shape != (module.out_features, module.in_features):
+            raise ValueError(
+                f"{key_base}: shape {header[key_base].shape} does not fit the model "
+                f"(expected {(module.out_features, module.in_features)})"
+            )
+        for key in (key_a, key_b) + ((key_base,) if key_base else ()):
+            if header[key].dtype not in FLOAT_CODES:
+                raise ValueError(f"{key}: dtype {header[key].dtype}, expected a float dtype")
+        if not math.isclose(module.scaling, config.scaling):
+            raise ValueError(f"{name}: model adapter scaling {module.scaling} != {config.scaling}")
+        plan.append((module, layer, key_a, key_b, key_base))
+    extra = sorted(set(header) - expected)
+    if extra:
+        raise ValueError(f"adapter in {adapter_dir} has weights for modules the model lacks: {extra[:4]}")
+    return plan
+
+
+def _remove_adapters(model: nnx.Module) -> None:
+    """Unwrap every :class:`LoRALinear` back to its base :class:`Linear` (adapters dropped)."""
+    for _path, module in list(nnx.iter_modules(model)):
+        for attr, child in list(vars(module).items()):
+            if isinstance(child, LoRALinear):
+                setattr(module, attr, child.base)
+
+
+def _set(var: nnx.Variable, layer: int | None, value_IO: np.ndarray) -> None:
+    """``var = value`` (``var[layer]`` of a stacked variable), in its dtype and placement."""
+    old = var[...]
+    new = jnp.asarray(value_IO, old.dtype)
+    new = new if layer is None else old.at[layer].set(new)
+    var[...] = jax.device_put(new, old.sharding) if isinstance(old, jax.Array) else new
+
+
 def load_adapter(model: nnx.Module, adapter_dir: str | os.PathLike) -> LoRAConfig:
     """Load a PEFT LoRA adapter into ``model`` (applying adapters first if it has none).
 
     Every adapter of the model must be present in the file and vice versa; shapes are checked.
-    Returns the adapter's :class:`LoRAConfig`.
+    All checks run before any weight is written: on an error (missing / corrupt file, unsupported
+    feature, missing or mis-shaped weights) the model is left as it was, without the adapters
+    this call applied. A base weight PEFT saved with the adapter (``lm_head.base_layer.weight``,
+    written when lm_head is a target) replaces the model's, as in PEFT. Returns the adapter's
+    :class:`LoRAConfig`.
     """
     from safetensors.numpy import load_file
 
     config = read_adapter_config(adapter_dir)
-    if not any(True for _ in lora_modules(model)):
+    header = _adapter_header(adapter_dir)
+    fresh = not any(True for _ in lora_modules(model))
+    if fresh:
         apply_lora(model, config)
+    try:
+        plan = _load_plan(model, header, config, adapter_dir)
+    except Exception:
+        if fresh:
+            _remove_adapters(model)
+        raise
     tensors = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))
-    expected = set()
-    for name, module, layer in _per_layer(model):
-        key_a = f"{PEFT_PREFIX}{name}.lora_A.weight"
-        key_b = f"{PEFT_PREFIX}{name}.lora_B.weight"
-        expected |= {key_a, key_b}
-        if key_a not in tensors or key_b not in tensors:
-            raise ValueError(f"adapter in {adapter_dir} has no weights for {name}")
+    for module, layer, key_a, key_b, key_base in plan:
         a_RI, b_OR = tensors[key_a], tensors[key_b]
-        if a_RI.shape != (module.rank, module.in_features) or b_OR.shape != (
-            module.out_features,
-            module.rank,
-        ):
-            raise ValueError(
-                f"{name}: adapter shapes {a_RI.shape}, {b_OR.shape} do not fit the model "
-                f"(expected {(module.rank, module.in_features)}, {(module.out_features, module.rank)})"
-            )
-        if not math.isclose(module.scaling, config.scaling):
-            raise ValueError(f"{name}: model adapter scaling {module.scaling} != {config.scaling}")
-        dtype = module.lora_a[...].dtype
-        if layer is None:
-            module.lora_a[...] = jnp.asarray(a_RI.T, dtype)
-            module.lora_b[...] = jnp.asarray(b_OR.T, dtype)
-        else:  # one layer of a stacked adapter
-            module.lora_a[...] = module.lora_a[...].at[layer].set(jnp.asarray(a_RI.T, dtype))
-            module.lora_b[...] = module.lora_b[...].at[layer].set(jnp.asarray(b_OR.T, dtype))
-    extra = sorted(set(tensors) - expected)
-    if extra:
-        raise ValueError(f"adapter in {adapter_dir} has weights for modules the model lacks: {extra[:4]}")
+        _set(module.lora_a, layer, a_RI.T)
+        _set(module.lora_b, layer, b_OR.T)
+        if key_base is not None:  # PEFT loads its copy of the base weight over the model's
+            _set(module.base.kernel, layer, tensors[key_base].T)
     return config
 
 

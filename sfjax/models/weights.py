@@ -37,7 +37,8 @@ from flax import nnx
 if TYPE_CHECKING:
     from sfjax.models.qwen3 import Qwen3, Qwen3Config
 
-_FLOAT_CODES = ("F64", "F32", "F16", "BF16")
+FLOAT_CODES = ("F64", "F32", "F16", "BF16")
+"""safetensors dtype codes a checkpoint or adapter tensor may have."""
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3  # HF's "5GB"
 
 
@@ -273,7 +274,7 @@ def validate_checkpoint(table: list[ParamSpec], tensors: dict[str, TensorInfo], 
         info = tensors.get(spec.hf_name)
         if info is None:
             continue
-        if info.dtype not in _FLOAT_CODES:
+        if info.dtype not in FLOAT_CODES:
             problems.append(f"{spec.hf_name}: dtype {info.dtype}, expected a float dtype")
         if info.shape != spec.hf_shape:
             problems.append(

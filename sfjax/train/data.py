@@ -104,12 +104,15 @@ def tokenize_examples(
     appended to a completion that does not end with it (TRL does the same for plain text).
     Prompts keep their last ``max_prompt_length`` tokens (the end is what conditions the
     completion); completions keep their first ``max_completion_length`` tokens.
-    Examples whose completion is empty are an error (nothing to learn from).
+    Examples whose completion is empty are an error (nothing to learn from). Cutting is
+    logged (a warning per call with counts and the longest length): a prompt cut from the left
+    loses its system prompt, so the model trains on a prompt it never acts on.
     """
     if max_prompt_length < 1 or max_completion_length < 1:
         raise ValueError("max_prompt_length and max_completion_length must be >= 1")
     eos_id = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
     out = []
+    cut = {"prompt": [], "completion": []}
     for i, ex in enumerate(examples):
         if not isinstance(ex, KTOExample):
             raise TypeError(f"example {i} is a {type(ex).__name__}, expected KTOExample")
@@ -128,10 +131,33 @@ def tokenize_examples(
             completion_ids = completion_ids + [int(eos_id)]
         if not completion_ids:
             raise ValueError(f"example {i} has an empty completion")
+        for what, ids, limit in (("prompt", prompt_ids, max_prompt_length),
+                                 ("completion", completion_ids, max_completion_length)):
+            if len(ids) > limit:
+                cut[what].append(len(ids))
         prompt_ids = prompt_ids[-max_prompt_length:] if prompt_ids else []
         completion_ids = completion_ids[:max_completion_length]
         out.append(TokenizedExample(tuple(prompt_ids), tuple(completion_ids), bool(ex.desirable)))
+    for what, end, limit in (("prompt", "start", max_prompt_length),
+                             ("completion", "end", max_completion_length)):
+        if cut[what]:
+            _log.warning("%d of %d %ss are longer than max_%s_length %d (longest %d tokens) and "
+                         "lose their %s; raise max_%s_length to train on what the model saw",
+                         len(cut[what]), len(examples), what, what, limit, max(cut[what]), end,
+                         what)
     return out
+
+
+def _mismatch_roll(prompts: Sequence[tuple[int, ...]]) -> np.ndarray | None:
+    """``src[i] = (i - k) mod n`` for the smallest roll ``k >= 1`` that pairs no row with a
+    completion of an identical prompt, or None when no roll does."""
+    n = len(prompts)
+    idx = np.arange(n)
+    for k in range(1, n):
+        src = (idx - k) % n
+        if all(prompts[i] != prompts[j] for i, j in zip(idx, src)):
+            return src
+    return None
 
 
 def kl_pairing(prompts: Sequence[tuple[int, ...]]) -> np.ndarray:
@@ -149,17 +175,41 @@ def kl_pairing(prompts: Sequence[tuple[int, ...]]) -> np.ndarray:
             "KTO's KL term needs at least 2 examples per micro-batch (the KL pairs are other "
             "examples' completions); set micro_batch_size >= 2"
         )
-    idx = np.arange(n)
-    for k in range(1, n):
-        src = (idx - k) % n
-        if all(prompts[i] != prompts[j] for i, j in zip(idx, src)):
-            return src
+    src = _mismatch_roll(prompts)
+    if src is not None:
+        return src
     warnings.warn(
         "every roll of this micro-batch pairs some prompt with a completion of an identical "
         "prompt; the KL estimate uses them anyway (more distinct prompts per batch avoid this)",
         stacklevel=2,
     )
-    return (idx - 1) % n
+    return (np.arange(n) - 1) % n
+
+
+def _partners_outside(examples: Sequence[TokenizedExample], idx: np.ndarray) -> np.ndarray | None:
+    """KL partners for the group ``idx`` (consecutive dataset positions) from the whole
+    dataset: row ``i`` takes the nearest example before the group (cyclically) whose prompt
+    differs from its own, unused by the group's earlier rows when possible; None when some
+    row's prompt is the only prompt in the dataset."""
+    n, start = len(examples), int(idx[0])
+    order = [(start - 1 - d) % n for d in range(n)]  # before the group, nearest first
+    used: set[int] = set()
+    partner = np.empty(len(idx), np.int64)
+    for r, i in enumerate(idx):
+        own = examples[int(i)].prompt_ids
+        first = None
+        for j in order:  # stops at the first unused fit: K + a few steps on RfR data
+            if j == i or examples[j].prompt_ids == own:
+                continue
+            first = j if first is None else first
+            if j not in used:
+                first = j
+                break
+        if first is None:
+            return None
+        partner[r] = first
+        used.add(first)
+    return partner
 
 
 def fixed_kl_partners(
@@ -170,7 +220,11 @@ def fixed_kl_partners(
 
     Pairs are drawn by :func:`kl_pairing` inside consecutive groups of ``micro_batch_size``
     examples in dataset order (a final lone example joins the group before it), so without
-    shuffling they are exactly the pairs of the on-the-fly path. Needs >= 2 examples.
+    shuffling they are exactly the pairs of the on-the-fly path. A group in which every roll
+    pairs some prompt with a completion of an identical prompt (RfR's K rollouts of one
+    prompt filling a group) takes its partners from the rest of the dataset instead
+    (:func:`_partners_outside`): z is estimated from mismatched pairs (KTO eq. 10), not from
+    matched ones. Needs >= 2 examples.
     """
     n = len(examples)
     if n < 2:
@@ -183,8 +237,12 @@ def fixed_kl_partners(
     for k, start in enumerate(starts):
         stop = starts[k + 1] if k + 1 < len(starts) else n
         idx = np.arange(start, stop)
-        src = kl_pairing([examples[i].prompt_ids for i in idx])
-        partner[idx] = idx[src]
+        prompts = [examples[i].prompt_ids for i in idx]
+        src = _mismatch_roll(prompts)
+        # RfR datasets hold K consecutive rollouts of one prompt: a group may have no
+        # mismatching roll; its partners then come from the rest of the (fixed) dataset
+        outside = _partners_outside(examples, idx) if src is None else None
+        partner[idx] = outside if outside is not None else idx[kl_pairing(prompts)]
     return partner
 
 

@@ -242,6 +242,18 @@ def test_validate_reply_sets_effective_actions_to_the_action_taken():
     data[1].update(label="suboptimal", improved_action=4)
     labels = validate_reply(json.dumps(data), [3, 4], [5, 6], PCFG)
     assert [(x.label, x.improved_action) for x in labels] == [("effective", 5), ("suboptimal", 4)]
+    # the paper asks for improved actions of suboptimal steps only: an effective step whose
+    # improved action is null, absent or out of range is still the action taken, not a bad reply
+    # (which an LLM Reflector would be asked again for, and after max retries end the phase)
+    for value in (None, "absent", 99):
+        data = json.loads(_reply([3, 4], [5, 6]))
+        if value == "absent":
+            del data[0]["improved_action"]
+        else:
+            data[0]["improved_action"] = value
+        labels = validate_reply(json.dumps(data), [3, 4], [5, 6], PCFG)
+        assert [(x.label, x.improved_action) for x in labels] == [("effective", 5),
+                                                                  ("effective", 6)]
 
 
 def test_validate_reply_accepts_variants():
@@ -266,9 +278,12 @@ def test_validate_reply_accepts_variants():
         (lambda d: d + d[:1], "more than once"),
         (lambda d: [{**d[0], "step": 9}, d[1]], "not one of the steps"),
         (lambda d: [{**d[0], "label": "good"}, d[1]], "label must be"),
-        (lambda d: [{**d[0], "improved_action": 99}, d[1]], "outside"),
-        (lambda d: [{**d[0], "improved_action": 2.5}, d[1]], "integer"),
-        (lambda d: [{**d[0], "improved_action": True}, d[1]], "integer"),
+        (lambda d: [{**d[0], "label": "suboptimal", "improved_action": 99}, d[1]], "outside"),
+        (lambda d: [{**d[0], "label": "suboptimal", "improved_action": 2.5}, d[1]], "integer"),
+        (lambda d: [{**d[0], "label": "suboptimal", "improved_action": True}, d[1]], "integer"),
+        (lambda d: [{**d[0], "label": "suboptimal", "improved_action": None}, d[1]], "lacks"),
+        (lambda d: [{k: v for k, v in {**d[0], "label": "suboptimal"}.items()
+                     if k != "improved_action"}, d[1]], "lacks"),
         (lambda d: [{k: v for k, v in d[0].items() if k != "label"}, d[1]], "lacks"),
         (lambda d: [1, 2], "not an object"),
         (lambda d: [{**d[0], "label": "suboptimal"}, d[1]], "is the action taken"),

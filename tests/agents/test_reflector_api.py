@@ -8,9 +8,10 @@ import functools
 import json
 import logging
 import time
+from types import SimpleNamespace
 
 import pytest
-from fake_openai import ALL_FAULTS, NON_COMPLETION_200, FakeOpenAI, truth
+from fake_openai import ALL_FAULTS, LESSON, NON_COMPLETION_200, FakeOpenAI, truth
 from reflector_inputs import KEY_ENV, SECRET, random_trajectory
 
 from sfjax.agents.prompts import PromptConfig
@@ -209,3 +210,76 @@ def test_progress_false_hides_the_bar(tmp_path, monkeypatch, progress):
     with FakeOpenAI() as server:
         _reflector(server.url, tmp_path, progress=progress).reflect([_traj(4)])
     assert [kw.get("enabled", True) for kw in shown] == [progress]
+
+
+def test_self_reflection_through_the_api_is_text_and_cached(tmp_path):
+    """Reflexion's self-reflection (the paper preset's api backend) took ``_complete``'s
+    (text, finish_reason) tuple for the text and crashed with AttributeError; its replies were
+    not cached either, although a rerun in RUN_DIR is documented to cost no finished calls. A
+    reply cut off at max_tokens is asked again, not kept as a lesson."""
+    import jax
+
+    from sfjax.agents.reflexion import make_self_reflect
+
+    ev = SimpleNamespace(summary="s", suboptimal=1, steps=2, wanted_more=1, wanted_less=0,
+                         wanted_same_as_before=0, top_reasons=("late packets",))  # fmt: skip
+    with FakeOpenAI(script=["length", "ok:think"]) as server:
+        reflect = make_self_reflect(_reflector(server.url, tmp_path), PCFG)
+        assert reflect(ev, 1, jax.random.key(0)) == LESSON
+        assert len(server.bodies) == 2  # the cut-off reply was asked again
+        server.refuse_all = True  # a rerun is served from the cache
+        again = _reflector(server.url, tmp_path, max_retries=0)
+        assert make_self_reflect(again, PCFG)(ev, 1, jax.random.key(0)) == LESSON
+    assert len(server.bodies) == 2 and again.stats["cache_hits"] == 1
+
+
+def test_proxy_from_the_environment_is_used(tmp_path, monkeypatch):
+    """openai's own client honours HTTP(S)_PROXY / NO_PROXY; the deadline transport replaced
+    its transport, which turns httpx's environment proxies off, so behind a proxy (a cluster's
+    compute nodes) every request went direct and failed as a connection error."""
+    trajs = [_traj(3)]
+    for name in ("no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    with FakeOpenAI() as server:  # serves as the HTTP proxy too
+        proxy = server.url.removesuffix("/v1")
+        monkeypatch.setenv("http_proxy", proxy)
+        monkeypatch.setenv("HTTP_PROXY", proxy)
+        r = _reflector("http://reflector.invalid/v1", tmp_path, max_retries=1)
+        _assert_right(trajs, r.reflect(trajs))
+    assert server.paths == ["http://reflector.invalid/v1/chat/completions"]
+
+
+def test_first_failure_sends_no_queued_request(tmp_path):
+    """reflect() re-raised the first failure only after the pool had run every queued request
+    too (each through all its retries): a dead endpoint cost jobs x (max_retries + 1) requests
+    and that many backoffs before the error, and Ctrl-C waited for all of them."""
+    trajs = [_traj(3, seed=s, env_index=s) for s in range(5)]
+    with FakeOpenAI() as server:
+        server.refuse_all = True
+        r = _reflector(server.url, tmp_path, max_concurrency=1, max_retries=2)
+        with pytest.raises(ReflectorError, match="failed 3 times"):
+            r.reflect(trajs)
+    assert server.counts == {"500": 3}
+
+
+def test_retry_after_is_waited_in_full(tmp_path):
+    """A 429's Retry-After was cut to --backoff-max-s, so the retry came before the server
+    allowed it (and would be refused again); openai waits up to 120 s of Retry-After in full
+    and refuses to retry beyond that, so the wait stays bounded."""
+    with FakeOpenAI(script=["429"], retry_after="0.6") as server:
+        r = _reflector(server.url, tmp_path)  # backoff_max_s=0.01
+        _assert_right(trajs := [_traj(3)], r.reflect(trajs))
+    assert server.arrivals[1] - server.arrivals[0] >= 0.6
+
+
+def test_retry_after_beyond_openais_limit_is_not_called_a_retry(tmp_path, caplog):
+    """openai does not retry a 429 whose Retry-After asks for more than 120 s; the attempt was
+    still logged as "retrying", counted as a transport retry, and the error advised raising
+    --reflector.api.max-retries, which cannot help."""
+    caplog.set_level(logging.WARNING)
+    with FakeOpenAI(script=["429"], retry_after="300") as server:
+        r = _reflector(server.url, tmp_path)
+        with pytest.raises(ReflectorError, match=r"Retry-After 300.*rerun later") as e:
+            r.reflect([_traj(3)])
+    assert "max-retries" not in str(e.value) and "retrying" not in caplog.text
+    assert len(server.bodies) == 1 and r.stats["transport_retries"] == 0

@@ -90,6 +90,16 @@ def test_damaged_config_is_named(tmp_path, script, capsys):
     assert len(ran) == 2 and json.loads((tmp_path / "r" / "config.json").read_text())["reflexion"]
 
 
+def test_evaluation_seeds_are_not_trial_seeds(tmp_path, script):
+    from sfjax.configcheck import ConfigError
+
+    cli, ran = script
+    with pytest.raises(ConfigError, match=r"^--protocol\.seeds \(0, 100\): must be disjoint from "
+                       r"--reflexion\.trial-seeds: both hold \[100\]"):
+        cli("--run-dir", str(tmp_path / "r"), "--protocol.seeds", "0", "100")
+    assert not ran and not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize("hi", ["9", "13"])
 def test_action_range_is_the_envs(tmp_path, script, capsys, hi):
     """A given range other than the env's is refused, 13 included: the PromptConfig default

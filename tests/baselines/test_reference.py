@@ -89,3 +89,11 @@ def test_reference_rows_and_the_hindsight_bound(env, monkeypatch):
     # the table shows every row's utility as a share of the bound
     text = format_table3(rows, Table3Inputs(protocol=EVAL, llm_provenance="-"))
     assert "% of hindsight" in text and "100.0 %" in text
+
+
+def test_training_seeds_that_are_evaluation_seeds_are_refused(env):
+    """The training protocol shares the evaluation's key stream: a training seed that is also
+    an evaluation seed is the same trajectory, so the choice would be made on the test set."""
+    cfg = R.ReferenceConfig(train_seeds=(100, EVAL.seeds[0]))
+    with pytest.raises(ValueError, match=rf"share \[{EVAL.seeds[0]}\]"):
+        R.reference_rows(env, env.default_params, EVAL, cfg)

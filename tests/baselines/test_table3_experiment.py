@@ -143,6 +143,32 @@ def test_action_range_is_the_envs(tmp_path, script, capsys, args, line):
     assert not (tmp_path / "t").exists()
 
 
+@pytest.mark.parametrize(
+    "args,line",
+    [
+        (["--protocol.seeds", "0", "101"], "--protocol.seeds (0, 101): must be disjoint from "
+         "--reference.train-seeds: both hold [101]"),
+        (["--protocol.seeds", "7", "1", "--reflexion.reflexion.trial-seeds", "7"],
+         "--protocol.seeds (7, 1): must be disjoint from --reflexion.reflexion.trial-seeds: "
+         "both hold [7]"),
+    ],
+)  # fmt: skip
+def test_evaluation_seeds_are_not_seeds_a_row_learns_on(tmp_path, script, args, line):
+    """An evaluation seed shared with the reference rows' training seeds or Reflexion's trial
+    seeds (the same key stream: the same trajectory) is refused before anything runs."""
+    from sfjax.configcheck import ConfigError
+
+    cli, seen = script
+    with pytest.raises(ConfigError) as e:
+        cli("--run-dir", str(tmp_path / "t"), *args)
+    assert str(e.value).startswith(line), e.value
+    assert not (tmp_path / "t").exists() and not seen["reference"] and not seen["sf"]
+    # without the rows that learn on them, the same seeds are fine to evaluate on
+    mod = experiment("table3")
+    cfg = mod.Config(methods=("dqn",), protocol=mod.EvalProtocol(seeds=(100, 101)))
+    assert not [b for b in cfg.invalid() if b.field == "protocol.seeds"]
+
+
 def test_reflexion_row_uses_sfs_actor():
     mod = experiment("table3")
     import cli_common

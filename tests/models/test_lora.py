@@ -71,6 +71,12 @@ def test_target_subset_and_errors(tiny_checkpoint):
         lora.apply_lora(fresh, lora.LoRAConfig(target_modules=("qproj",)))
     with pytest.raises(ValueError, match="rank"):
         lora.LoRAConfig(rank=0)
+    # tiny_checkpoint ties its embeddings (as Qwen3-4B): an lm_head target used to be dropped
+    # silently, the other targets adapted
+    assert fresh.config.tie_word_embeddings and fresh.lm_head is None
+    with pytest.raises(ValueError, match="ties its output head"):
+        lora.apply_lora(fresh, lora.LoRAConfig(target_modules=("q_proj", "lm_head")))
+    assert not list(lora.lora_modules(fresh))  # nothing applied
 
 
 def test_adapter_off_is_bit_identical_to_base(tiny_checkpoint, base):
@@ -167,3 +173,178 @@ def test_peft_loads_export_with_same_logits(tiny_checkpoint_untied, tmp_path, rs
     # The adapter moves the logits far more than the tolerance, so the comparison can fail.
     assert np.abs(ours - ours_base)[real].max() > 50 * 1e-4
     np.testing.assert_allclose(ours[real], theirs[real], rtol=0, atol=1e-4)
+
+
+# ------------------------------------------------------------------ adapters trained with PEFT
+def _peft_adapter(checkpoint, out_dir, **lora_kwargs):
+    """A PEFT LoRA adapter (non-zero A and B) saved to ``out_dir`` and PEFT's logits on
+    ``IDS`` / ``MASK``."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+
+    torch.manual_seed(0)
+    hf = transformers.Qwen3ForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    model = peft.get_peft_model(hf, peft.LoraConfig(**lora_kwargs))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)).logits
+    model.save_pretrained(out_dir)
+    return logits.numpy()
+
+
+def _assert_same_real_logits(ours, theirs):
+    real = MASK.astype(bool)
+    np.testing.assert_allclose(np.asarray(ours)[real], theirs[real], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_peft_adapter_naming_modules_by_full_name_or_suffix_loads(
+    tiny_checkpoint_untied, tmp_path, scan_layers
+):
+    """PEFT's target_modules list matches a module by its full name or a dotted suffix; PEFT
+    itself saves "all-linear" on a model with fewer than 20 projections as full names."""
+    names = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "o_proj")]
+    theirs = _peft_adapter(tiny_checkpoint_untied, tmp_path / "a", r=4, lora_alpha=8,
+                           target_modules=[*names, "mlp.up_proj"])  # fmt: skip
+    model = qwen3.from_pretrained(tiny_checkpoint_untied, dtype=jnp.float32,
+                                  scan_layers=scan_layers)  # fmt: skip
+    lora.load_adapter(model, tmp_path / "a")
+    assert len(list(lora._per_layer(model))) == 3 * model.config.num_layers
+    _assert_same_real_logits(model(IDS, attention_mask=MASK), theirs)
+
+
+def test_adapter_on_some_layers_saves_targets_that_select_just_those(tiny_checkpoint_untied,
+                                                                     tmp_path):  # fmt: skip
+    """An adapter on layer 1 only: its adapter_config.json must not name every layer's
+    projection (PEFT would add adapters elsewhere, and load_adapter found no weights for them)."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+
+    cfg = lora.LoRAConfig(rank=2, alpha=4, target_modules=r"model\.layers\.1\.mlp\.(up|down)_proj")
+    model = qwen3.from_pretrained(tiny_checkpoint_untied, dtype=jnp.float32)
+    lora.apply_lora(model, cfg, rngs=nnx.Rngs(1))
+    _randomize_b(model, jax.random.key(4), scale=0.1)
+    lora.save_adapter(model, tmp_path / "a", cfg)
+
+    other = qwen3.from_pretrained(tiny_checkpoint_untied, dtype=jnp.float32)
+    lora.load_adapter(other, tmp_path / "a")
+    assert [n for n, _ in lora.lora_modules(other)] == [n for n, _ in lora.lora_modules(model)]
+    np.testing.assert_array_equal(np.asarray(other(IDS, attention_mask=MASK)),
+                                  np.asarray(model(IDS, attention_mask=MASK)))  # fmt: skip
+    hf = transformers.Qwen3ForCausalLM.from_pretrained(tiny_checkpoint_untied)
+    wrapped = peft.PeftModel.from_pretrained(hf, tmp_path / "a")
+    assert sorted(n.removeprefix("base_model.model.") for n, m in wrapped.named_modules()
+                  if hasattr(m, "lora_A")) == sorted(n for n, _ in lora.lora_modules(model))  # fmt: skip
+
+
+def _break_adapter(adapter_dir, how):
+    """Damage a saved adapter one way; returns the error message a load must raise (regex)."""
+    from safetensors.numpy import load_file, save_file
+
+    weights, config = adapter_dir / lora.ADAPTER_WEIGHTS, adapter_dir / lora.ADAPTER_CONFIG
+    if how == "no_weights":
+        weights.unlink()
+        return r"adapter_model\.safetensors"
+    if how == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-100])
+        return r"adapter_model\.safetensors: truncated"
+    if how == "bad_json":
+        config.write_text('{"r": 2,')
+        return r"adapter_config\.json"
+    if how == "no_rank":
+        cfg = json.loads(config.read_text())
+        del cfg["r"]
+        config.write_text(json.dumps(cfg))
+        return r"adapter_config\.json.*'r'"
+    assert how == "late_shape"  # the last module's B is mis-shaped; earlier ones are fine
+    tensors = load_file(str(weights))
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    tensors[key] = tensors[key][:-1]
+    save_file(tensors, str(weights))
+    return r"model\.layers\.1\.self_attn\.v_proj: adapter shapes"
+
+
+@pytest.mark.parametrize("how", ["no_weights", "truncated", "bad_json", "no_rank", "late_shape"])
+def test_failed_adapter_load_names_the_problem_and_leaves_the_model_as_it_was(
+    tiny_checkpoint, base, tmp_path, how
+):
+    cfg = lora.LoRAConfig(rank=2, alpha=4, target_modules=("q_proj", "v_proj"))
+    model = qwen3.from_pretrained(tiny_checkpoint, dtype=jnp.float32)
+    lora.apply_lora(model, cfg, rngs=nnx.Rngs(2))
+    _randomize_b(model, jax.random.key(5))
+    lora.save_adapter(model, tmp_path / "a", cfg)
+    message = _break_adapter(tmp_path / "a", how)
+
+    fresh = qwen3.from_pretrained(tiny_checkpoint, dtype=jnp.float32)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        lora.load_adapter(fresh, tmp_path / "a")
+    assert not list(lora.lora_modules(fresh))  # no adapters with random A left behind
+    np.testing.assert_array_equal(np.asarray(fresh(IDS, attention_mask=MASK)),
+                                  np.asarray(base(IDS, attention_mask=MASK)))  # fmt: skip
+
+    other = qwen3.from_pretrained(tiny_checkpoint, dtype=jnp.float32)
+    lora.apply_lora(other, cfg, rngs=nnx.Rngs(3))
+    before = [np.asarray(x) for x in jax.tree.leaves(lora.lora_state(other))]
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        lora.load_adapter(other, tmp_path / "a")
+    after = [np.asarray(x) for x in jax.tree.leaves(lora.lora_state(other))]
+    for b, a in zip(before, after, strict=True):
+        np.testing.assert_array_equal(a, b)  # no layer overwritten before the error
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_peft_adapter_on_lm_head_loads_with_its_base_layer_copy(tiny_checkpoint_untied, tmp_path,
+                                                                 scan_layers):  # fmt: skip
+    """With lm_head targeted PEFT also saves its base weight (``lm_head.base_layer.weight``) and
+    loads it over the base model's; sfjax does the same."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from safetensors.numpy import load_file, save_file
+
+    _peft_adapter(tiny_checkpoint_untied, tmp_path / "a", r=2, lora_alpha=4,
+                  target_modules=["q_proj", "lm_head"])  # fmt: skip
+    file = str(tmp_path / "a" / lora.ADAPTER_WEIGHTS)
+    tensors = load_file(file)
+    key = "base_model.model.lm_head.base_layer.weight"
+    tensors[key] = 1.5 * tensors[key]  # a resized / retrained head: PEFT uses the saved one
+    save_file(tensors, file, metadata={"format": "pt"})
+    hf = transformers.Qwen3ForCausalLM.from_pretrained(tiny_checkpoint_untied, dtype=torch.float32)
+    wrapped = peft.PeftModel.from_pretrained(hf, tmp_path / "a").eval()
+    with torch.no_grad():
+        theirs = wrapped(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)).logits
+    model = qwen3.from_pretrained(tiny_checkpoint_untied, dtype=jnp.float32,
+                                  scan_layers=scan_layers)  # fmt: skip
+    lora.load_adapter(model, tmp_path / "a")
+    _assert_same_real_logits(model(IDS, attention_mask=MASK), theirs.numpy())
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("alora_invocation_tokens", [111, 333]),  # adapter on tokens after these only
+        ("exclude_modules", ["model.layers.0.self_attn.q_proj"]),
+        ("lora_bias", True),
+        ("use_qalora", True),
+        ("trainable_token_indices", [5, 7]),
+    ],
+)
+def test_unsupported_peft_features_are_named(tiny_checkpoint, tmp_path, field, value):
+    """PEFT LoRA features sfjax does not compute are refused by name, not loaded as plain LoRA
+    (an aLoRA adapter loaded silently gave other logits than PEFT's)."""
+    cfg = lora.LoRAConfig(rank=2, alpha=4, target_modules=("q_proj",))
+    model = qwen3.from_pretrained(tiny_checkpoint, dtype=jnp.float32)
+    lora.apply_lora(model, cfg, rngs=nnx.Rngs(2))
+    lora.save_adapter(model, tmp_path / "a", cfg)
+    config_file = tmp_path / "a" / lora.ADAPTER_CONFIG
+    written = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**written, field: value}))
+    fresh = qwen3.from_pretrained(tiny_checkpoint, dtype=jnp.float32)
+    with pytest.raises(ValueError, match=f"not supported by sfjax: \\['{field}'\\]"):
+        lora.load_adapter(fresh, tmp_path / "a")
+    assert not list(lora.lora_modules(fresh))

@@ -252,6 +252,19 @@ def test_config_errors(tmp_path):
         Qwen3Config.from_hf(tmp_path)
 
 
+
+def test_rope_scaling_added_to_a_transformers5_config_is_refused():
+    """transformers 5 writes rope_parameters; the Qwen3 model card's YaRN recipe adds
+    rope_scaling to config.json, and transformers then runs YaRN (rope_scaling wins)."""
+    hf5 = transformers.Qwen3Config(**Qwen3Config.tiny(rope_theta=5e6).to_hf()).to_dict()
+    assert hf5["rope_parameters"] == {"rope_type": "default", "rope_theta": 5e6}
+    assert Qwen3Config.from_hf(hf5).rope_theta == 5e6
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    edited = {**hf5, "rope_scaling": yarn}
+    assert transformers.Qwen3Config.from_dict(edited).rope_parameters["rope_type"] == "yarn"
+    with pytest.raises(ValueError, match="rope type 'yarn'"):
+        Qwen3Config.from_hf(edited)
+
 def test_linear_modules_are_plain_and_replaceable(tiny_model):
     model = nnx.clone(tiny_model)
     attn = model.layers[0].self_attn

@@ -373,3 +373,9 @@ def test_tied_checkpoint_with_stored_lm_head_loads(ckpt_copy):
     _rewrite(ckpt_copy, add)
     model = qwen3.from_pretrained(ckpt_copy, dtype=jnp.float32)
     assert model.lm_head is None
+
+
+def test_corrupt_config_json_is_named(ckpt_copy):
+    (ckpt_copy / "config.json").write_text('{"model_type": "qwen3",')
+    with pytest.raises(ValueError, match=r"config\.json: not valid JSON"):
+        qwen3.from_pretrained(ckpt_copy)

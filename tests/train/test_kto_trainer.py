@@ -98,10 +98,17 @@ def test_plan_and_collate_layout():
     assert default_buckets(300) == (32, 64, 128, 256, 300)
 
 
-def test_tokenize_truncates_and_appends_eos(tiny_checkpoint):
+def test_tokenize_truncates_and_appends_eos(tiny_checkpoint, caplog):
     tok = load_tokenizer(tiny_checkpoint)
     exs = [KTOExample("Action:", " 1", True), KTOExample(list(range(50)), [5, 6, 7, 8], False)]
-    out = tokenize_examples(exs, tok, max_prompt_length=10, max_completion_length=3)
+    with caplog.at_level("WARNING", logger="sfjax.train.data"):
+        out = tokenize_examples(exs, tok, max_prompt_length=10, max_completion_length=3)
+    # the cut is said, with counts (the eos makes the second completion 5 tokens)
+    assert [r.getMessage() for r in caplog.records] == [
+        "1 of 2 prompts are longer than max_prompt_length 10 (longest 50 tokens) and lose their "
+        "start; raise max_prompt_length to train on what the model saw",
+        "1 of 2 completions are longer than max_completion_length 3 (longest 5 tokens) and lose "
+        "their end; raise max_completion_length to train on what the model saw"]
     assert out[0].completion_ids[-1] == tok.eos_token_id
     assert tok.decode(list(out[0].prompt_ids) + list(out[0].completion_ids[:-1])) == "Action: 1"
     assert out[1].prompt_ids == tuple(range(40, 50))  # keeps the end of the prompt
@@ -360,6 +367,31 @@ def test_fixed_kl_partners():
                          prompt_buckets=(4,), completion_buckets=(4,), pad_token_id=0,
                          with_kl=True, kl_partner=partner)  # fmt: skip
     assert batch.kl_completion_ids_ABC[0, :, 0].tolist() == [100 + int(j) for j in partner[:3]]
+
+
+def test_fixed_kl_partners_mismatch_rfr_rollout_blocks():
+    """RfR datasets (paper IV-C) hold K consecutive rollouts of one prompt after the base
+    examples; when a block fills a whole group, no roll within it is a mismatch, so its KL
+    partners come from the rest of the dataset: z (KTO eq. 10) is estimated from mismatched
+    pairs, not from the matched KL of the rollouts' own prompt."""
+    K = B = 4
+    base = [TokenizedExample((i,), (100 + i,), True) for i in range(8)]  # 2 whole groups
+    rollouts = [TokenizedExample((50 + t,), (200 + 10 * t + r,), r == 0)
+                for t in range(3) for r in range(K)]  # fmt: skip
+    exs = base + rollouts
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a dataset with other prompts needs no fallback warning
+        partner = fixed_kl_partners(exs, B)
+    assert all(exs[i].prompt_ids != exs[partner[i]].prompt_ids for i in range(len(exs)))
+    assert all(partner[i] != i for i in range(len(exs)))
+    for g in range(len(exs) // B):  # several distinct completions per group
+        assert len(set(partner[g * B : (g + 1) * B].tolist())) == B
+    # the groups that had a mismatching roll keep it (the on-the-fly path's pairs)
+    np.testing.assert_array_equal(partner[:B], np.roll(np.arange(B), 1))
+    # a dataset of one prompt has no mismatch anywhere: the roll, with the warning
+    with pytest.warns(UserWarning, match="identical"):
+        same = fixed_kl_partners([TokenizedExample((7,), (i,), True) for i in range(4)], 4)
+    np.testing.assert_array_equal(same, np.roll(np.arange(4), 1))
 
 
 def test_global_step_continues_across_calls_and_restores(tiny_checkpoint):

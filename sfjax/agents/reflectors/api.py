@@ -13,7 +13,7 @@ fewest equal windows that fit, each with the whole-trajectory summary; that is l
   ~40 s, shorter than a DeepSeek "server busy" spell, and a fault-injection test with hundreds
   of retries would sleep for minutes. :class:`~sfjax.agents.reflectors.transport.RetryingClient` overrides the one method that computes
   the delay: ``backoff_base_s`` doubling to ``backoff_max_s`` with full jitter, ``Retry-After``
-  still honoured (capped at ``backoff_max_s``);
+  still honoured in full (openai retries only when it asks for at most 120 s);
 * its timeout is httpx's per-read timeout: a server that trickles keep-alive bytes (DeepSeek
   sends blank lines while R1 thinks) held a request with ``timeout_s=2`` for 30 s and could hold
   it forever. :class:`~sfjax.agents.reflectors.transport.AttemptTransport` makes ``timeout_s`` a total deadline per attempt
@@ -112,7 +112,7 @@ class ApiReflectorConfig:
     backoff_base_s: float = 2.0
     """First backoff delay; doubles each retry, with full jitter (Retry-After is honoured)."""
     backoff_max_s: float = 60.0
-    """Cap on one backoff delay."""
+    """Cap on one backoff delay (a server's Retry-After, at most 120 s, is waited in full)."""
     max_format_retries: int = 3
     """Re-asks after a reply that fails validation (the error is sent back to the model)."""
     context_tokens: int = 65536
@@ -227,14 +227,15 @@ class ApiReflector:
                 reasons = self.stats["retry_reasons"]
                 reasons[kind] = reasons.get(kind, 0) + 1
 
-    def _on_attempt(self, kind: str | None, reason: str | None) -> None:
+    def _on_attempt(self, kind: str | None, reason: str | None, response=None) -> None:
         """Called by the transport after every HTTP attempt, in the requesting thread."""
         self._local.attempts = n = getattr(self._local, "attempts", 0) + 1
         self._bump("attempts")
         if kind is not None:
             self._local.last = reason
-            # what openai retries: 408, 409, 429, 5xx, timeouts, connection errors
-            retried = not kind.startswith("HTTP 4") or kind in ("HTTP 408", "HTTP 409", "HTTP 429")
+            # what openai retries: timeouts, connection errors and the statuses its _should_retry
+            # accepts (408, 409, 429, 5xx, unless Retry-After asks for more than 120 s)
+            retried = response is None or self._client._should_retry(response)
             if retried and n <= self.cfg.max_retries:
                 self._bump("transport_retries", kind)
                 log.warning(
@@ -250,6 +251,12 @@ class ApiReflector:
             resp = self._client.chat.completions.create(**self._request_body(messages))
         except openai.APIStatusError as e:
             if e.status_code >= 500 or e.status_code in (408, 409, 429):
+                if not self._client._should_retry(e.response):
+                    raise ReflectorError(
+                        f"Reflector API at {self.cfg.base_url} answered "
+                        f"{self._redact(self._local.last)}, a wait longer than the client retries "
+                        f"after: rerun later with --resume"
+                    ) from None
                 raise self._gave_up(f"HTTP {e.status_code}: {e.message}") from None
             hint = (
                 f" (check the key in ${self.cfg.api_key_env})"
@@ -363,6 +370,30 @@ class ApiReflector:
             return labels
         raise AssertionError("unreachable")
 
+    def complete(self, messages: list[dict]) -> str:
+        """The text of one free-form reply to ``messages`` (Reflexion's self-reflection), with
+        the transport retries and the on-disk cache of the labels. A reply cut off at
+        ``max_tokens`` or empty after its reasoning is asked again (``max_format_retries``),
+        never returned."""
+        digest = self.request_hash(messages)
+        cached = self._cache_get(digest)
+        if cached is not None:
+            self._bump("cache_hits")
+            return cached
+        for attempt in range(self.cfg.max_format_retries + 1):
+            text, finish = self._complete(messages)
+            if finish != "length" and text.rsplit("</think>", 1)[-1].strip():
+                self._cache_put(digest, text)
+                return text
+            kind = "truncated reply" if finish == "length" else "invalid reply"
+            if attempt < self.cfg.max_format_retries:
+                self._bump("format_retries", kind)
+                log.warning("reflector reply %s (%s); asking again", kind, digest[:12])
+        raise ReflectorError(
+            f"Reflector reply still cut off or empty after {attempt + 1} attempts (raise "
+            f"--reflector.api.max-tokens or --reflector.api.max-format-retries)"
+        )
+
     # -- cache -----------------------------------------------------------------------------
 
     def _cache_get(self, digest: str) -> str | None:
@@ -396,25 +427,39 @@ class ApiReflector:
                 jobs.append((ti, w))
         progress = progress_bar(len(jobs), "reflect (api)", enabled=self.progress)
         t0 = time.monotonic()
+        # the first failure (or Ctrl-C) ends the phase: queued requests are not sent (each would
+        # run through all its retries first); those in flight finish and are cached
+        stop = threading.Event()
+
+        def labels(ti: int, w: range) -> list[StepLabel] | None:
+            if stop.is_set():
+                return None  # not sent; the failure that set ``stop`` is what reflect raises
+            try:
+                return self._window_labels(trajectories[ti], w, summaries[ti])
+            except BaseException:
+                stop.set()
+                raise
+
         with ThreadPoolExecutor(max_workers=self.cfg.max_concurrency) as pool:
-            futures = [
-                pool.submit(self._window_labels, trajectories[ti], w, summaries[ti])
-                for ti, w in jobs
-            ]
+            futures = [pool.submit(labels, ti, w) for ti, w in jobs]
             pending, answered = set(futures), 0
-            while pending:
-                # a line per answer and a heartbeat while R1 thinks: without a terminal (no
-                # progress bar) a reflect phase of many minutes looked frozen
-                done, pending = wait(pending, timeout=HEARTBEAT_S, return_when=FIRST_COMPLETED)
-                for f in done:
-                    f.result()  # the first failure ends the phase
-                answered += len(done)
-                progress.update(len(done))
-                log.info(
-                    "reflect (api): %d of %d requests answered after %.0f s (%d retries so far)",
-                    answered, len(jobs), time.monotonic() - t0,
-                    self.stats["transport_retries"] + self.stats["format_retries"],
-                )  # fmt: skip
+            try:
+                while pending:
+                    # a line per answer and a heartbeat while R1 thinks: without a terminal (no
+                    # progress bar) a reflect phase of many minutes looked frozen
+                    done, pending = wait(pending, timeout=HEARTBEAT_S, return_when=FIRST_COMPLETED)
+                    for f in done:
+                        f.result()  # the first failure ends the phase
+                    answered += len(done)
+                    progress.update(len(done))
+                    log.info(
+                        "reflect (api): %d of %d requests answered after %.0f s (%d retries so "
+                        "far)", answered, len(jobs), time.monotonic() - t0,
+                        self.stats["transport_retries"] + self.stats["format_retries"],
+                    )  # fmt: skip
+            except BaseException:
+                stop.set()
+                raise
             results = [f.result() for f in futures]
         progress.close()
         out = []

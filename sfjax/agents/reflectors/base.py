@@ -175,9 +175,11 @@ def validate_reply(
 
     Accepts a JSON list (or ``{"labels": [...]}``), possibly in a code fence or after a
     ``<think>`` block. Requires exactly one object per step, labels in {effective,
-    suboptimal}, integer improved actions in range, and a suboptimal step's improved action
-    different from the action taken (an effective step's is set to the action taken). Raises
-    :class:`ReplyError` otherwise.
+    suboptimal}, and for a suboptimal step an integer improved action in range that differs
+    from the action taken. An effective step's improved action is the action taken (eq. 7),
+    whatever the reply gives for it, null or nothing included (the paper asks for improved
+    actions for suboptimal decisions only, section IV-B2). Raises :class:`ReplyError`
+    otherwise.
     """
     data = _extract_json(text)
     if isinstance(data, dict):
@@ -189,7 +191,7 @@ def validate_reply(
     for i, item in enumerate(data):
         if not isinstance(item, dict):
             raise ReplyError(f"item {i} is not an object: {str(item)[:60]!r}")
-        missing = [k for k in ("step", "label", "improved_action") if k not in item]
+        missing = [k for k in ("step", "label") if k not in item]
         if missing:
             raise ReplyError(f"item {i} lacks the key(s) {missing}")
         step = _as_int(item["step"], f"item {i} 'step'")
@@ -200,23 +202,30 @@ def validate_reply(
         label = str(item["label"]).strip().lower()
         if label not in LABELS:
             raise ReplyError(f"step {step}: label must be one of {LABELS}, got {item['label']!r}")
-        a = _as_int(item["improved_action"], f"step {step} 'improved_action'")
-        if not cfg.action_lo <= a <= cfg.action_hi:
-            raise ReplyError(
-                f"step {step}: improved_action {a} outside [{cfg.action_lo}, {cfg.action_hi}]"
-            )
-        if label == "suboptimal" and a == taken[step]:
-            raise ReplyError(
-                f"step {step}: labelled suboptimal but improved_action {a} is the action taken; "
-                "a suboptimal step needs a different, better action (or label it effective)"
-            )
-        if label == "effective":
-            a = taken[step]  # an effective step's a*_t is the action taken (eq. 7)
+        # an effective step's a*_t is the action taken (eq. 7)
+        a = taken[step] if label == "effective" else _improved(item, step, taken[step], cfg)
         out[step] = StepLabel(step, label, a, str(item.get("reason", ""))[:500])
     absent = [s for s in steps if s not in out]
     if absent:
         raise ReplyError(f"steps {absent} are missing; give one object for every step shown")
     return [out[s] for s in steps]
+
+
+def _improved(item: dict, step: int, taken: int, cfg: PromptConfig) -> int:
+    """A suboptimal step's improved action: an integer in range, other than the one taken."""
+    if item.get("improved_action") is None:
+        raise ReplyError(f"step {step} is labelled suboptimal but lacks its improved_action")
+    a = _as_int(item["improved_action"], f"step {step} 'improved_action'")
+    if not cfg.action_lo <= a <= cfg.action_hi:
+        raise ReplyError(
+            f"step {step}: improved_action {a} outside [{cfg.action_lo}, {cfg.action_hi}]"
+        )
+    if a == taken:
+        raise ReplyError(
+            f"step {step}: labelled suboptimal but improved_action {a} is the action taken; "
+            "a suboptimal step needs a different, better action (or label it effective)"
+        )
+    return a
 
 
 def merge_windows(traj: Trajectory, parts: Sequence[list[StepLabel]]) -> list[StepLabel]:

@@ -30,7 +30,9 @@ class RetryingClient(openai.OpenAI):
         max_retries = options.get_max_retries(self.max_retries)
         delay = random.uniform(0, min(cap, base * 2 ** min(max_retries - remaining_retries, 60)))
         if retry_after is not None and math.isfinite(retry_after) and retry_after > 0:
-            delay = max(delay, min(retry_after, cap))
+            # in full: an earlier retry is refused again; openai does not retry at all when the
+            # server asks for more than 120 s, so the wait stays bounded
+            delay = max(delay, retry_after)
         return delay
 
 
@@ -50,15 +52,20 @@ def _completion_problem(status: int, headers, body: bytes) -> str | None:
 
 
 class AttemptTransport(httpx2.BaseTransport):
-    """One HTTP attempt with a total deadline, classified and reported to ``on_attempt``.
+    """One HTTP attempt with a total deadline, classified and reported to ``on_attempt(kind,
+    reason[, response])`` (the response of an HTTP error status).
 
     The attempt (connect, send, headers, body) runs on a helper thread; the caller waits at most
     ``deadline_s`` and then raises ``httpx2.ReadTimeout``, which openai retries. The helper stops
     at the next chunk of a trickling reply (or at the per-read timeout of a silent one).
+
+    The attempt goes through an inner ``httpx2.Client``, which picks the proxy from
+    ``HTTP(S)_PROXY`` / ``ALL_PROXY`` / ``NO_PROXY`` as openai's own client does: a client given
+    a transport (this one) ignores the environment's proxies.
     """
 
     def __init__(self, deadline_s: float, on_attempt):
-        self._inner = httpx2.HTTPTransport()
+        self._inner = httpx2.Client(follow_redirects=False)  # openai's client follows them
         self.deadline_s = deadline_s
         self.on_attempt = on_attempt
 
@@ -68,7 +75,7 @@ class AttemptTransport(httpx2.BaseTransport):
 
         def attempt():
             try:
-                resp = self._inner.handle_request(request)
+                resp = self._inner.send(request, stream=True)
                 chunks = []
                 try:
                     for chunk in resp.stream:
@@ -107,12 +114,15 @@ class AttemptTransport(httpx2.BaseTransport):
                     request=request,
                 )
             self.on_attempt(None, None)
-        else:
+        response = httpx2.Response(status, headers=headers, content=body, request=request)
+        if status != 200:
             after = headers.get("retry-after")
             self.on_attempt(
-                f"HTTP {status}", f"HTTP {status}" + (f" (Retry-After {after})" if after else "")
+                f"HTTP {status}",
+                f"HTTP {status}" + (f" (Retry-After {after})" if after else ""),
+                response,
             )
-        return httpx2.Response(status, headers=headers, content=body, request=request)
+        return response
 
     def close(self) -> None:
         self._inner.close()
