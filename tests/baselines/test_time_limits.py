@@ -118,6 +118,23 @@ def test_rejax_env_carries_final_observation_and_flags():
     assert info["final_observation"].dtype == jnp.float32
 
 
+class _NoFinalObsEnv(CounterEnv):
+    """An env whose own ``step`` drops gymnax's ``final_observation``."""
+
+    def step(self, key, state, action, params=None):
+        obs, state, reward, terminated, truncated, info = super().step(key, state, action, params)
+        info = {k: v for k, v in info.items() if k != "final_observation"}
+        return obs, state, reward, terminated, truncated, info
+
+
+def test_rejax_env_refuses_a_step_without_final_observation():
+    env = _NoFinalObsEnv()
+    wrapped = RejaxEnv(env)
+    _, state = wrapped.reset(jax.random.key(0), env.default_params)
+    with pytest.raises(ValueError, match="final_observation"):
+        wrapped.step(jax.random.key(1), state, jnp.int32(0), env.default_params)
+
+
 def _field_doc(cls, name: str) -> str:
     """The docstring under a dataclass field (what tyro shows as its --help)."""
     body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
