@@ -15,6 +15,9 @@ The paper used RLlib; rejax's implementations are the JAX equivalents. Hyperpara
 the frozen configs below (the paper does not state its own; the defaults are the usual ones
 for small discrete-action control, with reward and observation normalisation because the
 RAN observation mixes PRB counts, bit/s and bytes, and the per-step utility is O(100)).
+One departure from rejax's defaults: the 300-decision time limit is a truncation, not the end
+of the task, so all three bootstrap from the final observation there
+(``bootstrap_truncation``, :mod:`sfjax.baselines.time_limits`).
 
 Shape legend: N = training seeds, R = rounds, S = evaluation seeds, T = decisions.
 """
@@ -33,6 +36,7 @@ import rejax
 from flax import linen as nn
 from rejax.networks import DiscreteQNetwork, EpsilonGreedyPolicy
 
+from sfjax.baselines import time_limits
 from sfjax.baselines.evaluation import EvalProtocol, Rollouts, rollout
 from sfjax.baselines.wrappers import RejaxEnv, episode_stats_env, last_episode_stats
 
@@ -102,6 +106,11 @@ class DQNConfig:
     """Final exploration rate."""
     exploration_fraction: float = 0.3
     """Fraction of the budget over which epsilon decays linearly."""
+    bootstrap_truncation: bool = True
+    """At the env's time limit (a truncation; the RAN env never terminates) bootstrap from the
+    final observation, and end the return only at a termination (Pardo et al. 2018; as SB3 and
+    RLlib do; :mod:`sfjax.baselines.time_limits`). False: rejax's own behaviour, the limit
+    taken for the end of the task (TD target r at the last step)."""
     ddqn: bool = True
     """Double-DQN targets (online argmax, target evaluation)."""
     max_grad_norm: float = 10.0
@@ -131,6 +140,11 @@ class PPOConfig:
     """Minibatches per epoch (must divide trajectories_per_round x rollout_steps)."""
     num_epochs: int = 4
     """Passes over each rollout batch."""
+    bootstrap_truncation: bool = True
+    """At the env's time limit (a truncation; the RAN env never terminates) bootstrap from the
+    final observation, and end the return only at a termination (Pardo et al. 2018; as SB3 and
+    RLlib do; :mod:`sfjax.baselines.time_limits`). False: rejax's own behaviour, the limit
+    taken for the end of the task (GAE's value after the last step is 0)."""
     clip_eps: float = 0.2
     """Policy-ratio (and value) clipping."""
     vf_coef: float = 0.5
@@ -164,6 +178,11 @@ class SACConfig:
     """Transitions collected before learning starts (one paper round)."""
     updates_per_iteration: int = 2
     """Gradient steps per iteration of ``trajectories_per_round`` env steps."""
+    bootstrap_truncation: bool = True
+    """At the env's time limit (a truncation; the RAN env never terminates) bootstrap from the
+    final observation, and end the return only at a termination (Pardo et al. 2018; as SB3 and
+    RLlib do; :mod:`sfjax.baselines.time_limits`). False: rejax's own behaviour, the limit
+    taken for the end of the task (critic target r at the last step)."""
     polyak: float = 0.995
     """Target critics: tau = 1 - polyak soft update every iteration."""
     target_entropy_ratio: float = 0.7
@@ -226,8 +245,9 @@ def make_algo(name: AlgoName, cfg: AlgoConfig, env, env_params: Any, budget: Bud
     )
     hidden = tuple(cfg.network.hidden_layer_sizes)
     if name == "dqn":
-        algo = rejax.DQN.create(
+        algo = time_limits.DQN.create(
             **common,
+            bootstrap_truncation=cfg.bootstrap_truncation,
             batch_size=cfg.batch_size,
             buffer_size=cfg.buffer_size,
             fill_buffer=cfg.fill_buffer,
@@ -257,8 +277,9 @@ def make_algo(name: AlgoName, cfg: AlgoConfig, env, env_params: Any, budget: Bud
                 f"PPO num_minibatches={cfg.num_minibatches} must divide trajectories_per_round"
                 f" x rollout_steps = {n_envs * cfg.rollout_steps}."
             )
-        algo = rejax.PPO.create(
+        algo = time_limits.PPO.create(
             **common,
+            bootstrap_truncation=cfg.bootstrap_truncation,
             num_steps=cfg.rollout_steps,
             num_minibatches=cfg.num_minibatches,
             num_epochs=cfg.num_epochs,
@@ -269,8 +290,9 @@ def make_algo(name: AlgoName, cfg: AlgoConfig, env, env_params: Any, budget: Bud
             agent_kwargs={"hidden_layer_sizes": hidden, "activation": cfg.network.activation},
         )
     else:
-        algo = rejax.SAC.create(
+        algo = time_limits.SAC.create(
             **common,
+            bootstrap_truncation=cfg.bootstrap_truncation,
             batch_size=cfg.batch_size,
             buffer_size=cfg.buffer_size,
             fill_buffer=cfg.fill_buffer,

@@ -7,8 +7,11 @@ trajectory length. What remains here is what no kept library does:
 
 * :class:`RejaxEnv` — rejax 0.1.3 still unpacks the gymnax 0.x five-tuple
   ``(obs, state, reward, done, info)``; the adapter merges ``done = terminated | truncated``
-  (the RAN episode of 300 decisions ends by truncation; like purejaxrl we treat it as an
-  episode boundary for bootstrapping and GAE) and casts observations to float32.
+  (the end of a trajectory: auto-reset, episode statistics) and keeps the two flags and the
+  final observation of the ended trajectory in ``info`` (``terminated``, ``truncated``,
+  ``final_observation``), so that :mod:`sfjax.baselines.time_limits` can bootstrap at the
+  RAN env's 300-decision time limit (a truncation, not the end of the task) instead of
+  treating it as terminal as rejax and purejaxrl do. Observations are cast to float32.
 * :class:`EpisodeMetricsWrapper` — per-trajectory sums of eq. 1-3 (SE, reconfigurations,
   violations) from the ``info`` feedback. gymnax's ``LogWrapper`` sums the reward and counts
   steps only (its ``LogEnvState`` has no other fields), so these three sums are kept here,
@@ -31,6 +34,9 @@ from gymnax.wrappers.purerl import LogWrapper
 INFO_SE = "se"
 INFO_RECONFIGURATION = "reconfiguration"
 INFO_VIOLATION = "violation"
+INFO_TERMINATED = "terminated"
+INFO_TRUNCATED = "truncated"
+INFO_FINAL_OBS = "final_observation"
 
 
 class EnvWrapper:
@@ -54,7 +60,12 @@ class EnvWrapper:
 
 
 class RejaxEnv(EnvWrapper):
-    """gymnax 1.0 -> rejax 0.1.3 step convention: five-tuple, ``done = terminated | truncated``."""
+    """gymnax 1.0 -> rejax 0.1.3 step convention: five-tuple, ``done = terminated | truncated``.
+
+    ``info`` also holds ``terminated``, ``truncated`` and ``final_observation`` (float32): the
+    observation the step reached, before gymnax's auto-reset replaced it by the next
+    trajectory's first one (equal to ``obs`` unless the trajectory ended).
+    """
 
     def reset(self, key: jax.Array, params: Any = None):
         obs, state = self._env.reset(key, params)
@@ -68,7 +79,19 @@ class RejaxEnv(EnvWrapper):
                 "1.0's (obs, state, reward, terminated, truncated, info)."
             )
         obs, state, reward, terminated, truncated, info = out
+        if INFO_FINAL_OBS not in info:
+            raise ValueError(
+                f"{type(self._env).__name__}.step put no '{INFO_FINAL_OBS}' in info; the RL "
+                "baselines bootstrap from it at a time-limit truncation (gymnax 1.0's "
+                "Environment.step provides it: do not override step, override step_env)."
+            )
         done = jnp.logical_or(terminated, truncated)
+        info = {
+            **info,
+            INFO_TERMINATED: jnp.asarray(terminated, bool),
+            INFO_TRUNCATED: jnp.asarray(truncated, bool),
+            INFO_FINAL_OBS: jnp.asarray(info[INFO_FINAL_OBS], jnp.float32),
+        }
         return jnp.asarray(obs, jnp.float32), state, jnp.asarray(reward, jnp.float32), done, info
 
 
