@@ -107,6 +107,12 @@ def identity(cfg_json: dict, operational: Sequence[str]) -> dict:
     return out
 
 
+def _get(d: dict, dotted: str):
+    for k in dotted.split("."):
+        d = d[k]
+    return d
+
+
 def _changed(a: dict, b: dict, prefix: str = "") -> list[tuple[str, object, object]]:
     """(dotted key, value in a, value in b) for every entry that differs."""
     out = []
@@ -116,6 +122,17 @@ def _changed(a: dict, b: dict, prefix: str = "") -> list[tuple[str, object, obje
             out += _changed(x, y, f"{prefix}{k}.")
         elif x != y:
             out.append((f"{prefix}{k}", x, y))
+    return out
+
+
+def _absent(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys of ``b`` that ``a`` lacks (options added since ``a`` was written)."""
+    out = []
+    for k in sorted(b):
+        if k not in a:
+            out.append(f"{prefix}{k}")
+        elif isinstance(a[k], dict) and isinstance(b[k], dict):
+            out += _absent(a[k], b[k], f"{prefix}{k}.")
     return out
 
 
@@ -174,15 +191,26 @@ def prepare_run_dir(cfg, run_dir: Path, operational: Sequence[str], *,
     resume = cfg.resume
     log = logging.getLogger(__name__)
     if has_run and before is not None and before != mine:
-        diff = _changed(before, mine)
+        added = _absent(before, mine)
+        diff = [d for d in _changed(before, mine) if d[0] not in added]
         names = ", ".join(f"{k} ({a!r} in the run, {b!r} now)" for k, a, b in diff[:6])
         names += f" and {len(diff) - 6} more" if len(diff) > 6 else ""
+        newer = ", ".join(f"{k} ({_get(mine, k)!r} now)" for k in added[:6])
+        newer += f" and {len(added) - 6} more" if len(added) > 6 else ""
         if not cfg.resume:
+            parts = [names] if diff else []
+            parts += [f"options its config.json predates: {newer}"] if added else []
             raise RunDirTaken(
-                f"{run_dir} holds a {what} with another config: {names}. Add --resume to "
-                f"continue it with its own values, or choose a new --run-dir"
+                f"{run_dir} holds a {what} with another config: {'; '.join(parts)}. Add "
+                f"--resume to continue it with its own values, or choose a new --run-dir"
             )
-        log.warning("resuming the %s in %s with its own values for: %s", what, run_dir, names)
+        if diff:
+            log.warning("resuming the %s in %s with its own values for: %s", what, run_dir, names)
+        if added:
+            # the run's own value of an option added since is unknown: say which value runs
+            log.warning("the %s in %s was written before the option(s) %s existed: it "
+                        "continues with the values given now, which may not be what it ran "
+                        "with so far", what, run_dir, newer)
         cfg = with_values(cfg, before)
     if has_run and not resume:
         # Same config: continue (or, if complete, just report) — `make demo` is idempotent.

@@ -340,6 +340,27 @@ def test_real_mismatch_names_keys_and_resume_keeps_the_runs_values(tmp_path, cap
     assert (tmp_path / "r" / "checkpoints" / "3").exists()  # nothing deleted
 
 
+def test_resume_of_a_run_older_than_an_option_says_the_option_runs_as_given(tmp_path, caplog):
+    """A run dir written before an option existed (its config.json lacks the key): without
+    --resume the key is named as one the config predates; with --resume the run continues
+    with the value given now and says so (it used to claim 'its own values' for it)."""
+    mod = _experiment()
+    cfg = _short(mod, tmp_path / "r")
+    _fake_run(mod, tmp_path / "r", cfg)
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    del saved["rfr"]["tau"]  # as if rfr.tau had been added after this run
+    (tmp_path / "r" / "config.json").write_text(json.dumps(saved))
+    from cli_common import RunDirTaken
+
+    with pytest.raises(RunDirTaken, match=r"another config: options its config\.json "
+                       r"predates: rfr\.tau \(0\.5 now\)\. Add --resume"):  # fmt: skip
+        mod._prepare_run_dir(cfg, tmp_path / "r")
+    resume, used = mod._prepare_run_dir(dataclasses.replace(cfg, resume=True), tmp_path / "r")
+    assert resume and used.rfr.tau == 0.5
+    assert "before the option(s) rfr.tau (0.5 now) existed" in caplog.text
+    assert "with its own values for" not in caplog.text
+
+
 def test_damaged_run_config_is_named(tmp_path):
     mod = _experiment()
     cfg = _short(mod, tmp_path / "r")
