@@ -196,7 +196,8 @@ def plot_fig2(
         ax.set_title(title)
         ax.set_xlabel("training round")
         ax.grid(alpha=0.3)
-    axes.flat[0].legend(fontsize=8)
+    if curves or llm_rows:  # a table of reference rows alone draws no curve to label
+        axes.flat[0].legend(fontsize=8)
     if llm_scale != 1.0:
         fig.text(
             0.5, 0.005,

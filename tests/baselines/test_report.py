@@ -101,6 +101,14 @@ def test_figures_are_written(tmp_path):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
 
 
+@pytest.mark.filterwarnings("error::UserWarning")
+def test_fig2_without_curves_or_llm_rows_draws_no_empty_legend(tmp_path):
+    """A table3 run of reference rows only has nothing to plot in fig. 2: matplotlib warned
+    'No artists with labels found to put in legend' into every such run's output."""
+    p2 = plot_fig2(tmp_path / "fig2.png", {}, [])
+    assert p2.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_fig3_plots_each_curve_at_its_logged_steps_one_unit_per_axis(tmp_path, monkeypatch):
     import matplotlib.figure
 
