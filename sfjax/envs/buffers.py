@@ -1,10 +1,11 @@
 """Per-UE RLC transmit buffers: fixed-capacity FIFOs of packet arrival times (vectorised over UEs).
 
-A buffer holds at most ``Q`` packets (the RLC buffer: ns-3's default 10 KiB = 20 packets of
-512 B); a packet arriving to a full buffer is dropped (tail drop, as ns-3's ``LteRlcUm``). All
-packets of a UE have the same size, so the queue is a ring of arrival times plus the number of
-bytes still to send of the head packet (RLC segmentation lets a transport block carry part of
-a packet). Serving ``b`` bytes therefore completes packets in closed form, without a loop.
+A buffer holds at most ``Q`` packets (the RLC buffer: ns-3's default 10 KiB holds 18 packets of
+512 B, each with 30 B of UDP/IP/PDCP headers, see ``RanSlicingConfig.buffer_packets``); a
+packet arriving to a full buffer is dropped (tail drop, as ns-3's ``LteRlcUm``). All packets
+of a UE have the same size, so the queue is a ring of arrival times plus the number of bytes
+still to send of the head packet (RLC segmentation lets a transport block carry part of a
+packet). Serving ``b`` bytes therefore completes packets in closed form, without a loop.
 
 Delay of a packet = time its last byte is delivered (end of the TTI) - its arrival time.
 

@@ -30,6 +30,11 @@ from sfjax.envs.traffic import SliceConfig
 TTI_S = 1e-3
 """LTE subframe (transmission time interval)."""
 
+RLC_SDU_OVERHEAD_BYTES = 30
+"""Bytes an RLC buffer holds per packet on top of its application payload: the RLC SDU is the
+PDCP PDU, i.e. PDCP header 2 + IPv4 20 + UDP 8 + payload. ns-3's ``LteRlcUm`` admits a PDU while
+``txBufferSize + size <= MaxTxBufferSize`` counting those bytes, so its 10 KiB buffer holds 18
+packets of 512 B (542 B each), not 20."""
 
 
 GBR_SLICE = SliceConfig(
@@ -59,7 +64,8 @@ class RanSlicingConfig:
     episode_steps: int = 300
     """Decisions per episode (paper: 300-step trajectories)."""
     buffer_bytes: int = 10240
-    """RLC transmit buffer per UE (ns-3 default 10 KiB); overflow is dropped."""
+    """RLC transmit buffer per UE (ns-3 default 10 KiB), counted as ns-3 does: packets plus
+    their UDP/IP/PDCP headers (``RLC_SDU_OVERHEAD_BYTES``); overflow is dropped."""
     min_rbg_per_slice: int = 1
     """RBGs each slice keeps whatever the action (0 allows starving a slice)."""
     initial_prbs: int | None = None
@@ -115,8 +121,11 @@ class RanSlicingConfig:
                 f"{self.cell.n_rbg} RBGs; lower it"
             )
         for s in self.slices:
-            if self.buffer_bytes < s.packet_bytes:
-                raise ValueError(f"buffer_bytes must hold at least one packet of {s.name!r}")
+            if self.buffer_bytes < s.packet_bytes + RLC_SDU_OVERHEAD_BYTES:
+                raise ValueError(
+                    f"buffer_bytes must hold at least one packet of {s.name!r} with its "
+                    f"{RLC_SDU_OVERHEAD_BYTES} header bytes"
+                )
 
     @property
     def se_definition(self) -> str:
@@ -147,8 +156,13 @@ class RanSlicingConfig:
 
     @property
     def buffer_packets(self) -> int:
-        """FIFO capacity in packets (of the smallest packet size)."""
-        return self.buffer_bytes // min(s.packet_bytes for s in self.slices)
+        """FIFO capacity in packets (of the smallest packet size): whole RLC SDUs (packet +
+        ``RLC_SDU_OVERHEAD_BYTES``) that fit in ``buffer_bytes``, 18 at 10 KiB and 512 B. A
+        partly sent head packet keeps its slot (ns-3 counts only its unsent bytes, so it may
+        admit one packet more until the head is through)."""
+        return self.buffer_bytes // (
+            min(s.packet_bytes for s in self.slices) + RLC_SDU_OVERHEAD_BYTES
+        )
 
     @property
     def step_s(self) -> float:

@@ -79,3 +79,19 @@ def test_tail_drop_at_capacity():
     buf, d2 = fifo.enqueue(buf, jnp.array([2]), times + 1)
     assert int(d1[0]) == 0 and int(d2[0]) == 1 and int(buf.count_U[0]) == 3
     assert int(fifo.queued_bytes(buf, np.array([PKT]))[0]) == 3 * PKT
+
+
+def test_default_buffer_holds_what_ns3_rlc_um_holds():
+    # ns-3 LteRlcUm::DoTransmitPdcpPdu stores a PDCP PDU while txBufferSize + size <=
+    # MaxTxBufferSize; the PDU is the 512-byte packet + UDP 8 + IPv4 20 + PDCP 2 header bytes
+    from sfjax.envs.scenario import RanSlicingConfig
+
+    cfg = RanSlicingConfig()
+    pdu, held = PKT + 8 + 20 + 2, 0
+    while (held + 1) * pdu <= cfg.buffer_bytes:
+        held += 1
+    burst = 25
+    buf = fifo.empty_buffers(1, cfg.buffer_packets, np.array([PKT]))
+    buf, dropped = fifo.enqueue(buf, jnp.array([burst]), jnp.zeros((1, burst)))
+    assert int(buf.count_U[0]) == held == 18
+    assert int(dropped[0]) == burst - held

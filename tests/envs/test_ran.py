@@ -27,7 +27,7 @@ TINY = RanSlicingConfig(
     ),
     ttis_per_step=20,
     episode_steps=6,
-    buffer_bytes=2048,  # 4 packets: starving the slice overflows it within a step
+    buffer_bytes=2048,  # 3 packets of 542 B: starving the slice overflows it within a step
     pipeline_delay_ms=5.0,
     # the mechanics tests below pin the scheduled SE, controlled-slice violations, the 5-value
     # observation and a stationary traffic start; the defaults have their own tests
