@@ -13,8 +13,8 @@ updated every TTI with the transport block each UE got (0 when not scheduled).
 
 ``pf_assign_buffer_aware`` is the variant real schedulers (and ns-3's newer ones) use and the
 default of the environment: RBGs are visited in order and a UE stops competing once the RBGs it
-already holds carry its whole queue, so a UE with one packet does not take the whole band while
-others wait. ``pf_assign`` (ns-3 ``PfFfMacScheduler`` verbatim) wastes the rest of the band on
+already holds carry its whole queue (in the transport block it will get, sized at the worst CQI
+among them), so a UE with one packet does not take the whole band while others wait. ``pf_assign`` (ns-3 ``PfFfMacScheduler`` verbatim) wastes the rest of the band on
 padding, which at this load (many UEs with one 512-byte packet each) makes most packets wait
 several TTIs.
 
@@ -47,19 +47,28 @@ def pf_assign(eff_UR, avg_thr_bps_U, eligible_UR, rbg_prbs_R, tti_s: float = 1e-
 def pf_assign_buffer_aware(eff_UR, avg_thr_bps_U, eligible_UR, rbg_prbs_R, queued_bits_U,
                            tti_s: float = 1e-3):
     """Like :func:`pf_assign`, but RBGs are given in index order and a UE leaves the race once
-    the sum of its RBGs' achievable bits covers ``queued_bits_U``. Unrolled over R (static)."""
+    the transport block of the RBGs it holds (:func:`transport_blocks`: worst efficiency among
+    them x their PRBs) covers ``queued_bits_U``. Unrolled over R (static)."""
     rate_bps_UR = eff_UR * PRB_BANDWIDTH_HZ * rbg_prbs_R[None, :]
     metric_UR = rate_bps_UR / jnp.maximum(avg_thr_bps_U, 1e-9)[:, None]
     usable_UR = eligible_UR & (eff_UR > 0)
-    bits_UR = rate_bps_UR * tti_s
     need_U = queued_bits_U.astype(jnp.float32)
     ue_U = jnp.arange(eff_UR.shape[0], dtype=jnp.int32)
+    worst_eff_U = jnp.zeros(eff_UR.shape[0], jnp.float32)
+    held_prbs_U = jnp.zeros(eff_UR.shape[0], jnp.int32)
     winners = []
     for r in range(eff_UR.shape[1]):
-        ok_U = usable_UR[:, r] & (need_U > 0)
+        tb_U = jnp.floor(worst_eff_U * PRB_BANDWIDTH_HZ * tti_s * held_prbs_U)
+        ok_U = usable_UR[:, r] & (tb_U < need_U)
         w = jnp.argmax(jnp.where(ok_U, metric_UR[:, r], -1.0)).astype(jnp.int32)
         any_ok = jnp.any(ok_U)
-        need_U = need_U - jnp.where((ue_U == w) & any_ok, bits_UR[:, r], 0.0)
+        won_U = (ue_U == w) & any_ok
+        worst_eff_U = jnp.where(
+            won_U,
+            jnp.where(held_prbs_U > 0, jnp.minimum(worst_eff_U, eff_UR[:, r]), eff_UR[:, r]),
+            worst_eff_U,
+        )
+        held_prbs_U = held_prbs_U + jnp.where(won_U, rbg_prbs_R[r], 0)
         winners.append(jnp.where(any_ok, w, NO_UE))
     return jnp.stack(winners)
 

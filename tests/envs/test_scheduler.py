@@ -35,19 +35,20 @@ def _ref_ns3(eff, avg, eligible, rbg_prbs):
 
 
 def _ref_buffer_aware(eff, avg, eligible, rbg_prbs, queued_bits):
-    need = [float(q) for q in queued_bits]
+    held = {u: [] for u in range(eff.shape[0])}
     winners = []
     for r in range(eff.shape[1]):
         best, best_metric = -1, -1.0
         for u in range(eff.shape[0]):
-            if not eligible[u, r] or eff[u, r] <= 0 or need[u] <= 0:
+            carried = _ref_tb([u if r2 in held[u] else -1 for r2 in range(eff.shape[1])],
+                              eff, rbg_prbs)[0][u]
+            if not eligible[u, r] or eff[u, r] <= 0 or carried >= queued_bits[u]:
                 continue
             metric = np.float32(eff[u, r] * np.float32(180e3) * rbg_prbs[r]) / np.float32(avg[u])
             if metric > best_metric:
                 best, best_metric = u, metric
         if best >= 0:
-            need[best] -= float(np.float32(eff[best, r] * np.float32(180e3) * rbg_prbs[r])
-                                * np.float32(1e-3))
+            held[best].append(r)
         winners.append(best)
     return winners
 
@@ -98,6 +99,19 @@ def test_buffer_aware_does_not_overallocate():
     assert np.asarray(scheduler.pf_assign(eff, avg, eligible, rbg)).tolist() == [0] * 6
     ba = scheduler.pf_assign_buffer_aware(eff, avg, eligible, rbg, np.array([4096, 0]))
     assert np.asarray(ba).tolist() == [0, 0, 0, -1, -1, -1]
+
+
+def test_buffer_aware_keeps_a_ue_until_its_transport_block_carries_the_queue():
+    # the block is sized at the worst CQI of the UE's RBGs: two RBGs of 2 PRB at 3.0 and 2.0
+    # bit/s/Hz carry 2.0 x 360 x 2 = 1440 bits, not 1080 + 720 = 1800, so a 1700-bit queue
+    # needs the third RBG (2160 bits) while it is free
+    eff = np.array([[3.0, 2.0, 2.0]], np.float32)
+    rbg = np.full(3, 2, np.int32)
+    ba = scheduler.pf_assign_buffer_aware(eff, np.ones(1, np.float32), np.ones((1, 3), bool),
+                                          rbg, np.array([1700]))
+    assert np.asarray(ba).tolist() == [0, 0, 0]
+    bits, _ = scheduler.transport_blocks(ba, eff, rbg)
+    assert int(bits[0]) == 2160
 
 
 def test_average_throughput_filter():
