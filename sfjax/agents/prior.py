@@ -52,8 +52,10 @@ PRIOR_LABEL = (
 """How every output that uses the prior names it."""
 MARKER = "PRIOR_COMPLETE.json"
 """Written last by a build: the config hash and the sha256 of every other file."""
-FORMAT_VERSION = 1
-"""Bumped when the build procedure changes (part of the cache key)."""
+FORMAT_VERSION = 2
+"""Bumped when the build procedure or the simulator's dynamics change (part of the cache key:
+the teacher's data come from the env). 2: buffer-aware PF keeps a UE until its transport block
+carries its queue, RLC buffers of 18 packets (ns-3's)."""
 
 
 @dataclass(frozen=True)

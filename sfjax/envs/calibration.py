@@ -17,7 +17,7 @@ paper's Table III):
 1. **eq. 1 SE as printed**: over-provisioning the controlled slice lowers its SE in proportion
    to 1/allocation (1.68 at 12 PRB, 1.26 at 16, 0.84 at 24);
 2. **violations over the whole cell**: starving the other slice (4 non-GBR UEs, 8 Mb/s when all
-   are on) costs as much as starving the controlled one: at 20-24 PRB it violates in 131-256 of
+   are on) costs as much as starving the controlled one: at 20-24 PRB it violates in 132-256 of
    300 steps;
 3. **ns-3's traffic start** (every on-off source starts OFF, ``onoff_start="off"``), ns-3's TBS
    overhead (``data_re_fraction`` 0.7) and delay floor (``pipeline_delay_ms`` 4.5 ms), the
@@ -28,20 +28,20 @@ paper's Table III):
 Default scenario, every static allocation (``--episodes 8``, 300 steps, seed 0, fixed drop):
 
     PRB   mean SE  violations  (slice 0 / slice 1)   utility   late pkts  link SE  PRB use
-      2   3.573      275.3      275.3 /   0.0        -62011      8876     5.340    0.929
-      4   3.334      250.5      250.5 /   0.0        -55663     15047     5.334    0.869
-      6   2.865      187.9      187.9 /   0.0        -38983     11319     5.303    0.757
-      8   2.414      138.9      138.9 /   0.0        -26315      9654     5.283    0.643
-     10   2.012      100.0      100.0 /   0.0        -16460      3811     5.263    0.542
-     12   1.677       64.4       64.4 /   0.0         -7265       288     5.249    0.456
-     14   1.438       34.5       34.5 /   0.1           604       117     5.249    0.391
-     16   1.258       18.8       18.4 /   0.9          4521        40     5.248    0.342
-     18   1.118       47.9       12.0 /  41.0         -4846        20     5.246    0.304
-     20   1.006      132.9        7.1 / 130.9        -30849         9     5.244    0.274
-     22   0.915      133.6        4.0 / 132.4        -31486         5     5.243    0.249
-     24   0.839      256.4        3.8 / 255.9        -68654         4     5.243    0.228
+      2   3.573      275.3      275.3 /   0.0       -62011       8875     5.340    0.929
+      4   3.333      250.5      250.5 /   0.0       -55666      15043     5.333    0.868
+      6   2.865      186.3      186.3 /   0.0       -38498      11271     5.303    0.757
+      8   2.413      136.9      136.9 /   0.0       -25717       9619     5.282    0.643
+     10   2.012      100.0      100.0 /   0.0       -16461       3792     5.257    0.543
+     12   1.677       56.3       56.3 /   0.0        -4828        262     5.236    0.456
+     14   1.438       28.5       28.5 /   0.3         2404        100     5.235    0.392
+     16   1.258       14.1       13.8 /   0.9         5908         31     5.232    0.343
+     18   1.118       46.3        8.8 /  40.9        -4358         13     5.225    0.305
+     20   1.006      131.8        4.5 / 130.9       -30512          6     5.221    0.275
+     22   0.915      133.0        2.5 / 132.4       -31298          3     5.217    0.250
+     24   0.839      255.8        1.6 / 255.8       -68466          2     5.213    0.229
 
-The best static allocation is interior (16 PRB, 18.8 violations of 300, utility 4.5k): less
+The best static allocation is interior (16 PRB, 14.1 violations of 300, utility 5.9k): less
 starves the 10 ms GBR slice, more starves the other slice and wastes SE. The paper's SE of
 ~5.3 bit/s/Hz is out of reach under eq. 1 (the GBR slice offers ~3.6 Mb/s in an average step
 of an episode that starts silent); no factor is added to reach it. How much adapting the
