@@ -4,11 +4,12 @@ env seeds the way the reflector asks.
 
 Opt-in (``SFJAX_DEMO_TEST=1``): it builds the prior and runs the whole preset (about 3 min on 2
 idle cores); it reproduces the preset's run seed, which is bit-for-bit deterministic on one
-machine but may round differently on another CPU (README, "The self-finetuning experiment": on
-validation env seeds five run seeds all raised the utility and lowered the reconfigurations,
-four of five significantly each) -- hence opt-in, not part of `make test`. What it asserts, at
-the 95 % level of a paired t interval over the 16 held-out seeds: fewer reconfigurations (the
-prior's built-in flaw), fewer violation steps, and a higher eq. 15 utility.
+machine but may round differently on another CPU -- hence opt-in, not part of `make test`.
+What it asserts, at the 95 % level of a paired t interval over the 16 held-out seeds: fewer
+violation steps and a higher eq. 15 utility (README, "The self-finetuning experiment"). Before
+the simulator fixes of 2026-12-05 it also asserted fewer reconfigurations (the prior's built-in
+flaw); on the fixed simulator, with the prior rebuilt on it, the preset no longer shows that
+(+2.3 [-2.1, +6.7]), and the README says so.
 """
 
 from __future__ import annotations
@@ -39,6 +40,5 @@ def test_smoke_sf_iteration_moves_the_prior_as_the_reflector_asks(tmp_path):
     held = json.loads((Path(cfg.run_dir) / "summary.json").read_text())["held_out"]
     assert held["seeds"] == list(range(16))
     m = held["metrics"]
-    assert m["reconfigurations"]["ci_high"] < 0, m["reconfigurations"]
     assert m["violations"]["ci_high"] < 0, m["violations"]
     assert m["utility"]["ci_low"] > 0, m["utility"]
