@@ -62,7 +62,10 @@ def bench(env: RanSlicingEnv, n_envs: int, steps: int, repeats: int = 3) -> dict
 def bench_rejax(env: RanSlicingEnv, timesteps: int = 8192) -> float:
     from rejax import PPO
 
-    algo = PPO.create(env=env, env_params=env.default_params, num_envs=16, num_steps=64,
+    from sfjax.baselines.wrappers import RejaxEnv
+
+    # rejax 0.1.3 unpacks gymnax 0.x's five-value step; the env speaks gymnax 1.0's six
+    algo = PPO.create(env=RejaxEnv(env), env_params=env.default_params, num_envs=16, num_steps=64,
                       num_epochs=2, num_minibatches=4, total_timesteps=timesteps,
                       eval_freq=timesteps, skip_initial_evaluation=True)
     train = jax.jit(algo.train)
