@@ -157,6 +157,8 @@ def parse_args(argv=None):
     p.add_argument("--bundle", default=None, help="one JSON with every record and job status")
     p.add_argument("--log", default=None, help="also write all output here")
     p.add_argument("--tiny", action="store_true", help="pass --tiny to every job (CPU smoke)")
+    p.add_argument("--allow-cpu", action="store_true",
+                   help="run the full-size jobs even when JAX finds no accelerator")
     p.add_argument("--extra", default="", help="extra arguments for every job, e.g. '--iters 2'")
     p.add_argument("--python", default=sys.executable, help="interpreter for the jobs")
     p.add_argument("--list", action="store_true", help="print the jobs and exit")
@@ -228,6 +230,12 @@ def preflight(args, tee: Tee) -> dict:
         return {"ok": False, "error": tail}
     info = json.loads(done.stdout.strip().splitlines()[-1])
     tee.line(f"preflight: {info}")
+    if info.get("backend") == "cpu" and not (args.tiny or args.allow_cpu):
+        msg = ("no accelerator: JAX's backend is cpu, where the full-size Qwen3-4B jobs would "
+               "only run out their caps; use --tiny (a CPU smoke run of the runner), --dry-run "
+               "(the predictions) or --allow-cpu")
+        tee.line(f"preflight: {msg}")
+        return {"ok": False, "error": msg, **info}
     return {"ok": True, **info}
 
 

@@ -9,6 +9,7 @@ import importlib
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -144,6 +145,7 @@ def test_random_model_compiles_one_draw_per_distinct_shape():
 
 _BLOCKED_IMPORTS = """
 import sys
+import time
 for name in ("tyro", "tensorboardX", "openai", "gymnax", "rejax", "trl", "zmq", "gymnasium"):
     sys.modules[name] = None  # absent on the device machine (GPU.md)
 sys.path.insert(0, sys.argv[1])
@@ -319,7 +321,7 @@ def test_gpu_all_runs_jobs_in_order_within_the_budget(tmp_path, monkeypatch):
     bundle_path, log = tmp_path / "all.json", tmp_path / "all.log"
     bundle = gpu_all.main(["--budget-s", "5", "--min-job-s", "1", "--out-dir",
                            str(tmp_path / "out"), "--bundle", str(bundle_path), "--log",
-                           str(log), "--skip", ""])
+                           str(log), "--skip", "", "--allow-cpu"])
     on_disk = json.loads(bundle_path.read_text())
     assert on_disk["order"] == ["ok", "oom", "slow", "late"]
     st = {k: v["status"] for k, v in on_disk["jobs"].items()}
@@ -345,6 +347,19 @@ def test_gpu_all_stops_when_the_preflight_fails(tmp_path, monkeypatch):
     assert not bundle["preflight"]["ok"] and "flax is too old" in bundle["preflight"]["error"]
     default = [j for j in gpu_all.JOBS if j.default]
     assert bundle["jobs"] == {} and bundle["summary"] == {"preflight_failed": len(default)}
+
+
+def test_gpu_all_stops_at_once_without_an_accelerator(tmp_path):
+    """Run without arguments on a CPU machine, the runner spent its whole 400 s budget on jobs
+    that could only time out; it now stops after the preflight and says what to use."""
+    import gpu_all
+
+    t0 = time.monotonic()
+    bundle = gpu_all.main(["--bundle", str(tmp_path / "b.json")])
+    assert time.monotonic() - t0 < 120  # the preflight alone
+    pre = bundle["preflight"]
+    assert not pre["ok"] and pre["backend"] == "cpu" and "--tiny" in pre["error"]
+    assert bundle["jobs"] == {}
 
 
 def test_gpu_all_default_jobs_fit_one_seven_minute_call():
