@@ -23,13 +23,17 @@ from sfjax.agents.reflectors.base import ReflectorError
 from sfjax.atomic import DamagedFile
 from sfjax.config_rules import RULES
 from sfjax.configcheck import ConfigError, check_config
+from sfjax.models.config import CheckpointUnavailable
+from sfjax.models.weights import CheckpointError
 
 
 class RunDirTaken(FileExistsError):
     """RUN_DIR holds a run with another configuration (the message names the keys)."""
 
 
-USER_ERRORS = (ConfigError, RunDirTaken, DamagedFile, ReflectorError)
+USER_ERRORS = (ConfigError, RunDirTaken, DamagedFile, ReflectorError, CheckpointUnavailable,
+               CheckpointError)
+"""A user's mistake or a missing / unusable input: one ``error:`` line and exit status 2."""
 
 
 def _join_lines(text: str) -> str:

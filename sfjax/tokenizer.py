@@ -18,11 +18,13 @@ def load_tokenizer(path: str | os.PathLike):
     """The HF tokenizer of a checkpoint directory (``tokenizer.json`` + ``tokenizer_config.json``)
     or of a hub id (its tokenizer files only are fetched; offline they must be cached).
 
-    Raises ``FileNotFoundError`` naming the directory when it holds no tokenizer, and
+    Raises :class:`~sfjax.models.config.CheckpointUnavailable` (a ``FileNotFoundError``) naming
+    the directory when it holds no tokenizer, and
     ``ValueError`` when the tokenizer has no chat template or no pad token can be chosen.
     """
     from transformers import AutoTokenizer
 
+    from sfjax.models.config import CheckpointUnavailable
     from sfjax.models.weights import HUB_TOKENIZER_PATTERNS, resolve_checkpoint_dir
 
     p = Path(os.path.expanduser(os.fspath(path)))
@@ -30,11 +32,11 @@ def load_tokenizer(path: str | os.PathLike):
         try:
             p = resolve_checkpoint_dir(path, HUB_TOKENIZER_PATTERNS)
         except FileNotFoundError as e:
-            raise FileNotFoundError(f"tokenizer: {e}") from e
+            raise CheckpointUnavailable(f"tokenizer: {e}") from e
     if not p.is_dir():
-        raise FileNotFoundError(f"tokenizer directory {str(p)!r} does not exist")
+        raise CheckpointUnavailable(f"tokenizer directory {str(p)!r} does not exist")
     if not (p / "tokenizer.json").is_file() and not (p / "tokenizer_config.json").is_file():
-        raise FileNotFoundError(
+        raise CheckpointUnavailable(
             f"{p} has no tokenizer.json / tokenizer_config.json; pass the checkpoint directory "
             "that holds the tokenizer (e.g. a local copy of Qwen/Qwen3-4B)"
         )

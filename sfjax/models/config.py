@@ -14,6 +14,10 @@ from typing import Any
 import jax
 
 
+class CheckpointUnavailable(FileNotFoundError):
+    """A checkpoint (or its tokenizer) that is not there: a wrong path, a directory without
+    config.json, a hub id not in the local cache while offline. The message says what to pass."""
+
 @dataclass(frozen=True)
 class Qwen3Config:
     """Architecture of a Qwen3 dense decoder (the fields of HF ``config.json`` that matter)."""
@@ -144,7 +148,7 @@ class Qwen3Config:
             if os.path.isdir(path):
                 path = os.path.join(path, "config.json")
             if not os.path.isfile(path):
-                raise FileNotFoundError(
+                raise CheckpointUnavailable(
                     f"no config.json at {path!r}; pass a Hugging Face Qwen3 checkpoint directory"
                 )
             with open(path) as f:

@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sfjax.models.config import CheckpointUnavailable
+
 if TYPE_CHECKING:
     from sfjax.models.qwen3 import Qwen3, Qwen3Config
 
@@ -185,20 +187,21 @@ def resolve_checkpoint_dir(
     path = Path(os.path.expanduser(os.fspath(path_or_hub_id)))
     if path.exists():
         if not path.is_dir():
-            raise NotADirectoryError(
+            raise CheckpointUnavailable(
                 f"{path} is a file; pass the checkpoint directory holding config.json"
             )
         return path
     repo_id = os.fspath(path_or_hub_id)
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
-        raise FileNotFoundError(
+        raise CheckpointUnavailable(
             f"checkpoint directory {repo_id!r} does not exist (and it is not a Hugging Face hub id "
             "like 'Qwen/Qwen3-4B')"
         )
     download_hint = (
         f"download it where there is internet (`huggingface-cli download {repo_id} --local-dir "
-        f"/path/to/{repo_id.split('/')[-1]}`) and pass the local directory instead: "
-        f"qwen3.from_pretrained('/path/to/{repo_id.split('/')[-1]}')"
+        f"/path/to/{repo_id.split('/')[-1]}`) and pass the local directory instead "
+        f"(--model.checkpoint /path/to/{repo_id.split('/')[-1]} in the experiments, "
+        f"qwen3.from_pretrained('/path/to/{repo_id.split('/')[-1]}') in Python)"
     )
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     try:
@@ -215,7 +218,7 @@ def resolve_checkpoint_dir(
             if offline
             else f"{type(e).__name__}: {e}"
         )
-        raise FileNotFoundError(
+        raise CheckpointUnavailable(
             f"could not get {repo_id!r} from the Hugging Face Hub: {why}, and it is not in the "
             f"local cache. {download_hint}"
         ) from e
@@ -235,7 +238,7 @@ def checkpoint_index(ckpt_dir: Path) -> dict[str, TensorInfo]:
         weight_map, files = None, ["model.safetensors"]
     else:
         found = sorted(p.name for p in ckpt_dir.glob("*.safetensors"))
-        raise FileNotFoundError(
+        raise CheckpointUnavailable(
             f"{ckpt_dir}: no model.safetensors or model.safetensors.index.json"
             + (f" (found {found})" if found else "")
             + "; sfjax reads safetensors checkpoints only (convert .bin files with transformers)"
@@ -244,7 +247,7 @@ def checkpoint_index(ckpt_dir: Path) -> dict[str, TensorInfo]:
     for fname in files:
         file = ckpt_dir / fname
         if not file.is_file():
-            raise FileNotFoundError(f"{file}: shard listed in the index is missing")
+            raise CheckpointUnavailable(f"{file}: shard listed in the index is missing")
         for name, info in read_safetensors_header(file).items():
             if weight_map is not None and weight_map.get(name) != fname:
                 continue

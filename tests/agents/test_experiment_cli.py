@@ -48,3 +48,23 @@ def test_table3_refuses_what_it_would_override(tmp_path, capsys, args, line):
     code, err = _table3(capsys, "--run-dir", str(tmp_path / "t"), *args)
     assert code == 2 and err.startswith(f"error: {line}"), err
     assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("where", ["missing", "empty", "hub"])
+def test_unusable_actor_checkpoint_is_one_line(tmp_path, capsys, monkeypatch, where):
+    """A wrong --model.checkpoint (no such path, a directory without config.json, a hub id
+    not cached while offline) ended in a ~100-line traceback; now one ``error:`` line, exit 2,
+    saying what to pass."""
+    mod = experiment("sf_ranslicing")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "empty").mkdir()
+    ckpt = {"missing": str(tmp_path / "nowhere"), "empty": str(tmp_path / "empty"),
+            "hub": "nobody-here/Qwen3-4B-not-cached"}[where]  # fmt: skip
+    argv = ["smoke", "--run-dir", str(tmp_path / "r"), "--model.no-prior",
+            "--model.checkpoint", ckpt]  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        mod.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and "Traceback" not in err, err
+    assert {"missing": "does not exist", "empty": "no config.json",
+            "hub": "--model.checkpoint /path/to/Qwen3-4B-not-cached"}[where] in err  # fmt: skip
