@@ -16,6 +16,7 @@ Shape legend: N = training seeds, R = rounds.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -255,8 +256,9 @@ def plot_fig3(
         ax.bar([0, 1], [before, after], 0.6, color=["tab:gray", "tab:blue"])
         ax.set_xticks([0, 1], ["before SF", "after SF"])
         ax.set_ylabel(f"{name} [{unit}]" if unit else name)
-        ax.set_title(f"{tag} {name}" + (f"\n({before_after_source})" if before_after_source
-                                         else ""), fontsize=10)  # fmt: skip
+        # the source (e.g. a list of 16 held-out seeds) wrapped to the panel's width
+        source = textwrap.fill(f"({before_after_source})", 34) if before_after_source else ""
+        ax.set_title(f"{tag} {name}" + (f"\n{source}" if source else ""), fontsize=9)
     means = {"rewards/chosen": [], "rewards/rejected": []}
     first = len(metrics)
     for i, it in enumerate(kto_iterations):
