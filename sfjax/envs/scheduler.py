@@ -14,9 +14,10 @@ updated every TTI with the transport block each UE got (0 when not scheduled).
 ``pf_assign_buffer_aware`` is the variant real schedulers (and ns-3's newer ones) use and the
 default of the environment: RBGs are visited in order and a UE stops competing once the RBGs it
 already holds carry its whole queue (in the transport block it will get, sized at the worst CQI
-among them), so a UE with one packet does not take the whole band while others wait. ``pf_assign`` (ns-3 ``PfFfMacScheduler`` verbatim) wastes the rest of the band on
-padding, which at this load (many UEs with one 512-byte packet each) makes most packets wait
-several TTIs.
+among them), so a UE with one packet does not take the whole band while others wait.
+``pf_assign`` (ns-3 ``PfFfMacScheduler`` verbatim) wastes the rest of the band on padding,
+which at this load (many UEs with one 512-byte packet each) makes most packets wait several
+TTIs.
 
 Shape legend: U = UEs, R = RBGs.
 """
