@@ -64,6 +64,7 @@ from sfjax.agents.reflectors.base import (
     merge_windows,
     reflection_system_prompt,
     reflection_user_prompt,
+    reply_answer,
     trajectory_summary,
     validate_reply,
     windows,
@@ -384,7 +385,7 @@ class ApiReflector:
                     # its answer without the reasoning (DeepSeek: never send reasoning back;
                     # a vLLM reply in content can be thousands of tokens of thinking, and the
                     # windows leave room for one reply, not for a conversation of them)
-                    {"role": "assistant", "content": text.rsplit("</think>", 1)[-1].strip()},
+                    {"role": "assistant", "content": reply_answer(text)},
                     {
                         "role": "user",
                         "content": f"Your reply was invalid: {reason}. Reply again with ONLY the "
@@ -408,7 +409,7 @@ class ApiReflector:
             return cached
         for attempt in range(self.cfg.max_format_retries + 1):
             text, finish = self._complete(messages)
-            if finish != "length" and text.rsplit("</think>", 1)[-1].strip():
+            if finish != "length" and reply_answer(text):
                 self._cache_put(digest, text)
                 return text
             kind = "truncated reply" if finish == "length" else "invalid reply"

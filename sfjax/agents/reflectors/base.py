@@ -123,6 +123,12 @@ _THINK_END = "</think>"
 _OPENER_RE = re.compile(r"\[\s*(?=[{\]])|\{\s*(?=\"(?:labels|steps)\")")
 
 
+def reply_answer(text: str | None) -> str:
+    """A reasoning model's reply without its reasoning: everything up to the last ``</think>``
+    dropped (R1 served without a reasoning parser sends no opening tag), stripped."""
+    return (text or "").rsplit(_THINK_END, 1)[-1].strip()
+
+
 def _extract_json(text: str):
     """The reply's JSON list of label objects, from any of the shapes reasoning models produce.
 
@@ -133,7 +139,7 @@ def _extract_json(text: str):
     end of the value, so prose (with brackets) after the JSON or a code fence around it does not
     matter; the last value that is a list of objects wins (a draft in prose comes first).
     """
-    body = (text or "").rsplit(_THINK_END, 1)[-1].strip()
+    body = reply_answer(text)
     if not body:
         raise ReplyError("the reply is empty; return only the JSON list")
     decoder = json.JSONDecoder()
