@@ -242,12 +242,12 @@ def make_algo(name: AlgoName, cfg: AlgoConfig, env, env_params: Any, budget: Bud
         normalize_observations=cfg.normalize_observations,
         normalize_rewards=cfg.normalize_rewards,
         num_envs=n_envs,
+        bootstrap_truncation=cfg.bootstrap_truncation,
     )
     hidden = tuple(cfg.network.hidden_layer_sizes)
     if name == "dqn":
         algo = time_limits.DQN.create(
             **common,
-            bootstrap_truncation=cfg.bootstrap_truncation,
             batch_size=cfg.batch_size,
             buffer_size=cfg.buffer_size,
             fill_buffer=cfg.fill_buffer,
@@ -279,7 +279,6 @@ def make_algo(name: AlgoName, cfg: AlgoConfig, env, env_params: Any, budget: Bud
             )
         algo = time_limits.PPO.create(
             **common,
-            bootstrap_truncation=cfg.bootstrap_truncation,
             num_steps=cfg.rollout_steps,
             num_minibatches=cfg.num_minibatches,
             num_epochs=cfg.num_epochs,
@@ -292,7 +291,6 @@ def make_algo(name: AlgoName, cfg: AlgoConfig, env, env_params: Any, budget: Bud
     else:
         algo = time_limits.SAC.create(
             **common,
-            bootstrap_truncation=cfg.bootstrap_truncation,
             batch_size=cfg.batch_size,
             buffer_size=cfg.buffer_size,
             fill_buffer=cfg.fill_buffer,
