@@ -361,9 +361,8 @@ def compare_decode_layers(jobs: dict) -> dict | None:
     default ``decode`` job: decode unrolled; ``decode_scan``: scanned over a stacked cache), and
     which is faster; None unless two modes have a common batch size."""
     rates: dict[str, dict[int, float]] = {}
-    for r in jobs.values():
-        record = (r or {}).get("record") or {}
-        if record.get("benchmark") != "gpu_decode" or "layers" not in record:
+    for record in _records(jobs, "gpu_decode"):
+        if "layers" not in record:
             continue
         for row in record.get("rows", []):
             rate = (row.get("sfjax_sampler") or {}).get("decode_tokens_per_s")
