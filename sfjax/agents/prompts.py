@@ -146,9 +146,10 @@ def system_prompt(cfg: PromptConfig) -> str:
     lo, hi, unit = cfg.action_lo, cfg.action_hi, cfg.action_unit
     fields = _field_lines(cfg)
     if cfg.style == "compact":
+        objectives = objective_compact(cfg.objective, trade_off=cfg.trade_off)
         return (
             f"You control a RAN slice: every 100 ms choose the {unit}s ({cfg.prbs_per_unit} PRBs "
-            f"each) for slice 0; slice 1 gets the rest. {objective_compact(cfg.objective, trade_off=cfg.trade_off)}\n"
+            f"each) for slice 0; slice 1 gets the rest. {objectives}\n"
             f"Answer in three lines:\n{fields}\n"
             f"The action is an integer from {lo} to {hi}."
         )

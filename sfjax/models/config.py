@@ -18,6 +18,7 @@ class CheckpointUnavailable(FileNotFoundError):
     """A checkpoint (or its tokenizer) that is not there: a wrong path, a directory without
     config.json, a hub id not in the local cache while offline. The message says what to pass."""
 
+
 @dataclass(frozen=True)
 class Qwen3Config:
     """Architecture of a Qwen3 dense decoder (the fields of HF ``config.json`` that matter)."""
