@@ -38,6 +38,7 @@ from rejax.networks import DiscreteQNetwork, EpsilonGreedyPolicy
 
 from sfjax.baselines import time_limits
 from sfjax.baselines.evaluation import EvalProtocol, Rollouts, rollout
+from sfjax.baselines.round_progress import RoundProgress, with_progress
 from sfjax.baselines.wrappers import RejaxEnv, episode_stats_env, last_episode_stats
 
 AlgoName = Literal["dqn", "ppo", "sac"]
@@ -370,14 +371,18 @@ def train(
     env_params: Any,
     budget: Budget,
     seeds: Sequence[int],
+    progress_every_s: float = 30.0,
 ) -> TrainResult:
-    """Train ``name`` on ``env`` for every seed in one jitted, seed-vmapped program."""
+    """Train ``name`` on ``env`` for every seed in one jitted, seed-vmapped program; logs a
+    progress line per round (at most one per ``progress_every_s`` seconds)."""
     if not seeds:
         raise ValueError("train() needs at least one seed.")
     algo = make_algo(name, cfg, env, env_params, budget)
+    progress = RoundProgress(name, len(seeds), budget.rounds, every_s=progress_every_s)
+    reporting = algo.replace(eval_callback=with_progress(algo.eval_callback, progress))
     keys_N = jnp.stack([jax.random.key(int(s)) for s in seeds])
     start = time.perf_counter()
-    ts, curves = jax.jit(jax.vmap(algo.train))(keys_N)
+    ts, curves = jax.jit(jax.vmap(reporting.train))(keys_N)
     curves = jax.tree.map(np.asarray, jax.block_until_ready(curves))
     wall = time.perf_counter() - start
     return TrainResult(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,7 +94,7 @@ def ran_env():
 
 
 @pytest.mark.parametrize("name", rl.ALGOS)
-def test_baseline_on_the_ran_env(name, ran_env):
+def test_baseline_on_the_ran_env(name, ran_env, caplog):
     env, params = ran_env
     budget = rl.Budget(rounds=2, trajectories_per_round=2, steps_per_trajectory=50)
     cfg = {
@@ -100,9 +102,18 @@ def test_baseline_on_the_ran_env(name, ran_env):
         "ppo": rl.PPOConfig(rollout_steps=25, num_minibatches=2, num_epochs=1),
         "sac": rl.SACConfig(fill_buffer=40, batch_size=16),
     }[name]
-    result = rl.train(name, cfg, env, params, budget, seeds=[0, 1])
+    with caplog.at_level(logging.INFO, logger="sfjax.baselines.round_progress"):
+        result = rl.train(name, cfg, env, params, budget, seeds=[0, 1], progress_every_s=0.0)
     assert result.env_samples == 2 * 2 * 50
     c = result.curves
+    # One progress line per round, from inside the jitted program, with the seeds' mean of
+    # that round's Fig. 2 utility; the returned algorithm carries no progress hook.
+    lines = [r.getMessage() for r in caplog.records if r.name.endswith("round_progress")]
+    assert [line.split(",")[0] for line in lines] == [f"{name}: round {r}/2" for r in (1, 2)]
+    for r, line in enumerate(lines):
+        logged = float(line.split("utility of its trajectories ")[1].split(" ")[0])
+        assert logged == pytest.approx(c["utility"][:, r].mean(), abs=0.51)
+    assert result.algo.eval_callback is rl._round_curves
     for key in rl.CURVE_KEYS:
         assert c[key].shape == (2, budget.rounds) and np.all(np.isfinite(c[key]))
     # Every round ends exactly when each of the 2 env copies finishes one trajectory.
