@@ -157,8 +157,8 @@ SMOKE = ExperimentConfig(
     model=ModelConfig(prior=True, dtype="float32"),
     lora=LoRAConfig(rank=8, alpha=16.0),
     kto=KTOConfig(
-        # chosen on validation env seeds 50-65 over three run seeds (README, "The
-        # self-finetuning experiment"), never on the held-out seeds below: 1e-3 and 5e-4
+        # chosen on validation env seeds 50-65 over three run seeds (benchmarks/RESULTS.md,
+        # "Behavioural-prior demo"), never on the held-out seeds below: 1e-3 and 5e-4
         # collapsed the prior on some run seeds, 1e-4 hardly moved it; with a constant rate
         # one run seed drifted in its second KTO iteration, TRL's default schedule (linear
         # decay after 10 % warm-up, KTOConfig's default) kept all three stable

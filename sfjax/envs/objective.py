@@ -6,7 +6,7 @@ packets a PQoS violation (eq. 2) counts, and the eq. 15 weights. The simulator c
 reward; the LLM agents never see a number from it, only the same goal in words
 (:mod:`sfjax.agents.objective_text`), so all of them pursue what the table scores.
 
-Readings of the paper taken by the defaults (README "Scoring"; benchmarks/RESULTS.md):
+Readings of the paper taken by the defaults (docs/SCENARIO.md; benchmarks/RESULTS.md):
 
 * **SE, eq. 1 as printed** (``se_definition="allocated"``): delivered bits of the controlled
   slice over the decision interval times its *allocated* bandwidth. Over-provisioning then

@@ -19,7 +19,7 @@ taken at step t (previous allocation a_{t-1}), in this order:
    evidence for the objective's weights: holding a_{t-1} pays only if it violates in fewer
    than reconfig_penalty / violation_penalty (1 in 20) of such steps, and on the demo's
    prior this rule was the largest source of "use less" labels, which taught the Actor to
-   under-react to rising load (README, "The self-finetuning experiment"). Rule 5 judges
+   under-react to rising load (benchmarks/RESULTS.md, "Behavioural-prior demo"). Rule 5 judges
    increases on stronger evidence (a smaller allocation clean under the whole hold's demand);
 4. *short-lived decrease*: a_t < a_{t-1}, the allocation is back at a_{t-1} or above at a later
    step r, and every step of the dip [t, r) was clean: the dip cost reconfigurations (two for
