@@ -24,12 +24,17 @@ per allocation the controlled slice's eq. 1 SE, each slice's violation rate, the
 violation count (eq. 2 as scored) and the eq. 15 utility, and which static allocation each
 simulator ranks best. JAX runs both schedulers (``pf_ns3`` and the default buffer-aware PF)
 on ``--jax-seeds`` seeds; ns-3 on ``--seeds`` (its own on/off and fading realisations).
+``--ns3-from FILE ...`` re-measures only the JAX side: ns-3's columns come from earlier
+``--static --out`` files (pooled, one file per ns-3 seed as below), which must match this run's
+allocations, episode length and ns-3 scenario (:func:`load_ns3`).
 
 Usage (reproduces benchmarks/RESULTS.md)::
 
     .venv/bin/python benchmarks/ns3_vs_jax.py --steps 100 --seeds 2 --out runs/ns3_vs_jax.json
     .venv/bin/python benchmarks/ns3_vs_jax.py --static --steps 300 --seeds 2 --jax-seeds 32 \
         --out runs/ns3_static.json
+    .venv/bin/python benchmarks/ns3_vs_jax.py --static --steps 300 --jax-seeds 16 \
+        --ns3-from runs/ns3_static_0.json runs/ns3_static_1.json --out runs/ns3_static_jax.json
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sfjax.envs.ns3 import Ns3Config, Ns3RanSlicingEnv
+from sfjax.envs.ns3 import Ns3Config, Ns3RanSlicingEnv, scenario_args
 from sfjax.envs.ran import GBR_SLICE, NON_GBR_SLICE, RanSlicingConfig, RanSlicingEnv
 
 METRICS = ("se", "slice_violation", "violation", "arrival_rate_bps", "delivered_bits", "dropped_bytes",
@@ -150,14 +155,83 @@ STATIC_KEYS = ("se_allocated", "slice_violation", "other_violation", "violation"
                "arrival_rate_bps", "other_arrival_rate_bps")
 
 
-def static_table(steps: int, ns3_seeds: list[int], jax_seeds: list[int]) -> dict:
-    """Every static allocation in ns-3 and in JAX (both schedulers); per-episode means."""
-    cfg = dataclasses.replace(
+def static_config(steps: int) -> RanSlicingConfig:
+    """The default scenario with ns-3's RBG set, ``steps`` decisions per episode."""
+    return dataclasses.replace(
         RanSlicingConfig(episode_steps=steps),
         cell=dataclasses.replace(RanSlicingConfig().cell, rbg_count="ns3"),
     )
+
+
+def ns3_scenario(cfg: RanSlicingConfig) -> dict:
+    """What ns-3's side of ``--static`` depends on besides its seeds: the scenario's command
+    line, the drop, the fading traces and the eq. 15 weights (stored with the results)."""
+    ns3 = Ns3Config(scenario=cfg)
+    return {"args": scenario_args(cfg), "geometry_seed": cfg.geometry_seed,
+            "randomize_drop": cfg.randomize_drop, "jax_drop": ns3.jax_drop,
+            "fading_mode": ns3.fading, "fading": repr([s.fading for s in cfg.slices]),
+            "carrier_hz": cfg.cell.carrier_hz, "weights": dataclasses.asdict(ns3.weights)}
+
+
+def load_ns3(paths: list[Path], cfg: RanSlicingConfig) -> dict:
+    """ns-3's columns from earlier ``--static --out`` files (``--ns3-from``), pooled as equal
+    numbers of episodes per file (mean; the std of cell violations pooled exactly). Raises
+    ValueError unless every file has ``cfg``'s allocations, episode length and ns-3 scenario;
+    files written before the scenario was recorded are checked on the first two only."""
+    want = {"prbs": list(cfg.prbs_per_action), "steps": cfg.episode_steps,
+            "ns3_scenario": json.loads(json.dumps(ns3_scenario(cfg)))}
+    runs, seeds, unchecked = [], [], []
+    for path in paths:
+        res = json.loads(Path(path).read_text())
+        if "ns3" not in res:
+            raise ValueError(f"--ns3-from {path}: no ns-3 results (not a --static --out file)")
+        if "ns3_scenario" not in res:
+            unchecked.append(str(path))
+            print(f"note: {path} records no ns-3 scenario (written before --ns3-from); "
+                  "checked its prbs and steps only", flush=True)
+        for key, value in want.items():
+            got = res.get(key, value if key == "ns3_scenario" else None)
+            if got != value:
+                got, value = _differing(got, value)
+                raise ValueError(f"--ns3-from {path}: ns-3 ran with {key} {got}, this run has "
+                                 f"{value}; re-run ns-3 (drop --ns3-from)")
+        seeds.append(res.get("ns3_seeds"))
+        runs.append(res["ns3"])
+    if len({len(s) for s in seeds if s is not None}) > 1:
+        raise ValueError(f"--ns3-from: the files hold {[len(s) for s in seeds if s is not None]} ns-3 seeds; "
+                         "pooling needs equal numbers")
+    known = [s for ss in seeds if ss is not None for s in ss]
+    if len(known) != len(set(known)):
+        raise ValueError(f"--ns3-from: ns-3 seeds {known} repeat across the files")
+    pooled = {k: np.mean([r[k] for r in runs], 0).tolist() for k in runs[0]}
+    second = np.mean([np.square(r["cell_violations_std"]) + np.square(r["cell_violations"])
+                      for r in runs], 0)
+    pooled["cell_violations_std"] = np.sqrt(
+        np.maximum(second - np.square(pooled["cell_violations"]), 0.0)).tolist()
+    return {"ns3": pooled, "ns3_runs": runs, "ns3_from": [str(p) for p in paths],
+            "ns3_seeds": known if None not in seeds else None, "ns3_scenario_unchecked": unchecked}
+
+
+def _differing(got, want):
+    """The parts of two JSON values that differ (for load_ns3's message)."""
+    if isinstance(got, dict) and isinstance(want, dict):
+        keys = [k for k in {**want, **got} if got.get(k) != want.get(k)]
+        pairs = {k: _differing(got.get(k), want.get(k)) for k in keys}
+        return {k: g for k, (g, _) in pairs.items()}, {k: w for k, (_, w) in pairs.items()}
+    if isinstance(got, list) and isinstance(want, list) and len(got) == len(want):
+        pairs = [(g, w) for g, w in zip(got, want, strict=True) if g != w]
+        return [g for g, _ in pairs], [w for _, w in pairs]
+    return got, want
+
+
+def static_table(steps: int, ns3_seeds: list[int], jax_seeds: list[int],
+                 ns3: dict | None = None) -> dict:
+    """Every static allocation in ns-3 and in JAX (both schedulers); per-episode means.
+    ``ns3``: ns-3's columns already measured (:func:`load_ns3`); only JAX runs."""
+    cfg = static_config(steps)
     n_act = cfg.num_actions
-    out = {"prbs": list(cfg.prbs_per_action), "steps": steps}
+    out = {"prbs": list(cfg.prbs_per_action), "steps": steps, "jax_seeds": jax_seeds,
+           "ns3_scenario": ns3_scenario(cfg)}
     for sched in ("pf_ns3", "pf_buffer_aware"):
         acts = np.repeat(np.arange(n_act), len(jax_seeds))[:, None].repeat(steps, 1)
         seeds = [s for _ in range(n_act) for s in jax_seeds]
@@ -166,6 +240,8 @@ def static_table(steps: int, ns3_seeds: list[int], jax_seeds: list[int]) -> dict
                .reshape(n_act, len(jax_seeds), steps) for k in STATIC_KEYS}
         out["jax_" + sched] = _static_rows(per)
         print(f"jax {sched}: " + json.dumps(out["jax_" + sched]), flush=True)
+    if ns3 is not None:
+        return out | ns3
     rows = {k: [] for k in STATIC_KEYS}
     for a in range(n_act):
         eps = []
@@ -177,6 +253,7 @@ def static_table(steps: int, ns3_seeds: list[int], jax_seeds: list[int]) -> dict
             rows[k].append([e[k] for e in eps])
         print(f"ns3 action {a} ({cfg.prbs_per_action[a]} PRB) done", flush=True)
     out["ns3"] = _static_rows({k: np.asarray(v, np.float64) for k, v in rows.items()})
+    out["ns3_seeds"] = ns3_seeds
     return out
 
 
@@ -216,7 +293,7 @@ def print_static(res: dict) -> None:
               f"{np.mean(r['offered_mbps']):.2f}, other {np.mean(r['other_offered_mbps']):.2f}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=120, help="decisions per episode")
     ap.add_argument("--seeds", type=int, default=2, help="episodes per (traffic, sequence)")
@@ -229,10 +306,23 @@ def main() -> None:
                     help="every static allocation in both simulators (see the docstring)")
     ap.add_argument("--jax-seeds", type=int, default=32, help="JAX episodes with --static")
     ap.add_argument("--seed-offset", type=int, default=0, help="first ns-3 seed with --static")
-    args = ap.parse_args()
+    ap.add_argument("--ns3-from", type=Path, nargs="+", default=None, metavar="FILE",
+                    help="with --static: take ns-3's columns from these earlier --out files "
+                         "(one per ns-3 seed) and run only JAX (--seeds, --seed-offset unused)")
+    args = ap.parse_args(argv)
+    if args.ns3_from is not None and not args.static:
+        ap.error("--ns3-from needs --static")
     if args.static:
+        ns3 = None
+        if args.ns3_from is not None:
+            try:
+                ns3 = load_ns3(args.ns3_from, static_config(args.steps))
+            except ValueError as e:
+                ap.error(str(e))
         res = static_table(args.steps, list(range(args.seed_offset, args.seed_offset + args.seeds)),
-                           list(range(args.jax_seeds)))
+                           list(range(args.jax_seeds)), ns3)
+        if ns3 is not None:
+            print(f"ns-3 columns from {', '.join(ns3['ns3_from'])} (not re-run)")
         print_static(res)
         if args.out is not None:
             args.out.parent.mkdir(parents=True, exist_ok=True)
