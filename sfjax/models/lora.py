@@ -284,7 +284,7 @@ def save_adapter(
     out_dir: str | os.PathLike,
     config: LoRAConfig,
     *,
-    base_model_name_or_path: str | None = None,
+    base_model_name_or_path: str | os.PathLike | None = None,
 ) -> Path:
     """Write a PEFT LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``).
 
@@ -327,7 +327,9 @@ def save_adapter(
     adapter_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model_name_or_path,
+        "base_model_name_or_path": (
+            None if base_model_name_or_path is None else os.fspath(base_model_name_or_path)
+        ),
         "r": config.rank,
         "lora_alpha": config.alpha,
         "lora_dropout": config.dropout,

@@ -127,6 +127,10 @@ def test_export_import_roundtrip(tiny_checkpoint, tmp_path):
     lora.save_adapter(model, tmp_path / "adapter", cfg, base_model_name_or_path="tiny")
     written = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert written["r"] == 4 and written["lora_alpha"] == 8 and written["peft_type"] == "LORA"
+    # a path object as the base model is written as its string (PEFT reads a str)
+    lora.save_adapter(model, tmp_path / "adapter2", cfg, base_model_name_or_path=tmp_path / "b")
+    written = json.loads((tmp_path / "adapter2" / "adapter_config.json").read_text())
+    assert written["base_model_name_or_path"] == str(tmp_path / "b")
 
     other = qwen3.from_pretrained(tiny_checkpoint, dtype=jnp.float32)
     loaded_cfg = lora.load_adapter(other, tmp_path / "adapter")
