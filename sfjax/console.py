@@ -23,8 +23,11 @@ from pathlib import Path
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_DATEFMT = "%H:%M:%S"
 
-QUIET_LOGGERS = ("httpx", "httpcore", "openai", "absl", "jax._src", "orbax")
-"""Third-party loggers kept at WARNING: HTTP request lines, orbax's per-save INFO lines."""
+QUIET_LOGGERS = ("httpx", "httpcore", "httpx2", "httpcore2", "openai", "absl", "jax._src",
+                 "orbax")
+"""Third-party loggers kept at WARNING: HTTP request lines (openai >= 3 sends them through
+httpx2, logged once by its client and once by the api Reflector's per-attempt inner client),
+orbax's per-save INFO lines."""
 
 
 def configure_logging(level: str | int = "INFO") -> int:

@@ -69,6 +69,35 @@ def test_configure_logging_replaces_existing_root_handler(capsys):
         root.setLevel(saved[1])
 
 
+def test_http_request_lines_stay_out_of_the_log(capsys, monkeypatch):
+    """openai 3 logs every HTTP request at INFO through httpx2, not httpx: the paper preset's
+    log had two "HTTP Request: POST ..." lines per Reflector request (its client's and the
+    deadline transport's inner client's) although QUIET_LOGGERS was meant to keep them out."""
+    from fake_openai import FakeOpenAI  # tests/fake_openai.py
+
+    from sfjax.agents.prompts import PromptConfig
+    from sfjax.agents.reflector import ApiReflectorConfig, ReflectorConfig, make_reflector
+
+    monkeypatch.setenv("SFJAX_TEST_CONSOLE_KEY", "EMPTY")
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        configure_logging("INFO")
+        with FakeOpenAI() as server:
+            api = ApiReflectorConfig(base_url=server.url, model="fake-r1",
+                                     api_key_env="SFJAX_TEST_CONSOLE_KEY")  # fmt: skip
+            reflector = make_reflector(ReflectorConfig(backend="api", api=api), PromptConfig(),
+                                       None, progress=False)  # fmt: skip
+            assert reflector.complete([{"role": "system", "content": "s"},
+                                     {"role": "user", "content": "hi"}])
+            assert len(server.bodies) == 1
+        err = capsys.readouterr().err
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    assert "HTTP Request" not in err, err
+
+
 def test_summary_helpers(tmp_path):
     (tmp_path / "tb").mkdir()
     lines = artefact_lines([(tmp_path / "tb", "TensorBoard"), (tmp_path / "missing", "x")])
