@@ -1,0 +1,111 @@
+"""benchmarks/paper_rehearsal.py: its fake DeepSeek-R1 labels steps as the offline rule
+labeller does and answers in shapes the api Reflector reads, and (slow) the paper preset runs
+end to end through its CLI on a tiny Actor against it, shortened."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
+
+import paper_rehearsal as pr  # noqa: E402
+
+
+def _trajectory(n: int, seed: int):
+    """``n`` random steps with per-slice violations and drops, as the env reports them."""
+    import random
+
+    from sfjax.agents.trajectory import Step, Trajectory
+
+    rng, steps, prev = random.Random(seed), [], 7
+    for t in range(n):
+        a = rng.randint(1, 12)
+        own, other = rng.random() < 0.2, rng.random() < 0.1
+        arrival = rng.uniform(2e6, 8e6)
+        fb = {"se": rng.uniform(0.5, 6), "violation": float(own or other),
+              "slice_violation": float(own), "other_violation": float(other),
+              "reconfiguration": float(a != prev), "arrival_rate_bps": arrival,
+              "queue_delta_bytes": 0.0, "dropped_bytes": 1500.0 if rng.random() < 0.1 else 0.0}
+        state = {"prev_action": prev, "se": 1.0, "arrival_rate_bps": arrival,
+                 "queue_delta_bytes": 0.0, "dropped_bytes": 0.0}  # fmt: skip
+        # the Actor's own words may hold the separators the fake reads the steps by
+        steps.append(Step(t, state, "p", "o", "r | action 3 | feedback: x", a, "an | x", True, fb))
+        prev = a
+    return Trajectory(0, seed, steps)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fake_r1_labels_are_the_rule_labellers_in_every_reply_shape(seed):
+    from sfjax.agents.prompts import PromptConfig
+    from sfjax.agents.reflectors.base import (
+        reflection_system_prompt,
+        reflection_user_prompt,
+        trajectory_summary,
+        validate_reply,
+    )
+    from sfjax.agents.reflectors.rule import RuleReflector, RuleReflectorConfig
+
+    cfg = PromptConfig()
+    traj = _trajectory(60, seed)
+    user = reflection_user_prompt(traj, range(60), trajectory_summary(traj), cfg)
+    got = pr.rule_labels(reflection_system_prompt(cfg), user)
+    want = RuleReflector(RuleReflectorConfig(), cfg).label(traj)
+    assert [(x["step"], x["label"], x["improved_action"]) for x in got] == [
+        (x.step, x.label, x.improved_action) for x in want
+    ]
+    assert 0 < sum(x.label == "suboptimal" for x in want) < 60
+    steps, actions = [s.t for s in traj.steps], [s.action for s in traj.steps]
+    for shape in pr.SHAPES:
+        content, reasoning = pr.r1_reply(got, shape)
+        assert (reasoning is None) == ("</think>" in content)  # R1: reasoning one way or other
+        labels = validate_reply(content, steps, actions, cfg)
+        assert [(x.label, x.improved_action) for x in labels] == [
+            (x.label, x.improved_action) for x in want
+        ]
+
+
+def test_fake_r1_serves_what_the_api_reflector_asks(tmp_path, monkeypatch):
+    """The api Reflector against the fake, as the paper preset builds it (defaults but the base
+    URL): one request per window, every reply shape read, the key checked."""
+    from sfjax.agents.prompts import PromptConfig
+    from sfjax.agents.reflector import ApiReflectorConfig, ReflectorConfig, make_reflector
+    from sfjax.agents.reflectors.rule import RuleReflector, RuleReflectorConfig
+
+    monkeypatch.setenv(pr.KEY_ENV, pr.DUMMY_KEY)
+    trajs = [_trajectory(30, s) for s in range(4)]
+    for i, t in enumerate(trajs):
+        t.env_index = i
+    with pr.FakeR1() as server:
+        api = ApiReflectorConfig(base_url=server.url)
+        r = make_reflector(ReflectorConfig(backend="api", api=api), PromptConfig(), tmp_path,
+                           progress=False)  # fmt: skip
+        out = r.reflect(trajs)
+    rule = RuleReflector(RuleReflectorConfig(), PromptConfig())
+    for traj, refl in zip(trajs, out):
+        assert [(x.label, x.improved_action) for x in refl.labels] == [
+            (x.label, x.improved_action) for x in rule.label(traj)
+        ]
+    assert len(server.requests) == 4 and not server.errors
+    assert {q["model"] for q in server.requests} == {"deepseek-reasoner"}
+    assert r.stats["format_retries"] == 0 and r.stats["transport_retries"] == 0
+
+
+def test_phase_times_read_the_runs_log():
+    lines = [pr.Line(t, x) for t, x in [
+        (5.0, "10:00:00 INFO sfjax.baselines.heldout: held-out evaluation (before fine-tuning)"),
+        (9.0, "10:00:04 INFO sfjax.agents.loop: phase 1/9 iter0/collect: the Actor runs"),
+        (20.0, "10:00:15 INFO sfjax.agents.loop: phase iter0/collect done in 10.5 s"),
+        (30.0, "10:00:25 INFO sfjax.baselines.heldout: held-out evaluation (after fine-tuning)"),
+        (41.0, "=== Self-finetuning: summary ==="),
+    ]]  # fmt: skip
+    times = dict(pr.phase_times(lines, 42.0))
+    assert times["setup (imports, checks, model load, LoRA)"] == 5.0
+    assert times["held-out before"] == 4.0
+    assert times["iter0/collect"] == 10.5
+    assert times["held-out after + summary + adapter export"] == 11.0
+    assert pr._dotted("--rfr.kto-iterations") == "rfr.kto_iterations"
