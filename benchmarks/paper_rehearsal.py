@@ -14,14 +14,27 @@ else on its command line -- with two things swapped:
   tokenizer with Qwen3's special tokens and chat template). Everything else of the preset is
   kept: bf16, scanned layers, LoRA r16, KTO at 2048 / 256 tokens with remat, the Actor's
   sampling config, RfR with K = 8 and 6 KTO iterations, one 300-step trajectory, the held-out
-  protocol (4 env seeds x 300 steps) and the PEFT adapter export. Nothing had to change for
-  the CPU;
+  protocol (4 env seeds x 300 steps) and the PEFT adapter export -- with one departure, for
+  the tiny Actor's sake (below);
 * the Reflector's endpoint is :class:`FakeR1`, an OpenAI-compatible server on 127.0.0.1 that
   answers like DeepSeek-R1: reasoning, ``</think>``, then the JSON list of labels, sometimes
   in a code fence or with prose after it, or with the reasoning in ``reasoning_content`` as
   DeepSeek's own API sends it. Its labels are meaningful: the project's offline rule
   labeller (:mod:`sfjax.agents.reflectors.rule`) applied to the steps it reads back from the
   request's text. The key is a dummy in ``DEEPSEEK_API_KEY`` (the preset's variable).
+
+The departure: ``--rfr.max-cache-gib-per-call`` is scaled by the tiny Actor's KV bytes per
+token over Qwen3-4B's (:func:`rollout_budget_gib`: 4 layers x 2 KV heads x 16 dims against
+36 x 8 x 128, so 32 GiB -> 0.111 GiB). The preset's 32 GiB bounds the KV cache of one RfR
+rollout call and is sized for Qwen3-4B (a handful of prompts x K = 8 per call). At the tiny
+Actor's KV size it let all 263 unsolved prompts of the full run's 300-step trajectory into one
+call, whose XLA program asked for a 30.5 GB buffer on this 23 GB machine and failed: the
+budget counts the KV cache only (4.5 GiB there), not the prefill's float32 attention scores
+(one layer's: prompt rows x heads x prompt bucket x slots x 4 B; 512 x 8 x 1024 x ~2k there),
+which at Qwen3-4B are a tenth to a fifth of a prompt's KV bytes and at the tiny Actor ~8 times
+them. Scaled, the calls hold as many prompts as they would at Qwen3-4B for the same
+prompt lengths -- the chunked path the GPU run takes. ``--unscaled-rollout-budget`` keeps the
+preset's value.
 
 ``--steps N`` shortens the trajectory and the held-out episodes to N steps (``--loop.
 trajectory-steps N --heldout.num-steps N``), for a quick check only; the rehearsal is the
@@ -73,6 +86,17 @@ TINY_QWEN3_4B = {
     "rms_norm_eps": 1e-6,
     "tie_word_embeddings": True,
 }
+
+
+def rollout_budget_gib(layers: int, preset_gib: float) -> float:
+    """The preset's KV budget of one RfR rollout call (``--rfr.max-cache-gib-per-call``),
+    scaled from Qwen3-4B's KV bytes per token to the tiny Actor's, so that the calls hold as
+    many prompts as they would at Qwen3-4B (see the module docstring)."""
+    from sfjax.models.config import Qwen3Config
+
+    big = Qwen3Config.qwen3_4b()
+    tiny = layers * TINY_QWEN3_4B["num_key_value_heads"] * TINY_QWEN3_4B["head_dim"]
+    return preset_gib * tiny / (big.num_layers * big.num_kv_heads * big.head_dim)
 
 
 def tiny_paper_checkpoint(path: Path, layers: int, seed: int = 0) -> Path:
@@ -272,9 +296,14 @@ def run_preset(args: list[str], env: dict, echo: bool = True) -> tuple[int, list
     return proc.wait(), lines
 
 
+_PHASE_START = re.compile(r"phase \d+/\d+ (\S+): ")
+_KTO_BAR = re.compile(r"KTO:.*?(\d+)/(\d+) \[[^<]*<[^,]*, *([\d.]+)s/step")
+
+
 def phase_times(lines: list[Line], total_s: float) -> list[tuple[str, float]]:
     """(phase, wall s): the run's own "phase ... done in" lines, and setup / held-out
-    before / held-out after + adapter export from the arrival times of its log lines."""
+    before / held-out after + adapter export from the arrival times of its log lines; RfR's
+    rollouts inside each KTO phase; a phase the run did not finish, with how far it got."""
     out = []
 
     def first(pattern: str) -> float | None:
@@ -288,10 +317,25 @@ def phase_times(lines: list[Line], total_s: float) -> list[tuple[str, float]]:
         out.append(("setup (imports, checks, model load, LoRA)", before))
         if first_phase is not None:
             out.append(("held-out before", first_phase - before))
+    started, rollouts, bar = None, None, None
     for x in lines:
-        m = _PHASE_DONE.search(x.text)
-        if m:
+        if m := _PHASE_START.search(x.text):
+            started, rollouts, bar = (m.group(1), x.t), None, None
+        elif re.search(r"RfR rollouts: \d+ samples", x.text):
+            rollouts = x.t
+        elif re.search(r"RfR rollouts: \d+ desirable", x.text) and rollouts is not None:
+            out.append(("  RfR rollouts", x.t - rollouts))
+            rollouts = None
+        elif m := _KTO_BAR.search(x.text):
+            bar = m
+        elif m := _PHASE_DONE.search(x.text):
             out.append((m.group(1), float(m.group(2))))
+            started = None
+    if started is not None and after is None:  # the run ended inside this phase
+        name = f"{started[0]} (unfinished"
+        if bar is not None:
+            name += f": KTO step {bar.group(1)} of {bar.group(2)}, {bar.group(3)} s/step"
+        out.append((name + ")", total_s - started[1]))
     if after is not None:
         end = summary if summary is not None else total_s
         out.append(("held-out after + summary + adapter export", end - after))
@@ -303,7 +347,6 @@ def check_run(run_dir: Path, ckpt: Path, given: dict, server: FakeR1) -> list[st
     """What the run left, checked; a list of problems (empty: fine). ``given``: the dotted
     config keys set on the command line, with their values where known (else None)."""
     problems = []
-    sys.path.insert(0, str(SCRIPT.parent))
     import cli_common
     import sf_ranslicing
 
@@ -373,6 +416,10 @@ def parse_args(argv=None):
                         "runs/paper_rehearsal-<time>; an existing run dir is continued, as the "
                         "CLI does)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="do not echo the run's output")
+    p.add_argument("--unscaled-rollout-budget", action="store_true",
+                   help="keep the preset's 32 GiB KV budget per RfR rollout call (at the tiny "
+                        "Actor's KV size the full run's rollouts then go in one call whose "
+                        "prefill needs ~30 GB on CPU)")  # fmt: skip
     p.add_argument("extra", nargs="*",
                    help="after --: more options for sf_ranslicing.py paper, departures from the "
                         "preset (the tests' short version); the config check expects them")
@@ -381,6 +428,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if str(SCRIPT.parent) not in sys.path:
+        sys.path.insert(0, str(SCRIPT.parent))
     work = Path(a.work_dir or ROOT / "runs" / time.strftime("paper_rehearsal-%Y%m%d-%H%M%S"))
     work.mkdir(parents=True, exist_ok=True)
     ckpt, run_dir = work / "tiny_qwen3_4b_layout", work / "run"
@@ -396,6 +445,12 @@ def main(argv=None) -> int:
         if a.steps is not None:  # the quick version only
             args += ["--loop.trajectory-steps", str(a.steps), "--heldout.num-steps", str(a.steps)]
             given.update({"loop.trajectory_steps": a.steps, "heldout.num_steps": a.steps})
+        if not a.unscaled_rollout_budget:  # the one departure for the CPU: see the docstring
+            import sf_ranslicing
+
+            gib = rollout_budget_gib(a.layers, sf_ranslicing.PAPER.rfr.max_cache_gib_per_call)
+            args += ["--rfr.max-cache-gib-per-call", f"{gib:.6g}"]
+            given["rfr.max_cache_gib_per_call"] = float(f"{gib:.6g}")
         args += a.extra
         given.update({_dotted(x): None for x in a.extra if x.startswith("--")})
         t0 = time.perf_counter()
@@ -404,7 +459,7 @@ def main(argv=None) -> int:
     print(f"\n=== paper preset rehearsal ({'full' if a.steps is None else f'--steps {a.steps}'}"
           f", tiny Actor with {a.layers} layers, fake R1 at {server.url}) ===")  # fmt: skip
     for name, s in phase_times(lines, total):
-        print(f"  {name:<48} {s:8.1f} s")
+        print(f"  {name:<64} {s:8.1f} s")
     windows = [(r["steps"][0], r["steps"][-1]) for r in server.requests if r["steps"]]
     print(f"  API requests served: {len(server.requests)}; windows (first-last step): "
           f"{windows}; request sizes (chars): {[r['chars'] for r in server.requests]}")
