@@ -4,6 +4,7 @@ end to end through its CLI on a tiny Actor against it, shortened."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -109,3 +110,36 @@ def test_phase_times_read_the_runs_log():
     assert times["iter0/collect"] == 10.5
     assert times["held-out after + summary + adapter export"] == 11.0
     assert pr._dotted("--rfr.kto-iterations") == "rfr.kto_iterations"
+    # a run stopped inside a KTO phase: its rollouts and how far the KTO bar got
+    lines = [pr.Line(t, x) for t, x in [
+        (50.0, "11:13:48 INFO sfjax.agents.loop: phase 3/9 iter0/kto_0: RfR rollouts of the"),
+        (51.0, "11:13:48 INFO sfjax.agents.rfr: RfR rollouts: 8 samples for each of 263 unsolved"),
+        (361.0, "11:18:58 INFO sfjax.agents.rfr: RfR rollouts: 207 desirable, 1897 undesirable"),
+        (600.0, "KTO:   3%|▎         | 19/602 [06:10<3:13:47, 19.94s/step, loss=1.486, kl=0.0]"),
+    ]]  # fmt: skip
+    times = pr.phase_times(lines, 700.0)
+    assert times[:2] == [("  RfR rollouts", 310.0),
+                         ("iter0/kto_0 (unfinished: KTO step 19 of 602, 19.94 s/step)", 650.0)]
+
+
+@pytest.mark.slow
+def test_paper_preset_runs_through_its_cli_shortened(tmp_path, capsys):
+    """The rehearsal's quick version, smaller still so that CI keeps the paper path runnable:
+    2 steps, a 2-layer Actor, one KTO iteration with K = 2 (the preset's prompt / completion
+    lengths, remat, scanned layers, bf16, LoRA r16, Actor sampling, R1 replies and adapter
+    export unchanged)."""
+    rc = pr.main(["--steps", "2", "--layers", "2", "--work-dir", str(tmp_path), "--quiet",
+                  "--", "--rfr.kto-iterations", "1", "--rfr.num-rollouts", "2"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0, out[-6000:]
+    assert "OK: run dir" in out and "=== Self-finetuning: summary ===" in out
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["held_out"]["num_steps"] == 2 and len(summary["held_out"]["seeds"]) == 4
+    assert summary["reflector_calls"]["requests"] >= 1
+    assert [r["iteration"] for r in summary["iterations"]] == [0, 1]
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["scan_layers"] and config["model"]["dtype"] == "bfloat16"
+    assert (config["kto"]["max_prompt_length"], config["kto"]["max_completion_length"]) == (
+        2048, 256)  # fmt: skip
+    assert (run / "adapter" / "adapter_model.safetensors").exists()
