@@ -46,7 +46,11 @@ the requests the fake served and the windows they covered, and the run's closing
 It checks the run dir: ``config.json`` is the paper preset but for the checkpoint and the
 base URL (and the shortened steps), the reflections cover every step with the fake's labels,
 and the PEFT adapter loads with peft onto the tiny checkpoint (when peft and torch are
-installed). It exits non-zero when the run or a check fails.
+installed). Then it replays the reflect phase offline (:func:`replay_reflect`) on the
+collected steps tiled to 300, with the reflection and analysis a real Actor writes (the random
+tiny Actor writes neither, so its own 300-step request is ~half the size and fits one
+window): the preset's context then takes two windows, and every step must come back labelled
+once. It exits non-zero when the run or a check fails.
 
 What it cannot tell: speed and memory at Qwen3-4B (benchmarks/gpu_*.py, bench_compile.py)
 and how the real DeepSeek-R1 answers (tests/fake_openai.py injects its faults).
@@ -377,6 +381,44 @@ def check_run(run_dir: Path, ckpt: Path, given: dict, server: FakeR1) -> list[st
     return problems
 
 
+FIELD_TEXT = ("the previous allocation kept slice 0 within its delay budget while slice 1 "
+              "had room, so the load looks stable and a smaller change should be enough here")
+"""An Actor's reflection / analysis as a real Qwen3-4B would write them (at least the 160
+characters a reflection request shows of each); the tiny random Actor writes neither field."""
+
+
+def replay_reflect(run_dir: Path, server: FakeR1, steps: int = 300) -> tuple[int, list]:
+    """The reflect phase again, offline, on a trajectory as a real Actor leaves it: the run's
+    collected steps tiled to ``steps`` (the preset's 300), each with a reflection and an
+    analysis of :data:`FIELD_TEXT` (the tiny Actor's are empty, which keeps its requests
+    small), through the run's own Reflector config against the fake. Returns (requests,
+    windows as (first, last) step); nothing is cached or written. Raises if the labels do not cover every step once."""
+    import cli_common
+    import sf_ranslicing
+
+    from sfjax.agents.reflector import make_reflector
+    from sfjax.agents.trajectory import Step, Trajectory
+    from sfjax.baselines.llm_agent import prompt_config_for_env
+    from sfjax.envs.ran import RanSlicingEnv
+
+    cfg = cli_common.with_values(sf_ranslicing.PAPER,
+                                 json.loads((run_dir / "config.json").read_text()))  # fmt: skip
+    prompt_cfg = prompt_config_for_env(RanSlicingEnv(cfg.env), cfg.actor.prompt)
+    api = dataclasses.replace(cfg.reflector.api, base_url=server.url)  # this fake, not the run's
+    got = json.loads((run_dir / "trajectories" / "iter_0.json").read_text())[0]["steps"]
+    tiled = [Step(**{**got[t % len(got)], "t": t, "reflection": FIELD_TEXT,
+                     "analysis": FIELD_TEXT}) for t in range(steps)]  # fmt: skip
+    traj = Trajectory(0, 0, tiled)
+    reflector = make_reflector(dataclasses.replace(cfg.reflector, api=api), prompt_cfg, None,
+                               progress=False)  # fmt: skip
+    before = len(server.requests)
+    (reflection,) = reflector.reflect([traj])
+    if [x.step for x in reflection.labels] != list(range(steps)):
+        raise AssertionError("the replayed reflection does not label every step once")
+    asked = server.requests[before:]
+    return len(asked), [(r["steps"][0], r["steps"][-1]) for r in asked]
+
+
 def _check_adapter(adapter: Path, ckpt: Path) -> list[str]:
     """The exported adapter names the checkpoint and loads with peft onto it."""
     cfg = json.loads((adapter / "adapter_config.json").read_text())
@@ -420,6 +462,9 @@ def parse_args(argv=None):
                    help="keep the preset's 32 GiB KV budget per RfR rollout call (at the tiny "
                         "Actor's KV size the full run's rollouts then go in one call whose "
                         "prefill needs ~30 GB on CPU)")  # fmt: skip
+    p.add_argument("--no-replay", action="store_true",
+                   help="skip the offline replay of the reflect phase at 300 steps with the "
+                        "Actor's reflection / analysis written out")
     p.add_argument("extra", nargs="*",
                    help="after --: more options for sf_ranslicing.py paper, departures from the "
                         "preset (the tests' short version); the config check expects them")
@@ -435,7 +480,8 @@ def main(argv=None) -> int:
     ckpt, run_dir = work / "tiny_qwen3_4b_layout", work / "run"
     if not (ckpt / "config.json").exists():
         tiny_paper_checkpoint(ckpt, a.layers)
-    env = {**os.environ, KEY_ENV: DUMMY_KEY, "PYTHONUNBUFFERED": "1"}
+    os.environ[KEY_ENV] = DUMMY_KEY  # the run's and the replay's: only the fakes see it
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     with FakeR1() as server:
         args = ["--model.checkpoint", str(ckpt), "--reflector.api.base-url", server.url,
@@ -468,6 +514,11 @@ def main(argv=None) -> int:
         print(f"FAILED: the run exited with status {rc}; its last lines:\n{tail}")
         return 1
     problems = check_run(run_dir, ckpt, given, server)
+    if not a.no_replay:
+        with FakeR1() as replay_server:
+            n, windows = replay_reflect(run_dir, replay_server)
+        print(f"  reflect replay at 300 steps with the Actor's fields written out: {n} "
+              f"requests, windows {windows}")
     summary = json.loads((run_dir / "summary.json").read_text())
     print("  reflector calls (summary.json):", json.dumps(summary.get("reflector_calls")))
     print("  timings_s (summary.json):", json.dumps(

@@ -96,6 +96,25 @@ def test_fake_r1_serves_what_the_api_reflector_asks(tmp_path, monkeypatch):
     assert r.stats["format_retries"] == 0 and r.stats["transport_retries"] == 0
 
 
+def test_reflect_replay_windows_a_300_step_trajectory_with_the_actors_words(tmp_path,
+                                                                             monkeypatch):
+    """The tiny Actor writes no reflection / analysis, so its 300-step request fits one
+    window; with a real Actor's fields the preset's context takes two (the replay's check)."""
+    sys.path.insert(0, str(pr.SCRIPT.parent))
+    import cli_common
+    import sf_ranslicing
+
+    monkeypatch.setenv(pr.KEY_ENV, pr.DUMMY_KEY)
+    (tmp_path / "trajectories").mkdir()
+    (tmp_path / "config.json").write_text(json.dumps(cli_common.as_json(sf_ranslicing.PAPER)))
+    traj = _trajectory(8, 0)
+    (tmp_path / "trajectories" / "iter_0.json").write_text(json.dumps([traj.to_json()]))
+    with pr.FakeR1() as server:
+        n, windows = pr.replay_reflect(tmp_path, server)
+    assert n == 2 and sorted(windows) == [(0, 149), (150, 299)], windows
+    assert not server.errors
+
+
 def test_phase_times_read_the_runs_log():
     lines = [pr.Line(t, x) for t, x in [
         (5.0, "10:00:00 INFO sfjax.baselines.heldout: held-out evaluation (before fine-tuning)"),
@@ -133,6 +152,7 @@ def test_paper_preset_runs_through_its_cli_shortened(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0, out[-6000:]
     assert "OK: run dir" in out and "=== Self-finetuning: summary ===" in out
+    assert "reflect replay at 300 steps with the Actor's fields written out: 2 requests" in out
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["held_out"]["num_steps"] == 2 and len(summary["held_out"]["seeds"]) == 4
