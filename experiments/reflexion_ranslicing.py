@@ -3,10 +3,14 @@
     python experiments/reflexion_ranslicing.py smoke --run-dir runs/reflexion_smoke
     python experiments/reflexion_ranslicing.py paper --run-dir runs/reflexion_paper
 
-``smoke``: a tiny random Qwen3-architecture Actor written locally, the rule-based offline
-labeller as evaluator (no LLM; its self-reflections are template text and say so), short
-trials; ``paper``: Qwen3-4B Actor, DeepSeek-R1 (api backend, key from $DEEPSEEK_API_KEY) as
-evaluator and self-reflection model, 300-step trials.
+``smoke``: the behavioural-prior Actor of ``make demo`` and table3's smoke preset (a small
+Qwen3-architecture model that stands in for a pretrained LLM's prior, built on first use and
+cached; sfjax.agents.prior) with their prompt, the rule-based offline labeller as evaluator (no
+LLM; its self-reflections are template text and say so), short trials: the same Reflexion run
+as table3's smoke row. The prior learnt to imitate a controller, not to read reflections, so
+this tests the machinery, not what an LLM's self-reflection adds. ``paper``: Qwen3-4B Actor,
+DeepSeek-R1 (api backend, key from $DEEPSEEK_API_KEY) as evaluator and self-reflection model,
+300-step trials.
 
 Writes ``config.json``, ``reflexion/summary.json`` (Table III row, memory, per-trial
 metrics), ``reflexion/trials/trial_<k>.json`` (trajectories), ``reflexion/eval_rollouts.npz``
@@ -35,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cli_common  # noqa: E402
 
 from sfjax.agents.actor import PAPER_ACTOR, ActorConfig
+from sfjax.agents.prior import PRIOR_LABEL, SMOKE_PROMPT, PriorConfig
 from sfjax.agents.prompts import PromptConfig
 from sfjax.agents.reflector import ReflectorConfig, make_reflector
 from sfjax.agents.reflexion import ReflexionActor, ReflexionConfig, run_reflexion
@@ -52,6 +57,10 @@ from sfjax.configcheck import Bad
 from sfjax.console import configure_logging
 from sfjax.envs.ran import RanSlicingConfig, RanSlicingEnv
 
+SF_ACTOR = "(the SF base Actor)"
+"""table3.py's --reflexion.checkpoint when unset: the Reflexion row runs on SF's base Actor
+(--sf.model.*), and table3 checks the Actor options itself."""
+
 
 @dataclass(frozen=True)
 class Config:
@@ -64,9 +73,20 @@ class Config:
     with the run's own values (a warning names them). A run dir holding a run with the same
     config is run again even without this flag."""
     checkpoint: str = "Qwen/Qwen3-4B"
-    """Actor checkpoint (directory or hub id); empty: write a tiny random Qwen3 locally. In
+    """Actor checkpoint (directory or hub id); empty with ``--prior`` or ``--tiny``. In
     table3.py, unset means SF's base Actor (--sf.model.*), and with the SF row any other
     value is refused: Table III compares both LLM rows on one base Actor."""
+    prior: bool = False
+    """Use the behavioural-prior Actor (``--prior-config.*``; sf_ranslicing's
+    ``--model.prior``): a small Qwen3 that STANDS IN for a pretrained LLM's prior, trained by
+    sfjax to imitate a flawed controller; built once and cached (``python -m
+    sfjax.agents.prior``). With the same prior config, env and prompt it is the same model as
+    SF's. In table3.py leave it unset: there the Actor is SF's (--sf.model.prior)."""
+    tiny: bool = False
+    """Write a tiny random Qwen3-architecture checkpoint into RUN_DIR/tiny_actor and use it
+    (the machinery only: its decisions are noise). In table3.py leave it unset."""
+    prior_config: PriorConfig = field(default_factory=PriorConfig)
+    """The behavioural prior built with ``--prior`` (sf_ranslicing's ``--prior.*``)."""
     dtype: str = "bfloat16"
     """Actor parameter dtype: bfloat16 or float32."""
     actor: ActorConfig = field(default_factory=ActorConfig)
@@ -85,23 +105,33 @@ class Config:
     """Python logging level of the progress lines (DEBUG, INFO, WARNING, ERROR)."""
 
     def invalid(self) -> list[Bad]:
-        """The trials' env seeds must not be evaluation seeds: the verbal memory would have
-        been written on the trajectories it is scored on."""
+        """One Actor (a checkpoint, the prior or the tiny random model); the trials' env seeds
+        must not be evaluation seeds: the verbal memory would have been written on the
+        trajectories it is scored on."""
+        bad = []
+        if self.checkpoint != SF_ACTOR:  # table3's value: table3 checks its Actor options
+            if self.prior and self.tiny:
+                bad.append(Bad("tiny", "left unset with --prior (one Actor)"))
+            if self.checkpoint and (self.prior or self.tiny):
+                flag, what = ("prior", "the prior") if self.prior else ("tiny", "the tiny model")
+                why = f"add --no-{flag} to load this checkpoint, or --checkpoint '' for {what}"
+                bad.append(Bad("checkpoint", f"'' with --{flag} (one Actor): {why}"))
+            if not (self.checkpoint or self.prior or self.tiny):
+                bad.append(Bad("checkpoint", "a checkpoint path or hub id (or --prior or --tiny)"))
         if shared := self.protocol.shared_seeds(self.reflexion.trial_seeds):
-            return [Bad("protocol.seeds", f"disjoint from --reflexion.trial-seeds: both hold "
-                        f"{shared}, trajectories Reflexion's trials learn on")]
-        return []
+            why = f"both hold {shared}, trajectories Reflexion's trials learn on"
+            bad.append(Bad("protocol.seeds", f"disjoint from --reflexion.trial-seeds: {why}"))
+        return bad
 
 
+# The behavioural prior and prompt of sf_ranslicing's smoke preset (``make demo``): the same
+# cached model, and the same Reflexion run as table3's smoke row.
 SMOKE = Config(
     run_dir=Path("runs/reflexion_smoke"),
     checkpoint="",
+    prior=True,
     dtype="float32",
-    actor=ActorConfig(
-        prompt=PromptConfig(history_window=2, max_field_chars=80),
-        max_new_tokens=24,
-        free_budget=8,
-    ),
+    actor=ActorConfig(prompt=SMOKE_PROMPT, max_new_tokens=24, free_budget=8),
     reflector=ReflectorConfig(backend="rule"),
     reflexion=ReflexionConfig(trials=2, trial_seeds=(100,), trial_steps=10, memory_size=2),
     protocol=EvalProtocol(seeds=(0, 1), num_steps=300),
@@ -109,13 +139,28 @@ SMOKE = Config(
 # the same Actor decoding budget as the SF paper preset (Table III compares like with like)
 PAPER = Config(run_dir=Path("runs/reflexion_paper"), actor=PAPER_ACTOR)
 PRESETS = {
-    "smoke": ("tiny local Actor, rule-based evaluator (no LLM), 2 short trials", SMOKE),
+    "smoke": ("behavioural-prior Actor (a small Qwen3 standing in for a pretrained LLM, as in "
+              "make demo and table3 smoke), rule-based evaluator (no LLM), 2 short trials", SMOKE),
     "paper": ("Qwen3-4B Actor, DeepSeek-R1 evaluator/self-reflection, 3 x 300-step trials", PAPER),
 }
 
 
-OPERATIONAL = ("run_dir", "resume", "log_level", *cli_common.REFLECTOR_OPERATIONAL)
+OPERATIONAL = (
+    "run_dir",
+    "resume",
+    "log_level",
+    "prior_config.cache_dir",  # where the prior is cached, not which one (its hash leaves it out)
+    *cli_common.REFLECTOR_OPERATIONAL,
+)
 """Options that may change between runs in one RUN_DIR: they do not change results."""
+
+REFLEXION_WITH_PRIOR = (
+    "Reflexion with this Actor: the small model learnt only to imitate a controller's "
+    "decisions with fixed-phrase reflections; it cannot reason about its own mistakes, so the "
+    "verbal memory it is given is text it was never trained to read. This row shows the prior "
+    "acting with extra text in its prompt, not what an LLM's self-reflection adds"
+)
+"""What a Reflexion run (or Table III row) on the behavioural prior means, in its outputs."""
 
 
 def prepare(cfg: Config) -> Config:
@@ -128,13 +173,19 @@ def prepare(cfg: Config) -> Config:
     return cfg
 
 
-def actor_checkpoint(checkpoint: str, run_dir: Path) -> str:
-    """The checkpoint to load; writes a tiny random Qwen3 under ``run_dir`` when empty."""
-    if checkpoint:
-        return checkpoint
+def actor_checkpoint(cfg: Config, env_cfg, prompt_cfg: PromptConfig) -> str:
+    """The Actor's checkpoint: ``--prior``'s cached one for this env and env-derived prompt
+    (built first when missing; sf_ranslicing's ``--model.prior`` finds the same one),
+    ``--tiny``'s in RUN_DIR/tiny_actor (written once) or ``--checkpoint``."""
+    if cfg.prior:
+        from sfjax.agents.prior import ensure_prior
+
+        return str(ensure_prior(cfg.prior_config, env_cfg, prompt_cfg))
+    if not cfg.tiny:
+        return cfg.checkpoint
     from sfjax import atomic, testing
 
-    path = run_dir / "tiny_actor"
+    path = cfg.run_dir / "tiny_actor"
     if not path.exists():  # swapped in whole: a kill mid-write leaves none
         with atomic.replace_dir(path) as tmp:
             testing.write_tiny_checkpoint(tmp, seed=0)
@@ -142,15 +193,23 @@ def actor_checkpoint(checkpoint: str, run_dir: Path) -> str:
 
 
 def run(
-    cfg: Config, env: RanSlicingEnv, writer=None, *, progress: bool = True
+    cfg: Config,
+    env: RanSlicingEnv,
+    writer=None,
+    *,
+    progress: bool = True,
+    actor_prior: bool | None = None,
 ) -> tuple[MethodResult, dict]:
     """Reflexion trials, then the frozen-memory evaluation on the shared protocol
-    (``progress=False``: no api Reflector progress bar; the log lines stay)."""
+    (``progress=False``: no api Reflector progress bar; the log lines stay). ``actor_prior``:
+    whether the Actor is the behavioural prior, for the provenance (``None``: ``cfg.prior``;
+    table3 passes SF's base Actor as ``cfg.checkpoint`` and says)."""
     out_dir = cfg.run_dir / "reflexion"
     out_dir.mkdir(parents=True, exist_ok=True)
     params = env.default_params
-    checkpoint = actor_checkpoint(cfg.checkpoint, cfg.run_dir)
     actor_cfg = dataclasses.replace(cfg.actor, prompt=prompt_config_for_env(env, cfg.actor.prompt))
+    checkpoint = actor_checkpoint(cfg, env.config, actor_cfg.prompt)
+    actor_prior = cfg.prior if actor_prior is None else actor_prior
     actor = load_actor(checkpoint, actor_cfg, dtype=cfg.dtype, actor_cls=ReflexionActor)
     reflector = make_reflector(
         cfg.reflector, actor_cfg.prompt, cache_dir=cfg.run_dir / "cache", progress=progress
@@ -171,7 +230,8 @@ def run(
     rollouts = evaluate_agent(agent, env, params, cfg.protocol)
     rollouts.save(out_dir / "eval_rollouts.npz")
     save_trajectories(out_dir / "eval_trajectories.json", agent.trajectories)
-    provenance = f"actor {checkpoint}, evaluator/self-reflection {reflector.name}"
+    actor_name = f"{checkpoint} (the behavioural prior)" if actor_prior else checkpoint
+    provenance = f"actor {actor_name}, evaluator/self-reflection {reflector.name}"
     row = MethodResult(
         name="Reflexion",
         summary=rollouts.summary(),
@@ -183,6 +243,7 @@ def run(
     summary = {
         "row": dataclasses.asdict(row),
         "provenance": provenance,
+        **({"actor_prior": PRIOR_LABEL} if actor_prior else {}),
         "memory": record.memory,
         "reflections": record.reflections,
         "trial_metrics": record.trial_metrics,
@@ -194,6 +255,11 @@ def run(
             writer.add_scalar(f"reflexion/eval/{metric}", mean, cfg.reflexion.trials)
         writer.flush()
     return row, summary
+
+
+def prior_note() -> str:
+    """What the summary says under the provenance when the Actor is the behavioural prior."""
+    return f"The Actor is a {PRIOR_LABEL}. {REFLEXION_WITH_PRIOR}."
 
 
 def main(cfg: Config) -> dict:
@@ -212,7 +278,7 @@ def main(cfg: Config) -> dict:
             row.summary, cfg.run_dir, provenance=summary["provenance"],
             trials=cfg.reflexion.trials, num_trajectories=row.num_trajectories,
             num_steps=cfg.protocol.num_steps, trial_metrics=summary["trial_metrics"],
-            tiny_actor=not cfg.checkpoint,
+            tiny_actor=cfg.tiny, actor_note=prior_note() if cfg.prior else "",
         )  # fmt: skip
     )
     return summary

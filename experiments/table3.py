@@ -50,7 +50,7 @@ import sf_ranslicing  # noqa: E402
 
 from sfjax import atomic  # noqa: E402
 from sfjax.agents.env import JaxRanRunner  # noqa: E402
-from sfjax.agents.prior import PRIOR_LABEL  # noqa: E402
+from sfjax.agents.prior import PRIOR_LABEL, PriorConfig  # noqa: E402
 from sfjax.baselines.evaluation import EvalProtocol, evaluate_agent  # noqa: E402
 from sfjax.baselines.llm_agent import (  # noqa: E402
     LLMEnvAgent,
@@ -111,10 +111,12 @@ class Config:
     reflexion: reflexion_ranslicing.Config = field(
         default_factory=lambda: _sub(reflexion_ranslicing.PAPER)
     )
-    """Reflexion run on SF's base Actor (--sf.model.*) unless --reflexion.checkpoint is given;
-    with the SF row too it must be that Actor. Its run dir, env, protocol, eval seed and
-    resumption are this script's: leave --reflexion.run-dir, --reflexion.env.*,
-    --reflexion.protocol.*, --reflexion.eval-seed and --reflexion.resume unset."""
+    """Reflexion run on SF's base Actor (--sf.model.*: its checkpoint, the behavioural prior
+    or the tiny random model) unless --reflexion.checkpoint is given; with the SF row too it
+    must be that Actor. Its run dir, env, protocol, eval seed and resumption are this script's,
+    and so is the choice of prior or tiny Actor: leave --reflexion.run-dir, --reflexion.env.*,
+    --reflexion.protocol.*, --reflexion.eval-seed, --reflexion.resume, --reflexion.prior,
+    --reflexion.tiny and --reflexion.prior-config.* unset."""
     rl: RLRunConfig = field(default_factory=RLRunConfig)
     """RL baselines. The algorithms come from ``--methods``: leave --rl.algos unset."""
     eval_seed: int = 1
@@ -154,6 +156,16 @@ class Config:
                     "trajectories that row learns or chooses on")
                 for path, seeds, used in learnt_on
                 if used and (shared := self.protocol.shared_seeds(seeds))]
+        # one way to choose the Reflexion row's Actor: SF's (--sf.model.*, --sf.prior.*), or
+        # without the SF row --reflexion.checkpoint; its own prior / tiny switches would be
+        # ignored (or build a second prior for another prompt than the SF row's)
+        actor = ("left unset: the Reflexion row runs on SF's base Actor (--sf.model.prior, "
+                 "--sf.model.tiny, --sf.prior.*) or, without the SF row, on "
+                 "--reflexion.checkpoint")  # fmt: skip
+        bad += [Bad(f"reflexion.{k}", actor) for k in ("prior", "tiny")
+                if getattr(self.reflexion, k)]  # fmt: skip
+        bad += changed_leaves(self.reflexion.prior_config, PriorConfig(), "reflexion.prior_config",
+                              actor)  # fmt: skip
         given, sf_model = self.reflexion.checkpoint, self.sf.model
         if {"sf", "reflexion"} <= set(self.methods) and given != SF_ACTOR:
             # Table III compares both LLM rows on one base Actor: SF's
@@ -165,7 +177,7 @@ class Config:
 
 SUB_RUN_DIR = "(set by table3)"
 """What the sub-runs' run_dir shows in --help: table3 puts them under its own RUN_DIR."""
-SF_ACTOR = "(the SF base Actor)"
+SF_ACTOR = reflexion_ranslicing.SF_ACTOR
 """--reflexion.checkpoint left unset: the Reflexion row uses SF's base Actor (--sf.model.*)."""
 
 
@@ -173,7 +185,8 @@ def _sub(cfg):
     """A sub-experiment's preset with the fields table3 sets itself at their neutral values."""
     kw = {"run_dir": SUB_RUN_DIR if isinstance(cfg.run_dir, str) else Path(SUB_RUN_DIR)}
     if isinstance(cfg, reflexion_ranslicing.Config):
-        kw.update(env=RanSlicingConfig(), protocol=EvalProtocol(), eval_seed=1, checkpoint=SF_ACTOR)
+        kw.update(env=RanSlicingConfig(), protocol=EvalProtocol(), eval_seed=1,
+                  checkpoint=SF_ACTOR, prior=False, tiny=False, prior_config=PriorConfig())
     else:
         kw.update(env=RanSlicingConfig())
     return dataclasses.replace(cfg, **kw)
@@ -189,8 +202,9 @@ SMOKE = Config(
             loop=dataclasses.replace(sf_ranslicing.SMOKE.loop, sf_iterations=1),
         )
     ),
-    # the same behavioural-prior Actor and prompt as the SF row
-    reflexion=_sub(dataclasses.replace(reflexion_ranslicing.SMOKE, actor=sf_ranslicing.SMOKE.actor)),
+    # reflexion_ranslicing's smoke run (the prompt of the SF row) on the SF row's Actor: the
+    # behavioural prior
+    reflexion=_sub(reflexion_ranslicing.SMOKE),
     rl=rl_baselines.SMOKE.rl,
     reference=ReferenceConfig(train_seeds=(100, 101), beam_width=4),
 )
@@ -200,14 +214,6 @@ PRESETS = {
               "reflector, short training; 300-step evaluation", SMOKE),
     "paper": ("Qwen3-4B + DeepSeek-R1 LLM agents, RL with 80x20x300 samples per seed", PAPER),
 }
-
-
-REFLEXION_WITH_PRIOR = (
-    "Reflexion with this Actor: the small model learnt only to imitate a controller's "
-    "decisions with fixed-phrase reflections; it cannot reason about its own mistakes, so the "
-    "verbal memory it is given is text it was never trained to read. This row shows the prior "
-    "acting with extra text in its prompt, not what an LLM's self-reflection adds"
-)
 
 
 OPERATIONAL = (
@@ -242,6 +248,11 @@ def sf_config(cfg: Config) -> sf_ranslicing.ExperimentConfig:
 
 def reflexion_uses_sf_actor(cfg: Config) -> bool:
     return "sf" in cfg.methods or cfg.reflexion.checkpoint == SF_ACTOR
+
+
+def reflexion_actor_is_prior(cfg: Config) -> bool:
+    """The Reflexion row's Actor is the behavioural prior (SF's, ``--sf.model.prior``)."""
+    return reflexion_uses_sf_actor(cfg) and cfg.sf.model.prior
 
 
 def reflexion_checkpoint(cfg: Config) -> str:
@@ -355,12 +366,17 @@ def main(cfg: Config, preset: str = "") -> dict:
                 checkpoint=reflexion_checkpoint(cfg),
             )
             log.info("Reflexion row: %d trials, then the evaluation", refl_cfg.reflexion.trials)
-            row, summary = reflexion_ranslicing.run(refl_cfg, env, writer, progress=False)
+            prior = reflexion_actor_is_prior(cfg)
+            row, summary = reflexion_ranslicing.run(
+                refl_cfg, env, writer, progress=False, actor_prior=prior
+            )
             rows.append(row)
             wall["Reflexion"] = time.perf_counter() - t0
             provenance.append(f"Reflexion: {summary['provenance']}")
-            if reflexion_uses_sf_actor(cfg) and cfg.sf.model.prior:
-                provenance.append(REFLEXION_WITH_PRIOR)
+            if prior:
+                if "sf" not in cfg.methods:  # else the SF row's provenance says it
+                    provenance.append(f"the Actor is a {PRIOR_LABEL}")
+                provenance.append(reflexion_ranslicing.REFLEXION_WITH_PRIOR)
         algos = tuple(m for m in cfg.methods if m in ("dqn", "ppo", "sac"))
         rl_runs = {}
         if algos:
@@ -388,8 +404,8 @@ def main(cfg: Config, preset: str = "") -> dict:
 
     note = tiny_actor_note(
         sf="sf" in cfg.methods and cfg.sf.model.tiny,
-        reflexion="reflexion" in cfg.methods
-        and (cfg.sf.model.tiny if reflexion_uses_sf_actor(cfg) else not cfg.reflexion.checkpoint),
+        # without SF's Actor the row's is --reflexion.checkpoint (its tiny switch is refused)
+        reflexion="reflexion" in cfg.methods and reflexion_uses_sf_actor(cfg) and cfg.sf.model.tiny,
     )
     write_table3(
         cfg.run_dir / "table3.md",

@@ -31,7 +31,7 @@ import jax
 from sfjax.agents.actor import Actor, ActorConfig
 from sfjax.agents.objective_text import objective_compact
 from sfjax.agents.prompts import HistoryEntry, PromptConfig, build_messages
-from sfjax.agents.reflectors.base import Reflector, trajectory_summary
+from sfjax.agents.reflectors.base import Reflector, reply_answer, trajectory_summary
 from sfjax.agents.trajectory import Reflection, Trajectory, trajectory_metrics
 from sfjax.baselines.evaluation import EvalProtocol, Rollouts, evaluate_agent
 from sfjax.baselines.llm_agent import LLMEnvAgent
@@ -232,19 +232,12 @@ def make_self_reflect(reflector: Reflector, prompt_cfg: PromptConfig) -> SelfRef
             return rule_self_reflection(ev, trial)
         messages = llm_self_reflection_messages(ev, trial, prompt_cfg)
         text = generate([messages], key)[0] if generate is not None else complete(messages)
-        text = strip_think(text)
+        text = " ".join(reply_answer(text).split())  # reasoning dropped, one line for memory
         if not text:
             raise RuntimeError("the self-reflection model returned an empty reply")
         return text
 
     return reflect
-
-
-def strip_think(text: str) -> str:
-    """Drop a ``<think>...</think>`` block and surrounding whitespace."""
-    if "</think>" in text:
-        text = text.split("</think>", 1)[1]
-    return " ".join(text.split())
 
 
 @dataclass

@@ -173,8 +173,11 @@ def format_reflexion_summary(
     num_steps: int,
     trial_metrics: list[Mapping[str, tuple[float, float]]] | None = None,
     tiny_actor: bool = False,
+    actor_note: str = "",
 ) -> str:
-    """The Reflexion run explained: trials, the evaluation with units, artefacts."""
+    """The Reflexion run explained: trials, the evaluation with units, artefacts.
+    ``actor_note``: what the Actor is and means for the numbers (the behavioural prior's),
+    printed under the provenance."""
     run_dir = Path(run_dir)
     units = {
         "utility": ("utility (eq. 15, summed over the trajectory)", "", 1),
@@ -192,6 +195,8 @@ def format_reflexion_summary(
     ]
     if tiny_actor:
         out.append(TINY_NOTE)
+    if actor_note:
+        out.append(actor_note)
     if trial_metrics:
         out += ["", "Per trial (mean over the trial's trajectories):"]
         for k, m in enumerate(trial_metrics):

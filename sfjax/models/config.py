@@ -83,13 +83,14 @@ class Qwen3Config:
                 f"remat_policy {self.remat_policy!r} is not a jax.checkpoint_policies name (e.g. "
                 "'nothing_saveable', 'dots_with_no_batch_dims_saveable', 'everything_saveable')"
             )
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim"):  # fmt: skip
+            if getattr(self, name) <= 0:
+                raise ValueError(f"Qwen3Config.{name} must be positive, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
             )
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "head_dim"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"Qwen3Config.{name} must be positive, got {getattr(self, name)}")
 
     @property
     def stacked_cache(self) -> bool:
@@ -194,13 +195,26 @@ class Qwen3Config:
         if isinstance(eos, list):
             eos = tuple(eos)
         num_heads = c["num_attention_heads"]
+        # transformers' Qwen3Config: an absent key takes the class default (32), an explicit
+        # null means multi-head attention (num_key_value_heads = num_attention_heads)
+        num_kv_heads = c.get("num_key_value_heads", HF_DEFAULT_NUM_KV_HEADS)
+        if num_kv_heads is None:
+            num_kv_heads = num_heads
+        elif "num_key_value_heads" not in c and num_heads % num_kv_heads:
+            raise ValueError(
+                f"config.json has no num_key_value_heads; transformers' Qwen3Config then takes "
+                f"its default {HF_DEFAULT_NUM_KV_HEADS}, which does not divide "
+                f"num_attention_heads={num_heads} (transformers refuses this checkpoint too): add "
+                '"num_key_value_heads" to config.json (rows of self_attn.k_proj.weight / head_dim; '
+                "equal to num_attention_heads for multi-head attention)"
+            )
         return cls(
             vocab_size=c["vocab_size"],
             hidden_size=c["hidden_size"],
             intermediate_size=c["intermediate_size"],
             num_layers=c["num_hidden_layers"],
             num_heads=num_heads,
-            num_kv_heads=c.get("num_key_value_heads") or num_heads,
+            num_kv_heads=num_kv_heads,
             head_dim=c.get("head_dim") or 128,  # HF Qwen3Config default (not hidden / heads)
             rms_norm_eps=c.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope_theta if rope_theta is not None else 10_000.0),
@@ -233,6 +247,10 @@ class Qwen3Config:
             "dtype": dtype,  # transformers >= 5 name of torch_dtype
         }
 
+
+HF_DEFAULT_NUM_KV_HEADS = 32
+"""``num_key_value_heads`` of a ``config.json`` without the key: transformers' (5.25)
+``Qwen3Config`` class default, not ``num_attention_heads`` (that is what an explicit null gives)."""
 
 HF_FIXED_FIELDS: dict[str, Any] = {
     "architectures": ["Qwen3ForCausalLM"],

@@ -261,6 +261,43 @@ def checkpoint_index(ckpt_dir: Path) -> dict[str, TensorInfo]:
     return tensors
 
 
+BASE_MODEL_PREFIX = "model."
+"""Prefix of the decoder's tensors in a ``Qwen3ForCausalLM`` checkpoint (transformers'
+``base_model_prefix``); a ``Qwen3Model`` checkpoint stores the same tensors without it."""
+
+
+def add_base_model_prefix(
+    tensors: dict[str, TensorInfo], table: list[ParamSpec], ckpt_dir: Path, tied: bool
+) -> dict[str, TensorInfo]:
+    """Read a base ``Qwen3Model`` checkpoint as transformers does: a tensor whose name lacks the
+    ``model.`` prefix (``layers.0.self_attn.q_proj.weight``) is taken as the prefixed one when
+    that is a model tensor (transformers 5.25 ``core_model_loading``, key by key).
+
+    Such a checkpoint has no ``lm_head.weight``. With tied embeddings transformers ties the head
+    to ``embed_tokens`` and so does sfjax; untied, transformers initialises the head randomly
+    (a warning in its load report) and this raises :class:`CheckpointError` instead.
+    """
+    expected = {s.hf_name for s in table}
+    out, renamed = {}, False
+    for name, info in tensors.items():
+        prefixed = BASE_MODEL_PREFIX + name
+        if name not in expected and prefixed in expected and prefixed not in tensors:
+            out[prefixed], renamed = info, True
+        else:
+            out[name] = info
+    if renamed and not tied and "lm_head.weight" not in out:
+        index = ckpt_dir / "model.safetensors.index.json"
+        where = index if index.is_file() else ckpt_dir / "model.safetensors"
+        raise CheckpointError(
+            f"{where}: a base Qwen3Model checkpoint (tensor names without the 'model.' prefix) "
+            "without lm_head.weight, while config.json has tie_word_embeddings=false: there is no "
+            "language-model head to load (transformers' Qwen3ForCausalLM would initialise it with "
+            "random weights). Pass the Qwen3ForCausalLM checkpoint that has lm_head.weight, or "
+            "set tie_word_embeddings to true in config.json if the head is the embedding table"
+        )
+    return out
+
+
 def validate_checkpoint(table: list[ParamSpec], tensors: dict[str, TensorInfo], tied: bool) -> None:
     """Raise :class:`CheckpointError` listing every mismatch between checkpoint and model."""
     expected = {s.hf_name for s in table}
@@ -311,6 +348,10 @@ def from_pretrained(
 ) -> Qwen3:
     """Load an HF Qwen3 checkpoint (single-file or sharded safetensors) into a :class:`Qwen3`.
 
+    A ``Qwen3ForCausalLM`` checkpoint, or a base ``Qwen3Model`` one (tensor names without the
+    ``model.`` prefix) whose head is tied to the embedding, as transformers loads them
+    (:func:`add_base_model_prefix`).
+
     Args:
       path_or_hub_id: checkpoint directory, or a hub id such as ``"Qwen/Qwen3-4B"`` (downloaded
         through ``huggingface_hub``; offline it must already be in the local cache).
@@ -323,8 +364,9 @@ def from_pretrained(
 
     Raises (before reading any tensor data): ``FileNotFoundError`` for a missing directory,
     config or shard, or a hub id that is unavailable offline; ``ValueError`` for an unsupported
-    ``config.json``; :class:`CheckpointError` for missing / unexpected tensors, shape or dtype
-    mismatches and corrupt or truncated files (each naming the tensor or file).
+    ``config.json``; :class:`CheckpointError` for missing / unexpected tensors (an untied base
+    ``Qwen3Model`` checkpoint has no head), shape or dtype mismatches and corrupt or truncated
+    files (each naming the tensor or file).
     """
     from sfjax.models.qwen3 import Qwen3Config
 
@@ -332,6 +374,7 @@ def from_pretrained(
     config = Qwen3Config.from_hf(ckpt_dir)
     table = hf_param_table(config)
     tensors = checkpoint_index(ckpt_dir)
+    tensors = add_base_model_prefix(tensors, table, ckpt_dir, config.tie_word_embeddings)
     validate_checkpoint(table, tensors, config.tie_word_embeddings)
 
     model = abstract_model(config, dtype, scan_layers=scan_layers)

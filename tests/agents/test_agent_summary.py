@@ -69,3 +69,9 @@ def test_reflexion_summary_has_units_and_artefacts(tmp_path):
     assert "QoS violations: 2.0 ± 0.5 steps per trajectory" in text
     assert "trial 2: utility 100.0" in text and TINY_NOTE not in text
     assert f"tensorboard --logdir {tmp_path / 'tb'}" in text
+    noted = format_reflexion_summary(
+        m, tmp_path, provenance="actor X, evaluator/self-reflection rule", trials=2,
+        num_trajectories=2, num_steps=300, actor_note="The Actor is a stand-in.",
+    )  # fmt: skip
+    assert "Actor and evaluator: actor X, evaluator/self-reflection rule.\nThe Actor is a " \
+           "stand-in.\n" in noted and "The Actor is a stand-in." not in text  # fmt: skip

@@ -42,11 +42,27 @@ def _table3(capsys, *args):
             "--reflexion.checkpoint '/other': must be left unset (or --sf.model.checkpoint's "
             "value) with the SF row: both LLM rows use SF's base Actor",
         ),
+        # Reflexion's own Actor switches: table3's Reflexion row runs on SF's Actor (the prior
+        # in smoke), with or without the SF row
+        *(
+            (args, f"{given}: must be left unset: the Reflexion row runs on SF's base Actor "
+             "(--sf.model.prior, --sf.model.tiny, --sf.prior.*) or, without the SF row, on "
+             "--reflexion.checkpoint")
+            for args, given in [
+                (["--reflexion.prior"], "--reflexion.prior True"),
+                (["--reflexion.tiny"], "--reflexion.tiny True"),
+                (["--reflexion.prior-config.seed", "3"], "--reflexion.prior-config.seed 3"),
+                (["--reflexion.prior-config.cache-dir", "/c"],
+                 "--reflexion.prior-config.cache-dir '/c'"),
+                (["--methods", "reflexion", "--reflexion.prior"], "--reflexion.prior True"),
+            ]
+        ),
     ],
-)
+)  # fmt: skip
 def test_table3_refuses_what_it_would_override(tmp_path, capsys, args, line):
     code, err = _table3(capsys, "--run-dir", str(tmp_path / "t"), *args)
     assert code == 2 and err.startswith(f"error: {line}"), err
+    assert err.count("must be") == 1, err  # one line per mistake
     assert not (tmp_path / "t").exists()
 
 

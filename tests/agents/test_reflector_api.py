@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import time
 from types import SimpleNamespace
 
@@ -112,13 +113,78 @@ def test_whole_trajectory_in_one_request_when_it_fits(tmp_path, caplog):
     assert "exceeds the reflector's context" in caplog.text
 
 
-def test_cut_off_reply_is_re_asked_with_the_reason(tmp_path):
+def _prompt_tokens(body):
+    """The request's size as the api Reflector estimates it (3 characters per token)."""
+    return math.ceil(sum(len(m["content"]) for m in body["messages"]) / 3.0)
+
+
+def test_cut_off_reply_is_re_asked_once_with_a_doubled_budget(tmp_path, caplog):
+    """A reply cut off at max_tokens was re-asked with the same budget (up to
+    max_format_retries times): a reasoning model that thinks past the budget is cut again, and
+    each re-ask is a paid call of a whole budget. Now: the same request once more with the
+    budget doubled (logged), and the reply cached under the original request."""
+    caplog.set_level(logging.WARNING)
     trajs = [_traj(5)]
     with FakeOpenAI(script=["length"]) as server:
         r = _reflector(server.url, tmp_path)
         _assert_right(trajs, r.reflect(trajs))
-    assert r.stats["truncated_replies"] == 1
-    assert "cut off at the 16384-token limit" in server.bodies[1]["messages"][-1]["content"]
+        first, second = server.bodies
+        assert (first["max_tokens"], second["max_tokens"]) == (16384, 32768)
+        assert second["messages"] == first["messages"]  # the same question, more room
+        assert r.stats["truncated_replies"] == 1
+        assert r.stats["retry_reasons"] == {"truncated reply": 1}
+        assert "cut off at max_tokens 16384; asking once more with max_tokens 32768" in caplog.text
+        server.refuse_all = True  # a rerun is served from the cache
+        again = _reflector(server.url, tmp_path, max_retries=0)
+        _assert_right(trajs, again.reflect(trajs))
+    assert len(server.bodies) == 2 and again.stats["cache_hits"] == 1
+
+
+def test_cut_off_twice_fails_the_phase_naming_the_option(tmp_path):
+    """Cut off at the raised budget too: fail with what to raise, not 30 more paid calls."""
+    with FakeOpenAI(script=["length", "length"]) as server:
+        r = _reflector(server.url, tmp_path, max_format_retries=30)
+        with pytest.raises(
+            ReflectorError,
+            match=r"cut off again at 32768 tokens.*--reflector\.api\.max-tokens 16384",
+        ) as e:
+            r.reflect([_traj(3)])
+    assert "--resume" in str(e.value) and SECRET not in str(e.value)
+    assert len(server.bodies) == 2 and r.stats["truncated_replies"] == 2
+
+
+def test_raised_budget_is_capped_by_the_context(tmp_path):
+    """Doubling stops at --context-tokens minus the request's estimated size; with no room
+    above the budget the phase fails at the first cut-off (no re-ask that cannot help)."""
+    trajs = [_traj(4)]
+    with FakeOpenAI(script=["length"]) as server:
+        _assert_right(trajs, _reflector(server.url, tmp_path, context_tokens=9000,
+                                        max_tokens=5000).reflect(trajs))  # fmt: skip
+        first, second = server.bodies
+    assert first["max_tokens"] == 5000 and second["max_tokens"] == 9000 - _prompt_tokens(first)
+    tight = 5000 + _prompt_tokens(first)  # the request and max_tokens fill the context
+    with FakeOpenAI(script=["length"]) as server:
+        r = _reflector(server.url, tmp_path / "b", context_tokens=tight, max_tokens=5000)
+        with pytest.raises(
+            ReflectorError, match=r"no room for a larger budget.*--reflector\.api\.context-tokens"
+        ):
+            r.reflect(trajs)
+    assert len(server.bodies) == 1
+
+
+def test_self_reflection_cut_off_twice_fails_naming_the_option(tmp_path):
+    """Reflexion's free-text self-reflection: one re-ask with the doubled budget, then fail."""
+    import jax
+
+    from sfjax.agents.reflexion import make_self_reflect
+
+    ev = SimpleNamespace(summary="s", suboptimal=1, steps=2, wanted_more=1, wanted_less=0,
+                         wanted_same_as_before=0, top_reasons=("late packets",))  # fmt: skip
+    with FakeOpenAI(script=["length", "length"]) as server:
+        reflect = make_self_reflect(_reflector(server.url, tmp_path), PCFG)
+        with pytest.raises(ReflectorError, match=r"--reflector\.api\.max-tokens 16384"):
+            reflect(ev, 1, jax.random.key(0))
+    assert [b["max_tokens"] for b in server.bodies] == [16384, 32768]
 
 
 R1_REPLIES = [
@@ -227,6 +293,7 @@ def test_self_reflection_through_the_api_is_text_and_cached(tmp_path):
         reflect = make_self_reflect(_reflector(server.url, tmp_path), PCFG)
         assert reflect(ev, 1, jax.random.key(0)) == LESSON
         assert len(server.bodies) == 2  # the cut-off reply was asked again
+        assert server.bodies[1]["max_tokens"] == 2 * server.bodies[0]["max_tokens"]
         server.refuse_all = True  # a rerun is served from the cache
         again = _reflector(server.url, tmp_path, max_retries=0)
         assert make_self_reflect(again, PCFG)(ev, 1, jax.random.key(0)) == LESSON

@@ -159,3 +159,27 @@ def test_llm_self_reflection_uses_the_backend_model():
                          wanted_same_as_before=0, top_reasons=("late packets",))  # fmt: skip
     assert reflect(ev, 1, jax.random.key(0)) == "Lesson: keep 4 RBGs steady."
     assert "late packets" in seen["messages"][1]["content"]
+
+
+@pytest.mark.parametrize("backend", ["local", "api"])
+def test_self_reflection_drops_reasoning_up_to_the_last_think_end(backend):
+    """Reflexion cut the reply at the FIRST ``</think>``, the Reflector at the last: R1 served
+    without a reasoning parser sends its reasoning and ``</think>`` with no opening tag, and
+    reasoning may mention ``</think>`` itself, so the memory kept the rest of the reasoning."""
+    reply = (
+        "The lesson must come after the </think> tag, not inside it.\nSlice 0 queued late."
+        "\n</think>\n\nLesson: raise slice 0 to 6 RBGs   before\nits queue grows."
+    )
+
+    class Fake:
+        name = f"{backend} (fake)"
+
+    fake = Fake()
+    if backend == "local":
+        fake.generate = lambda conversations, key: [reply]
+    else:
+        fake.complete = lambda messages: reply
+    ev = SimpleNamespace(summary="s", suboptimal=1, steps=2, wanted_more=1, wanted_less=0,
+                         wanted_same_as_before=0, top_reasons=("late packets",))  # fmt: skip
+    lesson = make_self_reflect(fake, PromptConfig())(ev, 1, jax.random.key(0))
+    assert lesson == "Lesson: raise slice 0 to 6 RBGs before its queue grows."

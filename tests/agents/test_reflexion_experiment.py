@@ -1,16 +1,39 @@
-"""experiments/reflexion_ranslicing.py's RUN_DIR: the same config runs again, another one is
-refused with the keys named (``--resume`` runs with the run's own values), options that do not
-change results may differ; an action range other than the env's is refused. The trials and the
-evaluation are replaced by a stand-in (they are tested in test_reflexion.py)."""
+"""experiments/reflexion_ranslicing.py: the smoke preset's Actor is the behavioural prior of
+table3's smoke Reflexion row (same model, same prompt), one Actor per run (checkpoint, prior or
+tiny random model; the others refused), the outputs say when it is the prior. RUN_DIR: the
+same config runs again, another one is refused with the keys named (``--resume`` runs with the
+run's own values), options that do not change results may differ; an action range other than
+the env's is refused. The trials and the evaluation are replaced by a stand-in or run with a
+fake sampler (they are tested in test_reflexion.py); the prior is not built (only its cache
+directory is computed: test_prior.py builds one)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 from experiment_scripts import experiment
 
+from sfjax.agents import prior as prior_lib
 from sfjax.baselines.report import MethodResult
+
+
+class Stop(Exception):
+    """Ends a run once the Actor it would load is known."""
+
+
+@pytest.fixture
+def prior_calls(monkeypatch):
+    """``ensure_prior`` answers the cache directory without building: returns its calls."""
+    calls = []
+
+    def where(cfg, env_cfg, prompt_cfg):
+        calls.append((cfg, env_cfg, prompt_cfg))
+        return prior_lib.prior_dir(cfg, env_cfg, prompt_cfg)
+
+    monkeypatch.setattr(prior_lib, "ensure_prior", where)
+    return calls
 
 
 @pytest.fixture
@@ -115,3 +138,127 @@ def test_action_range_is_the_envs(tmp_path, script, capsys, hi):
     assert not ran and not (tmp_path / "r").exists()
     cli("--run-dir", str(tmp_path / "r"), "--actor.prompt.action-hi", "12")  # the env's: fine
     assert len(ran) == 1
+
+
+def _loaded_actor(monkeypatch, mod, tmp_path, cfg):
+    """The checkpoint ``mod.run(cfg, ...)`` loads its Actor from (the run stops there)."""
+    from sfjax.envs.ran import RanSlicingEnv
+
+    loaded = []
+
+    def load_actor(checkpoint, actor_cfg, **kw):
+        loaded.append((checkpoint, actor_cfg))
+        raise Stop
+
+    monkeypatch.setattr(mod, "load_actor", load_actor)
+    with pytest.raises(Stop):
+        mod.run(dataclasses.replace(cfg, run_dir=tmp_path / "r"), RanSlicingEnv(cfg.env))
+    return loaded[0]
+
+
+def test_smoke_actor_is_the_prior_of_table3s_smoke_row(tmp_path, monkeypatch, prior_calls):
+    """Before, the standalone smoke ran a tiny random Actor with another prompt, table3's smoke
+    Reflexion row the behavioural prior: two runs of one name that meant different things."""
+    mod = experiment("reflexion_ranslicing")
+    table3 = experiment("table3")
+    sf = experiment("sf_ranslicing")
+    assert mod.SMOKE.prior and not mod.SMOKE.tiny and mod.SMOKE.checkpoint == ""
+    assert mod.SMOKE.actor == sf.SMOKE.actor == table3.SMOKE.reflexion.actor  # the prompt too
+    checkpoint, actor_cfg = _loaded_actor(monkeypatch, mod, tmp_path, mod.SMOKE)
+    # the env-derived prompt of the run is the one the prior is built for
+    assert prior_calls == [(mod.SMOKE.prior_config, mod.SMOKE.env, actor_cfg.prompt)]
+    t3 = table3.reflexion_checkpoint(dataclasses.replace(table3.SMOKE, run_dir=tmp_path / "t"))
+    assert checkpoint == t3 == str(prior_lib.prior_dir(*prior_calls[0]))
+    assert checkpoint.startswith(str(prior_lib.prior_dir(sf.SMOKE.prior, sf.SMOKE.env,
+                                                         actor_cfg.prompt)))  # fmt: skip
+    # and table3's smoke Reflexion row is the standalone smoke run otherwise (what table3 sets
+    # itself aside)
+    ours = ("run_dir", "checkpoint", "prior", "tiny", "prior_config", "protocol")
+    assert {f.name for f in dataclasses.fields(mod.Config)
+            if getattr(mod.SMOKE, f.name) != getattr(table3.SMOKE.reflexion, f.name)} <= set(ours)
+    assert mod.SMOKE.protocol == table3.SMOKE.protocol
+
+
+def test_tiny_and_checkpoint_actors(tmp_path, monkeypatch, prior_calls):
+    mod = experiment("reflexion_ranslicing")
+    tiny = dataclasses.replace(mod.SMOKE, prior=False, tiny=True)
+    checkpoint, _ = _loaded_actor(monkeypatch, mod, tmp_path, tiny)
+    assert checkpoint == str(tmp_path / "r" / "tiny_actor")
+    assert (tmp_path / "r" / "tiny_actor" / "config.json").exists()
+    given = dataclasses.replace(mod.SMOKE, prior=False, checkpoint="/models/Qwen3-4B")
+    assert _loaded_actor(monkeypatch, mod, tmp_path, given)[0] == "/models/Qwen3-4B"
+    assert not prior_calls
+
+
+@pytest.mark.parametrize(
+    "args,line",
+    [
+        (["--checkpoint", "/x"], "--checkpoint '/x': must be '' with --prior (one Actor): add "
+         "--no-prior to load this checkpoint, or --checkpoint '' for the prior"),
+        (["--tiny"], "--tiny True: must be left unset with --prior (one Actor)"),
+        (["--no-prior", "--tiny", "--checkpoint", "/x"], "--checkpoint '/x': must be '' with "
+         "--tiny (one Actor): add --no-tiny to load this checkpoint"),
+        (["--no-prior"], "--checkpoint '': must be a checkpoint path or hub id (or --prior or "
+         "--tiny)"),
+    ],
+)  # fmt: skip
+def test_one_actor(tmp_path, script, args, line):
+    from sfjax.configcheck import ConfigError
+
+    cli, ran = script
+    with pytest.raises(ConfigError) as e:
+        cli("--run-dir", str(tmp_path / "r"), *args)
+    assert str(e.value).startswith(line) and str(e.value).count("must be") == 1, e.value
+    assert not ran and not (tmp_path / "r").exists()
+    # the paper preset: the prior instead of its checkpoint
+    for ok in (["--no-prior", "--checkpoint", "/x"], ["--no-prior", "--tiny"]):
+        cli("--run-dir", str(tmp_path / "_".join(ok)), *ok)
+    assert len(ran) == 2 and ran[0].checkpoint == "/x" and ran[1].tiny
+
+
+def test_smoke_summary_says_the_actor_is_the_prior(tmp_path, script, capsys):
+    mod = experiment("reflexion_ranslicing")
+    cli, ran = script
+    cli("--run-dir", str(tmp_path / "r"))
+    out = capsys.readouterr().out
+    assert prior_lib.PRIOR_LABEL in out and mod.REFLEXION_WITH_PRIOR in out
+    cli("--run-dir", str(tmp_path / "t"), "--no-prior", "--tiny")
+    out = capsys.readouterr().out
+    assert "tiny randomly initialised" in out and mod.REFLEXION_WITH_PRIOR not in out
+
+
+@pytest.mark.parametrize("prior", [True, False])
+def test_run_names_the_prior_in_its_row_and_summary(tmp_path, monkeypatch, prior_calls,
+                                                     tiny_checkpoint, prior):  # fmt: skip
+    """The real run (trials, evaluation) with a stand-in sampler on a small env."""
+    from test_reflexion import FakeSampler
+
+    from sfjax.agents.reflexion import ReflexionConfig
+    from sfjax.baselines.evaluation import EvalProtocol
+    from sfjax.envs.ran import RanSlicingConfig, RanSlicingEnv
+    from sfjax.tokenizer import load_tokenizer
+
+    mod = experiment("reflexion_ranslicing")
+    tokenizer = load_tokenizer(tiny_checkpoint)
+    loaded = []
+
+    def load_actor(checkpoint, actor_cfg, *, dtype, actor_cls):
+        loaded.append(checkpoint)
+        return actor_cls(FakeSampler(6), tokenizer, actor_cfg)
+
+    monkeypatch.setattr(mod, "load_actor", load_actor)
+    env_cfg = RanSlicingConfig(ttis_per_step=10, episode_steps=4, onoff_start="stationary")
+    cfg = dataclasses.replace(
+        mod.SMOKE if prior else dataclasses.replace(mod.SMOKE, prior=False, checkpoint="/m"),
+        run_dir=tmp_path / "r", env=env_cfg,
+        reflexion=ReflexionConfig(trials=1, trial_seeds=(100,), trial_steps=2, memory_size=1),
+        protocol=EvalProtocol(seeds=(0,), num_steps=2),
+    )  # fmt: skip
+    row, summary = mod.run(cfg, RanSlicingEnv(env_cfg))
+    assert (prior_calls[0][1] == env_cfg) if prior else not prior_calls
+    assert loaded == [str(prior_lib.prior_dir(*prior_calls[0])) if prior else "/m"]
+    said = f"actor {loaded[0]} (the behavioural prior), evaluator/self-reflection rule"
+    assert (said in row.note and said in summary["provenance"]) == prior, row.note
+    assert summary.get("actor_prior") == (prior_lib.PRIOR_LABEL if prior else None)
+    saved = json.loads((tmp_path / "r" / "reflexion" / "summary.json").read_text())
+    assert saved["provenance"] == summary["provenance"]

@@ -191,18 +191,35 @@ def test_reflexion_row_uses_sfs_actor():
     assert mod.reflexion_checkpoint(parse("--methods", "reflexion", *sf)) == "/models/Qwen3-4B"
 
 
-def test_llm_rows_run_without_progress_bars(tmp_path, script, monkeypatch):
-    """table3 prints its own lines: the SF row runs with progress=False, and so does the
-    Reflexion row (before, its api Reflector's bar showed on a terminal)."""
-    cli, _ = script
+@pytest.mark.parametrize("methods", [("reflexion",), ("sf", "reflexion")])
+def test_reflexion_row_says_its_actor_is_the_prior(tmp_path, script, monkeypatch, methods):
+    """table3 prints its own lines: the Reflexion row runs with progress=False (before, its api
+    Reflector's bar showed on a terminal). On SF's behavioural prior (smoke) it is told so, and
+    table3.md says once what the prior is and what a Reflexion row on it means."""
+    cli, seen = script
     mod = experiment("table3")
-    kwargs = []
+    from sfjax.agents import prior as prior_lib
+
+    # the prior's cache directory, not built (the stand-in rows never load it)
+    monkeypatch.setattr(prior_lib, "ensure_prior", prior_lib.prior_dir)
+    calls = []
 
     def fake_reflexion_run(cfg, env, writer=None, **kw):
-        kwargs.append(kw)
-        raise Stop
+        calls.append((cfg, kw))
+        row = MethodResult("Reflexion", {k: (1.0, 0.0) for k in METRICS}, 20, 600, 2)
+        return row, {"provenance": f"actor {cfg.checkpoint}, evaluator/self-reflection rule"}
+
+    def fake_run_sf(cfg, env, writer):
+        row = MethodResult("SF", {k: (1.0, 0.0) for k in METRICS}, 400, 600, 2)
+        return row, {"actor": "the prior", "reflector": "rule"}
 
     monkeypatch.setattr(mod.reflexion_ranslicing, "run", fake_reflexion_run)
-    with pytest.raises(Stop):
-        cli("--run-dir", str(tmp_path / "t"), "--methods", "reflexion")
-    assert kwargs == [{"progress": False}]
+    monkeypatch.setattr(mod, "run_sf", fake_run_sf)
+    cli("--run-dir", str(tmp_path / "t"), "--methods", *methods)
+    (cfg, kw), = calls
+    assert kw == {"progress": False, "actor_prior": True}
+    assert cfg.checkpoint == str(prior_lib.prior_dir(mod.SMOKE.sf.prior, mod.SMOKE.env,
+                                                     cfg.actor.prompt))  # fmt: skip
+    table = (tmp_path / "t" / "table3.md").read_text()
+    assert table.count(prior_lib.PRIOR_LABEL) == 1, table
+    assert table.count(mod.reflexion_ranslicing.REFLEXION_WITH_PRIOR) == 1, table

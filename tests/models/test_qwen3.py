@@ -6,6 +6,7 @@ Error metric everywhere: relative max error ``max|a - b| / max|b|`` over unmaske
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -252,6 +253,50 @@ def test_config_errors(tmp_path):
         Qwen3Config.from_hf(tmp_path)
 
 
+def _without_kv_heads(path, overrides, value):
+    """A tiny checkpoint whose config.json lacks ``num_key_value_heads`` (``value`` None: the
+    key removed; "null": the key set to JSON null)."""
+    ckpt = testing.write_tiny_checkpoint(path, overrides, seed=6)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    if value is None:
+        del cfg["num_key_value_heads"]
+    else:
+        cfg["num_key_value_heads"] = None
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    return ckpt
+
+
+@pytest.mark.parametrize(
+    "overrides, value",
+    [
+        # absent: transformers 5.25 takes its Qwen3Config class default, 32 (not the number
+        # of query heads), so a 64-head checkpoint with 32 kv heads (GQA 2) loads there
+        ({"num_attention_heads": 64, "num_key_value_heads": 32, "head_dim": 4}, None),
+        # null: transformers' __post_init__ uses num_attention_heads (MHA)
+        ({"num_key_value_heads": 4}, "null"),
+    ],
+    ids=["absent-default-32", "null-means-mha"],
+)
+def test_config_without_num_key_value_heads_matches_transformers(overrides, value, tmp_path):
+    ckpt = _without_kv_heads(tmp_path / "ckpt", overrides, value)
+    hf = hf_model(ckpt)
+    model = qwen3.from_pretrained(ckpt, dtype=jnp.float32)
+    assert model.config.num_kv_heads == hf.config.num_key_value_heads
+    ids, mask = left_padded(2, 9, pads=[0, 4], seed=7)
+    assert rel_err(forward(model, ids, mask), hf_logits(hf, ids, mask), mask) <= F32_TOL
+
+
+def test_config_without_num_key_value_heads_refused_like_transformers(tmp_path):
+    """4 query heads and no num_key_value_heads: transformers takes 32 kv heads and refuses
+    the checkpoint (size mismatch); sfjax says which key to add instead of guessing MHA."""
+    ckpt = _without_kv_heads(tmp_path / "ckpt", {"num_key_value_heads": 4}, None)
+    with pytest.raises(RuntimeError, match="mismatch"):
+        hf_model(ckpt)
+    with pytest.raises(ValueError, match=r"no num_key_value_heads.*default 32.*add"):
+        qwen3.from_pretrained(ckpt, dtype=jnp.float32)
+    with pytest.raises(ValueError, match="num_kv_heads must be positive"):
+        Qwen3Config.from_hf({**Qwen3Config.tiny().to_hf(), "num_key_value_heads": 0})
+
 
 def test_rope_scaling_added_to_a_transformers5_config_is_refused():
     """transformers 5 writes rope_parameters; the Qwen3 model card's YaRN recipe adds
@@ -264,6 +309,7 @@ def test_rope_scaling_added_to_a_transformers5_config_is_refused():
     assert transformers.Qwen3Config.from_dict(edited).rope_parameters["rope_type"] == "yarn"
     with pytest.raises(ValueError, match="rope type 'yarn'"):
         Qwen3Config.from_hf(edited)
+
 
 def test_linear_modules_are_plain_and_replaceable(tiny_model):
     model = nnx.clone(tiny_model)

@@ -104,6 +104,52 @@ def test_save_then_transformers_load_gives_same_logits(tiny_checkpoint_untied, t
     np.testing.assert_array_equal(load_file(str(out / index[name]))[name], orig[name])
 
 
+def _save_base_model(causal_ckpt, out, **kwargs):
+    """``Qwen3Model.save_pretrained`` of a causal checkpoint's base model: tensor names without
+    the ``model.`` prefix, no ``lm_head.weight``, ``architectures: ["Qwen3Model"]``."""
+    hf = transformers.Qwen3ForCausalLM.from_pretrained(str(causal_ckpt), dtype=torch.float32)
+    hf.model.save_pretrained(str(out), **kwargs)
+    names = set()
+    for f in out.glob("*.safetensors"):
+        names |= set(read_safetensors_header(f))
+    assert "embed_tokens.weight" in names and "layers.0.self_attn.q_proj.weight" in names
+    assert not any(n.startswith("model.") or n.startswith("lm_head") for n in names)
+    return out
+
+
+@pytest.mark.parametrize("shard", [None, "100KB"], ids=["single-file", "sharded"])
+def test_base_model_checkpoint_with_tied_head_loads_like_transformers(
+    tiny_checkpoint, tmp_path, shard
+):
+    """transformers 5.25 adds the ``model.`` prefix (``base_model_prefix``) and ties lm_head to
+    the embedding: every tensor is loaded, none is missing."""
+    base = _save_base_model(
+        tiny_checkpoint, tmp_path / "base", **({"max_shard_size": shard} if shard else {})
+    )
+    assert (base / "model.safetensors.index.json").is_file() == bool(shard)
+    _, info = transformers.Qwen3ForCausalLM.from_pretrained(str(base), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    model = qwen3.from_pretrained(base, dtype=jnp.float32)
+    assert_same_params(model, qwen3.from_pretrained(tiny_checkpoint, dtype=jnp.float32))
+    theirs = hf_logits(base, IDS)
+    ours = np.asarray(forward(model, IDS))
+    assert np.abs(ours - theirs).max() / np.abs(theirs).max() <= 1e-4
+
+
+def test_base_model_checkpoint_with_untied_head_is_refused(tiny_checkpoint_untied, tmp_path):
+    """Untied: transformers loads the body and initialises lm_head randomly (a warning only);
+    sfjax refuses, naming the file and the missing head."""
+    base = _save_base_model(tiny_checkpoint_untied, tmp_path / "base")
+    _, info = transformers.Qwen3ForCausalLM.from_pretrained(str(base), output_loading_info=True)
+    assert set(info["missing_keys"]) == {"lm_head.weight"}
+    with pytest.raises(CheckpointError) as e:
+        qwen3.from_pretrained(base, dtype=jnp.float32)
+    msg = str(e.value)
+    assert str(base / "model.safetensors") in msg
+    assert "Qwen3Model" in msg and "lm_head.weight" in msg and "tie_word_embeddings" in msg
+    assert "random" in msg
+
+
 def test_load_save_load_is_lossless(tiny_checkpoint, tmp_path):
     for dtype in (jnp.float32, jnp.bfloat16):
         a = qwen3.from_pretrained(tiny_checkpoint, dtype=dtype)

@@ -28,8 +28,10 @@ Every failed attempt is logged when it happens, with its reason, and counted in 
 
 **Replies.** A reply that fails validation (:func:`~sfjax.agents.reflectors.base.validate_reply`,
 which handles R1's shapes) is re-asked up to ``max_format_retries`` times with the error
-appended; a reply cut off at ``max_tokens`` (``finish_reason == "length"``) is re-asked with that
-reason. Nothing malformed is accepted. Validated replies are cached on disk under the SHA-256 of
+appended. A reply cut off at ``max_tokens`` (``finish_reason == "length"``) is asked once more
+with the budget doubled (capped by the context; logged), and a second cut-off fails the phase
+naming ``--reflector.api.max-tokens`` (see :attr:`ApiReflectorConfig.max_tokens`). Nothing
+malformed or cut off is accepted. Validated replies are cached on disk under the SHA-256 of
 the request (endpoint, model, messages, sampling settings -- never the key), so a resumed or
 repeated run replays them without network traffic.
 
@@ -121,7 +123,13 @@ class ApiReflectorConfig:
     """The model's context window in tokens. A trajectory whose request plus MAX_TOKENS fits
     is reflected in one request; a longer one in the fewest windows that fit."""
     max_tokens: int = 16384
-    """Completion token budget per request (reasoning models spend most of it thinking)."""
+    """Completion token budget per request (reasoning models spend most of it thinking).
+
+    A reply cut off at it (``finish_reason`` "length") is asked once more with the budget
+    doubled, capped by CONTEXT_TOKENS minus the request's estimated size (logged); cut off
+    again, the reflect phase fails naming this option. Re-asking with the same budget, as
+    before, mostly paid for another cut-off reply: a model that reasoned past the budget once
+    does so again. The larger cap costs only the tokens the model then generates."""
     max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
     """The request field MAX_TOKENS goes in: ``max_tokens`` (DeepSeek, vLLM, Ollama) or
     ``max_completion_tokens`` (OpenAI's reasoning models refuse ``max_tokens``)."""
@@ -233,9 +241,9 @@ class ApiReflector:
 
     # -- one request -----------------------------------------------------------------------
 
-    def _request_body(self, messages: list[dict]) -> dict:
+    def _request_body(self, messages: list[dict], max_tokens: int | None = None) -> dict:
         body = {"model": self.cfg.model, "messages": messages,
-                self.cfg.max_tokens_field: self.cfg.max_tokens}
+                self.cfg.max_tokens_field: max_tokens or self.cfg.max_tokens}
         if self.cfg.temperature is not None:
             body["temperature"] = self.cfg.temperature
         return body
@@ -271,12 +279,12 @@ class ApiReflector:
                     n, self.cfg.max_retries + 1, self._redact(reason),
                 )  # fmt: skip
 
-    def _complete(self, messages: list[dict]) -> tuple[str, str | None]:
+    def _complete(self, messages: list[dict], max_tokens: int) -> tuple[str, str | None]:
         """One chat completion (the openai client retries); returns (text, finish_reason)."""
         self._local.attempts, self._local.last = 0, None
         self._bump("requests")
         try:
-            resp = self._client.chat.completions.create(**self._request_body(messages))
+            resp = self._client.chat.completions.create(**self._request_body(messages, max_tokens))
         except openai.APIStatusError as e:
             if e.status_code >= 500 or e.status_code in (408, 409, 429):
                 if not self._client._should_retry(e.response):
@@ -315,6 +323,11 @@ class ApiReflector:
             },
         ]
 
+    @staticmethod
+    def prompt_tokens(messages: list[dict]) -> int:
+        """A request's estimated size in tokens (:data:`CHARS_PER_TOKEN`)."""
+        return math.ceil(sum(len(m["content"]) for m in messages) / CHARS_PER_TOKEN)
+
     def plan_windows(self, traj: Trajectory, summary: str) -> list[range]:
         """The whole trajectory when its request fits the context, else the fewest equal
         windows that each fit (logged)."""
@@ -322,9 +335,7 @@ class ApiReflector:
         budget = self.cfg.context_tokens - self.cfg.max_tokens
 
         def tokens(w: range) -> int:
-            return math.ceil(
-                sum(len(m["content"]) for m in self._messages(traj, w, summary)) / CHARS_PER_TOKEN
-            )
+            return self.prompt_tokens(self._messages(traj, w, summary))
 
         for k in range(1, n + 1):
             parts = windows(n, math.ceil(n / k))
@@ -343,6 +354,39 @@ class ApiReflector:
             f"{self.cfg.context_tokens} minus --reflector.api.max-tokens {self.cfg.max_tokens}"
         )
 
+    def _raised_budget(self, messages: list[dict], budget: int, what: str) -> int:
+        """The budget of the one re-ask after a reply to ``messages`` was cut off at ``budget``
+        tokens: doubled, capped by the context left after the request (logged). Raises
+        :class:`ReflectorError` when ``budget`` was already raised or there is no room."""
+        cfg = self.cfg
+        self._bump("truncated_replies")
+        if budget > cfg.max_tokens:
+            raise ReflectorError(
+                f"Reflector reply for {what} was cut off again at {budget} tokens, after a first "
+                f"cut-off at --reflector.api.max-tokens {cfg.max_tokens} (a reasoning model "
+                f"spends most of its budget thinking): raise --reflector.api.max-tokens (and "
+                f"--reflector.api.context-tokens {cfg.context_tokens}, up to the server's "
+                f"context length) and rerun with --resume"
+            )
+        prompt = self.prompt_tokens(messages)
+        raised = min(2 * budget, cfg.context_tokens - prompt)
+        if raised <= budget:
+            raise ReflectorError(
+                f"Reflector reply for {what} was cut off at --reflector.api.max-tokens {budget}, "
+                f"and --reflector.api.context-tokens {cfg.context_tokens} leaves no room for a "
+                f"larger budget (the request is ~{prompt} tokens): raise "
+                f"--reflector.api.context-tokens up to the server's context length, or "
+                f"--reflector.api.max-tokens (longer trajectories are then reflected in more, "
+                f"smaller windows), and rerun with --resume"
+            )
+        self._bump("format_retries", "truncated reply")
+        log.warning(
+            "reflector reply for %s cut off at max_tokens %d; asking once more with max_tokens "
+            "%d (doubled, at most --reflector.api.context-tokens %d minus the ~%d-token request)",
+            what, budget, raised, cfg.context_tokens, prompt,
+        )  # fmt: skip
+        return raised
+
     def _window_labels(self, traj: Trajectory, window: range, summary: str) -> list[StepLabel]:
         messages = self._messages(traj, window, summary)
         steps = [traj.steps[i].t for i in window]
@@ -358,25 +402,25 @@ class ApiReflector:
                 self._bump("cache_hits")
                 return labels
         convo = list(messages)
-        for attempt in range(self.cfg.max_format_retries + 1):
-            text, finish = self._complete(convo)
+        budget, retries, attempts = self.cfg.max_tokens, 0, 0
+        while True:
+            text, finish = self._complete(convo, budget)
+            attempts += 1
             try:
                 labels = validate_reply(text, steps, actions, self.prompt_cfg)
             except ReplyError as e:
+                if finish == "length":  # the same question once more, with more room
+                    what = f"steps {window.start}-{window.stop - 1}"
+                    budget = self._raised_budget(convo, budget, what)
+                    continue
                 reason = str(e)
-                if finish == "length":
-                    self._bump("truncated_replies")
-                    reason = (
-                        f"your reply was cut off at the {self.cfg.max_tokens}-token limit before "
-                        f"the JSON list was complete ({e}); think less and give only the list"
-                    )
-                if attempt == self.cfg.max_format_retries:
+                if retries == self.cfg.max_format_retries:
                     raise ReflectorError(
                         f"Reflector reply for steps {window.start}-{window.stop - 1} still "
-                        f"invalid after {attempt + 1} attempts: {reason}"
+                        f"invalid after {attempts} attempts: {reason}"
                     ) from None
-                kind = "truncated reply" if finish == "length" else "invalid reply"
-                self._bump("format_retries", kind)
+                retries += 1
+                self._bump("format_retries", "invalid reply")
                 log.warning(
                     "reflector reply for steps %d-%d invalid (%s); asking again",
                     window.start, window.stop - 1, reason[:200],
@@ -395,31 +439,35 @@ class ApiReflector:
                 continue
             self._cache_put(digest, text)
             return labels
-        raise AssertionError("unreachable")
 
     def complete(self, messages: list[dict]) -> str:
         """The text of one free-form reply to ``messages`` (Reflexion's self-reflection), with
         the transport retries and the on-disk cache of the labels. A reply cut off at
-        ``max_tokens`` or empty after its reasoning is asked again (``max_format_retries``),
-        never returned."""
+        ``max_tokens`` is asked once more with a larger budget, as a label request's; one
+        empty after its reasoning is asked again (``max_format_retries``); neither is
+        returned."""
         digest = self.request_hash(messages)
         cached = self._cache_get(digest)
         if cached is not None:
             self._bump("cache_hits")
             return cached
-        for attempt in range(self.cfg.max_format_retries + 1):
-            text, finish = self._complete(messages)
-            if finish != "length" and reply_answer(text):
+        budget, retries = self.cfg.max_tokens, 0
+        while True:
+            text, finish = self._complete(messages, budget)
+            if finish == "length":
+                budget = self._raised_budget(messages, budget, f"request {digest[:12]}")
+                continue
+            if reply_answer(text):
                 self._cache_put(digest, text)
                 return text
-            kind = "truncated reply" if finish == "length" else "invalid reply"
-            if attempt < self.cfg.max_format_retries:
-                self._bump("format_retries", kind)
-                log.warning("reflector reply %s (%s); asking again", kind, digest[:12])
-        raise ReflectorError(
-            f"Reflector reply still cut off or empty after {attempt + 1} attempts (raise "
-            f"--reflector.api.max-tokens or --reflector.api.max-format-retries)"
-        )
+            if retries == self.cfg.max_format_retries:
+                raise ReflectorError(
+                    f"Reflector reply still empty after its reasoning after {retries + 1} "
+                    f"attempts (raise --reflector.api.max-format-retries)"
+                )
+            retries += 1
+            self._bump("format_retries", "invalid reply")
+            log.warning("reflector reply empty after its reasoning (%s); asking again", digest[:12])
 
     # -- cache -----------------------------------------------------------------------------
 
