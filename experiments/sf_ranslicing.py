@@ -400,10 +400,14 @@ def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> d
     )  # fmt: skip
     heldout = HeldOutEval(cfg.heldout, cfg.env, actor, run_dir)
     # the Actor before any fine-tuning (LoRA B = 0); cached, so a resume reuses it
+    t_held = time.perf_counter()
     heldout.before(untrained=loop.ckpt.latest_step() is None)
+    held_s = time.perf_counter() - t_held
     summary = loop.run(resume=resume)
     summary["timings_s"]["setup"] = setup_s
+    t_held = time.perf_counter()
     loop.run_info["held_out"] = heldout.after_and_report()
+    summary["timings_s"]["held_out"] = held_s + time.perf_counter() - t_held
     summary = loop.write_summary()
     _save_adapter(finetuner, run_dir / "adapter", base_model_id(ckpt))
     if writer is not None:

@@ -134,10 +134,11 @@ def format_sf_summary(
         ]
     t = summary.get("timings_s", {})
     if t:
-        phases = [k for k in ("setup", "collect", "reflect", "kto") if k in t]
+        names = {"held_out": "held-out evaluation"}  # before and after together
+        phases = [k for k in ("setup", "collect", "reflect", "kto", "held_out") if k in t]
         out += [
             "",
-            "Wall time: " + ", ".join(f"{k} {t[k]:.0f} s" for k in phases)
+            "Wall time: " + ", ".join(f"{names.get(k, k)} {t[k]:.0f} s" for k in phases)
             + " (CPU seconds per phase in summary.json)",
         ]
     out += [

@@ -50,9 +50,11 @@ def test_sf_summary_reports_the_held_out_comparison(tmp_path):
 
     held = {"seeds": [100, 101], "num_steps": 300,
             "metrics": paired_report({"mean_se": [5.0, 5.2]}, {"mean_se": [5.3, 5.4]})}  # fmt: skip
-    text = format_sf_summary({**SUMMARY, "held_out": held}, tmp_path, trajectory_steps=10,
-                             num_envs=2)  # fmt: skip
+    timings = {**SUMMARY["timings_s"], "held_out": 308.0}
+    text = format_sf_summary({**SUMMARY, "held_out": held, "timings_s": timings}, tmp_path,
+                             trajectory_steps=10, num_envs=2)  # fmt: skip
     assert "Held-out env seeds [100, 101] (300 decisions each" in text
+    assert "kto 118 s, held-out evaluation 308 s" in text  # the run's wall time includes it
     assert "avg SE [bit/s/Hz]" in text and "+0.25" in text
 
 

@@ -68,6 +68,10 @@ def test_smoke_end_to_end_and_resume(tmp_path, capsys):
     for name in ("summary.json", "tb", "adapter", "trajectories", "checkpoints"):
         assert str(full_dir / name) in printed
     assert f"tensorboard --logdir {full_dir / 'tb'}" in printed
+    # the run's wall time counts the held-out evaluations too, in the print and summary.json
+    assert "held-out evaluation" in printed.split("Wall time: ")[1].splitlines()[0]
+    written = json.loads((full_dir / "summary.json").read_text())["timings_s"]
+    assert written["held_out"] > 0 and written["setup"] > 0
     # the adapter names its base model (AutoPeftModel loads it: test_adapter_loads_with_...)
     adapter_cfg = json.loads((full_dir / "adapter" / "adapter_config.json").read_text())
     assert adapter_cfg["base_model_name_or_path"] == str((full_dir / "tiny_actor").resolve())
