@@ -216,6 +216,22 @@ def test_bad_cli_value_is_one_line_before_anything_is_written(tmp_path, capsys, 
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("preset, args, line", [
+    # the smoke preset's Actor is the prior: a checkpoint given with it used to be ignored
+    ("smoke", ["--model.checkpoint", "/ckpt"], "--model.checkpoint '/ckpt': must be '' with "
+     "--model.prior (one Actor): add --model.no-prior to load this checkpoint"),
+    ("paper", ["--model.tiny"], "--model.checkpoint 'Qwen/Qwen3-4B': must be '' with "
+     "--model.tiny (one Actor): add --model.no-tiny to load this checkpoint, or "
+     "--model.checkpoint '' for the tiny model"),
+])  # fmt: skip
+def test_checkpoint_with_the_prior_or_tiny_actor_is_refused(tmp_path, capsys, preset, args, line):
+    with pytest.raises(SystemExit) as e:
+        _experiment().main([preset, "--run-dir", str(tmp_path / "r"), *args])
+    code, err = e.value.code, capsys.readouterr().err
+    assert code == 2 and err.startswith(f"error: {line}"), err
+    assert not (tmp_path / "r").exists()
+
+
 def test_scan_decode_needs_scan_layers_and_reaches_the_model(tmp_path, capsys, monkeypatch):
     mod = _experiment()
     code, err = _cli(mod, capsys, "--run-dir", str(tmp_path / "r"), "--model.scan-decode")
