@@ -22,7 +22,7 @@ from sfjax import atomic
 from sfjax.agents.reflectors.base import ReflectorError
 from sfjax.atomic import DamagedFile
 from sfjax.config_rules import RULES
-from sfjax.configcheck import ConfigError, check_config
+from sfjax.configcheck import Bad, ConfigError, check_config
 from sfjax.models.config import CheckpointUnavailable
 from sfjax.models.weights import CheckpointError
 
@@ -62,6 +62,17 @@ def _join_lines(text: str) -> str:
 
 
 _strings.remove_single_line_breaks = _join_lines  # tyro calls it through the module
+
+
+def checkpoint_with_switch(checkpoint: str, prior: bool, tiny: bool, prefix: str = "") -> list[Bad]:
+    """A ``checkpoint`` given together with the behavioural-prior or tiny-Actor switch is
+    refused (one Actor: the switch would win and the checkpoint be ignored). ``prefix``: the
+    options' path (``model.`` in sf_ranslicing, empty in reflexion_ranslicing)."""
+    if not (checkpoint and (prior or tiny)):
+        return []
+    flag, what = ("prior", "the prior") if prior else ("tiny", "the tiny model")
+    why = f"add --{prefix}no-{flag} to load this checkpoint, or --{prefix}checkpoint '' for {what}"
+    return [Bad("checkpoint", f"'' with --{prefix}{flag} (one Actor): {why}")]
 
 
 def parse(presets: dict, args: list[str] | None, description: str | None) -> Any:

@@ -112,10 +112,7 @@ class Config:
         if self.checkpoint != SF_ACTOR:  # table3's value: table3 checks its Actor options
             if self.prior and self.tiny:
                 bad.append(Bad("tiny", "left unset with --prior (one Actor)"))
-            if self.checkpoint and (self.prior or self.tiny):
-                flag, what = ("prior", "the prior") if self.prior else ("tiny", "the tiny model")
-                why = f"add --no-{flag} to load this checkpoint, or --checkpoint '' for {what}"
-                bad.append(Bad("checkpoint", f"'' with --{flag} (one Actor): {why}"))
+            bad += cli_common.checkpoint_with_switch(self.checkpoint, self.prior, self.tiny)
             if not (self.checkpoint or self.prior or self.tiny):
                 bad.append(Bad("checkpoint", "a checkpoint path or hub id (or --prior or --tiny)"))
         if shared := self.protocol.shared_seeds(self.reflexion.trial_seeds):

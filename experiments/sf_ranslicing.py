@@ -104,12 +104,8 @@ class ModelConfig:
                                          "--model.prior)"))
         if self.tiny and self.prior:
             bad.append(Bad("prior", "not together with --model.tiny (one Actor)"))
-        if self.checkpoint and (self.prior or self.tiny):
-            # the prior / tiny Actor would be used and this checkpoint ignored (the smoke
-            # preset's Actor is the prior)
-            flag, what = ("prior", "the prior") if self.prior else ("tiny", "the tiny model")
-            why = f"add --model.no-{flag} to load this checkpoint, or --model.checkpoint '' for {what}"
-            bad.append(Bad("checkpoint", f"'' with --model.{flag} (one Actor): {why}"))
+        # the smoke preset's Actor is the prior: a checkpoint given with it would be ignored
+        bad += cli_common.checkpoint_with_switch(self.checkpoint, self.prior, self.tiny, "model.")
         if self.scan_decode and not self.scan_layers:
             bad.append(Bad("scan_decode", "used with --model.scan-layers"))
         return bad
