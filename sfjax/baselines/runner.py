@@ -1,9 +1,11 @@
 """Train + evaluate + persist the RL baselines (used by experiments/rl_baselines.py and table3.py).
 
-For every algorithm: one jitted, seed-vmapped training run (:func:`sfjax.baselines.rl.train`),
-per-round curves to TensorBoard and ``<run_dir>/<algo>/curves.npz``, the trained seeds
-evaluated on the shared protocol (``eval_rollouts.npz``), and ``summary.json`` with the
-Table III row, wall time and sample counts.
+For every algorithm: one jitted, seed-vmapped training run (:func:`sfjax.baselines.rl.train`)
+and the trained seeds evaluated on the shared protocol (:func:`train_and_evaluate`, also the
+unit of experiments/rl_search.py's hyperparameter search); :func:`run_rl_baselines` adds the
+per-round curves to TensorBoard and ``<run_dir>/<algo>/curves.npz``, the evaluation rollouts
+(``eval_rollouts.npz``), and ``summary.json`` with the Table III row, wall time and sample
+counts.
 """
 
 from __future__ import annotations
@@ -67,6 +69,38 @@ class RLRun:
     row: MethodResult
 
 
+def train_and_evaluate(
+    cfg: RLRunConfig, name: rl.AlgoName, env, env_params: Any, protocol: EvalProtocol
+) -> RLRun:
+    """One algorithm of ``cfg`` (its hyperparameters ``cfg.<name>``): train every seed of
+    ``cfg.seeds`` in one program, evaluate each on ``protocol``; its Table III row. Writes
+    nothing (the hyperparameter search, experiments/rl_search.py, calls it per candidate)."""
+    log.info("training %s: %d seeds x %d env steps", name, len(cfg.seeds), cfg.budget.total_steps)
+    result = rl.train(name, cfg.algo_config(name), env, env_params, cfg.budget, cfg.seeds)
+    log.info("%s trained in %.1f s; evaluating %d seeds x %d env seeds x %d steps", name,
+             result.wall_time_s, len(cfg.seeds), len(protocol.seeds), protocol.num_steps)  # fmt: skip
+    rollouts = rl.evaluate_trained(result, env, protocol, cfg.deterministic_eval)
+    row = MethodResult(
+        name=ROW_NAMES[name],
+        summary=rollouts.summary(),
+        train_samples=result.env_samples,
+        eval_samples=rollouts.num_samples,
+        num_trajectories=int(np.prod(rollouts.rewards.shape[:-1])),
+        note=(
+            f"rejax {name.upper()}, {len(cfg.seeds)} training seeds x "
+            f"{len(protocol.seeds)} evaluation seeds, "
+            f"{'greedy' if cfg.deterministic_eval else 'stochastic'} policy"
+        ),
+    )
+    s = row.summary
+    log.info(
+        "%s done: utility %.1f ± %.1f, avg SE %.3f bit/s/Hz, %.1f reconfigurations, %.1f "
+        "violating steps per trajectory", name, *s["utility"], s["mean_se"][0],
+        s["reconfigurations"][0], s["violations"][0],
+    )  # fmt: skip
+    return RLRun(result, rollouts, row)
+
+
 def run_rl_baselines(
     cfg: RLRunConfig,
     env,
@@ -79,25 +113,8 @@ def run_rl_baselines(
     run_dir = Path(run_dir)
     out: dict[str, RLRun] = {}
     for name in cfg.algos:
-        log.info(
-            "training %s: %d seeds x %d env steps", name, len(cfg.seeds), cfg.budget.total_steps
-        )
-        result = rl.train(name, cfg.algo_config(name), env, env_params, cfg.budget, cfg.seeds)
-        log.info("%s trained in %.1f s; evaluating %d seeds x %d env seeds x %d steps", name,
-                 result.wall_time_s, len(cfg.seeds), len(protocol.seeds), protocol.num_steps)  # fmt: skip
-        rollouts = rl.evaluate_trained(result, env, protocol, cfg.deterministic_eval)
-        row = MethodResult(
-            name=ROW_NAMES[name],
-            summary=rollouts.summary(),
-            train_samples=result.env_samples,
-            eval_samples=rollouts.num_samples,
-            num_trajectories=int(np.prod(rollouts.rewards.shape[:-1])),
-            note=(
-                f"rejax {name.upper()}, {len(cfg.seeds)} training seeds x "
-                f"{len(protocol.seeds)} evaluation seeds, "
-                f"{'greedy' if cfg.deterministic_eval else 'stochastic'} policy"
-            ),
-        )
+        run = train_and_evaluate(cfg, name, env, env_params, protocol)
+        result, rollouts, row = run.train, run.rollouts, run.row
         d = run_dir / name
         d.mkdir(parents=True, exist_ok=True)
         np.savez(d / "curves.npz", **result.curves)
@@ -120,13 +137,7 @@ def run_rl_baselines(
             for metric, (mean, _std) in row.summary.items():
                 writer.add_scalar(f"{name}/eval/{metric}", mean, cfg.budget.rounds)
             writer.flush()
-        s = row.summary
-        log.info(
-            "%s done: utility %.1f ± %.1f, avg SE %.3f bit/s/Hz, %.1f reconfigurations, %.1f "
-            "violating steps per trajectory", name, *s["utility"], s["mean_se"][0],
-            s["reconfigurations"][0], s["violations"][0],
-        )  # fmt: skip
-        out[name] = RLRun(result, rollouts, row)
+        out[name] = run
     return out
 
 
