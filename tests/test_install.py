@@ -75,7 +75,7 @@ import sfjax
 for info in pkgutil.walk_packages(sfjax.__path__, "sfjax."):
     if not info.name.startswith({optional!r}) and not info.name.endswith("__main__"):
         importlib.import_module(info.name)
-for name in ("sf_ranslicing", "reflexion_ranslicing", "rl_baselines", "table3"):
+for name in ("sf_ranslicing", "reflexion_ranslicing", "rl_baselines", "rl_search", "table3"):
     importlib.import_module(name)
 # libraries imported lazily on the smoke path: transformers' chat template needs jinja2
 import tempfile

@@ -27,7 +27,7 @@ def test_paper_presets_follow_the_paper_protocol():
 
 
 def test_every_experiment_exposes_the_same_objective_and_scenario():
-    names = ("sf_ranslicing", "reflexion_ranslicing", "rl_baselines", "table3")
+    names = ("sf_ranslicing", "reflexion_ranslicing", "rl_baselines", "rl_search", "table3")
     for name in names:
         mod = experiment(name)
         for preset in (mod.SMOKE, mod.PAPER):

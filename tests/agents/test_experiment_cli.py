@@ -10,7 +10,9 @@ from sfjax.config_rules import RULES
 from sfjax.configcheck import problems
 
 
-@pytest.mark.parametrize("name", ["sf_ranslicing", "table3", "reflexion_ranslicing", "rl_baselines"])
+@pytest.mark.parametrize(
+    "name", ["sf_ranslicing", "table3", "reflexion_ranslicing", "rl_baselines", "rl_search"]
+)
 def test_presets_are_valid(name):
     mod = experiment(name)
     for _, preset in mod.PRESETS.values():
