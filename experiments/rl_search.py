@@ -300,7 +300,7 @@ def table3_command(cfg: Config, flags: dict[str, list[str]]) -> str:
     """table3.py's RL and reference rows with the winners, on the held-out seeds."""
     seeds = cfg.reported_seeds
     contiguous = seeds and list(seeds) == list(range(seeds[0], seeds[0] + len(seeds)))
-    given = "" if tuple(seeds) == EvalProtocol().seeds or not seeds else (
+    given = "" if not seeds else (  # explicit even when table3's default: a record
         f" --protocol.seeds $(seq {seeds[0]} {seeds[-1]})" if contiguous
         else " --protocol.seeds " + " ".join(map(str, seeds)))  # fmt: skip
     extra = "".join(f" {f}" for algo in cfg.rl.algos for f in flags[algo])

@@ -86,7 +86,7 @@ def test_presets_hold_table3s_seeds_out():
         (("--validation.seeds", "15", "16"), "[15]"),  # the measured Table III's seeds 0-15
         (("--reported-seeds", "200", "--validation.seeds", "200", "201"), "[200]"),
         # table3.py's default --protocol.seeds stay held out whatever --reported-seeds says
-        (("--reported-seeds", "50", "--validation.seeds", "4", "5"), "[4]"),
+        (("--reported-seeds", "50", "--validation.seeds", "4", "16"), "[4]"),
     ],
 )
 def test_validation_seeds_table3_reports_on_are_refused(tmp_path, script, capsys, args, shared):
