@@ -65,13 +65,16 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "sf_ranslicing.py"
+if str(ROOT) not in sys.path:  # ``python benchmarks/paper_rehearsal.py`` from a bare checkout
+    sys.path.insert(1, str(ROOT))
+
+from sfjax.testing import LocalJSONServer, send_json  # noqa: E402
+
 KEY_ENV = "DEEPSEEK_API_KEY"
 """The paper preset's key variable (``ApiReflectorConfig.api_key_env``); a dummy value here."""
 DUMMY_KEY = "sk-rehearsal-dummy-key-0000"
@@ -200,40 +203,22 @@ def r1_reply(labels: list[dict], shape: str) -> tuple[str, str | None]:
     return answer, thinking
 
 
-class FakeR1:
+class FakeR1(LocalJSONServer):
     """``with FakeR1() as server: server.url``; ``server.requests`` lists what it served."""
 
     def __init__(self):
-        self.lock = threading.Lock()
         self.requests: list[dict] = []
         self.errors: list[str] = []
-        server = self
+        super().__init__(path="/v1")
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                try:
-                    code, reply = server.answer(self.path, self.headers, body)
-                except Exception as e:  # a bug of the fake: a 500 the client retries, noted
-                    with server.lock:
-                        server.errors.append(f"{type(e).__name__}: {e}")
-                    code, reply = 500, {"error": {"message": f"fake R1 failed: {e}"}}
-                data = json.dumps(reply).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+    def handle_post(self, h, body: dict) -> None:
+        try:
+            code, reply = self.answer(h.path, h.headers, body)
+        except Exception as e:  # a bug of the fake: a 500 the client retries, noted
+            with self.lock:
+                self.errors.append(f"{type(e).__name__}: {e}")
+            code, reply = 500, {"error": {"message": f"fake R1 failed: {e}"}}
+        send_json(h, code, reply)
 
     def answer(self, path: str, headers, body: dict) -> tuple[int, dict]:
         if path.rstrip("/") != "/v1/chat/completions":
@@ -263,14 +248,6 @@ class FakeR1:
             "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
         }  # fmt: skip
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *a):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 # -- the run -----------------------------------------------------------------------------------

@@ -14,13 +14,19 @@ Hugging Face layout that ``transformers.Qwen3ForCausalLM.from_pretrained`` and
 
 The weights are random, so the model's text is gibberish; what matters is that shapes, names,
 special tokens and the chat template behave like the real Qwen3-4B checkpoint.
+
+:class:`LocalJSONServer` is the plumbing of the local fakes of remote JSON APIs
+(``tests/fake_openai.FakeOpenAI``, ``benchmarks/paper_rehearsal.FakeR1``): an HTTP server on
+127.0.0.1 in a daemon thread that hands each POST's parsed body to its subclass.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -317,3 +323,74 @@ def write_tiny_checkpoint(
     weights = random_hf_weights(cfg, seed=seed, randomize_norms=randomize_norms)
     _save_weights(out, weights, dtype, max_shard_bytes)
     return out
+
+
+# -- local fakes of remote JSON APIs ---------------------------------------------------------
+
+
+class LocalJSONServer:
+    """An HTTP/1.1 server on 127.0.0.1 (a free port) in a daemon thread, for fakes of remote JSON
+    APIs: ``with Fake() as server: server.url``. A subclass answers each POST in
+    :meth:`handle_post`, given the request handler (path, headers, connection) and the parsed
+    JSON body, and writes its reply with :func:`send_json` / :func:`send_raw`. ``lock`` guards
+    what the subclass records: requests arrive on the server's threads. A client that hangs up
+    before the reply is written is not an error of the server."""
+
+    def __init__(self, path: str = ""):
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as the API servers it stands in for
+
+            def log_message(self, *a):  # no access log on stderr
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                try:
+                    server.handle_post(self, body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port: int = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}{path}"
+        """The server's address plus ``path`` (e.g. ``/v1``, an OpenAI client's base URL)."""
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def handle_post(self, handler: BaseHTTPRequestHandler, body: Any) -> None:
+        raise NotImplementedError
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def send_json(handler: BaseHTTPRequestHandler, code: int, obj: Any,
+              headers: Mapping[str, str] | None = None) -> None:
+    """Reply ``code`` with ``obj`` as a JSON body (``Content-Length`` set, connection kept)."""
+    send_raw(handler, code, json.dumps(obj).encode(), "application/json", headers)
+
+
+def send_raw(handler: BaseHTTPRequestHandler, code: int, data: bytes, content_type: str,
+             headers: Mapping[str, str] | None = None) -> None:
+    """Reply ``code`` with ``data`` as the body, of ``content_type``, plus ``headers``."""
+    handler.send_response(code)
+    handler.send_header("Content-Type", content_type)
+    handler.send_header("Content-Length", str(len(data)))
+    for k, v in (headers or {}).items():
+        handler.send_header(k, v)
+    handler.end_headers()
+    handler.wfile.write(data)
