@@ -19,12 +19,13 @@ else on its command line -- with two things swapped:
   sampling config, RfR with K = 8 and 6 KTO iterations, one 300-step trajectory, the held-out
   protocol (4 env seeds x 300 steps) and the PEFT adapter export -- with one departure, for
   the tiny Actor's sake (below);
-* the Reflector's endpoint is :class:`FakeR1`, an OpenAI-compatible server on 127.0.0.1 that
-  answers like DeepSeek-R1: reasoning, ``</think>``, then the JSON list of labels, sometimes
-  in a code fence or with prose after it, or with the reasoning in ``reasoning_content`` as
-  DeepSeek's own API sends it. Its labels are meaningful: the project's offline rule
-  labeller (:mod:`sfjax.agents.reflectors.rule`) applied to the steps it reads back from the
-  request's text. The key is a dummy in ``DEEPSEEK_API_KEY`` (the preset's variable).
+* the Reflector's endpoint is :class:`FakeR1` (benchmarks/fake_r1.py), an OpenAI-compatible
+  server on 127.0.0.1 that answers like DeepSeek-R1: reasoning, ``</think>``, then the JSON
+  list of labels, sometimes in a code fence or with prose after it, or with the reasoning in
+  ``reasoning_content`` as DeepSeek's own API sends it. Its labels are meaningful: the
+  project's offline rule labeller (:mod:`sfjax.agents.reflectors.rule`) applied to the steps
+  it reads back from the request's text. The key is a dummy in ``DEEPSEEK_API_KEY`` (the
+  preset's variable).
 
 The departure: ``--rfr.max-cache-gib-per-call`` is scaled by the tiny Actor's KV bytes per
 token over Qwen3-4B's (:func:`rollout_budget_gib`: 4 layers x 2 KV heads x 16 dims against
@@ -113,11 +114,7 @@ for _path in (ROOT, SCRIPT.parent):  # a bare checkout (no install); the CLI's m
     if str(_path) not in sys.path:
         sys.path.insert(1, str(_path))
 
-from sfjax.testing import LocalJSONServer, send_json  # noqa: E402
-
-KEY_ENV = "DEEPSEEK_API_KEY"
-"""The paper preset's key variable (``ApiReflectorConfig.api_key_env``); a dummy value here."""
-DUMMY_KEY = "sk-rehearsal-dummy-key-0000"
+from fake_r1 import DUMMY_KEY, KEY_ENV, FakeR1  # noqa: E402
 
 TINY_WIDTHS = {
     # Qwen3-4B's widths, small: 32/8 heads -> 8/2 (GQA 4 as there), head_dim 128 -> 16
@@ -211,141 +208,6 @@ def write_actor(ckpt: Path, width: str, layers: int) -> dict:
             "weights_bytes": sum(f.stat().st_size for f in files),
             "files": len(files), "peak_rss_gib": round(_peak_rss_gib(), 2),
             "rss_before_gib": round(rss0, 2)}  # fmt: skip
-
-
-# -- the fake DeepSeek-R1 endpoint -------------------------------------------------------------
-
-_STEP_RE = re.compile(r"^step (\d+): state: (.*?) \| action (\d+)(.*)$", re.M)
-_RANGE_RE = re.compile(r"\d+ PRBs each, from (\d+) to (\d+)\)")
-_NUM = r"([-+]?\d+(?:\.\d+)?)"
-
-SHAPES = ("r1_content", "fenced", "prose_after", "reasoning_content")
-"""How the fake's replies come, in turn: R1 served without a reasoning parser (reasoning,
-``</think>`` with no opening tag, the list), a code fence around the list after ``<think>...
-</think>``, prose with brackets after the list, and DeepSeek's API (reasoning in
-``reasoning_content``, the list alone in ``content``)."""
-
-
-def _number(pattern: str, text: str, default: float = 0.0) -> float:
-    m = re.search(pattern.replace("#", _NUM), text)
-    return float(m.group(1)) if m else default
-
-
-def steps_from_request(user: str):
-    """The steps of a reflection request, read back from its text as
-    :func:`sfjax.agents.reflectors.base.reflection_user_prompt` writes them (state, action,
-    feedback; the Actor's own words between them are skipped)."""
-    from sfjax.agents.trajectory import Step
-
-    steps = []
-    for m in _STEP_RE.finditer(user):
-        t, state, action, rest = int(m.group(1)), m.group(2), int(m.group(3)), m.group(4)
-        feedback = rest.rpartition(" | feedback: ")[2]
-        where = re.search(r"QoS violation \(([^)]*)\)", feedback)
-        violation = "QoS violation" in feedback and "no QoS violation" not in feedback
-        arrival = _number(r"arrivals # Mb/s", state) * 1e6
-        fb = {
-            "se": _number(r"SE # bit/s/Hz", feedback),
-            "violation": float(violation),
-            "reconfiguration": float("not reconfigured" not in feedback),
-            "arrival_rate_bps": arrival,
-            "queue_delta_bytes": 0.0,
-            "dropped_bytes": _number(r"dropped # kB", feedback) * 1e3,
-        }
-        if where is not None:
-            fb["slice_violation"] = float("slice 0" in where.group(1))
-            fb["other_violation"] = float("slice 1" in where.group(1))
-        prev = int(_number(r"allocation # ", state))
-        state_d = {"prev_action": prev, "se": 0.0, "arrival_rate_bps": arrival,
-                   "queue_delta_bytes": 0.0, "dropped_bytes": 0.0}  # fmt: skip
-        steps.append(Step(t, state_d, "", "", "", action, "", True, fb))
-    return steps
-
-
-def rule_labels(system: str, user: str) -> list[dict]:
-    """The fake Reflector's verdicts: the offline rule labeller on the request's steps."""
-    from sfjax.agents.prompts import PromptConfig
-    from sfjax.agents.reflectors.rule import RuleReflector, RuleReflectorConfig
-    from sfjax.agents.trajectory import Trajectory
-
-    m = _RANGE_RE.search(system)
-    lo, hi = (int(m.group(1)), int(m.group(2))) if m else (1, 12)
-    steps = steps_from_request(user)
-    labels = RuleReflector(RuleReflectorConfig(), PromptConfig(action_lo=lo, action_hi=hi)).label(
-        Trajectory(0, 0, steps)
-    )
-    return [
-        {"step": x.step, "label": x.label, "improved_action": x.improved_action,
-         "reason": x.reason.removeprefix("[rule-based hindsight labeller] ")}
-        for x in labels
-    ]  # fmt: skip
-
-
-def r1_reply(labels: list[dict], shape: str) -> tuple[str, str | None]:
-    """(content, reasoning_content) of a reply in the given :data:`SHAPES` entry."""
-    answer = json.dumps(labels, indent=1)
-    n_sub = sum(x["label"] == "suboptimal" for x in labels)
-    thinking = (
-        f"Okay, let me go through the {len(labels)} steps [{labels[0]['step']}..."
-        f"{labels[-1]['step']}] one by one. A step with a violation {{slice 0}} needs more; "
-        f"a short dip that came back is [not worth] two reconfigurations. So {n_sub} are "
-        "suboptimal. Let me write the list."
-    )
-    if shape == "r1_content":
-        return f"{thinking}\n</think>\n\n{answer}", None
-    if shape == "fenced":
-        return f"<think>\n{thinking}\n</think>\n\n```json\n{answer}\n```", None
-    if shape == "prose_after":
-        return (f"{thinking}\n</think>\n\n{answer}\n\nNote: steps [{labels[0]['step']}] and "
-                f"[{labels[-1]['step']}] were borderline {{see above}}."), None  # fmt: skip
-    return answer, thinking
-
-
-class FakeR1(LocalJSONServer):
-    """``with FakeR1() as server: server.url``; ``server.requests`` lists what it served."""
-
-    def __init__(self):
-        self.requests: list[dict] = []
-        self.errors: list[str] = []
-        super().__init__(path="/v1")
-
-    def handle_post(self, h, body: dict) -> None:
-        try:
-            code, reply = self.answer(h.path, h.headers, body)
-        except Exception as e:  # a bug of the fake: a 500 the client retries, noted
-            with self.lock:
-                self.errors.append(f"{type(e).__name__}: {e}")
-            code, reply = 500, {"error": {"message": f"fake R1 failed: {e}"}}
-        send_json(h, code, reply)
-
-    def answer(self, path: str, headers, body: dict) -> tuple[int, dict]:
-        if path.rstrip("/") != "/v1/chat/completions":
-            return 404, {"error": {"message": f"no route {path}"}}
-        if headers.get("Authorization") != f"Bearer {DUMMY_KEY}":
-            return 401, {"error": {"message": "Authentication Fails (wrong key)"}}
-        messages = body["messages"]
-        system, user = messages[0]["content"], messages[1]["content"]
-        labels = rule_labels(system, user)
-        with self.lock:
-            n = len(self.requests)
-            self.requests.append({
-                "model": body.get("model"), "max_tokens": body.get("max_tokens"),
-                "messages": len(messages), "chars": sum(len(m["content"]) for m in messages),
-                "steps": [x["step"] for x in labels],
-            })  # fmt: skip
-        if not labels:  # a request without steps (Reflexion's self-reflection): a lesson
-            content, reasoning = "Thinking.\n</think>\n\nLesson: react to violations.", None
-        else:
-            content, reasoning = r1_reply(labels, SHAPES[n % len(SHAPES)])
-        message = {"role": "assistant", "content": content}
-        if reasoning is not None:
-            message["reasoning_content"] = reasoning
-        return 200, {
-            "id": f"fake-r1-{n}", "object": "chat.completion", "created": int(time.time()),
-            "model": body.get("model"),
-            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
-        }  # fmt: skip
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -624,26 +486,26 @@ def parse_args(argv=None):
                         "layers) or 'full' (Qwen3-4B's own config: 36 layers, hidden 2560, 8 GB "
                         "of random bf16 weights, for an accelerator; the rollout budget is then "
                         "the preset's)")  # fmt: skip
-    p.add_argument("--layers", type=_positive, default=None,
+    p.add_argument("--layers", type=_positive, default=None, metavar="N",
                    help="decoder layers of the tiny Actor (default 4; not with --width full)")
-    p.add_argument("--steps", type=_positive, default=None,
+    p.add_argument("--steps", type=_positive, default=None, metavar="N",
                    help="shorten the trajectory and the held-out episodes to N steps "
                         "(--loop.trajectory-steps, --heldout.num-steps; default: the preset's "
                         "300)")  # fmt: skip
-    p.add_argument("--kto-iterations", type=_positive, default=None,
+    p.add_argument("--kto-iterations", type=_positive, default=None, metavar="N",
                    help="KTO iterations (--rfr.kto-iterations; default: the preset's 6)")
-    p.add_argument("--rollouts", type=_positive, default=None,
+    p.add_argument("--rollouts", type=_positive, default=None, metavar="K",
                    help="RfR samples per unsolved prompt (--rfr.num-rollouts; default: the "
                         "preset's K = 8)")  # fmt: skip
-    p.add_argument("--heldout-seeds", type=int, default=None,
+    p.add_argument("--heldout-seeds", type=int, default=None, metavar="N",
                    help="held-out env seeds: the preset's first N (--heldout.seeds; 0 skips the "
                         "held-out evaluation; default: all 4)")  # fmt: skip
-    p.add_argument("--budget-s", type=float, default=None,
+    p.add_argument("--budget-s", type=float, default=None, metavar="S",
                    help="wall seconds for this script from its start: the run is stopped "
                         f"(SIGTERM, SIGKILL {STOP_GRACE_S:.0f} s later) in time to print what it "
                         f"measured by then, and the exit status is {EXIT_CUT}; the checks of a "
                         "run that finished are not counted in it")  # fmt: skip
-    p.add_argument("--work-dir", default=None,
+    p.add_argument("--work-dir", default=None, metavar="DIR",
                    help="where the checkpoint and the run dir go (default: a new "
                         "runs/paper_rehearsal-<time>; an existing run dir is continued, as the "
                         "CLI does, and an existing checkpoint of the same width reused)")

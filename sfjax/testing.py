@@ -16,7 +16,7 @@ The weights are random, so the model's text is gibberish; what matters is that s
 special tokens and the chat template behave like the real Qwen3-4B checkpoint.
 
 :class:`LocalJSONServer` is the plumbing of the local fakes of remote JSON APIs
-(``tests/fake_openai.FakeOpenAI``, ``benchmarks/paper_rehearsal.FakeR1``): an HTTP server on
+(``tests/fake_openai.FakeOpenAI``, ``benchmarks/fake_r1.FakeR1``): an HTTP server on
 127.0.0.1 in a daemon thread that hands each POST's parsed body to its subclass.
 """
 

@@ -15,6 +15,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
+import fake_r1  # noqa: E402
 import paper_rehearsal as pr  # noqa: E402
 
 
@@ -55,15 +56,15 @@ def test_fake_r1_labels_are_the_rule_labellers_in_every_reply_shape(seed):
     cfg = PromptConfig()
     traj = _trajectory(60, seed)
     user = reflection_user_prompt(traj, range(60), trajectory_summary(traj), cfg)
-    got = pr.rule_labels(reflection_system_prompt(cfg), user)
+    got = fake_r1.rule_labels(reflection_system_prompt(cfg), user)
     want = RuleReflector(RuleReflectorConfig(), cfg).label(traj)
     assert [(x["step"], x["label"], x["improved_action"]) for x in got] == [
         (x.step, x.label, x.improved_action) for x in want
     ]
     assert 0 < sum(x.label == "suboptimal" for x in want) < 60
     steps, actions = [s.t for s in traj.steps], [s.action for s in traj.steps]
-    for shape in pr.SHAPES:
-        content, reasoning = pr.r1_reply(got, shape)
+    for shape in fake_r1.SHAPES:
+        content, reasoning = fake_r1.r1_reply(got, shape)
         assert (reasoning is None) == ("</think>" in content)  # R1: reasoning one way or other
         labels = validate_reply(content, steps, actions, cfg)
         assert [(x.label, x.improved_action) for x in labels] == [
@@ -78,11 +79,11 @@ def test_fake_r1_serves_what_the_api_reflector_asks(tmp_path, monkeypatch):
     from sfjax.agents.reflector import ApiReflectorConfig, ReflectorConfig, make_reflector
     from sfjax.agents.reflectors.rule import RuleReflector, RuleReflectorConfig
 
-    monkeypatch.setenv(pr.KEY_ENV, pr.DUMMY_KEY)
+    monkeypatch.setenv(fake_r1.KEY_ENV, fake_r1.DUMMY_KEY)
     trajs = [_trajectory(30, s) for s in range(4)]
     for i, t in enumerate(trajs):
         t.env_index = i
-    with pr.FakeR1() as server:
+    with fake_r1.FakeR1() as server:
         api = ApiReflectorConfig(base_url=server.url)
         r = make_reflector(ReflectorConfig(backend="api", api=api), PromptConfig(), tmp_path,
                            progress=False)  # fmt: skip
@@ -105,12 +106,12 @@ def test_reflect_replay_windows_a_300_step_trajectory_with_the_actors_words(tmp_
     import cli_common
     import sf_ranslicing
 
-    monkeypatch.setenv(pr.KEY_ENV, pr.DUMMY_KEY)
+    monkeypatch.setenv(fake_r1.KEY_ENV, fake_r1.DUMMY_KEY)
     (tmp_path / "trajectories").mkdir()
     (tmp_path / "config.json").write_text(json.dumps(cli_common.as_json(sf_ranslicing.PAPER)))
     traj = _trajectory(8, 0)
     (tmp_path / "trajectories" / "iter_0.json").write_text(json.dumps([traj.to_json()]))
-    with pr.FakeR1() as server:
+    with fake_r1.FakeR1() as server:
         n, windows = pr.replay_reflect(tmp_path, server)
     assert n == 2 and sorted(windows) == [(0, 149), (150, 299)], windows
     assert not server.errors
