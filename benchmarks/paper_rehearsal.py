@@ -73,7 +73,7 @@ seconds of transfer on a warm machine (a fresh one: 1-2 min more) -- writing the
 ~20-30 s; imports and loading 8 GB onto the GPU ~30-40 s; the sampler's batch-1 programs
 (scanned prefill, unrolled decode) ~40-60 s (the H200 compiled and ran one in 37 s), shared by
 held-out before / after, both collections; RfR rollouts a second sampler program ~40 s; the KTO
-step's compile (scanned, remat, 2,048 + 256 tokens) ~60-120 s; two KTO steps, 4 + 2 + 2
+step's compile (scanned, remat, 2,048 + 256 tokens) ~60-120 s; two KTO steps, 8
 decisions of <= 192 tokens and the export, seconds each. So it may well be cut in KTO: exit 3
 then still gives every phase it finished, which is what the lease is for.
 
