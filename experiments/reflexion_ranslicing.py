@@ -114,7 +114,8 @@ class Config:
                 bad.append(Bad("tiny", "left unset with --prior (one Actor)"))
             bad += cli_common.checkpoint_with_switch(self.checkpoint, self.prior, self.tiny)
             if not (self.checkpoint or self.prior or self.tiny):
-                bad.append(Bad("checkpoint", "a checkpoint path or hub id (or --prior or --tiny)"))
+                bad.append(Bad("checkpoint", "a checkpoint path or hub id (or --prior or --tiny; "
+                               "in table3.py: unset, for SF's base Actor --sf.model.*)"))
         if shared := self.protocol.shared_seeds(self.reflexion.trial_seeds):
             why = f"both hold {shared}, trajectories Reflexion's trials learn on"
             bad.append(Bad("protocol.seeds", f"disjoint from --reflexion.trial-seeds: {why}"))

@@ -113,7 +113,8 @@ class Config:
     )
     """Reflexion run on SF's base Actor (--sf.model.*: its checkpoint, the behavioural prior
     or the tiny random model) unless --reflexion.checkpoint is given; with the SF row too it
-    must be that Actor. Its run dir, env, protocol, eval seed and resumption are this script's,
+    must be that Actor, in SF's dtype (--reflexion.dtype = --sf.model.dtype then). Its run dir,
+    env, protocol, eval seed and resumption are this script's,
     and so is the choice of prior or tiny Actor: leave --reflexion.run-dir, --reflexion.env.*,
     --reflexion.protocol.*, --reflexion.eval-seed, --reflexion.resume, --reflexion.prior,
     --reflexion.tiny and --reflexion.prior-config.* unset."""
@@ -167,6 +168,10 @@ class Config:
         bad += changed_leaves(self.reflexion.prior_config, PriorConfig(), "reflexion.prior_config",
                               actor)  # fmt: skip
         given, sf_model = self.reflexion.checkpoint, self.sf.model
+        if reflexion_uses_sf_actor(self) and self.reflexion.dtype != sf_model.dtype:
+            # the Reflexion row loads SF's base Actor, in the dtype both LLM rows share
+            bad.append(Bad("reflexion.dtype", f"--sf.model.dtype's value ({sf_model.dtype!r}): "
+                           "the Reflexion row loads SF's base Actor; give both or neither"))
         if {"sf", "reflexion"} <= set(self.methods) and given != SF_ACTOR:
             # Table III compares both LLM rows on one base Actor: SF's
             if sf_model.tiny or sf_model.prior or given != sf_model.checkpoint:

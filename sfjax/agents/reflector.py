@@ -21,10 +21,17 @@ from typing import Literal
 
 from sfjax.agents.prompts import PromptConfig
 from sfjax.agents.reflectors.api import ApiReflector, ApiReflectorConfig
-from sfjax.agents.reflectors.base import Reflector, ReflectorError, ReplyError, validate_reply
+from sfjax.agents.reflectors.base import (
+    AGENT_TEXT_CHARS,
+    Reflector,
+    ReflectorError,
+    ReplyError,
+    validate_reply,
+)
 from sfjax.agents.reflectors.broadcast import reflect_on_all_processes
 from sfjax.agents.reflectors.local import LocalReflector, LocalReflectorConfig
 from sfjax.agents.reflectors.rule import RULE_BACKEND_NAME, RuleReflector, RuleReflectorConfig
+from sfjax.configcheck import Bad, at_least
 
 __all__ = [
     "ApiReflector",
@@ -57,6 +64,18 @@ class ReflectorConfig:
     """Settings of the local backend."""
     rule: RuleReflectorConfig = field(default_factory=RuleReflectorConfig)
     """Settings of the rule backend."""
+    agent_text_chars: int = AGENT_TEXT_CHARS
+    """Characters of each step's reflection and analysis (the Actor's own text) that an LLM
+    Reflector (api, local) reads, whitespace collapsed; longer text is cut, ending in '...'.
+    0 leaves the Actor's text out. More shows more of the Actor's reasoning but fills the
+    context sooner. Measured on the paper preset's prompt (benchmarks/paper_rehearsal.py, the
+    api backend's defaults: 65,536-token context, 16,384 for the reply): a 300-step trajectory
+    is ~97k characters without the Actor's text (one request) and ~190k with 160 characters
+    of each (two windows of 150 steps); the api backend windows by the context it is given
+    (logged), the local one by --reflector.local.window-steps."""
+
+    def invalid(self) -> list[Bad]:
+        return at_least(self, 0, "agent_text_chars")
 
 
 def make_reflector(
@@ -71,12 +90,14 @@ def make_reflector(
     if cfg.backend == "rule":
         return RuleReflector(cfg.rule, prompt_cfg)
     if cfg.backend == "api":
-        return ApiReflector(cfg.api, prompt_cfg, cache_dir, progress=progress)
+        return ApiReflector(cfg.api, prompt_cfg, cache_dir, progress=progress,
+                            agent_text_chars=cfg.agent_text_chars)
     if cfg.backend == "local":
         if not cfg.local.checkpoint:
             raise ValueError("the local Reflector needs --reflector.local.checkpoint PATH")
         from sfjax.agents.reflectors.local_model import sampler_generate_fn
 
         generate = sampler_generate_fn(cfg.local)
-        return LocalReflector(cfg.local, prompt_cfg, generate, cfg.local.checkpoint)
+        return LocalReflector(cfg.local, prompt_cfg, generate, cfg.local.checkpoint,
+                              agent_text_chars=cfg.agent_text_chars)
     raise ValueError(f"unknown reflector backend {cfg.backend!r}; use api, local or rule")

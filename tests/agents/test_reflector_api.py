@@ -4,10 +4,12 @@ trajectories in one request, retries logged and counted, and the key kept out of
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
 import math
+import re
 import time
 from types import SimpleNamespace
 
@@ -408,3 +410,37 @@ def test_retry_after_beyond_openais_limit_is_not_called_a_retry(tmp_path, caplog
             r.reflect([_traj(3)])
     assert "max-retries" not in str(e.value) and "retrying" not in caplog.text
     assert len(server.bodies) == 1 and r.stats["transport_retries"] == 0
+
+
+@pytest.mark.parametrize("chars", [160, 40, 0])
+def test_agent_text_is_cut_to_agent_text_chars(tmp_path, chars):
+    """``--reflector.agent-text-chars``: each step's reflection and analysis (the Actor's own
+    text, whitespace collapsed) reach the Reflector cut to that many characters, ending in
+    '...'; 0 leaves them out. The labels come back the same."""
+    traj = _traj(6)
+    for i, s in enumerate(traj.steps):
+        s.reflection = f"reflection {i}:" + " demand rises\n" * 30
+        s.analysis = f"analysis {i}:" + "  keep   the   margin" * 20
+    api = ApiReflectorConfig(base_url="", model="fake-r1", api_key_env=KEY_ENV, timeout_s=30)
+    with FakeOpenAI() as server:
+        cfg = ReflectorConfig(
+            backend="api", api=dataclasses.replace(api, base_url=server.url), agent_text_chars=chars
+        )
+        _assert_right([traj], make_reflector(cfg, PCFG, tmp_path / "cache").reflect([traj]))
+    lines = [ln for ln in server.bodies[0]["messages"][1]["content"].splitlines()
+             if ln.startswith("step ")]  # fmt: skip
+    assert len(lines) == 6
+    for line, s in zip(lines, traj.steps):
+        if not chars:
+            assert "agent's" not in line and "feedback:" in line
+            continue
+        shown = re.search(r"agent's reflection: (.*?) \| agent's analysis: (.*?) \| feedback",
+                          line).groups()  # fmt: skip
+        for text, full in zip(shown, (s.reflection, s.analysis)):
+            assert len(text) == chars and text.endswith("...")
+            assert " ".join(full.split()).startswith(text[:-3])
+
+
+def test_agent_text_chars_is_validated_with_its_option_name():
+    with pytest.raises(ConfigError, match=r"--reflector\.agent-text-chars -1: must be >= 0"):
+        check_config(ReflectorConfig(agent_text_chars=-1), "reflector.")

@@ -199,7 +199,7 @@ def test_tiny_and_checkpoint_actors(tmp_path, monkeypatch, prior_calls):
         (["--no-prior", "--tiny", "--checkpoint", "/x"], "--checkpoint '/x': must be '' with "
          "--tiny (one Actor): add --no-tiny to load this checkpoint"),
         (["--no-prior"], "--checkpoint '': must be a checkpoint path or hub id (or --prior or "
-         "--tiny)"),
+         "--tiny; in table3.py: unset, for SF's base Actor --sf.model.*)"),
     ],
 )  # fmt: skip
 def test_one_actor(tmp_path, script, args, line):

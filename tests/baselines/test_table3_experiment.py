@@ -189,6 +189,14 @@ def test_reflexion_row_uses_sfs_actor():
     alone = parse("--methods", "reflexion", "--reflexion.checkpoint", "/other")
     assert mod.reflexion_checkpoint(alone) == "/other"
     assert mod.reflexion_checkpoint(parse("--methods", "reflexion", *sf)) == "/models/Qwen3-4B"
+    # ... in the dtype of SF's: a Reflexion dtype of its own is refused while it uses that Actor
+    with pytest.raises(ConfigError, match=r"--reflexion\.dtype 'float32': must be "
+                       r"--sf\.model\.dtype's value \('bfloat16'\)"):  # fmt: skip
+        parse(*sf, "--reflexion.dtype", "float32")
+    both = parse(*sf, "--reflexion.dtype", "float32", "--sf.model.dtype", "float32")
+    assert both.reflexion.dtype == both.sf.model.dtype == "float32"
+    assert parse("--methods", "reflexion", "--reflexion.checkpoint", "/other",
+                 "--reflexion.dtype", "float32").reflexion.dtype == "float32"  # fmt: skip
 
 
 @pytest.mark.parametrize("methods", [("reflexion",), ("sf", "reflexion")])

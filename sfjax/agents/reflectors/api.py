@@ -61,6 +61,7 @@ import openai
 from sfjax import atomic
 from sfjax.agents.prompts import PromptConfig
 from sfjax.agents.reflectors.base import (
+    AGENT_TEXT_CHARS,
     ReflectorError,
     ReplyError,
     merge_windows,
@@ -189,6 +190,7 @@ class ApiReflector:
         cache_dir: str | os.PathLike | None,
         *,
         progress: bool = True,
+        agent_text_chars: int = AGENT_TEXT_CHARS,
     ):
         check_config(cfg, "reflector.api.")  # before the key's variable name is ever printed
         key = os.environ.get(cfg.api_key_env)
@@ -202,6 +204,8 @@ class ApiReflector:
             )
         self.cfg = cfg
         self.prompt_cfg = prompt_cfg
+        self.agent_text_chars = agent_text_chars
+        """Characters of the Actor's reflection and analysis shown per step."""
         self.progress = progress
         """Show a progress bar of the requests (on a terminal); the log lines come regardless."""
         self.name = f"api ({cfg.model} at {cfg.base_url})"
@@ -319,7 +323,9 @@ class ApiReflector:
             {"role": "system", "content": reflection_system_prompt(self.prompt_cfg)},
             {
                 "role": "user",
-                "content": reflection_user_prompt(traj, window, summary, self.prompt_cfg),
+                "content": reflection_user_prompt(
+                    traj, window, summary, self.prompt_cfg, self.agent_text_chars
+                ),
             },
         ]
 

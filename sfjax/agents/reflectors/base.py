@@ -96,16 +96,33 @@ def reflection_system_prompt(cfg: PromptConfig) -> str:
     )
 
 
-def reflection_user_prompt(traj: Trajectory, window: range, summary: str, cfg: PromptConfig) -> str:
-    """One window of a trajectory, with the whole-trajectory summary first."""
+AGENT_TEXT_CHARS = 160
+"""Default characters of the Actor's reflection and analysis an LLM Reflector reads per step
+(``ReflectorConfig.agent_text_chars``)."""
+
+
+def reflection_user_prompt(
+    traj: Trajectory,
+    window: range,
+    summary: str,
+    cfg: PromptConfig,
+    agent_text_chars: int = AGENT_TEXT_CHARS,
+) -> str:
+    """One window of a trajectory, with the whole-trajectory summary first; each step's
+    reflection and analysis cut to ``agent_text_chars`` characters (0: left out)."""
     lines = [summary, f"\nSteps {window.start} to {window.stop - 1} of {len(traj.steps)}:"]
     for i in window:
         s = traj.steps[i]
+        text = (
+            f"agent's reflection: {_short(s.reflection, agent_text_chars)} | agent's analysis: "
+            f"{_short(s.analysis, agent_text_chars)} | "
+            if agent_text_chars
+            else ""
+        )
         lines.append(
             f"step {s.t}: state: {format_state(s.state, cfg)} | action {s.action}"
             f"{'' if s.parsed_ok else ' (output unusable, allocation kept)'} | "
-            f"agent's reflection: {_short(s.reflection)} | agent's analysis: "
-            f"{_short(s.analysis)} | feedback: {format_feedback(s.feedback)}"
+            f"{text}feedback: {format_feedback(s.feedback)}"
         )
     lines.append(
         f"\nReturn the JSON list for steps {window.start} to {window.stop - 1} "
@@ -114,8 +131,11 @@ def reflection_user_prompt(traj: Trajectory, window: range, summary: str, cfg: P
     return "\n".join(lines)
 
 
-def _short(text: str, n: int = 160) -> str:
+def _short(text: str, n: int) -> str:
+    """``text`` with whitespace collapsed, cut to ``n`` characters ending in '...' (n >= 4)."""
     text = " ".join(text.split())
+    if n < 4:
+        return (text[:n]) or "-"
     return (text if len(text) <= n else text[: n - 3] + "...") or "-"
 
 

@@ -16,6 +16,7 @@ import jax
 
 from sfjax.agents.prompts import PromptConfig
 from sfjax.agents.reflectors.base import (
+    AGENT_TEXT_CHARS,
     ReflectorError,
     ReplyError,
     merge_windows,
@@ -62,10 +63,17 @@ class LocalReflector:
     all of them (see :mod:`sfjax.agents.reflectors.broadcast`)."""
 
     def __init__(
-        self, cfg: LocalReflectorConfig, prompt_cfg: PromptConfig, generate: GenerateFn, name: str
+        self,
+        cfg: LocalReflectorConfig,
+        prompt_cfg: PromptConfig,
+        generate: GenerateFn,
+        name: str,
+        *,
+        agent_text_chars: int = AGENT_TEXT_CHARS,
     ):
         self.cfg = cfg
         self.prompt_cfg = prompt_cfg
+        self.agent_text_chars = agent_text_chars
         self.generate = generate
         self.name = f"local ({name})"
         self.stats = {"requests": 0, "format_retries": 0}
@@ -76,7 +84,9 @@ class LocalReflector:
         system = reflection_system_prompt(self.prompt_cfg)
         for ti, traj in enumerate(trajectories):
             for w in windows(len(traj.steps), self.cfg.window_steps):
-                user = reflection_user_prompt(traj, w, summaries[ti], self.prompt_cfg)
+                user = reflection_user_prompt(
+                    traj, w, summaries[ti], self.prompt_cfg, self.agent_text_chars
+                )
                 jobs.append(
                     [
                         ti,
