@@ -14,13 +14,19 @@ Hugging Face layout that ``transformers.Qwen3ForCausalLM.from_pretrained`` and
 
 The weights are random, so the model's text is gibberish; what matters is that shapes, names,
 special tokens and the chat template behave like the real Qwen3-4B checkpoint.
+
+:class:`LocalJSONServer` is the plumbing of the local fakes of remote JSON APIs
+(``tests/fake_openai.FakeOpenAI``, ``benchmarks/fake_r1.FakeR1``): an HTTP server on
+127.0.0.1 in a daemon thread that hands each POST's parsed body to its subclass.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -199,55 +205,99 @@ def hf_config(overrides: Mapping[str, Any] | None = None, **special_ids: int) ->
     }
 
 
-def random_hf_weights(config: Mapping[str, Any], seed: int = 0, randomize_norms: bool = True):
-    """Seeded random weights under Hugging Face's Qwen3 tensor names, as float32 numpy arrays.
-
-    Projections are ``[out, in]`` like ``torch.nn.Linear``. Norm weights are drawn around 1
-    when ``randomize_norms`` so that parity tests exercise them.
-    """
-    rng = np.random.default_rng(seed)
+def hf_weight_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Hugging Face's Qwen3 tensor names and shapes for ``config`` (a ``config.json`` dict), in
+    checkpoint order; projections are ``[out, in]`` like ``torch.nn.Linear``."""
     d, f = config["hidden_size"], config["intermediate_size"]
     h, nq, nkv = config["head_dim"], config["num_attention_heads"], config["num_key_value_heads"]
     v = config["vocab_size"]
-    std = config.get("initializer_range", 0.02)
-
-    def dense(*shape):
-        return (rng.standard_normal(shape) * std).astype(np.float32)
-
-    def norm(n):
-        if randomize_norms:
-            return (1.0 + 0.2 * rng.standard_normal(n)).astype(np.float32)
-        return np.ones(n, np.float32)
-
-    w = {"model.embed_tokens.weight": dense(v, d)}
+    shapes = {"model.embed_tokens.weight": (v, d)}
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        w[p + "self_attn.q_proj.weight"] = dense(nq * h, d)
-        w[p + "self_attn.k_proj.weight"] = dense(nkv * h, d)
-        w[p + "self_attn.v_proj.weight"] = dense(nkv * h, d)
-        w[p + "self_attn.o_proj.weight"] = dense(d, nq * h)
-        w[p + "self_attn.q_norm.weight"] = norm(h)
-        w[p + "self_attn.k_norm.weight"] = norm(h)
-        w[p + "mlp.gate_proj.weight"] = dense(f, d)
-        w[p + "mlp.up_proj.weight"] = dense(f, d)
-        w[p + "mlp.down_proj.weight"] = dense(d, f)
-        w[p + "input_layernorm.weight"] = norm(d)
-        w[p + "post_attention_layernorm.weight"] = norm(d)
-    w["model.norm.weight"] = norm(d)
+        shapes |= {
+            p + "self_attn.q_proj.weight": (nq * h, d),
+            p + "self_attn.k_proj.weight": (nkv * h, d),
+            p + "self_attn.v_proj.weight": (nkv * h, d),
+            p + "self_attn.o_proj.weight": (d, nq * h),
+            p + "self_attn.q_norm.weight": (h,),
+            p + "self_attn.k_norm.weight": (h,),
+            p + "mlp.gate_proj.weight": (f, d),
+            p + "mlp.up_proj.weight": (f, d),
+            p + "mlp.down_proj.weight": (d, f),
+            p + "input_layernorm.weight": (d,),
+            p + "post_attention_layernorm.weight": (d,),
+        }
+    shapes["model.norm.weight"] = (d,)
     if not config.get("tie_word_embeddings", True):
-        w["lm_head.weight"] = dense(v, d)
+        shapes["lm_head.weight"] = (v, d)
+    return shapes
+
+
+def _is_norm(name: str) -> bool:
+    return name.endswith("norm.weight")
+
+
+def random_hf_weights(config: Mapping[str, Any], seed: int = 0, randomize_norms: bool = True):
+    """Seeded random weights under Hugging Face's Qwen3 tensor names (:func:`hf_weight_shapes`),
+    as float32 numpy arrays, each drawn on its own: normal with std ``initializer_range``
+    (0.02). Norm weights are drawn around 1 when ``randomize_norms`` so that parity tests
+    exercise them."""
+    rng = np.random.default_rng(seed)
+    std = config.get("initializer_range", 0.02)
+    w = {}
+    for name, shape in hf_weight_shapes(config).items():
+        if not _is_norm(name):
+            w[name] = (rng.standard_normal(shape) * std).astype(np.float32)
+        elif randomize_norms:
+            w[name] = (1.0 + 0.2 * rng.standard_normal(shape)).astype(np.float32)
+        else:
+            w[name] = np.ones(shape, np.float32)
     return w
+
+
+PER_SHAPE_SHIFT = 1009
+"""Elements between the starts of two tensors of one shape in :func:`per_shape_hf_weights`."""
+
+
+def per_shape_hf_weights(config: Mapping[str, Any], seed: int = 0, dtype: str = "bfloat16"):
+    """Random weights as :func:`random_hf_weights` (same names, shapes and scales, norms around
+    1) for checkpoints too big to draw tensor by tensor (Qwen3-4B: 398 tensors, 4.0 B values):
+    one random block per distinct shape and kind, converted to ``dtype`` once; the ``i``-th
+    tensor of that shape is the view of the block starting :data:`PER_SHAPE_SHIFT` x ``i``
+    elements in, so layers differ (shifted) without further draws or copies. Qwen3-4B draws 0.46
+    B values (1 GB in bf16 is all the arrays hold), the embedding table most of them."""
+    rng = np.random.default_rng(seed)
+    std = config.get("initializer_range", 0.02)
+    shapes = hf_weight_shapes(config)
+    groups: dict[tuple[tuple[int, ...], bool], list[str]] = {}
+    for name, shape in shapes.items():
+        groups.setdefault((shape, _is_norm(name)), []).append(name)
+    w = {}
+    for (shape, norm), names in groups.items():
+        size = int(np.prod(shape))
+        block = rng.standard_normal(size + PER_SHAPE_SHIFT * (len(names) - 1), dtype=np.float32)
+        block *= 0.2 if norm else std
+        if norm:
+            block += 1.0
+        block = block.astype(_np_dtype(dtype))
+        for i, name in enumerate(names):
+            w[name] = block[i * PER_SHAPE_SHIFT : i * PER_SHAPE_SHIFT + size].reshape(shape)
+    return {name: w[name] for name in shapes}  # checkpoint order
+
+
+def _np_dtype(dtype: str) -> np.dtype:
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(dtype)
 
 
 def _save_weights(out: Path, weights: dict[str, np.ndarray], dtype: str, max_shard_bytes: int | None):
     from safetensors.numpy import save_file
 
-    if dtype == "bfloat16":
-        import ml_dtypes
-
-        weights = {k: a.astype(ml_dtypes.bfloat16) for k, a in weights.items()}
-    elif dtype != "float32":
-        weights = {k: a.astype(np.dtype(dtype)) for k, a in weights.items()}
+    # no copy of what has the dtype already (safetensors writes from the arrays' memory)
+    weights = {k: a.astype(_np_dtype(dtype), copy=False) for k, a in weights.items()}
     meta = {"format": "pt"}
     if max_shard_bytes is None:
         save_file(weights, str(out / "model.safetensors"), metadata=meta)
@@ -279,6 +329,7 @@ def write_tiny_checkpoint(
     dtype: str = "float32",
     randomize_norms: bool = True,
     max_shard_bytes: int | None = None,
+    per_shape: bool = False,
 ) -> Path:
     """Write a tiny random Qwen3 checkpoint plus tokenizer to ``path`` and return it.
 
@@ -291,6 +342,8 @@ def write_tiny_checkpoint(
       randomize_norms: draw RMSNorm weights around 1 instead of exactly 1.
       max_shard_bytes: if given, split weights into ``model-0000k-of-0000n.safetensors`` files
         of at most this many bytes each plus ``model.safetensors.index.json``.
+      per_shape: draw one block per distinct shape (:func:`per_shape_hf_weights`; norms
+        randomized) instead of every tensor on its own: for Qwen3-4B-sized checkpoints.
     """
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
@@ -314,6 +367,80 @@ def write_tiny_checkpoint(
         "pad_token_id": ids["<|endoftext|>"],
     }
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
-    weights = random_hf_weights(cfg, seed=seed, randomize_norms=randomize_norms)
+    if per_shape:
+        weights = per_shape_hf_weights(cfg, seed=seed, dtype=dtype)
+    else:
+        weights = random_hf_weights(cfg, seed=seed, randomize_norms=randomize_norms)
     _save_weights(out, weights, dtype, max_shard_bytes)
     return out
+
+
+# -- local fakes of remote JSON APIs ---------------------------------------------------------
+
+
+class LocalJSONServer:
+    """An HTTP/1.1 server on 127.0.0.1 (a free port) in a daemon thread, for fakes of remote JSON
+    APIs: ``with Fake() as server: server.url``. A subclass answers each POST in
+    :meth:`handle_post`, given the request handler (path, headers, connection) and the parsed
+    JSON body, and writes its reply with :func:`send_json` / :func:`send_raw`. ``lock`` guards
+    what the subclass records: requests arrive on the server's threads. A client that hangs up
+    before the reply is written is not an error of the server."""
+
+    def __init__(self, path: str = ""):
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as the API servers it stands in for
+
+            def log_message(self, *a):  # no access log on stderr
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                try:
+                    server.handle_post(self, body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port: int = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}{path}"
+        """The server's address plus ``path`` (e.g. ``/v1``, an OpenAI client's base URL)."""
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def handle_post(self, handler: BaseHTTPRequestHandler, body: Any) -> None:
+        raise NotImplementedError
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def send_json(handler: BaseHTTPRequestHandler, code: int, obj: Any,
+              headers: Mapping[str, str] | None = None) -> None:
+    """Reply ``code`` with ``obj`` as a JSON body (``Content-Length`` set, connection kept)."""
+    send_raw(handler, code, json.dumps(obj).encode(), "application/json", headers)
+
+
+def send_raw(handler: BaseHTTPRequestHandler, code: int, data: bytes, content_type: str,
+             headers: Mapping[str, str] | None = None) -> None:
+    """Reply ``code`` with ``data`` as the body, of ``content_type``, plus ``headers``."""
+    handler.send_response(code)
+    handler.send_header("Content-Type", content_type)
+    handler.send_header("Content-Length", str(len(data)))
+    for k, v in (headers or {}).items():
+        handler.send_header(k, v)
+    handler.end_headers()
+    handler.wfile.write(data)

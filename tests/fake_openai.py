@@ -19,9 +19,10 @@ from __future__ import annotations
 import json
 import random
 import re
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from sfjax.testing import LocalJSONServer, send_json, send_raw
 
 TRANSPORT_FAULTS = ("429", "500", "503", "hang", "reset", "trickle")
 NON_COMPLETION_200 = ("html", "truncated_body", "empty_choices", "json_string")
@@ -50,7 +51,7 @@ def steps_in(user: str) -> list[tuple[int, int]]:
     return [(int(s), int(a)) for s, a in re.findall(r"^step (\d+): .*?\| action (\d+)", user, re.M)]
 
 
-class FakeOpenAI:
+class FakeOpenAI(LocalJSONServer):
     """``with FakeOpenAI(...) as server: server.url``; see the module docstring."""
 
     def __init__(
@@ -64,7 +65,6 @@ class FakeOpenAI:
         retry_after: str = "0",
     ):
         self.rng = random.Random(seed)
-        self.lock = threading.Lock()
         self.fault_rate, self.faults, self.hang_s = fault_rate, faults, hang_s
         self.script = list(script or [])
         self.echo_key_401 = echo_key_401
@@ -75,34 +75,19 @@ class FakeOpenAI:
         self.paths: list[str] = []
         self.auth: set[str | None] = set()
         self.refuse_all = False
-        server = self
+        super().__init__(path="/v1")
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with server.lock:
-                    server.bodies.append(body)
-                    server.arrivals.append(time.monotonic())
-                    server.paths.append(self.path)
-                    server.auth.add(self.headers.get("Authorization"))
-                    kind = server._draw()
-                if "/v1/" not in self.path:  # served under /v1 only, as vLLM / Ollama
-                    kind = "404"
-                server._count(kind)
-                try:
-                    server._serve(self, kind, body)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+    def handle_post(self, h: BaseHTTPRequestHandler, body: dict) -> None:
+        with self.lock:
+            self.bodies.append(body)
+            self.arrivals.append(time.monotonic())
+            self.paths.append(h.path)
+            self.auth.add(h.headers.get("Authorization"))
+            kind = self._draw()
+        if "/v1/" not in h.path:  # served under /v1 only, as vLLM / Ollama
+            kind = "404"
+        self._count(kind)
+        self._serve(h, kind, body)
 
     # -- what to serve ---------------------------------------------------------------------
 
@@ -133,22 +118,22 @@ class FakeOpenAI:
         good = json.dumps(items) if items else LESSON
         if kind == "429":
             headers = {"Retry-After": self.retry_after}
-            return _send(h, 429, {"error": {"message": "slow down"}}, headers)
+            return send_json(h, 429, {"error": {"message": "slow down"}}, headers)
         if kind == "404":
-            return _send(h, 404, {"detail": "Not Found"})
+            return send_json(h, 404, {"detail": "Not Found"})
         if kind == "context_400":
             msg = ("This model's maximum context length is 32768 tokens. However, you requested "
                    "40000 tokens. Please reduce the length of the messages or completion.")
-            return _send(h, 400, {"error": {"message": msg, "type": "BadRequestError"}})
+            return send_json(h, 400, {"error": {"message": msg, "type": "BadRequestError"}})
         if kind in ("500", "503"):
-            return _send(h, int(kind), {"error": {"message": "busy"}})
+            return send_json(h, int(kind), {"error": {"message": "busy"}})
         if kind == "401":
             auth = h.headers.get("Authorization", "")
             msg = f"Incorrect API key provided: {auth.removeprefix('Bearer ')}"
-            return _send(h, 401, {"error": {"message": msg}})
+            return send_json(h, 401, {"error": {"message": msg}})
         if kind == "hang":
             time.sleep(self.hang_s)
-            return _send(h, 200, _completion(good))
+            return send_json(h, 200, _completion(good))
         if kind == "reset":
             h.close_connection = True
             h.connection.shutdown(2)
@@ -166,22 +151,22 @@ class FakeOpenAI:
             return None
         if kind == "html":
             page = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
-            return _send_raw(h, 200, page, "text/html")
+            return send_raw(h, 200, page, "text/html")
         if kind == "truncated_body":
             data = json.dumps(_completion(good)).encode()
-            return _send_raw(h, 200, data[: len(data) // 2], "application/json")
+            return send_raw(h, 200, data[: len(data) // 2], "application/json")
         if kind == "empty_choices":
-            return _send(h, 200, {**_completion(""), "choices": []})
+            return send_json(h, 200, {**_completion(""), "choices": []})
         if kind == "json_string":
-            return _send(h, 200, "upstream timed out")
+            return send_json(h, 200, "upstream timed out")
         if kind == "malformed":
-            return _send(h, 200, _completion(good[:-7]))
+            return send_json(h, 200, _completion(good[:-7]))
         if kind == "think_malformed":  # vLLM without a reasoning parser: thinking in content
-            return _send(h, 200, _completion(f"<think>{THINKING}</think>\n{good[:-7]}"))
+            return send_json(h, 200, _completion(f"<think>{THINKING}</think>\n{good[:-7]}"))
         if kind == "missing_steps":
-            return _send(h, 200, _completion(json.dumps(items[1:])))
+            return send_json(h, 200, _completion(json.dumps(items[1:])))
         if kind == "length":
-            return _send(h, 200, _completion("I need to check each step [" + good[:20], "length"))
+            return send_json(h, 200, _completion("I need to check each step [" + good[:20], "length"))
         shape = kind.removeprefix("ok:")
         text = {
             "plain": good,
@@ -194,15 +179,7 @@ class FakeOpenAI:
         completion = _completion(text)
         if shape == "reasoning_content":
             completion["choices"][0]["message"]["reasoning_content"] = "thinking [a] {b}"
-        return _send(h, 200, completion)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *a):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        return send_json(h, 200, completion)
 
 
 def _completion(content: str, finish_reason: str = "stop") -> dict:
@@ -219,17 +196,3 @@ def _completion(content: str, finish_reason: str = "stop") -> dict:
             }
         ],
     }
-
-
-def _send(h, code: int, obj, headers: dict | None = None) -> None:
-    _send_raw(h, code, json.dumps(obj).encode(), "application/json", headers)
-
-
-def _send_raw(h, code: int, data: bytes, ctype: str, headers: dict | None = None) -> None:
-    h.send_response(code)
-    h.send_header("Content-Type", ctype)
-    h.send_header("Content-Length", str(len(data)))
-    for k, v in (headers or {}).items():
-        h.send_header(k, v)
-    h.end_headers()
-    h.wfile.write(data)

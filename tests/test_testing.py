@@ -105,3 +105,51 @@ def test_transformers_loads_checkpoint(tmp_path, sharded):
 def test_vocab_too_small_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="vocab_size"):
         testing.write_tiny_checkpoint(tmp_path, {"vocab_size": 64})
+
+
+def test_per_shape_weights_are_views_of_one_draw_per_shape():
+    """The big-checkpoint draw: random_hf_weights' names, shapes and scales; one block per
+    distinct shape, each layer's tensor a shifted view of it (no copy; layers still differ)."""
+    import ml_dtypes
+
+    cfg = testing.hf_config({"num_hidden_layers": 3})
+    one_by_one = testing.random_hf_weights(cfg)
+    w = testing.per_shape_hf_weights(cfg, seed=1, dtype="bfloat16")
+    assert list(w) == list(one_by_one)  # names in checkpoint order
+    assert {k: a.shape for k, a in w.items()} == {k: a.shape for k, a in one_by_one.items()}
+    assert all(a.dtype == ml_dtypes.bfloat16 and a.flags.c_contiguous for a in w.values())
+    down = [w[f"model.layers.{i}.mlp.down_proj.weight"] for i in range(3)]  # a unique shape
+    assert np.shares_memory(down[0], down[2]) and not np.array_equal(down[0], down[1])
+    flat = [a.astype(np.float32).ravel() for a in down]
+    shift = testing.PER_SHAPE_SHIFT
+    np.testing.assert_array_equal(flat[0][shift:], flat[1][:-shift])
+    # k_proj and v_proj share a shape (one block); their values still differ
+    assert not np.array_equal(w["model.layers.0.self_attn.k_proj.weight"],
+                              w["model.layers.0.self_attn.v_proj.weight"])
+    dense = np.concatenate([a.astype(np.float32).ravel() for k, a in w.items()
+                            if not k.endswith("norm.weight")])
+    norms = np.concatenate([a.astype(np.float32).ravel() for k, a in w.items()
+                            if k.endswith("norm.weight")])
+    assert abs(dense.std() - 0.02) < 0.002 and abs(norms.mean() - 1.0) < 0.05
+    again = testing.per_shape_hf_weights(cfg, seed=1, dtype="bfloat16")
+    assert all(np.array_equal(w[k], again[k]) for k in w)
+
+
+def test_transformers_loads_a_per_shape_checkpoint(tmp_path):
+    torch = pytest.importorskip("torch")
+    from transformers import Qwen3ForCausalLM
+
+    cfg = {"num_hidden_layers": 3}
+    path = testing.write_tiny_checkpoint(tmp_path / "ckpt", cfg, seed=2, dtype="bfloat16",
+                                         max_shard_bytes=60_000, per_shape=True)
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    model = Qwen3ForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    expected = testing.per_shape_hf_weights(testing.hf_config(cfg), seed=2, dtype="bfloat16")
+    state = model.state_dict()
+    assert set(index["weight_map"]) == set(expected)
+    for name, arr in expected.items():
+        np.testing.assert_array_equal(state[name].float().numpy(), arr.astype(np.float32),
+                                      err_msg=name)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3, 4]])).logits).all()
