@@ -19,7 +19,7 @@ dqn.network.activation=relu,swish). The base config is always a candidate: every
 compared with it.
 
 Held out. Table III is reported on env seeds 0-15 (benchmarks/RESULTS.md; table3.py's default
---protocol.seeds are 0-4): choosing on those would be tuning on the test set. The candidates
+--protocol.seeds): choosing on those would be tuning on the test set. The candidates
 are scored on the validation env seeds (--validation.seeds, default 100-115: the trajectories the
 reference rows choose their static allocation and heuristic constants on), and validation seeds
 among --reported-seeds or table3.py's default seeds are refused. The training seeds default to
