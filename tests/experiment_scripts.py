@@ -19,3 +19,15 @@ def experiment(name: str):
     sys.modules[name] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+def refused(cli, capsys, *args) -> str:
+    """``cli(*args)`` must exit with status 2 (a user's mistake); returns what it printed to
+    stderr."""
+    import pytest
+
+    with pytest.raises(SystemExit) as e:
+        cli(*args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    return err

@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from experiment_scripts import experiment
+from experiment_scripts import experiment, refused
 
 from sfjax.baselines import rl
 from sfjax.baselines.evaluation import EvalProtocol, Rollouts
@@ -59,14 +59,6 @@ def script(monkeypatch):
     return _cli(mod), trained
 
 
-def _refused(cli, capsys, *args):
-    with pytest.raises(SystemExit) as e:
-        cli(*args)
-    err = capsys.readouterr().err
-    assert e.value.code == 2, err
-    return err
-
-
 def test_presets_hold_table3s_seeds_out():
     mod = experiment("rl_search")
     for _, preset in mod.PRESETS.values():
@@ -89,9 +81,9 @@ def test_presets_hold_table3s_seeds_out():
         (("--reported-seeds", "50", "--validation.seeds", "4", "16"), "[4]"),
     ],
 )
-def test_validation_seeds_table3_reports_on_are_refused(tmp_path, script, capsys, args, shared):
+def test_validation_seeds_table3_reports_on_arerefused(tmp_path, script, capsys, args, shared):
     cli, trained = script
-    err = _refused(cli, capsys, "--run-dir", str(tmp_path / "s"), *args)
+    err = refused(cli, capsys, "--run-dir", str(tmp_path / "s"), *args)
     assert "--validation.seeds" in err and "must be disjoint from the seeds Table III reports on" \
         in err and f"choosing on {shared} would tune on the test set" in err  # fmt: skip
     assert not trained and not (tmp_path / "s").exists()
@@ -111,7 +103,7 @@ def test_validation_seeds_table3_reports_on_are_refused(tmp_path, script, capsys
 )  # fmt: skip
 def test_a_bad_grid_is_refused_before_anything_is_written(tmp_path, script, capsys, grid, line):
     cli, trained = script
-    err = _refused(cli, capsys, "--run-dir", str(tmp_path / "s"), "--rl.algos", "dqn", "ppo",
+    err = refused(cli, capsys, "--run-dir", str(tmp_path / "s"), "--rl.algos", "dqn", "ppo",
                    "--grid", grid)  # fmt: skip
     assert line in err
     assert not trained and not (tmp_path / "s").exists()
@@ -182,7 +174,7 @@ def test_another_config_is_refused_and_resume_keeps_the_runs_values(tmp_path, sc
     cli, trained = script
     run = ("--run-dir", str(tmp_path / "s"), "--rl.algos", "dqn")
     cli(*run)
-    err = _refused(cli, capsys, *run, "--rl.seeds", "7", "8")
+    err = refused(cli, capsys, *run, "--rl.seeds", "7", "8")
     assert "holds a hyperparameter search of the RL baselines with another config: rl.seeds " \
            "([100, 101] in the run, [7, 8] now)" in err and "Add --resume" in err  # fmt: skip
     cli(*run, "--rl.seeds", "7", "8", "--resume")

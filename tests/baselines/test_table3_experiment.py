@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-from experiment_scripts import experiment
+from experiment_scripts import experiment, refused
 
 from sfjax.baselines.report import MethodResult
 
@@ -55,14 +55,6 @@ def script(monkeypatch):
     return cli, seen
 
 
-def _refused(cli, capsys, *args):
-    with pytest.raises(SystemExit) as e:
-        cli(*args)
-    err = capsys.readouterr().err
-    assert e.value.code == 2, err
-    return err
-
-
 def test_same_config_runs_again(tmp_path, script):
     cli, seen = script
     run = ("--run-dir", str(tmp_path / "t"), "--methods", "static")
@@ -78,7 +70,7 @@ def test_other_config_is_refused_naming_the_key(tmp_path, script, capsys):
     run = ("--run-dir", str(tmp_path / "t"), "--methods", "static")
     cli(*run)
     results = (tmp_path / "t" / "results.json").read_text()
-    err = _refused(cli, capsys, *run, "--protocol.num-steps", "20")
+    err = refused(cli, capsys, *run, "--protocol.num-steps", "20")
     assert "holds a Table III run with another config: protocol.num_steps (300 in the run, " \
            "20 now). Add --resume" in err  # fmt: skip
     assert len(seen["reference"]) == 1  # nothing ran, nothing was overwritten
@@ -116,7 +108,7 @@ def test_sf_row_run_dir_agrees_with_table3s(tmp_path, script, capsys):
         cli(*run)
     assert [r for r, _ in seen["sf"]] == [False, True]
     assert seen["sf"][1][1].run_dir == str(tmp_path / "t" / "sf")
-    err = _refused(cli, capsys, *run, "--sf.loop.seed", "7")
+    err = refused(cli, capsys, *run, "--sf.loop.seed", "7")
     assert "another config: sf.loop.seed (0 in the run, 7 now)" in err and len(seen["sf"]) == 2
     with pytest.raises(Stop):  # table3's --resume: the run's values, SF continues
         cli(*run, "--sf.loop.seed", "7", "--resume")
@@ -124,7 +116,7 @@ def test_sf_row_run_dir_agrees_with_table3s(tmp_path, script, capsys):
     assert resume and used.loop.seed == 0
     # without table3's record (an older table3) RUN_DIR/sf still refuses another SF config
     (tmp_path / "t" / "config.json").unlink()
-    err = _refused(cli, capsys, *run, "--sf.loop.seed", "7")
+    err = refused(cli, capsys, *run, "--sf.loop.seed", "7")
     assert f"{tmp_path / 't' / 'sf'} holds a run with another config: loop.seed" in err
 
 
@@ -137,7 +129,7 @@ def test_sf_row_run_dir_agrees_with_table3s(tmp_path, script, capsys):
 )
 def test_action_range_is_the_envs(tmp_path, script, capsys, args, line):
     cli, seen = script
-    err = _refused(cli, capsys, "--run-dir", str(tmp_path / "t"), *args)
+    err = refused(cli, capsys, "--run-dir", str(tmp_path / "t"), *args)
     assert err.startswith(f"error: {line}: must be left unset; the action range comes from the "
                           "env: [1, 12] with --env.cell.n-prb 25"), err  # fmt: skip
     assert not (tmp_path / "t").exists()
