@@ -257,10 +257,18 @@ def run_search(cfg: Config, env, candidates: list[search.Candidate]) -> dict[str
     return records
 
 
-def results(cfg: Config, candidates: list[search.Candidate], records: dict[str, dict]) -> dict:
+def table3_preset(preset: str) -> str:
+    """The table3.py preset a search's winners go with: ``smoke`` for the smoke search (the same
+    RL base configs), else ``paper``."""
+    return "smoke" if preset == "smoke" else "paper"
+
+
+def results(cfg: Config, candidates: list[search.Candidate], records: dict[str, dict],
+            preset: str = "") -> dict:  # fmt: skip
     """search.json's content: one scored row per candidate, the winner of each algorithm and
-    the table3.py options that give the winners."""
+    the table3.py options that give the winners (against that table3.py preset's RL configs)."""
     rows, winners, flags = [], {}, {}
+    base = rl_baselines.PRESETS[table3_preset(preset)][1].rl
     for algo in cfg.rl.algos:
         mine = [c for c in candidates if c.algo == algo]
         default = next(c for c in mine if c.is_default)
@@ -276,7 +284,7 @@ def results(cfg: Config, candidates: list[search.Candidate], records: dict[str, 
         top = search.best([r["utility"] for r in scored], mine.index(default))
         scored[top]["best"] = True
         winners[algo] = scored[top]["id"]
-        flags[algo] = search.table3_flags(algo, mine[top].config)
+        flags[algo] = search.table3_flags(algo, mine[top].config, base.algo_config(algo))
         rows += scored
     paper = cfg.rl.budget == rl.Budget()
     return {
@@ -292,11 +300,11 @@ def results(cfg: Config, candidates: list[search.Candidate], records: dict[str, 
         "rows": rows,
         "winners": winners,
         "table3_flags": flags,
-        "table3_command": table3_command(cfg, flags),
+        "table3_command": table3_command(cfg, flags, table3_preset(preset)),
     }
 
 
-def table3_command(cfg: Config, flags: dict[str, list[str]]) -> str:
+def table3_command(cfg: Config, flags: dict[str, list[str]], preset: str = "paper") -> str:
     """table3.py's RL and reference rows with the winners, on the held-out seeds."""
     seeds = cfg.reported_seeds
     contiguous = seeds and list(seeds) == list(range(seeds[0], seeds[0] + len(seeds)))
@@ -306,7 +314,7 @@ def table3_command(cfg: Config, flags: dict[str, list[str]]) -> str:
     extra = "".join(f" {f}" for algo in cfg.rl.algos for f in flags[algo])
     if not cfg.rl.deterministic_eval:  # table3.py's default evaluates the greedy policy
         extra += " --rl.no-deterministic-eval"
-    return (f".venv/bin/python experiments/table3.py paper --methods {' '.join(cfg.rl.algos)} "
+    return (f".venv/bin/python experiments/table3.py {preset} --methods {' '.join(cfg.rl.algos)} "
             f"static heuristic hindsight{given}{extra} --run-dir runs/table3_rl_tuned")  # fmt: skip
 
 
@@ -373,7 +381,7 @@ def main(cfg: Config, preset: str = "") -> dict:
     env = RanSlicingEnv(cfg.env)
     cfg, candidates = prepare(cfg, env)
     records = run_search(cfg, env, candidates)
-    out = results(cfg, candidates, records)
+    out = results(cfg, candidates, records, preset)
     out["preset"] = preset
     atomic.write_json(cfg.run_dir / "search.json", out, indent=2)
     text = markdown(cfg, out, preset)
