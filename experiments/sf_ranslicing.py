@@ -382,38 +382,40 @@ def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> d
         model.config = dataclasses.replace(model.config, scan_decode=True)
     tokenizer = load_tokenizer(ckpt)
     writer = summary_writer(run_dir / "tb")  # process 0 only; None on other hosts
-    # one progress bar per run, not per host
-    kto_cfg = (
-        cfg.kto if parallel.is_main_process() else dataclasses.replace(cfg.kto, progress=False)
-    )
-    finetuner = KTOFineTuner(model, tokenizer, kto_cfg, cfg.lora, writer)  # adds LoRA
-    actor = Actor(Sampler(model, tokenizer), tokenizer, actor_cfg)
-    setup_s = time.perf_counter() - t0
+    try:  # closed however the run ends (an open writer's thread fails at exit)
+        # one progress bar per run, not per host
+        kto_cfg = (
+            cfg.kto if parallel.is_main_process() else dataclasses.replace(cfg.kto, progress=False)
+        )
+        finetuner = KTOFineTuner(model, tokenizer, kto_cfg, cfg.lora, writer)  # adds LoRA
+        actor = Actor(Sampler(model, tokenizer), tokenizer, actor_cfg)
+        setup_s = time.perf_counter() - t0
 
-    loop = SelfFinetuningLoop(
-        cfg.loop, cfg.rfr, prompt_cfg, actor, env, reflector, finetuner, run_dir,
-        writer=writer, progress=progress, on_phase_end=on_phase_end,
-        weights=cfg.env.objective.weights,
-        run_info={
-            "actor": str(ckpt),
-            **({"actor_prior": PRIOR_LABEL} if cfg.model.prior else {}),
-            "actions": f"RBGs for the controlled slice in [{env.action_lo}, {env.action_hi}]",
-        },
-    )  # fmt: skip
-    heldout = HeldOutEval(cfg.heldout, cfg.env, actor, run_dir)
-    # the Actor before any fine-tuning (LoRA B = 0); cached, so a resume reuses it
-    t_held = time.perf_counter()
-    heldout.before(untrained=loop.ckpt.latest_step() is None)
-    held_s = time.perf_counter() - t_held
-    summary = loop.run(resume=resume)
-    summary["timings_s"]["setup"] = setup_s
-    t_held = time.perf_counter()
-    loop.run_info["held_out"] = heldout.after_and_report()
-    summary["timings_s"]["held_out"] = held_s + time.perf_counter() - t_held
-    summary = loop.write_summary()
-    _save_adapter(finetuner, run_dir / "adapter", base_model_id(ckpt))
-    if writer is not None:
-        writer.close()
+        loop = SelfFinetuningLoop(
+            cfg.loop, cfg.rfr, prompt_cfg, actor, env, reflector, finetuner, run_dir,
+            writer=writer, progress=progress, on_phase_end=on_phase_end,
+            weights=cfg.env.objective.weights,
+            run_info={
+                "actor": str(ckpt),
+                **({"actor_prior": PRIOR_LABEL} if cfg.model.prior else {}),
+                "actions": f"RBGs for the controlled slice in [{env.action_lo}, {env.action_hi}]",
+            },
+        )  # fmt: skip
+        heldout = HeldOutEval(cfg.heldout, cfg.env, actor, run_dir)
+        # the Actor before any fine-tuning (LoRA B = 0); cached, so a resume reuses it
+        t_held = time.perf_counter()
+        heldout.before(untrained=loop.ckpt.latest_step() is None)
+        held_s = time.perf_counter() - t_held
+        summary = loop.run(resume=resume)
+        summary["timings_s"]["setup"] = setup_s
+        t_held = time.perf_counter()
+        loop.run_info["held_out"] = heldout.after_and_report()
+        summary["timings_s"]["held_out"] = held_s + time.perf_counter() - t_held
+        summary = loop.write_summary()
+        _save_adapter(finetuner, run_dir / "adapter", base_model_id(ckpt))
+    finally:
+        if writer is not None:
+            writer.close()
     if not parallel.is_main_process():
         return summary
     print(

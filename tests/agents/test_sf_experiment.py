@@ -56,7 +56,7 @@ def _adapter(run_dir):
 
 
 @pytest.mark.slow
-def test_smoke_end_to_end_and_resume(tmp_path, capsys):
+def test_smoke_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
     mod = _experiment()
     full_dir = tmp_path / "full"
     summary = mod.run(_short(mod, full_dir), progress=False)
@@ -123,8 +123,21 @@ def test_smoke_end_to_end_and_resume(tmp_path, capsys):
             raise Killed
 
     res_dir = tmp_path / "resumed"
-    with pytest.raises(Killed):
-        mod.run(_short(mod, res_dir), on_phase_end=kill, progress=False)
+    from sfjax import parallel
+
+    writers = []
+
+    def recorded(path):  # the run's TensorBoard writer, to see it closed after the crash
+        writers.append(real_writer(path))
+        return writers[-1]
+
+    real_writer = parallel.summary_writer
+    with monkeypatch.context() as m:
+        m.setattr(parallel, "summary_writer", recorded)
+        with pytest.raises(Killed):
+            mod.run(_short(mod, res_dir), on_phase_end=kill, progress=False)
+    # closed by the run, not left to interpreter exit (where its thread fails, a second traceback)
+    assert len(writers) == 1 and writers[0].file_writer is None
     other = _short(mod, res_dir)
     other = dataclasses.replace(other, loop=dataclasses.replace(other.loop, seed=7))
     with pytest.raises(FileExistsError, match=r"another config: loop\.seed \(0 in the run, 7 now\)"):
