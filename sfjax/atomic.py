@@ -36,6 +36,16 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def umask_mode(path: str | os.PathLike) -> None:
+    """Give a file the mode a plain ``open`` gives it (0o666 less the process's umask).
+    safetensors >= 0.8 creates its files 0o600, so a model, prior or adapter written on a shared
+    machine could not be read by the group or other users that its neighbours (config.json,
+    tokenizer) are readable by."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def write_text(path: str | os.PathLike, text: str) -> str:
     return write_bytes(path, text.encode())
 

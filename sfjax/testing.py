@@ -294,13 +294,13 @@ def _np_dtype(dtype: str) -> np.dtype:
 
 
 def _save_weights(out: Path, weights: dict[str, np.ndarray], dtype: str, max_shard_bytes: int | None):
-    from safetensors.numpy import save_file
+    from sfjax.models.weights import write_safetensors  # the file mode open() gives
 
     # no copy of what has the dtype already (safetensors writes from the arrays' memory)
     weights = {k: a.astype(_np_dtype(dtype), copy=False) for k, a in weights.items()}
     meta = {"format": "pt"}
     if max_shard_bytes is None:
-        save_file(weights, str(out / "model.safetensors"), metadata=meta)
+        write_safetensors(out / "model.safetensors", weights, meta)
         return
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
@@ -314,7 +314,7 @@ def _save_weights(out: Path, weights: dict[str, np.ndarray], dtype: str, max_sha
     weight_map = {}
     for i, shard in enumerate(shards, start=1):
         fname = f"model-{i:05d}-of-{n:05d}.safetensors"
-        save_file(shard, str(out / fname), metadata=meta)
+        write_safetensors(out / fname, shard, meta)
         weight_map.update({name: fname for name in shard})
     total = sum(a.nbytes for a in weights.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}

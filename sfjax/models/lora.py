@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sfjax import atomic
 from sfjax.models.matmul import low_rank_product
 from sfjax.models.qwen3 import Linear
 from sfjax.models.weights import FLOAT_CODES, TensorInfo, read_safetensors_header
@@ -350,6 +351,7 @@ def save_adapter(
     out.mkdir(parents=True, exist_ok=True)
     (out / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2))
     save(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    atomic.umask_mode(out / ADAPTER_WEIGHTS)  # safetensors >= 0.8 writes 0o600
     return out
 
 

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sfjax import atomic
 from sfjax.models.config import CheckpointUnavailable
 
 if TYPE_CHECKING:
@@ -161,6 +162,7 @@ def write_safetensors(file: str | os.PathLike, tensors: dict[str, np.ndarray],
 
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(file),
               metadata=metadata or {"format": "pt"})  # fmt: skip
+    atomic.umask_mode(file)  # safetensors >= 0.8 writes 0o600
 
 
 # ------------------------------------------------------------------------------- sharding

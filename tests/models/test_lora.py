@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -131,6 +132,11 @@ def test_export_import_roundtrip(tiny_checkpoint, tmp_path):
     lora.save_adapter(model, tmp_path / "adapter2", cfg, base_model_name_or_path=tmp_path / "b")
     written = json.loads((tmp_path / "adapter2" / "adapter_config.json").read_text())
     assert written["base_model_name_or_path"] == str(tmp_path / "b")
+    # the weights readable as their config is (safetensors >= 0.8 alone writes them 0o600)
+    mask = os.umask(0)
+    os.umask(mask)
+    mode = lambda p: (tmp_path / "adapter" / p).stat().st_mode & 0o777  # noqa: E731
+    assert mode(lora.ADAPTER_WEIGHTS) == mode("adapter_config.json") == 0o666 & ~mask
 
     other = qwen3.from_pretrained(tiny_checkpoint, dtype=jnp.float32)
     loaded_cfg = lora.load_adapter(other, tmp_path / "adapter")

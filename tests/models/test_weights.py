@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import jax
@@ -93,6 +94,9 @@ def test_save_then_transformers_load_gives_same_logits(tiny_checkpoint_untied, t
     model = qwen3.from_pretrained(tiny_checkpoint_untied, dtype=jnp.float32)
     out = qwen3.save_pretrained(model, tmp_path / "saved", max_shard_bytes=100_000)
     assert (out / "model.safetensors.index.json").is_file()
+    mask = os.umask(0)
+    os.umask(mask)  # every shard readable as config.json is (safetensors >= 0.8 writes 0o600)
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o666 & ~mask}
     ours = np.asarray(forward(model, IDS))
     theirs = hf_logits(out, IDS)
     assert np.abs(ours - theirs).max() / np.abs(theirs).max() <= 1e-4
