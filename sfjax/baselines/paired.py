@@ -28,21 +28,27 @@ def t_quantile_975(df: int) -> float:
     return float(stats.t.ppf(0.975, df))
 
 
+def t_interval(values_N) -> tuple[float, float | None, float | None]:
+    """(mean, low, high) of 1-D ``values_N``: the mean and its 95 % two-sided Student-t
+    interval ``mean +- t_{0.975, N-1} sd / sqrt(N)``; no interval (None, None) for one value."""
+    v = np.asarray(values_N, np.float64)
+    mean = float(v.mean())
+    if v.size < 2:
+        return mean, None, None
+    half = t_quantile_975(v.size - 1) * float(v.std(ddof=1)) / math.sqrt(v.size)
+    return mean, mean - half, mean + half
+
+
 def paired_difference(before_S, after_S) -> dict[str, float | bool | int | None]:
     """Mean before / after, mean paired difference and its 95 % t interval."""
     b = np.asarray(before_S, np.float64)
     a = np.asarray(after_S, np.float64)
     if b.shape != a.shape or b.ndim != 1 or b.size == 0:
         raise ValueError(f"need two equal 1-D non-empty arrays, got {b.shape} and {a.shape}")
-    d = a - b
-    n = d.size
-    out = {"n": n, "before": float(b.mean()), "after": float(a.mean()), "diff": float(d.mean()),
-           "ci_low": None, "ci_high": None, "significant": False}
-    if n >= 2:
-        half = t_quantile_975(n - 1) * float(d.std(ddof=1)) / math.sqrt(n)
-        out["ci_low"], out["ci_high"] = out["diff"] - half, out["diff"] + half
-        out["significant"] = bool(out["ci_low"] > 0 or out["ci_high"] < 0)
-    return out
+    diff, low, high = t_interval(a - b)
+    return {"n": b.size, "before": float(b.mean()), "after": float(a.mean()), "diff": diff,
+            "ci_low": low, "ci_high": high,
+            "significant": low is not None and bool(low > 0 or high < 0)}
 
 
 def paired_report(before: Mapping[str, np.ndarray],

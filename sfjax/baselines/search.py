@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from sfjax.baselines import rl
-from sfjax.baselines.paired import paired_difference, t_quantile_975
+from sfjax.baselines.paired import paired_difference, t_interval
 
 Axes = dict[str, tuple[Any, ...]]
 """Dotted field of an algorithm's config (``learning_rate``, ``network.activation``) -> values."""
@@ -207,17 +207,6 @@ def candidates(algo: str, base: rl.AlgoConfig, axes: Axes) -> list[Candidate]:
     return out
 
 
-def seed_interval(values_N) -> tuple[float, float | None, float | None]:
-    """(mean, low, high): the 95 % Student-t interval of the mean over training seeds
-    (df = N - 1); no interval (None) for one seed."""
-    v = np.asarray(values_N, np.float64)
-    mean = float(v.mean())
-    if v.size < 2:
-        return mean, None, None
-    half = t_quantile_975(v.size - 1) * float(v.std(ddof=1)) / math.sqrt(v.size)
-    return mean, mean - half, mean + half
-
-
 def score(per_episode: Mapping[str, np.ndarray], default_utility_NS: np.ndarray | None) -> dict:
     """One candidate's result from its per-trajectory metrics (each [N, S]; keys of
     :meth:`~sfjax.baselines.evaluation.Rollouts.per_episode`) and the base config's utility
@@ -232,7 +221,7 @@ def score(per_episode: Mapping[str, np.ndarray], default_utility_NS: np.ndarray 
         raise ValueError(f"unpaired: the default's utility is {d_NS.shape}, this candidate's "
                          f"{u_NS.shape}")  # fmt: skip
     m_N = u_NS.mean(-1)
-    mean, lo, hi = seed_interval(m_N)
+    mean, lo, hi = t_interval(m_N)  # over training seeds, df = N - 1
     others = {k: float(np.mean(per_episode[k])) for k in ("mean_se", "reconfigurations",
                                                           "violations")}  # fmt: skip
     return {
