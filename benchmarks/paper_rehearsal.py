@@ -153,13 +153,19 @@ def rollout_budget_gib(layers: int, preset_gib: float) -> float:
     return preset_gib * tiny / (big.num_layers * big.num_kv_heads * big.head_dim)
 
 
+def actor_fields(width: str, layers: int) -> dict:
+    """The Actor's config fields at ``width``: Qwen3-4B's (``full``), or with
+    :data:`TINY_WIDTHS` and ``layers`` decoder layers (``tiny``)."""
+    tiny = {**TINY_WIDTHS, "num_hidden_layers": layers} if width == "tiny" else {}
+    return qwen3_4b_fields() | tiny
+
+
 def tiny_paper_checkpoint(path: Path, layers: int, seed: int = 0) -> Path:
     """A tiny random Qwen3 in Qwen3-4B's layout: its config with :data:`TINY_WIDTHS` and
     ``layers`` decoder layers, bf16 weights."""
     from sfjax.testing import write_tiny_checkpoint
 
-    fields = {**qwen3_4b_fields(), **TINY_WIDTHS, "num_hidden_layers": layers}
-    return write_tiny_checkpoint(path, fields, seed=seed, dtype="bfloat16")
+    return write_tiny_checkpoint(path, actor_fields("tiny", layers), seed=seed, dtype="bfloat16")
 
 
 def full_width_checkpoint(path: Path, seed: int = 0, fields: dict | None = None,
@@ -189,8 +195,7 @@ def write_actor(ckpt: Path, width: str, layers: int) -> dict:
     """The Actor's checkpoint at ``width``, timed: seconds, bytes of weights, files, and this
     process's peak RSS before and after (the peak after is the writing's: nothing heavier ran
     before it). An existing checkpoint is reused if it has the width asked for."""
-    want = qwen3_4b_fields() | ({**TINY_WIDTHS, "num_hidden_layers": layers}
-                                if width == "tiny" else {})  # fmt: skip
+    want = actor_fields(width, layers)
     if (ckpt / "config.json").exists():
         got = json.loads((ckpt / "config.json").read_text())
         differ = sorted(k for k, v in want.items() if got.get(k) != v)
