@@ -61,6 +61,7 @@ from sfjax import atomic  # noqa: E402
 from sfjax.agents.actor import PAPER_ACTOR, ActorConfig  # noqa: E402
 from sfjax.agents.loop_config import LoopConfig  # noqa: E402
 from sfjax.agents.prior import PRIOR_LABEL, SMOKE_PROMPT, PriorConfig  # noqa: E402
+from sfjax.agents.prior import fingerprint as prior_fingerprint  # noqa: E402
 from sfjax.agents.reflector import ApiReflectorConfig, ReflectorConfig  # noqa: E402
 from sfjax.agents.rfr import RfRConfig  # noqa: E402
 from sfjax.baselines.heldout import HeldOutConfig, HeldOutEval  # noqa: E402
@@ -397,7 +398,8 @@ def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> d
             weights=cfg.env.objective.weights,
             run_info={
                 "actor": str(ckpt),
-                **({"actor_prior": PRIOR_LABEL} if cfg.model.prior else {}),
+                **({"actor_prior": PRIOR_LABEL, "actor_prior_build": prior_fingerprint(ckpt)}
+                   if cfg.model.prior else {}),
                 "actions": f"RBGs for the controlled slice in [{env.action_lo}, {env.action_hi}]",
             },
         )  # fmt: skip

@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -263,6 +264,7 @@ def build_prior(cfg: PriorConfig, env_cfg, prompt_cfg: PromptConfig, out: str | 
         "teacher_per_episode_mean": {k: float(np.mean(v)) for k, v in per.items()},
         "build_wall_s": time.perf_counter() - t0,
         "build_cpu_s": time.process_time() - c0,
+        "built_on": build_machine(),
     }
     (tmp / "prior.json").write_text(json.dumps(info, indent=2, default=str))
     record = {"config_hash": info["config_hash"],
@@ -271,6 +273,38 @@ def build_prior(cfg: PriorConfig, env_cfg, prompt_cfg: PromptConfig, out: str | 
     tmp.rename(out)
     log.info("prior built in %s (%.1f s wall, %.1f s CPU)", out, info["build_wall_s"],
              info["build_cpu_s"])
+    return out
+
+
+def build_machine() -> dict[str, str]:
+    """What built a prior: the CPU, the platform and jax / jaxlib versions. The build is
+    bit-for-bit deterministic on one machine (tested) but XLA:CPU may round differently on
+    another CPU, and 300 SFT steps carry such differences into a visibly different prior
+    (benchmarks/RESULTS.md, "The demo across machines and priors")."""
+    import jax
+    import jaxlib
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
+                       cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "platform": platform.platform(), "jax": jax.__version__,
+            "jaxlib": jaxlib.__version__, "backend": jax.default_backend()}
+
+
+def fingerprint(directory: str | os.PathLike) -> dict:
+    """Which prior a run used: the sha256 of its weights and, for priors built since the
+    record was added, the machine that built them (runs record it in summary.json)."""
+    directory = Path(directory)
+    files = json.loads((directory / MARKER).read_text())["files"]
+    info = json.loads((directory / "prior.json").read_text())
+    out = {"dir": str(directory), "weights_sha256": files["model.safetensors"],
+           "sft_loss_last": info.get("sft_loss_first_last", [None, None])[-1]}
+    if "built_on" in info:
+        out["built_on"] = info["built_on"]
     return out
 
 

@@ -113,3 +113,23 @@ def test_build_is_deterministic_from_its_seed(built, tmp_path):
     assert prior_lib.check_prior(again, path.name) is None
     same = json.loads((again / prior_lib.MARKER).read_text())["files"]["model.safetensors"]
     assert same == json.loads((path / prior_lib.MARKER).read_text())["files"]["model.safetensors"]
+
+
+def test_fingerprint_names_the_weights_and_the_machine_that_built_them(built):
+    cfg, path = built
+    fp = prior_lib.fingerprint(path)
+    marker = json.loads((path / prior_lib.MARKER).read_text())
+    assert fp["weights_sha256"] == marker["files"]["model.safetensors"]
+    assert fp["dir"] == str(path) and isinstance(fp["sft_loss_last"], float)
+    built_on = fp["built_on"]
+    assert set(built_on) == {"cpu", "platform", "jax", "jaxlib", "backend"}
+    assert built_on["backend"] == "cpu" and all(built_on.values())
+    # a prior cached before the build record existed: the digest alone
+    info = json.loads((path / "prior.json").read_text())
+    del info["built_on"]
+    old = path.parent / "old_prior"
+    old.mkdir()
+    (old / "prior.json").write_text(json.dumps(info))
+    (old / prior_lib.MARKER).write_text((path / prior_lib.MARKER).read_text())
+    assert "built_on" not in prior_lib.fingerprint(old)
+    assert prior_lib.fingerprint(old)["weights_sha256"] == fp["weights_sha256"]
