@@ -151,7 +151,9 @@ def format_sf_summary(
                              "kl_unclamped), kto_iter/*, rfr/*, env/*"),
             (run_dir / "adapter", "final LoRA as a PEFT adapter "
                                   "(peft.AutoPeftModelForCausalLM.from_pretrained)"),
-            (run_dir / "trajectories", "every trajectory: prompts, outputs, actions, feedback"),
+            (run_dir / "trajectories", "every trajectory: prompts, outputs, actions, feedback "
+                                       "(how the Actor's actions changed per iteration: "
+                                       f"python -m sfjax.agents.policy_profile {run_dir})"),
             (run_dir / "reflections", "the Reflector's labels and improved actions"),
             (run_dir / "datasets", "every KTO dataset"),
             (run_dir / "checkpoints", "orbax, one per phase (--resume continues from here)"),
