@@ -15,9 +15,11 @@ The paper used RLlib; rejax's implementations are the JAX equivalents. Hyperpara
 the frozen configs below (the paper does not state its own; the defaults are the usual ones
 for small discrete-action control, with reward and observation normalisation because the
 RAN observation mixes PRB counts, bit/s and bytes, and the per-step utility is O(100)).
-One departure from rejax's defaults: the 300-decision time limit is a truncation, not the end
-of the task, so all three bootstrap from the final observation there
-(``bootstrap_truncation``, :mod:`sfjax.baselines.time_limits`).
+Two departures from rejax's defaults (:mod:`sfjax.baselines.time_limits`): the 300-decision
+time limit is a truncation, not the end of the task, so all three bootstrap from the final
+observation there (``bootstrap_truncation``); and SAC's log-probability of an action whose
+probability underflowed to 0 is the log-softmax, not rejax's NaN-making log(0)
+(``safe_log_probs``).
 
 Shape legend: N = training seeds, R = rounds, S = evaluation seeds, T = decisions.
 """
@@ -184,6 +186,12 @@ class SACConfig:
     final observation, and end the return only at a termination (Pardo et al. 2018; as SB3 and
     RLlib do; :mod:`sfjax.baselines.time_limits`). False: rejax's own behaviour, the limit
     taken for the end of the task (critic target r at the last step)."""
+    safe_log_probs: bool = True
+    """Where a state's smallest action probability underflows to 0 in float32 (logits more than
+    ~88 apart), take its log-probability as the log-softmax of the logits instead of rejax's
+    log(probs) = -inf, whose 0 x inf = NaN in the actor, critic-target and temperature losses
+    turns every parameter NaN (:mod:`sfjax.baselines.time_limits`); elsewhere values and
+    gradients are rejax's. False runs rejax's log(probs) unchanged."""
     polyak: float = 0.995
     """Target critics: tau = 1 - polyak soft update every iteration."""
     target_entropy_ratio: float = 0.7
@@ -299,6 +307,7 @@ def make_algo(name: AlgoName, cfg: AlgoConfig, env, env_params: Any, budget: Bud
             polyak=cfg.polyak,
             target_update_freq=1,
             target_entropy_ratio=cfg.target_entropy_ratio,
+            safe_log_probs=cfg.safe_log_probs,
             hidden_layer_sizes=hidden,
             agent_kwargs={"activation": cfg.network.activation},
         )

@@ -26,12 +26,22 @@ to those statistics, which describe the observations the policy acts on.
 
 The envs must be wrapped in :class:`sfjax.baselines.wrappers.RejaxEnv`, which puts
 ``terminated``, ``truncated`` and ``final_observation`` into ``info``.
+
+One more departure, in discrete SAC only (``safe_log_probs=True``, the default; False runs
+rejax's ``log(probs)`` unchanged): rejax takes ``log pi(a|s) = log(softmax(logits))``. Once a
+state's logits spread by more than ~88 (104 with denormals), the smallest probability is 0 in
+float32, its log is -inf, and ``pi (alpha log pi - Q)`` -- in the actor loss, the critic's soft
+target and the temperature loss -- is 0 x inf = NaN: one such state in a minibatch makes every
+parameter NaN, and the greedy argmax over NaN logits is action 0 in every state. There the
+log-probability is the log-softmax of the logits (finite, about -gap) instead; everywhere else
+it is rejax's value, with rejax's gradient.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 import rejax
 from flax import struct
 from rejax.algos.ppo import Trajectory
@@ -107,11 +117,36 @@ class DQN(rejax.DQN):
         return _step_and_store(self, ts, actions)
 
 
+def safe_log_probs(action_dist) -> jax.Array:
+    """``log(action_dist.probs)`` where no probability is 0; the log-softmax of the logits where
+    one underflowed (there ``log`` gives -inf and a 0 x inf NaN downstream).
+
+    ``jnp.where`` feeds ``log`` a 1 where the probability is 0 (the gradient of ``log`` at 0 is
+    inf, and x 0 that is NaN), so ``log`` gives 0 there; the log-softmax is added only there
+    (distrax's ``Categorical`` keeps its logits normalised: ``.logits`` is the log-softmax). The
+    log-softmax is a constant to the gradient: every SAC loss weights an action's term by
+    ``exp(log pi)``, which is 0 (at most a denormal) for an underflowed action, so the gradient
+    through it is 0 in float32 anyway. The form matters for XLA, which fuses the jitted program differently for
+    formulas that are equal, and then sums in another order: the backward pass keeps rejax's
+    ops plus one select, and where no probability is 0 the values and gradients (and whole
+    vmapped training runs) are rejax's bit for bit. An outer ``jnp.where(underflow, log-softmax,
+    log)``, or a differentiated log-softmax, changed ulps of the trained parameters.
+    """
+    probs = action_dist.probs
+    underflow = probs == 0
+    log_probs = jnp.log(jnp.where(underflow, 1.0, probs))
+    return log_probs + jnp.where(underflow, jax.lax.stop_gradient(action_dist.logits), 0.0)
+
+
 class SAC(rejax.SAC):
-    """rejax's SAC; with ``bootstrap_truncation`` the critic target bootstraps at truncation."""
+    """rejax's SAC; with ``bootstrap_truncation`` the critic target bootstraps at truncation; with
+    ``safe_log_probs`` (discrete actions) no NaN comes from a probability that underflowed to 0."""
 
     bootstrap_truncation: bool = struct.field(pytree_node=False, default=True)
     """True: target ``r + gamma V_soft(final obs)`` at a truncation; False: rejax's ``r``."""
+    safe_log_probs: bool = struct.field(pytree_node=False, default=True)
+    """True: :func:`safe_log_probs` (log-softmax where a probability is 0); False: rejax's
+    ``log(probs)`` unchanged."""
 
     def collect_transitions(self, ts):
         if not self.bootstrap_truncation:
@@ -123,6 +158,53 @@ class SAC(rejax.SAC):
             last_obs = self.normalize_obs(ts.obs_rms_state, last_obs)
         actions = self.actor.apply(ts.actor_ts.params, last_obs, rng_action, method="act")
         return _step_and_store(self, ts, actions)
+
+    def update_actor(self, ts, mb):
+        if not (self.discrete and self.safe_log_probs):
+            return super().update_actor(ts, mb)
+        # rejax 0.1.3's SAC.update_actor (discrete branch) with log(probs) -> safe_log_probs. The
+        # returned log-probabilities are what update_alpha gets.
+        rng, _ = jax.random.split(ts.rng)
+        ts = ts.replace(rng=rng)
+        alpha = jnp.exp(ts.alpha_ts.params["log_alpha"])
+
+        def actor_loss_fn(params):
+            logprob = safe_log_probs(self.actor.apply(params, mb.obs, method="_action_dist"))
+            qs = self.vmap_critic(ts.critic_ts.params, mb.obs)
+            loss_pi = alpha * logprob - qs.min(axis=0)
+            loss_pi = jnp.sum(jnp.exp(logprob) * loss_pi, axis=1)
+            return loss_pi.mean(), logprob
+
+        grads, logprob = jax.grad(actor_loss_fn, has_aux=True)(ts.actor_ts.params)
+        ts = ts.replace(actor_ts=ts.actor_ts.apply_gradients(grads=grads))
+        return ts, logprob
+
+    def update_critic(self, ts, mb):
+        if not (self.discrete and self.safe_log_probs):
+            return super().update_critic(ts, mb)
+        # rejax 0.1.3's SAC.update_critic (discrete branch) with log(probs) -> safe_log_probs.
+        rng, _ = jax.random.split(ts.rng)
+        ts = ts.replace(rng=rng)
+        alpha = jnp.exp(ts.alpha_ts.params["log_alpha"])
+
+        def critic_loss_fn(params):
+            # Calculate target without gradient wrt `params`
+            action_dist = self.actor.apply(ts.actor_ts.params, mb.next_obs, method="_action_dist")
+            logprob = safe_log_probs(action_dist)
+            qs = self.vmap_critic(ts.critic_target_params, mb.next_obs)
+            q_target = jnp.min(qs, axis=0) - alpha * logprob
+            q_target = jnp.sum(jnp.exp(logprob) * q_target, axis=1)
+            qs = jax.vmap(
+                lambda *args: self.critic.apply(*args, method="take"),
+                in_axes=(0, None, None),
+            )(params, mb.obs, mb.action)
+            target = mb.reward + self.gamma * (1 - mb.done) * q_target
+            losses = jax.vmap(lambda q: optax.l2_loss(q, target))(qs)
+            return losses.sum(axis=0).mean()
+
+        grads = jax.grad(critic_loss_fn)(ts.critic_ts.params)
+        ts = ts.replace(critic_ts=ts.critic_ts.apply_gradients(grads=grads))
+        return ts
 
 
 class PPO(rejax.PPO):
