@@ -5,15 +5,12 @@ the temperature loss; the fix takes the log-softmax there and changes nothing el
 
 from __future__ import annotations
 
-import ast
-import inspect
-import textwrap
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from field_docs import field_doc  # tests/field_docs.py
 from flax.training.train_state import TrainState
 from rejax.buffers import Minibatch
 
@@ -41,17 +38,10 @@ def _finite(tree) -> bool:
     return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree))
 
 
-def _field_doc(cls, name: str) -> str:
-    """The docstring under a dataclass field (what tyro shows as its --help)."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
-    for stmt, doc in zip(body, body[1:]):
-        if isinstance(stmt, ast.AnnAssign) and stmt.target.id == name:
-            return doc.value.value
-    raise AssertionError(f"{cls.__name__}.{name} has no docstring")
 
 
 def test_safe_log_probs_is_the_documented_default(toy_env):
-    doc = " ".join(_field_doc(rl.SACConfig, "safe_log_probs").split())
+    doc = " ".join(field_doc(rl.SACConfig, "safe_log_probs").split())
     assert doc.endswith("False runs rejax's log(probs) unchanged.")
     assert rl.SACConfig().safe_log_probs is True
     env, params = toy_env

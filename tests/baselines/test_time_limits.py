@@ -4,15 +4,12 @@ whose final observation is known."""
 
 from __future__ import annotations
 
-import ast
-import inspect
-import textwrap
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from field_docs import field_doc  # tests/field_docs.py
 from flax import struct
 from flax.training.train_state import TrainState
 from gymnax.environments import environment, spaces
@@ -135,18 +132,11 @@ def test_rejax_env_refuses_a_step_without_final_observation():
         wrapped.step(jax.random.key(1), state, jnp.int32(0), env.default_params)
 
 
-def _field_doc(cls, name: str) -> str:
-    """The docstring under a dataclass field (what tyro shows as its --help)."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
-    for stmt, doc in zip(body, body[1:]):
-        if isinstance(stmt, ast.AnnAssign) and stmt.target.id == name:
-            return doc.value.value
-    raise AssertionError(f"{cls.__name__}.{name} has no docstring")
 
 
 def test_default_bootstraps_as_documented():
     for cfg_type in (rl.DQNConfig, rl.PPOConfig, rl.SACConfig):
-        doc = " ".join(_field_doc(cfg_type, "bootstrap_truncation").split())
+        doc = " ".join(field_doc(cfg_type, "bootstrap_truncation").split())
         assert doc.startswith("At the env's time limit (a truncation; the RAN env never "
                               "terminates) bootstrap from the final observation")  # fmt: skip
         assert "False: rejax's own behaviour" in doc
