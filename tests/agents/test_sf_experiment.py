@@ -114,6 +114,25 @@ def test_smoke_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
     adapter = _adapter(full_dir)
     assert any(np.abs(v).max() > 0 for k, v in adapter.items() if "lora_B" in k)
 
+    # the two diagnostics read a real run dir: the policy profile per SF iteration, and the
+    # target rates before / after on the labelled prompts (benchmarks/sf_target_match.py)
+    from sfjax.agents.policy_profile import run_profiles
+
+    profiles = run_profiles(full_dir, block_steps=2)
+    assert [p.label for p in profiles] == ["before SF", "after SF 1"]
+    assert profiles[0].steps == 8 and profiles[0].by_block[0].asked_more >= 0
+    assert profiles[1].by_block[0].asked_more == -1  # the final collect is not labelled
+    capsys.readouterr()
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "sf_target_match", Path(__file__).resolve().parents[2] / "benchmarks" / "sf_target_match.py")
+    sf_target_match = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sf_target_match)
+    sf_target_match.main([str(full_dir), "--samples", "2"])
+    out = capsys.readouterr().out
+    assert "target rate before" in out and "effective" in out
+
     # kill after the KTO phase, resume, and compare with the uninterrupted run
     class Killed(Exception):
         pass
