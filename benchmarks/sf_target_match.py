@@ -98,12 +98,8 @@ def main(argv=None) -> None:
         out = []
         for i in range(0, len(prompts), a.batch):
             chunk = prompts[i : i + a.batch]
-            texts = actor.sampler.generate(
-                chunk, actor._params(False), jax.random.fold_in(key, i), n=k,
-                action_constraint=actor._constraint(),
-            ).texts  # fmt: skip
-            for j in range(len(chunk)):
-                parsed = [parse_output(t, prompt_cfg) for t in texts[j * k : (j + 1) * k]]
+            for texts in actor.sample(chunk, k, jax.random.fold_in(key, i), acting=True):
+                parsed = [parse_output(t, prompt_cfg) for t in texts]
                 out.append([x.action if x.ok else None for x in parsed])
         return out
 

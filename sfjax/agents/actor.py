@@ -149,13 +149,18 @@ class Actor:
             )
         return decisions
 
-    def sample(self, prompts: Sequence[str], n: int, key: jax.Array) -> list[list[str]]:
-        """``n`` completions per prompt in one batched call (RfR rollouts, Algorithm 2)."""
+    def sample(
+        self, prompts: Sequence[str], n: int, key: jax.Array, *, acting: bool = False
+    ) -> list[list[str]]:
+        """``n`` completions per prompt in one batched call: at the rollout sampling parameters
+        (RfR rollouts, Algorithm 2), or with ``acting`` at the acting ones (what :meth:`act`
+        samples with; diagnostics such as ``benchmarks/sf_target_match.py``)."""
         if not prompts:
             return []
         out = self.sampler.generate(
-            list(prompts), self._params(True), key, n=n, action_constraint=self._constraint()
-        )
+            list(prompts), self._params(not acting), key, n=n,
+            action_constraint=self._constraint(),
+        )  # fmt: skip
         texts = list(out.texts)
         if len(texts) != len(prompts) * n:
             raise RuntimeError(f"sampler returned {len(texts)} texts for {len(prompts)}x{n}")
