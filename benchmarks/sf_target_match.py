@@ -33,20 +33,24 @@ sys.path.insert(0, str(ROOT / "experiments"))
 CLASSES = ("asked more", "asked less", "effective")
 
 
-def step_targets(trajs: list[dict], refls: list[dict]) -> list[tuple[str, int, str]]:
-    """(prompt, target action, class) per labelled step; a suboptimal step whose improved
-    action is the one taken (no request) is left out."""
+def step_targets(trajs, refls) -> list[tuple[str, int, str]]:
+    """(prompt, target action, class) per labelled step of ``trajs`` (Trajectory objects) and
+    their ``refls`` (Reflection objects); the requests are
+    :func:`sfjax.agents.policy_profile.requested_changes`'s, and a suboptimal step that asks
+    for the action it took is left out."""
+    from sfjax.agents.policy_profile import requested_changes
+
+    asked = requested_changes(trajs, refls)
+    labels = {(r.env_index, lab.step): lab.label for r in refls for lab in r.labels}
     out = []
-    by_env = {r["env_index"]: r for r in refls}
     for t in trajs:
-        labels = by_env[t["env_index"]]["labels"]
-        for st, lab in zip(t["steps"], labels):
-            if lab["label"] != "suboptimal":
-                out.append((st["prompt"], st["action"], "effective"))
-            elif lab["improved_action"] != st["action"]:
-                more = lab["improved_action"] > st["action"]
-                out.append((st["prompt"], lab["improved_action"],
-                            "asked more" if more else "asked less"))  # fmt: skip
+        for st in t.steps:
+            change = asked.get((t.env_index, st.t))
+            if change is not None:
+                out.append((st.prompt, st.action + change,
+                            "asked more" if change > 0 else "asked less"))  # fmt: skip
+            elif labels[(t.env_index, st.t)] != "suboptimal":
+                out.append((st.prompt, st.action, "effective"))
     return out
 
 
@@ -71,6 +75,7 @@ def main(argv=None) -> None:
 
     from sfjax.agents.actor import Actor
     from sfjax.agents.prompts import parse_output
+    from sfjax.agents.trajectory import Reflection, load_json, load_trajectories
     from sfjax.baselines.llm_agent import prompt_config_for_env
     from sfjax.envs.ran import RanSlicingEnv
     from sfjax.models import qwen3
@@ -87,8 +92,8 @@ def main(argv=None) -> None:
     actor = Actor(Sampler(model, tokenizer), tokenizer,
                   dataclasses.replace(cfg.actor, prompt=prompt_cfg))  # fmt: skip
     items = step_targets(
-        json.loads((run / f"trajectories/iter_{a.iteration}.json").read_text()),
-        json.loads((run / f"reflections/iter_{a.iteration}.json").read_text()),
+        load_trajectories(run / f"trajectories/iter_{a.iteration}.json"),
+        [Reflection.from_json(d) for d in load_json(run / f"reflections/iter_{a.iteration}.json")],
     )
     prompts = [x[0] for x in items]
     key = jax.random.key(a.seed)

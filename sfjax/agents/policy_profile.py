@@ -98,11 +98,12 @@ def slope_and_corr(x: Sequence[float], y: Sequence[float]) -> tuple[float, float
     return slope, corr
 
 
-def _requests(trajs: Sequence[Trajectory], reflections: Sequence[Reflection] | None):
-    """{(env_index, step): improved action - action taken} for the steps labelled suboptimal
-    with another action; None without reflections."""
-    if reflections is None:
-        return None
+def requested_changes(
+    trajs: Sequence[Trajectory], reflections: Sequence[Reflection]
+) -> dict[tuple[int, int], int]:
+    """{(env_index, step): improved action - action taken} for the steps the Reflector labelled
+    suboptimal with another action (a suboptimal step whose improved action is the one taken
+    asks for no change and is left out)."""
     actions = {(t.env_index, s.t): s.action for t in trajs for s in t.steps}
     out = {}
     for r in reflections:
@@ -134,7 +135,7 @@ def profile(
     loads = [float(s.state[LOAD_KEY]) / 1e6 for _, s in steps]
     actions = [float(s.action) for _, s in steps]
     slope, corr = slope_and_corr(loads, actions)
-    asked = _requests(trajs, reflections)
+    asked = requested_changes(trajs, reflections) if reflections is not None else None
 
     by_load = []
     for i in range(num_load_bins):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from experiment_scripts import experiment  # tests/experiment_scripts.py
+from experiment_scripts import BENCHMARKS, experiment  # tests/experiment_scripts.py
 
 
 def _experiment():
@@ -123,13 +123,7 @@ def test_smoke_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
     assert profiles[0].steps == 8 and profiles[0].by_block[0].asked_more >= 0
     assert profiles[1].by_block[0].asked_more == -1  # the final collect is not labelled
     capsys.readouterr()
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "sf_target_match", Path(__file__).resolve().parents[2] / "benchmarks" / "sf_target_match.py")
-    sf_target_match = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sf_target_match)
-    sf_target_match.main([str(full_dir), "--samples", "2"])
+    experiment("sf_target_match", BENCHMARKS).main([str(full_dir), "--samples", "2"])
     out = capsys.readouterr().out
     assert "target rate before" in out and "effective" in out
 
