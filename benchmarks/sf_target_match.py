@@ -1,6 +1,6 @@
 """Did the fine-tuning teach the Actor what its Reflector asked, on the prompts it trained on?
 
-    .venv/bin/python benchmarks/sf_target_match.py RUN_DIR [--samples 8] [--iteration 0]
+    .venv/bin/python benchmarks/sf_target_match.py RUN_DIR [--samples 8] [--iteration 0] [--save F]
 
 For every step of SF iteration ``--iteration``'s trajectories (``RUN_DIR/trajectories`` and
 ``reflections``), ``--samples`` completions are drawn on that step's prompt from the Actor
@@ -8,7 +8,9 @@ before fine-tuning (LoRA off) and after it (the run's final ``adapter/``), with 
 and the *acting* sampling parameters (what the trajectories and the held-out evaluation use;
 RfR's rollouts use their own). Per class of step it prints how often the sampled action is the
 target (the Reflector's improved action on a suboptimal step, the action taken on an effective
-one) and the mean sampled action, before and after. Set against
+one) and the mean sampled action, before and after, and the same split by what the target
+asks: ``keep`` (the allocation the step started from, undoing the Actor's change) or ``move``
+(any other allocation). Set against
 ``python -m sfjax.agents.policy_profile RUN_DIR`` (the actions of the next collect, closed
 loop), it separates what the fine-tuning changed on the labelled prompts from what the
 closed loop made of it (the Actor's own allocation is part of its next prompt).
@@ -26,16 +28,36 @@ import json
 import sys
 from collections import defaultdict
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "experiments"))
 
 CLASSES = ("asked more", "asked less", "effective")
+KEEP, MOVE = "keep", "move"
+"""A request's kind: ``keep`` asks for the allocation the step started from (it undoes the
+Actor's change), ``move`` for one the Actor did not hold before the step."""
 
 
-def step_targets(trajs, refls) -> list[tuple[str, int, str]]:
-    """(prompt, target action, class) per labelled step of ``trajs`` (Trajectory objects) and
-    their ``refls`` (Reflection objects); the requests are
+class Item(NamedTuple):
+    """One labelled step: its prompt, the target action and what kind of step it is."""
+
+    prompt: str
+    target: int
+    cls: str
+    """One of :data:`CLASSES`."""
+    kind: str
+    """:data:`KEEP` when the target is the allocation in the step's state (``prev_action``),
+    else :data:`MOVE`."""
+    taken: int
+    """The action the Actor took at the step."""
+    held: int | None
+    """The allocation the step started from (``prev_action``), if the state has it."""
+
+
+def step_targets(trajs, refls) -> list[Item]:
+    """One :class:`Item` per labelled step of ``trajs`` (Trajectory objects) and their
+    ``refls`` (Reflection objects); the requests are
     :func:`sfjax.agents.policy_profile.requested_changes`'s, and a suboptimal step that asks
     for the action it took is left out."""
     from sfjax.agents.policy_profile import requested_changes
@@ -47,11 +69,82 @@ def step_targets(trajs, refls) -> list[tuple[str, int, str]]:
         for st in t.steps:
             change = asked.get((t.env_index, st.t))
             if change is not None:
-                out.append((st.prompt, st.action + change,
-                            "asked more" if change > 0 else "asked less"))  # fmt: skip
+                target, cls = st.action + change, "asked more" if change > 0 else "asked less"
             elif labels[(t.env_index, st.t)] != "suboptimal":
-                out.append((st.prompt, st.action, "effective"))
+                target, cls = st.action, "effective"
+            else:
+                continue
+            held = st.state.get("prev_action")
+            held = None if held is None else int(round(held))
+            out.append(Item(st.prompt, target, cls, KEEP if held == target else MOVE,
+                            st.action, held))  # fmt: skip
     return out
+
+
+def _mean(actions) -> float:
+    got = [x for x in actions if x is not None]
+    return sum(got) / len(got) if got else float("nan")
+
+
+def action_changes(items, before, after) -> dict[str, list[float]]:
+    """Per class: each prompt's change in mean sampled action (after - before; prompts with no
+    parsable sample on one side are left out)."""
+    out = defaultdict(list)
+    for item, b, f in zip(items, before, after):
+        d = _mean(f) - _mean(b)
+        if d == d:  # not nan
+            out[item.cls].append(d)
+    return out
+
+
+def report(items: list[Item], before, after) -> str:
+    """The table: per class and kind the target rate and mean sampled action before / after,
+    then the mean change per class (95 % t over prompts) and the contrast of the two requests.
+
+    ``before`` / ``after``: per item, its sampled actions (None = unparsable)."""
+    import numpy as np
+    from scipy import stats
+
+    from sfjax.baselines.paired import t_interval
+
+    rows = defaultdict(lambda: {"n": 0, "match": [0, 0], "samples": [0, 0], "action": [[], []]})
+    for item, *both in zip(items, before, after):
+        for row in (rows[item.cls], rows[(item.cls, item.kind)]):
+            row["n"] += 1
+            for i, acts in enumerate(both):
+                row["match"][i] += sum(x == item.target for x in acts)
+                row["samples"][i] += len(acts)
+                row["action"][i] += [x for x in acts if x is not None]
+    lines = [f"{'step class':12} {'steps':>6} {'target rate before':>19} {'after':>7} "
+             f"{'mean action before':>19} {'after':>7}"]  # fmt: skip
+    names = {KEEP: "  keep", MOVE: "  move"}
+    for cls in CLASSES:
+        for name, r in [(cls, rows.get(cls))] + [(names[kd], rows.get((cls, kd))) for kd in names]:
+            if r is None:
+                continue
+            rate = [m / max(n, 1) for m, n in zip(r["match"], r["samples"])]
+            mean = [float(np.mean(x)) if x else float("nan") for x in r["action"]]
+            lines.append(f"{name:12} {r['n']:>6} {rate[0]:>19.3f} {rate[1]:>7.3f} "
+                         f"{mean[0]:>19.2f} {mean[1]:>7.2f}")  # fmt: skip
+    lines.append("(keep: the target is the allocation the step started from; move: any other)")
+    changes = action_changes(items, before, after)
+    parts = []
+    for cls in CLASSES:
+        if len(changes.get(cls, ())) >= 2:
+            m, lo, hi = t_interval(changes[cls])
+            parts.append(f"{cls} {m:+.2f} [{lo:+.2f}, {hi:+.2f}]")
+    if parts:
+        lines.append("change in mean sampled action per prompt: " + ", ".join(parts))
+    more, less = changes.get("asked more", []), changes.get("asked less", [])
+    if len(more) >= 2 and len(less) >= 2:
+        ci = stats.ttest_ind(more, less, equal_var=False).confidence_interval()
+        lines.append(
+            f"asked more - asked less: {np.mean(more) - np.mean(less):+.2f} "
+            f"[{ci.low:+.2f}, {ci.high:+.2f}] (Welch): the part of the change that follows the "
+            "requests; the rest moved every prompt alike. Intervals treat prompts as independent "
+            "(consecutive steps of a trajectory are not), so they are optimistic."
+        )
+    return "\n".join(lines)
 
 
 def main(argv=None) -> None:
@@ -61,6 +154,9 @@ def main(argv=None) -> None:
     p.add_argument("--iteration", type=int, default=0, help="SF iteration whose steps to use")
     p.add_argument("--seed", type=int, default=1234, help="sampling key (the same before/after)")
     p.add_argument("--batch", type=int, default=64, help="prompts per sampler call")
+    p.add_argument("--save", type=Path, default=None,
+                   help="write every step's target, class, kind and sampled actions (before / "
+                        "after) to this JSON file, for analyses beyond the table")  # fmt: skip
     a = p.parse_args(argv)
     run = a.run_dir
     for need in ("config.json", "summary.json", "adapter", f"trajectories/iter_{a.iteration}.json",
@@ -70,7 +166,6 @@ def main(argv=None) -> None:
 
     import cli_common
     import jax
-    import numpy as np
     import sf_ranslicing as sf
 
     from sfjax.agents.actor import Actor
@@ -95,7 +190,7 @@ def main(argv=None) -> None:
         load_trajectories(run / f"trajectories/iter_{a.iteration}.json"),
         [Reflection.from_json(d) for d in load_json(run / f"reflections/iter_{a.iteration}.json")],
     )
-    prompts = [x[0] for x in items]
+    prompts = [x.prompt for x in items]
     key = jax.random.key(a.seed)
     k = a.samples
 
@@ -112,26 +207,18 @@ def main(argv=None) -> None:
         before = sampled_actions()
     after = sampled_actions()
 
-    rows = defaultdict(lambda: {"n": 0, "match": [0, 0], "action": [[], []]})
-    for (_, target, cls), *both in zip(items, before, after):
-        row = rows[cls]
-        row["n"] += 1
-        for i, acts in enumerate(both):
-            row["match"][i] += sum(x == target for x in acts)
-            row["action"][i] += [x for x in acts if x is not None]
+    if a.save is not None:
+        from sfjax.agents.trajectory import save_json
+
+        save_json(a.save, {
+            "run_dir": str(run), "iteration": a.iteration, "samples": k, "seed": a.seed,
+            "steps": [{"target": x.target, "class": x.cls, "kind": x.kind, "taken": x.taken,
+                       "held": x.held, "before": b, "after": f}
+                      for x, b, f in zip(items, before, after)],
+        })  # fmt: skip
     print(f"{run}: SF iteration {a.iteration}'s {len(items)} labelled steps, K = {k} samples "
           f"each at the acting sampling parameters, before (LoRA off) / after (final adapter)")
-    print(f"{'step class':12} {'steps':>6} {'target rate before':>19} {'after':>7} "
-          f"{'mean action before':>19} {'after':>7}")
-    for cls in CLASSES:
-        if cls not in rows:
-            continue
-        r = rows[cls]
-        rate = [m / (r["n"] * k) for m in r["match"]]
-        mean = [float(np.mean(x)) if x else float("nan") for x in r["action"]]
-        print(f"{cls:12} {r['n']:>6} {rate[0]:>19.3f} {rate[1]:>7.3f} {mean[0]:>19.2f} "
-              f"{mean[1]:>7.2f}")
-
+    print(report(items, before, after))
 
 if __name__ == "__main__":
     main()
