@@ -249,9 +249,14 @@ OPERATIONAL = (
 def _prepare_run_dir(cfg, run_dir: Path):
     """RUN_DIR's identity check (:func:`cli_common.prepare_run_dir`); a run is there once a
     phase checkpoint is."""
+    from sfjax.baselines.heldout import adopt_unnamed_after
+
     ckpts = run_dir / "checkpoints"
     has_run = ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir())
-    return cli_common.prepare_run_dir(cfg, run_dir, OPERATIONAL, has_run=has_run)
+    resume, cfg = cli_common.prepare_run_dir(cfg, run_dir, OPERATIONAL, has_run=has_run)
+    if has_run:  # a held-out "after" cached unnamed is this run's
+        adopt_unnamed_after(run_dir, cfg.loop.sf_iterations)
+    return resume, cfg
 
 
 def tiny_actor(path: Path, seed: int) -> Path:
@@ -411,7 +416,7 @@ def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> d
         summary = loop.run(resume=resume)
         summary["timings_s"]["setup"] = setup_s
         t_held = time.perf_counter()
-        loop.run_info["held_out"] = heldout.after_and_report()
+        loop.run_info["held_out"] = heldout.after_and_report(cfg.loop.sf_iterations)
         summary["timings_s"]["held_out"] = held_s + time.perf_counter() - t_held
         summary = loop.write_summary()
         _save_adapter(finetuner, run_dir / "adapter", base_model_id(ckpt))

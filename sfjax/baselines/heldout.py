@@ -5,8 +5,11 @@ fine-tuning and after the last SF iteration on the same held-out seeds, with the
 protocol of Table III (:mod:`sfjax.baselines.evaluation`: same per-step env keys, disjoint from
 the keys the Actor collected its training trajectories with), and reports the paired
 differences with 95 % intervals (:mod:`sfjax.baselines.paired`). Each side's per-seed metrics
-are cached as JSON in ``RUN_DIR/heldout/`` so that a resumed run never measures "before" with
-an already fine-tuned Actor.
+are cached as JSON in ``RUN_DIR/heldout/``: ``before.json`` (the untrained Actor, the same for
+any number of SF iterations) so that a resumed run never measures "before" with an already
+fine-tuned Actor, and ``after_iter_<I>.json`` (the Actor after I SF iterations) named by the
+Actor it measured, so that a run extended to more SF iterations measures its final Actor
+afresh and never reports the shorter run's "after" as its own.
 
 Shape legend: none (host-side orchestration).
 """
@@ -45,6 +48,25 @@ class HeldOutConfig:
         return bad
 
 
+BEFORE = "before fine-tuning"
+
+
+def after_name(sf_iterations: int) -> str:
+    """The cache name of "after": the Actor after ``sf_iterations`` SF iterations."""
+    return f"after_iter_{sf_iterations}"
+
+
+def adopt_unnamed_after(run_dir: Path, sf_iterations: int) -> None:
+    """Name an ``after.json`` cached before "after" was named by its Actor (it measured the
+    Actor after the ``sf_iterations`` its run's config.json gives) as that Actor's."""
+    old = Path(run_dir) / "heldout" / "after.json"
+    new = old.with_name(f"{after_name(sf_iterations)}.json")
+    if old.exists() and not new.exists():
+        old.rename(new)
+        log.info("%s is the Actor after %d SF iteration(s): renamed %s", old, sf_iterations,
+                 new.name)
+
+
 class HeldOutEval:
     """The Actor before / after on ``cfg``'s seeds of the env ``env_cfg`` (module docstring)."""
 
@@ -57,7 +79,9 @@ class HeldOutEval:
             EvalProtocol(seeds=cfg.seeds, num_steps=cfg.num_steps) if cfg.seeds else None
         )
 
-    def _evaluate(self, name: str) -> dict | None:
+    def _evaluate(self, name: str, what: str) -> dict | None:
+        """The per-seed metrics cached as ``name``.json, measured first when missing; ``what``:
+        the Actor measured, for the log."""
         import jax
 
         from sfjax import atomic, parallel
@@ -71,7 +95,7 @@ class HeldOutEval:
         path = self.dir / f"{name}.json"
         if path.exists():
             return atomic.read_json(path, "the held-out evaluation")
-        log.info("held-out evaluation (%s fine-tuning): %d seeds x %d steps", name,
+        log.info("held-out evaluation (%s): %d seeds x %d steps", what,
                  len(self.protocol.seeds), self.protocol.num_steps)
         env = RanSlicingEnv(dataclasses.replace(self.env_cfg,
                                                 episode_steps=self.protocol.num_steps))
@@ -85,17 +109,20 @@ class HeldOutEval:
     def before(self, untrained: bool) -> None:
         """Evaluate (or load) "before"; only an untrained Actor may be measured as such."""
         if untrained or (self.dir / "before.json").exists():
-            self._evaluate("before")
+            self._evaluate("before", BEFORE)
         elif self.protocol is not None:
             log.warning("no held-out 'before' evaluation in %s and the run has already trained: "
                         "the before/after comparison is skipped", self.dir)
             self.protocol = None
 
-    def after_and_report(self) -> dict | None:
-        """Evaluate (or load) "after"; the paired report for summary.json, or None."""
+    def after_and_report(self, sf_iterations: int) -> dict | None:
+        """Evaluate (or load) "after", the Actor after ``sf_iterations`` SF iterations; the
+        paired report for summary.json, or None."""
         from sfjax.baselines.paired import paired_report
 
-        before, after = self._evaluate("before"), self._evaluate("after")
+        before = self._evaluate("before", BEFORE)
+        after = self._evaluate(after_name(sf_iterations),
+                               f"after {sf_iterations} SF iteration(s)")
         if before is None:
             return None
         return {"seeds": list(self.protocol.seeds), "num_steps": self.protocol.num_steps,

@@ -13,3 +13,82 @@ def test_heldout_values_are_checked():
                       (HeldOutConfig(seeds=(-1,)), "seeds >= 0")):
         found = problems(bad, rules=RULES)
         assert len(found) == 1 and what.split("_")[0] in found[0], found
+
+
+class _Rollouts:
+    """What evaluate_agent returns, reduced to per_episode(): utility = what the Actor has
+    learnt + the seed's index."""
+
+    def __init__(self, learnt: int, seeds: int):
+        self.learnt, self.seeds = learnt, seeds
+
+    def per_episode(self):
+        import numpy as np
+
+        return {"utility": self.learnt + np.arange(self.seeds, dtype=float)}
+
+
+def _fake_evaluation(monkeypatch):
+    """HeldOutEval with the Actor's evaluation replaced: the "Actor" is a namespace with the
+    number of SF iterations it has learnt; returns the list of what was evaluated."""
+    import sfjax.baselines.evaluation as evaluation
+    import sfjax.baselines.llm_agent as llm_agent
+
+    measured = []
+
+    def evaluate_agent(agent, env, params, protocol):
+        measured.append(agent.learnt)
+        return _Rollouts(agent.learnt, len(protocol.seeds))
+
+    monkeypatch.setattr(llm_agent, "LLMEnvAgent", lambda actor, *a: actor)
+    monkeypatch.setattr(evaluation, "evaluate_agent", evaluate_agent)
+    return measured
+
+
+def test_after_is_the_final_actors_for_each_number_of_sf_iterations(tmp_path, monkeypatch):
+    """A run extended from 1 to 2 SF iterations measures its final Actor: the 1-iteration run's
+    cached "after" is never reported as the 2-iteration one's; "before" is measured once."""
+    from types import SimpleNamespace
+
+    from sfjax.baselines.heldout import HeldOutEval
+    from sfjax.envs.scenario import RanSlicingConfig
+
+    measured = _fake_evaluation(monkeypatch)
+    cfg, actor = HeldOutConfig(seeds=(0, 1, 2), num_steps=3), SimpleNamespace(learnt=0)
+    held = HeldOutEval(cfg, RanSlicingConfig(), actor, tmp_path)
+    held.before(untrained=True)
+    actor.learnt = 1
+    one = held.after_and_report(1)
+    actor.learnt = 2  # the extension, in a process of its own
+    held = HeldOutEval(cfg, RanSlicingConfig(), actor, tmp_path)
+    held.before(untrained=False)
+    two = held.after_and_report(2)
+    assert measured == [0, 1, 2]
+    assert (one["metrics"]["utility"]["after"], two["metrics"]["utility"]["after"]) == (2, 3)
+    assert one["metrics"]["utility"]["before"] == two["metrics"]["utility"]["before"] == 1
+    assert held.after_and_report(2) == two and measured == [0, 1, 2]  # cached per Actor
+    assert sorted(p.name for p in (tmp_path / "heldout").iterdir()) == [
+        "after_iter_1.json", "after_iter_2.json", "before.json"]  # fmt: skip
+
+
+def test_an_unnamed_after_is_named_by_its_runs_sf_iterations(tmp_path, monkeypatch):
+    """heldout/after.json from before "after" was named by its Actor: it is the Actor after
+    the SF iterations of its run's config.json, and serves a rerun of that run only."""
+    import json
+    from types import SimpleNamespace
+
+    from sfjax.baselines.heldout import HeldOutEval, adopt_unnamed_after
+    from sfjax.envs.scenario import RanSlicingConfig
+
+    measured = _fake_evaluation(monkeypatch)
+    held_dir = tmp_path / "heldout"
+    held_dir.mkdir()
+    (held_dir / "before.json").write_text(json.dumps({"utility": [0.0, 1.0]}))
+    (held_dir / "after.json").write_text(json.dumps({"utility": [5.0, 6.0]}))
+    adopt_unnamed_after(tmp_path, 1)
+    assert not (held_dir / "after.json").exists()
+    held = HeldOutEval(HeldOutConfig(seeds=(0, 1), num_steps=3), RanSlicingConfig(),
+                       SimpleNamespace(learnt=7), tmp_path)  # fmt: skip
+    assert held.after_and_report(1)["metrics"]["utility"]["after"] == 5.5 and measured == []
+    assert held.after_and_report(2)["metrics"]["utility"]["after"] == 7.5 and measured == [7]
+    adopt_unnamed_after(tmp_path, 1)  # nothing left to name: a no-op
