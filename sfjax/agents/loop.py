@@ -16,7 +16,10 @@ The run is a fixed sequence of phases (collect, reflect, kto_0..kto_{N-1}, colle
 each phase the loop writes an orbax checkpoint (LoRA params, optimizer state, RNG key, loop
 position, trajectories, reflections, RfR state and datasets, the summary so far); every phase's
 randomness is ``fold_in(root_key, phase_index)``, so ``resume`` after a kill replays nothing
-and reaches the same result as an uninterrupted run.
+and reaches the same result as an uninterrupted run. The sequence is prefix-stable (a run of
+more SF iterations begins with the phases of a shorter one), so ``resume`` with more SF
+iterations extends a run (:mod:`sfjax.agents.extend`); a checkpoint that is no phase of the
+plan (fewer SF iterations, other KTO iterations) is refused.
 
 The loop talks to its components through small protocols
 (:class:`~sfjax.agents.collect.EnvRunner`, :class:`~sfjax.agents.collect.ActorLike`,
@@ -51,7 +54,7 @@ import jax
 import numpy as np
 
 from sfjax import atomic, parallel
-from sfjax.agents.checkpoint import LoopCheckpointer
+from sfjax.agents.checkpoint import CheckpointMismatch, LoopCheckpointer
 from sfjax.agents.collect import ActorLike, EnvRunner, collect
 from sfjax.agents.loop_config import LoopConfig
 from sfjax.agents.loop_events import event_sizes, flush_events, trim_events
@@ -248,6 +251,7 @@ class SelfFinetuningLoop:
             trim_events(self.writer, self.run_dir, {})
             return 0
         step, arrays, meta = found
+        self._check_plan(step, meta["phase"])
         self.finetuner.load_arrays(arrays["finetuner"])
         self.root_key = jax.random.wrap_key_data(np.asarray(arrays["root_key"]))
         self._load_meta(meta)
@@ -255,6 +259,21 @@ class SelfFinetuningLoop:
         trim_events(self.writer, self.run_dir, meta.get("tb_sizes", {}))
         log.info("resumed after phase %s", meta["phase"])
         return step + 1
+
+    def _check_plan(self, step: int, name: str) -> None:
+        """The checkpoint of phase ``name`` at ``step`` is a phase of this run's plan: a run
+        continues with more SF iterations (the plan is prefix-stable) but never fewer, nor
+        with another number of KTO iterations (the phases' indices would shift)."""
+        if step < len(self.phases) and self.phases[step].name == name:
+            return
+        ours = (f"its phase {step} is {self.phases[step].name}" if step < len(self.phases)
+                else f"its last phase is {len(self.phases) - 1}")
+        raise CheckpointMismatch(
+            f"checkpoint {step} in {self.ckpt.directory} is of phase {name}, not of this run "
+            f"({self.cfg.sf_iterations} SF iteration(s) of {self.rfr_cfg.kto_iterations} KTO "
+            f"iteration(s): {ours}). Continue it with the configuration that wrote it (more SF "
+            "iterations extend it), or use a new run directory"
+        )  # fmt: skip
 
     def _check_artefacts(self, phase: Phase) -> None:
         """Every JSON artefact listed in the checkpoint must be on disk, byte for byte. Those

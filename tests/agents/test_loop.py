@@ -106,11 +106,11 @@ class FakeEnv:
         return states, fbs
 
 
-def _loop(run_dir, on_phase_end=None, reflector=None, **kw):
+def _loop(run_dir, on_phase_end=None, reflector=None, kto_iterations=2, **kw):
     ft = FakeFineTuner()
     cfg = LoopConfig(**{"sf_iterations": 2, "num_envs": 3, "trajectory_steps": 12, "seed": 1,
                         **kw})  # fmt: skip
-    rfr_cfg = RfRConfig(kto_iterations=2, num_rollouts=3, tau=0.5)
+    rfr_cfg = RfRConfig(kto_iterations=kto_iterations, num_rollouts=3, tau=0.5)
     return SelfFinetuningLoop(
         cfg, rfr_cfg, PCFG, FakeActor(ft), FakeEnv(),
         reflector or make_reflector(ReflectorConfig(backend="rule"), PCFG), ft, run_dir,
