@@ -4,6 +4,8 @@ r"""Self-finetuning LLM agent for RAN slicing (paper Algorithms 1-2), end to end
     python experiments/sf_ranslicing.py paper --run-dir runs/paper \
         --model.checkpoint /path/to/Qwen3-4B            # DEEPSEEK_API_KEY in the environment
     python experiments/sf_ranslicing.py smoke --run-dir runs/demo --resume   # after a kill
+    python experiments/sf_ranslicing.py smoke --run-dir runs/demo --loop.sf-iterations 2
+                                                   # one more SF iteration on the 1 done there
     python experiments/sf_ranslicing.py paper --run-dir runs/paper --resume \
         --reflector.api.max-retries 20 --reflector.api.timeout-s 900     # after an API failure
     python experiments/sf_ranslicing.py {smoke,paper} --help                 # every option
@@ -33,6 +35,14 @@ RUN_DIR's identity is the configuration that changes results. Paths, logging, pr
 API's retry / timeout / concurrency options may differ on a rerun; any other difference is
 refused with the keys named, and ``--resume`` then continues the run with its own values for
 them (nothing is deleted).
+
+More SF iterations extend a run: the same command with a larger ``--loop.sf-iterations`` on a
+RUN_DIR holding a run of fewer (finished or not) restores that run's phases from its
+checkpoints, runs the new reflect / KTO / collect phases and measures the final Actor on the
+held-out seeds again (``heldout/after_iter_<I>.json``; "before" is reused), ending as a fresh
+run of that many iterations would (the phase plan is prefix-stable, each phase's keys depend on
+its index only). Fewer SF iterations than the run's are refused (with ``--resume``: the run's
+own number), and so is a run whose last phase checkpoint is gone.
 
 Several hosts: on every host,
 ``python -m sfjax.parallel --distributed [mesh options] -- experiments/sf_ranslicing.py paper
@@ -119,8 +129,10 @@ class ExperimentConfig:
     run_dir: str = "runs/sf_ranslicing"
     """Output directory (checkpoints, TensorBoard, trajectories, summary.json)."""
     resume: bool = False
-    """Continue the run in RUN_DIR from its last checkpoint. A run dir holding a run with the
-    same config is continued (or, when complete, reported) even without this flag."""
+    """Continue the run in RUN_DIR from its last checkpoint, with the run's own values for the
+    options given otherwise now (a larger --loop.sf-iterations still extends it). A run dir
+    holding a run with the same config is continued (or, when complete, reported) even
+    without this flag, and one of fewer SF iterations is extended to --loop.sf-iterations."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The Actor's base model."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -246,17 +258,50 @@ OPERATIONAL = (
 """Options that may change between runs in one RUN_DIR: they do not change results."""
 
 
+def _ran_sf_iterations(run_dir: Path) -> int | None:
+    """``loop.sf_iterations`` of the run in RUN_DIR (its config.json), None when unknown (no
+    config.json, or a damaged one: :func:`cli_common.prepare_run_dir` names it)."""
+    try:
+        saved = atomic.read_json(run_dir / "config.json", "the run's config")
+    except (FileNotFoundError, atomic.DamagedFile):
+        return None
+    ran = saved.get("loop", {}).get("sf_iterations") if isinstance(saved, dict) else None
+    return ran if isinstance(ran, int) else None
+
+
 def _prepare_run_dir(cfg, run_dir: Path):
     """RUN_DIR's identity check (:func:`cli_common.prepare_run_dir`); a run is there once a
-    phase checkpoint is."""
+    phase checkpoint is. A run of fewer SF iterations and otherwise the same config (or any,
+    with ``--resume``) is extended (:mod:`sfjax.agents.extend`); fewer than the run's are
+    refused (with ``--resume``: the run's own number)."""
+    from sfjax.agents.extend import extension_refusal, fewer_refusal, phase_steps
     from sfjax.baselines.heldout import adopt_unnamed_after
 
-    ckpts = run_dir / "checkpoints"
-    has_run = ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir())
-    resume, cfg = cli_common.prepare_run_dir(cfg, run_dir, OPERATIONAL, has_run=has_run)
-    if has_run:  # a held-out "after" cached unnamed is this run's
-        adopt_unnamed_after(run_dir, cfg.loop.sf_iterations)
-    return resume, cfg
+    has_run = bool(phase_steps(run_dir / "checkpoints"))
+    ran, asked = _ran_sf_iterations(run_dir), cfg.loop.sf_iterations
+    # a phase has ended once summary.json is written, even if its checkpoint is gone
+    started = has_run or (run_dir / "summary.json").exists()
+    if ran is None or ran == asked or not started or (asked < ran and cfg.resume):
+        resume, cfg = cli_common.prepare_run_dir(cfg, run_dir, OPERATIONAL, has_run=has_run)
+        if ran is not None and started:
+            adopt_unnamed_after(run_dir, cfg.loop.sf_iterations)
+        return resume, cfg
+    if asked < ran:
+        raise cli_common.RunDirTaken(fewer_refusal(run_dir, ran, asked))
+    as_ran = dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, sf_iterations=ran))
+    # every other option as for any rerun: the same, or the run's own with --resume
+    _, used = cli_common.prepare_run_dir(as_ran, run_dir, OPERATIONAL, has_run=has_run)
+    why = extension_refusal(run_dir, ran, used.rfr.kto_iterations)
+    if why:
+        raise cli_common.RunDirTaken(why)
+    adopt_unnamed_after(run_dir, ran)
+    used = dataclasses.replace(used, loop=dataclasses.replace(used.loop, sf_iterations=asked))
+    atomic.write_json(run_dir / "config.json", cli_common.as_json(used), indent=2)
+    logging.getLogger(__name__).info(
+        "extending the run in %s from %d to %d SF iterations (its phases are restored from "
+        "its checkpoints, the held-out 'after' evaluation is of the final Actor)", run_dir, ran,
+        asked)  # fmt: skip
+    return True, used
 
 
 def tiny_actor(path: Path, seed: int) -> Path:
@@ -416,6 +461,7 @@ def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> d
         summary = loop.run(resume=resume)
         summary["timings_s"]["setup"] = setup_s
         t_held = time.perf_counter()
+        # of the final Actor: an extended run's shorter run had its own "after"
         loop.run_info["held_out"] = heldout.after_and_report(cfg.loop.sf_iterations)
         summary["timings_s"]["held_out"] = held_s + time.perf_counter() - t_held
         summary = loop.write_summary()

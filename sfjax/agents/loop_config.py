@@ -16,7 +16,8 @@ class LoopConfig:
     """Algorithm 1: how many SF iterations, how much experience per iteration."""
 
     sf_iterations: int = 3
-    """Self-finetuning iterations I (collect -> reflect -> RfR/KTO); plus a final collect."""
+    """Self-finetuning iterations I (collect -> reflect -> RfR/KTO); plus a final collect. A
+    rerun in the same run dir with a larger I extends the run there from its checkpoints."""
     num_envs: int = 1
     """Parallel environments (trajectories) collected per iteration."""
     trajectory_steps: int = 300

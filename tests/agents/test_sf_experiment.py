@@ -166,6 +166,85 @@ def test_smoke_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
     assert _strip(again) == _strip(summary)
 
 
+def _iterations(cfg, n):
+    return dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, sf_iterations=n))
+
+
+def _artefacts(run_dir):
+    """The JSON artefacts every phase writes, by run-dir relative path."""
+    return {str(p.relative_to(run_dir)): p.read_bytes()
+            for sub in ("trajectories", "reflections", "datasets")
+            for p in sorted((Path(run_dir) / sub).glob("*.json"))}  # fmt: skip
+
+
+def _checkpoint_meta(run_dir):
+    """The JSON item of the run's newest phase checkpoint (orbax's layout: <step>/meta)."""
+    from sfjax.agents.extend import phase_steps
+
+    step = phase_steps(Path(run_dir) / "checkpoints")[-1]
+    return step, json.loads((Path(run_dir) / "checkpoints" / str(step) / "meta" /
+                             "metadata").read_text())  # fmt: skip
+
+
+@pytest.mark.slow
+def test_more_sf_iterations_extend_a_run_to_the_fresh_runs_result(tmp_path, caplog):
+    """1 SF iteration, then the same command with 2: the first run's phases are restored (not
+    run again, their files untouched), the new ones run, and the run dir ends as a fresh run
+    of 2 leaves it: adapter, trajectories, labels, datasets, summary (held-out "after" of the
+    final Actor included), TensorBoard points, the checkpointed KTO history."""
+    import logging
+
+    mod = _experiment()
+    fresh_dir, ext = tmp_path / "fresh", tmp_path / "ext"
+    fresh = mod.run(_iterations(_short(mod, fresh_dir), 2), progress=False)
+
+    one = mod.run(_short(mod, ext), progress=False)
+    # the phases' files, held-out results and base model (adapter/ is the final Actor's: new)
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(ext.glob("*/*.json"))
+              if p.parent.name not in ("adapter", "checkpoints")}  # fmt: skip
+    assert ext / "heldout" / "after_iter_1.json" in before
+    ran = []
+    caplog.set_level(logging.INFO)
+    caplog.clear()  # what the extension logs
+    got = mod.run(_iterations(_short(mod, ext), 2), on_phase_end=ran.append, progress=False)
+    assert f"extending the run in {ext} from 1 to 2 SF iterations" in caplog.text
+    assert [p.name for p in ran] == ["iter1/reflect", "iter1/kto_0", "iter2/collect"]
+    for p, (data, mtime) in before.items():  # nothing of the first run was computed again
+        assert (p.read_bytes(), p.stat().st_mtime_ns) == (data, mtime), p
+
+    # the held-out "after" is the final Actor's, measured again; "before" is the first run's
+    # (the tiny random Actor's held-out numbers hardly move: the log says what was measured)
+    assert "held-out evaluation (after 2 SF iteration(s))" in caplog.text
+    assert "held-out evaluation (before" not in caplog.text
+    assert (ext / "heldout" / "after_iter_2.json").read_bytes() == \
+        (fresh_dir / "heldout" / "after_iter_2.json").read_bytes()  # fmt: skip
+    assert got["held_out"] == fresh["held_out"] and one["held_out"]["metrics"]
+    assert _strip(got) == _strip(fresh)
+    assert _strip(json.loads((ext / "summary.json").read_text())) == _strip(fresh)
+    assert [r["iteration"] for r in got["iterations"]] == [0, 1, 2]
+    assert (ext / "adapter" / "adapter_model.safetensors").read_bytes() == \
+        (fresh_dir / "adapter" / "adapter_model.safetensors").read_bytes()  # fmt: skip
+    assert _artefacts(ext) == _artefacts(fresh_dir)
+    assert sorted(_scalar_events(ext / "tb")) == sorted(_scalar_events(fresh_dir / "tb"))
+    (step, meta), (fresh_step, fresh_meta) = _checkpoint_meta(ext), _checkpoint_meta(fresh_dir)
+    assert step == fresh_step == 6
+    for r in meta["iterations"] + fresh_meta["iterations"]:
+        r.pop("wall_s")
+    # arrays_sha256: LoRA params, optimizer state and RNG key, bit for bit
+    for key in ("kto_history", "iterations", "trajectories", "reflections", "dataset",
+                "kto_steps", "artefacts", "arrays_sha256"):
+        assert meta[key] == fresh_meta[key], key
+
+    # taken back to fewer: refused, naming both numbers, nothing touched
+    from cli_common import RunDirTaken
+
+    config = (ext / "config.json").read_bytes()
+    with pytest.raises(RunDirTaken, match=r"holds a run of 2 SF iteration\(s\) and "
+                       r"--loop\.sf-iterations 1 asks for fewer \(2 in the run, 1 now\)"):  # fmt: skip
+        mod.run(_short(mod, ext), progress=False)
+    assert (ext / "config.json").read_bytes() == config
+
+
 def test_cli_help_lists_presets(capsys):
     mod = _experiment()
     with pytest.raises(SystemExit):
@@ -405,6 +484,88 @@ def test_resume_of_a_run_older_than_an_option_says_the_option_runs_as_given(tmp_
     assert resume and used.rfr.tau == 0.5
     assert "before the option(s) rfr.tau (0.5 now) existed" in caplog.text
     assert "with its own values for" not in caplog.text
+
+
+def test_more_sf_iterations_extend_the_run_and_fewer_are_refused(tmp_path, caplog):
+    import logging
+
+    from cli_common import RunDirTaken
+
+    mod = _experiment()
+    run = tmp_path / "r"
+    cfg = _short(mod, run)  # 1 SF iteration of 1 KTO iteration: last phase 3
+    _fake_run(mod, run, cfg)
+
+    def saved():
+        return json.loads((run / "config.json").read_text())
+
+    # every other option must still match (the run's number of SF iterations is not named)
+    other = _iterations(dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, seed=7)), 3)
+    with pytest.raises(RunDirTaken, match=r"another config: loop\.seed \(0 in the run, 7 now\)\. "
+                       r"Add --resume"):  # fmt: skip
+        mod._prepare_run_dir(other, run)
+    assert saved()["loop"]["sf_iterations"] == 1
+    caplog.set_level(logging.INFO)
+    resume, used = mod._prepare_run_dir(_iterations(cfg, 3), run)
+    assert resume and used == _iterations(cfg, 3) and saved()["loop"]["sf_iterations"] == 3
+    assert f"extending the run in {run} from 1 to 3 SF iterations" in caplog.text
+
+    config = (run / "config.json").read_bytes()
+    with pytest.raises(RunDirTaken, match=r"holds a run of 3 SF iteration\(s\) and "
+                       r"--loop\.sf-iterations 2 asks for fewer \(3 in the run, 2 now\)"):  # fmt: skip
+        mod._prepare_run_dir(_iterations(cfg, 2), run)
+    assert (run / "config.json").read_bytes() == config
+    # --resume continues the run with its own values, its number of SF iterations included
+    resume, used = mod._prepare_run_dir(_iterations(dataclasses.replace(cfg, resume=True), 2), run)
+    assert resume and used.loop.sf_iterations == 3
+    # ... and extends it with its own values for the others
+    resume, used = mod._prepare_run_dir(_iterations(dataclasses.replace(other, resume=True), 4),
+                                        run)  # fmt: skip
+    assert resume and (used.loop.sf_iterations, used.loop.seed) == (4, 0)
+    assert saved()["loop"]["sf_iterations"] == 4
+
+
+def test_fewer_sf_iterations_are_one_line_on_the_command_line(tmp_path, capsys):
+    import cli_common
+
+    mod = _experiment()
+    run = tmp_path / "r"
+    args = ["smoke", "--run-dir", str(run)]
+    _fake_run(mod, run, cli_common.parse(mod.PRESETS, [*args, "--loop.sf-iterations", "2"],
+                                         mod.__doc__))  # fmt: skip
+    code, err = _cli(mod, capsys, "--run-dir", str(run), "--loop.sf-iterations", "1")
+    assert code == 2 and err.startswith(
+        f"error: {run} holds a run of 2 SF iteration(s) and --loop.sf-iterations 1 asks for "
+        "fewer (2 in the run, 1 now): a run is only extended"), err
+    assert len(err.strip().splitlines()) == 1 and "--resume" in err
+
+
+def test_a_run_is_extended_only_from_its_last_checkpoint(tmp_path):
+    """The checkpoint of the shorter run's last phase must be there (LoopConfig.keep_checkpoints
+    never prunes the newest): without it, a clear refusal, never a restart from scratch."""
+    import shutil
+
+    from cli_common import RunDirTaken
+
+    mod = _experiment()
+    run = tmp_path / "r"
+    cfg = _short(mod, run)
+    _fake_run(mod, run, cfg)  # its last phase, 3, is checkpointed
+    (run / "trajectories").mkdir()
+    (run / "trajectories" / "iter_1.json").write_text("[]")  # its final collect
+    shutil.rmtree(run / "checkpoints" / "3")
+    (run / "checkpoints" / "2").mkdir()
+    config = (run / "config.json").read_bytes()
+    with pytest.raises(RunDirTaken, match=r"reached its final collect \(iter_1\.json\) but the "
+                       r"checkpoint of that last phase \(step 3\) is not in .* \(newest: step 2\)\. "
+                       r"Run it once more with --loop\.sf-iterations 1"):  # fmt: skip
+        mod._prepare_run_dir(_iterations(cfg, 2), run)
+    shutil.rmtree(run / "checkpoints")
+    (run / "summary.json").write_text("{}")  # a phase ended: this run has results
+    with pytest.raises(RunDirTaken, match=r"holds a run of 1 SF iteration\(s\) with results but no "
+                       r"phase checkpoint"):  # fmt: skip
+        mod._prepare_run_dir(_iterations(cfg, 2), run)
+    assert (run / "config.json").read_bytes() == config
 
 
 def test_damaged_run_config_is_named(tmp_path):
