@@ -132,7 +132,7 @@ class ExperimentConfig:
     """Continue the run in RUN_DIR from its last checkpoint, with the run's own values for the
     options given otherwise now (a larger --loop.sf-iterations still extends it). A run dir
     holding a run with the same config is continued (or, when complete, reported) even
-    without this flag, and one of fewer SF iterations is extended to --loop.sf-iterations."""
+    without this flag, and one holding a run of fewer SF iterations is extended."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The Actor's base model."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -258,15 +258,15 @@ OPERATIONAL = (
 """Options that may change between runs in one RUN_DIR: they do not change results."""
 
 
-def _ran_sf_iterations(run_dir: Path) -> int | None:
-    """``loop.sf_iterations`` of the run in RUN_DIR (its config.json), None when unknown (no
-    config.json, or a damaged one: :func:`cli_common.prepare_run_dir` names it)."""
+def _ran_iterations(run_dir: Path) -> tuple[int, int] | None:
+    """(SF iterations, KTO iterations each) of the run in RUN_DIR (its config.json), None when
+    unknown (no config.json, or a damaged one: :func:`cli_common.prepare_run_dir` names it)."""
     try:
         saved = atomic.read_json(run_dir / "config.json", "the run's config")
-    except (FileNotFoundError, atomic.DamagedFile):
+        ran = (saved["loop"]["sf_iterations"], saved["rfr"]["kto_iterations"])
+    except (FileNotFoundError, atomic.DamagedFile, KeyError, TypeError):
         return None
-    ran = saved.get("loop", {}).get("sf_iterations") if isinstance(saved, dict) else None
-    return ran if isinstance(ran, int) else None
+    return ran if all(isinstance(n, int) for n in ran) else None
 
 
 def _prepare_run_dir(cfg, run_dir: Path):
@@ -278,7 +278,8 @@ def _prepare_run_dir(cfg, run_dir: Path):
     from sfjax.baselines.heldout import adopt_unnamed_after
 
     has_run = bool(phase_steps(run_dir / "checkpoints"))
-    ran, asked = _ran_sf_iterations(run_dir), cfg.loop.sf_iterations
+    ran, kto = _ran_iterations(run_dir) or (None, None)
+    asked = cfg.loop.sf_iterations
     # a phase has ended once summary.json is written, even if its checkpoint is gone
     started = has_run or (run_dir / "summary.json").exists()
     if ran is None or ran == asked or not started or (asked < ran and cfg.resume):
@@ -286,14 +287,13 @@ def _prepare_run_dir(cfg, run_dir: Path):
         if ran is not None and started:
             adopt_unnamed_after(run_dir, cfg.loop.sf_iterations)
         return resume, cfg
-    if asked < ran:
-        raise cli_common.RunDirTaken(fewer_refusal(run_dir, ran, asked))
+    # refused before anything is written
+    why = fewer_refusal(run_dir, ran, asked) if asked < ran else extension_refusal(run_dir, ran, kto)
+    if why:
+        raise cli_common.RunDirTaken(why)
     as_ran = dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, sf_iterations=ran))
     # every other option as for any rerun: the same, or the run's own with --resume
     _, used = cli_common.prepare_run_dir(as_ran, run_dir, OPERATIONAL, has_run=has_run)
-    why = extension_refusal(run_dir, ran, used.rfr.kto_iterations)
-    if why:
-        raise cli_common.RunDirTaken(why)
     adopt_unnamed_after(run_dir, ran)
     used = dataclasses.replace(used, loop=dataclasses.replace(used.loop, sf_iterations=asked))
     atomic.write_json(run_dir / "config.json", cli_common.as_json(used), indent=2)

@@ -562,10 +562,11 @@ def test_a_run_is_extended_only_from_its_last_checkpoint(tmp_path):
         mod._prepare_run_dir(_iterations(cfg, 2), run)
     shutil.rmtree(run / "checkpoints")
     (run / "summary.json").write_text("{}")  # a phase ended: this run has results
+    other = dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, seed=7))
     with pytest.raises(RunDirTaken, match=r"holds a run of 1 SF iteration\(s\) with results but no "
                        r"phase checkpoint"):  # fmt: skip
-        mod._prepare_run_dir(_iterations(cfg, 2), run)
-    assert (run / "config.json").read_bytes() == config
+        mod._prepare_run_dir(_iterations(other, 2), run)
+    assert (run / "config.json").read_bytes() == config  # refused before anything is written
 
 
 def test_damaged_run_config_is_named(tmp_path):
