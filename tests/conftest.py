@@ -40,6 +40,21 @@ import pytest  # noqa: E402
 from sfjax import testing  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _no_log_handler_outlives_its_test():
+    """An experiment's ``main`` sets up logging (:func:`sfjax.console.configure_logging`): a
+    root ``StreamHandler`` on the ``sys.stderr`` of that moment, which under ``capsys`` is the
+    test's capture, closed when the test ends. Left in place, it makes every later test's log
+    record print "--- Logging error ---" into that test's stderr. Drop it after the test."""
+    yield
+    import logging
+
+    root = logging.getLogger()
+    for handler in root.handlers[:]:
+        if type(handler) is logging.StreamHandler:  # not pytest's own (subclasses)
+            root.removeHandler(handler)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """Default tiny Qwen3 (tied head, GQA 2) with tokenizer, float32 weights."""
