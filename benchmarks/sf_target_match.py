@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -92,7 +93,7 @@ def action_changes(items, before, after) -> dict[str, list[float]]:
     out = defaultdict(list)
     for item, b, f in zip(items, before, after):
         d = _mean(f) - _mean(b)
-        if d == d:  # not nan
+        if not math.isnan(d):
             out[item.cls].append(d)
     return out
 
@@ -123,7 +124,7 @@ def report(items: list[Item], before, after) -> str:
             if r is None:
                 continue
             rate = [m / max(n, 1) for m, n in zip(r["match"], r["samples"])]
-            mean = [float(np.mean(x)) if x else float("nan") for x in r["action"]]
+            mean = [_mean(x) for x in r["action"]]
             lines.append(f"{name:12} {r['n']:>6} {rate[0]:>19.3f} {rate[1]:>7.3f} "
                          f"{mean[0]:>19.2f} {mean[1]:>7.2f}")  # fmt: skip
     lines.append("(keep: the target is the allocation the step started from; move: any other)")

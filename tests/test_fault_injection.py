@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fake_openai import FakeOpenAI
+from run_dirs import json_artefacts  # tests/run_dirs.py
 
 DRIVER = Path(__file__).with_name("fault_driver.py")
 # Each process is killed at the next point, counted within that process: phase:K after the
@@ -60,10 +61,7 @@ def _scalars(tb: Path) -> list[tuple[str, int, float]]:
 
 
 def _artefacts(run_dir: Path) -> dict:
-    out = {}
-    for sub in ("trajectories", "reflections", "datasets"):
-        for p in sorted((run_dir / sub).glob("*.json")):
-            out[f"{sub}/{p.name}"] = p.read_bytes()
+    out = json_artefacts(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
     summary.pop("timings_s")
     summary.pop("reflector_calls")

@@ -8,8 +8,7 @@ import re
 import types
 
 import pytest
-
-from tests.experiment_scripts import BENCHMARKS, experiment
+from experiment_scripts import BENCHMARKS, experiment  # tests/experiment_scripts.py
 
 
 @pytest.fixture(scope="module")

@@ -8,18 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from run_dirs import json_artefacts as _files  # tests/run_dirs.py
 from test_loop import _loop, _strip
 
 from sfjax.agents.checkpoint import CheckpointMismatch
 from sfjax.agents.extend import extension_refusal, last_phase, phase_steps
 from sfjax.agents.loop import phase_plan
-
-
-def _files(run_dir):
-    """Every JSON artefact of a run dir (trajectories, reflections, datasets) by path."""
-    return {str(p.relative_to(run_dir)): p.read_bytes()
-            for sub in ("trajectories", "reflections", "datasets")
-            for p in sorted((run_dir / sub).glob("*.json"))}  # fmt: skip
 
 
 def test_plan_is_prefix_stable_and_last_phase_is_the_final_collect():

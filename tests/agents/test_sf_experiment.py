@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from experiment_scripts import BENCHMARKS, experiment  # tests/experiment_scripts.py
+from run_dirs import json_artefacts  # tests/run_dirs.py
 
 
 def _experiment():
@@ -170,13 +171,6 @@ def _iterations(cfg, n):
     return dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, sf_iterations=n))
 
 
-def _artefacts(run_dir):
-    """The JSON artefacts every phase writes, by run-dir relative path."""
-    return {str(p.relative_to(run_dir)): p.read_bytes()
-            for sub in ("trajectories", "reflections", "datasets")
-            for p in sorted((Path(run_dir) / sub).glob("*.json"))}  # fmt: skip
-
-
 def _checkpoint_meta(run_dir):
     """The JSON item of the run's newest phase checkpoint (orbax's layout: <step>/meta)."""
     from sfjax.agents.extend import phase_steps
@@ -224,7 +218,7 @@ def test_more_sf_iterations_extend_a_run_to_the_fresh_runs_result(tmp_path, capl
     assert [r["iteration"] for r in got["iterations"]] == [0, 1, 2]
     assert (ext / "adapter" / "adapter_model.safetensors").read_bytes() == \
         (fresh_dir / "adapter" / "adapter_model.safetensors").read_bytes()  # fmt: skip
-    assert _artefacts(ext) == _artefacts(fresh_dir)
+    assert json_artefacts(ext) == json_artefacts(fresh_dir)
     assert sorted(_scalar_events(ext / "tb")) == sorted(_scalar_events(fresh_dir / "tb"))
     (step, meta), (fresh_step, fresh_meta) = _checkpoint_meta(ext), _checkpoint_meta(fresh_dir)
     assert step == fresh_step == 6

@@ -38,8 +38,6 @@ def _finite(tree) -> bool:
     return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree))
 
 
-
-
 def test_safe_log_probs_is_the_documented_default(toy_env):
     doc = " ".join(field_doc(rl.SACConfig, "safe_log_probs").split())
     assert doc.endswith("False runs rejax's log(probs) unchanged.")

@@ -132,8 +132,6 @@ def test_rejax_env_refuses_a_step_without_final_observation():
         wrapped.step(jax.random.key(1), state, jnp.int32(0), env.default_params)
 
 
-
-
 def test_default_bootstraps_as_documented():
     for cfg_type in (rl.DQNConfig, rl.PPOConfig, rl.SACConfig):
         doc = " ".join(field_doc(cfg_type, "bootstrap_truncation").split())
