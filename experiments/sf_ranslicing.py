@@ -44,6 +44,12 @@ run of that many iterations would (the phase plan is prefix-stable, each phase's
 its index only). Fewer SF iterations than the run's are refused (with ``--resume``: the run's
 own number), and so is a run whose last phase checkpoint is gone.
 
+Which Actor a run ends with: ``--loop.final-actor last`` (default, Algorithm 1) or ``best``, the
+iterate (0..I, 0 = before any fine-tuning) whose collected trajectories had the highest mean
+utility, a guard against SF iterations that oscillate. It chooses and never trains, so it may
+change on a rerun of a finished run: the held-out "after" (cached per iterate) and
+``adapter/`` are then of the Actor it keeps, and ``summary.json`` names it (``final_actor``).
+
 Several hosts: on every host,
 ``python -m sfjax.parallel --distributed [mesh options] -- experiments/sf_ranslicing.py paper
 --run-dir /shared/runs/paper ...``. RUN_DIR must be on a
@@ -253,6 +259,7 @@ OPERATIONAL = (
     "kto.progress",
     "kto.log_every",
     "prior.cache_dir",  # where the prior is cached, not which one (its hash leaves it out)
+    "loop.final_actor",  # which iterate the run reports and exports; the iterates are the same
     *cli_common.REFLECTOR_OPERATIONAL,
 )
 """Options that may change between runs in one RUN_DIR: they do not change results."""
@@ -461,8 +468,9 @@ def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> d
         summary = loop.run(resume=resume)
         summary["timings_s"]["setup"] = setup_s
         t_held = time.perf_counter()
-        # of the final Actor: an extended run's shorter run had its own "after"
-        loop.run_info["held_out"] = heldout.after_and_report(cfg.loop.sf_iterations)
+        # of the final Actor (the iterate --loop.final-actor keeps): an extended run's shorter
+        # run had its own "after"
+        loop.run_info["held_out"] = heldout.after_and_report(loop.final_actor["iteration"])
         summary["timings_s"]["held_out"] = held_s + time.perf_counter() - t_held
         summary = loop.write_summary()
         _save_adapter(finetuner, run_dir / "adapter", base_model_id(ckpt))

@@ -5,8 +5,9 @@ RfR state, summary so far) as one JSON item.
 One checkpoint is written after every phase of Algorithm 1 (collect, reflect, each KTO
 iteration); its step number is the phase's index in the run's fixed phase sequence, so a resumed
 run skips exactly the phases already done. Saves are synchronous: when ``save`` returns, the
-checkpoint is on disk (a kill right after a phase never loses it). Only the last
-``max_to_keep`` checkpoints are kept.
+checkpoint is on disk (a kill right after a phase never loses it). The last ``max_to_keep``
+checkpoints are kept, and those of the ``preserve`` steps always (the loop's collect phases:
+the Actor of every SF iteration, for ``LoopConfig.final_actor`` and extended runs).
 
 Multi-host (``jax.distributed``): ``save`` and ``restore`` are collective -- every process
 calls them with the same step. An array sharded over devices of several processes (LoRA params
@@ -40,12 +41,14 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
 from sfjax.configcheck import ConfigError
 
@@ -62,6 +65,10 @@ class CheckpointDamaged(RuntimeError):
 class CheckpointMismatch(ConfigError):
     """A readable checkpoint written for other arrays than the live state's (another
     configuration): resume with the configuration that wrote it, or use a new directory."""
+
+
+class CheckpointMissing(ConfigError):
+    """A checkpoint the run needs (named in the message) is not on disk."""
 
 
 def _path_key(path) -> tuple[str, ...]:
@@ -109,19 +116,27 @@ class LoopCheckpointer:
     """Save / restore (arrays pytree, JSON metadata) pairs under ``directory``."""
 
     def __init__(self, directory: str | os.PathLike, max_to_keep: int = 3, *,
-                 host_gather: bool = True):  # fmt: skip
+                 preserve: Sequence[int] = (), host_gather: bool = True):  # fmt: skip
         self.directory = Path(directory).absolute()
         self.host_gather = host_gather
         self.max_to_keep = max_to_keep
+        self.preserve = tuple(sorted(set(preserve)))
         self.manager = self._manager()
 
     def _manager(self) -> ocp.CheckpointManager:
+        keep = policies.LatestN(self.max_to_keep)
+        if self.preserve:
+            keep = policies.AnyPreservationPolicy([keep, policies.CustomSteps(self.preserve)])
         return ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=self.max_to_keep, enable_async_checkpointing=False, create=True
+                preservation_policy=keep, enable_async_checkpointing=False, create=True
             ),
         )
+
+    def all_steps(self) -> list[int]:
+        """The steps of the checkpoints on disk, ascending."""
+        return sorted(self.manager.all_steps())
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

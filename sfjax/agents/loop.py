@@ -21,6 +21,10 @@ more SF iterations begins with the phases of a shorter one), so ``resume`` with 
 iterations extends a run (:mod:`sfjax.agents.extend`); a checkpoint that is no phase of the
 plan (fewer SF iterations, other KTO iterations) is refused.
 
+The run ends with the Actor ``LoopConfig.final_actor`` names: the last iterate (Algorithm 1) or
+the iterate whose collected trajectories scored best, loaded from its collect phase's
+checkpoint (those are never pruned); ``summary.json`` records which (``final_actor``).
+
 The loop talks to its components through small protocols
 (:class:`~sfjax.agents.collect.EnvRunner`, :class:`~sfjax.agents.collect.ActorLike`,
 :class:`FineTuner`), so tests can drive it with fakes and other envs (ns-3) can plug in. Its
@@ -54,12 +58,13 @@ import jax
 import numpy as np
 
 from sfjax import atomic, parallel
-from sfjax.agents.checkpoint import CheckpointMismatch, LoopCheckpointer
+from sfjax.agents.checkpoint import CheckpointMismatch, CheckpointMissing, LoopCheckpointer
 from sfjax.agents.collect import ActorLike, EnvRunner, collect
 from sfjax.agents.loop_config import LoopConfig
 from sfjax.agents.loop_events import event_sizes, flush_events, trim_events
 from sfjax.agents.loop_records import (
     SUMMARY_METRICS,
+    best_iteration,
     format_table,
     mean_metrics,
     stats_delta,
@@ -185,8 +190,12 @@ class SelfFinetuningLoop:
         self.run_info = dict(run_info or {})
         self.phases = phase_plan(cfg.sf_iterations, rfr_cfg.kto_iterations)
         parallel.check_shared_directory(self.run_dir)  # multi-host: orbax needs one directory
-        self.ckpt = LoopCheckpointer(self.run_dir / "checkpoints", cfg.keep_checkpoints)
+        self.ckpt = LoopCheckpointer(
+            self.run_dir / "checkpoints", cfg.keep_checkpoints,
+            preserve=[p.index for p in self.phases if p.kind == "collect"],
+        )  # fmt: skip
         self.root_key = jax.random.key(cfg.seed)
+        self.final_actor: dict | None = None  # {"rule", "iteration"} once the run has ended
         self._fresh_state()
 
     def _fresh_state(self):
@@ -274,6 +283,40 @@ class SelfFinetuningLoop:
             f"iteration(s): {ours}). Continue it with the configuration that wrote it (more SF "
             "iterations extend it), or use a new run directory"
         )  # fmt: skip
+
+    def _keep_final_actor(self) -> None:
+        """Load the Actor ``cfg.final_actor`` keeps (:class:`LoopConfig`) into the fine-tuner:
+        the last iterate's is there already; an earlier one comes from its collect phase's
+        checkpoint. Nothing is saved: an extension continues from the last iterate."""
+        last = self.phases[-1].iteration
+        rule = self.cfg.final_actor
+        k = best_iteration(self.iterations) if rule == "best" else last
+        self.final_actor = {"rule": rule, "iteration": k}
+        if k == last:
+            return
+        step = next(p.index for p in self.phases if p.kind == "collect" and p.iteration == k)
+        where = f"its checkpoint (step {step}, phase iter{k}/collect)"
+        if step not in self.ckpt.all_steps():
+            raise CheckpointMissing(
+                f"--loop.final-actor best keeps the Actor after {k} SF iteration(s) (the best "
+                f"collected utility), but {where} is not in {self.ckpt.directory}: runs written "
+                "before every collect phase's checkpoint was kept lost it. Rerun with "
+                "--loop.final-actor last"
+            )  # fmt: skip
+        try:
+            arrays, _ = self.ckpt.restore(step, self._arrays())
+        except CheckpointMismatch:
+            raise
+        except Exception as e:  # noqa: BLE001 -- orbax raises many types for damaged files
+            raise atomic.DamagedFile(
+                f"--loop.final-actor best keeps the Actor after {k} SF iteration(s), but {where} "
+                f"in {self.ckpt.directory} is damaged ({type(e).__name__}: {e}). Rerun with "
+                "--loop.final-actor last"
+            ) from e
+        self.finetuner.load_arrays(arrays["finetuner"])
+        log.info("final Actor: the one after %d SF iteration(s), of %d (--loop.final-actor best: "
+                 "utility %.1f on its collected trajectories)", k, last,
+                 self.iterations[k]["utility"])  # fmt: skip
 
     def _check_artefacts(self, phase: Phase) -> None:
         """Every JSON artefact listed in the checkpoint must be on disk, byte for byte. Those
@@ -412,6 +455,7 @@ class SelfFinetuningLoop:
                 )
             for phase in self.phases[start:]:
                 self._run_phase(phase)
+            self._keep_final_actor()
         finally:
             self.ckpt.close()
         return self.write_summary()
@@ -451,6 +495,7 @@ class SelfFinetuningLoop:
             "reflector": self.reflector.name,
             "reflector_calls": calls,
             "iterations": self.iterations,
+            **({"final_actor": self.final_actor} if self.final_actor else {}),
             "timings_s": self.timings,
         }
 

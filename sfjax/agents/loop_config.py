@@ -7,6 +7,7 @@ Its own module so that the experiments' CLI and the config checks import it with
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from sfjax.configcheck import Bad, at_least
 
@@ -29,11 +30,23 @@ class LoopConfig:
     seed: int = 0
     """Seed of the Actor's sampling, rollouts and KTO (root key)."""
     keep_checkpoints: int = 3
-    """How many phase checkpoints to keep (>= 2: the previous one is the fallback when the
-    newest is damaged)."""
+    """How many of the latest phase checkpoints to keep (>= 2: the previous one is the fallback
+    when the newest is damaged); every collect phase's is kept besides (one per SF iteration:
+    the Actor of each iterate)."""
+    final_actor: Literal["last", "best"] = "last"
+    """The Actor the run ends with, whose held-out "after" is measured and whose LoRA is saved
+    as adapter/: ``last``, the Actor after the last SF iteration (Algorithm 1); or ``best``, of
+    the iterates 0..I (0 = the Actor before any fine-tuning) the one whose collected
+    trajectories had the highest mean eq. 15 utility (ties: the earlier), a guard against SF
+    iterations that oscillate. Those trajectories are on the env seeds the Reflector labels,
+    so the kept iterate's in-sample numbers are optimistic; judge it on held-out seeds. It
+    chooses, it never trains: the iterates are the same either way, and a finished run may
+    be rerun with the other value."""
 
     def invalid(self) -> list[Bad]:
         bad = at_least(self, 1, "sf_iterations", "num_envs", "trajectory_steps")
         bad += at_least(self, 0, "env_seed", "seed")
         bad += at_least(self, 2, "keep_checkpoints")
+        if self.final_actor not in ("last", "best"):
+            bad.append(Bad("final_actor", "'last' or 'best'"))
         return bad

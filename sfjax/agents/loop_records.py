@@ -4,7 +4,7 @@ Each SF iteration's record holds the mean metrics of its collected trajectories
 (:func:`mean_metrics`), the Reflector's calls in its reflect phase (retries, their reasons,
 cache hits: the change of the Reflector's counters, :func:`stats_snapshot` before and after,
 :func:`stats_delta`) and its KTO iterations; :func:`format_table` prints one row per
-iteration.
+iteration, and :func:`best_iteration` picks the iterate ``LoopConfig.final_actor='best'`` keeps.
 """
 
 from __future__ import annotations
@@ -30,6 +30,17 @@ def mean_metrics(trajs: Sequence[Trajectory], weights: UtilityWeights) -> dict[s
         out[f"{k}_std"] = float(v.std())
     out["num_trajectories"] = len(per)
     return out
+
+
+def best_iteration(iterations: Sequence[Mapping[str, Any]]) -> int:
+    """The iteration whose collected trajectories had the highest mean utility; the earlier
+    on a tie, and never one whose utility is NaN unless all are."""
+    best = None
+    for r in iterations:
+        u = float(r["utility"])
+        if not np.isnan(u) and (best is None or u > best[1]):
+            best = (int(r["iteration"]), u)
+    return best[0] if best is not None else int(iterations[0]["iteration"])
 
 
 def stats_snapshot(reflector) -> dict:

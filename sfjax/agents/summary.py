@@ -112,8 +112,16 @@ def format_sf_summary(
         "KTO data = desirable/undesirable examples summed over the iteration's KTO datasets):",
         iteration_table(its),
     ]
+    kept = summary.get("final_actor") or {}
+    k = kept.get("iteration", n_sf)
+    if kept.get("rule") == "best":
+        out.append(
+            f"Final Actor: iteration {k} of 0..{n_sf}, the best mean utility above "
+            "(--loop.final-actor best); the held-out 'after' and adapter/ are of it. Its row "
+            "above was chosen on those numbers, so it is optimistic; the held-out table is not."
+        )
     if len(its) >= 2:
-        first, last = its[0], its[-1]
+        first, last = its[0], its[min(k, len(its) - 1)]
         where = (
             "on the same env seeds the Reflector labelled (in-sample)"
             if same_env_seeds

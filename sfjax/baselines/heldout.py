@@ -1,7 +1,8 @@
 """Before/after evaluation of a fine-tuned Actor on held-out environment seeds.
 
 The self-finetuning run (experiments/sf_ranslicing.py) measures its Actor before any
-fine-tuning and after the last SF iteration on the same held-out seeds, with the shared
+fine-tuning and its final Actor (after the last SF iteration, or the iterate
+``LoopConfig.final_actor`` keeps) on the same held-out seeds, with the shared
 protocol of Table III (:mod:`sfjax.baselines.evaluation`: same per-step env keys, disjoint from
 the keys the Actor collected its training trajectories with), and reports the paired
 differences with 95 % intervals (:mod:`sfjax.baselines.paired`). Each side's per-seed metrics
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class HeldOutConfig:
-    """Held-out evaluation: the Actor before fine-tuning and after the last SF iteration on the
+    """Held-out evaluation: the Actor before fine-tuning and the run's final Actor on the
     same env seeds and per-step keys as Table III's protocol, disjoint from the collection's
     keys; paired differences with 95 % intervals go into summary.json (``held_out``)."""
 
@@ -116,8 +117,8 @@ class HeldOutEval:
             self.protocol = None
 
     def after_and_report(self, sf_iterations: int) -> dict | None:
-        """Evaluate (or load) "after", the Actor after ``sf_iterations`` SF iterations; the
-        paired report for summary.json, or None."""
+        """Evaluate (or load) "after", the Actor after ``sf_iterations`` SF iterations (the
+        run's final Actor); the paired report for summary.json, or None."""
         from sfjax.baselines.paired import paired_report
 
         before = self._evaluate("before", BEFORE)
@@ -126,7 +127,8 @@ class HeldOutEval:
         if before is None:
             return None
         return {"seeds": list(self.protocol.seeds), "num_steps": self.protocol.num_steps,
-                "note": "per-seed Table III metrics of the Actor before fine-tuning and after "
-                        "the last SF iteration on held-out env seeds; diff = after - before with "
-                        "its 95 % paired t interval",
+                "after_iteration": sf_iterations,
+                "note": "per-seed Table III metrics of the Actor before fine-tuning and of the "
+                        "run's final Actor (after after_iteration SF iterations) on held-out env "
+                        "seeds; diff = after - before with its 95 % paired t interval",
                 "metrics": paired_report(before, after)}

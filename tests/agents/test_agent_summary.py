@@ -77,3 +77,15 @@ def test_reflexion_summary_has_units_and_artefacts(tmp_path):
     )  # fmt: skip
     assert "Actor and evaluator: actor X, evaluator/self-reflection rule.\nThe Actor is a " \
            "stand-in.\n" in noted and "The Actor is a stand-in." not in text  # fmt: skip
+
+
+def test_sf_summary_names_the_kept_iterate_and_compares_with_it(tmp_path):
+    kept = {**SUMMARY, "final_actor": {"rule": "best", "iteration": 1}}
+    text = format_sf_summary(kept, tmp_path, trajectory_steps=10, num_envs=2)
+    assert "Final Actor: iteration 1 of 0..2, the best mean utility above" in text
+    assert "optimistic" in text
+    # before -> after is of the kept iterate (1), not of the last row (2)
+    assert "-953.1 -> -969.5 (-16.4)" in text and "-683.6" in text.split("Final Actor")[0]
+    last = {**SUMMARY, "final_actor": {"rule": "last", "iteration": 2}}
+    text = format_sf_summary(last, tmp_path, trajectory_steps=10, num_envs=2)
+    assert "Final Actor" not in text and "-953.1 -> -683.6 (+269.5)" in text

@@ -181,11 +181,12 @@ def _checkpoint_meta(run_dir):
 
 
 @pytest.mark.slow
-def test_more_sf_iterations_extend_a_run_to_the_fresh_runs_result(tmp_path, caplog):
+def test_more_sf_iterations_extend_a_run_to_the_fresh_runs_result(tmp_path, caplog, monkeypatch):
     """1 SF iteration, then the same command with 2: the first run's phases are restored (not
     run again, their files untouched), the new ones run, and the run dir ends as a fresh run
     of 2 leaves it: adapter, trajectories, labels, datasets, summary (held-out "after" of the
-    final Actor included), TensorBoard points, the checkpointed KTO history."""
+    final Actor included), TensorBoard points, the checkpointed KTO history. Rerun with
+    --loop.final-actor best keeping iterate 1, it reports and exports iterate 1's Actor."""
     import logging
 
     mod = _experiment()
@@ -193,6 +194,7 @@ def test_more_sf_iterations_extend_a_run_to_the_fresh_runs_result(tmp_path, capl
     fresh = mod.run(_iterations(_short(mod, fresh_dir), 2), progress=False)
 
     one = mod.run(_short(mod, ext), progress=False)
+    one_adapter = (ext / "adapter" / "adapter_model.safetensors").read_bytes()
     # the phases' files, held-out results and base model (adapter/ is the final Actor's: new)
     before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(ext.glob("*/*.json"))
               if p.parent.name not in ("adapter", "checkpoints")}  # fmt: skip
@@ -228,6 +230,23 @@ def test_more_sf_iterations_extend_a_run_to_the_fresh_runs_result(tmp_path, capl
     for key in ("kto_history", "iterations", "trajectories", "reflections", "dataset",
                 "kto_steps", "artefacts", "arrays_sha256"):
         assert meta[key] == fresh_meta[key], key
+
+    # the finished run rerun keeping its iterate 1 (forced: the tiny Actor's utilities are
+    # noise): nothing trains, the held-out "after" of iterate 1 is the cached one, the adapter
+    # is iterate 1's again
+    monkeypatch.setattr("sfjax.agents.loop.best_iteration", lambda its: 1)
+    caplog.clear()
+    two = _iterations(_short(mod, ext), 2)
+    best = dataclasses.replace(two, loop=dataclasses.replace(two.loop, final_actor="best"))
+    kept = mod.run(best, on_phase_end=ran.append, progress=False)
+    assert kept["final_actor"] == {"rule": "best", "iteration": 1} and len(ran) == 3
+    assert kept["held_out"]["after_iteration"] == 1
+    assert kept["held_out"]["metrics"] == one["held_out"]["metrics"]
+    assert "held-out evaluation (after" not in caplog.text
+    assert (ext / "adapter" / "adapter_model.safetensors").read_bytes() == one_adapter
+    mod.run(two, progress=False)  # back to the last iterate
+    assert (ext / "adapter" / "adapter_model.safetensors").read_bytes() == \
+        (fresh_dir / "adapter" / "adapter_model.safetensors").read_bytes()  # fmt: skip
 
     # taken back to fewer: refused, naming both numbers, nothing touched
     from cli_common import RunDirTaken
@@ -435,6 +454,7 @@ def test_operational_options_may_change_on_resume(tmp_path):
         reflector=dataclasses.replace(cfg.reflector, api=api),
         kto=dataclasses.replace(cfg.kto, progress=False),
         prior=dataclasses.replace(cfg.prior, cache_dir=str(tmp_path / "priors")),
+        loop=dataclasses.replace(cfg.loop, final_actor="best"),  # chooses, never trains
     )  # fmt: skip
     resume, used = mod._prepare_run_dir(moved, tmp_path / "r")
     assert resume and used == moved
