@@ -178,7 +178,8 @@ def _item(cur: tuple, i: int, v):
 
 
 def prepare_run_dir(cfg, run_dir: Path, operational: Sequence[str], *,
-                    has_run: bool | None = None, what: str = "run"):  # fmt: skip
+                    has_run: bool | None = None, what: str = "run",
+                    announce: bool = True):  # fmt: skip
     """Check RUN_DIR (created if missing) against ``cfg`` (which has a ``resume`` field) and
     write ``config.json``; returns (resume?, cfg to run).
 
@@ -186,7 +187,8 @@ def prepare_run_dir(cfg, run_dir: Path, operational: Sequence[str], *,
     knows what counts; ``None``: a run is there once its ``config.json`` is). A run dir holding a run with the same identity (all but the
     ``operational`` options) is continued (``make demo`` twice). One with another identity is
     refused, naming the keys; with ``--resume`` that run is continued with its own values for
-    them (a warning lists them). Nothing is ever deleted.
+    them (a warning lists them). Nothing is ever deleted. ``announce=False``: the caller logs
+    what happens to the run instead of "continuing the run".
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     saved = run_dir / "config.json"
@@ -229,7 +231,8 @@ def prepare_run_dir(cfg, run_dir: Path, operational: Sequence[str], *,
         cfg = with_values(cfg, before)
     if has_run and not resume:
         # Same config: continue (or, if complete, just report) — `make demo` is idempotent.
-        log.info("continuing the %s in %s (same config)", what, run_dir)
+        if announce:
+            log.info("continuing the %s in %s (same config)", what, run_dir)
         resume = True
     atomic.write_json(saved, as_json(cfg), indent=2)
     return resume, cfg

@@ -300,7 +300,8 @@ def _prepare_run_dir(cfg, run_dir: Path):
         raise cli_common.RunDirTaken(why)
     as_ran = dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, sf_iterations=ran))
     # every other option as for any rerun: the same, or the run's own with --resume
-    _, used = cli_common.prepare_run_dir(as_ran, run_dir, OPERATIONAL, has_run=has_run)
+    _, used = cli_common.prepare_run_dir(as_ran, run_dir, OPERATIONAL, has_run=has_run,
+                                         announce=False)
     adopt_unnamed_after(run_dir, ran)
     used = dataclasses.replace(used, loop=dataclasses.replace(used.loop, sf_iterations=asked))
     atomic.write_json(run_dir / "config.json", cli_common.as_json(used), indent=2)

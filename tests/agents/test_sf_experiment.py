@@ -523,6 +523,7 @@ def test_more_sf_iterations_extend_the_run_and_fewer_are_refused(tmp_path, caplo
     resume, used = mod._prepare_run_dir(_iterations(cfg, 3), run)
     assert resume and used == _iterations(cfg, 3) and saved()["loop"]["sf_iterations"] == 3
     assert f"extending the run in {run} from 1 to 3 SF iterations" in caplog.text
+    assert "(same config)" not in caplog.text  # it is extended, not continued as it was
 
     config = (run / "config.json").read_bytes()
     with pytest.raises(RunDirTaken, match=r"holds a run of 3 SF iteration\(s\) and "
