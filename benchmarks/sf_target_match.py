@@ -1,10 +1,13 @@
 """Did the fine-tuning teach the Actor what its Reflector asked, on the prompts it trained on?
 
-    .venv/bin/python benchmarks/sf_target_match.py RUN_DIR [--samples 8] [--iteration 0] [--save F]
+    .venv/bin/python benchmarks/sf_target_match.py RUN_DIR [--samples 8] [--save F]
+        [--before-iterate A] [--after-iterate B] [--iteration I]
 
 For every step of SF iteration ``--iteration``'s trajectories (``RUN_DIR/trajectories`` and
-``reflections``), ``--samples`` completions are drawn on that step's prompt from the Actor
-before fine-tuning (LoRA off) and after it (the run's final ``adapter/``), with the same keys
+``reflections``; default: ``--before-iterate``'s, the ones that Actor collected and the next
+iteration trained on), ``--samples`` completions are drawn on that step's prompt from the Actor
+before fine-tuning (LoRA off; ``--before-iterate A``: the Actor after A SF iterations) and after
+it (the run's final ``adapter/``; ``--after-iterate B``: after B), with the same keys
 and the *acting* sampling parameters (what the trajectories and the held-out evaluation use;
 RfR's rollouts use their own). Per class of step it prints how often the sampled action is the
 target (the Reflector's improved action on a suboptimal step, the action taken on an effective
@@ -16,7 +19,10 @@ loop), it separates what the fine-tuning changed on the labelled prompts from wh
 closed loop made of it (the Actor's own allocation is part of its next prompt).
 
 For runs of ``experiments/sf_ranslicing.py`` (any preset; its ``config.json`` is read back). On
-a run of several SF iterations "after" is the final adapter. Measured results:
+a run of several SF iterations "after" is the final adapter unless ``--after-iterate`` says
+otherwise; an iterate's LoRA comes from its collect phase's checkpoint, as
+``--loop.final-actor best`` loads it (``--before-iterate 1 --after-iterate 2``: what the second
+SF iteration taught, on the prompts it trained on). Measured results:
 benchmarks/RESULTS.md, "What one SF iteration teaches".
 """
 
@@ -152,7 +158,13 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", type=Path)
     p.add_argument("--samples", type=int, default=8, help="completions per prompt (K)")
-    p.add_argument("--iteration", type=int, default=0, help="SF iteration whose steps to use")
+    p.add_argument("--iteration", type=int, default=None,
+                   help="SF iteration whose steps to use (default: --before-iterate)")
+    p.add_argument("--before-iterate", type=int, default=0,
+                   help="'before' = the Actor after this many SF iterations (0: LoRA off)")
+    p.add_argument("--after-iterate", type=int, default=None,
+                   help="'after' = the Actor after this many SF iterations (default: the run's "
+                        "final adapter/)")
     p.add_argument("--seed", type=int, default=1234, help="sampling key (the same before/after)")
     p.add_argument("--batch", type=int, default=64, help="prompts per sampler call")
     p.add_argument("--save", type=Path, default=None,
@@ -160,6 +172,17 @@ def main(argv=None) -> None:
                         "after) to this JSON file, for analyses beyond the table")  # fmt: skip
     a = p.parse_args(argv)
     run = a.run_dir
+    if a.iteration is None:
+        a.iteration = a.before_iterate
+    ran = json.loads((run / "config.json").read_text())["loop"]["sf_iterations"] \
+        if (run / "config.json").exists() else None  # fmt: skip
+    for opt in ("before_iterate", "after_iterate"):
+        k = getattr(a, opt)
+        if k is not None and ran is not None and not 0 <= k <= ran:
+            p.error(f"--{opt.replace('_', '-')} {k}: the run has iterates 0..{ran} (the Actor "
+                    "after that many SF iterations)")
+        if k and not (run / "checkpoints").is_dir():
+            p.error(f"--{opt.replace('_', '-')} {k} needs {run / 'checkpoints'}")
     for need in ("config.json", "summary.json", "adapter", f"trajectories/iter_{a.iteration}.json",
                  f"reflections/iter_{a.iteration}.json"):  # fmt: skip
         if not (run / need).exists():
@@ -204,8 +227,17 @@ def main(argv=None) -> None:
                 out.append([x.action if x.ok else None for x in parsed])
         return out
 
-    with adapters_disabled(model):
+    load_iterate = _iterate_loader(run, cfg, model, tokenizer, p.error)
+    if a.before_iterate == 0:
+        with adapters_disabled(model):
+            before = sampled_actions()
+    else:
+        load_iterate(a.before_iterate)
         before = sampled_actions()
+    if a.after_iterate is None:
+        load_adapter(model, run / "adapter")
+    else:
+        load_iterate(a.after_iterate)
     after = sampled_actions()
 
     if a.save is not None:
@@ -213,13 +245,46 @@ def main(argv=None) -> None:
 
         save_json(a.save, {
             "run_dir": str(run), "iteration": a.iteration, "samples": k, "seed": a.seed,
+            "before_iterate": a.before_iterate, "after_iterate": a.after_iterate,
             "steps": [{"target": x.target, "class": x.cls, "kind": x.kind, "taken": x.taken,
                        "held": x.held, "before": b, "after": f}
                       for x, b, f in zip(items, before, after)],
         })  # fmt: skip
+    name = lambda i: "LoRA off" if i == 0 else f"after {i} SF iteration(s)"  # noqa: E731
     print(f"{run}: SF iteration {a.iteration}'s {len(items)} labelled steps, K = {k} samples "
-          f"each at the acting sampling parameters, before (LoRA off) / after (final adapter)")
+          f"each at the acting sampling parameters, before ({name(a.before_iterate)}) / after "
+          f"({'final adapter' if a.after_iterate is None else name(a.after_iterate)})")
     print(report(items, before, after))
+
+def _iterate_loader(run: Path, cfg, model, tokenizer, error):
+    """A function putting the LoRA of the Actor after k SF iterations into ``model``: from the
+    checkpoint of phase ``iter<k>/collect``, through the loop's own fine-tuner and checkpointer
+    (what ``--loop.final-actor best`` loads). ``error``: how a missing one is reported."""
+    import jax
+
+    from sfjax.agents.checkpoint import LoopCheckpointer
+    from sfjax.agents.finetune import KTOFineTuner
+    from sfjax.agents.loop import phase_plan
+
+    state = {}
+
+    def load(k: int) -> None:
+        plan = phase_plan(cfg.loop.sf_iterations, cfg.rfr.kto_iterations)
+        step = next(x.index for x in plan if x.kind == "collect" and x.iteration == k)
+        if not state:
+            state["ft"] = KTOFineTuner(model, tokenizer, cfg.kto, cfg.lora)
+            state["ckpt"] = LoopCheckpointer(run / "checkpoints")
+        if step not in state["ckpt"].all_steps():
+            error(f"{run / 'checkpoints'} has no checkpoint of phase iter{k}/collect (step "
+                  f"{step}): runs written before every collect phase's checkpoint was kept "
+                  "lost the earlier ones")  # fmt: skip
+        like = {"finetuner": state["ft"].arrays(),
+                "root_key": jax.random.key_data(jax.random.key(0))}  # fmt: skip
+        arrays, _ = state["ckpt"].restore(step, like)
+        state["ft"].load_arrays(arrays["finetuner"])
+
+    return load
+
 
 if __name__ == "__main__":
     main()

@@ -181,7 +181,8 @@ def _checkpoint_meta(run_dir):
 
 
 @pytest.mark.slow
-def test_more_sf_iterations_extend_a_run_to_the_fresh_runs_result(tmp_path, caplog, monkeypatch):
+def test_more_sf_iterations_extend_a_run_to_the_fresh_runs_result(tmp_path, caplog, monkeypatch,
+                                                                   capsys):
     """1 SF iteration, then the same command with 2: the first run's phases are restored (not
     run again, their files untouched), the new ones run, and the run dir ends as a fresh run
     of 2 leaves it: adapter, trajectories, labels, datasets, summary (held-out "after" of the
@@ -247,6 +248,21 @@ def test_more_sf_iterations_extend_a_run_to_the_fresh_runs_result(tmp_path, capl
     mod.run(two, progress=False)  # back to the last iterate
     assert (ext / "adapter" / "adapter_model.safetensors").read_bytes() == \
         (fresh_dir / "adapter" / "adapter_model.safetensors").read_bytes()  # fmt: skip
+
+    # sf_target_match between iterates: iterate 2's LoRA from its checkpoint samples as the
+    # final adapter does (same prompts, same keys); iterate 1 is loaded as "before"
+    stm = experiment("sf_target_match", BENCHMARKS)
+    saved = {}
+    for name, extra in (("final", []), ("iterates", ["--before-iterate", "1", "--iteration", "0",
+                                                    "--after-iterate", "2"])):  # fmt: skip
+        saved[name] = tmp_path / f"{name}.json"
+        stm.main([str(fresh_dir), "--samples", "2", "--save", str(saved[name]), *extra])
+    final, iterates = (json.loads(saved[n].read_text())["steps"] for n in ("final", "iterates"))
+    assert len(final) > 0 and [x["after"] for x in iterates] == [x["after"] for x in final]
+    assert "before (after 1 SF iteration(s)) / after (after 2 SF iteration(s))" in \
+        capsys.readouterr().out  # fmt: skip
+    with pytest.raises(SystemExit):
+        stm.main([str(fresh_dir), "--after-iterate", "3"])  # the run has iterates 0..2
 
     # taken back to fewer: refused, naming both numbers, nothing touched
     from cli_common import RunDirTaken
@@ -503,9 +519,9 @@ def test_resume_of_a_run_older_than_an_option_says_the_option_runs_as_given(tmp_
 def test_more_sf_iterations_extend_the_run_and_fewer_are_refused(tmp_path, caplog):
     import logging
 
+    mod = _experiment()  # puts experiments/ on sys.path
     from cli_common import RunDirTaken
 
-    mod = _experiment()
     run = tmp_path / "r"
     cfg = _short(mod, run)  # 1 SF iteration of 1 KTO iteration: last phase 3
     _fake_run(mod, run, cfg)
@@ -520,6 +536,7 @@ def test_more_sf_iterations_extend_the_run_and_fewer_are_refused(tmp_path, caplo
         mod._prepare_run_dir(other, run)
     assert saved()["loop"]["sf_iterations"] == 1
     caplog.set_level(logging.INFO)
+    caplog.clear()  # _fake_run's own "continuing" line, captured when an earlier test set INFO
     resume, used = mod._prepare_run_dir(_iterations(cfg, 3), run)
     assert resume and used == _iterations(cfg, 3) and saved()["loop"]["sf_iterations"] == 3
     assert f"extending the run in {run} from 1 to 3 SF iterations" in caplog.text
@@ -541,9 +558,9 @@ def test_more_sf_iterations_extend_the_run_and_fewer_are_refused(tmp_path, caplo
 
 
 def test_fewer_sf_iterations_are_one_line_on_the_command_line(tmp_path, capsys):
+    mod = _experiment()  # puts experiments/ on sys.path
     import cli_common
 
-    mod = _experiment()
     run = tmp_path / "r"
     args = ["smoke", "--run-dir", str(run)]
     _fake_run(mod, run, cli_common.parse(mod.PRESETS, [*args, "--loop.sf-iterations", "2"],
