@@ -250,11 +250,14 @@ def main(argv=None) -> None:
                        "held": x.held, "before": b, "after": f}
                       for x, b, f in zip(items, before, after)],
         })  # fmt: skip
-    name = lambda i: "LoRA off" if i == 0 else f"after {i} SF iteration(s)"  # noqa: E731
+    def name(i):
+        return "LoRA off" if i == 0 else f"after {i} SF iteration(s)"
+
     print(f"{run}: SF iteration {a.iteration}'s {len(items)} labelled steps, K = {k} samples "
           f"each at the acting sampling parameters, before ({name(a.before_iterate)}) / after "
           f"({'final adapter' if a.after_iterate is None else name(a.after_iterate)})")
     print(report(items, before, after))
+
 
 def _iterate_loader(run: Path, cfg, model, tokenizer, error):
     """A function putting the LoRA of the Actor after k SF iterations into ``model``: from the
@@ -264,13 +267,12 @@ def _iterate_loader(run: Path, cfg, model, tokenizer, error):
 
     from sfjax.agents.checkpoint import LoopCheckpointer
     from sfjax.agents.finetune import KTOFineTuner
-    from sfjax.agents.loop import phase_plan
+    from sfjax.agents.loop import checkpoint_arrays, collect_step, phase_plan
 
     state = {}
 
     def load(k: int) -> None:
-        plan = phase_plan(cfg.loop.sf_iterations, cfg.rfr.kto_iterations)
-        step = next(x.index for x in plan if x.kind == "collect" and x.iteration == k)
+        step = collect_step(phase_plan(cfg.loop.sf_iterations, cfg.rfr.kto_iterations), k)
         if not state:
             state["ft"] = KTOFineTuner(model, tokenizer, cfg.kto, cfg.lora)
             state["ckpt"] = LoopCheckpointer(run / "checkpoints")
@@ -278,8 +280,7 @@ def _iterate_loader(run: Path, cfg, model, tokenizer, error):
             error(f"{run / 'checkpoints'} has no checkpoint of phase iter{k}/collect (step "
                   f"{step}): runs written before every collect phase's checkpoint was kept "
                   "lost the earlier ones")  # fmt: skip
-        like = {"finetuner": state["ft"].arrays(),
-                "root_key": jax.random.key_data(jax.random.key(0))}  # fmt: skip
+        like = checkpoint_arrays(state["ft"], jax.random.key(0))  # the key: a template only
         arrays, _ = state["ckpt"].restore(step, like)
         state["ft"].load_arrays(arrays["finetuner"])
 

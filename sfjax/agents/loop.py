@@ -97,7 +97,9 @@ __all__ = [
     "LoopConfig",
     "Phase",
     "SelfFinetuningLoop",
+    "checkpoint_arrays",
     "collect",
+    "collect_step",
     "flush_events",
     "format_table",
     "mean_metrics",
@@ -155,6 +157,17 @@ def phase_plan(sf_iterations: int, kto_iterations: int) -> list[Phase]:
             phases.append(Phase(i, it, "kto", k))
             i += 1
     return phases
+
+
+def collect_step(phases: Sequence[Phase], iteration: int) -> int:
+    """The checkpoint step of iteration ``iteration``'s collect phase: the Actor after that many
+    SF iterations (such checkpoints are never pruned)."""
+    return next(p.index for p in phases if p.kind == "collect" and p.iteration == iteration)
+
+
+def checkpoint_arrays(finetuner: FineTuner, root_key: jax.Array) -> dict:
+    """The arrays of a phase checkpoint (also the template one is restored into)."""
+    return {"finetuner": finetuner.arrays(), "root_key": jax.random.key_data(root_key)}
 
 
 class SelfFinetuningLoop:
@@ -246,10 +259,7 @@ class SelfFinetuningLoop:
         self.artefacts = dict(meta.get("artefacts", {}))
 
     def _arrays(self) -> dict:
-        return {
-            "finetuner": self.finetuner.arrays(),
-            "root_key": jax.random.key_data(self.root_key),
-        }
+        return checkpoint_arrays(self.finetuner, self.root_key)
 
     def restore(self) -> int:
         """Load the newest intact checkpoint, if any (a damaged one falls back to the one
@@ -294,7 +304,7 @@ class SelfFinetuningLoop:
         self.final_actor = {"rule": rule, "iteration": k}
         if k == last:
             return
-        step = next(p.index for p in self.phases if p.kind == "collect" and p.iteration == k)
+        step = collect_step(self.phases, k)
         where = f"its checkpoint (step {step}, phase iter{k}/collect)"
         if step not in self.ckpt.all_steps():
             raise CheckpointMissing(

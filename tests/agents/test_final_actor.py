@@ -14,7 +14,7 @@ from test_loop import _loop, _strip
 
 from sfjax.agents import loop as loop_mod
 from sfjax.agents.checkpoint import CheckpointMissing
-from sfjax.agents.loop import phase_plan
+from sfjax.agents.loop import collect_step, phase_plan
 from sfjax.agents.loop_config import LoopConfig
 from sfjax.agents.loop_records import best_iteration
 from sfjax.atomic import DamagedFile
@@ -35,8 +35,9 @@ def test_best_iteration_is_the_highest_utility_earlier_on_ties_never_nan():
 
 
 def _collect_steps(sf_iterations, kto_iterations=2):
-    return {p.index: p.iteration for p in phase_plan(sf_iterations, kto_iterations)
-            if p.kind == "collect"}  # fmt: skip
+    """{checkpoint step: iteration} of the collect phases."""
+    plan = phase_plan(sf_iterations, kto_iterations)
+    return {collect_step(plan, i): i for i in range(sf_iterations + 1)}
 
 
 def _run(run_dir, **kw):
