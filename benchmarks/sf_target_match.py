@@ -263,26 +263,25 @@ def _iterate_loader(run: Path, cfg, model, tokenizer, error):
     """A function putting the LoRA of the Actor after k SF iterations into ``model``: from the
     checkpoint of phase ``iter<k>/collect``, through the loop's own fine-tuner and checkpointer
     (what ``--loop.final-actor best`` loads). ``error``: how a missing one is reported."""
-    import jax
 
-    from sfjax.agents.checkpoint import LoopCheckpointer
+    from sfjax import atomic
+    from sfjax.agents.checkpoint import CheckpointMissing, LoopCheckpointer
     from sfjax.agents.finetune import KTOFineTuner
-    from sfjax.agents.loop import checkpoint_arrays, collect_step, phase_plan
+    from sfjax.agents.loop import load_iterate, phase_plan
 
     state = {}
 
     def load(k: int) -> None:
-        step = collect_step(phase_plan(cfg.loop.sf_iterations, cfg.rfr.kto_iterations), k)
         if not state:
             state["ft"] = KTOFineTuner(model, tokenizer, cfg.kto, cfg.lora)
             state["ckpt"] = LoopCheckpointer(run / "checkpoints")
-        if step not in state["ckpt"].all_steps():
-            error(f"{run / 'checkpoints'} has no checkpoint of phase iter{k}/collect (step "
-                  f"{step}): runs written before every collect phase's checkpoint was kept "
-                  "lost the earlier ones")  # fmt: skip
-        like = checkpoint_arrays(state["ft"], jax.random.key(0))  # the key: a template only
-        arrays, _ = state["ckpt"].restore(step, like)
-        state["ft"].load_arrays(arrays["finetuner"])
+        try:
+            load_iterate(state["ckpt"], phase_plan(cfg.loop.sf_iterations,
+                                                   cfg.rfr.kto_iterations),
+                         state["ft"], k, purpose=f"the Actor after {k} SF iteration(s) is asked",
+                         remedy="Compare iterates whose checkpoints are there")  # fmt: skip
+        except (CheckpointMissing, atomic.DamagedFile) as e:
+            error(str(e))
 
     return load
 

@@ -100,6 +100,7 @@ __all__ = [
     "checkpoint_arrays",
     "collect",
     "collect_step",
+    "load_iterate",
     "flush_events",
     "format_table",
     "mean_metrics",
@@ -168,6 +169,31 @@ def collect_step(phases: Sequence[Phase], iteration: int) -> int:
 def checkpoint_arrays(finetuner: FineTuner, root_key: jax.Array) -> dict:
     """The arrays of a phase checkpoint (also the template one is restored into)."""
     return {"finetuner": finetuner.arrays(), "root_key": jax.random.key_data(root_key)}
+
+
+def load_iterate(ckpt: LoopCheckpointer, phases: Sequence[Phase], finetuner: FineTuner,
+                 iteration: int, *, purpose: str, remedy: str) -> None:  # fmt: skip
+    """Load the Actor after ``iteration`` SF iterations into ``finetuner`` from its collect
+    phase's checkpoint. :class:`CheckpointMissing` / :class:`atomic.DamagedFile` when it is gone
+    or unreadable, the message being ``purpose`` (why it is needed), what is wrong, ``remedy``."""
+    step = collect_step(phases, iteration)
+    where = f"its checkpoint (step {step}, phase iter{iteration}/collect)"
+    if step not in ckpt.all_steps():
+        raise CheckpointMissing(
+            f"{purpose}, but {where} is not in {ckpt.directory}: runs written before every "
+            f"collect phase's checkpoint was kept lost it. {remedy}"
+        )
+    like = checkpoint_arrays(finetuner, jax.random.key(0))  # the key: a template only
+    try:
+        arrays, _ = ckpt.restore(step, like)
+    except CheckpointMismatch:
+        raise
+    except Exception as e:  # noqa: BLE001 -- orbax raises many types for damaged files
+        raise atomic.DamagedFile(
+            f"{purpose}, but {where} in {ckpt.directory} is damaged ({type(e).__name__}: {e}). "
+            f"{remedy}"
+        ) from e
+    finetuner.load_arrays(arrays["finetuner"])
 
 
 class SelfFinetuningLoop:
@@ -304,26 +330,11 @@ class SelfFinetuningLoop:
         self.final_actor = {"rule": rule, "iteration": k}
         if k == last:
             return
-        step = collect_step(self.phases, k)
-        where = f"its checkpoint (step {step}, phase iter{k}/collect)"
-        if step not in self.ckpt.all_steps():
-            raise CheckpointMissing(
-                f"--loop.final-actor best keeps the Actor after {k} SF iteration(s) (the best "
-                f"collected utility), but {where} is not in {self.ckpt.directory}: runs written "
-                "before every collect phase's checkpoint was kept lost it. Rerun with "
-                "--loop.final-actor last"
-            )  # fmt: skip
-        try:
-            arrays, _ = self.ckpt.restore(step, self._arrays())
-        except CheckpointMismatch:
-            raise
-        except Exception as e:  # noqa: BLE001 -- orbax raises many types for damaged files
-            raise atomic.DamagedFile(
-                f"--loop.final-actor best keeps the Actor after {k} SF iteration(s), but {where} "
-                f"in {self.ckpt.directory} is damaged ({type(e).__name__}: {e}). Rerun with "
-                "--loop.final-actor last"
-            ) from e
-        self.finetuner.load_arrays(arrays["finetuner"])
+        load_iterate(
+            self.ckpt, self.phases, self.finetuner, k, remedy="Rerun with --loop.final-actor last",
+            purpose=f"--loop.final-actor best keeps the Actor after {k} SF iteration(s) (the "
+                    "best collected utility)",
+        )  # fmt: skip
         log.info("final Actor: the one after %d SF iteration(s), of %d (--loop.final-actor best: "
                  "utility %.1f on its collected trajectories)", k, last,
                  self.iterations[k]["utility"])  # fmt: skip
