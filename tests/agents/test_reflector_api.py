@@ -36,8 +36,11 @@ _traj = functools.partial(random_trajectory, action_hi=PCFG.action_hi, arrival=4
 
 
 def _reflector(url, tmp_path, progress=True, **kw):
+    """An api Reflector on `url` with fast retries. timeout_s is generous (10 s) so that a loaded
+    CI machine never turns a healthy reply into a 'deadline' retry; the tests about hangs and
+    deadlines pass their own short timeout_s."""
     base = dict(
-        base_url=url, model="fake-r1", api_key_env=KEY_ENV, max_concurrency=2, timeout_s=0.4,
+        base_url=url, model="fake-r1", api_key_env=KEY_ENV, max_concurrency=2, timeout_s=10,
         max_retries=30, backoff_base_s=0.001, backoff_max_s=0.01, max_format_retries=30,
     )  # fmt: skip
     base.update(kw)
@@ -75,7 +78,7 @@ def test_non_completion_200_is_retried_not_fatal(tmp_path, caplog, shape):
 def test_fault_mix_at_30_percent_gives_the_fault_free_labels(tmp_path):
     trajs = [_traj(20, seed=s, env_index=s) for s in range(3)]
     with FakeOpenAI(fault_rate=0.3, seed=5, hang_s=0.6) as server:
-        r = _reflector(server.url, tmp_path, context_tokens=2000, max_tokens=500)
+        r = _reflector(server.url, tmp_path, timeout_s=0.4, context_tokens=2000, max_tokens=500)
         out = r.reflect(trajs)
     _assert_right(trajs, out)
     assert server.faults_injected > 0
