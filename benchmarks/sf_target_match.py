@@ -35,7 +35,7 @@ import math
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "experiments"))
@@ -188,44 +188,19 @@ def main(argv=None) -> None:
         if not (run / need).exists():
             p.error(f"{run / need} is missing (a finished sf_ranslicing run dir is needed)")
 
-    import cli_common
     import jax
-    import sf_ranslicing as sf
 
-    from sfjax.agents.actor import Actor
-    from sfjax.agents.prompts import parse_output
-    from sfjax.agents.trajectory import Reflection, load_json, load_trajectories
-    from sfjax.baselines.llm_agent import prompt_config_for_env
-    from sfjax.envs.ran import RanSlicingEnv
-    from sfjax.models import qwen3
     from sfjax.models.lora import adapters_disabled, load_adapter
-    from sfjax.sampling import Sampler
-    from sfjax.tokenizer import load_tokenizer
 
-    cfg = cli_common.with_values(sf.ExperimentConfig(), json.loads((run / "config.json").read_text()))
-    ckpt = json.loads((run / "summary.json").read_text())["actor"]
-    prompt_cfg = prompt_config_for_env(RanSlicingEnv(cfg.env), cfg.actor.prompt)
-    model = qwen3.from_pretrained(ckpt, dtype=sf._dtype(cfg.model.dtype))
+    r = load_run(run)
+    cfg, model, tokenizer = r.cfg, r.model, r.tokenizer
     load_adapter(model, run / "adapter")
-    tokenizer = load_tokenizer(ckpt)
-    actor = Actor(Sampler(model, tokenizer), tokenizer,
-                  dataclasses.replace(cfg.actor, prompt=prompt_cfg))  # fmt: skip
-    items = step_targets(
-        load_trajectories(run / f"trajectories/iter_{a.iteration}.json"),
-        [Reflection.from_json(d) for d in load_json(run / f"reflections/iter_{a.iteration}.json")],
-    )
-    prompts = [x.prompt for x in items]
+    items = labelled_steps(run, a.iteration)
     key = jax.random.key(a.seed)
     k = a.samples
 
     def sampled_actions() -> list[list[int | None]]:
-        out = []
-        for i in range(0, len(prompts), a.batch):
-            chunk = prompts[i : i + a.batch]
-            for texts in actor.sample(chunk, k, jax.random.fold_in(key, i), acting=True):
-                parsed = [parse_output(t, prompt_cfg) for t in texts]
-                out.append([x.action if x.ok else None for x in parsed])
-        return out
+        return sample_actions(r.actor, [x.prompt for x in items], r.prompt_cfg, k, key, a.batch)
 
     load_iterate = _iterate_loader(run, cfg, model, tokenizer, p.error)
     if a.before_iterate == 0:
@@ -257,6 +232,67 @@ def main(argv=None) -> None:
           f"each at the acting sampling parameters, before ({name(a.before_iterate)}) / after "
           f"({'final adapter' if a.after_iterate is None else name(a.after_iterate)})")
     print(report(items, before, after))
+
+
+class LoadedRun(NamedTuple):
+    """A finished run's config and its Actor (base model, LoRA added by the caller)."""
+
+    cfg: Any
+    """The run's ``sf_ranslicing.ExperimentConfig`` (from its ``config.json``)."""
+    prompt_cfg: Any
+    model: Any
+    tokenizer: Any
+    actor: Any
+
+
+def load_run(run: Path) -> LoadedRun:
+    """The config and Actor of the ``sf_ranslicing`` run in ``run`` (its checkpoint from
+    ``summary.json``, prompts for its env); the model has no adapters yet."""
+    import cli_common
+    import sf_ranslicing as sf
+
+    from sfjax.agents.actor import Actor
+    from sfjax.baselines.llm_agent import prompt_config_for_env
+    from sfjax.envs.ran import RanSlicingEnv
+    from sfjax.models import qwen3
+    from sfjax.sampling import Sampler
+    from sfjax.tokenizer import load_tokenizer
+
+    cfg = cli_common.with_values(sf.ExperimentConfig(), json.loads((run / "config.json").read_text()))
+    ckpt = json.loads((run / "summary.json").read_text())["actor"]
+    prompt_cfg = prompt_config_for_env(RanSlicingEnv(cfg.env), cfg.actor.prompt)
+    model = qwen3.from_pretrained(ckpt, dtype=sf._dtype(cfg.model.dtype))
+    tokenizer = load_tokenizer(ckpt)
+    actor = Actor(Sampler(model, tokenizer), tokenizer,
+                  dataclasses.replace(cfg.actor, prompt=prompt_cfg))  # fmt: skip
+    return LoadedRun(cfg, prompt_cfg, model, tokenizer, actor)
+
+
+def labelled_steps(run: Path, iteration: int) -> list[Item]:
+    """:func:`step_targets` of SF iteration ``iteration``'s trajectories and reflections."""
+    from sfjax.agents.trajectory import Reflection, load_json, load_trajectories
+
+    return step_targets(
+        load_trajectories(run / f"trajectories/iter_{iteration}.json"),
+        [Reflection.from_json(d) for d in load_json(run / f"reflections/iter_{iteration}.json")],
+    )
+
+
+def sample_actions(actor, prompts, prompt_cfg, k: int, key, batch: int = 64):
+    """``k`` completions per prompt at the acting sampling parameters, parsed to actions (None:
+    unparsable); prompts ``i .. i + batch`` use ``fold_in(key, i)``, so equal keys give equal
+    samples whatever else ran."""
+    import jax
+
+    from sfjax.agents.prompts import parse_output
+
+    out: list[list[int | None]] = []
+    for i in range(0, len(prompts), batch):
+        for texts in actor.sample(prompts[i : i + batch], k, jax.random.fold_in(key, i),
+                                  acting=True):  # fmt: skip
+            parsed = [parse_output(t, prompt_cfg) for t in texts]
+            out.append([x.action if x.ok else None for x in parsed])
+    return out
 
 
 def _iterate_loader(run: Path, cfg, model, tokenizer, error):

@@ -116,6 +116,22 @@ class KTOTrainer:
         self._logps_fn = None
         self._ref_fn = None
         self._ref_table: tuple[Any, np.ndarray, np.ndarray] | None = None
+        self._reference_lora = None
+
+    @property
+    def reference_lora(self):
+        """The reference policy's LoRA values (an ``nnx.State`` like
+        ``nnx.state(model, nnx.LoRAParam)``), or None (default): πref is the model with its
+        adapters off, the paper's "original frozen LLM". Set, πref is the model with these
+        adapters, e.g. the previous SF iterate (iterative DPO's convention); a copy is kept.
+        Needs ``precompute_ref_log_probs`` (the table is computed with these values once per
+        dataset)."""
+        return self._reference_lora
+
+    @reference_lora.setter
+    def reference_lora(self, lora) -> None:
+        self._reference_lora = None if lora is None else jax.tree.map(jnp.copy, lora)
+        self._ref_table = None  # another reference: no cached table applies
 
     @property
     def trace_count(self) -> int:
@@ -196,6 +212,12 @@ class KTOTrainer:
           over the micro-batches since the previous log, NaN-skipping like TRL).
         """
         c = self.config
+        if self._reference_lora is not None and not c.precompute_ref_log_probs:
+            raise ValueError(
+                "a reference with its own LoRA values (reference_lora) needs "
+                "precompute_ref_log_probs=True: the train step's reference forward runs with "
+                "the adapters off"
+            )
         tokenized = self.tokenize(examples)
         need = 2 if c.with_kl else 1
         if len(tokenized) < need:
@@ -360,26 +382,36 @@ class KTOTrainer:
     def reference_logps(self, tokenized: Sequence[TokenizedExample],
                         partners: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
         """``(log πref(y_i|x_i), log πref(y'_i|x_i))`` per example, ``y'_i`` the completion of
-        ``partners[i]`` (None: no KL term, zeros); adapters off. Cached per (examples, partners):
-        the reference never changes, so later epochs and train() calls reuse it."""
+        ``partners[i]`` (None: no KL term, zeros); adapters off, or set to
+        :attr:`reference_lora`. Cached per (examples, partners): the reference does not change
+        during a train() call, so later epochs and calls reuse it."""
         c = self.config
         key = (tuple(tokenized), None if partners is None else tuple(partners.tolist()),
                c.share_prompt_forward, c.prompt_bucket_sizes, c.completion_bucket_sizes)  # fmt: skip
         if self._ref_table is not None and self._ref_table[0] == key:
             return self._ref_table[1], self._ref_table[2]
-        graphdef, state = nnx.split(self.model)
-        spec = _step_spec(c)
-        if self._ref_fn is None or self._ref_fn[0] != (graphdef, spec):
+        own = self._reference_lora is not None
+        current = jax.tree.map(jnp.copy, nnx.state(self.model, nnx.LoRAParam)) if own else None
+        if own:  # the reference's adapters, for this computation only
+            nnx.update(self.model, self._reference_lora)
+        try:
+            graphdef, state = nnx.split(self.model)
+            spec = _step_spec(c)
+            if self._ref_fn is None or self._ref_fn[0] != (graphdef, spec, own):
 
-            def fn(state, mb):
-                return reference_logps(nnx.merge(graphdef, state), mb, spec)
+                def fn(state, mb):
+                    return reference_logps(nnx.merge(graphdef, state), mb, spec,
+                                           adapters_off=not own)  # fmt: skip
 
-            self._ref_fn = ((graphdef, spec), self._rows_fn(fn))
-        ref, ref_kl = [], []
-        for members, mb in self._micro_batches(tokenized, partners):
-            r, r_kl = _to_host(self._ref_fn[1](state, mb))
-            ref.append(r[: len(members)])
-            ref_kl.append(r_kl[: len(members)])
+                self._ref_fn = ((graphdef, spec, own), self._rows_fn(fn))
+            ref, ref_kl = [], []
+            for members, mb in self._micro_batches(tokenized, partners):
+                r, r_kl = _to_host(self._ref_fn[1](state, mb))
+                ref.append(r[: len(members)])
+                ref_kl.append(r_kl[: len(members)])
+        finally:
+            if own:
+                nnx.update(self.model, current)
         table = (np.concatenate(ref).astype(np.float32), np.concatenate(ref_kl).astype(np.float32))
         self._ref_table = (key, *table)
         return table

@@ -16,6 +16,7 @@ prompt / completion length, ``T = P + C``, ``D`` hidden size, ``V`` vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -102,17 +103,20 @@ def _step_spec(config: KTOConfig) -> KTOConfig:
     )  # fmt: skip
 
 
-def reference_logps(model, mb, config: KTOConfig):
+def reference_logps(model, mb, config: KTOConfig, *, adapters_off: bool = True):
     """``(log πref(y|x), log πref(y'|x))`` of one micro-batch, adapters off, no gradient.
 
     ``mb`` holds the ``[B, ...]`` arrays of one micro-batch (:class:`sfjax.train.data.Batch`
-    names); the KL values are zeros when the loss has no KL term.
+    names); the KL values are zeros when the loss has no KL term. ``adapters_off=False``: the
+    model as given, adapters on (a reference with its own LoRA values,
+    :attr:`sfjax.train.kto.KTOTrainer.reference_lora`).
     """
     fwd = dict(remat=False, chunk=config.logits_chunk_tokens)  # no backward: nothing to remat
     prompt = (mb["prompt_ids_ABP"], mb["prompt_mask_ABP"])
     comp = (mb["completion_ids_ABC"], mb["completion_mask_ABC"])
     kl_comp = (mb["kl_completion_ids_ABC"], mb["kl_completion_mask_ABC"])
-    with lora_lib.adapters_disabled(model):
+    off = lora_lib.adapters_disabled(model) if adapters_off else contextlib.nullcontext()
+    with off:
         if config.with_kl and config.share_prompt_forward:  # the prompt once for both
             ref, ref_kl = shared_prompt_logps(model, *prompt, [comp, kl_comp], **fwd)
         elif config.with_kl:  # one pass over matched + KL rows

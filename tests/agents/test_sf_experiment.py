@@ -264,6 +264,23 @@ def test_more_sf_iterations_extend_a_run_to_the_fresh_runs_result(tmp_path, capl
     with pytest.raises(SystemExit):
         stm.main([str(fresh_dir), "--after-iterate", "3"])  # the run has iterates 0..2
 
+    # kto_replay: iteration 1's KTO again, from iterate 1 on the recorded datasets with the
+    # loop's keys, is iterate 2 bit for bit (held-out result included); another setting is not
+    replay = experiment("kto_replay", BENCHMARKS)
+    replay.main([str(fresh_dir), "--iteration", "1", "--samples", "2", "--out",
+                 str(tmp_path / "r0")])  # fmt: skip
+    assert "LoRA against the run's iterate 2: bit-identical" in capsys.readouterr().out
+    rec = json.loads((tmp_path / "r0" / "replay.json").read_text())
+    assert rec["max_abs_lora_diff_to_run"] == 0.0 and rec["kto_changes"] == {}
+    assert rec["heldout"]["replay"] == rec["heldout"]["run_iterate"]
+    replay.main([str(fresh_dir), "--iteration", "1", "--samples", "2", "--kto", "beta=0.5",
+                 "--reference", "iterate", "--no-heldout", "--out", str(tmp_path / "r1")])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "kto.beta 0.1 -> 0.5" in out and "reference iterate" in out
+    rec = json.loads((tmp_path / "r1" / "replay.json").read_text())
+    assert rec["max_abs_lora_diff_to_run"] > 0 and "heldout" not in rec
+    assert rec["kto_changes"] == {"beta": 0.5, "precompute_ref_log_probs": True}
+
     # taken back to fewer: refused, naming both numbers, nothing touched
     from cli_common import RunDirTaken
 

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from sfjax.losses.kto import completion_logps
 from sfjax.models import lora, qwen3
@@ -356,6 +357,38 @@ def test_precomputed_reference_gives_the_same_training(tiny_checkpoint):
     # shuffled epochs keep each example's KL partner fixed (TRL): training still works
     _, shuffled = _trainer(tiny_checkpoint, epochs=2, precompute_ref_log_probs=True)
     assert all(np.isfinite(e["loss"]) for e in shuffled.train(exs, jax.random.key(1)))
+
+
+def test_reference_lora_is_a_reference_with_its_own_adapters(tiny_checkpoint):
+    """reference_lora: πref = the model with those adapters (e.g. the previous SF iterate), not
+    the adapters off; the table holds their log-probs, training starts at zero reward, the
+    model keeps its own adapters; None goes back to adapters off."""
+    exs = _dataset()[:12]
+    model, trainer = _trainer(tiny_checkpoint, epochs=1, shuffle=False,
+                              precompute_ref_log_probs=True)  # fmt: skip
+    trainer.train(exs, jax.random.key(0))  # an iterate with nonzero adapters
+    iterate = nnx.state(model, nnx.LoRAParam)
+    pol, off = trainer.completion_logps(exs)
+    assert np.abs(pol - off).max() > 0.1  # the iterate differs from the adapters-off model
+    trainer.reference_lora = iterate
+    assert trainer._ref_table is None  # another reference: the cached table is dropped
+    history = trainer.train(exs, jax.random.key(1))
+    np.testing.assert_allclose(trainer._ref_table[1], pol, rtol=1e-5, atol=1e-4)
+    # the first step's policy is the reference: its rewards are zero (they were not before)
+    np.testing.assert_allclose(history[0]["rewards/chosen"], 0.0, atol=1e-4)
+    np.testing.assert_allclose(history[0]["rewards/rejected"], 0.0, atol=1e-4)
+    moved, _ = trainer.completion_logps(exs)  # trained on from the iterate, not from its copy
+    assert np.abs(moved - pol).max() > 1e-3
+    trainer.reference_lora = None
+    trainer.train(exs, jax.random.key(2))
+    _, off_now = trainer.completion_logps(exs)
+    np.testing.assert_allclose(trainer._ref_table[1], off_now, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(off_now, off, rtol=1e-5, atol=1e-4)  # base untouched
+
+    _, in_step = _trainer(tiny_checkpoint, precompute_ref_log_probs=False)
+    in_step.reference_lora = iterate
+    with pytest.raises(ValueError, match="needs precompute_ref_log_probs"):
+        in_step.train(exs, jax.random.key(0))
 
 
 def test_fixed_kl_partners():

@@ -1,0 +1,205 @@
+"""Replay one SF iteration's KTO of a finished run with another KTO setting, and measure it.
+
+    .venv/bin/python benchmarks/kto_replay.py RUN_DIR --iteration I --out DIR
+        [--kto FIELD=VALUE ...] [--reference base|iterate] [--only desirable|undesirable]
+        [--samples 8] [--seed 1234] [--no-heldout]
+
+From the Actor after ``I`` SF iterations (its collect phase's checkpoint, as
+``--loop.final-actor best`` loads it) the script trains SF iteration ``I``'s KTO iterations
+again on the datasets the run recorded (``datasets/iter_<I>_kto_<k>.json``), with the loop's own
+keys and a fresh optimizer per KTO iteration, as the loop did. Collect and reflect are not
+rerun: every variant sees the same examples, so what differs is the KTO setting alone. Options:
+
+- ``--kto FIELD=VALUE`` (repeatable; VALUE as JSON, e.g. ``beta=0.5``): a ``KTOConfig`` field.
+- ``--reference iterate``: πref = the Actor after ``I`` SF iterations (its LoRA frozen;
+  iterative DPO's convention) instead of the model with its adapters off (the paper's "original
+  frozen LLM"); the reference table is precomputed once per dataset.
+- ``--only desirable|undesirable``: a diagnostic, one class of examples only (weights 1 / 1).
+
+With none of them the replay reproduces the run: the script checks the LoRA against the run's
+next iterate and says whether it is bit-identical. It prints each KTO iteration's steps, loss
+and rewards, ``sf_target_match.py``'s table for the replayed Actor against iterate ``I`` on the
+steps it trained on (K ``--samples``, key ``--seed``), and the run's held-out protocol (its seeds
+and steps) for the replay paired by seed against the run's own iterate ``I + 1`` (taken from the
+run's ``heldout/`` when cached there, else measured into DIR). Everything goes to
+``DIR/replay.json``. For runs of ``experiments/sf_ranslicing.py``; measured results:
+benchmarks/RESULTS.md, "Why later SF iterations learn a common shift".
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import sf_target_match as stm  # noqa: E402 -- benchmarks/ (puts experiments/ on sys.path)
+
+ONLY = ("desirable", "undesirable")
+
+
+def kto_changes(pairs: list[str], kto_cfg) -> dict:
+    """``FIELD=VALUE`` strings as ``{field: value}`` for ``kto_cfg``'s dataclass; VALUE is
+    JSON (a bare word is a string). ValueError naming a field that does not exist."""
+    fields = {f.name for f in dataclasses.fields(kto_cfg)}
+    out = {}
+    for item in pairs:
+        name, sep, raw = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or not name:
+            raise ValueError(f"--kto {item!r}: expected FIELD=VALUE, e.g. beta=0.5")
+        if name not in fields:
+            raise ValueError(f"--kto {item!r}: KTOConfig has no field {name!r} "
+                             f"(fields: {', '.join(sorted(fields))})")  # fmt: skip
+        try:
+            out[name] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[name] = raw
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--iteration", type=int, required=True,
+                   help="SF iteration whose KTO to replay, from the Actor after that many")
+    p.add_argument("--out", type=Path, required=True, help="directory for replay.json and caches")
+    p.add_argument("--kto", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a KTOConfig field to change (repeatable; VALUE as JSON)")
+    p.add_argument("--reference", choices=("base", "iterate"), default="base",
+                   help="πref: adapters off (the paper) or the Actor after --iteration SF iterations")
+    p.add_argument("--only", choices=ONLY, default=None,
+                   help="diagnostic: train on one class of examples only (weights 1 / 1)")
+    p.add_argument("--samples", type=int, default=8, help="completions per labelled prompt (K)")
+    p.add_argument("--seed", type=int, default=1234, help="sampling key (the same before/after)")
+    p.add_argument("--batch", type=int, default=64, help="prompts per sampler call")
+    p.add_argument("--no-heldout", action="store_true", help="skip the held-out evaluation")
+    a = p.parse_args(argv)
+    run, it = a.run_dir, a.iteration
+    for need in ("config.json", "summary.json", "checkpoints", f"trajectories/iter_{it}.json",
+                 f"reflections/iter_{it}.json", f"datasets/iter_{it}_kto_0.json"):  # fmt: skip
+        if not (run / need).exists():
+            p.error(f"{run / need} is missing: a run of experiments/sf_ranslicing.py that "
+                    f"finished SF iteration {it}'s KTO is needed")  # fmt: skip
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from sfjax import atomic
+    from sfjax.agents.checkpoint import CheckpointMissing, LoopCheckpointer
+    from sfjax.agents.finetune import KTOFineTuner
+    from sfjax.agents.loop import load_iterate, phase_plan
+    from sfjax.agents.rfr import examples_from_json
+    from sfjax.agents.trajectory import load_json, save_json
+    from sfjax.baselines.heldout import HeldOutEval, after_name
+    from sfjax.baselines.paired import format_paired, paired_report
+
+    r = stm.load_run(run)
+    cfg = r.cfg
+    try:
+        changes = kto_changes(a.kto, cfg.kto)
+        if a.only:
+            changes.setdefault("desirable_weight", 1.0)
+            changes.setdefault("undesirable_weight", 1.0)
+        if a.reference == "iterate":
+            changes["precompute_ref_log_probs"] = True
+        kto_cfg = dataclasses.replace(cfg.kto, **changes, progress=False)
+    except (ValueError, TypeError) as e:
+        p.error(str(e))
+    phases = phase_plan(cfg.loop.sf_iterations, cfg.rfr.kto_iterations)
+    kto_phases = [ph for ph in phases if ph.kind == "kto" and ph.iteration == it]
+    if not kto_phases:
+        p.error(f"--iteration {it}: the run trained SF iterations 0..{cfg.loop.sf_iterations - 1}")
+    ft = KTOFineTuner(r.model, r.tokenizer, kto_cfg, cfg.lora)
+    ckpt = LoopCheckpointer(run / "checkpoints")
+
+    def load(k: int) -> None:
+        try:
+            load_iterate(ckpt, phases, ft, k, purpose=f"the replay needs the Actor after {k} SF "
+                         "iteration(s)", remedy="Replay an iteration whose iterates are there")  # fmt: skip
+        except (CheckpointMissing, atomic.DamagedFile) as e:
+            p.error(str(e))
+
+    load(it)
+    start = jax.tree.map(jnp.copy, nnx.state(r.model, nnx.LoRAParam))
+    if a.reference == "iterate":
+        ft.trainer.reference_lora = start
+    what = ", ".join([f"kto.{k} {getattr(cfg.kto, k)!r} -> {v!r}" for k, v in changes.items()
+                      if getattr(cfg.kto, k) != v] + [f"reference {a.reference}"]
+                     + ([f"only {a.only} examples"] if a.only else []))  # fmt: skip
+    print(f"{run}: replaying SF iteration {it}'s {len(kto_phases)} KTO iteration(s) from the "
+          f"Actor after {it} SF iteration(s); {what}", flush=True)
+
+    root = jax.random.key(cfg.loop.seed)  # the loop's phase keys (SelfFinetuningLoop._key)
+    kto_log = []
+    for ph in kto_phases:
+        _, train_key = jax.random.split(jax.random.fold_in(root, ph.index))
+        examples = examples_from_json(load_json(run / f"datasets/iter_{it}_kto_{ph.kto_iteration}.json"))
+        if a.only:
+            examples = [e for e in examples if e.desirable == (a.only == "desirable")]
+        t0 = time.perf_counter()
+        m = ft.train(examples, train_key, 0)
+        kto_log.append({"phase": ph.name, "examples": len(examples), "wall_s": time.perf_counter() - t0,
+                        **{k: float(v) for k, v in m.items()}})  # fmt: skip
+        print(f"  {ph.name}: {len(examples)} examples, {int(m.get('num_steps', 0))} steps, loss "
+              f"{m.get('loss', float('nan')):.4f}, rewards chosen {m.get('rewards/chosen', float('nan')):+.3f}"
+              f" / rejected {m.get('rewards/rejected', float('nan')):+.3f}, kl (unclamped) "
+              f"{m.get('kl_unclamped', float('nan')):+.3f}", flush=True)  # fmt: skip
+    replayed = jax.tree.map(jnp.copy, nnx.state(r.model, nnx.LoRAParam))
+
+    result = {"run_dir": str(run), "iteration": it, "kto_changes": changes,
+              "reference": a.reference, "only": a.only, "kto": kto_log}  # fmt: skip
+    if it + 1 <= cfg.loop.sf_iterations:
+        load(it + 1)
+        theirs = nnx.state(r.model, nnx.LoRAParam)
+        diff = max(float(jnp.max(jnp.abs(x - y)))
+                   for x, y in zip(jax.tree.leaves(replayed), jax.tree.leaves(theirs)))  # fmt: skip
+        result["max_abs_lora_diff_to_run"] = diff
+        print(f"LoRA against the run's iterate {it + 1}: "
+              + ("bit-identical (the run reproduced)" if diff == 0 else f"max |diff| {diff:.3g}"))
+
+    # request-following on the steps iteration `it` trained on: iterate `it` vs the replay
+    items = stm.labelled_steps(run, it)
+    prompts, key = [x.prompt for x in items], jax.random.key(a.seed)
+    nnx.update(r.model, start)
+    before = stm.sample_actions(r.actor, prompts, r.prompt_cfg, a.samples, key, a.batch)
+    nnx.update(r.model, replayed)
+    after = stm.sample_actions(r.actor, prompts, r.prompt_cfg, a.samples, key, a.batch)
+    print(f"SF iteration {it}'s {len(items)} labelled steps, K = {a.samples}: before (after {it} "
+          f"SF iteration(s)) / after (the replay)")
+    print(stm.report(items, before, after), flush=True)
+    changes_per_class = stm.action_changes(items, before, after)
+    result["action_change"] = {k: float(np.mean(v)) for k, v in changes_per_class.items()}
+    more, less = changes_per_class.get("asked more", []), changes_per_class.get("asked less", [])
+    if more and less:
+        result["asked_more_minus_less"] = float(np.mean(more) - np.mean(less))
+
+    if not a.no_heldout and cfg.heldout.seeds:
+        ours = HeldOutEval(cfg.heldout, cfg.env, r.actor, a.out)._evaluate(
+            "replay", f"replay of SF iteration {it}")
+        name = after_name(it + 1)
+        cached = run / "heldout" / f"{name}.json"
+        if cached.exists():
+            theirs = atomic.read_json(cached, "the run's held-out evaluation")
+        else:
+            load(it + 1)
+            theirs = HeldOutEval(cfg.heldout, cfg.env, r.actor, a.out)._evaluate(
+                name, f"the run's Actor after {it + 1} SF iteration(s)")
+        rep = paired_report(theirs, ours)  # diff = replay - run's iterate it+1
+        result["heldout"] = {"seeds": list(cfg.heldout.seeds), "num_steps": cfg.heldout.num_steps,
+                             "replay": ours, "run_iterate": theirs, "paired": rep}  # fmt: skip
+        print(f"held-out ({len(cfg.heldout.seeds)} seeds x {cfg.heldout.num_steps} steps): "
+              f"'before' = the run's iterate {it + 1}, 'after' = the replay")
+        print(format_paired(rep))
+    a.out.mkdir(parents=True, exist_ok=True)
+    save_json(a.out / "replay.json", result)
+    print(f"wrote {a.out / 'replay.json'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
