@@ -2,7 +2,9 @@
 
 Refine-from-Reflection fine-tunes the Actor with KTO (paper eq. 8–13) on its LoRA weights; the
 reference policy πref is the same model with the adapters switched off
-(:func:`sfjax.models.lora.adapters_disabled`), so the base weights exist once and never change.
+(:func:`sfjax.models.lora.adapters_disabled`), so the base weights exist once and never change
+(:attr:`KTOTrainer.reference_lora` makes it the model with other adapter values instead, e.g.
+the previous SF iterate, with precomputed reference log-probs).
 
 One optimizer step = one call of a jitted function (donating the LoRA params and the optimizer
 state) that scans over ``grad_accum_steps`` micro-batches; per micro-batch it runs
