@@ -91,9 +91,8 @@ def main(argv=None) -> None:
     from flax import nnx
 
     from sfjax import atomic
-    from sfjax.agents.checkpoint import CheckpointMissing, LoopCheckpointer
     from sfjax.agents.finetune import KTOFineTuner
-    from sfjax.agents.loop import load_iterate, phase_plan
+    from sfjax.agents.loop import phase_plan
     from sfjax.agents.rfr import examples_from_json
     from sfjax.agents.trajectory import load_json, save_json
     from sfjax.baselines.heldout import HeldOutEval, after_name
@@ -116,17 +115,18 @@ def main(argv=None) -> None:
     if not kto_phases:
         p.error(f"--iteration {it}: the run trained SF iterations 0..{cfg.loop.sf_iterations - 1}")
     ft = KTOFineTuner(r.model, r.tokenizer, kto_cfg, cfg.lora)
-    ckpt = LoopCheckpointer(run / "checkpoints")
 
-    def load(k: int) -> None:
-        try:
-            load_iterate(ckpt, phases, ft, k, purpose=f"the replay needs the Actor after {k} SF "
-                         "iteration(s)", remedy="Replay an iteration whose iterates are there")  # fmt: skip
-        except (CheckpointMissing, atomic.DamagedFile) as e:
-            p.error(str(e))
+    def lora():
+        return jax.tree.map(jnp.copy, nnx.state(r.model, nnx.LoRAParam))
 
+    load = stm.iterate_loader(
+        run, cfg, lambda: ft, p.error, remedy="Replay an iteration whose iterates are there",
+        purpose=lambda k: f"the replay needs the Actor after {k} SF iteration(s)",
+    )  # fmt: skip
+    load(it + 1)  # the run's own result of the iteration (it < sf_iterations: it trained)
+    run_next = lora()
     load(it)
-    start = jax.tree.map(jnp.copy, nnx.state(r.model, nnx.LoRAParam))
+    start = lora()
     if a.reference == "iterate":
         ft.trainer.reference_lora = start
     what = ", ".join([f"kto.{k} {getattr(cfg.kto, k)!r} -> {v!r}" for k, v in changes.items()
@@ -150,18 +150,15 @@ def main(argv=None) -> None:
               f"{m.get('loss', float('nan')):.4f}, rewards chosen {m.get('rewards/chosen', float('nan')):+.3f}"
               f" / rejected {m.get('rewards/rejected', float('nan')):+.3f}, kl (unclamped) "
               f"{m.get('kl_unclamped', float('nan')):+.3f}", flush=True)  # fmt: skip
-    replayed = jax.tree.map(jnp.copy, nnx.state(r.model, nnx.LoRAParam))
+    replayed = lora()
 
     result = {"run_dir": str(run), "iteration": it, "kto_changes": changes,
               "reference": a.reference, "only": a.only, "kto": kto_log}  # fmt: skip
-    if it + 1 <= cfg.loop.sf_iterations:
-        load(it + 1)
-        theirs = nnx.state(r.model, nnx.LoRAParam)
-        diff = max(float(jnp.max(jnp.abs(x - y)))
-                   for x, y in zip(jax.tree.leaves(replayed), jax.tree.leaves(theirs)))  # fmt: skip
-        result["max_abs_lora_diff_to_run"] = diff
-        print(f"LoRA against the run's iterate {it + 1}: "
-              + ("bit-identical (the run reproduced)" if diff == 0 else f"max |diff| {diff:.3g}"))
+    diff = max(float(jnp.max(jnp.abs(x - y)))
+               for x, y in zip(jax.tree.leaves(replayed), jax.tree.leaves(run_next)))  # fmt: skip
+    result["max_abs_lora_diff_to_run"] = diff
+    print(f"LoRA against the run's iterate {it + 1}: "
+          + ("bit-identical (the run reproduced)" if diff == 0 else f"max |diff| {diff:.3g}"))
 
     # request-following on the steps iteration `it` trained on: iterate `it` vs the replay
     items = stm.labelled_steps(run, it)
@@ -180,16 +177,15 @@ def main(argv=None) -> None:
         result["asked_more_minus_less"] = float(np.mean(more) - np.mean(less))
 
     if not a.no_heldout and cfg.heldout.seeds:
-        ours = HeldOutEval(cfg.heldout, cfg.env, r.actor, a.out)._evaluate(
-            "replay", f"replay of SF iteration {it}")
+        held = HeldOutEval(cfg.heldout, cfg.env, r.actor, a.out)  # the model holds the replay
+        ours = held.evaluate("replay", f"replay of SF iteration {it}")
         name = after_name(it + 1)
-        cached = run / "heldout" / f"{name}.json"
+        cached = run / "heldout" / f"{name}.json"  # the run's own, never written to
         if cached.exists():
             theirs = atomic.read_json(cached, "the run's held-out evaluation")
         else:
-            load(it + 1)
-            theirs = HeldOutEval(cfg.heldout, cfg.env, r.actor, a.out)._evaluate(
-                name, f"the run's Actor after {it + 1} SF iteration(s)")
+            nnx.update(r.model, run_next)
+            theirs = held.evaluate(name, f"the run's Actor after {it + 1} SF iteration(s)")
         rep = paired_report(theirs, ours)  # diff = replay - run's iterate it+1
         result["heldout"] = {"seeds": list(cfg.heldout.seeds), "num_steps": cfg.heldout.num_steps,
                              "replay": ours, "run_iterate": theirs, "paired": rep}  # fmt: skip

@@ -202,7 +202,13 @@ def main(argv=None) -> None:
     def sampled_actions() -> list[list[int | None]]:
         return sample_actions(r.actor, [x.prompt for x in items], r.prompt_cfg, k, key, a.batch)
 
-    load_iterate = _iterate_loader(run, cfg, model, tokenizer, p.error)
+    from sfjax.agents.finetune import KTOFineTuner
+
+    load_iterate = iterate_loader(
+        run, cfg, lambda: KTOFineTuner(model, tokenizer, cfg.kto, cfg.lora), p.error,
+        purpose=lambda k: f"the Actor after {k} SF iteration(s) is asked",
+        remedy="Compare iterates whose checkpoints are there",
+    )  # fmt: skip
     if a.before_iterate == 0:
         with adapters_disabled(model):
             before = sampled_actions()
@@ -295,27 +301,27 @@ def sample_actions(actor, prompts, prompt_cfg, k: int, key, batch: int = 64):
     return out
 
 
-def _iterate_loader(run: Path, cfg, model, tokenizer, error):
-    """A function putting the LoRA of the Actor after k SF iterations into ``model``: from the
-    checkpoint of phase ``iter<k>/collect``, through the loop's own fine-tuner and checkpointer
-    (what ``--loop.final-actor best`` loads). ``error``: how a missing one is reported."""
+def iterate_loader(run: Path, cfg, make_finetuner, error, *, purpose, remedy):
+    """A function putting the LoRA of the Actor after k SF iterations into the model: from the
+    checkpoint of phase ``iter<k>/collect``, through the loop's fine-tuner (``make_finetuner()``,
+    called on first use) and checkpointer (what ``--loop.final-actor best`` loads).
+    ``purpose(k)``: why iterate k is needed, ``remedy``: what to do instead, ``error``: how a
+    missing or damaged one is reported."""
 
     from sfjax import atomic
     from sfjax.agents.checkpoint import CheckpointMissing, LoopCheckpointer
-    from sfjax.agents.finetune import KTOFineTuner
     from sfjax.agents.loop import load_iterate, phase_plan
 
     state = {}
 
     def load(k: int) -> None:
         if not state:
-            state["ft"] = KTOFineTuner(model, tokenizer, cfg.kto, cfg.lora)
+            state["ft"] = make_finetuner()
             state["ckpt"] = LoopCheckpointer(run / "checkpoints")
         try:
             load_iterate(state["ckpt"], phase_plan(cfg.loop.sf_iterations,
                                                    cfg.rfr.kto_iterations),
-                         state["ft"], k, purpose=f"the Actor after {k} SF iteration(s) is asked",
-                         remedy="Compare iterates whose checkpoints are there")  # fmt: skip
+                         state["ft"], k, purpose=purpose(k), remedy=remedy)  # fmt: skip
         except (CheckpointMissing, atomic.DamagedFile) as e:
             error(str(e))
 

@@ -80,7 +80,7 @@ class HeldOutEval:
             EvalProtocol(seeds=cfg.seeds, num_steps=cfg.num_steps) if cfg.seeds else None
         )
 
-    def _evaluate(self, name: str, what: str) -> dict | None:
+    def evaluate(self, name: str, what: str) -> dict | None:
         """The per-seed metrics cached as ``name``.json, measured first when missing; ``what``:
         the Actor measured, for the log."""
         import jax
@@ -110,7 +110,7 @@ class HeldOutEval:
     def before(self, untrained: bool) -> None:
         """Evaluate (or load) "before"; only an untrained Actor may be measured as such."""
         if untrained or (self.dir / "before.json").exists():
-            self._evaluate("before", BEFORE)
+            self.evaluate("before", BEFORE)
         elif self.protocol is not None:
             log.warning("no held-out 'before' evaluation in %s and the run has already trained: "
                         "the before/after comparison is skipped", self.dir)
@@ -121,8 +121,8 @@ class HeldOutEval:
         run's final Actor); the paired report for summary.json, or None."""
         from sfjax.baselines.paired import paired_report
 
-        before = self._evaluate("before", BEFORE)
-        after = self._evaluate(after_name(sf_iterations),
+        before = self.evaluate("before", BEFORE)
+        after = self.evaluate(after_name(sf_iterations),
                                f"after {sf_iterations} SF iteration(s)")
         if before is None:
             return None
