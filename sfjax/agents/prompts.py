@@ -338,3 +338,27 @@ def parse_output(text: str, cfg: PromptConfig) -> ParsedOutput:
             f"action {action} outside [{cfg.action_lo}, {cfg.action_hi}]",
         )
     return ParsedOutput(reflection, action, analysis, None)
+
+
+def with_action(text: str, action: int, cfg: PromptConfig) -> str | None:
+    """``text`` with the value of every ``Action:`` field (outside ``<think>`` blocks) set to
+    ``action``, the rest of the text unchanged; ``None`` when no field's value is one integer or
+    the result would not parse (:func:`parse_output`) to ``action``."""
+    thinks = [m.span() for m in _THINK_RE.finditer(text)]
+    pieces, last = [], 0
+    for header in _FIELD_RE["action"].finditer(text):
+        if any(a <= header.start() < b for a, b in thinks):
+            continue
+        start = header.end()
+        while start < len(text) and text[start].isspace():
+            start += 1  # parse_output strips the field before reading its first line
+        value = _INT_RE.match(text, start)
+        if value is None or value.start(1) < last:
+            return None
+        pieces += [text[last : value.start(1)], str(int(action))]
+        last = value.end(1)
+    if not pieces:
+        return None
+    new = "".join(pieces) + text[last:]
+    parsed = parse_output(new, cfg)
+    return new if parsed.ok and parsed.action == int(action) else None

@@ -16,6 +16,12 @@ trajectories. RfR then runs ``N`` KTO iterations; before each one it builds a fr
   the fraction of matching samples exceeds ``tau`` the step is marked *solved* and is not
   rolled out again in later iterations (it stays in ``D_base``), to avoid overfitting.
 
+Optional, off by default and *not* in Algorithm 2: ``RfRConfig.improved_examples`` adds
+``D_improved`` to every KTO iteration's dataset, one desirable example per suboptimal base step:
+the Actor's own completion at that step with its action set to the Reflector's improved action
+(:func:`improved_examples`). In Algorithm 2 the improved action reaches the Actor only through
+rollouts that happen to sample it; this gives the desirable side that signal directly.
+
 Rollout calls. A sampler call holds ``prompts x K`` rows, each with a KV cache of
 ``prompt bucket + new-token bucket`` slots; at Qwen3-4B (144 KiB of bf16 KV per token), 64
 prompts x K = 8 x ~2.7k slots is ~190 GB — more than any single GPU. So the unsolved prompts go
@@ -41,7 +47,7 @@ from dataclasses import asdict, dataclass, field
 import jax
 import jax.numpy as jnp
 
-from sfjax.agents.prompts import PromptConfig, parse_output
+from sfjax.agents.prompts import PromptConfig, parse_output, with_action
 from sfjax.agents.trajectory import Reflection, Trajectory
 from sfjax.sampling.prefix import MAX_EXTRA_SLOTS
 from sfjax.sampling.sampler import cache_rows, cache_slots
@@ -61,6 +67,10 @@ class RfRConfig:
     """A step whose match rate exceeds tau is solved: no more rollouts on it."""
     rollouts: bool = True
     """Add refine-rollout examples (False = base dataset only, an ablation)."""
+    improved_examples: bool = False
+    """Add, in every KTO iteration, a desirable copy of each suboptimal step's completion with
+    its action set to the Reflector's improved action. A departure from Algorithm 2, off by
+    default; benchmarks/RESULTS.md reports what it measured."""
     max_rows_per_call: int = 0
     """Most sampler rows (prompts x K) per rollout call; 0 = no row limit (bytes only)."""
     max_cache_gib_per_call: float = 32.0
@@ -97,7 +107,8 @@ class KTOExample:
     completion: str
     desirable: bool
     source: str
-    """'base' (Reflector label) or 'rollout' (refine-rollout sample)."""
+    """'base' (Reflector label), 'rollout' (refine-rollout sample) or 'improved' (a base
+    completion with the improved action, :func:`improved_examples`)."""
     env_index: int
     step: int
 
@@ -119,6 +130,8 @@ class DatasetStats:
     n_base_undesirable: int = 0
     n_rollout_desirable: int = 0
     n_rollout_undesirable: int = 0
+    n_improved: int = 0
+    """Desirable improved-action copies (``RfRConfig.improved_examples``; 0 when off)."""
     n_targets: int = 0
     """Undesirable steps (candidates for rollouts)."""
     n_rolled_out: int = 0
@@ -133,7 +146,7 @@ class DatasetStats:
 
     @property
     def n_desirable(self) -> int:
-        return self.n_base_desirable + self.n_rollout_desirable
+        return self.n_base_desirable + self.n_rollout_desirable + self.n_improved
 
     @property
     def n_undesirable(self) -> int:
@@ -177,6 +190,26 @@ def base_dataset(
                     )
                 )
     return examples, targets
+
+
+def improved_examples(
+    base: Sequence[KTOExample], targets: Sequence[RolloutTarget], prompt_cfg: PromptConfig
+) -> list[KTOExample]:
+    """One desirable example per undesirable base example: its completion with the action set
+    to the Reflector's improved action (:func:`sfjax.agents.prompts.with_action`), in base
+    order. Skipped: steps whose output already takes that action, and outputs with no
+    rewritable action field (unparsable ones that :func:`~sfjax.agents.prompts.with_action`
+    cannot mend)."""
+    improved = {t.target_id: t.improved_action for t in targets}
+    out = []
+    for e in base:
+        action = improved.get(target_id(e.env_index, e.step))
+        if e.desirable or action is None or parse_output(e.completion, prompt_cfg).action == action:
+            continue
+        text = with_action(e.completion, action, prompt_cfg)
+        if text is not None:
+            out.append(KTOExample(e.prompt, text, True, "improved", e.env_index, e.step))
+    return out
 
 
 SampleFn = Callable[[list[str], int, jax.Array], list[list[str]]]
@@ -338,7 +371,8 @@ def build_dataset(
     key: jax.Array,
     cost: RolloutCost | None = None,
 ) -> tuple[list[KTOExample], DatasetStats, RfRState]:
-    """One KTO iteration's dataset D_i = D_base U D_rollout,i, and the updated solved set.
+    """One KTO iteration's dataset D_i = D_base U D_rollout,i (U D_improved when
+    ``cfg.improved_examples``), and the updated solved set.
 
     ``cost`` sizes the rollout calls; by default it is read off ``sample_fn`` when that is
     ``Actor.sample`` (:func:`rollout_cost_of`), else only ``cfg.max_rows_per_call`` applies.
@@ -371,6 +405,10 @@ def build_dataset(
             "targets solved", stats.n_rollout_desirable, stats.n_rollout_undesirable,
             stats.mean_match_rate, len(solved), len(targets),
         )  # fmt: skip
+    if cfg.improved_examples:
+        copies = improved_examples(base, targets, prompt_cfg)
+        dataset += copies
+        stats.n_improved = len(copies)
     stats.n_solved = len(solved)
     # keep a stable order (targets' order) so that checkpoints and resumes agree
     order = {t.target_id: i for i, t in enumerate(targets)}

@@ -216,3 +216,40 @@ def test_parser_runs_in_linear_time(text):
 def test_parser_reads_prose_after_the_action(text):
     """Words after the value, numbers among them, are prose, not another action."""
     assert P.parse_output(text, CFG).action == 7
+
+
+@pytest.mark.parametrize(
+    "text,want",
+    [
+        ("Reflection: ok\nAction: 5\nAnalysis: fine", "Reflection: ok\nAction: 9\nAnalysis: fine"),
+        ("**Action:** 6 RBGs (12 PRBs)\n", "**Action:** 9 RBGs (12 PRBs)\n"),
+        ("Action: 11.0 RBGs", "Action: 9.0 RBGs"),
+        ("Action: [3]", "Action: [9]"),
+        ("Action:\n  4\nAnalysis: a", "Action:\n  9\nAnalysis: a"),
+        ("Action: 5\nAnalysis: ok\nAction: 5", "Action: 9\nAnalysis: ok\nAction: 9"),
+        # a thinking block is left as it is; the answer's field is set
+        (
+            "<think>Action: 2 maybe</think>\nReflection: r\nAction: 4\nAnalysis: Action was 4",
+            "<think>Action: 2 maybe</think>\nReflection: r\nAction: 9\nAnalysis: Action was 4",
+        ),
+        ("Action: 14", "Action: 9"),  # out of range before, in range after
+        ("Action: 5\nAction: 6", "Action: 9\nAction: 9"),  # conflicting before, one action after
+    ],
+)
+def test_with_action_sets_only_the_action(text, want):
+    assert P.with_action(text, 9, CFG) == want
+    assert P.parse_output(want, CFG).action == 9
+
+
+@pytest.mark.parametrize(
+    "text,action",
+    [
+        ("Reflection: no action here", 9),
+        ("Action: five", 9),
+        ("Action: 5-7", 9),  # still two values after the rewrite: refused, not guessed
+        ("<think>Action: 5</think>", 9),
+        ("Action: 5", 14),  # the result would be out of range
+    ],
+)
+def test_with_action_refuses_what_it_cannot_set(text, action):
+    assert P.with_action(text, action, CFG) is None

@@ -144,6 +144,33 @@ def test_no_rollouts_when_disabled_or_all_solved():
     assert st.n_solved == 1 and st.n_rolled_out == 0
 
 
+def test_improved_examples_copy_suboptimal_outputs_with_the_improved_action():
+    """RfRConfig.improved_examples (not Algorithm 2): one desirable copy per suboptimal step."""
+    outputs = [_out(3), _out(4), _out(5), "no action field"]
+    steps = [Step(t, {}, f"P0-{t}", o, "", 3, "", t < 3, FB) for t, o in enumerate(outputs)]
+    trajs = [Trajectory(0, 0, steps)]
+    refls = [_refl(0, [("effective", 3), ("suboptimal", 2), ("suboptimal", 5), ("suboptimal", 7)])]
+    base, targets = rfr.base_dataset(trajs, refls)
+    copies = rfr.improved_examples(base, targets, PCFG)
+    # step 1 gets action 2; step 2 already takes the improved 5 (no copy); step 3 has no field
+    assert [(e.prompt, e.completion, e.desirable, e.source, e.step) for e in copies] == [
+        ("P0-1", _out(2), True, "improved", 1)
+    ]
+
+    def sample_fn(prompts, k, key):
+        return [[_out(1)] * k for _ in prompts]
+
+    key = jax.random.key(0)
+    cfg = rfr.RfRConfig(num_rollouts=2)
+    off, stats_off, _ = rfr.build_dataset(base, targets, rfr.RfRState(), sample_fn, cfg, PCFG, key)
+    on_cfg = dataclasses.replace(cfg, improved_examples=True)
+    on, stats_on, _ = rfr.build_dataset(base, targets, rfr.RfRState(), sample_fn, on_cfg, PCFG, key)
+    assert stats_off.n_improved == 0 and not any(e.source == "improved" for e in off)
+    assert on == off + copies  # base, rollouts, then the copies
+    assert stats_on.n_improved == 1 and stats_on.n_desirable == stats_off.n_desirable + 1
+    assert stats_on.to_json()["n_improved"] == 1
+
+
 def test_config_validation_and_json_round_trip():
     with pytest.raises(ValueError, match="tau"):
         rfr.RfRConfig(tau=1.5)
