@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/kto_replay.py RUN_DIR --iteration I --out DIR
         [--kto FIELD=VALUE ...] [--reference base|iterate] [--only desirable|undesirable]
-        [--samples 8] [--seed 1234] [--no-heldout]
+        [--improved-examples] [--samples 8] [--seed 1234] [--no-heldout]
 
 From the Actor after ``I`` SF iterations (its collect phase's checkpoint, as
 ``--loop.final-actor best`` loads it) the script trains SF iteration ``I``'s KTO iterations
@@ -15,6 +15,9 @@ rerun: every variant sees the same examples, so what differs is the KTO setting 
   iterative DPO's convention) instead of the model with its adapters off (the paper's "original
   frozen LLM"); the reference table is precomputed once per dataset.
 - ``--only desirable|undesirable``: a diagnostic, one class of examples only (weights 1 / 1).
+- ``--improved-examples``: add ``RfRConfig.improved_examples``' desirable copies (each
+  suboptimal step's completion with the Reflector's improved action; not Algorithm 2) to every
+  recorded dataset, after its examples, as the loop with that option orders them.
 
 With none of them the replay reproduces the run: the script checks the LoRA against the run's
 next iterate and says whether it is bit-identical. It prints each KTO iteration's steps, loss
@@ -73,6 +76,8 @@ def main(argv=None) -> None:
                    help="πref: adapters off (the paper) or the Actor after --iteration SF iterations")
     p.add_argument("--only", choices=ONLY, default=None,
                    help="diagnostic: train on one class of examples only (weights 1 / 1)")
+    p.add_argument("--improved-examples", action="store_true",
+                   help="add a desirable copy at the improved action per suboptimal step")
     p.add_argument("--samples", type=int, default=8, help="completions per labelled prompt (K)")
     p.add_argument("--seed", type=int, default=1234, help="sampling key (the same before/after)")
     p.add_argument("--batch", type=int, default=64, help="prompts per sampler call")
@@ -93,8 +98,8 @@ def main(argv=None) -> None:
     from sfjax import atomic
     from sfjax.agents.finetune import KTOFineTuner
     from sfjax.agents.loop import phase_plan
-    from sfjax.agents.rfr import examples_from_json
-    from sfjax.agents.trajectory import load_json, save_json
+    from sfjax.agents.rfr import base_dataset, examples_from_json, improved_examples
+    from sfjax.agents.trajectory import Reflection, load_json, load_trajectories, save_json
     from sfjax.baselines.heldout import HeldOutEval, after_name
     from sfjax.baselines.paired import format_paired, paired_report
 
@@ -129,9 +134,21 @@ def main(argv=None) -> None:
     start = lora()
     if a.reference == "iterate":
         ft.trainer.reference_lora = start
+    copies = []
+    if a.improved_examples:
+        if cfg.rfr.improved_examples:
+            p.error("--improved-examples: the run's datasets already hold them "
+                    "(it ran with --rfr.improved-examples)")  # fmt: skip
+        base, targets = base_dataset(
+            load_trajectories(run / f"trajectories/iter_{it}.json"),
+            [Reflection.from_json(d) for d in load_json(run / f"reflections/iter_{it}.json")],
+        )
+        copies = improved_examples(base, targets, r.prompt_cfg)
     what = ", ".join([f"kto.{k} {getattr(cfg.kto, k)!r} -> {v!r}" for k, v in changes.items()
                       if getattr(cfg.kto, k) != v] + [f"reference {a.reference}"]
-                     + ([f"only {a.only} examples"] if a.only else []))  # fmt: skip
+                     + ([f"only {a.only} examples"] if a.only else [])
+                     + ([f"+{len(copies)} improved-action examples per dataset"]
+                        if a.improved_examples else []))  # fmt: skip
     print(f"{run}: replaying SF iteration {it}'s {len(kto_phases)} KTO iteration(s) from the "
           f"Actor after {it} SF iteration(s); {what}", flush=True)
 
@@ -140,6 +157,7 @@ def main(argv=None) -> None:
     for ph in kto_phases:
         _, train_key = jax.random.split(jax.random.fold_in(root, ph.index))
         examples = examples_from_json(load_json(run / f"datasets/iter_{it}_kto_{ph.kto_iteration}.json"))
+        examples += copies
         if a.only:
             examples = [e for e in examples if e.desirable == (a.only == "desirable")]
         t0 = time.perf_counter()
@@ -153,7 +171,8 @@ def main(argv=None) -> None:
     replayed = lora()
 
     result = {"run_dir": str(run), "iteration": it, "kto_changes": changes,
-              "reference": a.reference, "only": a.only, "kto": kto_log}  # fmt: skip
+              "reference": a.reference, "only": a.only, "improved_examples": len(copies),
+              "kto": kto_log}  # fmt: skip
     diff = max(float(jnp.max(jnp.abs(x - y)))
                for x, y in zip(jax.tree.leaves(replayed), jax.tree.leaves(run_next)))  # fmt: skip
     result["max_abs_lora_diff_to_run"] = diff

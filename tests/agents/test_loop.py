@@ -106,11 +106,11 @@ class FakeEnv:
         return states, fbs
 
 
-def _loop(run_dir, on_phase_end=None, reflector=None, kto_iterations=2, **kw):
+def _loop(run_dir, on_phase_end=None, reflector=None, kto_iterations=2, rfr=(), **kw):
     ft = FakeFineTuner()
     cfg = LoopConfig(**{"sf_iterations": 2, "num_envs": 3, "trajectory_steps": 12, "seed": 1,
                         **kw})  # fmt: skip
-    rfr_cfg = RfRConfig(kto_iterations=kto_iterations, num_rollouts=3, tau=0.5)
+    rfr_cfg = RfRConfig(kto_iterations=kto_iterations, num_rollouts=3, tau=0.5, **dict(rfr))
     return SelfFinetuningLoop(
         cfg, rfr_cfg, PCFG, FakeActor(ft), FakeEnv(),
         reflector or make_reflector(ReflectorConfig(backend="rule"), PCFG), ft, run_dir,
@@ -173,6 +173,28 @@ def test_loop_runs_persists_and_resumes_exactly(tmp_path):
     assert _strip(resumed) == _strip(summary)
     np.testing.assert_array_equal(np.asarray(second.finetuner.w), np.asarray(full.finetuner.w))
     assert int(second.finetuner.opt_count) == int(full.finetuner.opt_count) == 4
+
+
+def test_improved_examples_reach_every_kto_dataset(tmp_path):
+    """RfRConfig.improved_examples: each KTO iteration's recorded dataset holds, after the
+    base and rollout examples, a desirable copy per suboptimal step at its improved action."""
+    summary = _loop(tmp_path / "on", rfr={"improved_examples": True}).run()
+    run = tmp_path / "on"
+    for it in (0, 1):
+        labels = {(r["env_index"], lab["step"]): lab
+                  for r in json.loads((run / f"reflections/iter_{it}.json").read_text())
+                  for lab in r["labels"]}  # fmt: skip
+        for k in (0, 1):
+            ds = json.loads((run / f"datasets/iter_{it}_kto_{k}.json").read_text())
+            copies = [e for e in ds if e["source"] == "improved"]
+            assert copies and ds[-len(copies):] == copies
+            for e in copies:
+                lab = labels[(e["env_index"], e["step"])]
+                assert e["desirable"] and lab["label"] == "suboptimal"
+                assert parse_output(e["completion"], PCFG).action == lab["improved_action"]
+            entry = summary["iterations"][it]["kto_iterations"][k]
+            assert entry["n_improved"] == len(copies)
+            assert entry["n_desirable"] == sum(e["desirable"] for e in ds)
 
 
 def test_different_seed_differs(tmp_path):

@@ -274,10 +274,14 @@ def test_more_sf_iterations_extend_a_run_to_the_fresh_runs_result(tmp_path, capl
     assert rec["max_abs_lora_diff_to_run"] == 0.0 and rec["kto_changes"] == {}
     assert rec["heldout"]["replay"] == rec["heldout"]["run_iterate"]
     replay.main([str(fresh_dir), "--iteration", "1", "--samples", "2", "--kto", "beta=0.5",
-                 "--reference", "iterate", "--no-heldout", "--out", str(tmp_path / "r1")])  # fmt: skip
+                 "--reference", "iterate", "--improved-examples", "--no-heldout",
+                 "--out", str(tmp_path / "r1")])  # fmt: skip
     out = capsys.readouterr().out
     assert "kto.beta 0.1 -> 0.5" in out and "reference iterate" in out
     rec = json.loads((tmp_path / "r1" / "replay.json").read_text())
+    assert f"+{rec['improved_examples']} improved-action examples per dataset" in out
+    recorded = json.loads((fresh_dir / "datasets" / "iter_1_kto_0.json").read_text())
+    assert rec["kto"][0]["examples"] == len(recorded) + rec["improved_examples"]
     assert rec["max_abs_lora_diff_to_run"] > 0 and "heldout" not in rec
     assert rec["kto_changes"] == {"beta": 0.5, "precompute_ref_log_probs": True}
 
