@@ -434,8 +434,10 @@ class SelfFinetuningLoop:
         self.dataset = dataset
         for rel, obj in self._phase_artefacts(phase):
             self._save_artefact(rel, obj)
-        log.info("KTO iteration %d: %d examples (%d desirable, %d undesirable)",
-                 phase.kto_iteration, len(dataset), stats.n_desirable, stats.n_undesirable)  # fmt: skip
+        log.info("KTO iteration %d: %d examples (%d desirable, %d undesirable)%s",
+                 phase.kto_iteration, len(dataset), stats.n_desirable, stats.n_undesirable,
+                 f"; {stats.n_improved} desirable at improved actions (--rfr.improved-examples)"
+                 if stats.n_improved else "")  # fmt: skip
         metrics = self.finetuner.train(dataset, train_key, self.kto_steps)
         log.info(
             "KTO iteration %d: %d steps, loss %.4f, rewards chosen %.3f / rejected %.3f, "

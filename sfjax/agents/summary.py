@@ -103,6 +103,13 @@ def format_sf_summary(
         "evaluates the fine-tuned Actor.",
         f"Actor: {summary.get('actor', '?')} + LoRA.",
     ]
+    improved = sum(e.get("n_improved", 0) for r in its for e in r.get("kto_iterations") or [])
+    if improved:
+        out.append(
+            f"The KTO datasets held {improved} desirable copies of suboptimal steps' outputs at "
+            "the Reflector's improved action (--rfr.improved-examples: not Algorithm 2's "
+            "construction); they are counted as desirable below."
+        )
     if tiny_actor:
         out.append(TINY_NOTE)
     out += [

@@ -43,6 +43,17 @@ def test_sf_summary_explains_the_run(tmp_path):
     assert str(tmp_path / "checkpoints") not in text  # absent artefacts are not listed
     assert f"tensorboard --logdir {tmp_path / 'tb'}" in text
     assert "collect 96 s" in text and "collect_cpu" not in text
+    assert "improved" not in text  # Algorithm 2's datasets: nothing to declare
+
+
+def test_sf_summary_declares_improved_action_examples(tmp_path):
+    its = [dict(r) for r in SUMMARY["iterations"]]
+    its[0]["kto_iterations"] = [{"n_improved": 40}, {"n_improved": 38}]
+    its[1]["kto_iterations"] = [{"n_improved": 30}, {}]
+    text = format_sf_summary({**SUMMARY, "iterations": its}, tmp_path, trajectory_steps=10,
+                             num_envs=2)  # fmt: skip
+    assert "108 desirable copies" in text and "--rfr.improved-examples" in text
+    assert "not Algorithm 2" in text
 
 
 def test_sf_summary_reports_the_held_out_comparison(tmp_path):
