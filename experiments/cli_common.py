@@ -11,7 +11,7 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -177,9 +177,23 @@ def _item(cur: tuple, i: int, v):
     return tuple(v) if isinstance(v, list) else v
 
 
+def with_earlier_values(cfg_json: dict, earlier: Mapping[str, object]) -> dict:
+    """``cfg_json`` with each dotted key of ``earlier`` that it lacks set to that value: what a
+    run written before the option existed ran with (the option's key present: left alone)."""
+    out = json.loads(json.dumps(cfg_json))
+    for dotted, value in earlier.items():
+        *parents, leaf = dotted.split(".")
+        d = out
+        for p in parents:
+            d = d.get(p) if isinstance(d, dict) else None
+        if isinstance(d, dict) and leaf not in d:
+            d[leaf] = value
+    return out
+
+
 def prepare_run_dir(cfg, run_dir: Path, operational: Sequence[str], *,
                     has_run: bool | None = None, what: str = "run",
-                    announce: bool = True):  # fmt: skip
+                    announce: bool = True, earlier: Mapping[str, object] | None = None):  # fmt: skip
     """Check RUN_DIR (created if missing) against ``cfg`` (which has a ``resume`` field) and
     write ``config.json``; returns (resume?, cfg to run).
 
@@ -188,7 +202,10 @@ def prepare_run_dir(cfg, run_dir: Path, operational: Sequence[str], *,
     ``operational`` options) is continued (``make demo`` twice). One with another identity is
     refused, naming the keys; with ``--resume`` that run is continued with its own values for
     them (a warning lists them). Nothing is ever deleted. ``announce=False``: the caller logs
-    what happens to the run instead of "continuing the run".
+    what happens to the run instead of "continuing the run". ``earlier``: options added since
+    runs were written, with the value every run before them had in effect (the dotted key
+    absent from a ``config.json`` is read as that value, :func:`with_earlier_values`); any
+    other option a ``config.json`` predates is named.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     saved = run_dir / "config.json"
@@ -198,7 +215,10 @@ def prepare_run_dir(cfg, run_dir: Path, operational: Sequence[str], *,
     before = None
     if saved.exists():
         try:
-            before = identity(atomic.read_json(saved, "the run's config"), operational)
+            before = identity(
+                with_earlier_values(atomic.read_json(saved, "the run's config"), earlier or {}),
+                operational,
+            )
         except atomic.DamagedFile as e:
             if has_run and not cfg.resume:
                 raise atomic.DamagedFile(

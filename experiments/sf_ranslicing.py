@@ -264,6 +264,11 @@ OPERATIONAL = (
 )
 """Options that may change between runs in one RUN_DIR: they do not change results."""
 
+EARLIER = {"rfr.improved_examples": False}
+"""Options added since runs were written, with the value those runs had in effect (before
+``--rfr.improved-examples`` existed every run built Algorithm 2's datasets): a run dir whose
+config.json lacks the key continues as the same run (:func:`cli_common.prepare_run_dir`)."""
+
 
 def _ran_iterations(run_dir: Path) -> tuple[int, int] | None:
     """(SF iterations, KTO iterations each) of the run in RUN_DIR (its config.json), None when
@@ -290,7 +295,8 @@ def _prepare_run_dir(cfg, run_dir: Path):
     # a phase has ended once summary.json is written, even if its checkpoint is gone
     started = has_run or (run_dir / "summary.json").exists()
     if ran is None or ran == asked or not started or (asked < ran and cfg.resume):
-        resume, cfg = cli_common.prepare_run_dir(cfg, run_dir, OPERATIONAL, has_run=has_run)
+        resume, cfg = cli_common.prepare_run_dir(cfg, run_dir, OPERATIONAL, has_run=has_run,
+                                                 earlier=EARLIER)
         if ran is not None and started:
             adopt_unnamed_after(run_dir, cfg.loop.sf_iterations)
         return resume, cfg
@@ -301,7 +307,7 @@ def _prepare_run_dir(cfg, run_dir: Path):
     as_ran = dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, sf_iterations=ran))
     # every other option as for any rerun: the same, or the run's own with --resume
     _, used = cli_common.prepare_run_dir(as_ran, run_dir, OPERATIONAL, has_run=has_run,
-                                         announce=False)
+                                         announce=False, earlier=EARLIER)
     adopt_unnamed_after(run_dir, ran)
     used = dataclasses.replace(used, loop=dataclasses.replace(used.loop, sf_iterations=asked))
     atomic.write_json(run_dir / "config.json", cli_common.as_json(used), indent=2)

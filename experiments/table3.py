@@ -239,7 +239,9 @@ def prepare(cfg: Config) -> Config:
     env = RanSlicingEnv(cfg.env)
     check_given_action_range(cfg.sf.actor.prompt, env, "sf.actor.prompt")
     check_given_action_range(cfg.reflexion.actor.prompt, env, "reflexion.actor.prompt")
-    _, cfg = cli_common.prepare_run_dir(cfg, cfg.run_dir, OPERATIONAL, what="Table III run")
+    earlier = {f"sf.{k}": v for k, v in sf_ranslicing.EARLIER.items()}
+    _, cfg = cli_common.prepare_run_dir(cfg, cfg.run_dir, OPERATIONAL, what="Table III run",
+                                        earlier=earlier)
     return cfg
 
 

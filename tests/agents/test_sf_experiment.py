@@ -537,6 +537,27 @@ def test_resume_of_a_run_older_than_an_option_says_the_option_runs_as_given(tmp_
     assert "with its own values for" not in caplog.text
 
 
+def test_a_run_older_than_improved_examples_is_the_same_run_without_them(tmp_path, caplog):
+    """rfr.improved_examples is in EARLIER: a config.json written before it existed is read as
+    False (those runs built Algorithm 2's datasets), so the run continues without --resume;
+    asking for the copies on it is a change, refused with the values named."""
+    mod = _experiment()
+    cfg = _short(mod, tmp_path / "r")
+    _fake_run(mod, tmp_path / "r", cfg)
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    del saved["rfr"]["improved_examples"]
+    (tmp_path / "r" / "config.json").write_text(json.dumps(saved))
+    resume, used = mod._prepare_run_dir(cfg, tmp_path / "r")
+    assert resume and used.rfr.improved_examples is False
+    assert "predates" not in caplog.text and "before the option" not in caplog.text
+    from cli_common import RunDirTaken
+
+    (tmp_path / "r" / "config.json").write_text(json.dumps(saved))
+    on = dataclasses.replace(cfg, rfr=dataclasses.replace(cfg.rfr, improved_examples=True))
+    with pytest.raises(RunDirTaken, match=r"rfr\.improved_examples \(False in the run, True now\)"):
+        mod._prepare_run_dir(on, tmp_path / "r")
+
+
 def test_more_sf_iterations_extend_the_run_and_fewer_are_refused(tmp_path, caplog):
     import logging
 
