@@ -90,6 +90,14 @@ def main(argv=None) -> None:
             p.error(f"{run / need} is missing: a run of experiments/sf_ranslicing.py that "
                     f"finished SF iteration {it}'s KTO is needed")  # fmt: skip
 
+    if a.improved_examples:  # before the model loads: a run that had them is refused at once
+        from sfjax import atomic
+
+        ran = atomic.read_json(run / "config.json", "the run's config").get("rfr", {})
+        if ran.get("improved_examples"):
+            p.error("--improved-examples: the run's datasets already hold them "
+                    "(it ran with --rfr.improved-examples)")  # fmt: skip
+
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -136,9 +144,6 @@ def main(argv=None) -> None:
         ft.trainer.reference_lora = start
     copies = []
     if a.improved_examples:
-        if cfg.rfr.improved_examples:
-            p.error("--improved-examples: the run's datasets already hold them "
-                    "(it ran with --rfr.improved-examples)")  # fmt: skip
         base, targets = base_dataset(
             load_trajectories(run / f"trajectories/iter_{it}.json"),
             [Reflection.from_json(d) for d in load_json(run / f"reflections/iter_{it}.json")],

@@ -35,3 +35,20 @@ def test_a_dir_that_is_no_finished_run_is_refused(replay, capsys, tmp_path):
                   "--out", str(tmp_path / "out"))  # fmt: skip
     assert "config.json is missing" in err and "sf_ranslicing" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_improved_examples_on_a_run_that_had_them_is_refused_before_loading(replay, capsys,
+                                                                             tmp_path):
+    """The run's datasets already hold the copies: adding them again would double them."""
+    import json
+
+    for d in ("checkpoints", "trajectories", "reflections", "datasets"):
+        (tmp_path / d).mkdir()
+    for f in ("summary.json", "trajectories/iter_0.json", "reflections/iter_0.json",
+              "datasets/iter_0_kto_0.json"):  # fmt: skip
+        (tmp_path / f).write_text("[]")
+    (tmp_path / "config.json").write_text(json.dumps({"rfr": {"improved_examples": True}}))
+    err = refused(lambda *a: replay.main(list(a)), capsys, str(tmp_path), "--iteration", "0",
+                  "--improved-examples", "--out", str(tmp_path / "out"))  # fmt: skip
+    assert "already hold them" in err and "--rfr.improved-examples" in err
+    assert not (tmp_path / "out").exists()
