@@ -90,9 +90,9 @@ def main(argv=None) -> None:
             p.error(f"{run / need} is missing: a run of experiments/sf_ranslicing.py that "
                     f"finished SF iteration {it}'s KTO is needed")  # fmt: skip
 
-    if a.improved_examples:  # before the model loads: a run that had them is refused at once
-        from sfjax import atomic
+    from sfjax import atomic
 
+    if a.improved_examples:  # before the model loads: a run that had them is refused at once
         ran = atomic.read_json(run / "config.json", "the run's config").get("rfr", {})
         if ran.get("improved_examples"):
             p.error("--improved-examples: the run's datasets already hold them "
@@ -103,11 +103,10 @@ def main(argv=None) -> None:
     import numpy as np
     from flax import nnx
 
-    from sfjax import atomic
     from sfjax.agents.finetune import KTOFineTuner
     from sfjax.agents.loop import phase_plan
     from sfjax.agents.rfr import base_dataset, examples_from_json, improved_examples
-    from sfjax.agents.trajectory import Reflection, load_json, load_trajectories, save_json
+    from sfjax.agents.trajectory import load_json, save_json
     from sfjax.baselines.heldout import HeldOutEval, after_name
     from sfjax.baselines.paired import format_paired, paired_report
 
@@ -142,13 +141,8 @@ def main(argv=None) -> None:
     start = lora()
     if a.reference == "iterate":
         ft.trainer.reference_lora = start
-    copies = []
-    if a.improved_examples:
-        base, targets = base_dataset(
-            load_trajectories(run / f"trajectories/iter_{it}.json"),
-            [Reflection.from_json(d) for d in load_json(run / f"reflections/iter_{it}.json")],
-        )
-        copies = improved_examples(base, targets, r.prompt_cfg)
+    labels = stm.iteration_labels(run, it)  # the steps the iteration trained on
+    copies = improved_examples(*base_dataset(*labels), r.prompt_cfg) if a.improved_examples else []
     what = ", ".join([f"kto.{k} {getattr(cfg.kto, k)!r} -> {v!r}" for k, v in changes.items()
                       if getattr(cfg.kto, k) != v] + [f"reference {a.reference}"]
                      + ([f"only {a.only} examples"] if a.only else [])
@@ -185,7 +179,7 @@ def main(argv=None) -> None:
           + ("bit-identical (the run reproduced)" if diff == 0 else f"max |diff| {diff:.3g}"))
 
     # request-following on the steps iteration `it` trained on: iterate `it` vs the replay
-    items = stm.labelled_steps(run, it)
+    items = stm.step_targets(*labels)
     prompts, key = [x.prompt for x in items], jax.random.key(a.seed)
     nnx.update(r.model, start)
     before = stm.sample_actions(r.actor, prompts, r.prompt_cfg, a.samples, key, a.batch)

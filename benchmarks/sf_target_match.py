@@ -274,14 +274,17 @@ def load_run(run: Path) -> LoadedRun:
     return LoadedRun(cfg, prompt_cfg, model, tokenizer, actor)
 
 
+def iteration_labels(run: Path, iteration: int) -> tuple[list, list]:
+    """SF iteration ``iteration``'s trajectories and the Reflector's reflections on them."""
+    from sfjax.agents.trajectory import load_reflections, load_trajectories
+
+    return (load_trajectories(run / f"trajectories/iter_{iteration}.json"),
+            load_reflections(run / f"reflections/iter_{iteration}.json"))  # fmt: skip
+
+
 def labelled_steps(run: Path, iteration: int) -> list[Item]:
     """:func:`step_targets` of SF iteration ``iteration``'s trajectories and reflections."""
-    from sfjax.agents.trajectory import Reflection, load_json, load_trajectories
-
-    return step_targets(
-        load_trajectories(run / f"trajectories/iter_{iteration}.json"),
-        [Reflection.from_json(d) for d in load_json(run / f"reflections/iter_{iteration}.json")],
-    )
+    return step_targets(*iteration_labels(run, iteration))
 
 
 def sample_actions(actor, prompts, prompt_cfg, k: int, key, batch: int = 64):

@@ -113,13 +113,19 @@ def identity(cfg_json: dict, operational: Sequence[str]) -> dict:
     keys."""
     out = json.loads(json.dumps(cfg_json))
     for dotted in operational:
-        *parents, leaf = dotted.split(".")
-        d = out
-        for p in parents:
-            d = d.get(p, {}) if isinstance(d, dict) else {}
-        if isinstance(d, dict):
-            d.pop(leaf, None)
+        holder, leaf = _holder(out, dotted)
+        if holder is not None:
+            holder.pop(leaf, None)
     return out
+
+
+def _holder(d: dict, dotted: str) -> tuple[dict | None, str]:
+    """The dict that holds the dotted key ``dotted`` in nested ``d`` (None: no such parent)
+    and the key's last part."""
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        d = d.get(p) if isinstance(d, dict) else None
+    return (d if isinstance(d, dict) else None), leaf
 
 
 def _get(d: dict, dotted: str):
@@ -182,12 +188,9 @@ def with_earlier_values(cfg_json: dict, earlier: Mapping[str, object]) -> dict:
     run written before the option existed ran with (the option's key present: left alone)."""
     out = json.loads(json.dumps(cfg_json))
     for dotted, value in earlier.items():
-        *parents, leaf = dotted.split(".")
-        d = out
-        for p in parents:
-            d = d.get(p) if isinstance(d, dict) else None
-        if isinstance(d, dict) and leaf not in d:
-            d[leaf] = value
+        holder, leaf = _holder(out, dotted)
+        if holder is not None and leaf not in holder:
+            holder[leaf] = value
     return out
 
 

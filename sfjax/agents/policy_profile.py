@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from sfjax.agents.trajectory import Reflection, Trajectory, load_json, load_trajectories
+from sfjax.agents.trajectory import Reflection, Trajectory, load_reflections, load_trajectories
 
 LOAD_KEY = "arrival_rate_bps"
 """The state field the load bins read (the controlled slice's arrival rate, eq. 14)."""
@@ -230,8 +230,7 @@ def run_profiles(run_dir: str | Path, **kwargs) -> list[PolicyProfile]:
     out = []
     for i, path in sorted(found):
         refl_path = run_dir / "reflections" / path.name
-        refl = ([Reflection.from_json(d) for d in load_json(refl_path)]
-                if refl_path.exists() else None)  # fmt: skip
+        refl = load_reflections(refl_path) if refl_path.exists() else None
         label = "before SF" if i == 0 else f"after SF {i}"
         out.append(profile(load_trajectories(path), label=label, reflections=refl, **kwargs))
     return out

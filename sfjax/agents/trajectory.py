@@ -128,3 +128,7 @@ def save_trajectories(path: str | os.PathLike, trajs: Sequence[Trajectory]) -> N
 
 def load_trajectories(path: str | os.PathLike) -> list[Trajectory]:
     return [Trajectory.from_json(d) for d in load_json(path)]
+
+
+def load_reflections(path: str | os.PathLike) -> list[Reflection]:
+    return [Reflection.from_json(d) for d in load_json(path)]

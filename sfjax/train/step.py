@@ -104,7 +104,8 @@ def _step_spec(config: KTOConfig) -> KTOConfig:
 
 
 def reference_logps(model, mb, config: KTOConfig, *, adapters_off: bool = True):
-    """``(log πref(y|x), log πref(y'|x))`` of one micro-batch, adapters off, no gradient.
+    """``(log πref(y|x), log πref(y'|x))`` of one micro-batch, no gradient; adapters off
+    unless ``adapters_off=False``.
 
     ``mb`` holds the ``[B, ...]`` arrays of one micro-batch (:class:`sfjax.train.data.Batch`
     names); the KL values are zeros when the loss has no KL term. ``adapters_off=False``: the
