@@ -166,7 +166,8 @@ def main(argv=None) -> None:
         print(f"  {ph.name}: {len(examples)} examples, {int(m.get('num_steps', 0))} steps, loss "
               f"{m.get('loss', float('nan')):.4f}, rewards chosen {m.get('rewards/chosen', float('nan')):+.3f}"
               f" / rejected {m.get('rewards/rejected', float('nan')):+.3f}, kl (unclamped) "
-              f"{m.get('kl_unclamped', float('nan')):+.3f}", flush=True)  # fmt: skip
+              f"{m.get('kl_unclamped', float('nan')):+.3f}"
+              + (f", token KL {m['token_kl']:.3f}" if "token_kl" in m else ""), flush=True)  # fmt: skip
     replayed = lora()
 
     result = {"run_dir": str(run), "iteration": it, "kto_changes": changes,

@@ -264,10 +264,11 @@ OPERATIONAL = (
 )
 """Options that may change between runs in one RUN_DIR: they do not change results."""
 
-EARLIER = {"rfr.improved_examples": False}
+EARLIER = {"rfr.improved_examples": False, "kto.token_kl_coef": 0.0}
 """Options added since runs were written, with the value those runs had in effect (before
-``--rfr.improved-examples`` existed every run built Algorithm 2's datasets): a run dir whose
-config.json lacks the key continues as the same run (:func:`cli_common.prepare_run_dir`)."""
+``--rfr.improved-examples`` existed every run built Algorithm 2's datasets, before
+``--kto.token-kl-coef`` every run trained on the KTO loss alone): a run dir whose config.json
+lacks the key continues as the same run (:func:`cli_common.prepare_run_dir`)."""
 
 
 def _ran_iterations(run_dir: Path) -> tuple[int, int] | None:

@@ -441,9 +441,11 @@ class SelfFinetuningLoop:
         metrics = self.finetuner.train(dataset, train_key, self.kto_steps)
         log.info(
             "KTO iteration %d: %d steps, loss %.4f, rewards chosen %.3f / rejected %.3f, "
-            "kl %.3f (unclamped %.3f)", phase.kto_iteration, int(metrics.get("num_steps", 0)),
+            "kl %.3f (unclamped %.3f)%s", phase.kto_iteration, int(metrics.get("num_steps", 0)),
             *(metrics.get(k, float("nan")) for k in ("loss", "rewards/chosen",
                                                      "rewards/rejected", "kl", "kl_unclamped")),
+            f", token KL to the reference {metrics['token_kl']:.3f} (--kto.token-kl-coef)"
+            if "token_kl" in metrics else "",
         )  # fmt: skip
         self.kto_steps += int(metrics.get("num_steps", 0))
         global_kto = phase.iteration * self.rfr_cfg.kto_iterations + phase.kto_iteration

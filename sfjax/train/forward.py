@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from sfjax.losses.kto import target_logps
+from sfjax.models import lora as lora_lib
 from sfjax.models import qwen3
 
 AUTO_CHUNK_BYTES = 64 * 2**20
@@ -91,6 +92,23 @@ def continuation_states(model, prefix, ids_BT, mask_BT, *, remat: bool = False):
     return model.norm(x_BTD)
 
 
+def _per_token(fn, c: int, *arrays):
+    """``fn`` over the flattened ``N = B·C`` positions of ``arrays`` (each ``[B, C, ...]``) in
+    chunks of ``c`` inside a ``lax.map``, each chunk recomputed in the backward pass
+    (``jax.checkpoint``); returns ``fn``'s per-position outputs reshaped to ``[B, C]``."""
+    B, C = arrays[0].shape[:2]
+    N = B * C
+    n = -(-N // c)
+    pad = n * c - N
+
+    def split(x):
+        x = jnp.asarray(x).reshape(N, *x.shape[2:])
+        return jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)).reshape(n, c, *x.shape[1:])
+
+    outs = jax.lax.map(jax.checkpoint(lambda xs: fn(*xs)), tuple(split(x) for x in arrays))
+    return tuple(o.reshape(n * c)[:N].reshape(B, C) for o in outs)
+
+
 def token_logps(model, h_BCD, targets_BC, mask_BC, *, chunk: int = 0):
     """``sum_t mask · log softmax(lm_head(h))[target]`` per row, float32, in LM-head chunks.
 
@@ -99,30 +117,70 @@ def token_logps(model, h_BCD, targets_BC, mask_BC, *, chunk: int = 0):
     backward pass (``jax.checkpoint``), so at most ``chunk × V`` logits exist at once. One chunk
     covering every token is the plain computation.
     """
-    B, C, D = h_BCD.shape
+    B, C, _ = h_BCD.shape
     c = chunk_tokens(model.config.vocab_size, chunk)
     if c >= B * C:
         return target_logps(model.lm_logits(h_BCD), targets_BC, mask_BC)
-    N = B * C
-    n = -(-N // c)
-    pad = n * c - N
-    h_ncD = jnp.pad(h_BCD.reshape(N, D), ((0, pad), (0, 0))).reshape(n, c, D)
-    t_nc = jnp.pad(jnp.asarray(targets_BC).reshape(N), (0, pad)).reshape(n, c)
 
-    @jax.checkpoint
-    def one(args):
-        h_cD, t_c = args
+    def one(h_cD, t_c):
         logits_cV = model.lm_logits(h_cD[None])[0]
-        return target_logps(logits_cV[:, None, :], t_c[:, None], jnp.ones((c, 1), bool))
+        return (target_logps(logits_cV[:, None, :], t_c[:, None], jnp.ones((c, 1), bool)),)
 
-    logps_N = jax.lax.map(one, (h_ncD, t_nc)).reshape(n * c)[:N]
-    return jnp.sum(jnp.where(jnp.asarray(mask_BC, bool), logps_N.reshape(B, C), 0.0), axis=-1)
+    (logps_BC,) = _per_token(one, c, h_BCD, targets_BC)
+    return jnp.sum(jnp.where(jnp.asarray(mask_BC, bool), logps_BC, 0.0), axis=-1)
 
 
-def _scored(completion_mask_BC, prompt_mask_BP):
-    # The first completion token of an empty prompt has no predecessor: not scored (as TRL).
+def token_logps_and_kl(model, h_BCD, ref_model, ref_h_BCD, targets_BC, mask_BC, *, chunk: int = 0):
+    """``(token_logps(model, h_BCD, ...), kl_B)`` with ``kl_B`` the summed per-token KL
+    divergence ``sum_t mask · KL(p_model(· | h_t) ‖ p_ref(· | ref_h_t))`` over the whole
+    vocabulary, float32, in the same LM-head chunks.
+
+    ``ref_model`` is the reference (its adapters are switched off here) and ``ref_h_BCD`` its
+    final hidden states at the same positions (no gradient flows into them); the gradient of
+    ``kl_B`` reaches ``model`` through ``h_BCD`` and the LM head. Used by
+    :attr:`sfjax.train.kto_config.KTOConfig.token_kl_coef`.
+    """
+    if ref_model is model:
+        raise ValueError(
+            "token_logps_and_kl: ref_model must be another module object than model (e.g. "
+            "nnx.merge(*nnx.split(model))): its adapters are switched off while model's stay on"
+        )
+    B, C, _ = h_BCD.shape
+    c = min(chunk_tokens(model.config.vocab_size, chunk), B * C)
+    ref_h_BCD = jax.lax.stop_gradient(ref_h_BCD)
+
+    def one(h_cD, ref_cD, t_c):
+        logits_cV = model.lm_logits(h_cD[None])[0]
+        ref_logits_cV = jax.lax.stop_gradient(ref_model.lm_logits(ref_cD[None])[0])
+        logp_cV = jax.nn.log_softmax(logits_cV.astype(jnp.float32), axis=-1)
+        ref_logp_cV = jax.nn.log_softmax(ref_logits_cV.astype(jnp.float32), axis=-1)
+        target_c = jnp.take_along_axis(logp_cV, t_c[:, None], axis=-1)[:, 0]
+        kl_c = jnp.sum(jnp.exp(logp_cV) * (logp_cV - ref_logp_cV), axis=-1)
+        return target_c, kl_c
+
+    # The switch is a Python attribute: flipped here, outside lax.map's trace, where nnx allows it.
+    with lora_lib.adapters_disabled(ref_model):
+        logps_BC, kl_BC = _per_token(one, c, h_BCD, ref_h_BCD, targets_BC)
+    mask_BC = jnp.asarray(mask_BC, bool)
+    total = lambda x_BC: jnp.sum(jnp.where(mask_BC, x_BC, 0.0), axis=-1)  # noqa: E731
+    return total(logps_BC), total(kl_BC)
+
+
+def scored_mask(completion_mask_BC, prompt_mask_BP):
+    """The completion tokens that get a log-prob: the real ones, except the first when the
+    prompt is empty (it has no predecessor; as TRL)."""
     scored_BC = jnp.asarray(completion_mask_BC, bool)
     return scored_BC.at[:, 0].set(scored_BC[:, 0] & jnp.asarray(prompt_mask_BP[:, -1], bool))
+
+
+def completion_states(model, prompt_ids_BP, prompt_mask_BP, completion_ids_BC, completion_mask_BC,
+                      *, remat: bool = False):  # fmt: skip
+    """Final hidden states ``[B, C, D]`` at the positions that predict the completion tokens of
+    left-padded prompts followed by right-padded completions (one decoder pass per row)."""
+    P = prompt_ids_BP.shape[-1]
+    ids_BT = jnp.concatenate([prompt_ids_BP, completion_ids_BC], axis=-1)
+    mask_BT = jnp.concatenate([prompt_mask_BP, completion_mask_BC], axis=-1)
+    return decoder_states(model, ids_BT, mask_BT, remat=remat)[:, P - 1 : -1]
 
 
 def sequence_logps(model, prompt_ids_BP, prompt_mask_BP, completion_ids_BC, completion_mask_BC,
@@ -134,32 +192,32 @@ def sequence_logps(model, prompt_ids_BP, prompt_mask_BP, completion_ids_BC, comp
     sub-modules falls back to its full logits. Float32.
     """
     P = prompt_ids_BP.shape[-1]
-    ids_BT = jnp.concatenate([prompt_ids_BP, completion_ids_BC], axis=-1)
-    mask_BT = jnp.concatenate([prompt_mask_BP, completion_mask_BC], axis=-1)
-    scored_BC = _scored(completion_mask_BC, prompt_mask_BP)
+    scored_BC = scored_mask(completion_mask_BC, prompt_mask_BP)
     if not hasattr(model, "layers"):
+        ids_BT = jnp.concatenate([prompt_ids_BP, completion_ids_BC], axis=-1)
+        mask_BT = jnp.concatenate([prompt_mask_BP, completion_mask_BC], axis=-1)
         logits_BCV = model(ids_BT, attention_mask=mask_BT)[:, P - 1 : -1]
         return target_logps(logits_BCV, completion_ids_BC, scored_BC)
-    h_BCD = decoder_states(model, ids_BT, mask_BT, remat=remat)[:, P - 1 : -1]
+    h_BCD = completion_states(model, prompt_ids_BP, prompt_mask_BP, completion_ids_BC,
+                              completion_mask_BC, remat=remat)  # fmt: skip
     return token_logps(model, h_BCD, completion_ids_BC, scored_BC, chunk=chunk)
 
 
-def shared_prompt_logps(model, prompt_ids_BP, prompt_mask_BP, completions, *, remat: bool = False,
-                        chunk: int = 0, nograd_model=None):  # fmt: skip
-    """``[sequence_logps(model, prompt, *c) for c in completions]``, running the prompt once.
+def shared_prompt_states(model, prompt_ids_BP, prompt_mask_BP, completions, *,
+                         remat: bool = False, nograd_model=None):  # fmt: skip
+    """``[completion_states(model, prompt, *c) for c in completions]``, running the prompt once.
 
     The prompt minus its last column runs once (:func:`prefix_states`); each completion then
     continues from its keys / values with the last prompt token prepended, which gives the
-    hidden states that predict its ``C`` tokens. KTO's matched and KL rows share their prompts,
-    so this saves a decoder pass over every prompt per forward. ``completions`` is a list of
-    ``(completion_ids_BC, completion_mask_BC)``. With ``nograd_model`` (the same weights under
+    hidden states that predict its ``C`` tokens. With ``nograd_model`` (the same weights under
     ``stop_gradient``), every completion after the first continues from a stop-gradient prefix
-    in that model: KTO's policy KL rows, which carry no gradient (z is stop-gradient).
+    in that model. A prompt of one column has nothing to share: each row runs on its own.
     """
     P = prompt_ids_BP.shape[-1]
-    if P < 2 or not hasattr(model, "layers"):
-        return [sequence_logps(model, prompt_ids_BP, prompt_mask_BP, *c, remat=remat, chunk=chunk)
-                for c in completions]  # fmt: skip
+    if P < 2:
+        return [completion_states(model if i == 0 or nograd_model is None else nograd_model,
+                                  prompt_ids_BP, prompt_mask_BP, *c, remat=remat)
+                for i, c in enumerate(completions)]  # fmt: skip
     prefix_ids, prefix_mask = _even_width(prompt_ids_BP[:, :-1], prompt_mask_BP[:, :-1], "left")
     prefix = prefix_states(model, prefix_ids, prefix_mask, remat=remat)
     last_ids_B1 = prompt_ids_BP[:, -1:]
@@ -174,9 +232,30 @@ def shared_prompt_logps(model, prompt_ids_BP, prompt_mask_BP, completions, *, re
         cont_ids_BC = jnp.concatenate([last_ids_B1, ids_BC[:, :-1]], axis=1)
         cont_mask_BC = jnp.concatenate([last_mask_B1, mask_BC[:, :-1]], axis=1)
         cont = _even_width(cont_ids_BC, cont_mask_BC, "right")
-        h_BCD = continuation_states(m, pre, *cont, remat=remat)[:, :C]
-        out.append(token_logps(m, h_BCD, ids_BC, _scored(mask_BC, prompt_mask_BP), chunk=chunk))
+        out.append(continuation_states(m, pre, *cont, remat=remat)[:, :C])
     return out
+
+
+def shared_prompt_logps(model, prompt_ids_BP, prompt_mask_BP, completions, *, remat: bool = False,
+                        chunk: int = 0, nograd_model=None):  # fmt: skip
+    """``[sequence_logps(model, prompt, *c) for c in completions]``, running the prompt once
+    (:func:`shared_prompt_states`). KTO's matched and KL rows share their prompts, so this saves
+    a decoder pass over every prompt per forward. ``completions`` is a list of
+    ``(completion_ids_BC, completion_mask_BC)``. With ``nograd_model`` (the same weights under
+    ``stop_gradient``), every completion after the first is computed in that model from a
+    stop-gradient prefix: KTO's policy KL rows, which carry no gradient (z is stop-gradient).
+    """
+    P = prompt_ids_BP.shape[-1]
+    if P < 2 or not hasattr(model, "layers"):
+        return [sequence_logps(model, prompt_ids_BP, prompt_mask_BP, *c, remat=remat, chunk=chunk)
+                for c in completions]  # fmt: skip
+    states = shared_prompt_states(model, prompt_ids_BP, prompt_mask_BP, completions, remat=remat,
+                                  nograd_model=nograd_model)  # fmt: skip
+    return [
+        token_logps(model if i == 0 or nograd_model is None else nograd_model, h_BCD, ids_BC,
+                    scored_mask(mask_BC, prompt_mask_BP), chunk=chunk)
+        for i, (h_BCD, (ids_BC, mask_BC)) in enumerate(zip(states, completions))
+    ]  # fmt: skip
 
 
 def _even_width(ids_BT, mask_BT, side: str):
@@ -199,10 +278,14 @@ def _even_width(ids_BT, mask_BT, side: str):
 __all__ = [
     "AUTO_CHUNK_BYTES",
     "chunk_tokens",
+    "completion_states",
     "continuation_states",
     "decoder_states",
     "prefix_states",
+    "scored_mask",
     "sequence_logps",
     "shared_prompt_logps",
+    "shared_prompt_states",
     "token_logps",
+    "token_logps_and_kl",
 ]

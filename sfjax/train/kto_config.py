@@ -21,6 +21,14 @@ class KTOConfig:
     """β: scale of the implied reward r = log πθ/πref inside the sigmoid (paper eq. 9–11)."""
     loss_type: Literal["kto", "apo_zero_unpaired"] = "kto"
     """"kto" (with the KL reference point z) or "apo_zero_unpaired" (no z, no KL rows)."""
+    token_kl_coef: float = 0.0
+    """Not in the paper or TRL (0 = off, their loss): add ``token_kl_coef ×`` the summed
+    per-token KL divergence ``Σ_t KL(πθ(·|x, y<t) ‖ πref(·|x, y<t))`` over the whole vocabulary
+    on each example's own completion prefixes, averaged over the examples like the KTO loss. An
+    explicit anchor to the reference on every prompt: KTO's own KL term (z) is a stop-gradient
+    batch estimate that holds nothing once it reads 0. Needs the reference forward in the step
+    (``precompute_ref_log_probs`` False); the step then runs the LM head twice per completion
+    token."""
     desirable_weight: float | None = None
     """λD; None (with undesirable_weight None) = from the class counts (paper eq. 12–13)."""
     undesirable_weight: float | None = None
@@ -96,6 +104,14 @@ class KTOConfig:
                 "estimated from other examples' completions in the same micro-batch (with one "
                 "example it would equal the implied reward). Use micro_batch_size >= 2, or "
                 "loss_type='apo_zero_unpaired'."
+            )
+        if not (self.token_kl_coef >= 0.0 and self.token_kl_coef < float("inf")):
+            raise ValueError(f"token_kl_coef must be a finite value >= 0, got {self.token_kl_coef}")
+        if self.token_kl_coef > 0 and self.precompute_ref_log_probs:
+            raise ValueError(
+                "token_kl_coef > 0 needs the reference's next-token distributions in every step, "
+                "which precompute_ref_log_probs (a table of sequence log-probs) does not keep: "
+                "set precompute_ref_log_probs=False, or token_kl_coef=0"
             )
         if self.micro_batch_size < 1 or self.grad_accum_steps < 1 or self.epochs < 1:
             raise ValueError("micro_batch_size, grad_accum_steps and epochs must be >= 1")

@@ -27,7 +27,15 @@ from flax import nnx
 
 from sfjax.losses.kto import kto_loss
 from sfjax.models import lora as lora_lib
-from sfjax.train.forward import sequence_logps, shared_prompt_logps
+from sfjax.train.forward import (
+    completion_states,
+    scored_mask,
+    sequence_logps,
+    shared_prompt_logps,
+    shared_prompt_states,
+    token_logps,
+    token_logps_and_kl,
+)
 from sfjax.train.kto_config import KTOConfig
 
 
@@ -100,24 +108,39 @@ def _step_spec(config: KTOConfig) -> KTOConfig:
         share_prompt_forward=config.share_prompt_forward, remat=config.remat,
         logits_chunk_tokens=config.logits_chunk_tokens,
         precompute_ref_log_probs=config.precompute_ref_log_probs,
+        token_kl_coef=config.token_kl_coef,
     )  # fmt: skip
 
 
-def reference_logps(model, mb, config: KTOConfig, *, adapters_off: bool = True):
+def reference_logps(model, mb, config: KTOConfig, *, adapters_off: bool = True,
+                    with_states: bool = False):  # fmt: skip
     """``(log πref(y|x), log πref(y'|x))`` of one micro-batch, no gradient; adapters off
     unless ``adapters_off=False``.
 
     ``mb`` holds the ``[B, ...]`` arrays of one micro-batch (:class:`sfjax.train.data.Batch`
     names); the KL values are zeros when the loss has no KL term. ``adapters_off=False``: the
     model as given, adapters on (a reference with its own LoRA values,
-    :attr:`sfjax.train.kto.KTOTrainer.reference_lora`).
+    :attr:`sfjax.train.kto.KTOTrainer.reference_lora`). ``with_states``: a third value, the
+    reference's final hidden states ``[B, C, D]`` at the matched completions' positions (for
+    ``token_kl_coef``; same log-probs).
     """
     fwd = dict(remat=False, chunk=config.logits_chunk_tokens)  # no backward: nothing to remat
     prompt = (mb["prompt_ids_ABP"], mb["prompt_mask_ABP"])
     comp = (mb["completion_ids_ABC"], mb["completion_mask_ABC"])
     kl_comp = (mb["kl_completion_ids_ABC"], mb["kl_completion_mask_ABC"])
     off = lora_lib.adapters_disabled(model) if adapters_off else contextlib.nullcontext()
+    sg = jax.lax.stop_gradient
     with off:
+        if with_states:
+            comps = [comp, kl_comp] if config.with_kl else [comp]
+            if config.share_prompt_forward:
+                hs = shared_prompt_states(model, *prompt, comps, remat=False)
+            else:
+                hs = [completion_states(model, *prompt, *c, remat=False) for c in comps]
+            logps = [token_logps(model, h, c[0], scored_mask(c[1], prompt[1]), chunk=fwd["chunk"])
+                     for h, c in zip(hs, comps)]  # fmt: skip
+            ref_kl = logps[1] if config.with_kl else jnp.zeros_like(logps[0])
+            return sg(logps[0]), sg(ref_kl), sg(hs[0])
         if config.with_kl and config.share_prompt_forward:  # the prompt once for both
             ref, ref_kl = shared_prompt_logps(model, *prompt, [comp, kl_comp], **fwd)
         elif config.with_kl:  # one pass over matched + KL rows
@@ -126,7 +149,30 @@ def reference_logps(model, mb, config: KTOConfig, *, adapters_off: bool = True):
         else:
             ref = sequence_logps(model, *prompt, *comp, **fwd)
             ref_kl = jnp.zeros_like(ref)
-    return jax.lax.stop_gradient(ref), jax.lax.stop_gradient(ref_kl)
+    return sg(ref), sg(ref_kl)
+
+
+def _policy_with_token_kl(policy, nograd, ref_model, ref_h_BCD, prompt, comp, kl_comp,
+                          config: KTOConfig):  # fmt: skip
+    """``(log πθ(y|x), log πθ(y'|x) or None, kl_B)`` for ``token_kl_coef``: the policy's
+    matched rows with their summed per-token KL to the reference (``ref_model``'s head with
+    its adapters off, at ``ref_h_BCD``), and with the shared prompt forward its KL rows from the
+    same prefix pass in ``nograd`` (no gradient); None means the caller computes them."""
+    shared = config.with_kl and config.share_prompt_forward
+    comps = [comp, kl_comp] if shared else [comp]
+    if config.share_prompt_forward:
+        hs = shared_prompt_states(policy, *prompt, comps, remat=config.remat, nograd_model=nograd)
+    else:
+        hs = [completion_states(policy, *prompt, *comp, remat=config.remat)]
+    chunk = config.logits_chunk_tokens
+    logps, kl_B = token_logps_and_kl(policy, hs[0], ref_model, ref_h_BCD, comp[0],
+                                     scored_mask(comp[1], prompt[1]), chunk=chunk)  # fmt: skip
+    kl_logps = None
+    if shared:
+        kl_logps = jax.lax.stop_gradient(
+            token_logps(nograd, hs[1], kl_comp[0], scored_mask(kl_comp[1], prompt[1]), chunk=chunk)
+        )
+    return logps, kl_logps, kl_B
 
 
 @functools.lru_cache(maxsize=8)
@@ -161,8 +207,11 @@ def make_train_step(graphdef, config: KTOConfig, mesh=None):
             comp = (mb["completion_ids_ABC"], mb["completion_mask_ABC"])
             kl_comp = (mb["kl_completion_ids_ABC"], mb["kl_completion_mask_ABC"])
             shared = config.share_prompt_forward
+            token_kl = config.token_kl_coef > 0
             if config.precompute_ref_log_probs:
                 ref_logps, ref_kl_logps = mb["ref_logps_AB"], mb["ref_kl_logps_AB"]
+            elif token_kl:
+                ref_logps, ref_kl_logps, ref_h = reference_logps(model, mb, config, with_states=True)
             else:
                 ref_logps, ref_kl_logps = reference_logps(model, mb, config)
             if config.with_kl and not shared:  # policy KL rows outside the differentiated pass
@@ -177,7 +226,16 @@ def make_train_step(graphdef, config: KTOConfig, mesh=None):
                 if rng_state:
                     policy.train()  # LoRA dropout on for the differentiated forward only
                 kl_logps = policy_kl_logps
-                if config.with_kl and shared:
+                if token_kl:
+                    # the reference head in a module made at this trace level (its adapters are
+                    # switched off, which nnx allows only where the module was made)
+                    ref_model = nnx.merge(graphdef, jax.lax.stop_gradient(lora), rng_state, frozen)
+                    policy_logps, shared_kl_logps, token_kl_B = _policy_with_token_kl(
+                        policy, model, ref_model, ref_h, prompt, comp, kl_comp, config
+                    )
+                    if shared_kl_logps is not None:
+                        kl_logps = shared_kl_logps
+                elif config.with_kl and shared:
                     # The prompt runs once; the KL continuation reads its keys / values under
                     # stop_gradient in the no-gradient model, so no backward pass touches it.
                     policy_logps, kl_logps = shared_prompt_logps(
@@ -191,7 +249,13 @@ def make_train_step(graphdef, config: KTOConfig, mesh=None):
                     beta=config.beta, desirable_weight=weights[0], undesirable_weight=weights[1],
                     loss_type=config.loss_type, valid=mb["valid_AB"],
                 )  # fmt: skip
-                return jnp.sum(losses) / jnp.maximum(jnp.sum(mb["valid_AB"]), 1), metrics
+                n_valid = jnp.maximum(jnp.sum(mb["valid_AB"]), 1)
+                loss = jnp.sum(losses) / n_valid
+                if token_kl:
+                    mean_kl = jnp.sum(jnp.where(mb["valid_AB"], token_kl_B, 0.0)) / n_valid
+                    loss = loss + config.token_kl_coef * mean_kl
+                    metrics = dict(metrics, token_kl=jax.lax.stop_gradient(mean_kl))
+                return loss, metrics
 
             (loss, metrics), g = jax.value_and_grad(loss_fn, has_aux=True)(lora)
             scale = jnp.where(live, 1.0 / n_live, 0.0)

@@ -537,25 +537,31 @@ def test_resume_of_a_run_older_than_an_option_says_the_option_runs_as_given(tmp_
     assert "with its own values for" not in caplog.text
 
 
-def test_a_run_older_than_improved_examples_is_the_same_run_without_them(tmp_path, caplog):
-    """rfr.improved_examples is in EARLIER: a config.json written before it existed is read as
-    False (those runs built Algorithm 2's datasets), so the run continues without --resume;
-    asking for the copies on it is a change, refused with the values named."""
+@pytest.mark.parametrize("section, name, old, new, shown", [
+    ("rfr", "improved_examples", False, True, r"rfr\.improved_examples \(False in the run, True now\)"),
+    ("kto", "token_kl_coef", 0.0, 0.1, r"kto\.token_kl_coef \(0\.0 in the run, 0\.1 now\)"),
+])  # fmt: skip
+def test_a_run_older_than_an_option_is_the_same_run_without_it(tmp_path, caplog, section, name,
+                                                                old, new, shown):  # fmt: skip
+    """The options in EARLIER: a config.json written before one existed is read as the value
+    those runs had (Algorithm 2's datasets; the KTO loss alone), so the run continues without
+    --resume; asking for another value on it is a change, refused with the values named."""
     mod = _experiment()
+    assert mod.EARLIER[f"{section}.{name}"] == old
     cfg = _short(mod, tmp_path / "r")
     _fake_run(mod, tmp_path / "r", cfg)
     saved = json.loads((tmp_path / "r" / "config.json").read_text())
-    del saved["rfr"]["improved_examples"]
+    del saved[section][name]
     (tmp_path / "r" / "config.json").write_text(json.dumps(saved))
     resume, used = mod._prepare_run_dir(cfg, tmp_path / "r")
-    assert resume and used.rfr.improved_examples is False
+    assert resume and getattr(getattr(used, section), name) == old
     assert "predates" not in caplog.text and "before the option" not in caplog.text
     from cli_common import RunDirTaken
 
     (tmp_path / "r" / "config.json").write_text(json.dumps(saved))
-    on = dataclasses.replace(cfg, rfr=dataclasses.replace(cfg.rfr, improved_examples=True))
-    with pytest.raises(RunDirTaken, match=r"rfr\.improved_examples \(False in the run, True now\)"):
-        mod._prepare_run_dir(on, tmp_path / "r")
+    changed = dataclasses.replace(getattr(cfg, section), **{name: new})
+    with pytest.raises(RunDirTaken, match=shown):
+        mod._prepare_run_dir(dataclasses.replace(cfg, **{section: changed}), tmp_path / "r")
 
 
 def test_more_sf_iterations_extend_the_run_and_fewer_are_refused(tmp_path, caplog):
