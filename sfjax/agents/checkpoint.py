@@ -121,6 +121,8 @@ class LoopCheckpointer:
         self.host_gather = host_gather
         self.max_to_keep = max_to_keep
         self.preserve = tuple(sorted(set(preserve)))
+        self.set_aside: list[Path] = []
+        """Where :meth:`restore_latest` moved each damaged checkpoint it met."""
         self.manager = self._manager()
 
     def _manager(self) -> ocp.CheckpointManager:
@@ -257,6 +259,7 @@ class LoopCheckpointer:
             "checkpoint %d in %s is damaged (%s: %s); moved to %s, trying the previous one",
             step, self.directory, type(err).__name__, msg, target,
         )  # fmt: skip
+        self.set_aside.append(target)
         self.manager.close()
         if jax.process_index() == 0:
             aside.mkdir(parents=True, exist_ok=True)

@@ -291,6 +291,12 @@ class SelfFinetuningLoop:
         """Load the newest intact checkpoint, if any (a damaged one falls back to the one
         before, with a warning); check the artefacts it lists; returns the next phase index."""
         found = self.ckpt.restore_latest(self._arrays())
+        if found is None and self.ckpt.set_aside:
+            log.warning(
+                "no intact checkpoint left in %s (all %d were damaged; kept in %s): the run "
+                "starts again from its first phase and rewrites its artefacts as it goes",
+                self.ckpt.directory, len(self.ckpt.set_aside), self.ckpt.set_aside[0].parent,
+            )  # fmt: skip
         if found is None:
             # a killed first process's events are rewritten
             trim_events(self.writer, self.run_dir, {})

@@ -91,6 +91,29 @@ def test_damaged_newest_checkpoint_falls_back(tmp_path, caplog, reference, damag
     np.testing.assert_array_equal(np.asarray(loop.finetuner.w), w)
 
 
+@pytest.mark.filterwarnings(
+    r"ignore:Exception ignored in. None[\s\S]*in call_soon_threadsafe[\s\S]*"
+    r"RuntimeError. Event loop is closed:pytest.PytestUnraisableExceptionWarning",
+)
+def test_every_checkpoint_damaged_starts_again_and_says_so(tmp_path, caplog, reference):
+    """No intact checkpoint left: every damaged one is kept aside, the run starts from its first
+    phase with a warning that says so, and ends as the uninterrupted run."""
+    ckpts = _killed_run(tmp_path / "run", after=5)
+    steps = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+    assert len(steps) >= 2
+    for step in steps:
+        _truncate(ckpts / str(step))
+    caplog.set_level(logging.WARNING)
+    loop = _loop(tmp_path / "run")
+    resumed = loop.run(resume=True)
+    assert f"all {len(steps)} were damaged" in caplog.text
+    assert "starts again from its first phase" in caplog.text
+    assert len(list((tmp_path / "run" / "checkpoints_damaged").iterdir())) == len(steps)
+    summary, w = reference
+    assert _strip(resumed) == summary
+    np.testing.assert_array_equal(np.asarray(loop.finetuner.w), w)
+
+
 def test_damaged_artefact_of_the_checkpointed_phase_is_rewritten(tmp_path, reference):
     _killed_run(tmp_path / "run", after=4)  # iteration 1's collect
     traj = tmp_path / "run" / "trajectories" / "iter_1.json"
