@@ -110,6 +110,14 @@ def format_sf_summary(
             "the Reflector's improved action (--rfr.improved-examples: not Algorithm 2's "
             "construction); they are counted as desirable below."
         )
+    anchored = [e["kto/token_kl"] for r in its for e in r.get("kto_iterations") or []
+                if "kto/token_kl" in e]  # fmt: skip
+    if anchored:
+        out.append(
+            "KTO's loss carried a per-token KL anchor to the reference (--kto.token-kl-coef: not "
+            "the paper's or TRL's loss); summed token KL per example, mean over the last KTO "
+            f"iteration: {anchored[-1]:.3f} nats."
+        )
     if tiny_actor:
         out.append(TINY_NOTE)
     out += [

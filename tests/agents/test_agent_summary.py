@@ -54,6 +54,16 @@ def test_sf_summary_declares_improved_action_examples(tmp_path):
                              num_envs=2)  # fmt: skip
     assert "108 desirable copies" in text and "--rfr.improved-examples" in text
     assert "not Algorithm 2" in text
+    assert "token-kl" not in text  # the KTO loss alone: nothing to declare
+
+
+def test_sf_summary_declares_the_token_kl_anchor(tmp_path):
+    its = [dict(r) for r in SUMMARY["iterations"]]
+    its[0]["kto_iterations"] = [{"kto/token_kl": 0.25}, {"kto/token_kl": 0.0421}]
+    text = format_sf_summary({**SUMMARY, "iterations": its}, tmp_path, trajectory_steps=10,
+                             num_envs=2)  # fmt: skip
+    assert "--kto.token-kl-coef" in text and "not the paper's or TRL's loss" in text
+    assert "last KTO iteration: 0.042 nats" in text
 
 
 def test_sf_summary_reports_the_held_out_comparison(tmp_path):
