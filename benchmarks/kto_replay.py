@@ -13,7 +13,9 @@ rerun: every variant sees the same examples, so what differs is the KTO setting 
 - ``--kto FIELD=VALUE`` (repeatable; VALUE as JSON, e.g. ``beta=0.5``): a ``KTOConfig`` field.
 - ``--reference iterate``: πref = the Actor after ``I`` SF iterations (its LoRA frozen;
   iterative DPO's convention) instead of the model with its adapters off (the paper's "original
-  frozen LLM"); the reference table is precomputed once per dataset.
+  frozen LLM"); the reference table is precomputed once per dataset, except with ``--kto
+  token_kl_coef=...`` (> 0), whose anchor needs the reference's next-token distributions: the
+  step then runs the reference forward with the iterate's adapters.
 - ``--only desirable|undesirable``: a diagnostic, one class of examples only (weights 1 / 1).
 - ``--improved-examples``: add ``RfRConfig.improved_examples``' desirable copies (each
   suboptimal step's completion with the Reflector's improved action; not Algorithm 2) to every
@@ -117,8 +119,8 @@ def main(argv=None) -> None:
         if a.only:
             changes.setdefault("desirable_weight", 1.0)
             changes.setdefault("undesirable_weight", 1.0)
-        if a.reference == "iterate":
-            changes["precompute_ref_log_probs"] = True
+        if a.reference == "iterate" and not changes.get("token_kl_coef", cfg.kto.token_kl_coef):
+            changes["precompute_ref_log_probs"] = True  # token_kl_coef: in the step instead
         kto_cfg = dataclasses.replace(cfg.kto, **changes, progress=False)
     except (ValueError, TypeError) as e:
         p.error(str(e))

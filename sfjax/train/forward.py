@@ -27,6 +27,8 @@ flattened completion tokens, ``n`` chunks, ``c`` tokens per chunk.
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 
@@ -130,17 +132,19 @@ def token_logps(model, h_BCD, targets_BC, mask_BC, *, chunk: int = 0):
     return jnp.sum(jnp.where(jnp.asarray(mask_BC, bool), logps_BC, 0.0), axis=-1)
 
 
-def token_logps_and_kl(model, h_BCD, ref_model, ref_h_BCD, targets_BC, mask_BC, *, chunk: int = 0):
+def token_logps_and_kl(model, h_BCD, ref_model, ref_h_BCD, targets_BC, mask_BC, *, chunk: int = 0,
+                       ref_adapters_off: bool = True):  # fmt: skip
     """``(token_logps(model, h_BCD, ...), kl_B)`` with ``kl_B`` the summed per-token KL
     divergence ``sum_t mask · KL(p_model(· | h_t) ‖ p_ref(· | ref_h_t))`` over the whole
     vocabulary, float32, in the same LM-head chunks.
 
-    ``ref_model`` is the reference (its adapters are switched off here) and ``ref_h_BCD`` its
+    ``ref_model`` is the reference (its adapters are switched off here, unless
+    ``ref_adapters_off=False``: a reference with its own adapter values) and ``ref_h_BCD`` its
     final hidden states at the same positions (no gradient flows into them); the gradient of
     ``kl_B`` reaches ``model`` through ``h_BCD`` and the LM head. Used by
     :attr:`sfjax.train.kto_config.KTOConfig.token_kl_coef`.
     """
-    if ref_model is model:
+    if ref_adapters_off and ref_model is model:
         raise ValueError(
             "token_logps_and_kl: ref_model must be another module object than model (e.g. "
             "nnx.merge(*nnx.split(model))): its adapters are switched off while model's stay on"
@@ -159,7 +163,8 @@ def token_logps_and_kl(model, h_BCD, ref_model, ref_h_BCD, targets_BC, mask_BC, 
         return target_c, kl_c
 
     # The switch is a Python attribute: flipped here, outside lax.map's trace, where nnx allows it.
-    with lora_lib.adapters_disabled(ref_model):
+    off = lora_lib.adapters_disabled(ref_model) if ref_adapters_off else contextlib.nullcontext()
+    with off:
         logps_BC, kl_BC = _per_token(one, c, h_BCD, ref_h_BCD, targets_BC)
     mask_BC = jnp.asarray(mask_BC, bool)
     total = lambda x_BC: jnp.sum(jnp.where(mask_BC, x_BC, 0.0), axis=-1)  # noqa: E731

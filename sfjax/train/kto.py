@@ -126,8 +126,9 @@ class KTOTrainer:
         ``nnx.state(model, nnx.LoRAParam)``), or None (default): πref is the model with its
         adapters off, the paper's "original frozen LLM". Set, πref is the model with these
         adapters, e.g. the previous SF iterate (iterative DPO's convention); a copy is kept.
-        Needs ``precompute_ref_log_probs`` (the table is computed with these values once per
-        dataset)."""
+        With ``precompute_ref_log_probs`` the table is computed with these values once per
+        dataset; without it, the step's reference forward runs with them (and so does
+        ``token_kl_coef``'s anchor)."""
         return self._reference_lora
 
     @reference_lora.setter
@@ -214,12 +215,6 @@ class KTOTrainer:
           over the micro-batches since the previous log, NaN-skipping like TRL).
         """
         c = self.config
-        if self._reference_lora is not None and not c.precompute_ref_log_probs:
-            raise ValueError(
-                "a reference with its own LoRA values (reference_lora) needs "
-                "precompute_ref_log_probs=True: the train step's reference forward runs with "
-                "the adapters off"
-            )
         tokenized = self.tokenize(examples)
         need = 2 if c.with_kl else 1
         if len(tokenized) < need:
@@ -242,7 +237,9 @@ class KTOTrainer:
             partners = fixed_kl_partners(tokenized, c.micro_batch_size) if c.with_kl else None
             ref_table = self.reference_logps(tokenized, partners)
         lora = jax.tree.map(jnp.copy, lora)  # donated below; the model keeps valid buffers
-        self._step_fn = make_train_step(graphdef, _step_spec(c), self.mesh)
+        in_step_ref = self._reference_lora is not None and not c.precompute_ref_log_probs
+        self._step_fn = make_train_step(graphdef, _step_spec(c), self.mesh, in_step_ref)
+        extra = (self._reference_lora,) if in_step_ref else ()
         if not resume or self.opt_state is None:
             self.opt_state = make_optimizer(c).init(lora)
             self.step = 0
@@ -281,6 +278,7 @@ class KTOTrainer:
                     lr = float(host_lr(call_step - 1))  # as HF: the schedule advances every step
                     lora, opt_state, finite, metrics = self._step_fn(
                         lora, opt_state, frozen, rng_state, arrays, skey, weights, np.float32(lr),
+                        *extra,
                     )  # fmt: skip
                     self.global_step += 1
                     # Metrics one step late: read step k after step k+1 is dispatched.

@@ -153,11 +153,12 @@ def reference_logps(model, mb, config: KTOConfig, *, adapters_off: bool = True,
 
 
 def _policy_with_token_kl(policy, nograd, ref_model, ref_h_BCD, prompt, comp, kl_comp,
-                          config: KTOConfig):  # fmt: skip
+                          config: KTOConfig, *, ref_adapters_off: bool = True):  # fmt: skip
     """``(log πθ(y|x), log πθ(y'|x) or None, kl_B)`` for ``token_kl_coef``: the policy's
-    matched rows with their summed per-token KL to the reference (``ref_model``'s head with
-    its adapters off, at ``ref_h_BCD``), and with the shared prompt forward its KL rows from the
-    same prefix pass in ``nograd`` (no gradient); None means the caller computes them."""
+    matched rows with their summed per-token KL to the reference (``ref_model``'s head, its
+    adapters off unless ``ref_adapters_off=False``, at ``ref_h_BCD``), and with the shared
+    prompt forward its KL rows from the same prefix pass in ``nograd`` (no gradient); None
+    means the caller computes them."""
     shared = config.with_kl and config.share_prompt_forward
     comps = [comp, kl_comp] if shared else [comp]
     if config.share_prompt_forward:
@@ -166,7 +167,8 @@ def _policy_with_token_kl(policy, nograd, ref_model, ref_h_BCD, prompt, comp, kl
         hs = [completion_states(policy, *prompt, *comp, remat=config.remat)]
     chunk = config.logits_chunk_tokens
     logps, kl_B = token_logps_and_kl(policy, hs[0], ref_model, ref_h_BCD, comp[0],
-                                     scored_mask(comp[1], prompt[1]), chunk=chunk)  # fmt: skip
+                                     scored_mask(comp[1], prompt[1]), chunk=chunk,
+                                     ref_adapters_off=ref_adapters_off)  # fmt: skip
     kl_logps = None
     if shared:
         kl_logps = jax.lax.stop_gradient(
@@ -176,8 +178,11 @@ def _policy_with_token_kl(policy, nograd, ref_model, ref_h_BCD, prompt, comp, kl
 
 
 @functools.lru_cache(maxsize=8)
-def make_train_step(graphdef, config: KTOConfig, mesh=None):
-    """The jitted step ``(lora, opt_state, frozen, rng_state, batch, key, weights, lr)``.
+def make_train_step(graphdef, config: KTOConfig, mesh=None, own_reference: bool = False):
+    """The jitted step ``(lora, opt_state, frozen, rng_state, batch, key, weights, lr)``, plus
+    ``ref_lora`` last with ``own_reference``: the reference forward then runs in the step with
+    those adapter values (on), not with the adapters off
+    (:attr:`sfjax.train.kto.KTOTrainer.reference_lora`).
 
     ``lora`` and ``opt_state`` are donated. ``batch`` holds the ``[A, B, T]`` arrays of
     :class:`sfjax.train.data.Batch` (plus ``ref_logps_AB`` / ``ref_kl_logps_AB`` with
@@ -193,7 +198,7 @@ def make_train_step(graphdef, config: KTOConfig, mesh=None):
     trace_count: list[int] = []
     fwd = dict(remat=config.remat, chunk=config.logits_chunk_tokens)
 
-    def step(lora, opt_state, frozen, rng_state, batch, key, weights, lr):
+    def step(lora, opt_state, frozen, rng_state, batch, key, weights, lr, ref_lora=None):
         trace_count.append(1)  # runs at trace time only: counts compilations
         A = batch["valid_AB"].shape[0]
         n_live = jnp.maximum(jnp.sum(jnp.any(batch["valid_AB"], axis=1)), 1)
@@ -210,10 +215,12 @@ def make_train_step(graphdef, config: KTOConfig, mesh=None):
             token_kl = config.token_kl_coef > 0
             if config.precompute_ref_log_probs:
                 ref_logps, ref_kl_logps = mb["ref_logps_AB"], mb["ref_kl_logps_AB"]
-            elif token_kl:
-                ref_logps, ref_kl_logps, ref_h = reference_logps(model, mb, config, with_states=True)
             else:
-                ref_logps, ref_kl_logps = reference_logps(model, mb, config)
+                ref = model if ref_lora is None else nnx.merge(graphdef, ref_lora, rng_state, frozen)
+                out = reference_logps(ref, mb, config, adapters_off=ref_lora is None,
+                                      with_states=token_kl)  # fmt: skip
+                ref_logps, ref_kl_logps = out[:2]
+                ref_h = out[2] if token_kl else None
             if config.with_kl and not shared:  # policy KL rows outside the differentiated pass
                 policy_kl_logps = jax.lax.stop_gradient(
                     sequence_logps(model, *prompt, *kl_comp, remat=False, chunk=fwd["chunk"])
@@ -229,9 +236,12 @@ def make_train_step(graphdef, config: KTOConfig, mesh=None):
                 if token_kl:
                     # the reference head in a module made at this trace level (its adapters are
                     # switched off, which nnx allows only where the module was made)
-                    ref_model = nnx.merge(graphdef, jax.lax.stop_gradient(lora), rng_state, frozen)
+                    ref_values = lora if ref_lora is None else ref_lora
+                    ref_model = nnx.merge(graphdef, jax.lax.stop_gradient(ref_values), rng_state,
+                                          frozen)  # fmt: skip
                     policy_logps, shared_kl_logps, token_kl_B = _policy_with_token_kl(
-                        policy, model, ref_model, ref_h, prompt, comp, kl_comp, config
+                        policy, model, ref_model, ref_h, prompt, comp, kl_comp, config,
+                        ref_adapters_off=ref_lora is None,
                     )
                     if shared_kl_logps is not None:
                         kl_logps = shared_kl_logps
@@ -277,6 +287,8 @@ def make_train_step(graphdef, config: KTOConfig, mesh=None):
         metrics["grad_norm"] = grad_norm
         return keep(new_lora, lora), keep(new_opt_state, opt_state), finite, metrics
 
+    if not own_reference:
+        step = functools.partial(step, ref_lora=None)
     if mesh is None:
         fn = jax.jit(step, donate_argnums=(0, 1))
     else:
@@ -285,7 +297,7 @@ def make_train_step(graphdef, config: KTOConfig, mesh=None):
         fn = par.jit_sharded(
             step, mesh,
             (par.PARAMS, par.PARAMS, par.PARAMS, par.PARAMS, par.batch_split(1), par.REPLICATED,
-             par.REPLICATED, par.REPLICATED),
+             par.REPLICATED, par.REPLICATED) + ((par.PARAMS,) if own_reference else ()),
             (par.like(0), par.like(1), par.REPLICATED, par.REPLICATED), donate_argnums=(0, 1),
         )  # fmt: skip
     fn.trace_count = trace_count

@@ -284,6 +284,15 @@ def test_more_sf_iterations_extend_a_run_to_the_fresh_runs_result(tmp_path, capl
     assert rec["kto"][0]["examples"] == len(recorded) + rec["improved_examples"]
     assert rec["max_abs_lora_diff_to_run"] > 0 and "heldout" not in rec
     assert rec["kto_changes"] == {"beta": 0.5, "precompute_ref_log_probs": True}
+    # the token-KL anchor to the iterate: its reference forward runs in the step (no table)
+    replay.main([str(fresh_dir), "--iteration", "1", "--samples", "2", "--kto",
+                 "token_kl_coef=0.1", "--reference", "iterate", "--no-heldout",
+                 "--out", str(tmp_path / "r2")])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "kto.token_kl_coef 0.0 -> 0.1" in out and ", token KL " in out
+    rec = json.loads((tmp_path / "r2" / "replay.json").read_text())
+    assert rec["kto_changes"] == {"token_kl_coef": 0.1}
+    assert all(k["token_kl"] >= 0.0 for k in rec["kto"]) and rec["max_abs_lora_diff_to_run"] > 0
 
     # taken back to fewer: refused, naming both numbers, nothing touched
     from cli_common import RunDirTaken

@@ -142,3 +142,32 @@ def test_token_kl_coef_is_checked():
     with pytest.raises(ValueError, match="precompute_ref_log_probs"):
         KTOConfig(token_kl_coef=0.1, precompute_ref_log_probs=True)
     assert KTOConfig(token_kl_coef=0.1).token_kl_coef == 0.1
+
+
+def test_anchor_to_a_reference_with_its_own_adapters(tiny_checkpoint):
+    """With reference_lora in the step, the anchor measures the KL to that reference: zero at
+    the start when the reference is the policy's own adapters, the direct KL when it is not."""
+    exs = _dataset()
+    model, trainer = _trainer(tiny_checkpoint, token_kl_coef=0.1)
+    trainer.train(exs, jax.random.key(0))  # an iterate with nonzero adapters
+    # a copy: nnx.state shares its Variables with the model, which trains on
+    iterate = jax.tree.map(jnp.copy, nnx.state(model, nnx.LoRAParam))
+    trainer.reference_lora = iterate
+    h = trainer.train(exs, jax.random.key(1))
+    assert h[0]["token_kl"] == pytest.approx(0.0, abs=1e-6)  # policy = reference at the start
+    np.testing.assert_allclose(h[0]["rewards/chosen"], 0.0, atol=1e-5)
+    assert h[-1]["token_kl"] > 1e-5
+    # against a direct computation: KL(policy now ‖ the iterate) at the next call's first step
+    ref = nnx.merge(*nnx.split(model))
+    nnx.update(ref, iterate)
+    tok = trainer.tokenize(exs[:4])
+    b = collate_step(tok, [np.arange(4)], micro_batch_size=4, grad_accum_steps=1,
+                     prompt_buckets=(32,), completion_buckets=(16,), pad_token_id=0,
+                     with_kl=False)  # fmt: skip
+    ids, mask, comp = (x[0] for x in b.full_rows())
+    logp = jax.nn.log_softmax(model(ids, attention_mask=mask), axis=-1)
+    logr = jax.nn.log_softmax(ref(ids, attention_mask=mask), axis=-1)
+    kl = jnp.sum(jnp.exp(logp) * (logp - logr), axis=-1)[:, :-1]
+    want = float(jnp.mean(jnp.sum(jnp.where(comp[:, 1:], kl, 0.0), axis=-1)))
+    again = trainer.train(exs, jax.random.key(2))
+    np.testing.assert_allclose(again[0]["token_kl"], want, rtol=1e-4, atol=1e-6)
