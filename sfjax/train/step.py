@@ -10,6 +10,12 @@ so the LM head runs only on the positions that predict completion tokens, in chu
 (:mod:`sfjax.train.forward`). The accumulated gradient is clipped, AdamW-updated with the
 learning rate passed in, and the update is dropped when anything is not finite.
 
+``token_kl_coef`` (not in the paper or TRL) adds ``coef ×`` the matched rows' summed per-token
+KL to the reference: the reference pass then also returns its final hidden states, and the
+policy's LM-head chunks compute the KL beside the log-probs
+(:func:`sfjax.train.forward.token_logps_and_kl`). ``own_reference``: the reference is the model
+with other adapter values (``ref_lora``), run in the step.
+
 Shape legend: ``A`` micro-batches per step, ``B`` micro-batch size, ``P`` / ``C`` bucketed
 prompt / completion length, ``T = P + C``, ``D`` hidden size, ``V`` vocabulary.
 """
