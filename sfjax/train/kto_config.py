@@ -28,7 +28,7 @@ class KTOConfig:
     explicit anchor to the reference on every prompt: KTO's own KL term (z) is a stop-gradient
     batch estimate that holds nothing once it reads 0. Needs the reference forward in the step
     (``precompute_ref_log_probs`` False); the step then runs the LM head twice per completion
-    token."""
+    token. The logged ``loss`` includes the term; ``token_kl`` logs the KL itself."""
     desirable_weight: float | None = None
     """λD; None (with undesirable_weight None) = from the class counts (paper eq. 12–13)."""
     undesirable_weight: float | None = None
