@@ -208,20 +208,27 @@ def sequence_logps(model, prompt_ids_BP, prompt_mask_BP, completion_ids_BC, comp
     return token_logps(model, h_BCD, completion_ids_BC, scored_BC, chunk=chunk)
 
 
+def _row_model(i: int, model, nograd_model):
+    """The model that computes the ``i``-th completion of a shared prompt: the first in
+    ``model`` (with gradient), the others in ``nograd_model`` when given."""
+    return model if i == 0 or nograd_model is None else nograd_model
+
+
 def shared_prompt_states(model, prompt_ids_BP, prompt_mask_BP, completions, *,
-                         remat: bool = False, nograd_model=None):  # fmt: skip
+                         remat: bool = False, nograd_model=None, share: bool = True):  # fmt: skip
     """``[completion_states(model, prompt, *c) for c in completions]``, running the prompt once.
 
     The prompt minus its last column runs once (:func:`prefix_states`); each completion then
     continues from its keys / values with the last prompt token prepended, which gives the
     hidden states that predict its ``C`` tokens. With ``nograd_model`` (the same weights under
     ``stop_gradient``), every completion after the first continues from a stop-gradient prefix
-    in that model. A prompt of one column has nothing to share: each row runs on its own.
+    in that model. ``share=False`` (``KTOConfig.share_prompt_forward``), or a prompt of one
+    column, which has nothing to share: each (prompt, completion) row runs on its own.
     """
     P = prompt_ids_BP.shape[-1]
-    if P < 2:
-        return [completion_states(model if i == 0 or nograd_model is None else nograd_model,
-                                  prompt_ids_BP, prompt_mask_BP, *c, remat=remat)
+    if P < 2 or not share:
+        return [completion_states(_row_model(i, model, nograd_model), prompt_ids_BP,
+                                  prompt_mask_BP, *c, remat=remat)
                 for i, c in enumerate(completions)]  # fmt: skip
     prefix_ids, prefix_mask = _even_width(prompt_ids_BP[:, :-1], prompt_mask_BP[:, :-1], "left")
     prefix = prefix_states(model, prefix_ids, prefix_mask, remat=remat)
@@ -257,7 +264,7 @@ def shared_prompt_logps(model, prompt_ids_BP, prompt_mask_BP, completions, *, re
     states = shared_prompt_states(model, prompt_ids_BP, prompt_mask_BP, completions, remat=remat,
                                   nograd_model=nograd_model)  # fmt: skip
     return [
-        token_logps(model if i == 0 or nograd_model is None else nograd_model, h_BCD, ids_BC,
+        token_logps(_row_model(i, model, nograd_model), h_BCD, ids_BC,
                     scored_mask(mask_BC, prompt_mask_BP), chunk=chunk)
         for i, (h_BCD, (ids_BC, mask_BC)) in enumerate(zip(states, completions))
     ]  # fmt: skip

@@ -34,7 +34,6 @@ from flax import nnx
 from sfjax.losses.kto import kto_loss
 from sfjax.models import lora as lora_lib
 from sfjax.train.forward import (
-    completion_states,
     scored_mask,
     sequence_logps,
     shared_prompt_logps,
@@ -139,10 +138,7 @@ def reference_logps(model, mb, config: KTOConfig, *, adapters_off: bool = True,
     with off:
         if with_states:
             comps = [comp, kl_comp] if config.with_kl else [comp]
-            if config.share_prompt_forward:
-                hs = shared_prompt_states(model, *prompt, comps, remat=False)
-            else:
-                hs = [completion_states(model, *prompt, *c, remat=False) for c in comps]
+            hs = shared_prompt_states(model, *prompt, comps, share=config.share_prompt_forward)
             logps = [token_logps(model, h, c[0], scored_mask(c[1], prompt[1]), chunk=fwd["chunk"])
                      for h, c in zip(hs, comps)]  # fmt: skip
             ref_kl = logps[1] if config.with_kl else jnp.zeros_like(logps[0])
@@ -167,10 +163,8 @@ def _policy_with_token_kl(policy, nograd, ref_model, ref_h_BCD, prompt, comp, kl
     means the caller computes them."""
     shared = config.with_kl and config.share_prompt_forward
     comps = [comp, kl_comp] if shared else [comp]
-    if config.share_prompt_forward:
-        hs = shared_prompt_states(policy, *prompt, comps, remat=config.remat, nograd_model=nograd)
-    else:
-        hs = [completion_states(policy, *prompt, *comp, remat=config.remat)]
+    hs = shared_prompt_states(policy, *prompt, comps, remat=config.remat, nograd_model=nograd,
+                              share=config.share_prompt_forward)  # fmt: skip
     chunk = config.logits_chunk_tokens
     logps, kl_B = token_logps_and_kl(policy, hs[0], ref_model, ref_h_BCD, comp[0],
                                      scored_mask(comp[1], prompt[1]), chunk=chunk,

@@ -34,12 +34,16 @@ def _perturb(model, seed: int = 0, scale: float = 0.3):
     nnx.update(model, jax.tree.unflatten(treedef, new))
 
 
-def _direct_kl(model, ids, mask, comp):
-    """Summed per-token KL(adapters on ‖ adapters off) at the positions predicting ``comp``."""
+def _direct_kl(model, ids, mask, comp, ref=None):
+    """Summed per-token KL(model ‖ reference) at the positions predicting ``comp``; the
+    reference is ``ref``, or ``model`` with its adapters off."""
     logp = jax.nn.log_softmax(model(ids, attention_mask=mask).astype(jnp.float32), axis=-1)
-    with lora.adapters_disabled(model):
-        ref = jax.nn.log_softmax(model(ids, attention_mask=mask).astype(jnp.float32), axis=-1)
-    kl = jnp.sum(jnp.exp(logp) * (logp - ref), axis=-1)[:, :-1]  # position t predicts t + 1
+    if ref is None:
+        with lora.adapters_disabled(model):
+            logr = jax.nn.log_softmax(model(ids, attention_mask=mask).astype(jnp.float32), axis=-1)
+    else:
+        logr = jax.nn.log_softmax(ref(ids, attention_mask=mask).astype(jnp.float32), axis=-1)
+    kl = jnp.sum(jnp.exp(logp) * (logp - logr), axis=-1)[:, :-1]  # position t predicts t + 1
     return np.asarray(jnp.sum(jnp.where(comp[:, 1:], kl, 0.0), axis=-1))
 
 
@@ -101,14 +105,14 @@ def _trainer(tiny_checkpoint, **overrides):
     return model, trainer
 
 
-def _dataset_kl(model, trainer, exs):
+def _dataset_kl(model, trainer, exs, ref=None):
     """The direct summed token KL of each example's (tokenized, EOS-appended) completion."""
     tok = trainer.tokenize(exs)
     b = collate_step(tok, [np.arange(len(tok))], micro_batch_size=len(tok), grad_accum_steps=1,
                      prompt_buckets=(32,), completion_buckets=(16,), pad_token_id=0,
                      with_kl=False)  # fmt: skip
     ids, mask, comp = (x[0] for x in b.full_rows())
-    return _direct_kl(model, ids, mask, comp)
+    return _direct_kl(model, ids, mask, comp, ref)
 
 
 @pytest.mark.parametrize("share", [True, False])
@@ -160,14 +164,6 @@ def test_anchor_to_a_reference_with_its_own_adapters(tiny_checkpoint):
     # against a direct computation: KL(policy now ‖ the iterate) at the next call's first step
     ref = nnx.merge(*nnx.split(model))
     nnx.update(ref, iterate)
-    tok = trainer.tokenize(exs[:4])
-    b = collate_step(tok, [np.arange(4)], micro_batch_size=4, grad_accum_steps=1,
-                     prompt_buckets=(32,), completion_buckets=(16,), pad_token_id=0,
-                     with_kl=False)  # fmt: skip
-    ids, mask, comp = (x[0] for x in b.full_rows())
-    logp = jax.nn.log_softmax(model(ids, attention_mask=mask), axis=-1)
-    logr = jax.nn.log_softmax(ref(ids, attention_mask=mask), axis=-1)
-    kl = jnp.sum(jnp.exp(logp) * (logp - logr), axis=-1)[:, :-1]
-    want = float(jnp.mean(jnp.sum(jnp.where(comp[:, 1:], kl, 0.0), axis=-1)))
+    want = _dataset_kl(model, trainer, exs[:4], ref).mean()
     again = trainer.train(exs, jax.random.key(2))
     np.testing.assert_allclose(again[0]["token_kl"], want, rtol=1e-4, atol=1e-6)
