@@ -143,14 +143,18 @@ class KTOTrainer:
 
     # ------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """Checkpointable pytree: adapters, optimizer state, step, global step, skip counter."""
-        return {
+        """Checkpointable pytree: adapters, optimizer state, step, global step, skip counter
+        and, when one is set, the :attr:`reference_lora` (a resumed run keeps its πref)."""
+        state = {
             "lora": nnx.to_pure_dict(lora_lib.lora_state(self.model)),
             "opt_state": self.opt_state,
             "step": self.step,
             "global_step": self.global_step,
             "skipped_steps": self.skipped_steps,
         }
+        if self._reference_lora is not None:
+            state["reference_lora"] = nnx.to_pure_dict(self._reference_lora)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output; then ``train(..., resume=True)`` continues the run."""
@@ -162,6 +166,14 @@ class KTOTrainer:
         # State dicts written before the global step existed: it equalled the call's step.
         self.global_step = int(state.get("global_step", state["step"]))
         self.skipped_steps = int(state["skipped_steps"])
+        # Without the key the state was written with πref = the adapters off.
+        ref = state.get("reference_lora")
+        if ref is None:
+            self.reference_lora = None
+        else:
+            ref_state = lora_lib.lora_state(self.model)
+            nnx.replace_by_pure_dict(ref_state, ref)
+            self.reference_lora = ref_state
 
     def save_adapter(self, out_dir: str | os.PathLike, **kwargs):
         """Write the adapters in PEFT format (see :func:`sfjax.models.lora.save_adapter`)."""

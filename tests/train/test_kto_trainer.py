@@ -406,6 +406,38 @@ def test_reference_lora_is_a_reference_with_its_own_adapters(tiny_checkpoint):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-4)
 
 
+def test_reference_lora_travels_with_the_state_dict(tiny_checkpoint):
+    """A state dict written with a reference_lora restores it (copied, not the model's own
+    adapters), so the restored trainer trains on as the original; one written without it
+    restores πref = adapters off."""
+    exs = _dataset()[:8]
+    model, trainer = _trainer(tiny_checkpoint, epochs=1, shuffle=False)
+    trainer.train(exs, jax.random.key(0))
+    iterate = jax.tree.map(np.asarray, nnx.state(model, nnx.LoRAParam))
+    trainer.train(exs, jax.random.key(1))  # the model's adapters move past the iterate
+    trainer.reference_lora = iterate
+    sd = jax.tree.map(np.asarray, trainer.state_dict())
+    assert "reference_lora" in sd
+
+    _, restored = _trainer(tiny_checkpoint, epochs=1, shuffle=False)
+    restored.load_state_dict(sd)
+    for a, b in zip(jax.tree.leaves(restored.reference_lora), jax.tree.leaves(iterate)):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    for a, b in zip(jax.tree.leaves(lora.lora_state(restored.model)),
+                    jax.tree.leaves(lora.lora_state(model))):  # fmt: skip
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # its own, not the reference
+    h_original = trainer.train(exs, jax.random.key(2))
+    h_restored = restored.train(exs, jax.random.key(2))
+    for a, b in zip(h_original, h_restored):
+        for name in ("loss", "kl", "rewards/chosen", "rewards/rejected"):
+            np.testing.assert_allclose(a[name], b[name], rtol=1e-6, atol=1e-7, err_msg=name)
+
+    restored.load_state_dict({k: v for k, v in sd.items() if k != "reference_lora"})
+    assert restored.reference_lora is None
+    trainer.reference_lora = None
+    assert "reference_lora" not in trainer.state_dict()
+
+
 def test_fixed_kl_partners():
     exs = [TokenizedExample((i % 3,), (100 + i,), True) for i in range(7)]
     partner = fixed_kl_partners(exs, 3)  # groups [0,1,2] [3,4,5,6] (the lone 6 joins)
