@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print("JAX = pf_ns3 scheduler (ns-3 PfFfMacScheduler semantics); [JAX buffer-aware PF]; "
           f"{{buffer-aware + {args.pipeline_ms} ms pipeline}}. SE = eq. 1 (allocated) for both; "
-          "JAX's default scheduled-PRB SE in the last column.")
+          "the JAX env's scheduled-PRB SE (se_scheduled) in the last column.")
     print("| traffic | sequence | slice | SE eq. 1 JAX / ns-3 [BA] | viol. rate JAX / ns-3 [BA] {pipe} "
           "| offered Mb/s JAX / ns-3 | delivered Mb/s JAX / ns-3 [BA] "
           "| drops kB/step JAX / ns-3 [BA] | mean delay ms JAX / ns-3 [BA] {pipe} "

@@ -18,8 +18,8 @@ It mirrors :class:`sfjax.envs.ran.RanSlicingEnv` so that either can stand behind
   ``max_delay_ms`` and their ``other_`` twins, ``utility``; not ``utilization``/``link_se``)
   plus ns-3's ``tbs``/``tb_errors``/``harq_retx``, and the observation is the same scaled
   eq. 14 vector. ns-3 reports eq. 1's SE only (``se`` = ``se_allocated``; there is no
-  ``se_scheduled``), so with the JAX env's default ``se_definition="scheduled"`` the two
-  ``se`` differ in meaning (a warning says so; set ``se_definition="allocated"`` to compare);
+  ``se_scheduled``): the JAX env's default ``se_definition="allocated"`` reports the same
+  quantity; with ``"scheduled"`` the two ``se`` differ in meaning (a warning says so);
 * ``reward`` is the eq. 15 utility ``w_se (SE + offset) - w_c c - w_v v`` of the step;
 * the intra-slice scheduler is always ns-3's ``PfFfMacScheduler`` (the JAX env's
   ``scheduler="pf_ns3"``; ``RanSlicingConfig.scheduler`` is not used here);
