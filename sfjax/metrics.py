@@ -13,8 +13,9 @@
   every slice by default (``Objective``);
 * eq. 3, reconfiguration: ``c_t = 1`` if ``B_t != B_{t-1}``;
 * eq. 15, per-step utility ``U_t = alpha (SE_t + 1) - beta c_t - gamma v_t`` with
-  alpha = beta = 15, gamma = 300 (DESIGN.md: these weights and the +1 offset reproduce the
-  utility column of Table III from its other columns over 300-step trajectories).
+  alpha = beta = 15, gamma = 300 (../shared/DESIGN.md: these weights and the +1 offset
+  reproduce the utility column of Table III from its other columns over 300-step
+  trajectories).
 
 Everything works on numpy or jax arrays (jit-able); reductions are over the last axis (time),
 so a batch of trajectories [B, T] gives per-trajectory results [B].

@@ -4,8 +4,9 @@ that keep increasing across KTO iterations.
 
 Each KTO iteration of RfR (paper IV-C, Fig. 3) is one ``KTOTrainer.train`` call on that
 iteration's dataset: a fresh AdamW state and learning-rate schedule per iteration, as the
-paper's "six successive KTO fine-tuning iterations" on six datasets. The reference policy is
-always the base model with the adapters off.
+paper's "six successive KTO fine-tuning iterations" on six datasets. In the SF loop the
+reference policy is the base model with the adapters off (``benchmarks/kto_replay.py
+--reference iterate`` sets ``trainer.reference_lora`` instead).
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ The agents receive no scalar reward (paper IV): they are told the goal that Tabl
 (:class:`sfjax.envs.objective.Objective`: which SE, which packets count as violations, and how
 the three objectives weigh against each other) as text generated from the same object the
 simulator and the RL baselines use, so an LLM agent is never told a different goal from the one
-it is judged on. The weights appear only as ratios ("one violation step weighs as much as 20
-bit/s/Hz of SE for one step"), never as a per-step number the agent could read off.
+it is judged on. The weights appear only as ratios ("one step with a violation costs as much as
+20 bit/s/Hz of SE held for one step"), never as a per-step number the agent could read off.
 """
 
 from __future__ import annotations

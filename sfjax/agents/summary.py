@@ -14,8 +14,8 @@ Units of the per-trajectory metrics (paper eq. 1-3 and 15):
   trajectory;
 * utility — eq. 15 summed over the trajectory (15 (SE + 1) - 15 c - 300 v per step;
   dimensionless, higher is better);
-* parse failures — steps whose Actor output had no parsable action (the constrained action
-  field is then used), per trajectory.
+* parse failures — steps whose Actor output had no parsable action (the previous allocation
+  is then kept; with constrained decoding, the default, every output parses), per trajectory.
 """
 
 from __future__ import annotations

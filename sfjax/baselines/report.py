@@ -1,9 +1,11 @@
 """Table III, Fig. 2 and Fig. 3 of the paper, written from our own runs.
 
-* :func:`write_table3` — markdown table with rows SF, Reflexion, DQN, PPO, SAC and columns
-  Avg. SE, Reconf. times, PQoS vio., Utility (mean ± std over the evaluated trajectories,
-  :mod:`sfjax.baselines.evaluation`), plus the environment samples each method used for
-  training and for evaluation, the protocol, and which actor/reflector made the LLM rows.
+* :func:`write_table3` — markdown table with rows SF, Reflexion, DQN, PPO, SAC and the three
+  reference rows (best static, adaptive heuristic, hindsight bound) and columns Avg. SE,
+  Reconf. times, PQoS vio., Utility (mean ± std over the evaluated trajectories,
+  :mod:`sfjax.baselines.evaluation`) and % of hindsight, plus the environment samples each
+  method used for training and for evaluation, the protocol, and which actor/reflector made
+  the LLM rows.
 * :func:`plot_fig2` — per-round training curves of the RL baselines (mean ± std band over
   training seeds) with the LLM agents' evaluated values as horizontal lines.
 * :func:`plot_fig3` — (a) metrics before/after self-finetuning (one panel and unit each),

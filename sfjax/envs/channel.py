@@ -1,4 +1,5 @@
-"""Radio models of the RAN slicing scenario (paper section V-A, Table II; DESIGN.md scenario table).
+"""Radio models of the RAN slicing scenario (paper section V-A, Table II; the scenario table of
+``../shared/DESIGN.md``).
 
 Large-scale channel of a single tri-sector-like cell (one sector simulated, no inter-cell
 interference):

@@ -12,7 +12,7 @@ Readings of the paper taken by the defaults (docs/SCENARIO.md; benchmarks/RESULT
   slice over the decision interval times its *allocated* bandwidth. Over-provisioning then
   costs SE in proportion to 1/allocation, which is the trade-off the paper describes
   ("over-provisioning can lead to underutilization"). The paper's SE of ~5.3 bit/s/Hz is out
-  of reach under eq. 1 with its traffic (the GBR slice offers ~5 Mb/s, at most ~2.4 Mb/s of it
+  of reach under eq. 1 with its traffic (the GBR slice offers ~5 Mb/s in the long run, ~3.6 Mb/s
   in an average step of a 30 s episode that starts with every UE off): Table III's absolute
   SE and utility cannot be matched and no factor is added to match them.
   ``"scheduled"`` (the efficiency of the PRBs actually scheduled) is kept as an option: it is
@@ -21,8 +21,8 @@ Readings of the paper taken by the defaults (docs/SCENARIO.md; benchmarks/RESULT
   step "if any packet within it" exceeds its requirement. Counting the controlled slice only
   (``"controlled"``) makes starving the other slice free, and then the largest allocation
   wins.
-* **eq. 15 weights** alpha = beta = 15, gamma = 300 with a +1 per-step SE offset (DESIGN.md:
-  they reproduce Table III's utility column from its other columns).
+* **eq. 15 weights** alpha = beta = 15, gamma = 300 with a +1 per-step SE offset
+  (../shared/DESIGN.md: they reproduce Table III's utility column from its other columns).
 
 Shape legend: none (configuration only).
 """

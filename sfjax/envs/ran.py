@@ -1,8 +1,8 @@
 """Pure-JAX packet-level RAN slicing environment with the gymnax API (paper section V-A).
 
-Two slices share one LTE cell (DESIGN.md scenario table): the *controlled* slice (default the
-20-UE GBR slice) and the *other* slice (4 non-GBR UEs). Every decision (100 ms) the agent picks
-how many RBGs the controlled slice owns; the other slice gets the rest. A decision is one
+Two slices share one LTE cell (the scenario table of ``../shared/DESIGN.md``): the *controlled*
+slice (default the 20-UE GBR slice) and the *other* slice (4 non-GBR UEs). Every decision
+(100 ms) the agent picks how many RBGs the controlled slice owns; the other slice gets the rest. A decision is one
 ``lax.scan`` over 100 TTIs of 1 ms (:mod:`sfjax.envs.decision`): TR 38.901 SINR per RBG x
 fast-fading traces -> CQI -> proportional-fair scheduling inside each slice -> per-UE FIFOs
 with on-off CBR arrivals. The code is split by concept:
@@ -18,7 +18,8 @@ Actions. ``action`` in ``0 .. num_actions-1`` gives the controlled slice
 ``action + min_rbg_per_slice`` RBGs, the lowest-frequency ones; with the default 25 PRB
 (12 RBGs of 2 PRB + 1 of 1 PRB) and ``min_rbg_per_slice = 1`` that is 2, 4, ..., 24 PRBs
 (12 actions) and both slices always keep at least one RBG. ``prbs_for_action`` /
-``action_for_prbs`` convert to and from PRBs (the LLM Actor talks in PRBs).
+``action_for_prbs`` convert to and from PRBs (the LLM Actor talks in RBGs,
+``action + min_rbg_per_slice``: :mod:`sfjax.agents.env`).
 
 Per-step feedback (eq. 1-3, for the controlled slice, ``other_``-prefixed for the other one):
 ``se`` = the spectral efficiency named by ``config.objective.se_definition``: by default eq. 1

@@ -1,4 +1,5 @@
-"""Static description of the RAN slicing scenario (DESIGN.md scenario table, paper section V-A).
+"""Static description of the RAN slicing scenario (paper section V-A; the scenario table of
+``../shared/DESIGN.md``).
 
 :class:`RanSlicingConfig` fixes everything that shapes the simulation (cell, the two slices,
 buffers, scheduler, the scoring objective, decision length); the numbers an experiment tunes

@@ -41,7 +41,7 @@ class EnvParams(environment.EnvParams):
     se_weight: float = 15.0
     """alpha of eq. 15 (weights SE)."""
     se_offset: float = 1.0
-    """Per-step offset inside the SE term: w_se (SE + offset) (DESIGN.md: +1)."""
+    """Per-step offset inside the SE term: w_se (SE + offset) (../shared/DESIGN.md: +1)."""
     reconfig_penalty: float = 15.0
     """beta of eq. 15."""
     violation_penalty: float = 300.0

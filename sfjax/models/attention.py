@@ -31,7 +31,8 @@ is set to 0. Real rows are unaffected; pad rows stay finite, so nothing NaN can 
 or the residual stream.
 
 Selecting: ``SFJAX_ATTENTION=cudnn`` in the environment, :func:`set_implementation`, an
-:class:`AttentionConfig` field in an experiment config (``cfg.attention.apply()``), or
+:class:`AttentionConfig` field in a config of your own (``cfg.attention.apply()``; no experiment
+CLI has one, the experiments read ``SFJAX_ATTENTION``), or
 ``with attention.implementation("xla"): ...``; ``benchmarks/gpu_*.py --attention`` sets it.
 The setting is read when a function is traced, and changing it clears JAX's compilation caches
 (:func:`jax.clear_caches`), so every jitted function — a :class:`sfjax.sampling.Sampler`'s
@@ -106,7 +107,7 @@ def implementation(name: str) -> Iterator[str]:
 
 @dataclass(frozen=True)
 class AttentionConfig:
-    """Attention kernel choice, to nest in an experiment's config (tyro: ``--attention.*``)."""
+    """Attention kernel choice, to nest in a config of your own (tyro: ``--attention.*``)."""
 
     implementation: str = "auto"
     """plain (f32 scores, the reference), xla / cudnn (jax.nn.dot_product_attention), auto

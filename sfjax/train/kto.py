@@ -4,12 +4,13 @@ Refine-from-Reflection fine-tunes the Actor with KTO (paper eq. 8–13) on its L
 reference policy πref is the same model with the adapters switched off
 (:func:`sfjax.models.lora.adapters_disabled`), so the base weights exist once and never change
 (:attr:`KTOTrainer.reference_lora` makes it the model with other adapter values instead, e.g.
-the previous SF iterate, with precomputed reference log-probs).
+the previous SF iterate: with ``precompute_ref_log_probs`` their log-probs are tabled once per
+dataset, otherwise the step's reference forward runs with them).
 
 One optimizer step = one call of a jitted function (donating the LoRA params and the optimizer
 state) that scans over ``grad_accum_steps`` micro-batches; per micro-batch it runs
 
-1. the reference forward (adapters off) on the matched and the KL (mismatched) rows — or,
+1. the reference forward (adapters off, or :attr:`KTOTrainer.reference_lora`'s) on the matched and the KL (mismatched) rows — or,
    with ``precompute_ref_log_probs``, nothing: they were computed once for the dataset,
 2. the policy forward + backward on the matched rows, :func:`sfjax.losses.kto.kto_loss`,
 3. the policy forward on the KL rows without gradient (``z`` is stop-gradient), continuing
