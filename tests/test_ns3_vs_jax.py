@@ -87,8 +87,9 @@ def test_cli_refuses_before_running_jax(tmp_path, capsys):
     with pytest.raises(SystemExit):
         nj.main(["--static", "--steps", str(STEPS), "--ns3-from", str(bad)])
     assert "re-run ns-3" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         nj.main(["--ns3-from", str(bad)])
+    assert exit_.value.code == 2 and "--ns3-from needs --static" in capsys.readouterr().err
 
 
 @pytest.mark.slow

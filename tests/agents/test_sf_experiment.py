@@ -261,8 +261,9 @@ def test_more_sf_iterations_extend_a_run_to_the_fresh_runs_result(tmp_path, capl
     assert len(final) > 0 and [x["after"] for x in iterates] == [x["after"] for x in final]
     assert "before (after 1 SF iteration(s)) / after (after 2 SF iteration(s))" in \
         capsys.readouterr().out  # fmt: skip
-    with pytest.raises(SystemExit):
-        stm.main([str(fresh_dir), "--after-iterate", "3"])  # the run has iterates 0..2
+    with pytest.raises(SystemExit) as exit_:
+        stm.main([str(fresh_dir), "--after-iterate", "3"])
+    assert exit_.value.code == 2 and "the run has iterates 0..2" in capsys.readouterr().err
 
     # kto_replay: iteration 1's KTO again, from iterate 1 on the recorded datasets with the
     # loop's keys, is iterate 2 bit for bit (held-out result included); another setting is not
