@@ -104,7 +104,9 @@ class ModelConfig:
     tiny_seed: int = 0
     """Seed of the tiny checkpoint's random weights."""
     dtype: str = "bfloat16"
-    """Base weight dtype: bfloat16 or float32 (LoRA params stay float32)."""
+    """Base weight dtype: bfloat16 or float32 (LoRA params stay float32). On a CPU without bf16
+    instructions (AVX2 only) bfloat16 is slower than float32 (the KTO step 1.4x here:
+    benchmarks/RESULTS.md, "The CPU speed comparisons on a second CPU")."""
     scan_layers: bool = False
     """Stack the decoder layers and run them as one ``lax.scan`` (prefill, reference log-probs,
     KTO step): 5-20x faster compiles at Qwen3-4B (benchmarks/RESULTS.md), same results."""
