@@ -23,16 +23,17 @@ from sfjax.agents.reflectors.base import ReflectorError
 from sfjax.atomic import DamagedFile
 from sfjax.config_rules import RULES
 from sfjax.configcheck import Bad, ConfigError, check_config
-from sfjax.models.config import CheckpointUnavailable
+from sfjax.models.config import CheckpointUnavailable, UnsupportedCheckpoint
 from sfjax.models.weights import CheckpointError
 
 
 class RunDirTaken(FileExistsError):
-    """RUN_DIR holds a run with another configuration (the message names the keys)."""
+    """RUN_DIR cannot take this run: it holds one with another configuration (the message names
+    the keys), or it is a file."""
 
 
 USER_ERRORS = (ConfigError, RunDirTaken, DamagedFile, ReflectorError, CheckpointUnavailable,
-               CheckpointError)
+               CheckpointError, UnsupportedCheckpoint)
 """A user's mistake or a missing / unusable input: one ``error:`` line and exit status 2."""
 
 
@@ -194,6 +195,14 @@ def with_earlier_values(cfg_json: dict, earlier: Mapping[str, object]) -> dict:
     return out
 
 
+def make_run_dir(run_dir: Path) -> None:
+    """Create RUN_DIR (and its parents); one that exists as a file is refused (a user error)."""
+    for p in (run_dir, *run_dir.parents):
+        if p.exists() and not p.is_dir():
+            raise RunDirTaken(f"RUN_DIR {run_dir}: {p} is a file, not a directory")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
 def prepare_run_dir(cfg, run_dir: Path, operational: Sequence[str], *,
                     has_run: bool | None = None, what: str = "run",
                     announce: bool = True, earlier: Mapping[str, object] | None = None):  # fmt: skip
@@ -210,7 +219,7 @@ def prepare_run_dir(cfg, run_dir: Path, operational: Sequence[str], *,
     absent from a ``config.json`` is read as that value, :func:`with_earlier_values`); any
     other option a ``config.json`` predates is named.
     """
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_run_dir(run_dir)
     saved = run_dir / "config.json"
     if has_run is None:
         has_run = saved.exists()

@@ -423,7 +423,7 @@ def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> d
     env = JaxRanRunner(cfg.env, cfg.loop.trajectory_steps)
     check_given_action_range(cfg.actor.prompt, env.env)
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    cli_common.make_run_dir(run_dir)
     parallel.check_shared_directory(run_dir)  # multi-host: one directory for every host
     # process 0 decides (and writes config.json) before any process reads further
     resume, cfg = parallel.on_main_process(_prepare_run_dir, cfg, run_dir)

@@ -1,8 +1,9 @@
 """Allowed values of the config classes that do not check themselves (see
 :mod:`sfjax.configcheck`): ranges a bad CLI value would otherwise hit only deep inside a run.
 Classes that validate in ``__post_init__`` (KTOConfig, LoRAConfig, RfRConfig, EvalProtocol,
-RLRunConfig, RanSlicingConfig) are refused by tyro while parsing; those with an ``invalid`` method check
-themselves (LoopConfig, ApiReflectorConfig)."""
+RLRunConfig, RanSlicingConfig, CellConfig, FadingConfig, PromptConfig) are refused by tyro while
+parsing; those with an ``invalid`` method check themselves (LoopConfig, ApiReflectorConfig,
+PriorConfig, the RL algorithms' configs, ReferenceConfig)."""
 
 from __future__ import annotations
 

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from sfjax.agents.prompts import PromptConfig, format_output
+from sfjax.configcheck import Bad, at_least
 from sfjax.train.sft import SFTConfig
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,11 @@ class TeacherConfig:
     queue_alarm: float = 0.02
     """Queue growth (fraction of the slice's buffers) that counts as under-provisioning."""
 
+    def invalid(self) -> list[Bad]:
+        bad = [Bad(n, "> 0") for n in ("kbps_per_prb", "other_kbps_per_prb", "queue_alarm")
+               if not getattr(self, n) > 0]  # fmt: skip
+        return bad + at_least(self, 0, "hysteresis_rbg")
+
 
 @dataclass(frozen=True)
 class PriorConfig:
@@ -96,6 +102,16 @@ class PriorConfig:
     """Supervised training on the teacher's decisions."""
     cache_dir: str = "~/.cache/sfjax/priors"
     """Built priors live in CACHE_DIR/<hash of this config, the env and the prompt>."""
+
+    def invalid(self) -> list[Bad]:
+        bad = at_least(self, 1, "data_steps", "hidden_size", "num_layers", "num_heads")
+        if not self.data_seeds:
+            bad.append(Bad("data_seeds", "at least one env seed"))
+        if self.num_heads >= 1 and (self.num_heads > 1 and self.num_heads % 2
+                                    or self.hidden_size % self.num_heads):  # fmt: skip
+            bad.append(Bad("num_heads", "1 or an even number that divides --prior.hidden-size "
+                                        "(half as many KV heads; head_dim = hidden / heads)"))
+        return bad
 
     def model_overrides(self) -> dict:
         return {"hidden_size": self.hidden_size, "num_hidden_layers": self.num_layers,
@@ -229,18 +245,41 @@ def check_prior(directory: Path, expected_hash: str | None = None) -> str | None
 
 def build_prior(cfg: PriorConfig, env_cfg, prompt_cfg: PromptConfig, out: str | os.PathLike,
                 log_every: int = 50) -> Path:
-    """Build the prior into ``out`` (replaced if present); the marker is written last."""
+    """Build the prior into ``out`` (replaced if present); the marker is written last. The build
+    runs in ``out.building-<pid>``, removed if it fails (and, if its process was killed, by the
+    next build)."""
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    _remove_dead_builds(out)
+    tmp = out.with_name(out.name + f".building-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        return _build_into(tmp, out, cfg, env_cfg, prompt_cfg, log_every)
+    except BaseException:  # a failed or interrupted build leaves nothing in the cache
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _remove_dead_builds(out: Path) -> None:
+    """Delete the ``.building-<pid>`` dirs of ``out`` whose process is gone (a killed build)."""
+    for d in out.parent.glob(out.name + ".building-*"):
+        try:
+            os.kill(int(d.name.rsplit("-", 1)[1]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (ValueError, PermissionError):
+            pass  # not ours to judge: another user's process, or not a pid
+
+
+def _build_into(tmp: Path, out: Path, cfg, env_cfg, prompt_cfg, log_every) -> Path:
+    """Teacher data, SFT, save and marker into ``tmp``, then rename it to ``out``."""
     import jax.numpy as jnp
 
     from sfjax.models import qwen3
     from sfjax.testing import write_tiny_checkpoint
     from sfjax.tokenizer import load_tokenizer
 
-    out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp = out.with_name(out.name + f".building-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     t0 = time.perf_counter()
     c0 = time.process_time()
     write_tiny_checkpoint(tmp, config=cfg.model_overrides(), seed=cfg.seed, dtype="float32")

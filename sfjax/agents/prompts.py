@@ -71,7 +71,8 @@ class PromptConfig:
     field_order: FieldOrder = "reflection_first"
     """``reflection_first`` (paper: rho, a, eta) or ``action_first`` (a, rho, eta; lower latency)."""
     max_field_chars: int = 240
-    """Reflections/analyses from history are cut to this many characters in the prompt."""
+    """Reflections/analyses from history are cut to this many characters in the prompt (0 leaves
+    them out: shown as "-")."""
     slice_description: str = (
         "Slice 0 serves 20 GBR users (0.5 Mb/s each while active, 10 ms delay budget); "
         "slice 1 serves 4 non-GBR users (2 Mb/s each while active, 50 ms delay budget). "
@@ -99,6 +100,8 @@ class PromptConfig:
             )
         if self.history_window < 0:
             raise ValueError("PromptConfig.history_window must be >= 0")
+        if self.max_field_chars < 0:
+            raise ValueError(f"PromptConfig.max_field_chars must be >= 0, got {self.max_field_chars}")
         if self.style not in ("full", "compact"):
             raise ValueError(f"PromptConfig.style must be 'full' or 'compact', got {self.style!r}")
         if self.field_order not in ("reflection_first", "action_first"):
@@ -213,6 +216,8 @@ def format_feedback(feedback: Mapping[str, float]) -> str:
 
 
 def _clip(text: str, n: int) -> str:
+    if n <= 0:
+        return ""
     text = " ".join(text.split())
     return text if len(text) <= n else text[: max(n - 3, 0)] + "..."
 

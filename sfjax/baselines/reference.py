@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sfjax.baselines.evaluation import EvalProtocol, Rollouts, rollout
+from sfjax.configcheck import Bad, at_least
 
 
 def _unwrapped(env):
@@ -263,6 +264,12 @@ class ReferenceConfig:
     (disjoint from the evaluation seeds)."""
     beam_width: int = 8
     """Beam of the hindsight search (per evaluation seed; x actions candidates per step)."""
+
+    def invalid(self) -> list[Bad]:
+        bad = at_least(self, 1, "beam_width")
+        if not self.train_seeds:
+            bad.append(Bad("train_seeds", "at least one env seed"))
+        return bad
 
 
 def reference_rows(env, env_params, protocol: EvalProtocol, cfg: ReferenceConfig,

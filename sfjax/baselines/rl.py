@@ -42,6 +42,7 @@ from sfjax.baselines import time_limits
 from sfjax.baselines.evaluation import EvalProtocol, Rollouts, rollout
 from sfjax.baselines.round_progress import RoundProgress, with_progress
 from sfjax.baselines.wrappers import RejaxEnv, episode_stats_env, last_episode_stats
+from sfjax.configcheck import Bad, at_least
 
 AlgoName = Literal["dqn", "ppo", "sac"]
 ALGOS: tuple[AlgoName, ...] = ("dqn", "ppo", "sac")
@@ -83,6 +84,32 @@ class NetworkConfig:
     """Widths of the hidden layers."""
     activation: str = "swish"
     """Name of a ``flax.linen`` activation (``relu``, ``swish``, ``tanh`` ...)."""
+
+    def invalid(self) -> list[Bad]:
+        bad = [] if callable(getattr(nn, self.activation, None)) else [
+            Bad("activation", "the name of a flax.linen function (relu, swish, tanh ...)")]
+        if not self.hidden_layer_sizes or min(self.hidden_layer_sizes) < 1:
+            bad.append(Bad("hidden_layer_sizes", "one or more widths >= 1"))
+        return bad
+
+
+def _common_invalid(cfg) -> list[Bad]:
+    """The checks every algorithm's config shares: a step size, a discount, a clip."""
+    bad = [Bad(n, "> 0") for n in ("learning_rate", "max_grad_norm") if not getattr(cfg, n) > 0]
+    return bad + _unit_interval(cfg, "gamma")
+
+
+def _unit_interval(cfg, *names: str) -> list[Bad]:
+    return [Bad(n, "in [0, 1]") for n in names if not 0.0 <= getattr(cfg, n) <= 1.0]
+
+
+def _replay_invalid(cfg) -> list[Bad]:
+    """Replay-buffer sizes (DQN, SAC)."""
+    bad = at_least(cfg, 1, "batch_size", "updates_per_iteration")
+    for name in ("buffer_size", "fill_buffer"):
+        if getattr(cfg, name) < cfg.batch_size:
+            bad.append(Bad(name, f">= --batch-size ({cfg.batch_size})"))
+    return bad
 
 
 @dataclass(frozen=True)
@@ -126,6 +153,16 @@ class DQNConfig:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     """Q-network torso."""
 
+    def invalid(self) -> list[Bad]:
+        bad = _common_invalid(self) + _replay_invalid(self)
+        bad += at_least(self, 1, "target_update_freq")
+        bad += _unit_interval(self, "eps_start", "eps_end")
+        if not self.eps_end <= self.eps_start:
+            bad.append(Bad("eps_end", "<= --eps-start"))
+        if not 0.0 < self.exploration_fraction <= 1.0:
+            bad.append(Bad("exploration_fraction", "in (0, 1]"))
+        return bad
+
 
 @dataclass(frozen=True)
 class PPOConfig:
@@ -163,6 +200,14 @@ class PPOConfig:
     """Scale rewards by a running std of the discounted return."""
     network: NetworkConfig = field(default_factory=NetworkConfig)
     """Actor and critic torsos."""
+
+    def invalid(self) -> list[Bad]:
+        bad = _common_invalid(self) + _unit_interval(self, "gae_lambda")
+        bad += at_least(self, 1, "rollout_steps", "num_minibatches", "num_epochs")
+        bad += at_least(self, 0, "vf_coef", "ent_coef")
+        if not self.clip_eps > 0:
+            bad.append(Bad("clip_eps", "> 0"))
+        return bad
 
 
 @dataclass(frozen=True)
@@ -205,6 +250,12 @@ class SACConfig:
     """Scale rewards by a running std of the discounted return."""
     network: NetworkConfig = field(default_factory=lambda: NetworkConfig(activation="relu"))
     """Actor and critic torsos."""
+
+    def invalid(self) -> list[Bad]:
+        bad = _common_invalid(self) + _replay_invalid(self) + _unit_interval(self, "polyak")
+        if not 0.0 < self.target_entropy_ratio <= 1.0:
+            bad.append(Bad("target_entropy_ratio", "in (0, 1]"))
+        return bad
 
 
 AlgoConfig = DQNConfig | PPOConfig | SACConfig

@@ -102,6 +102,15 @@ class CellConfig:
             raise ValueError(f"rbg_count must be '36.213' or 'ns3', got {self.rbg_count!r}")
         if not 0.0 < self.data_re_fraction <= 1.0:
             raise ValueError(f"data_re_fraction must be in (0, 1], got {self.data_re_fraction}")
+        if not 0.5e9 <= self.carrier_hz <= 100e9:
+            raise ValueError(
+                f"carrier_hz must be in [0.5e9, 100e9] (TR 38.901 validity), got {self.carrier_hz}"
+            )
+        if not 1.0 < self.ue_height_m < self.bs_height_m:
+            raise ValueError(
+                "need 1 m < ue_height_m < bs_height_m (TR 38.901's breakpoint distance takes both "
+                f"above its 1 m environment height), got {self.ue_height_m}, {self.bs_height_m}"
+            )
         if not 10.0 <= self.min_distance_m < self.max_distance_m <= 5000.0:
             raise ValueError(
                 "need 10 m <= min_distance_m < max_distance_m <= 5000 m (TR 38.901 UMa validity), "

@@ -74,6 +74,8 @@ class FadingConfig:
             )
         if self.speed_kmh < 0 or self.n_traces < 1 or self.duration_ms < 1:
             raise ValueError("speed_kmh >= 0, n_traces >= 1 and duration_ms >= 1 are required")
+        if self.n_sinusoids < 1:
+            raise ValueError(f"n_sinusoids must be >= 1, got {self.n_sinusoids}")
 
     def doppler_hz(self, carrier_hz: float) -> float:
         return self.speed_kmh / 3.6 * carrier_hz / SPEED_OF_LIGHT

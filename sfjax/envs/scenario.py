@@ -116,6 +116,10 @@ class RanSlicingConfig:
             raise ValueError("ttis_per_step and episode_steps must be >= 1")
         if self.pipeline_delay_ms < 0:
             raise ValueError(f"pipeline_delay_ms must be >= 0, got {self.pipeline_delay_ms}")
+        if self.pf_window_tti < 1:
+            raise ValueError(f"pf_window_tti must be >= 1, got {self.pf_window_tti}")
+        if self.min_rbg_per_slice < 0:
+            raise ValueError(f"min_rbg_per_slice must be >= 0, got {self.min_rbg_per_slice}")
         if 2 * self.min_rbg_per_slice > self.cell.n_rbg:
             raise ValueError(
                 f"min_rbg_per_slice={self.min_rbg_per_slice} leaves no choice with "

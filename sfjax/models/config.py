@@ -14,6 +14,11 @@ from typing import Any
 import jax
 
 
+class UnsupportedCheckpoint(ValueError):
+    """A checkpoint whose config.json sfjax cannot run: another architecture, an option its
+    Qwen3 does not implement, or required fields missing. The message names what."""
+
+
 class CheckpointUnavailable(FileNotFoundError):
     """A checkpoint (or its tokenizer) that is not there: a wrong path, a directory without
     config.json, a hub id not in the local cache while offline. The message says what to pass."""
@@ -163,18 +168,18 @@ class Qwen3Config:
         c = dict(config)
         model_type = c.get("model_type")
         if model_type != "qwen3":
-            raise ValueError(
+            raise UnsupportedCheckpoint(
                 f"unsupported model_type {model_type!r}: sfjax implements only 'qwen3' (dense "
                 "Qwen3, e.g. Qwen/Qwen3-4B); Qwen3-MoE, Qwen2 and others are not supported"
             )
         if c.get("attention_bias", False):
-            raise ValueError(
+            raise UnsupportedCheckpoint(
                 "attention_bias=true is not supported by sfjax's Qwen3 (Qwen3 has none)"
             )
         if c.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act {c['hidden_act']!r} is not supported; Qwen3 uses 'silu'")
+            raise UnsupportedCheckpoint(f"hidden_act {c['hidden_act']!r} is not supported; Qwen3 uses 'silu'")
         if c.get("use_sliding_window", False):
-            raise ValueError("use_sliding_window=true is not supported by sfjax's Qwen3")
+            raise UnsupportedCheckpoint("use_sliding_window=true is not supported by sfjax's Qwen3")
         rope_theta = c.get("rope_theta")
         # transformers 5 (PreTrainedConfig.convert_rope_params_to_dict): rope_scaling, when set,
         # replaces rope_parameters (e.g. YaRN added to a config.json that transformers 5 wrote)
@@ -182,7 +187,7 @@ class Qwen3Config:
         if rope:
             rope_type = rope.get("rope_type", rope.get("type", "default"))
             if rope_type != "default":
-                raise ValueError(
+                raise UnsupportedCheckpoint(
                     f"rope type {rope_type!r} is not supported (only the default RoPE); remove "
                     "rope_scaling from config.json to run without context extension"
                 )
@@ -190,7 +195,7 @@ class Qwen3Config:
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
         missing = [k for k in (*required, "num_attention_heads") if c.get(k) is None]
         if missing:
-            raise ValueError(f"config.json lacks required Qwen3 fields {missing}")
+            raise UnsupportedCheckpoint(f"config.json lacks required Qwen3 fields {missing}")
         eos = c.get("eos_token_id")
         if isinstance(eos, list):
             eos = tuple(eos)

@@ -61,6 +61,10 @@ sfjax computes plain LoRA on whole modules, and e.g. an aLoRA adapter
 (``alora_invocation_tokens``) read as plain LoRA would give other outputs than PEFT's."""
 
 
+PARAM_DTYPES = ("float32", "bfloat16", "float16")
+"""The dtypes :attr:`LoRAConfig.param_dtype` takes."""
+
+
 @dataclass(frozen=True)
 class LoRAConfig:
     """Which projections get adapters and how they are shaped."""
@@ -85,10 +89,24 @@ class LoRAConfig:
             raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 < self.alpha < float("inf"):
+            raise ValueError(f"LoRA alpha must be a finite value > 0 (0 scales the update to 0), "
+                             f"got {self.alpha}")  # fmt: skip
+        if self.param_dtype not in PARAM_DTYPES:
+            raise ValueError(
+                f"LoRA param_dtype must be one of {PARAM_DTYPES}, got {self.param_dtype!r}"
+            )
         if not self.target_modules:
             raise ValueError("LoRAConfig.target_modules is empty: name at least one projection")
         if not isinstance(self.target_modules, str):  # a str is a regex over module names
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
+            known = DEFAULT_TARGETS + ("lm_head",)
+            unknown = [t for t in self.target_modules if t.rsplit(".", 1)[-1] not in known]
+            if unknown:
+                raise ValueError(
+                    f"LoRA target_modules {unknown}: a name or dotted suffix must end in one of "
+                    f"{known} (or pass one regex string)"
+                )
 
     @property
     def scaling(self) -> float:

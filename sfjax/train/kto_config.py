@@ -115,6 +115,27 @@ class KTOConfig:
             )
         if self.micro_batch_size < 1 or self.grad_accum_steps < 1 or self.epochs < 1:
             raise ValueError("micro_batch_size, grad_accum_steps and epochs must be >= 1")
+        if self.max_prompt_length < 1 or self.max_completion_length < 1:
+            raise ValueError("max_prompt_length and max_completion_length must be >= 1")
+        for name in ("beta", "learning_rate", "adam_eps"):
+            if not 0.0 < getattr(self, name) < float("inf"):
+                raise ValueError(f"{name} must be a finite value > 0, got {getattr(self, name)}")
+        for name in ("desirable_weight", "undesirable_weight", "max_grad_norm"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < value < float("inf"):
+                raise ValueError(f"{name} must be None or a finite value > 0, got {value}")
+        if not 1.0 <= self.class_weight_ratio <= 4.0 / 3.0:
+            raise ValueError(
+                f"class_weight_ratio must be in [1, 4/3] (paper eq. 12-13), "
+                f"got {self.class_weight_ratio}"
+            )
+        for name in ("adam_b1", "adam_b2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0.0 <= self.weight_decay < float("inf"):
+            raise ValueError(f"weight_decay must be a finite value >= 0, got {self.weight_decay}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be None or >= 0, got {self.warmup_steps}")
         if (self.desirable_weight is None) != (self.undesirable_weight is None):
             raise ValueError("set both desirable_weight and undesirable_weight, or neither (auto)")
         if self.lr_schedule not in ("linear", "cosine", "constant"):

@@ -86,3 +86,61 @@ def test_unusable_actor_checkpoint_is_one_line(tmp_path, capsys, monkeypatch, wh
     assert e.value.code == 2 and err.startswith("error: ") and "Traceback" not in err, err
     assert {"missing": "does not exist", "empty": "no config.json",
             "hub": "--model.checkpoint /path/to/Qwen3-4B-not-cached"}[where] in err  # fmt: skip
+
+
+def test_actor_checkpoint_of_another_architecture_is_one_line(tmp_path, capsys):
+    """A config.json sfjax cannot run (here an empty one: no model_type) is refused with the
+    reason and exit 2, not a traceback."""
+    mod = experiment("sf_ranslicing")
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "config.json").write_text("{}")
+    argv = ["smoke", "--run-dir", str(tmp_path / "r"), "--model.no-prior",
+            "--model.checkpoint", str(tmp_path / "ck")]  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        mod.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: unsupported model_type None"), err
+    assert "Traceback" not in err
+
+
+def test_run_dir_that_is_a_file_is_one_line(tmp_path, capsys):
+    mod = experiment("sf_ranslicing")
+    (tmp_path / "f").write_text("not a directory")
+    with pytest.raises(SystemExit) as e:
+        mod.main(["smoke", "--run-dir", str(tmp_path / "f" / "run")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(
+        f"error: RUN_DIR {tmp_path / 'f' / 'run'}: {tmp_path / 'f'} is a file, not a directory"
+    ), err
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--prior.num-layers", "0"], "--prior.num-layers 0: must be >= 1"),
+    (["--prior.data-seeds"], "--prior.data-seeds (): must be at least one env seed"),
+])  # fmt: skip
+def test_sf_values_checked_by_the_config_walk_are_one_line(tmp_path, capsys, args, line):
+    mod = experiment("sf_ranslicing")
+    import cli_common
+
+    with pytest.raises(SystemExit) as e:
+        cli_common.run_cli(cli_common.parse, mod.PRESETS,
+                           ["smoke", "--run-dir", str(tmp_path / "r"), *args], mod.__doc__)  # fmt: skip
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == f"error: {line}\n", err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--kto.beta", "0"], "beta must be a finite value > 0"),
+    (["--lora.alpha", "0"], "alpha must be a finite value > 0"),
+    (["--env.cell.carrier-hz", "0"], "carrier_hz must be in"),
+])  # fmt: skip
+def test_sf_values_checked_when_parsed_exit_2(tmp_path, capsys, args, words):
+    """Configs that check themselves when made (KTOConfig, LoRAConfig, the env's) are refused by
+    the parser: its message, exit 2, nothing written."""
+    mod = experiment("sf_ranslicing")
+    with pytest.raises(SystemExit) as e:
+        mod.main(["smoke", "--run-dir", str(tmp_path / "r"), *args])
+    err = " ".join(capsys.readouterr().err.replace("│", " ").split())  # the box's line breaks
+    assert e.value.code == 2 and words in err and "Traceback" not in err, err
+    assert not (tmp_path / "r").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -92,6 +93,42 @@ def test_corrupt_or_half_written_prior_is_rebuilt_with_a_message(built, damage, 
         for name, data in backup.items():
             (path / name).write_bytes(data)
     assert prior_lib.check_prior(path, path.name) is None
+
+
+def test_bad_prior_values_are_named():
+    from sfjax.configcheck import problems
+
+    assert problems(prior_lib.PriorConfig()) == []
+    found = problems(prior_lib.PriorConfig(num_layers=0, num_heads=3, data_seeds=()))
+    assert found == [
+        "--num-layers 0: must be >= 1",
+        "--data-seeds (): must be at least one env seed",
+        "--num-heads 3: must be 1 or an even number that divides --prior.hidden-size (half as "
+        "many KV heads; head_dim = hidden / heads)",
+    ]
+    assert problems(prior_lib.PriorConfig(num_heads=0))[0] == "--num-heads 0: must be >= 1"
+    assert problems(prior_lib.PriorConfig(teacher=prior_lib.TeacherConfig(queue_alarm=0))) == [
+        "--teacher.queue-alarm 0: must be > 0"]
+
+
+def test_a_failed_or_killed_build_leaves_nothing_in_the_cache(tmp_path, monkeypatch):
+    """A build that raises removes its ``.building-<pid>`` dir; one whose process died (kill -9)
+    is removed by the next build; a live process's build is left alone."""
+    out = tmp_path / "abc"
+    dead = tmp_path / "abc.building-999999999"  # no such process
+    live = tmp_path / f"abc.building-{os.getppid()}"
+    for d in (dead, live):
+        d.mkdir()
+
+    def fail(tmp, *a):
+        tmp.mkdir()
+        (tmp / "half.safetensors").write_text("x")
+        raise RuntimeError("the build failed")
+
+    monkeypatch.setattr(prior_lib, "_build_into", fail)
+    with pytest.raises(RuntimeError, match="the build failed"):
+        prior_lib.build_prior(_tiny_cfg(tmp_path), ENV, PROMPT, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name]
 
 
 def test_config_hash_covers_prompt_env_and_prior():

@@ -93,6 +93,21 @@ def test_user_prompt_window_and_state():
     assert [m["role"] for m in msgs] == ["system", "user"]
 
 
+@pytest.mark.parametrize("style", ["full", "compact"])
+def test_history_text_cut_or_left_out(style):
+    """max_field_chars cuts the Actor's past reflections and analyses (with "..."); 0 leaves
+    them out ("-"); a negative value is refused."""
+    cut = P.user_prompt(STATE, _history(2), P.PromptConfig(max_field_chars=8, style=style), step=2)
+    assert "reflection number" not in cut and "reflection: refle..." in cut
+    assert "analysis: analy..." in cut
+    none = P.user_prompt(STATE, _history(2), P.PromptConfig(max_field_chars=0, style=style),
+                         step=2)  # fmt: skip
+    assert "reflection number" not in none and "analysis number" not in none
+    assert none.count("reflection: -") == 2 and none.count("analysis: -") == 2
+    with pytest.raises(ValueError, match="max_field_chars must be >= 0"):
+        P.PromptConfig(max_field_chars=-5)
+
+
 def test_state_missing_key_is_clear():
     with pytest.raises(KeyError, match="queue_delta_bytes"):
         P.format_state(

@@ -33,6 +33,14 @@ class _Replay:
         return self.actions_ST[:, self.t - 1].tolist()
 
 
+def test_bad_reference_values_are_named():
+    from sfjax.configcheck import problems
+
+    assert problems(R.ReferenceConfig()) == []
+    assert problems(R.ReferenceConfig(beam_width=0, train_seeds=())) == [
+        "--beam-width 0: must be >= 1", "--train-seeds (): must be at least one env seed"]
+
+
 def test_best_static_is_the_argmax_on_training_seeds(env):
     train = EvalProtocol(seeds=(100, 101), num_steps=STEPS)
     a, utilities = R.best_static_action(env, env.default_params, train)

@@ -85,6 +85,28 @@ def test_budget_and_config_errors(toy_env):
         )
 
 
+@pytest.mark.parametrize("config, lines", [
+    (rl.PPOConfig(gamma=5.0, num_minibatches=0, clip_eps=0.0),
+     ["--ppo.gamma 5.0: must be in [0, 1]", "--ppo.num-minibatches 0: must be >= 1",
+      "--ppo.clip-eps 0.0: must be > 0"]),
+    (rl.DQNConfig(batch_size=0, learning_rate=-1.0, eps_end=0.5, eps_start=0.1),
+     ["--dqn.learning-rate -1.0: must be > 0", "--dqn.batch-size 0: must be >= 1",
+      "--dqn.eps-end 0.5: must be <= --eps-start"]),
+    (rl.SACConfig(fill_buffer=10, polyak=1.5, network=rl.NetworkConfig(activation="nosuch")),
+     ["--sac.fill-buffer 10: must be >= --batch-size (128)", "--sac.polyak 1.5: must be in [0, 1]",
+      "--sac.network.activation 'nosuch': must be the name of a flax.linen function"]),
+])  # fmt: skip
+def test_bad_algorithm_values_are_named_before_anything_runs(config, lines):
+    from sfjax.configcheck import problems
+
+    found = problems(config, prefix=type(config).__name__[:-6].lower() + ".")
+    assert len(found) == len(lines), found
+    for want in lines:
+        assert any(f.startswith(want) for f in found), (want, found)
+    for default in (rl.DQNConfig(), rl.PPOConfig(), rl.SACConfig()):
+        assert problems(default) == []
+
+
 @pytest.fixture(scope="module")
 def ran_env():
     from sfjax.envs.ran import RanSlicingConfig, RanSlicingEnv

@@ -12,6 +12,16 @@ from sfjax.envs.channel import CellConfig
 FC = 2.12e9
 
 
+@pytest.mark.parametrize("kw, message", [
+    ({"carrier_hz": 0.0}, r"carrier_hz must be in \[0.5e9, 100e9\]"),
+    ({"bs_height_m": 1.0}, "need 1 m < ue_height_m < bs_height_m"),
+    ({"ue_height_m": 30.0}, "need 1 m < ue_height_m < bs_height_m"),
+])  # fmt: skip
+def test_cell_outside_the_models_validity_is_refused(kw, message):
+    with pytest.raises(ValueError, match=message):
+        CellConfig(**kw)
+
+
 def test_breakpoint_distance():
     # 4 * (25 - 1) * (1.5 - 1) * 2.12e9 / c = 339.43 m
     assert channel.breakpoint_distance_m(FC, 25.0, 1.5) == pytest.approx(339.43, abs=0.01)

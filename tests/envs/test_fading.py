@@ -7,6 +7,11 @@ from sfjax.envs import fading
 from sfjax.envs.fading import FadingConfig
 
 
+def test_no_sinusoids_is_refused():
+    with pytest.raises(ValueError, match="n_sinusoids must be >= 1"):  # the gains were NaN
+        FadingConfig(n_sinusoids=0)
+
+
 def test_deterministic_cached_and_seeded():
     cfg = FadingConfig(duration_ms=2000, n_traces=2, seed=5)
     a = fading.prb_gain_traces(cfg, 2.12e9, 25)

@@ -45,6 +45,15 @@ def tiny():
     return env, env.default_params, jax.jit(env.step), jax.jit(env.reset)
 
 
+@pytest.mark.parametrize("kw, message", [
+    ({"pf_window_tti": 0.0}, "pf_window_tti must be >= 1"),
+    ({"min_rbg_per_slice": -1}, "min_rbg_per_slice must be >= 0"),
+])  # fmt: skip
+def test_bad_scheduler_and_action_values_are_refused(kw, message):
+    with pytest.raises(ValueError, match=message):
+        RanSlicingConfig(**kw)
+
+
 def test_spaces_actions_and_helpers(tiny):
     env, params, _, _ = tiny
     assert env == RanSlicingEnv(TINY) and hash(env) == hash(RanSlicingEnv(TINY))

@@ -68,10 +68,18 @@ def test_target_subset_and_errors(tiny_checkpoint):
     with pytest.raises(ValueError, match="already has LoRA"):
         lora.apply_lora(model, lora.LoRAConfig())
     fresh = qwen3.from_pretrained(tiny_checkpoint, dtype=jnp.float32)
-    with pytest.raises(ValueError, match="no Linear projection"):
-        lora.apply_lora(fresh, lora.LoRAConfig(target_modules=("qproj",)))
+    with pytest.raises(ValueError, match="no Linear projection"):  # a regex matching none
+        lora.apply_lora(fresh, lora.LoRAConfig(target_modules=r".*\.qproj"))
+    # names are checked when the config is made, before any model is loaded
+    with pytest.raises(ValueError, match=r"target_modules \['qproj'\]: a name or dotted suffix"):
+        lora.LoRAConfig(target_modules=("q_proj", "qproj"))
+    lora.LoRAConfig(target_modules=("self_attn.q_proj", "model.layers.0.mlp.up_proj", "lm_head"))
     with pytest.raises(ValueError, match="rank"):
         lora.LoRAConfig(rank=0)
+    with pytest.raises(ValueError, match="alpha must be a finite value > 0"):
+        lora.LoRAConfig(alpha=0.0)
+    with pytest.raises(ValueError, match="param_dtype must be one of"):
+        lora.LoRAConfig(param_dtype="foo")
     # tiny_checkpoint ties its embeddings (as Qwen3-4B): an lm_head target used to be dropped
     # silently, the other targets adapted
     assert fresh.config.tie_word_embeddings and fresh.lm_head is None
