@@ -42,7 +42,7 @@ from sfjax.baselines import time_limits
 from sfjax.baselines.evaluation import EvalProtocol, Rollouts, rollout
 from sfjax.baselines.round_progress import RoundProgress, with_progress
 from sfjax.baselines.wrappers import RejaxEnv, episode_stats_env, last_episode_stats
-from sfjax.configcheck import Bad, at_least
+from sfjax.configcheck import Bad, at_least, problems
 
 AlgoName = Literal["dqn", "ppo", "sac"]
 ALGOS: tuple[AlgoName, ...] = ("dqn", "ppo", "sac")
@@ -262,11 +262,6 @@ AlgoConfig = DQNConfig | PPOConfig | SACConfig
 _CONFIG_TYPES = {"dqn": DQNConfig, "ppo": PPOConfig, "sac": SACConfig}
 
 
-def _check_activation(name: str) -> None:
-    if not callable(getattr(nn, name, None)):
-        raise ValueError(f"Unknown activation {name!r}; use a flax.linen function name.")
-
-
 def prepare_env_params(env, env_params: Any, budget: Budget) -> Any:
     """Env params whose episode length is the budget's trajectory length."""
     if env_params is None:
@@ -286,7 +281,9 @@ def make_algo(name: AlgoName, cfg: AlgoConfig, env, env_params: Any, budget: Bud
         raise ValueError(f"Unknown baseline {name!r}; choose one of {ALGOS}.")
     if not isinstance(cfg, _CONFIG_TYPES[name]):
         raise TypeError(f"{name} needs a {_CONFIG_TYPES[name].__name__}, got {type(cfg)}.")
-    _check_activation(cfg.network.activation)
+    found = problems(cfg)  # the CLIs check these first; a config built in code gets them here
+    if found:
+        raise ValueError(f"{type(cfg).__name__}: " + "; ".join(found))
     env_params = prepare_env_params(env, env_params, budget)
     wrapped = RejaxEnv(episode_stats_env(env))
     n_envs = budget.trajectories_per_round

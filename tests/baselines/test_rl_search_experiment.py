@@ -99,6 +99,9 @@ def test_validation_seeds_table3_reports_on_arerefused(tmp_path, script, capsys,
         # smoke's trajectories are 50 steps: a 30-step PPO rollout would fail hours in
         ("ppo.rollout_steps=25,30", "--grid: ppo candidate rollout_steps=30: PPO "
          "rollout_steps=30 must divide steps_per_trajectory=50"),
+        # a value outside the config's range, which the grid's type check lets through
+        ("ppo.gamma=0.9,5", "--grid: ppo candidate gamma=5.0: PPOConfig: --gamma 5.0: must be "
+         "in [0, 1]"),
     ],
 )  # fmt: skip
 def test_a_bad_grid_is_refused_before_anything_is_written(tmp_path, script, capsys, grid, line):
