@@ -422,6 +422,10 @@ def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> d
     check_config(cfg, rules=RULES)  # every value, before anything is written
     env = JaxRanRunner(cfg.env, cfg.loop.trajectory_steps)
     check_given_action_range(cfg.actor.prompt, env.env)
+    local = Path(cfg.model.checkpoint) / "config.json"
+    if not (cfg.model.prior or cfg.model.tiny) and cfg.model.checkpoint and local.exists():
+        # a damaged or unsupported local checkpoint is named before RUN_DIR is touched
+        qwen3.Qwen3Config.from_hf(atomic.read_json(local, "the Actor checkpoint's config"))
     run_dir = Path(cfg.run_dir)
     cli_common.make_run_dir(run_dir)
     parallel.check_shared_directory(run_dir)  # multi-host: one directory for every host
@@ -432,8 +436,6 @@ def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> d
     # action range, slices and the scoring objective in words, all from the env
     prompt_cfg = prompt_config_for_env(env.env, cfg.actor.prompt)
     ckpt = base_checkpoint(cfg, prompt_cfg)
-    if (Path(ckpt) / "config.json").exists():  # a local checkpoint: name a damaged config
-        atomic.read_json(Path(ckpt) / "config.json", "the Actor checkpoint's config")
     actor_cfg = dataclasses.replace(cfg.actor, prompt=prompt_cfg)
     # fail early on the reflector (missing key / checkpoint) before loading the Actor
     build = lambda: make_reflector(  # noqa: E731

@@ -89,8 +89,8 @@ def test_unusable_actor_checkpoint_is_one_line(tmp_path, capsys, monkeypatch, wh
 
 
 def test_actor_checkpoint_of_another_architecture_is_one_line(tmp_path, capsys):
-    """A config.json sfjax cannot run (here an empty one: no model_type) is refused with the
-    reason and exit 2, not a traceback."""
+    """A local checkpoint whose config.json sfjax cannot run (an empty one: no model_type) or
+    cannot read (cut short) is refused with the reason and exit 2, before RUN_DIR is made."""
     mod = experiment("sf_ranslicing")
     (tmp_path / "ck").mkdir()
     (tmp_path / "ck" / "config.json").write_text("{}")
@@ -100,7 +100,13 @@ def test_actor_checkpoint_of_another_architecture_is_one_line(tmp_path, capsys):
         mod.main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: unsupported model_type None"), err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and not (tmp_path / "r").exists()  # refused before RUN_DIR
+    (tmp_path / "ck" / "config.json").write_text('{"model_type": "qwen3",')  # cut short
+    with pytest.raises(SystemExit) as e:
+        mod.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "the Actor checkpoint's config" in err and "damaged" in err, err
+    assert not (tmp_path / "r").exists()
 
 
 def test_run_dir_that_is_a_file_is_one_line(tmp_path, capsys):
