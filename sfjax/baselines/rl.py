@@ -104,9 +104,14 @@ def _unit_interval(cfg, *names: str) -> list[Bad]:
 
 
 def _replay_invalid(cfg) -> list[Bad]:
-    """Replay-buffer sizes (DQN, SAC); rejax samples minibatches with replacement, so a batch
-    may be larger than what the buffer holds, but not drawn from an empty one."""
-    return at_least(cfg, 1, "batch_size", "updates_per_iteration", "buffer_size", "fill_buffer")
+    """Replay-buffer sizes (DQN, SAC). rejax 0.1.3 draws a minibatch without replacement and,
+    with fewer entries than the batch, returns uninitialised ones (``ReplayBuffer.sample``): the
+    buffer must hold a batch before the first update."""
+    bad = at_least(cfg, 1, "batch_size", "updates_per_iteration")
+    for name in ("buffer_size", "fill_buffer"):
+        if getattr(cfg, name) < cfg.batch_size:
+            bad.append(Bad(name, f">= --batch-size ({cfg.batch_size})"))
+    return bad
 
 
 @dataclass(frozen=True)

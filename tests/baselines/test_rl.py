@@ -92,8 +92,8 @@ def test_budget_and_config_errors(toy_env):
     (rl.DQNConfig(batch_size=0, learning_rate=-1.0, eps_end=0.5, eps_start=0.1),
      ["--dqn.learning-rate -1.0: must be > 0", "--dqn.batch-size 0: must be >= 1",
       "--dqn.eps-end 0.5: must be <= --eps-start"]),
-    (rl.SACConfig(fill_buffer=0, polyak=1.5, network=rl.NetworkConfig(activation="nosuch")),
-     ["--sac.fill-buffer 0: must be >= 1", "--sac.polyak 1.5: must be in [0, 1]",
+    (rl.SACConfig(fill_buffer=10, polyak=1.5, network=rl.NetworkConfig(activation="nosuch")),
+     ["--sac.fill-buffer 10: must be >= --batch-size (128)", "--sac.polyak 1.5: must be in [0, 1]",
       "--sac.network.activation 'nosuch': must be the name of a flax.linen function"]),
 ])  # fmt: skip
 def test_bad_algorithm_values_are_named_before_anything_runs(config, lines):

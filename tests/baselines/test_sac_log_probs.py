@@ -17,6 +17,8 @@ from rejax.buffers import Minibatch
 from sfjax.baselines import rl, search, time_limits
 
 BUDGET = rl.Budget(rounds=3, trajectories_per_round=2, steps_per_trajectory=20)
+PAPERLIKE_BUDGET = rl.Budget(rounds=3, trajectories_per_round=2, steps_per_trajectory=38)
+"""228 samples: a fill of 128, then 50 iterations of 2 updates."""
 GAP = 250.0
 """Spread of the logits (max - min) of the minibatch's second state: exp(-250) is 0 in float32."""
 
@@ -27,9 +29,10 @@ def _config(safe: bool | None, **kw) -> rl.SACConfig:
     return rl.SACConfig(**{"fill_buffer": 20, "batch_size": 16, **kw})
 
 
-PAPERLIKE = {"learning_rate": 9e-4, "batch_size": 128}
+PAPERLIKE = {"learning_rate": 9e-4, "batch_size": 128, "fill_buffer": 128}
 """The collapsed runs' learning rate and the default minibatch. With these, 3 vmapped seeds and
-the RAN env's 12 actions, XLA fused a formula equal to rejax's (an outer ``jnp.where`` with a
+the RAN env's 12 actions (and a fill of one batch: rejax draws a minibatch without
+replacement and returns uninitialised entries from a buffer holding fewer), XLA fused a formula equal to rejax's (an outer ``jnp.where`` with a
 log-softmax branch) differently, and the trained parameters differed in ulps; with 6 actions
 (at batch 16 or 128) the same formula was bit-identical."""
 
@@ -56,7 +59,8 @@ def test_no_underflow_trains_exactly_as_rejax(toy_env):
     env, params = toy_env
     params = params.replace(num_actions=12)  # as the RAN env
     runs = {
-        safe: rl.train("sac", _config(safe, **PAPERLIKE), env, params, BUDGET, [0, 1, 2])
+        safe: rl.train("sac", _config(safe, **PAPERLIKE), env, params, PAPERLIKE_BUDGET,
+                       [0, 1, 2])
         for safe in (True, False)
     }
 
@@ -65,7 +69,7 @@ def test_no_underflow_trains_exactly_as_rejax(toy_env):
 
     fixed, rejax_run = (learned(runs[s].train_state) for s in (True, False))
     assert _finite(rejax_run)  # so no probability underflowed in rejax's run
-    # It trained: 120 samples / 2 env copies = 60 iterations, the 50 after the 20 samples of
+    # It trained: 228 samples / 2 env copies = 114 iterations, the 50 after the 128 samples of
     # fill_buffer with 2 updates each, which moved the temperature.
     assert int(fixed[3].step[0]) == 100 and np.all(np.asarray(fixed[3].params["log_alpha"]) != 0)
     # (leaf by leaf: the TrainStates' optax transforms are distinct objects of the two runs)
