@@ -85,3 +85,8 @@ def check_config(cfg: Any, prefix: str = "", rules: Mapping[type, Rule] | None =
 def at_least(cfg: Any, lo: float, *names: str) -> list[Bad]:
     """A :class:`Bad` for each field in ``names`` below ``lo``."""
     return [Bad(n, f">= {lo:g}") for n in names if not getattr(cfg, n) >= lo]
+
+
+def greater_than(cfg: Any, lo: float, *names: str) -> list[Bad]:
+    """A :class:`Bad` for each field in ``names`` not above ``lo``."""
+    return [Bad(n, f"> {lo:g}") for n in names if not getattr(cfg, n) > lo]

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from sfjax.agents.prompts import PromptConfig, format_output
-from sfjax.configcheck import Bad, at_least
+from sfjax.configcheck import Bad, at_least, greater_than
 from sfjax.train.sft import SFTConfig
 
 log = logging.getLogger(__name__)
@@ -75,9 +75,8 @@ class TeacherConfig:
     """Queue growth (fraction of the slice's buffers) that counts as under-provisioning."""
 
     def invalid(self) -> list[Bad]:
-        bad = [Bad(n, "> 0") for n in ("kbps_per_prb", "other_kbps_per_prb", "queue_alarm")
-               if not getattr(self, n) > 0]  # fmt: skip
-        return bad + at_least(self, 0, "hysteresis_rbg")
+        return (greater_than(self, 0, "kbps_per_prb", "other_kbps_per_prb", "queue_alarm")
+                + at_least(self, 0, "hysteresis_rbg"))
 
 
 @dataclass(frozen=True)
@@ -107,8 +106,9 @@ class PriorConfig:
         bad = at_least(self, 1, "data_steps", "hidden_size", "num_layers", "num_heads")
         if not self.data_seeds:
             bad.append(Bad("data_seeds", "at least one env seed"))
-        if self.num_heads >= 1 and (self.num_heads > 1 and self.num_heads % 2
-                                    or self.hidden_size % self.num_heads):  # fmt: skip
+        heads = self.num_heads
+        odd = heads > 1 and heads % 2
+        if heads >= 1 and (odd or self.hidden_size % heads):
             bad.append(Bad("num_heads", "1 or an even number that divides --prior.hidden-size "
                                         "(half as many KV heads; head_dim = hidden / heads)"))
         return bad

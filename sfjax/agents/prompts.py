@@ -101,7 +101,9 @@ class PromptConfig:
         if self.history_window < 0:
             raise ValueError("PromptConfig.history_window must be >= 0")
         if self.max_field_chars < 0:
-            raise ValueError(f"PromptConfig.max_field_chars must be >= 0, got {self.max_field_chars}")
+            raise ValueError(
+                f"PromptConfig.max_field_chars must be >= 0, got {self.max_field_chars}"
+            )
         if self.style not in ("full", "compact"):
             raise ValueError(f"PromptConfig.style must be 'full' or 'compact', got {self.style!r}")
         if self.field_order not in ("reflection_first", "action_first"):

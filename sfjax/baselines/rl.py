@@ -42,7 +42,7 @@ from sfjax.baselines import time_limits
 from sfjax.baselines.evaluation import EvalProtocol, Rollouts, rollout
 from sfjax.baselines.round_progress import RoundProgress, with_progress
 from sfjax.baselines.wrappers import RejaxEnv, episode_stats_env, last_episode_stats
-from sfjax.configcheck import Bad, at_least, problems
+from sfjax.configcheck import Bad, at_least, greater_than, problems
 
 AlgoName = Literal["dqn", "ppo", "sac"]
 ALGOS: tuple[AlgoName, ...] = ("dqn", "ppo", "sac")
@@ -95,8 +95,7 @@ class NetworkConfig:
 
 def _common_invalid(cfg) -> list[Bad]:
     """The checks every algorithm's config shares: a step size, a discount, a clip."""
-    bad = [Bad(n, "> 0") for n in ("learning_rate", "max_grad_norm") if not getattr(cfg, n) > 0]
-    return bad + _unit_interval(cfg, "gamma")
+    return greater_than(cfg, 0, "learning_rate", "max_grad_norm") + _unit_interval(cfg, "gamma")
 
 
 def _unit_interval(cfg, *names: str) -> list[Bad]:
@@ -206,10 +205,7 @@ class PPOConfig:
     def invalid(self) -> list[Bad]:
         bad = _common_invalid(self) + _unit_interval(self, "gae_lambda")
         bad += at_least(self, 1, "rollout_steps", "num_minibatches", "num_epochs")
-        bad += at_least(self, 0, "vf_coef", "ent_coef")
-        if not self.clip_eps > 0:
-            bad.append(Bad("clip_eps", "> 0"))
-        return bad
+        return bad + at_least(self, 0, "vf_coef", "ent_coef") + greater_than(self, 0, "clip_eps")
 
 
 @dataclass(frozen=True)

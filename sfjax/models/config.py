@@ -177,9 +177,13 @@ class Qwen3Config:
                 "attention_bias=true is not supported by sfjax's Qwen3 (Qwen3 has none)"
             )
         if c.get("hidden_act", "silu") != "silu":
-            raise UnsupportedCheckpoint(f"hidden_act {c['hidden_act']!r} is not supported; Qwen3 uses 'silu'")
+            raise UnsupportedCheckpoint(
+                f"hidden_act {c['hidden_act']!r} is not supported; Qwen3 uses 'silu'"
+            )
         if c.get("use_sliding_window", False):
-            raise UnsupportedCheckpoint("use_sliding_window=true is not supported by sfjax's Qwen3")
+            raise UnsupportedCheckpoint(
+                "use_sliding_window=true is not supported by sfjax's Qwen3"
+            )
         rope_theta = c.get("rope_theta")
         # transformers 5 (PreTrainedConfig.convert_rope_params_to_dict): rope_scaling, when set,
         # replaces rope_parameters (e.g. YaRN added to a config.json that transformers 5 wrote)

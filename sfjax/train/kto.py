@@ -10,8 +10,9 @@ dataset, otherwise the step's reference forward runs with them).
 One optimizer step = one call of a jitted function (donating the LoRA params and the optimizer
 state) that scans over ``grad_accum_steps`` micro-batches; per micro-batch it runs
 
-1. the reference forward (adapters off, or :attr:`KTOTrainer.reference_lora`'s) on the matched and the KL (mismatched) rows — or,
-   with ``precompute_ref_log_probs``, nothing: they were computed once for the dataset,
+1. the reference forward (adapters off, or :attr:`KTOTrainer.reference_lora`'s) on the matched
+   and the KL (mismatched) rows — or, with ``precompute_ref_log_probs``, nothing: they were
+   computed once for the dataset,
 2. the policy forward + backward on the matched rows, :func:`sfjax.losses.kto.kto_loss`,
 3. the policy forward on the KL rows without gradient (``z`` is stop-gradient), continuing
    from the matched rows' prompt pass (each prompt runs once per model, KV prefix),
@@ -159,9 +160,7 @@ class KTOTrainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output; then ``train(..., resume=True)`` continues the run."""
-        lora_state = lora_lib.lora_state(self.model)
-        nnx.replace_by_pure_dict(lora_state, state["lora"])
-        nnx.update(self.model, lora_state)
+        nnx.update(self.model, self._lora_values(state["lora"]))
         self.opt_state = state["opt_state"]
         self.step = int(state["step"])
         # State dicts written before the global step existed: it equalled the call's step.
@@ -169,12 +168,14 @@ class KTOTrainer:
         self.skipped_steps = int(state["skipped_steps"])
         # Without the key the state was written with πref = the adapters off.
         ref = state.get("reference_lora")
-        if ref is None:
-            self.reference_lora = None
-        else:
-            ref_state = lora_lib.lora_state(self.model)
-            nnx.replace_by_pure_dict(ref_state, ref)
-            self.reference_lora = ref_state
+        self.reference_lora = None if ref is None else self._lora_values(ref)
+
+    def _lora_values(self, pure: dict) -> nnx.State:
+        """An ``nnx.State`` shaped like the model's LoRA params holding the values in ``pure``
+        (a :meth:`state_dict` entry); the model is not changed."""
+        values = lora_lib.lora_state(self.model)
+        nnx.replace_by_pure_dict(values, pure)
+        return values
 
     def save_adapter(self, out_dir: str | os.PathLike, **kwargs):
         """Write the adapters in PEFT format (see :func:`sfjax.models.lora.save_adapter`)."""
