@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import tyro
-from tyro import _strings
+from tyro import _errors, _strings
 
 from sfjax import atomic
 from sfjax.agents.reflectors.base import ReflectorError
@@ -63,6 +63,22 @@ def _join_lines(text: str) -> str:
 
 
 _strings.remove_single_line_breaks = _join_lines  # tyro calls it through the module
+
+_DUMMY = ("__tyro-dummy-inner__", "__tyro_dummy_inner__")  # tyro's two spellings
+_tyro_value_error = _errors.fire_and_exit_instantiation_failure
+
+
+def _value_error_named(event, *, arg_fallback, add_help):
+    """tyro's "Value error" box for a config that refused its values, titled with the option
+    group the user typed (``--kto``) instead of tyro's internal wrapper name
+    (``__tyro-dummy-inner__.kto``, what tyro 1.0 prints for a nested ``__post_init__`` error)."""
+    if isinstance(arg_fallback, str) and any(d in arg_fallback for d in _DUMMY):
+        parts = [p for p in arg_fallback.split(".") if p not in _DUMMY]
+        arg_fallback = "--" + ".".join(parts) if parts else "the command line"
+    return _tyro_value_error(event, arg_fallback=arg_fallback, add_help=add_help)
+
+
+_errors.fire_and_exit_instantiation_failure = _value_error_named  # tyro calls it through the module
 
 
 def checkpoint_with_switch(checkpoint: str, prior: bool, tiny: bool, prefix: str = "") -> list[Bad]:
