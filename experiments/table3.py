@@ -149,8 +149,10 @@ class Config:
             bad.append(Bad("rl.algos", "left unset: --methods chooses the RL rows"))
         bad += [Bad(f"{sub}.resume", "left unset: table3's --resume applies to its rows")
                 for sub in ("sf", "reflexion") if getattr(self, sub).resume]  # fmt: skip
+        # every reference row chooses the static allocation on the training seeds (the
+        # hindsight bound carries the static and heuristic rows' actions along)
         learnt_on = [("reference.train_seeds", self.reference.train_seeds,
-                      {"static", "heuristic"} & set(self.methods)),
+                      {"static", "heuristic", "hindsight"} & set(self.methods)),
                      ("reflexion.reflexion.trial_seeds", self.reflexion.reflexion.trial_seeds,
                       "reflexion" in self.methods)]  # fmt: skip
         bad += [Bad("protocol.seeds", f"disjoint from {option(path)}: both hold {shared}, "

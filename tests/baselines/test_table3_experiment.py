@@ -157,6 +157,8 @@ def test_evaluation_seeds_are_not_seeds_a_row_learns_on(tmp_path, script, args, 
     assert not (tmp_path / "t").exists() and not seen["reference"] and not seen["sf"]
     # without the rows that learn on them, the same seeds are fine to evaluate on
     mod = experiment("table3")
+    hindsight = mod.Config(methods=("hindsight",), protocol=mod.EvalProtocol(seeds=(100, 101)))
+    assert [b for b in hindsight.invalid() if b.field == "protocol.seeds"]  # it learns on them too
     cfg = mod.Config(methods=("dqn",), protocol=mod.EvalProtocol(seeds=(100, 101)))
     assert not [b for b in cfg.invalid() if b.field == "protocol.seeds"]
 
