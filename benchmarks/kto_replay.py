@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/kto_replay.py RUN_DIR --iteration I --out DIR
         [--kto FIELD=VALUE ...] [--reference base|iterate] [--only desirable|undesirable]
-        [--improved-examples] [--samples 8] [--seed 1234] [--no-heldout]
+        [--improved-examples] [--restart] [--samples 8] [--seed 1234] [--no-heldout]
 
 From the Actor after ``I`` SF iterations (its collect phase's checkpoint, as
 ``--loop.final-actor best`` loads it) the script trains SF iteration ``I``'s KTO iterations
@@ -20,6 +20,11 @@ rerun: every variant sees the same examples, so what differs is the KTO setting 
 - ``--improved-examples``: add ``RfRConfig.improved_examples``' desirable copies (each
   suboptimal step's completion with the Reflector's improved action; not Algorithm 2) to every
   recorded dataset, after its examples, as the loop with that option orders them.
+- ``--restart``: the LoRA starts from the untrained Actor (iterate 0, the loop's initial
+  adapters) instead of continuing from iterate ``I``: STaR's convention of fine-tuning the
+  original model on the data the latest iterate generated. The data, keys and reference are the
+  run's; "before" in the request-following table stays iterate ``I``, the Actor whose actions
+  the Reflector judged.
 
 With none of them the replay reproduces the run: the script checks the LoRA against the run's
 next iterate and says whether it is bit-identical. It prints each KTO iteration's steps, loss
@@ -80,6 +85,8 @@ def main(argv=None) -> None:
                    help="diagnostic: train on one class of examples only (weights 1 / 1)")
     p.add_argument("--improved-examples", action="store_true",
                    help="add a desirable copy at the improved action per suboptimal step")
+    p.add_argument("--restart", action="store_true",
+                   help="train from the untrained Actor (iterate 0), not from iterate --iteration")
     p.add_argument("--samples", type=int, default=8, help="completions per labelled prompt (K)")
     p.add_argument("--seed", type=int, default=1234, help="sampling key (the same before/after)")
     p.add_argument("--batch", type=int, default=64, help="prompts per sampler call")
@@ -140,7 +147,9 @@ def main(argv=None) -> None:
     load(it + 1)  # the run's own result of the iteration (it < sf_iterations: it trained)
     run_next = lora()
     load(it)
-    start = lora()
+    start = lora()  # the Actor whose trajectories the iteration's datasets were built from
+    if a.restart and it > 0:
+        load(0)  # the training starts from the loop's initial adapters
     if a.reference == "iterate":
         ft.trainer.reference_lora = start
     labels = stm.iteration_labels(run, it)  # the steps the iteration trained on
@@ -148,6 +157,7 @@ def main(argv=None) -> None:
     what = ", ".join([f"kto.{k} {getattr(cfg.kto, k)!r} -> {v!r}" for k, v in changes.items()
                       if getattr(cfg.kto, k) != v] + [f"reference {a.reference}"]
                      + ([f"only {a.only} examples"] if a.only else [])
+                     + (["LoRA restarted from iterate 0"] if a.restart else [])
                      + ([f"+{len(copies)} improved-action examples per dataset"]
                         if a.improved_examples else []))  # fmt: skip
     print(f"{run}: replaying SF iteration {it}'s {len(kto_phases)} KTO iteration(s) from the "
@@ -174,6 +184,7 @@ def main(argv=None) -> None:
 
     result = {"run_dir": str(run), "iteration": it, "kto_changes": changes,
               "reference": a.reference, "only": a.only, "improved_examples": len(copies),
+              "restart": a.restart,
               "kto": kto_log}  # fmt: skip
     diff = max(float(jnp.max(jnp.abs(x - y)))
                for x, y in zip(jax.tree.leaves(replayed), jax.tree.leaves(run_next)))  # fmt: skip

@@ -294,6 +294,19 @@ def test_more_sf_iterations_extend_a_run_to_the_fresh_runs_result(tmp_path, capl
     rec = json.loads((tmp_path / "r2" / "replay.json").read_text())
     assert rec["kto_changes"] == {"token_kl_coef": 0.1}
     assert all(k["token_kl"] >= 0.0 for k in rec["kto"]) and rec["max_abs_lora_diff_to_run"] > 0
+    # --restart: the LoRA starts from iterate 0; at iteration 0 that is the run itself, at
+    # iteration 1 another training than the run's (which continued from iterate 1)
+    replay.main([str(fresh_dir), "--iteration", "0", "--restart", "--samples", "2",
+                 "--no-heldout", "--out", str(tmp_path / "r3")])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "LoRA restarted from iterate 0" in out and "iterate 1: bit-identical" in out
+    replay.main([str(fresh_dir), "--iteration", "1", "--restart", "--samples", "2",
+                 "--no-heldout", "--out", str(tmp_path / "r4")])  # fmt: skip
+    rec = json.loads((tmp_path / "r4" / "replay.json").read_text())
+    cont = json.loads((tmp_path / "r0" / "replay.json").read_text())
+    assert rec["restart"] and rec["max_abs_lora_diff_to_run"] > 0
+    assert rec["kto"][0]["examples"] == cont["kto"][0]["examples"]  # the same data
+    assert rec["kto"][0]["loss"] != cont["kto"][0]["loss"]  # from other adapters
 
     # taken back to fewer: refused, naming both numbers, nothing touched
     from cli_common import RunDirTaken
