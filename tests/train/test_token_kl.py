@@ -126,8 +126,13 @@ def test_step_logs_the_token_kl_it_adds_and_the_anchor_holds(tiny_checkpoint, sh
     h_plain = plain.train(exs, jax.random.key(0))
     h = anchored.train(exs, jax.random.key(0))
     assert "token_kl" not in h_plain[0] and h[0]["token_kl"] == pytest.approx(0.0, abs=1e-6)
-    for name in ("loss", "kl", "rewards/chosen", "grad_norm"):
+    for name in ("loss", "grad_norm"):
         np.testing.assert_allclose(h[0][name], h_plain[0][name], rtol=1e-5, atol=1e-7)
+    # 0 at the zero start: differences of summed completion log-probs (tens of nats) whose
+    # reference side comes from another forward in the anchored step, so float32 rounding
+    # (~1e-6, seen on an AVX-512 CPU) is the tolerance, not a relative one
+    for name in ("kl", "rewards/chosen"):
+        np.testing.assert_allclose(h[0][name], h_plain[0][name], rtol=0, atol=1e-5)
     assert h[-1]["token_kl"] > 1e-4
     # the metric at the adapters a step starts from: the next call's first step (examples 0-3)
     start = _dataset_kl(model, anchored, exs[:4])
