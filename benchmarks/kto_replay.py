@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/kto_replay.py RUN_DIR --iteration I --out DIR
         [--kto FIELD=VALUE ...] [--reference base|iterate] [--only desirable|undesirable]
-        [--improved-examples] [--restart] [--samples 8] [--seed 1234] [--no-heldout]
+        [--improved-examples] [--restart] [--aggregate] [--samples 8] [--seed 1234]
+        [--no-heldout]
 
 From the Actor after ``I`` SF iterations (its collect phase's checkpoint, as
 ``--loop.final-actor best`` loads it) the script trains SF iteration ``I``'s KTO iterations
@@ -25,6 +26,9 @@ rerun: every variant sees the same examples, so what differs is the KTO setting 
   original model on the data the latest iterate generated. The data, keys and reference are the
   run's; "before" in the request-following table stays iterate ``I``, the Actor whose actions
   the Reflector judged.
+- ``--aggregate``: KTO iteration ``k`` trains on SF iterations ``0..I``'s recorded datasets for
+  ``k``, concatenated, earliest first (DAgger-style data aggregation), instead of iteration
+  ``I``'s alone (``--improved-examples``' copies still come from iteration ``I``'s steps).
 
 With none of them the replay reproduces the run: the script checks the LoRA against the run's
 next iterate and says whether it is bit-identical. It prints each KTO iteration's steps, loss
@@ -87,6 +91,8 @@ def main(argv=None) -> None:
                    help="add a desirable copy at the improved action per suboptimal step")
     p.add_argument("--restart", action="store_true",
                    help="train from the untrained Actor (iterate 0), not from iterate --iteration")
+    p.add_argument("--aggregate", action="store_true",
+                   help="train on SF iterations 0..--iteration's datasets together, not the last's alone")
     p.add_argument("--samples", type=int, default=8, help="completions per labelled prompt (K)")
     p.add_argument("--seed", type=int, default=1234, help="sampling key (the same before/after)")
     p.add_argument("--batch", type=int, default=64, help="prompts per sampler call")
@@ -94,7 +100,8 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     run, it = a.run_dir, a.iteration
     for need in ("config.json", "summary.json", "checkpoints", f"trajectories/iter_{it}.json",
-                 f"reflections/iter_{it}.json", f"datasets/iter_{it}_kto_0.json"):  # fmt: skip
+                 f"reflections/iter_{it}.json", f"datasets/iter_{it}_kto_0.json",
+                 *([f"datasets/iter_{i}_kto_0.json" for i in range(it)] if a.aggregate else [])):  # fmt: skip
         if not (run / need).exists():
             p.error(f"{run / need} is missing: a run of experiments/sf_ranslicing.py that "
                     f"finished SF iteration {it}'s KTO is needed")  # fmt: skip
@@ -158,6 +165,7 @@ def main(argv=None) -> None:
                       if getattr(cfg.kto, k) != v] + [f"reference {a.reference}"]
                      + ([f"only {a.only} examples"] if a.only else [])
                      + (["LoRA restarted from iterate 0"] if a.restart else [])
+                     + ([f"datasets of SF iterations 0..{it} together"] if a.aggregate else [])
                      + ([f"+{len(copies)} improved-action examples per dataset"]
                         if a.improved_examples else []))  # fmt: skip
     print(f"{run}: replaying SF iteration {it}'s {len(kto_phases)} KTO iteration(s) from the "
@@ -167,7 +175,9 @@ def main(argv=None) -> None:
     kto_log = []
     for ph in kto_phases:
         _, train_key = jax.random.split(jax.random.fold_in(root, ph.index))
-        examples = examples_from_json(load_json(run / f"datasets/iter_{it}_kto_{ph.kto_iteration}.json"))
+        examples = [e for i in (range(it + 1) if a.aggregate else [it])
+                    for e in examples_from_json(load_json(
+                        run / f"datasets/iter_{i}_kto_{ph.kto_iteration}.json"))]  # fmt: skip
         examples += copies
         if a.only:
             examples = [e for e in examples if e.desirable == (a.only == "desirable")]
@@ -184,7 +194,7 @@ def main(argv=None) -> None:
 
     result = {"run_dir": str(run), "iteration": it, "kto_changes": changes,
               "reference": a.reference, "only": a.only, "improved_examples": len(copies),
-              "restart": a.restart,
+              "restart": a.restart, "aggregate": a.aggregate,
               "kto": kto_log}  # fmt: skip
     diff = max(float(jnp.max(jnp.abs(x - y)))
                for x, y in zip(jax.tree.leaves(replayed), jax.tree.leaves(run_next)))  # fmt: skip

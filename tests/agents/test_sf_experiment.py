@@ -307,6 +307,13 @@ def test_more_sf_iterations_extend_a_run_to_the_fresh_runs_result(tmp_path, capl
     assert rec["restart"] and rec["max_abs_lora_diff_to_run"] > 0
     assert rec["kto"][0]["examples"] == cont["kto"][0]["examples"]  # the same data
     assert rec["kto"][0]["loss"] != cont["kto"][0]["loss"]  # from other adapters
+    # --aggregate: every KTO iteration trains on SF iterations 0 and 1's datasets together
+    replay.main([str(fresh_dir), "--iteration", "1", "--restart", "--aggregate", "--samples",
+                 "2", "--no-heldout", "--out", str(tmp_path / "r5")])  # fmt: skip
+    rec = json.loads((tmp_path / "r5" / "replay.json").read_text())
+    sizes = [[len(json.loads((fresh_dir / "datasets" / f"iter_{i}_kto_{k}.json").read_text()))
+              for i in (0, 1)] for k in range(len(rec["kto"]))]  # fmt: skip
+    assert rec["aggregate"] and [k["examples"] for k in rec["kto"]] == [sum(n) for n in sizes]
 
     # taken back to fewer: refused, naming both numbers, nothing touched
     from cli_common import RunDirTaken
