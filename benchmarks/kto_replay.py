@@ -92,16 +92,17 @@ def main(argv=None) -> None:
     p.add_argument("--restart", action="store_true",
                    help="train from the untrained Actor (iterate 0), not from iterate --iteration")
     p.add_argument("--aggregate", action="store_true",
-                   help="train on SF iterations 0..--iteration's datasets together, not the last's alone")
+                   help="train on SF iterations 0..--iteration's datasets together")
     p.add_argument("--samples", type=int, default=8, help="completions per labelled prompt (K)")
     p.add_argument("--seed", type=int, default=1234, help="sampling key (the same before/after)")
     p.add_argument("--batch", type=int, default=64, help="prompts per sampler call")
     p.add_argument("--no-heldout", action="store_true", help="skip the held-out evaluation")
     a = p.parse_args(argv)
     run, it = a.run_dir, a.iteration
+    data_of = list(range(it + 1)) if a.aggregate else [it]  # SF iterations whose datasets train
     for need in ("config.json", "summary.json", "checkpoints", f"trajectories/iter_{it}.json",
-                 f"reflections/iter_{it}.json", f"datasets/iter_{it}_kto_0.json",
-                 *([f"datasets/iter_{i}_kto_0.json" for i in range(it)] if a.aggregate else [])):  # fmt: skip
+                 f"reflections/iter_{it}.json",
+                 *(f"datasets/iter_{i}_kto_0.json" for i in data_of)):  # fmt: skip
         if not (run / need).exists():
             p.error(f"{run / need} is missing: a run of experiments/sf_ranslicing.py that "
                     f"finished SF iteration {it}'s KTO is needed")  # fmt: skip
@@ -175,9 +176,8 @@ def main(argv=None) -> None:
     kto_log = []
     for ph in kto_phases:
         _, train_key = jax.random.split(jax.random.fold_in(root, ph.index))
-        examples = [e for i in (range(it + 1) if a.aggregate else [it])
-                    for e in examples_from_json(load_json(
-                        run / f"datasets/iter_{i}_kto_{ph.kto_iteration}.json"))]  # fmt: skip
+        examples = [e for i in data_of for e in examples_from_json(
+                    load_json(run / f"datasets/iter_{i}_kto_{ph.kto_iteration}.json"))]  # fmt: skip
         examples += copies
         if a.only:
             examples = [e for e in examples if e.desirable == (a.only == "desirable")]

@@ -31,10 +31,11 @@ def _config(safe: bool | None, **kw) -> rl.SACConfig:
 
 PAPERLIKE = {"learning_rate": 9e-4, "batch_size": 128, "fill_buffer": 128}
 """The collapsed runs' learning rate and the default minibatch. With these, 3 vmapped seeds and
-the RAN env's 12 actions (and a fill of one batch: rejax draws a minibatch without
-replacement and returns uninitialised entries from a buffer holding fewer), XLA fused a formula equal to rejax's (an outer ``jnp.where`` with a
-log-softmax branch) differently, and the trained parameters differed in ulps; with 6 actions
-(at batch 16 or 128) the same formula was bit-identical."""
+the RAN env's 12 actions (and a fill of one batch: rejax draws a minibatch without replacement
+and returns uninitialised entries from a buffer holding fewer), XLA fused a formula equal to
+rejax's (an outer ``jnp.where`` with a log-softmax branch) differently, and the trained
+parameters differed in ulps; with 6 actions (at batch 16 or 128) the same formula was
+bit-identical."""
 
 
 def _finite(tree) -> bool:
