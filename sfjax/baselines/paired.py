@@ -57,10 +57,13 @@ def paired_report(before: Mapping[str, np.ndarray],
     return {k: paired_difference(before[k], after[k]) for k in before if k in after}
 
 
-def format_paired(report: Mapping[str, Mapping], labels: Mapping[str, str] | None = None) -> str:
-    """A before/after table with the 95 % interval of the paired difference."""
+def format_paired(report: Mapping[str, Mapping], labels: Mapping[str, str] | None = None,
+                  names: tuple[str, str, str] = ("before", "after", "after-before")) -> str:
+    """A before/after table with the 95 % interval of the paired difference (``names``: the
+    two columns' and the difference's headings)."""
     labels = labels or {}
-    head = f"{'metric':<22} {'before':>10} {'after':>10} {'after-before [95% CI]':>34}"
+    before, after, diff = names
+    head = f"{'metric':<22} {before:>10} {after:>10} {diff + ' [95% CI]':>34}"
     lines = [head, "-" * len(head)]
     for k, r in report.items():
         ci = ("n/a (one seed)" if r["ci_low"] is None

@@ -1,0 +1,163 @@
+"""Paired comparison of two evaluated rows, from the run dirs that produced them.
+
+    python -m sfjax.baselines.compare runs/table3_default:ppo runs/table3_tuned:ppo
+    python -m sfjax.baselines.compare runs/table3_paper:heuristic runs/table3_paper:sf
+
+``table3.md`` gives each row's mean ± std over its trajectories. Two rows evaluated under the
+same protocol (the same env seeds, trajectory length and per-step keys, the same env config)
+saw the same traffic and channels step by step, so their difference is better read paired:
+this prints ``B − A`` per metric with its 95 % Student-t interval (:mod:`sfjax.baselines.paired`)
+
+- **by evaluation seed** (always): each seed's metric, averaged over training seeds where a
+  row has them, differenced; df = seeds − 1;
+- **by training seed** (RL rows of both sides with the same training seeds, i.e. the same
+  training keys): each training seed's mean over the evaluation seeds, differenced; df =
+  training seeds − 1. This is the interval to quote when the question is whether a training
+  setting (a learning rate) is better, since it counts training seeds as the replicates.
+
+A row is ``RUN_DIR:ROW``: ``RUN_DIR`` a table3.py, rl_baselines.py or reflexion_ranslicing.py
+run dir and ``ROW`` one of :data:`ROW_FILES` (where that run wrote the row's per-step records).
+Rows of two runs with different protocols or env configs are refused: their seeds are not the
+same trajectories, and an unpaired comparison is not what this tool is for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sfjax.baselines.evaluation import METRIC_LABELS, Rollouts
+from sfjax.baselines.paired import format_paired, paired_report
+
+ROW_FILES = {
+    "sf": "sf/eval_rollouts.npz",
+    "reflexion": "reflexion/eval_rollouts.npz",
+    "dqn": "dqn/eval_rollouts.npz",
+    "ppo": "ppo/eval_rollouts.npz",
+    "sac": "sac/eval_rollouts.npz",
+    "static": "eval_static.npz",
+    "heuristic": "eval_heuristic.npz",
+    "hindsight": "eval_hindsight.npz",
+}
+"""Row name -> its per-step evaluation records, relative to the run dir that evaluated it."""
+RL_ROWS = ("dqn", "ppo", "sac")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One evaluated row and what it must share with another to be paired."""
+
+    label: str
+    """``RUN_DIR:ROW`` as given."""
+    per_episode: dict[str, np.ndarray]
+    """Metric -> per-trajectory values, shape [N, S] (N training seeds) or [S]."""
+    protocol: dict[str, Any]
+    """The run's evaluation protocol (seeds, num_steps, key_offset) from its config.json."""
+    env: dict[str, Any]
+    """The run's env config from its config.json."""
+    train_seeds: tuple[int, ...] | None
+    """Training seeds behind a leading N axis (RL rows), else None."""
+
+
+def load_row(spec: str) -> Row:
+    """Read ``RUN_DIR:ROW`` (see the module docstring); clear errors for what is missing."""
+    run, sep, name = spec.rpartition(":")
+    if not sep or not run:
+        raise ValueError(f"{spec!r}: expected RUN_DIR:ROW, ROW one of {sorted(ROW_FILES)}")
+    if name not in ROW_FILES:
+        raise ValueError(f"{spec!r}: unknown row {name!r}; one of {sorted(ROW_FILES)}")
+    run_dir = Path(run)
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{spec!r}: no {config_path} (not a finished run dir?)")
+    config = json.loads(config_path.read_text())
+    missing = [k for k in ("protocol", "env") if k not in config]
+    if missing:
+        raise ValueError(f"{spec!r}: {config_path} has no {missing}: not a table3.py, "
+                         "rl_baselines.py or reflexion_ranslicing.py run")  # fmt: skip
+    path = run_dir / ROW_FILES[name]
+    if not path.is_file():
+        raise FileNotFoundError(f"{spec!r}: no {path}: this run did not evaluate row {name!r}")
+    per_episode = Rollouts.load(path).per_episode()
+    seeds = None
+    if name in RL_ROWS:
+        seeds = tuple(int(s) for s in config.get("rl", {}).get("seeds", ()))
+        n = per_episode["utility"].shape[0]
+        if per_episode["utility"].ndim != 2 or len(seeds) != n:
+            raise ValueError(f"{spec!r}: {path} holds {per_episode['utility'].shape} "
+                             f"trajectories, config.json lists training seeds {seeds}")  # fmt: skip
+    return Row(spec, per_episode, config["protocol"], config["env"], seeds)
+
+
+def _check_pairable(a: Row, b: Row) -> None:
+    for what in ("protocol", "env"):
+        if getattr(a, what) != getattr(b, what):
+            keys = sorted(k for k in set(getattr(a, what)) | set(getattr(b, what))
+                          if getattr(a, what).get(k) != getattr(b, what).get(k))  # fmt: skip
+            raise ValueError(f"{a.label} and {b.label} were evaluated under different {what}s "
+                             f"(keys {keys}): their trajectories are not paired")  # fmt: skip
+
+
+def by_eval_seed(row: Row) -> dict[str, np.ndarray]:
+    """Metric -> [S]: each evaluation seed's value, averaged over training seeds if any."""
+    return {k: v.reshape(-1, v.shape[-1]).mean(0) for k, v in row.per_episode.items()}
+
+
+def by_train_seed(row: Row) -> dict[str, np.ndarray]:
+    """Metric -> [N]: each training seed's mean over the evaluation seeds (RL rows)."""
+    return {k: v.mean(-1) for k, v in row.per_episode.items()}
+
+
+def compare(a: Row, b: Row) -> dict[str, dict[str, dict]]:
+    """``{"evaluation seed": report, ["training seed": report]}``, each report
+    :func:`~sfjax.baselines.paired.paired_report` of B (after) against A (before)."""
+    _check_pairable(a, b)
+    out = {"evaluation seed": paired_report(by_eval_seed(a), by_eval_seed(b))}
+    if a.train_seeds and a.train_seeds == b.train_seeds:
+        out["training seed"] = paired_report(by_train_seed(a), by_train_seed(b))
+    return out
+
+
+def format_compare(a: Row, b: Row, result: dict[str, dict[str, dict]]) -> str:
+    """The two tables, headed with what A and B are and what is paired."""
+    n_seeds = len(a.protocol["seeds"])
+    lines = [f"A = {a.label}", f"B = {b.label}",
+             f"same protocol: env seeds {a.protocol['seeds']}, {a.protocol['num_steps']} steps"]
+    for unit, report in result.items():
+        n = next(iter(report.values()))["n"]
+        lines += ["", f"B − A paired by {unit} ({n} pairs, 95 % t, df {n - 1}"
+                      + (f"; each the mean over {n_seeds} evaluation seeds)"
+                         if unit == "training seed" else ")")]  # fmt: skip
+        lines.append(format_paired(report, METRIC_LABELS, names=("A", "B", "B-A")))
+    if "training seed" not in result:
+        why = ("different training seeds" if a.train_seeds and b.train_seeds
+               else "a row without training seeds")
+        lines += ["", f"(no pairing by training seed: {why})"]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="python -m sfjax.baselines.compare",
+        description="B − A for two rows evaluated under the same protocol, paired by "
+                    "evaluation seed (and by training seed for RL rows trained on the same "
+                    "seeds), with 95 %% t intervals.")  # fmt: skip
+    p.add_argument("a", metavar="RUN_DIR:ROW", help=f"row A; ROW one of {', '.join(ROW_FILES)}")
+    p.add_argument("b", metavar="RUN_DIR:ROW", help="row B (the difference is B − A)")
+    args = p.parse_args(argv)
+    try:
+        a, b = load_row(args.a), load_row(args.b)
+        result = compare(a, b)
+    except (FileNotFoundError, ValueError) as e:
+        p.error(str(e))
+    print(format_compare(a, b, result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""sfjax.baselines.compare: two rows of two run dirs, paired by evaluation and training seed."""
+
+import json
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from sfjax.baselines import compare
+from sfjax.baselines.evaluation import Rollouts
+
+PROTOCOL = {"seeds": [0, 1, 2, 3], "num_steps": 5, "key_offset": 1000003}
+ENV = {"episode_steps": 300, "objective": {"se_definition": "allocated"}}
+
+
+def _rollouts(rewards):
+    """Rollouts whose per-step rewards are ``rewards`` ([..., S, T]); other records derived."""
+    r = np.asarray(rewards, np.float32)
+    return Rollouts(actions=np.zeros(r.shape, np.int32), rewards=r, se=r / 100.0,
+                    reconfiguration=(r > 0).astype(np.float32),
+                    violation=(r < 0).astype(np.float32))  # fmt: skip
+
+
+def _run(tmp_path, name, rows, *, protocol=PROTOCOL, env=ENV, seeds=(0, 1, 2)):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(
+        {"protocol": protocol, "env": env, "rl": {"seeds": list(seeds)}}))
+    for row, rewards in rows.items():
+        path = d / compare.ROW_FILES[row]
+        path.parent.mkdir(exist_ok=True)
+        _rollouts(rewards).save(path)
+    return d
+
+
+def _rl(rng, shift=0.0):
+    return rng.normal(shift, 10.0, size=(3, 4, 5))  # 3 training seeds x 4 env seeds x 5 steps
+
+
+def test_differences_and_intervals_match_a_hand_computation(tmp_path):
+    rng = np.random.default_rng(0)
+    ra, rb, rh = _rl(rng), _rl(rng, 3.0), rng.normal(0, 10, size=(4, 5))
+    a = _run(tmp_path, "a", {"ppo": ra, "heuristic": rh})
+    b = _run(tmp_path, "b", {"ppo": rb})
+    row_a, row_b = compare.load_row(f"{a}:ppo"), compare.load_row(f"{b}:ppo")
+    out = compare.compare(row_a, row_b)
+    ua, ub = ra.astype(np.float32).sum(-1), rb.astype(np.float32).sum(-1)  # utility [3, 4]
+    for unit, axis in (("evaluation seed", 0), ("training seed", 1)):
+        d = ub.mean(axis) - ua.mean(axis)
+        half = stats.t.ppf(0.975, d.size - 1) * d.std(ddof=1) / np.sqrt(d.size)
+        got = out[unit]["utility"]
+        assert got["n"] == d.size
+        np.testing.assert_allclose([got["diff"], got["ci_low"], got["ci_high"]],
+                                   [d.mean(), d.mean() - half, d.mean() + half], rtol=1e-5)
+    # a reference row has no training seeds: paired by evaluation seed only
+    ref = compare.load_row(f"{a}:heuristic")
+    out = compare.compare(ref, row_b)
+    assert list(out) == ["evaluation seed"]
+    d = ub.mean(0) - rh.astype(np.float32).sum(-1)
+    np.testing.assert_allclose(out["evaluation seed"]["utility"]["diff"], d.mean(), rtol=1e-5)
+    text = compare.format_compare(ref, row_b, out)
+    assert "no pairing by training seed: a row without training seeds" in text
+    assert "B − A paired by evaluation seed (4 pairs, 95 % t, df 3)" in text
+
+
+def test_different_training_seeds_pair_by_evaluation_seed_only(tmp_path):
+    rng = np.random.default_rng(1)
+    a = _run(tmp_path, "a", {"sac": _rl(rng)})
+    b = _run(tmp_path, "b", {"sac": _rl(rng)}, seeds=(5, 6, 7))
+    row_a, row_b = compare.load_row(f"{a}:sac"), compare.load_row(f"{b}:sac")
+    out = compare.compare(row_a, row_b)
+    assert list(out) == ["evaluation seed"]
+    assert "different training seeds" in compare.format_compare(row_a, row_b, out)
+
+
+@pytest.mark.parametrize("what, other", [
+    ("protocol", {**PROTOCOL, "seeds": [4, 5, 6, 7]}),
+    ("env", {**ENV, "episode_steps": 100}),
+])
+def test_rows_of_other_protocols_or_envs_are_refused(tmp_path, what, other):
+    rng = np.random.default_rng(2)
+    a = _run(tmp_path, "a", {"dqn": _rl(rng)})
+    b = _run(tmp_path, "b", {"dqn": _rl(rng)}, **{what: other})
+    with pytest.raises(ValueError, match=f"different {what}s .*: their trajectories are not "):
+        compare.compare(compare.load_row(f"{a}:dqn"), compare.load_row(f"{b}:dqn"))
+
+
+def test_bad_specs_name_what_is_wrong(tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    a = _run(tmp_path, "a", {"dqn": _rl(rng)})
+    with pytest.raises(ValueError, match="expected RUN_DIR:ROW"):
+        compare.load_row(str(a))
+    with pytest.raises(ValueError, match="unknown row 'td3'"):
+        compare.load_row(f"{a}:td3")
+    with pytest.raises(FileNotFoundError, match="did not evaluate row 'ppo'"):
+        compare.load_row(f"{a}:ppo")
+    with pytest.raises(FileNotFoundError, match="no .*config.json"):
+        compare.load_row(f"{tmp_path / 'nowhere'}:dqn")
+    (tmp_path / "sf_run").mkdir()
+    (tmp_path / "sf_run" / "config.json").write_text(json.dumps({"heldout": {}}))
+    with pytest.raises(ValueError, match=r"has no \['protocol', 'env'\]"):
+        compare.load_row(f"{tmp_path / 'sf_run'}:sf")
+    (a / "config.json").write_text(json.dumps({"protocol": PROTOCOL, "env": ENV,
+                                               "rl": {"seeds": [0, 1]}}))
+    with pytest.raises(ValueError, match=r"training seeds \(0, 1\)"):
+        compare.load_row(f"{a}:dqn")
+    with pytest.raises(SystemExit) as e:  # the CLI: exit 2 with the message, no traceback
+        compare.main([f"{a}:td3", f"{a}:dqn"])
+    assert e.value.code == 2
+    assert "unknown row 'td3'" in capsys.readouterr().err
+
+
+def test_cli_prints_both_tables(tmp_path, capsys):
+    rng = np.random.default_rng(4)
+    a = _run(tmp_path, "a", {"ppo": _rl(rng)})
+    b = _run(tmp_path, "b", {"ppo": _rl(rng, 50.0)})
+    compare.main([f"{a}:ppo", f"{b}:ppo"])
+    out = capsys.readouterr().out
+    assert "paired by evaluation seed (4 pairs" in out
+    assert "paired by training seed (3 pairs, 95 % t, df 2; each the mean over 4" in out
+    utility = [line for line in out.splitlines() if line.startswith("Utility")]
+    assert len(utility) == 2 and all(line.rstrip().endswith("*") for line in utility)
