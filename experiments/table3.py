@@ -58,7 +58,7 @@ from sfjax.baselines.llm_agent import (  # noqa: E402
     load_actor,
     prompt_config_for_env,
 )
-from sfjax.baselines.reference import ReferenceConfig, reference_rows  # noqa: E402
+from sfjax.baselines.reference import ReferenceConfig, reference_row_names, reference_rows  # noqa: E402
 from sfjax.baselines.report import (  # noqa: E402
     MethodResult,
     Table3Inputs,
@@ -405,8 +405,9 @@ def main(cfg: Config, preset: str = "") -> dict:
                 env, env.default_params, cfg.protocol, cfg.reference, refs
             )
             rows += ref_rows
-            for name, r in ref_rollouts.items():
-                r.save(cfg.run_dir / f"eval_{name.split()[0].lower()}.npz")
+            for key, name in reference_row_names().items():
+                if name in ref_rollouts:  # per-step records, read by sfjax.baselines.compare
+                    ref_rollouts[name].save(cfg.run_dir / f"eval_{key}.npz")
             wall["references"] = time.perf_counter() - t0
     finally:
         writer.close()

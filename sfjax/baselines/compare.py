@@ -46,6 +46,8 @@ ROW_FILES = {
     "hindsight": "eval_hindsight.npz",
 }
 """Row name -> its per-step evaluation records, relative to the run dir that evaluated it."""
+LEGACY_FILES = {"static": "eval_best.npz", "heuristic": "eval_adaptive.npz"}
+"""Where table3.py wrote two reference rows before they were named by their row key."""
 RL_ROWS = ("dqn", "ppo", "sac")
 
 
@@ -82,6 +84,9 @@ def load_row(spec: str) -> Row:
         raise ValueError(f"{spec!r}: {config_path} has no {missing}: not a table3.py, "
                          "rl_baselines.py or reflexion_ranslicing.py run")  # fmt: skip
     path = run_dir / ROW_FILES[name]
+    legacy = run_dir / LEGACY_FILES.get(name, ROW_FILES[name])
+    if not path.is_file() and legacy.is_file():
+        path = legacy
     if not path.is_file():
         raise FileNotFoundError(f"{spec!r}: no {path}: this run did not evaluate row {name!r}")
     per_episode = Rollouts.load(path).per_episode()

@@ -272,6 +272,13 @@ class ReferenceConfig:
         return bad
 
 
+def reference_row_names() -> dict[str, str]:
+    """``--methods`` key -> Table III row name of the three reference rows."""
+    from sfjax.baselines.report import TABLE_ROWS
+
+    return {"static": TABLE_ROWS[5], "heuristic": TABLE_ROWS[6], "hindsight": TABLE_ROWS[7]}
+
+
 def reference_rows(env, env_params, protocol: EvalProtocol, cfg: ReferenceConfig,
                    which: Sequence[str] = ("static", "heuristic", "hindsight")):
     """Best static, adaptive heuristic and hindsight rows, scored on ``protocol``.
@@ -324,7 +331,6 @@ def reference_rows(env, env_params, protocol: EvalProtocol, cfg: ReferenceConfig
             f"beam search (width {cfg.beam_width}) over allocation sequences with the "
             "simulator and each evaluation trajectory's own keys: knows the future, not a "
             "causal policy; an upper reference, not a proven optimum")
-    keep = {"static": TABLE_ROWS[5], "heuristic": TABLE_ROWS[6], "hindsight": TABLE_ROWS[7]}
-    names = {keep[w] for w in which}
+    names = {reference_row_names()[w] for w in which}
     return ([r for r in rows if r.name in names], {k: v for k, v in rollouts.items() if k in names},
             info)

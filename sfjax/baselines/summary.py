@@ -134,6 +134,9 @@ def format_table3_summary(
             (run_dir / "reflexion", "the Reflexion run (trials, evaluation)"),
             *[(run_dir / a, "RL curves, evaluation rollouts, summary.json")
               for a in ("dqn", "ppo", "sac")],
+            *[(run_dir / f"eval_{key}.npz", f"the {key} row's per-step evaluation records "
+                                             "(python -m sfjax.baselines.compare)")
+              for key in ("static", "heuristic", "hindsight")],
             (run_dir / "tb", "TensorBoard of the RL and Reflexion rows"),
         ]),  # fmt: skip
         "",

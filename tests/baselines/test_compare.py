@@ -120,3 +120,11 @@ def test_cli_prints_both_tables(tmp_path, capsys):
     assert "paired by training seed (3 pairs, 95 % t, df 2; each the mean over 4" in out
     utility = [line for line in out.splitlines() if line.startswith("Utility")]
     assert len(utility) == 2 and all(line.rstrip().endswith("*") for line in utility)
+
+
+def test_reference_rows_of_older_runs_are_found_under_their_old_names(tmp_path):
+    rng = np.random.default_rng(5)
+    a = _run(tmp_path, "a", {"static": rng.normal(size=(4, 5))})
+    (a / "eval_static.npz").rename(a / "eval_best.npz")  # table3.py's name before 2026-12-06
+    row = compare.load_row(f"{a}:static")
+    assert row.per_episode["utility"].shape == (4,)

@@ -225,3 +225,35 @@ def test_reflexion_row_says_its_actor_is_the_prior(tmp_path, script, monkeypatch
     table = (tmp_path / "t" / "table3.md").read_text()
     assert table.count(prior_lib.PRIOR_LABEL) == 1, table
     assert table.count(mod.reflexion_ranslicing.REFLEXION_WITH_PRIOR) == 1, table
+
+
+def test_reference_rows_records_are_named_by_row_and_read_by_compare(tmp_path, script,
+                                                                     monkeypatch):
+    """eval_<key>.npz per reference row (the --methods key), which sfjax.baselines.compare
+    pairs by evaluation seed."""
+    import numpy as np
+
+    from sfjax.baselines import compare
+    from sfjax.baselines.evaluation import Rollouts
+    from sfjax.baselines.reference import reference_row_names
+
+    cli, _ = script
+    mod = experiment("table3")
+
+    def rows_with_records(env, params, protocol, reference, names):
+        shape = (len(protocol.seeds), protocol.num_steps)
+        out = {}
+        for i, key in enumerate(names):
+            r = np.full(shape, float(i), np.float32)
+            out[reference_row_names()[key]] = Rollouts(np.zeros(shape, np.int32), r, r, r, r)
+        return [MethodResult(n, r.summary(), 0, r.num_samples, shape[0])
+                for n, r in out.items()], out, {}  # fmt: skip
+
+    monkeypatch.setattr(mod, "reference_rows", rows_with_records)
+    run = tmp_path / "t"
+    cli("--run-dir", str(run), "--methods", "static", "heuristic", "--protocol.seeds", "0", "1")
+    assert sorted(p.name for p in run.glob("eval_*.npz")) == ["eval_heuristic.npz",
+                                                              "eval_static.npz"]
+    a, b = compare.load_row(f"{run}:static"), compare.load_row(f"{run}:heuristic")
+    report = compare.compare(a, b)["evaluation seed"]["utility"]
+    assert report["n"] == 2 and report["diff"] == pytest.approx(mod.EvalProtocol().num_steps)
