@@ -58,7 +58,11 @@ from sfjax.baselines.llm_agent import (  # noqa: E402
     load_actor,
     prompt_config_for_env,
 )
-from sfjax.baselines.reference import ReferenceConfig, reference_row_names, reference_rows  # noqa: E402
+from sfjax.baselines.reference import (  # noqa: E402
+    ReferenceConfig,
+    reference_row_names,
+    reference_rows,
+)
 from sfjax.baselines.report import (  # noqa: E402
     MethodResult,
     Table3Inputs,

@@ -6,7 +6,7 @@
 ``table3.md`` gives each row's mean ± std over its trajectories. Two rows evaluated under the
 same protocol (the same env seeds, trajectory length and per-step keys, the same env config)
 saw the same traffic and channels step by step, so their difference is better read paired:
-this prints ``B − A`` per metric with its 95 % Student-t interval (:mod:`sfjax.baselines.paired`)
+this prints ``B − A`` per metric with its 95 % Student-t interval (:mod:`sfjax.baselines.paired`):
 
 - **by evaluation seed** (always): each seed's metric, averaged over training seeds where a
   row has them, differenced; df = seeds − 1;
