@@ -51,6 +51,7 @@ import sf_ranslicing  # noqa: E402
 from sfjax import atomic  # noqa: E402
 from sfjax.agents.env import JaxRanRunner  # noqa: E402
 from sfjax.agents.prior import PRIOR_LABEL, PriorConfig  # noqa: E402
+from sfjax.baselines.compare import ROW_FILES  # noqa: E402
 from sfjax.baselines.evaluation import EvalProtocol, evaluate_agent  # noqa: E402
 from sfjax.baselines.llm_agent import (  # noqa: E402
     LLMEnvAgent,
@@ -58,11 +59,7 @@ from sfjax.baselines.llm_agent import (  # noqa: E402
     load_actor,
     prompt_config_for_env,
 )
-from sfjax.baselines.reference import (  # noqa: E402
-    ReferenceConfig,
-    reference_row_names,
-    reference_rows,
-)
+from sfjax.baselines.reference import REFERENCE_ROWS, ReferenceConfig, reference_rows  # noqa: E402
 from sfjax.baselines.report import (  # noqa: E402
     MethodResult,
     Table3Inputs,
@@ -409,9 +406,9 @@ def main(cfg: Config, preset: str = "") -> dict:
                 env, env.default_params, cfg.protocol, cfg.reference, refs
             )
             rows += ref_rows
-            for key, name in reference_row_names().items():
+            for key, name in REFERENCE_ROWS.items():
                 if name in ref_rollouts:  # per-step records, read by sfjax.baselines.compare
-                    ref_rollouts[name].save(cfg.run_dir / f"eval_{key}.npz")
+                    ref_rollouts[name].save(cfg.run_dir / ROW_FILES[key])
             wall["references"] = time.perf_counter() - t0
     finally:
         writer.close()

@@ -34,21 +34,17 @@ import numpy as np
 
 from sfjax.baselines.evaluation import METRIC_LABELS, Rollouts
 from sfjax.baselines.paired import format_paired, paired_report
+from sfjax.baselines.reference import REFERENCE_ROWS
+from sfjax.baselines.rl import ALGOS
 
 ROW_FILES = {
-    "sf": "sf/eval_rollouts.npz",
-    "reflexion": "reflexion/eval_rollouts.npz",
-    "dqn": "dqn/eval_rollouts.npz",
-    "ppo": "ppo/eval_rollouts.npz",
-    "sac": "sac/eval_rollouts.npz",
-    "static": "eval_static.npz",
-    "heuristic": "eval_heuristic.npz",
-    "hindsight": "eval_hindsight.npz",
+    **{name: f"{name}/eval_rollouts.npz" for name in ("sf", "reflexion", *ALGOS)},
+    **{key: f"eval_{key}.npz" for key in REFERENCE_ROWS},
 }
-"""Row name -> its per-step evaluation records, relative to the run dir that evaluated it."""
+"""Row name -> its per-step evaluation records, relative to the run dir that evaluated it
+(table3.py writes the reference rows' under these names)."""
 LEGACY_FILES = {"static": "eval_best.npz", "heuristic": "eval_adaptive.npz"}
 """Where table3.py wrote two reference rows before they were named by their row key."""
-RL_ROWS = ("dqn", "ppo", "sac")
 
 
 @dataclass(frozen=True)
@@ -91,7 +87,7 @@ def load_row(spec: str) -> Row:
         raise FileNotFoundError(f"{spec!r}: no {path}: this run did not evaluate row {name!r}")
     per_episode = Rollouts.load(path).per_episode()
     seeds = None
-    if name in RL_ROWS:
+    if name in ALGOS:
         seeds = tuple(int(s) for s in config.get("rl", {}).get("seeds", ()))
         n = per_episode["utility"].shape[0]
         if per_episode["utility"].ndim != 2 or len(seeds) != n:
@@ -101,10 +97,9 @@ def load_row(spec: str) -> Row:
 
 
 def _check_pairable(a: Row, b: Row) -> None:
-    for what in ("protocol", "env"):
-        if getattr(a, what) != getattr(b, what):
-            keys = sorted(k for k in set(getattr(a, what)) | set(getattr(b, what))
-                          if getattr(a, what).get(k) != getattr(b, what).get(k))  # fmt: skip
+    for what, x, y in (("protocol", a.protocol, b.protocol), ("env", a.env, b.env)):
+        if x != y:
+            keys = sorted(k for k in x.keys() | y.keys() if x.get(k) != y.get(k))
             raise ValueError(f"{a.label} and {b.label} were evaluated under different {what}s "
                              f"(keys {keys}): their trajectories are not paired")  # fmt: skip
 

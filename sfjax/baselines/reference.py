@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sfjax.baselines.evaluation import EvalProtocol, Rollouts, rollout
+from sfjax.baselines.report import TABLE_ROWS
 from sfjax.configcheck import Bad, at_least
 
 
@@ -272,11 +273,8 @@ class ReferenceConfig:
         return bad
 
 
-def reference_row_names() -> dict[str, str]:
-    """``--methods`` key -> Table III row name of the three reference rows."""
-    from sfjax.baselines.report import TABLE_ROWS
-
-    return {"static": TABLE_ROWS[5], "heuristic": TABLE_ROWS[6], "hindsight": TABLE_ROWS[7]}
+REFERENCE_ROWS = {"static": TABLE_ROWS[5], "heuristic": TABLE_ROWS[6], "hindsight": TABLE_ROWS[7]}
+"""``--methods`` key -> Table III row name of the three reference rows."""
 
 
 def reference_rows(env, env_params, protocol: EvalProtocol, cfg: ReferenceConfig,
@@ -288,7 +286,7 @@ def reference_rows(env, env_params, protocol: EvalProtocol, cfg: ReferenceConfig
     The hindsight search carries the other two rows' action sequences along.
     """
     from sfjax.baselines.evaluation import evaluate_policy
-    from sfjax.baselines.report import TABLE_ROWS, MethodResult
+    from sfjax.baselines.report import MethodResult
 
     if shared := protocol.shared_seeds(cfg.train_seeds):
         raise ValueError(f"ReferenceConfig.train_seeds and the evaluation seeds share {shared}: "
@@ -331,6 +329,6 @@ def reference_rows(env, env_params, protocol: EvalProtocol, cfg: ReferenceConfig
             f"beam search (width {cfg.beam_width}) over allocation sequences with the "
             "simulator and each evaluation trajectory's own keys: knows the future, not a "
             "causal policy; an upper reference, not a proven optimum")
-    names = {reference_row_names()[w] for w in which}
+    names = {REFERENCE_ROWS[w] for w in which}
     return ([r for r in rows if r.name in names], {k: v for k, v in rollouts.items() if k in names},
             info)

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from sfjax.baselines.compare import ROW_FILES
+from sfjax.baselines.reference import REFERENCE_ROWS
 from sfjax.baselines.report import MethodResult
 from sfjax.console import artefact_lines, tensorboard_hint
 
@@ -134,9 +136,9 @@ def format_table3_summary(
             (run_dir / "reflexion", "the Reflexion run (trials, evaluation)"),
             *[(run_dir / a, "RL curves, evaluation rollouts, summary.json")
               for a in ("dqn", "ppo", "sac")],
-            *[(run_dir / f"eval_{key}.npz", f"the {key} row's per-step evaluation records "
-                                             "(python -m sfjax.baselines.compare)")
-              for key in ("static", "heuristic", "hindsight")],
+            *[(run_dir / ROW_FILES[key], f"the {key} row's per-step evaluation records "
+                                          "(python -m sfjax.baselines.compare)")
+              for key in REFERENCE_ROWS],
             (run_dir / "tb", "TensorBoard of the RL and Reflexion rows"),
         ]),  # fmt: skip
         "",

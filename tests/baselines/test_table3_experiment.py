@@ -235,7 +235,7 @@ def test_reference_rows_records_are_named_by_row_and_read_by_compare(tmp_path, s
 
     from sfjax.baselines import compare
     from sfjax.baselines.evaluation import Rollouts
-    from sfjax.baselines.reference import reference_row_names
+    from sfjax.baselines.reference import REFERENCE_ROWS
 
     cli, _ = script
     mod = experiment("table3")
@@ -245,7 +245,7 @@ def test_reference_rows_records_are_named_by_row_and_read_by_compare(tmp_path, s
         out = {}
         for i, key in enumerate(names):
             r = np.full(shape, float(i), np.float32)
-            out[reference_row_names()[key]] = Rollouts(np.zeros(shape, np.int32), r, r, r, r)
+            out[REFERENCE_ROWS[key]] = Rollouts(np.zeros(shape, np.int32), r, r, r, r)
         return [MethodResult(n, r.summary(), 0, r.num_samples, shape[0])
                 for n, r in out.items()], out, {}  # fmt: skip
 
