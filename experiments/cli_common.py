@@ -18,7 +18,7 @@ from typing import Any
 import tyro
 from tyro import _errors, _strings
 
-from sfjax import atomic
+from sfjax import atomic, provenance
 from sfjax.agents.reflectors.base import ReflectorError
 from sfjax.atomic import DamagedFile
 from sfjax.config_rules import RULES
@@ -223,7 +223,8 @@ def prepare_run_dir(cfg, run_dir: Path, operational: Sequence[str], *,
                     has_run: bool | None = None, what: str = "run",
                     announce: bool = True, earlier: Mapping[str, object] | None = None):  # fmt: skip
     """Check RUN_DIR (created if missing) against ``cfg`` (which has a ``resume`` field) and
-    write ``config.json``; returns (resume?, cfg to run).
+    write ``config.json``, then append where it runs to ``environment.json``
+    (:func:`sfjax.provenance.record_start`); returns (resume?, cfg to run).
 
     ``has_run``: RUN_DIR holds results of the run its ``config.json`` describes (the caller
     knows what counts; ``None``: a run is there once its ``config.json`` is). A run dir holding a run with the same identity (all but the
@@ -283,4 +284,5 @@ def prepare_run_dir(cfg, run_dir: Path, operational: Sequence[str], *,
             log.info("continuing the %s in %s (same config)", what, run_dir)
         resume = True
     atomic.write_json(saved, as_json(cfg), indent=2)
+    provenance.record_start(run_dir)  # where it ran: commit, versions, CPU / devices, XLA flags
     return resume, cfg

@@ -26,6 +26,8 @@ from typing import Any
 
 from sfjax.baselines.paired import format_paired
 from sfjax.console import artefact_lines, fmt_change, tensorboard_hint
+from sfjax.provenance import DESCRIPTION as ENVIRONMENT_NOTE
+from sfjax.provenance import FILE as ENVIRONMENT_FILE
 
 METRICS = (
     ("utility", "utility (eq. 15, summed over the trajectory)", "", 1),
@@ -182,6 +184,7 @@ def format_sf_summary(
             (run_dir / "checkpoints", "orbax, one per phase (--resume continues from here)"),
             (run_dir / "tiny_actor", "the tiny random base model of this run"),
             (run_dir / "config.json", "the full configuration"),
+            (run_dir / ENVIRONMENT_FILE, ENVIRONMENT_NOTE),
         ]),  # fmt: skip
         "",
         "Open TensorBoard: " + tensorboard_hint(run_dir / "tb"),
@@ -245,6 +248,8 @@ def format_reflexion_summary(
             (run_dir / "reflexion" / "eval_trajectories.json", "the evaluation trajectories"),
             (run_dir / "reflexion" / "eval_rollouts.npz", "per-step evaluation records"),
             (run_dir / "tb", "TensorBoard: reflexion/trial/*, reflexion/eval/*"),
+            (run_dir / "config.json", "the full configuration"),
+            (run_dir / ENVIRONMENT_FILE, ENVIRONMENT_NOTE),
         ]),  # fmt: skip
         "",
         "Open TensorBoard: " + tensorboard_hint(run_dir / "tb"),

@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from sfjax import provenance
+from sfjax.atomic import DamagedFile
 from sfjax.baselines.evaluation import METRIC_LABELS, Rollouts
 from sfjax.baselines.paired import format_paired, paired_report
 from sfjax.baselines.reference import REFERENCE_ROWS
@@ -61,6 +63,9 @@ class Row:
     """The run's env config from its config.json."""
     train_seeds: tuple[int, ...] | None
     """Training seeds behind a leading N axis (RL rows), else None."""
+    environment: list[dict[str, Any]] | None = None
+    """The run's :mod:`sfjax.provenance` records, one per start ([]: a run from before they
+    were written; None: its ``environment.json`` is damaged)."""
 
 
 def load_row(spec: str) -> Row:
@@ -93,7 +98,11 @@ def load_row(spec: str) -> Row:
         if per_episode["utility"].ndim != 2 or len(seeds) != n:
             raise ValueError(f"{spec!r}: {path} holds {per_episode['utility'].shape} "
                              f"trajectories, config.json lists training seeds {seeds}")  # fmt: skip
-    return Row(spec, per_episode, config["protocol"], config["env"], seeds)
+    try:
+        environment = provenance.read(run_dir)
+    except DamagedFile:
+        environment = None
+    return Row(spec, per_episode, config["protocol"], config["env"], seeds, environment)
 
 
 def _check_pairable(a: Row, b: Row) -> None:
@@ -128,7 +137,8 @@ def format_compare(a: Row, b: Row, result: dict[str, dict[str, dict]]) -> str:
     """The two tables, headed with what A and B are and what is paired."""
     n_seeds = len(a.protocol["seeds"])
     lines = [f"A = {a.label}", f"B = {b.label}",
-             f"same protocol: env seeds {a.protocol['seeds']}, {a.protocol['num_steps']} steps"]
+             f"same protocol: env seeds {a.protocol['seeds']}, {a.protocol['num_steps']} steps",
+             *environment_lines(a, b)]
     for unit, report in result.items():
         n = next(iter(report.values()))["n"]
         lines += ["", f"B − A paired by {unit} ({n} pairs, 95 % t, df {n - 1}"
@@ -140,6 +150,21 @@ def format_compare(a: Row, b: Row, result: dict[str, dict[str, dict]]) -> str:
                else "a row without training seeds")
         lines += ["", f"(no pairing by training seed: {why})"]
     return "\n".join(lines)
+
+
+def environment_lines(a: Row, b: Row) -> list[str]:
+    """Where A and B ran (:mod:`sfjax.provenance`): one line when the same, else what differs
+    (the same config and seeds can give other numbers there), or which side has no record."""
+    unknown = [f"{side} ({'damaged' if r.environment is None else 'not recorded'})"
+               for side, r in (("A", a), ("B", b)) if not r.environment]  # fmt: skip
+    if unknown:
+        return [f"environment: unknown for {' and '.join(unknown)} (a run dir from before "
+                f"experiments wrote {provenance.FILE} has none)"]  # fmt: skip
+    diffs = provenance.differences(a.environment, b.environment)
+    if not diffs:
+        return [f"same environment: {provenance.describe(a.environment)}"]
+    return ["different environments (the same config and seeds can give other numbers; "
+            "RESULTS, 'Reproducibility across machines'):", *(f"  {d}" for d in diffs)]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

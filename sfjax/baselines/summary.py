@@ -15,6 +15,8 @@ from sfjax.baselines.compare import ROW_FILES
 from sfjax.baselines.reference import REFERENCE_ROWS
 from sfjax.baselines.report import MethodResult
 from sfjax.console import artefact_lines, tensorboard_hint
+from sfjax.provenance import DESCRIPTION as ENVIRONMENT_NOTE
+from sfjax.provenance import FILE as ENVIRONMENT_FILE
 
 COLUMNS_LEGEND = (
     "Columns (mean ± std over the evaluated trajectories): Avg. SE = mean spectral efficiency "
@@ -96,6 +98,7 @@ def format_rl_summary(
             (run_dir / "tb", "TensorBoard: <algo>/utility, mean_se, reconfigurations, "
                              "violations per round, <algo>/eval/*"),
             (run_dir / "config.json", "the full configuration"),
+            (run_dir / ENVIRONMENT_FILE, ENVIRONMENT_NOTE),
         ]),  # fmt: skip
         "",
         "Open TensorBoard: " + tensorboard_hint(run_dir / "tb"),
@@ -140,6 +143,7 @@ def format_table3_summary(
                                           "(python -m sfjax.baselines.compare)")
               for key in REFERENCE_ROWS],
             (run_dir / "tb", "TensorBoard of the RL and Reflexion rows"),
+            (run_dir / ENVIRONMENT_FILE, ENVIRONMENT_NOTE),
         ]),  # fmt: skip
         "",
         "Open TensorBoard on everything: " + tensorboard_hint(run_dir),

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from sfjax import provenance
 from sfjax.baselines import compare
 from sfjax.baselines.evaluation import Rollouts
 
@@ -128,3 +129,27 @@ def test_reference_rows_of_older_runs_are_found_under_their_old_names(tmp_path):
     (a / "eval_static.npz").rename(a / "eval_best.npz")  # table3.py's name before 2026-12-06
     row = compare.load_row(f"{a}:static")
     assert row.per_episode["utility"].shape == (4,)
+
+
+def test_where_the_runs_ran_is_said(tmp_path):
+    rng = np.random.default_rng(6)
+    a = _run(tmp_path, "a", {"ppo": _rl(rng)})
+    b = _run(tmp_path, "b", {"ppo": _rl(rng)})
+    row_a, row_b = compare.load_row(f"{a}:ppo"), compare.load_row(f"{b}:ppo")
+    text = compare.format_compare(row_a, row_b, compare.compare(row_a, row_b))
+    assert "environment: unknown for A (not recorded) and B (not recorded)" in text
+    provenance.record_start(a)
+    provenance.record_start(b)
+    row_a, row_b = compare.load_row(f"{a}:ppo"), compare.load_row(f"{b}:ppo")
+    text = compare.format_compare(row_a, row_b, compare.compare(row_a, row_b))
+    assert "same environment: sfjax " in text
+    starts = json.loads((b / provenance.FILE).read_text())["starts"]
+    starts[0]["packages"]["jax"] = "0.4.0"
+    (b / provenance.FILE).write_text(json.dumps({"starts": starts}))
+    row_b = compare.load_row(f"{b}:ppo")
+    text = compare.format_compare(row_a, row_b, compare.compare(row_a, row_b))
+    assert "different environments" in text and "0.4.0 (B)" in text
+    (b / provenance.FILE).write_text("{")
+    row_b = compare.load_row(f"{b}:ppo")
+    text = compare.format_compare(row_a, row_b, compare.compare(row_a, row_b))
+    assert "environment: unknown for B (damaged)" in text

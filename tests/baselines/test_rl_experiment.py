@@ -43,6 +43,9 @@ def test_same_config_runs_again_and_log_level_may_differ(tmp_path, script):
     cli("--run-dir", str(tmp_path / "r"), "--log-level", "WARNING")
     assert len(ran) == 2 and ran[0] == ran[1]
     assert _saved(tmp_path / "r")["rl"]["seeds"] == [0, 1]
+    # each start appends where it ran (sfjax.provenance)
+    starts = json.loads((tmp_path / "r" / "environment.json").read_text())["starts"]
+    assert len(starts) == 2 and starts[0]["jax"]["backend"] == "cpu"
 
 
 def test_other_config_is_refused_naming_the_key(tmp_path, script, capsys):
@@ -55,6 +58,8 @@ def test_other_config_is_refused_naming_the_key(tmp_path, script, capsys):
     assert "holds a run of the RL baselines with another config: rl.seeds" in err
     assert "Add --resume" in err
     assert _saved(tmp_path / "r")["rl"]["seeds"] == [0, 1]
+    # a refused start is not recorded
+    assert len(json.loads((tmp_path / "r" / "environment.json").read_text())["starts"]) == 1
 
 
 def test_resume_runs_with_the_runs_values(tmp_path, script):
