@@ -15,7 +15,8 @@ and nothing in that run dir said what the first machine was. So every start of a
 
 A resumed run appends another record, so a run continued on another machine says so.
 :func:`differences` names what differs between two runs' records (``python -m
-sfjax.baselines.compare`` prints it). Nothing here may stop a run: a probe that fails is
+sfjax.baselines.compare`` prints it beside the paired rows; ``python -m sfjax.provenance RUN_DIR
+[RUN_DIR_B]`` prints one run's records, or two runs' differences). Nothing here may stop a run: a probe that fails is
 recorded as missing, a damaged ``environment.json`` is kept aside under another name.
 """
 
@@ -244,3 +245,36 @@ def describe(records: Sequence[dict[str, Any]]) -> str:
     f = _merged(records)
     return ", ".join(f"{k} {f[k]}" for k in ("sfjax", "jax", "CPU", "devices") if k in f)
 
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m sfjax.provenance RUN_DIR [RUN_DIR_B]``: where a run ran, start by start, or
+    what differs between two runs' environments (any run dirs: SF runs too)."""
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m sfjax.provenance",
+        description="Where a run ran (its environment.json), or what differs between two runs'.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="one run dir, or two to compare")
+    args = p.parse_args(argv)
+    if len(args.run_dirs) > 2:
+        p.error("give one run dir, or two to compare")
+    try:
+        records = [read(d) for d in args.run_dirs]
+    except atomic.DamagedFile as e:
+        p.error(str(e))
+    for d, recs in zip(args.run_dirs, records):
+        if not recs:
+            p.error(f"{d} has no {FILE} (not a run dir, or one from before runs recorded it)")
+    if len(records) == 1:
+        for k, rec in enumerate(records[0]):
+            print(f"start {k + 1} ({rec.get('recorded_at')}):")
+            print("\n".join(f"  {name}: {v}" for name, v in fingerprint(rec).items()))
+        return
+    diffs = differences(*records)
+    print(f"A = {args.run_dirs[0]}\nB = {args.run_dirs[1]}")
+    print("\n".join(diffs) if diffs else f"same environment: {describe(records[0])}")
+
+
+if __name__ == "__main__":
+    main()

@@ -121,3 +121,22 @@ def test_differences_name_what_differs_and_nothing_else():
         "[avx2 avx512f] (B)"]
     assert provenance.describe(a) == ("sfjax 97035bc4ae, jax 0.10.2, CPU AMD EPYC [avx2 "
                                       "avx512f], devices cpu (1 x cpu)")
+
+
+def test_cli_prints_a_runs_starts_and_two_runs_differences(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d, recs in ((a, [_record()]), (b, [_record(), _record(jax="0.10.1")])):
+        d.mkdir()
+        (d / provenance.FILE).write_text(json.dumps({"starts": recs}))
+    provenance.main([str(b)])
+    out = capsys.readouterr().out
+    assert out.count("start ") == 2 and "  jax: 0.10.1" in out
+    provenance.main([str(a), str(a)])
+    assert "same environment: sfjax 97035bc4ae" in capsys.readouterr().out
+    provenance.main([str(a), str(b)])
+    assert "jax: 0.10.2 (A) vs 0.10.2 then 0.10.1 (B)" in capsys.readouterr().out
+    for bad, says in (([str(tmp_path)], "has no environment.json"),
+                      ([str(a), str(a), str(b)], "one run dir, or two")):
+        with pytest.raises(SystemExit) as e:
+            provenance.main(bad)
+        assert e.value.code == 2 and says in capsys.readouterr().err
