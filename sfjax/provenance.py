@@ -41,11 +41,11 @@ DESCRIPTION = "where it ran, per start: commit, package versions, CPU / devices,
 """What the file holds, in the experiments' closing list of artefacts."""
 
 PACKAGES = (
-    "sfjax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "chex", "numpy", "rejax",
+    "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "chex", "numpy", "rejax",
     "distrax", "tfp-nightly", "gymnax", "transformers", "tokenizers", "safetensors", "tyro",
     "openai",
 )  # fmt: skip
-"""Distributions whose version is recorded (those installed)."""
+"""Distributions whose version is recorded (those installed; sfjax's own is in ``sfjax``)."""
 PLUGIN_PREFIXES = ("jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm", "libtpu")
 """Accelerator plugins of JAX, recorded whichever are installed."""
 ENV_PREFIXES = ("XLA_", "JAX_", "CUDA_VISIBLE_", "NVIDIA_TF32", "TPU_", "LIBTPU_",
@@ -92,7 +92,7 @@ def _version(name: str) -> str | None:
 
 def packages() -> dict[str, str]:
     """Installed versions of :data:`PACKAGES` and of any JAX accelerator plugin."""
-    out = {n: v for n in PACKAGES if n != "sfjax" and (v := _version(n)) is not None}
+    out = {n: v for n in PACKAGES if (v := _version(n)) is not None}
     for dist in importlib.metadata.distributions():
         name = dist.metadata.get("Name") or ""
         if name.lower().startswith(PLUGIN_PREFIXES):
