@@ -210,6 +210,8 @@ info["backend"], info["devices"] = jax.default_backend(), [str(d) for d in jax.d
 import sfjax.models.qwen3, sfjax.sampling, sfjax.train, sfjax.agents.rfr  # noqa: F401
 from sfjax.models import attention
 info["attention_default"] = attention.get_implementation()
+from sfjax import provenance  # the commit the figures come from, and the flags they ran under
+info["sfjax"], info["env"] = provenance.source(), provenance.environment_variables()
 print(json.dumps(info))
 """
 

@@ -328,6 +328,7 @@ def test_gpu_all_runs_jobs_in_order_within_the_budget(tmp_path, monkeypatch):
     assert st == {"ok": "ok", "oom": "failed", "slow": "timeout", "late": "skipped"}
     assert bundle["summary"] == {"ok": 1, "failed": 1, "timeout": 1, "skipped": 1}
     assert on_disk["preflight"]["ok"] and on_disk["preflight"]["devices"]
+    assert on_disk["preflight"]["sfjax"]["version"]  # and its commit, in a checkout
     jobs_rec = on_disk["jobs"]
     assert jobs_rec["ok"]["record"]["argv"][:2] == ["--flag", "ok"]
     assert jobs_rec["oom"]["oom_in_output"] and jobs_rec["oom"]["returncode"] == 1
