@@ -16,7 +16,12 @@ this prints ``B − A`` per metric with its 95 % Student-t interval (:mod:`sfjax
   setting (a learning rate) is better, since it counts training seeds as the replicates.
 
 A row is ``RUN_DIR:ROW``: ``RUN_DIR`` a table3.py, rl_baselines.py or reflexion_ranslicing.py
-run dir and ``ROW`` one of :data:`ROW_FILES` (where that run wrote the row's per-step records).
+run dir and ``ROW`` one of :data:`ROW_FILES` (where that run wrote the row's per-step records),
+or a sf_ranslicing.py run dir (table3's ``sf/`` too) and ``ROW`` one of its held-out Actors
+(:data:`SF_ROWS`): ``before`` (the Actor before fine-tuning), ``after`` (the run's final Actor)
+or ``after-K`` (the Actor after K SF iterations, where the run measured it). A held-out
+evaluation uses Table III's protocol (:mod:`sfjax.baselines.heldout`), so an SF run whose
+``--heldout.seeds`` / ``--heldout.num-steps`` and env are a table3 run's pairs with its rows.
 Rows of two runs with different protocols or env configs are refused: their seeds are not the
 same trajectories, and an unpaired comparison is not what this tool is for.
 """
@@ -25,8 +30,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +40,7 @@ import numpy as np
 
 from sfjax import provenance
 from sfjax.atomic import DamagedFile
-from sfjax.baselines.evaluation import METRIC_LABELS, Rollouts
+from sfjax.baselines.evaluation import METRIC_LABELS, EvalProtocol, Rollouts
 from sfjax.baselines.paired import format_paired, paired_report
 from sfjax.baselines.reference import REFERENCE_ROWS
 from sfjax.baselines.rl import ALGOS
@@ -45,6 +51,8 @@ ROW_FILES = {
 }
 """Row name -> its per-step evaluation records, relative to the run dir that evaluated it
 (table3.py writes the reference rows' under these names)."""
+SF_ROWS = ("before", "after", "after-K")
+"""The held-out Actors of a sf_ranslicing.py run dir (``RUN_DIR/heldout/*.json``)."""
 LEGACY_FILES = {"static": "eval_best.npz", "heuristic": "eval_adaptive.npz"}
 """Where table3.py wrote two reference rows before they were named by their row key."""
 
@@ -63,7 +71,7 @@ class Row:
     """The run's env config from its config.json."""
     train_seeds: tuple[int, ...] | None
     """Training seeds behind a leading N axis (RL rows), else None."""
-    environment: list[dict[str, Any]] | None = None
+    environment: list[dict[str, Any]] | None = field(default_factory=list)
     """The run's :mod:`sfjax.provenance` records, one per start ([]: a run from before they
     were written; None: its ``environment.json`` is damaged)."""
 
@@ -72,14 +80,20 @@ def load_row(spec: str) -> Row:
     """Read ``RUN_DIR:ROW`` (see the module docstring); clear errors for what is missing."""
     run, sep, name = spec.rpartition(":")
     if not sep or not run:
-        raise ValueError(f"{spec!r}: expected RUN_DIR:ROW, ROW one of {sorted(ROW_FILES)}")
-    if name not in ROW_FILES:
-        raise ValueError(f"{spec!r}: unknown row {name!r}; one of {sorted(ROW_FILES)}")
+        raise ValueError(f"{spec!r}: expected RUN_DIR:ROW, ROW one of {sorted(ROW_FILES)} "
+                         f"(an SF run dir: {', '.join(SF_ROWS)})")  # fmt: skip
+    sf_row = name in SF_ROWS[:2] or re.fullmatch(r"after-\d+", name)
+    if name not in ROW_FILES and not sf_row:
+        raise ValueError(f"{spec!r}: unknown row {name!r}; one of {sorted(ROW_FILES)} "
+                         f"(an SF run dir: {', '.join(SF_ROWS)})")  # fmt: skip
     run_dir = Path(run)
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{spec!r}: no {config_path} (not a finished run dir?)")
     config = json.loads(config_path.read_text())
+    environment = _environment(run_dir)
+    if sf_row:
+        return _sf_row(spec, run_dir, config, name, environment)
     missing = [k for k in ("protocol", "env") if k not in config]
     if missing:
         raise ValueError(f"{spec!r}: {config_path} has no {missing}: not a table3.py, "
@@ -98,11 +112,44 @@ def load_row(spec: str) -> Row:
         if per_episode["utility"].ndim != 2 or len(seeds) != n:
             raise ValueError(f"{spec!r}: {path} holds {per_episode['utility'].shape} "
                              f"trajectories, config.json lists training seeds {seeds}")  # fmt: skip
-    try:
-        environment = provenance.read(run_dir)
-    except DamagedFile:
-        environment = None
     return Row(spec, per_episode, config["protocol"], config["env"], seeds, environment)
+
+
+def _environment(run_dir: Path) -> list[dict[str, Any]] | None:
+    try:
+        return provenance.read(run_dir)
+    except DamagedFile:
+        return None
+
+
+def _sf_row(spec: str, run_dir: Path, config: dict, name: str, environment) -> Row:
+    """A held-out Actor of a sf_ranslicing.py run dir (``before``, ``after``, ``after-K``)."""
+    heldout = config.get("heldout")
+    if "env" not in config or not isinstance(heldout, dict):
+        raise ValueError(f"{spec!r}: {run_dir / 'config.json'} is not a sf_ranslicing.py "
+                         "run's (no 'heldout' section); rows before / after / after-K are an "
+                         "SF run's")  # fmt: skip
+    if not heldout.get("seeds"):
+        raise ValueError(f"{spec!r}: the run had no held-out evaluation (--heldout.seeds empty)")
+    if name == "after":
+        summary = run_dir / "summary.json"
+        held = json.loads(summary.read_text()).get("held_out") if summary.is_file() else None
+        if not held:
+            raise FileNotFoundError(f"{spec!r}: {summary} reports no held-out 'after' yet (an "
+                                    "unfinished run? after-K names an iterate's)")  # fmt: skip
+        name = f"after-{held['after_iteration']}"
+    file = "before.json" if name == "before" else f"after_iter_{name.split('-')[1]}.json"
+    path = run_dir / "heldout" / file
+    if not path.is_file():
+        raise FileNotFoundError(f"{spec!r}: no {path}: this run did not measure that Actor")
+    per_seed = json.loads(path.read_text())
+    per_episode = {k: np.asarray(per_seed[k], np.float32) for k in METRIC_LABELS}
+    # what the held-out evaluation ran: Table III's protocol on the run's env, episodes cut to
+    # the protocol's length (sfjax.baselines.heldout)
+    protocol = {"seeds": list(heldout["seeds"]), "num_steps": heldout["num_steps"],
+                "key_offset": EvalProtocol.key_offset}  # fmt: skip
+    env = {**config["env"], "episode_steps": heldout["num_steps"]}
+    return Row(spec, per_episode, protocol, env, None, environment)
 
 
 def _check_pairable(a: Row, b: Row) -> None:
@@ -155,11 +202,17 @@ def format_compare(a: Row, b: Row, result: dict[str, dict[str, dict]]) -> str:
 def environment_lines(a: Row, b: Row) -> list[str]:
     """Where A and B ran (:mod:`sfjax.provenance`): one line when the same, else what differs
     (the same config and seeds can give other numbers there), or which side has no record."""
-    unknown = [f"{side} ({'damaged' if r.environment is None else 'not recorded'})"
-               for side, r in (("A", a), ("B", b)) if not r.environment]  # fmt: skip
-    if unknown:
-        return [f"environment: unknown for {' and '.join(unknown)} (a run dir from before "
-                f"experiments wrote {provenance.FILE} has none)"]  # fmt: skip
+    missing = [side for side, r in (("A", a), ("B", b)) if r.environment == []]
+    damaged = [side for side, r in (("A", a), ("B", b)) if r.environment is None]
+    lines = []
+    if missing:
+        lines.append(f"environment: not recorded for {' and '.join(missing)} (a run dir from "
+                     f"before experiments wrote {provenance.FILE} has none)")  # fmt: skip
+    if damaged:
+        lines.append(f"environment: unknown for {' and '.join(damaged)} (its "
+                     f"{provenance.FILE} is damaged)")  # fmt: skip
+    if lines:
+        return lines
     diffs = provenance.differences(a.environment, b.environment)
     if not diffs:
         return [f"same environment: {provenance.describe(a.environment)}"]
@@ -173,7 +226,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         description="B − A for two rows evaluated under the same protocol, paired by "
                     "evaluation seed (and by training seed for RL rows trained on the same "
                     "seeds), with 95 %% t intervals.")  # fmt: skip
-    p.add_argument("a", metavar="RUN_DIR:ROW", help=f"row A; ROW one of {', '.join(ROW_FILES)}")
+    p.add_argument("a", metavar="RUN_DIR:ROW", help=f"row A; ROW one of {', '.join(ROW_FILES)}; "
+                                                    f"of an SF run dir {', '.join(SF_ROWS)}")
     p.add_argument("b", metavar="RUN_DIR:ROW", help="row B (the difference is B − A)")
     args = p.parse_args(argv)
     try:

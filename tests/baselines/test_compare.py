@@ -137,7 +137,7 @@ def test_where_the_runs_ran_is_said(tmp_path):
     b = _run(tmp_path, "b", {"ppo": _rl(rng)})
     row_a, row_b = compare.load_row(f"{a}:ppo"), compare.load_row(f"{b}:ppo")
     text = compare.format_compare(row_a, row_b, compare.compare(row_a, row_b))
-    assert "environment: unknown for A (not recorded) and B (not recorded)" in text
+    assert "environment: not recorded for A and B (a run dir from before" in text
     provenance.record_start(a)
     provenance.record_start(b)
     row_a, row_b = compare.load_row(f"{a}:ppo"), compare.load_row(f"{b}:ppo")
@@ -152,4 +152,59 @@ def test_where_the_runs_ran_is_said(tmp_path):
     (b / provenance.FILE).write_text("{")
     row_b = compare.load_row(f"{b}:ppo")
     text = compare.format_compare(row_a, row_b, compare.compare(row_a, row_b))
-    assert "environment: unknown for B (damaged)" in text
+    assert "environment: unknown for B (its environment.json is damaged)" in text
+
+
+def _sf_run(tmp_path, name, per_seed, *, seeds=(0, 1, 2, 3), num_steps=5, after_iteration=1):
+    """A sf_ranslicing.py run dir: config.json, heldout/<name>.json, summary.json's held_out."""
+    d = tmp_path / name
+    (d / "heldout").mkdir(parents=True)
+    env = {**ENV, "episode_steps": 300}  # the held-out evaluation cuts episodes to num_steps
+    (d / "config.json").write_text(json.dumps(
+        {"env": env, "heldout": {"seeds": list(seeds), "num_steps": num_steps,
+                                 "sampling_seed": 1}}))  # fmt: skip
+    for actor, utility in per_seed.items():
+        u = np.asarray(utility, np.float32)
+        (d / "heldout" / f"{actor}.json").write_text(json.dumps(
+            {"mean_se": (u / 100).tolist(), "reconfigurations": [1.0] * len(u),
+             "violations": [0.0] * len(u), "utility": u.tolist()}))  # fmt: skip
+    (d / "summary.json").write_text(json.dumps({"held_out": {"after_iteration": after_iteration}}))
+    return d
+
+
+def test_sf_held_out_actors_pair_with_each_other_and_with_table3_rows(tmp_path):
+    rng = np.random.default_rng(7)
+    before, after1, after2 = (rng.normal(0, 100, 4) for _ in range(3))
+    sf = _sf_run(tmp_path, "sf", {"before": before, "after_iter_1": after1,
+                                  "after_iter_2": after2}, after_iteration=2)  # fmt: skip
+    out = compare.compare(compare.load_row(f"{sf}:before"), compare.load_row(f"{sf}:after"))
+    d = after2.astype(np.float32) - before.astype(np.float32)  # "after": the run's final Actor
+    np.testing.assert_allclose(out["evaluation seed"]["utility"]["diff"], d.mean(), rtol=1e-5)
+    assert list(out) == ["evaluation seed"]
+    out = compare.compare(compare.load_row(f"{sf}:after-1"), compare.load_row(f"{sf}:after-2"))
+    np.testing.assert_allclose(out["evaluation seed"]["utility"]["diff"],
+                               (after2.astype(np.float32) - after1.astype(np.float32)).mean(),
+                               rtol=1e-5)  # fmt: skip
+    # a table3 run on the same seeds, steps and env: its rows pair with the SF Actors
+    heuristic = rng.normal(0, 10, size=(4, 5))
+    t3 = _run(tmp_path, "t3", {"heuristic": heuristic}, env={**ENV, "episode_steps": 5})
+    out = compare.compare(compare.load_row(f"{t3}:heuristic"), compare.load_row(f"{sf}:after"))
+    d = after2.astype(np.float32) - heuristic.astype(np.float32).sum(-1)
+    np.testing.assert_allclose(out["evaluation seed"]["utility"]["diff"], d.mean(), rtol=1e-5)
+    other = _sf_run(tmp_path, "other", {"before": before}, seeds=(4, 5, 6, 7))
+    with pytest.raises(ValueError, match=r"different protocols \(keys \['seeds'\]\)"):
+        compare.compare(compare.load_row(f"{sf}:before"), compare.load_row(f"{other}:before"))
+
+
+def test_sf_rows_name_what_is_missing(tmp_path):
+    sf = _sf_run(tmp_path, "sf", {"before": [1.0, 2.0, 3.0, 4.0]})
+    with pytest.raises(FileNotFoundError, match="did not measure that Actor"):
+        compare.load_row(f"{sf}:after")  # summary.json says after_iteration 1; no file
+    (sf / "summary.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="reports no held-out 'after' yet"):
+        compare.load_row(f"{sf}:after")
+    a = _run(tmp_path, "a", {"dqn": _rl(np.random.default_rng(8))})
+    with pytest.raises(ValueError, match="not a sf_ranslicing.py run's"):
+        compare.load_row(f"{a}:before")
+    with pytest.raises(ValueError, match="unknown row 'after-x'"):
+        compare.load_row(f"{sf}:after-x")
