@@ -29,7 +29,6 @@ same trajectories, and an unpaired comparison is not what this tool is for.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from sfjax import provenance
+from sfjax import atomic, provenance
 from sfjax.atomic import DamagedFile
 from sfjax.baselines.evaluation import METRIC_LABELS, EvalProtocol, Rollouts
 from sfjax.baselines.paired import format_paired, paired_report
@@ -90,7 +89,7 @@ def load_row(spec: str) -> Row:
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{spec!r}: no {config_path} (not a finished run dir?)")
-    config = json.loads(config_path.read_text())
+    config = atomic.read_json(config_path, "the run's config")
     environment = _environment(run_dir)
     if sf_row:
         return _sf_row(spec, run_dir, config, name, environment)
@@ -133,7 +132,8 @@ def _sf_row(spec: str, run_dir: Path, config: dict, name: str, environment) -> R
         raise ValueError(f"{spec!r}: the run had no held-out evaluation (--heldout.seeds empty)")
     if name == "after":
         summary = run_dir / "summary.json"
-        held = json.loads(summary.read_text()).get("held_out") if summary.is_file() else None
+        held = atomic.read_json(summary, "the run's summary").get("held_out") \
+            if summary.is_file() else None
         if not held:
             raise FileNotFoundError(f"{spec!r}: {summary} reports no held-out 'after' yet (an "
                                     "unfinished run? after-K names an iterate's)")  # fmt: skip
@@ -142,7 +142,9 @@ def _sf_row(spec: str, run_dir: Path, config: dict, name: str, environment) -> R
     path = run_dir / "heldout" / file
     if not path.is_file():
         raise FileNotFoundError(f"{spec!r}: no {path}: this run did not measure that Actor")
-    per_seed = json.loads(path.read_text())
+    per_seed = atomic.read_json(path, "the held-out evaluation")
+    if missing := [k for k in METRIC_LABELS if k not in per_seed]:
+        raise DamagedFile(f"the held-out evaluation {path} lacks {missing}")
     per_episode = {k: np.asarray(per_seed[k], np.float32) for k in METRIC_LABELS}
     # what the held-out evaluation ran: Table III's protocol on the run's env, episodes cut to
     # the protocol's length (sfjax.baselines.heldout)
@@ -233,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         a, b = load_row(args.a), load_row(args.b)
         result = compare(a, b)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, DamagedFile) as e:
         p.error(str(e))
     print(format_compare(a, b, result))
 

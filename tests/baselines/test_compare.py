@@ -208,3 +208,19 @@ def test_sf_rows_name_what_is_missing(tmp_path):
         compare.load_row(f"{a}:before")
     with pytest.raises(ValueError, match="unknown row 'after-x'"):
         compare.load_row(f"{sf}:after-x")
+
+
+def test_damaged_files_are_named_not_a_traceback(tmp_path, capsys):
+    sf = _sf_run(tmp_path, "sf", {"before": [1.0, 2.0, 3.0, 4.0], "after_iter_1": [1.0] * 4})
+    (sf / "heldout" / "after_iter_1.json").write_text('{"utility": [1.0, 2.0')
+    with pytest.raises(SystemExit) as e:
+        compare.main([f"{sf}:before", f"{sf}:after"])
+    assert e.value.code == 2 and "held-out evaluation" in capsys.readouterr().err
+    (sf / "heldout" / "after_iter_1.json").write_text('{"utility": [1.0, 2.0, 3.0, 4.0]}')
+    with pytest.raises(SystemExit):
+        compare.main([f"{sf}:before", f"{sf}:after"])
+    assert "lacks ['mean_se', 'reconfigurations', 'violations']" in capsys.readouterr().err
+    (sf / "config.json").write_text("{")
+    with pytest.raises(SystemExit):
+        compare.main([f"{sf}:before", f"{sf}:after"])
+    assert "the run's config" in capsys.readouterr().err
