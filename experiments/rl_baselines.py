@@ -32,6 +32,7 @@ from sfjax.baselines.runner import ROW_NAMES, RLRunConfig, run_rl_baselines
 from sfjax.baselines.summary import format_rl_summary, preset_of
 from sfjax.console import configure_logging
 from sfjax.envs.ran import RanSlicingConfig, RanSlicingEnv
+from sfjax.provenance import describe_run
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,8 @@ def main(cfg: Config, preset: str = "") -> dict:
         cfg.run_dir / "table_rl.md",
         rows,
         Table3Inputs(
-            protocol=cfg.protocol, llm_provenance="(no LLM rows in this run)", preset=preset
+            protocol=cfg.protocol, llm_provenance="(no LLM rows in this run)", preset=preset,
+            environment=describe_run(cfg.run_dir),
         ),
     )
     plot_fig2(cfg.run_dir / "fig2.png", {ROW_NAMES[k]: r.train.curves for k, r in runs.items()})

@@ -79,6 +79,7 @@ from sfjax.configcheck import Bad, changed_leaves, option  # noqa: E402
 from sfjax.console import configure_logging  # noqa: E402
 from sfjax.envs.ran import RanSlicingEnv  # noqa: E402
 from sfjax.envs.scenario import RanSlicingConfig  # noqa: E402
+from sfjax.provenance import describe_run  # noqa: E402
 
 log = logging.getLogger("table3")
 Method = Literal["sf", "reflexion", "dqn", "ppo", "sac", "static", "heuristic", "hindsight"]
@@ -426,6 +427,7 @@ def main(cfg: Config, preset: str = "") -> dict:
             llm_provenance="; ".join(provenance) or "(no LLM rows in this run)",
             preset=preset,
             actor_note=note,
+            environment=describe_run(cfg.run_dir),
         ),
     )
     llm_rows = [r for r in rows if r.name in ("SF", "Reflexion")]

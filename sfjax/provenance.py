@@ -246,6 +246,14 @@ def describe(records: Sequence[dict[str, Any]]) -> str:
     return ", ".join(f"{k} {f[k]}" for k in ("sfjax", "jax", "CPU", "devices") if k in f)
 
 
+def describe_run(run_dir: str | os.PathLike) -> str:
+    """:func:`describe` of a run dir's records; "" when it has none or they are damaged."""
+    try:
+        return describe(read(run_dir))
+    except atomic.DamagedFile:
+        return ""
+
+
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m sfjax.provenance RUN_DIR [RUN_DIR_B]``: where a run ran, start by start, or

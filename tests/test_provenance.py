@@ -119,6 +119,7 @@ def test_differences_name_what_differs_and_nothing_else():
     assert provenance.differences(a, [_record(), _record(cpu="Intel Xeon")]) == [
         "CPU: AMD EPYC [avx2 avx512f] (A) vs AMD EPYC [avx2 avx512f] then Intel Xeon "
         "[avx2 avx512f] (B)"]
+    assert provenance.describe_run("/nonexistent") == ""
     assert provenance.describe(a) == ("sfjax 97035bc4ae, jax 0.10.2, CPU AMD EPYC [avx2 "
                                       "avx512f], devices cpu (1 x cpu)")
 

@@ -78,6 +78,8 @@ class Table3Inputs:
     """Said right under the heading, e.g. that the LLM rows' Actor is a random tiny model."""
     extra_notes: tuple[str, ...] = field(default_factory=tuple)
     """Further lines printed under the table."""
+    environment: str = ""
+    """Where the rows ran (:func:`sfjax.provenance.describe_run`); empty: not said."""
 
 
 def _fmt(mean: float, std: float, metric: str) -> str:
@@ -131,6 +133,7 @@ def format_table3(rows: Sequence[MethodResult], inputs: Table3Inputs) -> str:
         f"(identical per-step environment keys). Train samples = environment steps used to "
         f"train or adapt the method, per training seed.",
         f"LLM rows (SF, Reflexion): {inputs.llm_provenance}",
+        *([f"Ran on (environment.json): {inputs.environment}"] if inputs.environment else []),
     ]
     for r in rows:
         if r.note:

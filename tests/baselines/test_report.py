@@ -78,6 +78,11 @@ def test_table3_rows_columns_and_provenance(tmp_path):
     # The paper's numbers are printed for reference, after ours.
     assert text.index("Paper's Table III") > text.index("| SAC |")
     assert re.search(r"\| SF \| 5\.354 \| 21\.091 \| 8\.561 \| 25702\.2 \|", text)
+    assert "Ran on" not in text  # no environment given
+    where = "sfjax 97035bc4ae, jax 0.10.2, CPU AMD EPYC [avx2], devices cpu (1 x cpu)"
+    text = write_table3(tmp_path / "t.md", ROWS,
+                        dataclasses.replace(INPUTS, environment=where)).read_text()
+    assert f"Ran on (environment.json): {where}" in text
 
 
 def test_table3_rejects_bad_inputs():

@@ -225,6 +225,7 @@ def test_reflexion_row_says_its_actor_is_the_prior(tmp_path, script, monkeypatch
     table = (tmp_path / "t" / "table3.md").read_text()
     assert table.count(prior_lib.PRIOR_LABEL) == 1, table
     assert table.count(mod.reflexion_ranslicing.REFLEXION_WITH_PRIOR) == 1, table
+    assert "Ran on (environment.json): sfjax " in table  # where the rows ran
 
 
 def test_reference_rows_records_are_named_by_row_and_read_by_compare(tmp_path, script,
