@@ -5,7 +5,8 @@ III's PPO row 4,693 on one machine and 5,228 on another (RESULTS, "RL hyperparam
 and nothing in that run dir said what the first machine was. So every start of an experiment
 (:func:`experiments.cli_common.prepare_run_dir`, after ``config.json``) appends one record:
 
-- the sfjax version and, in a git checkout, its commit and whether tracked files were modified;
+- the sfjax version and, in a git checkout, its commit and whether tracked files were modified
+  (elsewhere the commit ``SFJAX_COMMIT`` gives, if set);
 - Python and the versions of the packages that decide the numbers (JAX and its plugins, Flax,
   optax, rejax / distrax and its unpinned ``tfp-nightly``, transformers, ...);
 - the CPU (model, usable cores, the vector extensions XLA:CPU compiles for), the JAX backend,
@@ -69,9 +70,16 @@ def _git(package_dir: Path, *args: str) -> str | None:
     return out.stdout.strip()
 
 
-def source() -> dict[str, Any]:
+COMMIT_VARIABLE = "SFJAX_COMMIT"
+"""Where no git checkout says the commit (a wheel, a copy of the tree on a TPU VM or a lent
+GPU), the commit given in this environment variable is recorded, marked as given."""
+
+
+def source(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The sfjax version and, when it runs from a git checkout of this project, the commit and
-    whether tracked files differ from it (an installed wheel has no commit: ``None``)."""
+    whether tracked files differ from it; elsewhere the commit :data:`COMMIT_VARIABLE` gives
+    (``commit_from``), else ``None``."""
+    environ = os.environ if environ is None else environ
     package_dir = Path(__file__).resolve().parent
     out: dict[str, Any] = {"version": _version("sfjax"), "commit": None, "modified": None}
     top = _git(package_dir, "rev-parse", "--show-toplevel")
@@ -80,6 +88,8 @@ def source() -> dict[str, Any]:
         out["commit"] = _git(package_dir, "rev-parse", "HEAD")
         status = _git(package_dir, "status", "--porcelain", "--untracked-files=no")
         out["modified"] = None if status is None else bool(status)
+    if out["commit"] is None and environ.get(COMMIT_VARIABLE):
+        out["commit"], out["commit_from"] = environ[COMMIT_VARIABLE].strip(), COMMIT_VARIABLE
     return out
 
 
@@ -206,7 +216,8 @@ def fingerprint(record: dict[str, Any]) -> dict[str, str]:
     src = record.get("sfjax") or {}
     commit = src.get("commit")
     out = {"sfjax": (commit[:10] if commit else f"version {src.get('version')} (no commit)")
-                    + (" (modified)" if src.get("modified") else "")}  # fmt: skip
+                    + (" (modified)" if src.get("modified") else "")
+                    + (f" (from {src['commit_from']})" if src.get("commit_from") else "")}  # fmt: skip
     out["python"] = str(record.get("python"))
     out.update((name, str(v)) for name, v in (record.get("packages") or {}).items())
     c = record.get("cpu") or {}

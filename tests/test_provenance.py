@@ -96,7 +96,15 @@ def test_the_commit_is_this_checkouts_and_none_outside_one(monkeypatch):
     assert src["commit"] == head.stdout.strip() and isinstance(src["modified"], bool)
     # a checkout that is not this project's (sfjax installed in a venv inside another repo)
     monkeypatch.setattr(provenance, "_git", lambda d, *a: "/some/other/repo")
-    assert provenance.source()["commit"] is None
+    assert provenance.source({})["commit"] is None
+
+
+def test_without_a_checkout_the_given_commit_is_recorded_as_given(monkeypatch):
+    monkeypatch.setattr(provenance, "_git", lambda d, *a: None)  # no git, or no .git
+    assert provenance.source({})["commit"] is None
+    src = provenance.source({"SFJAX_COMMIT": " 194a70f\n"})
+    assert src["commit"] == "194a70f" and src["commit_from"] == "SFJAX_COMMIT"
+    assert provenance.fingerprint({"sfjax": src})["sfjax"] == "194a70f (from SFJAX_COMMIT)"
 
 
 def _record(jax="0.10.2", cpu="AMD EPYC", features=("avx2", "avx512f"), xla=None):
