@@ -1,9 +1,10 @@
 """Where a run ran: the record each experiment CLI appends to its run dir's ``environment.json``.
 
 A result is reproduced by its configuration *and* its environment: the same config gave Table
-III's PPO row 4,693 on one machine and 5,228 on another (RESULTS, "RL hyperparameter search"),
-and nothing in that run dir said what the first machine was. So every start of an experiment
-(:func:`experiments.cli_common.prepare_run_dir`, after ``config.json``) appends one record:
+III's PPO row 4,693 on one machine and 5,228 on another (RESULTS, "Reproducibility across
+machines"), and nothing in that run dir said what the first machine was. So every start of an
+experiment (:func:`experiments.cli_common.prepare_run_dir`, after ``config.json``) appends one
+record:
 
 - the sfjax version and, in a git checkout, its commit and whether tracked files were modified
   (elsewhere the commit ``SFJAX_COMMIT`` gives, if set);
@@ -16,9 +17,10 @@ and nothing in that run dir said what the first machine was. So every start of a
 
 A resumed run appends another record, so a run continued on another machine says so.
 :func:`differences` names what differs between two runs' records (``python -m
-sfjax.baselines.compare`` prints it beside the paired rows; ``python -m sfjax.provenance RUN_DIR
-[RUN_DIR_B]`` prints one run's records, or two runs' differences). Nothing here may stop a run: a probe that fails is
-recorded as missing, a damaged ``environment.json`` is kept aside under another name.
+sfjax.baselines.compare`` prints it beside the paired rows; ``python -m sfjax.provenance
+RUN_DIR [RUN_DIR_B]`` prints one run's records, or two runs' differences). Nothing here may
+stop a run: a probe that fails is recorded as missing, a damaged ``environment.json`` is kept
+aside under another name.
 """
 
 from __future__ import annotations
@@ -215,9 +217,9 @@ def fingerprint(record: dict[str, Any]) -> dict[str, str]:
     the platform string and the core counts are left out)."""
     src = record.get("sfjax") or {}
     commit = src.get("commit")
+    given = f" (from {src['commit_from']})" if src.get("commit_from") else ""
     out = {"sfjax": (commit[:10] if commit else f"version {src.get('version')} (no commit)")
-                    + (" (modified)" if src.get("modified") else "")
-                    + (f" (from {src['commit_from']})" if src.get("commit_from") else "")}  # fmt: skip
+                    + (" (modified)" if src.get("modified") else "") + given}  # fmt: skip
     out["python"] = str(record.get("python"))
     out.update((name, str(v)) for name, v in (record.get("packages") or {}).items())
     c = record.get("cpu") or {}
