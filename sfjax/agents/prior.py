@@ -323,13 +323,9 @@ def build_machine() -> dict[str, str]:
     import jax
     import jaxlib
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
-                       cpu)
-    except OSError:
-        pass
+    from sfjax import provenance
+
+    cpu = provenance.cpu()["model"] or platform.machine()  # /proc/cpuinfo's model name
     return {"cpu": cpu, "platform": platform.platform(), "jax": jax.__version__,
             "jaxlib": jaxlib.__version__, "backend": jax.default_backend()}
 

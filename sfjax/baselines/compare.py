@@ -31,7 +31,7 @@ from __future__ import annotations
 import argparse
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,8 @@ import numpy as np
 
 from sfjax import atomic, provenance
 from sfjax.atomic import DamagedFile
-from sfjax.baselines.evaluation import METRIC_LABELS, EvalProtocol, Rollouts
+from sfjax.baselines.evaluation import METRIC_LABELS, Rollouts
+from sfjax.baselines.heldout import HeldOutConfig, after_name
 from sfjax.baselines.paired import format_paired, paired_report
 from sfjax.baselines.reference import REFERENCE_ROWS
 from sfjax.baselines.rl import ALGOS
@@ -138,19 +139,19 @@ def _sf_row(spec: str, run_dir: Path, config: dict, name: str, environment) -> R
             raise FileNotFoundError(f"{spec!r}: {summary} reports no held-out 'after' yet (an "
                                     "unfinished run? after-K names an iterate's)")  # fmt: skip
         name = f"after-{held['after_iteration']}"
-    file = "before.json" if name == "before" else f"after_iter_{name.split('-')[1]}.json"
-    path = run_dir / "heldout" / file
+    file = "before" if name == "before" else after_name(int(name.split("-")[1]))
+    path = run_dir / "heldout" / f"{file}.json"
     if not path.is_file():
         raise FileNotFoundError(f"{spec!r}: no {path}: this run did not measure that Actor")
     per_seed = atomic.read_json(path, "the held-out evaluation")
     if missing := [k for k in METRIC_LABELS if k not in per_seed]:
         raise DamagedFile(f"the held-out evaluation {path} lacks {missing}")
     per_episode = {k: np.asarray(per_seed[k], np.float32) for k in METRIC_LABELS}
-    # what the held-out evaluation ran: Table III's protocol on the run's env, episodes cut to
-    # the protocol's length (sfjax.baselines.heldout)
-    protocol = {"seeds": list(heldout["seeds"]), "num_steps": heldout["num_steps"],
-                "key_offset": EvalProtocol.key_offset}  # fmt: skip
-    env = {**config["env"], "episode_steps": heldout["num_steps"]}
+    # what the held-out evaluation ran (sfjax.baselines.heldout): its protocol, as config.json
+    # writes one, on the run's env with episodes cut to the protocol's length
+    p = HeldOutConfig(seeds=tuple(heldout["seeds"]), num_steps=heldout["num_steps"]).protocol()
+    protocol = {**asdict(p), "seeds": list(p.seeds)}
+    env = {**config["env"], "episode_steps": p.num_steps}
     return Row(spec, per_episode, protocol, env, None, environment)
 
 

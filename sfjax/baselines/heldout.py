@@ -40,6 +40,13 @@ class HeldOutConfig:
     sampling_seed: int = 1
     """Seed of the Actor's sampling during the evaluation (the same before and after)."""
 
+    def protocol(self):
+        """The :class:`~sfjax.baselines.evaluation.EvalProtocol` the held-out Actors are scored
+        on (Table III's, with these seeds and steps); None when there are no seeds."""
+        from sfjax.baselines.evaluation import EvalProtocol
+
+        return EvalProtocol(seeds=self.seeds, num_steps=self.num_steps) if self.seeds else None
+
     def invalid(self) -> list[Bad]:
         bad = at_least(self, 1, "num_steps") + at_least(self, 0, "sampling_seed")
         if any(s < 0 for s in self.seeds):
@@ -72,13 +79,9 @@ class HeldOutEval:
     """The Actor before / after on ``cfg``'s seeds of the env ``env_cfg`` (module docstring)."""
 
     def __init__(self, cfg: HeldOutConfig, env_cfg, actor, run_dir: Path):
-        from sfjax.baselines.evaluation import EvalProtocol
-
         self.cfg, self.env_cfg, self.actor = cfg, env_cfg, actor
         self.dir = Path(run_dir) / "heldout"
-        self.protocol = (
-            EvalProtocol(seeds=cfg.seeds, num_steps=cfg.num_steps) if cfg.seeds else None
-        )
+        self.protocol = cfg.protocol()
 
     def evaluate(self, name: str, what: str) -> dict | None:
         """The per-seed metrics cached as ``name``.json, measured first when missing; ``what``:
