@@ -65,14 +65,14 @@ def collect(
     progress: bool = True,
 ) -> list[Trajectory]:
     """Run the R-MDP for ``steps`` steps in ``num_envs`` parallel envs (Algorithm 1, l. 3-10)."""
-    reset_key, env_key = jax.random.split(env_key)
+    reset_key, step_keys = env_key_schedule(env_key, steps)
     states = _env_call(env, "reset", reset_key, num_envs)
     trajs = [Trajectory(e, env_seed, []) for e in range(num_envs)]
     histories: list[list[HistoryEntry]] = [[] for _ in range(num_envs)]
     bar = progress_bar(steps, "collect", enabled=progress)
     for t in range(steps):
         actor_key, ak = jax.random.split(actor_key)
-        env_key, ek = jax.random.split(env_key)
+        ek = step_keys[t]
         window = [
             h[-prompt_cfg.history_window :] if prompt_cfg.history_window else [] for h in histories
         ]
@@ -91,6 +91,18 @@ def collect(
         bar.update(1)
     bar.close()
     return trajs
+
+
+def env_key_schedule(env_key: jax.Array, steps: int) -> tuple[jax.Array, list[jax.Array]]:
+    """The keys :func:`collect` gives the env: the reset key, then one key per step (the env
+    splits each over its parallel envs). Replaying a trajectory's actions with them reproduces
+    it (:mod:`sfjax.agents.label_audit`)."""
+    reset_key, env_key = jax.random.split(env_key)
+    step_keys = []
+    for _ in range(steps):
+        env_key, ek = jax.random.split(env_key)
+        step_keys.append(ek)
+    return reset_key, step_keys
 
 
 def _env_call(env: EnvRunner, method: str, *args) -> Any:

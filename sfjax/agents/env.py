@@ -46,6 +46,11 @@ FEEDBACK_INFO_KEYS = (
 """``info`` keys copied into the feedback vector (the reward/utility is deliberately absent)."""
 
 
+def per_env_keys(key: jax.Array, num_envs: int) -> jax.Array:
+    """One key per parallel env from the runner's reset or step key, shape [E]."""
+    return jax.random.split(key, num_envs)
+
+
 class JaxRanRunner:
     """:class:`sfjax.agents.collect.EnvRunner` over ``RanSlicingEnv`` (vmapped over envs)."""
 
@@ -102,7 +107,7 @@ class JaxRanRunner:
         return out
 
     def reset(self, key: jax.Array, num_envs: int) -> list[dict[str, float]]:
-        _, self._state = self._reset(jax.random.split(key, num_envs))
+        _, self._state = self._reset(per_env_keys(key, num_envs))
         self._prev = np.full(num_envs, self.initial_action + self.min_rbg, np.int64)
         return self._states(self._state)
 
@@ -114,7 +119,7 @@ class JaxRanRunner:
         if (rbgs < self.action_lo).any() or (rbgs > self.action_hi).any():
             raise ValueError(f"actions {rbgs} outside [{self.action_lo}, {self.action_hi}]")
         idx = jnp.asarray(rbgs - self.min_rbg, jnp.int32)
-        keys = jax.random.split(key, len(rbgs))
+        keys = per_env_keys(key, len(rbgs))
         _, self._state, _, _, info = self._step(keys, self._state, idx)
         info = jax.device_get(info)
         feedback = [

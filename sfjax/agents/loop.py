@@ -389,11 +389,9 @@ class SelfFinetuningLoop:
         return jax.random.fold_in(self.root_key, phase.index)
 
     def _collect(self, phase: Phase) -> None:
-        env_iter = 0 if self.cfg.same_env_seeds else phase.iteration
-        env_key = jax.random.fold_in(jax.random.key(self.cfg.env_seed), env_iter)
         self.trajectories = collect(
             self.actor, self.env, self.prompt_cfg, self.cfg.num_envs, self.cfg.trajectory_steps,
-            env_key, self._key(phase), env_seed=self.cfg.env_seed, progress=self.progress,
+            self.cfg.env_key(phase.iteration), self._key(phase), env_seed=self.cfg.env_seed, progress=self.progress,
         )  # fmt: skip
         for rel, obj in self._phase_artefacts(phase):
             self._save_artefact(rel, obj)

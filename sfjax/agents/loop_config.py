@@ -43,6 +43,16 @@ class LoopConfig:
     chooses, it never trains: the iterates are the same either way, and a finished run may
     be rerun with the other value."""
 
+    def env_key(self, iteration: int):
+        """The key of SF iteration ``iteration``'s collect (:func:`sfjax.agents.collect.collect`
+        splits it into the reset and per-step keys): every iteration's is iteration 0's under
+        ``same_env_seeds``."""
+        import jax
+
+        return jax.random.fold_in(
+            jax.random.key(self.env_seed), 0 if self.same_env_seeds else iteration
+        )
+
     def invalid(self) -> list[Bad]:
         bad = at_least(self, 1, "sf_iterations", "num_envs", "trajectory_steps")
         bad += at_least(self, 0, "env_seed", "seed")

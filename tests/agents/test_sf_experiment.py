@@ -127,6 +127,17 @@ def test_smoke_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
     experiment("sf_target_match", BENCHMARKS).main([str(full_dir), "--samples", "2"])
     out = capsys.readouterr().out
     assert "target rate before" in out and "effective" in out
+    # the label audit replays the run's collect from its config.json (a wrong env config or key
+    # would stop it with a replay mismatch, exit 1) and scores every labelled step
+    audit_cli = experiment("label_audit", BENCHMARKS)
+    args = [str(full_dir), "--horizons", "1", "--primary-horizon", "1", "--max-hold", "2",
+            "--no-progress", "--save", str(tmp_path / "audit.json")]  # fmt: skip
+    assert audit_cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "SF iteration 0: 2 trajectories x 4 steps" in out and "[hold] class" in out
+    saved = json.loads((tmp_path / "audit.json").read_text())["iterations"]
+    assert list(saved) == ["0"] and len(saved["0"]["steps"]) == 8
+    assert audit_cli.main([str(tmp_path / "nowhere")]) == 2
 
     # kill after the KTO phase, resume, and compare with the uninterrupted run
     class Killed(Exception):

@@ -1,0 +1,143 @@
+"""Are a run's Reflector labels right? Counterfactual replays of every labelled step.
+
+    .venv/bin/python benchmarks/label_audit.py RUN_DIR [--iteration I ...] [--save F]
+        [--horizons 2 5 10] [--primary-horizon 5] [--max-hold 30] [--by-reason]
+
+For SF iteration ``I``'s trajectories (``RUN_DIR/trajectories/iter_<I>.json``, all iterations
+with reflections by default) the recorded actions are replayed in the JAX env with the keys
+that collect used (``LoopConfig.env_key``), checked against the record, and every labelled step
+is run again with each action of the Actor's range, on the same arrivals and fading:
+:mod:`sfjax.agents.label_audit` explains the two counterfactuals (``hold``, ``step``) and the
+figures. Per class of label (asked more / asked less / effective) it prints how often the
+Reflector's improved action beat the Actor's, by how much, and what the best action in
+hindsight would have gained. ``--by-reason`` adds the same per reason (digits folded, for the
+rule labeller's fixed reasons). ``--save F`` writes every step's counterfactual utilities.
+
+Any Reflector's labels can be audited this way (the rule labeller, DeepSeek-R1 or another
+endpoint), on runs of the JAX simulator (``experiments/sf_ranslicing.py``; ns-3 episodes
+cannot be replayed). Measured results: benchmarks/RESULTS.md, "Are the rule labeller's labels
+right?".
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "experiments"))
+
+
+def load_config(run: Path):
+    """The run's ``sf_ranslicing.ExperimentConfig`` (from its config.json)."""
+    import cli_common
+    import sf_ranslicing as sf
+
+    from sfjax import atomic
+
+    path = run / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not a sf_ranslicing.py run dir")
+    return cli_common.with_values(sf.ExperimentConfig(), atomic.read_json(path, "the run's config"))
+
+
+def iterations_with_labels(run: Path) -> list[int]:
+    found = [int(m.group(1)) for p in (run / "reflections").glob("iter_*.json")
+             if (m := re.fullmatch(r"iter_(\d+)\.json", p.name))]  # fmt: skip
+    return sorted(i for i in found if (run / f"trajectories/iter_{i}.json").is_file())
+
+
+def reason_kind(reason: str) -> str:
+    """A reason with its numbers folded to '#' and cut at 60 characters, so that the rule
+    labeller's reasons group by rule."""
+    return re.sub(r"\d+(\.\d+)?", "#", reason)[:60]
+
+
+def by_reason(a, mode: str, horizon: int) -> list[str]:
+    import numpy as np
+
+    u_taken, u_improved, u_best = a.values(mode, horizon)
+    gain, kinds = u_improved - u_taken, np.asarray([reason_kind(r) for r in a.reason])
+    tie = a.config.tie
+    out = []
+    for k in sorted(set(kinds.tolist()), key=lambda k: -int((kinds == k).sum())):
+        m = kinds == k
+        out.append(f"  {int(m.sum()):>4} | right {100 * (gain[m] > tie).mean():3.0f} % | wrong "
+                   f"{100 * (gain[m] < -tie).mean():3.0f} % | gain {gain[m].mean():+8.1f} | "
+                   f"best {(u_best - u_taken)[m].mean():+8.1f} | {k}")  # fmt: skip
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--iteration", type=int, nargs="*", help="SF iterations (default: all labelled)")
+    p.add_argument("--horizons", type=int, nargs="+", default=[2, 5, 10])
+    p.add_argument("--primary-horizon", type=int, default=5)
+    p.add_argument("--max-hold", type=int, default=30)
+    p.add_argument("--tie", type=float, default=0.01)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--by-reason", action="store_true")
+    p.add_argument("--save", type=Path, help="write every step's counterfactuals (JSON)")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+
+    from sfjax.agents.env import JaxRanRunner
+    from sfjax.agents.label_audit import AuditConfig, ReplayMismatch, audit, format_audit
+    from sfjax.agents.trajectory import load_reflections, load_trajectories
+
+    try:
+        cfg = load_config(a.run_dir)
+    except (OSError, ValueError) as e:
+        print(f"label_audit: {e}", file=sys.stderr)
+        return 2
+    acfg = AuditConfig(horizons=tuple(a.horizons), primary_horizon=a.primary_horizon,
+                       max_hold=a.max_hold, tie=a.tie, batch=a.batch)  # fmt: skip
+    bad = acfg.invalid()
+    if bad:
+        print("label_audit: " + "; ".join(bad), file=sys.stderr)
+        return 2
+    iters = a.iteration if a.iteration else iterations_with_labels(a.run_dir)
+    if not iters:
+        print(f"label_audit: {a.run_dir} has no labelled iteration (reflections/iter_<i>.json "
+              "with its trajectories)", file=sys.stderr)  # fmt: skip
+        return 2
+    runner = JaxRanRunner(cfg.env, cfg.loop.trajectory_steps)
+    saved = {}
+    for it in iters:
+        paths = [a.run_dir / f"trajectories/iter_{it}.json", a.run_dir / f"reflections/iter_{it}.json"]
+        missing = [str(q) for q in paths if not q.is_file()]
+        if missing:
+            print(f"label_audit: missing {', '.join(missing)}", file=sys.stderr)
+            return 2
+        trajs, refls = load_trajectories(paths[0]), load_reflections(paths[1])
+        start = time.perf_counter()
+        try:
+            res = audit(runner, cfg.loop.env_key(it), trajs, refls, acfg,
+                        progress=not a.no_progress)  # fmt: skip
+        except ReplayMismatch as e:
+            print(f"label_audit: iteration {it}: {e}", file=sys.stderr)
+            return 1
+        backend = refls[0].backend if refls else "?"
+        print(format_audit(res, f"== {a.run_dir} SF iteration {it}: {len(trajs)} trajectories "
+                                f"x {len(trajs[0].steps)} steps, labels by {backend} "
+                                f"({time.perf_counter() - start:.0f} s)"))  # fmt: skip
+        if a.by_reason:
+            for mode in ("hold", "step"):
+                print(f"\nby reason [{mode}, h = {acfg.primary_horizon}]:")
+                print("\n".join(by_reason(res, mode, acfg.primary_horizon)))
+        print()
+        saved[str(it)] = res.to_json()
+    if a.save:
+        from sfjax import atomic
+
+        atomic.write_json(a.save, {"run_dir": str(a.run_dir), "iterations": saved})
+        print(f"saved: {a.save}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
