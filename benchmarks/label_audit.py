@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/label_audit.py RUN_DIR [--iteration I ...] [--save F]
         [--horizons 2 5 10] [--primary-horizon 5] [--max-hold 30] [--by-reason]
+    .venv/bin/python benchmarks/label_audit.py --from F [--primary-horizon H] [--tie X]
 
 For SF iteration ``I``'s trajectories (``RUN_DIR/trajectories/iter_<I>.json``, all iterations
 with reflections by default) the recorded actions are replayed in the JAX env with the keys
@@ -11,7 +12,9 @@ is run again with each action of the Actor's range, on the same arrivals and fad
 figures. Per class of label (asked more / asked less / effective) it prints how often the
 Reflector's improved action beat the Actor's, by how much, and what the best action in
 hindsight would have gained. ``--by-reason`` adds the same per reason (digits folded, for the
-rule labeller's fixed reasons). ``--save F`` writes every step's counterfactual utilities.
+rule labeller's fixed reasons). ``--save F`` writes every step's counterfactual utilities;
+``--from F`` prints the tables from them again (another of the saved horizons, another tie)
+without simulating.
 
 Any Reflector's labels can be audited this way (the rule labeller, DeepSeek-R1 or another
 endpoint), on runs of the JAX simulator (``experiments/sf_ranslicing.py``; ns-3 episodes
@@ -71,31 +74,78 @@ def by_reason(a, mode: str, horizon: int) -> list[str]:
     return out
 
 
+def report(res, title: str, reasons: bool) -> None:
+    from sfjax.agents.label_audit import MODES, format_audit
+
+    print(format_audit(res, title))
+    if reasons:
+        for mode in MODES:
+            print(f"\nby reason [{mode}, h = {res.config.primary_horizon}]:")
+            print("\n".join(by_reason(res, mode, res.config.primary_horizon)))
+    print()
+
+
+def print_saved(a) -> int:
+    """``--from F``: the tables of a saved audit, at a --primary-horizon / --tie given now."""
+    import dataclasses
+
+    from sfjax import atomic
+    from sfjax.agents.label_audit import Audit
+
+    try:
+        d = atomic.read_json(a.saved, "a saved label audit")
+        audits = {it: Audit.from_json(x) for it, x in d["iterations"].items()}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"label_audit: {a.saved}: not a --save file of this script ({e})", file=sys.stderr)
+        return 2
+    for it, res in audits.items():
+        cfg = res.config
+        changes = {k: v for k, v in (("primary_horizon", a.primary_horizon), ("tie", a.tie))
+                   if v is not None}  # fmt: skip
+        cfg = dataclasses.replace(cfg, **changes)
+        if cfg.invalid():
+            print(f"label_audit: {'; '.join(cfg.invalid())} (saved horizons: {cfg.horizons})",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        res.config = cfg
+        title = d["iterations"][it].get("title", f"== SF iteration {it}")
+        report(res, f"{title} (from {a.saved})", a.by_reason)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("run_dir", type=Path)
+    p.add_argument("run_dir", type=Path, nargs="?", help="a sf_ranslicing.py run dir")
     p.add_argument("--iteration", type=int, nargs="*", help="SF iterations (default: all labelled)")
     p.add_argument("--horizons", type=int, nargs="+", default=[2, 5, 10])
-    p.add_argument("--primary-horizon", type=int, default=5)
+    p.add_argument("--primary-horizon", type=int, help="default 5 (--from: as saved)")
     p.add_argument("--max-hold", type=int, default=30)
-    p.add_argument("--tie", type=float, default=0.01)
+    p.add_argument("--tie", type=float, help="default 0.01 (--from: as saved)")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--by-reason", action="store_true")
     p.add_argument("--save", type=Path, help="write every step's counterfactuals (JSON)")
+    p.add_argument("--from", dest="saved", type=Path,
+                   help="print the tables of a --save file again (another --primary-horizon "
+                        "of its horizons, --tie, --by-reason) without simulating")  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
 
     from sfjax.agents.env import JaxRanRunner
-    from sfjax.agents.label_audit import AuditConfig, ReplayMismatch, audit, format_audit
+    from sfjax.agents.label_audit import AuditConfig, ReplayMismatch, audit
     from sfjax.agents.trajectory import load_reflections, load_trajectories
 
+    if a.saved:
+        return print_saved(a)
+    if a.run_dir is None:
+        p.error("RUN_DIR is needed (or --from F)")
     try:
         cfg = load_config(a.run_dir)
     except (OSError, ValueError) as e:
         print(f"label_audit: {e}", file=sys.stderr)
         return 2
-    acfg = AuditConfig(horizons=tuple(a.horizons), primary_horizon=a.primary_horizon,
-                       max_hold=a.max_hold, tie=a.tie, batch=a.batch)  # fmt: skip
+    acfg = AuditConfig(horizons=tuple(a.horizons), max_hold=a.max_hold, batch=a.batch,
+                       primary_horizon=5 if a.primary_horizon is None else a.primary_horizon,
+                       tie=0.01 if a.tie is None else a.tie)  # fmt: skip
     bad = acfg.invalid()
     if bad:
         print("label_audit: " + "; ".join(bad), file=sys.stderr)
@@ -122,15 +172,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"label_audit: iteration {it}: {e}", file=sys.stderr)
             return 1
         backend = refls[0].backend if refls else "?"
-        print(format_audit(res, f"== {a.run_dir} SF iteration {it}: {len(trajs)} trajectories "
-                                f"x {len(trajs[0].steps)} steps, labels by {backend} "
-                                f"({time.perf_counter() - start:.0f} s)"))  # fmt: skip
-        if a.by_reason:
-            for mode in ("hold", "step"):
-                print(f"\nby reason [{mode}, h = {acfg.primary_horizon}]:")
-                print("\n".join(by_reason(res, mode, acfg.primary_horizon)))
-        print()
-        saved[str(it)] = res.to_json()
+        title = (f"== {a.run_dir} SF iteration {it}: {len(trajs)} trajectories x "
+                 f"{len(trajs[0].steps)} steps, labels by {backend}")  # fmt: skip
+        report(res, f"{title} ({time.perf_counter() - start:.0f} s)", a.by_reason)
+        saved[str(it)] = {"title": title, **res.to_json()}
     if a.save:
         from sfjax import atomic
 

@@ -53,6 +53,8 @@ from sfjax.console import progress_bar
 
 MODES = ("hold", "step")
 CLASSES = ("asked more", "asked less", "effective")
+POOLED = "all suboptimal"
+"""The row over every suboptimal label: the net value of what the Reflector asked for."""
 REPLAY_FIELDS = ("se", "violation", "reconfiguration")
 """Feedback fields a replay must reproduce before any counterfactual is trusted."""
 
@@ -133,6 +135,25 @@ class Audit:
         taken = u[rows, [col[int(a)] for a in self.taken]]
         improved = u[rows, [col[int(a)] for a in self.improved]]
         return taken, improved, u.max(axis=1)
+
+    @staticmethod
+    def from_json(d: dict) -> Audit:
+        """The inverse of :meth:`to_json` (utilities as saved, rounded to 1e-4)."""
+        steps = d["steps"]
+        cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in d["config"].items()}
+        return Audit(
+            env_index=np.asarray([s["env_index"] for s in steps]),
+            t=np.asarray([s["t"] for s in steps]),
+            label=[s["label"] for s in steps],
+            reason=[s["reason"] for s in steps],
+            taken=np.asarray([s["taken"] for s in steps]),
+            improved=np.asarray([s["improved"] for s in steps]),
+            hold_length=np.asarray([s["hold_length"] for s in steps]),
+            actions=np.asarray(d["actions"]),
+            utility={(k.split("@")[0], int(k.split("@")[1])): np.asarray(v, np.float64)
+                     for k, v in d["utility"].items()},  # fmt: skip
+            config=AuditConfig(**cfg),
+        )
 
     def to_json(self) -> dict:
         return {
@@ -385,17 +406,18 @@ def _t_interval(xs: Sequence[float]) -> tuple[float, float]:
 
 
 def class_stats(a: Audit, mode: str, horizon: int) -> list[ClassStats]:
-    """Per class of label (:data:`CLASSES`, then 'suboptimal, no change' if any)."""
+    """Per class of label (:data:`CLASSES`, then 'suboptimal, no change' if any), then
+    :data:`POOLED`."""
     u_taken, u_improved, u_best = a.values(mode, horizon)
     gain, best = u_improved - u_taken, u_best - u_taken
     best_action = a.actions[a.utility[(mode, horizon)].argmax(axis=1)]
     classes = np.asarray(a.classes)
     tie = a.config.tie
     out = []
-    for cls in CLASSES + ("suboptimal, no change",):
-        m = classes == cls
+    for cls in CLASSES + ("suboptimal, no change", POOLED):
+        m = (classes != "effective") if cls == POOLED else (classes == cls)
         if not m.any():
-            if cls in CLASSES:
+            if cls in CLASSES or cls == POOLED:
                 out.append(ClassStats(cls, 0, *(math.nan,) * 2, math.nan, (math.nan,) * 2,
                                       *(math.nan,) * 4))  # fmt: skip
             continue

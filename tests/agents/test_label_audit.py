@@ -164,3 +164,28 @@ def test_class_stats_from_hand_made_utilities():
     assert math.isnan(eff.right)
     text = la.format_audit(_hand_audit(), "title")
     assert "asked more | 2 | 50 % | 50 % | +3.5" in text and text.startswith("title")
+
+
+def test_pooled_row_and_json_round_trip(tmp_path, capsys):
+    a = _hand_audit()
+    pooled = la.class_stats(a, "hold", 5)[-1]
+    assert pooled.cls == la.POOLED and pooled.n == 3
+    assert pooled.mean_gain == pytest.approx((10 + 5 - 3) / 3) and pooled.wrong == pytest.approx(1 / 3)
+    back = la.Audit.from_json(a.to_json())
+    assert la.class_stats(back, "hold", 5) == la.class_stats(a, "hold", 5)
+    assert back.config == a.config and back.label == a.label
+
+    # the script prints a saved audit again without simulating; bad files exit 2
+    from experiment_scripts import BENCHMARKS, experiment  # tests/experiment_scripts.py
+
+    from sfjax import atomic
+
+    cli = experiment("label_audit", BENCHMARKS)
+    atomic.write_json(tmp_path / "a.json", {"iterations": {"0": {"title": "== t", **a.to_json()}}})
+    assert cli.main(["--from", str(tmp_path / "a.json"), "--tie", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("== t (from") and "tie = 4.0" in out
+    assert "asked more | 2 | 50 % | 0 % |" in out  # -3 is within the tie now
+    assert cli.main(["--from", str(tmp_path / "a.json"), "--primary-horizon", "2"]) == 2
+    (tmp_path / "b.json").write_text("{}")
+    assert cli.main(["--from", str(tmp_path / "b.json")]) == 2
