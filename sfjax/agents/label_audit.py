@@ -280,46 +280,45 @@ def counterfactual_utilities(
 ) -> tuple[dict[tuple[str, int], np.ndarray], np.ndarray]:
     """Window sums of eq. 15 utility for every start (t, e) and candidate action, both modes:
     ({(mode, h): [N, C]}, hold lengths [N])."""
-    steps, num_envs = actions_TE.shape
+    steps = actions_TE.shape[0]
     cands = np.arange(runner.action_lo, runner.action_hi + 1)
-    hold_TE = _hold_lengths(actions_TE, cfg.max_hold)
     hmax = max(cfg.horizons)
-    sim_len = {"step": 1 + hmax, "hold": cfg.max_hold + hmax}
     t_N = np.asarray([t for t, _ in starts])
     e_N = np.asarray([e for _, e in starts])
-    hold_N = hold_TE[t_N, e_N]
+    hold_N = _hold_lengths(actions_TE, cfg.max_hold)[t_N, e_N]
+    run = _branch_runner(runner)
     out: dict[tuple[str, int], np.ndarray] = {}
-    total = 2 * len(starts) * len(cands)
-    bar = progress_bar(total, "counterfactuals", enabled=progress)
+    bar = progress_bar(2 * len(starts) * len(cands), "counterfactuals", enabled=progress)
     for mode in MODES:
-        length = sim_len[mode]
-        run = _branch_runner(runner)
-        jobs = [(n, c) for n in range(len(starts)) for c in range(len(cands))]
-        utils = np.zeros((len(starts), len(cands), length), np.float64)
-        for lo in range(0, len(jobs), cfg.batch):
-            chunk = jobs[lo : lo + cfg.batch]
-            pad = cfg.batch - len(chunk)
-            chunk_full = chunk + [chunk[-1]] * pad
-            n_B = np.asarray([n for n, _ in chunk_full])
-            c_B = np.asarray([c for _, c in chunk_full])
-            t_B, e_B = t_N[n_B], e_N[n_B]
-            # steps past the trajectory's end repeat its last key and action: they fall
-            # outside every window
-            span = np.minimum(t_B[:, None] + np.arange(length)[None, :], steps - 1)
-            acts = actions_TE[span, e_B[:, None]]
-            dev = 1 if mode == "step" else hold_N[n_B]
-            in_dev = np.arange(length)[None, :] < np.asarray(dev).reshape(-1, 1)
-            acts = np.where(in_dev, cands[c_B][:, None], acts)
-            keys = keys_TE[jnp.asarray(span), jnp.asarray(e_B)[:, None]]
-            idx = jnp.asarray(acts - runner.min_rbg, jnp.int32)
-            u = np.asarray(run(states, jnp.asarray(t_B), jnp.asarray(e_B), keys, idx))
-            for i, (n, c) in enumerate(chunk):
-                utils[n, c] = u[i]
-            bar.update(len(chunk))
+        dev_N = np.ones_like(hold_N) if mode == "step" else hold_N
+        # each start simulates only the steps its longest window needs (the trajectory ends),
+        # rounded up to one of a few lengths (one compile each); most holds are 1-2 steps
+        need_N = np.minimum(dev_N + hmax, steps - t_N)
+        lengths = sorted({1 + hmax, 2 * (1 + hmax), cfg.max_hold + hmax})
+        bucket_N = np.asarray([next(x for x in lengths if x >= n) for n in need_N])
+        utils = np.zeros((len(starts), len(cands), max(lengths)), np.float64)
+        for length in lengths:
+            jobs = [(n, c) for n in np.flatnonzero(bucket_N == length) for c in range(len(cands))]
+            for lo in range(0, len(jobs), cfg.batch):
+                chunk = jobs[lo : lo + cfg.batch]
+                n_B = np.asarray([n for n, _ in chunk] + [chunk[-1][0]] * (cfg.batch - len(chunk)))
+                c_B = np.asarray([c for _, c in chunk] + [chunk[-1][1]] * (cfg.batch - len(chunk)))
+                t_B, e_B = t_N[n_B], e_N[n_B]
+                # steps past the trajectory's end repeat its last key and action: they fall
+                # outside every window
+                span = np.minimum(t_B[:, None] + np.arange(length)[None, :], steps - 1)
+                acts = actions_TE[span, e_B[:, None]]
+                in_dev = np.arange(length)[None, :] < dev_N[n_B][:, None]
+                acts = np.where(in_dev, cands[c_B][:, None], acts)
+                keys = keys_TE[jnp.asarray(span), jnp.asarray(e_B)[:, None]]
+                idx = jnp.asarray(acts - runner.min_rbg, jnp.int32)
+                u = np.asarray(run(states, jnp.asarray(t_B), jnp.asarray(e_B), keys, idx))
+                k = len(chunk)
+                utils[n_B[:k], c_B[:k], :length] = u[:k]
+                bar.update(k)
         for h in cfg.horizons:
-            win = (1 if mode == "step" else hold_N) + h
-            win = np.minimum(np.broadcast_to(win, t_N.shape), steps - t_N)  # the trajectory ends
-            mask = np.arange(length)[None, :] < win[:, None]
+            win = np.minimum(dev_N + h, steps - t_N)  # windows end with the trajectory
+            mask = np.arange(utils.shape[2])[None, :] < win[:, None]
             out[(mode, h)] = (utils * mask[:, None, :]).sum(axis=2)
     bar.close()
     return out, hold_N
