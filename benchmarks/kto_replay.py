@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/kto_replay.py RUN_DIR --iteration I --out DIR
         [--kto FIELD=VALUE ...] [--reference base|iterate] [--only desirable|undesirable]
-        [--improved-examples] [--restart] [--aggregate] [--samples 8] [--seed 1234]
-        [--no-heldout]
+        [--improved-examples] [--restart] [--aggregate] [--labels run|rebuild|hindsight]
+        [--samples 8] [--seed 1234] [--no-heldout]
 
 From the Actor after ``I`` SF iterations (its collect phase's checkpoint, as
 ``--loop.final-actor best`` loads it) the script trains SF iteration ``I``'s KTO iterations
@@ -29,13 +29,22 @@ rerun: every variant sees the same examples, so what differs is the KTO setting 
 - ``--aggregate``: KTO iteration ``k`` trains on SF iterations ``0..I``'s recorded datasets for
   ``k``, concatenated, earliest first (DAgger-style data aggregation), instead of iteration
   ``I``'s alone (``--improved-examples``' copies still come from iteration ``I``'s steps).
+- ``--labels rebuild``: the datasets are not read back but built again by RfR (Algorithm 2:
+  the run's RfR settings, the loop's keys, rollouts of the Actor being trained) from the run's
+  labels; it reproduces the run as the recorded datasets do (a check of the rebuild).
+  ``--labels hindsight``: built the same way from labels that are the best actions in hindsight
+  (:func:`sfjax.agents.label_audit.hindsight_reflections`: the counterfactual eq. 15 utility of
+  every action held for the Actor's run, h = 5) instead of the Reflector's, written to
+  ``DIR/hindsight_reflections.json``. Computed from the utility, so **not** the reward-free
+  method: a diagnostic of whether labels this good would avoid what the Reflector's taught.
 
 With none of them the replay reproduces the run: the script checks the LoRA against the run's
 next iterate and says whether it is bit-identical. It prints each KTO iteration's steps, loss
 and rewards, ``sf_target_match.py``'s table for the replayed Actor against iterate ``I`` on the
 steps it trained on (K ``--samples``, key ``--seed``), and the run's held-out protocol (its seeds
 and steps) for the replay paired by seed against the run's own iterate ``I + 1`` (taken from the
-run's ``heldout/`` when cached there, else measured into DIR). Everything goes to
+run's ``heldout/`` when cached there, else measured into DIR), and against iterate ``I`` (the
+Actor the iteration started from; the same way). Everything goes to
 ``DIR/replay.json``. For runs of ``experiments/sf_ranslicing.py``; measured results:
 benchmarks/RESULTS.md, "Why later SF iterations learn a common shift".
 """
@@ -93,12 +102,18 @@ def main(argv=None) -> None:
                    help="train from the untrained Actor (iterate 0), not from iterate --iteration")
     p.add_argument("--aggregate", action="store_true",
                    help="train on SF iterations 0..--iteration's datasets together")
+    p.add_argument("--labels", choices=("run", "rebuild", "hindsight"), default="run",
+                   help="datasets: the run's recorded ones, or built again by RfR from the run's "
+                        "labels / from the best actions in hindsight (a diagnostic)")  # fmt: skip
     p.add_argument("--samples", type=int, default=8, help="completions per labelled prompt (K)")
     p.add_argument("--seed", type=int, default=1234, help="sampling key (the same before/after)")
     p.add_argument("--batch", type=int, default=64, help="prompts per sampler call")
     p.add_argument("--no-heldout", action="store_true", help="skip the held-out evaluation")
     a = p.parse_args(argv)
     run, it = a.run_dir, a.iteration
+    if a.labels != "run" and (a.aggregate or a.improved_examples):
+        p.error(f"--labels {a.labels} builds one iteration's datasets with the run's RfR settings; "
+                "it does not combine with --aggregate or --improved-examples")  # fmt: skip
     data_of = list(range(it + 1)) if a.aggregate else [it]  # SF iterations whose datasets train
     for need in ("config.json", "summary.json", "checkpoints", f"trajectories/iter_{it}.json",
                  f"reflections/iter_{it}.json",
@@ -122,7 +137,13 @@ def main(argv=None) -> None:
 
     from sfjax.agents.finetune import KTOFineTuner
     from sfjax.agents.loop import phase_plan
-    from sfjax.agents.rfr import base_dataset, examples_from_json, improved_examples
+    from sfjax.agents.rfr import (
+        RfRState,
+        base_dataset,
+        build_dataset,
+        examples_from_json,
+        improved_examples,
+    )
     from sfjax.agents.trajectory import load_json, save_json
     from sfjax.baselines.heldout import HeldOutEval, after_name
     from sfjax.baselines.paired import format_paired, paired_report
@@ -161,6 +182,22 @@ def main(argv=None) -> None:
     if a.reference == "iterate":
         ft.trainer.reference_lora = start
     labels = stm.iteration_labels(run, it)  # the steps the iteration trained on
+    if a.labels == "hindsight":
+        from sfjax.agents.env import JaxRanRunner
+        from sfjax.agents.label_audit import audit, hindsight_reflections
+
+        t0 = time.perf_counter()
+        res = audit(JaxRanRunner(cfg.env, cfg.loop.trajectory_steps), cfg.loop.env_key(it),
+                    *labels, progress=False)  # fmt: skip
+        labels = (labels[0], hindsight_reflections(res))
+        n_sub = sum(x.label == "suboptimal" for r in labels[1] for x in r.labels)
+        print(f"hindsight labels: {n_sub} of {len(res.taken)} steps suboptimal "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
+        a.out.mkdir(parents=True, exist_ok=True)
+        save_json(a.out / "hindsight_reflections.json", [x.to_json() for x in labels[1]])
+    if a.labels != "run":
+        base, targets = base_dataset(*labels)
+        rfr_state = RfRState()
     copies = improved_examples(*base_dataset(*labels), r.prompt_cfg) if a.improved_examples else []
     what = ", ".join([f"kto.{k} {getattr(cfg.kto, k)!r} -> {v!r}" for k, v in changes.items()
                       if getattr(cfg.kto, k) != v] + [f"reference {a.reference}"]
@@ -168,16 +205,22 @@ def main(argv=None) -> None:
                      + (["LoRA restarted from iterate 0"] if a.restart else [])
                      + ([f"datasets of SF iterations 0..{it} together"] if a.aggregate else [])
                      + ([f"+{len(copies)} improved-action examples per dataset"]
-                        if a.improved_examples else []))  # fmt: skip
+                        if a.improved_examples else [])
+                     + ([f"datasets rebuilt by RfR from {a.labels} labels"]
+                        if a.labels != "run" else []))  # fmt: skip
     print(f"{run}: replaying SF iteration {it}'s {len(kto_phases)} KTO iteration(s) from the "
           f"Actor after {it} SF iteration(s); {what}", flush=True)
 
     root = jax.random.key(cfg.loop.seed)  # the loop's phase keys (SelfFinetuningLoop._key)
     kto_log = []
     for ph in kto_phases:
-        _, train_key = jax.random.split(jax.random.fold_in(root, ph.index))
-        examples = [e for i in data_of for e in examples_from_json(
-                    load_json(run / f"datasets/iter_{i}_kto_{ph.kto_iteration}.json"))]  # fmt: skip
+        roll_key, train_key = jax.random.split(jax.random.fold_in(root, ph.index))
+        if a.labels == "run":
+            examples = [e for i in data_of for e in examples_from_json(
+                        load_json(run / f"datasets/iter_{i}_kto_{ph.kto_iteration}.json"))]  # fmt: skip
+        else:  # as the loop's KTO phase builds it (SelfFinetuningLoop._kto)
+            examples, _, rfr_state = build_dataset(base, targets, rfr_state, r.actor.sample,
+                                                   cfg.rfr, r.prompt_cfg, roll_key)  # fmt: skip
         examples += copies
         if a.only:
             examples = [e for e in examples if e.desirable == (a.only == "desirable")]
@@ -194,7 +237,7 @@ def main(argv=None) -> None:
 
     result = {"run_dir": str(run), "iteration": it, "kto_changes": changes,
               "reference": a.reference, "only": a.only, "improved_examples": len(copies),
-              "restart": a.restart, "aggregate": a.aggregate,
+              "restart": a.restart, "aggregate": a.aggregate, "labels": a.labels,
               "kto": kto_log}  # fmt: skip
     diff = max(float(jnp.max(jnp.abs(x - y)))
                for x, y in zip(jax.tree.leaves(replayed), jax.tree.leaves(run_next)))  # fmt: skip
@@ -234,6 +277,20 @@ def main(argv=None) -> None:
         print(f"held-out ({len(cfg.heldout.seeds)} seeds x {cfg.heldout.num_steps} steps): "
               f"'before' = the run's iterate {it + 1}, 'after' = the replay")
         print(format_paired(rep))
+        # and against the Actor the iteration started from (the run's cached evaluation, else
+        # measured into DIR)
+        name0 = after_name(it) if it else "before"
+        if (run / "heldout" / f"{name0}.json").exists():
+            base_eval = atomic.read_json(run / "heldout" / f"{name0}.json",
+                                         "the run's held-out evaluation")  # fmt: skip
+        else:
+            nnx.update(r.model, start)
+            base_eval = held.evaluate(name0, f"the run's Actor after {it} SF iteration(s)")
+        rep0 = paired_report(base_eval, ours)
+        result["heldout"]["start_iterate"] = base_eval
+        result["heldout"]["paired_vs_start"] = rep0
+        print(f"'before' = the run's iterate {it}, 'after' = the replay")
+        print(format_paired(rep0))
     a.out.mkdir(parents=True, exist_ok=True)
     save_json(a.out / "replay.json", result)
     print(f"wrote {a.out / 'replay.json'}")

@@ -48,7 +48,7 @@ import numpy as np
 
 from sfjax.agents.collect import env_key_schedule
 from sfjax.agents.env import JaxRanRunner, per_env_keys
-from sfjax.agents.trajectory import Reflection, Trajectory
+from sfjax.agents.trajectory import Reflection, StepLabel, Trajectory
 from sfjax.console import progress_bar
 
 MODES = ("hold", "step")
@@ -479,3 +479,31 @@ def format_audit(a: Audit, title: str = "") -> str:
                      for s in class_stats(a, mode, h) if s.cls != "effective"]  # fmt: skip
             lines.append(f"  [{mode}, h = {h}] " + "; ".join(parts))
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------- hindsight labels
+HINDSIGHT_BACKEND = "hindsight oracle (counterfactual eq. 15 utility; a diagnostic, not reward-free)"
+
+
+def hindsight_reflections(a: Audit, mode: str = "hold", horizon: int | None = None) -> list[Reflection]:
+    """Labels from the audit's counterfactuals instead of a Reflector: a step is suboptimal when
+    some action beats the Actor's by more than ``tie`` (a*_t = the best one), else effective.
+    They are computed from the eq. 15 utility, so an SF iteration trained on them is **not**
+    the paper's method: a diagnostic of what labels this good would teach
+    (``benchmarks/kto_replay.py --labels hindsight``)."""
+    horizon = a.config.primary_horizon if horizon is None else horizon
+    u = a.utility[(mode, horizon)]
+    u_taken, _, u_best = a.values(mode, horizon)
+    best = a.actions[u.argmax(axis=1)]
+    by_env: dict[int, list[StepLabel]] = {}
+    for n, (e, t) in enumerate(zip(a.env_index.tolist(), a.t.tolist())):
+        gain = float(u_best[n] - u_taken[n])
+        if gain > a.config.tie:
+            lab = StepLabel(t, "suboptimal", int(best[n]),
+                            f"[hindsight oracle] {best[n]} gains {gain:+.1f} over the {mode} "
+                            f"window (h = {horizon})")  # fmt: skip
+        else:
+            lab = StepLabel(t, "effective", int(a.taken[n]), "[hindsight oracle] no action gains")
+        by_env.setdefault(e, []).append(lab)
+    return [Reflection(e, labs, f"hindsight labels ({mode}, h = {horizon})", HINDSIGHT_BACKEND)
+            for e, labs in sorted(by_env.items())]  # fmt: skip

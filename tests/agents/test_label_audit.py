@@ -4,6 +4,7 @@ actions, a wrong key is refused, and the per-class figures from hand-made utilit
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -189,3 +190,17 @@ def test_pooled_row_and_json_round_trip(tmp_path, capsys):
     assert cli.main(["--from", str(tmp_path / "a.json"), "--primary-horizon", "2"]) == 2
     (tmp_path / "b.json").write_text("{}")
     assert cli.main(["--from", str(tmp_path / "b.json")]) == 2
+
+
+def test_hindsight_labels_take_the_best_action_beyond_the_tie():
+    a = _hand_audit()  # best actions 2, 1, 1 (tie 0 / 0 -> the first), 2
+    refls = la.hindsight_reflections(a, "hold", 5)
+    assert [r.env_index for r in refls] == [0, 1]
+    labs = [x for r in refls for x in r.labels]
+    assert [x.step for x in labs] == [0, 1, 0, 1]
+    # step 3: the Actor's 2 is as good as the best (0 = 0): effective; step 4: 2 beats 1 by 1
+    assert [(x.label, x.improved_action) for x in labs] == [
+        ("suboptimal", 2), ("suboptimal", 1), ("effective", 2), ("suboptimal", 2)]
+    assert all(r.backend == la.HINDSIGHT_BACKEND for r in refls)
+    strict = dataclasses.replace(a, config=la.AuditConfig(horizons=(5,), tie=1.0))
+    assert [x.label for r in la.hindsight_reflections(strict) for x in r.labels][3] == "effective"

@@ -325,6 +325,30 @@ def test_more_sf_iterations_extend_a_run_to_the_fresh_runs_result(tmp_path, capl
     sizes = [[len(json.loads((fresh_dir / "datasets" / f"iter_{i}_kto_{k}.json").read_text()))
               for i in (0, 1)] for k in range(len(rec["kto"]))]  # fmt: skip
     assert rec["aggregate"] and [k["examples"] for k in rec["kto"]] == [sum(n) for n in sizes]
+    # --labels rebuild: the datasets built again by RfR from the run's labels (rollouts of the
+    # Actor being trained, the loop's keys) give iterate 2 bit for bit, as the recorded ones do;
+    # the held-out result is paired against iterate 1 too
+    replay.main([str(fresh_dir), "--iteration", "1", "--labels", "rebuild", "--samples", "2",
+                 "--out", str(tmp_path / "r6")])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "datasets rebuilt by RfR from rebuild labels" in out and "bit-identical" in out
+    rec = json.loads((tmp_path / "r6" / "replay.json").read_text())
+    assert [k["examples"] for k in rec["kto"]] == [
+        len(json.loads((fresh_dir / "datasets" / f"iter_1_kto_{k}.json").read_text()))
+        for k in range(len(rec["kto"]))]  # fmt: skip
+    assert "'before' = the run's iterate 1" in out and "paired_vs_start" in rec["heldout"]
+    # --labels hindsight: the best actions in hindsight as labels (a diagnostic)
+    replay.main([str(fresh_dir), "--iteration", "1", "--labels", "hindsight", "--samples", "2",
+                 "--no-heldout", "--out", str(tmp_path / "r7")])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "hindsight labels:" in out and "steps suboptimal" in out
+    hs = json.loads((tmp_path / "r7" / "hindsight_reflections.json").read_text())
+    assert len(hs) == 2 and all(len(r["labels"]) == 4 for r in hs)
+    assert all("hindsight oracle" in r["backend"] for r in hs)
+    with pytest.raises(SystemExit):
+        replay.main([str(fresh_dir), "--iteration", "1", "--labels", "hindsight", "--aggregate",
+                     "--out", str(tmp_path / "r8")])  # fmt: skip
+    assert "does not combine" in capsys.readouterr().err
 
     # taken back to fewer: refused, naming both numbers, nothing touched
     from cli_common import RunDirTaken
