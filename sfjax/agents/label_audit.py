@@ -29,7 +29,9 @@ answered the changed states after the deviation (the continuation is the traject
 actions), and anything about an env other than the JAX simulator (ns-3 is not replayable).
 
 Usage: ``benchmarks/label_audit.py RUN_DIR`` (a ``sf_ranslicing.py`` run dir) or
-:func:`audit` with an env runner and the run's collect key. Measured results:
+:func:`audit` with an env runner and the run's collect key. :func:`hindsight_reflections` turns
+an audit into labels (the best action in hindsight) for ``benchmarks/kto_replay.py --labels
+hindsight``, a diagnostic that uses the utility. Measured results:
 ``benchmarks/RESULTS.md``, "Are the rule labeller's labels right?".
 
 Shape legend: E = parallel envs, T = steps, N = labelled steps, C = candidate actions,
@@ -38,6 +40,7 @@ H = simulated steps per counterfactual, B = counterfactuals per jitted call.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -157,8 +160,7 @@ class Audit:
 
     def to_json(self) -> dict:
         return {
-            "config": {k: list(v) if isinstance(v, tuple) else v
-                       for k, v in self.config.__dict__.items()},  # fmt: skip
+            "config": dataclasses.asdict(self.config),  # tuples become lists
             "actions": self.actions.tolist(),
             "steps": [
                 {"env_index": int(e), "t": int(t), "label": lab, "reason": r, "taken": int(a),
