@@ -62,6 +62,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sf_target_match as stm  # noqa: E402 -- benchmarks/ (puts experiments/ on sys.path)
 
 ONLY = ("desirable", "undesirable")
+LABEL_SOURCES = {"run": "the run's recorded datasets", "rebuild": "the run's labels",
+                 "hindsight": "the best actions in hindsight"}  # fmt: skip
+"""``--labels``: where the replayed datasets come from."""
 
 
 def kto_changes(pairs: list[str], kto_cfg) -> dict:
@@ -102,7 +105,7 @@ def main(argv=None) -> None:
                    help="train from the untrained Actor (iterate 0), not from iterate --iteration")
     p.add_argument("--aggregate", action="store_true",
                    help="train on SF iterations 0..--iteration's datasets together")
-    p.add_argument("--labels", choices=("run", "rebuild", "hindsight"), default="run",
+    p.add_argument("--labels", choices=tuple(LABEL_SOURCES), default="run",
                    help="datasets: the run's recorded ones, or built again by RfR from the run's "
                         "labels / from the best actions in hindsight (a diagnostic)")  # fmt: skip
     p.add_argument("--samples", type=int, default=8, help="completions per labelled prompt (K)")
@@ -206,7 +209,7 @@ def main(argv=None) -> None:
                      + ([f"datasets of SF iterations 0..{it} together"] if a.aggregate else [])
                      + ([f"+{len(copies)} improved-action examples per dataset"]
                         if a.improved_examples else [])
-                     + ([f"datasets rebuilt by RfR from {a.labels} labels"]
+                     + ([f"datasets rebuilt by RfR from {LABEL_SOURCES[a.labels]}"]
                         if a.labels != "run" else []))  # fmt: skip
     print(f"{run}: replaying SF iteration {it}'s {len(kto_phases)} KTO iteration(s) from the "
           f"Actor after {it} SF iteration(s); {what}", flush=True)
