@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/kto_replay.py RUN_DIR --iteration I --out DIR
         [--kto FIELD=VALUE ...] [--reference base|iterate] [--only desirable|undesirable]
         [--improved-examples] [--restart] [--aggregate] [--labels run|rebuild|hindsight]
-        [--samples 8] [--seed 1234] [--no-heldout]
+        [--hindsight-tie U] [--samples 8] [--seed 1234] [--no-heldout]
 
 From the Actor after ``I`` SF iterations (its collect phase's checkpoint, as
 ``--loop.final-actor best`` loads it) the script trains SF iteration ``I``'s KTO iterations
@@ -34,7 +34,8 @@ rerun: every variant sees the same examples, so what differs is the KTO setting 
   labels; it reproduces the run as the recorded datasets do (a check of the rebuild).
   ``--labels hindsight``: built the same way from labels that are the best actions in hindsight
   (:func:`sfjax.agents.label_audit.hindsight_reflections`: the counterfactual eq. 15 utility of
-  every action held for the Actor's run, h = 5) instead of the Reflector's, written to
+  every action held for the Actor's run, h = 5; a step is suboptimal when the best action gains
+  more than ``--hindsight-tie``, default 0.01) instead of the Reflector's, written to
   ``DIR/hindsight_reflections.json``. Computed from the utility, so **not** the reward-free
   method: a diagnostic of whether labels this good would avoid what the Reflector's taught.
 
@@ -108,12 +109,17 @@ def main(argv=None) -> None:
     p.add_argument("--labels", choices=tuple(LABEL_SOURCES), default="run",
                    help="datasets: the run's recorded ones, or built again by RfR from the run's "
                         "labels / from the best actions in hindsight (a diagnostic)")  # fmt: skip
+    p.add_argument("--hindsight-tie", type=float, default=None, metavar="U",
+                   help="--labels hindsight: a step is suboptimal when the best action gains more "
+                        "than U (eq. 15 utility; default the audit's tie, 0.01)")  # fmt: skip
     p.add_argument("--samples", type=int, default=8, help="completions per labelled prompt (K)")
     p.add_argument("--seed", type=int, default=1234, help="sampling key (the same before/after)")
     p.add_argument("--batch", type=int, default=64, help="prompts per sampler call")
     p.add_argument("--no-heldout", action="store_true", help="skip the held-out evaluation")
     a = p.parse_args(argv)
     run, it = a.run_dir, a.iteration
+    if a.hindsight_tie is not None and (a.labels != "hindsight" or a.hindsight_tie < 0):
+        p.error("--hindsight-tie needs --labels hindsight and a value >= 0")
     if a.labels != "run" and (a.aggregate or a.improved_examples):
         p.error(f"--labels {a.labels} builds one iteration's datasets with the run's RfR settings; "
                 "it does not combine with --aggregate or --improved-examples")  # fmt: skip
@@ -187,14 +193,15 @@ def main(argv=None) -> None:
     labels = stm.iteration_labels(run, it)  # the steps the iteration trained on
     if a.labels == "hindsight":
         from sfjax.agents.env import JaxRanRunner
-        from sfjax.agents.label_audit import audit, hindsight_reflections
+        from sfjax.agents.label_audit import AuditConfig, audit, hindsight_reflections
 
         t0 = time.perf_counter()
+        acfg = AuditConfig() if a.hindsight_tie is None else AuditConfig(tie=a.hindsight_tie)
         res = audit(JaxRanRunner(cfg.env, cfg.loop.trajectory_steps), cfg.loop.env_key(it),
-                    *labels, progress=False)  # fmt: skip
+                    *labels, acfg, progress=False)  # fmt: skip
         labels = (labels[0], hindsight_reflections(res))
         n_sub = sum(x.label == "suboptimal" for r in labels[1] for x in r.labels)
-        print(f"hindsight labels: {n_sub} of {len(res.taken)} steps suboptimal "
+        print(f"hindsight labels (tie {acfg.tie}): {n_sub} of {len(res.taken)} steps suboptimal "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
         a.out.mkdir(parents=True, exist_ok=True)
         save_json(a.out / "hindsight_reflections.json", [x.to_json() for x in labels[1]])
@@ -241,6 +248,7 @@ def main(argv=None) -> None:
     result = {"run_dir": str(run), "iteration": it, "kto_changes": changes,
               "reference": a.reference, "only": a.only, "improved_examples": len(copies),
               "restart": a.restart, "aggregate": a.aggregate, "labels": a.labels,
+              "hindsight_tie": a.hindsight_tie,
               "kto": kto_log}  # fmt: skip
     diff = max(float(jnp.max(jnp.abs(x - y)))
                for x, y in zip(jax.tree.leaves(replayed), jax.tree.leaves(run_next)))  # fmt: skip

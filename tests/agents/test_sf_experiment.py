@@ -339,16 +339,22 @@ def test_more_sf_iterations_extend_a_run_to_the_fresh_runs_result(tmp_path, capl
     assert "'before' = the run's iterate 1" in out and "paired_vs_start" in rec["heldout"]
     # --labels hindsight: the best actions in hindsight as labels (a diagnostic)
     replay.main([str(fresh_dir), "--iteration", "1", "--labels", "hindsight", "--samples", "2",
-                 "--no-heldout", "--out", str(tmp_path / "r7")])  # fmt: skip
+                 "--hindsight-tie", "1e9", "--no-heldout", "--out", str(tmp_path / "r7")])  # fmt: skip
     out = capsys.readouterr().out
-    assert "hindsight labels:" in out and "from the best actions in hindsight" in out
+    assert "hindsight labels (tie 1000000000.0): 0 of 8 steps" in out  # nothing gains that much
+    assert "from the best actions in hindsight" in out
     hs = json.loads((tmp_path / "r7" / "hindsight_reflections.json").read_text())
     assert len(hs) == 2 and all(len(r["labels"]) == 4 for r in hs)
+    assert all(x["label"] == "effective" for r in hs for x in r["labels"])
     assert all("hindsight oracle" in r["backend"] for r in hs)
     with pytest.raises(SystemExit):
         replay.main([str(fresh_dir), "--iteration", "1", "--labels", "hindsight", "--aggregate",
                      "--out", str(tmp_path / "r8")])  # fmt: skip
     assert "does not combine" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        replay.main([str(fresh_dir), "--iteration", "1", "--hindsight-tie", "15",
+                     "--out", str(tmp_path / "r8")])  # fmt: skip
+    assert "--hindsight-tie needs --labels hindsight" in capsys.readouterr().err
 
     # taken back to fewer: refused, naming both numbers, nothing touched
     from cli_common import RunDirTaken
