@@ -30,27 +30,16 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "experiments"))
-
-
-def load_config(run: Path):
-    """The run's ``sf_ranslicing.ExperimentConfig`` (from its config.json)."""
-    import cli_common
-    import sf_ranslicing as sf
-
-    from sfjax import atomic
-
-    path = run / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: not a sf_ranslicing.py run dir")
-    return cli_common.with_values(sf.ExperimentConfig(), atomic.read_json(path, "the run's config"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import sf_target_match as stm  # noqa: E402 -- benchmarks/ (puts experiments/ on sys.path)
 
 
 def iterations_with_labels(run: Path) -> list[int]:
-    found = [int(m.group(1)) for p in (run / "reflections").glob("iter_*.json")
-             if (m := re.fullmatch(r"iter_(\d+)\.json", p.name))]  # fmt: skip
-    return sorted(i for i in found if (run / f"trajectories/iter_{i}.json").is_file())
+    """SF iterations with both trajectories and reflections in ``run``."""
+    from sfjax.agents.trajectory import iteration_files
+
+    traj = {i for i, _ in iteration_files(run, "trajectories")}
+    return [i for i, _ in iteration_files(run, "reflections") if i in traj]
 
 
 def reason_kind(reason: str) -> str:
@@ -85,6 +74,13 @@ def report(res, title: str, reasons: bool) -> None:
     print()
 
 
+def given_settings(a) -> dict:
+    """``--primary-horizon`` / ``--tie`` as given (unset: AuditConfig's default, or with
+    ``--from`` the saved value)."""
+    return {k: v for k, v in (("primary_horizon", a.primary_horizon), ("tie", a.tie))
+            if v is not None}  # fmt: skip
+
+
 def print_saved(a) -> int:
     """``--from F``: the tables of a saved audit, at a --primary-horizon / --tie given now."""
     import dataclasses
@@ -99,10 +95,7 @@ def print_saved(a) -> int:
         print(f"label_audit: {a.saved}: not a --save file of this script ({e})", file=sys.stderr)
         return 2
     for it, res in audits.items():
-        cfg = res.config
-        changes = {k: v for k, v in (("primary_horizon", a.primary_horizon), ("tie", a.tie))
-                   if v is not None}  # fmt: skip
-        cfg = dataclasses.replace(cfg, **changes)
+        cfg = dataclasses.replace(res.config, **given_settings(a))
         if cfg.invalid():
             print(f"label_audit: {'; '.join(cfg.invalid())} (saved horizons: {cfg.horizons})",
                   file=sys.stderr)  # fmt: skip
@@ -132,20 +125,22 @@ def main(argv: list[str] | None = None) -> int:
 
     from sfjax.agents.env import JaxRanRunner
     from sfjax.agents.label_audit import AuditConfig, ReplayMismatch, audit
-    from sfjax.agents.trajectory import load_reflections, load_trajectories
 
     if a.saved:
         return print_saved(a)
     if a.run_dir is None:
         p.error("RUN_DIR is needed (or --from F)")
+    if not (a.run_dir / "config.json").is_file():
+        print(f"label_audit: {a.run_dir / 'config.json'} not found: not a sf_ranslicing.py run "
+              "dir", file=sys.stderr)  # fmt: skip
+        return 2
     try:
-        cfg = load_config(a.run_dir)
+        cfg = stm.run_config(a.run_dir)
     except (OSError, ValueError) as e:
         print(f"label_audit: {e}", file=sys.stderr)
         return 2
     acfg = AuditConfig(horizons=tuple(a.horizons), max_hold=a.max_hold, batch=a.batch,
-                       primary_horizon=5 if a.primary_horizon is None else a.primary_horizon,
-                       tie=0.01 if a.tie is None else a.tie)  # fmt: skip
+                       **given_settings(a))  # fmt: skip
     bad = acfg.invalid()
     if bad:
         print("label_audit: " + "; ".join(bad), file=sys.stderr)
@@ -163,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             print(f"label_audit: missing {', '.join(missing)}", file=sys.stderr)
             return 2
-        trajs, refls = load_trajectories(paths[0]), load_reflections(paths[1])
+        trajs, refls = stm.iteration_labels(a.run_dir, it)
         start = time.perf_counter()
         try:
             res = audit(runner, cfg.loop.env_key(it), trajs, refls, acfg,

@@ -251,10 +251,21 @@ class LoadedRun(NamedTuple):
     actor: Any
 
 
+def run_config(run: Path):
+    """The ``sf_ranslicing.ExperimentConfig`` a run dir's ``config.json`` holds (a damaged file
+    is named: :class:`sfjax.atomic.DamagedFile`)."""
+    import cli_common
+    import sf_ranslicing as sf
+
+    from sfjax import atomic
+
+    values = atomic.read_json(run / "config.json", "the run's config")
+    return cli_common.with_values(sf.ExperimentConfig(), values)
+
+
 def load_run(run: Path) -> LoadedRun:
     """The config and Actor of the ``sf_ranslicing`` run in ``run`` (its checkpoint from
     ``summary.json``, prompts for its env); the model has no adapters yet."""
-    import cli_common
     import sf_ranslicing as sf
 
     from sfjax.agents.actor import Actor
@@ -264,7 +275,7 @@ def load_run(run: Path) -> LoadedRun:
     from sfjax.sampling import Sampler
     from sfjax.tokenizer import load_tokenizer
 
-    cfg = cli_common.with_values(sf.ExperimentConfig(), json.loads((run / "config.json").read_text()))
+    cfg = run_config(run)
     ckpt = json.loads((run / "summary.json").read_text())["actor"]
     prompt_cfg = prompt_config_for_env(RanSlicingEnv(cfg.env), cfg.actor.prompt)
     model = qwen3.from_pretrained(ckpt, dtype=sf._dtype(cfg.model.dtype))

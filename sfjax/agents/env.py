@@ -66,20 +66,19 @@ class JaxRanRunner:
         self.action_hi = self.min_rbg + self.env.num_actions - 1
         self.prbs_per_action = tuple(env_cfg.prbs_per_action)
         self.initial_action = env_cfg.initial_action
-        env, params = self.env, self.params
-
-        def reset(keys_E):
-            return jax.vmap(lambda k: env.reset_env(k, params))(keys_E)
-
-        def step(keys_E, state_E, action_E):
-            return jax.vmap(lambda k, s, a: env.step_env(k, s, a, params))(
-                keys_E, state_E, action_E
-            )
-
-        self._reset = jax.jit(reset)
-        self._step = jax.jit(step)
+        self._reset = jax.jit(jax.vmap(self.reset_one))
+        self._step = jax.jit(jax.vmap(self.step_one))
         self._state = None
         self._prev = None
+
+    def reset_one(self, key: jax.Array):
+        """One env's reset, pure and not jitted (the runner vmaps it): gymnax's (obs, state)."""
+        return self.env.reset_env(key, self.params)
+
+    def step_one(self, key: jax.Array, state, action_idx):
+        """One env's step without auto-reset, pure and not jitted (the runner vmaps it; the
+        label audit scans it): gymnax's (obs, state, reward, terminated, info)."""
+        return self.env.step_env(key, state, action_idx, self.params)
 
     def _states(self, state_E) -> list[dict[str, float]]:
         s = jax.device_get(state_E)

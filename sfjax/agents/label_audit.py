@@ -181,32 +181,21 @@ def _recorded_actions(trajs: Sequence[Trajectory]) -> np.ndarray:
     return np.asarray([[s.action for s in t.steps] for t in trajs], np.int64).T
 
 
-def _step_fn(runner: JaxRanRunner):
-    env, params = runner.env, runner.params
-
-    def step(key, state, action_idx):
-        _, new, _, _, info = env.step_env(key, state, action_idx, params)
-        return new, info
-
-    return step
-
-
 def replay(runner: JaxRanRunner, env_key: jax.Array, actions_TE: np.ndarray):
     """Run the recorded actions from the collect's key: (states before each step, stacked
     [T, E, ...]; step keys [T, E]; per-step infos [T, E])."""
     steps, num_envs = actions_TE.shape
     reset_key, step_keys = env_key_schedule(env_key, steps)
     keys_TE = jnp.stack([per_env_keys(k, num_envs) for k in step_keys])
-    env, params = runner.env, runner.params
-    step = jax.vmap(_step_fn(runner))
+    step = jax.vmap(runner.step_one)
 
     @jax.jit
     def run(reset_keys_E, keys_TE, idx_TE):
-        _, state = jax.vmap(lambda k: env.reset_env(k, params))(reset_keys_E)
+        _, state = jax.vmap(runner.reset_one)(reset_keys_E)
 
         def body(state, x):
             keys_E, idx_E = x
-            new, info = step(keys_E, state, idx_E)
+            _, new, _, _, info = step(keys_E, state, idx_E)
             return new, (state, {k: info[k] for k in REPLAY_FIELDS + ("utility",)})
 
         _, (states, infos) = jax.lax.scan(body, state, (keys_TE, idx_TE))
@@ -252,7 +241,6 @@ def _hold_lengths(actions_TE: np.ndarray, max_hold: int) -> np.ndarray:
 
 def _branch_runner(runner: JaxRanRunner):
     """jit: B counterfactuals from states gathered at (t_B, e_B) -> utilities [B, H]."""
-    step = _step_fn(runner)
 
     @jax.jit
     def run(states, t_B, e_B, keys_BH, idx_BH):
@@ -260,7 +248,7 @@ def _branch_runner(runner: JaxRanRunner):
 
         def one(state, keys_H, idx_H):
             def body(s, x):
-                new, info = step(x[0], s, x[1])
+                _, new, _, _, info = runner.step_one(x[0], s, x[1])
                 return new, info["utility"]
 
             return jax.lax.scan(body, state, (keys_H, idx_H))[1]

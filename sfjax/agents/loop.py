@@ -391,7 +391,8 @@ class SelfFinetuningLoop:
     def _collect(self, phase: Phase) -> None:
         self.trajectories = collect(
             self.actor, self.env, self.prompt_cfg, self.cfg.num_envs, self.cfg.trajectory_steps,
-            self.cfg.env_key(phase.iteration), self._key(phase), env_seed=self.cfg.env_seed, progress=self.progress,
+            self.cfg.env_key(phase.iteration), self._key(phase), env_seed=self.cfg.env_seed,
+            progress=self.progress,
         )  # fmt: skip
         for rel, obj in self._phase_artefacts(phase):
             self._save_artefact(rel, obj)

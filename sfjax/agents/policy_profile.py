@@ -24,12 +24,17 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from sfjax.agents.trajectory import Reflection, Trajectory, load_reflections, load_trajectories
+from sfjax.agents.trajectory import (
+    Reflection,
+    Trajectory,
+    iteration_files,
+    load_reflections,
+    load_trajectories,
+)
 
 LOAD_KEY = "arrival_rate_bps"
 """The state field the load bins read (the controlled slice's arrival rate, eq. 14)."""
@@ -218,17 +223,13 @@ def run_profiles(run_dir: str | Path, **kwargs) -> list[PolicyProfile]:
     """One profile per ``trajectories/iter_<i>.json`` of a self-finetuning run dir, in
     iteration order, each with that iteration's reflections when they exist."""
     run_dir = Path(run_dir)
-    found = []
-    for path in (run_dir / "trajectories").glob("iter_*.json"):
-        m = re.fullmatch(r"iter_(\d+)\.json", path.name)
-        if m:
-            found.append((int(m.group(1)), path))
+    found = iteration_files(run_dir, "trajectories")
     if not found:
         raise FileNotFoundError(
             f"{run_dir}: no trajectories/iter_<i>.json (is it an sf_ranslicing run dir?)"
         )
     out = []
-    for i, path in sorted(found):
+    for i, path in found:
         refl_path = run_dir / "reflections" / path.name
         refl = load_reflections(refl_path) if refl_path.exists() else None
         label = "before SF" if i == 0 else f"after SF {i}"

@@ -10,8 +10,10 @@ reflected on, so a crash never loses collected experience.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from sfjax import atomic
@@ -124,6 +126,17 @@ def load_json(path: str | os.PathLike):
 
 def save_trajectories(path: str | os.PathLike, trajs: Sequence[Trajectory]) -> None:
     save_json(path, [t.to_json() for t in trajs])
+
+
+def iteration_files(run_dir: str | os.PathLike, sub: str) -> list[tuple[int, Path]]:
+    """``(i, path)`` of every ``RUN_DIR/<sub>/iter_<i>.json`` of a self-finetuning run dir
+    (``trajectories``, ``reflections``), in iteration order."""
+    found = []
+    for path in (Path(run_dir) / sub).glob("iter_*.json"):
+        m = re.fullmatch(r"iter_(\d+)\.json", path.name)
+        if m:
+            found.append((int(m.group(1)), path))
+    return sorted(found)
 
 
 def load_trajectories(path: str | os.PathLike) -> list[Trajectory]:
