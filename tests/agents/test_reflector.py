@@ -177,6 +177,10 @@ def test_rule_over_provisioned_only_at_changes():
     assert got[2] == ("suboptimal", 5)  # increase without need: hold the previous 5
     assert got[3] == ("effective", 7)  # a hold
     assert got[4] == ("suboptimal", 4)  # a decrease that could have gone to 4 at once
+    # the rule can be off: the changes are then effective, the violated step still asks more
+    off = _labels(steps, proven_levels=False)
+    assert off[2] == ("effective", 7) and off[4] == ("effective", 6)
+    assert off[1] == ("suboptimal", 6)
 
 
 def test_rule_one_step_increase_is_opt_in():

@@ -37,7 +37,10 @@ taken at step t (previous allocation a_{t-1}), in this order:
    largest such a_u (the most conservative proven-safe level, which raises SE at no extra
    reconfiguration), or a_{t-1} when that is between them (an increase that was not needed).
    A hold (a_t = a_{t-1}) is never told to move by this rule: moving adds a reconfiguration
-   that hindsight cannot price without knowing how long the lower level would have lasted;
+   that hindsight cannot price without knowing how long the lower level would have lasted.
+   ``proven_levels=False`` turns the rule off (such a step is then effective): its labels were
+   right 77-94 % of the time but worth no utility on net, a miss costing a violation
+   (benchmarks/RESULTS.md, "Are the rule labeller's labels right?");
 6. otherwise effective, a*_t = a_t.
 
 A suboptimal label always carries an improved action different from the action taken. It
@@ -73,6 +76,9 @@ class RuleReflectorConfig:
     """Dropped bytes above this count as under-provisioning."""
     short_dips: bool = True
     """Rule 4 (short-lived decreases, priced with the objective's weights) on; False: off."""
+    proven_levels: bool = True
+    """Rule 5 (an over-provisioned change -> a smaller level proven clean elsewhere) on;
+    False: off, and such a step is labelled effective."""
 
 
 class RuleReflector:
@@ -135,7 +141,7 @@ class RuleReflector:
     def _over_provisioned_change(self, steps, clean, arrival, i: int) -> int | None:
         """Rule 5: the improved action of step ``i``'s over-provisioned change, else None."""
         a, prev = steps[i].action, int(steps[i].state["prev_action"])
-        if a == prev:
+        if not self.cfg.proven_levels or a == prev:
             return None  # a hold: moving would add a reconfiguration (rule 4 prices those)
         held = next((r for r in range(i + 1, len(steps)) if steps[r].action != a), len(steps))
         need = max(arrival[i:held])
