@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -66,26 +65,6 @@ ONLY = ("desirable", "undesirable")
 LABEL_SOURCES = {"run": "the run's recorded datasets", "rebuild": "the run's labels",
                  "hindsight": "the best actions in hindsight"}  # fmt: skip
 """``--labels``: where the replayed datasets come from."""
-
-
-def kto_changes(pairs: list[str], kto_cfg) -> dict:
-    """``FIELD=VALUE`` strings as ``{field: value}`` for ``kto_cfg``'s dataclass; VALUE is
-    JSON (a bare word is a string). ValueError naming a field that does not exist."""
-    fields = {f.name for f in dataclasses.fields(kto_cfg)}
-    out = {}
-    for item in pairs:
-        name, sep, raw = item.partition("=")
-        name = name.strip().replace("-", "_")
-        if not sep or not name:
-            raise ValueError(f"--kto {item!r}: expected FIELD=VALUE, e.g. beta=0.5")
-        if name not in fields:
-            raise ValueError(f"--kto {item!r}: KTOConfig has no field {name!r} "
-                             f"(fields: {', '.join(sorted(fields))})")  # fmt: skip
-        try:
-            out[name] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[name] = raw
-    return out
 
 
 def main(argv=None) -> None:
@@ -160,7 +139,7 @@ def main(argv=None) -> None:
     r = stm.load_run(run)
     cfg = r.cfg
     try:
-        changes = kto_changes(a.kto, cfg.kto)
+        changes = stm.field_changes(a.kto, cfg.kto, "--kto")
         if a.only:
             changes.setdefault("desirable_weight", 1.0)
             changes.setdefault("undesirable_weight", 1.0)

@@ -2,7 +2,9 @@
 
     .venv/bin/python benchmarks/label_audit.py RUN_DIR [--iteration I ...] [--save F]
         [--horizons 2 5 10] [--primary-horizon 5] [--max-hold 30] [--by-reason]
+        [--rule FIELD=VALUE ... | --reflections F]
     .venv/bin/python benchmarks/label_audit.py --from F [--primary-horizon H] [--tie X]
+        [RUN_DIR --rule FIELD=VALUE ... | RUN_DIR --reflections F]
 
 For SF iteration ``I``'s trajectories (``RUN_DIR/trajectories/iter_<I>.json``, all iterations
 with reflections by default) the recorded actions are replayed in the JAX env with the keys
@@ -15,6 +17,15 @@ hindsight would have gained. ``--by-reason`` adds the same per reason (digits fo
 rule labeller's fixed reasons). ``--save F`` writes every step's counterfactual utilities;
 ``--from F`` prints the tables from them again (another of the saved horizons, another tie)
 without simulating.
+
+Other labels of the same steps can be scored instead of the run's: ``--rule FIELD=VALUE``
+(repeatable) relabels the iteration's trajectories with the rule labeller, the run's settings
+(``--reflector.rule.*``) with these fields changed (``--rule proven_levels=false``: rule 5 off),
+and ``--reflections F`` reads them from F (a JSON list of reflections, as
+``reflections/iter_<I>.json`` holds; one ``--iteration``), e.g. an LLM Reflector's verdicts
+on a rule-labelled run's trajectories obtained outside the loop. The counterfactuals do not
+depend on the labels: with ``--from F`` (RUN_DIR defaults to the saved one) a labeller variant
+is scored in seconds, nothing simulated.
 
 Any Reflector's labels can be audited this way (the rule labeller, DeepSeek-R1 or another
 endpoint), on runs of the JAX simulator (``experiments/sf_ranslicing.py``; ns-3 episodes
@@ -81,8 +92,65 @@ def given_settings(a) -> dict:
             if v is not None}  # fmt: skip
 
 
+class Refused(Exception):
+    """A bad option value or file: the message is printed and the script exits with 2."""
+
+
+def rule_settings(pairs: list[str], run_cfg):
+    """``--rule FIELD=VALUE ...`` applied to the run's rule labeller settings (checked)."""
+    import dataclasses
+
+    from sfjax.config_rules import RULES
+    from sfjax.configcheck import problems
+
+    base = run_cfg.reflector.rule
+    try:
+        changes = stm.field_changes(pairs, base, "--rule")
+    except ValueError as e:
+        raise Refused(str(e)) from None
+    for name, value in changes.items():
+        want = type(getattr(base, name))
+        if not (isinstance(value, want) or (want is float and type(value) is int)):
+            raise Refused(f"--rule {name}={value!r}: {name} takes a {want.__name__}")
+    new = dataclasses.replace(base, **changes)
+    if bad := problems(new, "reflector.rule.", RULES):
+        raise Refused("--rule: " + "; ".join(bad))
+    return new, changes
+
+
+def other_labels(a, run_cfg, trajs) -> tuple[list, str] | None:
+    """The labels ``--rule`` / ``--reflections`` give an iteration's trajectories ``trajs``, and
+    their description; None without either option (the run's own labels)."""
+    if a.rule:
+        from sfjax.agents.reflectors.rule import RuleReflector
+
+        rule_cfg, changes = rule_settings(a.rule, run_cfg)
+        refls = RuleReflector(rule_cfg, stm.run_prompt_config(run_cfg)).reflect(trajs)
+        what = ", ".join(f"{k}={v!r}" for k, v in changes.items())
+        return refls, f"{refls[0].backend} with {what}, relabelled here"
+    if a.reflections:
+        from sfjax.agents.trajectory import load_reflections
+
+        try:
+            return load_reflections(a.reflections), f"{a.reflections}"
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise Refused(f"--reflections {a.reflections}: not a list of reflections ({e})") from None
+    return None
+
+
+def relabelled(res, labels):
+    """``res`` with ``labels`` (from :func:`other_labels`) instead of its own."""
+    from sfjax.agents.label_audit import relabel
+
+    try:
+        return relabel(res, labels[0])
+    except ValueError as e:
+        raise Refused(f"labels from {labels[1]}: {e}") from None
+
+
 def print_saved(a) -> int:
-    """``--from F``: the tables of a saved audit, at a --primary-horizon / --tie given now."""
+    """``--from F``: the tables of a saved audit, at a --primary-horizon / --tie given now,
+    for its own labels or for ``--rule`` / ``--reflections``'."""
     import dataclasses
 
     from sfjax import atomic
@@ -94,7 +162,15 @@ def print_saved(a) -> int:
     except (OSError, ValueError, KeyError, TypeError) as e:
         print(f"label_audit: {a.saved}: not a --save file of this script ({e})", file=sys.stderr)
         return 2
+    run = a.run_dir or Path(d.get("run_dir", ""))
+    try:
+        run_cfg = stm.run_config(run) if a.rule else None
+    except (OSError, ValueError) as e:
+        print(f"label_audit: --rule needs the run's config and trajectories ({e})", file=sys.stderr)
+        return 2
     for it, res in audits.items():
+        if a.iteration and int(it) not in a.iteration:
+            continue
         cfg = dataclasses.replace(res.config, **given_settings(a))
         if cfg.invalid():
             print(f"label_audit: {'; '.join(cfg.invalid())} (saved horizons: {cfg.horizons})",
@@ -102,6 +178,18 @@ def print_saved(a) -> int:
             return 2
         res.config = cfg
         title = d["iterations"][it].get("title", f"== SF iteration {it}")
+        try:
+            trajs = stm.iteration_labels(run, int(it))[0] if a.rule else None
+            labels = other_labels(a, run_cfg, trajs)
+            if labels is not None:
+                res = relabelled(res, labels)
+                title = f"{title.split(', labels by')[0]}, labels: {labels[1]}"
+        except Refused as e:
+            print(f"label_audit: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:
+            print(f"label_audit: --rule needs iteration {it}'s trajectories ({e})", file=sys.stderr)
+            return 2
         report(res, f"{title} (from {a.saved})", a.by_reason)
     return 0
 
@@ -120,8 +208,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--from", dest="saved", type=Path,
                    help="print the tables of a --save file again (another --primary-horizon "
                         "of its horizons, --tie, --by-reason) without simulating")  # fmt: skip
+    p.add_argument("--rule", action="append", default=[], metavar="FIELD=VALUE",
+                   help="score the rule labeller's labels with this RuleReflectorConfig field "
+                        "changed (repeatable; VALUE as JSON), not the run's")  # fmt: skip
+    p.add_argument("--reflections", type=Path, metavar="F",
+                   help="score the labels in F (a JSON list of reflections), not the run's")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    if a.rule and a.reflections:
+        p.error("--rule and --reflections are two sources of labels: give one")
+    if a.reflections and len(a.iteration or []) != 1:
+        p.error("--reflections F labels one SF iteration's trajectories: give one --iteration")
 
     from sfjax.agents.env import JaxRanRunner
     from sfjax.agents.label_audit import AuditConfig, ReplayMismatch, audit
@@ -159,6 +256,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"label_audit: missing {', '.join(missing)}", file=sys.stderr)
             return 2
         trajs, refls = stm.iteration_labels(a.run_dir, it)
+        try:  # before the simulation: a bad --rule / --reflections is refused at once
+            labels = other_labels(a, cfg, trajs)
+        except Refused as e:
+            print(f"label_audit: {e}", file=sys.stderr)
+            return 2
         start = time.perf_counter()
         try:
             res = audit(runner, cfg.loop.env_key(it), trajs, refls, acfg,
@@ -169,6 +271,15 @@ def main(argv: list[str] | None = None) -> int:
         backend = refls[0].backend if refls else "?"
         title = (f"== {a.run_dir} SF iteration {it}: {len(trajs)} trajectories x "
                  f"{len(trajs[0].steps)} steps, labels by {backend}")  # fmt: skip
+        if labels is not None:  # the run's own labels are saved; these are printed
+            try:
+                report(relabelled(res, labels), f"{title.split(', labels by')[0]}, labels: "
+                       f"{labels[1]} ({time.perf_counter() - start:.0f} s)", a.by_reason)  # fmt: skip
+            except Refused as e:
+                print(f"label_audit: {e}", file=sys.stderr)
+                return 2
+            saved[str(it)] = {"title": title, **res.to_json()}
+            continue
         report(res, f"{title} ({time.perf_counter() - start:.0f} s)", a.by_reason)
         saved[str(it)] = {"title": title, **res.to_json()}
     if a.save:

@@ -263,21 +263,50 @@ def run_config(run: Path):
     return cli_common.with_values(sf.ExperimentConfig(), values)
 
 
+def field_changes(pairs: list[str], cfg, option: str) -> dict:
+    """``FIELD=VALUE`` strings (command-line ``option``, e.g. ``--kto``) as ``{field: value}``
+    for the dataclass ``cfg``; VALUE is JSON (a bare word is a string). ValueError naming a
+    field that does not exist."""
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    out = {}
+    for item in pairs:
+        name, sep, raw = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or not name:
+            raise ValueError(f"{option} {item!r}: expected FIELD=VALUE, e.g. "
+                             f"{sorted(fields)[0]}=...")  # fmt: skip
+        if name not in fields:
+            raise ValueError(f"{option} {item!r}: {type(cfg).__name__} has no field {name!r} "
+                             f"(fields: {', '.join(sorted(fields))})")  # fmt: skip
+        try:
+            out[name] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[name] = raw
+    return out
+
+
+def run_prompt_config(cfg):
+    """The Actor's and Reflector's ``PromptConfig`` of a run's config (action range, slices and
+    objective from its env), as the experiment builds it."""
+    from sfjax.baselines.llm_agent import prompt_config_for_env
+    from sfjax.envs.ran import RanSlicingEnv
+
+    return prompt_config_for_env(RanSlicingEnv(cfg.env), cfg.actor.prompt)
+
+
 def load_run(run: Path) -> LoadedRun:
     """The config and Actor of the ``sf_ranslicing`` run in ``run`` (its checkpoint from
     ``summary.json``, prompts for its env); the model has no adapters yet."""
     import sf_ranslicing as sf
 
     from sfjax.agents.actor import Actor
-    from sfjax.baselines.llm_agent import prompt_config_for_env
-    from sfjax.envs.ran import RanSlicingEnv
     from sfjax.models import qwen3
     from sfjax.sampling import Sampler
     from sfjax.tokenizer import load_tokenizer
 
     cfg = run_config(run)
     ckpt = json.loads((run / "summary.json").read_text())["actor"]
-    prompt_cfg = prompt_config_for_env(RanSlicingEnv(cfg.env), cfg.actor.prompt)
+    prompt_cfg = run_prompt_config(cfg)
     model = qwen3.from_pretrained(ckpt, dtype=sf._dtype(cfg.model.dtype))
     tokenizer = load_tokenizer(ckpt)
     actor = Actor(Sampler(model, tokenizer), tokenizer,

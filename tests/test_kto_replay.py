@@ -6,28 +6,10 @@ from __future__ import annotations
 import pytest
 from experiment_scripts import BENCHMARKS, experiment, refused  # tests/experiment_scripts.py
 
-from sfjax.train.kto_config import KTOConfig
-
 
 @pytest.fixture(scope="module")
 def replay():
     return experiment("kto_replay", BENCHMARKS)
-
-
-def test_kto_changes_parse_json_values_and_dashes(replay):
-    got = replay.kto_changes(["beta=0.5", "lr-schedule=cosine", "buckets=[256, 512]",
-                              "shuffle=false"], KTOConfig())  # fmt: skip
-    assert got == {"beta": 0.5, "lr_schedule": "cosine", "buckets": [256, 512], "shuffle": False}
-
-
-@pytest.mark.parametrize("bad, says", [("beta", "expected FIELD=VALUE"),
-                                       ("=0.5", "expected FIELD=VALUE"),
-                                       ("betta=0.5", "no field 'betta'")])  # fmt: skip
-def test_kto_changes_refuse_what_is_no_field(replay, bad, says):
-    with pytest.raises(ValueError, match=says) as e:
-        replay.kto_changes([bad], KTOConfig())
-    if "no field" in says:
-        assert "beta" in str(e.value)  # the fields are listed
 
 
 def test_a_dir_that_is_no_finished_run_is_refused(replay, capsys, tmp_path):

@@ -83,3 +83,26 @@ def test_step_targets_classes_and_kinds(stm):
     assert got == [("p0", 6, "asked more", stm.KEEP, 4, 6),
                    ("p1", 6, "asked less", stm.MOVE, 7, 4),
                    ("p2", 5, "effective", stm.KEEP, 5, 5)]  # fmt: skip
+
+
+def test_field_changes_parse_json_values_and_dashes(stm):
+    from sfjax.agents.reflectors.rule import RuleReflectorConfig
+    from sfjax.train.kto_config import KTOConfig
+
+    got = stm.field_changes(["beta=0.5", "lr-schedule=cosine", "buckets=[256, 512]",
+                             "shuffle=false"], KTOConfig(), "--kto")  # fmt: skip
+    assert got == {"beta": 0.5, "lr_schedule": "cosine", "buckets": [256, 512], "shuffle": False}
+    assert stm.field_changes(["proven-levels=false"], RuleReflectorConfig(), "--rule") == {
+        "proven_levels": False}
+
+
+@pytest.mark.parametrize("bad, says", [("beta", "--kto 'beta': expected FIELD=VALUE"),
+                                       ("=0.5", "expected FIELD=VALUE"),
+                                       ("betta=0.5", "KTOConfig has no field 'betta'")])  # fmt: skip
+def test_field_changes_refuse_what_is_no_field(stm, bad, says):
+    from sfjax.train.kto_config import KTOConfig
+
+    with pytest.raises(ValueError, match=says) as e:
+        stm.field_changes([bad], KTOConfig(), "--kto")
+    if "no field" in says:
+        assert "beta" in str(e.value)  # the fields are listed

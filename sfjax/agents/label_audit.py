@@ -29,7 +29,9 @@ answered the changed states after the deviation (the continuation is the traject
 actions), and anything about an env other than the JAX simulator (ns-3 is not replayable).
 
 Usage: ``benchmarks/label_audit.py RUN_DIR`` (a ``sf_ranslicing.py`` run dir) or
-:func:`audit` with an env runner and the run's collect key. :func:`hindsight_reflections` turns
+:func:`audit` with an env runner and the run's collect key. :func:`relabel` scores other labels
+of the same steps (another Reflector's, or another labeller setting's) on an audit's
+counterfactuals without simulating again. :func:`hindsight_reflections` turns
 an audit into labels (the best action in hindsight) for ``benchmarks/kto_replay.py --labels
 hindsight``, a diagnostic that uses the utility. Measured results:
 ``benchmarks/RESULTS.md``, "Are the rule labeller's labels right?".
@@ -335,31 +337,57 @@ def audit(
     actions_TE = _recorded_actions(trajs)
     states, keys_TE, infos = replay(runner, env_key, actions_TE)
     check_replay(infos, trajs, cfg.se_tolerance)
-    labels = sorted(((r.env_index, lab) for r in refls for lab in r.labels),
-                    key=lambda x: (x[0], x[1].step))  # fmt: skip
-    if not labels:
-        raise ValueError("no labelled steps")
+    labels = _labelled_steps(refls)
     starts = [(lab.step, e) for e, lab in labels]
     utility, hold_N = counterfactual_utilities(
         runner, states, keys_TE, actions_TE, starts, cfg, progress=progress
     )
-    taken = np.asarray([actions_TE[t, e] for t, e in starts])
-    improved = np.asarray([lab.improved_action for _, lab in labels])
     lo, hi = runner.action_lo, runner.action_hi
-    if ((improved < lo) | (improved > hi)).any():
-        raise ValueError(f"improved actions outside the Actor's range [{lo}, {hi}]")
     return Audit(
         env_index=np.asarray([e for e, _ in labels]),
         t=np.asarray([lab.step for _, lab in labels]),
         label=[lab.label for _, lab in labels],
         reason=[lab.reason for _, lab in labels],
-        taken=taken,
-        improved=improved,
+        taken=np.asarray([actions_TE[t, e] for t, e in starts]),
+        improved=_improved_actions(labels, lo, hi),
         hold_length=hold_N,
         actions=np.arange(lo, hi + 1),
         utility=utility,
         config=cfg,
     )
+
+
+def relabel(a: Audit, refls: Sequence[Reflection]) -> Audit:
+    """The audit ``a`` with other labels of the same steps (another Reflector, or the rule
+    labeller with other settings, on the same trajectories): the counterfactuals do not depend
+    on the labels, so nothing is simulated again. The labelled steps must be ``a``'s."""
+    labels = _labelled_steps(refls)
+    steps = [(e, lab.step) for e, lab in labels]
+    if steps != list(zip(a.env_index.tolist(), a.t.tolist())):
+        raise ValueError(f"the new labels cover other steps than the audit's ({len(steps)} "
+                         f"labelled steps against {len(a.t)}): not the same trajectories?")  # fmt: skip
+    return dataclasses.replace(
+        a,
+        label=[lab.label for _, lab in labels],
+        reason=[lab.reason for _, lab in labels],
+        improved=_improved_actions(labels, int(a.actions.min()), int(a.actions.max())),
+    )
+
+
+def _labelled_steps(refls: Sequence[Reflection]) -> list[tuple[int, StepLabel]]:
+    """Every (env index, label) of ``refls``, ordered by env, then step."""
+    labels = sorted(((r.env_index, lab) for r in refls for lab in r.labels),
+                    key=lambda x: (x[0], x[1].step))  # fmt: skip
+    if not labels:
+        raise ValueError("no labelled steps")
+    return labels
+
+
+def _improved_actions(labels: list[tuple[int, StepLabel]], lo: int, hi: int) -> np.ndarray:
+    improved = np.asarray([lab.improved_action for _, lab in labels])
+    if ((improved < lo) | (improved > hi)).any():
+        raise ValueError(f"improved actions outside the Actor's range [{lo}, {hi}]")
+    return improved
 
 
 # ----------------------------------------------------------------------------- statistics

@@ -204,3 +204,25 @@ def test_hindsight_labels_take_the_best_action_beyond_the_tie():
     assert all(r.backend == la.HINDSIGHT_BACKEND for r in refls)
     strict = dataclasses.replace(a, config=la.AuditConfig(horizons=(5,), tie=1.0))
     assert [x.label for r in la.hindsight_reflections(strict) for x in r.labels][3] == "effective"
+
+
+def test_relabel_scores_other_labels_on_the_same_counterfactuals(audited, collected):
+    runner, env_key, trajs, refls = collected
+    # the rule labeller with rule 5 off: the same as auditing its labels from scratch
+    off = RuleReflector(RuleReflectorConfig(proven_levels=False), PCFG).reflect(trajs)
+    got = la.relabel(audited, off)
+    assert got.label != audited.label  # rule 5 labelled some of these steps
+    want = la.audit(runner, env_key, trajs, off, CFG, progress=False)
+    assert got.label == want.label and got.reason == want.reason
+    np.testing.assert_array_equal(got.improved, want.improved)
+    for k in want.utility:
+        np.testing.assert_array_equal(got.utility[k], want.utility[k])
+    assert la.class_stats(got, "hold", 2) == la.class_stats(want, "hold", 2)
+    assert la.relabel(audited, refls).label == audited.label  # its own labels: unchanged
+    # other steps (one trajectory only) and actions outside the range are refused
+    with pytest.raises(ValueError, match="other steps than the audit's"):
+        la.relabel(audited, off[:1])
+    bad = [Reflection(r.env_index, [StepLabel(x.step, "suboptimal", 0, "x") for x in r.labels],
+                      r.summary, r.backend) for r in refls]  # fmt: skip
+    with pytest.raises(ValueError, match="outside the Actor's range"):
+        la.relabel(audited, bad)

@@ -138,6 +138,14 @@ def test_smoke_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
     saved = json.loads((tmp_path / "audit.json").read_text())["iterations"]
     assert list(saved) == ["0"] and len(saved["0"]["steps"]) == 8
     assert audit_cli.main([str(tmp_path / "nowhere")]) == 2
+    # another labeller setting scored on the saved counterfactuals (the run dir read from them)
+    again = ["--from", str(tmp_path / "audit.json"), "--rule"]
+    assert audit_cli.main(again + ["proven-levels=false"]) == 0
+    assert "with proven_levels=False, relabelled here" in capsys.readouterr().out
+    for bad, says in (("proven_levels=2", "takes a bool"), ("up_step=0", "--reflector.rule.up-step"),
+                      ("rule5=false", "has no field 'rule5'")):  # fmt: skip
+        assert audit_cli.main(again + [bad]) == 2
+        assert says in capsys.readouterr().err
 
     # kill after the KTO phase, resume, and compare with the uninterrupted run
     class Killed(Exception):
