@@ -132,9 +132,15 @@ def other_labels(a, run_cfg, trajs) -> tuple[list, str] | None:
         from sfjax.agents.trajectory import load_reflections
 
         try:
-            return load_reflections(a.reflections), f"{a.reflections}"
+            refls = load_reflections(a.reflections)
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise Refused(f"--reflections {a.reflections}: not a list of reflections ({e})") from None
+        if trajs is not None:  # before any simulation: labels of other steps are refused
+            steps = sorted((t.env_index, s.t) for t in trajs for s in t.steps)
+            if sorted((r.env_index, x.step) for r in refls for x in r.labels) != steps:
+                raise Refused(f"--reflections {a.reflections}: its labels are not of this "
+                              f"iteration's {len(steps)} steps")  # fmt: skip
+        return refls, f"{a.reflections}"
     return None
 
 
@@ -146,6 +152,11 @@ def relabelled(res, labels):
         return relabel(res, labels[0])
     except ValueError as e:
         raise Refused(f"labels from {labels[1]}: {e}") from None
+
+
+def relabelled_title(title: str, labels) -> str:
+    """An audit's title with the labels of :func:`other_labels` named in place of the run's."""
+    return f"{title.split(', labels by')[0]}, labels: {labels[1]}"
 
 
 def print_saved(a) -> int:
@@ -182,8 +193,7 @@ def print_saved(a) -> int:
             trajs = stm.iteration_labels(run, int(it))[0] if a.rule else None
             labels = other_labels(a, run_cfg, trajs)
             if labels is not None:
-                res = relabelled(res, labels)
-                title = f"{title.split(', labels by')[0]}, labels: {labels[1]}"
+                res, title = relabelled(res, labels), relabelled_title(title, labels)
         except Refused as e:
             print(f"label_audit: {e}", file=sys.stderr)
             return 2
@@ -271,16 +281,14 @@ def main(argv: list[str] | None = None) -> int:
         backend = refls[0].backend if refls else "?"
         title = (f"== {a.run_dir} SF iteration {it}: {len(trajs)} trajectories x "
                  f"{len(trajs[0].steps)} steps, labels by {backend}")  # fmt: skip
-        if labels is not None:  # the run's own labels are saved; these are printed
+        shown, shown_title = res, title
+        if labels is not None:  # printed; the saved file keeps the run's own labels
             try:
-                report(relabelled(res, labels), f"{title.split(', labels by')[0]}, labels: "
-                       f"{labels[1]} ({time.perf_counter() - start:.0f} s)", a.by_reason)  # fmt: skip
+                shown, shown_title = relabelled(res, labels), relabelled_title(title, labels)
             except Refused as e:
                 print(f"label_audit: {e}", file=sys.stderr)
                 return 2
-            saved[str(it)] = {"title": title, **res.to_json()}
-            continue
-        report(res, f"{title} ({time.perf_counter() - start:.0f} s)", a.by_reason)
+        report(shown, f"{shown_title} ({time.perf_counter() - start:.0f} s)", a.by_reason)
         saved[str(it)] = {"title": title, **res.to_json()}
     if a.save:
         from sfjax import atomic

@@ -146,6 +146,15 @@ def test_smoke_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
                       ("rule5=false", "has no field 'rule5'")):  # fmt: skip
         assert audit_cli.main(again + [bad]) == 2
         assert says in capsys.readouterr().err
+    # labels from a file: the run's own give its table; labels of other steps are refused
+    # before anything is simulated
+    own = full_dir / "reflections" / "iter_0.json"
+    assert audit_cli.main(again[:2] + ["--iteration", "0", "--reflections", str(own)]) == 0
+    assert f"labels: {own}" in capsys.readouterr().out
+    half = tmp_path / "half.json"
+    half.write_text(json.dumps(json.loads(own.read_text())[:1]))
+    assert audit_cli.main([str(full_dir), "--iteration", "0", "--reflections", str(half)]) == 2
+    assert "not of this iteration's 8 steps" in capsys.readouterr().err
 
     # kill after the KTO phase, resume, and compare with the uninterrupted run
     class Killed(Exception):
