@@ -155,6 +155,28 @@ def test_smoke_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
     half.write_text(json.dumps(json.loads(own.read_text())[:1]))
     assert audit_cli.main([str(full_dir), "--iteration", "0", "--reflections", str(half)]) == 2
     assert "not of this iteration's 8 steps" in capsys.readouterr().err
+    # another Reflector on the run's trajectories, outside the loop (benchmarks/reflect_run.py):
+    # the run's own (the rule labeller, defaults) gives its file; a fake DeepSeek-R1 endpoint's
+    # labels are read, written and scored by the audit
+    reflect = experiment("reflect_run", BENCHMARKS)
+    mine = tmp_path / "rule_again.json"
+    reflect.main([str(full_dir), "--iteration", "0", "--out", str(mine)])
+    assert json.loads(mine.read_text()) == json.loads(own.read_text())
+    import fake_r1  # benchmarks/ (on sys.path through the scripts above)
+
+    monkeypatch.setenv(fake_r1.KEY_ENV, fake_r1.DUMMY_KEY)
+    r1 = tmp_path / "r1" / "labels.json"
+    with fake_r1.FakeR1() as server:
+        reflect.main([str(full_dir), "--iteration", "0", "--out", str(r1), "--reflector.backend",
+                      "api", "--reflector.api.base-url", server.url])  # fmt: skip
+    assert len(server.requests) == 2 and not server.errors  # one request per trajectory
+    assert fake_r1.DUMMY_KEY not in r1.read_text() + capsys.readouterr().out
+    assert (tmp_path / "r1" / "labels_cache").is_dir()  # the replies, for a resumed call
+    assert audit_cli.main(again[:2] + ["--iteration", "0", "--reflections", str(r1)]) == 0
+    assert f"labels: {r1}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:  # a run dir without that iteration: one error line
+        reflect.main([str(full_dir), "--iteration", "3", "--out", str(mine)])
+    assert e.value.code == 2 and "iter_3.json not found" in capsys.readouterr().err
 
     # kill after the KTO phase, resume, and compare with the uninterrupted run
     class Killed(Exception):
