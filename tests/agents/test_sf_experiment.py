@@ -170,8 +170,10 @@ def test_smoke_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
         reflect.main([str(full_dir), "--iteration", "0", "--out", str(r1), "--reflector.backend",
                       "api", "--reflector.api.base-url", server.url])  # fmt: skip
     assert len(server.requests) == 2 and not server.errors  # one request per trajectory
-    assert fake_r1.DUMMY_KEY not in r1.read_text() + capsys.readouterr().out
-    assert (tmp_path / "r1" / "labels_cache").is_dir()  # the replies, for a resumed call
+    cached = list((tmp_path / "r1" / "labels_cache").glob("*.json"))  # for a resumed call
+    assert len(cached) == 2
+    assert fake_r1.DUMMY_KEY not in "".join(f.read_text() for f in [r1, *cached]) + \
+        capsys.readouterr().out
     assert audit_cli.main(again[:2] + ["--iteration", "0", "--reflections", str(r1)]) == 0
     assert f"labels: {r1}" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:  # a run dir without that iteration: one error line
