@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/kto_replay.py RUN_DIR --iteration I --out DIR
         [--kto FIELD=VALUE ...] [--reference base|iterate] [--only desirable|undesirable]
-        [--improved-examples] [--restart] [--aggregate] [--labels run|rebuild|hindsight]
-        [--hindsight-tie U] [--samples 8] [--seed 1234] [--no-heldout]
+        [--improved-examples] [--restart] [--aggregate]
+        [--labels run|rebuild|hindsight|file] [--hindsight-tie U] [--reflections F]
+        [--samples 8] [--seed 1234] [--no-heldout]
 
 From the Actor after ``I`` SF iterations (its collect phase's checkpoint, as
 ``--loop.final-actor best`` loads it) the script trains SF iteration ``I``'s KTO iterations
@@ -38,6 +39,10 @@ rerun: every variant sees the same examples, so what differs is the KTO setting 
   more than ``--hindsight-tie``, default 0.01) instead of the Reflector's, written to
   ``DIR/hindsight_reflections.json``. Computed from the utility, so **not** the reward-free
   method: a diagnostic of whether labels this good would avoid what the Reflector's taught.
+  ``--labels file --reflections F``: built the same way from the labels in F (a JSON list of
+  reflections of the iteration's trajectories, e.g. another Reflector's from
+  ``benchmarks/reflect_run.py``, or a labeller variant's): what that Reflector's verdicts on
+  the same steps would have taught.
 
 With none of them the replay reproduces the run: the script checks the LoRA against the run's
 next iterate and says whether it is bit-identical. It prints each KTO iteration's steps, loss
@@ -63,7 +68,8 @@ import sf_target_match as stm  # noqa: E402 -- benchmarks/ (puts experiments/ on
 
 ONLY = ("desirable", "undesirable")
 LABEL_SOURCES = {"run": "the run's recorded datasets", "rebuild": "the run's labels",
-                 "hindsight": "the best actions in hindsight"}  # fmt: skip
+                 "hindsight": "the best actions in hindsight",
+                 "file": "the labels of --reflections"}  # fmt: skip
 """``--labels``: where the replayed datasets come from."""
 
 
@@ -87,7 +93,10 @@ def main(argv=None) -> None:
                    help="train on SF iterations 0..--iteration's datasets together")
     p.add_argument("--labels", choices=tuple(LABEL_SOURCES), default="run",
                    help="datasets: the run's recorded ones, or built again by RfR from the run's "
-                        "labels / from the best actions in hindsight (a diagnostic)")  # fmt: skip
+                        "labels / the best actions in hindsight (a diagnostic) / --reflections F")  # fmt: skip
+    p.add_argument("--reflections", type=Path, default=None, metavar="F",
+                   help="--labels file: labels of the iteration's trajectories (a JSON list of "
+                        "reflections, e.g. from benchmarks/reflect_run.py)")  # fmt: skip
     p.add_argument("--hindsight-tie", type=float, default=None, metavar="U",
                    help="--labels hindsight: a step is suboptimal when the best action gains more "
                         "than U (eq. 15 utility; default the audit's tie, 0.01)")  # fmt: skip
@@ -102,6 +111,8 @@ def main(argv=None) -> None:
     if a.labels != "run" and (a.aggregate or a.improved_examples):
         p.error(f"--labels {a.labels} builds one iteration's datasets with the run's RfR settings; "
                 "it does not combine with --aggregate or --improved-examples")  # fmt: skip
+    if (a.reflections is not None) != (a.labels == "file"):
+        p.error("--labels file and --reflections F go together")
     data_of = list(range(it + 1)) if a.aggregate else [it]  # SF iterations whose datasets train
     for need in ("config.json", "summary.json", "checkpoints", f"trajectories/iter_{it}.json",
                  f"reflections/iter_{it}.json",
@@ -112,6 +123,11 @@ def main(argv=None) -> None:
 
     from sfjax import atomic
 
+    if a.labels == "file":  # before the model loads: labels of other steps are refused at once
+        try:
+            file_labels = stm.reflections_for(a.reflections, stm.iteration_labels(run, it)[0])
+        except ValueError as e:
+            p.error(f"--reflections {e}")
     if a.improved_examples:  # before the model loads: a run that had them is refused at once
         ran = atomic.read_json(run / "config.json", "the run's config").get("rfr", {})
         if ran.get("improved_examples"):
@@ -184,6 +200,8 @@ def main(argv=None) -> None:
               f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
         a.out.mkdir(parents=True, exist_ok=True)
         save_json(a.out / "hindsight_reflections.json", [x.to_json() for x in labels[1]])
+    if a.labels == "file":
+        labels = (labels[0], file_labels)
     if a.labels != "run":
         base, targets = base_dataset(*labels)
         rfr_state = RfRState()
@@ -227,6 +245,7 @@ def main(argv=None) -> None:
     result = {"run_dir": str(run), "iteration": it, "kto_changes": changes,
               "reference": a.reference, "only": a.only, "improved_examples": len(copies),
               "restart": a.restart, "aggregate": a.aggregate, "labels": a.labels,
+              "reflections": str(a.reflections) if a.reflections else None,
               "hindsight_tie": a.hindsight_tie,
               "kto": kto_log}  # fmt: skip
     diff = max(float(jnp.max(jnp.abs(x - y)))

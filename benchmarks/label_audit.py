@@ -128,19 +128,11 @@ def other_labels(a, run_cfg, trajs) -> tuple[list, str] | None:
         refls = RuleReflector(rule_cfg, stm.run_prompt_config(run_cfg)).reflect(trajs)
         what = ", ".join(f"{k}={v!r}" for k, v in changes.items())
         return refls, f"{refls[0].backend} with {what}, relabelled here"
-    if a.reflections:
-        from sfjax.agents.trajectory import load_reflections
-
+    if a.reflections:  # before any simulation: labels of other steps are refused
         try:
-            refls = load_reflections(a.reflections)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise Refused(f"--reflections {a.reflections}: not a list of reflections ({e})") from None
-        if trajs is not None:  # before any simulation: labels of other steps are refused
-            steps = sorted((t.env_index, s.t) for t in trajs for s in t.steps)
-            if sorted((r.env_index, x.step) for r in refls for x in r.labels) != steps:
-                raise Refused(f"--reflections {a.reflections}: its labels are not of this "
-                              f"iteration's {len(steps)} steps")  # fmt: skip
-        return refls, f"{a.reflections}"
+            return stm.reflections_for(a.reflections, trajs), f"{a.reflections}"
+        except ValueError as e:
+            raise Refused(f"--reflections {e}") from None
     return None
 
 
@@ -190,7 +182,7 @@ def print_saved(a) -> int:
         res.config = cfg
         title = d["iterations"][it].get("title", f"== SF iteration {it}")
         try:
-            trajs = stm.iteration_labels(run, int(it))[0] if a.rule else None
+            trajs = stm.iteration_labels(run, int(it))[0] if a.rule or a.reflections else None
             labels = other_labels(a, run_cfg, trajs)
             if labels is not None:
                 res, title = relabelled(res, labels), relabelled_title(title, labels)
@@ -198,7 +190,8 @@ def print_saved(a) -> int:
             print(f"label_audit: {e}", file=sys.stderr)
             return 2
         except OSError as e:
-            print(f"label_audit: --rule needs iteration {it}'s trajectories ({e})", file=sys.stderr)
+            print(f"label_audit: relabelling needs iteration {it}'s trajectories ({e})",
+                  file=sys.stderr)  # fmt: skip
             return 2
         report(res, f"{title} (from {a.saved})", a.by_reason)
     return 0

@@ -322,6 +322,22 @@ def iteration_labels(run: Path, iteration: int) -> tuple[list, list]:
             load_reflections(run / f"reflections/iter_{iteration}.json"))  # fmt: skip
 
 
+def reflections_for(path: Path, trajs) -> list:
+    """The reflections in ``path`` (a JSON list, as ``reflections/iter_<I>.json`` holds, e.g.
+    from benchmarks/reflect_run.py), checked to label exactly the steps of ``trajs``, each once.
+    ValueError naming the file otherwise."""
+    from sfjax.agents.trajectory import load_reflections
+
+    try:
+        refls = load_reflections(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a list of reflections ({e})") from None
+    steps = sorted((t.env_index, s.t) for t in trajs for s in t.steps)
+    if sorted((r.env_index, x.step) for r in refls for x in r.labels) != steps:
+        raise ValueError(f"{path}: its labels are not of this iteration's {len(steps)} steps")
+    return refls
+
+
 def labelled_steps(run: Path, iteration: int) -> list[Item]:
     """:func:`step_targets` of SF iteration ``iteration``'s trajectories and reflections."""
     return step_targets(*iteration_labels(run, iteration))

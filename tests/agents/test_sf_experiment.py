@@ -378,6 +378,20 @@ def test_more_sf_iterations_extend_a_run_to_the_fresh_runs_result(tmp_path, capl
         len(json.loads((fresh_dir / "datasets" / f"iter_1_kto_{k}.json").read_text()))
         for k in range(len(rec["kto"]))]  # fmt: skip
     assert "'before' = the run's iterate 1" in out and "paired_vs_start" in rec["heldout"]
+    # --labels file: the same from labels in a file (here the run's own, so iterate 2 again);
+    # a file of other steps is refused before the model loads
+    own = fresh_dir / "reflections" / "iter_1.json"
+    replay.main([str(fresh_dir), "--iteration", "1", "--labels", "file", "--reflections",
+                 str(own), "--samples", "2", "--no-heldout", "--out", str(tmp_path / "r6f")])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "from the labels of --reflections" in out and "bit-identical" in out
+    half = tmp_path / "half.json"
+    half.write_text(json.dumps(json.loads(own.read_text())[:1]))
+    for args in (["--labels", "file", "--reflections", str(half)], ["--reflections", str(own)]):
+        with pytest.raises(SystemExit):
+            replay.main([str(fresh_dir), "--iteration", "1", *args, "--out", str(tmp_path / "r8")])
+    err = capsys.readouterr().err
+    assert "not of this iteration's 8 steps" in err and "go together" in err
     # --labels hindsight: the best actions in hindsight as labels (a diagnostic)
     replay.main([str(fresh_dir), "--iteration", "1", "--labels", "hindsight", "--samples", "2",
                  "--hindsight-tie", "1e9", "--no-heldout", "--out", str(tmp_path / "r7")])  # fmt: skip
