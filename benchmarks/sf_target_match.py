@@ -332,9 +332,16 @@ def reflections_for(path: Path, trajs) -> list:
         refls = load_reflections(path)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a list of reflections ({e})") from None
-    steps = sorted((t.env_index, s.t) for t in trajs for s in t.steps)
-    if sorted((r.env_index, x.step) for r in refls for x in r.labels) != steps:
-        raise ValueError(f"{path}: its labels are not of this iteration's {len(steps)} steps")
+    taken = {(t.env_index, s.t): s.action for t in trajs for s in t.steps}
+    if sorted((r.env_index, x.step) for r in refls for x in r.labels) != sorted(taken):
+        raise ValueError(f"{path}: its labels are not of this iteration's {len(taken)} steps")
+    # eq. 7: an effective step's a*_t is the action taken, a suboptimal one's another action
+    off = sum((x.improved_action == taken[r.env_index, x.step]) != (x.label == "effective")
+              for r in refls for x in r.labels)  # fmt: skip
+    if off:
+        raise ValueError(f"{path}: {off} of its labels do not fit these trajectories' actions (an "
+                         "effective step's improved action is the action taken, a suboptimal "
+                         "one's another): labels of another iteration's trajectories?")  # fmt: skip
     return refls
 
 

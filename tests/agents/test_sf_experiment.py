@@ -392,6 +392,19 @@ def test_more_sf_iterations_extend_a_run_to_the_fresh_runs_result(tmp_path, capl
             replay.main([str(fresh_dir), "--iteration", "1", *args, "--out", str(tmp_path / "r8")])
     err = capsys.readouterr().err
     assert "not of this iteration's 8 steps" in err and "go together" in err
+    # labels of the same steps whose improved actions do not fit the actions taken (another
+    # iteration's trajectories: eq. 7 ties a*_t to a_t) are refused too
+    moved = json.loads(own.read_text())
+    x = moved[0]["labels"][0]
+    x["label"], x["improved_action"] = "effective", x["improved_action"] % 12 + 1
+    if x["improved_action"] == json.loads((fresh_dir / "trajectories" / "iter_1.json").read_text(
+            ))[0]["steps"][0]["action"]:  # fmt: skip
+        x["improved_action"] = x["improved_action"] % 12 + 1
+    (tmp_path / "moved.json").write_text(json.dumps(moved))
+    with pytest.raises(SystemExit):
+        replay.main([str(fresh_dir), "--iteration", "1", "--labels", "file", "--reflections",
+                     str(tmp_path / "moved.json"), "--out", str(tmp_path / "r8")])  # fmt: skip
+    assert "1 of its labels do not fit" in capsys.readouterr().err
     # --labels hindsight: the best actions in hindsight as labels (a diagnostic)
     replay.main([str(fresh_dir), "--iteration", "1", "--labels", "hindsight", "--samples", "2",
                  "--hindsight-tie", "1e9", "--no-heldout", "--out", str(tmp_path / "r7")])  # fmt: skip
