@@ -123,9 +123,10 @@ def main(argv=None) -> None:
 
     from sfjax import atomic
 
+    labels = stm.iteration_labels(run, it)  # the steps the iteration trained on
     if a.labels == "file":  # before the model loads: labels of other steps are refused at once
         try:
-            file_labels = stm.reflections_for(a.reflections, stm.iteration_labels(run, it)[0])
+            file_labels = stm.reflections_for(a.reflections, labels[0])
         except ValueError as e:
             p.error(f"--reflections {e}")
     if a.improved_examples:  # before the model loads: a run that had them is refused at once
@@ -185,7 +186,6 @@ def main(argv=None) -> None:
         load(0)  # the training starts from the loop's initial adapters
     if a.reference == "iterate":
         ft.trainer.reference_lora = start
-    labels = stm.iteration_labels(run, it)  # the steps the iteration trained on
     if a.labels == "hindsight":
         from sfjax.agents.env import JaxRanRunner
         from sfjax.agents.label_audit import AuditConfig, audit, hindsight_reflections

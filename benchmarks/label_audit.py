@@ -182,7 +182,7 @@ def print_saved(a) -> int:
         res.config = cfg
         title = d["iterations"][it].get("title", f"== SF iteration {it}")
         try:
-            trajs = stm.iteration_labels(run, int(it))[0] if a.rule or a.reflections else None
+            trajs = stm.iteration_trajectories(run, int(it)) if a.rule or a.reflections else None
             labels = other_labels(a, run_cfg, trajs)
             if labels is not None:
                 res, title = relabelled(res, labels), relabelled_title(title, labels)

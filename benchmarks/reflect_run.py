@@ -56,7 +56,6 @@ def reflect_run(cfg: ReflectRunConfig) -> list:
     from sfjax import atomic
     from sfjax.agents.loop import phase_plan
     from sfjax.agents.reflector import make_reflector
-    from sfjax.agents.trajectory import load_trajectories
     from sfjax.config_rules import RULES
     from sfjax.configcheck import ConfigError, check_config
 
@@ -69,7 +68,7 @@ def reflect_run(cfg: ReflectRunConfig) -> list:
             raise ConfigError(f"{need} not found: SF iteration {cfg.iteration}'s trajectories of "
                               "a sf_ranslicing.py run dir are needed")  # fmt: skip
     run_cfg = stm.run_config(cfg.run_dir)
-    trajs = load_trajectories(trajs_file)
+    trajs = stm.iteration_trajectories(cfg.run_dir, cfg.iteration)
     cache = cfg.out.parent / f"{cfg.out.stem}_cache" if cfg.reflector.backend == "api" else None
     reflector = make_reflector(cfg.reflector, stm.run_prompt_config(run_cfg), cache)
     # the reflect phase's key (SelfFinetuningLoop._key): what a sampling Reflector (local) used
@@ -78,11 +77,7 @@ def reflect_run(cfg: ReflectRunConfig) -> list:
     phase = next(p for p in phases if p.kind == "reflect" and p.iteration == cfg.iteration)
     key = jax.random.fold_in(jax.random.key(run_cfg.loop.seed), phase.index)
     refls = reflector.reflect(trajs, key)
-    for traj in trajs:  # every step labelled once, as the loop's datasets need
-        got = sorted(x.step for r in refls if r.env_index == traj.env_index for x in r.labels)
-        if got != [s.t for s in traj.steps]:
-            raise AssertionError(f"the Reflector did not label trajectory {traj.env_index}'s "
-                                 f"{len(traj.steps)} steps once each")  # fmt: skip
+    stm.check_reflections(refls, trajs, reflector.name)  # as label_audit / kto_replay read them
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_json(cfg.out, [r.to_json() for r in refls])
     n_sub = sum(x.label == "suboptimal" for r in refls for x in r.labels)

@@ -314,11 +314,18 @@ def load_run(run: Path) -> LoadedRun:
     return LoadedRun(cfg, prompt_cfg, model, tokenizer, actor)
 
 
+def iteration_trajectories(run: Path, iteration: int) -> list:
+    """SF iteration ``iteration``'s trajectories."""
+    from sfjax.agents.trajectory import load_trajectories
+
+    return load_trajectories(run / f"trajectories/iter_{iteration}.json")
+
+
 def iteration_labels(run: Path, iteration: int) -> tuple[list, list]:
     """SF iteration ``iteration``'s trajectories and the Reflector's reflections on them."""
-    from sfjax.agents.trajectory import load_reflections, load_trajectories
+    from sfjax.agents.trajectory import load_reflections
 
-    return (load_trajectories(run / f"trajectories/iter_{iteration}.json"),
+    return (iteration_trajectories(run, iteration),
             load_reflections(run / f"reflections/iter_{iteration}.json"))  # fmt: skip
 
 
@@ -332,17 +339,23 @@ def reflections_for(path: Path, trajs) -> list:
         refls = load_reflections(path)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a list of reflections ({e})") from None
+    check_reflections(refls, trajs, str(path))
+    return refls
+
+
+def check_reflections(refls, trajs, source: str) -> None:
+    """ValueError naming ``source`` unless ``refls`` label every step of ``trajs`` once, each
+    fitting the action taken (eq. 7)."""
     taken = {(t.env_index, s.t): s.action for t in trajs for s in t.steps}
     if sorted((r.env_index, x.step) for r in refls for x in r.labels) != sorted(taken):
-        raise ValueError(f"{path}: its labels are not of this iteration's {len(taken)} steps")
+        raise ValueError(f"{source}: its labels are not of this iteration's {len(taken)} steps")
     # eq. 7: an effective step's a*_t is the action taken, a suboptimal one's another action
     off = sum((x.improved_action == taken[r.env_index, x.step]) != (x.label == "effective")
               for r in refls for x in r.labels)  # fmt: skip
     if off:
-        raise ValueError(f"{path}: {off} of its labels do not fit these trajectories' actions (an "
-                         "effective step's improved action is the action taken, a suboptimal "
+        raise ValueError(f"{source}: {off} of its labels do not fit these trajectories' actions "
+                         "(an effective step's improved action is the action taken, a suboptimal "
                          "one's another): labels of another iteration's trajectories?")  # fmt: skip
-    return refls
 
 
 def labelled_steps(run: Path, iteration: int) -> list[Item]:

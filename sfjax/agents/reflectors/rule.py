@@ -141,8 +141,10 @@ class RuleReflector:
 
     def _over_provisioned_change(self, steps, clean, arrival, i: int) -> int | None:
         """Rule 5: the improved action of step ``i``'s over-provisioned change, else None."""
+        if not self.cfg.proven_levels:
+            return None
         a, prev = steps[i].action, int(steps[i].state["prev_action"])
-        if not self.cfg.proven_levels or a == prev:
+        if a == prev:
             return None  # a hold: moving would add a reconfiguration (rule 4 prices those)
         held = next((r for r in range(i + 1, len(steps)) if steps[r].action != a), len(steps))
         need = max(arrival[i:held])
