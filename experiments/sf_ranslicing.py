@@ -27,7 +27,7 @@ Presets:
 Writes to the run dir: ``config.json``, ``trajectories/``, ``reflections/``, ``datasets/``,
 ``checkpoints/`` (orbax, one per phase), ``tb/`` (TensorBoard: ``train/*`` KTO metrics under
 TRL's tags, ``kto_iter/*`` per KTO iteration, ``env/*`` per trajectory, ``rfr/*`` dataset
-statistics), ``adapter/`` (final LoRA as a PEFT adapter), ``summary.json`` and the final table
+statistics, ``heldout/*`` the held-out means before and after), ``adapter/`` (final LoRA as a PEFT adapter), ``summary.json`` and the final table
 on stdout. Every file is written atomically; a damaged newest checkpoint falls back to the one
 before it.
 
@@ -80,7 +80,11 @@ from sfjax.agents.prior import PRIOR_LABEL, SMOKE_PROMPT, PriorConfig  # noqa: E
 from sfjax.agents.prior import fingerprint as prior_fingerprint  # noqa: E402
 from sfjax.agents.reflector import ApiReflectorConfig, ReflectorConfig  # noqa: E402
 from sfjax.agents.rfr import RfRConfig  # noqa: E402
-from sfjax.baselines.heldout import HeldOutConfig, HeldOutEval  # noqa: E402
+from sfjax.baselines.heldout import (  # noqa: E402
+    HeldOutConfig,
+    HeldOutEval,
+    write_heldout_scalars,
+)
 from sfjax.config_rules import RULES  # noqa: E402
 from sfjax.configcheck import Bad, check_config  # noqa: E402
 from sfjax.console import configure_logging  # noqa: E402
@@ -483,6 +487,7 @@ def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> d
         # of the final Actor (the iterate --loop.final-actor keeps): an extended run's shorter
         # run had its own "after"
         loop.run_info["held_out"] = heldout.after_and_report(loop.final_actor["iteration"])
+        write_heldout_scalars(writer, loop.run_info["held_out"])
         summary["timings_s"]["held_out"] = held_s + time.perf_counter() - t_held
         summary = loop.write_summary()
         _save_adapter(finetuner, run_dir / "adapter", base_model_id(ckpt))

@@ -173,7 +173,7 @@ def format_sf_summary(
             (run_dir / "summary.json", "the numbers above, per iteration and KTO iteration"),
             (run_dir / "heldout", "per-seed held-out metrics before / after"),
             (run_dir / "tb", "TensorBoard: train/* KTO per step (loss, rewards/*, kl, "
-                             "kl_unclamped), kto_iter/*, rfr/*, env/*"),
+                             "kl_unclamped), kto_iter/*, rfr/*, env/*, heldout/*"),
             (run_dir / "adapter", "final LoRA as a PEFT adapter "
                                   "(peft.AutoPeftModelForCausalLM.from_pretrained)"),
             (run_dir / "trajectories", "every trajectory: prompts, outputs, actions, feedback "

@@ -135,3 +135,25 @@ class HeldOutEval:
                         "run's final Actor (after after_iteration SF iterations) on held-out env "
                         "seeds; diff = after - before with its 95 % paired t interval",
                 "metrics": paired_report(before, after)}
+
+
+def write_heldout_scalars(writer, report: dict | None) -> None:
+    """The held-out means of ``report`` (:meth:`HeldOutEval.after_and_report`) as TensorBoard
+    scalars ``heldout/<metric>``: the Actor before fine-tuning at step 0 and the run's final
+    Actor at step ``after_iteration``, on the SF-iteration axis of ``env/*`` (whose points are
+    in-sample: the trajectories the Reflector labelled); ``heldout/<metric>_diff`` (after −
+    before) with its 95 % interval, ``_ci_low`` / ``_ci_high``, at ``after_iteration``. When
+    the final Actor is the untrained one (``--loop.final-actor best`` kept iterate 0) only
+    step 0 is written. Nothing without a writer or a report."""
+    if writer is None or not report:
+        return
+    last = int(report["after_iteration"])
+    for name, r in report["metrics"].items():
+        writer.add_scalar(f"heldout/{name}", r["before"], 0)
+        if last == 0:
+            continue
+        writer.add_scalar(f"heldout/{name}", r["after"], last)
+        writer.add_scalar(f"heldout/{name}_diff", r["diff"], last)
+        if r["ci_low"] is not None:
+            writer.add_scalar(f"heldout/{name}_diff_ci_low", r["ci_low"], last)
+            writer.add_scalar(f"heldout/{name}_diff_ci_high", r["ci_high"], last)

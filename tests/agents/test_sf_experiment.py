@@ -108,6 +108,8 @@ def test_smoke_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
         "env/utility",
         "env/avg_se",
         "rfr/n_desirable",
+        "heldout/utility",
+        "heldout/utility_diff",
     ):
         assert tag in tags, sorted(tags)
 

@@ -92,3 +92,61 @@ def test_an_unnamed_after_is_named_by_its_runs_sf_iterations(tmp_path, monkeypat
     assert held.after_and_report(1)["metrics"]["utility"]["after"] == 5.5 and measured == []
     assert held.after_and_report(2)["metrics"]["utility"]["after"] == 7.5 and measured == [7]
     adopt_unnamed_after(tmp_path, 1)  # nothing left to name: a no-op
+
+
+class _Writer:
+    """What write_heldout_scalars calls of a tensorboardX SummaryWriter."""
+
+    def __init__(self):
+        self.points = []
+
+    def add_scalar(self, tag, value, step):
+        self.points.append((tag, step, float(value)))
+
+
+def test_heldout_means_go_to_tensorboard_on_the_sf_iteration_axis(tmp_path, monkeypatch):
+    """heldout/<metric>: before at step 0, the final Actor at its SF iteration, with the paired
+    difference and its interval there; iterate 0 kept (final-actor best): step 0 alone; one
+    seed: no interval; no writer or no evaluation: nothing."""
+    from types import SimpleNamespace
+
+    from sfjax.baselines.heldout import HeldOutEval, write_heldout_scalars
+    from sfjax.envs.scenario import RanSlicingConfig
+
+    _fake_evaluation(monkeypatch)
+    actor = SimpleNamespace(learnt=0)
+    held = HeldOutEval(HeldOutConfig(seeds=(0, 1, 2), num_steps=3), RanSlicingConfig(), actor,
+                       tmp_path)  # fmt: skip
+    held.before(untrained=True)
+    actor.learnt = 4
+    report = held.after_and_report(2)
+    w = _Writer()
+    write_heldout_scalars(w, report)
+    r = report["metrics"]["utility"]
+    assert sorted(w.points) == sorted([
+        ("heldout/utility", 0, 1.0), ("heldout/utility", 2, 5.0),
+        ("heldout/utility_diff", 2, 4.0),
+        ("heldout/utility_diff_ci_low", 2, r["ci_low"]),
+        ("heldout/utility_diff_ci_high", 2, r["ci_high"]),
+    ])  # fmt: skip
+    assert r["ci_low"] == r["ci_high"] == 4.0  # every seed gained exactly 4
+
+    kept_untrained = dict(report, after_iteration=0)
+    w = _Writer()
+    write_heldout_scalars(w, kept_untrained)
+    assert w.points == [("heldout/utility", 0, 1.0)]
+
+    one_seed = HeldOutEval(HeldOutConfig(seeds=(5,), num_steps=3), RanSlicingConfig(), actor,
+                           tmp_path / "one")  # fmt: skip
+    actor.learnt = 0
+    one_seed.before(untrained=True)
+    actor.learnt = 1
+    w = _Writer()
+    write_heldout_scalars(w, one_seed.after_and_report(1))
+    assert sorted(w.points) == [("heldout/utility", 0, 0.0), ("heldout/utility", 1, 1.0),
+                                ("heldout/utility_diff", 1, 1.0)]  # fmt: skip
+
+    write_heldout_scalars(None, report)  # no writer (not process 0)
+    w = _Writer()
+    write_heldout_scalars(w, None)  # no held-out seeds
+    assert w.points == []
