@@ -28,8 +28,8 @@ Writes to the run dir: ``config.json``, ``trajectories/``, ``reflections/``, ``d
 ``checkpoints/`` (orbax, one per phase), ``tb/`` (TensorBoard: ``train/*`` KTO metrics under
 TRL's tags, ``kto_iter/*`` per KTO iteration, ``env/*`` per trajectory, ``rfr/*`` dataset
 statistics, ``heldout/*`` the held-out means before and after), ``adapter/`` (final LoRA as a
-PEFT adapter), ``summary.json`` and the final table on stdout. Every file is written atomically; a damaged newest checkpoint falls back to the one
-before it.
+PEFT adapter), ``summary.json`` and the final table on stdout. Every file is written
+atomically; a damaged newest checkpoint falls back to the one before it.
 
 RUN_DIR's identity is the configuration that changes results. Paths, logging, progress and the
 API's retry / timeout / concurrency options may differ on a rerun; any other difference is
