@@ -141,7 +141,7 @@ def main(argv=None) -> None:
     from flax import nnx
 
     from sfjax.agents.finetune import KTOFineTuner
-    from sfjax.agents.loop import phase_plan
+    from sfjax.agents.loop import phase_key, phase_plan
     from sfjax.agents.rfr import (
         RfRState,
         base_dataset,
@@ -218,10 +218,10 @@ def main(argv=None) -> None:
     print(f"{run}: replaying SF iteration {it}'s {len(kto_phases)} KTO iteration(s) from the "
           f"Actor after {it} SF iteration(s); {what}", flush=True)
 
-    root = jax.random.key(cfg.loop.seed)  # the loop's phase keys (SelfFinetuningLoop._key)
+    root = jax.random.key(cfg.loop.seed)  # the run's root key: the loop's phase keys
     kto_log = []
     for ph in kto_phases:
-        roll_key, train_key = jax.random.split(jax.random.fold_in(root, ph.index))
+        roll_key, train_key = jax.random.split(phase_key(root, ph))
         if a.labels == "run":
             examples = [e for i in data_of for e in examples_from_json(
                         load_json(run / f"datasets/iter_{i}_kto_{ph.kto_iteration}.json"))]  # fmt: skip

@@ -54,7 +54,7 @@ def reflect_run(cfg: ReflectRunConfig) -> list:
     import jax
 
     from sfjax import atomic
-    from sfjax.agents.loop import phase_plan
+    from sfjax.agents.loop import phase_key, phase_plan
     from sfjax.agents.reflector import make_reflector
     from sfjax.config_rules import RULES
     from sfjax.configcheck import ConfigError, check_config
@@ -71,11 +71,11 @@ def reflect_run(cfg: ReflectRunConfig) -> list:
     trajs = stm.iteration_trajectories(cfg.run_dir, cfg.iteration)
     cache = cfg.out.parent / f"{cfg.out.stem}_cache" if cfg.reflector.backend == "api" else None
     reflector = make_reflector(cfg.reflector, stm.run_prompt_config(run_cfg), cache)
-    # the reflect phase's key (SelfFinetuningLoop._key): what a sampling Reflector (local) used
+    # the reflect phase's key: what a sampling Reflector (local) used in the loop
     phases = phase_plan(max(run_cfg.loop.sf_iterations, cfg.iteration + 1),
                         run_cfg.rfr.kto_iterations)  # fmt: skip
     phase = next(p for p in phases if p.kind == "reflect" and p.iteration == cfg.iteration)
-    key = jax.random.fold_in(jax.random.key(run_cfg.loop.seed), phase.index)
+    key = phase_key(jax.random.key(run_cfg.loop.seed), phase)
     refls = reflector.reflect(trajs, key)
     stm.check_reflections(refls, trajs, reflector.name)  # as label_audit / kto_replay read them
     cfg.out.parent.mkdir(parents=True, exist_ok=True)

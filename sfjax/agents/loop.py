@@ -104,6 +104,7 @@ __all__ = [
     "flush_events",
     "format_table",
     "mean_metrics",
+    "phase_key",
     "phase_plan",
 ]
 
@@ -158,6 +159,13 @@ def phase_plan(sf_iterations: int, kto_iterations: int) -> list[Phase]:
             phases.append(Phase(i, it, "kto", k))
             i += 1
     return phases
+
+
+def phase_key(root_key: jax.Array, phase: Phase) -> jax.Array:
+    """``phase``'s randomness: ``fold_in(root_key, phase.index)``, with the run's root key
+    ``jax.random.key(LoopConfig.seed)``; a resumed or extended run, and a script replaying one of
+    its phases, derive the same key."""
+    return jax.random.fold_in(root_key, phase.index)
 
 
 def collect_step(phases: Sequence[Phase], iteration: int) -> int:
@@ -386,7 +394,7 @@ class SelfFinetuningLoop:
     # -- phases ----------------------------------------------------------------------------
 
     def _key(self, phase: Phase) -> jax.Array:
-        return jax.random.fold_in(self.root_key, phase.index)
+        return phase_key(self.root_key, phase)
 
     def _collect(self, phase: Phase) -> None:
         self.trajectories = collect(
