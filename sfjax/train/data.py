@@ -113,6 +113,7 @@ def tokenize_examples(
     eos_id = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
     out = []
     cut = {"prompt": [], "completion": []}
+    text_cut = False  # a text completion was cut: it may re-tokenize longer than it was sampled
     for i, ex in enumerate(examples):
         if not isinstance(ex, KTOExample):
             raise TypeError(f"example {i} is a {type(ex).__name__}, expected KTOExample")
@@ -135,6 +136,7 @@ def tokenize_examples(
                                  ("completion", completion_ids, max_completion_length)):
             if len(ids) > limit:
                 cut[what].append(len(ids))
+                text_cut |= what == "completion" and isinstance(ex.completion, str)
         prompt_ids = prompt_ids[-max_prompt_length:] if prompt_ids else []
         completion_ids = completion_ids[:max_completion_length]
         out.append(TokenizedExample(tuple(prompt_ids), tuple(completion_ids), bool(ex.desirable)))
@@ -142,10 +144,17 @@ def tokenize_examples(
                              ("completion", "end", max_completion_length)):
         if cut[what]:
             _log.warning("%d of %d %ss are longer than max_%s_length %d (longest %d tokens) and "
-                         "lose their %s; raise max_%s_length to train on what the model saw",
+                         "lose their %s; raise max_%s_length to train on what the model saw%s",
                          len(cut[what]), len(examples), what, what, limit, max(cut[what]), end,
-                         what)
+                         what, _RETOKENIZED if what == "completion" and text_cut else "")
     return out
+
+
+_RETOKENIZED = (
+    " (text completions are tokenized again: a completion sampled within the limit comes back "
+    "longer when its text is degenerate, e.g. repeated words or broken characters; read the "
+    "completions before raising the limit)"
+)
 
 
 def _mismatch_roll(prompts: Sequence[tuple[int, ...]]) -> np.ndarray | None:

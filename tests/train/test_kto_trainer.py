@@ -115,6 +115,13 @@ def test_tokenize_truncates_and_appends_eos(tiny_checkpoint, caplog):
     assert out[1].prompt_ids == tuple(range(40, 50))  # keeps the end of the prompt
     assert out[1].completion_ids == (5, 6, 7)  # keeps the start of the completion
     assert out[1].desirable is False
+    caplog.clear()  # a cut text completion also says it may have re-tokenized longer
+    with caplog.at_level("WARNING", logger="sfjax.train.data"):
+        tokenize_examples([KTOExample("Action:", " 1 2 3 4 5 6", True)], tok,
+                          max_prompt_length=10, max_completion_length=3)  # fmt: skip
+    (msg,) = [r.getMessage() for r in caplog.records]
+    assert msg.startswith("1 of 1 completions are longer than max_completion_length 3")
+    assert msg.endswith("read the completions before raising the limit)")
     with pytest.raises(TypeError, match="both"):
         tokenize_examples([KTOExample("a", [1], True)], tok, max_prompt_length=4,
                           max_completion_length=4)  # fmt: skip
