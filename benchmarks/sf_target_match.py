@@ -265,8 +265,12 @@ def run_config(run: Path):
 
 def field_changes(pairs: list[str], cfg, option: str) -> dict:
     """``FIELD=VALUE`` strings (command-line ``option``, e.g. ``--kto``) as ``{field: value}``
-    for the dataclass ``cfg``; VALUE is JSON (a bare word is a string). ValueError naming a
-    field that does not exist."""
+    for the dataclass ``cfg``; VALUE is JSON (a bare word is a string), checked against the
+    field's type (an int is a float's value too, a JSON list a tuple's). ValueError naming a
+    field that does not exist or a value of another type."""
+    import typing
+
+    hints = typing.get_type_hints(type(cfg))
     fields = {f.name for f in dataclasses.fields(cfg)}
     out = {}
     for item in pairs:
@@ -279,10 +283,70 @@ def field_changes(pairs: list[str], cfg, option: str) -> dict:
             raise ValueError(f"{option} {item!r}: {type(cfg).__name__} has no field {name!r} "
                              f"(fields: {', '.join(sorted(fields))})")  # fmt: skip
         try:
-            out[name] = json.loads(raw)
+            value = json.loads(raw)
         except json.JSONDecodeError:
-            out[name] = raw
+            value = raw
+        ok, out[name] = _typed(value, hints.get(name, Any))
+        if not ok:
+            raise ValueError(f"{option} {item!r}: {name} takes {_type_words(hints[name])}, "
+                             f"got {value!r}")  # fmt: skip
     return out
+
+
+def _typed(value, hint) -> tuple[bool, Any]:
+    """``(fits, value)``: whether the JSON ``value`` is one of type ``hint``'s values, and the
+    value as the field holds it (an int as a float, a list as a tuple). Types this does not know
+    are taken as they are (the config's own check judges them)."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is type(None):
+        return value is None, value
+    if origin in (typing.Union, types.UnionType):
+        for arm in args:
+            ok, v = _typed(value, arm)
+            if ok:
+                return True, v
+        return False, value
+    if origin is typing.Literal:
+        return value in args and not isinstance(value, bool), value
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if hint is str:
+        return isinstance(value, str), value
+    if origin is tuple:
+        if not isinstance(value, list):
+            return False, value
+        arms = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(arms) != len(value):
+            return False, value
+        got = [_typed(v, a) for v, a in zip(value, arms)]
+        return all(ok for ok, _ in got), tuple(v for _, v in got)
+    return True, value
+
+
+def _type_words(hint) -> str:
+    """``hint`` in words for an error message: "an int", "a float or None", "one of 'a', 'b'"."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is type(None):
+        return "None"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_words(a) for a in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is tuple:
+        return "a JSON list"
+    name = getattr(hint, "__name__", str(hint))
+    return f"an {name}" if name[0] in "aeiou" else f"a {name}"
 
 
 def run_prompt_config(cfg):

@@ -91,9 +91,34 @@ def test_field_changes_parse_json_values_and_dashes(stm):
 
     got = stm.field_changes(["beta=0.5", "lr-schedule=cosine", "buckets=[256, 512]",
                              "shuffle=false"], KTOConfig(), "--kto")  # fmt: skip
-    assert got == {"beta": 0.5, "lr_schedule": "cosine", "buckets": [256, 512], "shuffle": False}
+    assert got == {"beta": 0.5, "lr_schedule": "cosine", "buckets": (256, 512), "shuffle": False}
     assert stm.field_changes(["proven-levels=false"], RuleReflectorConfig(), "--rule") == {
         "proven_levels": False}
+    # values as the field holds them: an int for a float, None for an optional field
+    got = stm.field_changes(["learning-rate=1", "desirable-weight=null", "warmup-steps=5"],
+                            KTOConfig(), "--kto")  # fmt: skip
+    assert got == {"learning_rate": 1.0, "desirable_weight": None, "warmup_steps": 5}
+    assert type(got["learning_rate"]) is float
+
+
+@pytest.mark.parametrize("bad, says", [
+    ("epochs=two", "--kto 'epochs=two': epochs takes an int, got 'two'"),
+    ("epochs=1.5", "epochs takes an int, got 1.5"),
+    ("epochs=true", "epochs takes an int, got True"),
+    ("beta=fast", "beta takes a float, got 'fast'"),
+    ("shuffle=1", "shuffle takes a bool, got 1"),
+    ("lr-schedule=step", "lr_schedule takes one of 'linear', 'cosine', 'constant', got 'step'"),
+    ("buckets=256", "buckets takes a JSON list or None, got 256"),
+    ("buckets=[256, \"x\"]", "buckets takes a JSON list"),
+    ("desirable-weight=heavy", "desirable_weight takes a float or None, got 'heavy'"),
+])  # fmt: skip
+def test_field_changes_refuse_a_value_of_another_type(stm, bad, says):
+    """A value of the wrong type is refused with the field's type in words (before this, a
+    string for an int reached the config's check and failed there with a TypeError)."""
+    from sfjax.train.kto_config import KTOConfig
+
+    with pytest.raises(ValueError, match=re.escape(says)):
+        stm.field_changes([bad], KTOConfig(), "--kto")
 
 
 @pytest.mark.parametrize("bad, says", [("beta", "--kto 'beta': expected FIELD=VALUE"),
