@@ -76,7 +76,7 @@ LABEL_SOURCES = {"run": "the run's recorded datasets", "rebuild": "the run's lab
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", type=Path)
-    p.add_argument("--iteration", type=int, required=True,
+    p.add_argument("--iteration", type=stm.INDEX, required=True,
                    help="SF iteration whose KTO to replay, from the Actor after that many")
     p.add_argument("--out", type=Path, required=True, help="directory for replay.json and caches")
     p.add_argument("--kto", action="append", default=[], metavar="FIELD=VALUE",
@@ -100,9 +100,9 @@ def main(argv=None) -> None:
     p.add_argument("--hindsight-tie", type=float, default=None, metavar="U",
                    help="--labels hindsight: a step is suboptimal when the best action gains more "
                         "than U (eq. 15 utility; default the audit's tie, 0.01)")  # fmt: skip
-    p.add_argument("--samples", type=int, default=8, help="completions per labelled prompt (K)")
+    p.add_argument("--samples", type=stm.COUNT, default=8, help="completions per labelled prompt (K)")
     p.add_argument("--seed", type=int, default=1234, help="sampling key (the same before/after)")
-    p.add_argument("--batch", type=int, default=64, help="prompts per sampler call")
+    p.add_argument("--batch", type=stm.COUNT, default=64, help="prompts per sampler call")
     p.add_argument("--no-heldout", action="store_true", help="skip the held-out evaluation")
     a = p.parse_args(argv)
     run, it = a.run_dir, a.iteration

@@ -154,19 +154,40 @@ def report(items: list[Item], before, after) -> str:
     return "\n".join(lines)
 
 
+def at_least(low: int):
+    """An argparse ``type``: an int ``>= low``, refused at parse time (before any model loads
+    or any KTO step runs) with the bound in the message."""
+
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an int") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {n}")
+        return n
+
+    parse.__name__ = f"int >= {low}"  # argparse names the type in its message
+    return parse
+
+
+COUNT, INDEX = at_least(1), at_least(0)
+"""argparse types: a count (samples, prompts per call), an SF iteration or iterate."""
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", type=Path)
-    p.add_argument("--samples", type=int, default=8, help="completions per prompt (K)")
-    p.add_argument("--iteration", type=int, default=None,
+    p.add_argument("--samples", type=COUNT, default=8, help="completions per prompt (K)")
+    p.add_argument("--iteration", type=INDEX, default=None,
                    help="SF iteration whose steps to use (default: --before-iterate)")
-    p.add_argument("--before-iterate", type=int, default=0,
+    p.add_argument("--before-iterate", type=INDEX, default=0,
                    help="'before' = the Actor after this many SF iterations (0: LoRA off)")
-    p.add_argument("--after-iterate", type=int, default=None,
+    p.add_argument("--after-iterate", type=INDEX, default=None,
                    help="'after' = the Actor after this many SF iterations (default: the run's "
                         "final adapter/)")
     p.add_argument("--seed", type=int, default=1234, help="sampling key (the same before/after)")
-    p.add_argument("--batch", type=int, default=64, help="prompts per sampler call")
+    p.add_argument("--batch", type=COUNT, default=64, help="prompts per sampler call")
     p.add_argument("--save", type=Path, default=None,
                    help="write every step's target, class, kind and sampled actions (before / "
                         "after) to this JSON file, for analyses beyond the table")  # fmt: skip

@@ -34,3 +34,20 @@ def test_improved_examples_on_a_run_that_had_them_is_refused_before_loading(repl
                   "--improved-examples", "--out", str(tmp_path / "out"))  # fmt: skip
     assert "already hold them" in err and "--rfr.improved-examples" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag, value, says", [
+    ("--batch", "0", "argument --batch: must be >= 1, got 0"),
+    ("--samples", "-2", "argument --samples: must be >= 1, got -2"),
+    ("--iteration", "-1", "argument --iteration: must be >= 0, got -1"),
+    ("--iteration", "one", "argument --iteration: 'one' is not an int"),
+])  # fmt: skip
+def test_counts_and_iterations_are_checked_when_parsed(replay, capsys, tmp_path, flag, value,
+                                                       says):
+    """A zero batch used to pass until the first sampler call, after the KTO iterations had
+    run (minutes lost): it is refused with the options, before anything is read."""
+    args = {"--iteration": "0", "--out": str(tmp_path / "out"), flag: value}
+    err = refused(lambda *a: replay.main(list(a)), capsys, str(tmp_path),
+                  *[x for kv in args.items() for x in kv])  # fmt: skip
+    assert says in err
+    assert not (tmp_path / "out").exists()

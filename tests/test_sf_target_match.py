@@ -8,7 +8,7 @@ import re
 import types
 
 import pytest
-from experiment_scripts import BENCHMARKS, experiment  # tests/experiment_scripts.py
+from experiment_scripts import BENCHMARKS, experiment, refused  # tests/experiment_scripts.py
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +131,16 @@ def test_field_changes_refuse_what_is_no_field(stm, bad, says):
         stm.field_changes([bad], KTOConfig(), "--kto")
     if "no field" in says:
         assert "beta" in str(e.value)  # the fields are listed
+
+
+@pytest.mark.parametrize("flag, value, says", [
+    ("--samples", "0", "argument --samples: must be >= 1, got 0"),
+    ("--batch", "0", "argument --batch: must be >= 1, got 0"),
+    ("--before-iterate", "-1", "argument --before-iterate: must be >= 0, got -1"),
+    ("--after-iterate", "x", "argument --after-iterate: 'x' is not an int"),
+])  # fmt: skip
+def test_counts_and_iterates_are_checked_when_parsed(stm, capsys, tmp_path, flag, value, says):
+    """``--samples 0`` used to end in a ValueError traceback from the sampler, after the models
+    had loaded."""
+    err = refused(lambda *a: stm.main(list(a)), capsys, str(tmp_path), flag, value)
+    assert says in err
