@@ -92,6 +92,10 @@ def given_settings(a) -> dict:
             if v is not None}  # fmt: skip
 
 
+SIMULATION_SETTINGS = ("horizons", "max_hold", "batch")
+"""AuditConfig fields given as options that only a simulation uses (unset: its defaults)."""
+
+
 class Refused(Exception):
     """A bad option value or file: the message is printed and the script exits with 2."""
 
@@ -167,6 +171,10 @@ def print_saved(a) -> int:
     except (OSError, ValueError) as e:
         print(f"label_audit: --rule needs the run's config and trajectories ({e})", file=sys.stderr)
         return 2
+    if a.iteration and (absent := sorted(set(a.iteration) - {int(it) for it in audits})):
+        print(f"label_audit: {a.saved} holds SF iteration(s) {', '.join(sorted(audits))}, not "
+              f"{', '.join(map(str, absent))}", file=sys.stderr)  # fmt: skip
+        return 2
     for it, res in audits.items():
         if a.iteration and int(it) not in a.iteration:
             continue
@@ -197,11 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", type=Path, nargs="?", help="a sf_ranslicing.py run dir")
     p.add_argument("--iteration", type=int, nargs="*", help="SF iterations (default: all labelled)")
-    p.add_argument("--horizons", type=int, nargs="+", default=[2, 5, 10])
+    p.add_argument("--horizons", type=int, nargs="+", help="default 2 5 10")
     p.add_argument("--primary-horizon", type=int, help="default 5 (--from: as saved)")
-    p.add_argument("--max-hold", type=int, default=30)
+    p.add_argument("--max-hold", type=int, help="default 30")
     p.add_argument("--tie", type=float, help="default 0.01 (--from: as saved)")
-    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--batch", type=int, help="default 256")
     p.add_argument("--by-reason", action="store_true")
     p.add_argument("--save", type=Path, help="write every step's counterfactuals (JSON)")
     p.add_argument("--from", dest="saved", type=Path,
@@ -223,6 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     from sfjax.agents.label_audit import AuditConfig, ReplayMismatch, audit
 
     if a.saved:
+        simulated = [f"--{k.replace('_', '-')}" for k in SIMULATION_SETTINGS
+                     if getattr(a, k) is not None]  # fmt: skip
+        if simulated:
+            p.error(f"{' '.join(simulated)}: set how the counterfactuals are simulated; --from F "
+                    "prints the saved ones (only --primary-horizon of its horizons and --tie "
+                    "change)")  # fmt: skip
         return print_saved(a)
     if a.run_dir is None:
         p.error("RUN_DIR is needed (or --from F)")
@@ -235,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"label_audit: {e}", file=sys.stderr)
         return 2
-    acfg = AuditConfig(horizons=tuple(a.horizons), max_hold=a.max_hold, batch=a.batch,
+    acfg = AuditConfig(**{k: tuple(v) if k == "horizons" else v
+                          for k in SIMULATION_SETTINGS if (v := getattr(a, k)) is not None},
                        **given_settings(a))  # fmt: skip
     bad = acfg.invalid()
     if bad:

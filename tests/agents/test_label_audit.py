@@ -177,7 +177,7 @@ def test_pooled_row_and_json_round_trip(tmp_path, capsys):
     assert back.config == a.config and back.label == a.label
 
     # the script prints a saved audit again without simulating; bad files exit 2
-    from experiment_scripts import BENCHMARKS, experiment  # tests/experiment_scripts.py
+    from experiment_scripts import BENCHMARKS, experiment, refused  # tests/experiment_scripts.py
 
     from sfjax import atomic
 
@@ -190,6 +190,13 @@ def test_pooled_row_and_json_round_trip(tmp_path, capsys):
     assert cli.main(["--from", str(tmp_path / "a.json"), "--primary-horizon", "2"]) == 2
     (tmp_path / "b.json").write_text("{}")
     assert cli.main(["--from", str(tmp_path / "b.json")]) == 2
+    capsys.readouterr()
+    # what --from cannot honour is refused, not ignored: simulation settings, absent iterations
+    for args, says in ((["--horizons", "3"], "--horizons: set how the counterfactuals are simulated"),
+                       (["--max-hold", "5", "--batch", "8"], "--max-hold --batch: set how")):  # fmt: skip
+        assert says in refused(lambda *x: cli.main(list(x)), capsys, "--from", str(tmp_path / "a.json"), *args)
+    assert cli.main(["--from", str(tmp_path / "a.json"), "--iteration", "0", "4"]) == 2
+    assert "holds SF iteration(s) 0, not 4" in capsys.readouterr().err
 
 
 def test_hindsight_labels_take_the_best_action_beyond_the_tie():
