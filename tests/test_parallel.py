@@ -314,6 +314,23 @@ def test_launcher_needs_a_script():
         parallel.main(["--tp", "2", "--"])
 
 
+@pytest.mark.parametrize("args, says", [
+    (["--data", "0"], "MeshConfig.data=0: use a positive size"),
+    (["--data", "1", "--tp", "64"], "needs 64 devices but"),
+])  # fmt: skip
+def test_launcher_refuses_a_bad_mesh_before_the_script_runs(tmp_path, capsys, args, says):
+    """A bad size or a mesh the devices cannot fill used to end in a traceback: it is a usage
+    error (exit 2) that names the problem, and the script never starts."""
+    script = tmp_path / "script.py"
+    script.write_text("raise SystemExit('the script ran')\n")
+    with pytest.raises(SystemExit) as e:
+        parallel.main([*args, "--", str(script)])
+    assert e.value.code == 2 and says in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        parallel.main(["--", str(tmp_path / "missing.py")])
+    assert e.value.code == 2 and "missing.py: no such script" in capsys.readouterr().err
+
+
 def test_main_process_calls_and_shared_directory_single_process(tmp_path):
     assert parallel.on_main_process(lambda a, b=0: a + b, 1, b=2) == 3
     with pytest.raises(KeyError):  # the original error, with one process

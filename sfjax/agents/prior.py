@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from sfjax.agents.prompts import PromptConfig, format_output
-from sfjax.configcheck import Bad, at_least, greater_than
+from sfjax.configcheck import Bad, at_least, greater_than, problems
 from sfjax.train.sft import SFTConfig
 
 log = logging.getLogger(__name__)
@@ -104,8 +104,9 @@ class PriorConfig:
 
     def invalid(self) -> list[Bad]:
         bad = at_least(self, 1, "data_steps", "hidden_size", "num_layers", "num_heads")
-        if not self.data_seeds:
-            bad.append(Bad("data_seeds", "at least one env seed"))
+        bad += at_least(self, 0, "seed")
+        if not self.data_seeds or min(self.data_seeds) < 0:
+            bad.append(Bad("data_seeds", "at least one env seed, all >= 0"))
         heads = self.num_heads
         odd = heads > 1 and heads % 2
         if heads >= 1 and (odd or self.hidden_size % heads):
@@ -390,6 +391,8 @@ def main(argv=None) -> None:
     env_cfg = RanSlicingConfig()
     prompt_cfg = prompt_config_for_env(RanSlicingEnv(env_cfg), SMOKE_PROMPT)
     cfg = PriorConfig(seed=a.seed)
+    if bad := problems(cfg):
+        p.error("; ".join(bad))
     if a.out is None and not a.force:
         print(ensure_prior(cfg, env_cfg, prompt_cfg))
         return

@@ -26,6 +26,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     code changes), then runs SCRIPT as ``__main__`` with ARGS.
     """
     import argparse
+    import os
     import runpy
     import sys
 
@@ -60,7 +61,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         num_processes=args.num_processes,
         process_id=args.process_id,
     )
-    mesh = mesh_from_config(ParallelConfig(MeshConfig(args.data, args.fsdp, args.tp), dist))
+    if not os.path.exists(rest[0]):
+        parser.error(f"{rest[0]}: no such script")
+    try:  # a bad size or a mesh the devices cannot fill: said before anything starts
+        mesh = mesh_from_config(ParallelConfig(MeshConfig(args.data, args.fsdp, args.tp), dist))
+    except ValueError as e:
+        parser.error(str(e))
     set_default_mesh(mesh)
     logging.basicConfig(level=logging.INFO if is_main_process() else logging.WARNING)
     log.warning("sfjax.parallel: %s", describe(mesh))
