@@ -122,7 +122,8 @@ def test_run_dir_that_is_a_file_is_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, line", [
     (["--prior.num-layers", "0"], "--prior.num-layers 0: must be >= 1"),
-    (["--prior.data-seeds"], "--prior.data-seeds (): must be at least one env seed"),
+    (["--prior.data-seeds"], "--prior.data-seeds (): must be at least one env seed, all >= 0"),
+    (["--prior.seed", "-1"], "--prior.seed -1: must be >= 0"),
 ])  # fmt: skip
 def test_sf_values_checked_by_the_config_walk_are_one_line(tmp_path, capsys, args, line):
     mod = experiment("sf_ranslicing")
