@@ -167,7 +167,6 @@ def at_least(low: int):
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {n}")
         return n
 
-    parse.__name__ = f"int >= {low}"  # argparse names the type in its message
     return parse
 
 
