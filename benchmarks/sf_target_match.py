@@ -154,7 +154,7 @@ def report(items: list[Item], before, after) -> str:
     return "\n".join(lines)
 
 
-def at_least(low: int):
+def int_at_least(low: int):
     """An argparse ``type``: an int ``>= low``, refused at parse time (before any model loads
     or any KTO step runs) with the bound in the message."""
 
@@ -170,7 +170,7 @@ def at_least(low: int):
     return parse
 
 
-COUNT, INDEX = at_least(1), at_least(0)
+COUNT, INDEX = int_at_least(1), int_at_least(0)
 """argparse types: a count (samples, prompts per call), an SF iteration or iterate."""
 
 
