@@ -292,8 +292,14 @@ def _prepare_run_dir(cfg, run_dir: Path):
     """RUN_DIR's identity check (:func:`cli_common.prepare_run_dir`); a run is there once a
     phase checkpoint is. A run of fewer SF iterations and otherwise the same config (or any,
     with ``--resume``) is extended (:mod:`sfjax.agents.extend`); fewer than the run's are
-    refused (with ``--resume``: the run's own number)."""
-    from sfjax.agents.extend import extension_refusal, fewer_refusal, phase_steps
+    refused (with ``--resume``: the run's own number). A run with results whose checkpoints
+    were removed is refused (:func:`sfjax.agents.extend.results_without_checkpoints`)."""
+    from sfjax.agents.extend import (
+        extension_refusal,
+        fewer_refusal,
+        phase_steps,
+        results_without_checkpoints,
+    )
     from sfjax.baselines.heldout import adopt_unnamed_after
 
     has_run = bool(phase_steps(run_dir / "checkpoints"))
@@ -301,6 +307,10 @@ def _prepare_run_dir(cfg, run_dir: Path):
     asked = cfg.loop.sf_iterations
     # a phase has ended once summary.json is written, even if its checkpoint is gone
     started = has_run or (run_dir / "summary.json").exists()
+    if started and not has_run and (ran is None or asked <= ran):
+        why = results_without_checkpoints(run_dir)  # refused before anything is written
+        if why:
+            raise cli_common.RunDirTaken(why)
     if ran is None or ran == asked or not started or (asked < ran and cfg.resume):
         resume, cfg = cli_common.prepare_run_dir(cfg, run_dir, OPERATIONAL, has_run=has_run,
                                                  earlier=EARLIER)

@@ -44,6 +44,26 @@ def fewer_refusal(run_dir: Path, ran: int, asked: int) -> str:
     )
 
 
+def results_without_checkpoints(run_dir: Path) -> str | None:
+    """Why the run in ``run_dir`` is not run again: it has results (``summary.json``, written
+    after every phase) but no phase checkpoint, and none was set aside as damaged (a run whose
+    checkpoints were all damaged starts again, as :meth:`sfjax.agents.loop.SelfFinetuningLoop.restore`
+    says), so they were removed by hand or never copied. Rerunning it would start from its first
+    phase and overwrite its files, with whatever options are given now. None when that is not
+    the case."""
+    run_dir = Path(run_dir)
+    checkpoints = run_dir / "checkpoints"
+    if (not (run_dir / "summary.json").exists() or phase_steps(checkpoints)
+            or (run_dir / f"{checkpoints.name}_damaged").is_dir()):  # fmt: skip
+        return None
+    return (
+        f"{run_dir} holds a run with results (summary.json) but no phase checkpoint in "
+        f"{checkpoints}: running it again would start over and overwrite its files. Its results "
+        "stay readable (python -m sfjax.baselines.compare, the diagnostics); put its checkpoints "
+        "back to continue it, or choose a new --run-dir"
+    )
+
+
 def extension_refusal(run_dir: Path, ran: int, kto_iterations: int) -> str | None:
     """Why the run of ``ran`` SF iterations (``kto_iterations`` each) in ``run_dir``, which has
     results, cannot be extended; None when it can.

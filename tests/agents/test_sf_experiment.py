@@ -790,6 +790,38 @@ def test_a_run_is_extended_only_from_its_last_checkpoint(tmp_path):
     assert (run / "config.json").read_bytes() == config  # refused before anything is written
 
 
+def test_a_run_with_results_but_no_checkpoints_is_not_run_again(tmp_path):
+    """A finished run whose checkpoints/ was removed (or not copied) was taken for an empty run
+    dir: its config.json was rewritten with the options given now and the run started over,
+    overwriting its results. Now a clear refusal before anything is written, whatever the
+    options, the config.json's state or --resume."""
+    import shutil
+
+    from cli_common import RunDirTaken
+
+    mod = _experiment()
+    run = tmp_path / "r"
+    cfg = _short(mod, run)
+    _fake_run(mod, run, cfg)
+    (run / "summary.json").write_text("{}")  # a phase ended: this run has results
+    shutil.rmtree(run / "checkpoints")
+    config = (run / "config.json").read_bytes()
+    other = dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, seed=7))
+    for asked in (cfg, other, dataclasses.replace(other, resume=True)):
+        with pytest.raises(RunDirTaken, match=r"holds a run with results \(summary\.json\) but "
+                           r"no phase checkpoint in .*checkpoints: running it again would start "
+                           r"over and overwrite its files"):  # fmt: skip
+            mod._prepare_run_dir(asked, run)
+        assert (run / "config.json").read_bytes() == config
+    (run / "config.json").write_text('{"run_dir": "x", "lo')  # damaged too: still refused
+    with pytest.raises(RunDirTaken, match="no phase checkpoint"):
+        mod._prepare_run_dir(dataclasses.replace(cfg, resume=True), run)
+    (run / "config.json").write_bytes(config)
+    (run / "checkpoints_damaged" / "3-20261207T000000").mkdir(parents=True)
+    resume, _ = mod._prepare_run_dir(cfg, run)  # all damaged: starts again, as restore() says
+    assert not resume
+
+
 def test_damaged_run_config_is_named(tmp_path):
     mod = _experiment()
     cfg = _short(mod, tmp_path / "r")
