@@ -429,6 +429,7 @@ def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> d
     from sfjax.agents.summary import format_sf_summary
     from sfjax.baselines.llm_agent import check_given_action_range, prompt_config_for_env
     from sfjax.models import qwen3
+    from sfjax.models.lora import adapters_disabled
     from sfjax.parallel import summary_writer
     from sfjax.sampling import Sampler
     from sfjax.tokenizer import load_tokenizer
@@ -489,7 +490,8 @@ def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> d
         heldout = HeldOutEval(cfg.heldout, cfg.env, actor, run_dir)
         # the Actor before any fine-tuning (LoRA B = 0); cached, so a resume reuses it
         t_held = time.perf_counter()
-        heldout.before(untrained=loop.ckpt.latest_step() is None)
+        heldout.before(untrained=loop.ckpt.latest_step() is None,
+                       adapters_off=lambda: adapters_disabled(model))
         held_s = time.perf_counter() - t_held
         summary = loop.run(resume=resume)
         summary["timings_s"]["setup"] = setup_s

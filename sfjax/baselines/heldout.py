@@ -98,7 +98,11 @@ class HeldOutEval:
             return None
         path = self.dir / f"{name}.json"
         if path.exists():
-            return atomic.read_json(path, "the held-out evaluation")
+            try:
+                return atomic.read_json(path, "the held-out evaluation")
+            except atomic.DamagedFile as e:
+                raise atomic.DamagedFile(f"{e}; remove it and run the same command again to "
+                                         "measure that Actor anew") from None
         log.info("held-out evaluation (%s): %d seeds x %d steps", what,
                  len(self.protocol.seeds), self.protocol.num_steps)
         env = RanSlicingEnv(dataclasses.replace(self.env_cfg,
@@ -110,10 +114,22 @@ class HeldOutEval:
         parallel.on_main_process(lambda: save_json(path, result))
         return result
 
-    def before(self, untrained: bool) -> None:
-        """Evaluate (or load) "before"; only an untrained Actor may be measured as such."""
+    def before(self, untrained: bool, adapters_off=None) -> None:
+        """Evaluate (or load) "before"; only an untrained Actor may be measured as such.
+
+        ``untrained``: the Actor has not been fine-tuned yet. When it has and ``before.json`` is
+        missing (removed, or set aside as damaged), ``adapters_off`` (a context manager
+        factory, e.g. ``lambda: lora.adapters_disabled(model)``) makes the Actor the untrained
+        one again: LoRA's B starts at 0, so the adapted Actor before fine-tuning is the base
+        model. Without it the before/after comparison is skipped."""
         if untrained or (self.dir / "before.json").exists():
             self.evaluate("before", BEFORE)
+        elif adapters_off is not None and self.protocol is not None:
+            log.info("no held-out 'before' evaluation in %s and the run has already trained: "
+                     "the untrained Actor is measured with its LoRA adapters off (its B starts "
+                     "at 0, so it is the base model)", self.dir)
+            with adapters_off():
+                self.evaluate("before", BEFORE)
         elif self.protocol is not None:
             log.warning("no held-out 'before' evaluation in %s and the run has already trained: "
                         "the before/after comparison is skipped", self.dir)

@@ -71,6 +71,46 @@ def test_after_is_the_final_actors_for_each_number_of_sf_iterations(tmp_path, mo
         "after_iter_1.json", "after_iter_2.json", "before.json"]  # fmt: skip
 
 
+def test_a_missing_before_of_a_trained_run_is_the_actor_with_adapters_off(tmp_path, monkeypatch,
+                                                                          caplog):
+    """heldout/before.json removed (or set aside as damaged) after the run trained: the
+    untrained Actor is measured with its adapters off (B starts at 0: the base model), not
+    skipped; the Actor is the trained one again after. Without that switch: skipped."""
+    import contextlib
+    from types import SimpleNamespace
+
+    import pytest
+
+    from sfjax.atomic import DamagedFile
+    from sfjax.baselines.heldout import HeldOutEval
+    from sfjax.envs.scenario import RanSlicingConfig
+
+    measured = _fake_evaluation(monkeypatch)
+    cfg, actor = HeldOutConfig(seeds=(0, 1, 2), num_steps=3), SimpleNamespace(learnt=2)
+
+    @contextlib.contextmanager
+    def adapters_off():
+        learnt, actor.learnt = actor.learnt, 0
+        try:
+            yield
+        finally:
+            actor.learnt = learnt
+
+    held = HeldOutEval(cfg, RanSlicingConfig(), actor, tmp_path)
+    held.before(untrained=False)  # no switch: the comparison is skipped
+    assert held.after_and_report(2) is None and "is skipped" in caplog.text
+    assert measured == [] and not (tmp_path / "heldout").exists()
+    held = HeldOutEval(cfg, RanSlicingConfig(), actor, tmp_path)
+    held.before(untrained=False, adapters_off=adapters_off)
+    report = held.after_and_report(2)
+    assert measured == [0, 2] and actor.learnt == 2
+    assert report["metrics"]["utility"]["before"] == 1 and report["metrics"]["utility"]["after"] == 3
+    (tmp_path / "heldout" / "before.json").write_text("{")  # damaged: named, with the remedy
+    with pytest.raises(DamagedFile, match=r"before\.json is damaged .*; remove it and run the same "
+                       r"command again to measure that Actor anew"):  # fmt: skip
+        held.after_and_report(2)
+
+
 def test_an_unnamed_after_is_named_by_its_runs_sf_iterations(tmp_path, monkeypatch):
     """heldout/after.json from before "after" was named by its Actor: it is the Actor after
     the SF iterations of its run's config.json, and serves a rerun of that run only."""
