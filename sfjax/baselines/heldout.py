@@ -118,7 +118,7 @@ class HeldOutEval:
         """Evaluate (or load) "before"; only an untrained Actor may be measured as such.
 
         ``untrained``: the Actor has not been fine-tuned yet. When it has and ``before.json`` is
-        missing (removed, or set aside as damaged), ``adapters_off`` (a context manager
+        missing (removed, e.g. after its damaged-file error), ``adapters_off`` (a context manager
         factory, e.g. ``lambda: lora.adapters_disabled(model)``) makes the Actor the untrained
         one again: LoRA's B starts at 0, so the adapted Actor before fine-tuning is the base
         model. Without it the before/after comparison is skipped."""
