@@ -10,7 +10,8 @@ violations per algorithm and seed — Fig. 2), ``<algo>/curves.npz``, ``<algo>/e
 of Table III) and ``fig2.png``.
 
 RUN_DIR's identity is the configuration that changes results: rerunning with the same one
-trains again and replaces its results; ``--log-level`` may differ. Any other difference is
+continues, loading each algorithm whose results were saved for it (a run killed during SAC
+trains only SAC; ``sfjax.baselines.runner.run_rl_baselines``); ``--log-level`` may differ. Any other difference is
 refused with the keys named, so that one RUN_DIR never mixes two configurations' curves and
 rows; ``--resume`` then runs with the run's own values for them.
 """

@@ -11,8 +11,10 @@ counts.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,6 +103,53 @@ def train_and_evaluate(
     return RLRun(result, rollouts, row)
 
 
+def run_identity(cfg: RLRunConfig, name: str, env, protocol: EvalProtocol) -> dict:
+    """What one algorithm's saved results depend on (JSON values): its hyperparameters, the
+    budget, training seeds, greedy or not, the evaluation protocol and the env's config."""
+    return json.loads(json.dumps({
+        "algo": name, "config": dataclasses.asdict(cfg.algo_config(name)),
+        "budget": dataclasses.asdict(cfg.budget), "seeds": list(cfg.seeds),
+        "deterministic_eval": cfg.deterministic_eval, "protocol": dataclasses.asdict(protocol),
+        "env": dataclasses.asdict(env.config),
+    }, default=str))  # fmt: skip
+
+
+def load_finished(d: Path, name: str, identity: dict) -> RLRun | None:
+    """The run saved in ``d`` (``<run_dir>/<algo>``) when its ``summary.json`` (written last)
+    records ``identity``; None otherwise (nothing saved, another identity, a summary from before
+    identities were recorded, or damaged files: a warning, and the algorithm trains again).
+    Its ``train.train_state`` is None: the trained networks are not saved."""
+    from sfjax import atomic
+
+    path = d / "summary.json"
+    if not path.exists():
+        return None
+    try:
+        saved = atomic.read_json(path, "the RL baseline's summary")
+        if saved.get("identity") != identity:
+            return None
+        with np.load(d / "curves.npz") as z:
+            curves = {k: z[k] for k in z.files}
+        rollouts = Rollouts.load(d / "eval_rollouts.npz")
+        row = dict(saved["row"])
+    except (atomic.DamagedFile, OSError, ValueError, KeyError, TypeError, EOFError,
+            zipfile.BadZipFile) as e:
+        log.warning("%s: its saved results in %s cannot be read (%s: %s); it trains again",
+                    name, d, type(e).__name__, e)  # fmt: skip
+        return None
+    row = MethodResult(**{**row, "summary": rollouts.summary()})
+    train = rl.TrainResult(name=name, algo=None, train_state=None, curves=curves,
+                           seeds=tuple(saved["seeds"]), env_samples=row.train_samples,
+                           wall_time_s=float(saved["wall_time_s"]))  # fmt: skip
+    return RLRun(train, rollouts, row)
+
+
+def _npz_bytes(arrays: dict) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
 def run_rl_baselines(
     cfg: RLRunConfig,
     env,
@@ -109,29 +158,37 @@ def run_rl_baselines(
     run_dir: str | Path,
     writer=None,
 ) -> dict[str, RLRun]:
-    """Train, evaluate and save every configured baseline; returns name -> RLRun."""
+    """Train, evaluate and save every configured baseline; returns name -> RLRun.
+
+    An algorithm whose results in ``<run_dir>/<algo>/`` were saved for the same
+    :func:`run_identity` is loaded, not trained again (a run killed during its third algorithm
+    continues there; its TensorBoard points were written when it ran). Files are written whole
+    (temporary file, then rename), ``summary.json`` last."""
+    from sfjax import atomic
+
     run_dir = Path(run_dir)
     out: dict[str, RLRun] = {}
     for name in cfg.algos:
+        d = run_dir / name
+        identity = run_identity(cfg, name, env, protocol)
+        done = load_finished(d, name, identity)
+        if done is not None:
+            log.info("%s: loaded from %s (trained and evaluated before with this config)", name, d)
+            out[name] = done
+            continue
         run = train_and_evaluate(cfg, name, env, env_params, protocol)
         result, rollouts, row = run.train, run.rollouts, run.row
-        d = run_dir / name
-        d.mkdir(parents=True, exist_ok=True)
-        np.savez(d / "curves.npz", **result.curves)
-        rollouts.save(d / "eval_rollouts.npz")
-        (d / "summary.json").write_text(
-            json.dumps(
-                {
-                    "row": dataclasses.asdict(row),
-                    "wall_time_s": result.wall_time_s,
-                    "seeds": list(result.seeds),
-                    "budget": dataclasses.asdict(cfg.budget),
-                    "config": dataclasses.asdict(cfg.algo_config(name)),
-                    "per_seed_eval_utility": rollouts.per_episode()["utility"].mean(-1).tolist(),
-                },
-                indent=2,
-            )
-        )
+        atomic.write_bytes(d / "curves.npz", _npz_bytes(result.curves))
+        atomic.write_bytes(d / "eval_rollouts.npz", _npz_bytes(dataclasses.asdict(rollouts)))
+        atomic.write_json(d / "summary.json", {
+            "row": dataclasses.asdict(row),
+            "wall_time_s": result.wall_time_s,
+            "seeds": list(result.seeds),
+            "budget": dataclasses.asdict(cfg.budget),
+            "config": dataclasses.asdict(cfg.algo_config(name)),
+            "per_seed_eval_utility": rollouts.per_episode()["utility"].mean(-1).tolist(),
+            "identity": identity,
+        }, indent=2)  # fmt: skip
         if writer is not None:
             rl.write_curves(writer, name, result.curves)
             for metric, (mean, _std) in row.summary.items():
