@@ -13,12 +13,14 @@ DeepSeek-R1 (api backend, key from $DEEPSEEK_API_KEY) as evaluator and self-refl
 300-step trials.
 
 Writes ``config.json``, ``reflexion/summary.json`` (Table III row, memory, per-trial
-metrics), ``reflexion/trials/trial_<k>.json`` (trajectories), ``reflexion/eval_rollouts.npz``
-and TensorBoard scalars under ``tb/``.
+metrics), ``reflexion/trials/trial_<k>.json`` (trajectories) and ``state_<k>.json`` (memory,
+reflection, metrics after trial k), ``reflexion/eval_rollouts.npz`` and TensorBoard scalars
+under ``tb/``.
 
 RUN_DIR's identity is the configuration that changes results: rerunning with the same one
-runs again in RUN_DIR (the Reflector API's replies are cached there, so finished work costs no
-API calls); logging and the API's retry / timeout / concurrency options may differ. Any other
+continues in RUN_DIR: the trials saved there are not run again (a run killed in trial 3 goes on
+with trial 3, to the same result), the final evaluation runs again, and the Reflector API's
+replies are cached there, so finished work costs no API calls; logging and the API's retry / timeout / concurrency options may differ. Any other
 difference is refused with the keys named; ``--resume`` then reruns with the run's own values
 for them.
 """
@@ -42,9 +44,15 @@ from sfjax.agents.actor import PAPER_ACTOR, ActorConfig
 from sfjax.agents.prior import PRIOR_LABEL, SMOKE_PROMPT, PriorConfig
 from sfjax.agents.prompts import PromptConfig
 from sfjax.agents.reflector import ReflectorConfig, make_reflector
-from sfjax.agents.reflexion import ReflexionActor, ReflexionConfig, run_reflexion
+from sfjax.agents.reflexion import (
+    ReflexionActor,
+    ReflexionConfig,
+    load_done_trials,
+    run_reflexion,
+    trial_state,
+)
 from sfjax.agents.summary import format_reflexion_summary
-from sfjax.agents.trajectory import save_trajectories
+from sfjax.agents.trajectory import save_json, save_trajectories
 from sfjax.baselines.evaluation import EvalProtocol, evaluate_agent
 from sfjax.baselines.llm_agent import (
     LLMEnvAgent,
@@ -213,13 +221,19 @@ def run(
         cfg.reflector, actor_cfg.prompt, cache_dir=cfg.run_dir / "cache", progress=progress
     )
 
+    trials_dir = out_dir / "trials"
+
     def on_trial(k, record):
-        save_trajectories(out_dir / "trials" / f"trial_{k + 1}.json", record.trajectories[-1])
+        save_trajectories(trials_dir / f"trial_{k + 1}.json", record.trajectories[-1])
+        save_json(trials_dir / f"state_{k + 1}.json", trial_state(record))  # after its trajectories
         if writer is not None:
             for metric, (mean, _) in record.trial_metrics[-1].items():
                 writer.add_scalar(f"reflexion/trial/{metric}", mean, k + 1)
 
-    record = run_reflexion(actor, reflector, env, params, cfg.reflexion, on_trial=on_trial)
+    # the trials a killed run finished are not run again (the run dir holds this config's run)
+    done = load_done_trials(trials_dir, cfg.reflexion.trials)
+    record = run_reflexion(actor, reflector, env, params, cfg.reflexion, on_trial=on_trial,
+                           done=done)  # fmt: skip
     logging.getLogger("reflexion").info(
         "evaluating the Actor with its final memory: %d env seeds x %d decisions",
         len(cfg.protocol.seeds), cfg.protocol.num_steps,

@@ -21,10 +21,12 @@ final memory is then frozen and the agent is scored on the shared evaluation pro
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import jax
 
@@ -264,14 +266,29 @@ def run_reflexion(
     cfg: ReflexionConfig,
     self_reflect: SelfReflectFn | None = None,
     on_trial: Callable[[int, ReflexionRun], None] | None = None,
+    done: ReflexionRun | None = None,
 ) -> ReflexionRun:
-    """Reflexion trials: act with memory -> evaluate (Reflector) -> self-reflect -> remember."""
+    """Reflexion trials: act with memory -> evaluate (Reflector) -> self-reflect -> remember.
+
+    ``done``: the record of this run's first trials, saved by an earlier process (a run killed
+    after them): they are not run again; the Actor takes their memory and the keys go on where
+    they were, so the result equals an uninterrupted run's."""
     self_reflect = self_reflect or make_self_reflect(reflector, actor.cfg.prompt)
     protocol = EvalProtocol(seeds=cfg.trial_seeds, num_steps=cfg.trial_steps)
     key = jax.random.key(cfg.seed)
     run = ReflexionRun(memory=list(actor.memory))
+    skip = 0
+    if done is not None and done.reflections:
+        skip = len(done.reflections)
+        if skip > cfg.trials:
+            raise ValueError(f"{skip} Reflexion trials were done and the run has {cfg.trials}")
+        run = done
+        actor.memory = list(done.memory)
+        log.info("Reflexion: trials 1-%d done before, continuing with trial %d", skip, skip + 1)
     for trial in range(cfg.trials):
         key, act_key, refl_key, self_key = jax.random.split(key, 4)
+        if trial < skip:
+            continue
         log.info("Reflexion trial %d/%d: %d env seed(s) x %d decisions, then evaluator and "
                  "self-reflection", trial + 1, cfg.trials, len(protocol.seeds), protocol.num_steps)  # fmt: skip
         agent = LLMEnvAgent(actor, env, env_params, act_key)
@@ -297,3 +314,48 @@ def run_reflexion(
         if on_trial is not None:
             on_trial(trial, run)
     return run
+
+
+def trial_state(run: ReflexionRun) -> dict:
+    """What a run needs to continue after its latest trial (JSON; the trial's trajectories are
+    saved beside it): the memory, that trial's reflection, metrics and evaluation, and the
+    environment steps of all trials so far."""
+    return {
+        "memory": list(run.memory),
+        "reflection": run.reflections[-1],
+        "trial_metrics": {k: list(v) for k, v in run.trial_metrics[-1].items()},
+        "trial_evaluation": dataclasses.asdict(run.trial_evaluations[-1]),
+        "env_samples": run.env_samples,
+    }
+
+
+def load_done_trials(trials_dir: Path, trials: int) -> ReflexionRun | None:
+    """The record of the trials ``1..k`` a run saved in ``trials_dir`` (``state_<k>.json`` of
+    :func:`trial_state` after ``trial_<k>.json``), for :func:`run_reflexion`'s ``done``; it stops
+    at the first trial missing or unreadable (that one runs again, with a warning when
+    damaged). None when no trial was saved."""
+    from sfjax import atomic
+    from sfjax.agents.trajectory import load_trajectories
+
+    run = ReflexionRun()
+    for k in range(1, trials + 1):
+        state, trajs = trials_dir / f"state_{k}.json", trials_dir / f"trial_{k}.json"
+        if not (state.exists() and trajs.exists()):
+            break
+        try:
+            s = atomic.read_json(state, "a Reflexion trial's state")
+            trajectories = load_trajectories(trajs)
+            ev = s["trial_evaluation"]
+            evaluation = TrialEvaluation(**{**ev, "top_reasons": tuple(ev["top_reasons"])})
+            metrics = {m: (float(a), float(b)) for m, (a, b) in s["trial_metrics"].items()}
+            memory, reflection, samples = list(s["memory"]), s["reflection"], s["env_samples"]
+        except (atomic.DamagedFile, KeyError, TypeError, ValueError) as e:
+            log.warning("Reflexion trial %d's saved state in %s cannot be read (%s: %s); it "
+                        "runs again", k, trials_dir, type(e).__name__, e)  # fmt: skip
+            break
+        run.memory, run.env_samples = memory, int(samples)
+        run.reflections.append(reflection)
+        run.trial_metrics.append(metrics)
+        run.trial_evaluations.append(evaluation)
+        run.trajectories.append(trajectories)
+    return run if run.reflections else None

@@ -33,9 +33,11 @@ class FakeSampler:
     def __init__(self, action: int):
         self.action = action
         self.calls: list[list[str]] = []
+        self.keys: list[list[int]] = []
 
     def generate(self, prompts, params, key, *, n=1, action_constraint=None):
         self.calls.append(list(prompts))
+        self.keys.append(np.asarray(jax.random.key_data(key)).tolist())
         text = f"Reflection: ok\nAction: {self.action}\nAnalysis: steady"
         return SimpleNamespace(texts=[text] * (len(prompts) * n))
 
@@ -142,6 +144,47 @@ def test_reflexion_trials_build_a_bounded_memory(small_env, tokenizer):
     assert "Trial reflection" not in trial_prompts[0]
     assert run.reflections[0][:60] in " ".join(trial_prompts[1].split())
     assert "Trial reflection 2" in trial_prompts[2]
+
+
+def test_a_run_continues_after_its_saved_trials_to_the_same_result(small_env, tokenizer,
+                                                                   tmp_path):
+    """A run killed after trial 1 (its trajectories and state saved by the experiment's
+    on_trial) continues with trial 2: the same memory, reflections, metrics, evaluations,
+    samples and Actor keys as an uninterrupted run; trial 1 is not run again."""
+    from sfjax.agents.reflexion import load_done_trials, trial_state
+    from sfjax.agents.trajectory import save_json, save_trajectories
+
+    env, params = small_env
+    cfg = ReflexionConfig(trials=3, trial_seeds=(7,), trial_steps=8, memory_size=2)
+
+    def reflector(actor):
+        return RuleReflector(RuleReflectorConfig(), actor.cfg.prompt)
+
+    whole = _actor(env, tokenizer, 1)
+    ref = run_reflexion(whole, reflector(whole), env, params, cfg)
+
+    def save(k, record):
+        save_trajectories(tmp_path / f"trial_{k + 1}.json", record.trajectories[-1])
+        save_json(tmp_path / f"state_{k + 1}.json", trial_state(record))
+
+    first = _actor(env, tokenizer, 1)
+    run_reflexion(first, reflector(first), env, params, ReflexionConfig(
+        trials=1, trial_seeds=(7,), trial_steps=8, memory_size=2), on_trial=save)  # fmt: skip
+    assert load_done_trials(tmp_path, 0) is None
+    done = load_done_trials(tmp_path, 3)
+    assert len(done.reflections) == 1
+    rest = _actor(env, tokenizer, 1)
+    run = run_reflexion(rest, reflector(rest), env, params, cfg, on_trial=save, done=done)
+    assert len(rest.sampler.calls) == 2 * cfg.trial_steps  # trials 2 and 3 only
+    assert rest.sampler.keys == whole.sampler.keys[cfg.trial_steps:]
+    assert (run.memory, run.reflections, run.env_samples) == (ref.memory, ref.reflections,
+                                                              ref.env_samples)  # fmt: skip
+    assert run.trial_metrics == ref.trial_metrics and run.trial_evaluations == ref.trial_evaluations
+    assert [[t.to_json() for t in ts] for ts in run.trajectories] == \
+        [[t.to_json() for t in ts] for ts in ref.trajectories]  # fmt: skip
+    assert len(load_done_trials(tmp_path, 3).reflections) == 3  # all saved: nothing to run
+    (tmp_path / "state_2.json").write_text('{"memory": ')  # damaged: trial 2 on runs again
+    assert len(load_done_trials(tmp_path, 3).reflections) == 1
 
 
 def test_llm_self_reflection_uses_the_backend_model():
