@@ -284,7 +284,8 @@ def run_reflexion(
             raise ValueError(f"{skip} Reflexion trials were done and the run has {cfg.trials}")
         run = done
         actor.memory = list(done.memory)
-        log.info("Reflexion: trials 1-%d done before, continuing with trial %d", skip, skip + 1)
+        log.info("Reflexion: trials 1-%d of %d done before%s", skip, cfg.trials,
+                 f", continuing with trial {skip + 1}" if skip < cfg.trials else "")  # fmt: skip
     for trial in range(cfg.trials):
         key, act_key, refl_key, self_key = jax.random.split(key, 4)
         if trial < skip:
