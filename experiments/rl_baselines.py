@@ -11,9 +11,9 @@ of Table III) and ``fig2.png``.
 
 RUN_DIR's identity is the configuration that changes results: rerunning with the same one
 continues, loading each algorithm whose results were saved for it (a run killed during SAC
-trains only SAC; ``sfjax.baselines.runner.run_rl_baselines``); ``--log-level`` may differ. Any other difference is
-refused with the keys named, so that one RUN_DIR never mixes two configurations' curves and
-rows; ``--resume`` then runs with the run's own values for them.
+trains only SAC; ``sfjax.baselines.runner.run_rl_baselines``); ``--log-level`` may differ. Any
+other difference is refused with the keys named, so that one RUN_DIR never mixes two
+configurations' curves and rows; ``--resume`` then runs with the run's own values for them.
 """
 
 from __future__ import annotations

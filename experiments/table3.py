@@ -24,9 +24,9 @@ outputs in ``sf/``, ``reflexion/``, ``dqn/``, ``ppo/``, ``sac/``, ``tb/``, and `
 RUN_DIR's identity is the configuration that changes results (every row's options): rerunning
 with the same one continues the SF row from its checkpoints (RUN_DIR/sf has its own check),
 loads each RL row whose results were saved for this config (``dqn/``, ``ppo/``, ``sac/``),
-continues the Reflexion row after its saved trials and computes the other rows again; logging and the Reflector API's retry / timeout / concurrency
-options may differ. Any other difference is refused with the keys named; ``--resume`` then
-continues with the run's own values for them.
+continues the Reflexion row after its saved trials and computes the other rows again; logging
+and the Reflector API's retry / timeout / concurrency options may differ. Any other difference
+is refused with the keys named; ``--resume`` then continues with the run's own values for them.
 """
 
 from __future__ import annotations

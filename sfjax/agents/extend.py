@@ -47,10 +47,10 @@ def fewer_refusal(run_dir: Path, ran: int, asked: int) -> str:
 def results_without_checkpoints(run_dir: Path) -> str | None:
     """Why the run in ``run_dir`` is not run again: it has results (``summary.json``, written
     after every phase) but no phase checkpoint, and none was set aside as damaged (a run whose
-    checkpoints were all damaged starts again, as :meth:`sfjax.agents.loop.SelfFinetuningLoop.restore`
-    says), so they were removed by hand or never copied. Rerunning it would start from its first
-    phase and overwrite its files, with whatever options are given now. None when that is not
-    the case."""
+    checkpoints were all damaged starts again, as
+    :meth:`sfjax.agents.loop.SelfFinetuningLoop.restore` says), so they were removed by hand or
+    never copied. Rerunning it would start from its first phase and overwrite its files, with
+    whatever options are given now. None when that is not the case."""
     run_dir = Path(run_dir)
     checkpoints = run_dir / "checkpoints"
     if (not (run_dir / "summary.json").exists() or phase_steps(checkpoints)

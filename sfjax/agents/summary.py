@@ -244,8 +244,8 @@ def format_reflexion_summary(
         f"Artefacts in {run_dir}/:",
         *artefact_lines([
             (run_dir / "reflexion" / "summary.json", "row, memory, reflections, trial metrics"),
-            (run_dir / "reflexion" / "trials", "every trial's trajectories and state (a rerun goes on "
-                                               "after the saved trials)"),
+            (run_dir / "reflexion" / "trials",
+             "every trial's trajectories and state (a rerun goes on after the saved trials)"),
             (run_dir / "reflexion" / "eval_trajectories.json", "the evaluation trajectories"),
             (run_dir / "reflexion" / "eval_rollouts.npz", "per-step evaluation records"),
             (run_dir / "tb", "TensorBoard: reflexion/trial/*, reflexion/eval/*"),
