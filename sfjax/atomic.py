@@ -55,6 +55,17 @@ def write_json(path: str | os.PathLike, obj, indent: int | None = None) -> str:
     return write_text(path, json.dumps(obj, indent=indent))
 
 
+def write_npz(path: str | os.PathLike, arrays: dict) -> str:
+    """``numpy.savez`` of ``arrays`` to exactly ``path``, atomically; returns the SHA-256."""
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return write_bytes(path, buf.getvalue())
+
+
 def read_json(path: str | os.PathLike, what: str = "file"):
     """Load JSON from ``path``; a damaged file raises :class:`DamagedFile` naming it."""
     path = Path(path)

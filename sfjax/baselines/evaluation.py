@@ -121,7 +121,10 @@ class Rollouts:
         return int(self.rewards.size)
 
     def save(self, path) -> None:
-        np.savez(path, **dataclasses.asdict(self))
+        """To ``path`` (an ``.npz``) whole or not at all (:func:`sfjax.atomic.write_npz`)."""
+        from sfjax import atomic
+
+        atomic.write_npz(path, dataclasses.asdict(self))
 
     @classmethod
     def load(cls, path) -> Rollouts:

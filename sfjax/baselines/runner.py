@@ -11,7 +11,6 @@ counts.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import zipfile
@@ -128,8 +127,7 @@ def load_finished(d: Path, name: str, identity: dict) -> RLRun | None:
         saved = atomic.read_json(path, "the RL baseline's summary")
         if saved.get("identity") != identity:
             return None
-        with np.load(d / "curves.npz") as z:
-            curves = {k: z[k] for k in z.files}
+        curves = _read_curves(d)
         rollouts = Rollouts.load(d / "eval_rollouts.npz")
         row = dict(saved["row"])
     except (atomic.DamagedFile, OSError, ValueError, KeyError, TypeError, EOFError,
@@ -144,10 +142,10 @@ def load_finished(d: Path, name: str, identity: dict) -> RLRun | None:
     return RLRun(train, rollouts, row)
 
 
-def _npz_bytes(arrays: dict) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
+def _read_curves(d: Path) -> dict[str, np.ndarray]:
+    """``<run_dir>/<algo>/curves.npz`` as arrays."""
+    with np.load(d / "curves.npz") as z:
+        return {k: z[k] for k in z.files}
 
 
 def run_rl_baselines(
@@ -178,8 +176,8 @@ def run_rl_baselines(
             continue
         run = train_and_evaluate(cfg, name, env, env_params, protocol)
         result, rollouts, row = run.train, run.rollouts, run.row
-        atomic.write_bytes(d / "curves.npz", _npz_bytes(result.curves))
-        atomic.write_bytes(d / "eval_rollouts.npz", _npz_bytes(dataclasses.asdict(rollouts)))
+        atomic.write_npz(d / "curves.npz", result.curves)
+        rollouts.save(d / "eval_rollouts.npz")
         atomic.write_json(d / "summary.json", {
             "row": dataclasses.asdict(row),
             "wall_time_s": result.wall_time_s,
@@ -202,6 +200,5 @@ def load_curves(run_dir: str | Path, algos: Sequence[str]) -> dict[str, dict[str
     """Read ``<run_dir>/<algo>/curves.npz`` back (for re-plotting Fig. 2)."""
     out = {}
     for name in algos:
-        with np.load(Path(run_dir) / name / "curves.npz") as z:
-            out[ROW_NAMES.get(name, name)] = {k: z[k] for k in z.files}
+        out[ROW_NAMES.get(name, name)] = _read_curves(Path(run_dir) / name)
     return out
