@@ -14,23 +14,24 @@ DeepSeek-R1 (api backend, key from $DEEPSEEK_API_KEY) as evaluator and self-refl
 
 Writes ``config.json``, ``reflexion/summary.json`` (Table III row, memory, per-trial
 metrics), ``reflexion/trials/trial_<k>.json`` (trajectories) and ``state_<k>.json`` (memory,
-reflection, metrics after trial k), ``reflexion/eval_rollouts.npz`` and TensorBoard scalars
-under ``tb/``.
+reflection, metrics after trial k), ``reflexion/eval_rollouts.npz``, ``eval_trajectories.json``
+and ``eval_state.json`` (the final evaluation and the memory it was made with) and TensorBoard
+scalars under ``tb/``.
 
 RUN_DIR's identity is the configuration that changes results: rerunning with the same one
 continues in RUN_DIR: the trials saved there are not run again (a run killed in trial 3 goes on
-with trial 3, to the same result), the final evaluation runs again, and the Reflector API's
-replies are cached there, so finished work costs no API calls; logging and the API's retry /
-timeout / concurrency options may differ. Any other difference is refused with the keys named;
+with trial 3, to the same result), a final evaluation saved for the same memory is loaded
+(``eval_state.json``), and the Reflector API's replies are cached there, so finished work costs
+no API calls; logging and the API's retry / timeout / concurrency options may differ. Any other difference is refused with the keys named;
 ``--resume`` then reruns with the run's own values for them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import sys
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cli_common  # noqa: E402
 
+from sfjax import atomic
 from sfjax.agents.actor import PAPER_ACTOR, ActorConfig
 from sfjax.agents.prior import PRIOR_LABEL, SMOKE_PROMPT, PriorConfig
 from sfjax.agents.prompts import PromptConfig
@@ -53,7 +55,7 @@ from sfjax.agents.reflexion import (
 )
 from sfjax.agents.summary import format_reflexion_summary
 from sfjax.agents.trajectory import save_json, save_trajectories
-from sfjax.baselines.evaluation import EvalProtocol, evaluate_agent
+from sfjax.baselines.evaluation import EvalProtocol, Rollouts, evaluate_agent
 from sfjax.baselines.llm_agent import (
     LLMEnvAgent,
     check_given_action_range,
@@ -189,13 +191,48 @@ def actor_checkpoint(cfg: Config, env_cfg, prompt_cfg: PromptConfig) -> str:
         return str(ensure_prior(cfg.prior_config, env_cfg, prompt_cfg))
     if not cfg.tiny:
         return cfg.checkpoint
-    from sfjax import atomic, testing
+    from sfjax import testing
 
     path = cfg.run_dir / "tiny_actor"
     if not path.exists():  # swapped in whole: a kill mid-write leaves none
         with atomic.replace_dir(path) as tmp:
             testing.write_tiny_checkpoint(tmp, seed=0)
     return str(path)
+
+
+def final_evaluation(actor, env, params, cfg: Config, memory: list[str], out_dir: Path):
+    """The Actor with its final ``memory`` on the shared protocol: ``eval_rollouts.npz`` and
+    ``eval_trajectories.json`` in ``out_dir``, then ``eval_state.json`` (the memory, seeds,
+    decisions and sampling seed they were measured with). A rerun whose saved evaluation was
+    made with the same ones loads it instead of running the Actor again (on Qwen3-4B, the
+    seeds x decisions of the protocol); a damaged or different one is measured again."""
+    log = logging.getLogger("reflexion")
+    state = {"memory": list(memory), "seeds": list(cfg.protocol.seeds),
+             "num_steps": cfg.protocol.num_steps, "eval_seed": cfg.eval_seed}
+    saved, rollouts_path = out_dir / "eval_state.json", out_dir / "eval_rollouts.npz"
+    if saved.exists():
+        try:
+            if atomic.read_json(saved, "the final evaluation's state") == state:
+                rollouts = Rollouts.load(rollouts_path)
+                log.info("the final evaluation was saved in %s: loaded", out_dir)
+                return rollouts
+            log.warning("the final evaluation in %s was made with another memory; it runs "
+                        "again", out_dir)
+        except (atomic.DamagedFile, OSError, ValueError, KeyError, TypeError, EOFError,
+                zipfile.BadZipFile) as e:
+            log.warning("the final evaluation saved in %s cannot be read (%s: %s); it runs "
+                        "again", out_dir, type(e).__name__, e)  # fmt: skip
+        saved.unlink()  # until it is measured again, nothing claims the files are this memory's
+    log.info(
+        "evaluating the Actor with its final memory: %d env seeds x %d decisions",
+        len(cfg.protocol.seeds), cfg.protocol.num_steps,
+    )  # fmt: skip
+    agent = LLMEnvAgent(actor, env, params, jax.random.key(cfg.eval_seed))
+    rollouts = evaluate_agent(agent, env, params, cfg.protocol)
+    rollouts.save(rollouts_path)
+    save_trajectories(out_dir / "eval_trajectories.json", agent.trajectories)
+    atomic.write_json(saved, state, indent=2)  # last: it vouches for the two files above
+    return rollouts
 
 
 def run(
@@ -234,14 +271,7 @@ def run(
     done = load_done_trials(trials_dir, cfg.reflexion.trials)
     record = run_reflexion(actor, reflector, env, params, cfg.reflexion, on_trial=on_trial,
                            done=done)  # fmt: skip
-    logging.getLogger("reflexion").info(
-        "evaluating the Actor with its final memory: %d env seeds x %d decisions",
-        len(cfg.protocol.seeds), cfg.protocol.num_steps,
-    )  # fmt: skip
-    agent = LLMEnvAgent(actor, env, params, jax.random.key(cfg.eval_seed))
-    rollouts = evaluate_agent(agent, env, params, cfg.protocol)
-    rollouts.save(out_dir / "eval_rollouts.npz")
-    save_trajectories(out_dir / "eval_trajectories.json", agent.trajectories)
+    rollouts = final_evaluation(actor, env, params, cfg, record.memory, out_dir)
     actor_name = f"{checkpoint} (the behavioural prior)" if actor_prior else checkpoint
     provenance = f"actor {actor_name}, evaluator/self-reflection {reflector.name}"
     row = MethodResult(
@@ -261,7 +291,7 @@ def run(
         "trial_metrics": record.trial_metrics,
         "trial_evaluations": [dataclasses.asdict(e) for e in record.trial_evaluations],
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic.write_json(out_dir / "summary.json", summary, indent=2)
     if writer is not None:
         for metric, (mean, _) in row.summary.items():
             writer.add_scalar(f"reflexion/eval/{metric}", mean, cfg.reflexion.trials)

@@ -24,7 +24,8 @@ outputs in ``sf/``, ``reflexion/``, ``dqn/``, ``ppo/``, ``sac/``, ``tb/``, and `
 RUN_DIR's identity is the configuration that changes results (every row's options): rerunning
 with the same one continues the SF row from its checkpoints (RUN_DIR/sf has its own check),
 loads each RL row whose results were saved for this config (``dqn/``, ``ppo/``, ``sac/``),
-continues the Reflexion row after its saved trials and computes the other rows again; logging
+continues the Reflexion row after its saved trials (and loads its final evaluation when saved
+for the same memory) and computes the other rows again; logging
 and the Reflector API's retry / timeout / concurrency options may differ. Any other difference
 is refused with the keys named; ``--resume`` then continues with the run's own values for them.
 """

@@ -262,3 +262,59 @@ def test_run_names_the_prior_in_its_row_and_summary(tmp_path, monkeypatch, prior
     assert summary.get("actor_prior") == (prior_lib.PRIOR_LABEL if prior else None)
     saved = json.loads((tmp_path / "r" / "reflexion" / "summary.json").read_text())
     assert saved["provenance"] == summary["provenance"]
+
+
+def test_final_evaluation_is_loaded_for_the_same_memory(tmp_path, monkeypatch, tiny_checkpoint,
+                                                        caplog):  # fmt: skip
+    """A rerun loads the final evaluation saved for the run's memory (the Actor does not run
+    again) and reports the same row; a saved one of another memory, or a damaged one, is
+    measured again."""
+    from test_reflexion import FakeSampler
+
+    from sfjax.agents.reflexion import ReflexionConfig
+    from sfjax.baselines.evaluation import EvalProtocol
+    from sfjax.envs.ran import RanSlicingConfig, RanSlicingEnv
+    from sfjax.tokenizer import load_tokenizer
+
+    mod = experiment("reflexion_ranslicing")
+    tokenizer = load_tokenizer(tiny_checkpoint)
+    monkeypatch.setattr(mod, "load_actor", lambda checkpoint, actor_cfg, *, dtype, actor_cls:
+                        actor_cls(FakeSampler(6), tokenizer, actor_cfg))
+    evaluated = []
+    real_evaluate = mod.evaluate_agent
+
+    def evaluate_agent(*args):
+        evaluated.append(1)
+        return real_evaluate(*args)
+
+    monkeypatch.setattr(mod, "evaluate_agent", evaluate_agent)
+    env_cfg = RanSlicingConfig(ttis_per_step=10, episode_steps=4, onoff_start="stationary")
+    cfg = dataclasses.replace(
+        mod.SMOKE, prior=False, checkpoint="/m", run_dir=tmp_path / "r", env=env_cfg,
+        reflexion=ReflexionConfig(trials=1, trial_seeds=(100,), trial_steps=2, memory_size=1),
+        protocol=EvalProtocol(seeds=(0, 1), num_steps=3),
+    )  # fmt: skip
+    out = tmp_path / "r" / "reflexion"
+    row, summary = mod.run(cfg, RanSlicingEnv(env_cfg))
+    first = (out / "eval_rollouts.npz").read_bytes()
+    assert len(evaluated) == 1 and json.loads((out / "eval_state.json").read_text())["memory"] \
+        == summary["memory"]
+
+    again, _ = mod.run(cfg, RanSlicingEnv(env_cfg))
+    assert len(evaluated) == 1 and again == row  # loaded, the same row
+    assert (out / "eval_rollouts.npz").read_bytes() == first
+
+    state = json.loads((out / "eval_state.json").read_text())
+    (out / "eval_state.json").write_text(json.dumps({**state, "memory": ["another"]}))
+    caplog.clear()
+    remeasured, _ = mod.run(cfg, RanSlicingEnv(env_cfg))
+    assert len(evaluated) == 2 and remeasured == row  # the same Actor and seeds: the same row
+    assert "made with another memory" in caplog.text
+    assert json.loads((out / "eval_state.json").read_text()) == state
+
+    (out / "eval_rollouts.npz").write_bytes(first[: len(first) // 2])  # cut short
+    caplog.clear()
+    remeasured, _ = mod.run(cfg, RanSlicingEnv(env_cfg))
+    assert len(evaluated) == 3 and remeasured == row
+    assert "cannot be read" in caplog.text
+    assert (out / "eval_rollouts.npz").read_bytes() == first
