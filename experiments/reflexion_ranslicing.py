@@ -63,7 +63,7 @@ from sfjax.baselines.llm_agent import (
     prompt_config_for_env,
 )
 from sfjax.baselines.report import MethodResult
-from sfjax.configcheck import Bad
+from sfjax.configcheck import Bad, seeds
 from sfjax.console import configure_logging
 from sfjax.envs.ran import RanSlicingConfig, RanSlicingEnv
 
@@ -118,7 +118,7 @@ class Config:
         """One Actor (a checkpoint, the prior or the tiny random model); the trials' env seeds
         must not be evaluation seeds: the verbal memory would have been written on the
         trajectories it is scored on."""
-        bad = []
+        bad = seeds(self, "eval_seed")
         if self.checkpoint != SF_ACTOR:  # table3's value: table3 checks its Actor options
             if self.prior and self.tiny:
                 bad.append(Bad("tiny", "left unset with --prior (one Actor)"))

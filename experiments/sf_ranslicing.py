@@ -86,7 +86,7 @@ from sfjax.baselines.heldout import (  # noqa: E402
     write_heldout_scalars,
 )
 from sfjax.config_rules import RULES  # noqa: E402
-from sfjax.configcheck import Bad, check_config  # noqa: E402
+from sfjax.configcheck import Bad, check_config, seeds  # noqa: E402
 from sfjax.console import configure_logging  # noqa: E402
 from sfjax.envs.scenario import RanSlicingConfig  # noqa: E402
 from sfjax.models.lora import LoRAConfig  # noqa: E402
@@ -131,7 +131,7 @@ class ModelConfig:
         bad += cli_common.checkpoint_with_switch(self.checkpoint, self.prior, self.tiny, "model.")
         if self.scan_decode and not self.scan_layers:
             bad.append(Bad("scan_decode", "used with --model.scan-layers"))
-        return bad
+        return bad + seeds(self, "tiny_seed")
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,7 @@ from sfjax.baselines.summary import (  # noqa: E402
     preset_of,
     tiny_actor_note,
 )
-from sfjax.configcheck import Bad, changed_leaves, option  # noqa: E402
+from sfjax.configcheck import Bad, changed_leaves, option, seeds  # noqa: E402
 from sfjax.console import configure_logging  # noqa: E402
 from sfjax.envs.ran import RanSlicingEnv  # noqa: E402
 from sfjax.envs.scenario import RanSlicingConfig  # noqa: E402
@@ -140,7 +140,8 @@ class Config:
         """Sub-config values this script sets itself must not be given: they were silently
         replaced."""
         ours = "left unset: table3 sets it (RUN_DIR/sf)"
-        bad = [] if self.sf.run_dir == SUB_RUN_DIR else [Bad("sf.run_dir", ours)]
+        bad = seeds(self, "eval_seed")
+        bad += [] if self.sf.run_dir == SUB_RUN_DIR else [Bad("sf.run_dir", ours)]
         if self.reflexion.run_dir != Path(SUB_RUN_DIR):
             bad.append(Bad("reflexion.run_dir", "left unset: table3 sets it (RUN_DIR)"))
         shared = "left unset: table3's --env.* / --protocol.* / --eval-seed apply to every method"
@@ -161,8 +162,8 @@ class Config:
                       "reflexion" in self.methods)]  # fmt: skip
         bad += [Bad("protocol.seeds", f"disjoint from {option(path)}: both hold {shared}, "
                     "trajectories that row learns or chooses on")
-                for path, seeds, used in learnt_on
-                if used and (shared := self.protocol.shared_seeds(seeds))]
+                for path, learnt, used in learnt_on
+                if used and (shared := self.protocol.shared_seeds(learnt))]
         # one way to choose the Reflexion row's Actor: SF's (--sf.model.*, --sf.prior.*), or
         # without the SF row --reflexion.checkpoint; its own prior / tiny switches would be
         # ignored (or build a second prior for another prompt than the SF row's)

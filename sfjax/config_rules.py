@@ -11,7 +11,7 @@ from sfjax.agents.actor import ActorConfig
 from sfjax.agents.reflectors.local import LocalReflectorConfig
 from sfjax.agents.reflectors.rule import RuleReflectorConfig
 from sfjax.agents.reflexion import ReflexionConfig
-from sfjax.configcheck import Bad, Rule, at_least
+from sfjax.configcheck import Bad, Rule, at_least, seeds
 
 
 def _actor(c: ActorConfig) -> list[Bad]:
@@ -40,10 +40,7 @@ def _rule(c: RuleReflectorConfig) -> list[Bad]:
 
 def _reflexion(c: ReflexionConfig) -> list[Bad]:
     bad = at_least(c, 1, "trials", "trial_steps", "memory_size", "reflection_max_new_tokens")
-    bad += at_least(c, 1, "max_reflection_chars") + at_least(c, 0, "seed")
-    if not c.trial_seeds:
-        bad.append(Bad("trial_seeds", "at least one seed"))
-    return bad
+    return bad + at_least(c, 1, "max_reflection_chars") + seeds(c, "seed", "trial_seeds")
 
 
 RULES: dict[type, Rule] = {

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 
@@ -90,3 +90,38 @@ def at_least(cfg: Any, lo: float, *names: str) -> list[Bad]:
 def greater_than(cfg: Any, lo: float, *names: str) -> list[Bad]:
     """A :class:`Bad` for each field in ``names`` not above ``lo``."""
     return [Bad(n, f"> {lo:g}") for n in names if not getattr(cfg, n) > lo]
+
+
+SEED_LIMIT = 2**32
+"""Seeds live in [0, 2**32): JAX folds them into uint32 key words, so a negative or larger seed
+fails deep inside a run (``fold_in``: out of bounds for uint32) or silently draws another
+seed's keys (``key(2**32 + s)`` is ``key(s)``)."""
+
+SEED_RANGE = "in [0, 2**32)"
+
+
+def seed_problem(seeds: Sequence[int], empty_ok: bool = False) -> str | None:
+    """What is wrong with a tuple of seeds, or None: each in [0, 2**32) (:data:`SEED_LIMIT`),
+    no duplicates (a seed given twice would count one trajectory or training run as two
+    independent ones), at least one unless ``empty_ok``."""
+    if not seeds and not empty_ok:
+        return "at least one seed"
+    if any(not 0 <= s < SEED_LIMIT for s in seeds):
+        return f"seeds {SEED_RANGE}"
+    if len(set(seeds)) != len(seeds):
+        return "distinct seeds"
+    return None
+
+
+def seeds(cfg: Any, *names: str, empty_ok: bool = False) -> list[Bad]:
+    """A :class:`Bad` for each seed field in ``names`` out of range: an int seed outside
+    [0, 2**32), a tuple of seeds that fails :func:`seed_problem`."""
+    bad = []
+    for n in names:
+        v = getattr(cfg, n)
+        if isinstance(v, int):
+            if not 0 <= v < SEED_LIMIT:
+                bad.append(Bad(n, SEED_RANGE))
+        elif problem := seed_problem(v, empty_ok):
+            bad.append(Bad(n, problem))
+    return bad

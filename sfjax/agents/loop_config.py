@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from sfjax.configcheck import Bad, at_least
+from sfjax.configcheck import Bad, at_least, seeds
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class LoopConfig:
 
     def invalid(self) -> list[Bad]:
         bad = at_least(self, 1, "sf_iterations", "num_envs", "trajectory_steps")
-        bad += at_least(self, 0, "env_seed", "seed")
+        bad += seeds(self, "env_seed", "seed")
         bad += at_least(self, 2, "keep_checkpoints")
         if self.final_actor not in ("last", "best"):
             bad.append(Bad("final_actor", "'last' or 'best'"))

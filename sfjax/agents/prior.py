@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from sfjax.agents.prompts import PromptConfig, format_output
-from sfjax.configcheck import Bad, at_least, greater_than, problems
+from sfjax.configcheck import Bad, at_least, greater_than, problems, seeds
 from sfjax.train.sft import SFTConfig
 
 log = logging.getLogger(__name__)
@@ -104,9 +104,7 @@ class PriorConfig:
 
     def invalid(self) -> list[Bad]:
         bad = at_least(self, 1, "data_steps", "hidden_size", "num_layers", "num_heads")
-        bad += at_least(self, 0, "seed")
-        if not self.data_seeds or min(self.data_seeds) < 0:
-            bad.append(Bad("data_seeds", "at least one env seed, all >= 0"))
+        bad += seeds(self, "seed", "data_seeds")
         heads = self.num_heads
         odd = heads > 1 and heads % 2
         if heads >= 1 and (odd or self.hidden_size % heads):

@@ -22,7 +22,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from sfjax.configcheck import Bad, at_least
+from sfjax.configcheck import Bad, at_least, seeds
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +48,8 @@ class HeldOutConfig:
         return EvalProtocol(seeds=self.seeds, num_steps=self.num_steps) if self.seeds else None
 
     def invalid(self) -> list[Bad]:
-        bad = at_least(self, 1, "num_steps") + at_least(self, 0, "sampling_seed")
-        if any(s < 0 for s in self.seeds):
-            bad.append(Bad("seeds", "seeds >= 0"))
-        if len(set(self.seeds)) != len(self.seeds):
-            bad.append(Bad("seeds", "distinct seeds"))
-        return bad
+        return at_least(self, 1, "num_steps") + seeds(self, "sampling_seed") \
+            + seeds(self, "seeds", empty_ok=True)
 
 
 BEFORE = "before fine-tuning"

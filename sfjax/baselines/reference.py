@@ -34,7 +34,7 @@ import numpy as np
 
 from sfjax.baselines.evaluation import EvalProtocol, Rollouts, rollout
 from sfjax.baselines.report import TABLE_ROWS
-from sfjax.configcheck import Bad, at_least
+from sfjax.configcheck import Bad, at_least, seeds
 
 
 def _unwrapped(env):
@@ -267,10 +267,7 @@ class ReferenceConfig:
     """Beam of the hindsight search (per evaluation seed; x actions candidates per step)."""
 
     def invalid(self) -> list[Bad]:
-        bad = at_least(self, 1, "beam_width")
-        if not self.train_seeds:
-            bad.append(Bad("train_seeds", "at least one env seed"))
-        return bad
+        return at_least(self, 1, "beam_width") + seeds(self, "train_seeds")
 
 
 REFERENCE_ROWS = {"static": TABLE_ROWS[5], "heuristic": TABLE_ROWS[6], "hindsight": TABLE_ROWS[7]}

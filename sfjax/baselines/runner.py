@@ -24,6 +24,7 @@ import numpy as np
 from sfjax.baselines import rl
 from sfjax.baselines.evaluation import EvalProtocol, Rollouts
 from sfjax.baselines.report import MethodResult
+from sfjax.configcheck import seed_problem
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,9 @@ class RLRunConfig:
         bad = [a for a in self.algos if a not in rl.ALGOS]
         if bad:
             raise ValueError(f"unknown RL baseline(s) {bad}; choose among {rl.ALGOS}.")
-        if not self.seeds:
-            raise ValueError("RLRunConfig.seeds is empty.")
+        if problem := seed_problem(self.seeds):
+            raise ValueError(f"RLRunConfig.seeds {self.seeds}: must be {problem} (training "
+                             "seeds, one independent run each).")
 
     def algo_config(self, name: str):
         return getattr(self, name)

@@ -62,6 +62,8 @@ class SFTConfig:
             raise ValueError("SFTConfig.steps and batch_size must be >= 1")
         if self.learning_rate <= 0:
             raise ValueError("SFTConfig.learning_rate must be > 0")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"SFTConfig.seed must be in [0, 2**32), got {self.seed}")
 
 
 def sft_loss(model, batch: dict) -> tuple[jax.Array, jax.Array]:

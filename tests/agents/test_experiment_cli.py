@@ -122,8 +122,12 @@ def test_run_dir_that_is_a_file_is_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, line", [
     (["--prior.num-layers", "0"], "--prior.num-layers 0: must be >= 1"),
-    (["--prior.data-seeds"], "--prior.data-seeds (): must be at least one env seed, all >= 0"),
-    (["--prior.seed", "-1"], "--prior.seed -1: must be >= 0"),
+    (["--prior.data-seeds"], "--prior.data-seeds (): must be at least one seed"),
+    (["--prior.seed", "-1"], "--prior.seed -1: must be in [0, 2**32)"),
+    (["--heldout.seeds", "4294967296"], "--heldout.seeds (4294967296,): must be seeds in [0, 2**32)"),
+    (["--heldout.seeds", "3", "3"], "--heldout.seeds (3, 3): must be distinct seeds"),
+    (["--loop.env-seed", "-1"], "--loop.env-seed -1: must be in [0, 2**32)"),
+    (["--model.tiny-seed", "-1"], "--model.tiny-seed -1: must be in [0, 2**32)"),
 ])  # fmt: skip
 def test_sf_values_checked_by_the_config_walk_are_one_line(tmp_path, capsys, args, line):
     mod = experiment("sf_ranslicing")
@@ -141,6 +145,7 @@ def test_sf_values_checked_by_the_config_walk_are_one_line(tmp_path, capsys, arg
     (["--kto.beta", "0"], "Error parsing --kto: beta must be a finite value > 0"),
     (["--lora.alpha", "0"], "Error parsing --lora: LoRA alpha must be a finite value > 0"),
     (["--env.cell.carrier-hz", "0"], "Error parsing --env.cell: carrier_hz must be in"),
+    (["--env.geometry-seed", "-3"], "Error parsing --env: geometry_seed must be in [0, 2**32)"),
 ])  # fmt: skip
 def test_sf_values_checked_when_parsed_exit_2(tmp_path, capsys, args, words):
     """Configs that check themselves when made (KTOConfig, LoRAConfig, the env's) are refused by
@@ -152,4 +157,33 @@ def test_sf_values_checked_when_parsed_exit_2(tmp_path, capsys, args, words):
     err = " ".join(capsys.readouterr().err.replace("│", " ").split())  # the box's line breaks
     assert e.value.code == 2 and words in err and "Traceback" not in err, err
     assert "dummy" not in err, err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("script, args, words", [
+    ("rl_baselines", ["--rl.seeds", "0", "0"], "RLRunConfig.seeds (0, 0): must be distinct seeds"),
+    ("rl_baselines", ["--rl.seeds", "-2"], "RLRunConfig.seeds (-2,): must be seeds in [0, 2**32)"),
+    ("table3", ["--reference.train-seeds", "100", "-100"],
+     "error: --reference.train-seeds (100, -100): must be seeds in [0, 2**32)"),
+    ("table3", ["--protocol.seeds", "-1"], "EvalProtocol.seeds (-1,): must be seeds in [0, 2**32)"),
+    ("table3", ["--eval-seed", "4294967296"], "error: --eval-seed 4294967296: must be in [0, 2**32)"),
+    ("reflexion_ranslicing", ["--reflexion.trial-seeds", "100", "100"],
+     "error: --reflexion.trial-seeds (100, 100): must be distinct seeds"),
+    ("reflexion_ranslicing", ["--eval-seed", "-1"], "error: --eval-seed -1: must be in [0, 2**32)"),
+])  # fmt: skip
+def test_seeds_out_of_range_or_repeated_are_refused_before_the_run(tmp_path, capsys, script,
+                                                                   args, words):  # fmt: skip
+    """Seeds are in [0, 2**32) (JAX folds them into uint32 keys: out of range failed deep in a
+    run after config.json was written, or aliased another seed) and distinct (RL training seeds
+    0 0 trained one network twice and reported the pair as independent): exit 2, one message,
+    nothing written."""
+    mod = experiment(script)
+    import cli_common
+
+    with pytest.raises(SystemExit) as e:
+        cli_common.run_cli(mod.main, cli_common.run_cli(
+            cli_common.parse, mod.PRESETS, ["smoke", "--run-dir", str(tmp_path / "r"), *args],
+            mod.__doc__))  # fmt: skip
+    err = " ".join(capsys.readouterr().err.replace("│", " ").split())
+    assert e.value.code == 2 and words in err and "Traceback" not in err, err
     assert not (tmp_path / "r").exists()

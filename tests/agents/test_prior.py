@@ -102,14 +102,14 @@ def test_bad_prior_values_are_named():
     found = problems(prior_lib.PriorConfig(num_layers=0, num_heads=3, data_seeds=()))
     assert found == [
         "--num-layers 0: must be >= 1",
-        "--data-seeds (): must be at least one env seed, all >= 0",
+        "--data-seeds (): must be at least one seed",
         "--num-heads 3: must be 1 or an even number that divides --prior.hidden-size (half as "
         "many KV heads; head_dim = hidden / heads)",
     ]
     assert problems(prior_lib.PriorConfig(num_heads=0))[0] == "--num-heads 0: must be >= 1"
     # a negative seed used to reach numpy's generator and end in a traceback
     assert problems(prior_lib.PriorConfig(seed=-1, data_seeds=(2000, -3))) == [
-        "--seed -1: must be >= 0", "--data-seeds (2000, -3): must be at least one env seed, all >= 0"]
+        "--seed -1: must be in [0, 2**32)", "--data-seeds (2000, -3): must be seeds in [0, 2**32)"]
     with pytest.raises(SystemExit):
         prior_lib.main(["--seed", "-1"])
     assert problems(prior_lib.PriorConfig(teacher=prior_lib.TeacherConfig(queue_alarm=0))) == [

@@ -10,7 +10,8 @@ def test_heldout_values_are_checked():
     assert problems(HeldOutConfig(seeds=()), rules=RULES) == []  # no evaluation at all
     for bad, what in ((HeldOutConfig(num_steps=0), "num_steps"),
                       (HeldOutConfig(seeds=(1, 1)), "distinct"),
-                      (HeldOutConfig(seeds=(-1,)), "seeds >= 0")):
+                      (HeldOutConfig(seeds=(-1,)), "seeds in [0, 2**32)"),
+                      (HeldOutConfig(sampling_seed=2**32), "sampling_seed")):
         found = problems(bad, rules=RULES)
         assert len(found) == 1 and what.split("_")[0] in found[0], found
 

@@ -38,7 +38,7 @@ def test_bad_reference_values_are_named():
 
     assert problems(R.ReferenceConfig()) == []
     assert problems(R.ReferenceConfig(beam_width=0, train_seeds=())) == [
-        "--beam-width 0: must be >= 1", "--train-seeds (): must be at least one env seed"]
+        "--beam-width 0: must be >= 1", "--train-seeds (): must be at least one seed"]
 
 
 def test_best_static_is_the_argmax_on_training_seeds(env):
