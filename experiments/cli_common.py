@@ -18,7 +18,7 @@ from typing import Any
 import tyro
 from tyro import _errors, _strings
 
-from sfjax import atomic, provenance
+from sfjax import atomic, provenance, runlock
 from sfjax.agents.reflectors.base import ReflectorError
 from sfjax.atomic import DamagedFile
 from sfjax.config_rules import RULES
@@ -32,8 +32,8 @@ class RunDirTaken(FileExistsError):
     the keys), or it is a file."""
 
 
-USER_ERRORS = (ConfigError, RunDirTaken, DamagedFile, ReflectorError, CheckpointUnavailable,
-               CheckpointError, UnsupportedCheckpoint)
+USER_ERRORS = (ConfigError, RunDirTaken, runlock.RunDirInUse, DamagedFile, ReflectorError,
+               CheckpointUnavailable, CheckpointError, UnsupportedCheckpoint)
 """A user's mistake or a missing / unusable input: one ``error:`` line and exit status 2."""
 
 
@@ -100,12 +100,16 @@ def parse(presets: dict, args: list[str] | None, description: str | None) -> Any
 
 
 def run_cli(fn: Callable[..., Any], *args) -> Any:
-    """``fn(*args)``; a user's mistake exits with status 2 and its message, no traceback."""
+    """``fn(*args)``; a user's mistake exits with status 2 and its message, no traceback. The
+    run dirs ``fn`` locked (:func:`make_run_dir`) are unlocked when it returns."""
+    before = set(runlock.held())
     try:
         return fn(*args)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        runlock.release([d for d in runlock.held() if d not in before])
 
 
 # -- RUN_DIR's identity ------------------------------------------------------------------------
@@ -212,11 +216,17 @@ def with_earlier_values(cfg_json: dict, earlier: Mapping[str, object]) -> dict:
 
 
 def make_run_dir(run_dir: Path) -> None:
-    """Create RUN_DIR (and its parents); one that exists as a file is refused (a user error)."""
+    """Create RUN_DIR (and its parents) and lock it for this process (:mod:`sfjax.runlock`:
+    a RUN_DIR another process runs in is refused, naming it); one that exists as a file is
+    refused (a user error)."""
+    from sfjax.parallel import is_main_process
+
     for p in (run_dir, *run_dir.parents):
         if p.exists() and not p.is_dir():
             raise RunDirTaken(f"RUN_DIR {run_dir}: {p} is a file, not a directory")
     run_dir.mkdir(parents=True, exist_ok=True)
+    if is_main_process():  # the process that writes
+        runlock.hold(run_dir)
 
 
 def prepare_run_dir(cfg, run_dir: Path, operational: Sequence[str], *,

@@ -55,6 +55,17 @@ def _no_log_handler_outlives_its_test():
             root.removeHandler(handler)
 
 
+@pytest.fixture(autouse=True)
+def _no_run_dir_lock_outlives_its_test():
+    """An experiment run in the test's process locks its RUN_DIR (:mod:`sfjax.runlock`) until
+    its ``run_cli`` returns; one called without it keeps the lock until the process ends.
+    Release them after the test, so no lock holds a file open for the rest of the session."""
+    yield
+    from sfjax import runlock
+
+    runlock.release()
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """Default tiny Qwen3 (tied head, GQA 2) with tokenizer, float32 weights."""
