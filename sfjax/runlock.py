@@ -4,9 +4,10 @@ Two processes in one RUN_DIR (a command started twice, a job scheduler requeuein
 first copy still runs) would interleave their checkpoints, overwrite each other's trajectories
 and report whichever summary was written last. :func:`hold` takes an advisory ``flock`` on the
 lock file, without waiting: the second process is refused with the holder's pid, host, start
-time and command (which the holder writes into the file). The kernel releases the lock when its
-process ends however it ends (``kill -9`` included), so a crashed run leaves no stale lock and
-its rerun continues from the checkpoints as before; the file itself stays (nothing is deleted).
+time and command (which the holder writes into the file, less the value of any option whose
+name says it holds a secret). The kernel releases the lock when its process ends however it
+ends (``kill -9`` included), so a crashed run leaves no stale lock and its rerun continues from
+the checkpoints as before; the file itself stays (nothing is deleted).
 
 A process may hold several run dirs (table3.py holds RUN_DIR and RUN_DIR/sf) and take the same
 one again (re-entrant). A filesystem without locks (some network mounts) gets a warning and no
@@ -47,6 +48,27 @@ def _holder(path: Path) -> str:
         return "a process that has not said who it is yet"
 
 
+def command_line(argv) -> str:
+    """``argv`` joined, with the value of every option whose name says it holds a secret
+    (:data:`sfjax.provenance.SECRET_WORDS`: ``--reflector.api.api-key-env``, ...) masked: the
+    lock file and the refusal that quotes it never carry one."""
+    from sfjax.provenance import SECRET_WORDS
+
+    def secret(opt: str) -> bool:
+        return opt.startswith("-") and any(w in opt.upper() for w in SECRET_WORDS)
+
+    out, mask_next = [], False
+    for arg in argv:
+        if mask_next and not arg.startswith("--"):
+            out.append("***")
+        elif "=" in arg and secret(arg.split("=", 1)[0]):
+            out.append(arg.split("=", 1)[0] + "=***")
+        else:
+            out.append(arg)
+        mask_next = secret(arg) and "=" not in arg
+    return " ".join(out)
+
+
 def hold(run_dir: str | os.PathLike) -> None:
     """Lock ``run_dir`` (an existing directory) for the rest of this process, or until
     :func:`release`; :class:`RunDirInUse` names the other process when it is taken."""
@@ -71,7 +93,7 @@ def hold(run_dir: str | os.PathLike) -> None:
     f.seek(0)
     f.truncate()
     json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
-               "command": " ".join(sys.argv)}, f)  # fmt: skip
+               "command": command_line(sys.argv)}, f)  # fmt: skip
     f.flush()
     _held[key] = f
 

@@ -79,3 +79,11 @@ def test_experiment_in_a_run_dir_in_use_is_refused_before_writing(other_process,
     assert e.value.code == 2 and err.startswith(f"error: {run_dir} is in use by another "
                                                 f"process (pid {p.pid} on "), err
     assert sorted(x.name for x in run_dir.iterdir()) == [runlock.LOCK_NAME]  # nothing written
+
+
+def test_command_line_masks_options_named_for_secrets():
+    argv = ["sf_ranslicing.py", "paper", "--reflector.api.api-key-env", "sk-123", "--run-dir",
+            "r", "--reflector.api.auth-token=abc", "--kto.beta", "0.1"]
+    assert runlock.command_line(argv) == (
+        "sf_ranslicing.py paper --reflector.api.api-key-env *** --run-dir r "
+        "--reflector.api.auth-token=*** --kto.beta 0.1")
