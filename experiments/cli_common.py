@@ -99,15 +99,25 @@ def parse(presets: dict, args: list[str] | None, description: str | None) -> Any
     return cfg
 
 
+INTERRUPTED = ("what the run saved is kept; the same command continues it (the SF loop from "
+               "its last phase checkpoint, the RL baselines after their finished algorithms, "
+               "Reflexion after its saved trials)")
+"""What Ctrl-C prints: every experiment continues a run from what it saved."""
+
+
 def run_cli(fn: Callable[..., Any], *args) -> Any:
-    """``fn(*args)``; a user's mistake exits with status 2 and its message, no traceback. The
-    run dirs ``fn`` locked (:func:`make_run_dir`) are unlocked when it returns."""
+    """``fn(*args)``; a user's mistake exits with status 2 and its message, no traceback;
+    Ctrl-C exits with 130 and says how to continue. The run dirs ``fn`` locked
+    (:func:`make_run_dir`) are unlocked when it returns."""
     before = set(runlock.held())
     try:
         return fn(*args)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {INTERRUPTED}", file=sys.stderr)
+        sys.exit(130)
     finally:
         runlock.release([d for d in runlock.held() if d not in before])
 

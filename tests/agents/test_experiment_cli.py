@@ -187,3 +187,21 @@ def test_seeds_out_of_range_or_repeated_are_refused_before_the_run(tmp_path, cap
     err = " ".join(capsys.readouterr().err.replace("│", " ").split())
     assert e.value.code == 2 and words in err and "Traceback" not in err, err
     assert not (tmp_path / "r").exists()
+
+
+def test_ctrl_c_says_how_to_continue_and_releases_the_run_dir(tmp_path, capsys):
+    """Ctrl-C in a run: exit 130 with one line on how to continue (no traceback), and the run
+    dir it locked is free for that rerun."""
+    from sfjax import runlock
+
+    cli_common = experiment("cli_common")
+
+    def run():
+        cli_common.make_run_dir(tmp_path / "r")
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as e:
+        cli_common.run_cli(run)
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and err == f"\ninterrupted: {cli_common.INTERRUPTED}\n"
+    assert runlock.held() == []
