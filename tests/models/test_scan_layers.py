@@ -106,9 +106,12 @@ def test_remat_gradients_match_unrolled(pair, policy):
 
     g0, g1 = grads(plain, False), grads(scanned, True)
     assert len(g1) < len(g0)  # stacked leaves
+    # rtol 1e-4: XLA:CPU orders the float32 sums of the scanned and unrolled gradients
+    # differently, and how depends on the CPU (on an AVX-512 machine 1 of the 65,536 embedding
+    # gradients differed by 6.3e-5 relative, 1.2e-7 absolute; elsewhere all within 1e-5)
     for path, a in g0.items():
         b = g1[("layers", *path[2:])].get_value()[path[1]] if path[0] == "layers" else g1[path].get_value()
-        np.testing.assert_allclose(a.get_value(), b, rtol=1e-5, atol=1e-7, err_msg=str(path))
+        np.testing.assert_allclose(a.get_value(), b, rtol=1e-4, atol=1e-7, err_msg=str(path))
 
     def traced(remat):  # the scanned layer is a checkpointed function only with remat
         m = nnx.clone(scanned)
