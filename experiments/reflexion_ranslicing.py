@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,7 +54,7 @@ from sfjax.agents.reflexion import (
 )
 from sfjax.agents.summary import format_reflexion_summary
 from sfjax.agents.trajectory import save_json, save_trajectories
-from sfjax.baselines.evaluation import EvalProtocol, Rollouts, evaluate_agent
+from sfjax.baselines.evaluation import EvalProtocol, evaluate_agent, evaluate_once
 from sfjax.baselines.llm_agent import (
     LLMEnvAgent,
     check_given_action_range,
@@ -201,38 +200,22 @@ def actor_checkpoint(cfg: Config, env_cfg, prompt_cfg: PromptConfig) -> str:
 
 
 def final_evaluation(actor, env, params, cfg: Config, memory: list[str], out_dir: Path):
-    """The Actor with its final ``memory`` on the shared protocol: ``eval_rollouts.npz`` and
-    ``eval_trajectories.json`` in ``out_dir``, then ``eval_state.json`` (the memory, seeds,
-    decisions and sampling seed they were measured with). A rerun whose saved evaluation was
-    made with the same ones loads it instead of running the Actor again (on Qwen3-4B, the
-    seeds x decisions of the protocol); a damaged or different one is measured again."""
-    log = logging.getLogger("reflexion")
-    state = {"memory": list(memory), "seeds": list(cfg.protocol.seeds),
-             "num_steps": cfg.protocol.num_steps, "eval_seed": cfg.eval_seed}
-    saved, rollouts_path = out_dir / "eval_state.json", out_dir / "eval_rollouts.npz"
-    if saved.exists():
-        try:
-            if atomic.read_json(saved, "the final evaluation's state") == state:
-                rollouts = Rollouts.load(rollouts_path)
-                log.info("the final evaluation was saved in %s: loaded", out_dir)
-                return rollouts
-            log.warning("the final evaluation in %s was made with another memory; it runs "
-                        "again", out_dir)
-        except (atomic.DamagedFile, OSError, ValueError, KeyError, TypeError, EOFError,
-                zipfile.BadZipFile) as e:
-            log.warning("the final evaluation saved in %s cannot be read (%s: %s); it runs "
-                        "again", out_dir, type(e).__name__, e)  # fmt: skip
-        saved.unlink()  # until it is measured again, nothing claims the files are this memory's
-    log.info(
-        "evaluating the Actor with its final memory: %d env seeds x %d decisions",
-        len(cfg.protocol.seeds), cfg.protocol.num_steps,
-    )  # fmt: skip
+    """The Actor with its final ``memory`` on the shared protocol (``eval_rollouts.npz``,
+    ``eval_trajectories.json``), loaded instead when ``eval_state.json`` says it was measured
+    with this memory, seeds, decisions and sampling seed (:func:`evaluate_once`)."""
+    state = {"memory": memory, "seeds": cfg.protocol.seeds, "num_steps": cfg.protocol.num_steps,
+             "eval_seed": cfg.eval_seed}
     agent = LLMEnvAgent(actor, env, params, jax.random.key(cfg.eval_seed))
-    rollouts = evaluate_agent(agent, env, params, cfg.protocol)
-    rollouts.save(rollouts_path)
-    save_trajectories(out_dir / "eval_trajectories.json", agent.trajectories)
-    atomic.write_json(saved, state, indent=2)  # last: it vouches for the two files above
-    return rollouts
+
+    def evaluate():
+        logging.getLogger("reflexion").info(
+            "evaluating the Actor with its final memory: %d env seeds x %d decisions",
+            len(cfg.protocol.seeds), cfg.protocol.num_steps,
+        )  # fmt: skip
+        return evaluate_agent(agent, env, params, cfg.protocol)
+
+    return evaluate_once(out_dir, state, evaluate, "Reflexion's final Actor", lambda:
+                         save_trajectories(out_dir / "eval_trajectories.json", agent.trajectories))
 
 
 def run(

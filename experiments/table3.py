@@ -24,8 +24,9 @@ outputs in ``sf/``, ``reflexion/``, ``dqn/``, ``ppo/``, ``sac/``, ``tb/``, and `
 RUN_DIR's identity is the configuration that changes results (every row's options): rerunning
 with the same one continues the SF row from its checkpoints (RUN_DIR/sf has its own check),
 loads each RL row whose results were saved for this config (``dqn/``, ``ppo/``, ``sac/``),
-continues the Reflexion row after its saved trials (and loads its final evaluation when saved
-for the same memory) and computes the other rows again; logging
+continues the Reflexion row after its saved trials, loads each LLM row's evaluation saved for
+the same Actor (``sf/eval_state.json``: its adapter; ``reflexion/eval_state.json``: its memory)
+and computes the reference rows again; logging
 and the Reflector API's retry / timeout / concurrency options may differ. Any other difference
 is refused with the keys named; ``--resume`` then continues with the run's own values for them.
 """
@@ -54,7 +55,7 @@ from sfjax import atomic  # noqa: E402
 from sfjax.agents.env import JaxRanRunner  # noqa: E402
 from sfjax.agents.prior import PRIOR_LABEL, PriorConfig  # noqa: E402
 from sfjax.baselines.compare import ROW_FILES  # noqa: E402
-from sfjax.baselines.evaluation import EvalProtocol, evaluate_agent  # noqa: E402
+from sfjax.baselines.evaluation import EvalProtocol, evaluate_agent, evaluate_once  # noqa: E402
 from sfjax.baselines.llm_agent import (  # noqa: E402
     LLMEnvAgent,
     check_given_action_range,
@@ -279,22 +280,30 @@ def reflexion_checkpoint(cfg: Config) -> str:
 
 
 def run_sf(cfg: Config, env, writer) -> tuple[MethodResult, dict]:
-    """Algorithm 1, then the final Actor (base + adapter) on the shared protocol."""
+    """Algorithm 1, then the final Actor (base + adapter) on the shared protocol; a rerun loads
+    the evaluation saved for the same adapter, base Actor, seeds, decisions and sampling seed
+    (:func:`evaluate_once`)."""
     sf_cfg = sf_config(cfg)
     log.info("SF row: Algorithm 1 in %s", sf_cfg.run_dir)
     summary = sf_ranslicing.run(sf_cfg, progress=False)
-    log.info("SF row: evaluating the fine-tuned Actor on env seeds %s x %d decisions",
-             list(cfg.protocol.seeds), cfg.protocol.num_steps)  # fmt: skip
     actor_cfg = dataclasses.replace(
         sf_cfg.actor, prompt=prompt_config_for_env(env, sf_cfg.actor.prompt)
     )
     ckpt = sf_ranslicing.base_checkpoint(sf_cfg, actor_cfg.prompt)
-    actor = load_actor(
-        ckpt, actor_cfg, dtype=sf_cfg.model.dtype, adapter_dir=str(Path(sf_cfg.run_dir) / "adapter")
-    )
-    agent = LLMEnvAgent(actor, env, env.default_params, jax.random.key(cfg.eval_seed))
-    rollouts = evaluate_agent(agent, env, env.default_params, cfg.protocol)
-    rollouts.save(Path(sf_cfg.run_dir) / "eval_rollouts.npz")
+    adapter = Path(sf_cfg.run_dir) / "adapter"
+    state = {"base": str(ckpt), "adapter": {p.name: atomic.sha256_file(p)
+                                       for p in sorted(adapter.iterdir()) if p.is_file()},
+             "seeds": cfg.protocol.seeds, "num_steps": cfg.protocol.num_steps,
+             "eval_seed": cfg.eval_seed}  # fmt: skip
+
+    def evaluate():
+        log.info("SF row: evaluating the fine-tuned Actor on env seeds %s x %d decisions",
+                 list(cfg.protocol.seeds), cfg.protocol.num_steps)  # fmt: skip
+        actor = load_actor(ckpt, actor_cfg, dtype=sf_cfg.model.dtype, adapter_dir=str(adapter))
+        agent = LLMEnvAgent(actor, env, env.default_params, jax.random.key(cfg.eval_seed))
+        return evaluate_agent(agent, env, env.default_params, cfg.protocol)
+
+    rollouts = evaluate_once(sf_cfg.run_dir, state, evaluate, "the SF row's Actor")
     loop = sf_cfg.loop
     samples = loop.sf_iterations * loop.num_envs * loop.trajectory_steps
     row = MethodResult(

@@ -241,3 +241,53 @@ def evaluate_agent(agent: Agent, env, env_params, protocol: EvalProtocol) -> Rol
         finish(infos)
     per = [np.stack([r[j] for r in records_T], axis=-1) for j in range(4)]
     return Rollouts(np.stack(actions_T, axis=-1), *per)
+
+
+EVAL_ROLLOUTS, EVAL_STATE = "eval_rollouts.npz", "eval_state.json"
+"""A saved evaluation: its rollouts and what they were measured with (:func:`evaluate_once`)."""
+
+
+def evaluate_once(out_dir, state: dict, evaluate: Callable[[], Rollouts], what: str,
+                  on_measured: Callable[[], None] | None = None) -> Rollouts:  # fmt: skip
+    """The evaluation of ``what`` saved in ``out_dir`` when its ``eval_state.json`` equals
+    ``state`` (JSON: what decides the result, e.g. the Actor's adapter hash or memory, the seeds,
+    steps and sampling seed); otherwise ``evaluate()``, saved as ``eval_rollouts.npz``, then
+    ``on_measured()`` (e.g. the trajectories), then ``eval_state.json`` last: it vouches for
+    the files before it. A rerun of a finished LLM row (on Qwen3-4B, the protocol's seeds x
+    decisions of the Actor) thus costs nothing; a different or damaged saved one is measured
+    again, with a warning."""
+    import json
+    import logging
+    import zipfile
+    from pathlib import Path
+
+    from sfjax import atomic
+
+    log = logging.getLogger(__name__)
+    out_dir, state = Path(out_dir), json.loads(json.dumps(state))  # as read back (tuples: lists)
+    saved, rollouts_path = out_dir / EVAL_STATE, out_dir / EVAL_ROLLOUTS
+    if saved.exists():
+        try:
+            old = atomic.read_json(saved, f"the evaluation state of {what}")
+            if not isinstance(old, dict):
+                raise TypeError(f"{saved.name} is not a JSON object")
+            if old == state:
+                rollouts = Rollouts.load(rollouts_path)
+                log.info("the evaluation of %s was saved in %s: loaded", what, out_dir)
+                return rollouts
+            differ = sorted(k for k in state.keys() | old.keys() if old.get(k) != state.get(k))
+            log.warning("the evaluation of %s in %s was made with another %s; it runs again",
+                        what, out_dir, " / ".join(differ))  # fmt: skip
+        except (atomic.DamagedFile, OSError, ValueError, KeyError, TypeError, EOFError,
+                zipfile.BadZipFile) as e:  # fmt: skip
+            log.warning("the evaluation of %s saved in %s cannot be read (%s: %s); it runs "
+                        "again", what, out_dir, type(e).__name__, e)  # fmt: skip
+        saved.unlink()  # until measured again, nothing claims the files are this state's
+    rollouts = evaluate()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rollouts.save(rollouts_path)
+    if on_measured is not None:
+        on_measured()
+    atomic.write_json(saved, state, indent=2)
+    return rollouts
+

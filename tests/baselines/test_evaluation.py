@@ -119,3 +119,50 @@ def test_repeated_python_evaluations_do_not_recompile(toy_env):
     evaluate_agent(ConstantAgent(4), env, params, protocol)
     reset, step = _batched_env_fns(_as_rejax(env))
     assert reset._cache_size() == 1 and step._cache_size() == 1
+
+
+def _rollouts(seed: int) -> Rollouts:
+    rng = np.random.default_rng(seed)
+    shape = (3, 5)
+    return Rollouts(rng.integers(0, 5, shape).astype(np.int32),
+                    *(rng.normal(size=shape).astype(np.float32) for _ in range(4)))  # fmt: skip
+
+
+def test_evaluate_once_loads_what_was_measured_with_the_same_state(tmp_path, caplog):
+    """evaluate_once: measured and saved once; loaded for the same state (tuples as lists);
+    another state or a damaged file is measured again (the warning names the key that
+    differs); a measurement cut before its state is written is not trusted."""
+    from sfjax.baselines.evaluation import EVAL_ROLLOUTS, EVAL_STATE, evaluate_once
+
+    calls, extra = [], []
+
+    def evaluate():
+        calls.append(1)
+        return _rollouts(len(calls))
+
+    state = {"adapter": "abc", "seeds": (0, 1, 2), "num_steps": 5}
+    first = evaluate_once(tmp_path, state, evaluate, "X", lambda: extra.append(1))
+    assert calls == [1] and extra == [1]
+    again = evaluate_once(tmp_path, {**state, "seeds": [0, 1, 2]}, evaluate, "X")
+    assert calls == [1]
+    np.testing.assert_array_equal(again.rewards, first.rewards)
+
+    caplog.clear()
+    other = evaluate_once(tmp_path, {**state, "adapter": "def"}, evaluate, "X")
+    assert calls == [1, 1] and "made with another adapter" in caplog.text
+    assert not np.array_equal(other.rewards, first.rewards)
+
+    data = (tmp_path / EVAL_ROLLOUTS).read_bytes()
+    (tmp_path / EVAL_ROLLOUTS).write_bytes(data[: len(data) // 2])
+    caplog.clear()
+    evaluate_once(tmp_path, {**state, "adapter": "def"}, evaluate, "X")
+    assert len(calls) == 3 and "cannot be read" in caplog.text
+
+    def cut():
+        raise KeyboardInterrupt  # killed after the rollouts, before the state
+
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_once(tmp_path, state, evaluate, "X", cut)
+    assert not (tmp_path / EVAL_STATE).exists()
+    evaluate_once(tmp_path, state, evaluate, "X")
+    assert len(calls) == 5
