@@ -247,10 +247,10 @@ def prepare_run_dir(cfg, run_dir: Path, operational: Sequence[str], *,
     (:func:`sfjax.provenance.record_start`); returns (resume?, cfg to run).
 
     ``has_run``: RUN_DIR holds results of the run its ``config.json`` describes (the caller
-    knows what counts; ``None``: a run is there once its ``config.json`` is). A run dir holding a run with the same identity (all but the
-    ``operational`` options) is continued (``make demo`` twice). One with another identity is
-    refused, naming the keys; with ``--resume`` that run is continued with its own values for
-    them (a warning lists them). Nothing is ever deleted. ``announce=False``: the caller logs
+    knows what counts; ``None``: a run is there once its ``config.json`` is). A run dir
+    holding a run with the same identity (all but the ``operational`` options) is continued
+    (``make demo`` twice). One with another identity is refused, naming the keys; with
+    ``--resume`` that run is continued with its own values for them (a warning lists them). Nothing is ever deleted. ``announce=False``: the caller logs
     what happens to the run instead of "continuing the run". ``earlier``: options added since
     runs were written, with the value every run before them had in effect (the dotted key
     absent from a ``config.json`` is read as that value, :func:`with_earlier_values`); any

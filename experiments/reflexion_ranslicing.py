@@ -22,8 +22,9 @@ RUN_DIR's identity is the configuration that changes results: rerunning with the
 continues in RUN_DIR: the trials saved there are not run again (a run killed in trial 3 goes on
 with trial 3, to the same result), a final evaluation saved for the same memory is loaded
 (``eval_state.json``), and the Reflector API's replies are cached there, so finished work costs
-no API calls; logging and the API's retry / timeout / concurrency options may differ. Any other difference is refused with the keys named;
-``--resume`` then reruns with the run's own values for them.
+no API calls; logging and the API's retry / timeout / concurrency options may differ. Any other
+difference is refused with the keys named; ``--resume`` then reruns with the run's own values
+for them.
 """
 
 from __future__ import annotations
