@@ -290,4 +290,3 @@ def evaluate_once(out_dir, state: dict, evaluate: Callable[[], Rollouts], what: 
         on_measured()
     atomic.write_json(saved, state, indent=2)
     return rollouts
-
