@@ -14,12 +14,20 @@ import json
 import os
 import shutil
 import uuid
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 
 class DamagedFile(RuntimeError):
     """A file the run wrote that cannot be read back (truncated, zeroed, edited)."""
+
+
+UNREADABLE = (DamagedFile, OSError, ValueError, KeyError, TypeError, EOFError,
+              zipfile.BadZipFile)
+"""What reading back saved results may raise when a file is missing, cut short or not what was
+written (JSON, ``.npz`` archives, the fields read from them): a caller that can measure them
+again catches these and does."""
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> str:

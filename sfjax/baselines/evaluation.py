@@ -258,7 +258,6 @@ def evaluate_once(out_dir, state: dict, evaluate: Callable[[], Rollouts], what: 
     again, with a warning."""
     import json
     import logging
-    import zipfile
     from pathlib import Path
 
     from sfjax import atomic
@@ -278,8 +277,7 @@ def evaluate_once(out_dir, state: dict, evaluate: Callable[[], Rollouts], what: 
             differ = sorted(k for k in state.keys() | old.keys() if old.get(k) != state.get(k))
             log.warning("the evaluation of %s in %s was made with another %s; it runs again",
                         what, out_dir, " / ".join(differ))  # fmt: skip
-        except (atomic.DamagedFile, OSError, ValueError, KeyError, TypeError, EOFError,
-                zipfile.BadZipFile) as e:  # fmt: skip
+        except atomic.UNREADABLE as e:
             log.warning("the evaluation of %s saved in %s cannot be read (%s: %s); it runs "
                         "again", what, out_dir, type(e).__name__, e)  # fmt: skip
         saved.unlink()  # until measured again, nothing claims the files are this state's

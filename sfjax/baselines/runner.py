@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,8 +131,7 @@ def load_finished(d: Path, name: str, identity: dict) -> RLRun | None:
         curves = _read_curves(d)
         rollouts = Rollouts.load(d / "eval_rollouts.npz")
         row = dict(saved["row"])
-    except (atomic.DamagedFile, OSError, ValueError, KeyError, TypeError, EOFError,
-            zipfile.BadZipFile) as e:
+    except atomic.UNREADABLE as e:
         log.warning("%s: its saved results in %s cannot be read (%s: %s); it trains again",
                     name, d, type(e).__name__, e)  # fmt: skip
         return None
