@@ -60,13 +60,13 @@ class EvalProtocol:
     """Mixed into every seed so evaluation keys never coincide with training keys."""
 
     def __post_init__(self):
-        from sfjax.configcheck import SEED_LIMIT, seed_problem
+        from sfjax.configcheck import SEED_LIMIT, SEED_RANGE, seed_problem
 
         if problem := seed_problem(self.seeds):
             raise ValueError(f"EvalProtocol.seeds {self.seeds}: must be {problem} (environment "
                              "seeds, one trajectory each).")
         if not 0 <= self.key_offset < SEED_LIMIT:
-            raise ValueError(f"EvalProtocol.key_offset must be in [0, 2**32), got "
+            raise ValueError(f"EvalProtocol.key_offset must be {SEED_RANGE}, got "
                              f"{self.key_offset}.")
         if self.num_steps < 1:
             raise ValueError(f"EvalProtocol.num_steps must be >= 1, got {self.num_steps}.")

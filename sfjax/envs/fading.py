@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sfjax.configcheck import SEED_LIMIT, SEED_RANGE
 from sfjax.envs.channel import PRB_BANDWIDTH_HZ, SPEED_OF_LIGHT
 
 TDL_PROFILES: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -76,8 +77,8 @@ class FadingConfig:
             raise ValueError("speed_kmh >= 0, n_traces >= 1 and duration_ms >= 1 are required")
         if self.n_sinusoids < 1:
             raise ValueError(f"n_sinusoids must be >= 1, got {self.n_sinusoids}")
-        if not 0 <= self.seed < 2**32:
-            raise ValueError(f"fading seed must be in [0, 2**32), got {self.seed}")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise ValueError(f"fading seed must be {SEED_RANGE}, got {self.seed}")
 
     def doppler_hz(self, carrier_hz: float) -> float:
         return self.speed_kmh / 3.6 * carrier_hz / SPEED_OF_LIGHT

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from sfjax.configcheck import SEED_LIMIT, SEED_RANGE
 from sfjax.envs.channel import CellConfig
 from sfjax.envs.fading import FadingConfig
 from sfjax.envs.objective import Objective
@@ -116,8 +117,8 @@ class RanSlicingConfig:
             raise ValueError("ttis_per_step and episode_steps must be >= 1")
         if self.pipeline_delay_ms < 0:
             raise ValueError(f"pipeline_delay_ms must be >= 0, got {self.pipeline_delay_ms}")
-        if not 0 <= self.geometry_seed < 2**32:
-            raise ValueError(f"geometry_seed must be in [0, 2**32), got {self.geometry_seed}")
+        if not 0 <= self.geometry_seed < SEED_LIMIT:
+            raise ValueError(f"geometry_seed must be {SEED_RANGE}, got {self.geometry_seed}")
         if self.pf_window_tti < 1:
             raise ValueError(f"pf_window_tti must be >= 1, got {self.pf_window_tti}")
         if self.min_rbg_per_slice < 0:

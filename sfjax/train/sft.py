@@ -26,6 +26,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from sfjax.configcheck import SEED_LIMIT, SEED_RANGE
 from sfjax.train.data import KTOExample, collate_step, epoch_order, tokenize_examples
 from sfjax.train.forward import sequence_logps
 
@@ -62,8 +63,8 @@ class SFTConfig:
             raise ValueError("SFTConfig.steps and batch_size must be >= 1")
         if self.learning_rate <= 0:
             raise ValueError("SFTConfig.learning_rate must be > 0")
-        if not 0 <= self.seed < 2**32:
-            raise ValueError(f"SFTConfig.seed must be in [0, 2**32), got {self.seed}")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise ValueError(f"SFTConfig.seed must be {SEED_RANGE}, got {self.seed}")
 
 
 def sft_loss(model, batch: dict) -> tuple[jax.Array, jax.Array]:
