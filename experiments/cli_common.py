@@ -250,8 +250,9 @@ def prepare_run_dir(cfg, run_dir: Path, operational: Sequence[str], *,
     knows what counts; ``None``: a run is there once its ``config.json`` is). A run dir
     holding a run with the same identity (all but the ``operational`` options) is continued
     (``make demo`` twice). One with another identity is refused, naming the keys; with
-    ``--resume`` that run is continued with its own values for them (a warning lists them). Nothing is ever deleted. ``announce=False``: the caller logs
-    what happens to the run instead of "continuing the run". ``earlier``: options added since
+    ``--resume`` that run is continued with its own values for them (a warning lists them).
+    Nothing is ever deleted. ``announce=False``: the caller logs what happens to the run
+    instead of "continuing the run". ``earlier``: options added since
     runs were written, with the value every run before them had in effect (the dotted key
     absent from a ``config.json`` is read as that value, :func:`with_earlier_values`); any
     other option a ``config.json`` predates is named.
