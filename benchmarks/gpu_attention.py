@@ -38,6 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import gpu_common as gc  # noqa: E402
 
+from sfjax.device_memory import is_out_of_memory  # noqa: E402 -- gpu_common puts it on the path
+
 IMPLS = ("plain", "xla", "cudnn")
 
 
@@ -133,7 +135,8 @@ def main(argv=None) -> dict | None:
                 row[impl]["fraction_of_floor"] = gc.ratio(row["floor_measured_s"],
                                                           row[impl]["median_s"])
             except Exception as e:  # noqa: BLE001 - a refused shape is a result here
-                row[impl] = {"error": f"{type(e).__name__}: {str(e)[:400]}", "oom": gc.is_oom(e)}
+                row[impl] = {"error": f"{type(e).__name__}: {str(e)[:400]}",
+                             "oom": is_out_of_memory(e)}
                 gc.free_device_memory()
             got = row[impl]
             gc.progress(f"{case['name']} {impl}: " + (

@@ -46,6 +46,9 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(1, _ROOT)
 
+from sfjax.device_memory import is_out_of_memory  # noqa: E402 -- after the path above
+
+
 # ---------------------------------------------------------------------------------- CLI
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Flags every GPU script takes."""
@@ -95,13 +98,6 @@ def progress(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def is_oom(e: BaseException) -> bool:
-    """An out-of-memory error of XLA or torch."""
-    text = f"{type(e).__name__}: {e}"
-    return any(s in text for s in ("RESOURCE_EXHAUSTED", "out of memory", "OutOfMemory",
-                                   "Out of memory"))
-
-
 def guarded(args, label: str, fn, *a, **kw) -> dict:
     """Run one measurement; at full size a failure (out of memory above all) is recorded as
     ``{"error": ..., "oom": bool}`` and the script goes on with the next one, after freeing
@@ -111,10 +107,11 @@ def guarded(args, label: str, fn, *a, **kw) -> dict:
     except Exception as e:  # noqa: BLE001
         if args.tiny:
             raise
-        progress(f"{label} FAILED ({'out of memory' if is_oom(e) else type(e).__name__}): "
+        oom = is_out_of_memory(e)
+        progress(f"{label} FAILED ({'out of memory' if oom else type(e).__name__}): "
                  f"{str(e)[:300]}")
         free_device_memory()
-        return {"error": repr(e)[:800], "oom": is_oom(e)}
+        return {"error": repr(e)[:800], "oom": oom}
 
 
 def free_device_memory() -> None:

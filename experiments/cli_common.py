@@ -18,7 +18,7 @@ from typing import Any
 import tyro
 from tyro import _errors, _strings
 
-from sfjax import atomic, provenance, runlock
+from sfjax import atomic, device_memory, provenance, runlock
 from sfjax.agents.reflectors.base import ReflectorError
 from sfjax.atomic import DamagedFile
 from sfjax.config_rules import RULES
@@ -105,10 +105,12 @@ INTERRUPTED = ("what the run saved is kept; the same command continues it (the S
 """What Ctrl-C prints: every experiment continues a run from what it saved."""
 
 
-def run_cli(fn: Callable[..., Any], *args) -> Any:
+def run_cli(fn: Callable[..., Any], *args,
+            memory: Sequence[device_memory.MemoryOption] = ()) -> Any:  # fmt: skip
     """``fn(*args)``; a user's mistake exits with status 2 and its message, no traceback;
-    Ctrl-C exits with 130 and says how to continue. The run dirs ``fn`` locked
-    (:func:`make_run_dir`) are unlocked when it returns."""
+    Ctrl-C exits with 130 and says how to continue; running out of device memory exits with 1,
+    naming the phase (:func:`sfjax.device_memory.during`) and the ``memory`` options that lower
+    it. The run dirs ``fn`` locked (:func:`make_run_dir`) are unlocked when it returns."""
     before = set(runlock.held())
     try:
         return fn(*args)
@@ -118,6 +120,14 @@ def run_cli(fn: Callable[..., Any], *args) -> Any:
     except KeyboardInterrupt:
         print(f"\ninterrupted: {INTERRUPTED}", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:
+        if not device_memory.is_out_of_memory(e):
+            raise
+        named = isinstance(e, device_memory.OutOfDeviceMemory)
+        where, detail = (f" in {e.where}", e.detail) if named else ("", device_memory.detail(e))
+        print(f"error: out of device memory{where}: {detail}\n{INTERRUPTED}"
+              + (f"\n{device_memory.advice(memory)}" if memory else ""), file=sys.stderr)
+        sys.exit(1)
     finally:
         runlock.release([d for d in runlock.held() if d not in before])
 
@@ -241,7 +251,8 @@ def make_run_dir(run_dir: Path) -> None:
 
 def prepare_run_dir(cfg, run_dir: Path, operational: Sequence[str], *,
                     has_run: bool | None = None, what: str = "run",
-                    announce: bool = True, earlier: Mapping[str, object] | None = None):  # fmt: skip
+                    announce: bool = True, earlier: Mapping[str, object] | None = None,
+                    noted: Sequence[str] = ()):  # fmt: skip
     """Check RUN_DIR (created if missing) against ``cfg`` (which has a ``resume`` field) and
     write ``config.json``, then append where it runs to ``environment.json``
     (:func:`sfjax.provenance.record_start`); returns (resume?, cfg to run).
@@ -255,7 +266,9 @@ def prepare_run_dir(cfg, run_dir: Path, operational: Sequence[str], *,
     instead of "continuing the run". ``earlier``: options added since
     runs were written, with the value every run before them had in effect (the dotted key
     absent from a ``config.json`` is read as that value, :func:`with_earlier_values`); any
-    other option a ``config.json`` predates is named.
+    other option a ``config.json`` predates is named. ``noted``: operational options whose
+    change from the run's value is logged and recorded in this start's ``environment.json``
+    entry (``changed_options``: the memory options, which change results by float rounding).
     """
     make_run_dir(run_dir)
     saved = run_dir / "config.json"
@@ -263,12 +276,12 @@ def prepare_run_dir(cfg, run_dir: Path, operational: Sequence[str], *,
         has_run = saved.exists()
     mine = identity(as_json(cfg), operational)
     before = None
+    changed: dict[str, list] = {}
     if saved.exists():
         try:
-            before = identity(
-                with_earlier_values(atomic.read_json(saved, "the run's config"), earlier or {}),
-                operational,
-            )
+            raw = with_earlier_values(atomic.read_json(saved, "the run's config"), earlier or {})
+            before = identity(raw, operational)
+            changed = noted_changes(raw, as_json(cfg), noted) if has_run else {}
         except atomic.DamagedFile as e:
             if has_run and not cfg.resume:
                 raise atomic.DamagedFile(
@@ -304,6 +317,22 @@ def prepare_run_dir(cfg, run_dir: Path, operational: Sequence[str], *,
         if announce:
             log.info("continuing the %s in %s (same config)", what, run_dir)
         resume = True
+    for key, (was, now) in changed.items():
+        log.warning("%s: %r in the run so far, %r from now on (memory and time only: results "
+                    "the same up to float rounding)", key, was, now)  # fmt: skip
     atomic.write_json(saved, as_json(cfg), indent=2)
-    provenance.record_start(run_dir)  # where it ran: commit, versions, CPU / devices, XLA flags
+    # where it ran: commit, versions, CPU / devices, XLA flags (and the noted options it changed)
+    provenance.record_start(run_dir, {"changed_options": changed} if changed else None)
     return resume, cfg
+
+
+def noted_changes(saved: Mapping, now: Mapping, noted: Sequence[str]) -> dict[str, list]:
+    """``{dotted key: [value in saved, value now]}`` for the ``noted`` keys that differ (a key
+    absent from ``saved`` is left out: a config written before it existed)."""
+    out = {}
+    for dotted in noted:
+        (holder, leaf), (mine, _) = _holder(dict(saved), dotted), _holder(dict(now), dotted)
+        if holder is not None and leaf in holder and mine is not None \
+                and holder[leaf] != mine.get(leaf):  # fmt: skip
+            out[dotted] = [holder[leaf], mine.get(leaf)]
+    return out

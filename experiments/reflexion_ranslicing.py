@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cli_common  # noqa: E402
 
-from sfjax import atomic
+from sfjax import atomic, device_memory
 from sfjax.agents.actor import PAPER_ACTOR, ActorConfig
 from sfjax.agents.prior import PRIOR_LABEL, SMOKE_PROMPT, PriorConfig
 from sfjax.agents.prompts import PromptConfig
@@ -253,9 +253,11 @@ def run(
 
     # the trials a killed run finished are not run again (the run dir holds this config's run)
     done = load_done_trials(trials_dir, cfg.reflexion.trials)
-    record = run_reflexion(actor, reflector, env, params, cfg.reflexion, on_trial=on_trial,
-                           done=done)  # fmt: skip
-    rollouts = final_evaluation(actor, env, params, cfg, record.memory, out_dir)
+    with device_memory.during("the Reflexion trials"):  # an out-of-memory error names them
+        record = run_reflexion(actor, reflector, env, params, cfg.reflexion, on_trial=on_trial,
+                               done=done)  # fmt: skip
+    with device_memory.during("Reflexion's final evaluation"):
+        rollouts = final_evaluation(actor, env, params, cfg, record.memory, out_dir)
     actor_name = f"{checkpoint} (the behavioural prior)" if actor_prior else checkpoint
     provenance = f"actor {actor_name}, evaluator/self-reflection {reflector.name}"
     row = MethodResult(

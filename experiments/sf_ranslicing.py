@@ -31,10 +31,13 @@ statistics, ``heldout/*`` the held-out means before and after), ``adapter/`` (fi
 PEFT adapter), ``summary.json`` and the final table on stdout. Every file is written
 atomically; a damaged newest checkpoint falls back to the one before it.
 
-RUN_DIR's identity is the configuration that changes results. Paths, logging, progress and the
-API's retry / timeout / concurrency options may differ on a rerun; any other difference is
-refused with the keys named, and ``--resume`` then continues the run with its own values for
-them (nothing is deleted).
+RUN_DIR's identity is the configuration that changes results. Paths, logging, progress, the
+API's retry / timeout / concurrency options and the options that trade device memory for time
+(``MEMORY_ONLY``: results the same up to float rounding; a change is logged and recorded in
+``environment.json``) may differ on a rerun; any other difference is refused with the keys
+named, and ``--resume`` then continues the run with its own values for them (nothing is
+deleted). A phase that runs out of device memory ends with one error naming the phase and the
+options that lower memory; the same command with them continues the run.
 
 More SF iterations extend a run: the same command with a larger ``--loop.sf-iterations`` on a
 RUN_DIR holding a run of fewer (finished or not) restores that run's phases from its
@@ -73,7 +76,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cli_common  # noqa: E402
 
-from sfjax import atomic  # noqa: E402
+from sfjax import atomic, device_memory  # noqa: E402
 from sfjax.agents.actor import PAPER_ACTOR, ActorConfig  # noqa: E402
 from sfjax.agents.loop_config import LoopConfig  # noqa: E402
 from sfjax.agents.prior import PRIOR_LABEL, SMOKE_PROMPT, PriorConfig  # noqa: E402
@@ -88,6 +91,7 @@ from sfjax.baselines.heldout import (  # noqa: E402
 from sfjax.config_rules import RULES  # noqa: E402
 from sfjax.configcheck import Bad, check_config, seeds  # noqa: E402
 from sfjax.console import configure_logging  # noqa: E402
+from sfjax.device_memory import MemoryOption  # noqa: E402
 from sfjax.envs.scenario import RanSlicingConfig  # noqa: E402
 from sfjax.models.lora import LoRAConfig  # noqa: E402
 from sfjax.train.kto import KTOConfig  # noqa: E402
@@ -258,6 +262,13 @@ def _dtype(name: str):
     return table[name]
 
 
+MEMORY_ONLY = ("kto.remat", "kto.logits_chunk_tokens", "rfr.max_cache_gib_per_call",
+               "rfr.max_rows_per_call")  # fmt: skip
+"""Options that trade device memory for time and leave the results the same up to float
+rounding (tests/train/test_kto_trainer.py: remat and a chunked LM head train like the defaults
+within 1e-4; tests/agents/test_rfr.py: RfR's datasets are the same however the rollouts are
+split into calls). A run that ran out of memory continues with them."""
+
 OPERATIONAL = (
     "run_dir",
     "resume",
@@ -266,9 +277,39 @@ OPERATIONAL = (
     "kto.log_every",
     "prior.cache_dir",  # where the prior is cached, not which one (its hash leaves it out)
     "loop.final_actor",  # which iterate the run reports and exports; the iterates are the same
+    *MEMORY_ONLY,
     *cli_common.REFLECTOR_OPERATIONAL,
 )
-"""Options that may change between runs in one RUN_DIR: they do not change results."""
+"""Options that may change between runs in one RUN_DIR: they do not change results (the
+:data:`MEMORY_ONLY` ones up to float rounding)."""
+
+def memory_options(cfg: ExperimentConfig, prefix: str = "",
+                   script: str = "experiments/sf_ranslicing.py") -> list[MemoryOption]:  # fmt: skip
+    """What the CLI suggests when a run of ``cfg`` runs out of device memory (what ``cfg``
+    already does is left out; :func:`cli_common.run_cli`). ``prefix``: where these options
+    sit in another experiment's (``sf.`` in table3)."""
+    o = f"--{prefix}"
+    out = [] if cfg.kto.remat else [
+        MemoryOption(f"{o}kto.remat True", "recompute each decoder layer in the KTO step's "
+                     "backward pass", same_results=True)]  # fmt: skip
+    out += [
+        MemoryOption(f"{o}kto.logits-chunk-tokens N", "the KTO step's LM head + log-softmax "
+                     "over N completion tokens at a time (0, automatic: 64 MiB of logits)",
+                     same_results=True),
+        MemoryOption(f"{o}rfr.max-cache-gib-per-call G", "less KV cache per RfR rollout call "
+                     f"(more calls; also {o}rfr.max-rows-per-call N)", same_results=True),
+        MemoryOption(f"python -m sfjax.parallel --fsdp N -- {script} ...", "the weights and "
+                     "the KTO step sharded over N devices (docs/PARALLEL.md)", same_results=True),
+        MemoryOption(f"{o}kto.micro-batch-size N {o}kto.grad-accum-steps M", "fewer rows per "
+                     "KTO forward pass, the same optimizer batch; KTO's KL estimate z comes "
+                     "from each micro-batch (N >= 2)", same_results=False),
+        MemoryOption(f"{o}kto.max-prompt-length N", "train on the last N prompt tokens only",
+                     same_results=False),
+    ]
+    if cfg.model.dtype != "bfloat16":
+        out.append(MemoryOption(f"{o}model.dtype bfloat16", "half the weight memory of "
+                                f"{cfg.model.dtype}", same_results=False))  # fmt: skip
+    return out
 
 EARLIER = {"rfr.improved_examples": False, "kto.token_kl_coef": 0.0}
 """Options added since runs were written, with the value those runs had in effect (before
@@ -313,7 +354,7 @@ def _prepare_run_dir(cfg, run_dir: Path):
             raise cli_common.RunDirTaken(why)
     if ran is None or ran == asked or not started or (asked < ran and cfg.resume):
         resume, cfg = cli_common.prepare_run_dir(cfg, run_dir, OPERATIONAL, has_run=has_run,
-                                                 earlier=EARLIER)
+                                                 earlier=EARLIER, noted=MEMORY_ONLY)
         if ran is not None and started:
             adopt_unnamed_after(run_dir, cfg.loop.sf_iterations)
         return resume, cfg
@@ -324,7 +365,7 @@ def _prepare_run_dir(cfg, run_dir: Path):
     as_ran = dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, sf_iterations=ran))
     # every other option as for any rerun: the same, or the run's own with --resume
     _, used = cli_common.prepare_run_dir(as_ran, run_dir, OPERATIONAL, has_run=has_run,
-                                         announce=False, earlier=EARLIER)
+                                         announce=False, earlier=EARLIER, noted=MEMORY_ONLY)
     adopt_unnamed_after(run_dir, ran)
     used = dataclasses.replace(used, loop=dataclasses.replace(used.loop, sf_iterations=asked))
     atomic.write_json(run_dir / "config.json", cli_common.as_json(used), indent=2)
@@ -490,15 +531,17 @@ def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> d
         heldout = HeldOutEval(cfg.heldout, cfg.env, actor, run_dir)
         # the Actor before any fine-tuning (LoRA B = 0); cached, so a resume reuses it
         t_held = time.perf_counter()
-        heldout.before(untrained=loop.ckpt.latest_step() is None,
-                       adapters_off=lambda: adapters_disabled(model))
+        with device_memory.during("the held-out evaluation before fine-tuning"):
+            heldout.before(untrained=loop.ckpt.latest_step() is None,
+                           adapters_off=lambda: adapters_disabled(model))
         held_s = time.perf_counter() - t_held
         summary = loop.run(resume=resume)
         summary["timings_s"]["setup"] = setup_s
         t_held = time.perf_counter()
         # of the final Actor (the iterate --loop.final-actor keeps): an extended run's shorter
         # run had its own "after"
-        loop.run_info["held_out"] = heldout.after_and_report(loop.final_actor["iteration"])
+        with device_memory.during("the held-out evaluation after fine-tuning"):
+            loop.run_info["held_out"] = heldout.after_and_report(loop.final_actor["iteration"])
         write_heldout_scalars(writer, loop.run_info["held_out"])
         summary["timings_s"]["held_out"] = held_s + time.perf_counter() - t_held
         summary = loop.write_summary()
@@ -523,7 +566,7 @@ def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> d
 def main(argv=None) -> None:
     cfg = cli_common.run_cli(cli_common.parse, PRESETS, argv, __doc__)
     configure_logging(cfg.log_level)
-    cli_common.run_cli(run, cfg)
+    cli_common.run_cli(run, cfg, memory=memory_options(cfg))
 
 
 if __name__ == "__main__":

@@ -236,7 +236,8 @@ OPERATIONAL = (
     *(f"sf.{k}" for k in sf_ranslicing.OPERATIONAL),
     *(f"reflexion.{k}" for k in reflexion_ranslicing.OPERATIONAL),
 )
-"""Options that may change between runs in one RUN_DIR: they do not change results."""
+"""Options that may change between runs in one RUN_DIR: they do not change results (SF's
+:data:`sf_ranslicing.MEMORY_ONLY` up to float rounding)."""
 
 
 def prepare(cfg: Config) -> Config:
@@ -249,7 +250,8 @@ def prepare(cfg: Config) -> Config:
     check_given_action_range(cfg.reflexion.actor.prompt, env, "reflexion.actor.prompt")
     earlier = {f"sf.{k}": v for k, v in sf_ranslicing.EARLIER.items()}
     _, cfg = cli_common.prepare_run_dir(cfg, cfg.run_dir, OPERATIONAL, what="Table III run",
-                                        earlier=earlier)
+                                        earlier=earlier,
+                                        noted=[f"sf.{k}" for k in sf_ranslicing.MEMORY_ONLY])
     return cfg
 
 
@@ -465,8 +467,8 @@ def main(cfg: Config, preset: str = "") -> dict:
 
 
 if __name__ == "__main__":
+    cfg = cli_common.run_cli(cli_common.parse, PRESETS, sys.argv[1:], __doc__)
     cli_common.run_cli(
-        main,
-        cli_common.run_cli(cli_common.parse, PRESETS, sys.argv[1:], __doc__),
-        preset_of(sys.argv[1:], PRESETS),
-    )
+        main, cfg, preset_of(sys.argv[1:], PRESETS),
+        memory=sf_ranslicing.memory_options(cfg.sf, "sf.", "experiments/table3.py"),
+    )  # fmt: skip

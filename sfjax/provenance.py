@@ -190,13 +190,15 @@ def read(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return starts
 
 
-def record_start(run_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """Append this process's :func:`environment` to ``run_dir``'s ``environment.json`` and
-    return it. Never raises: a damaged file is moved aside (``environment.json.damaged``) and
-    a new one begun; a failed write is a warning (the run goes on without its record)."""
+def record_start(run_dir: str | os.PathLike,
+                 extra: Mapping[str, Any] | None = None) -> dict[str, Any] | None:  # fmt: skip
+    """Append this process's :func:`environment` (with ``extra``'s items) to ``run_dir``'s
+    ``environment.json`` and return it. Never raises: a damaged file is moved aside
+    (``environment.json.damaged``) and a new one begun; a failed write is a warning (the run
+    goes on without its record)."""
     path = Path(run_dir) / FILE
     try:
-        record = environment()
+        record = {**environment(), **(extra or {})}
         try:
             starts = read(run_dir)
         except atomic.DamagedFile as e:

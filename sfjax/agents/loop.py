@@ -57,7 +57,7 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 
-from sfjax import atomic, parallel
+from sfjax import atomic, device_memory, parallel
 from sfjax.agents.checkpoint import CheckpointMismatch, CheckpointMissing, LoopCheckpointer
 from sfjax.agents.collect import ActorLike, EnvRunner, collect
 from sfjax.agents.loop_config import LoopConfig
@@ -503,7 +503,9 @@ class SelfFinetuningLoop:
         log.info("phase %d/%d %s: %s", phase.index + 1, len(self.phases), phase.name,
                  PHASE_TEXT[phase.kind])  # fmt: skip
         t0, c0 = time.perf_counter(), time.process_time()
-        {"collect": self._collect, "reflect": self._reflect, "kto": self._kto}[phase.kind](phase)
+        # an out-of-memory error names the phase (the CLIs print which options lower memory)
+        with device_memory.during(f"phase {phase.name} ({PHASE_TEXT[phase.kind]})"):
+            {"collect": self._collect, "reflect": self._reflect, "kto": self._kto}[phase.kind](phase)
         # wall time, and CPU time of this process (all threads): the latter is what a phase
         # costs when the machine is shared
         dt, dc = time.perf_counter() - t0, time.process_time() - c0

@@ -234,6 +234,65 @@ def _checkpoint_meta(run_dir):
                              "metadata").read_text())  # fmt: skip
 
 
+def test_out_of_memory_names_the_phase_and_the_run_continues_with_less(tmp_path, capsys,
+                                                                     caplog, monkeypatch):
+    """A phase that runs out of device memory (XLA's error, raised here in the KTO phase)
+    ends the CLI with one error naming the phase and the options that lower memory, no
+    traceback, the phases before it saved; the same command with --kto.remat and a chunked LM
+    head continues from there, and an option that changes results is still refused."""
+    import functools
+    import logging
+
+    import jax
+
+    from sfjax.agents.loop import SelfFinetuningLoop
+
+    mod = _experiment()
+    import cli_common
+
+    def out_of_memory(self, phase):
+        raise jax.errors.JaxRuntimeError(
+            "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 34359738368 bytes.\n"
+            "BufferAssignment OOM Debugging.\nallocation 0: size 34359738368")
+
+    run_dir = tmp_path / "r"
+    cfg = _short(mod, run_dir)
+    with monkeypatch.context() as m:
+        m.setattr(SelfFinetuningLoop, "_kto", out_of_memory)
+        with pytest.raises(SystemExit) as e:
+            cli_common.run_cli(functools.partial(mod.run, progress=False), cfg,
+                               memory=mod.memory_options(cfg))  # fmt: skip
+    err = capsys.readouterr().err
+    assert e.value.code == 1
+    assert err.startswith(
+        "error: out of device memory in phase iter0/kto_0 (RfR rollouts of the current Actor, "
+        "then KTO on the LoRA weights): RESOURCE_EXHAUSTED: Out of memory while trying to "
+        f"allocate 34359738368 bytes.\n{cli_common.INTERRUPTED}\nTo lower memory, run the same "
+        "command with")  # fmt: skip
+    assert "--kto.remat True" in err and "--kto.micro-batch-size N --kto.grad-accum-steps M" in err
+    assert "Traceback" not in err and "BufferAssignment" not in err
+    from sfjax.agents.extend import phase_steps
+
+    assert phase_steps(run_dir / "checkpoints") == [0, 1]  # collect and reflect are kept
+
+    lower = dataclasses.replace(cfg, kto=dataclasses.replace(cfg.kto, remat=True,
+                                                             logits_chunk_tokens=8))  # fmt: skip
+    ran = []
+    caplog.set_level(logging.INFO)
+    summary = mod.run(lower, on_phase_end=ran.append, progress=False)
+    assert [p.name for p in ran] == ["iter0/kto_0", "iter1/collect"]
+    assert "kto.remat: False in the run so far, True from now on" in caplog.text
+    assert [r["iteration"] for r in summary["iterations"]] == [0, 1]
+    assert np.isfinite(summary["iterations"][0]["kto_iterations"][0]["kto/loss"])
+    assert json.loads((run_dir / "config.json").read_text())["kto"]["remat"] is True
+    from cli_common import RunDirTaken
+
+    with pytest.raises(RunDirTaken, match=r"kto\.micro_batch_size \(4 in the run, 2 now\)"):
+        mod._prepare_run_dir(
+            dataclasses.replace(lower, kto=dataclasses.replace(lower.kto, micro_batch_size=2)),
+            run_dir)  # fmt: skip
+
+
 @pytest.mark.slow
 def test_more_sf_iterations_extend_a_run_to_the_fresh_runs_result(tmp_path, caplog, monkeypatch,
                                                                    capsys):
@@ -636,6 +695,35 @@ def test_operational_options_may_change_on_resume(tmp_path):
     )  # fmt: skip
     resume, used = mod._prepare_run_dir(moved, tmp_path / "r")
     assert resume and used == moved
+
+
+def test_memory_options_may_change_on_resume_and_are_recorded(tmp_path, caplog):
+    """The options that trade memory for time (results the same up to float rounding) may
+    change when continuing a run, each change logged and recorded with the start."""
+    import logging
+
+    mod = _experiment()
+    cfg = _short(mod, tmp_path / "r")
+    _fake_run(mod, tmp_path / "r", cfg)
+    lower = dataclasses.replace(
+        cfg, kto=dataclasses.replace(cfg.kto, remat=True, logits_chunk_tokens=8),
+        rfr=dataclasses.replace(cfg.rfr, max_cache_gib_per_call=1.0, max_rows_per_call=4),
+    )  # fmt: skip
+    caplog.set_level(logging.WARNING)
+    resume, used = mod._prepare_run_dir(lower, tmp_path / "r")
+    assert resume and used == lower
+    assert "kto.remat: False in the run so far, True from now on (memory and time only" in \
+        caplog.text  # fmt: skip
+    starts = json.loads((tmp_path / "r" / "environment.json").read_text())["starts"]
+    assert "changed_options" not in starts[0]
+    assert starts[1]["changed_options"] == {
+        "kto.remat": [False, True], "kto.logits_chunk_tokens": [0, 8],
+        "rfr.max_cache_gib_per_call": [32.0, 1.0], "rfr.max_rows_per_call": [0, 4]}  # fmt: skip
+    caplog.clear()
+    mod._prepare_run_dir(lower, tmp_path / "r")  # the same again: nothing changed
+    assert "from now on" not in caplog.text
+    assert "changed_options" not in json.loads(
+        (tmp_path / "r" / "environment.json").read_text())["starts"][2]  # fmt: skip
 
 
 def test_real_mismatch_names_keys_and_resume_keeps_the_runs_values(tmp_path, caplog):
