@@ -124,9 +124,10 @@ def run_cli(fn: Callable[..., Any], *args,
         if not device_memory.is_out_of_memory(e):
             raise
         named = isinstance(e, device_memory.OutOfDeviceMemory)
-        where, detail = (f" in {e.where}", e.detail) if named else ("", device_memory.detail(e))
-        print(f"error: out of device memory{where}: {detail}\n{INTERRUPTED}"
-              + (f"\n{device_memory.advice(memory)}" if memory else ""), file=sys.stderr)
+        where, detail = (e.where, e.detail) if named else (None, device_memory.detail(e))
+        advice = device_memory.advice(memory, where)
+        print(f"error: out of device memory{f' in {where}' if named else ''}: {detail}\n"
+              f"{INTERRUPTED}" + (f"\n{advice}" if advice else ""), file=sys.stderr)  # fmt: skip
         sys.exit(1)
     finally:
         runlock.release([d for d in runlock.held() if d not in before])

@@ -286,25 +286,26 @@ OPERATIONAL = (
 def memory_options(cfg: ExperimentConfig, prefix: str = "",
                    script: str = "experiments/sf_ranslicing.py") -> list[MemoryOption]:  # fmt: skip
     """What the CLI suggests when a run of ``cfg`` runs out of device memory (what ``cfg``
-    already does is left out; :func:`cli_common.run_cli`). ``prefix``: where these options
-    sit in another experiment's (``sf.`` in table3)."""
+    already does is left out; the KTO options only for a KTO phase; :func:`cli_common.run_cli`).
+    ``prefix``: where these options sit in another experiment's (``sf.`` in table3)."""
     o = f"--{prefix}"
     out = [] if cfg.kto.remat else [
         MemoryOption(f"{o}kto.remat True", "recompute each decoder layer in the KTO step's "
-                     "backward pass", same_results=True)]  # fmt: skip
+                     "backward pass", same_results=True, applies_to="kto")]  # fmt: skip
     out += [
         MemoryOption(f"{o}kto.logits-chunk-tokens N", "the KTO step's LM head + log-softmax "
                      "over N completion tokens at a time (0, automatic: 64 MiB of logits)",
-                     same_results=True),
+                     same_results=True, applies_to="kto"),
         MemoryOption(f"{o}rfr.max-cache-gib-per-call G", "less KV cache per RfR rollout call "
-                     f"(more calls; also {o}rfr.max-rows-per-call N)", same_results=True),
-        MemoryOption(f"python -m sfjax.parallel --fsdp N -- {script} ...", "the weights and "
-                     "the KTO step sharded over N devices (docs/PARALLEL.md)", same_results=True),
+                     f"(more calls; also {o}rfr.max-rows-per-call N)", same_results=True,
+                     applies_to="kto"),
+        MemoryOption(f"python -m sfjax.parallel --fsdp N -- {script} ...", "the model and "
+                     "its programs sharded over N devices (docs/PARALLEL.md)", same_results=True),
         MemoryOption(f"{o}kto.micro-batch-size N {o}kto.grad-accum-steps M", "fewer rows per "
                      "KTO forward pass, the same optimizer batch; KTO's KL estimate z comes "
-                     "from each micro-batch (N >= 2)", same_results=False),
+                     "from each micro-batch (N >= 2)", same_results=False, applies_to="kto"),
         MemoryOption(f"{o}kto.max-prompt-length N", "train on the last N prompt tokens only",
-                     same_results=False),
+                     same_results=False, applies_to="kto"),
     ]
     if cfg.model.dtype != "bfloat16":
         out.append(MemoryOption(f"{o}model.dtype bfloat16", "half the weight memory of "

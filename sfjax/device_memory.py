@@ -65,12 +65,17 @@ class MemoryOption:
     same_results: bool
     """True: the results stay the same (up to float rounding, as the tests check), so the option
     may be added when continuing a run; False: another run (a new ``--run-dir``)."""
+    applies_to: str = ""
+    """Text of the :func:`during` names of the places it helps (e.g. ``kto``: the KTO phases);
+    empty: everywhere."""
 
 
-def advice(options: Sequence[MemoryOption], width: int = 34) -> str:
-    """The lines the CLIs print after an out-of-memory error: the options that keep the run's
-    results (the same command continues the run with them), then the ones that need a new run
-    dir. A flag longer than ``width`` has its effect on the next line."""
+def advice(options: Sequence[MemoryOption], where: str | None = None, width: int = 34) -> str:
+    """The lines the CLIs print after an out-of-memory error in ``where`` (None: unknown, every
+    option): the options that help there and keep the run's results (the same command
+    continues the run with them), then the ones that need a new run dir. A flag longer than
+    ``width`` has its effect on the next line."""
+    options = [o for o in options if where is None or o.applies_to in where]
     out = []
     for same, head in ((True, "run the same command with (the run's results stay the same up "
                               "to float rounding):"),

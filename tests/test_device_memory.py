@@ -66,3 +66,13 @@ def test_advice_lists_what_keeps_results_before_what_needs_a_new_run():
     ]
     assert dm.advice([dm.MemoryOption("--b N", "x", same_results=False)]).startswith(
         "To lower memory, start a new --run-dir with")
+
+
+def test_advice_keeps_the_options_that_help_where_it_ran_out():
+    opts = [dm.MemoryOption("--kto.remat True", "x", same_results=True, applies_to="kto"),
+            dm.MemoryOption("--fsdp N", "y", same_results=True)]  # fmt: skip
+    assert "--kto.remat" in dm.advice(opts, "phase iter0/kto_0 (...)")
+    assert "--kto.remat" not in dm.advice(opts, "phase iter0/collect (...)")
+    assert "--fsdp N" in dm.advice(opts, "phase iter0/collect (...)")
+    assert "--kto.remat" in dm.advice(opts)  # not known where: every option
+    assert dm.advice(opts[:1], "the held-out evaluation") == ""
