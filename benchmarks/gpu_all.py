@@ -72,7 +72,7 @@ if HERE not in sys.path:  # gpu_common for --dry-run
 if ROOT not in sys.path:
     sys.path.insert(1, ROOT)
 
-from sfjax.device_memory import MARKERS  # noqa: E402 -- no JAX: the jobs import it
+from sfjax.device_memory import text_is_out_of_memory  # noqa: E402 -- no JAX: the jobs import it
 
 
 @dataclass(frozen=True)
@@ -284,7 +284,7 @@ def run_job(job: Job, out_json: str, timeout_s: float, args, tee: Tee) -> dict:
     if status == "ok" and rc != 0:
         status = "failed"
     text = "\n".join(tail)
-    oom = any(s in text for s in MARKERS)  # XLA's and torch's out-of-memory errors
+    oom = text_is_out_of_memory(text)  # XLA's and torch's out-of-memory errors
     wall = time.monotonic() - t0
     tee.line(f"{job.name}: {status} (rc {rc}) in {wall:.1f} s" + (" — out of memory" if oom
                                                                    else ""))

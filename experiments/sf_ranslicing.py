@@ -283,6 +283,7 @@ OPERATIONAL = (
 """Options that may change between runs in one RUN_DIR: they do not change results (the
 :data:`MEMORY_ONLY` ones up to float rounding)."""
 
+
 def memory_options(cfg: ExperimentConfig, prefix: str = "",
                    script: str = "experiments/sf_ranslicing.py") -> list[MemoryOption]:  # fmt: skip
     """What the CLI suggests when a run of ``cfg`` runs out of device memory (what ``cfg``
@@ -311,6 +312,7 @@ def memory_options(cfg: ExperimentConfig, prefix: str = "",
         out.append(MemoryOption(f"{o}model.dtype bfloat16", "half the weight memory of "
                                 f"{cfg.model.dtype}", same_results=False))  # fmt: skip
     return out
+
 
 EARLIER = {"rfr.improved_examples": False, "kto.token_kl_coef": 0.0}
 """Options added since runs were written, with the value those runs had in effect (before

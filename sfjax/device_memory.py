@@ -17,11 +17,21 @@ from dataclasses import dataclass
 MARKERS = ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "OutOfMemory")
 """Text that XLA's (and PyTorch's) out-of-memory errors hold."""
 
+_MEMORY_WORDS = ("memory", "allocat", "hbm")
+"""What a ``RESOURCE_EXHAUSTED`` status about memory says besides (TPU: "Error allocating device
+buffer"); the same status code also reports e.g. a gRPC message over its size limit."""
+
+
+def text_is_out_of_memory(text: str) -> bool:
+    """``text`` (an error message, a log's tail) reports an out-of-memory error."""
+    if any(s in text for s in MARKERS[1:]):
+        return True
+    return "RESOURCE_EXHAUSTED" in text and any(w in text.lower() for w in _MEMORY_WORDS)
+
 
 def is_out_of_memory(e: BaseException) -> bool:
-    """``e`` (or its message) is an out-of-memory error of XLA or PyTorch."""
-    return isinstance(e, OutOfDeviceMemory) or any(s in f"{type(e).__name__}: {e}"
-                                                   for s in MARKERS)  # fmt: skip
+    """``e`` is an out-of-memory error of XLA or PyTorch."""
+    return isinstance(e, OutOfDeviceMemory) or text_is_out_of_memory(f"{type(e).__name__}: {e}")
 
 
 def detail(e: BaseException, limit: int = 300) -> str:

@@ -17,7 +17,16 @@ def test_recognises_xla_and_torch_out_of_memory_and_nothing_else():
     assert dm.is_out_of_memory(jax.errors.JaxRuntimeError(XLA_OOM))
     assert dm.is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert dm.is_out_of_memory(type("OutOfMemoryError", (RuntimeError,), {})("CUDA"))
+    tpu = "RESOURCE_EXHAUSTED: Error allocating device buffer: Attempting to allocate 1.00G."
+    assert dm.is_out_of_memory(jax.errors.JaxRuntimeError(tpu))
+    assert dm.is_out_of_memory(jax.errors.JaxRuntimeError(
+        "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space "
+        "hbm. Used 20.5G of 15.48G hbm."))  # fmt: skip
     assert not dm.is_out_of_memory(jax.errors.JaxRuntimeError("INTERNAL: cuDNN failed"))
+    # the same status code for what is not memory (a gRPC message over its limit)
+    assert not dm.is_out_of_memory(jax.errors.JaxRuntimeError(
+        "RESOURCE_EXHAUSTED: Received message larger than max (5000000 vs. 4194304)"))
+    assert dm.text_is_out_of_memory("job log ...\ntorch.OutOfMemoryError: CUDA out of memory.")
     assert not dm.is_out_of_memory(ValueError("memory_analysis is unavailable"))
 
 
