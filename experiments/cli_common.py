@@ -106,11 +106,12 @@ INTERRUPTED = ("what the run saved is kept; the same command continues it (the S
 
 
 def run_cli(fn: Callable[..., Any], *args,
-            memory: Sequence[device_memory.MemoryOption] = ()) -> Any:  # fmt: skip
+            memory: Sequence[device_memory.MemoryOption] = (device_memory.POOL,),
+            ) -> Any:  # fmt: skip
     """``fn(*args)``; a user's mistake exits with status 2 and its message, no traceback;
     Ctrl-C exits with 130 and says how to continue; running out of device memory exits with 1,
     naming the phase (:func:`sfjax.device_memory.during`) and the ``memory`` options that lower
-    it. The run dirs ``fn`` locked (:func:`make_run_dir`) are unlocked when it returns."""
+    it (default: JAX's GPU memory pool). The run dirs ``fn`` locked (:func:`make_run_dir`) are unlocked when it returns."""
     before = set(runlock.held())
     try:
         return fn(*args)

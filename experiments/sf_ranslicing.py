@@ -290,9 +290,9 @@ def memory_options(cfg: ExperimentConfig, prefix: str = "",
     already does is left out; the KTO options only for a KTO phase; :func:`cli_common.run_cli`).
     ``prefix``: where these options sit in another experiment's (``sf.`` in table3)."""
     o = f"--{prefix}"
-    out = [] if cfg.kto.remat else [
+    out = [device_memory.POOL] + ([] if cfg.kto.remat else [
         MemoryOption(f"{o}kto.remat True", "recompute each decoder layer in the KTO step's "
-                     "backward pass", same_results=True, applies_to="kto")]  # fmt: skip
+                     "backward pass", same_results=True, applies_to="kto")])  # fmt: skip
     out += [
         MemoryOption(f"{o}kto.logits-chunk-tokens N", "the KTO step's LM head + log-softmax "
                      "over N completion tokens at a time (0, automatic: 64 MiB of logits)",

@@ -80,6 +80,15 @@ class MemoryOption:
     empty: everywhere."""
 
 
+POOL = MemoryOption(
+    "XLA_PYTHON_CLIENT_MEM_FRACTION=.95",
+    "before the command, on a GPU: more of its memory for JAX's pool (75 % by default; newer "
+    "JAX reads XLA_CLIENT_MEM_FRACTION; docs.jax.dev, \"GPU memory allocation\")",
+    same_results=True,
+)
+"""What every CLI suggests: JAX preallocates a share of a GPU's memory for its buffers."""
+
+
 def advice(options: Sequence[MemoryOption], where: str | None = None, width: int = 34) -> str:
     """The lines the CLIs print after an out-of-memory error in ``where`` (None: unknown, every
     option): the options that help there and keep the run's results (the same command

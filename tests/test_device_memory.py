@@ -85,3 +85,26 @@ def test_advice_keeps_the_options_that_help_where_it_ran_out():
     assert "--fsdp N" in dm.advice(opts, "phase iter0/collect (...)")
     assert "--kto.remat" in dm.advice(opts)  # not known where: every option
     assert dm.advice(opts[:1], "the held-out evaluation") == ""
+
+
+def test_every_cli_suggests_a_larger_gpu_pool(capsys):
+    """run_cli's default advice (Reflexion, the RL baselines): JAX's GPU memory pool."""
+    from experiment_scripts import experiment
+
+    cli_common = experiment("cli_common")
+
+    def run():
+        with dm.during("the Reflexion trials"):
+            raise jax.errors.JaxRuntimeError(XLA_OOM)
+
+    with pytest.raises(SystemExit) as e:
+        cli_common.run_cli(run)
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.splitlines()[0] == (
+        "error: out of device memory in the Reflexion trials: RESOURCE_EXHAUSTED: Out of memory "
+        "while trying to allocate 34359738368 bytes.")  # fmt: skip
+    assert "XLA_PYTHON_CLIENT_MEM_FRACTION=.95" in err and "--kto" not in err
+    # an error of no known place still gets the advice, without a place
+    with pytest.raises(SystemExit):
+        cli_common.run_cli(lambda: (_ for _ in ()).throw(RuntimeError("CUDA out of memory.")))
+    assert capsys.readouterr().err.startswith("error: out of device memory: CUDA out of memory.")
