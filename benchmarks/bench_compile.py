@@ -75,7 +75,8 @@ class Shapes:
     micro_batch: int = 8
     """KTO micro-batch rows."""
     kto_prompt: int = 768
-    """KTO prompt bucket."""
+    """KTO prompt bucket (``--kto-prompt``: the paper preset's SF prompts, ~2.2k tokens, are
+    cut to its ``max_prompt_length`` 2,048)."""
     kto_completion: int = 256
     """KTO completion bucket."""
     lora_rank: int = 16
@@ -281,13 +282,20 @@ def build(program: str, model, shapes: Shapes, tokenizer):
     raise ValueError(f"unknown program {program!r}; choose from {PROGRAMS}")
 
 
-def measure(programs, modes, tiny: bool, progress=print, remat: bool = False) -> dict:
+def shapes_for(tiny: bool, remat: bool = False, kto_prompt: int | None = None) -> Shapes:
+    """The shapes measured: the tiny or full set, with remat and another KTO prompt bucket."""
+    shapes = dataclasses.replace(Shapes.tiny() if tiny else Shapes(), remat=remat)
+    return shapes if kto_prompt is None else dataclasses.replace(shapes, kto_prompt=kto_prompt)
+
+
+def measure(programs, modes, tiny: bool, progress=print, remat: bool = False,
+            kto_prompt: int | None = None) -> dict:  # fmt: skip
     """``{program: {mode: record}}`` (compile seconds and memory per program and mode)."""
     import jax
 
     from benchmarks.gpu_common import load_bench_tokenizer
 
-    shapes = dataclasses.replace(Shapes.tiny() if tiny else Shapes(), remat=remat)
+    shapes = shapes_for(tiny, remat, kto_prompt)
     tok = load_bench_tokenizer(None)
     out: dict = {}
     for mode in modes:
@@ -302,7 +310,8 @@ def measure(programs, modes, tiny: bool, progress=print, remat: bool = False) ->
     return out
 
 
-def sharded_kto_step(fsdp: int, tiny: bool, remat: bool = False) -> dict:
+def sharded_kto_step(fsdp: int, tiny: bool, remat: bool = False,
+                     kto_prompt: int | None = None) -> dict:  # fmt: skip
     """The scanned KTO step compiled over ``fsdp`` fake host devices: per-device memory."""
     import jax
     import numpy as np
@@ -311,7 +320,7 @@ def sharded_kto_step(fsdp: int, tiny: bool, remat: bool = False) -> dict:
     if jax.device_count() < fsdp:
         raise SystemExit(f"--fsdp {fsdp} needs XLA_FLAGS=--xla_force_host_platform_device_count"
                          f"={fsdp} before jax starts (this script sets it when given --fsdp)")
-    shapes = dataclasses.replace(Shapes.tiny() if tiny else Shapes(), remat=remat)
+    shapes = shapes_for(tiny, remat, kto_prompt)
     model = abstract_model(model_config(tiny, "scanned"), shapes.lora_rank)
     mesh = Mesh(np.array(jax.devices()[:fsdp]).reshape(1, fsdp, 1), ("data", "fsdp", "tp"))
     step, args = kto_step_program(model, shapes, mesh)
@@ -387,6 +396,9 @@ def main(argv=None) -> dict:
     p.add_argument("--fsdp", type=int, default=0, help="also compile the KTO step over N devices")
     p.add_argument("--decode-step", action="store_true", help="decode step run time instead")
     p.add_argument("--remat", action="store_true", help="KTO step with KTOConfig.remat=True")
+    p.add_argument("--kto-prompt", type=int, default=None, metavar="P",
+                   help="KTO prompt bucket of ref_logps / kto_step (default 768; the paper "
+                        "preset's prompts fill its max_prompt_length, 2048)")
     p.add_argument("--tiny", action="store_true", help="tiny architecture (tests)")
     p.add_argument("--out", default=None, help="write the JSON record here")
     args = p.parse_args(argv)
@@ -395,14 +407,18 @@ def main(argv=None) -> dict:
                                    f" --xla_force_host_platform_device_count={args.fsdp}")
     import jax
 
+    shapes = shapes_for(args.tiny, args.remat, args.kto_prompt)
     record: dict = {"jax": jax.__version__, "backend": jax.default_backend(), "tiny": args.tiny,
-                    "remat": args.remat, "load_average": os.getloadavg()[0]}
+                    "remat": args.remat, "kto_tokens": [shapes.micro_batch, shapes.kto_prompt,
+                                                        shapes.kto_completion],
+                    "load_average": os.getloadavg()[0]}  # fmt: skip
     if args.decode_step:
         record["decode_step"] = decode_step_times()
     else:
         programs = [x for x in args.programs.split(",") if x]
         modes = [x for x in args.modes.split(",") if x]
         record["programs"] = measure(programs, modes, args.tiny, remat=args.remat,
+                                     kto_prompt=args.kto_prompt,
                                      progress=lambda m: print(m, file=sys.stderr, flush=True))
         for _program, recs in record["programs"].items():
             if "unrolled" in recs and "scanned" in recs:
@@ -413,7 +429,7 @@ def main(argv=None) -> dict:
                 peak = rec["memory"]["peak"]
                 rec["fits"] = {"80GB": peak < GPU_80GB, "H200_141GB": peak < H200_BYTES}
         if args.fsdp:
-            rec = sharded_kto_step(args.fsdp, args.tiny, args.remat)
+            rec = sharded_kto_step(args.fsdp, args.tiny, args.remat, args.kto_prompt)
             rec["fits_16GB_chip"] = rec["memory"].get("peak", 0) < TPU_CHIP_BYTES
             record["kto_step_fsdp"] = rec
             print(f"kto_step fsdp={args.fsdp}: per-device peak "

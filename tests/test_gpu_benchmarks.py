@@ -486,3 +486,9 @@ def test_bench_compile_tiny_records_compile_time_and_memory(tmp_path):
             assert _pos(r["compile_s"]) and _pos(r["total_s"])
             assert r["memory"]["peak"] >= r["memory"]["argument"] > 0
         assert _pos(rec["programs"][name]["speedup"])
+    # another KTO prompt bucket (the paper preset's prompts fill 2,048): longer rows, more memory
+    longer = bench_compile.main(["--tiny", "--programs", "ref_logps", "--modes", "scanned",
+                                 "--kto-prompt", "64"])  # fmt: skip
+    assert (rec["kto_tokens"], longer["kto_tokens"]) == ([2, 16, 8], [2, 64, 8])
+    assert longer["programs"]["ref_logps"]["scanned"]["memory"]["temp"] > \
+        rec["programs"]["ref_logps"]["scanned"]["memory"]["temp"]  # fmt: skip
