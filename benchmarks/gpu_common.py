@@ -283,6 +283,18 @@ def prefill_last_logits(model, ids_BT, mask_BT, cache):
     return logits_B1V[:, -1], cache
 
 
+def device_memory_record() -> dict | None:
+    """JAX's allocator statistics of the first device (``peak_bytes_in_use`` since the process
+    started, ``bytes_limit`` of its pool), or None where the backend keeps none (CPU)."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats()
+    if not stats:
+        return None
+    return {k: stats[k] for k in ("peak_bytes_in_use", "bytes_in_use", "bytes_limit")
+            if k in stats}  # fmt: skip
+
+
 def free_torch() -> None:
     """Return the GPU memory of deleted torch objects (call after ``del``, before JAX runs)."""
     import gc as pygc

@@ -37,6 +37,9 @@ Usage::
 
     python benchmarks/gpu_kto_step.py --out results/gpu_kto_step.json
     python benchmarks/gpu_kto_step.py --remat          # if activations do not fit
+    python benchmarks/gpu_kto_step.py --prompt-len 2048 --remat --no-torch --steps 2
+                                     # the paper preset's own 8 x (2,048 + 256) rows (gpu_all's
+                                     # kto_preset job): step time and the device's peak memory
     python benchmarks/gpu_kto_step.py --tiny --no-torch
 """
 
@@ -128,7 +131,9 @@ def run_sfjax(config, examples, args, remat: bool | None = None) -> dict:
         step = many / args.steps
     return {"first_call_s": first, "compile_s_approx": first - one, "step_s": step,
             "loss_last": hist[-1]["loss"] if hist else None,
-            "skipped_steps": trainer.skipped_steps, "traces": trainer.trace_count}
+            "skipped_steps": trainer.skipped_steps, "traces": trainer.trace_count,
+            # the process's peak so far: the weights, the step's buffers, what ran before
+            "device_memory": gc.device_memory_record()}
 
 
 def run_torch(config, examples, args, device) -> dict:

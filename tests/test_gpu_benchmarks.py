@@ -246,6 +246,21 @@ def test_gpu_kto_step_tiny_with_torch_reference(tmp_path):
     assert math.isfinite(s["loss_last"]) and math.isfinite(rec["torch"]["loss_last"])
     assert rec["step_flops"] > 5 * rec["forward_flops_batch"]
     assert 0 < rec["mfu_measured_matmul"] < 5  # loose: tiny CPU timings are noisy
+    assert s["device_memory"] is None  # XLA:CPU keeps no allocator statistics
+
+
+def test_gpu_kto_preset_job_runs_the_presets_rows(tmp_path):
+    """gpu_all's kto_preset job (not in the default call): the step at the paper preset's own
+    prompt bucket with remat, reporting the device's peak memory (none on a CPU)."""
+    import gpu_all
+
+    (job,) = [j for j in gpu_all.JOBS if j.name == "kto_preset"]
+    assert not job.default and job.args[:2] == ("--prompt-len", "2048")
+    rec = _run("gpu_kto_step", tmp_path, *job.args, "--prompt-len", "64")  # CPU: shorter rows
+    assert (rec["prompt_len"], rec["remat"], rec["torch_device"]) == (64, True, None)
+    s = rec["sfjax"]
+    assert _pos(s["step_s"]) and math.isfinite(s["loss_last"]) and s["traces"] == 1
+    assert "device_memory" in s
 
 
 def test_gpu_kto_step_repeats_a_failed_fused_step_on_the_plain_path(tmp_path, monkeypatch):
@@ -375,6 +390,21 @@ def test_gpu_all_default_jobs_fit_one_seven_minute_call():
     assert decode.args == ("--batches", "1,8,64", "--torch-batches", "1,8")
     assert "--actor-only" in default[1].args and "action_first" in default[1].args
     assert default[3].args == ("--batches", "1,8,64", "--no-torch", "--scan-decode")
+
+
+def test_gpu_all_jobs_are_well_formed():
+    """Every job but the attention probe (kernels, no bench_compile program) names its programs
+    for --dry-run and says plainly whether it waits for time (two non-default jobs once passed
+    their programs as ``if_time``: the dry run predicted no compile for them and called them
+    optional)."""
+    import gpu_all
+
+    for j in gpu_all.JOBS:
+        assert isinstance(j.default, bool) and isinstance(j.if_time, bool), j.name
+        assert bool(j.programs) == (j.name != "attention"), j.name
+        assert all(isinstance(n, str) and isinstance(k, int) and k > 0
+                   for n, k in j.programs), j.name  # fmt: skip
+    assert [j.name for j in gpu_all.JOBS if j.if_time] == ["decode_scan"]
 
 
 def test_gpu_all_compares_decode_layer_modes():
