@@ -292,7 +292,7 @@ def memory_options(cfg: ExperimentConfig, prefix: str = "",
     ``prefix``: where these options sit in another experiment's (``sf.`` in table3)."""
     o = f"--{prefix}"
     out = [device_memory.POOL] + ([] if cfg.kto.remat else [
-        MemoryOption(f"{o}kto.remat True", "recompute each decoder layer in the KTO step's "
+        MemoryOption(f"{o}kto.remat", "recompute each decoder layer in the KTO step's "
                      "backward pass", same_results=True, applies_to="kto")])  # fmt: skip
     out += [
         MemoryOption(f"{o}kto.logits-chunk-tokens N", "the KTO step's LM head + log-softmax "

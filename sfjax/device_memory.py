@@ -69,7 +69,7 @@ class MemoryOption:
     """One way to lower an experiment's device memory, as the user types it."""
 
     flag: str
-    """The option(s) as typed, e.g. ``--kto.remat True``."""
+    """The option(s) as typed, e.g. ``--kto.remat``."""
     effect: str
     """What it changes, in a few words."""
     same_results: bool

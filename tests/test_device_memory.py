@@ -78,7 +78,7 @@ def test_advice_lists_what_keeps_results_before_what_needs_a_new_run():
 
 
 def test_advice_keeps_the_options_that_help_where_it_ran_out():
-    opts = [dm.MemoryOption("--kto.remat True", "x", same_results=True, applies_to="kto"),
+    opts = [dm.MemoryOption("--kto.remat", "x", same_results=True, applies_to="kto"),
             dm.MemoryOption("--fsdp N", "y", same_results=True)]  # fmt: skip
     assert "--kto.remat" in dm.advice(opts, "phase iter0/kto_0 (...)")
     assert "--kto.remat" not in dm.advice(opts, "phase iter0/collect (...)")
