@@ -111,7 +111,8 @@ def run_cli(fn: Callable[..., Any], *args,
     """``fn(*args)``; a user's mistake exits with status 2 and its message, no traceback;
     Ctrl-C exits with 130 and says how to continue; running out of device memory exits with 1,
     naming the phase (:func:`sfjax.device_memory.during`) and the ``memory`` options that lower
-    it (default: JAX's GPU memory pool). The run dirs ``fn`` locked (:func:`make_run_dir`) are unlocked when it returns."""
+    it (default: JAX's GPU memory pool). The run dirs ``fn`` locked (:func:`make_run_dir`)
+    are unlocked when it returns."""
     before = set(runlock.held())
     try:
         return fn(*args)
@@ -276,14 +277,15 @@ def prepare_run_dir(cfg, run_dir: Path, operational: Sequence[str], *,
     saved = run_dir / "config.json"
     if has_run is None:
         has_run = saved.exists()
-    mine = identity(as_json(cfg), operational)
+    given = as_json(cfg)
+    mine = identity(given, operational)
     before = None
     changed: dict[str, list] = {}
     if saved.exists():
         try:
             raw = with_earlier_values(atomic.read_json(saved, "the run's config"), earlier or {})
             before = identity(raw, operational)
-            changed = noted_changes(raw, as_json(cfg), noted) if has_run else {}
+            changed = noted_changes(raw, given, noted) if has_run else {}
         except atomic.DamagedFile as e:
             if has_run and not cfg.resume:
                 raise atomic.DamagedFile(
@@ -328,13 +330,8 @@ def prepare_run_dir(cfg, run_dir: Path, operational: Sequence[str], *,
     return resume, cfg
 
 
-def noted_changes(saved: Mapping, now: Mapping, noted: Sequence[str]) -> dict[str, list]:
+def noted_changes(saved: dict, now: dict, noted: Sequence[str]) -> dict[str, list]:
     """``{dotted key: [value in saved, value now]}`` for the ``noted`` keys that differ (a key
     absent from ``saved`` is left out: a config written before it existed)."""
-    out = {}
-    for dotted in noted:
-        (holder, leaf), (mine, _) = _holder(dict(saved), dotted), _holder(dict(now), dotted)
-        if holder is not None and leaf in holder and mine is not None \
-                and holder[leaf] != mine.get(leaf):  # fmt: skip
-            out[dotted] = [holder[leaf], mine.get(leaf)]
-    return out
+    added = set(_absent(saved, now))
+    return {k: [a, b] for k, a, b in _changed(saved, now) if k in noted and k not in added}
