@@ -26,8 +26,9 @@ with the same one continues the SF row from its checkpoints (RUN_DIR/sf has its 
 loads each RL row whose results were saved for this config (``dqn/``, ``ppo/``, ``sac/``),
 continues the Reflexion row after its saved trials, loads each LLM row's evaluation saved for
 the same Actor (``sf/eval_state.json``: its adapter; ``reflexion/eval_state.json``: its memory)
-and computes the reference rows again; logging and the Reflector API's retry / timeout /
-concurrency options may differ. Any other difference is refused with the keys named;
+and computes the reference rows again; logging, the Reflector API's retry / timeout /
+concurrency options and the SF row's memory options (``sf_ranslicing.MEMORY_ONLY``: results the
+same up to float rounding) may differ. Any other difference is refused with the keys named;
 ``--resume`` then continues with the run's own values for them.
 """
 

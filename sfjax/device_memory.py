@@ -14,7 +14,10 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-MARKERS = ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "OutOfMemory")
+_OOM_WORDS = ("Out of memory", "out of memory", "OutOfMemory")
+"""Text that says out of memory whatever the status (XLA's, PyTorch's)."""
+
+MARKERS = ("RESOURCE_EXHAUSTED", *_OOM_WORDS)
 """Text that XLA's (and PyTorch's) out-of-memory errors hold."""
 
 _MEMORY_WORDS = ("memory", "allocat", "hbm")
@@ -24,7 +27,7 @@ buffer"); the same status code also reports e.g. a gRPC message over its size li
 
 def text_is_out_of_memory(text: str) -> bool:
     """``text`` (an error message, a log's tail) reports an out-of-memory error."""
-    if any(s in text for s in MARKERS[1:]):
+    if any(s in text for s in _OOM_WORDS):
         return True
     return "RESOURCE_EXHAUSTED" in text and any(w in text.lower() for w in _MEMORY_WORDS)
 
