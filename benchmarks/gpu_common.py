@@ -501,16 +501,58 @@ def block(x):
     return x
 
 
-def time_call(fn, iters: int = 5, warmup: int = 1, sync=block) -> dict:
-    """Wall time of ``sync(fn())``: median / min / all, after ``warmup`` untimed calls."""
+# JAX records this event around every XLA compile it asks for: a compile, or a load from the
+# persistent compilation cache (both mean the call did not run an already loaded program).
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+class CompileCounter:
+    """Counts the XLA programs JAX compiles (or loads from the persistent cache) while open::
+
+        with CompileCounter() as compiles:
+            ...
+        compiles.count, compiles.seconds
+    """
+
+    def __init__(self):
+        self.count, self.seconds = 0, 0.0
+
+    def _listen(self, event: str, duration_secs: float, **_) -> None:
+        if event == COMPILE_EVENT:
+            self.count += 1
+            self.seconds += duration_secs
+
+    def __enter__(self) -> CompileCounter:
+        import jax.monitoring
+
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import jax.monitoring
+
+        jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
+def time_call(fn, iters: int = 5, warmup: int = 1, sync=block, label: str | None = None) -> dict:
+    """Wall time of ``sync(fn())``: median / min / all, after ``warmup`` untimed calls.
+
+    ``compiles`` counts the XLA compiles inside the timed calls (a new shape or bucket): a
+    time that includes one measures the compiler, not the program, so a nonzero count is also
+    printed as a warning (naming ``label``)."""
     for _ in range(warmup):
         sync(fn())
     times = []
-    for _ in range(max(iters, 1)):
-        t0 = time.perf_counter()
-        sync(fn())
-        times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "min_s": min(times), "times_s": times}
+    with CompileCounter() as compiles:
+        for _ in range(max(iters, 1)):
+            t0 = time.perf_counter()
+            sync(fn())
+            times.append(time.perf_counter() - t0)
+    if compiles.count:
+        progress(f"warning: {label or 'a timed call'}: {compiles.count} XLA compile(s) "
+                 f"({compiles.seconds:.1f} s) inside the timed calls; their times include them")
+    return {"median_s": statistics.median(times), "min_s": min(times), "times_s": times,
+            "compiles": compiles.count}
 
 
 def ratio(a: float, b: float) -> float:

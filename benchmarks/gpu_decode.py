@@ -83,8 +83,11 @@ def sfjax_sampler(model, tok, prompts, args) -> dict:
     half = new // 2 + 1
     out = gen(new)()
     assert all(len(t) == new for t in out.tokens), [len(t) for t in out.tokens]
-    t_new = gc.time_call(gen(new), iters=args.iters, warmup=0, sync=lambda x: x)["median_s"]
-    t_half = gc.time_call(gen(half), iters=args.iters, warmup=0, sync=lambda x: x)["median_s"]
+    r_new = gc.time_call(gen(new), iters=args.iters, warmup=0, sync=lambda x: x,
+                         label=f"sampler batch {B}")
+    r_half = gc.time_call(gen(half), iters=args.iters, warmup=0, sync=lambda x: x,
+                          label=f"sampler batch {B}, {half} new tokens")
+    t_new, t_half = r_new["median_s"], r_half["median_s"]
     if t_new > t_half:
         step_s = (t_new - t_half) / (new - half)
     else:  # timing noise (shared CPU): the plain mean over the whole call
@@ -102,6 +105,7 @@ def sfjax_sampler(model, tok, prompts, args) -> dict:
         "prefill_tokens_per_s": B * args.prompt_len / t_zero,
         "ms_per_decode_step": 1e3 * step_s,
         "traces": traces,
+        "compiles_while_timed": r_new["compiles"] + r_half["compiles"],
     }
 
 
@@ -128,7 +132,8 @@ def sfjax_model_only(model, config, prompts, args) -> dict:
         return jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32), cache
 
     step = jax.jit(step, donate_argnums=(2,))
-    t_prefill = gc.time_call(lambda: prefill(state, ids_BP, mask_BP), iters=args.iters)
+    t_prefill = gc.time_call(lambda: prefill(state, ids_BP, mask_BP), iters=args.iters,
+                             label=f"prefill batch {B}")
     _, cache = prefill(state, ids_BP, mask_BP)
     tok = jnp.zeros((B, 1), jnp.int32)
     half = max(new // 2 - 1, 0)
@@ -141,8 +146,9 @@ def sfjax_model_only(model, config, prompts, args) -> dict:
         box["tok"], box["cache"] = step(state, box["tok"], box["cache"])
         return box["tok"]
 
-    t_step = gc.time_call(one, iters=n_timed, warmup=0)
+    t_step = gc.time_call(one, iters=n_timed, warmup=0, label=f"decode step batch {B}")
     return {
+        "compiles_while_timed": t_prefill["compiles"] + t_step["compiles"],
         "prefill_s": t_prefill["median_s"],
         "prefill_tokens_per_s": B * P / t_prefill["median_s"],
         "decode_step_s": t_step["median_s"],

@@ -134,15 +134,26 @@ def run_sfjax(model, tok, prompts, args, prompts_per_call) -> dict:
     plan = rfr.plan_rollout_calls(prompts, cfg, cost)
     key = jax.random.key(args.seed)
     gc.progress(f"rfr: {len(plan)} call(s) of {[b - a for a, b in plan]} prompts; compiling")
-    actor.sample(prompts[plan[0][0]:plan[0][1]], args.k, key)  # compile
-    best = None
+    # untimed passes, at least two, until one compiles nothing (at most 3): the calls may
+    # differ in prompt bucket, and the first pass changes the prefix cache's state (it
+    # re-buckets its prefix to what the calls share), so the second runs other code paths
+    for i in range(3):
+        with gc.CompileCounter() as warm:
+            rfr.sample_in_calls(actor.sample, prompts, cfg, key, cost)
+        if i and not warm.count:
+            break
+    best, compiles = None, 0
     for it in range(args.iters):
         sampler.outputs.clear()
-        t0 = time.perf_counter()
-        _, calls = rfr.sample_in_calls(actor.sample, prompts, cfg,
-                                       jax.random.fold_in(key, it + 1), cost)
-        wall = time.perf_counter() - t0
+        it_key = jax.block_until_ready(jax.random.fold_in(key, it + 1))  # not timed
+        with gc.CompileCounter() as timed:
+            t0 = time.perf_counter()
+            _, calls = rfr.sample_in_calls(actor.sample, prompts, cfg, it_key, cost)
+            wall = time.perf_counter() - t0
+        compiles += timed.count
         best = wall if best is None else min(best, wall)
+    if compiles:
+        gc.progress(f"warning: rfr: {compiles} XLA compile(s) inside the timed passes")
     outs = sampler.outputs
     lengths = [len(t) for o in outs for t in o.tokens]
     parsed = sum(a is not None for o in outs for a in o.actions)
@@ -155,7 +166,7 @@ def run_sfjax(model, tok, prompts, args, prompts_per_call) -> dict:
             "prompts_per_call": [b - a for a, b in plan],
             "cache_gib_per_call": [cost.call_bytes(b - a, args.k, max(
                 cost.count_tokens(p) for p in prompts[a:b])) / 2**30 for a, b in plan],
-            "max_new_per_call": max_new, "traces": traces}
+            "max_new_per_call": max_new, "traces": traces, "compiles": compiles}
 
 
 def run_sfjax_adaptive(model, tok, prompts, args) -> dict:

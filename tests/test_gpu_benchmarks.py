@@ -99,6 +99,28 @@ def test_roofline_record_has_no_spec_off_a_known_accelerator():
     assert gc.spec_floor(lambda x, spec: 1 / 0, 1) is None  # CPU: the floor is not computed
 
 
+def test_time_call_counts_the_compiles_inside_its_timed_calls(capsys):
+    """A timed call that compiles (a new shape) is counted and warned about; warm-up compiles
+    and already compiled calls are not."""
+    import gpu_common as gc
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    f = jax.jit(lambda x: jnp.sin(x) * 2.0)
+    shapes = iter([3, 3, 5, 5])  # warm-up at 3, then a new shape once
+    t = gc.time_call(lambda: f(np.ones(next(shapes), np.float32)), iters=3, warmup=1,
+                     label="probe")
+    assert t["compiles"] == 1 and len(t["times_s"]) == 3
+    assert "warning: probe: 1 XLA compile(s)" in capsys.readouterr().err
+    t = gc.time_call(lambda: f(np.ones(3, np.float32)), iters=3, warmup=0)
+    assert t["compiles"] == 0 and "warning" not in capsys.readouterr().err
+    with gc.CompileCounter() as c:  # the listener is gone once closed
+        pass
+    jax.jit(lambda x: x + 1)(np.ones(7, np.float32))
+    assert c.count == 0
+
+
 def test_random_model_has_the_qwen3_structure():
     import gpu_common as gc
     import jax
@@ -176,6 +198,7 @@ def test_gpu_decode_tiny_with_scan_decode(tmp_path):
     (row,) = rec["rows"]
     assert _pos(row["sfjax_sampler"]["decode_tokens_per_s"]) and rec["complete"] is True
     assert rec["layers"] == "scan_decode"
+    assert row["sfjax_sampler"]["compiles_while_timed"] == 0
 
 
 def test_gpu_decode_tiny_with_torch_reference(tmp_path):
@@ -186,6 +209,8 @@ def test_gpu_decode_tiny_with_torch_reference(tmp_path):
         assert _pos(row[part]["decode_tokens_per_s"]), part
         assert _pos(row[part]["prefill_tokens_per_s"]), part
     assert row["sfjax_sampler"]["traces"] == 1  # N and N/2 + 1 new tokens share one program
+    for part in ("sfjax_sampler", "sfjax_model_only"):  # the times are the programs' alone
+        assert row[part]["compiles_while_timed"] == 0, part
     assert _pos(row["sfjax_over_torch_decode"])
     assert _pos(rec["roofline"]["measured"]["hbm_bytes_per_s"])
     assert rec["complete"] is True and rec["attention"]["requested"] == "auto"
@@ -195,6 +220,8 @@ def test_gpu_decode_tiny_with_torch_reference(tmp_path):
 
 
 def test_gpu_decision_latency_tiny(tmp_path):
+    import gpu_decision_latency as lat
+
     rec = _run("gpu_decision_latency", tmp_path, "--no-torch")
     orders = [f["field_order"] for f in rec["formats"]]
     assert orders == ["action_first", "reflection_first"]
@@ -208,6 +235,11 @@ def test_gpu_decision_latency_tiny(tmp_path):
         pc = f["time_to_action_prefix_cache"]  # the Actor's default: prompt-prefix KV reuse
         assert pc["action_parsed"] and len(pc["times_s"]) == 2
         assert 0 < pc["cached_prefix_tokens"] <= f["shared_prefix_tokens"]
+        # the two steps' prompts fall in different buckets (509 and 532 tokens: 512, 1,024),
+        # each its own program, compiled before the timed pass and never inside it
+        assert len({lat.prompt_bucket(n, 32) for n in f["prompt_tokens"]}) == 2
+        for name in ("time_to_action", "full_decision", "time_to_action_prefix_cache"):
+            assert f[name]["compiles"] == 0, (f["field_order"], name, f[name]["times_s"])
     first, refl = rec["formats"]
     assert first["new_tokens_to_action"] < refl["new_tokens_to_action"]
 
@@ -221,6 +253,7 @@ def test_gpu_decision_latency_actor_only_tiny(tmp_path):
     assert "time_to_action" not in f and "full_decision" not in f and "prefix_reuse" not in f
     pc = f["time_to_action_prefix_cache"]
     assert pc["action_parsed"] and len(pc["times_s"]) == 2 and _pos(pc["median_s"])
+    assert pc["compiles"] == 0
     assert _pos(f["floor_time_to_action_s"])
 
 
@@ -233,6 +266,7 @@ def test_gpu_rfr_rollouts_tiny(tmp_path):
     # one program, plus at most one more when the Actor's prompt-prefix cache (on by default)
     # re-buckets its prefix to what the calls share
     assert 1 <= s["traces"] <= 2
+    assert s["compiles"] == 0  # the untimed passes compiled every program the timed one ran
     assert s["failed_attempts"] == []
     assert _pos(s["tokens_per_s"]) and _pos(rec["floor_measured_s"])
 
@@ -243,6 +277,7 @@ def test_gpu_kto_step_tiny_with_torch_reference(tmp_path):
     assert set(rec["attention"]["traced_calls"]) == {"xla"}
     s = rec["sfjax"]
     assert _pos(s["step_s"]) and s["skipped_steps"] == 0 and s["traces"] == 1
+    assert s["compiles_while_timed"] == 0
     assert math.isfinite(s["loss_last"]) and math.isfinite(rec["torch"]["loss_last"])
     assert rec["step_flops"] > 5 * rec["forward_flops_batch"]
     assert 0 < rec["mfu_measured_matmul"] < 5  # loose: tiny CPU timings are noisy
@@ -456,6 +491,15 @@ def test_gpu_all_checks_the_issue_targets_from_the_records():
     assert t["decode_b1_over_torch"]["met"] is True
     assert t["time_to_action_s"]["value"] == 0.08 and t["time_to_action_s"]["met"] is True
     assert t["kto_mfu_spec"]["met"] is False and t["kto_mfu_spec"]["torch_peft"] == 0.24
+    assert not any("compiles_while_timed" in v for v in t.values())
+    # a figure whose timed calls compiled says so (the value stays what was measured)
+    latency["formats"][0]["time_to_action_prefix_cache"]["compiles"] = 2
+    scan["rows"][0]["sfjax_sampler"]["compiles_while_timed"] = 1
+    t = gpu_all.check_targets(jobs)
+    assert t["time_to_action_s"]["compiles_while_timed"] == 2
+    assert t["time_to_action_s"]["value"] == 0.08
+    assert t["decode_b1_over_torch"]["compiles_while_timed"] == 1
+    assert "compiles_while_timed" not in t["kto_mfu_spec"]
     none = gpu_all.check_targets({"decode": {"status": "timeout", "record": None},
                                   "kto": {"status": "ok", "record": kto | {"mfu_spec": None}}})
     assert all(v["value"] is None and v["met"] is None for v in none.values())
