@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cli_common  # noqa: E402
 
-from sfjax import atomic, device_memory
+from sfjax import atomic, compile_cache, device_memory
 from sfjax.agents.actor import PAPER_ACTOR, ActorConfig
 from sfjax.agents.prior import PRIOR_LABEL, SMOKE_PROMPT, PriorConfig
 from sfjax.agents.prompts import PromptConfig
@@ -294,6 +294,7 @@ def main(cfg: Config) -> dict:
     from tensorboardX import SummaryWriter
 
     configure_logging(cfg.log_level)
+    compile_cache.enable()
     cfg = prepare(cfg)
     env = RanSlicingEnv(cfg.env)
     writer = SummaryWriter(str(cfg.run_dir / "tb"))

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cli_common  # noqa: E402
 
+from sfjax import compile_cache
 from sfjax.baselines import rl
 from sfjax.baselines.evaluation import EvalProtocol
 from sfjax.baselines.report import Table3Inputs, plot_fig2, write_table3
@@ -95,6 +96,7 @@ def main(cfg: Config, preset: str = "") -> dict:
     from tensorboardX import SummaryWriter
 
     configure_logging(cfg.log_level)
+    compile_cache.enable()
     cfg = prepare(cfg)
     env = RanSlicingEnv(cfg.env)
     writer = SummaryWriter(str(cfg.run_dir / "tb"))

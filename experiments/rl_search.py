@@ -64,7 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cli_common  # noqa: E402
 import rl_baselines  # noqa: E402
 
-from sfjax import atomic  # noqa: E402
+from sfjax import atomic, compile_cache  # noqa: E402
 from sfjax.baselines import rl, search  # noqa: E402
 from sfjax.baselines.evaluation import EvalProtocol  # noqa: E402
 from sfjax.baselines.runner import ROW_NAMES, RLRunConfig, train_and_evaluate  # noqa: E402
@@ -378,6 +378,7 @@ def markdown(cfg: Config, out: dict, preset: str = "") -> str:
 
 def main(cfg: Config, preset: str = "") -> dict:
     configure_logging(cfg.log_level)
+    compile_cache.enable()
     env = RanSlicingEnv(cfg.env)
     cfg, candidates = prepare(cfg, env)
     records = run_search(cfg, env, candidates)

@@ -76,7 +76,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cli_common  # noqa: E402
 
-from sfjax import atomic, device_memory  # noqa: E402
+from sfjax import atomic, compile_cache, device_memory  # noqa: E402
 from sfjax.agents.actor import PAPER_ACTOR, ActorConfig  # noqa: E402
 from sfjax.agents.loop_config import LoopConfig  # noqa: E402
 from sfjax.agents.prior import PRIOR_LABEL, SMOKE_PROMPT, PriorConfig  # noqa: E402
@@ -570,6 +570,7 @@ def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> d
 def main(argv=None) -> None:
     cfg = cli_common.run_cli(cli_common.parse, PRESETS, argv, __doc__)
     configure_logging(cfg.log_level)
+    compile_cache.enable()
     cli_common.run_cli(run, cfg, memory=memory_options(cfg))
 
 

@@ -52,7 +52,7 @@ import reflexion_ranslicing  # noqa: E402
 import rl_baselines  # noqa: E402
 import sf_ranslicing  # noqa: E402
 
-from sfjax import atomic  # noqa: E402
+from sfjax import atomic, compile_cache  # noqa: E402
 from sfjax.agents.env import JaxRanRunner  # noqa: E402
 from sfjax.agents.prior import PRIOR_LABEL, PriorConfig  # noqa: E402
 from sfjax.baselines.compare import ROW_FILES  # noqa: E402
@@ -363,6 +363,7 @@ def main(cfg: Config, preset: str = "") -> dict:
     from tensorboardX import SummaryWriter
 
     configure_logging(cfg.log_level)
+    compile_cache.enable()
     cfg = prepare(cfg)  # writes config.json
     env = JaxRanRunner(cfg.env, cfg.protocol.num_steps).env
     writer = SummaryWriter(str(cfg.run_dir / "tb"))
