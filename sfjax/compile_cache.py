@@ -77,18 +77,18 @@ def default_dir(environ=None) -> Path:
 
 def enable(environ=None) -> Path | None:
     """Turn JAX's persistent compilation cache on (module docstring); the directory it uses,
-    None when it is off. Never stops a run: a directory that cannot be made is logged and the
-    cache left off."""
+    None when it is off (logged at DEBUG: an experiment's first lines stay its own). Never
+    stops a run: a directory that cannot be made is a warning and the cache left off."""
     import jax
 
     environ = os.environ if environ is None else environ
     chosen = jax.config.jax_compilation_cache_dir
     if chosen:  # JAX_COMPILATION_CACHE_DIR or the caller's own config: theirs
-        log.info("XLA compilation cache: %s (JAX's compilation cache dir, as set)", chosen)
+        log.debug("XLA compilation cache: %s (JAX's compilation cache dir, as set)", chosen)
         return Path(chosen)
     setting = (environ.get(ENV) or "").strip()
     if setting.lower() in OFF and setting:
-        log.info("XLA compilation cache: off (%s=%s)", ENV, setting)
+        log.debug("XLA compilation cache: off (%s=%s)", ENV, setting)
         return None
     path = Path(os.path.expanduser(setting)) if setting else default_dir(environ)
     try:
@@ -100,5 +100,5 @@ def enable(environ=None) -> Path | None:
     jax.config.update("jax_compilation_cache_dir", str(path))
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in environ:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_S)
-    log.info("XLA compilation cache: %s (%s=off to turn it off)", path, ENV)
+    log.debug("XLA compilation cache: %s (%s=off to turn it off)", path, ENV)
     return path

@@ -64,7 +64,7 @@ def no_cache_dir():
 def test_enable_keeps_the_users_own_directory(tmp_path, caplog):
     import logging
 
-    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.DEBUG)
     ours = jax.config.jax_compilation_cache_dir  # the suite's (conftest)
     assert ours
     assert compile_cache.enable({compile_cache.ENV: str(tmp_path)}) == Path(ours)
@@ -75,7 +75,7 @@ def test_enable_keeps_the_users_own_directory(tmp_path, caplog):
 def test_enable_uses_the_variable_or_turns_off(tmp_path, no_cache_dir, caplog):
     import logging
 
-    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.DEBUG)
     for off in ("off", "0", "False"):
         assert compile_cache.enable({compile_cache.ENV: off}) is None
         assert jax.config.jax_compilation_cache_dir is None
