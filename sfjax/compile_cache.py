@@ -6,8 +6,9 @@ a GPU each of them compiles for tens of seconds (issue 18: the sampler's batch-1
 on an H200, compile and run), and a run that resumes after a crash, or is extended by more SF
 iterations, paid all of it again. With the cache, XLA's compiled programs are written to disk
 and a later process with the same program, backend, device kind, XLA flags and jaxlib loads
-them instead (JAX's own cache key; a program that compiles in under
-:data:`MIN_COMPILE_S` is not written). A program loaded from the cache is the one that would be
+them instead (JAX's own cache key; a program that compiles in under a second, JAX's
+``jax_persistent_cache_min_compile_time_secs``, is not written: the small host-side programs
+would cost more file reads than they save). A program loaded from the cache is the one that would be
 compiled, so the results are the same bit for bit; the tests run with the cache on.
 
 Where (:func:`enable`):
@@ -38,9 +39,6 @@ log = logging.getLogger(__name__)
 ENV = "SFJAX_COMPILE_CACHE"
 """A directory for the cache, or ``off`` / ``0`` / ``false`` / ``no`` to keep it off."""
 OFF = ("off", "0", "false", "no", "none")
-MIN_COMPILE_S = 1.0
-"""Programs that compile faster than this are not written (JAX's own default): the small
-host-side programs would cost more disk and file reads than they save."""
 
 
 def cpu_fingerprint(cpuinfo: str | None = None) -> str:
@@ -98,7 +96,5 @@ def enable(environ=None) -> Path | None:
                     "directory", path, e, ENV)
         return None
     jax.config.update("jax_compilation_cache_dir", str(path))
-    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in environ:
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_S)
     log.debug("XLA compilation cache: %s (%s=off to turn it off)", path, ENV)
     return path

@@ -53,12 +53,10 @@ def test_default_dir_follows_xdg_cache_home(tmp_path, monkeypatch):
 def no_cache_dir():
     """JAX's cache dir unset for the test (the suite's own, set by conftest, restored after;
     JAX keeps using the cache it opened, whatever the option says)."""
-    before = (jax.config.jax_compilation_cache_dir,
-              jax.config.jax_persistent_cache_min_compile_time_secs)  # fmt: skip
+    before = jax.config.jax_compilation_cache_dir
     jax.config.update("jax_compilation_cache_dir", None)
     yield
-    jax.config.update("jax_compilation_cache_dir", before[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+    jax.config.update("jax_compilation_cache_dir", before)
 
 
 def test_enable_keeps_the_users_own_directory(tmp_path, caplog):
@@ -83,7 +81,6 @@ def test_enable_uses_the_variable_or_turns_off(tmp_path, no_cache_dir, caplog):
     path = tmp_path / "a" / "b"
     assert compile_cache.enable({compile_cache.ENV: str(path)}) == path and path.is_dir()
     assert jax.config.jax_compilation_cache_dir == str(path)
-    assert jax.config.jax_persistent_cache_min_compile_time_secs == compile_cache.MIN_COMPILE_S
 
 
 def test_enable_never_stops_a_run(tmp_path, no_cache_dir, caplog):
