@@ -24,6 +24,10 @@ Per format, over ``--steps`` consecutive steps (the window slides; one prompt pe
   = measured time-to-action − (full prefill − suffix prefill);
 * PyTorch: ``generate`` of the same number of tokens on the same prompt ids (no constraint).
 
+Each sfjax figure is the steady state: its steps run untimed until a pass over them compiles
+nothing (the prompts may fall in different buckets; the prefix cache moves after its first
+pass), then once timed; ``compiles`` counts the XLA compiles inside the timed pass (0 expected).
+
 Floors: prefill FLOPs / measured matmul rate + per decode step max(bytes / bandwidth, FLOPs /
 matmul rate). The tokenizer is the project's local byte-level test tokenizer (no download; it
 splits text into more tokens than Qwen's, so its token counts are an upper bound — pass
