@@ -534,6 +534,17 @@ class CompileCounter:
         jax.monitoring.unregister_event_duration_listener(self._listen)
 
 
+def warm_until_compiled(fn, passes: int = 3) -> None:
+    """``fn()`` untimed, at least twice and until a call compiles nothing (at most ``passes``
+    calls). A first pass can change what the next one runs (a prefix cache that moves its
+    prefix, prompts in other buckets), so one quiet pass after it is the steady state."""
+    for i in range(passes):
+        with CompileCounter() as warm:
+            fn()
+        if i and not warm.count:
+            return
+
+
 def time_call(fn, iters: int = 5, warmup: int = 1, sync=block, label: str | None = None) -> dict:
     """Wall time of ``sync(fn())``: median / min / all, after ``warmup`` untimed calls.
 

@@ -236,17 +236,10 @@ def run_format(order, sampler, config, tok, roof, tmodel, device, args, sampler_
                                          ("full_decision", acfg.max_new_tokens))
 
     def timed(label: str, new: int, s=sampler) -> dict:
-        """The steps' decisions untimed, at least twice and until a pass compiles nothing (at
-        most 3 passes), then once timed. Consecutive prompts may fall in different prompt
-        buckets, and with the prefix cache the first pass also moves the cached prefix, so the
-        next pass runs other suffix buckets and code paths: each its own program, and a timed
-        decision must not include its compile. ``compiles`` (0 expected) checks it."""
-        for i in range(3):
-            with gc.CompileCounter() as warm:
-                for prompt in prompts:
-                    decide(prompt, new, s)
-            if i and not warm.count:
-                break
+        """The steps' decisions warmed (consecutive prompts may fall in different buckets;
+        the prefix cache moves its prefix in the first pass), then once timed: a timed decision
+        must not include its compile. ``compiles`` (0 expected) checks it."""
+        gc.warm_until_compiled(lambda: [decide(prompt, new, s) for prompt in prompts])
         runs = [gc.time_call(lambda prompt=prompt: decide(prompt, new, s), iters=1, warmup=0,
                              sync=lambda x: x, label=f"{order}: {label}") for prompt in prompts]
         times = [r["median_s"] for r in runs]

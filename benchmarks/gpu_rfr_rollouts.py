@@ -134,14 +134,9 @@ def run_sfjax(model, tok, prompts, args, prompts_per_call) -> dict:
     plan = rfr.plan_rollout_calls(prompts, cfg, cost)
     key = jax.random.key(args.seed)
     gc.progress(f"rfr: {len(plan)} call(s) of {[b - a for a, b in plan]} prompts; compiling")
-    # untimed passes, at least two, until one compiles nothing (at most 3): the calls may
-    # differ in prompt bucket, and the first pass changes the prefix cache's state (it
-    # re-buckets its prefix to what the calls share), so the second runs other code paths
-    for i in range(3):
-        with gc.CompileCounter() as warm:
-            rfr.sample_in_calls(actor.sample, prompts, cfg, key, cost)
-        if i and not warm.count:
-            break
+    # the calls may differ in prompt bucket, and the first pass re-buckets the prefix cache's
+    # prefix to what the calls share: the second runs other programs
+    gc.warm_until_compiled(lambda: rfr.sample_in_calls(actor.sample, prompts, cfg, key, cost))
     best, compiles = None, 0
     for it in range(args.iters):
         sampler.outputs.clear()

@@ -15,7 +15,7 @@ Where (:func:`enable`):
 
 - ``JAX_COMPILATION_CACHE_DIR`` (or ``jax_compilation_cache_dir`` set before): the user's own
   choice, kept as it is;
-- else ``SFJAX_COMPILE_CACHE``: a directory, or ``off`` (``0``, ``false``, ``no``) for none;
+- else ``SFJAX_COMPILE_CACHE``: a directory, or ``off`` (``0``, ``false``, ``no``, ``none``) for none;
 - else ``~/.cache/sfjax/jax_compile/<cpu>`` (``$XDG_CACHE_HOME`` when set).
 
 ``<cpu>`` names the host CPU (a hash of its model and instruction-set flags): XLA:CPU compiles
@@ -37,7 +37,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 ENV = "SFJAX_COMPILE_CACHE"
-"""A directory for the cache, or ``off`` / ``0`` / ``false`` / ``no`` to keep it off."""
+"""A directory for the cache, or one of :data:`OFF` (any case) to keep it off."""
 OFF = ("off", "0", "false", "no", "none")
 
 
@@ -85,7 +85,7 @@ def enable(environ=None) -> Path | None:
         log.debug("XLA compilation cache: %s (JAX's compilation cache dir, as set)", chosen)
         return Path(chosen)
     setting = (environ.get(ENV) or "").strip()
-    if setting.lower() in OFF and setting:
+    if setting.lower() in OFF:
         log.debug("XLA compilation cache: off (%s=%s)", ENV, setting)
         return None
     path = Path(os.path.expanduser(setting)) if setting else default_dir(environ)
