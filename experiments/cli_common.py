@@ -25,6 +25,7 @@ from sfjax.config_rules import RULES
 from sfjax.configcheck import Bad, ConfigError, check_config
 from sfjax.models.config import CheckpointUnavailable, UnsupportedCheckpoint
 from sfjax.models.weights import CheckpointError
+from sfjax.parallel import failfast
 
 
 class RunDirTaken(FileExistsError):
@@ -118,9 +119,11 @@ def run_cli(fn: Callable[..., Any], *args,
         return fn(*args)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
+        failfast.note(str(e))
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"\ninterrupted: {INTERRUPTED}", file=sys.stderr)
+        failfast.note("interrupted (Ctrl-C)")
         sys.exit(130)
     except Exception as e:
         if not device_memory.is_out_of_memory(e):
@@ -130,6 +133,7 @@ def run_cli(fn: Callable[..., Any], *args,
         advice = device_memory.advice(memory, where)
         print(f"error: out of device memory{f' in {where}' if named else ''}: {detail}\n"
               f"{INTERRUPTED}" + (f"\n{advice}" if advice else ""), file=sys.stderr)  # fmt: skip
+        failfast.note(f"out of device memory{f' in {where}' if named else ''}: {detail}")
         sys.exit(1)
     finally:
         runlock.release([d for d in runlock.held() if d not in before])

@@ -19,10 +19,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_two(
+def run_two(
     worker_file: str, args: list[str], mesh: tuple[str, ...], timeout_s: float = 180
-) -> list[str]:
-    """Both processes' output; fails the test (with their logs) unless both exit 0."""
+) -> tuple[list[int | None], list[str]]:
+    """Both processes' exit codes and output. After ``timeout_s`` both are killed: the one
+    waited for then has code None, the other a negative code."""
     port = free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=4")  # fmt: skip
@@ -40,16 +41,29 @@ def launch_two(
         for i in range(2)
     ]
     deadline = time.monotonic() + timeout_s
-    logs = []
+    logs, codes = [], []
     for p in procs:
         try:
             out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            codes.append(p.returncode)
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
             out, _ = p.communicate()
+            codes.append(None)
         logs.append(out)
-    codes = [p.returncode for p in procs]
-    assert codes == [0, 0], "\n\n".join(f"--- process {i} ---\n{log[-4000:]}"
-                                         for i, log in enumerate(logs))  # fmt: skip
+    return codes, logs
+
+
+def format_logs(logs: list[str]) -> str:
+    """The processes' output, the end of each, for an assertion message."""
+    return "\n\n".join(f"--- process {i} ---\n{log[-4000:]}" for i, log in enumerate(logs))
+
+
+def launch_two(
+    worker_file: str, args: list[str], mesh: tuple[str, ...], timeout_s: float = 180
+) -> list[str]:
+    """Both processes' output; fails the test (with their logs) unless both exit 0."""
+    codes, logs = run_two(worker_file, args, mesh, timeout_s)
+    assert codes == [0, 0], format_logs(logs)
     return logs

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+from sfjax.parallel import failfast
 from sfjax.parallel.mesh import (
     DistributedConfig,
     MeshConfig,
@@ -23,12 +24,15 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     Starts ``jax.distributed`` if asked, builds the mesh, makes it the default mesh (so
     ``from_pretrained``, ``Sampler`` and ``KTOTrainer`` in SCRIPT shard by the rules without
-    code changes), then runs SCRIPT as ``__main__`` with ARGS.
+    code changes), then runs SCRIPT as ``__main__`` with ARGS. With several processes, one that
+    fails (an exception or a non-zero exit) stops all of them within seconds, each naming it
+    (:mod:`sfjax.parallel.failfast`), instead of leaving them in a collective.
     """
     import argparse
     import os
     import runpy
     import sys
+    import traceback
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--" not in argv:
@@ -70,5 +74,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     set_default_mesh(mesh)
     logging.basicConfig(level=logging.INFO if is_main_process() else logging.WARNING)
     log.warning("sfjax.parallel: %s", describe(mesh))
+    failfast.install()  # several processes: one's failure stops them all (no-op with one)
     sys.argv = list(rest)
-    runpy.run_path(rest[0], run_name="__main__")
+    try:
+        runpy.run_path(rest[0], run_name="__main__")
+    except SystemExit as e:
+        code = exit_status(e.code)
+        if code and failfast.active():
+            if isinstance(e.code, str):  # what Python would have printed
+                print(e.code, file=sys.stderr)
+            failfast.stop_all(code=code)
+        raise
+    except BaseException as e:
+        if not failfast.active():
+            raise
+        traceback.print_exc()
+        failfast.stop_all(f"{type(e).__name__}: {e}",
+                          code=130 if isinstance(e, KeyboardInterrupt) else 1)
+
+
+def exit_status(code: object) -> int:
+    """The status ``sys.exit(code)`` exits with: 0 for None, 1 for a message, else the int."""
+    if code is None:
+        return 0
+    return code if isinstance(code, int) else 1
