@@ -18,6 +18,7 @@ import pytest
 from multihost_launch import format_logs, run_two  # tests/multihost_launch.py
 
 LIMIT_S = 120  # well above a normal start and stop of two processes, well below JAX's 300 s
+EVERY = 2  # as the failing process: both fail
 
 
 def _run(scenario: str, failing: int) -> tuple[list[int | None], list[str], float]:
@@ -51,6 +52,21 @@ def test_a_cli_error_on_one_process_is_the_line_every_process_prints():
     line = "warmup.steps must be >= 0, got -1"
     assert f"error: {line}" in logs[1] and "Traceback" not in logs[1], logs[1]
     assert f"error: process 1 of 2 failed: {line}; stopping process 0 too" in logs[0], logs[0]
+
+
+def test_the_same_error_on_every_process_stops_each_with_that_error():
+    """A mistake every process meets (a bad option). Each exits with its own line and status 2,
+    or, when the other got there first, with that process's line and status 1; none aborts
+    (process 0, which hosts the coordination service, leaves last)."""
+    codes, logs, took = _run("cli", EVERY)
+    assert took < 60, f"took {took:.0f} s\n{format_logs(logs)}"
+    line = "warmup.steps must be >= 0, got -1"
+    for i, (code, log) in enumerate(zip(codes, logs)):
+        other = 1 - i
+        assert (code == 2 and f"error: {line}" in log) or (
+            code == 1 and f"error: process {other} of 2 failed: {line};" in log
+        ), format_logs(logs)
+    assert 2 in codes, format_logs(logs)
 
 
 def test_a_process_that_finished_is_stopped_by_a_later_failure():
@@ -92,7 +108,7 @@ def _worker(scenario: str, failing: int) -> None:
             return
         time.sleep(3)  # the other is in the shutdown barrier by now
         raise RuntimeError(f"boom from process {me}")
-    if me == failing:
+    if failing in (me, EVERY):
         if scenario == "raise":
             raise RuntimeError(f"boom from process {me}")
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))

@@ -11,9 +11,9 @@ that is five minutes of every host, per failure.
 :func:`install` (the launcher, ``python -m sfjax.parallel``, calls it once JAX's distributed
 runtime is up) starts a watcher thread on every process that waits on the coordination
 service's key-value store. A process that fails calls :func:`stop_all`: it writes its error
-under every other process's key, waits (a few seconds at most) until they have read it, and
-leaves with ``os._exit``; each other process's watcher logs the error and leaves the same way,
-even from inside a collective. So every process exits within seconds, each one naming the
+under every other process's key and leaves with ``os._exit``; each other process's watcher
+prints the error and leaves the same way, even from inside a collective. Process 0, which hosts
+the coordination service, leaves last (a process that loses the service aborts). So every process exits within seconds, each one naming the
 process that failed and its error. Nothing is lost that a run keeps: sfjax's checkpoints are
 written synchronously, and the same command resumes from the last one.
 
@@ -30,6 +30,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from typing import NoReturn
 
 import jax
@@ -38,14 +39,15 @@ log = logging.getLogger(__name__)
 
 KEY = "sfjax/failfast"
 """Prefix of the coordination service keys: ``{KEY}/stop/{i}`` holds the error process ``i``
-is stopped for, ``{KEY}/read/{i}`` says that process ``i`` has read it."""
+is stopped for, ``{KEY}/left/{i}`` says that process ``i`` is leaving."""
 POLL_MS = 60_000
 """How long one watcher wait lasts before it waits again (a shutdown cancels it at once)."""
-READ_WAIT_MS = 5_000
-"""How long a failing process waits for the others to read its error before it exits."""
+LEAVE_WAIT_MS = 10_000
+"""How long process 0, stopping, waits for the others to leave before it leaves."""
 
 _watcher: threading.Thread | None = None
 _stopping = threading.Event()  # set once this process has finished: its watcher may stop
+_failing = threading.Event()  # set once this process fails itself: it exits with its own status
 _note: str | None = None
 
 
@@ -85,22 +87,19 @@ def note(message: str) -> None:
 
 def stop_all(message: str | None = None, code: int = 1) -> NoReturn:
     """Stop every process of the run: send ``message`` (default: the :func:`note`d error) to
-    the others, wait up to :data:`READ_WAIT_MS` until they have read it, then exit with
-    ``code`` without JAX's shutdown barrier (which would wait for processes that never come)."""
+    the others, then exit with ``code`` without JAX's shutdown barrier (which would wait for
+    processes that never come)."""
+    _failing.set()
     me, n = jax.process_index(), jax.process_count()
     text = message or _note or f"exited with status {code}"
     client = _client()
-    others = [i for i in range(n) if i != me]
     if client is not None:
-        for i in others:
+        for i in range(n):
+            if i == me:
+                continue
             try:  # the first failure's message wins: a key already set is kept
                 client.key_value_set(f"{KEY}/stop/{i}", f"process {me} of {n} failed: {text}")
             except Exception:  # noqa: BLE001 - already set, or the service is gone
-                pass
-        for i in others:
-            try:
-                client.blocking_key_value_get(f"{KEY}/read/{i}", READ_WAIT_MS)
-            except Exception:  # noqa: BLE001 - stopped already, or gone: exit anyway
                 pass
     _exit(code)
 
@@ -117,10 +116,8 @@ def _watch(client, me: int) -> None:
                 log.warning("sfjax.parallel: stopped watching for failures of other "
                             "processes: %s", " ".join(str(e).split())[:200])  # fmt: skip
             return
-        try:
-            client.key_value_set(f"{KEY}/read/{me}", "1")
-        except Exception:  # noqa: BLE001
-            pass
+        if _failing.is_set():  # failing too (e.g. the same bad config everywhere): its own exit
+            return
         print(f"error: {why}; stopping process {me} too, so that no process waits for it "
               "(see that process's output for the details)", file=sys.stderr)  # fmt: skip
         _exit(1)
@@ -137,11 +134,28 @@ def _shutdown() -> None:
 
 
 def _exit(code: int) -> NoReturn:
-    """Flush what this process printed and logged, then leave at once (no ``atexit``)."""
+    """Flush what this process printed and logged, then leave at once (no ``atexit``).
+
+    Process 0 hosts JAX's coordination service, and a process that loses it aborts (SIGABRT),
+    so process 0 leaves last: every other process says it is leaving, then leaves; process 0
+    waits up to :data:`LEAVE_WAIT_MS` for all of them."""
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except Exception:  # noqa: BLE001
+            pass
+    client, me = _client(), jax.process_index()
+    if client is not None:
+        try:
+            if me != 0:
+                client.key_value_set(f"{KEY}/left/{me}", "1")
+            else:
+                deadline = time.monotonic() + LEAVE_WAIT_MS / 1000
+                for i in range(1, jax.process_count()):
+                    left_ms = int(max(1.0, (deadline - time.monotonic()) * 1000))
+                    client.blocking_key_value_get(f"{KEY}/left/{i}", left_ms)
+                time.sleep(0.2)  # their exits, a syscall away, are done
+        except Exception:  # noqa: BLE001 - not all left in time, or the service is gone
             pass
     os._exit(code)
