@@ -25,7 +25,7 @@ from sfjax.config_rules import RULES
 from sfjax.configcheck import Bad, ConfigError, check_config
 from sfjax.models.config import CheckpointUnavailable, UnsupportedCheckpoint
 from sfjax.models.weights import CheckpointError
-from sfjax.parallel import failfast
+from sfjax.parallel import MainProcessError, failfast
 
 
 class RunDirTaken(FileExistsError):
@@ -109,7 +109,8 @@ INTERRUPTED = ("what the run saved is kept; the same command continues it (the S
 def run_cli(fn: Callable[..., Any], *args,
             memory: Sequence[device_memory.MemoryOption] = (device_memory.POOL,),
             ) -> Any:  # fmt: skip
-    """``fn(*args)``; a user's mistake exits with status 2 and its message, no traceback;
+    """``fn(*args)``; a user's mistake exits with status 2 and its message, no traceback (on
+    every process of a multi-process run when process 0 met it in ``on_main_process``);
     Ctrl-C exits with 130 and says how to continue; running out of device memory exits with 1,
     naming the phase (:func:`sfjax.device_memory.during`) and the ``memory`` options that lower
     it (default: JAX's GPU memory pool). The run dirs ``fn`` locked (:func:`make_run_dir`)
@@ -120,6 +121,12 @@ def run_cli(fn: Callable[..., Any], *args,
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         failfast.note(str(e))
+        sys.exit(2)
+    except MainProcessError as e:  # another process of a multi-process run: 0's error
+        if e.kind not in {t.__name__ for t in USER_ERRORS}:
+            raise
+        print(f"error: {e.detail}", file=sys.stderr)  # process 0's mistake, the same line
+        failfast.note(e.detail)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"\ninterrupted: {INTERRUPTED}", file=sys.stderr)

@@ -451,7 +451,7 @@ def base_checkpoint(cfg: ExperimentConfig, prompt_cfg=None) -> str:
         return parallel.on_main_process(lambda: str(ensure_prior(cfg.prior, cfg.env, prompt_cfg)))
     if cfg.model.tiny:
         path = Path(cfg.run_dir) / "tiny_actor"
-        parallel.on_main_process(tiny_actor, path, cfg.model.tiny_seed)
+        parallel.on_main_process(lambda: str(tiny_actor(path, cfg.model.tiny_seed)))
         return str(path)
     if cfg.model.checkpoint:
         return cfg.model.checkpoint
@@ -489,8 +489,14 @@ def run(cfg: ExperimentConfig, *, on_phase_end=None, progress: bool = True) -> d
     run_dir = Path(cfg.run_dir)
     cli_common.make_run_dir(run_dir)
     parallel.check_shared_directory(run_dir)  # multi-host: one directory for every host
-    # process 0 decides (and writes config.json) before any process reads further
-    resume, cfg = parallel.on_main_process(_prepare_run_dir, cfg, run_dir)
+    # process 0 decides (and writes config.json) before any process reads further; the config
+    # to run travels as JSON (every process, one or several, takes the same path)
+    def decide():
+        resume, used = _prepare_run_dir(cfg, run_dir)
+        return resume, cli_common.as_json(used)
+
+    resume, used = parallel.on_main_process(decide)
+    cfg = cli_common.with_values(cfg, used)
 
     t0 = time.perf_counter()
     # action range, slices and the scoring objective in words, all from the env

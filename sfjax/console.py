@@ -4,7 +4,8 @@
 *replace* the root handler rather than add to it: importing ``orbax.checkpoint`` (through
 absl) already installs a root ``StreamHandler`` at WARNING, after which a plain
 ``logging.basicConfig`` does nothing, so every INFO progress line was lost and ``--log-level``
-had no effect.
+had no effect. In a multi-process run, processes other than 0 show warnings and errors only:
+process 0 logs the run's progress once.
 
 :func:`progress_bar` is the one tqdm bar of the package (the collect, API-reflect and KTO bars).
 
@@ -34,7 +35,8 @@ def configure_logging(level: str | int = "INFO") -> int:
     """Send every record at ``level`` and above to stderr, whatever was installed before.
 
     ``level`` is a name (``DEBUG``, ``INFO``, ``WARNING``, ``ERROR``; any case) or a number.
-    Returns the numeric level. Raises ``ValueError`` for an unknown name.
+    Returns the numeric level. Raises ``ValueError`` for an unknown name. On a process other
+    than 0 of a multi-process run, records below WARNING are not shown.
     """
     if isinstance(level, str):
         value = logging.getLevelName(level.strip().upper())
@@ -46,11 +48,21 @@ def configure_logging(level: str | int = "INFO") -> int:
         value = int(level)
     # transformers logs "PyTorch was not found" at import: true and irrelevant here (JAX)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # a multi-process run logs its progress once, on process 0; the others warn and err only
+    shown = max(value, logging.WARNING) if _other_process() else value
     # force=True: orbax/absl put a handler on the root logger at import time (see above)
-    logging.basicConfig(level=value, format=LOG_FORMAT, datefmt=LOG_DATEFMT, force=True)
+    logging.basicConfig(level=shown, format=LOG_FORMAT, datefmt=LOG_DATEFMT, force=True)
     for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(max(value, logging.WARNING))
+        logging.getLogger(name).setLevel(max(shown, logging.WARNING))
     return value
+
+
+def _other_process() -> bool:
+    """Whether this is a process other than 0 of a started ``jax.distributed`` run (one
+    process: False, without starting JAX's backend)."""
+    import jax
+
+    return jax.distributed.is_initialized() and jax.process_index() != 0
 
 
 def progress_bar(

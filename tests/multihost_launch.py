@@ -20,13 +20,15 @@ def free_port() -> int:
 
 
 def run_two(
-    worker_file: str, args: list[str], mesh: tuple[str, ...], timeout_s: float = 180
+    worker_file: str, args: list[str], mesh: tuple[str, ...], timeout_s: float = 180,
+    devices: int = 4,
 ) -> tuple[list[int | None], list[str]]:
-    """Both processes' exit codes and output. After ``timeout_s`` both are killed: the one
-    waited for then has code None, the other a negative code."""
+    """Both processes' exit codes and output (``devices`` CPU devices each). After
+    ``timeout_s`` both are killed: the one waited for then has code None, the other a negative
+    code."""
     port = free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=4")  # fmt: skip
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")  # fmt: skip
     # the repo (sfjax) and tests/ (this module, imported by the worker file) on the path
     env["PYTHONPATH"] = os.pathsep.join(
         [str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")]

@@ -124,10 +124,14 @@ def _watch(client, me: int) -> None:
 
 
 def _shutdown() -> None:
-    """Normal exit: JAX's shutdown barrier while still watching, then join the watcher."""
+    """Normal exit: JAX's shutdown barrier while still watching, then join the watcher.
+
+    It runs before JAX's own exit clean-up, which then finds the runtime shut down. JAX's
+    order, the backends cleared first, kept a finished process from seeing a later failure
+    (tried: it waited for the heartbeat timeout)."""
     global _watcher
     _stopping.set()
-    jax.distributed.shutdown()  # cancels the watcher's wait; JAX's own call is then a no-op
+    jax.distributed.shutdown()  # cancels the watcher's wait
     if _watcher is not None:
         _watcher.join(timeout=10)
         _watcher = None

@@ -79,8 +79,13 @@ def broadcast_object(obj: Any) -> Any:
 
 
 class MainProcessError(RuntimeError):
-    """Raised on every process when the function :func:`on_main_process` ran on process 0
-    failed there (the message is process 0's error)."""
+    """Raised on every process but 0 when the function :func:`on_main_process` ran on process
+    0 failed there: the message is ``"on process 0: <type>: <error>"``, ``kind`` the error's
+    type name and ``detail`` its message (so a CLI can print a user's mistake as one line)."""
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(f"on process 0: {kind}: {detail}")
+        self.kind, self.detail = kind, detail
 
 
 def on_main_process(fn: Callable[..., Any], *args, **kwargs) -> Any:
@@ -93,19 +98,22 @@ def on_main_process(fn: Callable[..., Any], *args, **kwargs) -> Any:
     """
     if jax.process_count() == 1:
         return fn(*args, **kwargs)
+    import json
+
     error: BaseException | None = None
     payload: Any = None
     if is_main_process():
         try:
             payload = {"ok": fn(*args, **kwargs)}
+            json.dumps(payload)  # a result that cannot travel fails here, on every process
         except Exception as e:  # broadcast, then re-raise below
             error = e
-            payload = {"error": f"{type(e).__name__}: {e}"}
+            payload = {"error": str(e), "kind": type(e).__name__}
     payload = broadcast_object(payload)
     if error is not None:
         raise error
     if "error" in payload:
-        raise MainProcessError(f"on process 0: {payload['error']}")
+        raise MainProcessError(payload["kind"], payload["error"])
     return payload["ok"]
 
 

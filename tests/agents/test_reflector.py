@@ -525,7 +525,7 @@ def test_collective_reflector_runs_everywhere_but_process_0_wins(monkeypatch):
 def test_failure_on_process_0_raises_on_the_others(monkeypatch):
     from sfjax.agents.reflector import reflect_on_all_processes
 
-    _as_process_1(monkeypatch, {"error": "ReflectorError: no valid reply after 3 retries"})
+    _as_process_1(monkeypatch, {"error": "no valid reply after 3 retries", "kind": "ReflectorError"})
     with pytest.raises(ReflectorError, match="process 0.*3 retries"):
         reflect_on_all_processes(_CountingReflector("x"), [])
 
@@ -557,6 +557,6 @@ def test_host_side_reflector_is_built_on_process_0_only(monkeypatch):
     with pytest.raises(ReflectorError, match="process 0 only"):
         stand_in.reflect([])
 
-    _as_process_1(monkeypatch, {"error": "ReflectorError: set DEEPSEEK_API_KEY"})
+    _as_process_1(monkeypatch, {"error": "set DEEPSEEK_API_KEY", "kind": "ReflectorError"})
     with pytest.raises(ReflectorError, match="DEEPSEEK_API_KEY"):
         build_on_process_0(must_not_build)
