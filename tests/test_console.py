@@ -69,6 +69,26 @@ def test_configure_logging_replaces_existing_root_handler(capsys):
         root.setLevel(saved[1])
 
 
+@pytest.mark.parametrize("process", [0, 1])
+def test_processes_other_than_0_log_warnings_only(capsys, monkeypatch, process):
+    """A multi-process run logs its progress once, on process 0 (every host printed it)."""
+    import jax
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(jax, "process_index", lambda: process)
+    try:
+        assert configure_logging("INFO") == logging.INFO
+        logging.getLogger("sfjax.test").info("a progress line")
+        logging.getLogger("sfjax.test").warning("a warning")
+        err = capsys.readouterr().err
+        assert ("a progress line" in err) == (process == 0) and "a warning" in err
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+
+
 def test_http_request_lines_stay_out_of_the_log(capsys, monkeypatch):
     """openai 3 logs every HTTP request at INFO through httpx2, not httpx: the paper preset's
     log had two "HTTP Request: POST ..." lines per Reflector request (its client's and the

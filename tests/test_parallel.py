@@ -331,6 +331,32 @@ def test_launcher_refuses_a_bad_mesh_before_the_script_runs(tmp_path, capsys, ar
     assert e.value.code == 2 and "missing.py: no such script" in capsys.readouterr().err
 
 
+def test_on_main_process_sends_errors_and_results_json_cannot_carry(monkeypatch):
+    """As process 0 of 2: an error, or a result JSON cannot carry (a dataclass, a Path: how
+    the SF CLI broke on several processes), is sent to the others with its type and raised
+    here; the others raise MainProcessError with the type and the message apart."""
+    import sfjax.parallel.multihost as mh
+
+    sent = []
+    monkeypatch.setattr(mh.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(mh, "is_main_process", lambda: True)
+    monkeypatch.setattr(mh, "broadcast_object", lambda obj: sent.append(obj) or obj)
+    assert parallel.on_main_process(lambda: [1, "a"]) == [1, "a"]
+    with pytest.raises(TypeError, match="PosixPath is not JSON serializable"):
+        parallel.on_main_process(lambda: Path("/x"))
+    with pytest.raises(KeyError):
+        parallel.on_main_process(lambda: {}["missing"])
+    assert sent[1:] == [{"error": "Object of type PosixPath is not JSON serializable",
+                         "kind": "TypeError"}, {"error": "'missing'", "kind": "KeyError"}]  # fmt: skip
+    # process 1 receives process 0's error
+    monkeypatch.setattr(mh, "is_main_process", lambda: False)
+    monkeypatch.setattr(mh, "broadcast_object", lambda obj: sent[1])
+    with pytest.raises(parallel.MainProcessError) as e:
+        parallel.on_main_process(lambda: 1)
+    assert (e.value.kind, e.value.detail) == ("TypeError", sent[1]["error"])
+    assert str(e.value) == f"on process 0: TypeError: {sent[1]['error']}"
+
+
 def test_main_process_calls_and_shared_directory_single_process(tmp_path):
     assert parallel.on_main_process(lambda a, b=0: a + b, 1, b=2) == 3
     with pytest.raises(KeyError):  # the original error, with one process

@@ -205,3 +205,26 @@ def test_ctrl_c_says_how_to_continue_and_releases_the_run_dir(tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 130 and err == f"\ninterrupted: {cli_common.INTERRUPTED}\n"
     assert runlock.held() == []
+
+
+def test_a_users_error_met_on_process_0_is_one_line_on_the_others_too(capsys):
+    """On a process other than 0, ``on_main_process`` raises MainProcessError for process 0's
+    error: one ``error:`` line and status 2 when it was a user's mistake (what process 0
+    prints), the error itself otherwise."""
+    from sfjax.parallel import MainProcessError
+
+    cli_common = experiment("cli_common")
+
+    def refused():
+        raise MainProcessError("RunDirTaken", "runs/x holds a run with another config: loop.seed")
+
+    with pytest.raises(SystemExit) as e:
+        cli_common.run_cli(refused)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "error: runs/x holds a run with another config: loop.seed\n"
+
+    def bug():
+        raise MainProcessError("KeyError", "'missing'")
+
+    with pytest.raises(MainProcessError, match="on process 0: KeyError: 'missing'"):
+        cli_common.run_cli(bug)
