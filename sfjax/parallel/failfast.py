@@ -12,10 +12,11 @@ that is five minutes of every host, per failure.
 runtime is up) starts a watcher thread on every process that waits on the coordination
 service's key-value store. A process that fails calls :func:`stop_all`: it writes its error
 under every other process's key and leaves with ``os._exit``; each other process's watcher
-prints the error and leaves the same way, even from inside a collective. Process 0, which hosts
-the coordination service, leaves last (a process that loses the service aborts). So every process exits within seconds, each one naming the
-process that failed and its error. Nothing is lost that a run keeps: sfjax's checkpoints are
-written synchronously, and the same command resumes from the last one.
+prints the error and leaves the same way, even from inside a collective. Process 0, which
+hosts the coordination service, leaves last (a process that loses the service aborts). So
+every process exits within seconds, each one naming the process that failed and its error.
+Nothing is lost that a run keeps: sfjax's checkpoints are written synchronously, and the same
+command resumes from the last one.
 
 A normal end shuts JAX's runtime down while the watcher still watches (a process that failed
 after this one finished still stops it), then joins the watcher before the interpreter
@@ -159,7 +160,7 @@ def _exit(code: int) -> NoReturn:
                 for i in range(1, jax.process_count()):
                     left_ms = int(max(1.0, (deadline - time.monotonic()) * 1000))
                     client.blocking_key_value_get(f"{KEY}/left/{i}", left_ms)
-                time.sleep(0.2)  # their exits, a syscall away, are done
+                time.sleep(0.2)  # each leaves right after saying so
         except Exception:  # noqa: BLE001 - not all left in time, or the service is gone
             pass
     os._exit(code)

@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         runpy.run_path(rest[0], run_name="__main__")
     except SystemExit as e:
-        code = exit_status(e.code)
+        code = _exit_status(e.code)
         if code and failfast.active():
             if isinstance(e.code, str):  # what Python would have printed
                 print(e.code, file=sys.stderr)
@@ -93,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                           code=130 if isinstance(e, KeyboardInterrupt) else 1)
 
 
-def exit_status(code: object) -> int:
+def _exit_status(code: object) -> int:
     """The status ``sys.exit(code)`` exits with: 0 for None, 1 for a message, else the int."""
     if code is None:
         return 0
