@@ -8,9 +8,9 @@ an all-gather, **both hung 305 s** (the barrier's 300 s timeout) and then **abor
 SIGABRT** and pages of C++ stack traces, the real error buried above them. On a TPU pod slice
 that is five minutes of every host, per failure.
 
-:func:`install` (the launcher, ``python -m sfjax.parallel``, calls it once JAX's distributed
-runtime is up) starts a watcher thread on every process that waits on the coordination
-service's key-value store. A process that fails calls :func:`stop_all`: it writes its error
+:func:`together` (the launcher, ``python -m sfjax.parallel``, runs the script in it once
+JAX's distributed runtime is up) starts a watcher thread on every process that waits on the
+coordination service's key-value store. A process that fails calls :func:`stop_all`: it writes its error
 under every other process's key and leaves with ``os._exit``; each other process's watcher
 prints the error and leaves the same way, even from inside a collective. Process 0, which
 hosts the coordination service, leaves last (a process that loses the service aborts). So
@@ -27,11 +27,14 @@ heartbeat ends the others after ``heartbeat_timeout_seconds`` (100 s by default)
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import sys
 import threading
 import time
+import traceback
+from collections.abc import Iterator
 from typing import NoReturn
 
 import jax
@@ -77,6 +80,37 @@ def install() -> None:
                                 name="sfjax-failfast", daemon=True)  # fmt: skip
     _watcher.start()
     atexit.register(_shutdown)
+
+
+@contextlib.contextmanager
+def together() -> Iterator[None]:
+    """Run the block so that its failure stops every process (:func:`install` first; with one
+    process, or without it, the block runs as is). An exception is printed with its traceback
+    and sent as ``<type>: <message>`` (status 1; 130 for Ctrl-C); a non-zero ``sys.exit``
+    sends the :func:`note`d line, if any, and keeps its status. The launcher runs the script
+    in it; a script of your own that starts ``jax.distributed`` itself can too."""
+    install()
+    try:
+        yield
+    except SystemExit as e:
+        code = _exit_status(e.code)
+        if code and active():
+            if isinstance(e.code, str):  # what Python would have printed
+                print(e.code, file=sys.stderr)
+            stop_all(code=code)
+        raise
+    except BaseException as e:
+        if not active():
+            raise
+        traceback.print_exc()
+        stop_all(f"{type(e).__name__}: {e}", code=130 if isinstance(e, KeyboardInterrupt) else 1)
+
+
+def _exit_status(code: object) -> int:
+    """The status ``sys.exit(code)`` exits with: 0 for None, 1 for a message, else the int."""
+    if code is None:
+        return 0
+    return code if isinstance(code, int) else 1
 
 
 def note(message: str) -> None:

@@ -32,7 +32,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     import os
     import runpy
     import sys
-    import traceback
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--" not in argv:
@@ -74,27 +73,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     set_default_mesh(mesh)
     logging.basicConfig(level=logging.INFO if is_main_process() else logging.WARNING)
     log.warning("sfjax.parallel: %s", describe(mesh))
-    failfast.install()  # several processes: one's failure stops them all (no-op with one)
     sys.argv = list(rest)
-    try:
+    with failfast.together():  # several processes: one's failure stops them all
         runpy.run_path(rest[0], run_name="__main__")
-    except SystemExit as e:
-        code = _exit_status(e.code)
-        if code and failfast.active():
-            if isinstance(e.code, str):  # what Python would have printed
-                print(e.code, file=sys.stderr)
-            failfast.stop_all(code=code)
-        raise
-    except BaseException as e:
-        if not failfast.active():
-            raise
-        traceback.print_exc()
-        failfast.stop_all(f"{type(e).__name__}: {e}",
-                          code=130 if isinstance(e, KeyboardInterrupt) else 1)
-
-
-def _exit_status(code: object) -> int:
-    """The status ``sys.exit(code)`` exits with: 0 for None, 1 for a message, else the int."""
-    if code is None:
-        return 0
-    return code if isinstance(code, int) else 1
