@@ -13,7 +13,7 @@ import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import tyro
 from tyro import _errors, _strings
@@ -119,31 +119,32 @@ def run_cli(fn: Callable[..., Any], *args,
     try:
         return fn(*args)
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        failfast.note(str(e))
-        sys.exit(2)
+        _exit_with(2, f"error: {e}")
     except MainProcessError as e:  # another process of a multi-process run: 0's error
         if e.kind not in {t.__name__ for t in USER_ERRORS}:
             raise
-        print(f"error: {e.detail}", file=sys.stderr)  # process 0's mistake, the same line
-        failfast.note(e.detail)
-        sys.exit(2)
+        _exit_with(2, f"error: {e.detail}")  # process 0's mistake, the same line
     except KeyboardInterrupt:
-        print(f"\ninterrupted: {INTERRUPTED}", file=sys.stderr)
-        failfast.note("interrupted (Ctrl-C)")
-        sys.exit(130)
+        _exit_with(130, f"\ninterrupted: {INTERRUPTED}", note="interrupted (Ctrl-C)")
     except Exception as e:
         if not device_memory.is_out_of_memory(e):
             raise
         named = isinstance(e, device_memory.OutOfDeviceMemory)
         where, detail = (e.where, e.detail) if named else (None, device_memory.detail(e))
         advice = device_memory.advice(memory, where)
-        print(f"error: out of device memory{f' in {where}' if named else ''}: {detail}\n"
-              f"{INTERRUPTED}" + (f"\n{advice}" if advice else ""), file=sys.stderr)  # fmt: skip
-        failfast.note(f"out of device memory{f' in {where}' if named else ''}: {detail}")
-        sys.exit(1)
+        _exit_with(1, f"error: out of device memory{f' in {where}' if named else ''}: {detail}",
+                   f"{INTERRUPTED}" + (f"\n{advice}" if advice else ""))  # fmt: skip
     finally:
         runlock.release([d for d in runlock.held() if d not in before])
+
+
+def _exit_with(status: int, line: str, more: str = "", note: str | None = None) -> NoReturn:
+    """Print ``line`` (then ``more`` on the next lines) to stderr and exit with ``status``;
+    ``line`` less its ``error:`` (or ``note``) is what a multi-process run's other processes
+    are told (:func:`sfjax.parallel.failfast.note`)."""
+    print(line + (f"\n{more}" if more else ""), file=sys.stderr)
+    failfast.note(note or line.removeprefix("error: "))
+    sys.exit(status)
 
 
 # -- RUN_DIR's identity ------------------------------------------------------------------------

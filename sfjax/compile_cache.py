@@ -15,7 +15,8 @@ Where (:func:`enable`):
 
 - ``JAX_COMPILATION_CACHE_DIR`` (or ``jax_compilation_cache_dir`` set before): the user's own
   choice, kept as it is;
-- else ``SFJAX_COMPILE_CACHE``: a directory, or ``off`` (``0``, ``false``, ``no``, ``none``) for none;
+- else ``SFJAX_COMPILE_CACHE``: a directory, or ``off`` (``0``, ``false``, ``no``, ``none``)
+  for none;
 - else ``~/.cache/sfjax/jax_compile/<cpu>`` (``$XDG_CACHE_HOME`` when set).
 
 ``<cpu>`` names the host CPU (a hash of its model and instruction-set flags): XLA:CPU compiles

@@ -346,8 +346,10 @@ def test_on_main_process_sends_errors_and_results_json_cannot_carry(monkeypatch)
         parallel.on_main_process(lambda: Path("/x"))
     with pytest.raises(KeyError):
         parallel.on_main_process(lambda: {}["missing"])
-    assert sent[1:] == [{"error": "Object of type PosixPath is not JSON serializable",
-                         "kind": "TypeError"}, {"error": "'missing'", "kind": "KeyError"}]  # fmt: skip
+    assert sent[1:] == [
+        {"error": "Object of type PosixPath is not JSON serializable", "kind": "TypeError"},
+        {"error": "'missing'", "kind": "KeyError"},
+    ]
     # process 1 receives process 0's error
     monkeypatch.setattr(mh, "is_main_process", lambda: False)
     monkeypatch.setattr(mh, "broadcast_object", lambda obj: sent[1])

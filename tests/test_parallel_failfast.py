@@ -31,7 +31,7 @@ def _run(scenario: str, failing: int) -> tuple[list[int | None], list[str], floa
 def test_an_exception_on_one_process_stops_both_at_once(failing):
     """Process ``failing`` raises while the other is in an all-gather waiting for it. The
     coordinator's process (0) failing is the harder case: its exit takes the key-value store
-    down, so it must wait until the other has read the error."""
+    down, so it must leave after the other has read the error and said it is leaving."""
     codes, logs, took = _run("raise", failing)
     other = 1 - failing
     assert codes == [1, 1], format_logs(logs)

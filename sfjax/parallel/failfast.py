@@ -10,8 +10,8 @@ that is five minutes of every host, per failure.
 
 :func:`together` (the launcher, ``python -m sfjax.parallel``, runs the script in it once
 JAX's distributed runtime is up) starts a watcher thread on every process that waits on the
-coordination service's key-value store. A process that fails calls :func:`stop_all`: it writes its error
-under every other process's key and leaves with ``os._exit``; each other process's watcher
+coordination service's key-value store. A process that fails calls :func:`stop_all`: it writes
+its error under every other process's key and leaves with ``os._exit``; each other process's watcher
 prints the error and leaves the same way, even from inside a collective. Process 0, which
 hosts the coordination service, leaves last (a process that loses the service aborts). So
 every process exits within seconds, each one naming the process that failed and its error.

@@ -525,7 +525,8 @@ def test_collective_reflector_runs_everywhere_but_process_0_wins(monkeypatch):
 def test_failure_on_process_0_raises_on_the_others(monkeypatch):
     from sfjax.agents.reflector import reflect_on_all_processes
 
-    _as_process_1(monkeypatch, {"error": "no valid reply after 3 retries", "kind": "ReflectorError"})
+    _as_process_1(monkeypatch,
+                  {"error": "no valid reply after 3 retries", "kind": "ReflectorError"})
     with pytest.raises(ReflectorError, match="process 0.*3 retries"):
         reflect_on_all_processes(_CountingReflector("x"), [])
 
